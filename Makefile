@@ -1,0 +1,39 @@
+# mediaserver — developer entry points.  `make test` and `make run` are all a
+# newcomer needs: each one creates .venv, installs, builds the native kernels.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NATIVE := $(wildcard native/*.pyx native/*.pxd native/*.pxi)
+
+.PHONY: setup build test bench bench-codecs clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Dependencies (and the editable install) are refreshed when pyproject changes.
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PY) -m pip install --quiet "setuptools>=77" "Cython>=3.1,<4" wheel
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Incremental rebuild of the kernels after editing native/.
+build: setup
+	$(PY) setup.py --quiet build_ext --inplace -j 2
+
+test: build
+	$(PY) -m pytest -q
+
+bench: bench-codecs
+
+bench-codecs: build
+	$(PY) bench/codecs.py
+
+clean:
+	rm -rf build $(VENV) *.egg-info
+	find mediaserver -name '*.so' -delete
+	find native -name '*.c' -delete

@@ -1,0 +1,23 @@
+"""Audio kernels for telephony bridges, usable on their own.
+
+PCM is always signed 16-bit little-endian mono; every function accepts any
+contiguous buffer (``bytes``, ``bytearray``, ``memoryview``, a numpy array)
+and returns ``bytes``.  Importing this module imports nothing but the
+compiled kernels: no trio, quart, hypercorn, numpy or scipy.
+
+>>> from mediaserver.codec import ulaw_decode, ulaw_encode
+>>> pcm = ulaw_decode(b"\\xff" * 160)      # 20 ms of µ-law silence -> PCM16
+>>> len(pcm)
+320
+>>> ulaw_encode(pcm) == b"\\xff" * 160
+True
+"""
+
+from mediaserver._native._g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
+
+__all__ = [
+    "alaw_decode",
+    "alaw_encode",
+    "ulaw_decode",
+    "ulaw_encode",
+]
