@@ -14,8 +14,10 @@ True
 """
 
 from mediaserver._native._g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
+from mediaserver._native._resample import Resampler
 
 __all__ = [
+    "Resampler",
     "alaw_decode",
     "alaw_encode",
     "ulaw_decode",

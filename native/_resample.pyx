@@ -1,0 +1,313 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Streaming polyphase resampler for PCM16 between 8, 16 and 24 kHz.
+
+Rate ``in_hz -> out_hz`` is ``L/M`` with ``L = out/g``, ``M = in/g``.  Output
+sample ``m`` sits at index ``t = m*M`` of the virtual signal upsampled by
+``L``; it is ``sum_k h[p + k*L] * x[j0 - k]`` with ``p = t % L`` and
+``j0 = t // L``.  It depends on inputs up to ``j0`` only, so every input
+chunk yields its output at once: after ``n`` samples in total, exactly
+``ceil(n*L/M)`` samples have come out, whatever the chunking.  Each output
+is computed by the same arithmetic on the same values, so the result is
+bit-identical for any chunking.
+
+The taps (``resample_taps.h``) come from ``native/design_filters.py``.  Per
+phase, zero taps at either end are trimmed (a Nyquist filter makes one
+interpolation phase a single tap).  All outputs of one phase in a chunk are
+computed together by ``fir_lanes.h``, one output per vector lane.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.math cimport lrintf
+from libc.stdint cimport int16_t, int64_t, uint8_t
+from libc.string cimport memmove, memset
+
+from common cimport load_le16, to_le16
+
+cdef extern from "resample_taps.h":
+    ctypedef struct ms_filter:
+        int fs_hi
+        int minimum_phase
+        int numtaps
+        double delay_ms
+        const float* taps
+    const ms_filter MS_FILTERS[]
+    const int MS_NUM_FILTERS
+
+cdef extern from "fir_lanes.h":
+    void ms_fir_lanes(const float* h, int K, const float* const* src, int n, float* y) noexcept nogil
+
+# Chunks at least this long (input samples) are processed without the GIL;
+# for a 20 ms frame, releasing it would cost more than the work.
+DEF NOGIL_SAMPLES = 2048
+SUPPORTED_RATES = (8000, 16000, 24000)
+
+
+cdef int _gcd(int a, int b) noexcept nogil:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+cdef inline int16_t _to_int16(float y) noexcept nogil:
+    # round to nearest; overflow saturates, never wraps
+    if y >= 32767.0:
+        return 32767
+    if y <= -32768.0:
+        return -32768
+    return <int16_t>lrintf(y)
+
+
+cdef class Resampler:
+    """Streaming PCM16 resampler: ``Resampler(in_rate, out_rate, *, phase="linear")``.
+
+    ``process(pcm)`` returns the resampled audio for ``pcm`` at once (20 ms
+    in, 20 ms out); ``flush()`` returns the tail still inside the filter and
+    resets; ``reset()`` forgets all history.  Supported: 8000<->16000,
+    8000<->24000, 16000<->24000 and any rate to itself (a copy).
+    ``phase="minimum"`` selects minimum-phase filters: the same magnitude
+    response with under 1 ms of delay, at the cost of phase linearity.
+    """
+
+    cdef readonly int in_rate
+    cdef readonly int out_rate
+    cdef readonly str phase
+    cdef readonly double delay_ms
+    cdef int L, M
+    cdef int history          # input samples kept between calls
+    cdef int flush_samples    # zeros pushed by flush()
+    cdef int64_t t_next       # upsampled index of the next output, relative to the chunk start
+    cdef float* taps          # L rows of `stride` floats: each phase's taps, in window order
+    cdef int* phase_len       # taps per phase
+    cdef int* phase_start     # buffer position of the window of an output with j0 = 0
+    cdef int stride
+    cdef const float** src    # per-tap lane pointers, scratch
+    cdef float* buf           # history + current chunk, as float
+    cdef float* lanes         # M deinterleaved copies of buf (M > 1), rows of buf_cap
+    cdef float* acc           # one phase's outputs, scratch
+    cdef Py_ssize_t buf_cap
+    cdef bint busy
+    cdef const ms_filter* filter
+
+    def __cinit__(self, int in_rate, int out_rate, *, str phase="linear"):
+        self.taps = NULL
+        self.phase_len = NULL
+        self.phase_start = NULL
+        self.src = NULL
+        self.buf = NULL
+        self.filter = NULL
+        self.lanes = NULL
+        self.acc = NULL
+        if in_rate not in SUPPORTED_RATES or out_rate not in SUPPORTED_RATES:
+            raise ValueError(
+                f"unsupported rate pair {in_rate} -> {out_rate} Hz: rates must be 8000, 16000 or 24000"
+            )
+        if phase not in ("linear", "minimum"):
+            raise ValueError(f"phase must be 'linear' or 'minimum', not {phase!r}")
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self.phase = phase
+        cdef int g = _gcd(in_rate, out_rate)
+        self.L = out_rate // g
+        self.M = in_rate // g
+        self.busy = False
+        if self.L == self.M:
+            self.delay_ms = 0.0
+            self.history = 0
+            self.flush_samples = 0
+            return
+        cdef int fs_hi = in_rate * self.L
+        cdef const ms_filter* f = NULL
+        cdef int i
+        for i in range(MS_NUM_FILTERS):
+            if MS_FILTERS[i].fs_hi == fs_hi and MS_FILTERS[i].minimum_phase == (phase == "minimum"):
+                f = &MS_FILTERS[i]
+        if f == NULL:
+            raise ValueError(f"no filter for {in_rate} -> {out_rate} Hz")
+        self.delay_ms = f.delay_ms
+        self.filter = f
+        self._layout(f)
+        # enough zeros to push the linear-phase group delay out of the filter
+        self.flush_samples = (f.numtaps - 1 + 2 * self.L - 1) // (2 * self.L)
+        self._ensure(1024)
+        self.reset()
+
+    cdef _layout(self, const ms_filter* f):
+        cdef int L = self.L, N = f.numtaps
+        cdef int p, k, k_lo, k_hi, n, i
+        self.stride = (N + L - 1) // L
+        self.taps = <float*>PyMem_Malloc(L * self.stride * sizeof(float))
+        self.phase_len = <int*>PyMem_Malloc(L * sizeof(int))
+        self.phase_start = <int*>PyMem_Malloc(L * sizeof(int))
+        self.src = <const float**>PyMem_Malloc(self.stride * sizeof(float*))
+        if self.taps == NULL or self.phase_len == NULL or self.phase_start == NULL or self.src == NULL:
+            raise MemoryError()
+        memset(self.taps, 0, L * self.stride * sizeof(float))
+        self.history = 0
+        for p in range(L):
+            # the nonzero taps of this phase: h[p + k*L] for k in [k_lo, k_hi]
+            k_lo = -1
+            k_hi = -1
+            k = 0
+            while p + k * L < N:
+                if f.taps[p + k * L] != 0.0:
+                    if k_lo < 0:
+                        k_lo = k
+                    k_hi = k
+                k += 1
+            if k_lo < 0:
+                k_lo = k_hi = 0
+            n = k_hi - k_lo + 1
+            # window x[j0 - k_hi .. j0 - k_lo] against the taps in reverse
+            for i in range(n):
+                self.taps[p * self.stride + i] = f.taps[p + (k_hi - i) * L] * L
+            self.phase_len[p] = n
+            self.phase_start[p] = -k_hi
+            if k_hi > self.history:
+                self.history = k_hi
+        for p in range(L):
+            self.phase_start[p] += self.history
+
+    cdef int _ensure(self, Py_ssize_t chunk) except -1:
+        # room for history + chunk inputs, their M deinterleaved rows, and one
+        # phase's outputs; grown, never shrunk, so steady frames never allocate
+        cdef Py_ssize_t need = self.history + chunk + self.M
+        cdef float* grown
+        if need <= self.buf_cap:
+            return 0
+        grown = <float*>PyMem_Realloc(self.buf, need * sizeof(float))
+        if grown == NULL:
+            raise MemoryError()
+        self.buf = grown
+        PyMem_Free(self.lanes)
+        PyMem_Free(self.acc)
+        self.lanes = <float*>PyMem_Malloc(need * self.M * sizeof(float))
+        self.acc = <float*>PyMem_Malloc((need * self.L // self.M + 16) * sizeof(float))
+        if self.lanes == NULL or self.acc == NULL:
+            raise MemoryError()
+        self.buf_cap = need
+        return 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.taps)
+        PyMem_Free(self.phase_len)
+        PyMem_Free(self.phase_start)
+        PyMem_Free(self.src)
+        PyMem_Free(self.buf)
+        PyMem_Free(self.lanes)
+        PyMem_Free(self.acc)
+
+    def reset(self):
+        """Forget all history, as if newly constructed."""
+        self.t_next = 0
+        if self.buf != NULL:
+            memset(self.buf, 0, self.history * sizeof(float))
+
+    cdef Py_ssize_t _count(self, Py_ssize_t n) noexcept nogil:
+        # outputs for the next n inputs: t_next, t_next+M, ... <= n*L - 1
+        cdef int64_t end = <int64_t>n * self.L
+        if self.t_next >= end:
+            return 0
+        return <Py_ssize_t>((end - self.t_next + self.M - 1) // self.M)
+
+    cdef void _run(self, const uint8_t* src, Py_ssize_t n, uint8_t* dst, Py_ssize_t n_out) noexcept nogil:
+        cdef int L = self.L, M = self.M, H = self.history
+        cdef float* x = self.buf + H
+        cdef int16_t* out = <int16_t*>dst
+        cdef Py_ssize_t i, k, first, count, w, pos, total = H + n
+        cdef int p, K, r
+        cdef int64_t t
+        cdef const float* h
+        cdef float* row
+        for i in range(n):
+            x[i] = load_le16(src + 2 * i)
+        if M > 1:
+            # lane r holds buf[r], buf[r+M], ...: outputs m and m+1 of one
+            # phase read inputs M apart, which must sit side by side
+            for r in range(M):
+                row = self.lanes + r * self.buf_cap
+                k = 0
+                i = r
+                while i < total:
+                    row[k] = self.buf[i]
+                    k += 1
+                    i += M
+        for first in range(L):
+            if first >= n_out:
+                break
+            # outputs first, first+L, ... share one phase p and step j0 by M
+            t = self.t_next + <int64_t>first * M
+            p = <int>(t % L)
+            w = <Py_ssize_t>(t // L) + self.phase_start[p]
+            count = (n_out - 1 - first) // L + 1
+            K = self.phase_len[p]
+            h = self.taps + p * self.stride
+            for k in range(K):
+                pos = w + k
+                if M == 1:
+                    self.src[k] = self.buf + pos
+                else:
+                    self.src[k] = self.lanes + (pos % M) * self.buf_cap + pos // M
+            ms_fir_lanes(h, K, self.src, <int>count, self.acc)
+            for k in range(count):
+                out[first + k * L] = to_le16(_to_int16(self.acc[k]))
+        self.t_next += <int64_t>n_out * M - <int64_t>n * L
+        # keep the last `history` inputs for the next call
+        memmove(self.buf, self.buf + n, H * sizeof(float))
+
+    def process(self, pcm, /):
+        """Resample a chunk of PCM16; returns ``len(pcm) * out/in`` bytes (±1 sample)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t n, n_out
+        cdef bytes out
+        cdef uint8_t* dst
+        PyObject_GetBuffer(pcm, &view, PyBUF_SIMPLE)
+        try:
+            if view.len & 1:
+                raise ValueError(f"PCM16 input must have an even number of bytes, got {view.len}")
+            if self.L == self.M:
+                return PyBytes_FromStringAndSize(<char*>view.buf, view.len)
+            if self.busy:
+                raise RuntimeError("Resampler.process called concurrently from two threads")
+            n = view.len >> 1
+            self._ensure(n)
+            n_out = self._count(n)
+            out = PyBytes_FromStringAndSize(NULL, 2 * n_out)
+            dst = <uint8_t*>PyBytes_AS_STRING(out)
+            self.busy = True
+            try:
+                if n >= NOGIL_SAMPLES:
+                    with nogil:
+                        self._run(<const uint8_t*>view.buf, n, dst, n_out)
+                else:
+                    self._run(<const uint8_t*>view.buf, n, dst, n_out)
+            finally:
+                self.busy = False
+            return out
+        finally:
+            PyBuffer_Release(&view)
+
+    def flush(self):
+        """Return the audio still inside the filter (its delay), then reset."""
+        if self.L == self.M:
+            return b""
+        out = self.process(bytes(2 * self.flush_samples))
+        self.reset()
+        return out
+
+    @property
+    def taps(self):
+        """The prototype low-pass filter at in_rate * L Hz (unit DC gain); () for a copy."""
+        if self.filter == NULL:
+            return ()
+        return tuple([self.filter.taps[i] for i in range(self.filter.numtaps)])
+
+    @property
+    def ratio(self):
+        """out_rate / in_rate as (L, M) in lowest terms."""
+        return (self.L, self.M)
+
+    def __repr__(self):
+        return (f"Resampler({self.in_rate}, {self.out_rate}, phase={self.phase!r}) "
+                f"# delay {self.delay_ms:.3f} ms")
