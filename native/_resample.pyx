@@ -78,9 +78,9 @@ cdef class Resampler:
     cdef int history          # input samples kept between calls
     cdef int flush_samples    # zeros pushed by flush()
     cdef int64_t t_next       # upsampled index of the next output, relative to the chunk start
-    cdef float* taps          # L rows of `stride` floats: each phase's taps, in window order
-    cdef int* phase_len       # taps per phase
-    cdef int* phase_start     # buffer position of the window of an output with j0 = 0
+    cdef float* taps          # L rows of `stride`: each phase's nonzero taps, oldest input first
+    cdef int* offsets         # L rows of `stride`: buffer position each tap reads, minus j0
+    cdef int* phase_len       # nonzero taps per phase
     cdef int stride
     cdef const float** src    # per-tap lane pointers, scratch
     cdef float* buf           # history + current chunk, as float
@@ -93,7 +93,7 @@ cdef class Resampler:
     def __cinit__(self, int in_rate, int out_rate, *, str phase="linear"):
         self.taps = NULL
         self.phase_len = NULL
-        self.phase_start = NULL
+        self.offsets = NULL
         self.src = NULL
         self.buf = NULL
         self.filter = NULL
@@ -134,40 +134,35 @@ cdef class Resampler:
         self.reset()
 
     cdef _layout(self, const ms_filter* f):
+        # Phase p computes sum_k h[p + k*L] * x[j0 - k].  Only its nonzero taps
+        # are kept (a Nyquist prototype zeroes every L-th or M-th one), each
+        # with the buffer position it reads relative to j0.
         cdef int L = self.L, N = f.numtaps
-        cdef int p, k, k_lo, k_hi, n, i
+        cdef int p, k, n
         self.stride = (N + L - 1) // L
         self.taps = <float*>PyMem_Malloc(L * self.stride * sizeof(float))
+        self.offsets = <int*>PyMem_Malloc(L * self.stride * sizeof(int))
         self.phase_len = <int*>PyMem_Malloc(L * sizeof(int))
-        self.phase_start = <int*>PyMem_Malloc(L * sizeof(int))
         self.src = <const float**>PyMem_Malloc(self.stride * sizeof(float*))
-        if self.taps == NULL or self.phase_len == NULL or self.phase_start == NULL or self.src == NULL:
+        if self.taps == NULL or self.offsets == NULL or self.phase_len == NULL or self.src == NULL:
             raise MemoryError()
-        memset(self.taps, 0, L * self.stride * sizeof(float))
         self.history = 0
         for p in range(L):
-            # the nonzero taps of this phase: h[p + k*L] for k in [k_lo, k_hi]
-            k_lo = -1
-            k_hi = -1
             k = 0
             while p + k * L < N:
-                if f.taps[p + k * L] != 0.0:
-                    if k_lo < 0:
-                        k_lo = k
-                    k_hi = k
+                if f.taps[p + k * L] != 0.0 and k > self.history:
+                    self.history = k
                 k += 1
-            if k_lo < 0:
-                k_lo = k_hi = 0
-            n = k_hi - k_lo + 1
-            # window x[j0 - k_hi .. j0 - k_lo] against the taps in reverse
-            for i in range(n):
-                self.taps[p * self.stride + i] = f.taps[p + (k_hi - i) * L] * L
-            self.phase_len[p] = n
-            self.phase_start[p] = -k_hi
-            if k_hi > self.history:
-                self.history = k_hi
         for p in range(L):
-            self.phase_start[p] += self.history
+            n = 0
+            k = (N - 1 - p) // L
+            while k >= 0:  # oldest input first
+                if f.taps[p + k * L] != 0.0:
+                    self.taps[p * self.stride + n] = f.taps[p + k * L] * L
+                    self.offsets[p * self.stride + n] = self.history - k
+                    n += 1
+                k -= 1
+            self.phase_len[p] = n
 
     cdef int _ensure(self, Py_ssize_t chunk) except -1:
         # room for history + chunk inputs, their M deinterleaved rows, and one
@@ -192,7 +187,7 @@ cdef class Resampler:
     def __dealloc__(self):
         PyMem_Free(self.taps)
         PyMem_Free(self.phase_len)
-        PyMem_Free(self.phase_start)
+        PyMem_Free(self.offsets)
         PyMem_Free(self.src)
         PyMem_Free(self.buf)
         PyMem_Free(self.lanes)
@@ -239,12 +234,12 @@ cdef class Resampler:
             # outputs first, first+L, ... share one phase p and step j0 by M
             t = self.t_next + <int64_t>first * M
             p = <int>(t % L)
-            w = <Py_ssize_t>(t // L) + self.phase_start[p]
+            w = <Py_ssize_t>(t // L)
             count = (n_out - 1 - first) // L + 1
             K = self.phase_len[p]
             h = self.taps + p * self.stride
             for k in range(K):
-                pos = w + k
+                pos = w + self.offsets[p * self.stride + k]
                 if M == 1:
                     self.src[k] = self.buf + pos
                 else:
