@@ -1,0 +1,692 @@
+"""Sans-I/O core for one OpenAI Realtime (GA) WebSocket session.
+
+Wire facts come from the ``openai`` SDK's GA types (``openai/types/realtime/``):
+client events are the members of ``RealtimeClientEvent``, server events the
+members of ``RealtimeServerEvent``.  Beta-shaped sessions (``OpenAI-Beta:
+realtime=v1``, ``response.audio.delta``) are not supported.
+
+Use::
+
+    session = OpenAIRealtimeSession(OpenAIRealtimeConfig(model="gpt-realtime"))
+    for message in session.initial_messages():   # session.update (+ greeting)
+        await ws.send(message)
+    ...
+    session.receive_message(text)
+    for event in session.events():
+        ...
+    for message in session.send(Truncate(item_id, heard_ms)):
+        await ws.send(message)
+
+States (:class:`SessionState`, table :data:`_TRANSITIONS`): ``NEW`` until
+``initial_messages()``; ``AWAITING_CREATED`` until ``session.created`` (the
+first server event, per the SDK docstring of ``SessionCreatedEvent``);
+``AWAITING_UPDATED`` until ``session.updated`` answers our ``session.update``
+(then :class:`SessionReady`); ``READY``.  Any protocol error moves to
+``ERROR``, after which every call raises.
+
+Truncation.  The core counts, per assistant item, the audio bytes received in
+``response.output_audio.delta``.  :class:`Truncate` is clamped to that audio
+(``received_bytes // bytes_per_ms``, an int), because the server rejects an
+``audio_end_ms`` beyond the audio it produced.  When the item's audio is
+complete (``response.output_audio.done``) and the caller heard all of it,
+no truncate is sent.
+"""
+
+from __future__ import annotations
+
+import binascii
+import enum
+import itertools
+import json
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, Literal
+from urllib.parse import quote
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .base import (
+    AudioDelta,
+    AudioDone,
+    AudioFormat,
+    AudioTruncated,
+    CancelResponse,
+    CreateResponse,
+    Other,
+    ProviderCommand,
+    ProviderError,
+    ProviderEvent,
+    ResponseDone,
+    ResponseStarted,
+    SendAudio,
+    SessionReady,
+    SpeechStarted,
+    SpeechStopped,
+    ToolCall,
+    ToolResult,
+    Transcript,
+    Truncate,
+    Unknown,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "FunctionTool",
+    "OpenAIRealtimeConfig",
+    "OpenAIRealtimeSession",
+    "SemanticVad",
+    "ServerVad",
+    "SessionState",
+]
+
+# GA endpoint; the model goes in the query string (SDK resources/realtime/realtime.py).
+DEFAULT_URL: Final = "wss://api.openai.com/v1/realtime"
+
+# Session audio formats (SDK realtime_audio_formats.py): {"type": "audio/pcmu"}
+# is G.711 µ-law at 8 kHz; {"type": "audio/pcm", "rate": 24000} is PCM16 LE mono
+# and 24000 is the only rate the SDK's literal allows.
+_FORMATS: Final[Mapping[str, tuple[dict[str, object], AudioFormat]]] = MappingProxyType(
+    {
+        "pcmu": ({"type": "audio/pcmu"}, AudioFormat("pcmu", 8000)),
+        "pcm24k": ({"type": "audio/pcm", "rate": 24000}, AudioFormat("pcm16", 24000)),
+    }
+)
+
+# Client event ids we attach to control messages (never to audio appends), so
+# that a server ``error`` naming one can be traced back to our command.
+_EVENT_ID_PREFIX: Final = "mediaserver-"
+
+
+# --------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True, slots=True)
+class ServerVad:
+    """``turn_detection`` of type ``server_vad``; ``None`` fields use the server default.
+
+    Defaults per the SDK docstrings: threshold 0.5, prefix_padding_ms 300,
+    silence_duration_ms 500, create_response and interrupt_response true.
+    """
+
+    threshold: float | None = None
+    prefix_padding_ms: int | None = None
+    silence_duration_ms: int | None = None
+    idle_timeout_ms: int | None = None
+    create_response: bool | None = None
+    interrupt_response: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise LocalProtocolError(f"threshold must be within 0..1, got {self.threshold}")
+        for name in ("prefix_padding_ms", "silence_duration_ms", "idle_timeout_ms"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < 0):
+                raise LocalProtocolError(f"{name} must be a non-negative int, got {value!r}")
+
+    def to_wire(self) -> dict[str, object]:
+        wire: dict[str, object] = {"type": "server_vad"}
+        for name in (
+            "threshold",
+            "prefix_padding_ms",
+            "silence_duration_ms",
+            "idle_timeout_ms",
+            "create_response",
+            "interrupt_response",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                wire[name] = value
+        return wire
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticVad:
+    """``turn_detection`` of type ``semantic_vad``; ``None`` fields use the server default."""
+
+    eagerness: Literal["low", "medium", "high", "auto"] | None = None
+    create_response: bool | None = None
+    interrupt_response: bool | None = None
+
+    def to_wire(self) -> dict[str, object]:
+        wire: dict[str, object] = {"type": "semantic_vad"}
+        for name in ("eagerness", "create_response", "interrupt_response"):
+            value = getattr(self, name)
+            if value is not None:
+                wire[name] = value
+        return wire
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionTool:
+    """A function the model may call (``session.tools[]`` entry of type ``function``).
+
+    ``parameters`` is a JSON Schema object.
+    """
+
+    name: str
+    description: str
+    parameters: Mapping[str, object] = field(
+        default_factory=lambda: MappingProxyType({"type": "object", "properties": {}})
+    )
+
+    def to_wire(self) -> dict[str, object]:
+        return {
+            "type": "function",
+            "name": self.name,
+            "description": self.description,
+            "parameters": dict(self.parameters),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIRealtimeConfig:
+    """Everything the session sends in its first messages.
+
+    ``audio_format`` is used for both directions: ``"pcmu"`` (G.711 µ-law
+    8 kHz, Twilio's own format, no transcoding) or ``"pcm24k"`` (PCM16 24 kHz).
+    ``turn_detection=None`` disables VAD (then nothing answers unless the
+    bridge sends :class:`CreateResponse`).  ``greeting_instructions`` makes
+    the model speak first, with these instructions for that one response.
+    ``model`` is not sent in ``session.update`` (the SDK docstring says the
+    model cannot be updated); it goes in the URL (:attr:`url`).
+    """
+
+    model: str
+    instructions: str | None = None
+    voice: str | None = None
+    audio_format: Literal["pcmu", "pcm24k"] = "pcmu"
+    turn_detection: ServerVad | SemanticVad | None = ServerVad()
+    transcription_model: str | None = None
+    greeting_instructions: str | None = None
+    tools: tuple[FunctionTool, ...] = ()
+    base_url: str = DEFAULT_URL
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise LocalProtocolError("model must be non-empty")
+        if self.audio_format not in _FORMATS:
+            raise LocalProtocolError(f"audio_format must be 'pcmu' or 'pcm24k', got {self.audio_format!r}")
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL to connect to (authenticate with ``Authorization: Bearer <key>``)."""
+        return f"{self.base_url}?model={quote(self.model, safe='')}"
+
+
+# --------------------------------------------------------------------- state machine
+
+
+class SessionState(enum.Enum):
+    NEW = "new"  # initial_messages() not called yet
+    AWAITING_CREATED = "awaiting_created"  # configuration sent; no session.created yet
+    AWAITING_UPDATED = "awaiting_updated"  # session.created seen; our session.update unanswered
+    READY = "ready"  # session.updated seen: our configuration is in force
+    ERROR = "error"  # a protocol error happened; the session is dead
+
+
+class _Input(enum.Enum):
+    INITIAL = "initial messages"  # outbound: initial_messages()
+    COMMAND = "command"  # outbound: send(any command)
+    SESSION_CREATED = "session.created"
+    SESSION_UPDATED = "session.updated"
+    SERVER_ERROR = "error"
+    SERVER_EVENT = "server event"  # any other known server event
+    SERVER_UNKNOWN = "unknown server event"
+
+
+_S = SessionState
+_I = _Input
+
+# The whole protocol, one table.  A missing (state, input) pair is illegal:
+# LocalProtocolError for outbound inputs and for anything received in NEW (we
+# must configure before reading), RemoteProtocolError otherwise.
+_TRANSITIONS: Final[Mapping[tuple[SessionState, _Input], SessionState]] = MappingProxyType(
+    {
+        (_S.NEW, _I.INITIAL): _S.AWAITING_CREATED,
+        (_S.AWAITING_CREATED, _I.SESSION_CREATED): _S.AWAITING_UPDATED,
+        (_S.AWAITING_CREATED, _I.SERVER_ERROR): _S.AWAITING_CREATED,
+        (_S.AWAITING_CREATED, _I.SERVER_UNKNOWN): _S.AWAITING_CREATED,
+        (_S.AWAITING_CREATED, _I.COMMAND): _S.AWAITING_CREATED,
+        (_S.AWAITING_UPDATED, _I.SESSION_UPDATED): _S.READY,
+        (_S.AWAITING_UPDATED, _I.SERVER_EVENT): _S.AWAITING_UPDATED,
+        (_S.AWAITING_UPDATED, _I.SERVER_ERROR): _S.AWAITING_UPDATED,
+        (_S.AWAITING_UPDATED, _I.SERVER_UNKNOWN): _S.AWAITING_UPDATED,
+        (_S.AWAITING_UPDATED, _I.COMMAND): _S.AWAITING_UPDATED,
+        (_S.READY, _I.SESSION_UPDATED): _S.READY,
+        (_S.READY, _I.SERVER_EVENT): _S.READY,
+        (_S.READY, _I.SERVER_ERROR): _S.READY,
+        (_S.READY, _I.SERVER_UNKNOWN): _S.READY,
+        (_S.READY, _I.COMMAND): _S.READY,
+    }
+)
+
+
+# --------------------------------------------------------------------------- session
+
+
+class OpenAIRealtimeSession:
+    """One OpenAI Realtime GA session; implements ``ProviderSession``."""
+
+    def __init__(self, config: OpenAIRealtimeConfig) -> None:
+        self._config = config
+        self._wire_format, self._format = _FORMATS[config.audio_format]
+        self._bytes_per_ms = self._format.bytes_per_ms
+        self._state = SessionState.NEW
+        self._events: deque[ProviderEvent] = deque()
+        self._event_numbers = itertools.count(1)
+        self._sent_event_types: dict[str, str] = {}  # our event_id -> its wire type
+        self._session_id: str | None = None
+        self._ready_reported = False
+        # Per assistant item: audio bytes received (reduced by our truncations),
+        # and whether response.output_audio.done has arrived for it.
+        self._received_bytes: dict[str, int] = {}
+        self._audio_done: set[str] = set()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def config(self) -> OpenAIRealtimeConfig:
+        return self._config
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def session_id(self) -> str | None:
+        """``session.id`` from ``session.created``, when the server sent one."""
+        return self._session_id
+
+    @property
+    def input_format(self) -> AudioFormat:
+        return self._format
+
+    @property
+    def output_format(self) -> AudioFormat:
+        return self._format
+
+    def audio_received_ms(self, item_id: str) -> int:
+        """Whole ms of ``item_id``'s audio received (after our truncations); 0 if none."""
+        return self._received_bytes.get(item_id, 0) // self._bytes_per_ms
+
+    def _transition(self, what: _Input, *, inbound: bool) -> None:
+        try:
+            self._state = _TRANSITIONS[self._state, what]
+        except KeyError:
+            if self._state is SessionState.NEW and what is not _I.INITIAL:
+                raise LocalProtocolError(f"{what.value} before initial_messages()") from None
+            if not inbound:
+                raise LocalProtocolError(f"cannot send {what.value} in state {self._state.name}") from None
+            raise RemoteProtocolError(f"server sent {what.value} in state {self._state.name}") from None
+
+    def _check_alive(self) -> None:
+        if self._state is SessionState.ERROR:
+            raise LocalProtocolError("the session is dead after an earlier protocol error")
+
+    def _dumps(self, type_: str, body: dict[str, object]) -> str:
+        """Serialise a control event, tagging it with our own event_id."""
+        event_id = f"{_EVENT_ID_PREFIX}{next(self._event_numbers)}"
+        self._sent_event_types[event_id] = type_
+        return json.dumps(
+            {"type": type_, "event_id": event_id, **body}, separators=(",", ":"), ensure_ascii=False
+        )
+
+    # -------------------------------------------------------------- outbound
+
+    def initial_messages(self) -> list[str]:
+        """``session.update`` with the whole configuration, then the greeting if any."""
+        self._check_alive()
+        try:
+            self._transition(_I.INITIAL, inbound=False)
+            config = self._config
+            session: dict[str, object] = {"type": "realtime", "output_modalities": ["audio"]}
+            if config.instructions is not None:
+                session["instructions"] = config.instructions
+            audio_input: dict[str, object] = {
+                "format": dict(self._wire_format),
+                "turn_detection": None if config.turn_detection is None else config.turn_detection.to_wire(),
+            }
+            if config.transcription_model is not None:
+                audio_input["transcription"] = {"model": config.transcription_model}
+            audio_output: dict[str, object] = {"format": dict(self._wire_format)}
+            if config.voice is not None:
+                audio_output["voice"] = config.voice
+            session["audio"] = {"input": audio_input, "output": audio_output}
+            if config.tools:
+                session["tools"] = [tool.to_wire() for tool in config.tools]
+                session["tool_choice"] = "auto"
+            messages = [self._dumps("session.update", {"session": session})]
+            if config.greeting_instructions is not None:
+                greeting = {"instructions": config.greeting_instructions}
+                messages.append(self._dumps("response.create", {"response": greeting}))
+            return messages
+        except BaseException:
+            self._state = SessionState.ERROR
+            raise
+
+    def send(self, command: ProviderCommand) -> list[str]:
+        """Return the wire messages for ``command``: zero, one or two text frames."""
+        self._check_alive()
+        try:
+            self._transition(_I.COMMAND, inbound=False)
+            if type(command) is SendAudio:
+                audio = binascii.b2a_base64(command.payload, newline=False).decode("ascii")
+                return ['{"type":"input_audio_buffer.append","audio":"' + audio + '"}']
+            if type(command) is Truncate:
+                return self._truncate(command)
+            if type(command) is CancelResponse:
+                body: dict[str, object] = {}
+                if command.response_id is not None:
+                    body["response_id"] = command.response_id
+                return [self._dumps("response.cancel", body)]
+            if type(command) is CreateResponse:
+                body = {}
+                if command.instructions is not None:
+                    body["response"] = {"instructions": command.instructions}
+                return [self._dumps("response.create", body)]
+            if type(command) is ToolResult:
+                item = {"type": "function_call_output", "call_id": command.call_id, "output": command.output}
+                messages = [self._dumps("conversation.item.create", {"item": item})]
+                if command.respond:
+                    messages.append(self._dumps("response.create", {}))
+                return messages
+            raise LocalProtocolError(f"not a provider command: {command!r:.80}")
+        except BaseException:
+            self._state = SessionState.ERROR
+            raise
+
+    def _truncate(self, command: Truncate) -> list[str]:
+        item_id = command.item_id
+        received = self._received_bytes.get(item_id)
+        if received is None:
+            raise LocalProtocolError(f"no audio was received for item {item_id!r}; cannot truncate it")
+        bytes_per_ms = self._bytes_per_ms
+        if item_id in self._audio_done and command.audio_end_ms * bytes_per_ms >= received:
+            return []  # the caller heard all of it: nothing to cut
+        audio_end_ms = min(command.audio_end_ms, received // bytes_per_ms)
+        self._received_bytes[item_id] = audio_end_ms * bytes_per_ms
+        return [
+            self._dumps(
+                "conversation.item.truncate",
+                {"item_id": item_id, "content_index": 0, "audio_end_ms": audio_end_ms},
+            )
+        ]
+
+    # --------------------------------------------------------------- inbound
+
+    def receive_message(self, message: str | bytes) -> None:
+        """Feed one WebSocket message from the server; raises on bad input."""
+        self._check_alive()
+        try:
+            self._events.append(self._parse(message))
+        except BaseException:
+            self._state = SessionState.ERROR
+            raise
+
+    def events(self) -> Iterator[ProviderEvent]:
+        """Yield and remove the queued events, oldest first."""
+        self._check_alive()
+        events = self._events
+        while events:
+            yield events.popleft()
+
+    def _parse(self, message: str | bytes) -> ProviderEvent:
+        if not isinstance(message, str):
+            if self._state is SessionState.NEW:
+                raise LocalProtocolError("binary frame before initial_messages()")
+            raise RemoteProtocolError("OpenAI Realtime sent a binary frame; it uses text frames")
+        try:
+            msg = json.loads(message)
+        except (ValueError, RecursionError):
+            raise RemoteProtocolError(f"message is not valid JSON: {message!r:.80}") from None
+        if type(msg) is not dict:
+            raise RemoteProtocolError(f"message is not a JSON object: {message!r:.80}")
+        type_ = msg.get("type")
+        if type(type_) is not str:
+            raise RemoteProtocolError(f"message has no string 'type': {message!r:.80}")
+        entry = _SERVER_EVENTS.get(type_)
+        if entry is None:
+            self._transition(_I.SERVER_UNKNOWN, inbound=True)
+            return Unknown(type_, message)
+        what, handler = entry
+        self._transition(what, inbound=True)
+        return handler(self, msg, message)
+
+    # One handler per server event type; each returns exactly one event.
+
+    def _on_session_created(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        session = _object(msg, "session")
+        session_id = session.get("id")
+        self._session_id = session_id if type(session_id) is str else None
+        return Other("session.created", raw)
+
+    def _on_session_updated(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        session = _object(msg, "session")
+        self._check_effective_format(session)
+        if not self._ready_reported:  # this is the answer to our session.update
+            self._ready_reported = True
+            return SessionReady(self._session_id)
+        return Other("session.updated", raw)
+
+    def _check_effective_format(self, session: dict[str, Any]) -> None:
+        """Refuse a session whose effective audio format is not the one we configured."""
+        audio = session.get("audio")
+        if type(audio) is not dict:
+            return
+        for direction in ("input", "output"):
+            side = audio.get(direction)
+            fmt = side.get("format") if type(side) is dict else None
+            if type(fmt) is not dict:
+                continue
+            if fmt.get("type") != self._wire_format["type"] or fmt.get("rate") not in (
+                None,
+                self._wire_format.get("rate"),
+            ):
+                raise RemoteProtocolError(
+                    f"session.updated reports {direction} format {fmt!r:.80}, "
+                    f"we configured {self._wire_format!r}"
+                )
+
+    def _on_error(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        error = _object(msg, "error")
+        message = _string(error, "message", "error.error")
+        code = _optional_string(error, "code")
+        caused_by = _optional_string(error, "event_id")
+        command = None if caused_by is None else self._sent_event_types.get(caused_by)
+        # Most errors are recoverable (SDK RealtimeErrorEvent docstring); a rejected
+        # session.update is not: the session would run with the server's defaults.
+        fatal = command == "session.update"
+        return ProviderError(message=message, fatal=fatal, code=code, command=command)
+
+    def _on_audio_delta(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        where = "response.output_audio.delta"
+        item_id = _string(msg, "item_id", where)
+        delta = _text(msg, "delta", where)
+        try:
+            payload = binascii.a2b_base64(delta, strict_mode=True)
+        except ValueError:
+            raise RemoteProtocolError(f"{where}: invalid base64 {delta!r:.40}") from None
+        self._received_bytes[item_id] = self._received_bytes.get(item_id, 0) + len(payload)
+        return AudioDelta(item_id, payload, _optional_string(msg, "response_id"))
+
+    def _on_audio_done(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        item_id = _string(msg, "item_id", "response.output_audio.done")
+        self._audio_done.add(item_id)
+        self._received_bytes.setdefault(item_id, 0)
+        return AudioDone(item_id, _optional_string(msg, "response_id"))
+
+    def _on_speech_started(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        return SpeechStarted(
+            item_id=_string(msg, "item_id", "input_audio_buffer.speech_started"),
+            audio_start_ms=_int(msg, "audio_start_ms", "input_audio_buffer.speech_started"),
+        )
+
+    def _on_speech_stopped(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        return SpeechStopped(
+            item_id=_string(msg, "item_id", "input_audio_buffer.speech_stopped"),
+            audio_end_ms=_int(msg, "audio_end_ms", "input_audio_buffer.speech_stopped"),
+        )
+
+    def _on_response_created(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        return ResponseStarted(_optional_string(_object(msg, "response"), "id"))
+
+    def _on_response_done(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        response = _object(msg, "response")
+        details = response.get("status_details")
+        reason = _optional_string(details, "reason") if type(details) is dict else None
+        return ResponseDone(
+            response_id=_optional_string(response, "id"),
+            status=_optional_string(response, "status"),
+            reason=reason,
+        )
+
+    def _on_function_call(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        where = "response.function_call_arguments.done"
+        arguments = msg.get("arguments")
+        if type(arguments) is not str:
+            raise RemoteProtocolError(f"{where}: 'arguments' must be a string, got {arguments!r:.40}")
+        return ToolCall(
+            call_id=_string(msg, "call_id", where),
+            name=_string(msg, "name", where),
+            arguments=arguments,
+            item_id=_optional_string(msg, "item_id"),
+        )
+
+    def _on_user_transcript_delta(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        # ``delta`` is optional in the SDK model (ConversationItemInputAudioTranscriptionDeltaEvent).
+        text = _optional_string(msg, "delta") or ""
+        return Transcript("user", text, False, _optional_string(msg, "item_id"))
+
+    def _on_user_transcript_done(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        text = _text(msg, "transcript", msg["type"])
+        return Transcript("user", text, True, _optional_string(msg, "item_id"))
+
+    def _on_assistant_transcript_delta(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        text = _text(msg, "delta", msg["type"])
+        return Transcript("assistant", text, False, _optional_string(msg, "item_id"))
+
+    def _on_assistant_transcript_done(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        text = _text(msg, "transcript", msg["type"])
+        return Transcript("assistant", text, True, _optional_string(msg, "item_id"))
+
+    def _on_item_truncated(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        return AudioTruncated(
+            item_id=_string(msg, "item_id", "conversation.item.truncated"),
+            audio_end_ms=_int(msg, "audio_end_ms", "conversation.item.truncated"),
+        )
+
+    def _on_other(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+        return Other(msg["type"], raw)
+
+
+_Handler = Callable[[OpenAIRealtimeSession, dict[str, Any], str], ProviderEvent]
+_O = OpenAIRealtimeSession
+
+# Every GA server event type in the SDK's RealtimeServerEvent union
+# (openai/types/realtime/realtime_server_event.py), with its state-machine input
+# and handler.  tests/protocol/test_openai.py checks this against the SDK.
+_SERVER_EVENTS: Final[Mapping[str, tuple[_Input, _Handler]]] = MappingProxyType(
+    {
+        "session.created": (_I.SESSION_CREATED, _O._on_session_created),
+        "session.updated": (_I.SESSION_UPDATED, _O._on_session_updated),
+        "error": (_I.SERVER_ERROR, _O._on_error),
+        "response.output_audio.delta": (_I.SERVER_EVENT, _O._on_audio_delta),
+        "response.output_audio.done": (_I.SERVER_EVENT, _O._on_audio_done),
+        "input_audio_buffer.speech_started": (_I.SERVER_EVENT, _O._on_speech_started),
+        "input_audio_buffer.speech_stopped": (_I.SERVER_EVENT, _O._on_speech_stopped),
+        "response.created": (_I.SERVER_EVENT, _O._on_response_created),
+        "response.done": (_I.SERVER_EVENT, _O._on_response_done),
+        "response.function_call_arguments.done": (_I.SERVER_EVENT, _O._on_function_call),
+        "conversation.item.input_audio_transcription.delta": (
+            _I.SERVER_EVENT,
+            _O._on_user_transcript_delta,
+        ),
+        "conversation.item.input_audio_transcription.completed": (
+            _I.SERVER_EVENT,
+            _O._on_user_transcript_done,
+        ),
+        "response.output_audio_transcript.delta": (_I.SERVER_EVENT, _O._on_assistant_transcript_delta),
+        "response.output_audio_transcript.done": (_I.SERVER_EVENT, _O._on_assistant_transcript_done),
+        "conversation.item.truncated": (_I.SERVER_EVENT, _O._on_item_truncated),
+        **{
+            type_: (_I.SERVER_EVENT, _O._on_other)
+            for type_ in (
+                "conversation.created",
+                "conversation.item.created",
+                "conversation.item.added",
+                "conversation.item.done",
+                "conversation.item.deleted",
+                "conversation.item.retrieved",
+                "conversation.item.input_audio_transcription.failed",
+                "conversation.item.input_audio_transcription.segment",
+                "input_audio_buffer.cleared",
+                "input_audio_buffer.committed",
+                "input_audio_buffer.timeout_triggered",
+                "input_audio_buffer.dtmf_event_received",
+                "rate_limits.updated",
+                "response.output_item.added",
+                "response.output_item.done",
+                "response.content_part.added",
+                "response.content_part.done",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.function_call_arguments.delta",
+                "output_audio_buffer.started",
+                "output_audio_buffer.stopped",
+                "output_audio_buffer.cleared",
+                "mcp_list_tools.in_progress",
+                "mcp_list_tools.completed",
+                "mcp_list_tools.failed",
+                "response.mcp_call_arguments.delta",
+                "response.mcp_call_arguments.done",
+                "response.mcp_call.in_progress",
+                "response.mcp_call.completed",
+                "response.mcp_call.failed",
+            )
+        },
+    }
+)
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _object(obj: dict[str, Any], key: str) -> dict[str, Any]:
+    value = obj.get(key)
+    if type(value) is not dict:
+        raise RemoteProtocolError(f"{obj.get('type')}: {key!r} must be an object, got {value!r:.40}")
+    return value
+
+
+def _string(obj: dict[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if type(value) is not str or not value:
+        raise RemoteProtocolError(f"{where}: {key!r} must be a non-empty string, got {value!r:.40}")
+    return value
+
+
+def _text(obj: dict[str, Any], key: str, where: str) -> str:
+    """A string that may be empty (transcripts)."""
+    value = obj.get(key)
+    if type(value) is not str:
+        raise RemoteProtocolError(f"{where}: {key!r} must be a string, got {value!r:.40}")
+    return value
+
+
+def _optional_string(obj: dict[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if type(value) is not str:
+        raise RemoteProtocolError(
+            f"{obj.get('type', 'object')}: {key!r} must be a string or null, got {value!r:.40}"
+        )
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, where: str) -> int:
+    value = obj.get(key)
+    if type(value) is not int or value < 0:
+        raise RemoteProtocolError(f"{where}: {key!r} must be a non-negative integer, got {value!r:.40}")
+    return value

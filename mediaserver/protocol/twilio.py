@@ -1,0 +1,665 @@
+"""Sans-I/O core for one Twilio Media Streams WebSocket (the bidirectional kind).
+
+Three verbs, as in h11/wsproto, and no I/O, clock or event loop:
+
+* :meth:`TwilioStream.receive_message` takes one text frame from Twilio,
+  validates it completely and queues at most one event;
+* :meth:`TwilioStream.events` drains the queued events;
+* :meth:`TwilioStream.send` turns one command into the text frame to send.
+
+Every state transition, inbound and outbound, is in :data:`_TRANSITIONS` below.
+Malformed or out-of-place input raises :class:`RemoteProtocolError`, misuse
+raises :class:`LocalProtocolError`; either way the stream moves to
+:attr:`StreamState.ERROR` and every later call raises.
+
+Ordering facts
+--------------
+Twilio numbers every message after ``connected`` with ``sequenceNumber``
+("1", "2", ...) and every ``media`` message with a per-track ``media.chunk``
+("1", "2", ...).  One WebSocket is one ordered TCP byte stream, so a number
+that repeats or goes backwards can only come from a broken or confused peer:
+that is a :class:`RemoteProtocolError`.  A number that jumps *forward* is
+not fatal: Twilio documents that it drops inbound audio under congestion
+(error 31930), so the jump is reported (``Media.chunks_missing`` and the
+running totals :attr:`TwilioStream.sequence_numbers_missing` and
+:attr:`TwilioStream.chunks_missing`) and the bridge decides what to do.
+``media.timestamp`` is parsed and passed on, not judged.
+
+Playback accounting (marks and clear)
+-------------------------------------
+Twilio echoes a ``mark`` when the audio sent before it has finished playing
+(immediately if nothing is buffered), *and* echoes every still-pending mark
+when we send ``clear``; the two kinds of echo look identical on the wire.
+The stream therefore keeps the outbound audio in three buckets, in samples
+(µ-law: 1 byte = 1 sample, 8 samples per ms):
+
+* the *tail*: audio sent since the last mark, as ``(item, samples)`` segments;
+* *live marks*: marks sent since the last ``clear``, oldest first, each
+  holding the tail segments it closed;
+* *cleared marks*: marks that were live when we sent ``clear``.
+
+``SendMark`` closes the tail into a new live mark.  ``ClearAudio`` moves every
+live mark to the cleared set and discards the tail; their samples are
+counted as *cleared* at that moment.  An echo of the oldest live mark
+credits its segments as *played*; an echo of a cleared mark yields
+``Mark(cleared=True)`` and credits nothing.  Any other name (never sent,
+already echoed, or a live mark echoed ahead of an older live one) is a
+:class:`RemoteProtocolError`, because accepting it would corrupt the played
+position.  Cleared echoes may arrive in any order, also interleaved with
+live echoes of marks sent after the ``clear``.
+
+Invariant, globally and per item: ``sent = played + cleared + unconfirmed``.
+``played`` only ever counts audio that precedes an echo Twilio sent for a
+live mark, so it never exceeds what the caller heard; it lags true playback
+by at most the audio between two marks (send a mark after every outbound
+frame for 20 ms precision).  One race is resolved conservatively: a
+"played" echo that crosses our ``clear`` on the wire is counted as cleared.
+"""
+
+from __future__ import annotations
+
+import binascii
+import enum
+import json
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final
+
+from .errors import CLOSE_MESSAGE_TOO_BIG, LocalProtocolError, RemoteProtocolError
+from .twilio_events import (
+    MULAW_SAMPLE_RATE_HZ,
+    MULAW_SAMPLES_PER_MS,
+    ClearAudio,
+    Connected,
+    Dtmf,
+    Mark,
+    Media,
+    MediaFormat,
+    SendAudio,
+    SendMark,
+    Start,
+    Stop,
+    TwilioCommand,
+    TwilioEvent,
+    Unknown,
+)
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "ItemPlayback",
+    "StreamState",
+    "TwilioStream",
+]
+
+# A Twilio media frame is ~0.4 KB (160 µ-law bytes -> 216 base64 chars plus
+# JSON); 64 KiB leaves room for a large ``start.customParameters`` while
+# refusing floods.  Same cap as openai-agents-python PR #5110 for this socket.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
+
+# Numeric strings longer than this are refused before int() sees them
+# (2**63 has 19 digits; Twilio counters are far smaller).
+_MAX_DIGITS: Final = 19
+
+# start.mediaFormat.encoding as documented on the websocket-messages page.
+_MULAW_ENCODING: Final = "audio/x-mulaw"
+
+
+class StreamState(enum.Enum):
+    """Where the stream is in Twilio's message sequence."""
+
+    AWAITING_CONNECTED = "awaiting_connected"  # nothing received yet
+    AWAITING_START = "awaiting_start"  # got ``connected``; no streamSid yet
+    STREAMING = "streaming"  # got ``start``; media flows, commands allowed
+    STOPPED = "stopped"  # got ``stop``; nothing more may arrive or be sent
+    ERROR = "error"  # a protocol error happened; the stream is dead
+
+
+class _Input(enum.Enum):
+    """Everything that can happen to a stream: inbound events and outbound commands."""
+
+    CONNECTED = "connected"
+    START = "start"
+    MEDIA = "media"
+    DTMF = "dtmf"
+    MARK = "mark"
+    STOP = "stop"
+    UNKNOWN = "unknown"
+    SEND_AUDIO = "send_audio"
+    SEND_MARK = "send_mark"
+    CLEAR_AUDIO = "clear_audio"
+
+
+_S = StreamState
+_I = _Input
+
+# The whole protocol, one table.  A (state, input) pair that is not listed is
+# illegal: RemoteProtocolError for inbound inputs, LocalProtocolError for
+# outbound ones.  ERROR is entered from any state by any error and is not listed.
+_TRANSITIONS: Final[Mapping[tuple[StreamState, _Input], StreamState]] = MappingProxyType(
+    {
+        (_S.AWAITING_CONNECTED, _I.CONNECTED): _S.AWAITING_START,
+        (_S.AWAITING_CONNECTED, _I.UNKNOWN): _S.AWAITING_CONNECTED,
+        (_S.AWAITING_START, _I.START): _S.STREAMING,
+        (_S.AWAITING_START, _I.UNKNOWN): _S.AWAITING_START,
+        (_S.STREAMING, _I.MEDIA): _S.STREAMING,
+        (_S.STREAMING, _I.DTMF): _S.STREAMING,
+        (_S.STREAMING, _I.MARK): _S.STREAMING,
+        (_S.STREAMING, _I.UNKNOWN): _S.STREAMING,
+        (_S.STREAMING, _I.STOP): _S.STOPPED,
+        (_S.STREAMING, _I.SEND_AUDIO): _S.STREAMING,
+        (_S.STREAMING, _I.SEND_MARK): _S.STREAMING,
+        (_S.STREAMING, _I.CLEAR_AUDIO): _S.STREAMING,
+    }
+)
+
+_INBOUND_INPUTS: Final = {
+    "connected": _I.CONNECTED,
+    "start": _I.START,
+    "media": _I.MEDIA,
+    "dtmf": _I.DTMF,
+    "mark": _I.MARK,
+    "stop": _I.STOP,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ItemPlayback:
+    """What became of one item's outbound audio, in µ-law samples (8 per ms).
+
+    ``played_samples`` counts only audio confirmed by a live mark echo, so
+    ``played_ms`` (rounded down) is safe to use as OpenAI's
+    ``conversation.item.truncate.audio_end_ms``: it never exceeds what the
+    caller heard, nor what was sent.
+    """
+
+    item: str
+    sent_samples: int
+    played_samples: int
+    cleared_samples: int
+
+    @property
+    def unconfirmed_samples(self) -> int:
+        """Sent but neither confirmed played nor cleared: buffered at Twilio or in flight."""
+        return self.sent_samples - self.played_samples - self.cleared_samples
+
+    @property
+    def played_ms(self) -> int:
+        """Confirmed played audio in whole milliseconds, rounded down."""
+        return self.played_samples // MULAW_SAMPLES_PER_MS
+
+
+class _ItemCounters:
+    __slots__ = ("cleared", "played", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.played = 0
+        self.cleared = 0
+
+
+class _PendingMark:
+    """A mark we sent and Twilio has not echoed yet, with the audio it covers."""
+
+    __slots__ = ("name", "samples", "segments")
+
+    def __init__(self, name: str, segments: tuple[tuple[str | None, int], ...], samples: int) -> None:
+        self.name = name
+        self.segments = segments
+        self.samples = samples
+
+
+class TwilioStream:
+    """One Twilio Media Streams connection, seen from our server.
+
+    ``max_message_bytes`` bounds one inbound message (UTF-8 size); larger
+    messages raise :class:`RemoteProtocolError` with close code hint 1009.
+    """
+
+    def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        if max_message_bytes < 1:
+            raise ValueError("max_message_bytes must be positive")
+        self._max_message_bytes = max_message_bytes
+        self._state = StreamState.AWAITING_CONNECTED
+        self._events: deque[TwilioEvent] = deque()
+
+        # Set by ``start``.
+        self._start: Start | None = None
+        self._media_prefix = ""
+        self._mark_prefix = ""
+        self._clear_message = ""
+
+        # Ordering facts.
+        self._next_sequence_number = 1
+        self._next_chunk: dict[str, int] = {}
+        self._sequence_numbers_missing = 0
+        self._chunks_missing = 0
+
+        # Playback accounting (see the module docstring).
+        self._next_mark_number = 1
+        self._tail_items: list[str | None] = []
+        self._tail_samples: list[int] = []
+        self._tail_total = 0
+        self._live_marks: deque[_PendingMark] = deque()
+        self._cleared_marks: dict[str, _PendingMark] = {}
+        self._items: dict[str, _ItemCounters] = {}
+        self._sent_samples = 0
+        self._played_samples = 0
+        self._cleared_samples = 0
+        self._clear_count = 0
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> StreamState:
+        return self._state
+
+    @property
+    def start(self) -> Start | None:
+        """The ``start`` event, once received."""
+        return self._start
+
+    @property
+    def stream_sid(self) -> str | None:
+        return None if self._start is None else self._start.stream_sid
+
+    def _transition(self, what: _Input, *, inbound: bool, event: str = "") -> None:
+        """Apply one input to the state machine, or raise (the caller marks ERROR)."""
+        try:
+            self._state = _TRANSITIONS[self._state, what]
+        except KeyError:
+            if inbound:
+                raise RemoteProtocolError(
+                    f"Twilio sent {event or what.value!r} in state {self._state.name}"
+                ) from None
+            raise LocalProtocolError(
+                f"cannot send {what.value!r} in state {self._state.name}"
+            ) from None
+
+    def _check_alive(self) -> None:
+        if self._state is StreamState.ERROR:
+            raise LocalProtocolError("the stream is dead after an earlier protocol error")
+
+    # ---------------------------------------------------------------- inbound
+
+    def receive_message(self, message: str | bytes) -> None:
+        """Feed one WebSocket message from Twilio.  Raises on bad input.
+
+        Twilio sends text frames only, so ``bytes`` (a binary frame) is a
+        :class:`RemoteProtocolError`.
+        """
+        self._check_alive()
+        try:
+            self._events.append(self._parse(message))
+        except BaseException:
+            self._state = StreamState.ERROR
+            raise
+
+    def events(self) -> Iterator[TwilioEvent]:
+        """Yield and remove the queued events, oldest first."""
+        self._check_alive()
+        events = self._events
+        while events:
+            yield events.popleft()
+
+    def _parse(self, message: str | bytes) -> TwilioEvent:
+        if not isinstance(message, str):
+            raise RemoteProtocolError("Twilio sent a binary frame; Media Streams use text frames")
+        size = len(message)
+        limit = self._max_message_bytes
+        if size > limit or (
+            size * 4 > limit and not message.isascii() and len(message.encode("utf-8")) > limit
+        ):
+            raise RemoteProtocolError(
+                f"message of {len(message.encode('utf-8'))} bytes exceeds the {limit}-byte limit",
+                close_code_hint=CLOSE_MESSAGE_TOO_BIG,
+            )
+        try:
+            msg = json.loads(message)
+        except (ValueError, RecursionError):
+            raise RemoteProtocolError(f"message is not valid JSON: {message!r:.80}") from None
+        if type(msg) is not dict:
+            raise RemoteProtocolError(f"message is not a JSON object: {message!r:.80}")
+        name = msg.get("event")
+        if type(name) is not str:
+            raise RemoteProtocolError(f"message has no string 'event': {message!r:.80}")
+
+        what = _INBOUND_INPUTS.get(name, _I.UNKNOWN)
+        self._transition(what, inbound=True, event=name)
+        if what is _I.MEDIA:  # by far the most frequent
+            return self._parse_media(msg)
+        if what is _I.MARK:
+            return self._parse_mark(msg)
+        if what is _I.DTMF:
+            return self._parse_dtmf(msg)
+        if what is _I.CONNECTED:
+            return Connected(protocol=_string(msg, "protocol", name), version=_string(msg, "version", name))
+        if what is _I.START:
+            return self._parse_start(msg)
+        if what is _I.STOP:
+            return self._parse_stop(msg)
+        return self._parse_unknown(name, msg, message)
+
+    def _sequence(self, msg: dict[str, Any]) -> int:
+        number = _numeric(_field(msg, "sequenceNumber", msg["event"]), "sequenceNumber")
+        expected = self._next_sequence_number
+        if number != expected:
+            if number < expected:
+                raise RemoteProtocolError(
+                    f"sequenceNumber {number} repeats or goes backwards (expected {expected})"
+                )
+            self._sequence_numbers_missing += number - expected
+        self._next_sequence_number = number + 1
+        return number
+
+    def _check_stream_sid(self, msg: dict[str, Any]) -> None:
+        assert self._start is not None
+        sid = msg.get("streamSid")
+        if sid != self._start.stream_sid:
+            raise RemoteProtocolError(
+                f"{msg['event']!r} for streamSid {sid!r:.40}, but this stream is {self._start.stream_sid!r}"
+            )
+
+    def _parse_start(self, msg: dict[str, Any]) -> Start:
+        sequence_number = self._sequence(msg)
+        start = _object(msg, "start", "start")
+        stream_sid = _string(msg, "streamSid", "start")
+        inner_sid = _string(start, "streamSid", "start.start")
+        if inner_sid != stream_sid:
+            raise RemoteProtocolError(f"start: streamSid {stream_sid!r} != start.streamSid {inner_sid!r}")
+        tracks = _field(start, "tracks", "start.start")
+        if type(tracks) is not list or not all(type(t) is str for t in tracks):
+            raise RemoteProtocolError(f"start.tracks must be a list of strings, got {tracks!r:.80}")
+        params = start.get("customParameters", {})
+        if type(params) is not dict or not all(type(v) is str for v in params.values()):
+            raise RemoteProtocolError(
+                f"start.customParameters must map strings to strings, got {params!r:.80}"
+            )
+        fmt = _object(start, "mediaFormat", "start.start")
+        media_format = MediaFormat(
+            encoding=_string(fmt, "encoding", "start.mediaFormat"),
+            sample_rate_hz=_number(_field(fmt, "sampleRate", "start.mediaFormat"), "sampleRate"),
+            channels=_number(_field(fmt, "channels", "start.mediaFormat"), "channels"),
+        )
+        # Everything downstream (marks, played_ms, truncation) counts 8 samples per ms.
+        if media_format != MediaFormat(_MULAW_ENCODING, MULAW_SAMPLE_RATE_HZ, 1):
+            raise RemoteProtocolError(f"unsupported media format {media_format}")
+        event = Start(
+            sequence_number=sequence_number,
+            stream_sid=stream_sid,
+            account_sid=_string(start, "accountSid", "start.start"),
+            call_sid=_string(start, "callSid", "start.start"),
+            tracks=tuple(tracks),
+            custom_parameters=MappingProxyType(dict(params)),
+            media_format=media_format,
+        )
+        self._start = event
+        sid = json.dumps(stream_sid)
+        self._media_prefix = '{"event":"media","streamSid":' + sid + ',"media":{"payload":"'
+        self._mark_prefix = '{"event":"mark","streamSid":' + sid + ',"mark":{"name":"'
+        self._clear_message = '{"event":"clear","streamSid":' + sid + "}"
+        return event
+
+    def _parse_media(self, msg: dict[str, Any]) -> Media:
+        sequence_number = self._sequence(msg)
+        self._check_stream_sid(msg)
+        media = msg.get("media")
+        if type(media) is not dict:
+            raise RemoteProtocolError("media: 'media' must be an object")
+        track = _string(media, "track", "media.media")
+        chunk = _numeric(media.get("chunk"), "media.chunk")
+        timestamp_ms = _numeric(media.get("timestamp"), "media.timestamp")
+        payload = media.get("payload")
+        if type(payload) is not str:
+            raise RemoteProtocolError(f"media.payload must be a string, got {payload!r:.40}")
+        try:
+            audio = binascii.a2b_base64(payload, strict_mode=True)
+        except ValueError:
+            raise RemoteProtocolError(f"media.payload is not valid base64: {payload!r:.40}") from None
+        expected = self._next_chunk.get(track, 1)
+        missing = 0
+        if chunk != expected:
+            if chunk < expected:
+                raise RemoteProtocolError(
+                    f"media.chunk {chunk} on track {track!r} repeats or goes backwards (expected {expected})"
+                )
+            missing = chunk - expected
+            self._chunks_missing += missing
+        self._next_chunk[track] = chunk + 1
+        return Media(sequence_number, track, chunk, timestamp_ms, audio, missing)
+
+    def _parse_dtmf(self, msg: dict[str, Any]) -> Dtmf:
+        sequence_number = self._sequence(msg)
+        self._check_stream_sid(msg)
+        dtmf = _object(msg, "dtmf", "dtmf")
+        return Dtmf(
+            sequence_number=sequence_number,
+            track=_string(dtmf, "track", "dtmf.dtmf"),
+            digit=_string(dtmf, "digit", "dtmf.dtmf"),
+        )
+
+    def _parse_mark(self, msg: dict[str, Any]) -> Mark:
+        sequence_number = self._sequence(msg)
+        self._check_stream_sid(msg)
+        name = _string(_object(msg, "mark", "mark"), "name", "mark.mark")
+        cleared_mark = self._cleared_marks.pop(name, None)
+        if cleared_mark is not None:
+            return Mark(sequence_number, name, cleared=True)
+        live = self._live_marks
+        if not live or live[0].name != name:
+            expected = f"mark {live[0].name!r}" if live else "no live mark"
+            raise RemoteProtocolError(
+                f"Twilio echoed mark {name!r:.40}, which was never sent, was already echoed, "
+                f"or overtakes an older mark (expected {expected})"
+            )
+        mark = live.popleft()
+        self._played_samples += mark.samples
+        items = self._items
+        for item, samples in mark.segments:
+            if item is not None:
+                items[item].played += samples
+        return Mark(sequence_number, name, cleared=False)
+
+    def _parse_stop(self, msg: dict[str, Any]) -> Stop:
+        assert self._start is not None
+        sequence_number = self._sequence(msg)
+        self._check_stream_sid(msg)
+        stop = _object(msg, "stop", "stop")
+        event = Stop(
+            sequence_number=sequence_number,
+            account_sid=_string(stop, "accountSid", "stop.stop"),
+            call_sid=_string(stop, "callSid", "stop.stop"),
+        )
+        if (event.account_sid, event.call_sid) != (self._start.account_sid, self._start.call_sid):
+            raise RemoteProtocolError(
+                f"stop names call {event.call_sid!r:.40} of account {event.account_sid!r:.40}, "
+                f"but the stream started for call {self._start.call_sid!r} "
+                f"of account {self._start.account_sid!r}"
+            )
+        return event
+
+    def _parse_unknown(self, name: str, msg: dict[str, Any], message: str) -> Unknown:
+        sequence_number = self._sequence(msg) if "sequenceNumber" in msg else None
+        if self._start is not None and "streamSid" in msg:
+            self._check_stream_sid(msg)
+        return Unknown(event=name, raw=message, sequence_number=sequence_number)
+
+    # --------------------------------------------------------------- outbound
+
+    def send(self, command: TwilioCommand) -> str:
+        """Return the text frame for ``command``; update the playback accounting."""
+        self._check_alive()
+        try:
+            if type(command) is SendAudio:
+                self._transition(_I.SEND_AUDIO, inbound=False)
+                return self._send_audio(command)
+            if type(command) is SendMark:
+                self._transition(_I.SEND_MARK, inbound=False)
+                return self._send_mark()
+            if type(command) is ClearAudio:
+                self._transition(_I.CLEAR_AUDIO, inbound=False)
+                return self._clear_audio()
+            raise LocalProtocolError(f"not a Twilio command: {command!r:.80}")
+        except BaseException:
+            self._state = StreamState.ERROR
+            raise
+
+    def _send_audio(self, command: SendAudio) -> str:
+        payload = command.payload
+        samples = len(payload)  # µ-law: one byte per sample
+        item = command.item
+        self._sent_samples += samples
+        if item is not None:
+            counters = self._items.get(item)
+            if counters is None:
+                counters = self._items[item] = _ItemCounters()
+            counters.sent += samples
+        if self._tail_items and self._tail_items[-1] == item:
+            self._tail_samples[-1] += samples
+        else:
+            self._tail_items.append(item)
+            self._tail_samples.append(samples)
+        self._tail_total += samples
+        return self._media_prefix + binascii.b2a_base64(payload, newline=False).decode("ascii") + '"}}'
+
+    def _send_mark(self) -> str:
+        name = str(self._next_mark_number)
+        self._next_mark_number += 1
+        self._live_marks.append(
+            _PendingMark(name, tuple(zip(self._tail_items, self._tail_samples)), self._tail_total)
+        )
+        self._tail_items = []
+        self._tail_samples = []
+        self._tail_total = 0
+        return self._mark_prefix + name + '"}}'
+
+    def _clear_audio(self) -> str:
+        items = self._items
+        for mark in self._live_marks:
+            self._cleared_marks[mark.name] = mark
+            for item, samples in mark.segments:
+                if item is not None:
+                    items[item].cleared += samples
+            self._cleared_samples += mark.samples
+        self._live_marks.clear()
+        for item, samples in zip(self._tail_items, self._tail_samples):
+            if item is not None:
+                items[item].cleared += samples
+        self._cleared_samples += self._tail_total
+        self._tail_items = []
+        self._tail_samples = []
+        self._tail_total = 0
+        self._clear_count += 1
+        return self._clear_message
+
+    # ------------------------------------------------------------- accounting
+
+    @property
+    def sent_samples(self) -> int:
+        """All µ-law samples sent with :class:`SendAudio`."""
+        return self._sent_samples
+
+    @property
+    def played_samples(self) -> int:
+        """Samples confirmed played by live mark echoes."""
+        return self._played_samples
+
+    @property
+    def played_ms(self) -> int:
+        """:attr:`played_samples` in whole milliseconds, rounded down."""
+        return self._played_samples // MULAW_SAMPLES_PER_MS
+
+    @property
+    def cleared_samples(self) -> int:
+        """Samples that were unconfirmed when we sent ``clear`` (discarded by Twilio)."""
+        return self._cleared_samples
+
+    @property
+    def unconfirmed_samples(self) -> int:
+        """Samples sent but not yet confirmed played or cleared (Twilio's buffer, roughly)."""
+        return self._sent_samples - self._played_samples - self._cleared_samples
+
+    @property
+    def pending_mark_count(self) -> int:
+        """Marks sent whose echo has not arrived yet (live and cleared)."""
+        return len(self._live_marks) + len(self._cleared_marks)
+
+    @property
+    def clear_count(self) -> int:
+        """How many ``clear`` commands were sent."""
+        return self._clear_count
+
+    def playback(self, item: str) -> ItemPlayback:
+        """What became of ``item``'s audio so far (all zeros for an item never sent)."""
+        counters = self._items.get(item)
+        if counters is None:
+            return ItemPlayback(item, 0, 0, 0)
+        return ItemPlayback(item, counters.sent, counters.played, counters.cleared)
+
+    def items_in_flight(self) -> tuple[str, ...]:
+        """Items with audio sent but not yet confirmed played or cleared, oldest first.
+
+        On barge-in, read this *before* sending :class:`ClearAudio`: these are
+        the items to truncate at ``playback(item).played_ms`` once the clear
+        has been sent.
+        """
+        seen: dict[str, None] = {}
+        for mark in self._live_marks:
+            for item, _ in mark.segments:
+                if item is not None:
+                    seen[item] = None
+        for item in self._tail_items:
+            if item is not None:
+                seen[item] = None
+        return tuple(seen)
+
+    # ---------------------------------------------------------------- ordering
+
+    @property
+    def sequence_numbers_missing(self) -> int:
+        """Total ``sequenceNumber`` values skipped so far."""
+        return self._sequence_numbers_missing
+
+    @property
+    def chunks_missing(self) -> int:
+        """Total ``media.chunk`` values skipped so far, over all tracks."""
+        return self._chunks_missing
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _field(obj: dict[str, Any], key: str, where: str) -> Any:
+    try:
+        return obj[key]
+    except KeyError:
+        raise RemoteProtocolError(f"{where}: missing {key!r}") from None
+
+
+def _string(obj: dict[str, Any], key: str, where: str) -> str:
+    value = _field(obj, key, where)
+    if type(value) is not str or not value:
+        raise RemoteProtocolError(f"{where}: {key!r} must be a non-empty string, got {value!r:.40}")
+    return value
+
+
+def _object(obj: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = _field(obj, key, where)
+    if type(value) is not dict:
+        raise RemoteProtocolError(f"{where}: {key!r} must be an object, got {value!r:.40}")
+    return value
+
+
+def _numeric(value: object, what: str) -> int:
+    """Parse one of Twilio's numeric *strings* ("1", "20", ...)."""
+    if not (isinstance(value, str) and 0 < len(value) <= _MAX_DIGITS and value.isascii() and value.isdigit()):
+        raise RemoteProtocolError(f"{what} must be a string of decimal digits, got {value!r:.40}")
+    return int(value)
+
+
+def _number(value: object, what: str) -> int:
+    """A count that the docs show as a JSON number; a numeric string is accepted too."""
+    if type(value) is int:
+        return value
+    return _numeric(value, what)
