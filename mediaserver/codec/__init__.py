@@ -15,9 +15,11 @@ True
 
 from mediaserver._native._g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from mediaserver._native._jitter import JitterBuffer, JitterStats
+from mediaserver._native._vad import EnergyVAD
 from mediaserver._native._resample import Resampler
 
 __all__ = [
+    "EnergyVAD",
     "JitterBuffer",
     "JitterStats",
     "Resampler",

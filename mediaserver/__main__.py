@@ -1,0 +1,90 @@
+"""Command line: ``mediaserver serve`` (also ``python -m mediaserver``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from mediaserver import __version__
+from mediaserver.config import PROVIDERS, ConfigError, Settings, load_dotenv_file
+
+log = logging.getLogger("mediaserver")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mediaserver", description="Bridge Twilio calls to realtime speech models.")
+    parser.add_argument("--version", action="version", version=f"mediaserver {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the server (the default command)")
+    serve.add_argument("--host", help="address to listen on (MEDIASERVER_HOST, default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port (MEDIASERVER_PORT, default 8080)")
+    serve.add_argument("--provider", choices=PROVIDERS, help="model provider (MEDIASERVER_PROVIDER, default echo)")
+    serve.add_argument("--public-url", help="https://host Twilio reaches us at (MEDIASERVER_PUBLIC_URL)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (MEDIASERVER_LOG_LEVEL)")
+    serve.add_argument("--env-file", default=".env", help="read settings from this file if it exists (default .env)")
+    sub.add_parser("settings", help="list every setting with its environment variable and default")
+    return parser
+
+
+def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
+    port = settings.port
+    lines = [
+        f"mediaserver {__version__}: provider {settings.provider}, listening on {', '.join(binds)}",
+        "Next steps:",
+        f"  * expose the port publicly (for example: ngrok http {port}) and set MEDIASERVER_PUBLIC_URL",
+        "  * in the Twilio console, set your number's voice webhook (HTTP POST) to "
+        f"{(settings.public_url or 'https://<your-public-host>').rstrip('/')}/twiml",
+        f"  * health check: curl http://127.0.0.1:{port}/healthz",
+    ]
+    if settings.provider == "echo":
+        lines.append("  * the echo agent repeats what the caller says; set MEDIASERVER_PROVIDER=openai for a model")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "settings":
+        for env, default, doc in Settings.describe():
+            print(f"{env:32} {default:42} {doc}")
+        return 0
+    load_dotenv_file(getattr(args, "env_file", ".env"))
+    try:
+        settings = Settings.from_env(
+            host=getattr(args, "host", None),
+            port=getattr(args, "port", None),
+            provider=getattr(args, "provider", None),
+            public_url=getattr(args, "public_url", None),
+            log_level=getattr(args, "log_level", None),
+        )
+    except ConfigError as exc:
+        print(f"mediaserver: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if settings.development_mode:
+        log.warning(
+            "DEVELOPMENT MODE: TWILIO_AUTH_TOKEN is not set, so webhooks and media streams are NOT authenticated. "
+            "Anyone who finds this server can open model sessions on your account. Set TWILIO_AUTH_TOKEN in production."
+        )
+
+    import trio
+
+    from mediaserver.server import serve
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(serve, settings)
+            _print_next_steps(settings, binds)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The HTTP and WebSocket routes (Quart-Trio).
+
+* ``POST /twiml`` -- Twilio's voice webhook: pre-opens the model session and
+  answers ``<Connect><Stream>`` with a one-time token as ``<Parameter>``;
+* ``WS /media-stream`` -- the Media Stream, handed to the call manager;
+* ``POST /call-status`` -- call status callbacks, logged;
+* ``GET /healthz`` -- liveness and call counts.
+
+With ``TWILIO_AUTH_TOKEN`` set, every webhook and the WebSocket upgrade must
+carry a valid ``X-Twilio-Signature`` (else 403).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quart import Response, abort, request, websocket
+from quart_trio import QuartTrio
+
+from mediaserver import security, twiml
+from mediaserver.bridge.call import MessageStream, StreamClosed
+from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
+from mediaserver.config import Settings
+
+__all__ = ["MEDIA_STREAM_PATH", "create_app"]
+
+log = logging.getLogger("mediaserver.http")
+
+MEDIA_STREAM_PATH = "/media-stream"
+MAX_FORM_BYTES = 64 * 1024  # a voice webhook is ~1 KiB of form fields
+
+
+class QuartStream(MessageStream):
+    """The current Quart websocket as a :class:`MessageStream`.
+
+    A disconnect cancels the handler task (Quart's behaviour), which tears the
+    call's nursery down; ``receive`` raising :class:`StreamClosed` covers the
+    remaining case of a closed socket.
+    """
+
+    def __init__(self, ws: Any) -> None:
+        self._ws = ws
+
+    async def receive(self) -> str | bytes:
+        try:
+            data: str | bytes = await self._ws.receive()
+        except Exception as exc:  # Quart raises transport-specific errors on a dead socket
+            raise StreamClosed(str(exc)) from exc
+        return data
+
+    async def send(self, text: str) -> None:
+        try:
+            await self._ws.send(text)
+        except Exception as exc:
+            raise StreamClosed(str(exc)) from exc
+
+
+def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
+    app = QuartTrio("mediaserver")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_FORM_BYTES
+
+    def url_of(path: str, *, query: bytes = b"") -> str:
+        try:
+            return security.public_url(
+                path,
+                configured=settings.public_url,
+                scheme=request.scheme,
+                host=request.host,
+                headers=request.headers,
+                query=query,
+            )
+        except ValueError as exc:
+            abort(400, str(exc))
+
+    async def signed_form() -> dict[str, list[str]]:
+        form = await request.form
+        params = {key: form.getlist(key) for key in form.keys()}
+        if settings.twilio_auth_token:
+            url = url_of(request.path, query=request.query_string)
+            if not security.validate_signature(
+                settings.twilio_auth_token, url, params, request.headers.get("X-Twilio-Signature")
+            ):
+                log.warning("%s: bad or missing X-Twilio-Signature for %s; 403", request.path, url)
+                abort(403)
+        return params
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, object]:
+        return {"status": "ok", "active_calls": calls.active, "pending_calls": calls.pending}
+
+    @app.post("/twiml")
+    async def voice_webhook() -> Response:
+        params = await signed_form()
+        call_sid = (params.get("CallSid") or [""])[0]
+        if not call_sid:
+            abort(400, "CallSid missing")
+        token = calls.prepare(call_sid)
+        if token is None:
+            body = twiml.say_and_hangup("Sorry, all our agents are busy. Please call again later.")
+            return Response(body, mimetype="text/xml")
+        stream = security.stream_url(
+            MEDIA_STREAM_PATH,
+            configured=settings.public_url,
+            scheme=request.scheme,
+            host=request.host,
+            headers=request.headers,
+        )
+        body = twiml.connect_stream(stream, {TOKEN_PARAMETER: token, "CallSid": call_sid})
+        log.info("call %s: webhook from %s, streaming to %s", call_sid, (params.get("From") or ["?"])[0], stream)
+        return Response(body, mimetype="text/xml")
+
+    @app.post("/call-status")
+    async def call_status() -> tuple[str, int]:
+        params = await signed_form()
+        first = {k: v[0] for k, v in params.items() if v}
+        log.info(
+            "call %s: status %s (duration %s s)",
+            first.get("CallSid", "?"),
+            first.get("CallStatus", "?"),
+            first.get("CallDuration", "-"),
+        )
+        return "", 204
+
+    @app.websocket(MEDIA_STREAM_PATH)
+    async def media_stream() -> None:
+        if settings.twilio_auth_token:
+            try:
+                url = security.upgrade_signature_url(
+                    MEDIA_STREAM_PATH,
+                    configured=settings.public_url,
+                    scheme=websocket.scheme,
+                    host=websocket.host,
+                    headers=websocket.headers,
+                    query=websocket.query_string,
+                )
+            except ValueError:
+                abort(400)
+            if not security.validate_signature(
+                settings.twilio_auth_token, url, {}, websocket.headers.get("X-Twilio-Signature")
+            ):
+                log.warning("media stream: bad or missing X-Twilio-Signature for %s; 403", url)
+                abort(403)
+        await websocket.accept()
+        await calls.handle_stream(QuartStream(websocket._get_current_object()))
+
+    return app

@@ -1,0 +1,1 @@
+"""The call bridge: one nursery per call between a Twilio stream and a model."""

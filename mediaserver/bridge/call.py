@@ -1,0 +1,295 @@
+"""One call: a Twilio Media Stream bridged to a provider link, in one nursery.
+
+Tasks of a call, all children of :meth:`CallBridge.run`'s nursery:
+
+* ``_twilio_reader`` -- Twilio messages through the :class:`TwilioStream`
+  core; media goes straight up the uplink (jitter buffer, transcode, send),
+  marks feed the playback accounting, ``stop`` ends the call;
+* ``_provider_reader`` -- provider events: audio to the playout queue,
+  speech-started to barge-in, fatal errors end the call;
+* ``_pacer`` -- the downlink: queued audio to Twilio in ``chunk_ms`` chunks,
+  each followed by a mark, in real time with ``lead_ms`` of audio buffered at
+  Twilio.
+
+When any task finishes the call is over and the nursery is cancelled; when
+one fails the failure propagates to the caller of :meth:`run` (the WebSocket
+handler logs it once).  Every write to the Twilio socket happens under one
+lock, together with the core's bookkeeping for it, so the core's idea of
+the wire order is the real one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Protocol
+
+import trio
+
+from mediaserver.codec import JitterBuffer, Resampler, ulaw_decode, ulaw_encode
+from mediaserver.protocol import twilio_events as tw
+from mediaserver.protocol.providers import base as pv
+from mediaserver.protocol.twilio import TwilioStream
+
+from .link import ProviderClosed, ProviderLink
+from .stats import CallStats
+
+__all__ = ["CallBridge", "MessageStream", "StreamClosed"]
+
+log = logging.getLogger("mediaserver.call")
+
+MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contractual)
+
+
+class StreamClosed(Exception):
+    """The Twilio WebSocket is gone."""
+
+
+class MessageStream(Protocol):
+    """The Twilio side's socket, as the bridge uses it."""
+
+    async def receive(self) -> str | bytes:
+        """Next message; raises :class:`StreamClosed` when the peer has gone."""
+        ...
+
+    async def send(self, text: str) -> None:
+        """Send one text message; raises :class:`StreamClosed` when the peer has gone."""
+        ...
+
+
+class _Chunk:
+    __slots__ = ("item", "payload", "received_s")
+
+    def __init__(self, item: str, payload: bytes, received_s: float) -> None:
+        self.item = item
+        self.payload = payload
+        self.received_s = received_s
+
+
+class CallBridge:
+    def __init__(
+        self,
+        stream: MessageStream,
+        twilio: TwilioStream,
+        link: ProviderLink,
+        *,
+        call_sid: str,
+        idle_timeout_s: float = 30.0,
+        chunk_ms: int = 40,
+        lead_ms: int = 160,
+        jitter_depth: int = 2,
+    ) -> None:
+        if twilio.start is None:
+            raise ValueError("the Twilio stream must have started before bridging")
+        self.stream = stream
+        self.twilio = twilio
+        self.link = link
+        self.idle_timeout_s = idle_timeout_s
+        self.chunk_bytes = chunk_ms * tw.MULAW_SAMPLES_PER_MS
+        self.lead_s = lead_ms / 1000
+        self.stats = CallStats(call_sid=call_sid, provider=link.name, started_s=trio.current_time())
+        self.end_reason = "running"
+
+        self.jitter = JitterBuffer(depth=jitter_depth, frame_bytes=MULAW_FRAME_BYTES, codec="ulaw", fill="fade")
+        # uplink: µ-law 8 kHz -> provider input
+        fmt_in, fmt_out = link.input_format, link.output_format
+        for fmt in (fmt_in, fmt_out):
+            if fmt.encoding == "pcma":
+                raise ValueError("A-law providers are not supported on Twilio calls")
+        self._up_pcm = fmt_in.encoding == "pcm16"
+        self._up_resampler = (
+            Resampler(8000, fmt_in.sample_rate_hz) if self._up_pcm and fmt_in.sample_rate_hz != 8000 else None
+        )
+        if not self._up_pcm and fmt_in.sample_rate_hz != 8000:
+            raise ValueError(f"µ-law input at {fmt_in.sample_rate_hz} Hz is not supported")
+        # downlink: provider output -> µ-law 8 kHz
+        self._down_pcm = fmt_out.encoding == "pcm16"
+        self._down_resampler = (
+            Resampler(fmt_out.sample_rate_hz, 8000) if self._down_pcm and fmt_out.sample_rate_hz != 8000 else None
+        )
+        if not self._down_pcm and fmt_out.sample_rate_hz != 8000:
+            raise ValueError(f"µ-law output at {fmt_out.sample_rate_hz} Hz is not supported")
+
+        self._send_lock = trio.StrictFIFOLock()
+        self._queue: deque[_Chunk] = deque()
+        self._queued = trio.Event()
+        self._pending = bytearray()  # downlink µ-law not yet a whole chunk
+        self._pending_item: str | None = None
+        self._pending_s = 0.0
+        self._interrupted: set[str] = set()
+        self._playing_until_s = 0.0  # when Twilio's buffer runs dry (Trio time)
+        self._pacer_wait: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def run(self) -> CallStats:
+        """Bridge until the call ends; returns the call's statistics."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._twilio_reader)
+                nursery.start_soon(self._provider_reader)
+                nursery.start_soon(self._pacer)
+        finally:
+            self._nursery = None
+        return self.stats
+
+    def _end(self, reason: str) -> None:
+        if self.end_reason == "running":
+            self.end_reason = reason
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _send_twilio(self, command: tw.TwilioCommand) -> None:
+        # caller holds _send_lock
+        await self.stream.send(self.twilio.send(command))
+
+    # -- uplink ----------------------------------------------------------------
+
+    async def _twilio_reader(self) -> None:
+        stats = self.stats
+        with trio.CancelScope() as idle:
+            while True:
+                idle.deadline = trio.current_time() + self.idle_timeout_s
+                try:
+                    message = await self.stream.receive()
+                except StreamClosed:
+                    self._end("twilio hung up")
+                    return
+                received_s = trio.current_time()
+                self.twilio.receive_message(message)
+                for event in self.twilio.events():
+                    if isinstance(event, tw.Media):
+                        stats.frames_in += 1
+                        self.jitter.push(event.chunk, event.payload)
+                        for frame in iter(self.jitter.pop, None):
+                            await self._uplink(frame)
+                        stats.uplink.add(trio.current_time() - received_s)
+                    elif isinstance(event, tw.Stop):
+                        self._end("twilio sent stop")
+                        return
+                    elif isinstance(event, tw.Dtmf):
+                        log.info("call %s: DTMF %s", stats.call_sid, event.digit)
+                    # Mark: the core did the accounting; Unknown: logged by the core's caller
+        self._end(f"idle: nothing from Twilio for {self.idle_timeout_s:g} s")
+
+    async def _uplink(self, frame: bytes) -> None:
+        if self._up_pcm:
+            frame = ulaw_decode(frame)
+            if self._up_resampler is not None:
+                frame = self._up_resampler.process(frame)
+        await self.link.send(pv.SendAudio(frame))
+        self.stats.frames_to_model += 1
+
+    # -- provider events -----------------------------------------------------
+
+    async def _provider_reader(self) -> None:
+        while True:
+            try:
+                event = await self.link.receive()
+            except ProviderClosed as exc:
+                log.warning("call %s: %s", self.stats.call_sid, exc.reason)
+                self._end(f"provider ended: {exc.reason}")
+                return
+            if isinstance(event, pv.AudioDelta):
+                if event.item_id not in self._interrupted:
+                    self._downlink(event.item_id, event.payload)
+            elif isinstance(event, pv.AudioDone):
+                self._flush_pending(event.item_id)
+            elif isinstance(event, pv.SpeechStarted):
+                await self._barge_in()
+            elif isinstance(event, pv.ProviderError):
+                if event.fatal:
+                    log.error("call %s: %s error (fatal): %s", self.stats.call_sid, self.link.name, event.message)
+                    self._end(f"provider error: {event.message}")
+                    return
+                log.warning("call %s: %s error: %s", self.stats.call_sid, self.link.name, event.message)
+            elif isinstance(event, pv.ToolCall):
+                # tools arrive with the phone-agent features; never leave the model waiting
+                await self.link.send(pv.ToolResult(event.call_id, '{"error": "no tools are configured"}'))
+            elif isinstance(event, pv.Transcript) and event.final:
+                log.debug("call %s: %s: %s", self.stats.call_sid, event.role, event.text)
+
+    # -- downlink --------------------------------------------------------------
+
+    def _downlink(self, item: str, payload: bytes) -> None:
+        now = trio.current_time()
+        if self._down_pcm:
+            if self._down_resampler is not None:
+                payload = self._down_resampler.process(payload)
+            payload = ulaw_encode(payload)
+        if self._pending_item != item:
+            self._flush_pending(self._pending_item)
+            self._pending_item = item
+        if not self._pending:
+            self._pending_s = now
+        self._pending += payload
+        size = self.chunk_bytes
+        whole = len(self._pending) - len(self._pending) % size
+        for at in range(0, whole, size):
+            self._queue.append(_Chunk(item, bytes(self._pending[at : at + size]), self._pending_s))
+        if whole:
+            del self._pending[:whole]
+            self._pending_s = now
+            self._queued.set()
+
+    def _flush_pending(self, item: str | None) -> None:
+        if item is not None and item == self._pending_item and self._pending:
+            self._queue.append(_Chunk(item, bytes(self._pending), self._pending_s))
+            self._pending.clear()
+            self._queued.set()
+
+    async def _pacer(self) -> None:
+        stats = self.stats
+        while True:
+            if not self._queue:
+                self._queued = trio.Event()
+                await self._queued.wait()
+                continue
+            now = trio.current_time()
+            if self._playing_until_s < now:
+                self._playing_until_s = now  # Twilio's buffer ran dry
+            slot_s = self._playing_until_s - self.lead_s
+            if slot_s > now:
+                with trio.CancelScope() as self._pacer_wait:
+                    await trio.sleep_until(slot_s)
+                self._pacer_wait = None
+                continue  # re-check: a barge-in may have emptied the queue
+            chunk = self._queue.popleft()
+            async with self._send_lock:
+                if chunk.item in self._interrupted:
+                    continue
+                await self._send_twilio(tw.SendAudio(chunk.payload, item=chunk.item))
+                await self._send_twilio(tw.SendMark())
+            sent_s = trio.current_time()
+            stats.frames_out += 1
+            # bridge-added latency: from when the audio arrived, or when the
+            # lead allowed it out, to when it was on Twilio's socket
+            stats.downlink.add(sent_s - max(chunk.received_s, slot_s))
+            self._playing_until_s += len(chunk.payload) / (tw.MULAW_SAMPLES_PER_MS * 1000)
+
+    async def _barge_in(self) -> None:
+        """The caller started talking: stop the agent now, cut its reply at what was heard."""
+        queued_items = {chunk.item for chunk in self._queue}
+        if self._pending_item is not None and self._pending:
+            queued_items.add(self._pending_item)
+        async with self._send_lock:
+            items = set(self.twilio.items_in_flight()) | queued_items
+            talking = bool(items) or self.twilio.unconfirmed_samples > 0
+            self._queue.clear()
+            self._pending.clear()
+            self._interrupted |= items
+            if self._pacer_wait is not None:
+                self._pacer_wait.cancel()
+            if talking:
+                await self._send_twilio(tw.ClearAudio())
+            self._playing_until_s = trio.current_time()
+        if not talking:
+            return
+        self.stats.barge_ins += 1
+        for item in sorted(items):
+            heard_ms = self.twilio.playback(item).played_ms
+            await self.link.send(pv.Truncate(item, heard_ms))
+            self.stats.truncations += 1
+        log.info("call %s: barge-in, cleared %s", self.stats.call_sid, ", ".join(sorted(items)) or "nothing")

@@ -1,0 +1,194 @@
+"""Live and pre-opened calls: where each call's nursery is started and ended.
+
+The voice webhook calls :meth:`CallManager.prepare`, which starts opening the
+model session at once (in the manager's own nursery) and returns a one-time
+token for the TwiML ``<Parameter>``.  When Twilio's stream arrives with that
+token, :meth:`CallManager.handle_stream` claims the session and bridges it;
+when the stream ends, the pre-open task closes the session.  A session whose
+stream never comes is closed after ``stream_timeout_s``.  In development
+mode (no Twilio auth token) a stream without a known token opens its own
+session on the spot.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+
+import trio
+
+from mediaserver.config import Settings
+from mediaserver.protocol import twilio_events as tw
+from mediaserver.protocol.errors import ProtocolError
+from mediaserver.protocol.twilio import TwilioStream
+
+from .call import CallBridge, MessageStream, StreamClosed
+from .link import ProviderClosed, ProviderLink
+
+__all__ = ["CallManager", "TOKEN_PARAMETER"]
+
+log = logging.getLogger("mediaserver.calls")
+
+TOKEN_PARAMETER = "token"  # name of the TwiML <Parameter> carrying the one-time token
+START_TIMEOUT_S = 10.0  # connected + start must arrive this soon after the upgrade
+MAX_PENDING = 1000  # pre-opened sessions at once; more webhooks are refused
+
+LinkOpener = Callable[[Settings], AbstractAsyncContextManager[ProviderLink]]
+
+
+@dataclass(eq=False)
+class _Slot:
+    call_sid: str
+    ready: trio.Event = field(default_factory=trio.Event)
+    claimed: trio.Event = field(default_factory=trio.Event)
+    released: trio.Event = field(default_factory=trio.Event)
+    link: ProviderLink | None = None
+    error: str | None = None
+
+
+class CallManager:
+    def __init__(self, settings: Settings, open_link: LinkOpener | None = None) -> None:
+        if open_link is None:
+            from mediaserver.providers import open_link as default_opener
+
+            open_link = default_opener
+        self.settings = settings
+        self._open_link = open_link
+        self._slots: dict[str, _Slot] = {}
+        self._nursery: trio.Nursery | None = None
+        self.active = 0
+        self.completed = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._slots)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the nursery of pre-opened sessions until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def prepare(self, call_sid: str) -> str | None:
+        """Start opening a session for ``call_sid``; returns its one-time token (None when full)."""
+        if self._nursery is None or len(self._slots) >= MAX_PENDING:
+            return None
+        token = secrets.token_urlsafe(24)
+        slot = _Slot(call_sid)
+        self._slots[token] = slot
+        self._nursery.start_soon(self._preopen, token, slot)
+        return token
+
+    async def _preopen(self, token: str, slot: _Slot) -> None:
+        try:
+            async with self._open_link(self.settings) as link:
+                slot.link = link
+                slot.ready.set()
+                with trio.move_on_after(self.settings.stream_timeout_s):
+                    await slot.claimed.wait()
+                if not slot.claimed.is_set():
+                    log.warning(
+                        "call %s: no media stream within %g s; closed the %s session",
+                        slot.call_sid,
+                        self.settings.stream_timeout_s,
+                        link.name,
+                    )
+                    return
+                await slot.released.wait()
+        except ProviderClosed as exc:
+            slot.error = exc.reason
+            log.error("call %s: could not open the model session: %s", slot.call_sid, exc.reason)
+        finally:
+            slot.ready.set()
+            self._slots.pop(token, None)
+
+    async def handle_stream(self, stream: MessageStream) -> None:
+        """Serve one Twilio Media Streams WebSocket until the call ends."""
+        twilio = TwilioStream()
+        start = await self._read_start(stream, twilio)
+        if start is None:
+            return
+        if self.settings.twilio_account_sid and start.account_sid != self.settings.twilio_account_sid:
+            log.error("stream %s: account %s is not ours; refused", start.stream_sid, start.account_sid)
+            return
+        token = start.custom_parameters.get(TOKEN_PARAMETER, "")
+        slot = self._slots.get(token)
+        if slot is not None and not slot.claimed.is_set() and slot.call_sid == start.call_sid:
+            slot.claimed.set()
+            try:
+                await slot.ready.wait()
+                if slot.link is None:
+                    log.error("call %s: no model session (%s); hanging up", start.call_sid, slot.error)
+                    return
+                await self._bridge(stream, twilio, start, slot.link)
+            finally:
+                slot.released.set()
+            return
+        if not self.settings.development_mode:
+            log.error("call %s: stream without a valid one-time token; refused", start.call_sid)
+            return
+        try:
+            async with self._open_link(self.settings) as link:
+                await self._bridge(stream, twilio, start, link)
+        except ProviderClosed as exc:
+            log.error("call %s: could not open the model session: %s", start.call_sid, exc.reason)
+
+    async def _read_start(self, stream: MessageStream, twilio: TwilioStream) -> tw.Start | None:
+        with trio.move_on_after(START_TIMEOUT_S):
+            try:
+                while True:
+                    twilio.receive_message(await stream.receive())
+                    for event in twilio.events():
+                        if isinstance(event, tw.Start):
+                            return event
+            except StreamClosed:
+                log.warning("stream closed before it started")
+                return None
+            except ProtocolError as exc:
+                log.error("stream refused before start: %s", exc)
+                return None
+        log.error("no start event within %g s; closing the stream", START_TIMEOUT_S)
+        return None
+
+    async def _bridge(self, stream: MessageStream, twilio: TwilioStream, start: tw.Start, link: ProviderLink) -> None:
+        s = self.settings
+        bridge = CallBridge(stream, twilio, link, call_sid=start.call_sid, idle_timeout_s=s.idle_timeout_s)
+        self.active += 1
+        log.info("call %s: started, stream %s, provider %s", start.call_sid, start.stream_sid, link.name)
+        try:
+            with trio.move_on_after(s.max_call_s) as limit:
+                await bridge.run()
+            if limit.cancelled_caught:
+                bridge.end_reason = f"maximum call length {s.max_call_s:g} s"
+        except* ProtocolError as group:
+            bridge.end_reason = f"protocol error: {group.exceptions[0]}"
+        except* ProviderClosed as group:
+            bridge.end_reason = f"provider ended: {group.exceptions[0]}"
+        except* StreamClosed:
+            bridge.end_reason = "twilio hung up"
+        finally:
+            self.active -= 1
+            self.completed += 1
+            st = bridge.stats
+            jit = bridge.jitter.stats
+            log.info(
+                "call %s: ended (%s) after %.1f s; frames in %d, to model %d, out %d; gaps filled %d, "
+                "late/duplicate %d; barge-ins %d; bridge latency up %s, down %s",
+                st.call_sid,
+                bridge.end_reason if bridge.end_reason != "running" else "cancelled",
+                trio.current_time() - st.started_s,
+                st.frames_in,
+                st.frames_to_model,
+                st.frames_out,
+                jit.concealed,
+                jit.late + jit.duplicates,
+                st.barge_ins,
+                st.uplink.summary_ms(),
+                st.downlink.summary_ms(),
+            )
+
+

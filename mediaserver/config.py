@@ -1,0 +1,137 @@
+"""Settings: the one place that reads the environment.
+
+Every setting has an environment variable (optionally from a ``.env`` file in
+the working directory) and most have a CLI flag; the CLI wins over the
+environment, which wins over the built-in default.  ``Settings`` is frozen:
+build it once at start and pass it down.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PROVIDERS", "ConfigError", "Settings", "load_dotenv_file"]
+
+# Providers the server can bridge to; "echo" needs no network and no key.
+PROVIDERS = ("echo", "openai")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def _env_field(env: str, default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    provider: str = _env_field("MEDIASERVER_PROVIDER", "echo", "echo | openai")
+    host: str = _env_field("MEDIASERVER_HOST", "0.0.0.0", "address to listen on")
+    port: int = _env_field("MEDIASERVER_PORT", 8080, "port to listen on")
+    public_url: str | None = _env_field(
+        "MEDIASERVER_PUBLIC_URL", None, "https://host as Twilio reaches us; default: from Host / X-Forwarded-*"
+    )
+    twilio_account_sid: str | None = _env_field("TWILIO_ACCOUNT_SID", None, "AC...; checked against start events when set")
+    twilio_auth_token: str | None = _env_field(
+        "TWILIO_AUTH_TOKEN", None, "validates X-Twilio-Signature; unset = development mode"
+    )
+    openai_api_key: str | None = _env_field("OPENAI_API_KEY", None, "required for provider openai")
+    openai_realtime_url: str = _env_field(
+        "OPENAI_REALTIME_URL", "wss://api.openai.com/v1/realtime", "override for Azure, proxies and tests"
+    )
+    openai_realtime_model: str = _env_field("OPENAI_REALTIME_MODEL", "gpt-realtime", "model query parameter")
+    openai_voice: str = _env_field("OPENAI_VOICE", "marin", "output voice")
+    openai_audio: str = _env_field(
+        "OPENAI_AUDIO_FORMAT", "pcmu", "pcmu (µ-law passthrough) | pcm24k (24 kHz PCM16 through the resampler)"
+    )
+    openai_turn_detection: str = _env_field("OPENAI_TURN_DETECTION", "server_vad", "server_vad | semantic_vad")
+    agent_instructions: str = _env_field(
+        "AGENT_INSTRUCTIONS",
+        "You are a helpful, concise voice assistant on a phone call. Keep answers short.",
+        "system instructions for the agent",
+    )
+    agent_greeting: str | None = _env_field("AGENT_GREETING", None, "what the agent says first (optional)")
+    stream_timeout_s: float = _env_field(
+        "MEDIASERVER_STREAM_TIMEOUT_S", 15.0, "close a pre-opened model session if no stream arrives"
+    )
+    idle_timeout_s: float = _env_field("MEDIASERVER_IDLE_TIMEOUT_S", 30.0, "end a call when Twilio sends nothing")
+    max_call_s: float = _env_field("MEDIASERVER_MAX_CALL_S", 3600.0, "hard limit on a call's length")
+    connect_timeout_s: float = _env_field("MEDIASERVER_CONNECT_TIMEOUT_S", 10.0, "model WebSocket connect limit")
+    drain_s: float = _env_field("MEDIASERVER_DRAIN_S", 10.0, "graceful shutdown: how long live calls may finish")
+    log_level: str = _env_field("MEDIASERVER_LOG_LEVEL", "INFO", "DEBUG | INFO | WARNING | ERROR")
+
+    @property
+    def development_mode(self) -> bool:
+        """No Twilio auth token: webhooks and streams are not authenticated."""
+        return not self.twilio_auth_token
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build from ``environ`` (default ``os.environ``), then apply non-None overrides."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, f.metadata["env"], raw, f.default)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"MEDIASERVER_PROVIDER must be one of {', '.join(PROVIDERS)}, not {self.provider!r}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"MEDIASERVER_PORT must be 1-65535, not {self.port}")
+        if self.provider == "openai" and not self.openai_api_key:
+            raise ConfigError("MEDIASERVER_PROVIDER=openai needs OPENAI_API_KEY")
+        if self.openai_audio not in ("pcmu", "pcm24k"):
+            raise ConfigError(f"OPENAI_AUDIO_FORMAT must be pcmu or pcm24k, not {self.openai_audio!r}")
+        if self.openai_turn_detection not in ("server_vad", "semantic_vad"):
+            raise ConfigError(
+                f"OPENAI_TURN_DETECTION must be server_vad or semantic_vad, not {self.openai_turn_detection!r}"
+            )
+        if self.public_url is not None and not self.public_url.startswith(("https://", "http://")):
+            raise ConfigError(f"MEDIASERVER_PUBLIC_URL must start with https:// (got {self.public_url!r})")
+        for name in ("stream_timeout_s", "idle_timeout_s", "max_call_s", "connect_timeout_s", "drain_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_env_name(name)} must be positive")
+        return self
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes).validated()
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, meaning) for every setting, for docs and --help."""
+        return [(f.metadata["env"], repr(f.default), f.metadata["doc"]) for f in fields(cls)]
+
+
+def _env_name(attr: str) -> str:
+    return next(f.metadata["env"] for f in fields(Settings) if f.name == attr)
+
+
+def _parse(name: str, env: str, raw: str, default: Any) -> Any:
+    kind = type(default)
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{env} must be a number, not {raw!r}") from None
+    return raw.strip()
+
+
+def load_dotenv_file(path: str | os.PathLike[str] = ".env") -> bool:
+    """Load ``KEY=value`` lines into ``os.environ`` without overriding what is set."""
+    if not Path(path).is_file():
+        return False
+    from dotenv import load_dotenv
+
+    return bool(load_dotenv(path, override=False))

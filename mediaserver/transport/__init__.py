@@ -1,0 +1,1 @@
+"""I/O adapters: the Twilio WebSocket (via Quart) and provider WebSockets (trio-websocket)."""
