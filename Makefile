@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NATIVE := $(wildcard native/*.pyx native/*.pxd native/*.pxi)
 
-.PHONY: setup build test bench bench-codecs clean
+.PHONY: setup build run test bench bench-codecs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ setup: $(STAMP)
 # Incremental rebuild of the kernels after editing native/.
 build: setup
 	$(PY) setup.py --quiet build_ext --inplace -j 2
+
+# Start the server on its built-in defaults: echo agent, port 8080, no keys.
+run: build
+	$(VENV)/bin/mediaserver serve
 
 test: build
 	$(PY) -m pytest -q

@@ -1,0 +1,61 @@
+"""Settings: environment parsing, CLI overrides, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from mediaserver.__main__ import main
+from mediaserver.config import ConfigError, Settings
+
+
+def test_config_defaults_need_no_keys() -> None:
+    s = Settings.from_env({})
+    assert (s.provider, s.port, s.host, s.development_mode) == ("echo", 8080, "0.0.0.0", True)
+    assert s.openai_realtime_url == "wss://api.openai.com/v1/realtime"
+
+
+def test_config_reads_environment_and_overrides_win() -> None:
+    env = {
+        "MEDIASERVER_PROVIDER": "openai",
+        "OPENAI_API_KEY": "sk-test",
+        "MEDIASERVER_PORT": "9000",
+        "TWILIO_AUTH_TOKEN": "secret",
+        "MEDIASERVER_STREAM_TIMEOUT_S": "2.5",
+        "OPENAI_AUDIO_FORMAT": "pcm24k",
+    }
+    s = Settings.from_env(env, port=9100)
+    assert (s.provider, s.openai_api_key, s.port, s.stream_timeout_s) == ("openai", "sk-test", 9100, 2.5)
+    assert s.openai_audio == "pcm24k" and not s.development_mode
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MEDIASERVER_PROVIDER": "openai"}, "needs OPENAI_API_KEY"),
+        ({"MEDIASERVER_PROVIDER": "nope"}, "MEDIASERVER_PROVIDER must be one of"),
+        ({"MEDIASERVER_PORT": "eighty"}, "MEDIASERVER_PORT must be a number"),
+        ({"MEDIASERVER_PORT": "70000"}, "MEDIASERVER_PORT must be 1-65535"),
+        ({"MEDIASERVER_IDLE_TIMEOUT_S": "0"}, "MEDIASERVER_IDLE_TIMEOUT_S must be positive"),
+        ({"OPENAI_AUDIO_FORMAT": "pcm16"}, "OPENAI_AUDIO_FORMAT must be pcmu or pcm24k"),
+        ({"MEDIASERVER_PUBLIC_URL": "example.com"}, "MEDIASERVER_PUBLIC_URL must start with https://"),
+    ],
+)
+def test_config_bad_values_raise_naming_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_config_cli_reports_a_missing_key_before_starting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: object
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("MEDIASERVER_PROVIDER", "openai")
+    assert main(["serve", "--env-file", "/nonexistent/.env"]) == 2
+    assert "needs OPENAI_API_KEY" in capsys.readouterr().err
+
+
+def test_config_settings_command_lists_every_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["settings"]) == 0
+    out = capsys.readouterr().out
+    for env, _, _ in Settings.describe():
+        assert env in out
