@@ -1,0 +1,386 @@
+"""Sans-I/O security building blocks for the HTTP side: signatures, public URLs, stream tokens.
+
+Nothing here does I/O, reads a clock or imports the web framework; the app
+passes in what it read from the request (and ``trio.current_time()``).
+
+Twilio request signatures (``X-Twilio-Signature``)
+--------------------------------------------------
+Mirrors ``twilio.request_validator.RequestValidator`` (twilio-python 9.x):
+
+* the signed string is the full URL Twilio requested (query string included),
+  then, for each POST parameter name in ``sorted()`` order, for each of its
+  *distinct* values in ``sorted()`` order, ``name + value``;
+* the signature is ``base64(HMAC-SHA1(auth_token, signed_string))`` (UTF-8);
+* validation accepts the URL with the port removed *or* with the scheme's
+  default port added, because Twilio's signing "is inconsistent" about ports
+  (twilio-python comment).  We add ``:443`` for ``https`` *and* ``wss`` and
+  ``:80`` for ``http``/``ws``; twilio-python adds ``:80`` to every
+  non-``https`` scheme, which is useless for ``wss`` upgrade URLs;
+* JSON bodies: Twilio puts ``bodySHA256=<hex sha256 of the raw body>`` in the
+  query string and signs the URL with no parameters
+  (:func:`validate_body_signature`).
+
+A WebSocket upgrade is signed over the ``wss://`` URL written in the TwiML,
+with no parameters: see :func:`upgrade_signature_url`.
+
+Public URLs
+-----------
+Signatures cover the URL *Twilio* used, not the one the server sees behind a
+TLS terminator or tunnel.  :func:`public_url` takes, in order: the configured
+``MEDIASERVER_PUBLIC_URL`` base, else ``X-Forwarded-Proto``/``X-Forwarded-Host``
+(first value of a comma list), else ``Host``.  Forwarded headers are
+client-controlled unless a proxy sets them, so production should configure
+the public URL.
+
+One-time stream tokens
+----------------------
+:class:`CallTokens` issues a random token per answered call, to be put in the
+TwiML ``<Parameter>`` and checked in the stream's ``start.customParameters``.
+Tokens are single-use, expire, and the table is bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, cast
+from urllib.parse import SplitResult, parse_qs, urlsplit
+
+__all__ = [
+    "MEDIA_STREAM_PATH",
+    "SIGNATURE_HEADER",
+    "CallTokens",
+    "HeaderSource",
+    "body_sha256",
+    "compute_signature",
+    "public_url",
+    "stream_url",
+    "upgrade_signature_url",
+    "validate_body_signature",
+    "validate_signature",
+]
+
+# Header Twilio signs webhooks and Media Streams upgrades with (twilio-python
+# request_validator.SIGNATURE_HEADER; arrives lower-case on the WS upgrade).
+SIGNATURE_HEADER = "X-Twilio-Signature"
+
+# Route of the Media Streams WebSocket (the <Stream url> path).
+MEDIA_STREAM_PATH = "/media-stream"
+
+# Ports twilio-python's validator adds when the URL has none (add_port): 443
+# for https, 80 otherwise.  We also map the WebSocket schemes to their TLS /
+# plain default ports, which is what a wss URL "with the port" would carry.
+_DEFAULT_PORTS = {"https": 443, "wss": 443, "http": 80, "ws": 80}
+
+# X-Forwarded-Proto / request scheme -> HTTP scheme of the public URL.
+# Proxies report a WebSocket upgrade as either http(s) or ws(s).
+_HTTP_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
+_WS_SCHEMES = {"http": "ws", "https": "wss"}
+
+# Host[:port] as it may appear in Host / X-Forwarded-Host: an RFC 3986
+# reg-name (letters, digits, "-._~", no percent-encoding) or a bracketed IPv6
+# literal, then an optional numeric port.  Anything else (paths, "@", spaces)
+# would change the URL's structure, so it is refused.
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+# --------------------------------------------------------------------------
+# Signatures
+
+
+def compute_signature(auth_token: str, url: str, params: Mapping[str, str | Sequence[str]]) -> str:
+    """``X-Twilio-Signature`` for a request to ``url`` with POST ``params``.
+
+    ``params`` maps each name to a value or a sequence of values.  A werkzeug
+    ``MultiDict`` (Quart's ``request.form``) is read with ``getlist`` so that
+    repeated fields are not truncated to their first value.  Distinct values
+    are signed once each, as twilio-python does (``sorted(set(values))``).
+    For GET webhooks and WebSocket upgrades pass ``{}``: the parameters are
+    already in the URL.
+    """
+    if not auth_token:
+        raise ValueError("auth_token is empty: without a token there is nothing to sign with")
+    parts = [url]
+    for name in sorted(set(params)):
+        for value in sorted(set(_values(params, name))):
+            parts.append(name + value)
+    mac = hmac.new(auth_token.encode("utf-8"), "".join(parts).encode("utf-8"), hashlib.sha1)
+    return base64.b64encode(mac.digest()).decode("ascii")
+
+
+def validate_signature(
+    auth_token: str,
+    url: str,
+    params: Mapping[str, str | Sequence[str]],
+    signature: str | None,
+) -> bool:
+    """Whether ``signature`` is Twilio's signature of ``url`` + ``params``.
+
+    ``url`` is the exact public URL (see :func:`public_url`); it is also tried
+    without its port and with the scheme's default port.  A missing or empty
+    ``signature`` is rejected.  Comparison is constant-time.  Never raises for
+    request-supplied values; raises :class:`ValueError` for an empty token.
+    """
+    if not auth_token:
+        raise ValueError("auth_token is empty: check development mode before validating")
+    if not signature:
+        return False
+    candidates = _url_variants(url)
+    try:
+        return any(_matches(compute_signature(auth_token, candidate, params), signature) for candidate in candidates)
+    except UnicodeEncodeError:  # lone surrogates in url or params: nothing Twilio could have signed
+        return False
+
+
+def body_sha256(body: bytes | str) -> str:
+    """Lower-case hex SHA-256 of a raw request body (``str`` is UTF-8 encoded)."""
+    raw = body.encode("utf-8") if isinstance(body, str) else body
+    return hashlib.sha256(raw).hexdigest()
+
+
+def validate_body_signature(auth_token: str, url: str, body: bytes | str, signature: str | None) -> bool:
+    """Validate a JSON-body request: Twilio's ``bodySHA256`` variant.
+
+    ``url`` must carry ``bodySHA256`` in its query string; it must equal the
+    SHA-256 of the *raw* ``body`` (do not re-serialise parsed JSON), and the
+    signature must match ``url`` with no parameters.  Without ``bodySHA256``
+    the body is unauthenticated, so the request is rejected (twilio-python
+    would instead sign the body string as if it were a form; see
+    twilio/twilio-python#885).
+    """
+    try:
+        declared = parse_qs(urlsplit(url).query).get("bodySHA256")
+    except ValueError:
+        return False
+    if not declared:
+        return False
+    try:
+        body_ok = _matches(body_sha256(body), declared[0])
+    except UnicodeEncodeError:  # a str body with lone surrogates was not what Twilio sent
+        return False
+    return validate_signature(auth_token, url, {}, signature) and body_ok
+
+
+def _values(params: Mapping[str, str | Sequence[str]], name: str) -> Sequence[str]:
+    getlist = getattr(params, "getlist", None)
+    if callable(getlist):  # werkzeug MultiDict: params[name] is only the first value
+        return cast("Sequence[str]", getlist(name))
+    value = params[name]
+    if isinstance(value, str):
+        return (value,)
+    return value
+
+
+def _matches(computed: str, given: str) -> bool:
+    # compare_digest refuses non-ASCII str; bytes keep it constant-time and total.
+    return hmac.compare_digest(computed.encode("utf-8"), given.encode("utf-8", "surrogatepass"))
+
+
+def _url_variants(url: str) -> tuple[str, ...]:
+    """``url`` as given, without its port, and with the scheme's default port."""
+    variants = [url]
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # bad IPv6 literal, non-numeric or out-of-range port: only the literal URL
+        return tuple(variants)
+    if port is not None:
+        variants.append(parts.geturl())
+        variants.append(parts._replace(netloc=parts.netloc.rpartition(":")[0]).geturl())
+    else:
+        variants.append(parts.geturl())
+        default_port = _DEFAULT_PORTS.get(parts.scheme)
+        if default_port is not None and parts.netloc:
+            variants.append(parts._replace(netloc=f"{parts.netloc}:{default_port}").geturl())
+    return tuple(dict.fromkeys(variants))
+
+
+# --------------------------------------------------------------------------
+# Public URLs
+
+
+class HeaderSource(Protocol):
+    """Anything with ``items()`` of header name/value pairs: a dict, Quart's ``Headers``."""
+
+    def items(self) -> Iterable[tuple[str, str]]: ...
+
+
+def public_url(
+    path: str,
+    *,
+    configured: str | None,
+    scheme: str,
+    host: str,
+    headers: HeaderSource,
+    query: str | bytes = "",
+) -> str:
+    """The ``http(s)://`` URL Twilio requested for ``path`` (plus ``?query`` if any).
+
+    ``path`` is the route as the server saw it, starting with ``/``; pass the
+    raw (still percent-encoded) path when it may contain escapes.
+    ``configured`` is ``MEDIASERVER_PUBLIC_URL`` (``https://host[:port][/prefix]``)
+    and wins when set; the prefix is prepended to ``path``.  Otherwise the
+    scheme comes from ``X-Forwarded-Proto`` or ``scheme`` (``ws``/``wss`` map
+    to ``http``/``https``), and the host from ``X-Forwarded-Host``, ``Host`` or
+    ``host``, in that order; comma lists use their first value.
+
+    Raises :class:`ValueError` for a malformed configured URL, scheme or host
+    (for header-supplied values the app should answer 400).
+    """
+    if not path.startswith("/"):
+        raise ValueError(f"path must start with '/', not {path!r}")
+    if configured is not None:
+        base = _configured_base(configured)
+        url = base.scheme + "://" + base.netloc + base.path.rstrip("/") + path
+    else:
+        forwarded_proto = _first(headers, "x-forwarded-proto")
+        proto = forwarded_proto if forwarded_proto is not None else scheme
+        http_scheme = _HTTP_SCHEMES.get(proto.strip().lower())
+        if http_scheme is None:
+            raise ValueError(f"unsupported request scheme {proto!r}")
+        netloc = _first(headers, "x-forwarded-host") or _first(headers, "host") or host
+        if not _HOST_RE.fullmatch(netloc):
+            raise ValueError(f"malformed host {netloc!r}")
+        url = http_scheme + "://" + netloc + path
+    query_text = query.decode("utf-8", "replace") if isinstance(query, bytes) else query
+    return url + "?" + query_text if query_text else url
+
+
+def stream_url(
+    path: str = MEDIA_STREAM_PATH,
+    *,
+    configured: str | None,
+    scheme: str,
+    host: str,
+    headers: HeaderSource,
+) -> str:
+    """The ``ws(s)://`` URL of the Media Streams route, for ``<Stream url>``.
+
+    Same host resolution as :func:`public_url` (call it with the *webhook*
+    request's values); ``https`` becomes ``wss`` and ``http`` becomes ``ws``.
+    No query string: Twilio drops it.
+    """
+    return _to_ws(public_url(path, configured=configured, scheme=scheme, host=host, headers=headers))
+
+
+def upgrade_signature_url(
+    path: str,
+    *,
+    configured: str | None,
+    scheme: str,
+    host: str,
+    headers: HeaderSource,
+    query: str | bytes = "",
+) -> str:
+    """The URL a Media Streams WebSocket upgrade's signature is computed over.
+
+    That is the ``wss://`` URL from the TwiML, rebuilt from the upgrade
+    request (a TLS terminator may show it to us as ``ws`` or ``https``).
+    Validate with ``validate_signature(token, url, {}, signature)``: the
+    upgrade is a GET with no body, so there are no parameters.
+    """
+    return _to_ws(public_url(path, configured=configured, scheme=scheme, host=host, headers=headers, query=query))
+
+
+def _to_ws(http_url: str) -> str:
+    scheme, sep, rest = http_url.partition("://")
+    return _WS_SCHEMES[scheme] + sep + rest
+
+
+def _configured_base(configured: str) -> SplitResult:
+    try:
+        base = urlsplit(configured)
+        _ = base.port  # raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ValueError(f"MEDIASERVER_PUBLIC_URL is malformed: {configured!r}") from exc
+    if base.scheme not in ("http", "https") or not base.netloc:
+        raise ValueError(f"MEDIASERVER_PUBLIC_URL must be https://host[:port][/prefix], not {configured!r}")
+    if base.query or base.fragment or "?" in configured or "#" in configured:
+        raise ValueError(f"MEDIASERVER_PUBLIC_URL must not have a query or fragment: {configured!r}")
+    return base
+
+
+def _first(headers: HeaderSource, lower_name: str) -> str | None:
+    """First value of the first ``lower_name`` header, split on commas; None if absent/empty."""
+    for name, value in headers.items():
+        if name.lower() == lower_name:
+            first = value.split(",", 1)[0].strip()
+            return first or None
+    return None
+
+
+# --------------------------------------------------------------------------
+# One-time stream tokens
+
+
+@dataclass(frozen=True, slots=True)
+class _Issued:
+    call_sid: str
+    expires_at: float
+
+
+class CallTokens:
+    """One-time, expiring tokens binding a Media Stream to the call that was answered.
+
+    The webhook calls :meth:`issue` and puts the token in a ``<Parameter>``;
+    the stream handler calls :meth:`redeem` with the token from
+    ``start.customParameters`` and gets the call SID back exactly once.
+
+    A token issued at ``t`` is valid while ``now < t + ttl_s`` and expired from
+    ``t + ttl_s`` on.  At most ``max_entries`` tokens are kept; issuing beyond
+    that evicts the oldest, so a flood of (replayed) webhooks costs bounded
+    memory and at worst fails the oldest pending streams closed.  ``now`` is
+    supplied by the caller (``trio.current_time()``) and must not decrease.
+    """
+
+    # 32 random bytes -> 43 URL-safe characters: unguessable, and far below
+    # Twilio's 500-character limit on a <Parameter> name + value.
+    TOKEN_BYTES = 32
+
+    def __init__(self, ttl_s: float = 60.0, max_entries: int = 10_000) -> None:
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be positive, not {ttl_s!r}")
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, not {max_entries!r}")
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        # Insertion order == issue order == expiry order (constant TTL,
+        # non-decreasing now), so the oldest and the soonest-expired are first.
+        self._tokens: dict[str, _Issued] = {}
+
+    def issue(self, call_sid: str, now: float) -> str:
+        """A fresh token for ``call_sid``, valid until ``now + ttl_s``."""
+        self.prune(now)
+        token = secrets.token_urlsafe(self.TOKEN_BYTES)
+        self._tokens[token] = _Issued(call_sid, now + self.ttl_s)
+        while len(self._tokens) > self.max_entries:
+            del self._tokens[next(iter(self._tokens))]
+        return token
+
+    def redeem(self, token: str, now: float) -> str | None:
+        """The call SID ``token`` was issued for, once; None if unknown, used or expired."""
+        issued = self._tokens.pop(token, None)
+        self.prune(now)
+        if issued is None or now >= issued.expires_at:
+            return None
+        return issued.call_sid
+
+    def prune(self, now: float) -> int:
+        """Drop tokens expired at ``now``; returns how many were dropped."""
+        dropped = 0
+        while self._tokens:
+            oldest = next(iter(self._tokens))
+            if now < self._tokens[oldest].expires_at:
+                break
+            del self._tokens[oldest]
+            dropped += 1
+        return dropped
+
+    def __len__(self) -> int:
+        """Tokens held, including expired ones not yet pruned (see :meth:`prune`)."""
+        return len(self._tokens)
