@@ -1,0 +1,446 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Energy voice activity detector with an adaptive noise floor, hysteresis and echo guard.
+
+One call per frame: ``EnergyVAD.process(frame) -> bool``.  The algorithm, and
+the order of its steps, is specified in ``mediaserver/codec/_reference/vad.py``;
+this kernel reaches the same decision and the same state on every frame
+(integer energies, then the same IEEE double operations in the same order).
+
+Per frame the work is two small ``noexcept nogil`` C functions: the frame
+energy (integer sums over 2.5 ms blocks) and one step of the state machine.
+``process`` touches no Python object besides its argument and allocates
+nothing; it keeps the GIL, since a 20 ms frame costs less than releasing it.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
+from libc.math cimport INFINITY, fabs, log10
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+
+from common cimport load_le16
+
+import math
+import operator
+
+# Constants of the algorithm; see mediaserver/codec/_reference/vad.py, which
+# must use the same values.
+SAMPLE_RATES_HZ = (8000, 16000, 24000, 32000, 48000)
+cdef int BLOCK_DIVISOR = 400          # block = 2.5 ms: the detrending high-pass
+FLOOR_FALL_MS = 20.0                  # time constant towards frames below the floor
+FLOOR_TRACK_MS = 400.0                # time constant towards frames within the margin
+FLOOR_RISE_DB_PER_S = 4.0             # rise under speech-like frames
+cdef double FLOOR_MIN = 1e-10         # -100 dBFS
+WINDOW_MS = 500                       # minimum-statistics sub-window
+SPREAD_MS = 1000.0                    # time constant of the noise spread estimate
+cdef double SPREAD_GAIN = 8.0         # margin >= 1 + SPREAD_GAIN * spread (in power)
+cdef double SPREAD_INIT = 0.3         # a fresh detector starts with a 5.3 dB margin
+MARGIN_CAP_DB = 10.0                  # the spread never asks for more than this
+SPREAD_GAP_MS = 200                   # it learns only this long after the last active frame
+ECHO_RELEASE_DB_PER_S = 150.0         # agent envelope decay after its hold
+cdef double ECHO_ENV_MIN = 1e-12      # -120 dBFS: below, the envelope is 0
+
+cdef enum:
+    WINDOW_COUNT = 4                  # sub-windows: floor >= minimum of the last 2 s
+    MAX_BLOCK = 120                   # 2.5 ms at 48 kHz
+
+cdef enum VadState:
+    QUIET = 0
+    STARTING = 1
+    SPEAKING = 2
+    STOPPING = 3
+
+MAX_MS = 60_000                       # bound for attack, hangover and echo hold
+
+
+ctypedef struct Config:
+    Py_ssize_t frame_samples
+    Py_ssize_t frame_bytes
+    Py_ssize_t block
+    Py_ssize_t blocks
+    int64_t t_sq                      # sum over a block of (2i - (block - 1))^2
+    int64_t block_t_sq                # block * t_sq
+    int16_t weight[MAX_BLOCK]         # 2i - (block - 1): the centred time index
+    double norm                       # energy scale: full-scale square wave = 1
+    double margin                     # the minimum margin
+    double margin_cap
+    double spread_coef
+    double min_e
+    double echo_loss
+    double fall
+    double track
+    double rise
+    double release
+    int attack_frames
+    int hangover_frames
+    int hold_frames
+    int window_frames
+    int gap_frames
+
+
+ctypedef struct State:
+    int state
+    int count
+    double floor                      # < 0: unset
+    double energy                     # last frame; < 0: none yet
+    double threshold                  # last frame's; < 0: none yet
+    double spread                     # mean |e / floor - 1| over quiet frames
+    int inactive                      # consecutive inactive frames, saturating
+    double window[WINDOW_COUNT]
+    int window_index
+    double window_min
+    int window_count
+    double agent                      # agent envelope (energy)
+    int hold                          # frames left before it decays
+
+
+cdef double _frame_energy(const uint8_t* p, const Config* c) noexcept nogil:
+    """Mean power after removing each block's least-squares line; 1.0 = 0 dBFS.
+
+    Per block, r = B*T*sum(x^2) - T*sum(x)^2 - B*sum(t*x)^2 is B*T times the
+    residual energy (t = 2i - (B - 1) is orthogonal to 1).  It is exact in
+    int64 for blocks up to 120 samples (48 kHz); the blocks' values are summed
+    in double, in order.
+    """
+    cdef double acc = 0.0
+    cdef Py_ssize_t b, i
+    cdef Py_ssize_t block = c.block
+    cdef int16_t x
+    cdef int32_t s1, st
+    cdef uint64_t s2
+    cdef int64_t r
+    for b in range(c.blocks):
+        s1 = 0
+        st = 0
+        s2 = 0
+        for i in range(block):
+            x = load_le16(p + 2 * i)
+            s1 += x
+            st += <int32_t>c.weight[i] * x
+            s2 += <uint32_t>(<int32_t>x * x)
+        r = c.block_t_sq * <int64_t>s2 - c.t_sq * (<int64_t>s1 * s1) - block * (<int64_t>st * st)
+        acc += <double>r
+        p += 2 * block
+    return acc * c.norm
+
+
+cdef bint _step(State* s, const Config* c, double e) noexcept nogil:
+    """One frame of the detector; returns ``speaking``.  Mirrors the reference's ``step``."""
+    cdef double margin, used, thr, echo, floor, lowest, x
+    cdef int state, k
+    cdef bint active
+    s.energy = e
+    margin = 1.0 + SPREAD_GAIN * s.spread
+    if margin < c.margin:
+        margin = c.margin
+    if margin > c.margin_cap:
+        margin = c.margin_cap
+    if s.floor < 0.0 and e >= c.min_e:
+        s.floor = e
+    used = s.floor
+    thr = used * margin
+    if thr < c.min_e:
+        thr = c.min_e
+    echo = s.agent * c.echo_loss
+    if thr < echo:
+        thr = echo
+    s.threshold = thr
+
+    state = s.state
+    active = e > thr
+    if active:
+        if state == SPEAKING or state == STOPPING:
+            state = SPEAKING
+        elif state == STARTING:
+            s.count += 1
+            if s.count > c.attack_frames:
+                state = SPEAKING
+        elif c.attack_frames == 0:
+            state = SPEAKING
+        else:
+            state = STARTING
+            s.count = 1
+    elif state == SPEAKING:
+        if c.hangover_frames == 0:
+            state = QUIET
+        else:
+            state = STOPPING
+            s.count = 1
+    elif state == STOPPING:
+        s.count += 1
+        if s.count > c.hangover_frames:
+            state = QUIET
+    elif state == STARTING:
+        state = QUIET
+    s.state = state
+
+    floor = s.floor
+    if floor >= 0.0:
+        if e < floor:
+            floor = floor + c.fall * (e - floor)
+        elif e <= floor * margin:
+            floor = floor + c.track * (e - floor)
+        else:
+            floor = floor * c.rise
+        if floor < FLOOR_MIN:
+            floor = FLOOR_MIN
+
+    if e < s.window_min:
+        s.window_min = e
+    s.window_count += 1
+    if s.window_count == c.window_frames:
+        s.window[s.window_index] = s.window_min
+        s.window_index = (s.window_index + 1) % WINDOW_COUNT
+        s.window_min = INFINITY
+        s.window_count = 0
+        lowest = s.window[0]
+        for k in range(1, WINDOW_COUNT):
+            if s.window[k] < lowest:
+                lowest = s.window[k]
+        if floor >= 0.0 and floor < lowest:
+            floor = lowest
+    s.floor = floor
+
+    if active:
+        s.inactive = 0
+    elif s.inactive <= c.gap_frames:
+        s.inactive += 1
+    if used > 0.0 and s.inactive > c.gap_frames:
+        x = e / used
+        if x <= margin:
+            s.spread = s.spread + c.spread_coef * (fabs(x - 1.0) - s.spread)
+
+    if s.hold > 0:
+        s.hold -= 1
+    else:
+        s.agent = s.agent * c.release
+        if s.agent < ECHO_ENV_MIN:
+            s.agent = 0.0
+    return state >= SPEAKING
+
+
+cdef void _raise_agent(State* s, double e, int frames, int hold_frames) noexcept nogil:
+    if e >= s.agent:
+        s.agent = e
+        s.hold = hold_frames + frames - 1
+
+
+cdef inline object _dbfs(double e):
+    if e < 0.0:
+        return None
+    if e == 0.0:
+        return -math.inf
+    return 10.0 * log10(e)
+
+
+def _ms(name, value):
+    v = operator.index(value)
+    if not 0 <= v <= MAX_MS:
+        raise ValueError(f"{name} must be between 0 and {MAX_MS} ms, got {v}")
+    return v
+
+
+def _db(name, value, low, high):
+    v = float(value)
+    if not (math.isfinite(v) and low <= v <= high):
+        raise ValueError(f"{name} must be a finite number from {low:g} to {high:g} dB, got {value!r}")
+    return v
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+@cython.auto_pickle(False)
+@cython.final
+cdef class EnergyVAD:
+    """Energy voice activity detector for PCM16 frames (signed 16-bit little-endian, mono).
+
+    ``EnergyVAD(sample_rate=8000, frame_ms=20, *, attack_ms=0, hangover_ms=160,
+    margin_db=4.0, min_level_dbfs=-55.0, echo_return_loss_db=20.0,
+    echo_hold_ms=400)``
+
+    * A frame is *active* when its level (after a 350 Hz high-pass) exceeds
+      the noise floor by ``margin_db`` (more in noise whose level swings, up
+      to 10 dB), exceeds ``min_level_dbfs``, and exceeds the agent's recent
+      level minus ``echo_return_loss_db``.
+    * ``speaking`` turns True after ``attack_ms`` of consecutive active frames
+      (0: on the first one) and turns False after ``hangover_ms`` of inactive
+      frames; both are rounded up to whole frames.
+    * The noise floor adapts by itself: fast down, slowly up under speech,
+      never below the quietest frame of the last 2 s.
+    * Echo guard: call ``observe_agent(pcm)`` with each chunk of agent audio as
+      it is sent to the caller (or ``observe_agent_level(dbfs)``).  For that
+      audio's duration plus ``echo_hold_ms``, quieter input is not speech.
+
+    Levels are in dBFS relative to a full-scale square wave (a full-scale sine
+    is -3 dBFS).  No clock is read: time advances by one frame per ``process``.
+    """
+
+    cdef Config c
+    cdef State s
+    cdef readonly int sample_rate
+    cdef readonly int frame_ms
+
+    def __init__(self, sample_rate=8000, frame_ms=20, *, attack_ms=0, hangover_ms=160,
+                 margin_db=4.0, min_level_dbfs=-55.0, echo_return_loss_db=20.0, echo_hold_ms=400):
+        rate = operator.index(sample_rate)
+        if rate not in SAMPLE_RATES_HZ:
+            raise ValueError(f"sample_rate must be one of {', '.join(map(str, SAMPLE_RATES_HZ))} Hz, got {rate}")
+        fms = operator.index(frame_ms)
+        if not (5 <= fms <= 100 and fms % 5 == 0):
+            raise ValueError(f"frame_ms must be a multiple of 5 from 5 to 100, got {fms}")
+        attack = _ms("attack_ms", attack_ms)
+        hangover = _ms("hangover_ms", hangover_ms)
+        hold = _ms("echo_hold_ms", echo_hold_ms)
+        margin = _db("margin_db", margin_db, 0.5, 40.0)
+        min_level = _db("min_level_dbfs", min_level_dbfs, -100.0, 0.0)
+        erl = _db("echo_return_loss_db", echo_return_loss_db, 0.0, 100.0)
+
+        # The derived constants, by the reference's formulas, in Python floats.
+        n = rate * fms // 1000
+        block = rate // BLOCK_DIVISOR
+        t_sq = block * (block * block - 1) // 3
+        self.c.frame_samples = n
+        self.c.frame_bytes = 2 * n
+        self.c.block = block
+        self.c.blocks = n // block
+        self.c.t_sq = t_sq
+        self.c.block_t_sq = block * t_sq
+        for i in range(block):
+            self.c.weight[i] = 2 * i - (block - 1)
+        self.c.norm = 1.0 / (block * t_sq * n * (1 << 30))
+        self.c.margin = 10.0 ** (margin / 10.0)
+        self.c.margin_cap = max(10.0 ** (MARGIN_CAP_DB / 10.0), self.c.margin)
+        self.c.spread_coef = 1.0 - math.exp(-fms / SPREAD_MS)
+        self.c.min_e = 10.0 ** (min_level / 10.0)
+        self.c.echo_loss = 10.0 ** (-erl / 10.0)
+        self.c.fall = 1.0 - math.exp(-fms / FLOOR_FALL_MS)
+        self.c.track = 1.0 - math.exp(-fms / FLOOR_TRACK_MS)
+        self.c.rise = 10.0 ** (FLOOR_RISE_DB_PER_S * fms / 10000.0)
+        self.c.release = 10.0 ** (-ECHO_RELEASE_DB_PER_S * fms / 10000.0)
+        self.c.attack_frames = _ceil_div(attack, fms)
+        self.c.hangover_frames = _ceil_div(hangover, fms)
+        self.c.hold_frames = _ceil_div(hold, fms)
+        self.c.window_frames = _ceil_div(WINDOW_MS, fms)
+        self.c.gap_frames = _ceil_div(SPREAD_GAP_MS, fms)
+        self.sample_rate = rate
+        self.frame_ms = fms
+        self.reset()
+
+    def reset(self):
+        """Forget everything heard and observed: back to the state after construction."""
+        cdef int k
+        self.s.state = QUIET
+        self.s.count = 0
+        self.s.floor = -1.0
+        self.s.energy = -1.0
+        self.s.threshold = -1.0
+        self.s.spread = SPREAD_INIT
+        self.s.inactive = 0
+        for k in range(WINDOW_COUNT):
+            self.s.window[k] = 0.0
+        self.s.window_index = 0
+        self.s.window_min = INFINITY
+        self.s.window_count = 0
+        self.s.agent = 0.0
+        self.s.hold = 0
+
+    def process(self, frame, /):
+        """Take one frame (``frame_bytes`` of PCM16 in any buffer); return ``speaking``."""
+        cdef Py_buffer view
+        cdef double e
+        if PyBytes_CheckExact(frame):
+            if PyBytes_GET_SIZE(frame) != self.c.frame_bytes:
+                self._wrong_length(PyBytes_GET_SIZE(frame))
+            e = _frame_energy(<const uint8_t*>PyBytes_AS_STRING(frame), &self.c)
+        else:
+            PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
+            try:
+                if view.len != self.c.frame_bytes:
+                    self._wrong_length(view.len)
+                e = _frame_energy(<const uint8_t*>view.buf, &self.c)
+            finally:
+                PyBuffer_Release(&view)
+        return _step(&self.s, &self.c, e)
+
+    cdef int _wrong_length(self, Py_ssize_t got) except -1:
+        raise ValueError(
+            f"frame must be {self.c.frame_bytes} bytes ({self.c.frame_samples} PCM16 samples, "
+            f"{self.frame_ms} ms at {self.sample_rate} Hz), got {got} bytes"
+        )
+
+    def observe_agent(self, pcm, /):
+        """Note agent audio being sent now: a whole number of frames of PCM16, at this rate.
+
+        Its loudest frame raises the echo threshold for the audio's duration
+        plus ``echo_hold_ms``.
+        """
+        cdef Py_buffer view
+        cdef Py_ssize_t frames, i
+        cdef double e, loudest = 0.0
+        PyObject_GetBuffer(pcm, &view, PyBUF_SIMPLE)
+        try:
+            frames = view.len // self.c.frame_bytes
+            if frames == 0 or view.len % self.c.frame_bytes:
+                raise ValueError(
+                    f"agent audio must be a whole number of {self.c.frame_bytes}-byte frames "
+                    f"({self.frame_ms} ms of PCM16 at {self.sample_rate} Hz), got {view.len} bytes"
+                )
+            for i in range(frames):
+                e = _frame_energy(<const uint8_t*>view.buf + i * self.c.frame_bytes, &self.c)
+                if e > loudest:
+                    loudest = e
+        finally:
+            PyBuffer_Release(&view)
+        _raise_agent(&self.s, loudest, <int>min(frames, MAX_MS), self.c.hold_frames)
+
+    def observe_agent_level(self, dbfs, /):
+        """Like ``observe_agent``, for one frame of agent audio whose level is ``dbfs``."""
+        v = float(dbfs)
+        if math.isnan(v) or v > 20.0:
+            raise ValueError(f"dbfs must be a level of at most 20 dBFS (or -inf), got {dbfs!r}")
+        _raise_agent(&self.s, 10.0 ** (v / 10.0), 1, self.c.hold_frames)
+
+    @property
+    def speaking(self):
+        """True while speech is detected, after attack and hangover."""
+        return self.s.state >= SPEAKING
+
+    @property
+    def level_dbfs(self):
+        """Level of the last frame (after the high-pass); None before the first, -inf for silence."""
+        return _dbfs(self.s.energy)
+
+    @property
+    def noise_floor_dbfs(self):
+        """The noise floor estimate; None until a frame reaches ``min_level_dbfs``."""
+        return _dbfs(self.s.floor)
+
+    @property
+    def threshold_dbfs(self):
+        """The threshold the last frame was compared with (floor, minimum or echo); None before the first."""
+        return _dbfs(self.s.threshold)
+
+    @property
+    def agent_level_dbfs(self):
+        """The held agent level that sets the echo threshold; -inf when none."""
+        return _dbfs(self.s.agent)
+
+    @property
+    def frame_samples(self):
+        return self.c.frame_samples
+
+    @property
+    def frame_bytes(self):
+        return self.c.frame_bytes
+
+    @property
+    def attack_frames(self):
+        """Active frames reported as not speaking before ``speaking`` turns True."""
+        return self.c.attack_frames
+
+    @property
+    def hangover_frames(self):
+        """Inactive frames still reported as speaking before ``speaking`` turns False."""
+        return self.c.hangover_frames
