@@ -95,20 +95,23 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         call_sid = (params.get("CallSid") or [""])[0]
         if not call_sid:
             abort(400, "CallSid missing")
+        try:
+            stream = security.stream_url(
+                MEDIA_STREAM_PATH,
+                configured=settings.public_url,
+                scheme=request.scheme,
+                host=request.host,
+                headers=request.headers,
+            )
+        except ValueError as exc:
+            abort(400, str(exc))
         token = calls.prepare(call_sid)
         if token is None:
             body = twiml.say_and_hangup("Sorry, all our agents are busy. Please call again later.")
-            return Response(body, mimetype="text/xml")
-        stream = security.stream_url(
-            MEDIA_STREAM_PATH,
-            configured=settings.public_url,
-            scheme=request.scheme,
-            host=request.host,
-            headers=request.headers,
-        )
+            return Response(body, content_type=twiml.CONTENT_TYPE)
         body = twiml.connect_stream(stream, {TOKEN_PARAMETER: token, "CallSid": call_sid})
         log.info("call %s: webhook from %s, streaming to %s", call_sid, (params.get("From") or ["?"])[0], stream)
-        return Response(body, mimetype="text/xml")
+        return Response(body, content_type=twiml.CONTENT_TYPE)
 
     @app.post("/call-status")
     async def call_status() -> tuple[str, int]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Awaitable, Callable
+
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
@@ -13,7 +15,7 @@ from mediaserver.bridge.registry import CallManager
 from mediaserver.config import Settings
 from mediaserver.protocol.twilio import DEFAULT_MAX_MESSAGE_BYTES
 
-__all__ = ["serve"]
+__all__ = ["hypercorn_config", "serve", "wait_for_signal"]
 
 log = logging.getLogger("mediaserver")
 
@@ -29,13 +31,28 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
+async def wait_for_signal() -> None:
+    """Return on the first SIGINT or SIGTERM: the default shutdown trigger."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s: draining calls (up to the drain limit), then stopping", signal.Signals(signum).name)
+            return
+
+
 async def serve(
     settings: Settings,
     *,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown_trigger`` returns (default: SIGINT/SIGTERM); reports the bound URLs."""
+    """Serve until ``shutdown_trigger`` returns (default: SIGINT/SIGTERM); reports the bound URLs.
+
+    Shutdown is hypercorn's: stop accepting, give live calls ``drain_s`` to
+    finish, cancel the rest; then the pre-opened model sessions are closed.
+    Cancelling the caller's scope stops everything at once.
+    """
+    if shutdown_trigger is None:
+        shutdown_trigger = wait_for_signal
     calls = CallManager(settings)
     app = create_app(settings, calls)
     config = hypercorn_config(settings)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
+from array import array
 from collections import deque
 
 import trio
@@ -23,6 +25,21 @@ __all__ = ["EchoLink"]
 RATE_HZ = 16000
 FRAME_MS = 20
 FRAME_BYTES = RATE_HZ * FRAME_MS // 1000 * 2
+
+# EnergyVAD leaves its noise floor unset until a frame reaches its minimum
+# level (-55 dBFS by default), so after the digital silence a call starts
+# with, the caller's first word would become the "noise floor" and never be
+# heard.  One frame of a 1 kHz sine at amplitude 100 (about -53.6 dBFS, just
+# above that minimum) seeds the floor as for a quiet line; the VAD's own
+# minimum statistics take over within 2 s on a noisier one.
+def _priming_frame() -> bytes:
+    samples = array("h", (round(100 * math.sin(2 * math.pi * 1000 * n / RATE_HZ)) for n in range(FRAME_BYTES // 2)))
+    if sys.byteorder == "big":
+        samples.byteswap()  # PCM16 is little-endian
+    return samples.tobytes()
+
+
+_PRIMING_FRAME = _priming_frame()
 
 
 class EchoLink:
@@ -41,6 +58,7 @@ class EchoLink:
         hangover_ms: int = 400,
     ) -> None:
         self.vad = EnergyVAD(RATE_HZ, FRAME_MS, attack_ms=40, hangover_ms=hangover_ms)
+        self.vad.process(_PRIMING_FRAME)
         self._max_frames = max_utterance_ms // FRAME_MS
         self._reply_chunk_bytes = reply_chunk_ms * RATE_HZ // 1000 * 2
         self._preroll: deque[bytes] = deque(maxlen=max(preroll_ms // FRAME_MS, 1))

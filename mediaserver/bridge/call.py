@@ -13,7 +13,15 @@ Tasks of a call, all children of :meth:`CallBridge.run`'s nursery:
 
 When any task finishes the call is over and the nursery is cancelled; when
 one fails the failure propagates to the caller of :meth:`run` (the WebSocket
-handler logs it once).  Every write to the Twilio socket happens under one
+handler logs it once).  ``idle_timeout_s`` (nothing from Twilio) and
+``max_call_s`` (the whole call) end the call from inside :meth:`run`.
+
+Barge-in (the provider heard the caller start talking) happens under the
+send lock, in one step: every item that is queued here, buffered at Twilio
+or still being generated is marked interrupted, the queue is emptied, the
+pacer's wait is cancelled, ``clear`` goes out, and each item is truncated at
+what Twilio's mark echoes confirmed the caller heard *before* the clear.
+Late audio of an interrupted item is dropped.  Every write to the Twilio socket happens under one
 lock, together with the core's bookkeeping for it, so the core's idea of
 the wire order is the real one.
 """
@@ -29,7 +37,7 @@ import trio
 from mediaserver.codec import JitterBuffer, Resampler, ulaw_decode, ulaw_encode
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.providers import base as pv
-from mediaserver.protocol.twilio import TwilioStream
+from mediaserver.protocol.twilio import StreamState, TwilioStream
 
 from .link import ProviderClosed, ProviderLink
 from .stats import CallStats
@@ -75,16 +83,20 @@ class CallBridge:
         *,
         call_sid: str,
         idle_timeout_s: float = 30.0,
+        max_call_s: float = 3600.0,
         chunk_ms: int = 40,
         lead_ms: int = 160,
         jitter_depth: int = 2,
     ) -> None:
         if twilio.start is None:
             raise ValueError("the Twilio stream must have started before bridging")
+        if chunk_ms <= 0 or lead_ms < 0:
+            raise ValueError("chunk_ms must be positive and lead_ms non-negative")
         self.stream = stream
         self.twilio = twilio
         self.link = link
         self.idle_timeout_s = idle_timeout_s
+        self.max_call_s = max_call_s
         self.chunk_bytes = chunk_ms * tw.MULAW_SAMPLES_PER_MS
         self.lead_s = lead_ms / 1000
         self.stats = CallStats(call_sid=call_sid, provider=link.name, started_s=trio.current_time())
@@ -110,12 +122,15 @@ class CallBridge:
         if not self._down_pcm and fmt_out.sample_rate_hz != 8000:
             raise ValueError(f"µ-law output at {fmt_out.sample_rate_hz} Hz is not supported")
 
+        # Every write to the Twilio socket, and every change to the queue and
+        # the interrupted set, happens under this lock.
         self._send_lock = trio.StrictFIFOLock()
         self._queue: deque[_Chunk] = deque()
         self._queued = trio.Event()
         self._pending = bytearray()  # downlink µ-law not yet a whole chunk
         self._pending_item: str | None = None
         self._pending_s = 0.0
+        self._generating: dict[str, None] = {}  # items with audio arriving (no AudioDone yet), oldest first
         self._interrupted: set[str] = set()
         self._playing_until_s = 0.0  # when Twilio's buffer runs dry (Trio time)
         self._pacer_wait: trio.CancelScope | None = None
@@ -126,11 +141,14 @@ class CallBridge:
     async def run(self) -> CallStats:
         """Bridge until the call ends; returns the call's statistics."""
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._twilio_reader)
-                nursery.start_soon(self._provider_reader)
-                nursery.start_soon(self._pacer)
+            with trio.move_on_after(self.max_call_s) as limit:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._twilio_reader)
+                    nursery.start_soon(self._provider_reader)
+                    nursery.start_soon(self._pacer)
+            if limit.cancelled_caught:
+                self._end(f"maximum call length {self.max_call_s:g} s")
         finally:
             self._nursery = None
         return self.stats
@@ -142,7 +160,11 @@ class CallBridge:
             self._nursery.cancel_scope.cancel()
 
     async def _send_twilio(self, command: tw.TwilioCommand) -> None:
-        # caller holds _send_lock
+        # caller holds _send_lock.  After ``stop`` the call is being torn down
+        # (the nursery is cancelled); a task that resumes before noticing
+        # must not feed the core a command it would refuse.
+        if self.twilio.state is not StreamState.STREAMING:
+            return
         await self.stream.send(self.twilio.send(command))
 
     # -- uplink ----------------------------------------------------------------
@@ -171,7 +193,9 @@ class CallBridge:
                         return
                     elif isinstance(event, tw.Dtmf):
                         log.info("call %s: DTMF %s", stats.call_sid, event.digit)
-                    # Mark: the core did the accounting; Unknown: logged by the core's caller
+                    elif isinstance(event, tw.Unknown):
+                        log.debug("call %s: ignored Twilio event %r", stats.call_sid, event.event)
+                    # Mark: the core did the playback accounting
         self._end(f"idle: nothing from Twilio for {self.idle_timeout_s:g} s")
 
     async def _uplink(self, frame: bytes) -> None:
@@ -179,6 +203,8 @@ class CallBridge:
             frame = ulaw_decode(frame)
             if self._up_resampler is not None:
                 frame = self._up_resampler.process(frame)
+                if not frame:
+                    return
         await self.link.send(pv.SendAudio(frame))
         self.stats.frames_to_model += 1
 
@@ -194,9 +220,12 @@ class CallBridge:
                 return
             if isinstance(event, pv.AudioDelta):
                 if event.item_id not in self._interrupted:
+                    self._generating[event.item_id] = None
                     self._downlink(event.item_id, event.payload)
             elif isinstance(event, pv.AudioDone):
-                self._flush_pending(event.item_id)
+                self._generating.pop(event.item_id, None)
+                if event.item_id not in self._interrupted:
+                    self._flush_pending(event.item_id)
             elif isinstance(event, pv.SpeechStarted):
                 await self._barge_in()
             elif isinstance(event, pv.ProviderError):
@@ -222,6 +251,8 @@ class CallBridge:
         if self._pending_item != item:
             self._flush_pending(self._pending_item)
             self._pending_item = item
+        if not payload:
+            return
         if not self._pending:
             self._pending_s = now
         self._pending += payload
@@ -241,6 +272,7 @@ class CallBridge:
             self._queued.set()
 
     async def _pacer(self) -> None:
+        """Send queued chunks, each ``lead_s`` before Twilio will start playing it."""
         stats = self.stats
         while True:
             if not self._queue:
@@ -256,10 +288,13 @@ class CallBridge:
                     await trio.sleep_until(slot_s)
                 self._pacer_wait = None
                 continue  # re-check: a barge-in may have emptied the queue
-            chunk = self._queue.popleft()
             async with self._send_lock:
-                if chunk.item in self._interrupted:
+                # Take the chunk only once the lock is held: a barge-in that
+                # held the lock meanwhile has emptied the queue, and a chunk
+                # popped before it would otherwise slip out after its clear.
+                if not self._queue:
                     continue
+                chunk = self._queue.popleft()
                 await self._send_twilio(tw.SendAudio(chunk.payload, item=chunk.item))
                 await self._send_twilio(tw.SendMark())
             sent_s = trio.current_time()
@@ -267,29 +302,45 @@ class CallBridge:
             # bridge-added latency: from when the audio arrived, or when the
             # lead allowed it out, to when it was on Twilio's socket
             stats.downlink.add(sent_s - max(chunk.received_s, slot_s))
-            self._playing_until_s += len(chunk.payload) / (tw.MULAW_SAMPLES_PER_MS * 1000)
+            self._playing_until_s = max(self._playing_until_s, now) + len(chunk.payload) / (
+                tw.MULAW_SAMPLES_PER_MS * 1000
+            )
 
     async def _barge_in(self) -> None:
         """The caller started talking: stop the agent now, cut its reply at what was heard."""
-        queued_items = {chunk.item for chunk in self._queue}
-        if self._pending_item is not None and self._pending:
-            queued_items.add(self._pending_item)
         async with self._send_lock:
-            items = set(self.twilio.items_in_flight()) | queued_items
+            items: dict[str, None] = {}
+            for item in self.twilio.items_in_flight():  # buffered at Twilio
+                items[item] = None
+            for chunk in self._queue:  # queued here
+                items[chunk.item] = None
+            if self._pending_item is not None and self._pending:
+                items[self._pending_item] = None
+            for item in self._generating:  # still arriving from the provider
+                if item not in self._interrupted:
+                    items[item] = None
             talking = bool(items) or self.twilio.unconfirmed_samples > 0
             self._queue.clear()
             self._pending.clear()
-            self._interrupted |= items
+            self._interrupted.update(items)
+            self._generating.clear()
             if self._pacer_wait is not None:
                 self._pacer_wait.cancel()
-            if talking:
-                await self._send_twilio(tw.ClearAudio())
+            if not talking:
+                return
+            if self._down_resampler is not None:
+                self._down_resampler.reset()  # no tail of the cut reply in the next one
+            await self._send_twilio(tw.ClearAudio())
             self._playing_until_s = trio.current_time()
-        if not talking:
-            return
+            # What the caller heard of each item is final now: echoes that
+            # arrive from here on are for cleared marks.
+            heard = [(item, self.twilio.playback(item).played_ms) for item in items]
         self.stats.barge_ins += 1
-        for item in sorted(items):
-            heard_ms = self.twilio.playback(item).played_ms
+        for item, heard_ms in heard:
             await self.link.send(pv.Truncate(item, heard_ms))
             self.stats.truncations += 1
-        log.info("call %s: barge-in, cleared %s", self.stats.call_sid, ", ".join(sorted(items)) or "nothing")
+        log.info(
+            "call %s: barge-in, cut %s",
+            self.stats.call_sid,
+            ", ".join(f"{item} at {ms} ms" for item, ms in heard),
+        )

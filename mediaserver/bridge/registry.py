@@ -64,7 +64,8 @@ class CallManager:
 
     @property
     def pending(self) -> int:
-        return len(self._slots)
+        """Pre-opened sessions still waiting for their media stream."""
+        return sum(1 for slot in self._slots.values() if slot.error is None and not slot.claimed.is_set())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery of pre-opened sessions until cancelled."""
@@ -84,26 +85,45 @@ class CallManager:
         return token
 
     async def _preopen(self, token: str, slot: _Slot) -> None:
+        # Runs in the manager's nursery, next to every other pending call: it
+        # must never raise, or one bad session would take the server down.
+        deadline = trio.current_time() + self.settings.stream_timeout_s
         try:
-            async with self._open_link(self.settings) as link:
-                slot.link = link
+            try:
+                async with self._open_link(self.settings) as link:
+                    slot.link = link
+                    slot.ready.set()
+                    with trio.move_on_at(deadline):
+                        await slot.claimed.wait()
+                    if not slot.claimed.is_set():
+                        log.warning(
+                            "call %s: no media stream within %g s; closed the %s session",
+                            slot.call_sid,
+                            self.settings.stream_timeout_s,
+                            link.name,
+                        )
+                        return
+                    await slot.released.wait()
+            except* ProviderClosed as group:
+                reason = _reason(group)
+                slot.error = reason
+                if slot.link is None:
+                    log.error("call %s: could not open the model session: %s", slot.call_sid, reason)
+                else:
+                    log.warning("call %s: model session ended: %s", slot.call_sid, reason)
+            except* Exception as group:  # a bug or an unexpected transport error: this call only
+                slot.error = repr(group.exceptions[0])
+                log.error("call %s: model session failed", slot.call_sid, exc_info=group)
+            finally:
+                slot.link = None  # closed now; a late claimer sees "no model session"
                 slot.ready.set()
-                with trio.move_on_after(self.settings.stream_timeout_s):
+            if slot.error is not None and not slot.claimed.is_set():
+                # Keep the slot for the stream, so that it is hung up with the
+                # reason rather than refused (or, in development mode, given a
+                # second session that would fail the same way).
+                with trio.move_on_at(deadline):
                     await slot.claimed.wait()
-                if not slot.claimed.is_set():
-                    log.warning(
-                        "call %s: no media stream within %g s; closed the %s session",
-                        slot.call_sid,
-                        self.settings.stream_timeout_s,
-                        link.name,
-                    )
-                    return
-                await slot.released.wait()
-        except ProviderClosed as exc:
-            slot.error = exc.reason
-            log.error("call %s: could not open the model session: %s", slot.call_sid, exc.reason)
         finally:
-            slot.ready.set()
             self._slots.pop(token, None)
 
     async def handle_stream(self, stream: MessageStream) -> None:
@@ -134,8 +154,10 @@ class CallManager:
         try:
             async with self._open_link(self.settings) as link:
                 await self._bridge(stream, twilio, start, link)
-        except ProviderClosed as exc:
-            log.error("call %s: could not open the model session: %s", start.call_sid, exc.reason)
+        except* ProviderClosed as group:
+            log.error("call %s: could not open the model session: %s", start.call_sid, _reason(group))
+        except* Exception as group:
+            log.error("call %s: model session failed", start.call_sid, exc_info=group)
 
     async def _read_start(self, stream: MessageStream, twilio: TwilioStream) -> tw.Start | None:
         with trio.move_on_after(START_TIMEOUT_S):
@@ -156,20 +178,30 @@ class CallManager:
 
     async def _bridge(self, stream: MessageStream, twilio: TwilioStream, start: tw.Start, link: ProviderLink) -> None:
         s = self.settings
-        bridge = CallBridge(stream, twilio, link, call_sid=start.call_sid, idle_timeout_s=s.idle_timeout_s)
+        bridge = CallBridge(
+            stream, twilio, link, call_sid=start.call_sid, idle_timeout_s=s.idle_timeout_s, max_call_s=s.max_call_s
+        )
         self.active += 1
         log.info("call %s: started, stream %s, provider %s", start.call_sid, start.stream_sid, link.name)
+
+        def ended(reason: str) -> None:
+            if bridge.end_reason == "running":
+                bridge.end_reason = reason
+
+        # The call boundary: whatever ends this call is logged once, below,
+        # and goes no further (other calls and the server are unaffected).
+        # Cancellation (hang-up seen by Quart, server shutdown) passes through.
         try:
-            with trio.move_on_after(s.max_call_s) as limit:
-                await bridge.run()
-            if limit.cancelled_caught:
-                bridge.end_reason = f"maximum call length {s.max_call_s:g} s"
+            await bridge.run()
         except* ProtocolError as group:
-            bridge.end_reason = f"protocol error: {group.exceptions[0]}"
+            ended(f"protocol error: {group.exceptions[0]}")
         except* ProviderClosed as group:
-            bridge.end_reason = f"provider ended: {group.exceptions[0]}"
+            ended(f"provider ended: {group.exceptions[0]}")
         except* StreamClosed:
-            bridge.end_reason = "twilio hung up"
+            ended("twilio hung up")
+        except* Exception as group:
+            ended(f"failed: {group.exceptions[0]!r}")
+            log.error("call %s: failed", start.call_sid, exc_info=group)
         finally:
             self.active -= 1
             self.completed += 1
@@ -192,3 +224,5 @@ class CallManager:
             )
 
 
+def _reason(group: BaseExceptionGroup[ProviderClosed]) -> str:
+    return "; ".join(exc.reason for exc in group.exceptions if isinstance(exc, ProviderClosed)) or str(group)

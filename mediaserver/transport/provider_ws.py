@@ -5,22 +5,37 @@ configuration and hands back a :class:`~mediaserver.bridge.link.ProviderLink`.
 Leaving the ``async with`` block closes the socket: gracefully within
 ``disconnect_timeout_s`` when possible, at once (TCP close) when the call is
 being cancelled.  Either way nothing is left open.
+
+The TCP (or TLS) stream is opened here and handed to trio-websocket's
+``wrap_client_stream``, so this module owns it and closes it on the way out.
+``open_websocket_url`` would own it instead, and trio-websocket 0.12 leaves
+the socket open when the server refuses the upgrade (the reader raises
+``ConnectionRejected`` without closing its stream) and when the *server*
+closes the WebSocket (``aclose`` returns early once a close reason is set).
+
+Failures to connect (timeout, DNS/TCP/TLS error, HTTP refusal) raise
+:class:`~mediaserver.bridge.link.ProviderClosed`.  The link's reader task
+runs in a nursery that encloses the ``async with`` body, so an exception the
+body raises reaches the caller inside an exception group: callers handle it
+with ``except*``.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
+import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
-    ConnectionTimeout,
-    HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
+    wrap_client_stream,
 )
 
 from mediaserver.bridge.link import ProviderClosed
@@ -44,6 +59,10 @@ class WebSocketLink:
         self.session = session
         self._ws = ws
         self._pending: deque[ProviderEvent] = deque()
+        # The uplink and the provider reader both send; one command's
+        # messages (e.g. a tool result and its response.create) stay together
+        # and in the order the core produced them.
+        self._send_lock = trio.StrictFIFOLock()
 
     @property
     def input_format(self) -> AudioFormat:
@@ -61,7 +80,8 @@ class WebSocketLink:
             raise ProviderClosed(f"{self.name} connection closed: {_reason(exc)}") from None
 
     async def send(self, command: ProviderCommand) -> None:
-        await self._send_all(self.session.send(command))
+        async with self._send_lock:
+            await self._send_all(self.session.send(command))
 
     async def receive(self) -> ProviderEvent:
         while not self._pending:
@@ -84,6 +104,33 @@ def _reason(exc: ConnectionClosed) -> str:
     return f"{reason.code} {reason.name} {reason.reason or ''}".strip()
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    host: str
+    port: int
+    tls: bool
+    host_header: str
+    resource: str
+
+    @classmethod
+    def parse(cls, url: str) -> _Target:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"not a ws:// or wss:// URL: {_safe(url)}")
+        tls = parts.scheme == "wss"
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        netloc = parts.netloc.rpartition("@")[2]
+        return cls(parts.hostname, parts.port or (443 if tls else 80), tls, netloc, resource)
+
+
+async def _open_stream(target: _Target) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+    if target.tls:
+        return await trio.open_ssl_over_tcp_stream(
+            target.host, target.port, ssl_context=ssl.create_default_context(), https_compatible=True
+        )
+    return await trio.open_tcp_stream(target.host, target.port)
+
+
 @asynccontextmanager
 async def open_provider_link(
     name: str,
@@ -96,22 +143,54 @@ async def open_provider_link(
 ) -> AsyncIterator[WebSocketLink]:
     """Connect to ``url``, send the session's configuration, yield the link."""
     try:
-        async with open_websocket_url(
-            url,
-            extra_headers=[(k.encode(), v.encode()) for k, v in headers],
-            max_message_size=MAX_PROVIDER_MESSAGE_BYTES,
-            connect_timeout=connect_timeout_s,
-            disconnect_timeout=disconnect_timeout_s,
-        ) as ws:
-            link = WebSocketLink(name, session, ws)
-            await link._send_all(session.initial_messages())
-            yield link
-    except ConnectionTimeout:
-        raise ProviderClosed(f"{name}: no connection to {_safe(url)} within {connect_timeout_s:g} s") from None
-    except ConnectionRejected as exc:
-        raise ProviderClosed(f"{name}: {_safe(url)} rejected the connection with HTTP {exc.status_code}") from None
-    except HandshakeError as exc:
-        raise ProviderClosed(f"{name}: cannot connect to {_safe(url)}: {exc.__cause__ or exc}") from None
+        target = _Target.parse(url)
+    except ValueError as exc:
+        raise ProviderClosed(f"{name}: {exc}") from None
+    deadline = trio.current_time() + connect_timeout_s
+    too_slow = f"{name}: no connection to {_safe(url)} within {connect_timeout_s:g} s"
+    try:
+        with trio.fail_at(deadline):
+            stream = await _open_stream(target)
+    except trio.TooSlowError:
+        raise ProviderClosed(too_slow) from None
+    except OSError as exc:  # DNS, TCP or TLS
+        raise ProviderClosed(f"{name}: cannot connect to {_safe(url)}: {exc}") from None
+    connected = False
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_at(deadline):
+                ws = await wrap_client_stream(
+                    nursery,
+                    stream,
+                    target.host_header,
+                    target.resource,
+                    extra_headers=[(k.encode(), v.encode()) for k, v in headers],
+                    max_message_size=MAX_PROVIDER_MESSAGE_BYTES,
+                )
+            connected = True
+            try:
+                link = WebSocketLink(name, session, ws)
+                await link._send_all(session.initial_messages())
+                yield link
+            finally:
+                try:
+                    with trio.move_on_after(disconnect_timeout_s) as closing:
+                        await ws.aclose()
+                    if closing.cancelled_caught:
+                        log.info("%s: no close handshake within %g s; dropping the connection", name, disconnect_timeout_s)
+                finally:
+                    nursery.cancel_scope.cancel()  # the connection's reader task
+    except* ConnectionRejected as group:
+        if connected:
+            raise
+        status = group.exceptions[0].status_code  # type: ignore[attr-defined]
+        raise ProviderClosed(f"{name}: {_safe(url)} rejected the connection with HTTP {status}") from None
+    except* trio.TooSlowError:
+        if connected:
+            raise
+        raise ProviderClosed(too_slow) from None
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 def _safe(url: str) -> str:

@@ -1,0 +1,393 @@
+"""Deterministic tests of CallBridge: virtual time, in-memory sockets, exact instants.
+
+The Twilio side is :class:`tests.fakes.FakeTwilioCaller` over an in-memory
+Media Stream (it emulates Twilio's playback buffer and echoes marks when
+their audio has played); the provider is :class:`tests.fakes.FakeLink`.
+Every test runs on pytest-trio's ``autojump_clock`` (a ``MockClock`` that
+jumps to the next deadline whenever all tasks are blocked), so pacing,
+playback and timeouts happen at exact Trio times and take no real time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from mediaserver.bridge.call import CallBridge
+from mediaserver.bridge.stats import CallStats
+from mediaserver.protocol import RemoteProtocolError, TwilioStream
+from mediaserver.protocol.providers import base as pv
+from tests.fakes import (
+    FakeLink,
+    FakeTwilioCaller,
+    dominant_frequency_hz,
+    fail_after,
+    from_ulaw,
+    memory_twilio_pair,
+    pcm16,
+    tone,
+    to_ulaw,
+)
+
+CHUNK_BYTES = 320  # the bridge's 40 ms downlink chunk
+CHUNK_S = 0.040
+LEAD_S = 0.160
+EXACT = 1e-9  # float rounding of accumulated 40 ms steps; times are otherwise exact
+
+
+def audio(ms: int, byte: int = 0x55) -> bytes:
+    """µ-law audio of ``ms`` milliseconds (a constant non-silent code)."""
+    return bytes([byte]) * (8 * ms)
+
+
+@dataclass
+class Call:
+    bridge: CallBridge
+    caller: FakeTwilioCaller
+    link: FakeLink
+    started_s: float
+    done: trio.Event = field(default_factory=trio.Event)
+    ended_s: float | None = None
+    stats: CallStats | None = None
+    error: BaseException | None = None
+
+    def media_times(self) -> list[float]:
+        return [m.at_s - self.started_s for m in self.caller.received]
+
+    def inbound_events(self) -> list[str]:
+        return [msg["event"] for _, msg in self.caller.inbound]
+
+
+@asynccontextmanager
+async def bridged(link: FakeLink, *, expect_error: bool = False, **options: Any) -> AsyncIterator[Call]:
+    """A started call: caller <-> in-memory stream <-> CallBridge <-> ``link``."""
+    stream, transport = memory_twilio_pair()
+    caller = FakeTwilioCaller()
+    async with trio.open_nursery() as nursery, caller.attached(transport):
+        twilio = TwilioStream()
+        while twilio.start is None:  # what the call manager does before bridging
+            twilio.receive_message(await stream.receive())
+            list(twilio.events())
+        call = Call(CallBridge(stream, twilio, link, call_sid=caller.call_sid, **options), caller, link,
+                    trio.current_time())
+
+        async def run() -> None:
+            try:
+                call.stats = await call.bridge.run()
+            except Exception as exc:  # noqa: BLE001 - recorded, asserted below
+                call.error = exc
+            finally:
+                call.ended_s = trio.current_time()
+                stream.close()  # as the app does when the bridge returns
+                call.done.set()
+
+        nursery.start_soon(run)
+        yield call
+        nursery.cancel_scope.cancel()
+    if call.error is not None and not expect_error:
+        raise call.error
+
+
+# -------------------------------------------------------------------- pacing
+
+
+@fail_after(60)
+async def test_call_pacing_sends_each_chunk_lead_before_it_plays(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        await trio.sleep(1.0)  # the call is up; the model starts talking at t = 1 s
+        link.emit(pv.AudioDelta("item_1", audio(400)), pv.AudioDone("item_1"))
+        await call.caller.wait_for(lambda: len(call.caller.echoes) == 10)
+        # Ten 40 ms chunks: the first 160 ms (+ the chunk due at the lead) leave
+        # at once, then each leaves exactly 160 ms before it starts to play.
+        expected = [1.0 + max(0.0, k * CHUNK_S - LEAD_S) for k in range(10)]
+        assert call.media_times() == pytest.approx(expected, abs=EXACT)
+        assert [len(m.payload) for m in call.caller.received] == [CHUNK_BYTES] * 10
+        assert call.caller.received_audio == audio(400)
+        # Twilio's buffer never ran dry: each chunk arrived before the previous one finished.
+        playback_starts = [1.0 + k * CHUNK_S for k in range(10)]
+        assert all(t <= start for t, start in zip(call.media_times(), playback_starts, strict=True))
+        assert call.bridge.stats.frames_out == 10
+
+
+@fail_after(60)
+async def test_call_pacing_keeps_the_lead_across_late_deltas(autojump_clock: trio.testing.MockClock) -> None:
+    # The model produces audio more slowly than real time at first: 40 ms every 80 ms.
+    link = FakeLink()
+    async with bridged(link) as call:
+        for k in range(4):
+            link.emit(pv.AudioDelta("item_1", audio(40)))
+            await trio.sleep(0.080)
+        link.emit(pv.AudioDone("item_1"))
+        await call.caller.wait_for_audio(4 * CHUNK_BYTES)
+        # Each chunk leaves the moment it arrives: the buffer at Twilio ran dry each time.
+        assert call.media_times() == pytest.approx([0.0, 0.08, 0.16, 0.24], abs=EXACT)
+
+
+@fail_after(60)
+async def test_call_marks_follow_every_chunk_and_confirm_playback(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.AudioDelta("item_1", audio(100)), pv.AudioDelta("item_1", audio(100)), pv.AudioDone("item_1"))
+        await call.caller.wait_for(lambda: len(call.caller.echoes) == 5)
+        # 200 ms = five 40 ms chunks, each followed by its own mark, names in order.
+        assert call.inbound_events() == ["media", "mark"] * 5
+        marks = [msg["mark"]["name"] for _, msg in call.caller.inbound if msg["event"] == "mark"]
+        assert marks == ["1", "2", "3", "4", "5"]
+        # Twilio echoes each mark when its chunk has played: at 40, 80, ... 200 ms.
+        echoes = call.caller.echoes
+        assert [e.name for e in echoes] == marks
+        assert [e.at_s - call.started_s for e in echoes] == pytest.approx([0.04, 0.08, 0.12, 0.16, 0.20], abs=EXACT)
+        assert not any(e.cleared for e in echoes)
+        await trio.testing.wait_all_tasks_blocked()
+        twilio = call.bridge.twilio
+        assert twilio.played_samples == 1600 and twilio.unconfirmed_samples == 0
+        assert twilio.playback("item_1").played_ms == 200
+
+
+@fail_after(60)
+async def test_call_downlink_rechunks_and_flushes_the_tail(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        reply = bytes(range(256)) * 5  # 1280 bytes in odd-sized deltas, then a new item
+        link.emit(*(pv.AudioDelta("item_1", reply[at : at + 111]) for at in range(0, len(reply), 111)))
+        link.emit(pv.AudioDelta("item_1", b"\x10" * 50), pv.AudioDone("item_1"))
+        link.emit(pv.AudioDelta("item_2", b"\x20" * 100), pv.AudioDone("item_2"))
+        await call.caller.wait_for_audio(1280 + 50 + 100)
+        assert [len(m.payload) for m in call.caller.received] == [320, 320, 320, 320, 50, 100]
+        assert call.caller.received_audio == reply + b"\x10" * 50 + b"\x20" * 100
+
+
+@fail_after(60)
+async def test_call_downlink_resamples_pcm16_to_ulaw(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink(output_format=pv.AudioFormat("pcm16", 24000))
+    async with bridged(link) as call:
+        pcm = tone(440, 480, 24000, amplitude=0.3).tobytes()
+        for at in range(0, len(pcm), 2400):  # 50 ms deltas
+            link.emit(pv.AudioDelta("item_1", pcm[at : at + 2400]))
+        link.emit(pv.AudioDone("item_1"))
+        await call.caller.wait_for_audio(1)
+        await call.caller.wait_quiet(0.5)
+        received = from_ulaw(call.caller.received_audio)
+        assert len(received) == 8 * 480  # 24 kHz -> 8 kHz, nothing lost
+        assert dominant_frequency_hz(received[800:], 8000) == pytest.approx(440, abs=10)
+
+
+# ------------------------------------------------------------------- barge-in
+
+
+@fail_after(60)
+async def test_call_barge_in_clears_at_once_and_truncates_at_the_played_marks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.AudioDelta("item_1", audio(2000)), pv.AudioDone("item_1"))
+        await trio.sleep(0.5)
+        link.emit(pv.SpeechStarted(item_id="user_1", audio_start_ms=480))
+        clear = await call.caller.wait_for_clear()
+        assert clear.at_s - call.started_s == pytest.approx(0.5, abs=EXACT)  # no delay at all
+        await trio.testing.wait_all_tasks_blocked()
+        # By 0.5 s the caller had played 12 chunks (echoes at 40 ... 480 ms): 480 ms.
+        assert clear.played_marked_bytes == 12 * CHUNK_BYTES
+        assert link.truncates() == [pv.Truncate("item_1", 480)]
+        truncated_s = next(t for t, c in link.commands if isinstance(c, pv.Truncate))
+        assert truncated_s - call.started_s == pytest.approx(0.5, abs=EXACT)
+        # 17 chunks had been sent (the last at 0.48 s for its 0.64 s slot); the 5
+        # unplayed ones' marks come back as cleared, and nothing more is sent.
+        await trio.sleep(2.0)
+        assert len(call.caller.received) == 17
+        assert all(m.at_s <= clear.at_s for m in call.caller.received)
+        assert [e.name for e in call.caller.echoes if e.cleared] == ["13", "14", "15", "16", "17"]
+        assert call.inbound_events()[-1] == "clear"
+        assert call.bridge.twilio.playback("item_1").cleared_samples == 5 * CHUNK_BYTES
+        assert call.bridge.stats.barge_ins == 1
+
+
+@fail_after(60)
+async def test_call_barge_in_wakes_the_pacer_for_the_next_reply(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.AudioDelta("item_1", audio(2000)), pv.AudioDone("item_1"))
+        await trio.sleep(0.5)  # the pacer sleeps until 0.52 s for chunk 17
+        link.emit(pv.SpeechStarted(None, None), pv.AudioDelta("item_2", audio(80, 0x33)), pv.AudioDone("item_2"))
+        await call.caller.wait_for(lambda: call.caller.received_audio.endswith(audio(80, 0x33)))
+        first_new = next(m for m in call.caller.received if m.payload[0] == 0x33)
+        # The next reply goes out at 0.5 s, not when the cancelled sleep would have ended.
+        assert first_new.at_s - call.started_s == pytest.approx(0.5, abs=EXACT)
+        assert call.inbound_events()[call.inbound_events().index("clear") + 1] == "media"
+
+
+@fail_after(60)
+async def test_call_interrupted_item_late_deltas_are_dropped(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.AudioDelta("item_1", audio(400)))  # no AudioDone: still generating
+        await trio.sleep(0.3)
+        link.emit(pv.SpeechStarted(None, None))
+        await call.caller.wait_for_clear()
+        sent_before = len(call.caller.received)
+        link.emit(pv.AudioDelta("item_1", audio(400)), pv.AudioDelta("item_1", audio(30)), pv.AudioDone("item_1"))
+        await trio.sleep(1.0)
+        assert len(call.caller.received) == sent_before  # none of item_1's late audio
+        link.emit(pv.AudioDelta("item_2", audio(40, 0x44)), pv.AudioDone("item_2"))
+        await call.caller.wait_for_audio((sent_before + 1) * CHUNK_BYTES)
+        assert call.caller.received[-1].payload == audio(40, 0x44)
+        assert link.truncates() == [pv.Truncate("item_1", 280)]  # 7 marks echoed by 0.3 s
+
+
+@fail_after(60)
+async def test_call_barge_in_after_playout_still_stops_a_generating_item(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Twilio has played everything sent so far, but the model is still producing
+    # item_1: the barge-in must cut it (and drop what comes later) all the same.
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.AudioDelta("item_1", audio(80)))
+        await trio.sleep(1.0)
+        assert call.bridge.twilio.unconfirmed_samples == 0
+        link.emit(pv.SpeechStarted(None, None))
+        await call.caller.wait_for_clear()
+        assert link.truncates() == [pv.Truncate("item_1", 80)]
+        link.emit(pv.AudioDelta("item_1", audio(200)), pv.AudioDone("item_1"))
+        await trio.sleep(1.0)
+        assert call.caller.received_audio == audio(80)
+
+
+@fail_after(60)
+async def test_call_speech_while_silent_is_not_a_barge_in(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.AudioDelta("item_1", audio(80)), pv.AudioDone("item_1"))
+        await trio.sleep(1.0)
+        link.emit(pv.SpeechStarted(None, None))
+        await trio.sleep(0.1)
+        assert call.caller.clears == []
+        assert link.truncates() == []
+        assert call.bridge.stats.barge_ins == 0
+
+
+# --------------------------------------------------------------------- uplink
+
+
+@fail_after(60)
+async def test_call_uplink_passes_ulaw_through(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        speech = to_ulaw(tone(700, 400))
+        await call.caller.send_audio(speech)
+        await trio.testing.wait_all_tasks_blocked()
+        sends = [(t, c) for t, c in link.commands if isinstance(c, pv.SendAudio)]
+        assert [c.payload for _, c in sends] == call.caller.sent_frames
+        assert bytes(link.audio_in) == speech
+        # Forwarded the moment each 20 ms frame arrived.
+        assert [t - call.started_s for t, _ in sends] == pytest.approx([k * 0.02 for k in range(20)], abs=EXACT)
+
+
+@fail_after(60)
+async def test_call_uplink_decodes_and_resamples_for_pcm16(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink(input_format=pv.AudioFormat("pcm16", 16000))
+    async with bridged(link) as call:
+        await call.caller.send_audio(to_ulaw(tone(1000, 500)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(link.audio_in) == 16 * 500 * 2
+        pcm = pcm16(bytes(link.audio_in))
+        assert dominant_frequency_hz(pcm[1600:], 16000) == pytest.approx(1000, abs=10)
+
+
+# ------------------------------------------------------------------ call ends
+
+
+@fail_after(60)
+async def test_call_idle_timeout_ends_the_call(autojump_clock: trio.testing.MockClock) -> None:
+    async with bridged(FakeLink(), idle_timeout_s=5.0) as call:
+        await call.caller.send_silence(1000)  # 1 s of audio, the last frame at 0.98 s
+        last_frame_s = trio.current_time()
+        assert last_frame_s - call.started_s == pytest.approx(0.98, abs=EXACT)
+        await call.done.wait()
+        assert call.ended_s == pytest.approx(last_frame_s + 5.0, abs=EXACT)
+        assert call.bridge.end_reason == "idle: nothing from Twilio for 5 s"
+        await call.caller.closed.wait()
+
+
+@fail_after(120)
+async def test_call_max_duration_ends_a_busy_call(autojump_clock: trio.testing.MockClock) -> None:
+    async with bridged(FakeLink(), idle_timeout_s=1.0, max_call_s=10.01) as call, trio.open_nursery() as nursery:
+
+        async def talk() -> None:
+            while True:
+                await call.caller.send_silence(200)
+
+        nursery.start_soon(talk)
+        await call.done.wait()
+        nursery.cancel_scope.cancel()
+        assert call.ended_s is not None
+        assert call.ended_s - call.started_s == pytest.approx(10.01, abs=EXACT)
+        assert call.bridge.end_reason == "maximum call length 10.01 s"
+        assert call.bridge.stats.frames_in == 501  # frames at 0, 20, ... 10 000 ms
+
+
+@fail_after(60)
+async def test_call_stop_ends_the_call_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.AudioDelta("item_1", audio(2000)))  # the agent is mid-sentence
+        await trio.sleep(0.3)
+        await call.caller.stop()
+        await call.done.wait()
+        assert call.ended_s == pytest.approx(call.started_s + 0.3, abs=EXACT)
+        assert call.bridge.end_reason == "twilio sent stop"
+        assert call.stats is call.bridge.stats
+
+
+@fail_after(60)
+async def test_call_provider_closing_ends_the_call(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        await trio.sleep(0.2)
+        link.close("fake model went away")
+        await call.done.wait()
+        assert call.ended_s == pytest.approx(call.started_s + 0.2, abs=EXACT)
+        assert call.bridge.end_reason == "provider ended: fake model went away"
+        await call.caller.closed.wait()
+
+
+@fail_after(60)
+async def test_call_fatal_provider_error_ends_the_call(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.ProviderError("rate limited", fatal=False))
+        await trio.sleep(0.1)
+        assert not call.done.is_set()
+        link.emit(pv.ProviderError("session.update rejected", fatal=True))
+        await call.done.wait()
+        assert call.bridge.end_reason == "provider error: session.update rejected"
+
+
+@fail_after(60)
+async def test_call_malformed_twilio_message_fails_the_call(autojump_clock: trio.testing.MockClock) -> None:
+    async with bridged(FakeLink(), expect_error=True) as call:
+        await call.caller.send_silence(100)
+        await call.caller.send_raw('{"event": "media", "sequenceNumber": "9"')
+        await call.done.wait()
+    assert isinstance(call.error, ExceptionGroup)
+    assert call.error.subgroup(RemoteProtocolError) is not None
+
+
+@fail_after(60)
+async def test_call_tool_calls_are_answered(autojump_clock: trio.testing.MockClock) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.ToolCall("call_1", "lookup", "{}"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert [c for _, c in link.commands if isinstance(c, pv.ToolResult)] == [
+            pv.ToolResult("call_1", '{"error": "no tools are configured"}')
+        ]
+        assert not call.done.is_set()

@@ -1,0 +1,522 @@
+"""End-to-end tests of the server over real loopback sockets.
+
+The server is started with ``await nursery.start(serve, settings)`` on
+127.0.0.1 port 0.  Twilio is :class:`tests.fakes.FakeTwilioCaller` (webhook
+first, then the Media Stream with the token from the TwiML); the model is
+either the built-in echo agent or :class:`tests.fakes.FakeOpenAIServer`,
+which validates every client message against the ``openai`` SDK's types.
+
+These tests use real sockets, so they run on Trio's real clock (no
+autojump); each has an absolute Trio-time limit (``fail_after``).  The
+deterministic, virtual-time tests of the bridge are in tests/bridge/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+from openai.types.realtime import InputAudioBufferAppendEvent, SessionUpdateEvent
+from openai.types.realtime.realtime_audio_formats import AudioPCM, AudioPCMU
+
+from mediaserver.config import Settings
+from mediaserver.server import serve
+
+from tests.fakes import (
+    FakeOpenAIServer,
+    FakeRealtimeSession,
+    FakeTwilioCaller,
+    Script,
+    answer_call,
+    band_energy_ratio,
+    dominant_frequency_hz,
+    fail_after,
+    from_ulaw,
+    http_request,
+    open_ws_client,
+    parse_twiml,
+    pcm16,
+    to_ulaw,
+    tone,
+    twilio_signature,
+    websocket_upgrade_status,
+)
+
+AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+API_KEY = "sk-test-not-a-real-key"
+CALL_A = "CA" + "a" * 32
+CALL_B = "CA" + "b" * 32
+
+
+@pytest.fixture(autouse=True)
+def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mediaserver")
+
+
+def base_settings(**changes: Any) -> Settings:
+    # Constructed directly: Settings.validated() (used by from_env/with_)
+    # refuses port 0, which tests need.
+    values: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "provider": "echo", "drain_s": 0.5}
+    values.update(changes)
+    return Settings(**values)
+
+
+def openai_settings(server: FakeOpenAIServer, **changes: Any) -> Settings:
+    return base_settings(
+        provider="openai", openai_api_key=API_KEY, openai_realtime_url=server.url, **changes
+    )
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[str]:
+    """The server, on an ephemeral port; yields its base URL (http://127.0.0.1:PORT)."""
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(serve, settings)
+        assert len(binds) == 1 and binds[0].startswith("http://127.0.0.1:"), binds
+        yield binds[0]
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def fake_openai(script: Script | None = None, **options: Any) -> AsyncIterator[FakeOpenAIServer]:
+    async with trio.open_nursery() as nursery:
+        server: FakeOpenAIServer = await nursery.start(FakeOpenAIServer(script, **options).run)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def phone_call(
+    base_url: str, call_sid: str = CALL_A, *, auth_token: str | None = None, token: str | None = None
+) -> AsyncIterator[FakeTwilioCaller]:
+    """Answer a call through the webhook, then open its Media Stream (signed if ``auth_token``)."""
+    twiml = await answer_call(base_url, call_sid, auth_token=auth_token)
+    parameters = dict(twiml.parameters)
+    if token is not None:
+        parameters["token"] = token
+    caller = FakeTwilioCaller(call_sid=call_sid, custom_parameters=parameters)
+    headers = []
+    if auth_token is not None:
+        headers.append(("X-Twilio-Signature", twilio_signature(auth_token, twiml.stream_url)))
+    async with open_ws_client(twiml.stream_url, headers) as ws:
+        async with caller.attached(ws):
+            yield caller
+
+
+def call_log(caplog: pytest.LogCaptureFixture, call_sid: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith("mediaserver") and call_sid in r.getMessage()]
+
+
+async def keep_talking(caller: FakeTwilioCaller, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Send paced silence until cancelled, as a phone line does."""
+    task_status.started()
+    while True:
+        await caller.send_silence(100)
+
+
+# ------------------------------------------------------------------ HTTP side
+
+
+@fail_after(10)
+async def test_app_healthz() -> None:
+    async with running(base_settings()) as url:
+        response = await http_request(url + "/healthz")
+    assert response.status == 200
+    assert response.headers["content-type"] == "application/json"
+    assert json.loads(response.body) == {"active_calls": 0, "pending_calls": 0, "status": "ok"}
+
+
+@fail_after(10)
+async def test_app_twiml_connects_the_stream_with_a_token() -> None:
+    async with running(base_settings()) as url:
+        port = url.rsplit(":", 1)[1]
+        response = await http_request(url + "/twiml", "POST", form=[("CallSid", CALL_A), ("From", "+15550001111")])
+        assert response.status == 200
+        assert response.headers["content-type"] == "text/xml; charset=utf-8"
+        twiml = parse_twiml(response.text)
+        assert twiml.stream_url == f"ws://127.0.0.1:{port}/media-stream"
+        assert set(twiml.parameters) == {"token", "CallSid"}
+        assert twiml.parameters["CallSid"] == CALL_A
+        assert len(twiml.parameters["token"]) >= 32
+        assert twiml.hangup_after
+        # Every answer gets a fresh token, and the session is pre-opened.
+        second = parse_twiml((await http_request(url + "/twiml", "POST", form=[("CallSid", CALL_B)])).text)
+        assert second.parameters["token"] != twiml.parameters["token"]
+        health = await http_request(url + "/healthz")
+        assert json.loads(health.body)["pending_calls"] == 2
+
+        missing = await http_request(url + "/twiml", "POST", form=[("From", "+15550001111")])
+        assert missing.status == 400
+
+
+@fail_after(10)
+async def test_app_webhook_signature_is_enforced() -> None:
+    async with running(base_settings(twilio_auth_token=AUTH_TOKEN)) as url:
+        form = [("CallSid", CALL_A), ("From", "+15550001111"), ("To", "+15552223333")]
+        unsigned = await http_request(url + "/twiml", "POST", form=form)
+        assert unsigned.status == 403
+        wrong = twilio_signature("some-other-token", url + "/twiml", form)
+        forged = await http_request(url + "/twiml", "POST", form=form, headers=[("X-Twilio-Signature", wrong)])
+        assert forged.status == 403
+        tampered = await http_request(
+            url + "/twiml",
+            "POST",
+            form=[*form[:-1], ("To", "+19990000000")],
+            headers=[("X-Twilio-Signature", twilio_signature(AUTH_TOKEN, url + "/twiml", form))],
+        )
+        assert tampered.status == 403
+        health = await http_request(url + "/healthz")
+        assert json.loads(health.body)["pending_calls"] == 0  # nothing was pre-opened
+
+        good = twilio_signature(AUTH_TOKEN, url + "/twiml", form)
+        signed = await http_request(url + "/twiml", "POST", form=form, headers=[("X-Twilio-Signature", good)])
+        assert signed.status == 200
+        assert parse_twiml(signed.text).parameters["CallSid"] == CALL_A
+
+        status = [("CallSid", CALL_A), ("CallStatus", "completed"), ("CallDuration", "3")]
+        assert (await http_request(url + "/call-status", "POST", form=status)).status == 403
+        sig = twilio_signature(AUTH_TOKEN, url + "/call-status", status)
+        signed_status = await http_request(url + "/call-status", "POST", form=status, headers=[("X-Twilio-Signature", sig)])
+        assert signed_status.status == 204
+
+
+@fail_after(10)
+async def test_app_media_stream_upgrade_requires_signature() -> None:
+    async with running(base_settings(twilio_auth_token=AUTH_TOKEN)) as url:
+        stream_url = url.replace("http://", "ws://") + "/media-stream"
+        assert await websocket_upgrade_status(stream_url) == 403
+        forged = twilio_signature("some-other-token", stream_url)
+        assert await websocket_upgrade_status(stream_url, [("X-Twilio-Signature", forged)]) == 403
+        elsewhere = twilio_signature(AUTH_TOKEN, url.replace("http://", "ws://") + "/other")
+        assert await websocket_upgrade_status(stream_url, [("X-Twilio-Signature", elsewhere)]) == 403
+        good = twilio_signature(AUTH_TOKEN, stream_url)
+        assert await websocket_upgrade_status(stream_url, [("X-Twilio-Signature", good)]) == 101
+
+
+@fail_after(10)
+async def test_app_stream_without_a_valid_token_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    async with fake_openai() as model, running(openai_settings(model, twilio_auth_token=AUTH_TOKEN)) as url:
+        twiml = await answer_call(url, CALL_A, auth_token=AUTH_TOKEN)
+        session = await model.session(0)  # pre-opened at webhook time
+        await session.ready.wait()
+        signature = [("X-Twilio-Signature", twilio_signature(AUTH_TOKEN, twiml.stream_url))]
+        for parameters in ({"CallSid": CALL_A, "token": "not-the-token"}, {"CallSid": CALL_A}):
+            caller = FakeTwilioCaller(call_sid=CALL_A, custom_parameters=parameters)
+            async with open_ws_client(twiml.stream_url, signature) as ws:
+                async with caller.attached(ws):
+                    await caller.send_silence(100, paced=False)
+                    await caller.closed.wait()
+            assert caller.close_code == 1000
+            assert caller.received == []
+        # The same token for another call is refused too.
+        other = FakeTwilioCaller(call_sid=CALL_B, custom_parameters=twiml.parameters)
+        async with open_ws_client(twiml.stream_url, signature) as ws:
+            async with other.attached(ws):
+                await other.closed.wait()
+        # No model session was used: the pre-opened one got no audio and no other was opened.
+        assert len(model.sessions) == 1
+        assert session.appends == [] and not session.closed.is_set()
+        refusals = [r for r in caplog.records if "without a valid one-time token" in r.getMessage()]
+        assert len(refusals) == 3
+
+
+# ----------------------------------------------------------------- echo agent
+
+
+@fail_after(20)
+async def test_app_echo_call_plays_the_burst_back(caplog: pytest.LogCaptureFixture) -> None:
+    burst = to_ulaw(tone(1000, 500, amplitude=0.5))
+    async with running(base_settings()) as url, phone_call(url) as caller:
+        await caller.send_silence(400)
+        await caller.send_audio(burst)
+        burst_end_s = trio.current_time()
+        await caller.send_silence(600)
+        await caller.wait_for_audio(len(burst))
+        await caller.wait_quiet(0.3)
+        await caller.stop()
+        with trio.fail_after(1):
+            await caller.closed.wait()
+    assert caller.errors == []
+    assert caller.close_code == 1000
+    received = from_ulaw(caller.received_audio)
+    # The reply is the utterance: 100 ms pre-roll + 500 ms burst + 400 ms hangover.
+    assert 900 * 8 <= len(received) <= 1100 * 8
+    assert all(m.at_s > burst_end_s for m in caller.received)  # played back after the caller stopped talking
+    # Find the burst in the reply by cross-correlation with what was sent.
+    sent = from_ulaw(burst).astype(np.float64)
+    corr = np.correlate(received.astype(np.float64), sent, mode="valid")
+    lag = int(np.argmax(np.abs(corr)))
+    echoed = received[lag : lag + len(sent)]
+    assert 60 * 8 <= lag <= 140 * 8  # after about 100 ms of pre-roll
+    assert dominant_frequency_hz(echoed, 8000) == pytest.approx(1000, abs=16)
+    assert band_energy_ratio(echoed, 8000, 1000) > 0.95
+    assert np.sqrt(np.mean(echoed.astype(np.float64) ** 2)) == pytest.approx(0.5 * 32767 / np.sqrt(2), rel=0.1)
+    # Everything sent was played and every mark came back as played.
+    assert [e.cleared for e in caller.echoes] == [False] * len(caller.echoes)
+    assert sum(e.audio_bytes for e in caller.echoes) == len(caller.received_audio)
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if "ended" in r.getMessage()]
+    assert "ended (twilio sent stop)" in ended
+
+
+# --------------------------------------------------------------- OpenAI (fake)
+
+
+@fail_after(20)
+async def test_app_openai_call_pcmu_passthrough() -> None:
+    reply = to_ulaw(tone(440, 1000, amplitude=0.3)) + to_ulaw(tone(660, 220, amplitude=0.3))  # not a chunk multiple
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(25)  # 500 ms of caller audio
+        await session.speech_started()
+        await session.speech_stopped()
+        await session.respond(reply, chunk_bytes=1234)
+
+    speech = to_ulaw(tone(300, 500, amplitude=0.2))
+    async with fake_openai(script) as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_audio(speech)
+            await caller.wait_for_audio(len(reply))
+            await caller.send_silence(200)
+            await caller.wait_quiet(0.2)
+            await caller.stop()
+            await caller.closed.wait()
+        session = await model.session(0)
+        await session.closed.wait()
+
+    assert caller.errors == []
+    # Uplink: the caller's µ-law frames, byte for byte and in order.
+    assert session.appends == caller.sent_frames
+    assert bytes(session.audio_in) == b"".join(caller.sent_frames)
+    # Downlink: the model's µ-law, byte for byte, in 40 ms chunks plus the remainder.
+    assert caller.received_audio == reply
+    assert [len(m.payload) for m in caller.received] == [320] * (len(reply) // 320) + [len(reply) % 320]
+    assert [e.cleared for e in caller.echoes] == [False] * len(caller.received)
+    # The session was configured for G.711 µ-law both ways, on the GA endpoint, with our key.
+    assert session.path == "/v1/realtime?model=gpt-realtime"
+    update = session.received[0][1]
+    assert isinstance(update, SessionUpdateEvent)
+    assert update.session.audio.input.format == AudioPCMU(type="audio/pcmu")
+    assert update.session.audio.output.format == AudioPCMU(type="audio/pcmu")
+    assert set(session.types()) == {"session.update", "input_audio_buffer.append"}
+    assert all(isinstance(m, InputAudioBufferAppendEvent) for _, m in session.received[1:])
+
+
+@fail_after(20)
+async def test_app_openai_barge_in_clears_and_truncates_at_what_was_heard() -> None:
+    reply = to_ulaw(tone(440, 3000, amplitude=0.3))
+    response: list[Any] = []
+    go = trio.Event()
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(5)
+        response.append(await session.respond(reply, chunk_bytes=4000, done=False))  # still generating
+        await go.wait()
+        await session.speech_started()
+
+    async with fake_openai(script) as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            # Let about 600 ms play, then barge in 10 ms after a mark echo, so
+            # no echo can cross our clear on the wire (the next is 40 ms away).
+            await caller.wait_for(lambda: sum(not e.cleared for e in caller.echoes) >= 15)
+            count = len(caller.echoes)
+            await caller.wait_for(lambda: len(caller.echoes) > count)
+            await trio.sleep(0.01)
+            barge_in_s = trio.current_time()
+            go.set()
+            clear = await caller.wait_for_clear()
+            session = await model.session(0)
+            await session.wait_for(lambda: bool(session.truncates))
+            [record] = response
+            # Late audio of the interrupted item must not be played.
+            await session.audio_delta(record, to_ulaw(tone(440, 500, amplitude=0.3)))
+            await session.finish(record, status="cancelled")
+            # A new response after the barge-in plays normally.
+            fresh = to_ulaw(tone(880, 400, amplitude=0.3))
+            await session.respond(fresh)
+            await caller.wait_for(lambda: caller.received_audio.endswith(fresh))
+            nursery.cancel_scope.cancel()
+        await caller.stop()
+
+    assert caller.errors == []
+    assert clear.at_s - barge_in_s < 0.1  # promptly
+    assert len(caller.clears) == 1
+    [(_, truncate)] = session.truncates
+    assert truncate.item_id == record.item_id
+    assert truncate.content_index == 0
+    # Exactly the audio whose marks were echoed as played before the clear ...
+    assert clear.played_marked_bytes > 0 and clear.played_marked_bytes % 320 == 0
+    assert truncate.audio_end_ms == clear.played_marked_bytes // 8
+    # ... never more than was sent to the caller (or produced by the model).
+    before_clear = sum(len(m.payload) for m in caller.received if m.at_s <= clear.at_s)
+    assert truncate.audio_end_ms * 8 <= before_clear < len(reply)
+    assert clear.dropped_bytes > 0  # the clear did cut buffered audio
+    # After the clear: only the fresh response arrived, and the cleared marks came back as such.
+    after = b"".join(m.payload for m in caller.received if m.at_s > clear.at_s)
+    assert after == fresh
+    assert any(e.cleared for e in caller.echoes)
+    assert all(not e.cleared for e in caller.echoes if e.at_s != clear.at_s)
+
+
+@fail_after(10)
+async def test_app_stop_closes_the_model_socket_within_a_second() -> None:
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(200)
+            session = await model.session(0)
+            await session.wait_appends(10)
+            await caller.stop()
+            await session.closed.wait()
+            assert caller.stopped_at_s is not None
+            assert session.closed_at_s is not None
+            assert session.closed_at_s - caller.stopped_at_s < 1.0
+            assert session.close_code == 1000  # a clean close handshake
+            await caller.closed.wait()
+            assert caller.close_code == 1000
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+@fail_after(10)
+async def test_app_model_failure_hangs_up_the_call(how: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(10)
+        if how == "close":
+            await session.close(1011, "internal error")
+        else:
+            await session.abort()
+
+    async with fake_openai(script) as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            with trio.fail_after(2):
+                await caller.closed.wait()
+            nursery.cancel_scope.cancel()
+        session = await model.session(0)
+        assert caller.closed_at_s is not None and session.closed_at_s is not None
+        assert caller.closed_at_s - session.closed_at_s < 1.0
+        assert caller.close_code == 1000
+        health = await http_request(url + "/healthz")
+        assert json.loads(health.body)["active_calls"] == 0
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended " in r.getMessage()]
+    assert "ended (provider ended: openai connection closed" in ended
+    if how == "close":
+        assert "1011" in ended
+
+
+@pytest.mark.parametrize("failure", ["refused", "http-401"])
+@fail_after(10)
+async def test_app_unreachable_model_hangs_up_the_call(failure: str, caplog: pytest.LogCaptureFixture) -> None:
+    async with fake_openai(reject_with=401 if failure == "http-401" else None) as model:
+        if failure == "refused":
+            closed = trio.socket.socket()  # a port nobody listens on
+            await closed.bind(("127.0.0.1", 0))
+            model.port = closed.getsockname()[1]
+            closed.close()
+        async with running(openai_settings(model)) as url:
+            async with phone_call(url) as caller:
+                await caller.send_silence(100)
+                await caller.closed.wait()
+            assert caller.received == [] and caller.close_code == 1000
+            # The server is unharmed and ready for the next call.
+            assert json.loads((await http_request(url + "/healthz")).body) == {
+                "active_calls": 0,
+                "pending_calls": 0,
+                "status": "ok",
+            }
+    messages = [r.getMessage() for r in call_log(caplog, CALL_A)]
+    expected = "rejected the connection with HTTP 401" if failure == "http-401" else "cannot connect to ws://127.0.0.1"
+    assert any("could not open the model session: openai: " in m and expected in m for m in messages), messages
+    assert any("no model session" in m and "hanging up" in m for m in messages), messages
+    assert not any(API_KEY in r.getMessage() for r in caplog.records)  # the key is never logged
+
+
+@fail_after(10)
+async def test_app_preopened_session_closes_when_no_stream_arrives(caplog: pytest.LogCaptureFixture) -> None:
+    async with fake_openai() as model, running(openai_settings(model, stream_timeout_s=0.5)) as url:
+        webhook_s = trio.current_time()
+        await answer_call(url, CALL_A)
+        session = await model.session(0)
+        await session.closed.wait()
+        assert session.closed_at_s is not None
+        assert 0.5 <= session.closed_at_s - webhook_s < 1.0
+        assert session.appends == []
+        health = await http_request(url + "/healthz")
+        assert json.loads(health.body)["pending_calls"] == 0
+    assert any("no media stream within 0.5 s" in r.getMessage() for r in call_log(caplog, CALL_A))
+
+
+@fail_after(20)
+async def test_app_malformed_message_ends_only_that_call(caplog: pytest.LogCaptureFixture) -> None:
+    burst = to_ulaw(tone(1000, 300, amplitude=0.5))
+    async with running(base_settings()) as url:
+        async with phone_call(url, CALL_A) as bad, phone_call(url, CALL_B) as good:
+            await bad.send_silence(100)
+            await good.send_silence(100)
+            before = len(call_log(caplog, CALL_A))
+            await bad.send_raw('{"event": "media", "sequenceNumber": "7", "media": ')  # truncated JSON
+            await bad.closed.wait()
+            assert bad.close_code == 1000
+            # The other call still works: it gets its burst echoed.
+            await good.send_audio(burst)
+            await good.send_silence(600)
+            await good.wait_for_audio(len(burst))
+            await good.wait_quiet(0.2)
+            assert not good.closed.is_set()
+            await good.stop()
+            await good.closed.wait()
+    lines = [r for r in call_log(caplog, CALL_A)][before:]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].getMessage().startswith(f"call {CALL_A}: ended (protocol error: message is not valid JSON")
+    assert dominant_frequency_hz(from_ulaw(good.received_audio), 8000) == pytest.approx(1000, abs=16)
+    assert good.errors == [] and bad.errors == []
+
+
+@fail_after(10)
+async def test_app_idle_stream_is_hung_up(caplog: pytest.LogCaptureFixture) -> None:
+    async with running(base_settings(idle_timeout_s=0.3)) as url, phone_call(url) as caller:
+        await caller.send_silence(100, paced=False)
+        last_s = trio.current_time()
+        await caller.closed.wait()
+        assert caller.closed_at_s is not None
+        assert 0.3 <= caller.closed_at_s - last_s < 0.8
+    assert any("ended (idle: nothing from Twilio for 0.3 s)" in r.getMessage() for r in call_log(caplog, CALL_A))
+
+
+@fail_after(20)
+async def test_app_openai_pcm24k_resamples_both_ways() -> None:
+    reply = tone(440, 1000, 24000, amplitude=0.3).tobytes()
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(60)  # 1.2 s: the whole tone has arrived
+        await session.respond(reply, chunk_bytes=4800)
+
+    async with fake_openai(script) as model, running(openai_settings(model, openai_audio="pcm24k")) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(100, paced=False)
+            await caller.send_audio(to_ulaw(tone(1000, 1000, amplitude=0.3)), paced=False)
+            await caller.send_silence(100, paced=False)
+            await caller.wait_for_audio(7000)
+            await caller.wait_quiet(0.2)
+            await caller.stop()
+        session = await model.session(0)
+    update = session.received[0][1]
+    assert update.session.audio.input.format == AudioPCM(type="audio/pcm", rate=24000)
+    assert update.session.audio.output.format == AudioPCM(type="audio/pcm", rate=24000)
+    # Uplink: 8 kHz µ-law became 24 kHz PCM16 with the tone still at 1 kHz.
+    uplink = pcm16(bytes(session.audio_in))
+    assert len(uplink) == 3 * 8 * 1200  # 1.2 s at 24 kHz, no samples lost or added
+    middle = uplink[24000 * 3 // 10 : 24000 * 9 // 10]  # 200..800 ms of the tone
+    assert dominant_frequency_hz(middle, 24000) == pytest.approx(1000, abs=5)
+    assert band_energy_ratio(middle, 24000, 1000) > 0.98
+    # Downlink: 24 kHz PCM16 became 8 kHz µ-law with the tone still at 440 Hz.
+    downlink = from_ulaw(caller.received_audio)
+    assert abs(len(downlink) - 8000) <= 16  # 1 s, give or take the resampler's edge
+    assert dominant_frequency_hz(downlink[1600:6400], 8000) == pytest.approx(440, abs=5)
+    assert band_energy_ratio(downlink[1600:6400], 8000, 440) > 0.98
+    assert caller.errors == []
