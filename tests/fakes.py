@@ -68,8 +68,8 @@ from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
     WebSocketRequest,
-    serve_websocket,
     wrap_client_stream,
+    wrap_server_stream,
 )
 
 from mediaserver.bridge.call import StreamClosed
@@ -86,6 +86,7 @@ __all__ = [
     "HttpResponse",
     "TwilioPlayback",
     "TwiML",
+    "WsClient",
     "answer_call",
     "band_energy_ratio",
     "dominant_frequency_hz",
@@ -94,6 +95,7 @@ __all__ = [
     "memory_twilio_pair",
     "open_ws_client",
     "tone",
+    "turn_script",
     "websocket_upgrade_status",
 ]
 
@@ -311,8 +313,26 @@ async def websocket_upgrade_status(url: str, headers: Iterable[tuple[str, str]] 
                 raise AssertionError(f"unexpected {event!r}")
 
 
+class WsClient:
+    """A client WebSocket whose TCP socket we own (a ``CallerTransport``)."""
+
+    def __init__(self, ws: WebSocketConnection, stream: trio.SocketStream) -> None:
+        self.ws = ws
+        self.stream = stream
+
+    async def send_message(self, message: str | bytes) -> None:
+        await self.ws.send_message(message)
+
+    async def get_message(self) -> str | bytes:
+        return await self.ws.get_message()
+
+    async def abort(self) -> None:
+        """Drop the TCP connection, no close handshake (a network failure)."""
+        await trio.aclose_forcefully(self.stream)
+
+
 @asynccontextmanager
-async def open_ws_client(url: str, headers: Iterable[tuple[str, str]] = ()) -> AsyncIterator[WebSocketConnection]:
+async def open_ws_client(url: str, headers: Iterable[tuple[str, str]] = ()) -> AsyncIterator[WsClient]:
     """A trio-websocket client connection to ``ws://`` ``url`` whose TCP socket we own.
 
     (``open_websocket_url`` leaves the socket open when the server closes the
@@ -331,7 +351,7 @@ async def open_ws_client(url: str, headers: Iterable[tuple[str, str]] = ()) -> A
                 extra_headers=[(k.encode(), v.encode()) for k, v in headers],
             )
             try:
-                yield ws
+                yield WsClient(ws, stream)
             finally:
                 with trio.move_on_after(1):
                     await ws.aclose()
@@ -632,6 +652,11 @@ class FakeTwilioCaller:
         self.stopped_at_s = trio.current_time()
         await self._send_built(self.messages.stop)
 
+    async def abort(self) -> None:
+        """Drop the connection without ``stop`` (the transport must have ``abort``)."""
+        self.stopped_at_s = trio.current_time()
+        await self._transport.abort()  # type: ignore[union-attr]
+
     # -- downlink and playback ------------------------------------------------
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
@@ -764,9 +789,10 @@ class ResponseRecord:
 class FakeRealtimeSession:
     """One connection to :class:`FakeOpenAIServer`, from the server's side."""
 
-    def __init__(self, server: FakeOpenAIServer, ws: WebSocketConnection, number: int) -> None:
+    def __init__(self, server: FakeOpenAIServer, ws: WebSocketConnection, stream: trio.abc.Stream, number: int) -> None:
         self.server = server
         self.ws = ws
+        self._stream = stream
         self.number = number
         self.path = ws.path
         self.received: list[tuple[float, Any]] = []  # (time, SDK model), every client message
@@ -894,7 +920,7 @@ class FakeRealtimeSession:
 
     async def abort(self) -> None:
         """Drop the TCP connection without a close handshake (a crashed server)."""
-        await self.ws._close_stream()  # noqa: SLF001 - no public API for an abrupt close
+        await trio.aclose_forcefully(self._stream)
 
     # -- the server side of the protocol -------------------------------------
 
@@ -964,6 +990,31 @@ class FakeRealtimeSession:
 Script = Callable[[FakeRealtimeSession], Awaitable[None]]
 
 
+def turn_script(
+    reply: bytes,
+    *,
+    after_appends: int,
+    chunk_bytes: int = 4000,
+    barge_in_after_s: float | None = None,
+) -> Script:
+    """A one-turn conversation: after ``after_appends`` audio appends the caller
+    "speaks" (speech_started/stopped) and the model answers with ``reply`` (in
+    the session's format).  With ``barge_in_after_s`` the caller talks over
+    the answer that long after it was sent (the response is left open, as a
+    model still generating)."""
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(after_appends)
+        await session.speech_started()
+        await session.speech_stopped()
+        await session.respond(reply, chunk_bytes=chunk_bytes, done=barge_in_after_s is None)
+        if barge_in_after_s is not None:
+            await trio.sleep(barge_in_after_s)
+            await session.speech_started()
+
+    return script
+
+
 class FakeOpenAIServer:
     """A GA Realtime server on 127.0.0.1:0; ``script`` runs once per connection."""
 
@@ -981,12 +1032,20 @@ class FakeOpenAIServer:
         return f"ws://127.0.0.1:{self.port}/v1/realtime"
 
     async def run(self, *, task_status: trio.TaskStatus[FakeOpenAIServer] = trio.TASK_STATUS_IGNORED) -> None:
+        # serve_tcp + wrap_server_stream rather than serve_websocket, so that
+        # each connection's TCP stream is ours (for abort()); serve_tcp closes
+        # it when the handler returns.  A failing handler (e.g. a client
+        # message the SDK rejects) fails the test.
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                functools.partial(serve_websocket, self._handle, "127.0.0.1", 0, None, handler_nursery=nursery)
-            )
-            self.port = server.port
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve_connection, 0, host="127.0.0.1"))
+            self.port = listeners[0].socket.getsockname()[1]
             task_status.started(self)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        async with trio.open_nursery() as nursery:
+            request = await wrap_server_stream(nursery, stream)
+            await self._handle(request, stream)
+            nursery.cancel_scope.cancel()  # the connection's reader task
 
     def _touch(self) -> None:
         self._changed.set()
@@ -1001,25 +1060,29 @@ class FakeOpenAIServer:
         await self.wait_for(lambda: len(self.sessions) > index)
         return self.sessions[index]
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, request: WebSocketRequest, stream: trio.SocketStream) -> None:
         if self.reject_with is not None:
             self.rejected += 1
             self._touch()
             await request.reject(self.reject_with, body=b'{"error": {"type": "invalid_request_error"}}')
             return
         ws = await request.accept()
-        session = FakeRealtimeSession(self, ws, len(self.sessions) + 1)
+        session = FakeRealtimeSession(self, ws, stream, len(self.sessions) + 1)
         self.sessions.append(session)
         self._touch()
-        async with trio.open_nursery() as nursery:
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def serve_protocol() -> None:
-                await session._run()
-                nursery.cancel_scope.cancel()  # the client has gone: stop the script
+                async def serve_protocol() -> None:
+                    await session._run()
+                    nursery.cancel_scope.cancel()  # the client has gone: stop the script
 
-            nursery.start_soon(serve_protocol)
-            if self.script is not None:
-                nursery.start_soon(self.script, session)
+                nursery.start_soon(serve_protocol)
+                if self.script is not None:
+                    nursery.start_soon(self.script, session)
+        finally:
+            with trio.move_on_after(1):
+                await ws.aclose()
 
 
 # ------------------------------------------------------------ in-memory link

@@ -13,6 +13,7 @@ deterministic, virtual-time tests of the bridge are in tests/bridge/.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -44,6 +45,7 @@ from tests.fakes import (
     pcm16,
     to_ulaw,
     tone,
+    turn_script,
     twilio_signature,
     websocket_upgrade_status,
 )
@@ -270,13 +272,7 @@ async def test_app_echo_call_plays_the_burst_back(caplog: pytest.LogCaptureFixtu
 @fail_after(20)
 async def test_app_openai_call_pcmu_passthrough() -> None:
     reply = to_ulaw(tone(440, 1000, amplitude=0.3)) + to_ulaw(tone(660, 220, amplitude=0.3))  # not a chunk multiple
-
-    async def script(session: FakeRealtimeSession) -> None:
-        await session.wait_appends(25)  # 500 ms of caller audio
-        await session.speech_started()
-        await session.speech_stopped()
-        await session.respond(reply, chunk_bytes=1234)
-
+    script = turn_script(reply, after_appends=25, chunk_bytes=1234)  # answer after 500 ms of caller audio
     speech = to_ulaw(tone(300, 500, amplitude=0.2))
     async with fake_openai(script) as model, running(openai_settings(model)) as url:
         async with phone_call(url) as caller:
@@ -308,7 +304,7 @@ async def test_app_openai_call_pcmu_passthrough() -> None:
 
 
 @fail_after(20)
-async def test_app_openai_barge_in_clears_and_truncates_at_what_was_heard() -> None:
+async def test_app_openai_barge_in_clears_and_truncates_at_what_was_heard(caplog: pytest.LogCaptureFixture) -> None:
     reply = to_ulaw(tone(440, 3000, amplitude=0.3))
     response: list[Any] = []
     go = trio.Event()
@@ -319,8 +315,8 @@ async def test_app_openai_barge_in_clears_and_truncates_at_what_was_heard() -> N
         await go.wait()
         await session.speech_started()
 
-    async with fake_openai(script) as model, running(openai_settings(model)) as url:
-        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+    async with fake_openai(script) as model, running(openai_settings(model)) as url, phone_call(url) as caller:
+        async with trio.open_nursery() as nursery:
             await nursery.start(keep_talking, caller)
             # Let about 600 ms play, then barge in 10 ms after a mark echo, so
             # no echo can cross our clear on the wire (the next is 40 ms away).
@@ -343,6 +339,7 @@ async def test_app_openai_barge_in_clears_and_truncates_at_what_was_heard() -> N
             await caller.wait_for(lambda: caller.received_audio.endswith(fresh))
             nursery.cancel_scope.cancel()
         await caller.stop()
+        await caller.closed.wait()
 
     assert caller.errors == []
     assert clear.at_s - barge_in_s < 0.1  # promptly
@@ -362,6 +359,8 @@ async def test_app_openai_barge_in_clears_and_truncates_at_what_was_heard() -> N
     assert after == fresh
     assert any(e.cleared for e in caller.echoes)
     assert all(not e.cleared for e in caller.echoes if e.at_s != clear.at_s)
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    assert "ended (twilio sent stop)" in ended and "barge-ins 1;" in ended
 
 
 @fail_after(10)
@@ -379,6 +378,53 @@ async def test_app_stop_closes_the_model_socket_within_a_second() -> None:
             assert session.close_code == 1000  # a clean close handshake
             await caller.closed.wait()
             assert caller.close_code == 1000
+
+
+@fail_after(10)
+async def test_app_caller_dropping_the_connection_ends_the_call(caplog: pytest.LogCaptureFixture) -> None:
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(200)
+            session = await model.session(0)
+            await session.wait_appends(10)
+            await caller.abort()  # no stop: the network went away
+            await session.closed.wait()
+            assert caller.stopped_at_s is not None and session.closed_at_s is not None
+            assert session.closed_at_s - caller.stopped_at_s < 1.0
+        await trio.sleep(0.05)  # let the call's log line out
+        assert json.loads((await http_request(url + "/healthz")).body)["active_calls"] == 0
+    assert any(" ended (" in r.getMessage() for r in call_log(caplog, CALL_A))
+
+
+@fail_after(10)
+async def test_app_shutdown_drains_live_calls_then_closes_them() -> None:
+    shutdown = trio.Event()
+    async with fake_openai() as model, trio.open_nursery() as nursery:
+        settings = openai_settings(model, drain_s=0.5)
+        [url] = await nursery.start(functools.partial(serve, settings, shutdown_trigger=shutdown.wait))
+        async with phone_call(url) as caller:
+            await caller.send_silence(100)
+            session = await model.session(0)
+            await session.wait_appends(5)
+            await answer_call(url, CALL_B)  # pre-opened, its stream never comes
+            waiting = await model.session(1)
+            await waiting.ready.wait()
+            shutdown_s = trio.current_time()
+            shutdown.set()
+            await trio.sleep(0.2)
+            # Draining: no new calls, but the live one still runs.
+            with pytest.raises(OSError):
+                await http_request(url + "/healthz")
+            await caller.send_silence(100)
+            await session.wait_appends(10)
+            assert not caller.closed.is_set()
+            await session.closed.wait()  # at the drain deadline the call is cancelled
+            assert session.closed_at_s is not None
+            assert 0.5 <= session.closed_at_s - shutdown_s < 1.5
+            assert session.close_code == 1000
+            await caller.closed.wait()
+        await waiting.closed.wait()  # cancelled when the server stopped ...
+        assert waiting.close_code == 1000  # ... and still closed with a handshake
 
 
 @pytest.mark.parametrize("how", ["close", "abort"])

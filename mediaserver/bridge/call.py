@@ -21,9 +21,12 @@ send lock, in one step: every item that is queued here, buffered at Twilio
 or still being generated is marked interrupted, the queue is emptied, the
 pacer's wait is cancelled, ``clear`` goes out, and each item is truncated at
 what Twilio's mark echoes confirmed the caller heard *before* the clear.
-Late audio of an interrupted item is dropped.  Every write to the Twilio socket happens under one
-lock, together with the core's bookkeeping for it, so the core's idea of
-the wire order is the real one.
+Late audio of an interrupted item is dropped.
+
+Every write to the Twilio socket happens under one lock, together with the
+core's bookkeeping for it, so the core's idea of the wire order is the real
+one.  Time is read from Trio only, so the whole bridge runs unchanged under
+a ``MockClock`` (tests/bridge/test_call.py).
 """
 
 from __future__ import annotations
@@ -75,6 +78,13 @@ class _Chunk:
 
 
 class CallBridge:
+    """Bridge one started Twilio stream to one provider link (see the module docstring).
+
+    ``chunk_ms`` is the downlink chunk (a mark follows each), ``lead_ms`` how
+    far ahead of its playback a chunk is sent, ``jitter_depth`` how many later
+    frames wait before a missing uplink frame is concealed.
+    """
+
     def __init__(
         self,
         stream: MessageStream,

@@ -5,9 +5,14 @@ model session at once (in the manager's own nursery) and returns a one-time
 token for the TwiML ``<Parameter>``.  When Twilio's stream arrives with that
 token, :meth:`CallManager.handle_stream` claims the session and bridges it;
 when the stream ends, the pre-open task closes the session.  A session whose
-stream never comes is closed after ``stream_timeout_s``.  In development
-mode (no Twilio auth token) a stream without a known token opens its own
-session on the spot.
+stream never comes is closed ``stream_timeout_s`` after the webhook; a
+session that could not be opened keeps its slot until then, so that its
+stream is hung up with the reason.  In development mode (no Twilio auth
+token) a stream without a known token opens its own session on the spot.
+
+Failures stop at the call they belong to: a pre-open task never raises into
+the manager's nursery, and :meth:`CallManager.handle_stream` logs how each
+call ended in one line (cancellation passes through).
 """
 
 from __future__ import annotations
@@ -178,9 +183,13 @@ class CallManager:
 
     async def _bridge(self, stream: MessageStream, twilio: TwilioStream, start: tw.Start, link: ProviderLink) -> None:
         s = self.settings
-        bridge = CallBridge(
-            stream, twilio, link, call_sid=start.call_sid, idle_timeout_s=s.idle_timeout_s, max_call_s=s.max_call_s
-        )
+        try:
+            bridge = CallBridge(
+                stream, twilio, link, call_sid=start.call_sid, idle_timeout_s=s.idle_timeout_s, max_call_s=s.max_call_s
+            )
+        except ValueError as exc:  # the provider's audio formats cannot be bridged
+            log.error("call %s: cannot bridge to %s: %s", start.call_sid, link.name, exc)
+            return
         self.active += 1
         log.info("call %s: started, stream %s, provider %s", start.call_sid, start.stream_sid, link.name)
 
@@ -211,7 +220,7 @@ class CallManager:
                 "call %s: ended (%s) after %.1f s; frames in %d, to model %d, out %d; gaps filled %d, "
                 "late/duplicate %d; barge-ins %d; bridge latency up %s, down %s",
                 st.call_sid,
-                bridge.end_reason if bridge.end_reason != "running" else "cancelled",
+                bridge.end_reason if bridge.end_reason != "running" else "cancelled: Twilio disconnected or shutdown",
                 trio.current_time() - st.started_s,
                 st.frames_in,
                 st.frames_to_model,

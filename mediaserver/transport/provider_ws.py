@@ -2,9 +2,10 @@
 
 ``open_provider_link`` connects (with a timeout), sends the core's
 configuration and hands back a :class:`~mediaserver.bridge.link.ProviderLink`.
-Leaving the ``async with`` block closes the socket: gracefully within
-``disconnect_timeout_s`` when possible, at once (TCP close) when the call is
-being cancelled.  Either way nothing is left open.
+Leaving the ``async with`` block closes the socket: a close handshake under
+a shielded scope limited to ``disconnect_timeout_s`` (so the provider learns
+the session is over even when the call is being cancelled, e.g. at
+shutdown), then the TCP close.  Either way nothing is left open.
 
 The TCP (or TLS) stream is opened here and handed to trio-websocket's
 ``wrap_client_stream``, so this module owns it and closes it on the way out.
@@ -174,7 +175,7 @@ async def open_provider_link(
                 yield link
             finally:
                 try:
-                    with trio.move_on_after(disconnect_timeout_s) as closing:
+                    with trio.move_on_after(disconnect_timeout_s, shield=True) as closing:
                         await ws.aclose()
                     if closing.cancelled_caught:
                         log.info("%s: no close handshake within %g s; dropping the connection", name, disconnect_timeout_s)
