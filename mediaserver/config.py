@@ -14,10 +14,21 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROVIDERS", "ConfigError", "Settings", "load_dotenv_file"]
+__all__ = ["PCM_RATES", "PROVIDERS", "REQUIRED", "ConfigError", "Settings", "load_dotenv_file"]
 
 # Providers the server can bridge to; "echo" needs no network and no key.
-PROVIDERS = ("echo", "openai")
+PROVIDERS = ("echo", "openai", "gemini", "assemblyai", "deepgram", "elevenlabs", "pcm")
+
+# The key (or other setting) each network provider cannot start without.
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "openai": ("openai_api_key",),
+    "gemini": ("gemini_api_key",),
+    "assemblyai": ("assemblyai_api_key",),
+    "deepgram": ("deepgram_api_key",),
+    "elevenlabs": ("elevenlabs_agent_id",),
+    "pcm": ("pcm_provider_url",),
+}
+PCM_RATES = (8000, 16000, 24000)
 
 
 class ConfigError(ValueError):
@@ -30,7 +41,7 @@ def _env_field(env: str, default: Any, doc: str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    provider: str = _env_field("MEDIASERVER_PROVIDER", "echo", "echo | openai")
+    provider: str = _env_field("MEDIASERVER_PROVIDER", "echo", " | ".join(PROVIDERS))
     host: str = _env_field("MEDIASERVER_HOST", "0.0.0.0", "address to listen on")
     port: int = _env_field("MEDIASERVER_PORT", 8080, "port to listen on")
     public_url: str | None = _env_field(
@@ -50,6 +61,52 @@ class Settings:
         "OPENAI_AUDIO_FORMAT", "pcmu", "pcmu (µ-law passthrough) | pcm24k (24 kHz PCM16 through the resampler)"
     )
     openai_turn_detection: str = _env_field("OPENAI_TURN_DETECTION", "server_vad", "server_vad | semantic_vad")
+    gemini_api_key: str | None = _env_field("GEMINI_API_KEY", None, "required for provider gemini")
+    gemini_live_url: str = _env_field(
+        "GEMINI_LIVE_URL",
+        "wss://generativelanguage.googleapis.com/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent",
+        "Gemini Live WebSocket endpoint; override for proxies and tests",
+    )
+    gemini_model: str = _env_field("GEMINI_MODEL", "gemini-2.5-flash-native-audio-preview-12-2025", "Live model id")
+    gemini_voice: str = _env_field("GEMINI_VOICE", "Puck", "prebuilt voice name")
+    assemblyai_api_key: str | None = _env_field("ASSEMBLYAI_API_KEY", None, "required for provider assemblyai")
+    assemblyai_agent_url: str = _env_field(
+        "ASSEMBLYAI_AGENT_URL", "wss://agents.assemblyai.com/v1/ws", "Voice Agent WebSocket endpoint"
+    )
+    assemblyai_voice: str | None = _env_field("ASSEMBLYAI_VOICE", None, "agent voice (provider default when unset)")
+    deepgram_api_key: str | None = _env_field("DEEPGRAM_API_KEY", None, "required for provider deepgram")
+    deepgram_agent_url: str = _env_field(
+        "DEEPGRAM_AGENT_URL", "wss://agent.deepgram.com/v1/agent/converse", "Voice Agent WebSocket endpoint"
+    )
+    deepgram_listen_model: str = _env_field("DEEPGRAM_LISTEN_MODEL", "nova-3", "speech-to-text model")
+    deepgram_think_provider: str = _env_field("DEEPGRAM_THINK_PROVIDER", "open_ai", "LLM provider type")
+    deepgram_think_model: str = _env_field("DEEPGRAM_THINK_MODEL", "gpt-4o-mini", "LLM model")
+    deepgram_speak_model: str = _env_field("DEEPGRAM_SPEAK_MODEL", "aura-2-thalia-en", "text-to-speech model")
+    elevenlabs_api_key: str | None = _env_field(
+        "ELEVENLABS_API_KEY", None, "for private agents (signed URL); public agents need only the agent id"
+    )
+    elevenlabs_agent_id: str | None = _env_field("ELEVENLABS_AGENT_ID", None, "required for provider elevenlabs")
+    elevenlabs_agent_url: str = _env_field(
+        "ELEVENLABS_AGENT_URL", "wss://api.elevenlabs.io/v1/convai/conversation", "Agents WebSocket endpoint"
+    )
+    pcm_provider_url: str | None = _env_field("PCM_PROVIDER_URL", None, "ws:// or wss:// URL of a PCM16 model (provider pcm)")
+    pcm_provider_input_rate: int = _env_field("PCM_PROVIDER_INPUT_RATE", 16000, "8000 | 16000 | 24000: caller audio to the model")
+    pcm_provider_output_rate: int = _env_field(
+        "PCM_PROVIDER_OUTPUT_RATE", 16000, "8000 | 16000 | 24000: model audio to the caller"
+    )
+    api_key: str | None = _env_field(
+        "MEDIASERVER_API_KEY", None, "protects POST /calls and GET /calls/{sid} (Bearer token); unset = those routes are off"
+    )
+    twilio_api_key_sid: str | None = _env_field("TWILIO_API_KEY_SID", None, "SK...; REST auth instead of the auth token")
+    twilio_api_key_secret: str | None = _env_field("TWILIO_API_KEY_SECRET", None, "secret of TWILIO_API_KEY_SID")
+    twilio_api_base: str = _env_field("TWILIO_API_BASE", "https://api.twilio.com", "Twilio REST base URL (tests override)")
+    twilio_from_number: str | None = _env_field("TWILIO_FROM_NUMBER", None, "default caller id for outbound calls (E.164)")
+    tools_module: str | None = _env_field("MEDIASERVER_TOOLS", None, "Python module whose @tool functions the agent may call")
+    tool_timeout_s: float = _env_field("MEDIASERVER_TOOL_TIMEOUT_S", 10.0, "a tool call slower than this returns an error")
+    data_dir: str = _env_field("MEDIASERVER_DATA_DIR", "data", "where the SQLite call records live")
+    database_url: str | None = _env_field(
+        "DATABASE_URL", None, "postgresql://... to keep call records in PostgreSQL instead of SQLite"
+    )
     agent_instructions: str = _env_field(
         "AGENT_INSTRUCTIONS",
         "You are a helpful, concise voice assistant on a phone call. Keep answers short.",
@@ -88,8 +145,17 @@ class Settings:
             raise ConfigError(f"MEDIASERVER_PROVIDER must be one of {', '.join(PROVIDERS)}, not {self.provider!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"MEDIASERVER_PORT must be 1-65535, not {self.port}")
-        if self.provider == "openai" and not self.openai_api_key:
-            raise ConfigError("MEDIASERVER_PROVIDER=openai needs OPENAI_API_KEY")
+        for needed in REQUIRED.get(self.provider, ()):
+            if not getattr(self, needed):
+                raise ConfigError(f"MEDIASERVER_PROVIDER={self.provider} needs {_env_name(needed)}")
+        for name in ("pcm_provider_input_rate", "pcm_provider_output_rate"):
+            if getattr(self, name) not in PCM_RATES:
+                raise ConfigError(f"{_env_name(name)} must be 8000, 16000 or 24000, not {getattr(self, name)}")
+        for name in ("openai_realtime_url", "gemini_live_url", "assemblyai_agent_url", "deepgram_agent_url",
+                     "elevenlabs_agent_url", "pcm_provider_url"):
+            url = getattr(self, name)
+            if url is not None and not url.startswith(("ws://", "wss://")):
+                raise ConfigError(f"{_env_name(name)} must be a ws:// or wss:// URL, not {url!r}")
         if self.openai_audio not in ("pcmu", "pcm24k"):
             raise ConfigError(f"OPENAI_AUDIO_FORMAT must be pcmu or pcm24k, not {self.openai_audio!r}")
         if self.openai_turn_detection not in ("server_vad", "semantic_vad"):
@@ -98,7 +164,7 @@ class Settings:
             )
         if self.public_url is not None and not self.public_url.startswith(("https://", "http://")):
             raise ConfigError(f"MEDIASERVER_PUBLIC_URL must start with https:// (got {self.public_url!r})")
-        for name in ("stream_timeout_s", "idle_timeout_s", "max_call_s", "connect_timeout_s", "drain_s"):
+        for name in ("stream_timeout_s", "idle_timeout_s", "max_call_s", "connect_timeout_s", "drain_s", "tool_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive")
         return self

@@ -1,35 +1,20 @@
-"""Open the model session a call is bridged to, from the settings."""
+"""Open the model session a call is bridged to, from the settings.
+
+``echo`` runs in process; every network provider has an adapter module,
+``mediaserver.adapters.<provider>``, imported on first use.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from mediaserver.agents.echo import EchoLink
 from mediaserver.bridge.link import ProviderLink
-from mediaserver.config import Settings
-from mediaserver.protocol.providers.openai import (
-    OpenAIRealtimeConfig,
-    OpenAIRealtimeSession,
-    SemanticVad,
-    ServerVad,
-)
-from mediaserver.transport.provider_ws import open_provider_link
+from mediaserver.config import PROVIDERS, Settings
 
-__all__ = ["open_link", "openai_config"]
-
-
-def openai_config(settings: Settings) -> OpenAIRealtimeConfig:
-    greeting = settings.agent_greeting
-    return OpenAIRealtimeConfig(
-        model=settings.openai_realtime_model,
-        instructions=settings.agent_instructions,
-        voice=settings.openai_voice,
-        audio_format="pcm24k" if settings.openai_audio == "pcm24k" else "pcmu",
-        turn_detection=SemanticVad() if settings.openai_turn_detection == "semantic_vad" else ServerVad(),
-        greeting_instructions=f'Greet the caller by saying: "{greeting}"' if greeting else None,
-        base_url=settings.openai_realtime_url,
-    )
+__all__ = ["open_link"]
 
 
 @asynccontextmanager
@@ -42,15 +27,8 @@ async def open_link(settings: Settings) -> AsyncIterator[ProviderLink]:
         finally:
             link.close()
         return
-    if settings.provider == "openai":
-        session = OpenAIRealtimeSession(openai_config(settings))
-        async with open_provider_link(
-            "openai",
-            session,
-            session.config.url,
-            [("Authorization", f"Bearer {settings.openai_api_key}")],
-            connect_timeout_s=settings.connect_timeout_s,
-        ) as ws_link:
-            yield ws_link
-        return
-    raise ValueError(f"unknown provider {settings.provider!r}")  # Settings.validated() prevents this
+    if settings.provider not in PROVIDERS:  # Settings.validated() prevents this
+        raise ValueError(f"unknown provider {settings.provider!r}")
+    adapter = importlib.import_module(f"mediaserver.adapters.{settings.provider}")
+    async with adapter.open_link(settings) as provider_link:
+        yield provider_link

@@ -64,6 +64,7 @@ class WebSocketLink:
         # messages (e.g. a tool result and its response.create) stay together
         # and in the order the core produced them.
         self._send_lock = trio.StrictFIFOLock()
+        self.last_send_s = trio.current_time()
 
     @property
     def input_format(self) -> AudioFormat:
@@ -77,12 +78,27 @@ class WebSocketLink:
         try:
             for message in messages:
                 await self._ws.send_message(message)
+                self.last_send_s = trio.current_time()
         except ConnectionClosed as exc:
             raise ProviderClosed(f"{self.name} connection closed: {_reason(exc)}") from None
 
     async def send(self, command: ProviderCommand) -> None:
         async with self._send_lock:
             await self._send_all(self.session.send(command))
+
+    async def keep_alive(self) -> None:
+        """Send the core's keepalive whenever nothing was sent for its interval (runs until cancelled)."""
+        interval = self.session.keepalive_interval_s
+        if interval is None:
+            return
+        while True:
+            await trio.sleep_until(self.last_send_s + interval)
+            if trio.current_time() - self.last_send_s >= interval:
+                async with self._send_lock:
+                    try:
+                        await self._send_all(self.session.keepalive())
+                    except ProviderClosed:
+                        return  # the reader reports the close
 
     async def receive(self) -> ProviderEvent:
         while not self._pending:
@@ -92,8 +108,12 @@ class WebSocketLink:
                 raise ProviderClosed(f"{self.name} connection closed: {_reason(exc)}") from None
             try:
                 self.session.receive_message(message)
+                replies = self.session.pending_messages()
             except ProtocolError as exc:
                 raise ProviderClosed(f"{self.name} protocol error: {exc}") from None
+            if replies:
+                async with self._send_lock:
+                    await self._send_all(replies)
             self._pending.extend(self.session.events())
         return self._pending.popleft()
 
@@ -172,6 +192,7 @@ async def open_provider_link(
             try:
                 link = WebSocketLink(name, session, ws)
                 await link._send_all(session.initial_messages())
+                nursery.start_soon(link.keep_alive)
                 yield link
             finally:
                 try:

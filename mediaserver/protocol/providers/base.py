@@ -17,6 +17,13 @@ Rules every provider core follows:
 * Every inbound message produces exactly one event; a message type the core
   does not know becomes :class:`Unknown`, one it knows but that has no
   provider-neutral meaning becomes :class:`Other`.  Nothing is dropped.
+* Some providers expect replies the bridge never asks for (ElevenLabs
+  ``ping`` -> ``pong``): the core queues them while receiving and the
+  transport sends whatever ``pending_messages()`` returns after every
+  ``receive_message``.
+* ``keepalive_interval_s`` (``None`` = never): when nothing has been sent
+  for that long, the transport sends ``keepalive()`` (Deepgram ``KeepAlive``
+  while no audio flows, e.g. before the caller's stream arrives).
 * Audio payloads are raw bytes in the session's :attr:`ProviderSession.input_format`
   / :attr:`ProviderSession.output_format`; base64 stays inside the core.
 """
@@ -340,4 +347,17 @@ class ProviderSession(Protocol):
 
     def send(self, command: ProviderCommand) -> Sequence[WireMessage]:
         """Return the wire messages for ``command`` (possibly none)."""
+        ...
+
+    def pending_messages(self) -> Sequence[WireMessage]:
+        """Return and forget replies the core owes the provider (e.g. ``pong``)."""
+        ...
+
+    @property
+    def keepalive_interval_s(self) -> float | None:
+        """Send :meth:`keepalive` after this long without sending; ``None``: never."""
+        ...
+
+    def keepalive(self) -> Sequence[WireMessage]:
+        """The keepalive message(s) (empty when the provider has none)."""
         ...

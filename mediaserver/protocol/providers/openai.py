@@ -396,6 +396,18 @@ class OpenAIRealtimeSession:
             self._state = SessionState.ERROR
             raise
 
+    def pending_messages(self) -> list[str]:
+        """OpenAI expects no unsolicited replies."""
+        return []
+
+    @property
+    def keepalive_interval_s(self) -> float | None:
+        """OpenAI has no keepalive client event."""
+        return None
+
+    def keepalive(self) -> list[str]:
+        return []
+
     def _truncate(self, command: Truncate) -> list[str]:
         item_id = command.item_id
         received = self._received_bytes.get(item_id)

@@ -1,0 +1,44 @@
+"""Settings -> OpenAI Realtime (GA) session over a WebSocket."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from mediaserver.bridge.link import ProviderLink
+from mediaserver.config import Settings
+from mediaserver.protocol.providers.openai import (
+    OpenAIRealtimeConfig,
+    OpenAIRealtimeSession,
+    SemanticVad,
+    ServerVad,
+)
+from mediaserver.transport.provider_ws import open_provider_link
+
+__all__ = ["open_link", "openai_config"]
+
+
+def openai_config(settings: Settings) -> OpenAIRealtimeConfig:
+    greeting = settings.agent_greeting
+    return OpenAIRealtimeConfig(
+        model=settings.openai_realtime_model,
+        instructions=settings.agent_instructions,
+        voice=settings.openai_voice,
+        audio_format="pcm24k" if settings.openai_audio == "pcm24k" else "pcmu",
+        turn_detection=SemanticVad() if settings.openai_turn_detection == "semantic_vad" else ServerVad(),
+        greeting_instructions=f'Greet the caller by saying: "{greeting}"' if greeting else None,
+        base_url=settings.openai_realtime_url,
+    )
+
+
+@asynccontextmanager
+async def open_link(settings: Settings) -> AsyncIterator[ProviderLink]:
+    session = OpenAIRealtimeSession(openai_config(settings))
+    async with open_provider_link(
+        "openai",
+        session,
+        session.config.url,
+        [("Authorization", f"Bearer {settings.openai_api_key}")],
+        connect_timeout_s=settings.connect_timeout_s,
+    ) as link:
+        yield link
