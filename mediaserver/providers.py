@@ -11,15 +11,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from mediaserver.agents.echo import EchoLink
-from mediaserver.bridge.link import ProviderLink
+from mediaserver.bridge.link import AgentOptions, ProviderLink
 from mediaserver.config import PROVIDERS, Settings
 
 __all__ = ["open_link"]
 
 
 @asynccontextmanager
-async def open_link(settings: Settings) -> AsyncIterator[ProviderLink]:
+async def open_link(settings: Settings, agent: AgentOptions | None = None) -> AsyncIterator[ProviderLink]:
     """Connect to the configured provider; leaving the block closes it."""
+    agent = agent or AgentOptions.from_settings(settings)
     if settings.provider == "echo":
         link = EchoLink()
         try:
@@ -30,5 +31,5 @@ async def open_link(settings: Settings) -> AsyncIterator[ProviderLink]:
     if settings.provider not in PROVIDERS:  # Settings.validated() prevents this
         raise ValueError(f"unknown provider {settings.provider!r}")
     adapter = importlib.import_module(f"mediaserver.adapters.{settings.provider}")
-    async with adapter.open_link(settings) as provider_link:
+    async with adapter.open_link(settings, agent) as provider_link:
         yield provider_link

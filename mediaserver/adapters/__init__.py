@@ -3,10 +3,11 @@
 Each ``mediaserver.adapters.<provider>`` module defines::
 
     @asynccontextmanager
-    async def open_link(settings: Settings) -> AsyncIterator[ProviderLink]: ...
+    async def open_link(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]: ...
 
 It builds the provider's sans-I/O core (``mediaserver.protocol.providers``)
-from the settings and connects it with
+from the settings and the per-call :class:`~mediaserver.bridge.link.AgentOptions`
+(instructions, greeting, tools) and connects it with
 :func:`mediaserver.transport.provider_ws.open_provider_link`.  The module is
 imported only when its provider is chosen, so an unused provider costs
 nothing at start.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from mediaserver.bridge.link import ProviderLink
+from mediaserver.bridge.link import AgentOptions, ProviderLink
 from mediaserver.config import Settings
 from mediaserver.protocol.providers.openai import (
     OpenAIRealtimeConfig,
@@ -18,11 +18,13 @@ from mediaserver.transport.provider_ws import open_provider_link
 __all__ = ["open_link", "openai_config"]
 
 
-def openai_config(settings: Settings) -> OpenAIRealtimeConfig:
-    greeting = settings.agent_greeting
+def openai_config(settings: Settings, agent: AgentOptions | None = None) -> OpenAIRealtimeConfig:
+    agent = agent or AgentOptions.from_settings(settings)
+    greeting = agent.greeting
     return OpenAIRealtimeConfig(
         model=settings.openai_realtime_model,
-        instructions=settings.agent_instructions,
+        instructions=agent.instructions,
+        tools=agent.tools,
         voice=settings.openai_voice,
         audio_format="pcm24k" if settings.openai_audio == "pcm24k" else "pcmu",
         turn_detection=SemanticVad() if settings.openai_turn_detection == "semantic_vad" else ServerVad(),
@@ -32,8 +34,8 @@ def openai_config(settings: Settings) -> OpenAIRealtimeConfig:
 
 
 @asynccontextmanager
-async def open_link(settings: Settings) -> AsyncIterator[ProviderLink]:
-    session = OpenAIRealtimeSession(openai_config(settings))
+async def open_link(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
+    session = OpenAIRealtimeSession(openai_config(settings, agent))
     async with open_provider_link(
         "openai",
         session,

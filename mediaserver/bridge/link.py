@@ -11,11 +11,34 @@ that ends can never leave a model socket open.
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from mediaserver.protocol.providers.base import AudioFormat, ProviderCommand, ProviderEvent
+from mediaserver.protocol.providers.base import AudioFormat, FunctionTool, ProviderCommand, ProviderEvent
 
-__all__ = ["ProviderClosed", "ProviderLink"]
+if TYPE_CHECKING:
+    from mediaserver.config import Settings
+
+__all__ = ["AgentOptions", "ProviderClosed", "ProviderLink"]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOptions:
+    """What the agent is told for one call.
+
+    The defaults come from the settings (``AGENT_INSTRUCTIONS``,
+    ``AGENT_GREETING``); an outbound call may override them per call.
+    ``tools`` are the functions the model may call.  Every adapter maps these
+    onto its provider's session configuration.
+    """
+
+    instructions: str
+    greeting: str | None = None
+    tools: tuple[FunctionTool, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AgentOptions:
+        return cls(instructions=settings.agent_instructions, greeting=settings.agent_greeting)
 
 
 class ProviderClosed(Exception):

@@ -31,7 +31,7 @@ from mediaserver.protocol.errors import ProtocolError
 from mediaserver.protocol.twilio import TwilioStream
 
 from .call import CallBridge, MessageStream, StreamClosed
-from .link import ProviderClosed, ProviderLink
+from .link import AgentOptions, ProviderClosed, ProviderLink
 
 __all__ = ["CallManager", "TOKEN_PARAMETER"]
 
@@ -41,12 +41,13 @@ TOKEN_PARAMETER = "token"  # name of the TwiML <Parameter> carrying the one-time
 START_TIMEOUT_S = 10.0  # connected + start must arrive this soon after the upgrade
 MAX_PENDING = 1000  # pre-opened sessions at once; more webhooks are refused
 
-LinkOpener = Callable[[Settings], AbstractAsyncContextManager[ProviderLink]]
+LinkOpener = Callable[[Settings, AgentOptions], AbstractAsyncContextManager[ProviderLink]]
 
 
 @dataclass(eq=False)
 class _Slot:
     call_sid: str
+    agent: AgentOptions
     ready: trio.Event = field(default_factory=trio.Event)
     claimed: trio.Event = field(default_factory=trio.Event)
     released: trio.Event = field(default_factory=trio.Event)
@@ -62,6 +63,8 @@ class CallManager:
             open_link = default_opener
         self.settings = settings
         self._open_link = open_link
+        # What the agent is told on every call unless prepare() overrides it.
+        self.agent = AgentOptions.from_settings(settings)
         self._slots: dict[str, _Slot] = {}
         self._nursery: trio.Nursery | None = None
         self.active = 0
@@ -79,12 +82,15 @@ class CallManager:
             task_status.started()
             await trio.sleep_forever()
 
-    def prepare(self, call_sid: str) -> str | None:
-        """Start opening a session for ``call_sid``; returns its one-time token (None when full)."""
+    def prepare(self, call_sid: str, agent: AgentOptions | None = None) -> str | None:
+        """Start opening a session for ``call_sid``; returns its one-time token (None when full).
+
+        ``agent`` overrides :attr:`agent` for this call (an outbound call's greeting, say).
+        """
         if self._nursery is None or len(self._slots) >= MAX_PENDING:
             return None
         token = secrets.token_urlsafe(24)
-        slot = _Slot(call_sid)
+        slot = _Slot(call_sid, agent or self.agent)
         self._slots[token] = slot
         self._nursery.start_soon(self._preopen, token, slot)
         return token
@@ -95,7 +101,7 @@ class CallManager:
         deadline = trio.current_time() + self.settings.stream_timeout_s
         try:
             try:
-                async with self._open_link(self.settings) as link:
+                async with self._open_link(self.settings, slot.agent) as link:
                     slot.link = link
                     slot.ready.set()
                     with trio.move_on_at(deadline):
@@ -157,7 +163,7 @@ class CallManager:
             log.error("call %s: stream without a valid one-time token; refused", start.call_sid)
             return
         try:
-            async with self._open_link(self.settings) as link:
+            async with self._open_link(self.settings, self.agent) as link:
                 await self._bridge(stream, twilio, start, link)
         except* ProviderClosed as group:
             log.error("call %s: could not open the model session: %s", start.call_sid, _reason(group))

@@ -30,8 +30,9 @@ Rules every provider core follows:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
 from ..errors import LocalProtocolError
@@ -43,6 +44,7 @@ __all__ = [
     "AudioTruncated",
     "CancelResponse",
     "CreateResponse",
+    "FunctionTool",
     "Other",
     "ProviderCommand",
     "ProviderError",
@@ -91,6 +93,28 @@ class AudioFormat:
     @property
     def bytes_per_ms(self) -> int:
         return self.sample_rate_hz // 1000 * self.bytes_per_sample
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionTool:
+    """A function the model may call, in the neutral form every provider maps from.
+
+    ``parameters`` is a JSON Schema object (``{"type": "object", ...}``).
+    """
+
+    name: str
+    description: str
+    parameters: Mapping[str, object] = field(
+        default_factory=lambda: MappingProxyType({"type": "object", "properties": {}})
+    )
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise LocalProtocolError("a tool needs a name")
+
+    def to_json(self) -> dict[str, object]:
+        """``{"name", "description", "parameters"}`` as plain JSON values."""
+        return {"name": self.name, "description": self.description, "parameters": dict(self.parameters)}
 
 
 # --------------------------------------------------------------------------- events

@@ -48,6 +48,7 @@ from urllib.parse import quote
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .base import (
     AudioDelta,
+    FunctionTool,
     AudioDone,
     AudioFormat,
     AudioTruncated,
@@ -155,28 +156,6 @@ class SemanticVad:
             if value is not None:
                 wire[name] = value
         return wire
-
-
-@dataclass(frozen=True, slots=True)
-class FunctionTool:
-    """A function the model may call (``session.tools[]`` entry of type ``function``).
-
-    ``parameters`` is a JSON Schema object.
-    """
-
-    name: str
-    description: str
-    parameters: Mapping[str, object] = field(
-        default_factory=lambda: MappingProxyType({"type": "object", "properties": {}})
-    )
-
-    def to_wire(self) -> dict[str, object]:
-        return {
-            "type": "function",
-            "name": self.name,
-            "description": self.description,
-            "parameters": dict(self.parameters),
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +333,7 @@ class OpenAIRealtimeSession:
                 audio_output["voice"] = config.voice
             session["audio"] = {"input": audio_input, "output": audio_output}
             if config.tools:
-                session["tools"] = [tool.to_wire() for tool in config.tools]
+                session["tools"] = [{"type": "function", **tool.to_json()} for tool in config.tools]
                 session["tool_choice"] = "auto"
             messages = [self._dumps("session.update", {"session": session})]
             if config.greeting_instructions is not None:
