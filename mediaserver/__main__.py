@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -11,6 +12,14 @@ from mediaserver import __version__
 from mediaserver.config import PROVIDERS, ConfigError, Settings, load_dotenv_file
 
 log = logging.getLogger("mediaserver")
+
+# Subcommands that live in their own modules: each module defines
+# ``configure(parser: argparse.ArgumentParser) -> None`` (its arguments and
+# help) and ``main(args: argparse.Namespace) -> int`` (the exit status).
+# ``serve`` and ``settings`` are defined here.  One line per command.
+_COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module, one-line help)
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (MEDIASERVER_LOG_LEVEL)")
     serve.add_argument("--env-file", default=".env", help="read settings from this file if it exists (default .env)")
     sub.add_parser("settings", help="list every setting with its environment variable and default")
+    for name, (module, summary) in _COMMANDS.items():
+        command = sub.add_parser(name, help=summary, description=summary)
+        importlib.import_module(module).configure(command)
     return parser
 
 
@@ -45,6 +57,8 @@ def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in _COMMANDS:
+        return int(importlib.import_module(_COMMANDS[args.command][0]).main(args))
     if args.command == "settings":
         for env, default, doc in Settings.describe():
             print(f"{env:32} {default:42} {doc}")
