@@ -179,7 +179,7 @@ class Settings:
 
 
 def _env_name(attr: str) -> str:
-    return next(f.metadata["env"] for f in fields(Settings) if f.name == attr)
+    return next(str(f.metadata["env"]) for f in fields(Settings) if f.name == attr)
 
 
 def _parse(name: str, env: str, raw: str, default: Any) -> Any:
