@@ -19,6 +19,9 @@ log = logging.getLogger("mediaserver")
 # ``serve`` and ``settings`` are defined here.  One line per command.
 _COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
+    "dial": ("mediaserver.dial.cli", "place a simulated Twilio call against a running server and report what the caller experienced"),
+    "calls": ("mediaserver.records.cli", "list recent calls, or show one with its transcript"),
+    "call": ("mediaserver.outbound_cli", "place an outbound call: the agent calls a phone number and speaks first"),
 }
 
 
@@ -72,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             public_url=getattr(args, "public_url", None),
             log_level=getattr(args, "log_level", None),
         )
+        from mediaserver.tools import load_toolset
+
+        load_toolset(settings)  # MEDIASERVER_TOOLS must import before we take calls
     except ConfigError as exc:
         print(f"mediaserver: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -82,7 +82,7 @@ class EchoLink:
                 self._frame(frame)
         elif isinstance(command, pv.Truncate):
             self.truncations.append(command)
-        # CancelResponse / CreateResponse / ToolResult: nothing to do
+        # CancelResponse / CreateResponse / ToolResult / SendText: nothing to do
 
     def _emit(self, event: pv.ProviderEvent) -> None:
         self._events_in.send_nowait(event)

@@ -41,6 +41,8 @@ from mediaserver.codec import JitterBuffer, Resampler, ulaw_decode, ulaw_encode
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.providers import base as pv
 from mediaserver.protocol.twilio import StreamState, TwilioStream
+from mediaserver.tools import ToolError, ToolSet
+from mediaserver.twilio_rest import TwilioRest, TwilioRestError, dial_twiml
 
 from .link import ProviderClosed, ProviderLink
 from .stats import CallStats
@@ -77,6 +79,26 @@ class _Chunk:
         self.received_s = received_s
 
 
+class _DigitCollector:
+    """Keypad digits for one ``next_digits`` call."""
+
+    def __init__(self, count: int, finish_on: str | None) -> None:
+        self.count = count
+        self.finish_on = finish_on
+        self.digits: list[str] = []
+        self.done = trio.Event()
+
+    def add(self, digit: str) -> None:
+        if self.done.is_set():
+            return
+        if self.finish_on is not None and digit in self.finish_on:
+            self.done.set()
+            return
+        self.digits.append(digit)
+        if len(self.digits) >= self.count:
+            self.done.set()
+
+
 class CallBridge:
     """Bridge one started Twilio stream to one provider link (see the module docstring).
 
@@ -97,6 +119,11 @@ class CallBridge:
         chunk_ms: int = 40,
         lead_ms: int = 160,
         jitter_depth: int = 2,
+        tools: ToolSet | None = None,
+        tool_timeout_s: float = 10.0,
+        rest: TwilioRest | None = None,
+        dtmf_gap_s: float = 1.0,
+        goodbye_timeout_s: float = 15.0,
     ) -> None:
         if twilio.start is None:
             raise ValueError("the Twilio stream must have started before bridging")
@@ -145,6 +172,19 @@ class CallBridge:
         self._playing_until_s = 0.0  # when Twilio's buffer runs dry (Trio time)
         self._pacer_wait: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
+        # Tools and keypad (see _run_tool, _on_digit, end_call, transfer).
+        self.tools = tools
+        self.tool_timeout_s = tool_timeout_s
+        self.rest = rest
+        self.dtmf_gap_s = dtmf_gap_s  # digits this close together reach the model as one message
+        self.goodbye_timeout_s = goodbye_timeout_s  # end_call/transfer wait at most this for the goodbye
+        self._changed = trio.Event()  # set (and replaced) whenever playback or response state may have moved
+        self._response_open = False
+        self._ending = False
+        self._digits: _DigitCollector | None = None
+        self._dtmf_text: list[str] = []
+        self._dtmf_flush_s = 0.0
+        self._dtmf_flushing = False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -203,9 +243,11 @@ class CallBridge:
                         return
                     elif isinstance(event, tw.Dtmf):
                         log.info("call %s: DTMF %s", stats.call_sid, event.digit)
+                        self._on_digit(event.digit)
                     elif isinstance(event, tw.Unknown):
                         log.debug("call %s: ignored Twilio event %r", stats.call_sid, event.event)
                     # Mark: the core did the playback accounting
+                self._notify()  # playback may have moved (end_call and transfer wait on it)
         self._end(f"idle: nothing from Twilio for {self.idle_timeout_s:g} s")
 
     async def _uplink(self, frame: bytes) -> None:
@@ -228,6 +270,7 @@ class CallBridge:
                 log.warning("call %s: %s", self.stats.call_sid, exc.reason)
                 self._end(f"provider ended: {exc.reason}")
                 return
+            self._observe(event)
             if isinstance(event, pv.AudioDelta):
                 if event.item_id not in self._interrupted:
                     self._generating[event.item_id] = None
@@ -245,10 +288,122 @@ class CallBridge:
                     return
                 log.warning("call %s: %s error: %s", self.stats.call_sid, self.link.name, event.message)
             elif isinstance(event, pv.ToolCall):
-                # tools arrive with the phone-agent features; never leave the model waiting
-                await self.link.send(pv.ToolResult(event.call_id, '{"error": "no tools are configured"}'))
-            elif isinstance(event, pv.Transcript) and event.final:
-                log.debug("call %s: %s: %s", self.stats.call_sid, event.role, event.text)
+                # Run in the call's nursery: a slow tool must not hold up the provider reader.
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._run_tool, event)
+            elif isinstance(event, pv.Transcript):
+                offset_s = trio.current_time() - self.stats.started_s
+                self.stats.transcript.add(event.role, event.text, final=event.final, item_id=event.item_id, offset_s=offset_s)
+                if event.final:
+                    log.debug("call %s: %s: %s", self.stats.call_sid, event.role, event.text)
+
+    # -- tools, keypad, hanging up and transfer ---------------------------------
+
+    @property
+    def call_sid(self) -> str:
+        return self.stats.call_sid
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _observe(self, event: pv.ProviderEvent) -> None:
+        if isinstance(event, pv.ResponseStarted):
+            self._response_open = True
+        elif isinstance(event, pv.ResponseDone):
+            self._response_open = False
+        self._notify()
+
+    async def _run_tool(self, call: pv.ToolCall) -> None:
+        """Run one tool call and answer it; errors become an error result, never a failed call."""
+        self.stats.tool_calls.append(call.name)
+        if self.tools is None:
+            output, respond = '{"error": "no tools are configured"}', True
+        else:
+            outcome = await self.tools.run(call.name, call.arguments, control=self, timeout_s=self.tool_timeout_s)
+            output, respond = outcome.output, outcome.respond
+            log.info("call %s: tool %s -> %s", self.call_sid, call.name, "ok" if outcome.ok else output[:200])
+        try:
+            await self.link.send(pv.ToolResult(call.call_id, output, respond=respond))
+        except ProviderClosed as exc:
+            self._end(f"provider ended: {exc.reason}")
+
+    def _quiet(self) -> bool:
+        """Nothing being said: no response open, nothing queued, everything sent confirmed played."""
+        return (
+            not self._response_open
+            and not self._generating
+            and not self._queue
+            and not self._pending
+            and self.twilio.unconfirmed_samples == 0
+        )
+
+    async def wait_played(self, limit_s: float) -> bool:
+        """Wait (at most ``limit_s``) until what the agent is saying has played; True if it has."""
+        with trio.move_on_after(limit_s):
+            while not self._quiet():
+                await self._changed.wait()
+            return True
+        return False
+
+    async def end_call(self, reason: str) -> None:
+        """CallControl: end the call once the goodbye has played (returns at once)."""
+        if self._nursery is not None and not self._ending:
+            self._ending = True
+            self._nursery.start_soon(self._hang_up, reason)
+
+    async def _hang_up(self, reason: str) -> None:
+        if not await self.wait_played(self.goodbye_timeout_s):
+            log.warning("call %s: goodbye still playing after %g s; hanging up", self.call_sid, self.goodbye_timeout_s)
+        # Closing the stream ends the call: the TwiML has <Hangup/> after <Connect>.
+        self._end(f"agent hung up: {reason}")
+
+    async def transfer(self, to: str) -> None:
+        """CallControl: cold transfer with a REST ``<Dial>`` once the agent's words have played."""
+        if self.rest is None:
+            raise ToolError("transfers need Twilio REST credentials, which are not configured")
+        await self.wait_played(self.goodbye_timeout_s)
+        try:
+            await self.rest.update_call(self.call_sid, twiml=dial_twiml(to))
+        except TwilioRestError as exc:
+            log.error("call %s: transfer to %s failed: %s", self.call_sid, to, exc)
+            raise ToolError(f"the transfer failed: {exc}") from exc
+        log.info("call %s: transferred to %s", self.call_sid, to)
+        self._end(f"transferred to {to}")  # Twilio now runs <Dial>; the stream is over
+
+    async def next_digits(self, count: int, timeout_s: float, finish_on: str | None) -> str:
+        """CallControl: collect keypad digits pressed from now on (see CallContext.next_digits)."""
+        if self._digits is not None:
+            raise ToolError("another tool is already reading the keypad")
+        collector = self._digits = _DigitCollector(count, finish_on)
+        try:
+            with trio.move_on_after(timeout_s):
+                await collector.done.wait()
+        finally:
+            self._digits = None
+        return "".join(collector.digits)
+
+    def _on_digit(self, digit: str) -> None:
+        if self._digits is not None:  # a tool is reading the keypad: the digit is its
+            self._digits.add(digit)
+            return
+        self._dtmf_text.append(digit)
+        self._dtmf_flush_s = trio.current_time() + self.dtmf_gap_s
+        if not self._dtmf_flushing and self._nursery is not None:
+            self._dtmf_flushing = True
+            self._nursery.start_soon(self._flush_digits)
+
+    async def _flush_digits(self) -> None:
+        """Tell the model which keys were pressed, once the caller pauses for ``dtmf_gap_s``."""
+        while trio.current_time() < self._dtmf_flush_s:
+            await trio.sleep_until(self._dtmf_flush_s)
+        digits, self._dtmf_text = self._dtmf_text, []
+        self._dtmf_flushing = False
+        text = f"The caller pressed {', '.join(digits)} on the phone keypad."
+        try:
+            await self.link.send(pv.SendText(text))
+        except ProviderClosed as exc:
+            self._end(f"provider ended: {exc.reason}")
 
     # -- downlink --------------------------------------------------------------
 
@@ -330,6 +485,12 @@ class CallBridge:
                 if item not in self._interrupted:
                     items[item] = None
             talking = bool(items) or self.twilio.unconfirmed_samples > 0
+            # µ-law samples of each item generated so far (sent, queued, pending): the transcript cut
+            generated = {item: self.twilio.playback(item).sent_samples for item in items}
+            for chunk in self._queue:
+                generated[chunk.item] += len(chunk.payload)
+            if self._pending_item in generated:
+                generated[self._pending_item] += len(self._pending)
             self._queue.clear()
             self._pending.clear()
             self._interrupted.update(items)
@@ -347,6 +508,7 @@ class CallBridge:
             heard = [(item, self.twilio.playback(item).played_ms) for item in items]
         self.stats.barge_ins += 1
         for item, heard_ms in heard:
+            self.stats.transcript.cut(item, heard_ms, generated[item] // tw.MULAW_SAMPLES_PER_MS)
             await self.link.send(pv.Truncate(item, heard_ms))
             self.stats.truncations += 1
         log.info(

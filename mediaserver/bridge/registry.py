@@ -17,11 +17,13 @@ call ended in one line (cancellation passes through).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -30,8 +32,14 @@ from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.errors import ProtocolError
 from mediaserver.protocol.twilio import TwilioStream
 
+from mediaserver.tools import load_toolset
+from mediaserver.twilio_rest import TwilioRest
+
 from .call import CallBridge, MessageStream, StreamClosed
 from .link import AgentOptions, ProviderClosed, ProviderLink
+
+if TYPE_CHECKING:
+    from mediaserver.records.recorder import Recorder
 
 __all__ = ["CallManager", "TOKEN_PARAMETER"]
 
@@ -56,15 +64,21 @@ class _Slot:
 
 
 class CallManager:
-    def __init__(self, settings: Settings, open_link: LinkOpener | None = None) -> None:
+    def __init__(
+        self, settings: Settings, open_link: LinkOpener | None = None, *, recorder: Recorder | None = None
+    ) -> None:
         if open_link is None:
             from mediaserver.providers import open_link as default_opener
 
             open_link = default_opener
         self.settings = settings
         self._open_link = open_link
+        self.recorder = recorder  # call records (mediaserver.records); None = not recorded
         # What the agent is told on every call unless prepare() overrides it.
-        self.agent = AgentOptions.from_settings(settings)
+        # Tools for every call: MEDIASERVER_TOOLS's and the built-ins (ConfigError if they cannot load).
+        self.tools = load_toolset(settings)
+        self.rest = TwilioRest.from_settings(settings)  # transfers; None without credentials
+        self.agent = dataclasses.replace(AgentOptions.from_settings(settings), tools=self.tools.specs())
         self._slots: dict[str, _Slot] = {}
         self._nursery: trio.Nursery | None = None
         self.active = 0
@@ -154,6 +168,8 @@ class CallManager:
                 await slot.ready.wait()
                 if slot.link is None:
                     log.error("call %s: no model session (%s); hanging up", start.call_sid, slot.error)
+                    if self.recorder is not None:
+                        self.recorder.call_failed(start, f"no model session: {slot.error}", self.settings.provider)
                     return
                 await self._bridge(stream, twilio, start, slot.link)
             finally:
@@ -167,6 +183,8 @@ class CallManager:
                 await self._bridge(stream, twilio, start, link)
         except* ProviderClosed as group:
             log.error("call %s: could not open the model session: %s", start.call_sid, _reason(group))
+            if self.recorder is not None:
+                self.recorder.call_failed(start, f"no model session: {_reason(group)}", self.settings.provider)
         except* Exception as group:
             log.error("call %s: model session failed", start.call_sid, exc_info=group)
 
@@ -191,13 +209,18 @@ class CallManager:
         s = self.settings
         try:
             bridge = CallBridge(
-                stream, twilio, link, call_sid=start.call_sid, idle_timeout_s=s.idle_timeout_s, max_call_s=s.max_call_s
+                stream, twilio, link, call_sid=start.call_sid, idle_timeout_s=s.idle_timeout_s, max_call_s=s.max_call_s,
+                tools=self.tools, tool_timeout_s=s.tool_timeout_s, rest=self.rest,
             )
         except ValueError as exc:  # the provider's audio formats cannot be bridged
             log.error("call %s: cannot bridge to %s: %s", start.call_sid, link.name, exc)
+            if self.recorder is not None:
+                self.recorder.call_failed(start, f"cannot bridge to {link.name}: {exc}", link.name)
             return
         self.active += 1
         log.info("call %s: started, stream %s, provider %s", start.call_sid, start.stream_sid, link.name)
+        if self.recorder is not None:
+            self.recorder.call_started(start, bridge.stats)
 
         def ended(reason: str) -> None:
             if bridge.end_reason == "running":
@@ -220,6 +243,8 @@ class CallManager:
         finally:
             self.active -= 1
             self.completed += 1
+            if self.recorder is not None:
+                self.recorder.call_ended(start.call_sid, bridge.stats, bridge.end_reason)
             st = bridge.stats
             jit = bridge.jitter.stats
             log.info(

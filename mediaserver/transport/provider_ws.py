@@ -14,6 +14,11 @@ the socket open when the server refuses the upgrade (the reader raises
 ``ConnectionRejected`` without closing its stream) and when the *server*
 closes the WebSocket (``aclose`` returns early once a close reason is set).
 
+The link is yielded once the core reports ``SessionReady`` (the provider
+accepted our configuration), so a session pre-opened at webhook time has
+finished its handshake before the caller's stream arrives; events read
+meanwhile wait in the link for the bridge.
+
 Failures to connect (timeout, DNS/TCP/TLS error, HTTP refusal) raise
 :class:`~mediaserver.bridge.link.ProviderClosed`.  The link's reader task
 runs in a nursery that encloses the ``async with`` body, so an exception the
@@ -41,7 +46,14 @@ from trio_websocket import (
 
 from mediaserver.bridge.link import ProviderClosed
 from mediaserver.protocol.errors import ProtocolError
-from mediaserver.protocol.providers.base import AudioFormat, ProviderCommand, ProviderEvent, ProviderSession
+from mediaserver.protocol.providers.base import (
+    AudioFormat,
+    ProviderCommand,
+    ProviderError,
+    ProviderEvent,
+    ProviderSession,
+    SessionReady,
+)
 
 __all__ = ["WebSocketLink", "open_provider_link"]
 
@@ -99,23 +111,48 @@ class WebSocketLink:
                         await self._send_all(self.session.keepalive())
                     except ProviderClosed:
                         return  # the reader reports the close
+                    # also when the core had nothing to send yet (before its handshake)
+                    self.last_send_s = trio.current_time()
+
+    async def wait_ready(self) -> None:
+        """Read until the core reports :class:`SessionReady`, keeping every event for :meth:`receive`.
+
+        A pre-opened session thus finishes its handshake (and answers
+        whatever the provider expects, e.g. Deepgram's ``Settings`` after
+        ``Welcome``) at webhook time, before the caller's stream arrives.
+        A fatal provider error before that ends the session.
+        """
+        seen = 0
+        while True:
+            while seen < len(self._pending):
+                event = self._pending[seen]
+                seen += 1
+                if isinstance(event, SessionReady):
+                    return
+                if isinstance(event, ProviderError) and event.fatal:
+                    raise ProviderClosed(f"{self.name} refused the session: {event.message}")
+            await self._read_one()
 
     async def receive(self) -> ProviderEvent:
         while not self._pending:
-            try:
-                message = await self._ws.get_message()
-            except ConnectionClosed as exc:
-                raise ProviderClosed(f"{self.name} connection closed: {_reason(exc)}") from None
-            try:
-                self.session.receive_message(message)
-                replies = self.session.pending_messages()
-            except ProtocolError as exc:
-                raise ProviderClosed(f"{self.name} protocol error: {exc}") from None
-            if replies:
-                async with self._send_lock:
-                    await self._send_all(replies)
-            self._pending.extend(self.session.events())
+            await self._read_one()
         return self._pending.popleft()
+
+    async def _read_one(self) -> None:
+        """Read one message, let the core handle it, send its replies, queue its events."""
+        try:
+            message = await self._ws.get_message()
+        except ConnectionClosed as exc:
+            raise ProviderClosed(f"{self.name} connection closed: {_reason(exc)}") from None
+        try:
+            self.session.receive_message(message)
+            replies = self.session.pending_messages()
+        except ProtocolError as exc:
+            raise ProviderClosed(f"{self.name} protocol error: {exc}") from None
+        if replies:
+            async with self._send_lock:
+                await self._send_all(replies)
+        self._pending.extend(self.session.events())
 
 
 def _reason(exc: ConnectionClosed) -> str:
@@ -193,6 +230,10 @@ async def open_provider_link(
                 link = WebSocketLink(name, session, ws)
                 await link._send_all(session.initial_messages())
                 nursery.start_soon(link.keep_alive)
+                with trio.move_on_at(deadline) as handshake:
+                    await link.wait_ready()
+                if handshake.cancelled_caught:
+                    raise ProviderClosed(f"{name}: the session was not ready within {connect_timeout_s:g} s")
                 yield link
             finally:
                 try:

@@ -53,6 +53,7 @@ __all__ = [
     "ResponseDone",
     "ResponseStarted",
     "SendAudio",
+    "SendText",
     "SessionReady",
     "SpeechStarted",
     "SpeechStopped",
@@ -337,7 +338,24 @@ class ToolResult:
             raise LocalProtocolError("ToolResult needs a call_id")
 
 
-ProviderCommand: TypeAlias = SendAudio | Truncate | CancelResponse | CreateResponse | ToolResult
+@dataclass(frozen=True, slots=True)
+class SendText:
+    """A user turn in text, e.g. "The caller pressed 1 on the phone keypad." (DTMF).
+
+    The model reads it as something the caller said; ``respond=True`` asks
+    it to answer now where the provider needs asking (OpenAI).  A provider
+    that cannot take text input returns ``[]`` (the text is dropped).
+    """
+
+    text: str
+    respond: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.text:
+            raise LocalProtocolError("SendText needs some text")
+
+
+ProviderCommand: TypeAlias = SendAudio | Truncate | CancelResponse | CreateResponse | ToolResult | SendText
 
 
 # ------------------------------------------------------------------------- protocol

@@ -61,6 +61,7 @@ from .base import (
     ResponseDone,
     ResponseStarted,
     SendAudio,
+    SendText,
     SessionReady,
     SpeechStarted,
     SpeechStopped,
@@ -367,6 +368,16 @@ class OpenAIRealtimeSession:
             if type(command) is ToolResult:
                 item = {"type": "function_call_output", "call_id": command.call_id, "output": command.output}
                 messages = [self._dumps("conversation.item.create", {"item": item})]
+                if command.respond:
+                    messages.append(self._dumps("response.create", {}))
+                return messages
+            if type(command) is SendText:
+                text_item = {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": command.text}],
+                }
+                messages = [self._dumps("conversation.item.create", {"item": text_item})]
                 if command.respond:
                     messages.append(self._dumps("response.create", {}))
                 return messages

@@ -1,0 +1,224 @@
+"""Outbound calls: ``POST /calls`` places one, ``POST /outbound-twiml`` connects it.
+
+1. ``POST /calls`` (JSON ``{"to", "from"?, "greeting"?, "instructions"?}``,
+   ``Authorization: Bearer $MEDIASERVER_API_KEY``) keeps the call's greeting
+   and instructions here under a random one-time id and asks Twilio's REST
+   API to dial ``to`` with ``Url=<public>/outbound-twiml?outbound=<id>`` and
+   status callbacks to ``/call-status``.  It answers ``201`` with the call's
+   SID.  Errors are JSON ``{"error": ...}``: 401 (bad or missing key), 400
+   (bad body), 404 (route disabled: no ``MEDIASERVER_API_KEY``), 503 (no
+   Twilio credentials), 502 (Twilio refused; its code and message included).
+2. When the callee answers, Twilio POSTs ``/outbound-twiml`` (signed like
+   ``/twiml``).  The id is redeemed -- once -- and the call's session is
+   pre-opened with its own :class:`~mediaserver.bridge.link.AgentOptions`,
+   so the agent speaks first with the greeting; the answer is the same
+   ``<Connect><Stream>`` TwiML as for an inbound call.
+
+Only the id travels in the URL; the greeting and instructions never leave
+the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from mediaserver import security, twiml
+from mediaserver.bridge.link import AgentOptions
+from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
+from mediaserver.config import Settings
+from mediaserver.tools.builtins import E164
+from mediaserver.twilio_rest import TwilioRest, TwilioRestError
+
+__all__ = ["OUTBOUND_PARAMETER", "OutboundRequests", "register_routes"]
+
+log = logging.getLogger("mediaserver.outbound")
+
+OUTBOUND_PARAMETER = "outbound"  # query parameter of the answer URL carrying the one-time id
+PENDING_TTL_S = 15 * 60.0  # Twilio rings for at most 600 s (Calls.json Timeout); then some slack
+MAX_PENDING = 1000
+MAX_GREETING_CHARS = 1000
+MAX_INSTRUCTIONS_CHARS = 20_000
+_MEDIA_STREAM_PATH = "/media-stream"  # app.MEDIA_STREAM_PATH (not imported: app imports this module)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    to: str
+    agent: AgentOptions
+    expires_s: float
+
+
+class OutboundRequests:
+    """Agent options of outbound calls not answered yet, under one-time ids."""
+
+    def __init__(self, ttl_s: float = PENDING_TTL_S, max_entries: int = MAX_PENDING) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, _Pending] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, to: str, agent: AgentOptions) -> str | None:
+        """Keep ``agent`` for a call to ``to``; returns its id (None when full)."""
+        now = trio.current_time()
+        self._entries = {k: v for k, v in self._entries.items() if v.expires_s > now}
+        if len(self._entries) >= self.max_entries:
+            return None
+        key = secrets.token_urlsafe(18)
+        self._entries[key] = _Pending(to, agent, now + self.ttl_s)
+        return key
+
+    def take(self, key: str, to: str | None) -> AgentOptions | None:
+        """Redeem ``key`` once; None if unknown, expired, or for another number than ``to``."""
+        entry = self._entries.pop(key, None)
+        if entry is None or entry.expires_s <= trio.current_time():
+            return None
+        if to is not None and to != entry.to:
+            return None
+        return entry.agent
+
+    def discard(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+
+def _json_error(status: int, message: str, **extra: Any) -> tuple[dict[str, Any], int]:
+    return {"error": message, **extra}, status
+
+
+def _text(body: dict[str, Any], key: str, limit: int) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"'{key}' must be a non-empty string")
+    if len(value) > limit:
+        raise ValueError(f"'{key}' is {len(value)} characters; the limit is {limit}")
+    return value.strip()
+
+
+def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> OutboundRequests:
+    """Add ``POST /calls`` and ``POST /outbound-twiml`` to ``app``; returns the pending map."""
+    pending = OutboundRequests()
+    rest = TwilioRest.from_settings(settings)
+
+    def public(path: str, query: str | bytes = b"") -> str:
+        return security.public_url(
+            path,
+            configured=settings.public_url,
+            scheme=request.scheme,
+            host=request.host,
+            headers=request.headers,
+            query=query,
+        )
+
+    @app.post("/calls")
+    async def place_call() -> tuple[dict[str, Any], int] | Response:
+        if not settings.api_key:
+            return _json_error(404, "outbound calls are disabled: set MEDIASERVER_API_KEY on the server")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+            answer, status = _json_error(401, "missing or wrong API key (Authorization: Bearer $MEDIASERVER_API_KEY)")
+            return Response(
+                json.dumps(answer), status, {"WWW-Authenticate": "Bearer"}, content_type="application/json"
+            )
+        body = await request.get_json(force=True, silent=True)
+        if not isinstance(body, dict):
+            return _json_error(400, "the body must be a JSON object: {\"to\": \"+15551234567\", ...}")
+        unknown = sorted(set(body) - {"to", "from", "greeting", "instructions"})
+        if unknown:
+            return _json_error(400, f"unknown field(s): {', '.join(unknown)}")
+        to, from_ = body.get("to"), body.get("from") or settings.twilio_from_number
+        if not isinstance(to, str) or not E164.match(to):
+            return _json_error(400, "'to' must be an E.164 number such as +15551234567")
+        if not isinstance(from_, str) or not E164.match(from_):
+            return _json_error(400, "'from' must be an E.164 number (or set TWILIO_FROM_NUMBER on the server)")
+        try:
+            greeting = _text(body, "greeting", MAX_GREETING_CHARS)
+            instructions = _text(body, "instructions", MAX_INSTRUCTIONS_CHARS)
+        except ValueError as exc:
+            return _json_error(400, str(exc))
+        if rest is None:
+            return _json_error(
+                503,
+                "Twilio REST credentials are not configured: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN "
+                "(or TWILIO_API_KEY_SID and TWILIO_API_KEY_SECRET)",
+            )
+        agent = dataclasses.replace(
+            calls.agent,
+            greeting=greeting if greeting is not None else calls.agent.greeting,
+            instructions=instructions if instructions is not None else calls.agent.instructions,
+        )
+        key = pending.put(to, agent)
+        if key is None:
+            return _json_error(503, "too many outbound calls waiting to be answered; try again later")
+        try:
+            answer_url = public("/outbound-twiml", f"{OUTBOUND_PARAMETER}={key}")
+            status_url = public("/call-status")
+        except ValueError as exc:
+            pending.discard(key)
+            return _json_error(400, f"cannot build the public URL for Twilio: {exc}")
+        try:
+            call = await rest.create_call(to=to, from_=from_, url=answer_url, status_callback=status_url)
+        except TwilioRestError as exc:
+            pending.discard(key)
+            log.error("outbound call to %s: %s", to, exc)
+            return _json_error(502, str(exc), **{k: v for k, v in exc.to_json().items() if k != "error"})
+        call_sid = str(call.get("sid", ""))
+        log.info("outbound call %s: dialling %s from %s", call_sid or "?", to, from_)
+        return {"call_sid": call_sid, "status": call.get("status"), "to": to, "from": from_}, 201
+
+    @app.post("/outbound-twiml")
+    async def outbound_answered() -> Response | tuple[str, int]:
+        form = await request.form
+        params = {key: form.getlist(key) for key in form.keys()}
+        if settings.twilio_auth_token:
+            try:
+                url = public(request.path, request.query_string)
+            except ValueError:
+                return "bad host", 400
+            if not security.validate_signature(
+                settings.twilio_auth_token, url, params, request.headers.get("X-Twilio-Signature")
+            ):
+                log.warning("/outbound-twiml: bad or missing X-Twilio-Signature for %s; 403", url)
+                return "forbidden", 403
+        call_sid = (params.get("CallSid") or [""])[0]
+        if not call_sid:
+            return "CallSid missing", 400
+        to = (params.get("To") or [None])[0]
+        agent = pending.take(request.args.get(OUTBOUND_PARAMETER, ""), to)
+        if agent is None:
+            log.warning("outbound call %s: unknown, used or expired outbound id; hanging up", call_sid)
+            body = twiml.say_and_hangup("Sorry, this call could not be connected. Goodbye.")
+            return Response(body, content_type=twiml.CONTENT_TYPE)
+        try:
+            stream = security.stream_url(
+                _MEDIA_STREAM_PATH,
+                configured=settings.public_url,
+                scheme=request.scheme,
+                host=request.host,
+                headers=request.headers,
+            )
+        except ValueError as exc:
+            return str(exc), 400
+        if calls.recorder is not None:  # From/To/Direction for the call record, as for /twiml
+            calls.recorder.webhook(params)
+        token = calls.prepare(call_sid, agent)
+        if token is None:
+            body = twiml.say_and_hangup("Sorry, all our agents are busy. Please try again later.")
+            return Response(body, content_type=twiml.CONTENT_TYPE)
+        log.info("outbound call %s: answered by %s, streaming to %s", call_sid, to or "?", stream)
+        body = twiml.connect_stream(stream, {TOKEN_PARAMETER: token, "CallSid": call_sid})
+        return Response(body, content_type=twiml.CONTENT_TYPE)
+
+    return pending

@@ -1,0 +1,81 @@
+"""``mediaserver call +15551234567``: ask the running server to place an outbound call.
+
+The CLI does not talk to Twilio itself: it POSTs ``/calls`` on the server
+(``--server``, default ``http://127.0.0.1:$MEDIASERVER_PORT``) with
+``MEDIASERVER_API_KEY``, because the server is what Twilio calls back when
+the callee answers, and it keeps that call's greeting and instructions until
+then.  Exit status: 0 placed, 1 refused or failed, 2 bad usage or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import trio
+
+from mediaserver.config import ConfigError, Settings, load_dotenv_file
+from mediaserver.tools.builtins import E164
+from mediaserver.twilio_rest import HttpError, http_exchange
+
+__all__ = ["configure", "main", "place"]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("to", help="number to call, E.164 (+15551234567)")
+    parser.add_argument("--from", dest="from_", help="caller id, E.164 (default: the server's TWILIO_FROM_NUMBER)")
+    parser.add_argument("--greeting", help="what the agent says first when the callee answers")
+    parser.add_argument("--instructions", help="instructions for the agent on this call")
+    parser.add_argument("--server", help="the running server's base URL (default http://127.0.0.1:$MEDIASERVER_PORT)")
+    parser.add_argument("--env-file", default=".env", help="read settings from this file if it exists (default .env)")
+
+
+def _fail(message: str, status: int = 1) -> int:
+    print(f"mediaserver call: {message}", file=sys.stderr)
+    return status
+
+
+def main(args: argparse.Namespace) -> int:
+    load_dotenv_file(args.env_file)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        return _fail(f"configuration error: {exc}", 2)
+    if not settings.api_key:
+        return _fail("MEDIASERVER_API_KEY is not set (the server's POST /calls needs it)", 2)
+    if not E164.match(args.to):
+        return _fail(f"{args.to!r} is not an E.164 number such as +15551234567", 2)
+    if args.from_ is not None and not E164.match(args.from_):
+        return _fail(f"--from {args.from_!r} is not an E.164 number", 2)
+    return trio.run(place, args, settings)
+
+
+async def place(args: argparse.Namespace, settings: Settings) -> int:
+    """POST /calls on the server; print the call SID (exit 0) or why it failed (exit 1)."""
+    assert settings.api_key is not None
+    server = (args.server or f"http://127.0.0.1:{settings.port}").rstrip("/")
+    body: dict[str, str] = {"to": args.to}
+    for key, value in (("from", args.from_), ("greeting", args.greeting), ("instructions", args.instructions)):
+        if value is not None:
+            body[key] = value
+    headers = [("Authorization", f"Bearer {settings.api_key}"), ("Content-Type", "application/json")]
+    try:
+        status, _, raw = await http_exchange("POST", server + "/calls", headers=headers, body=json.dumps(body).encode())
+    except HttpError as exc:
+        return _fail(f"{exc}; is `mediaserver serve` running at {server}?")
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        return _fail(f"unexpected answer from {server}/calls: HTTP {status} {raw[:120]!r}")
+    if status == 201:
+        print(f"call {answer.get('call_sid')} to {answer.get('to')} from {answer.get('from')}: {answer.get('status')}")
+        return 0
+    error = answer.get("error", f"HTTP {status}")
+    if status == 401:
+        return _fail(f"the server refused the API key: {error}")
+    if status == 404:
+        return _fail(f"{server} does not place outbound calls: {error}")
+    return _fail(str(error))

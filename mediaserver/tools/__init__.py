@@ -1,0 +1,75 @@
+"""Tools the agent may call during a phone call (docs/tools.md).
+
+Write them in a module of your own and name it in ``MEDIASERVER_TOOLS``::
+
+    from mediaserver.tools import CallContext, tool
+
+    @tool
+    async def order_status(order_id: str, call: CallContext) -> dict[str, str]:
+        \"\"\"Look up an order's status.
+
+        Args:
+            order_id: The order number the caller reads out.
+        \"\"\"
+        ...
+
+:func:`load_toolset` builds the call's :class:`ToolSet`: that module's tools
+plus the built-ins (``end_call``, ``transfer_call``; ``send_digits`` on request).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+from mediaserver.config import ConfigError, Settings
+
+from .builtins import BUILTINS, DEFAULT_BUILTINS
+from .context import CallContext, CallControl, ToolError
+from .registry import Tool, load_module_tools, tool
+from .runner import ToolOutcome, ToolSet
+
+__all__ = [
+    "CallContext",
+    "CallControl",
+    "Tool",
+    "ToolError",
+    "ToolOutcome",
+    "ToolSet",
+    "load_module_tools",
+    "load_toolset",
+    "tool",
+]
+
+
+def load_toolset(settings: Settings) -> ToolSet:
+    """The tools for every call: ``MEDIASERVER_TOOLS``'s, then the built-ins.
+
+    The tools module may set ``BUILTIN_TOOLS = ("end_call", ...)`` to choose
+    the built-ins (``()`` for none).  ``transfer_call`` is left out when no
+    Twilio REST credentials are configured (it could not work).  Raises
+    :class:`~mediaserver.config.ConfigError` for a module that cannot be
+    loaded or a bad ``BUILTIN_TOOLS``.
+    """
+    from mediaserver.twilio_rest import TwilioCredentials
+
+    tools: list[Tool] = []
+    wanted: Sequence[str] = DEFAULT_BUILTINS
+    if settings.tools_module:
+        tools.extend(load_module_tools(settings.tools_module))
+        chosen = getattr(importlib.import_module(settings.tools_module), "BUILTIN_TOOLS", None)
+        if chosen is not None:
+            if isinstance(chosen, str) or not all(isinstance(n, str) and n in BUILTINS for n in chosen):
+                raise ConfigError(
+                    f"MEDIASERVER_TOOLS={settings.tools_module}: BUILTIN_TOOLS must be a list of "
+                    f"{', '.join(BUILTINS)}, not {chosen!r}"
+                )
+            wanted = tuple(chosen)
+    has_rest = TwilioCredentials.from_settings(settings) is not None
+    own = {t.name for t in tools}
+    for name in wanted:
+        if name == "transfer_call" and not has_rest:
+            continue
+        if name not in own:  # a module's own tool of the same name wins
+            tools.append(BUILTINS[name])
+    return ToolSet(tools)

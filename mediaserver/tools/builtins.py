@@ -1,0 +1,75 @@
+"""The built-in tools: ``end_call``, ``transfer_call`` and ``send_digits``.
+
+``end_call`` and ``transfer_call`` act on the call through
+:class:`~mediaserver.tools.context.CallContext`; both wait until what the
+agent is saying has played to the caller (Twilio's mark echoes) before they
+act.  ``send_digits`` is honest about Twilio's limit: a bidirectional Media
+Stream cannot carry outbound DTMF, and the only way to play tones (a REST
+update with ``<Play digits>``) replaces the TwiML running the stream, which
+would cut the agent off.  It is therefore not offered unless asked for, and
+then it returns an error result explaining why (docs/tools.md).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .context import CallContext, ToolError
+from .registry import Tool
+
+__all__ = ["BUILTINS", "DEFAULT_BUILTINS", "E164", "DTMF_DIGITS"]
+
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")  # ITU-T E.164: up to 15 digits after '+'
+DTMF_DIGITS = re.compile(r"^[0-9*#wW]{1,32}$")  # Twilio SendDigits / <Play digits> alphabet, 32 max
+
+
+async def end_call(call: CallContext, reason: str | None = None) -> dict[str, str]:
+    """Hang up the phone call.
+
+    Say goodbye first, in the same turn: the call ends once your goodbye has
+    played to the caller.  Use it when the conversation is over or the
+    caller asks to hang up.
+
+    Args:
+        reason: Why the call is ending, for the call log.
+    """
+    await call.end_call(reason or "the agent ended the call")
+    return {"status": "hanging up after your goodbye has played"}
+
+
+async def transfer_call(call: CallContext, to: str) -> dict[str, str]:
+    """Transfer the caller to another phone number (a cold transfer: you leave the call).
+
+    Tell the caller you are transferring them first; the transfer starts
+    once that has played.
+
+    Args:
+        to: The number to transfer to, in E.164 form such as +15551234567.
+    """
+    if not E164.match(to):
+        raise ToolError(f"cannot transfer to {to!r}: give an E.164 number such as +15551234567")
+    await call.transfer(to)
+    return {"status": f"transferring the caller to {to}"}
+
+
+async def send_digits(digits: str) -> dict[str, str]:
+    """Press keypad keys (DTMF) on the call, e.g. to navigate a phone menu.
+
+    Args:
+        digits: Keys to press: 0-9, * and #; w waits half a second.
+    """
+    if not DTMF_DIGITS.match(digits):
+        raise ToolError(f"cannot send {digits!r}: use up to 32 of 0-9, *, #, w and W")
+    raise ToolError(
+        "keypad tones cannot be sent on this call: Twilio Media Streams carry no outbound DTMF, and playing "
+        "tones through Twilio would end this conversation; tell the caller you cannot press keys"
+    )
+
+
+BUILTINS: dict[str, Tool] = {
+    "end_call": Tool(end_call, respond=False),
+    "transfer_call": Tool(transfer_call),
+    "send_digits": Tool(send_digits),
+}
+DEFAULT_BUILTINS = ("end_call", "transfer_call")
+"""Offered unless the tools module sets ``BUILTIN_TOOLS``; transfer_call needs Twilio REST credentials."""

@@ -1,0 +1,107 @@
+"""``@tool``: plain or async functions the model may call, and loading them.
+
+A decorated function stays callable as before; the decorator returns a
+:class:`Tool` that also knows its name, description and JSON schema.
+:func:`load_module_tools` imports the module named in ``MEDIASERVER_TOOLS``
+and collects every :class:`Tool` defined at its top level.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any, overload
+
+from mediaserver.config import ConfigError
+from mediaserver.protocol.providers.base import FunctionTool
+
+from ._schema import describe
+from .context import CallContext
+
+__all__ = ["Tool", "load_module_tools", "tool"]
+
+# OpenAI function names: ^[a-zA-Z0-9_-]{1,64}$ (the strictest of the providers).
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Tool:
+    """A function the model may call (see :func:`tool`)."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        respond: bool = True,
+    ) -> None:
+        self.fn = fn
+        self.name = name or fn.__name__
+        if not _NAME.match(self.name):
+            raise TypeError(f"tool name {self.name!r} must be 1-64 letters, digits, '_' or '-'")
+        signature = describe(fn, self.name, CallContext)
+        self.description = description or signature.description
+        if not self.description:
+            raise TypeError(f"tool {self.name}: give it a docstring (the model reads it) or description=")
+        self.parameters = signature.parameters
+        self.required = signature.required
+        self.optional_none = signature.optional_none
+        self.context_parameter = signature.context_parameter
+        self.respond = respond
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Tool {self.name}>"
+
+    @property
+    def spec(self) -> FunctionTool:
+        """The provider-neutral declaration sent to the model."""
+        return FunctionTool(self.name, self.description, self.parameters)
+
+
+@overload
+def tool(fn: Callable[..., Any], /) -> Tool: ...
+
+
+@overload
+def tool(*, name: str | None = None, description: str | None = None) -> Callable[[Callable[..., Any]], Tool]: ...
+
+
+def tool(
+    fn: Callable[..., Any] | None = None, /, *, name: str | None = None, description: str | None = None
+) -> Tool | Callable[[Callable[..., Any]], Tool]:
+    """Make ``fn`` a tool: ``@tool`` or ``@tool(name=..., description=...)``.
+
+    The schema comes from the type hints and the docstring (docs/tools.md);
+    an unsupported signature raises :class:`TypeError` at once.
+    """
+    if fn is not None:
+        return Tool(fn)
+
+    def decorate(f: Callable[..., Any]) -> Tool:
+        return Tool(f, name=name, description=description)
+
+    return decorate
+
+
+def load_module_tools(module_name: str) -> tuple[Tool, ...]:
+    """Every :class:`Tool` at the top level of ``module_name``, in definition order.
+
+    Raises :class:`~mediaserver.config.ConfigError` (naming ``MEDIASERVER_TOOLS``)
+    when the module cannot be imported or defines no tool.
+    """
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(f"MEDIASERVER_TOOLS={module_name}: cannot import it: {type(exc).__name__}: {exc}") from exc
+    found = tuple(value for value in vars(module).values() if isinstance(value, Tool))
+    if not found:
+        raise ConfigError(f"MEDIASERVER_TOOLS={module_name}: the module defines no @tool functions")
+    return found

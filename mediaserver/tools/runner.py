@@ -1,0 +1,156 @@
+"""Running a tool call: arguments JSON in, a JSON result for the model out.
+
+:meth:`ToolSet.run` never raises for anything the tool or the model did
+wrong: bad arguments, an unknown tool, an exception or a timeout all become
+``{"error": "..."}``, so the model can tell the caller and the call goes on.
+Sync tools run in a worker thread (``trio.to_thread.run_sync``); when one
+times out its thread is abandoned (it cannot be interrupted) and its result
+is ignored.  Cancellation (the call ending) passes through.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from mediaserver.config import ConfigError
+from mediaserver.protocol.providers.base import FunctionTool
+
+from .context import CallContext, CallControl, ToolError
+from .registry import Tool
+
+__all__ = ["ToolOutcome", "ToolSet"]
+
+log = logging.getLogger("mediaserver.tools")
+
+MAX_OUTPUT_CHARS = 16_000  # keep a runaway result from flooding the model's context
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutcome:
+    """The result to send back: ``output`` (JSON text), whether the model should speak next."""
+
+    output: str
+    respond: bool
+    ok: bool
+
+
+def _error(message: str) -> ToolOutcome:
+    return ToolOutcome(json.dumps({"error": message}), True, False)
+
+
+class ToolSet:
+    """The tools offered on a call, by name."""
+
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        self._tools: dict[str, Tool] = {}
+        for t in tools:
+            if t.name in self._tools:
+                raise ConfigError(f"two tools are named {t.name!r}; tool names must be unique")
+            self._tools[t.name] = t
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._tools)
+
+    def specs(self) -> tuple[FunctionTool, ...]:
+        """The declarations for the model's session (``AgentOptions.tools``)."""
+        return tuple(t.spec for t in self._tools.values())
+
+    async def run(
+        self, name: str, arguments: str, *, control: CallControl | None = None, timeout_s: float = 10.0
+    ) -> ToolOutcome:
+        """Run tool ``name`` with ``arguments`` (JSON text from the model); never raises but Cancelled."""
+        t = self._tools.get(name)
+        if t is None:
+            return _error(f"unknown tool {name!r}; available: {', '.join(self._tools) or 'none'}")
+        try:
+            kwargs = _arguments(t, arguments)
+        except ValueError as exc:
+            return _error(f"bad arguments for {name}: {exc}")
+        if t.context_parameter is not None:
+            if control is None:
+                return _error(f"{name} needs a live call")
+            kwargs[t.context_parameter] = CallContext(control)
+        result: Any = None
+        try:
+            with trio.move_on_after(timeout_s) as scope:
+                if t.is_async:
+                    result = await t.fn(**kwargs)
+                else:
+                    result = await trio.to_thread.run_sync(functools.partial(t.fn, **kwargs), abandon_on_cancel=True)
+        except ToolError as exc:
+            return _error(str(exc) or f"{name} failed")
+        except Exception as exc:
+            log.warning("tool %s failed", name, exc_info=True)
+            return _error(f"{name} failed: {type(exc).__name__}: {exc}")
+        if scope.cancelled_caught:
+            log.warning("tool %s timed out after %g s", name, timeout_s)
+            return _error(f"{name} timed out after {timeout_s:g} s")
+        try:
+            output = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            return _error(f"{name} returned a value that is not JSON: {exc}")
+        if len(output) > MAX_OUTPUT_CHARS:
+            return _error(f"{name} returned {len(output)} characters; the limit is {MAX_OUTPUT_CHARS}")
+        return ToolOutcome(output, t.respond, True)
+
+
+def _arguments(t: Tool, text: str) -> dict[str, Any]:
+    """Parse and check the model's arguments against the tool's schema."""
+    if not text.strip():
+        values: Any = {}
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg})") from None
+    if not isinstance(values, dict):
+        raise ValueError("expected a JSON object")
+    properties: Mapping[str, Any] = t.parameters["properties"]
+    unknown = sorted(set(values) - set(properties))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)}")
+    missing = [p for p in t.required if p not in values]
+    if missing:
+        raise ValueError(f"missing required argument(s) {', '.join(missing)}")
+    for key, value in values.items():
+        if value is None and (key in t.optional_none or key not in t.required):
+            continue
+        _check(value, properties[key], key)
+    for key in t.optional_none:
+        values.setdefault(key, None)
+    return values
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "array": (list,),
+}
+
+
+def _check(value: Any, schema: Mapping[str, Any], where: str) -> None:
+    kind = schema["type"]
+    ok = isinstance(value, _JSON_TYPES[kind]) and (kind == "boolean" or not isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{where} must be {'an' if kind[0] in 'aei' else 'a'} {kind}, not {json.dumps(value)[:40]}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ValueError(f"{where} must be one of {', '.join(map(json.dumps, schema['enum']))}")
+    if kind == "array":
+        for index, element in enumerate(value):
+            _check(element, schema["items"], f"{where}[{index}]")

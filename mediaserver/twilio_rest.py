@@ -1,0 +1,274 @@
+"""A small async client for the few Twilio REST calls the server makes.
+
+* :meth:`TwilioRest.create_call` -- ``POST /2010-04-01/Accounts/{AccountSid}/Calls.json``
+  (an outbound call; Twilio fetches ``Url`` for its TwiML when it is answered);
+* :meth:`TwilioRest.update_call` -- ``POST .../Calls/{CallSid}.json`` with
+  ``Twiml`` (transfer) or ``Status`` (hang up).
+
+Requests are form-encoded with HTTP Basic auth: the Account SID and Auth
+Token, or an API key SID (``SK...``) and its secret with the Account SID in
+the path (reference/twilio-side.md §5).  Twilio's JSON error body
+(``code``, ``message``, ``more_info``, ``status``) becomes a
+:class:`TwilioRestError` whose text names the code and message.
+
+HTTP/1.1 is spoken with h11 over a Trio TCP (``http://``, tests) or TLS
+(``https://``) stream, one connection per request: these calls are rare, and
+this keeps the server free of another HTTP client dependency.
+:func:`http_exchange` is the shared one-request helper.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+from xml.sax.saxutils import escape
+
+import h11
+import trio
+
+from mediaserver import __version__
+from mediaserver.config import Settings
+
+__all__ = [
+    "API_VERSION",
+    "STATUS_CALLBACK_EVENTS",
+    "HttpError",
+    "TwilioCredentials",
+    "TwilioRest",
+    "TwilioRestError",
+    "dial_twiml",
+    "http_exchange",
+]
+
+API_VERSION = "2010-04-01"
+# Call progress events to subscribe to (Call resource docs; reference/twilio-side.md §4.3).
+STATUS_CALLBACK_EVENTS = ("initiated", "ringing", "answered", "completed")
+MAX_RESPONSE_BYTES = 1024 * 1024  # a Call resource is ~2 KiB
+
+
+class HttpError(Exception):
+    """The HTTP exchange itself failed (connect, TLS, timeout, malformed response)."""
+
+
+class TwilioRestError(Exception):
+    """Twilio answered with an error, or could not be reached (``status`` 0)."""
+
+    def __init__(self, status: int, message: str, code: int | None = None, more_info: str | None = None) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.more_info = more_info
+        where = f"HTTP {status}" if status else "no response"
+        text = f"Twilio error {code} ({where}): {message}" if code is not None else f"Twilio {where}: {message}"
+        super().__init__(text + (f" (see {more_info})" if more_info else ""))
+
+    def to_json(self) -> dict[str, object]:
+        return {"error": str(self), "twilio_status": self.status, "twilio_code": self.code,
+                "twilio_message": self.message, "more_info": self.more_info}
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioCredentials:
+    """Who we are to Twilio: the account in the path, the Basic-auth pair."""
+
+    account_sid: str
+    username: str
+    password: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TwilioCredentials | None:
+        """API key + secret if both are set, else Account SID + Auth Token; None without an account."""
+        account = settings.twilio_account_sid
+        if not account:
+            return None
+        if settings.twilio_api_key_sid and settings.twilio_api_key_secret:
+            return cls(account, settings.twilio_api_key_sid, settings.twilio_api_key_secret)
+        if settings.twilio_auth_token:
+            return cls(account, account, settings.twilio_auth_token)
+        return None
+
+    def authorization(self) -> str:
+        pair = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+def dial_twiml(to: str) -> str:
+    """``<Response><Dial>to</Dial></Response>``: a cold transfer."""
+    return f'<?xml version="1.0" encoding="UTF-8"?><Response><Dial>{escape(to)}</Dial></Response>'
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def http_exchange(
+    method: str,
+    url: str,
+    *,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    timeout_s: float = 15.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request on a fresh connection: (status, lower-case headers, body).
+
+    Raises :class:`HttpError` for a bad URL, a connection or TLS failure, a
+    malformed or oversized response, or no answer within ``timeout_s``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HttpError(f"not an http(s) URL: {url!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise HttpError(f"bad port in {url!r}") from None
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    all_headers = [("Host", parts.netloc), ("Connection", "close"), ("Content-Length", str(len(body))), *headers]
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+    try:
+        with trio.fail_after(timeout_s):
+            stream: trio.abc.Stream
+            if parts.scheme == "https":
+                stream = await trio.open_ssl_over_tcp_stream(
+                    parts.hostname, port, ssl_context=ssl_context or ssl.create_default_context()
+                )
+            else:
+                stream = await trio.open_tcp_stream(parts.hostname, port)
+            async with stream:
+                await stream.send_all(conn.send(h11.Request(method=method, target=target, headers=all_headers)))
+                if body:
+                    await stream.send_all(conn.send(h11.Data(data=body)))
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+                return await _read_response(conn, stream)
+    except trio.TooSlowError:
+        raise HttpError(f"no answer from {parts.netloc} within {timeout_s:g} s") from None
+    except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+        raise HttpError(f"cannot reach {parts.netloc}: {exc}") from exc
+    except h11.ProtocolError as exc:
+        raise HttpError(f"malformed HTTP response from {parts.netloc}: {exc}") from exc
+
+
+async def _read_response(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[int, dict[str, str], bytes]:
+    status = 0
+    headers: dict[str, str] = {}
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some(65536)))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > MAX_RESPONSE_BYTES:
+                raise HttpError(f"response larger than {MAX_RESPONSE_BYTES} bytes")
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            return status, headers, b"".join(chunks)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise HttpError("connection closed before the response ended")
+
+
+class TwilioRest:
+    """The Twilio REST calls the server makes (see the module docstring)."""
+
+    def __init__(
+        self,
+        credentials: TwilioCredentials,
+        *,
+        base_url: str = "https://api.twilio.com",
+        timeout_s: float = 15.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self._ssl_context = ssl_context
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TwilioRest | None:
+        """A client for the configured account, or None without REST credentials."""
+        credentials = TwilioCredentials.from_settings(settings)
+        if credentials is None:
+            return None
+        return cls(credentials, base_url=settings.twilio_api_base)
+
+    def _calls_url(self, call_sid: str | None = None) -> str:
+        account = quote(self.credentials.account_sid, safe="")
+        tail = f"/{quote(call_sid, safe='')}.json" if call_sid else ".json"
+        return f"{self.base_url}/{API_VERSION}/Accounts/{account}/Calls{tail}"
+
+    async def create_call(
+        self,
+        *,
+        to: str,
+        from_: str,
+        url: str,
+        status_callback: str | None = None,
+        status_callback_events: Sequence[str] = STATUS_CALLBACK_EVENTS,
+        timeout_s: int | None = None,
+    ) -> dict[str, Any]:
+        """Place a call; Twilio POSTs to ``url`` for its TwiML once answered.  Returns the Call resource."""
+        form: list[tuple[str, str]] = [("To", to), ("From", from_), ("Url", url), ("Method", "POST")]
+        if status_callback is not None:
+            form.append(("StatusCallback", status_callback))
+            form.extend(("StatusCallbackEvent", event) for event in status_callback_events)
+            form.append(("StatusCallbackMethod", "POST"))
+        if timeout_s is not None:
+            form.append(("Timeout", str(timeout_s)))
+        return await self._post(self._calls_url(), form)
+
+    async def update_call(self, call_sid: str, *, twiml: str | None = None, status: str | None = None) -> dict[str, Any]:
+        """Redirect a live call to ``twiml``, or set its ``status`` (``completed`` hangs up)."""
+        if (twiml is None) == (status is None):
+            raise ValueError("give exactly one of twiml and status")
+        form = [("Twiml", twiml)] if twiml is not None else [("Status", status or "")]
+        return await self._post(self._calls_url(call_sid), form)
+
+    async def _post(self, url: str, form: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        body = urlencode(list(form)).encode("ascii")
+        headers = [
+            ("Authorization", self.credentials.authorization()),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Accept", "application/json"),
+            ("User-Agent", f"mediaserver/{__version__}"),
+        ]
+        try:
+            status, _, raw = await http_exchange(
+                "POST", url, headers=headers, body=body, timeout_s=self.timeout_s, ssl_context=self._ssl_context
+            )
+        except HttpError as exc:
+            raise TwilioRestError(0, str(exc)) from exc
+        try:
+            payload = json.loads(raw) if raw else {}
+        except ValueError:
+            payload = None
+        if not 200 <= status < 300:
+            raise _error_from(status, payload, raw)
+        if not isinstance(payload, dict):
+            raise TwilioRestError(status, f"expected a JSON object, got {raw[:80]!r}")
+        return payload
+
+
+def _error_from(status: int, payload: object, raw: bytes) -> TwilioRestError:
+    if isinstance(payload, Mapping):
+        code = payload.get("code")
+        message = payload.get("message") or payload.get("detail") or payload.get("title")
+        more_info = payload.get("more_info") or payload.get("type")
+        return TwilioRestError(
+            status,
+            str(message) if message else f"no message in {raw[:80]!r}",
+            code if isinstance(code, int) else None,
+            str(more_info) if more_info else None,
+        )
+    return TwilioRestError(status, f"unexpected answer {raw[:80]!r}")

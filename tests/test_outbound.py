@@ -1,0 +1,271 @@
+"""Outbound calls end to end: ``POST /calls`` -> fake Twilio REST -> ``/outbound-twiml`` -> the call.
+
+The server runs on loopback with the OpenAI fake (SDK-validated) as the
+model and :class:`tests.twilio_rest_fake.FakeTwilioRest` as Twilio's REST
+API; the test then plays Twilio: it POSTs the answer URL from the REST
+request (signed), opens the Media Stream with :class:`FakeTwilioCaller` and
+checks that the model session got this call's greeting and instructions.
+The CLI's error paths run against the same server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import trio
+from openai.types.realtime import ResponseCreateEvent, SessionUpdateEvent
+
+from mediaserver.__main__ import _parser
+from mediaserver.config import Settings
+from mediaserver import outbound_cli
+from mediaserver.twilio_rest import http_exchange
+
+from tests.fakes import (
+    FakeOpenAIServer,
+    FakeTwilioCaller,
+    fail_after,
+    http_request,
+    open_ws_client,
+    parse_twiml,
+    twilio_signature,
+)
+from tests.test_app import fake_openai, openai_settings, running
+from tests.twilio_rest_fake import ACCOUNT_SID, AUTH_TOKEN, FakeTwilioRest, TwilioError
+
+API_KEY = "ms-api-key-0123456789abcdef"
+TO, FROM = "+15551234567", "+15559876543"
+GREETING = "Hi, this is Robin from the clinic, calling about your appointment."
+INSTRUCTIONS = "You are Robin. Confirm the appointment on Tuesday at 3 pm."
+
+
+@pytest.fixture(autouse=True)
+def _setup(tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO, logger="mediaserver")
+    monkeypatch.chdir(tmp_path)  # call records (./data) and .env lookups stay in tmp_path
+
+
+@asynccontextmanager
+async def fake_rest() -> AsyncIterator[FakeTwilioRest]:
+    async with trio.open_nursery() as nursery:
+        fake: FakeTwilioRest = await nursery.start(FakeTwilioRest().run)
+        yield fake
+        nursery.cancel_scope.cancel()
+    assert fake.sdk_failures == []
+
+
+def outbound_settings(model: FakeOpenAIServer, rest: FakeTwilioRest | None, **changes: Any) -> Settings:
+    values: dict[str, Any] = {
+        "api_key": API_KEY,
+        "twilio_account_sid": ACCOUNT_SID,
+        "twilio_auth_token": AUTH_TOKEN,
+        "twilio_from_number": FROM,
+        "twilio_api_base": rest.base_url if rest is not None else "http://127.0.0.1:9",
+    }
+    values.update(changes)
+    return openai_settings(model, **values)
+
+
+async def post_calls(url: str, body: object, *, key: str | None = API_KEY) -> tuple[int, dict[str, str], Any]:
+    headers = [("Content-Type", "application/json")]
+    if key is not None:
+        headers.append(("Authorization", f"Bearer {key}"))
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    status, response_headers, answer = await http_exchange("POST", url + "/calls", headers=headers, body=raw)
+    assert response_headers["content-type"] == "application/json", response_headers
+    return status, response_headers, json.loads(answer)
+
+
+async def twilio_answers(answer_url: str, call_sid: str, *, to: str = TO, sign: bool = True) -> Any:
+    """What Twilio does when the callee picks up: POST the call's Url (signed)."""
+    form = [("CallSid", call_sid), ("AccountSid", ACCOUNT_SID), ("From", FROM), ("To", to),
+            ("CallStatus", "in-progress"), ("Direction", "outbound-api"), ("ApiVersion", "2010-04-01")]
+    headers = [("X-Twilio-Signature", twilio_signature(AUTH_TOKEN, answer_url, form))] if sign else []
+    return await http_request(answer_url, "POST", form=form, headers=headers)
+
+
+@fail_after(15)
+async def test_outbound_call_end_to_end_with_its_greeting() -> None:
+    async with fake_rest() as rest, fake_openai() as model:
+        async with running(outbound_settings(model, rest)) as url:
+            status, _, answer = await post_calls(
+                url, {"to": TO, "greeting": GREETING, "instructions": INSTRUCTIONS}
+            )
+            assert status == 201, answer
+            (req,) = rest.requests
+            call_sid = answer["call_sid"]
+            assert answer == {"call_sid": call_sid, "status": "queued", "to": TO, "from": FROM}
+            assert call_sid.startswith("CA")
+            # The exact REST request.
+            assert req.path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls.json"
+            assert (req.username, req.password) == (ACCOUNT_SID, AUTH_TOKEN)
+            answer_url = req.value("Url")
+            parts = urlsplit(answer_url)
+            assert f"{parts.scheme}://{parts.netloc}" == url and parts.path == "/outbound-twiml"
+            (one_time_id,) = parse_qs(parts.query)["outbound"]
+            assert len(one_time_id) >= 24 and list(parse_qs(parts.query)) == ["outbound"]
+            assert req.form == [
+                ("To", TO), ("From", FROM), ("Url", answer_url), ("Method", "POST"),
+                ("StatusCallback", url + "/call-status"),
+                ("StatusCallbackEvent", "initiated"), ("StatusCallbackEvent", "ringing"),
+                ("StatusCallbackEvent", "answered"), ("StatusCallbackEvent", "completed"),
+                ("StatusCallbackMethod", "POST"),
+            ]  # fmt: skip
+            assert GREETING.split()[0] not in answer_url
+
+            # Twilio fetches the answer URL: unsigned is refused, signed connects the stream.
+            assert (await twilio_answers(answer_url, call_sid, sign=False)).status == 403
+            webhook = await twilio_answers(answer_url, call_sid)
+            assert webhook.status == 200 and webhook.headers["content-type"].startswith("text/xml")
+            twiml = parse_twiml(webhook.text)
+            assert twiml.parameters["CallSid"] == call_sid and twiml.hangup_after
+            # The one-time id is spent.
+            again = await twilio_answers(answer_url, call_sid)
+            assert "<Say>" in again.text and "<Connect>" not in again.text
+
+            session = await model.session(0)  # pre-opened with this call's options
+            await session.ready.wait()
+            caller = FakeTwilioCaller(call_sid=call_sid, custom_parameters=twiml.parameters)
+            signature = [("X-Twilio-Signature", twilio_signature(AUTH_TOKEN, twiml.stream_url))]
+            async with open_ws_client(twiml.stream_url, signature) as ws, caller.attached(ws):
+                await caller.send_silence(200)
+                await session.wait_appends(1)
+                await caller.stop()
+    assert len(model.sessions) == 1
+    update, greeting = [m for _, m in session.received if not m.type.startswith("input_audio_buffer")][:2]
+    assert isinstance(update, SessionUpdateEvent) and update.session.instructions == INSTRUCTIONS  # type: ignore[union-attr]
+    assert isinstance(greeting, ResponseCreateEvent) and greeting.response is not None
+    assert greeting.response.instructions == f'Greet the caller by saying: "{GREETING}"'
+
+
+@fail_after(15)
+async def test_outbound_defaults_come_from_the_settings() -> None:
+    async with fake_rest() as rest, fake_openai() as model:
+        settings = outbound_settings(model, rest, agent_greeting="Hello from the default.")
+        async with running(settings) as url:
+            status, _, answer = await post_calls(url, {"to": TO, "from": "+15550002222"})
+            assert status == 201, answer
+            req = rest.requests[0]
+            assert req.value("From") == "+15550002222"
+            webhook = await twilio_answers(req.value("Url"), answer["call_sid"])
+            assert parse_twiml(webhook.text).parameters["CallSid"] == answer["call_sid"]
+            session = await model.session(0)
+            await session.ready.wait()
+            await session.wait_for(lambda: len(session.received) >= 2)
+    update, greeting = (m for _, m in session.received[:2])
+    assert update.session.instructions == settings.agent_instructions
+    assert greeting.response.instructions == 'Greet the caller by saying: "Hello from the default."'
+
+
+@fail_after(15)
+async def test_outbound_answer_for_another_number_or_unknown_id_hangs_up() -> None:
+    async with fake_rest() as rest, fake_openai() as model:
+        async with running(outbound_settings(model, rest)) as url:
+            status, _, answer = await post_calls(url, {"to": TO})
+            assert status == 201
+            answer_url = rest.requests[0].value("Url")
+            wrong = await twilio_answers(answer_url, answer["call_sid"], to="+15550009999")
+            assert "<Say>" in wrong.text and "<Hangup/>" in wrong.text
+            unknown = await twilio_answers(url + "/outbound-twiml?outbound=not-an-id", answer["call_sid"])
+            assert "<Say>" in unknown.text
+    assert model.sessions == []  # no model session was opened for either
+
+
+@fail_after(15)
+async def test_outbound_post_calls_errors_are_json() -> None:
+    async with fake_rest() as rest, fake_openai() as model:
+        async with running(outbound_settings(model, rest)) as url:
+            status, headers, answer = await post_calls(url, {"to": TO}, key=None)
+            assert (status, headers["www-authenticate"]) == (401, "Bearer")
+            assert answer == {"error": "missing or wrong API key (Authorization: Bearer $MEDIASERVER_API_KEY)"}
+            assert (await post_calls(url, {"to": TO}, key=API_KEY + "x"))[0] == 401
+            for body, error in [
+                ("{not json", 'the body must be a JSON object: {"to": "+15551234567", ...}'),
+                ([TO], 'the body must be a JSON object: {"to": "+15551234567", ...}'),
+                ({"to": "5551234567"}, "'to' must be an E.164 number such as +15551234567"),
+                ({"to": TO, "from": "me"}, "'from' must be an E.164 number (or set TWILIO_FROM_NUMBER on the server)"),
+                ({"to": TO, "greeting": 5}, "'greeting' must be a non-empty string"),
+                ({"to": TO, "greeting": "x" * 1001}, "'greeting' is 1001 characters; the limit is 1000"),
+                ({"to": TO, "voice": "alloy"}, "unknown field(s): voice"),
+            ]:
+                status, _, answer = await post_calls(url, body)
+                assert (status, answer) == (400, {"error": error}), body
+            rest.fail_next = TwilioError(400, 21219, "The number +15551234567 is unverified.")
+            status, _, answer = await post_calls(url, {"to": TO})
+            assert status == 502
+            assert answer == {
+                "error": "Twilio error 21219 (HTTP 400): The number +15551234567 is unverified."
+                " (see https://www.twilio.com/docs/errors/21219)",
+                "twilio_status": 400,
+                "twilio_code": 21219,
+                "twilio_message": "The number +15551234567 is unverified.",
+                "more_info": "https://www.twilio.com/docs/errors/21219",
+            }
+            assert len(rest.requests) == 1  # the invalid bodies never reached Twilio
+
+
+@fail_after(15)
+async def test_outbound_is_off_without_api_key_or_credentials() -> None:
+    async with fake_openai() as model:
+        async with running(outbound_settings(model, None, api_key=None)) as url:
+            status, _, answer = await post_calls(url, {"to": TO})
+            assert (status, answer) == (404, {"error": "outbound calls are disabled: set MEDIASERVER_API_KEY on the server"})
+        async with running(outbound_settings(model, None, twilio_auth_token=None)) as url:
+            status, _, answer = await post_calls(url, {"to": TO})
+            assert status == 503 and answer["error"].startswith("Twilio REST credentials are not configured")
+        async with running(outbound_settings(model, None, twilio_from_number=None)) as url:
+            assert (await post_calls(url, {"to": TO}))[0] == 400  # no From anywhere
+
+
+# ------------------------------------------------------------------- the CLI
+
+
+def cli_args(*argv: str) -> Any:
+    return _parser().parse_args(["call", *argv, "--env-file", "no-such.env"])
+
+
+def test_outbound_cli_usage_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("MEDIASERVER_API_KEY", raising=False)
+    assert outbound_cli.main(cli_args(TO)) == 2
+    assert "MEDIASERVER_API_KEY is not set" in capsys.readouterr().err
+    monkeypatch.setenv("MEDIASERVER_API_KEY", API_KEY)
+    assert outbound_cli.main(cli_args("5551234567")) == 2
+    assert "'5551234567' is not an E.164 number" in capsys.readouterr().err
+    assert outbound_cli.main(cli_args(TO, "--from", "me")) == 2
+    assert "--from 'me' is not an E.164 number" in capsys.readouterr().err
+    monkeypatch.setenv("MEDIASERVER_PORT", "not-a-port")
+    assert outbound_cli.main(cli_args(TO)) == 2
+    assert "configuration error: MEDIASERVER_PORT must be a number" in capsys.readouterr().err
+
+
+def test_outbound_cli_server_not_running(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MEDIASERVER_API_KEY", API_KEY)
+    assert outbound_cli.main(cli_args(TO, "--server", "http://127.0.0.1:9")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mediaserver call: cannot reach 127.0.0.1:9") and "is `mediaserver serve` running" in err
+
+
+@fail_after(15)
+async def test_outbound_cli_against_the_server(capsys: pytest.CaptureFixture[str]) -> None:
+    async with fake_rest() as rest, fake_openai() as model:
+        async with running(outbound_settings(model, rest)) as url:
+            ok = cli_args(TO, "--greeting", GREETING, "--server", url)
+            assert await outbound_cli.place(ok, Settings(api_key=API_KEY)) == 0
+            out = capsys.readouterr().out
+            assert out.startswith("call CA") and out.rstrip().endswith(f"to {TO} from {FROM}: queued")
+            assert await outbound_cli.place(ok, Settings(api_key="wrong")) == 1
+            assert "the server refused the API key" in capsys.readouterr().err
+            rest.fail_next = TwilioError(400, 21215, "Account not authorized to call +15551234567.")
+            assert await outbound_cli.place(ok, Settings(api_key=API_KEY)) == 1
+            assert "Twilio error 21215 (HTTP 400): Account not authorized" in capsys.readouterr().err
+        async with running(outbound_settings(model, rest, api_key=None)) as url:
+            off = cli_args(TO, "--server", url)
+            assert await outbound_cli.place(off, Settings(api_key=API_KEY)) == 1
+            assert "does not place outbound calls: outbound calls are disabled" in capsys.readouterr().err
+    assert len(rest.requests) == 2  # the accepted call and the refused one
