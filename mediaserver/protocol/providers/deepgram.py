@@ -1,0 +1,476 @@
+"""Sans-I/O core for one Deepgram Voice Agent session (µ-law 8 kHz passthrough).
+
+Wire facts come from the ``deepgram-sdk`` agent types (``deepgram/agent/v1/types``)
+and the Voice Agent docs (message flow, keep-alive, function calls, errors):
+
+* Audio goes both ways as **binary** WebSocket frames of raw µ-law; JSON text
+  frames are control messages, each with a ``type``.
+* The server speaks first (``Welcome``); only then do we send ``Settings``;
+  ``SettingsApplied`` confirms them and audio may flow.
+
+States (:class:`DeepgramState`): ``NEW`` until ``initial_messages()`` (which
+returns nothing: Settings must wait for Welcome); ``AWAITING_WELCOME``;
+``AWAITING_APPLIED`` (Welcome seen, Settings queued for
+:meth:`pending_messages`, which the transport sends right after receiving
+Welcome); ``READY`` (SettingsApplied seen: :class:`SessionReady`); ``ERROR``.
+
+Early audio.  The bridge may send caller audio before ``SettingsApplied``
+(the caller starts talking while the agent is being configured).  Deepgram
+must not get audio before Settings are applied, and dropping it would lose
+the caller's first words, so the core *buffers* it: at most
+``max_buffered_audio_ms`` (default 3 s; older audio is dropped first, so
+what is kept is the most recent speech).  The buffer is released, in order,
+by whichever comes first after ``SettingsApplied``: :meth:`pending_messages`
+(called by the transport right after the message) or the next
+:meth:`send` of audio, so buffered audio can never be overtaken.
+
+Replies have no ids on the wire, so the core names them: ``dg-reply-<n>``,
+a fresh name at every ``AgentStartedSpeaking``, after every
+``AgentAudioDone`` and after every barge-in (``UserStartedSpeaking``), so
+the bridge can drop late audio of an interrupted reply by its item id.
+
+Function calls.  ``FunctionCallRequest`` yields one :class:`ToolCall` per
+``client_side`` function (server-side ones are the server's business: the
+message is :class:`Other` when it has no client-side function).  A
+:class:`ToolResult` becomes ``FunctionCallResponse {id, name, content}``;
+a result for a call the server withdrew (``FunctionCallCancelled``) is
+dropped -- the docs say never to answer those.
+
+``Error`` is fatal (the server usually closes after it), ``Warning`` not.
+Deepgram has no truncation or cancel message: :class:`Truncate` and
+:class:`CancelResponse` return ``[]`` (the server stops talking by itself
+when it hears the caller).  :class:`CreateResponse` has no Deepgram
+equivalent and is refused.  :class:`SendText` (e.g. a keypad digit) becomes
+``InjectUserMessage {content}``, which the agent always answers (dropped
+before ``SettingsApplied``).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .base import (
+    AudioDelta,
+    AudioDone,
+    AudioFormat,
+    CancelResponse,
+    CreateResponse,
+    FunctionTool,
+    Other,
+    ProviderCommand,
+    ProviderError,
+    ProviderEvent,
+    ResponseStarted,
+    SendAudio,
+    SendText,
+    SessionReady,
+    SpeechStarted,
+    ToolCall,
+    ToolResult,
+    Transcript,
+    Truncate,
+    Unknown,
+    WireMessage,
+)
+
+__all__ = ["DEFAULT_URL", "DeepgramAgentConfig", "DeepgramAgentSession", "DeepgramState"]
+
+DEFAULT_URL: Final = "wss://agent.deepgram.com/v1/agent/converse"
+
+_FORMAT: Final = AudioFormat("pcmu", 8000)
+_KEEPALIVE: Final = '{"type":"KeepAlive"}'
+
+# Server message types that carry no provider-neutral meaning (SDK union
+# V1SocketClientResponse in deepgram/agent/v1/socket_client.py).
+_OTHER_TYPES: Final = frozenset(
+    {
+        "AgentThinking",
+        "FunctionCallResponse",  # a server-side function's result
+        "PromptUpdated",
+        "SpeakUpdated",
+        "ThinkUpdated",
+        "ListenUpdated",
+        "ThinkLiveUpdated",
+        "InjectionRefused",
+        "History",
+        "LatencyReport",
+        "FrustrationDetected",
+        "__customFromThinkProvider",  # SDK AgentV1CustomFromThinkProvider
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeepgramAgentConfig:
+    """What goes into ``Settings``, plus the core's own limits.
+
+    ``think_provider`` is the LLM provider ``type`` (``open_ai``,
+    ``anthropic``, ``google``, ``groq``, ``aws_bedrock``, ``deepgram``).
+    A ``listen_model`` starting with ``flux`` selects listen provider
+    version ``v2`` (Flux), anything else ``v1``.
+    """
+
+    instructions: str
+    listen_model: str = "nova-3"
+    think_provider: str = "open_ai"
+    think_model: str = "gpt-4o-mini"
+    speak_model: str = "aura-2-thalia-en"
+    greeting: str | None = None
+    tools: tuple[FunctionTool, ...] = ()
+    url: str = DEFAULT_URL
+    keepalive_interval_s: float = 8.0
+    max_buffered_audio_ms: int = 3000
+
+    def __post_init__(self) -> None:
+        for name in ("listen_model", "think_provider", "think_model", "speak_model"):
+            if not getattr(self, name):
+                raise LocalProtocolError(f"{name} must be non-empty")
+        if not self.keepalive_interval_s > 0:
+            raise LocalProtocolError(f"keepalive_interval_s must be positive, got {self.keepalive_interval_s}")
+        if type(self.max_buffered_audio_ms) is not int or self.max_buffered_audio_ms < 0:
+            raise LocalProtocolError(f"max_buffered_audio_ms must be a non-negative int, got {self.max_buffered_audio_ms!r}")
+
+    def settings_message(self) -> dict[str, object]:
+        """The ``Settings`` message as plain JSON values (validated by the tests with ``AgentV1Settings``)."""
+        version = "v2" if self.listen_model.startswith("flux") else "v1"
+        think: dict[str, object] = {
+            "provider": {"type": self.think_provider, "model": self.think_model},
+            "prompt": self.instructions,
+        }
+        if self.tools:
+            # No ``endpoint``: the function is called client-side (SDK ThinkSettingsV1FunctionsItem).
+            think["functions"] = [tool.to_json() for tool in self.tools]
+        agent: dict[str, object] = {
+            "listen": {"provider": {"type": "deepgram", "version": version, "model": self.listen_model}},
+            "think": think,
+            "speak": {"provider": {"type": "deepgram", "model": self.speak_model}},
+        }
+        if self.greeting:
+            agent["greeting"] = self.greeting
+        return {
+            "type": "Settings",
+            "audio": {
+                "input": {"encoding": "mulaw", "sample_rate": 8000},
+                "output": {"encoding": "mulaw", "sample_rate": 8000, "container": "none"},
+            },
+            "agent": agent,
+        }
+
+
+class DeepgramState(enum.Enum):
+    NEW = "new"
+    AWAITING_WELCOME = "awaiting_welcome"
+    AWAITING_APPLIED = "awaiting_applied"
+    READY = "ready"
+    ERROR = "error"
+
+
+class DeepgramAgentSession:
+    """One Deepgram Voice Agent session; implements ``ProviderSession``."""
+
+    def __init__(self, config: DeepgramAgentConfig) -> None:
+        self._config = config
+        self._state = DeepgramState.NEW
+        self._events: deque[ProviderEvent] = deque()
+        self._pending: list[WireMessage] = []
+        self._early_audio: deque[bytes] = deque()
+        self._early_bytes = 0
+        self._max_early_bytes = config.max_buffered_audio_ms * _FORMAT.bytes_per_ms
+        self.dropped_early_bytes = 0
+        """Caller audio dropped because the pre-SettingsApplied buffer was full."""
+        self._request_id: str | None = None
+        self._reply_numbers = itertools.count(1)
+        self._reply: str | None = None  # the item id of the agent audio now arriving
+        self._calls: dict[str, str] = {}  # open client-side call id -> function name
+        self._cancelled: set[str] = set()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def config(self) -> DeepgramAgentConfig:
+        return self._config
+
+    @property
+    def state(self) -> DeepgramState:
+        return self._state
+
+    @property
+    def input_format(self) -> AudioFormat:
+        return _FORMAT
+
+    @property
+    def output_format(self) -> AudioFormat:
+        return _FORMAT
+
+    @property
+    def buffered_audio_bytes(self) -> int:
+        """Caller audio held until ``SettingsApplied``."""
+        return self._early_bytes
+
+    def _check_alive(self) -> None:
+        if self._state is DeepgramState.ERROR:
+            raise LocalProtocolError("the session is dead after an earlier protocol error")
+
+    # -------------------------------------------------------------- outbound
+
+    def initial_messages(self) -> list[WireMessage]:
+        """Nothing: Deepgram speaks first (``Welcome``); Settings follow via :meth:`pending_messages`."""
+        self._check_alive()
+        if self._state is not DeepgramState.NEW:
+            self._state = DeepgramState.ERROR
+            raise LocalProtocolError("initial_messages() called twice")
+        self._state = DeepgramState.AWAITING_WELCOME
+        return []
+
+    def send(self, command: ProviderCommand) -> list[WireMessage]:
+        """Wire messages for ``command``; audio before ``SettingsApplied`` is buffered (returns ``[]``)."""
+        self._check_alive()
+        try:
+            if self._state is DeepgramState.NEW:
+                raise LocalProtocolError("command before initial_messages()")
+            if type(command) is SendAudio:
+                if self._state is not DeepgramState.READY:
+                    self._buffer(command.payload)
+                    return []
+                return [*self._take_early_audio(), command.payload]
+            if type(command) is ToolResult:
+                return self._tool_result(command)
+            if type(command) in (Truncate, CancelResponse):
+                return []  # Deepgram stops on its own when it hears the caller
+            if type(command) is SendText:
+                # InjectUserMessage (SDK AgentV1InjectUserMessage): the agent always answers it,
+                # so ``respond`` cannot be honoured; before SettingsApplied there is no agent yet.
+                if self._state is not DeepgramState.READY:
+                    return []
+                return [_dumps({"type": "InjectUserMessage", "content": command.text})]
+            if type(command) is CreateResponse:
+                raise LocalProtocolError("Deepgram Voice Agent has no way to ask for a response")
+            raise LocalProtocolError(f"not a provider command: {command!r:.80}")
+        except BaseException:
+            self._state = DeepgramState.ERROR
+            raise
+
+    def _buffer(self, payload: bytes) -> None:
+        self._early_audio.append(payload)
+        self._early_bytes += len(payload)
+        while self._early_bytes > self._max_early_bytes and self._early_audio:
+            dropped = self._early_audio.popleft()
+            self._early_bytes -= len(dropped)
+            self.dropped_early_bytes += len(dropped)
+
+    def _take_early_audio(self) -> list[bytes]:
+        frames = list(self._early_audio)
+        self._early_audio.clear()
+        self._early_bytes = 0
+        return frames
+
+    def _tool_result(self, command: ToolResult) -> list[WireMessage]:
+        call_id = command.call_id
+        if call_id in self._cancelled:
+            self._cancelled.discard(call_id)
+            return []  # the server withdrew the call: never answer it
+        name = self._calls.pop(call_id, None)
+        if name is None:
+            raise LocalProtocolError(f"no open client-side function call {call_id!r}")
+        body = {"type": "FunctionCallResponse", "id": call_id, "name": name, "content": command.output}
+        return [_dumps(body)]
+
+    def pending_messages(self) -> list[WireMessage]:
+        """Settings once Welcome has arrived; buffered caller audio once Settings are applied."""
+        self._check_alive()
+        messages = self._pending
+        self._pending = []
+        if self._state is DeepgramState.READY and self._early_audio:
+            messages.extend(self._take_early_audio())
+        return messages
+
+    @property
+    def keepalive_interval_s(self) -> float | None:
+        return self._config.keepalive_interval_s
+
+    def keepalive(self) -> list[WireMessage]:
+        """``KeepAlive`` once Settings have gone out (before that there is no session to keep)."""
+        if self._state in (DeepgramState.AWAITING_APPLIED, DeepgramState.READY):
+            return [_KEEPALIVE]
+        return []
+
+    # --------------------------------------------------------------- inbound
+
+    def receive_message(self, message: WireMessage) -> None:
+        """Feed one WebSocket message from Deepgram; raises on bad input."""
+        self._check_alive()
+        try:
+            if self._state is DeepgramState.NEW:
+                raise LocalProtocolError("message received before initial_messages()")
+            self._events.extend(self._parse(message))
+        except BaseException:
+            self._state = DeepgramState.ERROR
+            raise
+
+    def events(self) -> Iterator[ProviderEvent]:
+        """Yield and remove the queued events, oldest first."""
+        self._check_alive()
+        events = self._events
+        while events:
+            yield events.popleft()
+
+    def _parse(self, message: WireMessage) -> list[ProviderEvent]:
+        if isinstance(message, bytes):
+            if self._state is not DeepgramState.READY:
+                raise RemoteProtocolError(f"agent audio in state {self._state.name}, before SettingsApplied")
+            if self._reply is None:
+                self._reply = self._new_reply()
+            return [AudioDelta(self._reply, message)]
+        msg = _load(message)
+        type_ = msg["type"]
+        handler = _HANDLERS.get(type_)
+        if handler is not None:
+            return handler(self, msg, message)
+        if type_ in _OTHER_TYPES:
+            return [Other(type_, message)]
+        return [Unknown(type_, message)]
+
+    def _new_reply(self) -> str:
+        return f"dg-reply-{next(self._reply_numbers)}"
+
+    def _expect(self, state: DeepgramState, type_: str) -> None:
+        if self._state is not state:
+            raise RemoteProtocolError(f"server sent {type_} in state {self._state.name}")
+
+    def _on_welcome(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        self._expect(DeepgramState.AWAITING_WELCOME, "Welcome")
+        request_id = msg.get("request_id")
+        self._request_id = request_id if type(request_id) is str else None
+        self._state = DeepgramState.AWAITING_APPLIED
+        self._pending.append(_dumps(self._config.settings_message()))
+        return [Other("Welcome", raw)]
+
+    def _on_settings_applied(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        self._expect(DeepgramState.AWAITING_APPLIED, "SettingsApplied")
+        self._state = DeepgramState.READY
+        return [SessionReady(self._request_id)]
+
+    def _on_user_started_speaking(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        self._reply = None  # anything after a barge-in is a new reply
+        return [SpeechStarted(item_id=None, audio_start_ms=None)]
+
+    def _on_agent_started_speaking(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        self._reply = self._new_reply()
+        return [ResponseStarted(self._reply)]
+
+    def _on_agent_audio_done(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        reply, self._reply = self._reply, None
+        if reply is None:
+            return [Other("AgentAudioDone", raw)]  # a turn without audio
+        return [AudioDone(reply)]
+
+    def _on_conversation_text(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        role = msg.get("role")
+        if role not in ("user", "assistant"):
+            raise RemoteProtocolError(f"ConversationText: role must be user or assistant, got {role!r:.40}")
+        content = msg.get("content")
+        if type(content) is not str:
+            raise RemoteProtocolError(f"ConversationText: 'content' must be a string, got {content!r:.40}")
+        return [Transcript("user" if role == "user" else "assistant", content, True)]
+
+    def _on_function_call_request(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        functions = msg.get("functions")
+        if type(functions) is not list:
+            raise RemoteProtocolError(f"FunctionCallRequest: 'functions' must be a list, got {functions!r:.40}")
+        calls: list[ProviderEvent] = []
+        for function in functions:
+            if type(function) is not dict:
+                raise RemoteProtocolError(f"FunctionCallRequest: a function must be an object, got {function!r:.40}")
+            call_id = _string(function, "id", "FunctionCallRequest")
+            name = _string(function, "name", "FunctionCallRequest")
+            arguments = function.get("arguments")
+            client_side = function.get("client_side")
+            if type(arguments) is not str or type(client_side) is not bool:
+                raise RemoteProtocolError(
+                    f"FunctionCallRequest: {call_id!r} needs string 'arguments' and bool 'client_side'"
+                )
+            if client_side:
+                self._calls[call_id] = name
+                calls.append(ToolCall(call_id=call_id, name=name, arguments=arguments))
+        return calls or [Other("FunctionCallRequest", raw)]
+
+    def _on_function_call_cancelled(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        functions = msg.get("functions")
+        if type(functions) is not list:
+            raise RemoteProtocolError(f"FunctionCallCancelled: 'functions' must be a list, got {functions!r:.40}")
+        for function in functions:
+            if type(function) is not dict:
+                raise RemoteProtocolError(f"FunctionCallCancelled: a function must be an object, got {function!r:.40}")
+            call_id = _string(function, "id", "FunctionCallCancelled")
+            if self._calls.pop(call_id, None) is not None:
+                self._cancelled.add(call_id)
+        return [Other("FunctionCallCancelled", raw)]
+
+    def _on_error(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        return [_problem(msg, fatal=True)]
+
+    def _on_warning(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        return [_problem(msg, fatal=False)]
+
+
+_Handler = Callable[[DeepgramAgentSession, dict[str, Any], str], list[ProviderEvent]]
+_D = DeepgramAgentSession
+_HANDLERS: Final[Mapping[str, _Handler]] = MappingProxyType(
+    {
+        "Welcome": _D._on_welcome,
+        "SettingsApplied": _D._on_settings_applied,
+        "UserStartedSpeaking": _D._on_user_started_speaking,
+        "AgentStartedSpeaking": _D._on_agent_started_speaking,
+        "AgentAudioDone": _D._on_agent_audio_done,
+        "ConversationText": _D._on_conversation_text,
+        "FunctionCallRequest": _D._on_function_call_request,
+        "FunctionCallCancelled": _D._on_function_call_cancelled,
+        "Error": _D._on_error,
+        "Warning": _D._on_warning,
+    }
+)
+
+KNOWN_SERVER_TYPES: Final = frozenset(_HANDLERS) | _OTHER_TYPES
+"""Every server message type this core knows (the tests compare it with the SDK)."""
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _dumps(body: Mapping[str, object]) -> str:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def _load(message: str) -> dict[str, Any]:
+    try:
+        msg = json.loads(message)
+    except (ValueError, RecursionError):
+        raise RemoteProtocolError(f"message is not valid JSON: {message!r:.80}") from None
+    if type(msg) is not dict:
+        raise RemoteProtocolError(f"message is not a JSON object: {message!r:.80}")
+    if type(msg.get("type")) is not str:
+        raise RemoteProtocolError(f"message has no string 'type': {message!r:.80}")
+    return msg
+
+
+def _string(obj: dict[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if type(value) is not str or not value:
+        raise RemoteProtocolError(f"{where}: {key!r} must be a non-empty string, got {value!r:.40}")
+    return value
+
+
+def _problem(msg: dict[str, Any], *, fatal: bool) -> ProviderError:
+    description = msg.get("description")
+    if type(description) is not str:
+        raise RemoteProtocolError(f"{msg['type']}: 'description' must be a string, got {description!r:.40}")
+    code = msg.get("code")
+    return ProviderError(description, fatal=fatal, code=code if type(code) is str else None)

@@ -1,0 +1,359 @@
+"""Unit tests of the AssemblyAI Voice Agent sans-I/O core.
+
+Client messages are checked with the strict hand-written schemas of
+:mod:`tests.assemblyai_fake` (no SDK schema exists for this protocol).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import typing
+
+import pytest
+
+from mediaserver.protocol.errors import LocalProtocolError, RemoteProtocolError
+from mediaserver.protocol.providers import base as pv
+from mediaserver.protocol.providers.assemblyai import (
+    NON_FATAL_SESSION_ERRORS,
+    AssemblyAIAgentConfig,
+    AssemblyAIAgentSession,
+    AssemblyAIState,
+)
+from tests.assemblyai_fake import validate_client_message
+
+WEATHER = pv.FunctionTool(
+    "get_weather",
+    "Current weather for a city",
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+)
+
+
+def ev(type_: str, **fields: typing.Any) -> str:
+    return json.dumps({"type": type_, **fields})
+
+
+READY = ev("session.ready", session_id="sess-1", expires_at=1_900_000_000, config={})
+
+
+def audio(reply_id: str, data: bytes) -> str:
+    return ev("reply.audio", reply_id=reply_id, data=base64.b64encode(data).decode())
+
+
+def done(reply_id: str, status: str = "completed") -> str:
+    return ev("reply.done", reply_id=reply_id, status=status)
+
+
+def started(reply_id: str) -> str:
+    return ev("reply.started", reply_id=reply_id, item_id=f"item-{reply_id}")
+
+
+def tool_call(call_id: str, arguments: object = None) -> str:
+    return ev("tool.call", call_id=call_id, name="get_weather", arguments=arguments or {"city": "Paris"})
+
+
+def new_session(**overrides: typing.Any) -> AssemblyAIAgentSession:
+    values: dict[str, typing.Any] = {"instructions": "Be brief."}
+    values.update(overrides)
+    return AssemblyAIAgentSession(AssemblyAIAgentConfig(**values))
+
+
+def ready_session(**overrides: typing.Any) -> AssemblyAIAgentSession:
+    session = new_session(**overrides)
+    for message in session.initial_messages():
+        validate_client_message(message)
+    assert receive(session, READY) == [pv.SessionReady("sess-1")]
+    return session
+
+
+def receive(session: AssemblyAIAgentSession, *messages: str | bytes) -> list[pv.ProviderEvent]:
+    events: list[pv.ProviderEvent] = []
+    for message in messages:
+        session.receive_message(message)
+        events.extend(session.events())
+    return events
+
+
+def sent(messages: typing.Sequence[str | bytes]) -> list[dict[str, typing.Any]]:
+    """Validate every message against the strict schemas; return them parsed."""
+    return [validate_client_message(m) for m in messages]
+
+
+def assert_dead(session: AssemblyAIAgentSession) -> None:
+    assert session.state is AssemblyAIState.ERROR
+    with pytest.raises(LocalProtocolError):
+        session.receive_message(READY)
+    with pytest.raises(LocalProtocolError):
+        session.send(pv.SendAudio(b"\xff"))
+
+
+# ------------------------------------------------------------------ handshake
+
+
+def test_assemblyai_session_update_full_config() -> None:
+    session = new_session(voice="ivy", greeting="Hi there!", tools=(WEATHER,))
+    [update] = sent(session.initial_messages())
+    assert update == {
+        "type": "session.update",
+        "session": {
+            "system_prompt": "Be brief.",
+            "greeting": "Hi there!",
+            "input": {"format": {"encoding": "audio/pcmu"}},
+            "output": {"format": {"encoding": "audio/pcmu"}, "voice": "ivy"},
+            "tools": [{"type": "function", **WEATHER.to_json()}],
+        },
+    }
+    assert session.state is AssemblyAIState.AWAITING_READY
+    assert receive(session, READY) == [pv.SessionReady("sess-1")]
+    assert session.session_id == "sess-1"
+    assert session.input_format == session.output_format == pv.AudioFormat("pcmu", 8000)
+    assert session.keepalive_interval_s is None and session.keepalive() == []
+
+
+def test_assemblyai_session_update_minimal_config_omits_optional_fields() -> None:
+    [update] = sent(new_session().initial_messages())
+    assert update["session"] == {
+        "system_prompt": "Be brief.",
+        "input": {"format": {"encoding": "audio/pcmu"}},
+        "output": {"format": {"encoding": "audio/pcmu"}},
+    }
+
+
+def test_assemblyai_config_validation() -> None:
+    with pytest.raises(LocalProtocolError, match="max_buffered_audio_ms"):
+        AssemblyAIAgentConfig(instructions="x", max_buffered_audio_ms=-5)
+
+
+# ---------------------------------------------------------------------- audio
+
+
+def test_assemblyai_audio_is_base64_input_audio_with_exact_bytes() -> None:
+    session = ready_session()
+    payload = bytes(range(256))
+    [message] = sent(session.send(pv.SendAudio(payload)))
+    assert message == {"type": "input.audio", "audio": base64.b64encode(payload).decode()}
+
+
+def test_assemblyai_audio_before_ready_is_buffered_bounded_and_flushed_in_order() -> None:
+    session = new_session(max_buffered_audio_ms=40)  # 320 bytes
+    session.initial_messages()
+    frames = [bytes([n]) * 160 for n in range(1, 5)]
+    for frame in frames:
+        assert session.send(pv.SendAudio(frame)) == []
+    assert session.buffered_audio_bytes == 320 and session.dropped_early_bytes == 320
+    receive(session, READY)
+    flushed = sent(session.pending_messages())
+    assert [base64.b64decode(m["audio"]) for m in flushed] == frames[2:]
+    assert session.pending_messages() == []
+
+
+def test_assemblyai_early_audio_flushes_with_the_next_send_if_that_comes_first() -> None:
+    session = new_session()
+    session.initial_messages()
+    session.send(pv.SendAudio(b"\x01" * 160))
+    session.receive_message(READY)
+    out = sent(session.send(pv.SendAudio(b"\x02" * 160)))
+    assert [base64.b64decode(m["audio"]) for m in out] == [b"\x01" * 160, b"\x02" * 160]
+    assert session.pending_messages() == []
+
+
+def test_assemblyai_reply_maps_to_response_audio_and_done() -> None:
+    session = ready_session()
+    events = receive(session, started("r1"), audio("r1", b"\x10" * 320), audio("r1", b"\x20" * 7), done("r1"))
+    assert events == [
+        pv.ResponseStarted("r1"),
+        pv.AudioDelta("r1", b"\x10" * 320, "r1"),
+        pv.AudioDelta("r1", b"\x20" * 7, "r1"),
+        pv.AudioDone("r1", "r1"),
+        pv.ResponseDone("r1", "completed", None),
+    ]
+
+
+# -------------------------------------------------------------------- barge-in
+
+
+def test_assemblyai_speech_started_is_barge_in_and_interrupted_reply_is_not_cut_twice() -> None:
+    session = ready_session()
+    events = receive(session, started("r1"), audio("r1", b"\x01" * 100), ev("input.speech.started", timestamp=1.5),
+                     done("r1", "interrupted"), ev("input.speech.stopped"))
+    assert events == [
+        pv.ResponseStarted("r1"),
+        pv.AudioDelta("r1", b"\x01" * 100, "r1"),
+        pv.SpeechStarted(None, None),
+        pv.AudioDone("r1", "r1"),
+        pv.ResponseDone("r1", "interrupted", None),
+        pv.SpeechStopped(None, None),
+    ]
+    assert session.send(pv.Truncate("r1", 10)) == [] and session.send(pv.CancelResponse()) == []
+
+
+def test_assemblyai_interrupted_reply_without_speech_started_still_barges_in() -> None:
+    session = ready_session()
+    events = receive(session, started("r1"), audio("r1", b"\x01" * 100), done("r1", "interrupted"))
+    assert events[2:] == [pv.SpeechStarted(None, None), pv.AudioDone("r1", "r1"), pv.ResponseDone("r1", "interrupted", None)]
+
+
+def test_assemblyai_create_response_is_reply_create() -> None:
+    session = ready_session()
+    assert sent(session.send(pv.CreateResponse())) == [{"type": "reply.create"}]
+    assert sent(session.send(pv.CreateResponse("Say goodbye."))) == [{"type": "reply.create", "instructions": "Say goodbye."}]
+
+
+# ----------------------------------------------------------------------- tools
+
+
+def test_assemblyai_tool_result_is_held_until_the_reply_is_done() -> None:
+    session = ready_session(tools=(WEATHER,))
+    events = receive(session, started("r1"), tool_call("call-1", {"city": "Paris"}))
+    assert events[1] == pv.ToolCall("call-1", "get_weather", '{"city":"Paris"}', "r1")
+    assert session.send(pv.ToolResult("call-1", '{"temp_c": 21}')) == []  # reply still in progress
+    receive(session, audio("r1", b"\x01" * 10))
+    assert session.pending_messages() == []  # not yet: reply.done is not the latest event
+    receive(session, done("r1"))
+    assert sent(session.pending_messages()) == [{"type": "tool.result", "call_id": "call-1", "result": '{"temp_c": 21}'}]
+    assert session.pending_messages() == []
+
+
+def test_assemblyai_tool_result_after_the_reply_is_done_goes_out_at_once() -> None:
+    session = ready_session()
+    receive(session, started("r1"), tool_call("call-1"), done("r1"))
+    assert sent(session.send(pv.ToolResult("call-1", "ok"))) == [{"type": "tool.result", "call_id": "call-1", "result": "ok"}]
+    with pytest.raises(LocalProtocolError, match="call-1"):  # answered already
+        session.send(pv.ToolResult("call-1", "again"))
+
+
+def test_assemblyai_results_of_an_interrupted_reply_are_discarded() -> None:
+    session = ready_session()
+    receive(session, started("r1"), tool_call("call-1"), tool_call("call-2"))
+    assert session.send(pv.ToolResult("call-1", "held")) == []
+    receive(session, ev("input.speech.started"), done("r1", "interrupted"))
+    assert session.pending_messages() == []  # the held result was dropped
+    assert session.send(pv.ToolResult("call-2", "late")) == []  # and a late one too
+    assert session.state is AssemblyAIState.READY
+
+
+def test_assemblyai_tool_call_with_string_arguments_passes_through() -> None:
+    session = ready_session()
+    [event] = receive(session, ev("tool.call", call_id="c", name="f", arguments='{"a": 1}'))
+    assert event == pv.ToolCall("c", "f", '{"a": 1}', None)
+
+
+# ------------------------------------------------------------- transcripts, errors
+
+
+def test_assemblyai_transcripts() -> None:
+    session = ready_session()
+    events = receive(
+        session,
+        ev("transcript.user.delta", item_id="u1", text="What's the"),
+        ev("transcript.user", item_id="u1", text="What's the weather?"),
+        ev("transcript.agent.delta", reply_id="r1", item_id="i1", delta="Sun", start_ms=0, end_ms=200),
+        ev("transcript.agent", reply_id="r1", item_id="i1", text="Sunny.", interrupted=False),
+    )
+    assert events == [
+        pv.Transcript("user", "What's the", False, "u1"),
+        pv.Transcript("user", "What's the weather?", True, "u1"),
+        pv.Transcript("assistant", "Sun", False, "r1"),
+        pv.Transcript("assistant", "Sunny.", True, "r1"),
+    ]
+
+
+@pytest.mark.parametrize("code", sorted(NON_FATAL_SESSION_ERRORS))
+def test_assemblyai_message_level_session_errors_are_not_fatal_once_ready(code: str) -> None:
+    session = ready_session()
+    assert receive(session, ev("session.error", code=code, message="m")) == [pv.ProviderError("m", False, code)]
+
+
+@pytest.mark.parametrize("code", ["unauthorized", "session_expired", "internal_error", "at_capacity", "brand_new"])
+def test_assemblyai_session_level_errors_are_fatal(code: str) -> None:
+    session = ready_session()
+    assert receive(session, ev("session.error", code=code, message="m")) == [pv.ProviderError("m", True, code)]
+
+
+def test_assemblyai_any_error_before_ready_is_fatal_and_reply_error_never() -> None:
+    session = new_session()
+    session.initial_messages()
+    assert receive(session, ev("session.error", code="invalid_value", message="bad voice")) == [
+        pv.ProviderError("bad voice", True, "invalid_value")
+    ]
+    session = ready_session()
+    error = ev("reply.error", reply_id="r1", code="llm_timeout", message="slow", retryable=True)
+    assert receive(session, error) == [pv.ProviderError("slow", False, "llm_timeout")]
+
+
+def test_assemblyai_known_unmapped_and_unknown_types() -> None:
+    session = ready_session()
+    updated = ev("session.updated", config={})
+    ended = ev("session.ended", session_duration_seconds=12.5)
+    novel = ev("reply.something_new", x=1)
+    assert receive(session, updated, ended, novel) == [
+        pv.Other("session.updated", updated),
+        pv.Other("session.ended", ended),
+        pv.Unknown("reply.something_new", novel),
+    ]
+
+
+# ------------------------------------------------------------------ protocol errors
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["not json", "[]", '{"x": 1}', '{"type": null}', ev("reply.audio", reply_id="r", data="***"),
+     ev("reply.audio", data="AAAA"), ev("reply.done", reply_id="r", status="weird"), ev("tool.call", call_id="c"),
+     ev("tool.call", call_id="c", name="f", arguments=[1]), ev("transcript.user", item_id="u"),
+     ev("session.error", code="x"), ev("session.ready", session_id="again")],
+)
+def test_assemblyai_malformed_server_messages_are_remote_errors(text: str) -> None:
+    session = ready_session()
+    with pytest.raises(RemoteProtocolError):
+        session.receive_message(text)
+    assert_dead(session)
+
+
+@pytest.mark.parametrize("message", [audio("r1", b"\x00"), started("r1"), tool_call("c"), b"\x00\x01"])
+def test_assemblyai_events_before_ready_or_binary_are_remote_errors(message: str | bytes) -> None:
+    session = new_session()
+    session.initial_messages()
+    with pytest.raises(RemoteProtocolError):
+        session.receive_message(message)
+    assert_dead(session)
+
+
+def test_assemblyai_misuse_is_local_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        new_session().receive_message(READY)
+    with pytest.raises(LocalProtocolError):
+        new_session().send(pv.SendAudio(b"\xff"))
+    session = ready_session()
+    with pytest.raises(LocalProtocolError, match="no open tool call"):
+        session.send(pv.ToolResult("nope", "x"))
+    assert_dead(session)
+    session = new_session()
+    session.initial_messages()
+    with pytest.raises(LocalProtocolError):
+        session.initial_messages()
+    assert_dead(session)
+
+
+def test_assemblyai_send_text_is_dropped_without_harm() -> None:
+    session = ready_session()
+    assert session.send(pv.SendText("The caller pressed 1.")) == []
+    assert session.state is AssemblyAIState.READY
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "input.audio", "audio": "!!"},  # not base64
+        {"type": "input.audio", "audio": "AAAA", "extra": 1},  # unknown key
+        {"type": "tool.result", "call_id": "c"},  # result missing
+        {"type": "tool.result", "call_id": "c", "result": {"a": 1}},  # result must be a string
+        {"type": "session.update", "session": {"input": {"format": {"encoding": "audio/mulaw"}}}},
+        {"type": "session.update", "session": {"system_prompt": "x", "voice": "ivy"}},  # voice belongs in output
+        {"type": "reply.cancel", "reply_id": "r"},  # not a documented client event
+    ],
+)
+def test_assemblyai_fake_schema_rejects_what_the_real_server_would(message: dict[str, typing.Any]) -> None:
+    """The fake's strict schemas (used by every test here) catch typos, wrong types and unknown events."""
+    with pytest.raises(AssertionError):
+        validate_client_message(json.dumps(message))
