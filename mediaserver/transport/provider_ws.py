@@ -246,7 +246,8 @@ async def open_provider_link(
     except* ConnectionRejected as group:
         if connected:
             raise
-        status = group.exceptions[0].status_code  # type: ignore[attr-defined]
+        first = group.exceptions[0]
+        status = first.status_code if isinstance(first, ConnectionRejected) else "?"
         raise ProviderClosed(f"{name}: {_safe(url)} rejected the connection with HTTP {status}") from None
     except* trio.TooSlowError:
         if connected:

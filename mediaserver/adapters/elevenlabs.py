@@ -1,0 +1,131 @@
+"""Settings -> ElevenLabs Agents conversation over a WebSocket.
+
+Public agents: connect to ``ELEVENLABS_AGENT_URL?agent_id=<ELEVENLABS_AGENT_ID>``.
+Private agents (``ELEVENLABS_API_KEY`` set): first ``GET
+<agent URL as https>/get-signed-url?agent_id=<id>`` with header
+``xi-api-key`` (SDK ``conversations.get_signed_url``:
+``v1/convai/conversation/get-signed-url``), then connect to the
+``signed_url`` it returns.  The HTTPS base is derived from the agent URL
+(``wss://host/v1/convai/conversation`` ->
+``https://host/v1/convai/conversation/get-signed-url``), so regional
+endpoints and test servers need only the one setting.
+
+The prompt override is sent only when the instructions are not the built-in
+default ``AGENT_INSTRUCTIONS``: an ElevenLabs agent keeps its own prompt
+unless told otherwise, and refuses overrides it does not allow.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import fields
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import h11
+import trio
+
+from mediaserver.bridge.link import AgentOptions, ProviderClosed, ProviderLink
+from mediaserver.config import Settings
+from mediaserver.protocol.providers.elevenlabs import ElevenLabsConfig, ElevenLabsSession
+from mediaserver.transport.provider_ws import open_provider_link
+
+__all__ = ["elevenlabs_config", "open_link", "signed_url_endpoint"]
+
+# A signed-URL answer is a few hundred bytes; anything far bigger is not one.
+MAX_RESPONSE_BYTES = 64 * 1024
+
+
+def elevenlabs_config(settings: Settings, agent: AgentOptions | None = None) -> ElevenLabsConfig:
+    agent = agent or AgentOptions.from_settings(settings)
+    default_instructions = next(f.default for f in fields(Settings) if f.name == "agent_instructions")
+    return ElevenLabsConfig(
+        prompt=None if agent.instructions == default_instructions else agent.instructions,
+        first_message=agent.greeting,
+    )
+
+
+def public_url(settings: Settings) -> str:
+    """The WebSocket URL of a public agent."""
+    assert settings.elevenlabs_agent_id is not None  # Settings.validated() requires it
+    return f"{settings.elevenlabs_agent_url}?agent_id={quote(settings.elevenlabs_agent_id, safe='')}"
+
+
+def signed_url_endpoint(settings: Settings) -> str:
+    """``https://<host>/v1/convai/conversation/get-signed-url?agent_id=<id>``, from the agent URL."""
+    assert settings.elevenlabs_agent_id is not None
+    parts = urlsplit(settings.elevenlabs_agent_url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    path = parts.path.rstrip("/") + "/get-signed-url"
+    return urlunsplit((scheme, parts.netloc, path, f"agent_id={quote(settings.elevenlabs_agent_id, safe='')}", ""))
+
+
+async def fetch_signed_url(settings: Settings) -> str:
+    """Ask ElevenLabs for a private agent's signed WebSocket URL; :class:`ProviderClosed` on failure."""
+    assert settings.elevenlabs_api_key is not None
+    endpoint = signed_url_endpoint(settings)
+    where = endpoint.split("?", 1)[0]
+    headers = [("xi-api-key", settings.elevenlabs_api_key), ("accept", "application/json")]
+    timeout_s = settings.connect_timeout_s
+    try:
+        with trio.fail_after(timeout_s):
+            status, body = await _get(endpoint, headers)
+    except trio.TooSlowError:
+        raise ProviderClosed(f"elevenlabs: no signed URL from {where} within {timeout_s:g} s") from None
+    except (OSError, h11.ProtocolError, trio.BrokenResourceError) as exc:
+        raise ProviderClosed(f"elevenlabs: cannot get a signed URL from {where}: {exc}") from None
+    if status != 200:
+        raise ProviderClosed(f"elevenlabs: {where} answered HTTP {status} (check ELEVENLABS_API_KEY and the agent id)")
+    try:
+        signed_url = json.loads(body)["signed_url"]
+    except (ValueError, KeyError, TypeError):
+        signed_url = None
+    if type(signed_url) is not str or not signed_url.startswith(("wss://", "ws://")):
+        raise ProviderClosed(f"elevenlabs: {where} did not return a signed_url")
+    return signed_url
+
+
+async def _get(url: str, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
+    """One HTTP/1.1 GET with h11 over trio (TLS for https); returns (status, body)."""
+    parts = urlsplit(url)
+    tls = parts.scheme == "https"
+    host = parts.hostname or ""
+    port = parts.port or (443 if tls else 80)
+    stream: trio.abc.Stream
+    if tls:
+        stream = await trio.open_ssl_over_tcp_stream(
+            host, port, ssl_context=ssl.create_default_context(), https_compatible=True
+        )
+    else:
+        stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        request = h11.Request(method="GET", target=target, headers=[("host", parts.netloc), *headers])
+        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+        status = 0
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(16384)))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_RESPONSE_BYTES:
+                    raise h11.RemoteProtocolError("response too large")
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return status, bytes(body)
+
+
+@asynccontextmanager
+async def open_link(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
+    session = ElevenLabsSession(elevenlabs_config(settings, agent))
+    url = await fetch_signed_url(settings) if settings.elevenlabs_api_key else public_url(settings)
+    async with open_provider_link(
+        "elevenlabs", session, url, connect_timeout_s=settings.connect_timeout_s
+    ) as link:
+        yield link

@@ -1,0 +1,316 @@
+"""Sans-I/O core for the generic ``pcm`` provider protocol, version 1.
+
+The protocol is ours, published in ``docs/pcm-protocol.md``: a self-hosted
+model speaks it over one WebSocket.  Binary frames carry raw PCM16 LE mono
+audio both ways (caller audio at the input rate, model audio at the output
+rate); small JSON text messages carry control.
+
+Client (us) -> model: ``start`` (first, once), binary audio, ``playback``
+(after a barge-in: how much of a reply the caller heard), ``tool_result``,
+``text`` (caller input as text, e.g. keypad digits).
+Model -> client: binary audio, ``ready``, ``speech_started``, ``clear``,
+``reply_done``, ``transcript``, ``tool_call``, ``error``.  Messages of an
+unknown type, and unknown fields, are ignored by both sides (an
+:class:`Unknown` event here).
+
+Replies.  The model's audio is numbered in replies, the same way on both
+sides: audio belongs to reply 1 until the model sends ``reply_done``,
+``speech_started`` or ``clear``; the next audio frame opens the next reply.
+Reply ``N`` is ``item_id`` ``"reply-N"`` for the bridge, and ``playback``
+names it by number.
+
+States: ``NEW`` until ``initial_messages()``; ``OPEN`` after.  The model
+answers ``start`` with ``ready`` (:class:`SessionReady`; the transport
+waits for it before the call uses the session).  ``ERROR`` after a
+protocol error, when every call raises.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .base import (
+    AudioDelta,
+    AudioDone,
+    AudioFormat,
+    CancelResponse,
+    CreateResponse,
+    FunctionTool,
+    Other,
+    ProviderCommand,
+    ProviderError,
+    ProviderEvent,
+    SendAudio,
+    SendText,
+    SessionReady,
+    SpeechStarted,
+    ToolCall,
+    ToolResult,
+    Transcript,
+    Truncate,
+    Unknown,
+)
+
+__all__ = ["PROTOCOL_VERSION", "RATES_HZ", "PcmConfig", "PcmSession", "SessionState"]
+
+PROTOCOL_VERSION: Final = 1  # docs/pcm-protocol.md
+RATES_HZ: Final = (8000, 16000, 24000)  # what the bridge's resampler supports (mediaserver.codec.Resampler)
+_ITEM_PREFIX: Final = "reply-"
+
+
+@dataclass(frozen=True, slots=True)
+class PcmConfig:
+    """What goes into the ``start`` message.
+
+    ``input_rate_hz`` is the caller audio we send, ``output_rate_hz`` the
+    model audio we expect; each is 8000, 16000 or 24000.
+    """
+
+    input_rate_hz: int = 16000
+    output_rate_hz: int = 16000
+    instructions: str | None = None
+    greeting: str | None = None
+    tools: tuple[FunctionTool, ...] = ()
+    call: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        for name in ("input_rate_hz", "output_rate_hz"):
+            if getattr(self, name) not in RATES_HZ:
+                raise LocalProtocolError(f"{name} must be 8000, 16000 or 24000, got {getattr(self, name)!r}")
+
+
+class SessionState(enum.Enum):
+    NEW = "new"  # initial_messages() not called yet
+    OPEN = "open"  # start sent: audio and control flow
+    ERROR = "error"  # a protocol error happened; the session is dead
+
+
+class PcmSession:
+    """One session of the generic PCM protocol; implements ``ProviderSession``."""
+
+    def __init__(self, config: PcmConfig | None = None) -> None:
+        self._config = config or PcmConfig()
+        self._input = AudioFormat("pcm16", self._config.input_rate_hz)
+        self._output = AudioFormat("pcm16", self._config.output_rate_hz)
+        self._state = SessionState.NEW
+        self._events: deque[ProviderEvent] = deque()
+        self._reply = 1  # the number of the reply audio currently belongs to
+        self._reply_open = False  # audio of self._reply has arrived
+        # Per reply: audio bytes received, and whether it was ended by the model.
+        self._received_bytes: dict[int, int] = {}
+        self._ended: set[int] = set()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def config(self) -> PcmConfig:
+        return self._config
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def input_format(self) -> AudioFormat:
+        return self._input
+
+    @property
+    def output_format(self) -> AudioFormat:
+        return self._output
+
+    def audio_received_ms(self, item_id: str) -> int:
+        """Whole ms of a reply's audio received (after our truncations); 0 if none."""
+        number = _reply_number(item_id)
+        return 0 if number is None else self._received_bytes.get(number, 0) // self._output.bytes_per_ms
+
+    def _check_alive(self) -> None:
+        if self._state is SessionState.ERROR:
+            raise LocalProtocolError("the session is dead after an earlier protocol error")
+
+    # -------------------------------------------------------------- outbound
+
+    def initial_messages(self) -> list[str]:
+        """The ``start`` message."""
+        self._check_alive()
+        if self._state is not SessionState.NEW:
+            raise LocalProtocolError("initial_messages() may be called only once")
+        self._state = SessionState.OPEN
+        config = self._config
+        start: dict[str, object] = {
+            "type": "start",
+            "version": PROTOCOL_VERSION,
+            "input": {"encoding": "pcm16", "sample_rate": config.input_rate_hz, "channels": 1},
+            "output": {"encoding": "pcm16", "sample_rate": config.output_rate_hz, "channels": 1},
+        }
+        if config.instructions is not None:
+            start["instructions"] = config.instructions
+        if config.greeting is not None:
+            start["greeting"] = config.greeting
+        if config.tools:
+            start["tools"] = [tool.to_json() for tool in config.tools]
+        if config.call:
+            start["call"] = dict(config.call)
+        return [_dumps(start)]
+
+    def send(self, command: ProviderCommand) -> list[str | bytes]:
+        """Return the wire messages for ``command``: none or one frame."""
+        self._check_alive()
+        try:
+            return self._send(command)
+        except BaseException:
+            self._state = SessionState.ERROR
+            raise
+
+    def _send(self, command: ProviderCommand) -> list[str | bytes]:
+        if self._state is SessionState.NEW:
+            raise LocalProtocolError(f"{type(command).__name__} before initial_messages()")
+        if type(command) is SendAudio:
+            if len(command.payload) % 2:
+                raise LocalProtocolError("PCM16 audio must be a whole number of 2-byte samples")
+            return [bytes(command.payload)]
+        if type(command) is Truncate:
+            return self._playback(command)
+        if type(command) is ToolResult:
+            return [_dumps({"type": "tool_result", "call_id": command.call_id, "output": command.output})]
+        if type(command) is SendText:
+            return [_dumps({"type": "text", "text": command.text, "respond": command.respond})]
+        if type(command) in (CancelResponse, CreateResponse):
+            return []  # version 1 has neither: the model decides when to speak
+        raise LocalProtocolError(f"not a provider command: {command!r:.80}")
+
+    def _playback(self, command: Truncate) -> list[str | bytes]:
+        number = _reply_number(command.item_id)
+        received = None if number is None else self._received_bytes.get(number)
+        if number is None or received is None:
+            raise LocalProtocolError(f"no audio was received for item {command.item_id!r}; cannot truncate it")
+        bytes_per_ms = self._output.bytes_per_ms
+        if number in self._ended and command.audio_end_ms * bytes_per_ms >= received:
+            return []  # the whole reply was heard: nothing was cut
+        heard_ms = min(command.audio_end_ms, received // bytes_per_ms)
+        self._received_bytes[number] = heard_ms * bytes_per_ms
+        return [_dumps({"type": "playback", "reply": number, "heard_ms": heard_ms})]
+
+    def pending_messages(self) -> list[str]:
+        """The protocol has no unsolicited replies."""
+        return []
+
+    @property
+    def keepalive_interval_s(self) -> float | None:
+        """None: caller audio flows continuously once the call is up."""
+        return None
+
+    def keepalive(self) -> list[str]:
+        return []
+
+    # --------------------------------------------------------------- inbound
+
+    def receive_message(self, message: str | bytes) -> None:
+        """Feed one WebSocket message from the model; raises on bad input."""
+        self._check_alive()
+        try:
+            if self._state is SessionState.NEW:
+                raise LocalProtocolError("message received before initial_messages()")
+            self._events.append(self._parse(message))
+        except BaseException:
+            self._state = SessionState.ERROR
+            raise
+
+    def events(self) -> Iterator[ProviderEvent]:
+        """Yield and remove the queued events, oldest first."""
+        self._check_alive()
+        events = self._events
+        while events:
+            yield events.popleft()
+
+    def _parse(self, message: str | bytes) -> ProviderEvent:
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            return self._on_audio(bytes(message))
+        try:
+            msg = json.loads(message)
+        except (ValueError, RecursionError):
+            raise RemoteProtocolError(f"text message is not valid JSON: {message!r:.80}") from None
+        if type(msg) is not dict or type(msg.get("type")) is not str:
+            raise RemoteProtocolError(f"text message is not a JSON object with a string 'type': {message!r:.80}")
+        type_: str = msg["type"]
+        if type_ == "ready":
+            return SessionReady(None)
+        if type_ in ("speech_started", "clear"):
+            return self._on_cut(type_)
+        if type_ == "reply_done":
+            return self._on_reply_done(message)
+        if type_ == "transcript":
+            return self._on_transcript(msg)
+        if type_ == "tool_call":
+            return self._on_tool_call(msg)
+        if type_ == "error":
+            return self._on_error(msg)
+        return Unknown(type_, message)
+
+    def _item(self) -> str:
+        return f"{_ITEM_PREFIX}{self._reply}"
+
+    def _next_reply(self) -> str | None:
+        """End the current reply (if it has audio); return its item id."""
+        if not self._reply_open:
+            return None
+        item = self._item()
+        self._ended.add(self._reply)
+        self._reply += 1
+        self._reply_open = False
+        return item
+
+    def _on_audio(self, payload: bytes) -> ProviderEvent:
+        if len(payload) % 2:
+            raise RemoteProtocolError(f"audio frame of {len(payload)} bytes is not whole PCM16 samples")
+        if not payload:
+            return Other("audio", "")
+        self._reply_open = True
+        self._received_bytes[self._reply] = self._received_bytes.get(self._reply, 0) + len(payload)
+        return AudioDelta(self._item(), payload)
+
+    def _on_cut(self, type_: str) -> ProviderEvent:
+        self._next_reply()
+        # Both mean "stop playing now": the bridge's barge-in clears Twilio's buffer.
+        return SpeechStarted(item_id=None, audio_start_ms=None)
+
+    def _on_reply_done(self, raw: str) -> ProviderEvent:
+        item = self._next_reply()
+        return Other("reply_done", raw) if item is None else AudioDone(item)
+
+    def _on_transcript(self, msg: dict[str, Any]) -> ProviderEvent:
+        role, text = msg.get("role"), msg.get("text")
+        if role not in ("user", "assistant") or type(text) is not str:
+            raise RemoteProtocolError("transcript needs role 'user' or 'assistant' and a string 'text'")
+        return Transcript("user" if role == "user" else "assistant", text, final=True)
+
+    def _on_tool_call(self, msg: dict[str, Any]) -> ProviderEvent:
+        call_id, name, arguments = msg.get("call_id"), msg.get("name"), msg.get("arguments", {})
+        if type(call_id) is not str or not call_id or type(name) is not str or not name:
+            raise RemoteProtocolError("tool_call needs non-empty string 'call_id' and 'name'")
+        if type(arguments) is not dict:
+            raise RemoteProtocolError("tool_call 'arguments' must be a JSON object")
+        return ToolCall(call_id, name, json.dumps(arguments, separators=(",", ":"), ensure_ascii=False))
+
+    def _on_error(self, msg: dict[str, Any]) -> ProviderEvent:
+        message, fatal = msg.get("message"), msg.get("fatal", False)
+        if type(message) is not str or type(fatal) is not bool:
+            raise RemoteProtocolError("error needs a string 'message' and a boolean 'fatal'")
+        code = msg.get("code")
+        return ProviderError(message, fatal=fatal, code=code if type(code) is str else None)
+
+
+def _dumps(message: dict[str, object]) -> str:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def _reply_number(item_id: str) -> int | None:
+    if not item_id.startswith(_ITEM_PREFIX) or not item_id[len(_ITEM_PREFIX) :].isdigit():
+        return None
+    return int(item_id[len(_ITEM_PREFIX) :])

@@ -1,0 +1,223 @@
+"""End-to-end: phone calls through the real server to a fake model on the generic ``pcm`` protocol.
+
+The sample-rate proof covers every PCM path: input and output rates are
+each 8000, 16000 and 24000 Hz.  A 1 kHz tone from the caller (µ-law 8 kHz)
+must reach the model as 1 kHz PCM16 at the input rate, and a 440 Hz tone
+from the model at its output rate must reach the caller as 440 Hz, both at
+the same level (RMS within 0.5 dB, measured well inside the tone so the
+resampler's delay and edges are excluded) and without clicks (the largest
+sample-to-sample step stays within what the sine itself can make, and
+almost all energy stays in the tone's band).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import trio
+
+from mediaserver.config import ConfigError, Settings
+
+from tests.fakes import band_energy_ratio, dominant_frequency_hz, fail_after, from_ulaw, pcm16, to_ulaw, tone
+from tests.pcm_fake import FakePcmModel, PcmModelSession, Script
+from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running
+
+RATES = (8000, 16000, 24000)
+AMPLITUDE = 0.3
+
+
+@pytest.fixture(autouse=True)
+def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mediaserver")
+
+
+@asynccontextmanager
+async def fake_model(script: Script | None = None, **options: Any) -> AsyncIterator[FakePcmModel]:
+    async with trio.open_nursery() as nursery:
+        server: FakePcmModel = await nursery.start(FakePcmModel(script, **options).run)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+def pcm_settings(model: FakePcmModel, input_rate: int = 16000, output_rate: int = 16000, **changes: Any) -> Settings:
+    return base_settings(
+        provider="pcm",
+        pcm_provider_url=model.url,
+        pcm_provider_input_rate=input_rate,
+        pcm_provider_output_rate=output_rate,
+        **changes,
+    )
+
+
+def rms(x: npt.NDArray[np.int16]) -> float:
+    return float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
+
+
+def level_db(measured: npt.NDArray[np.int16], reference: npt.NDArray[np.int16]) -> float:
+    return 20 * math.log10(rms(measured) / rms(reference))
+
+
+def max_step(x: npt.NDArray[np.int16]) -> int:
+    return int(np.max(np.abs(np.diff(x.astype(np.int32)))))
+
+
+def sine_step_bound(freq_hz: float, rate_hz: int, amplitude: float, slack: int) -> float:
+    """Largest step a clean sine makes between samples, plus quantisation ``slack``."""
+    return 2 * amplitude * 32767 * math.sin(math.pi * freq_hz / rate_hz) * 1.1 + slack
+
+
+@pytest.mark.parametrize("output_rate", RATES)
+@pytest.mark.parametrize("input_rate", RATES)
+@fail_after(15)
+async def test_pcm_rates_keep_frequency_level_and_continuity(input_rate: int, output_rate: int) -> None:
+    caller_tone = to_ulaw(tone(1000, 500, amplitude=AMPLITUDE))
+    model_tone = tone(440, 500, output_rate, amplitude=AMPLITUDE)
+
+    async def script(session: PcmModelSession) -> None:
+        # Odd-sized frames (whole samples): the bridge must not care where frames end.
+        await session.audio(model_tone.tobytes(), frame_bytes=2 * (output_rate // 1000 * 20 + 7))
+        await session.reply_done()
+
+    async with fake_model(script) as model, running(pcm_settings(model, input_rate, output_rate)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(100, paced=False)
+            await caller.send_audio(caller_tone, paced=False)
+            await caller.send_silence(200, paced=False)
+            session = await model.session(0)
+            await session.wait_for(lambda: len(session.audio_in) >= input_rate * 2 * 800 // 1000)
+            await caller.wait_for_audio(len(model_tone) * 8000 // output_rate - 16)
+            await caller.wait_quiet(0.1)
+            await caller.stop()
+            await caller.closed.wait()
+    assert caller.errors == []
+    assert session.start is not None and session.input_rate == input_rate and session.output_rate == output_rate
+
+    # Uplink: 8 kHz µ-law -> PCM16 at the input rate, tone at 100..600 ms.
+    uplink = pcm16(bytes(session.audio_in))
+    assert len(uplink) == input_rate * 800 // 1000  # no samples lost or added
+    steady = uplink[input_rate * 200 // 1000 : input_rate * 500 // 1000]
+    sent = from_ulaw(caller_tone)
+    assert dominant_frequency_hz(steady, input_rate) == pytest.approx(1000, abs=5)
+    assert band_energy_ratio(steady, input_rate, 1000) > 0.998
+    assert abs(level_db(steady, sent[800:3200])) < 0.5
+    whole = uplink[input_rate * 110 // 1000 : input_rate * 590 // 1000]
+    assert max_step(whole) <= sine_step_bound(1000, input_rate, AMPLITUDE, slack=1100)
+
+    # Downlink: PCM16 at the output rate -> 8 kHz µ-law, tone of 500 ms.
+    downlink = from_ulaw(caller.received_audio)
+    assert abs(len(downlink) - 4000) <= 16  # give or take the resampler's edge
+    steady = downlink[800:3200]
+    assert dominant_frequency_hz(steady, 8000) == pytest.approx(440, abs=5)
+    assert band_energy_ratio(steady, 8000, 440) > 0.998
+    assert abs(level_db(steady, model_tone)) < 0.5
+    whole = downlink[80:3920]
+    assert max_step(whole) <= sine_step_bound(440, 8000, AMPLITUDE, slack=1100)
+
+
+@fail_after(20)
+async def test_pcm_speech_started_barges_in_and_reports_playback(caplog: pytest.LogCaptureFixture) -> None:
+    reply = tone(440, 3000, 16000, amplitude=AMPLITUDE).tobytes()
+    fresh = tone(880, 400, 16000, amplitude=AMPLITUDE).tobytes()
+    go = trio.Event()
+
+    async def script(session: PcmModelSession) -> None:
+        await session.wait_for(lambda: session.frames_in >= 5)
+        await session.audio(reply, frame_bytes=6400)  # 3 s, still "generating"
+        await go.wait()
+        await session.speech_started()
+        await session.wait_for(lambda: bool(session.of_type("playback")))
+        await session.audio(fresh)
+        await session.reply_done()
+
+    async with fake_model(script) as model, running(pcm_settings(model)) as url:
+        async with phone_call(url) as caller:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(keep_talking, caller)
+                # Barge in 10 ms after a mark echo, so no echo crosses the clear.
+                await caller.wait_for(lambda: sum(not e.cleared for e in caller.echoes) >= 12)
+                count = len(caller.echoes)
+                await caller.wait_for(lambda: len(caller.echoes) > count)
+                await trio.sleep(0.01)
+                go.set()
+                clear = await caller.wait_for_clear()
+                await caller.wait_for(lambda: len(caller.received_audio) - clear.played_marked_bytes > 3000)
+                await caller.wait_quiet(0.2)
+                nursery.cancel_scope.cancel()
+            await caller.stop()
+            await caller.closed.wait()
+        session = model.sessions[0]
+
+    assert caller.errors == []
+    assert len(caller.clears) == 1 and clear.dropped_bytes > 0
+    # The model learnt how much of reply 1 the caller heard: what Twilio confirmed before the clear.
+    [playback] = session.of_type("playback")
+    assert playback["reply"] == 1
+    assert clear.played_marked_bytes > 0
+    assert playback["heard_ms"] == clear.played_marked_bytes // 8
+    assert playback["heard_ms"] < 3000
+    # After the clear only the new reply (number 2) played.
+    after = from_ulaw(b"".join(m.payload for m in caller.received if m.at_s > clear.at_s))
+    assert abs(len(after) - 3200) <= 16
+    assert dominant_frequency_hz(after[400:2800], 8000) == pytest.approx(880, abs=5)
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    assert "barge-ins 1;" in ended
+
+
+@fail_after(10)
+async def test_pcm_stop_closes_the_model_socket_within_a_second(caplog: pytest.LogCaptureFixture) -> None:
+    async with fake_model() as model, running(pcm_settings(model, 24000, 8000)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(200)
+            session = await model.session(0)
+            await session.wait_for(lambda: session.frames_in >= 10)
+            await caller.stop()
+            await session.closed.wait()
+            assert caller.stopped_at_s is not None and session.closed_at_s is not None
+            assert session.closed_at_s - caller.stopped_at_s < 1.0
+            assert session.close_code == 1000
+            await caller.closed.wait()
+    assert not any("not-logged" in r.getMessage() for r in caplog.records)  # the URL's query string
+
+
+@fail_after(10)
+async def test_pcm_model_that_never_sends_ready_is_hung_up(caplog: pytest.LogCaptureFixture) -> None:
+    async with fake_model(send_ready=False) as model, running(pcm_settings(model, connect_timeout_s=0.5)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(100)
+            await caller.closed.wait()
+        session = await model.session(0)
+        await session.closed.wait()
+    assert session.frames_in == 0 and caller.received == []  # no audio before ready
+    messages = [r.getMessage() for r in call_log(caplog, CALL_A)]
+    assert any("pcm: the session was not ready within 0.5 s" in m for m in messages), messages
+
+
+@fail_after(10)
+async def test_pcm_model_error_ends_the_call(caplog: pytest.LogCaptureFixture) -> None:
+    async def script(session: PcmModelSession) -> None:
+        await session.wait_for(lambda: session.frames_in >= 3)
+        await session.send_json({"type": "error", "message": "model weights missing", "fatal": True})
+
+    async with fake_model(script) as model, running(pcm_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            with trio.fail_after(2):
+                await caller.closed.wait()
+            nursery.cancel_scope.cancel()
+    assert any("ended (provider error: model weights missing)" in r.getMessage() for r in call_log(caplog, CALL_A))
+
+
+def test_pcm_settings_need_the_url_and_valid_rates() -> None:
+    with pytest.raises(ConfigError, match="PCM_PROVIDER_URL"):
+        Settings.from_env({"MEDIASERVER_PROVIDER": "pcm"})
+    with pytest.raises(ConfigError, match="PCM_PROVIDER_INPUT_RATE"):
+        Settings.from_env({"MEDIASERVER_PROVIDER": "pcm", "PCM_PROVIDER_URL": "ws://model", "PCM_PROVIDER_INPUT_RATE": "44100"})
+    ok = Settings.from_env({"MEDIASERVER_PROVIDER": "pcm", "PCM_PROVIDER_URL": "ws://model:9000/v1"})
+    assert ok.pcm_provider_url == "ws://model:9000/v1"
