@@ -3,7 +3,8 @@
 * ``POST /twiml`` -- Twilio's voice webhook: pre-opens the model session and
   answers ``<Connect><Stream>`` with a one-time token as ``<Parameter>``;
 * ``WS /media-stream`` -- the Media Stream, handed to the call manager;
-* ``POST /call-status`` -- call status callbacks, logged;
+* ``POST /call-status`` -- call status callbacks, logged and kept on the call record;
+* ``GET /calls/<sid>`` -- a call record, for the API key (mediaserver/records/routes.py);
 * ``GET /healthz`` -- liveness and call counts.
 
 With ``TWILIO_AUTH_TOKEN`` set, every webhook and the WebSocket upgrade must
@@ -22,6 +23,8 @@ from mediaserver import security, twiml
 from mediaserver.bridge.call import MessageStream, StreamClosed
 from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
 from mediaserver.config import Settings
+from mediaserver.outbound import register_routes as register_outbound_routes
+from mediaserver.records.routes import register_routes as register_record_routes
 
 __all__ = ["MEDIA_STREAM_PATH", "create_app"]
 
@@ -105,6 +108,8 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             )
         except ValueError as exc:
             abort(400, str(exc))
+        if calls.recorder is not None:  # From/To/Direction for the call record
+            calls.recorder.webhook(params)
         token = calls.prepare(call_sid)
         if token is None:
             body = twiml.say_and_hangup("Sorry, all our agents are busy. Please call again later.")
@@ -117,6 +122,8 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
     async def call_status() -> tuple[str, int]:
         params = await signed_form()
         first = {k: v[0] for k, v in params.items() if v}
+        if calls.recorder is not None:
+            calls.recorder.twilio_status(params)
         log.info(
             "call %s: status %s (duration %s s)",
             first.get("CallSid", "?"),
@@ -147,4 +154,6 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         await websocket.accept()
         await calls.handle_stream(QuartStream(websocket._get_current_object()))
 
+    register_record_routes(app, settings, calls.recorder)  # GET /calls/<sid>
+    register_outbound_routes(app, settings, calls)  # POST /calls, POST /outbound-twiml
     return app

@@ -14,6 +14,7 @@ from mediaserver.app import create_app
 from mediaserver.bridge.registry import CallManager
 from mediaserver.config import Settings
 from mediaserver.protocol.twilio import DEFAULT_MAX_MESSAGE_BYTES
+from mediaserver.records.recorder import Recorder, open_recorder
 
 __all__ = ["hypercorn_config", "serve", "wait_for_signal"]
 
@@ -49,11 +50,23 @@ async def serve(
 
     Shutdown is hypercorn's: stop accepting, give live calls ``drain_s`` to
     finish, cancel the rest; then the pre-opened model sessions are closed.
-    Cancelling the caller's scope stops everything at once.
+    Cancelling the caller's scope stops everything at once.  Call records
+    (mediaserver.records) are opened first and closed last, after the
+    records of the calls that were drained have been written.
     """
     if shutdown_trigger is None:
         shutdown_trigger = wait_for_signal
-    calls = CallManager(settings)
+    async with open_recorder(settings) as recorder:
+        await _serve(settings, shutdown_trigger, recorder, task_status)
+
+
+async def _serve(
+    settings: Settings,
+    shutdown_trigger: Callable[[], Awaitable[object]],
+    recorder: Recorder | None,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    calls = CallManager(settings, recorder=recorder)
     app = create_app(settings, calls)
     config = hypercorn_config(settings)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -64,7 +65,14 @@ def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
 def base_settings(**changes: Any) -> Settings:
     # Constructed directly: Settings.validated() (used by from_env/with_)
     # refuses port 0, which tests need.
-    values: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "provider": "echo", "drain_s": 0.5}
+    # Call records go to a fresh temporary directory, never the working directory.
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "provider": "echo",
+        "drain_s": 0.5,
+        "data_dir": tempfile.mkdtemp(prefix="mediaserver-test-"),
+    }
     values.update(changes)
     return Settings(**values)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mediaserver.records.model import TranscriptLog
+
 __all__ = ["CallStats", "LatencyHistogram"]
 
 
@@ -61,3 +63,7 @@ class CallStats:
     truncations: int = 0
     uplink: LatencyHistogram = field(default_factory=LatencyHistogram)
     downlink: LatencyHistogram = field(default_factory=LatencyHistogram)
+    # For the call record: tool names in call order (the tool runner appends),
+    # and both sides' transcripts, cut at what was heard on barge-in.
+    tool_calls: list[str] = field(default_factory=list)
+    transcript: TranscriptLog = field(default_factory=TranscriptLog)

@@ -1,0 +1,293 @@
+"""The non-blocking writer of call records.
+
+The call path only *queues* records: every hook of :class:`Recorder` is a
+plain function that puts one write on a bounded Trio memory channel with
+``send_nowait``.  When the channel is full the write is dropped and counted
+(with a warning) -- a slow or dead database never delays a call's audio.
+One writer task (:meth:`Recorder.run`, in the server's nursery) drains the
+channel in batches and runs each batch in a worker thread.
+
+:func:`open_recorder` is the server's start-up and shutdown: open the store
+(migrations), mark calls left ``in-progress`` by a previous run as
+``interrupted``, run the writer, and at exit write what is still queued and
+close the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import datetime, timezone
+
+import trio
+
+from mediaserver.bridge.stats import CallStats
+from mediaserver.config import Settings
+from mediaserver.protocol import twilio_events as tw
+
+from .model import CallRecord
+from .store import RecordsError, RecordStore, SaveCall, SetTwilioStatus, StoreOp, open_store
+
+__all__ = ["Recorder", "end_status", "open_recorder", "utc_now"]
+
+log = logging.getLogger("mediaserver.records")
+
+QUEUE_SIZE = 1000  # writes waiting for the database; more are dropped
+BATCH_SIZE = 100  # writes per transaction
+MAX_EXPECTED = 10_000  # webhook details kept for calls whose stream has not started
+
+CANCELLED = "cancelled: Twilio disconnected or shutdown"  # as the registry logs a call that never set a reason
+
+# End reasons (CallBridge.end_reason and the registry's) that mean the call failed
+_FAILURES = ("provider", "protocol error", "failed", "cannot bridge", "no model session")
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def end_status(end_reason: str) -> str:
+    """``failed`` when the call ended because something broke, else ``completed``."""
+    return "failed" if end_reason.startswith(_FAILURES) else "completed"
+
+
+class Recorder:
+    """Hooks for the call path (never block, never raise) and the writer task."""
+
+    def __init__(
+        self,
+        store: RecordStore,
+        *,
+        queue_size: int = QUEUE_SIZE,
+        batch_size: int = BATCH_SIZE,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.store = store
+        self.batch_size = batch_size
+        self.clock = clock
+        self._send, self._receive = trio.open_memory_channel[StoreOp](queue_size)
+        self.dropped = 0  # writes refused because the queue was full (or closed)
+        self.written = 0
+        self.failed = 0  # writes the database refused
+        self._unwritten = 0  # queued or being written
+        self._idle = trio.Event()
+        self._idle.set()
+        self._live: dict[str, tuple[CallRecord, CallStats]] = {}
+        self._expected: OrderedDict[str, dict[str, str]] = OrderedDict()
+
+    # -- hooks for the call path ------------------------------------------------------
+
+    def expect(self, call_sid: str, **details: str | None) -> None:
+        """Details of a call known before its stream starts (webhook or outbound dial).
+
+        Keys: ``direction`` (``inbound``/``outbound``), ``from_number``,
+        ``to_number``, ``account_sid``; ``None`` values are ignored.
+        """
+        known = self._expected.pop(call_sid, {})
+        known.update({k: v for k, v in details.items() if v})
+        self._expected[call_sid] = known
+        while len(self._expected) > MAX_EXPECTED:
+            self._expected.popitem(last=False)
+
+    def webhook(self, form: Mapping[str, Sequence[str]]) -> None:
+        """The voice webhook's form (``CallSid``, ``From``, ``To``, ``AccountSid``, ``Direction``)."""
+        first = {key: values[0] for key, values in form.items() if values}
+        call_sid = first.get("CallSid")
+        if not call_sid:
+            return
+        direction = first.get("Direction", "")
+        self.expect(
+            call_sid,
+            direction="outbound" if direction.startswith("outbound") else None,
+            from_number=first.get("From"),
+            to_number=first.get("To"),
+            account_sid=first.get("AccountSid"),
+        )
+
+    def call_started(self, start: tw.Start, stats: CallStats) -> None:
+        """The bridge started: insert the call as ``in-progress``."""
+        record = self._new_record(start, stats.provider)
+        self._live[start.call_sid] = (record, stats)
+        self._put(SaveCall(replace(record, tool_calls=[], turns=[])))
+
+    def call_ended(self, call_sid: str, stats: CallStats, end_reason: str) -> None:
+        """The bridge ended (``CallBridge.end_reason``; ``"running"`` = cancelled): the full record."""
+        live = self._live.pop(call_sid, None)
+        if live is None:
+            return
+        self._put(SaveCall(self._snapshot(live[0], stats, end_reason, ended=True)))
+
+    def call_failed(self, start: tw.Start, reason: str, provider: str | None = None) -> None:
+        """The stream came but could not be bridged (no model session, say): a ``failed`` record."""
+        record = self._new_record(start, provider)
+        record.status, record.end_reason = "failed", reason
+        record.ended_at = record.started_at
+        record.duration_s = 0.0
+        self._put(SaveCall(record))
+
+    def twilio_status(self, form: Mapping[str, Sequence[str]]) -> None:
+        """A status callback's form (``CallSid``, ``CallStatus``, ``CallDuration``)."""
+        first = {key: values[0] for key, values in form.items() if values}
+        call_sid, status = first.get("CallSid"), first.get("CallStatus")
+        if not call_sid or not status:
+            return
+        duration = first.get("CallDuration", "")
+        seconds = int(duration) if duration.isdigit() else None
+        self._put(SetTwilioStatus(call_sid, status[:40], seconds, self.clock().isoformat()))
+
+    # -- reads -------------------------------------------------------------------------
+
+    def live(self, call_sid: str) -> CallRecord | None:
+        """A call in progress as it stands now (transcript so far), or None."""
+        live = self._live.get(call_sid)
+        return None if live is None else self._snapshot(live[0], live[1], None, ended=False)
+
+    async def get(self, call_sid: str, *, wait_s: float = 1.0) -> CallRecord | None:
+        """A live call's snapshot, else the stored record (after up to ``wait_s`` for queued writes)."""
+        record = self.live(call_sid)
+        if record is not None:
+            return record
+        with trio.move_on_after(wait_s):
+            await self.flushed()
+        return await trio.to_thread.run_sync(self.store.get, call_sid)
+
+    async def flushed(self) -> None:
+        """Return once everything queued so far has been written (or has failed)."""
+        while not self._idle.is_set():
+            await self._idle.wait()
+
+    # -- the writer ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write queued records until :meth:`close` (or cancellation; what is queued is written first)."""
+        task_status.started()
+        try:
+            async for op in self._receive:
+                batch = [op]
+                while len(batch) < self.batch_size:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._write(batch)
+        finally:
+            with trio.CancelScope(shield=True):
+                rest: list[StoreOp] = []
+                while True:
+                    try:
+                        rest.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+                if rest:
+                    await self._write(rest)
+
+    def close(self) -> None:
+        """No more writes: the writer drains the queue and returns."""
+        self._send.close()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _put(self, op: StoreOp) -> None:
+        try:
+            self._send.send_nowait(op)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self.dropped += 1
+            sid = op.record.call_sid if isinstance(op, SaveCall) else op.call_sid
+            log.warning(
+                "call %s: call record dropped: the write queue is full or closed (%d dropped)", sid, self.dropped
+            )
+            return
+        self._unwritten += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    async def _write(self, batch: list[StoreOp]) -> None:
+        try:
+            failed = await trio.to_thread.run_sync(self.store.apply, batch)
+        except Exception as exc:
+            failed = len(batch)
+            log.error("call records: could not write %d record(s) to the %s: %s", failed, self.store.description, exc)
+        else:
+            if failed:
+                log.error("call records: %d of %d record(s) could not be written", failed, len(batch))
+        self.failed += failed
+        self.written += len(batch) - failed
+        self._unwritten -= len(batch)
+        if self._unwritten == 0:
+            self._idle.set()
+
+    def _new_record(self, start: tw.Start, provider: str | None) -> CallRecord:
+        known = self._expected.pop(start.call_sid, {})
+        return CallRecord(
+            call_sid=start.call_sid,
+            started_at=self.clock().isoformat(),
+            stream_sid=start.stream_sid,
+            account_sid=start.account_sid or known.get("account_sid"),
+            direction=known.get("direction", "inbound"),
+            from_number=known.get("from_number"),
+            to_number=known.get("to_number"),
+            provider=provider,
+        )
+
+    def _snapshot(self, record: CallRecord, stats: CallStats, end_reason: str | None, *, ended: bool) -> CallRecord:
+        latency: dict[str, float] = {}
+        for name, histogram in (("uplink", stats.uplink), ("downlink", stats.downlink)):
+            if histogram.count:
+                latency[f"{name}_p50"] = round(histogram.quantile(0.5) * 1e3, 3)
+                latency[f"{name}_p99"] = round(histogram.quantile(0.99) * 1e3, 3)
+        snapshot = replace(
+            record,
+            barge_ins=stats.barge_ins,
+            tool_calls=list(stats.tool_calls),
+            latency_ms=latency,
+            turns=stats.transcript.turns(),
+            duration_s=round(trio.current_time() - stats.started_s, 3),
+        )
+        if ended:
+            reason = end_reason if end_reason and end_reason != "running" else CANCELLED
+            snapshot.status = end_status(reason)
+            snapshot.end_reason = reason
+            snapshot.ended_at = self.clock().isoformat()
+        return snapshot
+
+
+@asynccontextmanager
+async def open_recorder(
+    settings: Settings, *, clock: Callable[[], datetime] = utc_now
+) -> AsyncIterator[Recorder | None]:
+    """The server's recorder, its writer running; ``None`` (records off) if the store cannot be opened.
+
+    At start, calls a previous run left ``in-progress`` are marked
+    ``interrupted``.  At exit, queued records are written, then the store is closed.
+    """
+    try:
+        store = await trio.to_thread.run_sync(open_store, settings)
+    except RecordsError as exc:
+        log.error("call records are OFF: %s", exc)
+        yield None
+        return
+    try:
+        try:
+            stale = await trio.to_thread.run_sync(store.mark_interrupted, clock().isoformat())
+        except Exception as exc:
+            log.error("call records are OFF: cannot update the %s: %s", store.description, exc)
+            yield None
+            return
+        if stale:
+            shown = ", ".join(stale[:10]) + (" ..." if len(stale) > 10 else "")
+            log.warning("call records: %d call(s) were live when the server last stopped, now interrupted: %s",
+                        len(stale), shown)
+        log.info("call records: %s", store.description)
+        recorder = Recorder(store, clock=clock)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(recorder.run)
+            try:
+                yield recorder
+            finally:
+                recorder.close()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(store.close)

@@ -1,0 +1,365 @@
+"""Where call records are kept: SQLite (default) or PostgreSQL (``DATABASE_URL``).
+
+Both backends are the same class of blocking store with one connection,
+used from worker threads (``trio.to_thread.run_sync``) one call at a time (a
+lock serialises them).  They share every SQL statement; only connecting,
+placeholders (``?`` here, ``%s`` for psycopg) and transactions differ.
+
+``psycopg`` is imported only when ``DATABASE_URL`` is set; it is the optional
+extra ``mediaserver[postgres]``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from mediaserver.config import Settings
+
+from .migrations import apply_migrations, current_version
+from .model import CallRecord, Turn
+
+__all__ = [
+    "PostgresStore",
+    "RecordStore",
+    "RecordsError",
+    "SaveCall",
+    "SetTwilioStatus",
+    "SqliteStore",
+    "StoreOp",
+    "open_store",
+    "sqlite_path",
+]
+
+SQLITE_FILE = "calls.sqlite3"
+INTERRUPTED_REASON = "server stopped during the call"
+
+# calls columns written by a SaveCall, in CallRecord order (the Twilio columns
+# belong to the status callbacks and are never overwritten by a save)
+_SAVED = (
+    "call_sid", "stream_sid", "account_sid", "direction", "from_number", "to_number", "provider",
+    "started_at", "ended_at", "status", "end_reason", "duration_s", "barge_ins", "tool_calls", "latency_ms",
+)  # fmt: skip
+_COLUMNS = (*_SAVED, "twilio_status", "twilio_duration_s")
+
+
+class RecordsError(Exception):
+    """The records database cannot be opened or used; the message says why (never a password)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SaveCall:
+    """Insert or replace one call (and its transcript)."""
+
+    record: CallRecord
+
+
+@dataclass(frozen=True, slots=True)
+class SetTwilioStatus:
+    """A Twilio status callback: keep its status (and duration) on the call's row."""
+
+    call_sid: str
+    status: str
+    duration_s: int | None
+    at: str  # when it came (UTC ISO); the row's start time if this creates it
+
+
+StoreOp = SaveCall | SetTwilioStatus
+
+
+class RecordStore:
+    """The common store: schema, writes and reads in plain SQL (see the module docstring)."""
+
+    description = "records database"
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    # -- what a backend provides ---------------------------------------------------
+
+    def _run(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- the Database protocol of migrations.py --------------------------------
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement (``?`` placeholders); returns its rows (``[]`` when none)."""
+        with self._lock:
+            return self._run(sql, params)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._lock, self._transaction():
+            yield
+
+    # -- schema and start-up ---------------------------------------------------------
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations; returns the versions applied now."""
+        with self._lock:
+            return apply_migrations(self)
+
+    def version(self) -> int:
+        return current_version(self)
+
+    def mark_interrupted(self, ended_at: str) -> list[str]:
+        """Calls still ``in-progress`` (the server stopped during them) become ``interrupted``.
+
+        Only calls that streamed to us (``stream_sid`` set); a row known only
+        from Twilio's status callbacks keeps Twilio's status.
+        """
+        live = "status = 'in-progress' AND stream_sid IS NOT NULL"
+        with self.transaction():
+            sids = [row[0] for row in self.execute(f"SELECT call_sid FROM calls WHERE {live}")]
+            self.execute(
+                "UPDATE calls SET status = 'interrupted', end_reason = COALESCE(end_reason, ?), "
+                f"ended_at = COALESCE(ended_at, ?) WHERE {live}",
+                (INTERRUPTED_REASON, ended_at),
+            )
+        return sids
+
+    # -- writes ----------------------------------------------------------------------
+
+    def apply(self, ops: Sequence[StoreOp]) -> int:
+        """Write a batch in one transaction; if that fails, each op on its own.
+
+        Returns how many ops could not be written (their errors are raised
+        only when every op of the batch failed).
+        """
+        try:
+            with self.transaction():
+                for op in ops:
+                    self._apply(op)
+            return 0
+        except Exception:
+            if len(ops) == 1:
+                raise
+        failed: list[Exception] = []
+        for op in ops:
+            try:
+                with self.transaction():
+                    self._apply(op)
+            except Exception as exc:
+                failed.append(exc)
+        if len(failed) == len(ops):
+            raise failed[0]
+        return len(failed)
+
+    def save(self, record: CallRecord) -> None:
+        self.apply([SaveCall(record)])
+
+    def _apply(self, op: StoreOp) -> None:
+        if isinstance(op, SaveCall):
+            r = op.record
+            values = (
+                r.call_sid, r.stream_sid, r.account_sid, r.direction, r.from_number, r.to_number, r.provider,
+                r.started_at, r.ended_at, r.status, r.end_reason, r.duration_s, r.barge_ins,
+                json.dumps(r.tool_calls), json.dumps(r.latency_ms),
+            )  # fmt: skip
+            updates = ", ".join(f"{c} = excluded.{c}" for c in _SAVED[1:])
+            self.execute(
+                f"INSERT INTO calls ({', '.join(_SAVED)}) VALUES ({', '.join('?' * len(_SAVED))}) "
+                f"ON CONFLICT (call_sid) DO UPDATE SET {updates}",
+                values,
+            )
+            self.execute("DELETE FROM turns WHERE call_sid = ?", (r.call_sid,))
+            for seq, turn in enumerate(r.turns):
+                self.execute(
+                    "INSERT INTO turns (call_sid, seq, role, text, offset_s, interrupted, heard_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (r.call_sid, seq, turn.role, turn.text, turn.offset_s, turn.interrupted, turn.heard_ms),
+                )
+        else:
+            self.execute(
+                "INSERT INTO calls (call_sid, started_at, status, twilio_status, twilio_duration_s) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (call_sid) DO UPDATE SET "
+                "twilio_status = excluded.twilio_status, "
+                "twilio_duration_s = COALESCE(excluded.twilio_duration_s, calls.twilio_duration_s), "
+                # a call known only from callbacks (it never streamed to us) follows Twilio's status
+                "status = CASE WHEN calls.stream_sid IS NULL THEN excluded.status ELSE calls.status END",
+                (op.call_sid, op.at, op.status, op.status, op.duration_s),
+            )
+
+    # -- reads -----------------------------------------------------------------------
+
+    def get(self, call_sid: str) -> CallRecord | None:
+        """One call with its transcript, or None."""
+        with self.transaction():
+            rows = self.execute(f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE call_sid = ?", (call_sid,))
+            if not rows:
+                return None
+            turns = self.execute(
+                "SELECT role, text, offset_s, interrupted, heard_ms FROM turns WHERE call_sid = ? ORDER BY seq",
+                (call_sid,),
+            )
+        record = _record(rows[0])
+        record.turns = [Turn(role, text, float(offset), bool(cut), heard) for role, text, offset, cut, heard in turns]
+        return record
+
+    def recent(self, limit: int = 20) -> list[CallRecord]:
+        """The ``limit`` most recently started calls, newest first (without transcripts)."""
+        rows = self.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM calls ORDER BY started_at DESC, call_sid LIMIT ?", (limit,)
+        )
+        return [_record(row) for row in rows]
+
+
+def _record(row: tuple[Any, ...]) -> CallRecord:
+    data = dict(zip(_COLUMNS, row, strict=True))
+    data["tool_calls"] = json.loads(data["tool_calls"])
+    data["latency_ms"] = json.loads(data["latency_ms"])
+    if data["duration_s"] is not None:
+        data["duration_s"] = float(data["duration_s"])
+    return CallRecord(**data)
+
+
+# ----------------------------------------------------------------------- SQLite
+
+
+class SqliteStore(RecordStore):
+    """A SQLite file (WAL mode, so ``mediaserver calls`` can read while the server writes)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.description = f"SQLite database {self.path}"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # autocommit mode; transactions are explicit (BEGIN IMMEDIATE takes the write lock up front)
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+        except (OSError, sqlite3.Error) as exc:
+            raise RecordsError(f"cannot open the {self.description}: {exc}") from None
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as exc:  # not a database, say
+            self._conn.close()
+            raise RecordsError(f"cannot open the {self.description}: {exc}") from None
+
+    def _run(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return self._conn.execute(sql, tuple(params)).fetchall()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        if self._conn.in_transaction:  # nested: part of the outer one
+            yield
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+# ------------------------------------------------------------------- PostgreSQL
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class PostgresStore(RecordStore):
+    """A PostgreSQL database through psycopg 3 (one autocommit connection, explicit transactions)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        try:
+            import psycopg
+        except ImportError:
+            raise RecordsError(
+                "DATABASE_URL is set but PostgreSQL support is not installed; "
+                "install it with: pip install 'mediaserver[postgres]'"
+            ) from None
+        self._psycopg = psycopg
+        self.url = url
+        self.description = f"PostgreSQL database {redact(url)}"
+        self._conn = self._connect()
+
+    def _connect(self) -> Any:
+        try:
+            return self._psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except self._psycopg.Error as exc:
+            message = " ".join(str(exc).split()).replace(self.url, redact(self.url))  # one line
+            raise RecordsError(f"cannot connect to the {self.description}: {message}") from None
+
+    def _run(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        cursor = self._conn.execute(sql.replace("?", "%s"), tuple(params) if params else None)
+        return list(cursor.fetchall()) if cursor.description is not None else []
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        if self._conn.closed:  # the server restarted or the network dropped: try once more
+            self._conn = self._connect()
+        with self._conn.transaction():
+            yield
+
+    def migrate(self) -> list[int]:
+        # Two servers starting at once must not both run a migration.
+        with self._lock:
+            self.execute("SELECT pg_advisory_lock(727277)")
+            try:
+                return super().migrate()
+            finally:
+                self.execute("SELECT pg_advisory_unlock(727277)")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+# ----------------------------------------------------------------------- opening
+
+
+def sqlite_path(settings: Settings) -> Path:
+    return Path(settings.data_dir) / SQLITE_FILE
+
+
+def open_store(settings: Settings, *, migrate: bool = True) -> RecordStore:
+    """The store the settings name (``DATABASE_URL``, else ``<data_dir>/calls.sqlite3``), migrated.
+
+    Blocking: call it from a worker thread in async code.  Raises
+    :class:`RecordsError` with a one-line reason when it cannot be opened.
+    """
+    url = settings.database_url
+    if url:
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise RecordsError(f"DATABASE_URL must be a postgresql:// URL, not {redact(url)!r}")
+        store: RecordStore = PostgresStore(url)
+    else:
+        store = SqliteStore(sqlite_path(settings))
+    if migrate:
+        try:
+            store.migrate()
+        except RecordsError:
+            store.close()
+            raise
+        except Exception as exc:
+            store.close()
+            raise RecordsError(f"cannot prepare the {store.description}: {exc}") from None
+    return store

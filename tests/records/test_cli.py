@@ -1,0 +1,125 @@
+"""``mediaserver calls``: the listing, one call with its transcript, and the error cases."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mediaserver.__main__ import main
+from mediaserver.config import Settings
+from mediaserver.records.model import CallRecord, Turn
+from mediaserver.records.store import open_store
+
+
+@pytest.fixture
+def cli(
+    records_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Callable[..., int]:
+    """``cli(*args)``: run ``mediaserver calls *args`` against this test's database."""
+    settings = records_settings()
+    monkeypatch.setenv("MEDIASERVER_DATA_DIR", settings.data_dir)
+    if settings.database_url:
+        monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    else:
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("MEDIASERVER_PROVIDER", "openai")  # no key: must not matter to `calls`
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+    def run(*args: str) -> int:
+        return main(["calls", "--env-file", str(tmp_path / "no.env"), *args])  # no .env of the checkout
+
+    run.settings = settings  # type: ignore[attr-defined]
+    return run
+
+
+def seed(settings: Settings) -> list[CallRecord]:
+    records = [
+        CallRecord("CA" + "1" * 32, "2026-11-21T08:00:00.123+00:00", status="completed", stream_sid="MZ1",
+                   direction="inbound", from_number="+15550001111", to_number="+15552223333", provider="openai",
+                   ended_at="2026-11-21T08:01:05+00:00", end_reason="twilio sent stop", duration_s=65.04,
+                   barge_ins=1, tool_calls=["weather"], latency_ms={"uplink_p50": 0.02},
+                   turns=[Turn("user", "Weather in Paris?", 1.25),
+                          Turn("assistant", "It will be", 2.5, interrupted=True, heard_ms=480)]),
+        CallRecord("CA" + "2" * 32, "2026-11-21T08:05:00+00:00", status="failed", direction="outbound",
+                   from_number="+15559998888", to_number="+15551112222", provider="gemini",
+                   end_reason="no model session: refused", duration_s=0.0),
+        CallRecord("CA" + "3" * 32, "2026-11-21T08:10:00+00:00", provider="echo"),  # in progress
+    ]
+    store = open_store(settings)
+    try:
+        for record in records:
+            store.save(record)
+    finally:
+        store.close()
+    return records
+
+
+def test_cli_lists_recent_calls(cli: Callable[..., int], capsys: pytest.CaptureFixture[str]) -> None:
+    seed(cli.settings)  # type: ignore[attr-defined]
+    assert cli() == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["TIME", "(UTC)", "SID", "DIRECTION", "FROM", "TO", "PROVIDER", "STATUS", "DURATION"]
+    assert lines[1].split() == ["2026-11-21", "08:10:00", "CA" + "3" * 32, "inbound", "-", "-", "echo", "in-progress", "-"]
+    assert lines[2].split() == ["2026-11-21", "08:05:00", "CA" + "2" * 32, "outbound", "+15559998888", "+15551112222",
+                                "gemini", "failed", "0.0", "s"]
+    assert lines[3].split()[2:] == ["CA" + "1" * 32, "inbound", "+15550001111", "+15552223333", "openai",
+                                    "completed", "65.0", "s"]
+    assert len(lines) == 4
+    assert len({line.index("SID") if i == 0 else line.index("CA") for i, line in enumerate(lines)}) == 1  # aligned
+
+    assert cli("--limit", "1") == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+    assert cli("--json", "--limit", "2") == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [c["call_sid"] for c in listed] == ["CA" + "3" * 32, "CA" + "2" * 32]
+    assert listed[1]["direction"] == "outbound" and listed[1]["end_reason"] == "no model session: refused"
+
+
+def test_cli_shows_one_call_with_its_transcript(cli: Callable[..., int], capsys: pytest.CaptureFixture[str]) -> None:
+    first = seed(cli.settings)[0]  # type: ignore[attr-defined]
+    assert cli("show", first.call_sid) == 0
+    out = capsys.readouterr().out
+    assert f"call       {first.call_sid} (inbound)" in out
+    assert "from/to    +15550001111 -> +15552223333" in out
+    assert "status     completed" in out and "reason     twilio sent stop" in out
+    assert "barge-ins  1" in out and "tool calls 1: weather" in out and "uplink_p50 0.02 ms" in out
+    transcript = out.split("transcript:\n", 1)[1].splitlines()
+    assert [line.split(None, 3) for line in transcript] == [
+        ["1.2", "s", "user", "Weather in Paris?"],
+        ["2.5", "s", "assistant", "It will be  [cut at 480 ms]"],
+    ]
+    assert cli("show", first.call_sid, "--json") == 0
+    assert json.loads(capsys.readouterr().out) == first.to_json()
+
+
+def test_cli_unknown_sid_and_empty_database(cli: Callable[..., int], capsys: pytest.CaptureFixture[str]) -> None:
+    settings: Settings = cli.settings  # type: ignore[attr-defined]
+    assert cli() == 1
+    err = capsys.readouterr().err
+    if settings.database_url:
+        assert "no calls recorded yet in the PostgreSQL database" in err
+    else:
+        assert "no call records yet:" in err and "calls.sqlite3 does not exist" in err
+        assert not Path(settings.data_dir).exists()  # reading never creates the database
+    open_store(settings).close()  # created, but empty
+    assert cli() == 1
+    assert "no calls recorded yet" in capsys.readouterr().err
+    assert cli("show", "CAnope") == 1
+    assert "no call CAnope in the" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_cli_bad_arguments_and_database(
+    cli: Callable[..., int], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli("--limit", "0")
+    assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:hunter2@127.0.0.1:1/x?connect_timeout=2")
+    assert cli() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mediaserver calls: cannot connect to the PostgreSQL database") and "hunter2" not in err

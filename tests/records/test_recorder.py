@@ -1,0 +1,223 @@
+"""The recorder: hooks that never block, one writer in a worker thread, start-up and shutdown."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import trio
+import trio.testing
+
+from mediaserver.bridge.stats import CallStats
+from mediaserver.config import Settings
+from mediaserver.protocol import twilio_events as tw
+from mediaserver.records.model import CallRecord, Turn
+from mediaserver.records.recorder import Recorder, end_status, open_recorder
+from mediaserver.records.store import RecordStore, StoreOp, open_store
+from tests.fakes import fail_after
+
+ACCOUNT = "AC" + "0" * 32
+
+
+def start_event(call_sid: str) -> tw.Start:
+    return tw.Start(
+        sequence_number=1,
+        stream_sid="MZ" + call_sid[2:],
+        account_sid=ACCOUNT,
+        call_sid=call_sid,
+        tracks=("inbound",),
+        custom_parameters={},
+        media_format=tw.MediaFormat("audio/x-mulaw", 8000, 1),
+    )
+
+
+class Clock:
+    """Wall clock for records: 2026-11-21 08:00 UTC, one second later at each reading."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 21, 8, 0, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(seconds=1)
+        return self.now
+
+
+class SpyStore:
+    """Wraps a real store's ``apply``: which thread ran each batch, and how big it was."""
+
+    def __init__(self, store: RecordStore) -> None:
+        self.store = store
+        self.batches: list[int] = []
+        self.threads: set[int] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.real_apply = store.apply
+        store.apply = self.apply  # type: ignore[method-assign]
+
+    def apply(self, ops: Sequence[StoreOp]) -> int:
+        self.gate.wait(10)
+        self.threads.add(threading.get_ident())
+        self.batches.append(len(ops))
+        return self.real_apply(ops)
+
+
+def test_end_status_maps_end_reasons() -> None:
+    for reason in ("twilio sent stop", "twilio hung up", "idle: nothing from Twilio for 30 s",
+                   "maximum call length 3600 s", "cancelled: Twilio disconnected or shutdown"):
+        assert end_status(reason) == "completed", reason
+    for reason in ("provider ended: openai connection closed (1011)", "provider error: boom",
+                   "protocol error: bad JSON", "failed: RuntimeError()", "no model session: refused",
+                   "cannot bridge to x: A-law"):
+        assert end_status(reason) == "failed", reason
+
+
+@pytest.fixture
+def store(records_settings: Callable[..., Settings]) -> Iterator[RecordStore]:
+    opened = open_store(records_settings())
+    yield opened
+    opened.close()
+
+
+@fail_after(20)
+async def test_recorder_hooks_never_block_and_count_what_is_dropped(
+    store: RecordStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    spy = SpyStore(store)
+    recorder = Recorder(store, queue_size=3, clock=Clock())
+    for i in range(5):  # no writer yet: the queue fills, the rest is dropped at once
+        recorder.call_failed(start_event(f"CA{i}"), "no model session: refused", "openai")
+    assert recorder.dropped == 2
+    assert sum("call record dropped" in r.getMessage() for r in caplog.records) == 2
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        await recorder.flushed()
+        assert spy.batches == [3]  # drained as one batch, in one transaction
+        assert spy.threads and threading.get_ident() not in spy.threads  # in a worker thread
+        # While the database is slow, the hooks still return at once.
+        spy.gate.clear()
+        recorder.call_failed(start_event("CA5"), "no model session: refused")
+        await trio.sleep(0.05)
+        for i in range(6, 9):  # plain functions: they cannot wait for the writer
+            recorder.call_failed(start_event(f"CA{i}"), "no model session: refused")
+        assert len(spy.batches) == 1  # CA5's write is still stuck in the database
+        spy.gate.set()
+        await recorder.flushed()
+        recorder.close()
+    assert recorder.written == 7 and recorder.failed == 0 and recorder.dropped == 2
+    stored = await trio.to_thread.run_sync(store.recent, 50)
+    assert sorted(r.call_sid for r in stored) == ["CA0", "CA1", "CA2", "CA5", "CA6", "CA7", "CA8"]
+    assert all(r.status == "failed" and r.end_reason == "no model session: refused" for r in stored)
+
+
+@fail_after(20)
+async def test_recorder_survives_a_failing_database(store: RecordStore, caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder(store, clock=Clock())
+
+    def broken(ops: Sequence[StoreOp]) -> int:
+        raise RuntimeError("disk full")
+
+    real = store.apply
+    store.apply = broken  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        recorder.call_failed(start_event("CAx"), "no model session: x")
+        await recorder.flushed()
+        assert recorder.failed == 1 and recorder.written == 0
+        store.apply = real  # type: ignore[method-assign]
+        recorder.call_failed(start_event("CAy"), "no model session: y")  # the writer still runs
+        await recorder.flushed()
+        recorder.close()
+    assert recorder.written == 1
+    assert any("could not write 1 record(s)" in r.getMessage() and "disk full" in r.getMessage()
+               for r in caplog.records)
+    assert store.get("CAy") is not None and store.get("CAx") is None
+
+
+@fail_after(20)
+async def test_recorder_records_a_call_from_webhook_to_end(records_settings: Callable[..., Settings]) -> None:
+    settings = records_settings()
+    async with open_recorder(settings, clock=Clock()) as recorder:
+        assert recorder is not None
+        recorder.webhook({"CallSid": ["CAin"], "From": ["+15550001111"], "To": ["+15552223333"],
+                          "Direction": ["outbound-api"], "AccountSid": [ACCOUNT]})
+        stats = CallStats(call_sid="CAin", provider="fake", started_s=trio.current_time())
+        recorder.call_started(start_event("CAin"), stats)
+        await recorder.flushed()
+        started = await trio.to_thread.run_sync(recorder.store.get, "CAin")
+        assert started is not None and started.status == "in-progress"
+        assert (started.direction, started.from_number, started.to_number) == ("outbound", "+15550001111", "+15552223333")
+        stats.transcript.add("user", "Hello?", final=True, item_id="u1", offset_s=0.5)
+        stats.transcript.add("assistant", "Hi, how can I help you today?", final=True, item_id="a1", offset_s=1.0)
+        stats.transcript.cut("a1", 500, 2000)
+        stats.barge_ins = 1
+        stats.tool_calls.append("lookup")
+        stats.uplink.add(0.0001)
+        live = await recorder.get("CAin")  # a live call: as it stands now
+        assert live is not None and live.status == "in-progress" and len(live.turns) == 2
+        recorder.call_ended("CAin", stats, "twilio sent stop")
+        recorder.twilio_status({"CallSid": ["CAin"], "CallStatus": ["completed"], "CallDuration": ["7"]})
+        assert recorder.live("CAin") is None
+    # Shutdown wrote everything that was queued; the store is closed.
+    store = await trio.to_thread.run_sync(open_store, settings)
+    record = store.get("CAin")
+    store.close()
+    assert record is not None
+    assert (record.status, record.end_reason, record.twilio_status, record.twilio_duration_s) == (
+        "completed", "twilio sent stop", "completed", 7)
+    # (the clock's first reading went to the start-up check for interrupted calls)
+    assert record.started_at == "2026-11-21T08:00:02+00:00" and record.ended_at == "2026-11-21T08:00:03+00:00"
+    assert (record.stream_sid, record.account_sid, record.provider) == ("MZin", ACCOUNT, "fake")
+    assert record.barge_ins == 1 and record.tool_calls == ["lookup"]
+    assert set(record.latency_ms) == {"uplink_p50", "uplink_p99"} and record.latency_ms["uplink_p50"] == 0.1  # one 0.1 ms sample
+    assert record.turns == [
+        Turn("user", "Hello?", 0.5),
+        Turn("assistant", "Hi, how", 1.0, interrupted=True, heard_ms=500),  # 25 % of 29 characters
+    ]
+
+
+@fail_after(20)
+async def test_open_recorder_marks_calls_of_the_last_run_interrupted(
+    records_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = records_settings()
+    async with open_recorder(settings) as recorder:
+        assert recorder is not None
+        stats = CallStats(call_sid="CAlive", provider="echo", started_s=trio.current_time())
+        recorder.call_started(start_event("CAlive"), stats)
+        await recorder.flushed()
+        # the server dies here: the call never ends
+    caplog.set_level(logging.INFO, logger="mediaserver")
+    async with open_recorder(settings) as recorder:
+        assert recorder is not None
+        record = await recorder.get("CAlive")
+    assert record is not None and record.status == "interrupted"
+    assert record.end_reason == "server stopped during the call" and record.ended_at is not None
+    assert any("1 call(s) were live when the server last stopped" in r.getMessage() for r in caplog.records)
+
+
+@fail_after(20)
+async def test_open_recorder_without_a_database_turns_records_off(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(database_url="postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+    async with open_recorder(settings) as recorder:
+        assert recorder is None
+    assert any("call records are OFF: cannot connect" in r.getMessage() for r in caplog.records)
+
+
+def test_call_record_of_a_cancelled_call_is_completed() -> None:
+    recorder = Recorder(RecordStore(), clock=Clock())
+    stats = CallStats(call_sid="CAc", provider="echo", started_s=0.0)
+
+    async def run() -> CallRecord:
+        recorder.call_started(start_event("CAc"), stats)
+        recorder.call_ended("CAc", stats, "running")  # never set a reason: cancelled
+        await trio.sleep(0)
+        return recorder._receive.receive_nowait().record  # type: ignore[union-attr]  # the start
+
+    first = trio.run(run)
+    assert first.status == "in-progress"
+    ended = recorder._receive.receive_nowait()
+    assert ended.record.end_reason == "cancelled: Twilio disconnected or shutdown"  # type: ignore[union-attr]
+    assert ended.record.status == "completed"  # type: ignore[union-attr]

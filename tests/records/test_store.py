@@ -1,0 +1,219 @@
+"""The stores, on SQLite and on a real PostgreSQL server: schema, migrations, writes, reads."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mediaserver.config import Settings
+from mediaserver.records.migrations import MIGRATIONS, apply_migrations
+from mediaserver.records.model import CallRecord, Turn
+from mediaserver.records.store import (
+    INTERRUPTED_REASON,
+    RecordsError,
+    SaveCall,
+    SetTwilioStatus,
+    open_store,
+    redact,
+    sqlite_path,
+)
+
+T0 = "2026-11-21T08:00:00+00:00"
+
+
+def full_record(sid: str = "CA" + "1" * 32, **changes: object) -> CallRecord:
+    record = CallRecord(
+        call_sid=sid,
+        started_at=T0,
+        status="completed",
+        stream_sid="MZ" + "2" * 32,
+        account_sid="AC" + "3" * 32,
+        direction="outbound",
+        from_number="+15550001111",
+        to_number="+15552223333",
+        provider="openai",
+        ended_at="2026-11-21T08:01:00+00:00",
+        end_reason="twilio sent stop",
+        duration_s=60.25,
+        barge_ins=1,
+        tool_calls=["weather", "hang_up"],
+        latency_ms={"uplink_p50": 0.02, "uplink_p99": 0.05},
+        turns=[
+            Turn("user", "Wie ist das Wetter? ☀", 1.5),
+            Turn("assistant", "Sunny, and", 3.25, interrupted=True, heard_ms=740),
+            Turn("user", "Thanks.", 5.0),
+        ],
+    )
+    for key, value in changes.items():
+        setattr(record, key, value)
+    return record
+
+
+def test_store_fresh_database_is_migrated_once(records_settings: Callable[..., Settings]) -> None:
+    settings = records_settings()
+    store = open_store(settings)
+    try:
+        assert store.version() == len(MIGRATIONS) == 2
+        rows = store.execute("SELECT version, applied_at FROM schema_migrations ORDER BY version")
+        assert [r[0] for r in rows] == [1, 2] and all(r[1].startswith("20") for r in rows)
+        assert store.migrate() == []  # idempotent
+    finally:
+        store.close()
+    again = open_store(settings)  # and again at the next start
+    try:
+        assert again.migrate() == [] and again.version() == 2
+        assert len(again.execute("SELECT * FROM schema_migrations")) == 2
+    finally:
+        again.close()
+    if not settings.database_url:
+        assert sqlite_path(settings).is_file()
+
+
+def test_store_v1_database_upgrades_and_keeps_its_calls(records_settings: Callable[..., Settings]) -> None:
+    settings = records_settings()
+    store = open_store(settings, migrate=False)
+    try:
+        assert apply_migrations(store, MIGRATIONS[:1]) == [1]
+        assert store.version() == 1
+        # a call as the v1 schema stored it
+        store.execute(
+            "INSERT INTO calls (call_sid, started_at, status, provider, duration_s) VALUES (?, ?, ?, ?, ?)",
+            ("CAold", T0, "completed", "echo", 12.5),
+        )
+        with pytest.raises(Exception):  # noqa: B017 - v1 has no twilio_status (either driver's error)
+            store.execute("SELECT twilio_status FROM calls")
+    finally:
+        store.close()
+    upgraded = open_store(settings)
+    try:
+        assert upgraded.version() == 2
+        old = upgraded.get("CAold")
+        assert old is not None
+        assert (old.status, old.provider, old.duration_s, old.twilio_status) == ("completed", "echo", 12.5, None)
+        upgraded.apply([SetTwilioStatus("CAold", "completed", 13, T0)])
+        assert (upgraded.get("CAold") or old).twilio_duration_s == 13
+    finally:
+        upgraded.close()
+
+
+def test_store_round_trips_a_call_and_replaces_it(records_settings: Callable[..., Settings]) -> None:
+    store = open_store(records_settings())
+    try:
+        record = full_record()
+        store.save(record)
+        assert store.get(record.call_sid) == record
+        # the end-of-call save replaces the row and the transcript
+        shorter = full_record(status="failed", end_reason="provider ended: gone", turns=[Turn("user", "Hi", 0.5)])
+        store.save(shorter)
+        assert store.get(record.call_sid) == shorter
+        assert store.get("CA-unknown") is None
+    finally:
+        store.close()
+
+
+def test_store_lists_recent_calls_newest_first(records_settings: Callable[..., Settings]) -> None:
+    store = open_store(records_settings())
+    try:
+        for i in range(5):
+            store.save(full_record(f"CA{i}", started_at=f"2026-11-21T08:0{i}:00+00:00"))
+        recent = store.recent(3)
+        assert [r.call_sid for r in recent] == ["CA4", "CA3", "CA2"]
+        assert all(r.turns == [] for r in recent)  # listings leave the transcripts out
+        assert recent[0].tool_calls == ["weather", "hang_up"]
+    finally:
+        store.close()
+
+
+def test_store_marks_live_calls_interrupted_at_the_next_start(records_settings: Callable[..., Settings]) -> None:
+    settings = records_settings()
+    store = open_store(settings)
+    try:
+        store.save(CallRecord("CAlive", T0, stream_sid="MZlive", provider="echo"))  # in-progress: the server died
+        store.save(full_record("CAdone"))
+    finally:
+        store.close()
+    restarted = open_store(settings)
+    try:
+        assert restarted.mark_interrupted("2026-11-21T09:00:00+00:00") == ["CAlive"]
+        live = restarted.get("CAlive")
+        assert live is not None
+        assert (live.status, live.end_reason, live.ended_at) == (
+            "interrupted",
+            INTERRUPTED_REASON,
+            "2026-11-21T09:00:00+00:00",
+        )
+        assert restarted.get("CAdone") == full_record("CAdone")  # untouched
+        assert restarted.mark_interrupted("2026-11-21T10:00:00+00:00") == []
+    finally:
+        restarted.close()
+
+
+def test_store_keeps_twilio_status_callbacks(records_settings: Callable[..., Settings]) -> None:
+    store = open_store(records_settings())
+    try:
+        store.save(full_record("CAa", status="in-progress"))
+        store.apply([SetTwilioStatus("CAa", "completed", 61, T0), SetTwilioStatus("CAb", "no-answer", None, T0)])
+        a = store.get("CAa")
+        assert a is not None and (a.status, a.twilio_status, a.twilio_duration_s) == ("in-progress", "completed", 61)
+        store.save(full_record("CAa"))  # the end-of-call save does not lose Twilio's status
+        a = store.get("CAa")
+        assert a is not None and (a.status, a.twilio_status, a.twilio_duration_s) == ("completed", "completed", 61)
+        # A call that never reached us is known from its callback alone.
+        b = store.get("CAb")
+        assert b is not None and (b.status, b.twilio_status, b.started_at, b.turns) == ("no-answer", "no-answer", T0, [])
+        # ... and follows Twilio's status (answered elsewhere, then completed)
+        store.apply([SetTwilioStatus("CAb", "in-progress", None, T0)])
+        assert store.mark_interrupted(T0) == []  # not ours: it never streamed to us
+        store.apply([SetTwilioStatus("CAb", "completed", 30, T0)])
+        b = store.get("CAb")
+        assert b is not None and (b.status, b.twilio_status, b.twilio_duration_s) == ("completed", "completed", 30)
+    finally:
+        store.close()
+
+
+def test_store_batch_with_a_bad_write_keeps_the_good_ones(records_settings: Callable[..., Settings]) -> None:
+    store = open_store(records_settings())
+    try:
+        bad = full_record("CAbad")
+        bad.started_at = None  # type: ignore[assignment]  # NOT NULL violation
+        assert store.apply([SaveCall(full_record("CAx")), SaveCall(bad), SaveCall(full_record("CAy"))]) == 1
+        assert store.get("CAx") is not None and store.get("CAy") is not None and store.get("CAbad") is None
+        with pytest.raises(Exception):  # noqa: B017 - a batch where nothing could be written raises
+            store.apply([SaveCall(bad)])
+    finally:
+        store.close()
+
+
+def test_store_postgres_needs_psycopg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the extra were not installed
+    settings = Settings(database_url="postgresql://u:secret@127.0.0.1:1/db")
+    with pytest.raises(RecordsError, match=r"pip install 'mediaserver\[postgres\]'"):
+        open_store(settings)
+
+
+def test_store_bad_database_urls_give_one_line_errors() -> None:
+    with pytest.raises(RecordsError, match="must be a postgresql:// URL") as wrong:
+        open_store(Settings(database_url="mysql://u:hunter2@db/x"))
+    assert "hunter2" not in str(wrong.value)
+    with pytest.raises(RecordsError, match="cannot connect to the PostgreSQL database") as refused:
+        open_store(Settings(database_url="postgresql://u:hunter2@127.0.0.1:1/x?connect_timeout=2"))
+    assert "hunter2" not in str(refused.value) and "\n" not in str(refused.value).strip()
+    assert redact("postgresql://u:hunter2@h:5432/x") == "postgresql://u:***@h:5432/x"
+
+
+def test_store_sqlite_path_that_cannot_be_created(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RecordsError, match="cannot open the SQLite database"):
+        open_store(Settings(data_dir=str(blocker / "data")))
+
+
+def test_store_sqlite_file_that_is_not_a_database(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "calls.sqlite3").write_bytes(b"not a database, just some text " * 10)
+    with pytest.raises(RecordsError, match="cannot open the SQLite database .*calls.sqlite3: file is not a database"):
+        open_store(Settings(data_dir=str(data)))
