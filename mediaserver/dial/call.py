@@ -1,0 +1,441 @@
+"""Placing one simulated call: the I/O around :class:`~mediaserver.dial.caller.MediaStreamCaller`.
+
+:func:`place_call` does what Twilio does when a call comes in:
+
+1. POST the voice webhook, form-encoded, with ``CallSid``, ``AccountSid``,
+   ``From``, ``To``, ``CallStatus=ringing``, ``Direction=inbound`` and
+   ``ApiVersion``, signed with ``X-Twilio-Signature`` when an auth token is
+   given (:func:`mediaserver.security.compute_signature`);
+2. read the TwiML answer's ``<Connect><Stream url>`` and its ``<Parameter>``\\ s;
+3. open the stream's WebSocket (the upgrade signed over the stream URL with
+   no parameters) and run a :class:`CallSession`: ``connected``, ``start``,
+   the caller's actions as real-time paced 20 ms frames with silence in
+   between, Twilio's playback of the agent audio with mark echoes, then
+   ``stop``.
+
+Every failure to get a call going raises :class:`DialError` with a one-line
+message.  Time is read from Trio only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import secrets
+import ssl
+import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+from urllib.parse import SplitResult, urlencode, urlsplit
+
+import h11
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection, wrap_client_stream
+
+from mediaserver.dial.caller import FRAME_BYTES, FRAME_S, SILENCE, MediaStreamCaller
+from mediaserver.dial.script import Action, BargeIn, Pause, Speak, Wait
+from mediaserver.dial.timeline import Event
+from mediaserver.security import SIGNATURE_HEADER, compute_signature
+
+__all__ = [
+    "API_VERSION",
+    "CallResult",
+    "CallSession",
+    "DialError",
+    "DialOptions",
+    "MessageTransport",
+    "TwimlStream",
+    "check_url",
+    "parse_twiml",
+    "place_call",
+    "post_webhook",
+]
+
+API_VERSION = "2010-04-01"
+USER_AGENT = "mediaserver-dial (TwilioProxy emulation)"
+_MAX_BODY = 1 << 20
+_CLOSE_WAIT_S = 2.0  # after stop, how long the server gets to close the socket
+
+
+class DialError(Exception):
+    """The call could not be placed; the message is one line, fit for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class DialOptions:
+    """Everything one call needs; ``duration_s`` hangs up that long after ``start``
+    (cutting the script short), else the call ends ``listen_s`` after the script."""
+
+    url: str
+    actions: tuple[Action, ...] = ()
+    auth_token: str | None = None
+    duration_s: float | None = None
+    listen_s: float = 3.0
+    from_number: str = "+15550001111"
+    to_number: str = "+15552223333"
+    account_sid: str = field(default_factory=lambda: "AC" + secrets.token_hex(16))
+    timeout_s: float = 10.0
+
+
+@dataclass
+class CallResult:
+    call_sid: str
+    events: list[Event]
+    error: str | None = None  # why the call never got going (then ``events`` is empty)
+
+
+# ------------------------------------------------------------------ webhook
+
+
+@dataclass(frozen=True, slots=True)
+class TwimlStream:
+    url: str
+    parameters: dict[str, str]
+
+
+def parse_twiml(text: str) -> TwimlStream:
+    """The ``<Connect><Stream>`` of a TwiML answer; :class:`DialError` if there is none."""
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError:
+        raise DialError(f"the webhook answer is not TwiML (not XML): {_snippet(text)}") from None
+    if root.tag != "Response":
+        raise DialError(f"the webhook answer is not TwiML (root <{root.tag}>, expected <Response>)")
+    stream = root.find("./Connect/Stream")
+    if stream is None:
+        said = " ".join((e.text or "").strip() for e in root.iter("Say"))
+        verbs = ", ".join(f"<{child.tag}>" for child in root) or "nothing"
+        detail = f" (it says: {said!r})" if said else ""
+        raise DialError(f"the TwiML has no <Connect><Stream>, only {verbs}{detail}")
+    url = stream.get("url", "")
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise DialError(f"<Stream url> must be an absolute ws:// or wss:// URL, not {url!r}")
+    parameters = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+    return TwimlStream(url, parameters)
+
+
+def _snippet(text: str) -> str:
+    return repr(" ".join(text.split())[:80])
+
+
+def _body_hint(text: str) -> str:
+    """``": <what the error page says>"``: an HTML page's title, else the start of the text."""
+    title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    if title:
+        return f": {title.group(1).strip()[:80]}"
+    return f": {_snippet(text)}" if text.strip() else ""
+
+
+def check_url(url: str) -> SplitResult:
+    """The parts of an ``http(s)://`` webhook URL; :class:`DialError` if it is not one."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        raise DialError(f"bad URL {url!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise DialError(f"bad URL {url!r}: expected http://host[:port]/path, like http://127.0.0.1:8080/twiml")
+    return parts
+
+
+async def _connect(host: str, port: int, tls: bool) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+    if tls:
+        return await trio.open_ssl_over_tcp_stream(
+            host, port, ssl_context=ssl.create_default_context(), https_compatible=True
+        )
+    return await trio.open_tcp_stream(host, port)
+
+
+async def post_webhook(url: str, form: Sequence[tuple[str, str]], headers: Sequence[tuple[str, str]],
+                       timeout_s: float) -> str:  # fmt: skip
+    """POST ``form`` to ``url`` (HTTP/1.1 with h11) and return the TwiML text of a 200 answer."""
+    parts = check_url(url)
+    assert parts.hostname is not None
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    body = urlencode(list(form)).encode()
+    request = h11.Request(
+        method="POST",
+        target=(parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+        headers=[
+            ("Host", parts.netloc.rpartition("@")[2]),
+            ("User-Agent", USER_AGENT),
+            ("Connection", "close"),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Content-Length", str(len(body))),
+            *headers,
+        ],
+    )
+    where = parts.netloc.rpartition("@")[2]
+    try:
+        with trio.fail_after(timeout_s):
+            stream = await _connect(parts.hostname, port, tls)
+            async with stream:
+                status, content_type, answer = await _exchange(stream, request, body)
+    except trio.TooSlowError:
+        raise DialError(f"no answer from {where} within {timeout_s:g} s") from None
+    except (OSError, trio.BrokenResourceError) as exc:
+        raise DialError(f"cannot reach {where}: {getattr(exc, 'strerror', None) or exc}") from None
+    except h11.ProtocolError as exc:
+        raise DialError(f"{where} did not answer with valid HTTP: {exc}") from None
+    text = answer.decode("utf-8", "replace")
+    if status != 200:
+        raise DialError(f"the webhook {url} answered HTTP {status}" + _body_hint(text))
+    if "xml" not in content_type.lower():
+        raise DialError(f"the webhook answer is not TwiML (Content-Type {content_type or 'missing'}): {_snippet(text)}")
+    return text
+
+
+async def _exchange(stream: trio.abc.Stream, request: h11.Request, body: bytes) -> tuple[int, str, bytes]:
+    conn = h11.Connection(h11.CLIENT)
+    await stream.send_all(conn.send(request) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+    status, content_type, chunks = 0, "", bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some(65536)))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            content_type = next((v.decode("latin-1") for k, v in event.headers if k == b"content-type"), "")
+        elif isinstance(event, h11.Data):
+            chunks += event.data
+            if len(chunks) > _MAX_BODY:
+                raise h11.RemoteProtocolError("answer too large")
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            return status, content_type, bytes(chunks)
+
+
+# ------------------------------------------------------------------ the stream
+
+
+class MessageTransport(Protocol):
+    """The caller's end of the Media Stream (a trio-websocket connection fits)."""
+
+    async def send_message(self, message: str) -> None: ...
+
+    async def get_message(self) -> str | bytes: ...
+
+
+_CLOSED = (ConnectionClosed, trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError)
+
+
+class CallSession:
+    """Runs one :class:`MediaStreamCaller` over a transport, in real (Trio) time.
+
+    Two tasks: the talker streams paced frames (speech or silence) following
+    the actions; the listener reads the server's messages and echoes marks
+    when their audio has played.  Both send under one lock, and each
+    message is built under it, so sequence numbers reach the wire in order.
+    """
+
+    def __init__(self, caller: MediaStreamCaller, transport: MessageTransport) -> None:
+        self.caller = caller
+        self.transport = transport
+        self._lock = trio.StrictFIFOLock()
+        self._next_frame_s = 0.0
+        self._talking = trio.CancelScope()
+        self._server_closed = trio.Event()
+
+    async def run(self, actions: Sequence[Action], *, duration_s: float | None = None, listen_s: float = 3.0) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._listen)
+            await self._send(self.caller.connected)
+            await self._send(lambda: self.caller.start(trio.current_time()))
+            self._next_frame_s = trio.current_time()
+            deadline = math.inf if duration_s is None else self._next_frame_s + duration_s
+            with self._talking, trio.move_on_at(deadline):
+                for action in actions:
+                    await self._act(action)
+                await self._silence(math.inf if duration_s is not None else listen_s)
+                await trio.sleep_until(self._next_frame_s)  # the last frame's 20 ms have passed
+            if self.caller.state == "streaming":
+                await self._send(lambda: self.caller.stop(trio.current_time()))
+                with trio.move_on_after(_CLOSE_WAIT_S):
+                    await self._server_closed.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _send(self, build: Callable[[], str]) -> bool:
+        async with self._lock:
+            if self.caller.state == "ended":
+                return False
+            message = build()
+            try:
+                await self.transport.send_message(message)
+            except _CLOSED as exc:
+                self._closed(exc)
+                return False
+        return True
+
+    def _closed(self, exc: BaseException) -> None:
+        reason = getattr(exc, "reason", None)
+        code = getattr(reason, "code", None)
+        if code is None:
+            text, error = "the server dropped the connection (no close frame)", True
+        else:
+            detail = getattr(reason, "reason", None) or getattr(reason, "name", "")
+            text, error = f"the server closed the stream ({code} {detail})".strip(), code != 1000
+        self.caller.ended(trio.current_time(), text, error=error and self.caller.state == "streaming")
+        self._server_closed.set()
+        self._talking.cancel()
+
+    # -- talker ------------------------------------------------------------------
+
+    async def _frame(self, payload: bytes, *, speech: bool) -> None:
+        await trio.sleep_until(self._next_frame_s)
+        self._next_frame_s += len(payload) / 8000
+        if not await self._send(lambda: self.caller.media(payload, trio.current_time(), speech=speech)):
+            self._talking.cancel()
+            await trio.lowlevel.checkpoint()
+
+    async def _silence(self, seconds: float) -> None:
+        end = self._next_frame_s + seconds
+        while self._next_frame_s < end - 1e-9:
+            await self._frame(SILENCE * FRAME_BYTES, speech=False)
+
+    async def _silence_until(self, done: Callable[[float], bool], timeout_ms: int) -> None:
+        deadline = self._next_frame_s + timeout_ms / 1000
+        while not done(self._next_frame_s) and self._next_frame_s < deadline - 1e-9:
+            await self._frame(SILENCE * FRAME_BYTES, speech=False)
+
+    async def _act(self, action: Action) -> None:
+        playback = self.caller.playback
+        if isinstance(action, Speak):
+            audio = action.ulaw + SILENCE * (-len(action.ulaw) % FRAME_BYTES)
+            for at in range(0, len(audio), FRAME_BYTES):
+                await self._frame(audio[at : at + FRAME_BYTES], speech=True)
+        elif isinstance(action, Pause):
+            await self._silence(action.ms / 1000)
+        elif isinstance(action, BargeIn):
+            after_s = action.after_ms / 1000
+
+            def talking_long_enough(now: float) -> bool:
+                since = playback.playing_since(now)
+                return since is not None and now - since >= after_s - 1e-9
+
+            await self._silence_until(talking_long_enough, action.timeout_ms)
+        elif isinstance(action, Wait):
+            began = self._next_frame_s
+            quiet_s = action.quiet_ms / 1000
+
+            def answered_and_quiet(now: float) -> bool:
+                return playback.buffer_end_s > began and now >= playback.buffer_end_s + quiet_s
+
+            await self._silence_until(answered_and_quiet, action.timeout_ms)
+
+    # -- listener ----------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        while True:
+            message: str | bytes | None = None
+            due = self.caller.next_due_s()
+            with trio.move_on_at(math.inf if due is None else due):
+                try:
+                    message = await self.transport.get_message()
+                except _CLOSED as exc:
+                    async with self._lock:
+                        self._closed(exc)
+                    return
+            now = trio.current_time()
+            echoes = self.caller.due(now)
+            if message is not None:
+                echoes += self.caller.receive(message, now)
+            for name, cleared in echoes:
+                await self._send(functools.partial(self._echo, name, cleared))
+
+    def _echo(self, name: str, cleared: bool) -> str:
+        return self.caller.echo(name, trio.current_time(), cleared=cleared)
+
+
+async def _open_and_run(
+    stream_url: str, headers: Sequence[tuple[str, str]], timeout_s: float, run: Callable[[WebSocketConnection], Awaitable[None]]
+) -> None:
+    """Connect the stream's WebSocket (socket owned here, so it is always closed) and ``run`` it."""
+    parts = urlsplit(stream_url)
+    assert parts.hostname is not None
+    tls = parts.scheme == "wss"
+    where = parts.netloc
+    try:
+        with trio.fail_after(timeout_s):
+            stream = await _connect(parts.hostname, parts.port or (443 if tls else 80), tls)
+    except trio.TooSlowError:
+        raise DialError(f"no connection to the media stream {stream_url} within {timeout_s:g} s") from None
+    except OSError as exc:
+        raise DialError(f"cannot reach the media stream at {where}: {exc.strerror or exc}") from None
+    connected = False
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(timeout_s):
+                ws = await wrap_client_stream(
+                    nursery,
+                    stream,
+                    where,
+                    (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                    extra_headers=[(k.encode(), v.encode()) for k, v in headers],
+                )
+            connected = True
+            try:
+                await run(ws)
+            finally:
+                with trio.move_on_after(1, shield=True):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except* ConnectionRejected as group:
+        if connected:
+            raise
+        status = getattr(group.exceptions[0], "status_code", "?")
+        raise DialError(f"the server refused the media stream WebSocket {stream_url} with HTTP {status}") from None
+    except* (HandshakeError, trio.TooSlowError, OSError, trio.BrokenResourceError) as group:
+        if connected:
+            raise
+        raise DialError(f"the media stream WebSocket handshake with {where} failed: {group.exceptions[0]!r}") from None
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def _new_sid(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+async def place_call(options: DialOptions, *, call_sid: str | None = None) -> CallResult:
+    """One call from webhook to hang-up; failures to connect come back in ``CallResult.error``."""
+    call_sid = call_sid or _new_sid("CA")
+    form = [
+        ("AccountSid", options.account_sid),
+        ("ApiVersion", API_VERSION),
+        ("CallSid", call_sid),
+        ("CallStatus", "ringing"),
+        ("Called", options.to_number),
+        ("Caller", options.from_number),
+        ("Direction", "inbound"),
+        ("From", options.from_number),
+        ("To", options.to_number),
+    ]
+    caller: MediaStreamCaller | None = None
+    try:
+        headers = []
+        if options.auth_token:
+            headers.append((SIGNATURE_HEADER, compute_signature(options.auth_token, options.url, dict(form))))
+        twiml = parse_twiml(await post_webhook(options.url, form, headers, options.timeout_s))
+        caller = MediaStreamCaller(
+            call_sid=call_sid,
+            stream_sid=_new_sid("MZ"),
+            account_sid=options.account_sid,
+            custom_parameters=twiml.parameters,
+        )
+        ws_headers = [("User-Agent", USER_AGENT)]
+        if options.auth_token:
+            ws_headers.append((SIGNATURE_HEADER, compute_signature(options.auth_token, twiml.url, {})))
+        stream_caller = caller
+
+        async def run(ws: WebSocketConnection) -> None:
+            session = CallSession(stream_caller, ws)
+            await session.run(options.actions, duration_s=options.duration_s, listen_s=options.listen_s)
+
+        await _open_and_run(twiml.url, ws_headers, options.timeout_s, run)
+    except DialError as exc:
+        return CallResult(call_sid, caller.events if caller else [], str(exc))
+    return CallResult(call_sid, caller.events)
+

@@ -1,0 +1,215 @@
+"""``mediaserver dial``: place simulated Twilio calls against a running server.
+
+See docs/dial.md for the options, the script format and what each figure
+means.  :func:`configure` declares the arguments, :func:`main` runs them
+(exit status 0: every call connected and ended normally; 1: a call failed;
+2: bad options or input audio).  :func:`run` is the async body, for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from mediaserver.dial import audio, report, script
+from mediaserver.dial.call import CallResult, DialError, DialOptions, check_url, place_call
+from mediaserver.dial.script import BargeIn, Pause, Say, Step
+
+__all__ = ["DEFAULT_URL", "configure", "main", "run"]
+
+DEFAULT_URL = "http://127.0.0.1:8080/twiml"
+_LEAD_MS = 500  # silence before the first words, as a caller waits for the line to open
+_PROG = "mediaserver dial"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"the voice webhook (default {DEFAULT_URL})")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--say", metavar="TEXT", help="say this (offline TTS, needs espeakng-loader)")
+    what.add_argument("--wav", metavar="FILE", help="say this WAV file (PCM 8-32 bit, mono/stereo, any common rate)")
+    what.add_argument("--script", metavar="FILE", help="follow a conversation script (see docs/dial.md)")
+    parser.add_argument("--barge-in-after", type=int, metavar="MS",
+                        help="with --say/--wav: talk again once the agent has been speaking for MS ms")  # fmt: skip
+    parser.add_argument("--duration", type=float, metavar="S", help="hang up S seconds after the stream started")
+    parser.add_argument("--listen", type=float, default=3.0, metavar="S",
+                        help="without --duration: keep listening S seconds after the script (default 3)")  # fmt: skip
+    parser.add_argument("--calls", type=int, default=1, metavar="N", help="place N concurrent calls (default 1)")
+    parser.add_argument("--record", metavar="FILE",
+                        help="stereo WAV of the call, caller left, agent right (default dial-<CallSid>.wav "
+                        "for a single call; with --calls the CallSid is added to the name)")  # fmt: skip
+    parser.add_argument("--no-record", action="store_true", help="do not write a recording")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    parser.add_argument("--from", dest="from_number", default="+15550001111", help="caller number (From)")
+    parser.add_argument("--to", dest="to_number", default="+15552223333", help="called number (To)")
+    parser.add_argument("--auth-token", help="sign requests with this Twilio auth token (default $TWILIO_AUTH_TOKEN)")
+    parser.add_argument("--env-file", default=".env", help="read TWILIO_AUTH_TOKEN from this file if set (default .env)")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="connect timeout (default 10)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return trio.run(run, args)
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(message: str, stderr: TextIO, status: int) -> int:
+    print(f"{_PROG}: {message}", file=stderr)
+    return status
+
+
+def _steps(args: argparse.Namespace) -> list[Step]:
+    if args.script:
+        if args.barge_in_after is not None:
+            raise script.ScriptError("--barge-in-after goes with --say or --wav; in a script, use a barge-in line")
+        return script.load_script(args.script)
+    if args.say is not None:
+        words: Step = Say(args.say)
+    elif args.wav is not None:
+        words = script.Play(Path(args.wav))
+    else:
+        if args.barge_in_after is not None:
+            raise script.ScriptError("--barge-in-after needs something to say (--say or --wav)")
+        return []
+    steps: list[Step] = [Pause(_LEAD_MS), words]
+    if args.barge_in_after is not None:
+        steps += [BargeIn(args.barge_in_after), words]
+    return steps
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    try:
+        check_url(args.url)
+    except DialError as exc:
+        return str(exc)
+    if args.calls < 1:
+        return "--calls must be at least 1"
+    for name in ("duration", "listen", "timeout"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            return f"--{name} must be a non-negative number of seconds"
+    if args.barge_in_after is not None and args.barge_in_after < 0:
+        return "--barge-in-after must not be negative"
+    return None
+
+
+def _record_path(args: argparse.Namespace, call_sid: str) -> Path | None:
+    if args.no_record or (args.calls > 1 and not args.record):
+        return None
+    if not args.record:
+        return Path(f"dial-{call_sid}.wav")
+    path = Path(args.record)
+    return path if args.calls == 1 else path.with_name(f"{path.stem}-{call_sid}{path.suffix or '.wav'}")
+
+
+async def _progress(results: list[CallResult], total: int, stderr: TextIO) -> None:
+    """A text progress bar on stderr, redrawn a few times a second (until cancelled)."""
+
+    def draw() -> None:
+        width = 30
+        done = len(results)
+        failed = sum(1 for r in results if r.error)
+        bar = "#" * (width * done // total) + "-" * (width - width * done // total)
+        print(f"\r[{bar}] {done}/{total} calls done, {failed} failed", end="", file=stderr, flush=True)
+
+    try:
+        while True:
+            draw()
+            await trio.sleep(0.25)
+    finally:
+        draw()
+        print(file=stderr, flush=True)
+
+
+async def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Place the calls and print the report; returns the exit status."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    problem = _check(args)
+    if problem:
+        return _fail(problem, err, 2)
+    if args.env_file:
+        from mediaserver.config import load_dotenv_file
+
+        load_dotenv_file(args.env_file)
+    try:
+        actions = script.prepare(_steps(args))
+    except (script.ScriptError, audio.AudioError) as exc:
+        return _fail(str(exc), err, 2)
+    options = DialOptions(
+        url=args.url,
+        actions=tuple(actions),
+        auth_token=args.auth_token or os.environ.get("TWILIO_AUTH_TOKEN") or None,
+        duration_s=args.duration,
+        listen_s=args.listen,
+        from_number=args.from_number,
+        to_number=args.to_number,
+        timeout_s=args.timeout,
+    )
+    results: list[CallResult] = []
+
+    async def one() -> None:
+        results.append(await place_call(options))
+
+    async with trio.open_nursery() as nursery:
+        if args.calls > 1:
+            nursery.start_soon(_progress, results, args.calls, err)
+        async with trio.open_nursery() as calls:
+            for _ in range(args.calls):
+                calls.start_soon(one)
+        nursery.cancel_scope.cancel()
+    return _report(args, results, out, err)
+
+
+def _report(args: argparse.Namespace, results: Sequence[CallResult], out: TextIO, err: TextIO) -> int:
+    connected = [r for r in results if r.events]
+    figures = {r.call_sid: report.call_figures(r.events) for r in connected}
+    recordings: dict[str, str] = {}
+    for r in connected:
+        path = _record_path(args, r.call_sid)
+        if path is not None:
+            try:
+                caller_side, agent_side = report.recording(r.events)
+                audio.write_stereo_wav(path, audio.ulaw_to_pcm(caller_side), audio.ulaw_to_pcm(agent_side))
+            except audio.AudioError as exc:
+                print(f"{_PROG}: {exc}", file=err)
+            else:
+                recordings[r.call_sid] = str(path)
+    failed = [r for r in results if r.error or (r.call_sid in figures and figures[r.call_sid].error)]
+    never = sum(1 for r in results if not r.events)
+    if args.json:
+        document: dict[str, Any] = {
+            "calls": [
+                {
+                    "call_sid": r.call_sid,
+                    "error": r.error,
+                    "figures": figures[r.call_sid].as_dict() if r.call_sid in figures else None,
+                    "recording": recordings.get(r.call_sid),
+                }
+                for r in results
+            ],
+            "summary": report.summarize(list(figures.values()), never).as_dict(),
+        }
+        print(json.dumps(document, indent=2), file=out)
+    elif len(results) == 1 and connected:
+        [r] = results
+        print(report.format_call(r.call_sid, figures[r.call_sid]), file=out)
+        if r.call_sid in recordings:
+            print(f"  recording             {recordings[r.call_sid]} (caller left, agent right)", file=out)
+    elif len(results) > 1:
+        print(report.format_summary(report.summarize(list(figures.values()), never)), file=out)
+    errors = list(dict.fromkeys(r.error or figures[r.call_sid].ended for r in failed))
+    if len(results) == 1 and failed:
+        return _fail(errors[0], err, 1)
+    for error in errors[:5]:
+        print(f"{_PROG}: {error}", file=err)
+    return 1 if failed else 0

@@ -1,0 +1,358 @@
+"""``mediaserver dial`` against real sockets on loopback.
+
+* the real server with the echo agent: the recording's agent channel holds
+  the caller's utterance played back after the caller stopped; a barge-in
+  makes the server ``clear`` and the echo stop;
+* fakes of Twilio's *peers* (a webhook and a Media Streams endpoint) that
+  check our requests with twilio-python's own ``RequestValidator`` and the
+  message shapes of reference/twilio-side.md;
+* the command line's error paths: exit status and a one-line message.
+
+Real sockets, so real time (no autojump); each test has a Trio-time limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import wave
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import h11
+import numpy as np
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from twilio.request_validator import RequestValidator
+
+from mediaserver.dial import cli, report
+from mediaserver.dial.call import DialOptions, place_call
+from mediaserver.dial.script import Pause, Speak, Wait
+
+from tests.fakes import band_energy_ratio, dominant_frequency_hz, fail_after, to_ulaw, tone
+from tests.test_app import base_settings, running
+
+AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("TWILIO_AUTH_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)  # default recordings land here
+
+
+def args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    return parser.parse_args([*argv, "--env-file", ""])
+
+
+async def dial(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    status = await cli.run(args(*argv), stdout=out, stderr=err)
+    return status, out.getvalue(), err.getvalue()
+
+
+def read_stereo(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with wave.open(str(path), "rb") as recording:
+        assert (recording.getnchannels(), recording.getsampwidth(), recording.getframerate()) == (2, 2, 8000)
+        both = np.frombuffer(recording.readframes(recording.getnframes()), dtype="<i2").reshape(-1, 2)
+    return both[:, 0], both[:, 1]
+
+
+def settings(tmp_path: Path, **changes: Any) -> Any:
+    return base_settings(data_dir=str(tmp_path / "data"), **changes)
+
+
+# ---------------------------------------------------------------- echo agent
+
+
+@fail_after(20)
+async def test_dial_records_the_echo_of_the_utterance_after_the_caller_stopped(tmp_path: Path) -> None:
+    (tmp_path / "call.txt").write_text("pause 300\ntone 1000 500\nwait 3000\n")
+    async with running(settings(tmp_path)) as url:
+        status, out, err = await dial(url + "/twiml", "--script", "call.txt", "--listen", "0.2", "--json",
+                                      "--record", "call.wav")  # fmt: skip
+    assert (status, err) == (0, "")
+    [call] = json.loads(out)["calls"]
+    assert call["error"] is None and call["recording"] == "call.wav"
+    figures = call["figures"]
+    [turn] = figures["turns"]
+    # Frames go out on a real-time schedule; the log has when each actually left.
+    assert turn["speech_start_ms"] == pytest.approx(300, abs=20)
+    assert turn["speech_end_ms"] - turn["speech_start_ms"] == pytest.approx(500, abs=20)
+    assert turn["latency_ms"] is not None and turn["latency_ms"] > 0
+    assert figures["first_audio_ms"] == pytest.approx(turn["speech_end_ms"] + turn["latency_ms"], abs=1e-3)
+    assert figures["marks_received"] > 0 and figures["marks_played"] == figures["marks_received"]
+    assert figures["underruns"] == 0 and figures["warnings"] == []
+    caller, agent = read_stereo(tmp_path / "call.wav")
+    sent = tone(1000, 500, amplitude=0.3).astype(np.float64)
+    # The caller's channel: the tone where it was sent.
+    lag = int(np.argmax(np.abs(np.correlate(caller.astype(np.float64), sent, mode="valid"))))
+    assert abs(lag - 300 * 8) <= 8
+    # The agent's channel: the same tone, played back after the caller stopped.
+    corr = np.correlate(agent.astype(np.float64), sent, mode="valid")
+    lag = int(np.argmax(np.abs(corr)))
+    echoed = agent[lag : lag + len(sent)]
+    assert lag >= turn["speech_end_ms"] * 8
+    assert dominant_frequency_hz(echoed, 8000) == pytest.approx(1000, abs=16)
+    assert band_energy_ratio(echoed, 8000, 1000) > 0.95
+    assert float(np.max(np.abs(corr))) > 0.5 * float(np.dot(sent, sent))  # the same signal, not just the pitch
+    assert not np.any(agent[: round(turn["speech_end_ms"] * 8)])  # nothing before the caller stopped
+
+
+@fail_after(20)
+async def test_dial_barge_in_makes_the_server_clear_and_the_echo_stop(tmp_path: Path) -> None:
+    (tmp_path / "barge.json").write_text(
+        '[{"pause": 300}, {"tone": [1000, 600]}, {"barge-in": 200}, {"tone": [500, 400]}, {"wait": 3000}]'
+    )
+    async with running(settings(tmp_path)) as url:
+        status, out, err = await dial(url + "/twiml", "--script", "barge.json", "--listen", "0.2", "--json",
+                                      "--record", "barge.wav")  # fmt: skip
+    assert (status, err) == (0, "")
+    figures = json.loads(out)["calls"][0]["figures"]
+    [barge_in] = figures["barge_ins"]
+    assert barge_in["cleared"] and figures["clears"] >= 1
+    assert figures["marks_cleared"] >= 1
+    assert figures["agent_played_ms"] < figures["agent_received_ms"]  # part of the first echo was dropped
+    stopped_at = round((barge_in["speech_start_ms"] + barge_in["reaction_ms"]) * 8)
+    _, agent = read_stereo(tmp_path / "barge.wav")
+    before, after = agent[:stopped_at], agent[stopped_at:]
+    assert band_energy_ratio(before, 8000, 1000) > 0.9  # the start of the first echo
+    # After the clear the caller hears the echo of the barge-in (500 Hz), not the rest of the first one.
+    assert band_energy_ratio(after, 8000, 500) > 0.9
+    assert band_energy_ratio(after, 8000, 1000) < 0.05
+    assert [t["latency_ms"] is not None for t in figures["turns"]] == [True, True]
+
+
+@fail_after(20)
+async def test_dial_concurrent_calls_print_percentiles_and_a_progress_bar(tmp_path: Path) -> None:
+    (tmp_path / "s.txt").write_text("pause 200\ntone 800 300\nwait 3000\n")
+    async with running(settings(tmp_path)) as url:
+        status, out, err = await dial(url + "/twiml", "--script", "s.txt", "--calls", "3", "--listen", "0.1")
+    assert status == 0
+    assert "3 calls, 0 failed" in out
+    latency = next(line for line in out.splitlines() if line.startswith("turn latency"))
+    assert latency.split()[2] == "3"  # three turns pooled
+    assert "[" + "#" * 30 + "] 3/3 calls done, 0 failed" in err
+    assert list(tmp_path.glob("*.wav")) == []  # many calls record only when asked
+
+
+@fail_after(20)
+async def test_dial_signs_for_a_server_with_an_auth_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+    async with running(settings(tmp_path, twilio_auth_token=AUTH_TOKEN)) as url:
+        status, out, err = await dial(url + "/twiml", "--listen", "0.2", "--no-record")
+        assert (status, err) == (0, "")
+        assert "ended: caller hung up (stop sent)" in out
+        status, _, err = await dial(url + "/twiml", "--listen", "0.2", "--auth-token", "wrong-token")
+    assert status == 1
+    assert err == f"mediaserver dial: the webhook {url}/twiml answered HTTP 403: 403 Forbidden\n"
+
+
+# ------------------------------------------------------------- Twilio's peers
+
+
+@dataclass
+class FakeWebhook:
+    """An HTTP server on loopback that records each request and gives one fixed answer."""
+
+    status: int = 200
+    content_type: str = "text/xml"
+    body: str = ""
+    port: int = 0
+    requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/voice?x=1"
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        request: h11.Request | None = None
+        body = bytearray()
+        async with stream:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            assert request is not None
+            headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+            self.requests.append((request.target.decode(), headers, bytes(body)))
+            answer = self.body.encode()
+            reply = h11.Response(
+                status_code=self.status,
+                headers=[("Content-Type", self.content_type), ("Content-Length", str(len(answer)))],
+            )
+            await stream.send_all(conn.send(reply) + conn.send(h11.Data(data=answer)) + conn.send(h11.EndOfMessage()))
+
+
+@asynccontextmanager
+async def fake_webhook(**answer: Any) -> AsyncIterator[FakeWebhook]:
+    hook = FakeWebhook(**answer)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, hook.serve, 0, host="127.0.0.1"))
+        hook.port = listeners[0].socket.getsockname()[1]
+        yield hook
+        nursery.cancel_scope.cancel()
+
+
+@fail_after(20)
+async def test_dial_speaks_twilio_to_the_webhook_and_the_stream() -> None:
+    """Webhook and upgrade signatures checked with twilio-python's RequestValidator,
+    the form and the Media Stream messages with Twilio's documented shapes."""
+    upgrades: list[tuple[str, dict[str, str]]] = []
+    messages: list[dict[str, Any]] = []
+
+    async def media_endpoint(request: WebSocketRequest) -> None:
+        upgrades.append((request.path, {k.decode().lower(): v.decode() for k, v in request.headers}))
+        ws = await request.accept()
+        try:
+            while True:
+                messages.append(json.loads(await ws.get_message()))
+                if messages[-1]["event"] == "stop":
+                    await ws.aclose()
+                    return
+        except ConnectionClosed:
+            return
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, media_endpoint, "127.0.0.1", 0, None)
+        stream_url = f"ws://127.0.0.1:{server.port}/streams/in"
+        twiml = (
+            '<?xml version="1.0" encoding="UTF-8"?><Response><Connect>'
+            f'<Stream url="{stream_url}"><Parameter name="token" value="abc"/>'
+            '<Parameter name="lang" value="fr &amp; en"/></Stream></Connect><Hangup/></Response>'
+        )
+        async with fake_webhook(body=twiml) as hook:
+            options = DialOptions(
+                url=hook.url, actions=(Pause(40), Speak(to_ulaw(tone(1000, 60)), "beep")), auth_token=AUTH_TOKEN,
+                listen_s=0.04, from_number="+33123456789", to_number="+15550009999",
+            )  # fmt: skip
+            result = await place_call(options)
+        nursery.cancel_scope.cancel()
+    assert result.error is None
+    [(target, headers, body)] = hook.requests
+    form = dict(parse_qsl(body.decode(), keep_blank_values=True))
+    assert target == "/voice?x=1" and headers["content-type"] == "application/x-www-form-urlencoded"
+    assert RequestValidator(AUTH_TOKEN).validate(hook.url, form, headers["x-twilio-signature"])
+    assert not RequestValidator("another-token").validate(hook.url, form, headers["x-twilio-signature"])
+    assert re.fullmatch("CA[0-9a-f]{32}", form["CallSid"]) and form["CallSid"] == result.call_sid
+    assert re.fullmatch("AC[0-9a-f]{32}", form["AccountSid"])
+    assert {k: form[k] for k in ("CallStatus", "Direction", "ApiVersion", "From", "To")} == {
+        "CallStatus": "ringing", "Direction": "inbound", "ApiVersion": "2010-04-01",
+        "From": "+33123456789", "To": "+15550009999",
+    }  # fmt: skip
+    [(path, ws_headers)] = upgrades
+    assert path == "/streams/in"
+    assert RequestValidator(AUTH_TOKEN).validate(stream_url, {}, ws_headers["x-twilio-signature"])
+    assert [m["event"] for m in messages] == ["connected", "start"] + ["media"] * 7 + ["stop"]
+    start = messages[1]["start"]
+    assert start["customParameters"] == {"token": "abc", "lang": "fr & en"}
+    assert start["callSid"] == form["CallSid"] and start["accountSid"] == form["AccountSid"]
+    assert re.fullmatch("MZ[0-9a-f]{32}", start["streamSid"])
+    assert all(m["streamSid"] == start["streamSid"] for m in messages[1:])
+    assert report.call_figures(result.events).speech_sent_ms == 60.0
+
+
+# ------------------------------------------------------------- error paths
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def one_line(err: str) -> str:
+    assert err.endswith("\n") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("mediaserver dial: ")
+    return err
+
+
+@fail_after(10)
+async def test_dial_unreachable_server() -> None:
+    port = closed_port()
+    status, out, err = await dial(f"http://127.0.0.1:{port}/twiml")
+    assert (status, out) == (1, "")
+    assert one_line(err).startswith(f"mediaserver dial: cannot reach 127.0.0.1:{port}: ")
+
+
+@fail_after(10)
+async def test_dial_http_error(tmp_path: Path) -> None:
+    async with running(settings(tmp_path)) as url:
+        status, _, err = await dial(url + "/nope")
+    assert status == 1
+    assert one_line(err).startswith(f"mediaserver dial: the webhook {url}/nope answered HTTP 404")
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ({"content_type": "text/html", "body": "<html>hi</html>"}, "the webhook answer is not TwiML (Content-Type text/html)"),
+        ({"body": "<Response><Say>We are busy</Say><Hangup/></Response>"},
+         "the TwiML has no <Connect><Stream>, only <Say>, <Hangup> (it says: 'We are busy')"),
+        ({"body": "<Response><Connect>"}, "the webhook answer is not TwiML (not XML)"),
+        ({"status": 500, "body": "oops"}, "answered HTTP 500: 'oops'"),
+    ],
+)  # fmt: skip
+@fail_after(10)
+async def test_dial_bad_webhook_answers(answer: dict[str, Any], message: str) -> None:
+    async with fake_webhook(**answer) as hook:
+        status, _, err = await dial(hook.url)
+    assert status == 1
+    assert message in one_line(err)
+
+
+@fail_after(10)
+async def test_dial_refused_websocket(tmp_path: Path) -> None:
+    async with running(settings(tmp_path, twilio_auth_token=AUTH_TOKEN)) as url:
+        stream = url.replace("http://", "ws://") + "/media-stream"
+        twiml = f'<Response><Connect><Stream url="{stream}"/></Connect></Response>'
+        async with fake_webhook(body=twiml) as hook:
+            status, _, err = await dial(hook.url)  # no token: the upgrade is not signed
+    assert status == 1
+    assert f"the server refused the media stream WebSocket {stream} with HTTP 403" in one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ftp://example.com/twiml"], "bad URL 'ftp://example.com/twiml'"),
+        (["--calls", "0"], "--calls must be at least 1"),
+        (["--wav", "missing.wav"], "cannot read missing.wav"),
+        (["--barge-in-after", "300"], "--barge-in-after needs something to say"),
+    ],
+)
+async def test_dial_bad_options(argv: list[str], message: str) -> None:
+    status, _, err = await dial(*argv)
+    assert status == 2
+    assert message in one_line(err)
+
+
+def test_dial_is_a_mediaserver_command() -> None:
+    """Through ``python -m mediaserver``: no traceback, one line, non-zero exit."""
+    port = closed_port()
+    done = subprocess.run(
+        [sys.executable, "-m", "mediaserver", "dial", f"http://127.0.0.1:{port}/twiml", "--env-file", ""],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2], check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert one_line(done.stderr).startswith(f"mediaserver dial: cannot reach 127.0.0.1:{port}")
