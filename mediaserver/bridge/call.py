@@ -135,6 +135,7 @@ class CallBridge:
         self.idle_timeout_s = idle_timeout_s
         self.max_call_s = max_call_s
         self.chunk_bytes = chunk_ms * tw.MULAW_SAMPLES_PER_MS
+        self.chunk_s = chunk_ms / 1000
         self.lead_s = lead_ms / 1000
         self.stats = CallStats(call_sid=call_sid, provider=link.name, started_s=trio.current_time())
         self.end_reason = "running"
@@ -442,6 +443,16 @@ class CallBridge:
         while True:
             if not self._queue:
                 self._queued = trio.Event()
+                if self._pending:
+                    # A partial chunk and nothing else to send: give the
+                    # provider one chunk's time to add to it, then play it
+                    # (providers that never say "audio done" would otherwise
+                    # hold the last < 40 ms of every reply until the next).
+                    with trio.move_on_at(self._pending_s + self.chunk_s):
+                        await self._queued.wait()
+                    if not self._queue and self._pending:
+                        self._flush_pending(self._pending_item)
+                    continue
                 await self._queued.wait()
                 continue
             now = trio.current_time()

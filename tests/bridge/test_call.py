@@ -165,6 +165,21 @@ async def test_call_downlink_rechunks_and_flushes_the_tail(autojump_clock: trio.
 
 
 @fail_after(60)
+async def test_call_downlink_plays_a_partial_chunk_when_the_provider_pauses(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # No AudioDone (ElevenLabs, say): the last 30 ms must not wait for the next reply.
+    link = FakeLink()
+    async with bridged(link) as call:
+        await trio.sleep(1.0)
+        link.emit(pv.AudioDelta("item_1", audio(110)))
+        await call.caller.wait_for_audio(8 * 110)
+        assert [len(m.payload) for m in call.caller.received] == [320, 320, 240]
+        # the two whole chunks leave at once; the 30 ms tail one chunk (40 ms) later
+        assert call.media_times() == pytest.approx([1.0, 1.0, 1.0 + CHUNK_S], abs=EXACT)
+
+
+@fail_after(60)
 async def test_call_downlink_resamples_pcm16_to_ulaw(autojump_clock: trio.testing.MockClock) -> None:
     link = FakeLink(output_format=pv.AudioFormat("pcm16", 24000))
     async with bridged(link) as call:
