@@ -59,3 +59,11 @@ def test_config_settings_command_lists_every_variable(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     for env, _, _ in Settings.describe():
         assert env in out
+
+
+def test_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    missing = [env for env, _default, _doc in Settings.describe() if f"`{env}`" not in readme]
+    assert missing == []
