@@ -1,0 +1,279 @@
+"""Settings -> Gemini Live session, kept alive across ``goAway`` by session resumption.
+
+The bridge holds one :class:`GeminiLink` for the whole call.  Underneath it,
+one or more WebSocket connections (each a
+:func:`~mediaserver.transport.provider_ws.open_provider_link` around its own
+:class:`~mediaserver.protocol.providers.gemini.GeminiLiveSession` core) come
+and go:
+
+* The first connection is open and has answered ``setupComplete`` before
+  :func:`open_link` yields, so a refused or unreachable endpoint fails the
+  open (``ProviderClosed``).
+* When the active connection says ``goAway``, or closes unexpectedly after
+  the server gave us a resumable handle, the link *switches*: it opens a new
+  connection whose ``setup`` carries ``sessionResumption.handle``, waits for
+  its ``setupComplete`` (within the connect timeout), makes it the active
+  one, and then retires the old one (close handshake, socket closed).
+* From the moment a switch begins until the new connection is live, commands
+  from the bridge -- caller audio, tool results -- are **buffered** and sent,
+  in order, on the new connection right after its ``setupComplete``.
+  Nothing is sent on the old connection once a switch begins, so no caller
+  audio is lost or sent twice; the model's audio keeps arriving from the old
+  connection until it is retired.  The buffer is bounded in time by the
+  connect timeout, not in size.
+* A switch that fails (cannot connect, the handle is refused, no
+  ``setupComplete`` in time) ends the call: the bridge sees ``ProviderClosed``.
+  So does a close without a resumable handle, and a malformed message.
+
+All connection tasks run in a nursery owned by :func:`open_link`'s
+``async with``; leaving it closes every socket (each within
+``disconnect_timeout_s`` = 1 s).  The link is specific to Gemini's
+resumption protocol, so it lives here rather than in ``mediaserver.transport``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from mediaserver.bridge.link import AgentOptions, ProviderClosed
+from mediaserver.config import Settings
+from mediaserver.protocol.providers.base import (
+    AudioFormat,
+    ProviderCommand,
+    ProviderEvent,
+    SessionReady,
+)
+from mediaserver.protocol.providers.gemini import GeminiLiveConfig, GeminiLiveSession, GoAway, SessionState
+from mediaserver.transport.provider_ws import WebSocketLink, open_provider_link
+
+__all__ = ["GeminiLink", "gemini_config", "open_link"]
+
+log = logging.getLogger("mediaserver.provider")
+
+NAME = "gemini"
+
+
+def gemini_config(settings: Settings, agent: AgentOptions | None = None) -> GeminiLiveConfig:
+    """The first connection's configuration, from the settings and the call's agent options."""
+    agent = agent or AgentOptions.from_settings(settings)
+    greeting = agent.greeting
+    return GeminiLiveConfig(
+        model=settings.gemini_model,
+        instructions=agent.instructions,
+        voice=settings.gemini_voice,
+        tools=agent.tools,
+        greeting=f'Greet the caller by saying: "{greeting}"' if greeting else None,
+    )
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One WebSocket connection of the link."""
+
+    number: int
+    session: GeminiLiveSession
+    ws: WebSocketLink | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancel = retire
+
+
+class GeminiLink:
+    """The :class:`~mediaserver.bridge.link.ProviderLink` of a Gemini call (see the module docstring)."""
+
+    name = NAME
+
+    def __init__(self, settings: Settings, nursery: trio.Nursery) -> None:
+        self._settings = settings
+        self._nursery = nursery
+        self._headers = [("x-goog-api-key", settings.gemini_api_key or "")]
+        # Events for the bridge.  Capacity 0: a connection's reader waits for
+        # the bridge, exactly as it would on a single socket.
+        self._events_in, self._events_out = trio.open_memory_channel[ProviderEvent](0)
+        self._send_lock = trio.StrictFIFOLock()
+        self._active: _Connection | None = None
+        self._switching = True  # until the first setupComplete
+        self._backlog: list[ProviderCommand] = []
+        self._resume = trio.Event()
+        self._ended: str | None = None
+        self.connections = 0
+        self.resumptions = 0
+
+    # -- ProviderLink --------------------------------------------------------
+
+    @property
+    def input_format(self) -> AudioFormat:
+        assert self._active is not None
+        return self._active.session.input_format
+
+    @property
+    def output_format(self) -> AudioFormat:
+        assert self._active is not None
+        return self._active.session.output_format
+
+    async def send(self, command: ProviderCommand) -> None:
+        """Send on the active connection, or buffer while no connection is ready."""
+        async with self._send_lock:
+            if self._ended is not None:
+                raise ProviderClosed(self._ended)
+            active = self._active
+            if self._switching or active is None or active.ws is None:
+                self._backlog.append(command)
+                return
+            try:
+                await active.ws.send(command)
+            except ProviderClosed:
+                if active.session.resumption_handle is None:
+                    raise
+                # The reader will see the close and resume; keep the command for the next connection.
+                self._backlog.append(command)
+                self._begin_switch()
+
+    async def receive(self) -> ProviderEvent:
+        try:
+            return await self._events_out.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ProviderClosed(self._ended or f"{NAME} session ended") from None
+
+    # -- connections -----------------------------------------------------------
+
+    async def open_first(self, session: GeminiLiveSession) -> None:
+        """Open the first connection (raises ``ProviderClosed`` if that fails) and start supervising."""
+        self._active = await self._connect(session)
+        self._nursery.start_soon(self._supervise)
+
+    async def _connect(self, session: GeminiLiveSession) -> _Connection:
+        """A new connection, returned once Gemini answered its setup with ``setupComplete``.
+
+        ``open_provider_link`` yields only after the core's :class:`SessionReady`
+        (and raises ``ProviderClosed`` inside an exception group when the
+        server refuses or closes first); the group is flattened here.
+        """
+        try:
+            conn: _Connection = await self._nursery.start(self._connection, session)
+        except BaseExceptionGroup as group:
+            matched, rest = group.split(ProviderClosed)
+            if matched is None or rest is not None:
+                raise
+            raise ProviderClosed(_first_reason(matched)) from None
+        return conn
+
+    async def _connection(
+        self, session: GeminiLiveSession, *, task_status: trio.TaskStatus[_Connection] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self.connections += 1
+        conn = _Connection(self.connections, session)
+        async with open_provider_link(
+            NAME,
+            session,
+            self._settings.gemini_live_url,
+            self._headers,
+            connect_timeout_s=self._settings.connect_timeout_s,
+        ) as ws:
+            conn.ws = ws
+            with conn.scope:
+                task_status.started(conn)
+                await self._read(conn)
+        # Leaving open_provider_link closed the socket (retired, or the server closed it).
+
+    async def _read(self, conn: _Connection) -> None:
+        assert conn.ws is not None
+        while True:
+            try:
+                event = await conn.ws.receive()
+            except ProviderClosed as exc:
+                self._on_closed(conn, exc.reason)
+                return
+            if isinstance(event, SessionReady) and conn.number > 1:
+                continue  # a resumed connection: the bridge must not notice
+            if isinstance(event, GoAway) and conn is self._active and not self._switching:
+                if conn.session.resumption_handle is None:
+                    log.warning(
+                        "%s: goAway on connection %d before any resumable handle; cannot resume", NAME, conn.number
+                    )
+                else:
+                    log.info("%s: goAway (time left %s) on connection %d; resuming", NAME, event.time_left, conn.number)
+                    self._begin_switch()
+            try:
+                await self._events_in.send(event)
+            except trio.ClosedResourceError:
+                return  # the link has ended
+
+    def _on_closed(self, conn: _Connection, reason: str) -> None:
+        if conn is not self._active:
+            return  # a retired connection
+        if self._switching:
+            return  # a switch is under way; the old socket closing is expected
+        broken = conn.session.state is SessionState.ERROR  # a malformed message would likely recur
+        if conn.session.resumption_handle is not None and not broken:
+            log.info("%s: connection %d closed (%s); resuming", NAME, conn.number, reason)
+            self._begin_switch()
+            return
+        self._end(reason)
+
+    def _begin_switch(self) -> None:
+        self._switching = True
+        self._resume.set()
+
+    def _end(self, reason: str) -> None:
+        """End the link: the bridge's next ``receive`` (and any ``send``) raises ``ProviderClosed(reason)``."""
+        if self._ended is None:
+            self._ended = reason
+        self._events_in.close()
+
+    async def _supervise(self) -> None:
+        assert self._active is not None
+        await self._go_live(self._active)
+        while True:
+            await self._resume.wait()
+            self._resume = trio.Event()
+            old = self._active
+            assert old is not None
+            try:
+                new = await self._connect(old.session.resumed())
+            except ProviderClosed as exc:
+                self._end(f"{NAME}: resumption failed: {exc.reason}")
+                return
+            self.resumptions += 1
+            self._active = new
+            await self._go_live(new)
+            old.scope.cancel()  # retire: its open_provider_link closes the socket
+            log.info("%s: resumed the session on connection %d", NAME, new.number)
+
+    async def _go_live(self, conn: _Connection) -> None:
+        """Flush the backlog to ``conn`` and make it the connection commands go to."""
+        assert conn.ws is not None
+        async with self._send_lock:
+            backlog, self._backlog = self._backlog, []
+            try:
+                for command in backlog:
+                    await conn.ws.send(command)
+            except ProviderClosed as exc:
+                self._end(exc.reason)
+                return
+            self._switching = False
+
+
+def _first_reason(group: BaseExceptionGroup[ProviderClosed]) -> str:
+    for exc in group.exceptions:
+        if isinstance(exc, ProviderClosed):
+            return exc.reason
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_reason(exc)
+    return str(group)
+
+
+@asynccontextmanager
+async def open_link(settings: Settings, agent: AgentOptions) -> AsyncIterator[GeminiLink]:
+    """Open a Gemini Live session for one call; leaving the block closes every connection."""
+    session = GeminiLiveSession(gemini_config(settings, agent))
+    async with trio.open_nursery() as nursery:
+        link = GeminiLink(settings, nursery)
+        await link.open_first(session)
+        try:
+            yield link
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,653 @@
+"""Sans-I/O core for one Gemini Live API (``BidiGenerateContent``) connection.
+
+Wire facts come from the ``google-genai`` SDK's types (``LiveClientMessage``,
+``LiveClientSetup``, ``LiveServerMessage``, ``LiveServerContent``) and its
+``live.py``; see also ``/work/shared/reference/provider-side.md`` §2.
+
+Use::
+
+    session = GeminiLiveSession(GeminiLiveConfig(model="gemini-2.5-flash-native-audio-preview-12-2025"))
+    for message in session.initial_messages():   # the setup message
+        await ws.send(message)
+    ...
+    session.receive_message(frame)               # text or binary frame (Gemini sends binary JSON)
+    for event in session.events():
+        ...
+    await send_all(session.pending_messages())   # the greeting turn, once setupComplete arrived
+
+States (:class:`SessionState`, table :data:`_TRANSITIONS`): ``NEW`` until
+``initial_messages()``; ``AWAITING_SETUP`` until ``setupComplete`` (then
+:class:`SessionReady`); ``READY``.  Commands are refused before ``READY``:
+Gemini wants nothing but ``setup`` until it answers, so the transport holds
+caller audio until then.  Any protocol error moves to ``ERROR``.
+
+Audio: caller audio goes up as ``realtimeInput.audio`` (PCM16 LE 16 kHz);
+the model's audio comes down in ``serverContent.modelTurn.parts[].inlineData``
+(PCM16 LE 24 kHz).  Each model turn gets a synthetic item id
+``gemini-turn-N`` (Gemini has none) so the bridge can drop the rest of an
+interrupted turn; the counter is shared by :meth:`GeminiLiveSession.resumed`
+cores, so ids stay unique across reconnections.
+
+Barge-in: ``serverContent.interrupted`` becomes :class:`SpeechStarted` and
+closes the turn.  Gemini has no truncate message (the model assumes its audio
+was played in real time), so :class:`Truncate` returns ``[]``.
+
+One inbound message may carry several things (audio *and* ``turnComplete``,
+a transcript next to audio), so a message yields one *or more* events,
+never none: a message with nothing provider-neutral in it becomes
+:class:`Other` (or a subclass defined here), an unknown one :class:`Unknown`.
+
+Errors: Gemini reports errors by closing the WebSocket (code + reason); that
+is the transport's business and always fatal.
+"""
+
+from __future__ import annotations
+
+import binascii
+import enum
+import itertools
+import json
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any, Final
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .base import (
+    AudioDelta,
+    AudioDone,
+    AudioFormat,
+    CancelResponse,
+    CreateResponse,
+    FunctionTool,
+    Other,
+    ProviderCommand,
+    ProviderEvent,
+    ResponseDone,
+    ResponseStarted,
+    SendAudio,
+    SendText,
+    SessionReady,
+    SpeechStarted,
+    ToolCall,
+    ToolResult,
+    Transcript,
+    Truncate,
+    Unknown,
+)
+
+__all__ = [
+    "INPUT_FORMAT",
+    "OUTPUT_FORMAT",
+    "GeminiLiveConfig",
+    "GeminiLiveSession",
+    "GoAway",
+    "ResumptionUpdate",
+    "SessionState",
+    "ToolCallsCancelled",
+]
+
+INPUT_FORMAT: Final = AudioFormat("pcm16", 16000)
+OUTPUT_FORMAT: Final = AudioFormat("pcm16", 24000)
+_INPUT_MIME: Final = "audio/pcm;rate=16000"
+TURN_ID_PREFIX: Final = "gemini-turn-"
+
+
+# --------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True, slots=True)
+class GeminiLiveConfig:
+    """Everything the ``setup`` message carries (plus the greeting turn).
+
+    ``model`` is the Live model id (``models/`` is prefixed if missing).
+    ``greeting`` is text sent as a user turn right after ``setupComplete`` to
+    make the model speak first (a pattern, not a documented Gemini feature).
+    ``compress_context`` asks for a sliding-window context compression, which
+    lifts Gemini's ~15 min limit on audio sessions.  ``resumption_handle``
+    resumes an earlier session (the setup then carries it and no greeting is
+    sent).
+    """
+
+    model: str
+    instructions: str | None = None
+    voice: str | None = "Puck"
+    tools: tuple[FunctionTool, ...] = ()
+    greeting: str | None = None
+    transcribe: bool = True
+    compress_context: bool = True
+    resumption_handle: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model or self.model == "models/":
+            raise LocalProtocolError("model must be non-empty")
+        if self.resumption_handle == "":
+            raise LocalProtocolError("resumption_handle must be None or non-empty")
+
+    @property
+    def model_name(self) -> str:
+        """``models/<id>``, the form the SDK sends (``_transformers.t_model``)."""
+        return self.model if self.model.startswith("models/") else f"models/{self.model}"
+
+    def setup(self) -> dict[str, object]:
+        """The body of the ``setup`` client message, camelCase as on the wire."""
+        generation: dict[str, object] = {"responseModalities": ["AUDIO"]}
+        if self.voice:
+            generation["speechConfig"] = {"voiceConfig": {"prebuiltVoiceConfig": {"voiceName": self.voice}}}
+        setup: dict[str, object] = {"model": self.model_name, "generationConfig": generation}
+        if self.instructions:
+            setup["systemInstruction"] = {"parts": [{"text": self.instructions}], "role": "user"}
+        if self.tools:
+            setup["tools"] = [{"functionDeclarations": [_declaration(tool) for tool in self.tools]}]
+        if self.transcribe:
+            setup["inputAudioTranscription"] = {}
+            setup["outputAudioTranscription"] = {}
+        setup["sessionResumption"] = {} if self.resumption_handle is None else {"handle": self.resumption_handle}
+        if self.compress_context:
+            setup["contextWindowCompression"] = {"slidingWindow": {}}
+        return setup
+
+
+def _declaration(tool: FunctionTool) -> dict[str, object]:
+    # parametersJsonSchema takes plain JSON Schema (FunctionDeclaration docs);
+    # ``parameters`` would need Gemini's OpenAPI-subset Schema instead.
+    return {"name": tool.name, "description": tool.description, "parametersJsonSchema": dict(tool.parameters)}
+
+
+# ------------------------------------------------------------- Gemini-only events
+
+
+@dataclass(frozen=True, slots=True)
+class GoAway(Other):
+    """The server will close this connection soon (``timeLeft``, e.g. ``"50s"``): time to resume."""
+
+    time_left: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumptionUpdate(Other):
+    """A ``sessionResumptionUpdate``; ``handle`` is set when the session can be resumed now."""
+
+    handle: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallsCancelled(Other):
+    """``toolCallCancellation``: these calls should not have run (e.g. the caller interrupted)."""
+
+    ids: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------- state machine
+
+
+class SessionState(enum.Enum):
+    NEW = "new"  # initial_messages() not called yet
+    AWAITING_SETUP = "awaiting_setup"  # setup sent; no setupComplete yet
+    READY = "ready"  # setupComplete seen: audio may flow
+    ERROR = "error"  # a protocol error happened; the session is dead
+
+
+class _Input(enum.Enum):
+    INITIAL = "initial messages"
+    COMMAND = "command"
+    SETUP_COMPLETE = "setupComplete"
+    SERVER_MESSAGE = "server message"  # any other known server message
+    SERVER_UNKNOWN = "unknown server message"
+
+
+_S = SessionState
+_I = _Input
+
+# The whole protocol, one table.  A missing pair is illegal: LocalProtocolError
+# for outbound inputs and anything received in NEW, RemoteProtocolError otherwise.
+_TRANSITIONS: Final[Mapping[tuple[SessionState, _Input], SessionState]] = MappingProxyType(
+    {
+        (_S.NEW, _I.INITIAL): _S.AWAITING_SETUP,
+        (_S.AWAITING_SETUP, _I.SETUP_COMPLETE): _S.READY,
+        (_S.AWAITING_SETUP, _I.SERVER_UNKNOWN): _S.AWAITING_SETUP,
+        (_S.READY, _I.SERVER_MESSAGE): _S.READY,
+        (_S.READY, _I.SERVER_UNKNOWN): _S.READY,
+        (_S.READY, _I.COMMAND): _S.READY,
+    }
+)
+
+# LiveServerMessage fields (camelCase wire names) in the order they are handled.
+_KNOWN_FIELDS: Final = (
+    "setupComplete",
+    "sessionResumptionUpdate",
+    "toolCallCancellation",
+    "toolCall",
+    "serverContent",
+    "goAway",
+    "usageMetadata",
+    "voiceActivity",
+    "voiceActivityDetectionSignal",
+)
+
+
+class _Shared:
+    """What every connection of one logical session shares (see :meth:`GeminiLiveSession.resumed`)."""
+
+    def __init__(self) -> None:
+        self.turn_numbers = itertools.count(1)
+        self.tool_names: dict[str, str] = {}  # call id -> function name, until answered or cancelled
+        self.cancelled: set[str] = set()  # call ids the server cancelled (a late result is dropped)
+
+
+# --------------------------------------------------------------------------- session
+
+
+class GeminiLiveSession:
+    """One Gemini Live connection; implements ``ProviderSession``."""
+
+    def __init__(self, config: GeminiLiveConfig, *, _shared: _Shared | None = None) -> None:
+        self._config = config
+        self._shared = _shared or _Shared()
+        self._state = SessionState.NEW
+        self._events: deque[ProviderEvent] = deque()
+        self._pending: list[str] = []
+        self._session_id: str | None = None
+        self._handle: str | None = config.resumption_handle
+        self._going_away = False
+        # The model turn in progress: its item id, whether its audio is done,
+        # and whether audio may still be added (False after interrupted).
+        self._turn: str | None = None
+        self._turn_audio_done = False
+        self._turn_open = False
+        self._turn_interrupted = False
+        self._transcripts: dict[str, list[str]] = {"user": [], "assistant": []}
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def config(self) -> GeminiLiveConfig:
+        return self._config
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def session_id(self) -> str | None:
+        """``setupComplete.sessionId``, when the server sent one."""
+        return self._session_id
+
+    @property
+    def resumption_handle(self) -> str | None:
+        """The newest handle the server marked resumable (or the one we resumed with)."""
+        return self._handle
+
+    @property
+    def going_away(self) -> bool:
+        """``goAway`` was received: the server will close this connection soon."""
+        return self._going_away
+
+    @property
+    def input_format(self) -> AudioFormat:
+        return INPUT_FORMAT
+
+    @property
+    def output_format(self) -> AudioFormat:
+        return OUTPUT_FORMAT
+
+    def resumed(self) -> GeminiLiveSession:
+        """A core for the next connection, resuming this session with the newest handle.
+
+        It continues the turn numbering (item ids stay unique for the bridge)
+        and remembers the names of function calls still awaiting a result.
+        No greeting is sent on a resumed connection.
+        """
+        if self._handle is None:
+            raise LocalProtocolError("no resumable handle received yet; cannot resume")
+        config = replace(self._config, resumption_handle=self._handle, greeting=None)
+        return GeminiLiveSession(config, _shared=self._shared)
+
+    def _transition(self, what: _Input, *, inbound: bool) -> None:
+        try:
+            self._state = _TRANSITIONS[self._state, what]
+        except KeyError:
+            if self._state is SessionState.NEW and what is not _I.INITIAL:
+                raise LocalProtocolError(f"{what.value} before initial_messages()") from None
+            if not inbound:
+                raise LocalProtocolError(f"cannot send {what.value} in state {self._state.name}") from None
+            raise RemoteProtocolError(f"server sent {what.value} in state {self._state.name}") from None
+
+    def _check_alive(self) -> None:
+        if self._state is SessionState.ERROR:
+            raise LocalProtocolError("the session is dead after an earlier protocol error")
+
+    # -------------------------------------------------------------- outbound
+
+    def initial_messages(self) -> list[str]:
+        """The ``setup`` message; everything else waits for ``setupComplete``."""
+        self._check_alive()
+        try:
+            self._transition(_I.INITIAL, inbound=False)
+            return [_dumps({"setup": self._config.setup()})]
+        except BaseException:
+            self._state = SessionState.ERROR
+            raise
+
+    def send(self, command: ProviderCommand) -> list[str]:
+        """Wire messages for ``command``; only legal once ``setupComplete`` arrived."""
+        self._check_alive()
+        try:
+            self._transition(_I.COMMAND, inbound=False)
+            if type(command) is SendAudio:
+                if len(command.payload) % 2:
+                    raise LocalProtocolError("PCM16 audio needs an even number of bytes")
+                data = binascii.b2a_base64(command.payload, newline=False).decode("ascii")
+                return [_dumps({"realtimeInput": {"audio": {"mimeType": _INPUT_MIME, "data": data}}})]
+            if type(command) is Truncate:
+                return []  # Gemini has no truncation; interrupted turns end server-side
+            if type(command) is CancelResponse:
+                return []  # no cancel message; the model stops when the caller speaks
+            if type(command) is CreateResponse:
+                text = command.instructions or "Please respond."
+                return [_dumps({"clientContent": _user_turn(text)})]
+            if type(command) is ToolResult:
+                return self._tool_response(command)
+            if type(command) is SendText:
+                # A user turn in text; turnComplete makes the model answer it now.
+                return [_dumps({"clientContent": _user_turn(command.text, complete=command.respond)})]
+            raise LocalProtocolError(f"not a provider command: {command!r:.80}")
+        except BaseException:
+            self._state = SessionState.ERROR
+            raise
+
+    def _tool_response(self, command: ToolResult) -> list[str]:
+        name = self._shared.tool_names.pop(command.call_id, None)
+        if name is None:
+            if command.call_id in self._shared.cancelled:
+                return []  # toolCallCancellation came first: the model no longer wants it
+            raise LocalProtocolError(f"no pending function call with id {command.call_id!r}")
+        try:
+            value: object = json.loads(command.output)
+        except (ValueError, RecursionError):
+            value = command.output  # plain text output
+        # FunctionResponse docs: "output" for the result, "error" for a failure.
+        if type(value) is dict and set(value) == {"error"}:
+            response: dict[str, object] = {"error": value["error"]}
+        else:
+            response = {"output": value}
+        return [
+            _dumps({"toolResponse": {"functionResponses": [{"id": command.call_id, "name": name, "response": response}]}})
+        ]
+
+    def pending_messages(self) -> list[str]:
+        """The greeting turn, once, after ``setupComplete``."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    @property
+    def keepalive_interval_s(self) -> float | None:
+        """Gemini has no keepalive message (the SDK relies on WebSocket pings)."""
+        return None
+
+    def keepalive(self) -> list[str]:
+        return []
+
+    # --------------------------------------------------------------- inbound
+
+    def receive_message(self, message: str | bytes) -> None:
+        """Feed one WebSocket message from the server; raises on bad input."""
+        self._check_alive()
+        try:
+            self._events.extend(self._parse(message))
+        except BaseException:
+            self._state = SessionState.ERROR
+            raise
+
+    def events(self) -> Iterator[ProviderEvent]:
+        """Yield and remove the queued events, oldest first."""
+        self._check_alive()
+        events = self._events
+        while events:
+            yield events.popleft()
+
+    def _parse(self, message: str | bytes) -> list[ProviderEvent]:
+        if self._state is SessionState.NEW:
+            raise LocalProtocolError("message received before initial_messages()")
+        if isinstance(message, bytes):  # Gemini sends its JSON in binary frames
+            try:
+                text = message.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RemoteProtocolError(f"binary frame is not UTF-8 JSON: {message!r:.60}") from None
+        else:
+            text = message
+        try:
+            msg = json.loads(text)
+        except (ValueError, RecursionError):
+            raise RemoteProtocolError(f"message is not valid JSON: {text!r:.80}") from None
+        if type(msg) is not dict:
+            raise RemoteProtocolError(f"message is not a JSON object: {text!r:.80}")
+        known = [key for key in _KNOWN_FIELDS if key in msg]
+        if not known:
+            self._transition(_I.SERVER_UNKNOWN, inbound=True)
+            return [Unknown(next(iter(msg), ""), text)]
+        if "setupComplete" in msg:
+            self._transition(_I.SETUP_COMPLETE, inbound=True)
+        else:
+            self._transition(_I.SERVER_MESSAGE, inbound=True)
+        events: list[ProviderEvent] = []
+        for key in known:
+            body = msg[key]
+            if type(body) is not dict:
+                raise RemoteProtocolError(f"{key} must be an object, got {body!r:.40}")
+            handler = _HANDLERS.get(key)
+            if handler is not None:
+                events.extend(handler(self, body, text))
+        return events or [Other(known[0], text)]
+
+    # One handler per LiveServerMessage field; each returns zero or more events.
+
+    def _on_setup_complete(self, body: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        self._session_id = _optional_string(body, "sessionId", "setupComplete")
+        if self._config.greeting:
+            self._pending.append(_dumps({"clientContent": _user_turn(self._config.greeting)}))
+        return [SessionReady(self._session_id)]
+
+    def _on_resumption_update(self, body: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        handle = _optional_string(body, "newHandle", "sessionResumptionUpdate")
+        resumable = body.get("resumable")
+        if resumable is not None and type(resumable) is not bool:
+            raise RemoteProtocolError(f"sessionResumptionUpdate: 'resumable' must be a boolean, got {resumable!r:.40}")
+        usable = handle if resumable and handle else None
+        if usable is not None:
+            self._handle = usable
+        return [ResumptionUpdate("sessionResumptionUpdate", raw, usable)]
+
+    def _on_go_away(self, body: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        self._going_away = True
+        return [GoAway("goAway", raw, _optional_string(body, "timeLeft", "goAway"))]
+
+    def _on_tool_call(self, body: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        calls = body.get("functionCalls")
+        if type(calls) is not list:
+            raise RemoteProtocolError(f"toolCall: 'functionCalls' must be a list, got {calls!r:.40}")
+        events: list[ProviderEvent] = []
+        for call in calls:
+            if type(call) is not dict:
+                raise RemoteProtocolError(f"toolCall: a function call must be an object, got {call!r:.40}")
+            call_id = _string(call, "id", "toolCall.functionCalls[]")
+            name = _string(call, "name", "toolCall.functionCalls[]")
+            args = call.get("args")
+            if args is None:
+                args = {}
+            if type(args) is not dict:
+                raise RemoteProtocolError(f"toolCall: 'args' must be an object, got {args!r:.40}")
+            self._shared.tool_names[call_id] = name
+            events.append(ToolCall(call_id, name, json.dumps(args, ensure_ascii=False), self._turn))
+        return events
+
+    def _on_tool_cancellation(self, body: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        ids = body.get("ids")
+        if type(ids) is not list or any(type(i) is not str for i in ids):
+            raise RemoteProtocolError(f"toolCallCancellation: 'ids' must be a list of strings, got {ids!r:.40}")
+        for call_id in ids:
+            if self._shared.tool_names.pop(call_id, None) is not None:
+                self._shared.cancelled.add(call_id)
+        return [ToolCallsCancelled("toolCallCancellation", raw, tuple(ids))]
+
+    def _on_server_content(self, body: dict[str, Any], raw: str) -> list[ProviderEvent]:
+        events: list[ProviderEvent] = []
+        for role, key in (("user", "inputTranscription"), ("assistant", "outputTranscription")):
+            if key in body:
+                events.extend(self._transcription(role, _object(body, key, "serverContent")))
+        if "modelTurn" in body:
+            events.extend(self._model_turn(_object(body, "modelTurn", "serverContent")))
+        if _flag(body, "interrupted"):
+            events.append(SpeechStarted(item_id=None, audio_start_ms=None))
+            self._turn_interrupted = True
+            events.extend(self._end_audio())
+            self._turn_open = False  # later audio is a new turn
+        if _flag(body, "generationComplete"):
+            events.extend(self._end_audio())
+        if _flag(body, "turnComplete"):
+            events.extend(self._end_audio())
+            events.extend(self._flush_transcript("assistant"))
+            if self._turn is not None:
+                reason = _optional_string(body, "turnCompleteReason", "serverContent")
+                if self._turn_interrupted:
+                    events.append(ResponseDone(self._turn, "cancelled", reason or "interrupted"))
+                else:
+                    events.append(ResponseDone(self._turn, "completed", reason))
+            self._turn = None
+            self._turn_open = False
+            self._turn_interrupted = False
+        return events
+
+    def _model_turn(self, content: dict[str, Any]) -> list[ProviderEvent]:
+        parts = content.get("parts", [])
+        if type(parts) is not list:
+            raise RemoteProtocolError(f"modelTurn: 'parts' must be a list, got {parts!r:.40}")
+        audio = bytearray()
+        for part in parts:
+            if type(part) is not dict:
+                raise RemoteProtocolError(f"modelTurn: a part must be an object, got {part!r:.40}")
+            blob = part.get("inlineData")
+            if blob is None:
+                continue  # text (e.g. thoughts) or other parts: nothing to play
+            if type(blob) is not dict:
+                raise RemoteProtocolError(f"modelTurn: 'inlineData' must be an object, got {blob!r:.40}")
+            mime = _optional_string(blob, "mimeType", "inlineData") or ""
+            if not mime.startswith("audio/pcm"):
+                continue
+            if "rate=" in mime and f"rate={OUTPUT_FORMAT.sample_rate_hz}" not in mime:
+                raise RemoteProtocolError(f"model audio is {mime!r}; expected 24 kHz PCM")
+            audio += _b64decode(_text(blob, "data", "inlineData"))
+        if not audio:
+            return []
+        if len(audio) % 2:
+            raise RemoteProtocolError("model audio has an odd number of bytes; PCM16 has two per sample")
+        events: list[ProviderEvent] = []
+        if not self._turn_open:
+            events.extend(self._flush_transcript("user"))  # the caller's turn is over
+            self._turn = f"{TURN_ID_PREFIX}{next(self._shared.turn_numbers)}"
+            self._turn_open = True
+            self._turn_audio_done = False
+            self._turn_interrupted = False
+            events.append(ResponseStarted(self._turn))
+        assert self._turn is not None
+        events.append(AudioDelta(self._turn, bytes(audio), self._turn))
+        return events
+
+    def _end_audio(self) -> list[ProviderEvent]:
+        if self._turn is None or self._turn_audio_done:
+            return []
+        self._turn_audio_done = True
+        return [AudioDone(self._turn, self._turn)]
+
+    def _transcription(self, role: str, body: dict[str, Any]) -> list[ProviderEvent]:
+        text = _optional_string(body, "text", "transcription") or ""
+        events: list[ProviderEvent] = []
+        if text:
+            self._transcripts[role].append(text)
+            events.append(Transcript("user" if role == "user" else "assistant", text, False, self._turn))
+        if _flag(body, "finished"):
+            events.extend(self._flush_transcript(role))
+        return events
+
+    def _flush_transcript(self, role: str) -> list[ProviderEvent]:
+        pieces = self._transcripts[role]
+        if not pieces:
+            return []
+        text = "".join(pieces)
+        pieces.clear()
+        return [Transcript("user" if role == "user" else "assistant", text, True, self._turn)]
+
+
+_Handler = Callable[[GeminiLiveSession, dict[str, Any], str], list[ProviderEvent]]
+_G = GeminiLiveSession
+
+_HANDLERS: Final[Mapping[str, _Handler]] = MappingProxyType(
+    {
+        "setupComplete": _G._on_setup_complete,
+        "sessionResumptionUpdate": _G._on_resumption_update,
+        "goAway": _G._on_go_away,
+        "toolCall": _G._on_tool_call,
+        "toolCallCancellation": _G._on_tool_cancellation,
+        "serverContent": _G._on_server_content,
+        # usageMetadata, voiceActivity, voiceActivityDetectionSignal: no neutral meaning
+    }
+)
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _dumps(message: dict[str, object]) -> str:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def _user_turn(text: str, *, complete: bool = True) -> dict[str, object]:
+    return {"turns": [{"role": "user", "parts": [{"text": text}]}], "turnComplete": complete}
+
+
+def _b64decode(data: str) -> bytes:
+    """Standard or URL-safe base64, as protobuf's JSON mapping accepts both."""
+    try:
+        return binascii.a2b_base64(data.replace("-", "+").replace("_", "/"), strict_mode=True)
+    except (ValueError, binascii.Error):
+        raise RemoteProtocolError(f"inlineData: invalid base64 {data!r:.40}") from None
+
+
+def _object(obj: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = obj.get(key)
+    if type(value) is not dict:
+        raise RemoteProtocolError(f"{where}: {key!r} must be an object, got {value!r:.40}")
+    return value
+
+
+def _flag(obj: dict[str, Any], key: str) -> bool:
+    value = obj.get(key)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise RemoteProtocolError(f"{key!r} must be a boolean, got {value!r:.40}")
+    return value
+
+
+def _string(obj: dict[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if type(value) is not str or not value:
+        raise RemoteProtocolError(f"{where}: {key!r} must be a non-empty string, got {value!r:.40}")
+    return value
+
+
+def _text(obj: dict[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if type(value) is not str:
+        raise RemoteProtocolError(f"{where}: {key!r} must be a string, got {value!r:.40}")
+    return value
+
+
+def _optional_string(obj: dict[str, Any], key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if type(value) is not str:
+        raise RemoteProtocolError(f"{where}: {key!r} must be a string, got {value!r:.40}")
+    return value
