@@ -14,7 +14,7 @@ carry a valid ``X-Twilio-Signature`` (else 403).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from quart import Response, abort, request, websocket
 from quart_trio import QuartTrio
@@ -152,7 +152,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
                 log.warning("media stream: bad or missing X-Twilio-Signature for %s; 403", url)
                 abort(403)
         await websocket.accept()
-        await calls.handle_stream(QuartStream(websocket._get_current_object()))
+        await calls.handle_stream(QuartStream(cast(Any, websocket)._get_current_object()))
 
     register_record_routes(app, settings, calls.recorder)  # GET /calls/<sid>
     register_outbound_routes(app, settings, calls)  # POST /calls, POST /outbound-twiml

@@ -2,9 +2,12 @@
 
 :mod:`.base` holds the :class:`ProviderSession` protocol and the events and
 commands the bridge exchanges with any provider (re-exported here); each
-vendor module holds one sans-I/O session core (:mod:`.openai` today).
+vendor module holds one sans-I/O session core: :mod:`.openai`,
+:mod:`.gemini`, :mod:`.assemblyai`, :mod:`.deepgram`, :mod:`.elevenlabs`,
+and :mod:`.pcm` (our documented PCM16 WebSocket protocol).
 """
 
+from .assemblyai import AssemblyAIAgentConfig, AssemblyAIAgentSession
 from .base import (
     AudioDelta,
     AudioDone,
@@ -12,6 +15,7 @@ from .base import (
     AudioTruncated,
     CancelResponse,
     CreateResponse,
+    FunctionTool,
     Other,
     ProviderCommand,
     ProviderError,
@@ -20,6 +24,7 @@ from .base import (
     ResponseDone,
     ResponseStarted,
     SendAudio,
+    SendText,
     SessionReady,
     SpeechStarted,
     SpeechStopped,
@@ -30,25 +35,38 @@ from .base import (
     Unknown,
     WireMessage,
 )
+from .deepgram import DeepgramAgentConfig, DeepgramAgentSession
+from .elevenlabs import ElevenLabsConfig, ElevenLabsSession
+from .gemini import GeminiLiveConfig, GeminiLiveSession
 from .openai import (
-    FunctionTool,
     OpenAIRealtimeConfig,
     OpenAIRealtimeSession,
     SemanticVad,
     ServerVad,
 )
+from .pcm import PcmConfig, PcmSession
 
 __all__ = [
+    "AssemblyAIAgentConfig",
+    "AssemblyAIAgentSession",
     "AudioDelta",
     "AudioDone",
     "AudioFormat",
     "AudioTruncated",
     "CancelResponse",
     "CreateResponse",
+    "DeepgramAgentConfig",
+    "DeepgramAgentSession",
+    "ElevenLabsConfig",
+    "ElevenLabsSession",
     "FunctionTool",
+    "GeminiLiveConfig",
+    "GeminiLiveSession",
     "OpenAIRealtimeConfig",
     "OpenAIRealtimeSession",
     "Other",
+    "PcmConfig",
+    "PcmSession",
     "ProviderCommand",
     "ProviderError",
     "ProviderEvent",
@@ -57,6 +75,7 @@ __all__ = [
     "ResponseStarted",
     "SemanticVad",
     "SendAudio",
+    "SendText",
     "ServerVad",
     "SessionReady",
     "SpeechStarted",

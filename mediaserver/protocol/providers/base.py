@@ -14,8 +14,10 @@ Rules every provider core follows:
   for :class:`Truncate`), one, or several (OpenAI needs two for a tool
   result that should be answered).  Messages are ``str`` (text frames) or
   ``bytes`` (binary frames, e.g. Deepgram audio).
-* Every inbound message produces exactly one event; a message type the core
-  does not know becomes :class:`Unknown`, one it knows but that has no
+* Every inbound message produces at least one event (a Gemini message may
+  carry audio *and* the end of the turn; a Deepgram function-call request
+  one :class:`ToolCall` per function); a message type the core does not
+  know becomes :class:`Unknown`, one it knows but that has no
   provider-neutral meaning becomes :class:`Other`.  Nothing is dropped.
 * Some providers expect replies the bridge never asks for (ElevenLabs
   ``ping`` -> ``pong``): the core queues them while receiving and the
