@@ -29,10 +29,14 @@ build: setup
 run: build
 	$(VENV)/bin/mediaserver serve
 
+# mypy --strict over the package (settings in pyproject.toml), then the suite.
 test: build
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: bench-codecs
+	$(PY) bench/frame_path.py
+	$(PY) bench/load.py
 
 bench-codecs: build
 	$(PY) bench/codecs.py

@@ -1,0 +1,166 @@
+"""bench/frame_path.py and bench/load.py run end to end; the load bench's fake model speaks GA Realtime.
+
+No timing is asserted: the benches' figures are shown, not enforced.  What is
+checked is that every table has its rows and sane values, that a tiny load
+run bridges every frame both ways with no failed call and no leaked
+session, and that each message the fake model sends is a valid server event
+of the OpenAI SDK (strict, no unknown keys, nothing lost in a round trip).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+from openai.types.realtime import RealtimeServerEvent, SessionUpdateEvent
+
+from mediaserver.protocol.providers.base import AudioDelta
+from mediaserver.protocol.providers.openai import OpenAIRealtimeConfig, OpenAIRealtimeSession
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _loadgen  # noqa: E402
+
+_SERVER_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(RealtimeServerEvent)
+
+
+def _run(script: str, *args: str, timeout: float = 60) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _assert_no_extra(value: object, path: str = "$") -> None:
+    if isinstance(value, pydantic.BaseModel):
+        assert not value.model_extra, f"unknown keys at {path}: {sorted(value.model_extra)}"
+        for name in type(value).model_fields:
+            _assert_no_extra(getattr(value, name), f"{path}.{name}")
+    elif isinstance(value, list):
+        for index, element in enumerate(value):
+            _assert_no_extra(element, f"{path}[{index}]")
+
+
+def _server_event(text: str) -> Any:
+    model = _SERVER_EVENT.validate_json(text, strict=True)
+    _assert_no_extra(model)
+    assert model.model_dump(mode="json", exclude_unset=True) == json.loads(text), text[:200]
+    return model
+
+
+def test_frame_path_quick_run_has_every_stage_of_every_path(tmp_path: Path) -> None:
+    out = _run("frame_path.py", "--quick", "--json", str(tmp_path / "fp.json"))
+    for text in ["Table 1. Bridge stages", "Table 2. Per call", "median ns", "p99 ns", "% of 33 µs"]:
+        assert text in out, text
+    data = json.loads((tmp_path / "fp.json").read_text())
+    stages = data["tables"]["stages"]
+    by_path: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+    for row in stages:
+        by_path.setdefault(row["path"], {})[row["direction"], row["stage"]] = row
+    assert set(by_path) == {"pcmu passthrough", "pcm16 8k", "pcm16 16k", "pcm16 24k"}
+    for path, rows in by_path.items():
+        for row in rows.values():
+            assert math.isfinite(row["median_ns"]) and row["median_ns"] >= 0, row
+            assert row["p99_ns"] >= row["median_ns"] * 0.999, row
+        for direction in ("up", "down"):
+            counted = [r for (d, _), r in rows.items() if d == direction and r["counted"]]
+            assert counted and not any(r["stage"] == "total" or "VAD" in r["stage"] for r in counted)
+            total = rows[direction, "total"]
+            assert total["median_ns"] > 0
+            # the total is a per-frame sum of the bridge stages, so at least the largest one
+            assert total["median_ns"] >= 0.9 * max(r["median_ns"] for r in counted), path
+        assert ("up", "Twilio parse (JSON, checks, base64)") in rows
+        assert rows["up", "wsproto: receive frame (I/O, not counted)"]["median_ns"] > 0
+        assert ("down", "Twilio media+mark serialize") in rows
+        assert (("up", "µ-law decode") in rows) == (path != "pcmu passthrough")
+        resampled = path in ("pcm16 16k", "pcm16 24k")
+        assert any("resample" in name for (_, name) in rows) == resampled, path
+    summary = {r["path"]: r for r in data["tables"]["summary"]}
+    for row in summary.values():
+        assert row["both_ns"] > 0 and row["share_pct"] > 0
+        assert row["both_ns"] >= 0.9 * max(row["up_ns"], row["down_ns"])
+
+
+def test_load_quick_run_bridges_every_frame_and_leaks_nothing(tmp_path: Path) -> None:
+    out = _run(
+        "load.py", "--quick", "--steps", "2", "--hold", "1.2", "--grace", "0.5", "--json", str(tmp_path / "load.json"),
+        "--plot", str(tmp_path / "load.png"),
+    )
+    for text in ["Load: concurrent calls", "up p99", "dn p99", "lost up/dn", "leaked", "srv CPU%", "gen-bound", "vs peer"]:
+        assert text in out, text
+    rows = json.loads((tmp_path / "load.json").read_text())["rows"]
+    assert [r["calls"] for r in rows] == [2]
+    row = rows[0]
+    assert row["failed"] == 0, row["first_failure"]
+    assert row["sessions"] == 2 and row["leaked"] == 0
+    assert row["up_sent"] >= 2 * 50 and row["up_lost"] == 0 and row["up_made_up"] == 0
+    assert row["down_sent"] > 0 and row["down_lost"] == 0 and row["down_made_up"] == 0
+    assert row["up_samples"] > 0 and row["down_samples"] > 0
+    assert 0 < row["up_p50_ms"] <= row["up_p99_ms"] and 0 < row["down_p50_ms"] <= row["down_p99_ms"]
+    assert row["server_cpu_pct"] > 0 and row["server_rss_mib"] > 10
+    assert row["model_errors"] == []
+    assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fake_model_messages_are_sdk_server_events() -> None:
+    # the session.update our server sends, answered by the echo the fake model builds from it
+    core = OpenAIRealtimeSession(OpenAIRealtimeConfig(model="gpt-realtime", instructions="Be brief."))
+    first = core.initial_messages()[0]
+    SessionUpdateEvent.model_validate_json(first)
+    session = json.loads(first)["session"]
+    audio = _loadgen.tag_audio(7, 3, _loadgen.CHUNK_BYTES)
+    messages = [
+        _loadgen.session_created("e1"),
+        _loadgen.session_updated("e2", session),
+        _loadgen.response_created("e3", "resp_1"),
+        _loadgen.audio_delta("e4", "resp_1", "item_1", audio),
+        _loadgen.audio_done("e5", "resp_1", "item_1"),
+        _loadgen.response_done("e6", "resp_1"),
+        _loadgen.item_truncated("e7", "item_1", 0, 120),
+    ]
+    types = [_server_event(m).type for m in messages]
+    assert types == [
+        "session.created",
+        "session.updated",
+        "response.created",
+        "response.output_audio.delta",
+        "response.output_audio.done",
+        "response.done",
+        "conversation.item.truncated",
+    ]
+    # and our own core accepts the whole exchange, audio intact
+    for message in messages[:6]:
+        core.receive_message(message)
+    events = list(core.events())
+    assert [e.payload for e in events if isinstance(e, AudioDelta)] == [audio]
+
+
+@pytest.mark.parametrize(("call_no", "frame_no"), [(1, 0), (65535, 2**32 - 1), (300, 123456)])
+def test_tags_round_trip_and_untagged_audio_is_recognised(call_no: int, frame_no: int) -> None:
+    audio = _loadgen.tag_audio(call_no, frame_no, _loadgen.FRAME_BYTES)
+    assert len(audio) == _loadgen.FRAME_BYTES
+    assert _loadgen.read_tag(audio) == (call_no, frame_no)
+    assert _loadgen.read_tag(b"\xff" * _loadgen.FRAME_BYTES) is None
+    assert _loadgen.read_tag(audio[:5]) is None
+
+
+def test_twiml_stream_and_parameters_are_read_from_the_servers_answer() -> None:
+    from mediaserver import twiml
+
+    text = twiml.connect_stream("ws://127.0.0.1:9/media-stream", {"token": "t0k", "CallSid": "CA1"})
+    assert _loadgen.parse_stream_twiml(text) == ("ws://127.0.0.1:9/media-stream", {"token": "t0k", "CallSid": "CA1"})
+    with pytest.raises(ValueError, match="no <Connect><Stream>"):
+        _loadgen.parse_stream_twiml(twiml.say_and_hangup("busy"))
