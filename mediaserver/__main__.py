@@ -52,9 +52,10 @@ def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
         "  * in the Twilio console, set your number's voice webhook (HTTP POST) to "
         f"{(settings.public_url or 'https://<your-public-host>').rstrip('/')}/twiml",
         f"  * health check: curl http://127.0.0.1:{port}/healthz",
+        f'  * try a call without a phone: mediaserver dial http://127.0.0.1:{port}/twiml --say "hello there"',
     ]
     if settings.provider == "echo":
-        lines.append("  * the echo agent repeats what the caller says; set MEDIASERVER_PROVIDER=openai for a model")
+        lines.append("  * the echo agent repeats what the caller says; set MEDIASERVER_PROVIDER (openai, gemini, ...) for a model")
     print("\n".join(lines), flush=True)
 
 
