@@ -262,7 +262,12 @@ async def run_step(
                 call_no = i + 1
                 recorder.calls[call_no] = CallRecord(call_no)
                 calls.start_soon(run_call, recorder, call_no, HOST, server_port, end_s)
-                await trio.sleep_until(t0 + (i + 1) * ramp_s / n_calls)
+                # Real calls' 20 ms frames arrive at independent phases; an even
+                # spacing that divides 20 ms would send every call's frame at
+                # the same instant and measure that burst's queueing instead.
+                # The golden-ratio offset spreads the phases evenly.
+                phase_s = ((i + 1) * 0.6180339887 % 1.0) * 0.020
+                await trio.sleep_until(t0 + (i + 1) * ramp_s / n_calls + phase_s)
         lag_scope.cancel()
     calls_done_s = clock()
     # A server that fell behind may still be working through its backlog:
