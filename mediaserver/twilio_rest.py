@@ -11,10 +11,9 @@ the path (reference/twilio-side.md §5).  Twilio's JSON error body
 (``code``, ``message``, ``more_info``, ``status``) becomes a
 :class:`TwilioRestError` whose text names the code and message.
 
-HTTP/1.1 is spoken with h11 over a Trio TCP (``http://``, tests) or TLS
-(``https://``) stream, one connection per request: these calls are rare, and
-this keeps the server free of another HTTP client dependency.
-:func:`http_exchange` is the shared one-request helper.
+Requests go through :func:`mediaserver.transport.http.request` (one
+connection each: these calls are rare); :func:`http_exchange` is its older
+tuple-returning shape, kept for the callers that still use it.
 """
 
 from __future__ import annotations
@@ -25,14 +24,11 @@ import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 from xml.sax.saxutils import escape
 
-import h11
-import trio
-
-from mediaserver import __version__
 from mediaserver.config import Settings
+from mediaserver.transport.http import HttpError, request
 
 __all__ = [
     "API_VERSION",
@@ -48,11 +44,6 @@ __all__ = [
 API_VERSION = "2010-04-01"
 # Call progress events to subscribe to (Call resource docs; reference/twilio-side.md §4.3).
 STATUS_CALLBACK_EVENTS = ("initiated", "ringing", "answered", "completed")
-MAX_RESPONSE_BYTES = 1024 * 1024  # a Call resource is ~2 KiB
-
-
-class HttpError(Exception):
-    """The HTTP exchange itself failed (connect, TLS, timeout, malformed response)."""
 
 
 class TwilioRestError(Exception):
@@ -102,13 +93,6 @@ def dial_twiml(to: str) -> str:
     return f'<?xml version="1.0" encoding="UTF-8"?><Response><Dial>{escape(to)}</Dial></Response>'
 
 
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
 async def http_exchange(
     method: str,
     url: str,
@@ -118,65 +102,9 @@ async def http_exchange(
     timeout_s: float = 15.0,
     ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request on a fresh connection: (status, lower-case headers, body).
-
-    Raises :class:`HttpError` for a bad URL, a connection or TLS failure, a
-    malformed or oversized response, or no answer within ``timeout_s``.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise HttpError(f"not an http(s) URL: {url!r}")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise HttpError(f"bad port in {url!r}") from None
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    all_headers = [("Host", parts.netloc), ("Connection", "close"), ("Content-Length", str(len(body))), *headers]
-    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
-    try:
-        with trio.fail_after(timeout_s):
-            stream: trio.abc.Stream
-            if parts.scheme == "https":
-                stream = await trio.open_ssl_over_tcp_stream(
-                    parts.hostname, port, ssl_context=ssl_context or ssl.create_default_context()
-                )
-            else:
-                stream = await trio.open_tcp_stream(parts.hostname, port)
-            async with stream:
-                await stream.send_all(conn.send(h11.Request(method=method, target=target, headers=all_headers)))
-                if body:
-                    await stream.send_all(conn.send(h11.Data(data=body)))
-                await stream.send_all(conn.send(h11.EndOfMessage()))
-                return await _read_response(conn, stream)
-    except trio.TooSlowError:
-        raise HttpError(f"no answer from {parts.netloc} within {timeout_s:g} s") from None
-    except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-        raise HttpError(f"cannot reach {parts.netloc}: {exc}") from exc
-    except h11.ProtocolError as exc:
-        raise HttpError(f"malformed HTTP response from {parts.netloc}: {exc}") from exc
-
-
-async def _read_response(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[int, dict[str, str], bytes]:
-    status = 0
-    headers: dict[str, str] = {}
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(65536)))
-        elif isinstance(event, h11.Response):
-            status = event.status_code
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
-        elif isinstance(event, h11.Data):
-            size += len(event.data)
-            if size > MAX_RESPONSE_BYTES:
-                raise HttpError(f"response larger than {MAX_RESPONSE_BYTES} bytes")
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            return status, headers, b"".join(chunks)
-        elif isinstance(event, h11.ConnectionClosed):
-            raise HttpError("connection closed before the response ended")
+    """:func:`mediaserver.transport.http.request` as (status, lower-case headers, body), for older callers."""
+    response = await request(method, url, headers=headers, body=body, timeout_s=timeout_s, ssl_context=ssl_context)
+    return response.status, dict(response.headers), response.body
 
 
 class TwilioRest:
@@ -241,14 +169,14 @@ class TwilioRest:
             ("Authorization", self.credentials.authorization()),
             ("Content-Type", "application/x-www-form-urlencoded"),
             ("Accept", "application/json"),
-            ("User-Agent", f"mediaserver/{__version__}"),
         ]
         try:
-            status, _, raw = await http_exchange(
+            response = await request(
                 "POST", url, headers=headers, body=body, timeout_s=self.timeout_s, ssl_context=self._ssl_context
             )
         except HttpError as exc:
             raise TwilioRestError(0, str(exc)) from exc
+        status, raw = response.status, response.body
         try:
             payload = json.loads(raw) if raw else {}
         except ValueError:

@@ -18,18 +18,15 @@ unless told otherwise, and refuses overrides it does not allow.
 from __future__ import annotations
 
 import json
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import fields
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import h11
-import trio
-
 from mediaserver.bridge.link import AgentOptions, ProviderClosed, ProviderLink
 from mediaserver.config import Settings
 from mediaserver.protocol.providers.elevenlabs import ElevenLabsConfig, ElevenLabsSession
+from mediaserver.transport.http import HttpError, redact, request
 from mediaserver.transport.provider_ws import open_provider_link
 
 __all__ = ["elevenlabs_config", "open_link", "signed_url_endpoint"]
@@ -66,59 +63,26 @@ async def fetch_signed_url(settings: Settings) -> str:
     """Ask ElevenLabs for a private agent's signed WebSocket URL; :class:`ProviderClosed` on failure."""
     assert settings.elevenlabs_api_key is not None
     endpoint = signed_url_endpoint(settings)
-    where = endpoint.split("?", 1)[0]
-    headers = [("xi-api-key", settings.elevenlabs_api_key), ("accept", "application/json")]
-    timeout_s = settings.connect_timeout_s
+    where = redact(endpoint)
+    headers = [("xi-api-key", settings.elevenlabs_api_key), ("Accept", "application/json")]
     try:
-        with trio.fail_after(timeout_s):
-            status, body = await _get(endpoint, headers)
-    except trio.TooSlowError:
-        raise ProviderClosed(f"elevenlabs: no signed URL from {where} within {timeout_s:g} s") from None
-    except (OSError, h11.ProtocolError, trio.BrokenResourceError) as exc:
+        response = await request(
+            "GET", endpoint, headers=headers, timeout_s=settings.connect_timeout_s,
+            max_response_bytes=MAX_RESPONSE_BYTES,
+        )
+    except HttpError as exc:
         raise ProviderClosed(f"elevenlabs: cannot get a signed URL from {where}: {exc}") from None
-    if status != 200:
-        raise ProviderClosed(f"elevenlabs: {where} answered HTTP {status} (check ELEVENLABS_API_KEY and the agent id)")
+    if response.status != 200:
+        raise ProviderClosed(
+            f"elevenlabs: {where} answered HTTP {response.status} (check ELEVENLABS_API_KEY and the agent id)"
+        )
     try:
-        signed_url = json.loads(body)["signed_url"]
+        signed_url = json.loads(response.body)["signed_url"]
     except (ValueError, KeyError, TypeError):
         signed_url = None
     if type(signed_url) is not str or not signed_url.startswith(("wss://", "ws://")):
         raise ProviderClosed(f"elevenlabs: {where} did not return a signed_url")
     return signed_url
-
-
-async def _get(url: str, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
-    """One HTTP/1.1 GET with h11 over trio (TLS for https); returns (status, body)."""
-    parts = urlsplit(url)
-    tls = parts.scheme == "https"
-    host = parts.hostname or ""
-    port = parts.port or (443 if tls else 80)
-    stream: trio.abc.Stream
-    if tls:
-        stream = await trio.open_ssl_over_tcp_stream(
-            host, port, ssl_context=ssl.create_default_context(), https_compatible=True
-        )
-    else:
-        stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        conn = h11.Connection(h11.CLIENT)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        request = h11.Request(method="GET", target=target, headers=[("host", parts.netloc), *headers])
-        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
-        status = 0
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(bytes(await stream.receive_some(16384)))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_RESPONSE_BYTES:
-                    raise h11.RemoteProtocolError("response too large")
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                return status, bytes(body)
 
 
 @asynccontextmanager

@@ -23,14 +23,12 @@ import functools
 import math
 import re
 import secrets
-import ssl
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import SplitResult, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
 
-import h11
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection, wrap_client_stream
 
@@ -38,6 +36,7 @@ from mediaserver.dial.caller import FRAME_BYTES, FRAME_S, SILENCE, MediaStreamCa
 from mediaserver.dial.script import Action, BargeIn, Pause, Speak, Wait
 from mediaserver.dial.timeline import Event
 from mediaserver.security import SIGNATURE_HEADER, compute_signature
+from mediaserver.transport.http import HttpError, Url, open_stream, parse_url, request
 
 __all__ = [
     "API_VERSION",
@@ -55,7 +54,6 @@ __all__ = [
 
 API_VERSION = "2010-04-01"
 USER_AGENT = "mediaserver-dial (TwilioProxy emulation)"
-_MAX_BODY = 1 << 20
 _CLOSE_WAIT_S = 2.0  # after stop, how long the server gets to close the socket
 
 
@@ -129,83 +127,32 @@ def _body_hint(text: str) -> str:
     return f": {_snippet(text)}" if text.strip() else ""
 
 
-def check_url(url: str) -> SplitResult:
+def check_url(url: str) -> Url:
     """The parts of an ``http(s)://`` webhook URL; :class:`DialError` if it is not one."""
     try:
-        parts = urlsplit(url)
-        _ = parts.port
-    except ValueError:
-        raise DialError(f"bad URL {url!r}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise DialError(f"bad URL {url!r}: expected http://host[:port]/path, like http://127.0.0.1:8080/twiml")
-    return parts
-
-
-async def _connect(host: str, port: int, tls: bool) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-    if tls:
-        return await trio.open_ssl_over_tcp_stream(
-            host, port, ssl_context=ssl.create_default_context(), https_compatible=True
-        )
-    return await trio.open_tcp_stream(host, port)
+        return parse_url(url)
+    except HttpError:
+        hint = "expected http://host[:port]/path, like http://127.0.0.1:8080/twiml"
+        raise DialError(f"bad URL {url!r}: {hint}") from None
 
 
 async def post_webhook(url: str, form: Sequence[tuple[str, str]], headers: Sequence[tuple[str, str]],
                        timeout_s: float) -> str:  # fmt: skip
-    """POST ``form`` to ``url`` (HTTP/1.1 with h11) and return the TwiML text of a 200 answer."""
-    parts = check_url(url)
-    assert parts.hostname is not None
-    tls = parts.scheme == "https"
-    port = parts.port or (443 if tls else 80)
+    """POST ``form`` to ``url`` as Twilio would and return the TwiML text of a 200 answer."""
+    check_url(url)
+    sent = [("User-Agent", USER_AGENT), ("Content-Type", "application/x-www-form-urlencoded"), *headers]
     body = urlencode(list(form)).encode()
-    request = h11.Request(
-        method="POST",
-        target=(parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
-        headers=[
-            ("Host", parts.netloc.rpartition("@")[2]),
-            ("User-Agent", USER_AGENT),
-            ("Connection", "close"),
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("Content-Length", str(len(body))),
-            *headers,
-        ],
-    )
-    where = parts.netloc.rpartition("@")[2]
     try:
-        with trio.fail_after(timeout_s):
-            stream = await _connect(parts.hostname, port, tls)
-            async with stream:
-                status, content_type, answer = await _exchange(stream, request, body)
-    except trio.TooSlowError:
-        raise DialError(f"no answer from {where} within {timeout_s:g} s") from None
-    except (OSError, trio.BrokenResourceError) as exc:
-        raise DialError(f"cannot reach {where}: {getattr(exc, 'strerror', None) or exc}") from None
-    except h11.ProtocolError as exc:
-        raise DialError(f"{where} did not answer with valid HTTP: {exc}") from None
-    text = answer.decode("utf-8", "replace")
-    if status != 200:
-        raise DialError(f"the webhook {url} answered HTTP {status}" + _body_hint(text))
+        response = await request("POST", url, headers=sent, body=body, timeout_s=timeout_s)
+    except HttpError as exc:
+        raise DialError(str(exc)) from None
+    text = response.text()
+    if response.status != 200:
+        raise DialError(f"the webhook {url} answered HTTP {response.status}" + _body_hint(text))
+    content_type = response.header("content-type")
     if "xml" not in content_type.lower():
         raise DialError(f"the webhook answer is not TwiML (Content-Type {content_type or 'missing'}): {_snippet(text)}")
     return text
-
-
-async def _exchange(stream: trio.abc.Stream, request: h11.Request, body: bytes) -> tuple[int, str, bytes]:
-    conn = h11.Connection(h11.CLIENT)
-    await stream.send_all(conn.send(request) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-    status, content_type, chunks = 0, "", bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(65536)))
-        elif isinstance(event, h11.Response):
-            status = event.status_code
-            content_type = next((v.decode("latin-1") for k, v in event.headers if k == b"content-type"), "")
-        elif isinstance(event, h11.Data):
-            chunks += event.data
-            if len(chunks) > _MAX_BODY:
-                raise h11.RemoteProtocolError("answer too large")
-        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-            return status, content_type, bytes(chunks)
 
 
 # ------------------------------------------------------------------ the stream
@@ -359,7 +306,7 @@ async def _open_and_run(
     where = parts.netloc
     try:
         with trio.fail_after(timeout_s):
-            stream = await _connect(parts.hostname, parts.port or (443 if tls else 80), tls)
+            stream = await open_stream(parts.hostname, parts.port or (443 if tls else 80), tls=tls)
     except trio.TooSlowError:
         raise DialError(f"no connection to the media stream {stream_url} within {timeout_s:g} s") from None
     except OSError as exc:
