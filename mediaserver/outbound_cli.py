@@ -17,7 +17,7 @@ import trio
 
 from mediaserver.config import ConfigError, Settings, load_dotenv_file
 from mediaserver.tools.builtins import E164
-from mediaserver.twilio_rest import HttpError, http_exchange
+from mediaserver.transport.http import HttpError, request
 
 __all__ = ["configure", "main", "place"]
 
@@ -61,7 +61,8 @@ async def place(args: argparse.Namespace, settings: Settings) -> int:
             body[key] = value
     headers = [("Authorization", f"Bearer {settings.api_key}"), ("Content-Type", "application/json")]
     try:
-        status, _, raw = await http_exchange("POST", server + "/calls", headers=headers, body=json.dumps(body).encode())
+        response = await request("POST", server + "/calls", headers=headers, body=json.dumps(body).encode(), timeout_s=15.0)
+        status, raw = response.status, response.body
     except HttpError as exc:
         return _fail(f"{exc}; is `mediaserver serve` running at {server}?")
     try:

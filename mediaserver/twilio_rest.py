@@ -12,8 +12,7 @@ the path (reference/twilio-side.md §5).  Twilio's JSON error body
 :class:`TwilioRestError` whose text names the code and message.
 
 Requests go through :func:`mediaserver.transport.http.request` (one
-connection each: these calls are rare); :func:`http_exchange` is its older
-tuple-returning shape, kept for the callers that still use it.
+connection each: these calls are rare).
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ __all__ = [
     "TwilioRest",
     "TwilioRestError",
     "dial_twiml",
-    "http_exchange",
 ]
 
 API_VERSION = "2010-04-01"
@@ -91,20 +89,6 @@ class TwilioCredentials:
 def dial_twiml(to: str) -> str:
     """``<Response><Dial>to</Dial></Response>``: a cold transfer."""
     return f'<?xml version="1.0" encoding="UTF-8"?><Response><Dial>{escape(to)}</Dial></Response>'
-
-
-async def http_exchange(
-    method: str,
-    url: str,
-    *,
-    headers: Sequence[tuple[str, str]] = (),
-    body: bytes = b"",
-    timeout_s: float = 15.0,
-    ssl_context: ssl.SSLContext | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    """:func:`mediaserver.transport.http.request` as (status, lower-case headers, body), for older callers."""
-    response = await request(method, url, headers=headers, body=body, timeout_s=timeout_s, ssl_context=ssl_context)
-    return response.status, dict(response.headers), response.body
 
 
 class TwilioRest:

@@ -25,7 +25,7 @@ from openai.types.realtime import ResponseCreateEvent, SessionUpdateEvent
 from mediaserver.__main__ import _parser
 from mediaserver.config import Settings
 from mediaserver import outbound_cli
-from mediaserver.twilio_rest import http_exchange
+from mediaserver.transport.http import request
 
 from tests.fakes import (
     FakeOpenAIServer,
@@ -77,7 +77,8 @@ async def post_calls(url: str, body: object, *, key: str | None = API_KEY) -> tu
     if key is not None:
         headers.append(("Authorization", f"Bearer {key}"))
     raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-    status, response_headers, answer = await http_exchange("POST", url + "/calls", headers=headers, body=raw)
+    response = await request("POST", url + "/calls", headers=headers, body=raw, timeout_s=15.0)
+    status, response_headers, answer = response.status, dict(response.headers), response.body
     assert response_headers["content-type"] == "application/json", response_headers
     return status, response_headers, json.loads(answer)
 

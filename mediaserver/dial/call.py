@@ -32,7 +32,7 @@ from urllib.parse import urlencode, urlsplit
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection, wrap_client_stream
 
-from mediaserver.dial.caller import FRAME_BYTES, FRAME_S, SILENCE, MediaStreamCaller
+from mediaserver.dial.caller import FRAME_BYTES, SILENCE, MediaStreamCaller
 from mediaserver.dial.script import Action, BargeIn, Pause, Speak, Wait
 from mediaserver.dial.timeline import Event
 from mediaserver.security import SIGNATURE_HEADER, compute_signature

@@ -38,7 +38,7 @@ from twilio.request_validator import RequestValidator
 
 from mediaserver.dial import cli, report
 from mediaserver.dial.call import DialOptions, place_call
-from mediaserver.dial.script import Pause, Speak, Wait
+from mediaserver.dial.script import Pause, Speak
 
 from tests.fakes import band_energy_ratio, dominant_frequency_hz, fail_after, to_ulaw, tone
 from tests.test_app import base_settings, running
