@@ -24,7 +24,7 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 
-from tests.deepgram_fake import FakeWsSession, LoopbackWsServer
+from tests._ws_server import FakeWsSession, SessionServer
 
 __all__ = ["CLIENT_SCHEMAS", "AssemblyAIFakeSession", "FakeAssemblyAIServer", "validate_client_message"]
 
@@ -247,7 +247,7 @@ class AssemblyAIFakeSession(FakeWsSession):
         await self.send({"type": "session.error", "code": code, "message": message, "session_id": "sess-fake-1"})
 
 
-class FakeAssemblyAIServer(LoopbackWsServer[AssemblyAIFakeSession]):
+class FakeAssemblyAIServer(SessionServer[AssemblyAIFakeSession]):
     """An AssemblyAI Voice Agent endpoint; ``ready_delay_s`` delays ``session.ready``."""
 
     path = "/v1/ws"

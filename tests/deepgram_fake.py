@@ -9,16 +9,14 @@ as the docs describe it: ``Welcome`` first (sent by the server), then one
 ``Settings``, then ``SettingsApplied``, and only then binary audio.
 Every server message is an SDK model's JSON (``exclude_none``).
 
-:class:`LoopbackWsServer` is the reusable part (accepting, per-connection
-script, bookkeeping); ``tests/assemblyai_fake.py`` uses it too.
+The server plumbing (accepting, per-connection script, bookkeeping) is
+:class:`tests._ws_server.SessionServer`, shared with the other fakes.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
 
 import pydantic
 import trio
@@ -45,9 +43,11 @@ from deepgram.agent.v1.types import (
     AgentV1Warning,
     AgentV1Welcome,
 )
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
+from trio_websocket import WebSocketConnection, WebSocketRequest
 
-__all__ = ["CLIENT_MESSAGES", "DeepgramFakeSession", "FakeDeepgramServer", "LoopbackWsServer", "assert_no_extra"]
+from tests._ws_server import FakeWsSession, SessionServer, assert_no_extra
+
+__all__ = ["CLIENT_MESSAGES", "DeepgramFakeSession", "FakeDeepgramServer", "assert_no_extra"]
 
 # Client message type -> SDK model (deepgram/agent/v1/socket_client.py send_* methods).
 CLIENT_MESSAGES: dict[str, type[pydantic.BaseModel]] = {
@@ -63,17 +63,6 @@ CLIENT_MESSAGES: dict[str, type[pydantic.BaseModel]] = {
 }
 
 
-def assert_no_extra(value: object, path: str = "$") -> None:
-    """Fail on any key an SDK model did not declare (the models are ``extra="allow"``)."""
-    if isinstance(value, pydantic.BaseModel):
-        assert not value.model_extra, f"unknown keys at {path}: {sorted(value.model_extra)}"
-        for name in type(value).model_fields:
-            assert_no_extra(getattr(value, name), f"{path}.{name}")
-    elif isinstance(value, list):
-        for index, element in enumerate(value):
-            assert_no_extra(element, f"{path}[{index}]")
-
-
 def validate_client_message(text: str) -> pydantic.BaseModel:
     """One JSON client message, validated with the SDK model for its type (no unknown keys)."""
     data = json.loads(text)
@@ -85,120 +74,6 @@ def validate_client_message(text: str) -> pydantic.BaseModel:
     # Nothing coerced or dropped on the way (e.g. "8000" for 8000).
     assert model.model_dump(mode="json", exclude_unset=True) == data, text[:200]
     return model
-
-
-# ----------------------------------------------------------------- server base
-
-S = TypeVar("S")
-
-
-class LoopbackWsServer(Generic[S]):
-    """A WebSocket server on 127.0.0.1:0: ``make_session`` builds each connection's
-    protocol object, whose ``run()`` serves it; ``script`` runs beside it.
-
-    A failing handler (an invalid client message) fails the test that runs the server.
-    """
-
-    path = "/"
-
-    def __init__(
-        self,
-        make_session: Callable[[LoopbackWsServer[S], WebSocketRequest, WebSocketConnection, trio.SocketStream], S],
-        script: Callable[[S], Awaitable[None]] | None = None,
-    ) -> None:
-        self._make_session = make_session
-        self.script = script
-        self.sessions: list[S] = []
-        self.port: int | None = None
-        self._changed = trio.Event()
-
-    @property
-    def url(self) -> str:
-        assert self.port is not None, "start the server first: await nursery.start(server.run)"
-        return f"ws://127.0.0.1:{self.port}{self.path}"
-
-    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve, 0, host="127.0.0.1"))
-            self.port = listeners[0].socket.getsockname()[1]
-            task_status.started(self)
-
-    def touch(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def session(self, index: int = 0) -> S:
-        while len(self.sessions) <= index:
-            await self._changed.wait()
-        return self.sessions[index]
-
-    async def _serve(self, stream: trio.SocketStream) -> None:
-        async with trio.open_nursery() as nursery:
-            request = await wrap_server_stream(nursery, stream)
-            ws = await request.accept()
-            session = self._make_session(self, request, ws, stream)
-            self.sessions.append(session)
-            self.touch()
-            try:
-                async with trio.open_nursery() as inner:
-
-                    async def serve() -> None:
-                        await session.run()  # type: ignore[attr-defined]
-                        inner.cancel_scope.cancel()  # the client has gone: stop the script
-
-                    inner.start_soon(serve)
-                    if self.script is not None:
-                        inner.start_soon(self.script, session)
-            finally:
-                with trio.move_on_after(1):
-                    await ws.aclose()
-            nursery.cancel_scope.cancel()
-
-
-class FakeWsSession:
-    """Bookkeeping shared by the fake sessions: received log, close time, change notification."""
-
-    def __init__(self, server: LoopbackWsServer[Any], request: WebSocketRequest, ws: WebSocketConnection,
-                 stream: trio.SocketStream) -> None:
-        self.server = server
-        self.ws = ws
-        self.stream = stream
-        self.path = request.path
-        self.headers = {k.decode().lower(): v.decode() for k, v in request.headers}
-        self.closed = trio.Event()
-        self.closed_at_s: float | None = None
-        self.close_code: int | None = None
-        self._changed = trio.Event()
-        self._send_lock = trio.StrictFIFOLock()
-
-    def touch(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-        self.server.touch()
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            await self._changed.wait()
-
-    async def send_text(self, text: str) -> None:
-        async with self._send_lock:
-            await self.ws.send_message(text)
-
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        await self.ws.aclose(code, reason)
-
-    async def receive_until_closed(self, handle: Callable[[str | bytes], Awaitable[None]]) -> None:
-        while True:
-            try:
-                message = await self.ws.get_message()
-            except ConnectionClosed as exc:
-                self.closed_at_s = trio.current_time()
-                self.close_code = None if exc.reason is None else exc.reason.code
-                self.closed.set()
-                self.touch()
-                return
-            await handle(message)
-            self.touch()
 
 
 # ----------------------------------------------------------------- Deepgram
@@ -282,8 +157,7 @@ class DeepgramFakeSession(FakeWsSession):
 
     async def audio(self, data: bytes, *, chunk_bytes: int = 1600) -> None:
         for at in range(0, len(data), chunk_bytes):
-            async with self._send_lock:
-                await self.ws.send_message(data[at : at + chunk_bytes])
+            await self.send_message(data[at : at + chunk_bytes])
 
     async def agent_audio_done(self) -> None:
         await self.send(AgentV1AgentAudioDone(type="AgentAudioDone"))
@@ -320,7 +194,7 @@ class DeepgramFakeSession(FakeWsSession):
         await self.send(AgentV1Warning(type="Warning", code=code, description=description))
 
 
-class FakeDeepgramServer(LoopbackWsServer[DeepgramFakeSession]):
+class FakeDeepgramServer(SessionServer[DeepgramFakeSession]):
     """A Deepgram Voice Agent endpoint; ``settings_delay_s`` delays ``SettingsApplied``."""
 
     path = "/v1/agent/converse"

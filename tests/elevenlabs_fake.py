@@ -33,26 +33,16 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import h11
-import pydantic
 import trio
 from elevenlabs.types import ConversationInitiationClientDataRequestInput, ConversationSignedUrlResponseModel
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
+
+from tests._ws_server import FakeConnection, LoopbackServer, assert_no_extra, serve_session
 
 __all__ = ["ElevenLabsConversation", "FakeElevenLabsServer", "validate_initiation"]
 
 AGENT_PATH = "/v1/convai/conversation"
 SIGNED_URL_PATH = AGENT_PATH + "/get-signed-url"
-
-
-def _assert_no_extra(value: object, path: str) -> None:
-    """The SDK models allow extra keys; a typo would pass, so refuse them here."""
-    if isinstance(value, pydantic.BaseModel):
-        assert not value.model_extra, f"unknown keys at {path}: {sorted(value.model_extra)}"
-        for name in type(value).model_fields:
-            _assert_no_extra(getattr(value, name), f"{path}.{name}")
-    elif isinstance(value, list):
-        for index, element in enumerate(value):
-            _assert_no_extra(element, f"{path}[{index}]")
 
 
 def validate_initiation(text: str | bytes) -> ConversationInitiationClientDataRequestInput:
@@ -61,7 +51,7 @@ def validate_initiation(text: str | bytes) -> ConversationInitiationClientDataRe
     data = json.loads(text)
     assert data.pop("type", None) == "conversation_initiation_client_data", text[:200]
     model = ConversationInitiationClientDataRequestInput.model_validate(data)
-    _assert_no_extra(model, "$")
+    assert_no_extra(model)  # the SDK models allow extra keys; a typo would pass
     assert model.model_dump(mode="json", exclude_unset=True) == data, text[:200]
     return model
 
@@ -89,24 +79,20 @@ def _validate_later(text: str | bytes) -> dict[str, Any]:
     return msg
 
 
-class ElevenLabsConversation:
+class ElevenLabsConversation(FakeConnection):
     """One WebSocket conversation, from the server's side."""
 
+    server: FakeElevenLabsServer
+
     def __init__(self, server: FakeElevenLabsServer, ws: WebSocketConnection, number: int) -> None:
-        self.server = server
-        self.ws = ws
+        super().__init__(server, ws)
         self.number = number
         self.path = str(ws.path)
         self.query = parse_qs(urlsplit(self.path).query)
         self.initiation: ConversationInitiationClientDataRequestInput | None = None
         self.received: list[tuple[float, dict[str, Any]]] = []  # later messages, parsed
         self.chunks: list[bytes] = []  # decoded user_audio_chunk payloads, in order
-        self.closed = trio.Event()
-        self.closed_at_s: float | None = None
-        self.close_code: int | None = None
-        self._changed = trio.Event()
         self._event_ids = itertools.count(1)
-        self._send_lock = trio.StrictFIFOLock()
 
     @property
     def audio_in(self) -> bytes:
@@ -115,18 +101,8 @@ class ElevenLabsConversation:
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [m for _, m in self.received if m.get("type") == kind]
 
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            await self._changed.wait()
-
-    def _touch(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-        self.server._touch()
-
     async def send(self, message: dict[str, Any]) -> None:
-        async with self._send_lock:
-            await self.ws.send_message(json.dumps(message))
+        await self.send_message(json.dumps(message))
 
     def next_event_id(self) -> int:
         return next(self._event_ids)
@@ -159,16 +135,13 @@ class ElevenLabsConversation:
             }
         )
 
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        await self.ws.aclose(code, reason)
-
     # -- protocol loop ----------------------------------------------------------
 
     async def _run(self) -> None:
         try:
             first = await self.ws.get_message()
         except ConnectionClosed as exc:
-            self._closed(exc)
+            self.record_close(exc)
             return
         self.initiation = validate_initiation(first)
         await self.send(
@@ -181,24 +154,14 @@ class ElevenLabsConversation:
                 },
             }
         )
-        self._touch()
-        while True:
-            try:
-                text = await self.ws.get_message()
-            except ConnectionClosed as exc:
-                self._closed(exc)
-                return
-            msg = _validate_later(text)
-            self.received.append((trio.current_time(), msg))
-            if "user_audio_chunk" in msg:
-                self.chunks.append(base64.b64decode(msg["user_audio_chunk"]))
-            self._touch()
+        self.touch()
+        await self.receive_until_closed(self._handle)
 
-    def _closed(self, exc: ConnectionClosed) -> None:
-        self.closed_at_s = trio.current_time()
-        self.close_code = None if exc.reason is None else exc.reason.code
-        self.closed.set()
-        self._touch()
+    async def _handle(self, text: str | bytes) -> None:
+        msg = _validate_later(text)
+        self.received.append((trio.current_time(), msg))
+        if "user_audio_chunk" in msg:
+            self.chunks.append(base64.b64decode(msg["user_audio_chunk"]))
 
 
 Script = Callable[[ElevenLabsConversation], Awaitable[None]]
@@ -227,7 +190,7 @@ class _Replay(trio.abc.Stream):
         await self._stream.aclose()
 
 
-class FakeElevenLabsServer:
+class FakeElevenLabsServer(LoopbackServer):
     """The fake API host; ``script`` runs once per conversation.
 
     ``input_format``/``output_format`` are what ``conversation_initiation_metadata``
@@ -246,6 +209,7 @@ class FakeElevenLabsServer:
         output_format: str = "ulaw_8000",
         private: bool = False,
     ) -> None:
+        super().__init__()
         self.script = script
         self.agent_id = agent_id
         self.api_key = api_key
@@ -255,28 +219,12 @@ class FakeElevenLabsServer:
         self.conversations: list[ElevenLabsConversation] = []
         self.signed_url_requests: list[tuple[str, dict[str, str]]] = []  # (target, headers)
         self.signatures: set[str] = set()
-        self.port: int | None = None
-        self._changed = trio.Event()
 
     @property
     def url(self) -> str:
         """The agent WebSocket URL (``ELEVENLABS_AGENT_URL``)."""
         assert self.port is not None, "start the server first"
         return f"ws://127.0.0.1:{self.port}{AGENT_PATH}"
-
-    async def run(self, *, task_status: trio.TaskStatus[FakeElevenLabsServer] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve_connection, 0, host="127.0.0.1"))
-            self.port = listeners[0].socket.getsockname()[1]
-            task_status.started(self)
-
-    def _touch(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            await self._changed.wait()
 
     async def conversation(self, index: int = 0) -> ElevenLabsConversation:
         await self.wait_for(lambda: len(self.conversations) > index)
@@ -312,7 +260,7 @@ class FakeElevenLabsServer:
         self, conn: h11.Connection, stream: trio.SocketStream, method: str, target: str, headers: dict[str, str]
     ) -> None:
         self.signed_url_requests.append((target, headers))
-        self._touch()
+        self.touch()
         parts = urlsplit(target)
         query = parse_qs(parts.query)
         if method != "GET" or parts.path != SIGNED_URL_PATH or query.get("agent_id") != [self.agent_id]:
@@ -342,17 +290,6 @@ class FakeElevenLabsServer:
         ws = await request.accept()
         conversation = ElevenLabsConversation(self, ws, len(self.conversations) + 1)
         self.conversations.append(conversation)
-        self._touch()
-        try:
-            async with trio.open_nursery() as nursery:
-
-                async def serve_protocol() -> None:
-                    await conversation._run()
-                    nursery.cancel_scope.cancel()  # the client has gone: stop the script
-
-                nursery.start_soon(serve_protocol)
-                if self.script is not None:
-                    nursery.start_soon(self.script, conversation)
-        finally:
-            with trio.move_on_after(1):
-                await ws.aclose()
+        self.touch()
+        script = None if self.script is None else functools.partial(self.script, conversation)
+        await serve_session(ws, conversation._run, script)

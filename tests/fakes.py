@@ -69,13 +69,13 @@ from trio_websocket import (
     WebSocketConnection,
     WebSocketRequest,
     wrap_client_stream,
-    wrap_server_stream,
 )
 
 from mediaserver.bridge.call import StreamClosed
 from mediaserver.bridge.link import ProviderClosed
 from mediaserver.codec import ulaw_decode, ulaw_encode
 from mediaserver.protocol.providers import base as pv
+from tests._ws_server import FakeConnection, LoopbackWsServer, assert_no_extra, serve_session
 
 __all__ = [
     "ACCOUNT_SID",
@@ -757,22 +757,11 @@ class FakeTwilioCaller:
 _CLIENT_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(RealtimeClientEvent)
 
 
-def _assert_no_extra(value: object, path: str = "$") -> None:
-    """The SDK models accept unknown keys; the real server does not."""
-    if isinstance(value, pydantic.BaseModel):
-        assert not value.model_extra, f"unknown keys at {path}: {sorted(value.model_extra)}"
-        for name in type(value).model_fields:
-            _assert_no_extra(getattr(value, name), f"{path}.{name}")
-    elif isinstance(value, list):
-        for index, element in enumerate(value):
-            _assert_no_extra(element, f"{path}[{index}]")
-
-
 def validate_client_event(text: str | bytes) -> Any:
     """One client message, validated against the SDK's GA client event union (strict)."""
     assert isinstance(text, str), "OpenAI Realtime takes text frames only"
     model = _CLIENT_EVENT.validate_json(text, strict=True)
-    _assert_no_extra(model)
+    assert_no_extra(model)  # the SDK models accept unknown keys; the real server does not
     assert model.model_dump(mode="json", exclude_unset=True) == json.loads(text), text[:200]
     return model
 
@@ -786,12 +775,13 @@ class ResponseRecord:
     done: bool = False
 
 
-class FakeRealtimeSession:
+class FakeRealtimeSession(FakeConnection):
     """One connection to :class:`FakeOpenAIServer`, from the server's side."""
 
+    server: FakeOpenAIServer
+
     def __init__(self, server: FakeOpenAIServer, ws: WebSocketConnection, stream: trio.abc.Stream, number: int) -> None:
-        self.server = server
-        self.ws = ws
+        super().__init__(server, ws)
         self._stream = stream
         self.number = number
         self.path = ws.path
@@ -803,23 +793,14 @@ class FakeRealtimeSession:
         self.truncates: list[tuple[float, ConversationItemTruncateEvent]] = []
         self.responses: dict[str, ResponseRecord] = {}
         self.ready = trio.Event()  # session.updated sent
-        self.closed = trio.Event()
         self.opened_at_s = trio.current_time()
-        self.closed_at_s: float | None = None
-        self.close_code: int | None = None
-        self._changed = trio.Event()
         self._event_ids = itertools.count(1)
         self._ids = itertools.count(1)
-        self._send_lock = trio.StrictFIFOLock()
 
     # -- helpers for scripts and tests ---------------------------------------
 
     def types(self) -> list[str]:
         return [model.type for _, model in self.received]
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            await self._changed.wait()
 
     async def wait_appends(self, n: int) -> None:
         await self.wait_for(lambda: len(self.appends) >= n)
@@ -828,8 +809,7 @@ class FakeRealtimeSession:
         return f"event_fake_{next(self._event_ids)}"
 
     async def send(self, event: pydantic.BaseModel) -> None:
-        async with self._send_lock:
-            await self.ws.send_message(event.model_dump_json())
+        await self.send_message(event.model_dump_json())
 
     async def speech_started(self, *, audio_start_ms: int | None = None, item_id: str = "item_user") -> None:
         ms = self.input_ms() if audio_start_ms is None else audio_start_ms
@@ -915,9 +895,6 @@ class FakeRealtimeSession:
             )
         )
 
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        await self.ws.aclose(code, reason)
-
     async def abort(self) -> None:
         """Drop the TCP connection without a close handshake (a crashed server)."""
         await trio.aclose_forcefully(self._stream)
@@ -934,24 +911,12 @@ class FakeRealtimeSession:
                 ),
             )
         )
-        while True:
-            try:
-                text = await self.ws.get_message()
-            except ConnectionClosed as exc:
-                self.closed_at_s = trio.current_time()
-                self.close_code = None if exc.reason is None else exc.reason.code
-                self.closed.set()
-                self._touch()
-                return
-            model = validate_client_event(text)
-            self.received.append((trio.current_time(), model))
-            await self._answer(model)
-            self._touch()
+        await self.receive_until_closed(self._handle)
 
-    def _touch(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-        self.server._touch()
+    async def _handle(self, text: str | bytes) -> None:
+        model = validate_client_event(text)
+        self.received.append((trio.current_time(), model))
+        await self._answer(model)
 
     async def _answer(self, model: Any) -> None:
         if isinstance(model, SessionUpdateEvent):
@@ -1015,45 +980,23 @@ def turn_script(
     return script
 
 
-class FakeOpenAIServer:
-    """A GA Realtime server on 127.0.0.1:0; ``script`` runs once per connection."""
+class FakeOpenAIServer(LoopbackWsServer):
+    """A GA Realtime server on 127.0.0.1:0; ``script`` runs once per connection.
+
+    A failing handler (e.g. a client message the SDK rejects) fails the test.
+    """
 
     def __init__(self, script: Script | None = None, *, reject_with: int | None = None) -> None:
+        super().__init__()
         self.script = script
         self.reject_with = reject_with  # answer every upgrade with this HTTP status (e.g. 401)
         self.rejected = 0
         self.sessions: list[FakeRealtimeSession] = []
-        self.port: int | None = None
-        self._changed = trio.Event()
 
     @property
     def url(self) -> str:
         assert self.port is not None, "start the server first: await nursery.start(server.run)"
         return f"ws://127.0.0.1:{self.port}/v1/realtime"
-
-    async def run(self, *, task_status: trio.TaskStatus[FakeOpenAIServer] = trio.TASK_STATUS_IGNORED) -> None:
-        # serve_tcp + wrap_server_stream rather than serve_websocket, so that
-        # each connection's TCP stream is ours (for abort()); serve_tcp closes
-        # it when the handler returns.  A failing handler (e.g. a client
-        # message the SDK rejects) fails the test.
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve_connection, 0, host="127.0.0.1"))
-            self.port = listeners[0].socket.getsockname()[1]
-            task_status.started(self)
-
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        async with trio.open_nursery() as nursery:
-            request = await wrap_server_stream(nursery, stream)
-            await self._handle(request, stream)
-            nursery.cancel_scope.cancel()  # the connection's reader task
-
-    def _touch(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            await self._changed.wait()
 
     async def session(self, index: int = 0) -> FakeRealtimeSession:
         """The ``index``-th connection (waits for it)."""
@@ -1063,26 +1006,15 @@ class FakeOpenAIServer:
     async def _handle(self, request: WebSocketRequest, stream: trio.SocketStream) -> None:
         if self.reject_with is not None:
             self.rejected += 1
-            self._touch()
+            self.touch()
             await request.reject(self.reject_with, body=b'{"error": {"type": "invalid_request_error"}}')
             return
         ws = await request.accept()
         session = FakeRealtimeSession(self, ws, stream, len(self.sessions) + 1)
         self.sessions.append(session)
-        self._touch()
-        try:
-            async with trio.open_nursery() as nursery:
-
-                async def serve_protocol() -> None:
-                    await session._run()
-                    nursery.cancel_scope.cancel()  # the client has gone: stop the script
-
-                nursery.start_soon(serve_protocol)
-                if self.script is not None:
-                    nursery.start_soon(self.script, session)
-        finally:
-            with trio.move_on_after(1):
-                await ws.aclose()
+        self.touch()
+        script = None if self.script is None else functools.partial(self.script, session)
+        await serve_session(ws, session._run, script)
 
 
 # ------------------------------------------------------------ in-memory link

@@ -34,7 +34,9 @@ from typing import Any
 
 import trio
 from google.genai import types
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
+from trio_websocket import WebSocketConnection, WebSocketRequest
+
+from tests._ws_server import FakeConnection, LoopbackWsServer, serve_session
 
 __all__ = ["FakeGeminiServer", "FakeGeminiSession", "GeminiScript", "validate_client_message", "wire"]
 
@@ -77,13 +79,14 @@ def wire(message: types.LiveServerMessage) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
-class FakeGeminiSession:
+class FakeGeminiSession(FakeConnection):
     """One connection to :class:`FakeGeminiServer`, from the server's side."""
+
+    server: FakeGeminiServer
 
     def __init__(self, server: FakeGeminiServer, ws: WebSocketConnection, stream: trio.abc.Stream, number: int,
                  api_key: str | None) -> None:
-        self.server = server
-        self.ws = ws
+        super().__init__(server, ws)
         self._stream = stream
         self.number = number
         self.path = ws.path
@@ -95,11 +98,6 @@ class FakeGeminiSession:
         self.client_contents: list[types.LiveClientContent] = []
         self.tool_responses: list[types.LiveClientToolResponse] = []
         self.ready = trio.Event()  # setupComplete sent
-        self.closed = trio.Event()
-        self.closed_at_s: float | None = None
-        self.close_code: int | None = None
-        self._changed = trio.Event()
-        self._send_lock = trio.StrictFIFOLock()
 
     # -- helpers for scripts and tests ---------------------------------------
 
@@ -110,16 +108,11 @@ class FakeGeminiSession:
             return None
         return self.setup.session_resumption.handle
 
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            await self._changed.wait()
-
     async def wait_audio_ms(self, ms: int) -> None:
         await self.wait_for(lambda: len(self.audio_in) >= ms * 32)
 
     async def send(self, message: types.LiveServerMessage) -> None:
-        async with self._send_lock:
-            await self.ws.send_message(wire(message))
+        await self.send_message(wire(message))
 
     async def model_audio(self, pcm24k: bytes, *, chunk_bytes: int = 4800, interval_s: float = 0.0) -> None:
         """Model audio (PCM16 24 kHz) in ``serverContent.modelTurn`` chunks."""
@@ -167,9 +160,6 @@ class FakeGeminiSession:
     async def go_away(self, time_left: str = "50s") -> None:
         await self.send(types.LiveServerMessage(go_away=types.LiveServerGoAway(time_left=time_left)))
 
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        await self.ws.aclose(code, reason)
-
     async def abort(self) -> None:
         """Drop the TCP connection without a close handshake."""
         await trio.aclose_forcefully(self._stream)
@@ -177,24 +167,12 @@ class FakeGeminiSession:
     # -- the server side of the protocol -------------------------------------
 
     async def _run(self) -> None:
-        while True:
-            try:
-                text = await self.ws.get_message()
-            except ConnectionClosed as exc:
-                self.closed_at_s = trio.current_time()
-                self.close_code = None if exc.reason is None else exc.reason.code
-                self.closed.set()
-                self._touch()
-                return
-            message = validate_client_message(text)
-            self.received.append((trio.current_time(), message))
-            await self._answer(message)
-            self._touch()
+        await self.receive_until_closed(self._handle)
 
-    def _touch(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-        self.server._touch()
+    async def _handle(self, text: str | bytes) -> None:
+        message = validate_client_message(text)
+        self.received.append((trio.current_time(), message))
+        await self._answer(message)
 
     async def _answer(self, message: types.LiveClientMessage) -> None:
         if self.setup is None:
@@ -233,7 +211,7 @@ class FakeGeminiSession:
 GeminiScript = Callable[[FakeGeminiSession], Awaitable[None]]
 
 
-class FakeGeminiServer:
+class FakeGeminiServer(LoopbackWsServer):
     """A Gemini Live server on 127.0.0.1:0; ``script`` runs once per connection."""
 
     def __init__(
@@ -243,14 +221,13 @@ class FakeGeminiServer:
         resume_delay_s: float = 0.0,
         refuse_setup: tuple[int, str] | None = None,
     ) -> None:
+        super().__init__()
         self.script = script
         self.refuse_setup = refuse_setup  # close every connection with (code, reason) instead of setupComplete
         self.resume_delay_s = resume_delay_s  # before answering a resuming setup
         self.sessions: list[FakeGeminiSession] = []
         self.issued_handles: set[str] = set()
-        self.port: int | None = None
         self._handles = itertools.count(1)
-        self._changed = trio.Event()
 
     @property
     def url(self) -> str:
@@ -258,26 +235,6 @@ class FakeGeminiServer:
         return (
             f"ws://127.0.0.1:{self.port}/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
         )
-
-    async def run(self, *, task_status: trio.TaskStatus[FakeGeminiServer] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve_connection, 0, host="127.0.0.1"))
-            self.port = listeners[0].socket.getsockname()[1]
-            task_status.started(self)
-
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        async with trio.open_nursery() as nursery:
-            request = await wrap_server_stream(nursery, stream)
-            await self._handle(request, stream)
-            nursery.cancel_scope.cancel()
-
-    def _touch(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            await self._changed.wait()
 
     async def session(self, index: int = 0) -> FakeGeminiSession:
         """The ``index``-th connection (waits for it)."""
@@ -289,17 +246,6 @@ class FakeGeminiServer:
         ws = await request.accept()
         session = FakeGeminiSession(self, ws, stream, len(self.sessions) + 1, headers.get("x-goog-api-key"))
         self.sessions.append(session)
-        self._touch()
-        try:
-            async with trio.open_nursery() as nursery:
-
-                async def serve_protocol() -> None:
-                    await session._run()
-                    nursery.cancel_scope.cancel()  # the client has gone: stop the script
-
-                nursery.start_soon(serve_protocol)
-                if self.script is not None:
-                    nursery.start_soon(self.script, session)
-        finally:
-            with trio.move_on_after(1):
-                await ws.aclose()
+        self.touch()
+        script = None if self.script is None else functools.partial(self.script, session)
+        await serve_session(ws, session._run, script)

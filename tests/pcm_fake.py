@@ -13,13 +13,14 @@ raises).  A per-connection ``script`` drives the model's side with
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from tests._ws_server import FakeConnection, LoopbackWsServer, serve_session
 
 __all__ = ["FakePcmModel", "PcmModelSession", "validate_start"]
 
@@ -72,12 +73,13 @@ def _validate_control(text: str | bytes) -> dict[str, Any]:
     return msg
 
 
-class PcmModelSession:
+class PcmModelSession(FakeConnection):
     """One connection to :class:`FakePcmModel`, from the model's side."""
 
+    server: FakePcmModel
+
     def __init__(self, server: FakePcmModel, ws: WebSocketConnection, number: int) -> None:
-        self.server = server
-        self.ws = ws
+        super().__init__(server, ws)
         self.number = number
         self.start: dict[str, Any] | None = None
         self.audio_in = bytearray()  # caller audio, PCM16 at the input rate
@@ -87,11 +89,6 @@ class PcmModelSession:
         self.reply_has_audio = False
         self.sent_audio: dict[int, int] = {}  # reply -> bytes sent
         self.started = trio.Event()
-        self.closed = trio.Event()
-        self.closed_at_s: float | None = None
-        self.close_code: int | None = None
-        self._changed = trio.Event()
-        self._send_lock = trio.StrictFIFOLock()
 
     @property
     def input_rate(self) -> int:
@@ -108,18 +105,8 @@ class PcmModelSession:
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [m for _, m in self.control if m["type"] == kind]
 
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            await self._changed.wait()
-
-    def _touch(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-        self.server._touch()
-
     async def send_json(self, message: dict[str, Any]) -> None:
-        async with self._send_lock:
-            await self.ws.send_message(json.dumps(message))
+        await self.send_message(json.dumps(message))
 
     async def audio(self, pcm: bytes, *, frame_bytes: int = 1920, interval_s: float = 0.0) -> None:
         """Send ``pcm`` (output rate) in binary frames of ``frame_bytes``."""
@@ -127,8 +114,7 @@ class PcmModelSession:
             if at and interval_s:
                 await trio.sleep(interval_s)
             frame = pcm[at : at + frame_bytes]
-            async with self._send_lock:
-                await self.ws.send_message(frame)
+            await self.send_message(frame)
             self.reply_has_audio = True
             self.sent_audio[self.reply] = self.sent_audio.get(self.reply, 0) + len(frame)
 
@@ -149,94 +135,62 @@ class PcmModelSession:
         await self.send_json({"type": "clear"})
         self._end_reply()
 
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        await self.ws.aclose(code, reason)
-
     async def _run(self) -> None:
         try:
             first = await self.ws.get_message()
             self.start = validate_start(first)
             if self.server.send_ready:
                 await self.send_json({"type": "ready"})
-            self.started.set()
-            self._touch()
-            while True:
-                message = await self.ws.get_message()
-                if isinstance(message, bytes):
-                    assert len(message) % 2 == 0, "audio frames carry whole PCM16 samples"
-                    self.audio_in += message
-                    self.frames_in += 1
-                else:
-                    self.control.append((trio.current_time(), _validate_control(message)))
-                self._touch()
         except ConnectionClosed as exc:
-            self.closed_at_s = trio.current_time()
-            self.close_code = None if exc.reason is None else exc.reason.code
-            self.closed.set()
-            self._touch()
+            self.record_close(exc)
+            return
+        self.started.set()
+        self.touch()
+        await self.receive_until_closed(self._handle)
+
+    async def _handle(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            assert len(message) % 2 == 0, "audio frames carry whole PCM16 samples"
+            self.audio_in += message
+            self.frames_in += 1
+        else:
+            self.control.append((trio.current_time(), _validate_control(message)))
 
 
 Script = Callable[[PcmModelSession], Awaitable[None]]
 
 
-class FakePcmModel:
+class FakePcmModel(LoopbackWsServer):
     """The model server; ``script`` runs once per connection (after ``start``).
 
     ``send_ready=False`` plays a model that never finishes the handshake.
     """
 
     def __init__(self, script: Script | None = None, *, send_ready: bool = True) -> None:
+        super().__init__()
         self.script = script
         self.send_ready = send_ready
         self.sessions: list[PcmModelSession] = []
-        self.port: int | None = None
-        self._changed = trio.Event()
 
     @property
     def url(self) -> str:
         assert self.port is not None, "start the server first"
         return f"ws://127.0.0.1:{self.port}/model?token=not-logged"
 
-    async def run(self, *, task_status: trio.TaskStatus[FakePcmModel] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve_connection, 0, host="127.0.0.1"))
-            self.port = listeners[0].socket.getsockname()[1]
-            task_status.started(self)
-
-    def _touch(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
     async def session(self, index: int = 0) -> PcmModelSession:
-        while len(self.sessions) <= index:
-            await self._changed.wait()
+        """The ``index``-th connection (waits for it)."""
+        await self.wait_for(lambda: len(self.sessions) > index)
         return self.sessions[index]
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        async with trio.open_nursery() as nursery:
-            request = await wrap_server_stream(nursery, stream)
-            await self._handle(request)
-            nursery.cancel_scope.cancel()
-
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, request: WebSocketRequest, stream: trio.SocketStream) -> None:
         ws = await request.accept()
         session = PcmModelSession(self, ws, len(self.sessions) + 1)
         self.sessions.append(session)
-        self._touch()
-        try:
-            async with trio.open_nursery() as nursery:
+        self.touch()
 
-                async def serve_protocol() -> None:
-                    await session._run()
-                    nursery.cancel_scope.cancel()
+        async def run_script() -> None:
+            await session.started.wait()
+            if self.script is not None:
+                await self.script(session)
 
-                async def run_script() -> None:
-                    await session.started.wait()
-                    if self.script is not None:
-                        await self.script(session)
-
-                nursery.start_soon(serve_protocol)
-                nursery.start_soon(run_script)
-        finally:
-            with trio.move_on_after(1):
-                await ws.aclose()
+        await serve_session(ws, session._run, run_script)

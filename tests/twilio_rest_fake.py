@@ -22,7 +22,6 @@ to make the next request fail with a Twilio error.
 from __future__ import annotations
 
 import base64
-import functools
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ from twilio.http import HttpClient
 from twilio.http.response import Response as SdkResponse
 from twilio.rest import Client
 from twilio.rest.api.v2010.account.call import CallInstance
+
+from tests._ws_server import listen_loopback
 
 ACCOUNT_SID = "AC" + "0" * 32
 AUTH_TOKEN = "rest-auth-token-0123456789abcdef"
@@ -122,8 +123,7 @@ class FakeTwilioRest:
 
     async def run(self, *, task_status: trio.TaskStatus[FakeTwilioRest] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(functools.partial(trio.serve_tcp, self._serve, 0, host="127.0.0.1"))
-            self.port = listeners[0].socket.getsockname()[1]
+            self.port = await listen_loopback(nursery, self._serve)
             task_status.started(self)
 
     async def wait_requests(self, n: int) -> list[RestRequest]:

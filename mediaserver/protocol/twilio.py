@@ -58,16 +58,16 @@ frame for 20 ms precision).  One race is resolved conservatively: a
 
 from __future__ import annotations
 
-import binascii
 import enum
 import json
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Final
 
-from .errors import CLOSE_MESSAGE_TOO_BIG, LocalProtocolError, RemoteProtocolError
+from ._wire import JsonObject, SansIOCore, b64_field, b64encode, field, load_object, obj_field, require_text, str_field
+from .errors import LocalProtocolError, RemoteProtocolError
 from .twilio_events import (
     MULAW_SAMPLE_RATE_HZ,
     MULAW_SAMPLES_PER_MS,
@@ -210,19 +210,22 @@ class _PendingMark:
         self.samples = samples
 
 
-class TwilioStream:
+class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
     """One Twilio Media Streams connection, seen from our server.
 
     ``max_message_bytes`` bounds one inbound message (UTF-8 size); larger
     messages raise :class:`RemoteProtocolError` with close code hint 1009.
+    Twilio sends text frames only, so a binary frame given to
+    :meth:`receive_message` is a :class:`RemoteProtocolError` too.
     """
+
+    _DEAD_MESSAGE = "the stream is dead after an earlier protocol error"
 
     def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         if max_message_bytes < 1:
             raise ValueError("max_message_bytes must be positive")
+        super().__init__(StreamState.AWAITING_CONNECTED, StreamState.ERROR)
         self._max_message_bytes = max_message_bytes
-        self._state = StreamState.AWAITING_CONNECTED
-        self._events: deque[TwilioEvent] = deque()
 
         # Set by ``start``.
         self._start: Start | None = None
@@ -252,10 +255,6 @@ class TwilioStream:
     # ------------------------------------------------------------------ state
 
     @property
-    def state(self) -> StreamState:
-        return self._state
-
-    @property
     def start(self) -> Start | None:
         """The ``start`` event, once received."""
         return self._start
@@ -277,54 +276,15 @@ class TwilioStream:
                 f"cannot send {what.value!r} in state {self._state.name}"
             ) from None
 
-    def _check_alive(self) -> None:
-        if self._state is StreamState.ERROR:
-            raise LocalProtocolError("the stream is dead after an earlier protocol error")
-
     # ---------------------------------------------------------------- inbound
 
-    def receive_message(self, message: str | bytes) -> None:
-        """Feed one WebSocket message from Twilio.  Raises on bad input.
-
-        Twilio sends text frames only, so ``bytes`` (a binary frame) is a
-        :class:`RemoteProtocolError`.
-        """
-        self._check_alive()
-        try:
-            self._events.append(self._parse(message))
-        except BaseException:
-            self._state = StreamState.ERROR
-            raise
-
-    def events(self) -> Iterator[TwilioEvent]:
-        """Yield and remove the queued events, oldest first."""
-        self._check_alive()
-        events = self._events
-        while events:
-            yield events.popleft()
+    def _parse_events(self, message: str | bytes) -> tuple[TwilioEvent]:
+        return (self._parse(message),)
 
     def _parse(self, message: str | bytes) -> TwilioEvent:
-        if not isinstance(message, str):
-            raise RemoteProtocolError("Twilio sent a binary frame; Media Streams use text frames")
-        size = len(message)
-        limit = self._max_message_bytes
-        if size > limit or (
-            size * 4 > limit and not message.isascii() and len(message.encode("utf-8")) > limit
-        ):
-            raise RemoteProtocolError(
-                f"message of {len(message.encode('utf-8'))} bytes exceeds the {limit}-byte limit",
-                close_code_hint=CLOSE_MESSAGE_TOO_BIG,
-            )
-        try:
-            msg = json.loads(message)
-        except (ValueError, RecursionError):
-            raise RemoteProtocolError(f"message is not valid JSON: {message!r:.80}") from None
-        if type(msg) is not dict:
-            raise RemoteProtocolError(f"message is not a JSON object: {message!r:.80}")
-        name = msg.get("event")
-        if type(name) is not str:
-            raise RemoteProtocolError(f"message has no string 'event': {message!r:.80}")
-
+        text = require_text(message, "Twilio")
+        msg = load_object(text, tag="event", max_bytes=self._max_message_bytes)
+        name: str = msg["event"]
         what = _INBOUND_INPUTS.get(name, _I.UNKNOWN)
         self._transition(what, inbound=True, event=name)
         if what is _I.MEDIA:  # by far the most frequent
@@ -334,15 +294,15 @@ class TwilioStream:
         if what is _I.DTMF:
             return self._parse_dtmf(msg)
         if what is _I.CONNECTED:
-            return Connected(protocol=_string(msg, "protocol", name), version=_string(msg, "version", name))
+            return Connected(protocol=str_field(msg, "protocol", name), version=str_field(msg, "version", name))
         if what is _I.START:
             return self._parse_start(msg)
         if what is _I.STOP:
             return self._parse_stop(msg)
-        return self._parse_unknown(name, msg, message)
+        return self._parse_unknown(name, msg, text)
 
-    def _sequence(self, msg: dict[str, Any]) -> int:
-        number = _numeric(_field(msg, "sequenceNumber", msg["event"]), "sequenceNumber")
+    def _sequence(self, msg: JsonObject) -> int:
+        number = _numeric(field(msg, "sequenceNumber", msg["event"]), "sequenceNumber")
         expected = self._next_sequence_number
         if number != expected:
             if number < expected:
@@ -353,7 +313,7 @@ class TwilioStream:
         self._next_sequence_number = number + 1
         return number
 
-    def _check_stream_sid(self, msg: dict[str, Any]) -> None:
+    def _check_stream_sid(self, msg: JsonObject) -> None:
         assert self._start is not None
         sid = msg.get("streamSid")
         if sid != self._start.stream_sid:
@@ -361,14 +321,14 @@ class TwilioStream:
                 f"{msg['event']!r} for streamSid {sid!r:.40}, but this stream is {self._start.stream_sid!r}"
             )
 
-    def _parse_start(self, msg: dict[str, Any]) -> Start:
+    def _parse_start(self, msg: JsonObject) -> Start:
         sequence_number = self._sequence(msg)
-        start = _object(msg, "start", "start")
-        stream_sid = _string(msg, "streamSid", "start")
-        inner_sid = _string(start, "streamSid", "start.start")
+        start = obj_field(msg, "start", "start")
+        stream_sid = str_field(msg, "streamSid", "start")
+        inner_sid = str_field(start, "streamSid", "start.start")
         if inner_sid != stream_sid:
             raise RemoteProtocolError(f"start: streamSid {stream_sid!r} != start.streamSid {inner_sid!r}")
-        tracks = _field(start, "tracks", "start.start")
+        tracks = field(start, "tracks", "start.start")
         if type(tracks) is not list or not all(type(t) is str for t in tracks):
             raise RemoteProtocolError(f"start.tracks must be a list of strings, got {tracks!r:.80}")
         params = start.get("customParameters", {})
@@ -376,11 +336,11 @@ class TwilioStream:
             raise RemoteProtocolError(
                 f"start.customParameters must map strings to strings, got {params!r:.80}"
             )
-        fmt = _object(start, "mediaFormat", "start.start")
+        fmt = obj_field(start, "mediaFormat", "start.start")
         media_format = MediaFormat(
-            encoding=_string(fmt, "encoding", "start.mediaFormat"),
-            sample_rate_hz=_number(_field(fmt, "sampleRate", "start.mediaFormat"), "sampleRate"),
-            channels=_number(_field(fmt, "channels", "start.mediaFormat"), "channels"),
+            encoding=str_field(fmt, "encoding", "start.mediaFormat"),
+            sample_rate_hz=_number(field(fmt, "sampleRate", "start.mediaFormat"), "sampleRate"),
+            channels=_number(field(fmt, "channels", "start.mediaFormat"), "channels"),
         )
         # Everything downstream (marks, played_ms, truncation) counts 8 samples per ms.
         if media_format != MediaFormat(_MULAW_ENCODING, MULAW_SAMPLE_RATE_HZ, 1):
@@ -388,8 +348,8 @@ class TwilioStream:
         event = Start(
             sequence_number=sequence_number,
             stream_sid=stream_sid,
-            account_sid=_string(start, "accountSid", "start.start"),
-            call_sid=_string(start, "callSid", "start.start"),
+            account_sid=str_field(start, "accountSid", "start.start"),
+            call_sid=str_field(start, "callSid", "start.start"),
             tracks=tuple(tracks),
             custom_parameters=MappingProxyType(dict(params)),
             media_format=media_format,
@@ -401,22 +361,14 @@ class TwilioStream:
         self._clear_message = '{"event":"clear","streamSid":' + sid + "}"
         return event
 
-    def _parse_media(self, msg: dict[str, Any]) -> Media:
+    def _parse_media(self, msg: JsonObject) -> Media:
         sequence_number = self._sequence(msg)
         self._check_stream_sid(msg)
-        media = msg.get("media")
-        if type(media) is not dict:
-            raise RemoteProtocolError("media: 'media' must be an object")
-        track = _string(media, "track", "media.media")
+        media = obj_field(msg, "media", "media")
+        track = str_field(media, "track", "media.media")
         chunk = _numeric(media.get("chunk"), "media.chunk")
         timestamp_ms = _numeric(media.get("timestamp"), "media.timestamp")
-        payload = media.get("payload")
-        if type(payload) is not str:
-            raise RemoteProtocolError(f"media.payload must be a string, got {payload!r:.40}")
-        try:
-            audio = binascii.a2b_base64(payload, strict_mode=True)
-        except ValueError:
-            raise RemoteProtocolError(f"media.payload is not valid base64: {payload!r:.40}") from None
+        audio = b64_field(media, "payload", "media.media")
         expected = self._next_chunk.get(track, 1)
         missing = 0
         if chunk != expected:
@@ -429,20 +381,20 @@ class TwilioStream:
         self._next_chunk[track] = chunk + 1
         return Media(sequence_number, track, chunk, timestamp_ms, audio, missing)
 
-    def _parse_dtmf(self, msg: dict[str, Any]) -> Dtmf:
+    def _parse_dtmf(self, msg: JsonObject) -> Dtmf:
         sequence_number = self._sequence(msg)
         self._check_stream_sid(msg)
-        dtmf = _object(msg, "dtmf", "dtmf")
+        dtmf = obj_field(msg, "dtmf", "dtmf")
         return Dtmf(
             sequence_number=sequence_number,
-            track=_string(dtmf, "track", "dtmf.dtmf"),
-            digit=_string(dtmf, "digit", "dtmf.dtmf"),
+            track=str_field(dtmf, "track", "dtmf.dtmf"),
+            digit=str_field(dtmf, "digit", "dtmf.dtmf"),
         )
 
-    def _parse_mark(self, msg: dict[str, Any]) -> Mark:
+    def _parse_mark(self, msg: JsonObject) -> Mark:
         sequence_number = self._sequence(msg)
         self._check_stream_sid(msg)
-        name = _string(_object(msg, "mark", "mark"), "name", "mark.mark")
+        name = str_field(obj_field(msg, "mark", "mark"), "name", "mark.mark")
         cleared_mark = self._cleared_marks.pop(name, None)
         if cleared_mark is not None:
             return Mark(sequence_number, name, cleared=True)
@@ -461,15 +413,15 @@ class TwilioStream:
                 items[item].played += samples
         return Mark(sequence_number, name, cleared=False)
 
-    def _parse_stop(self, msg: dict[str, Any]) -> Stop:
+    def _parse_stop(self, msg: JsonObject) -> Stop:
         assert self._start is not None
         sequence_number = self._sequence(msg)
         self._check_stream_sid(msg)
-        stop = _object(msg, "stop", "stop")
+        stop = obj_field(msg, "stop", "stop")
         event = Stop(
             sequence_number=sequence_number,
-            account_sid=_string(stop, "accountSid", "stop.stop"),
-            call_sid=_string(stop, "callSid", "stop.stop"),
+            account_sid=str_field(stop, "accountSid", "stop.stop"),
+            call_sid=str_field(stop, "callSid", "stop.stop"),
         )
         if (event.account_sid, event.call_sid) != (self._start.account_sid, self._start.call_sid):
             raise RemoteProtocolError(
@@ -479,7 +431,7 @@ class TwilioStream:
             )
         return event
 
-    def _parse_unknown(self, name: str, msg: dict[str, Any], message: str) -> Unknown:
+    def _parse_unknown(self, name: str, msg: JsonObject, message: str) -> Unknown:
         sequence_number = self._sequence(msg) if "sequenceNumber" in msg else None
         if self._start is not None and "streamSid" in msg:
             self._check_stream_sid(msg)
@@ -489,21 +441,19 @@ class TwilioStream:
 
     def send(self, command: TwilioCommand) -> str:
         """Return the text frame for ``command``; update the playback accounting."""
-        self._check_alive()
-        try:
-            if type(command) is SendAudio:
-                self._transition(_I.SEND_AUDIO, inbound=False)
-                return self._send_audio(command)
-            if type(command) is SendMark:
-                self._transition(_I.SEND_MARK, inbound=False)
-                return self._send_mark()
-            if type(command) is ClearAudio:
-                self._transition(_I.CLEAR_AUDIO, inbound=False)
-                return self._clear_audio()
-            raise LocalProtocolError(f"not a Twilio command: {command!r:.80}")
-        except BaseException:
-            self._state = StreamState.ERROR
-            raise
+        return self._guarded(self._send, command)
+
+    def _send(self, command: TwilioCommand) -> str:
+        if type(command) is SendAudio:
+            self._transition(_I.SEND_AUDIO, inbound=False)
+            return self._send_audio(command)
+        if type(command) is SendMark:
+            self._transition(_I.SEND_MARK, inbound=False)
+            return self._send_mark()
+        if type(command) is ClearAudio:
+            self._transition(_I.CLEAR_AUDIO, inbound=False)
+            return self._clear_audio()
+        raise LocalProtocolError(f"not a Twilio command: {command!r:.80}")
 
     def _send_audio(self, command: SendAudio) -> str:
         payload = command.payload
@@ -521,7 +471,7 @@ class TwilioStream:
             self._tail_items.append(item)
             self._tail_samples.append(samples)
         self._tail_total += samples
-        return self._media_prefix + binascii.b2a_base64(payload, newline=False).decode("ascii") + '"}}'
+        return self._media_prefix + b64encode(payload) + '"}}'
 
     def _send_mark(self) -> str:
         name = str(self._next_mark_number)
@@ -628,27 +578,6 @@ class TwilioStream:
 
 
 # ------------------------------------------------------------------- helpers
-
-
-def _field(obj: dict[str, Any], key: str, where: str) -> Any:
-    try:
-        return obj[key]
-    except KeyError:
-        raise RemoteProtocolError(f"{where}: missing {key!r}") from None
-
-
-def _string(obj: dict[str, Any], key: str, where: str) -> str:
-    value = _field(obj, key, where)
-    if type(value) is not str or not value:
-        raise RemoteProtocolError(f"{where}: {key!r} must be a non-empty string, got {value!r:.40}")
-    return value
-
-
-def _object(obj: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = _field(obj, key, where)
-    if type(value) is not dict:
-        raise RemoteProtocolError(f"{where}: {key!r} must be an object, got {value!r:.40}")
-    return value
 
 
 def _numeric(value: object, what: str) -> int:

@@ -43,16 +43,25 @@ never fatal (one reply failed, the session lives on).
 
 from __future__ import annotations
 
-import binascii
 import enum
-import json
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Final
 
+from .._wire import (
+    JsonObject,
+    b64_field,
+    b64encode,
+    dumps,
+    load_object,
+    optional_str_field,
+    require_text,
+    str_field,
+    text_field,
+)
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ._core import EarlyAudio, ProviderCore
 from .base import (
     AudioDelta,
     AudioDone,
@@ -139,19 +148,17 @@ class AssemblyAIState(enum.Enum):
     ERROR = "error"
 
 
-class AssemblyAIAgentSession:
-    """One AssemblyAI Voice Agent session; implements ``ProviderSession``."""
+class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig]):
+    """One AssemblyAI Voice Agent session; implements ``ProviderSession``.
+
+    AssemblyAI has no keepalive client event (audio streams continuously).
+    """
 
     def __init__(self, config: AssemblyAIAgentConfig) -> None:
-        self._config = config
-        self._state = AssemblyAIState.NEW
-        self._events: deque[ProviderEvent] = deque()
+        new = AssemblyAIState.NEW
+        super().__init__(config, new, AssemblyAIState.ERROR, new=new, input_format=_FORMAT, output_format=_FORMAT)
         self._pending: list[WireMessage] = []
-        self._early_audio: deque[bytes] = deque()
-        self._early_bytes = 0
-        self._max_early_bytes = config.max_buffered_audio_ms * _FORMAT.bytes_per_ms
-        self.dropped_early_bytes = 0
-        """Caller audio dropped because the pre-``session.ready`` buffer was full."""
+        self._early_audio = EarlyAudio(config.max_buffered_audio_ms * _FORMAT.bytes_per_ms)
         self._session_id: str | None = None
         self._reply: str | None = None  # reply in progress (reply.started, no reply.done yet)
         self._barged: set[str] = set()  # replies the caller has talked over
@@ -162,84 +169,53 @@ class AssemblyAIAgentSession:
     # ------------------------------------------------------------------ state
 
     @property
-    def config(self) -> AssemblyAIAgentConfig:
-        return self._config
-
-    @property
-    def state(self) -> AssemblyAIState:
-        return self._state
-
-    @property
     def session_id(self) -> str | None:
         return self._session_id
 
     @property
-    def input_format(self) -> AudioFormat:
-        return _FORMAT
-
-    @property
-    def output_format(self) -> AudioFormat:
-        return _FORMAT
-
-    @property
     def buffered_audio_bytes(self) -> int:
-        return self._early_bytes
+        """Caller audio held until ``session.ready``."""
+        return self._early_audio.buffered_bytes
 
-    def _check_alive(self) -> None:
-        if self._state is AssemblyAIState.ERROR:
-            raise LocalProtocolError("the session is dead after an earlier protocol error")
+    @property
+    def dropped_early_bytes(self) -> int:
+        """Caller audio dropped because the pre-``session.ready`` buffer was full."""
+        return self._early_audio.dropped_bytes
 
     # -------------------------------------------------------------- outbound
 
     def initial_messages(self) -> list[WireMessage]:
         """``session.update``: prompt, greeting, voice, tools, ``audio/pcmu`` both ways."""
-        self._check_alive()
-        if self._state is not AssemblyAIState.NEW:
-            self._state = AssemblyAIState.ERROR
-            raise LocalProtocolError("initial_messages() called twice")
-        self._state = AssemblyAIState.AWAITING_READY
-        return [_dumps(self._config.session_update())]
+        self._begin(AssemblyAIState.AWAITING_READY)
+        return [dumps(self._config.session_update())]
 
     def send(self, command: ProviderCommand) -> list[WireMessage]:
         """Wire messages for ``command``; early audio and early tool results may be held (``[]``)."""
-        self._check_alive()
-        try:
-            if self._state is AssemblyAIState.NEW:
-                raise LocalProtocolError("command before initial_messages()")
-            if type(command) is SendAudio:
-                if self._state is not AssemblyAIState.READY:
-                    self._buffer(command.payload)
-                    return []
-                return [*self._take_early_audio(), _audio_message(command.payload)]
-            if type(command) is ToolResult:
-                return self._tool_result(command)
-            if type(command) in (Truncate, CancelResponse):
-                return []  # the server stops and tracks its own output on barge-in
-            if type(command) is SendText:
-                return []  # no text-input event in the client protocol: dropped (base.SendText)
-            if type(command) is CreateResponse:
-                body: dict[str, object] = {"type": "reply.create"}
-                if command.instructions is not None:
-                    body["instructions"] = command.instructions
-                return [_dumps(body)]
-            raise LocalProtocolError(f"not a provider command: {command!r:.80}")
-        except BaseException:
-            self._state = AssemblyAIState.ERROR
-            raise
+        return self._guarded(self._send, command)
 
-    def _buffer(self, payload: bytes) -> None:
-        self._early_audio.append(payload)
-        self._early_bytes += len(payload)
-        while self._early_bytes > self._max_early_bytes and self._early_audio:
-            dropped = self._early_audio.popleft()
-            self._early_bytes -= len(dropped)
-            self.dropped_early_bytes += len(dropped)
+    def _send(self, command: ProviderCommand) -> list[WireMessage]:
+        if self._state is AssemblyAIState.NEW:
+            raise LocalProtocolError("command before initial_messages()")
+        if type(command) is SendAudio:
+            if self._state is not AssemblyAIState.READY:
+                self._early_audio.push(command.payload)
+                return []
+            return [*self._take_early_audio(), _audio_message(command.payload)]
+        if type(command) is ToolResult:
+            return self._tool_result(command)
+        if type(command) in (Truncate, CancelResponse):
+            return []  # the server stops and tracks its own output on barge-in
+        if type(command) is SendText:
+            return []  # no text-input event in the client protocol: dropped (base.SendText)
+        if type(command) is CreateResponse:
+            body: dict[str, object] = {"type": "reply.create"}
+            if command.instructions is not None:
+                body["instructions"] = command.instructions
+            return [dumps(body)]
+        raise LocalProtocolError(f"not a provider command: {command!r:.80}")
 
     def _take_early_audio(self) -> list[WireMessage]:
-        messages: list[WireMessage] = [_audio_message(frame) for frame in self._early_audio]
-        self._early_audio.clear()
-        self._early_bytes = 0
-        return messages
+        return [_audio_message(frame) for frame in self._early_audio.take()]
 
     def _tool_result(self, command: ToolResult) -> list[WireMessage]:
         call_id = command.call_id
@@ -248,7 +224,7 @@ class AssemblyAIAgentSession:
         reply = self._calls.pop(call_id)
         if reply in self._dropped_replies:
             return []  # its reply was interrupted: the docs say to discard the result
-        text = _dumps({"type": "tool.result", "call_id": call_id, "result": command.output})
+        text = dumps({"type": "tool.result", "call_id": call_id, "result": command.output})
         if self._reply is not None:
             self._held.append((reply, text))  # wait until reply.done is the latest event
             return []
@@ -263,95 +239,57 @@ class AssemblyAIAgentSession:
             messages.extend(self._take_early_audio())
         return messages
 
-    @property
-    def keepalive_interval_s(self) -> float | None:
-        """AssemblyAI has no keepalive client event (audio streams continuously)."""
-        return None
-
-    def keepalive(self) -> list[WireMessage]:
-        return []
-
     # --------------------------------------------------------------- inbound
 
-    def receive_message(self, message: WireMessage) -> None:
-        """Feed one WebSocket message from AssemblyAI; raises on bad input."""
-        self._check_alive()
-        try:
-            if self._state is AssemblyAIState.NEW:
-                raise LocalProtocolError("message received before initial_messages()")
-            self._events.extend(self._parse(message))
-        except BaseException:
-            self._state = AssemblyAIState.ERROR
-            raise
-
-    def events(self) -> Iterator[ProviderEvent]:
-        """Yield and remove the queued events, oldest first."""
-        self._check_alive()
-        events = self._events
-        while events:
-            yield events.popleft()
-
-    def _parse(self, message: WireMessage) -> list[ProviderEvent]:
-        if not isinstance(message, str):
-            raise RemoteProtocolError("AssemblyAI sent a binary frame; it uses JSON text frames")
-        try:
-            msg = json.loads(message)
-        except (ValueError, RecursionError):
-            raise RemoteProtocolError(f"message is not valid JSON: {message!r:.80}") from None
-        if type(msg) is not dict:
-            raise RemoteProtocolError(f"message is not a JSON object: {message!r:.80}")
-        type_ = msg.get("type")
-        if type(type_) is not str:
-            raise RemoteProtocolError(f"message has no string 'type': {message!r:.80}")
+    def _parse_events(self, message: WireMessage) -> list[ProviderEvent]:
+        text = require_text(message, "AssemblyAI")
+        msg = load_object(text)
+        type_: str = msg["type"]
         handler = _HANDLERS.get(type_)
         if handler is not None:
             if self._state is not AssemblyAIState.READY and type_ not in _BEFORE_READY:
                 raise RemoteProtocolError(f"server sent {type_} before session.ready")
-            return handler(self, msg, message)
+            return handler(self, msg, text)
         if type_ in _OTHER_TYPES:
-            return [Other(type_, message)]
-        return [Unknown(type_, message)]
+            return [Other(type_, text)]
+        return [Unknown(type_, text)]
 
-    def _on_session_ready(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_session_ready(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         if self._state is not AssemblyAIState.AWAITING_READY:
             raise RemoteProtocolError(f"server sent session.ready in state {self._state.name}")
-        self._session_id = _optional_string(msg, "session_id")
+        self._session_id = optional_str_field(msg, "session_id", "session.ready")
         self._state = AssemblyAIState.READY
         return [SessionReady(self._session_id)]
 
-    def _on_session_error(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        code = _optional_string(msg, "code")
-        message = _text(msg, "message", "session.error")
+    def _on_session_error(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
+        code = optional_str_field(msg, "code", "session.error")
+        message = text_field(msg, "message", "session.error")
         fatal = self._state is not AssemblyAIState.READY or code not in NON_FATAL_SESSION_ERRORS
         return [ProviderError(message, fatal=fatal, code=code)]
 
-    def _on_reply_error(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        code = _optional_string(msg, "code")
-        return [ProviderError(_text(msg, "message", "reply.error"), fatal=False, code=code)]
+    def _on_reply_error(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
+        code = optional_str_field(msg, "code", "reply.error")
+        return [ProviderError(text_field(msg, "message", "reply.error"), fatal=False, code=code)]
 
-    def _on_speech_started(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_speech_started(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         if self._reply is not None:
             self._barged.add(self._reply)
         return [SpeechStarted(item_id=None, audio_start_ms=None)]
 
-    def _on_speech_stopped(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_speech_stopped(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         return [SpeechStopped(item_id=None, audio_end_ms=None)]
 
-    def _on_reply_started(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        self._reply = _string(msg, "reply_id", "reply.started")
+    def _on_reply_started(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
+        self._reply = str_field(msg, "reply_id", "reply.started")
         return [ResponseStarted(self._reply)]
 
-    def _on_reply_audio(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        reply_id = _string(msg, "reply_id", "reply.audio")
-        data = _text(msg, "data", "reply.audio")
-        try:
-            payload = binascii.a2b_base64(data, strict_mode=True)
-        except ValueError:
-            raise RemoteProtocolError(f"reply.audio: invalid base64 {data!r:.40}") from None
+    def _on_reply_audio(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
+        reply_id = str_field(msg, "reply_id", "reply.audio")
+        payload = b64_field(msg, "data", "reply.audio")
         return [AudioDelta(reply_id, payload, reply_id)]
 
-    def _on_reply_done(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        reply_id = _string(msg, "reply_id", "reply.done")
+    def _on_reply_done(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
+        reply_id = str_field(msg, "reply_id", "reply.done")
         status = msg.get("status")
         if status not in ("completed", "interrupted"):
             raise RemoteProtocolError(f"reply.done: status must be completed or interrupted, got {status!r:.40}")
@@ -370,32 +308,32 @@ class AssemblyAIAgentSession:
         events += [AudioDone(reply_id, reply_id), ResponseDone(reply_id, status, None)]
         return events
 
-    def _on_tool_call(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        call_id = _string(msg, "call_id", "tool.call")
-        name = _string(msg, "name", "tool.call")
+    def _on_tool_call(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
+        call_id = str_field(msg, "call_id", "tool.call")
+        name = str_field(msg, "name", "tool.call")
         arguments = msg.get("arguments", {})
         if type(arguments) is str:
             text = arguments
         elif type(arguments) is dict:
-            text = _dumps(arguments)
+            text = dumps(arguments)
         else:
             raise RemoteProtocolError(f"tool.call: 'arguments' must be an object, got {arguments!r:.40}")
         self._calls[call_id] = self._reply
         return [ToolCall(call_id=call_id, name=name, arguments=text, item_id=self._reply)]
 
-    def _on_user_transcript(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_user_transcript(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         final = msg["type"] == "transcript.user"
-        return [Transcript("user", _text(msg, "text", msg["type"]), final, _optional_string(msg, "item_id"))]
+        return [Transcript("user", text_field(msg, "text", msg["type"]), final, optional_str_field(msg, "item_id", msg["type"]))]
 
-    def _on_agent_transcript(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        return [Transcript("assistant", _text(msg, "text", "transcript.agent"), True, _optional_string(msg, "reply_id"))]
+    def _on_agent_transcript(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
+        return [Transcript("assistant", text_field(msg, "text", "transcript.agent"), True, optional_str_field(msg, "reply_id", msg["type"]))]
 
-    def _on_agent_transcript_delta(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        text = _text(msg, "delta", "transcript.agent.delta")
-        return [Transcript("assistant", text, False, _optional_string(msg, "reply_id"))]
+    def _on_agent_transcript_delta(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
+        text = text_field(msg, "delta", "transcript.agent.delta")
+        return [Transcript("assistant", text, False, optional_str_field(msg, "reply_id", msg["type"]))]
 
 
-_Handler = Callable[[AssemblyAIAgentSession, dict[str, Any], str], list[ProviderEvent]]
+_Handler = Callable[[AssemblyAIAgentSession, JsonObject, str], list[ProviderEvent]]
 _A = AssemblyAIAgentSession
 _HANDLERS: Final[Mapping[str, _Handler]] = MappingProxyType(
     {
@@ -424,33 +362,5 @@ KNOWN_SERVER_TYPES: Final = frozenset(_HANDLERS) | _OTHER_TYPES
 # ------------------------------------------------------------------- helpers
 
 
-def _dumps(body: Mapping[str, object]) -> str:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-
-
 def _audio_message(payload: bytes) -> str:
-    audio = binascii.b2a_base64(payload, newline=False).decode("ascii")
-    return '{"type":"input.audio","audio":"' + audio + '"}'
-
-
-def _string(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if type(value) is not str or not value:
-        raise RemoteProtocolError(f"{where}: {key!r} must be a non-empty string, got {value!r:.40}")
-    return value
-
-
-def _text(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if type(value) is not str:
-        raise RemoteProtocolError(f"{where}: {key!r} must be a string, got {value!r:.40}")
-    return value
-
-
-def _optional_string(obj: dict[str, Any], key: str) -> str | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if type(value) is not str:
-        raise RemoteProtocolError(f"{obj.get('type')}: {key!r} must be a string or null, got {value!r:.40}")
-    return value
+    return '{"type":"input.audio","audio":"' + b64encode(payload) + '"}'

@@ -49,14 +49,14 @@ from __future__ import annotations
 
 import enum
 import itertools
-import json
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Final
 
+from .._wire import JsonObject, dumps, load_object, object_list_field, str_field, text_field
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ._core import EarlyAudio, ProviderCore
 from .base import (
     AudioDelta,
     AudioDone,
@@ -173,19 +173,14 @@ class DeepgramState(enum.Enum):
     ERROR = "error"
 
 
-class DeepgramAgentSession:
+class DeepgramAgentSession(ProviderCore[DeepgramState, DeepgramAgentConfig]):
     """One Deepgram Voice Agent session; implements ``ProviderSession``."""
 
     def __init__(self, config: DeepgramAgentConfig) -> None:
-        self._config = config
-        self._state = DeepgramState.NEW
-        self._events: deque[ProviderEvent] = deque()
+        new = DeepgramState.NEW
+        super().__init__(config, new, DeepgramState.ERROR, new=new, input_format=_FORMAT, output_format=_FORMAT)
         self._pending: list[WireMessage] = []
-        self._early_audio: deque[bytes] = deque()
-        self._early_bytes = 0
-        self._max_early_bytes = config.max_buffered_audio_ms * _FORMAT.bytes_per_ms
-        self.dropped_early_bytes = 0
-        """Caller audio dropped because the pre-SettingsApplied buffer was full."""
+        self._early_audio = EarlyAudio(config.max_buffered_audio_ms * _FORMAT.bytes_per_ms)
         self._request_id: str | None = None
         self._reply_numbers = itertools.count(1)
         self._reply: str | None = None  # the item id of the agent audio now arriving
@@ -195,82 +190,47 @@ class DeepgramAgentSession:
     # ------------------------------------------------------------------ state
 
     @property
-    def config(self) -> DeepgramAgentConfig:
-        return self._config
-
-    @property
-    def state(self) -> DeepgramState:
-        return self._state
-
-    @property
-    def input_format(self) -> AudioFormat:
-        return _FORMAT
-
-    @property
-    def output_format(self) -> AudioFormat:
-        return _FORMAT
-
-    @property
     def buffered_audio_bytes(self) -> int:
         """Caller audio held until ``SettingsApplied``."""
-        return self._early_bytes
+        return self._early_audio.buffered_bytes
 
-    def _check_alive(self) -> None:
-        if self._state is DeepgramState.ERROR:
-            raise LocalProtocolError("the session is dead after an earlier protocol error")
+    @property
+    def dropped_early_bytes(self) -> int:
+        """Caller audio dropped because the pre-SettingsApplied buffer was full."""
+        return self._early_audio.dropped_bytes
 
     # -------------------------------------------------------------- outbound
 
     def initial_messages(self) -> list[WireMessage]:
         """Nothing: Deepgram speaks first (``Welcome``); Settings follow via :meth:`pending_messages`."""
-        self._check_alive()
-        if self._state is not DeepgramState.NEW:
-            self._state = DeepgramState.ERROR
-            raise LocalProtocolError("initial_messages() called twice")
-        self._state = DeepgramState.AWAITING_WELCOME
+        self._begin(DeepgramState.AWAITING_WELCOME)
         return []
 
     def send(self, command: ProviderCommand) -> list[WireMessage]:
         """Wire messages for ``command``; audio before ``SettingsApplied`` is buffered (returns ``[]``)."""
-        self._check_alive()
-        try:
-            if self._state is DeepgramState.NEW:
-                raise LocalProtocolError("command before initial_messages()")
-            if type(command) is SendAudio:
-                if self._state is not DeepgramState.READY:
-                    self._buffer(command.payload)
-                    return []
-                return [*self._take_early_audio(), command.payload]
-            if type(command) is ToolResult:
-                return self._tool_result(command)
-            if type(command) in (Truncate, CancelResponse):
-                return []  # Deepgram stops on its own when it hears the caller
-            if type(command) is SendText:
-                # InjectUserMessage (SDK AgentV1InjectUserMessage): the agent always answers it,
-                # so ``respond`` cannot be honoured; before SettingsApplied there is no agent yet.
-                if self._state is not DeepgramState.READY:
-                    return []
-                return [_dumps({"type": "InjectUserMessage", "content": command.text})]
-            if type(command) is CreateResponse:
-                raise LocalProtocolError("Deepgram Voice Agent has no way to ask for a response")
-            raise LocalProtocolError(f"not a provider command: {command!r:.80}")
-        except BaseException:
-            self._state = DeepgramState.ERROR
-            raise
+        return self._guarded(self._send, command)
 
-    def _buffer(self, payload: bytes) -> None:
-        self._early_audio.append(payload)
-        self._early_bytes += len(payload)
-        while self._early_bytes > self._max_early_bytes and self._early_audio:
-            dropped = self._early_audio.popleft()
-            self._early_bytes -= len(dropped)
-            self.dropped_early_bytes += len(dropped)
-
-    def _take_early_audio(self) -> list[bytes]:
-        frames = list(self._early_audio)
-        self._early_audio.clear()
-        self._early_bytes = 0
-        return frames
+    def _send(self, command: ProviderCommand) -> list[WireMessage]:
+        if self._state is DeepgramState.NEW:
+            raise LocalProtocolError("command before initial_messages()")
+        if type(command) is SendAudio:
+            if self._state is not DeepgramState.READY:
+                self._early_audio.push(command.payload)
+                return []
+            return [*self._early_audio.take(), command.payload]
+        if type(command) is ToolResult:
+            return self._tool_result(command)
+        if type(command) in (Truncate, CancelResponse):
+            return []  # Deepgram stops on its own when it hears the caller
+        if type(command) is SendText:
+            # InjectUserMessage (SDK AgentV1InjectUserMessage): the agent always answers it,
+            # so ``respond`` cannot be honoured; before SettingsApplied there is no agent yet.
+            if self._state is not DeepgramState.READY:
+                return []
+            return [dumps({"type": "InjectUserMessage", "content": command.text})]
+        if type(command) is CreateResponse:
+            raise LocalProtocolError("Deepgram Voice Agent has no way to ask for a response")
+        raise LocalProtocolError(f"not a provider command: {command!r:.80}")
 
     def _tool_result(self, command: ToolResult) -> list[WireMessage]:
         call_id = command.call_id
@@ -281,7 +241,7 @@ class DeepgramAgentSession:
         if name is None:
             raise LocalProtocolError(f"no open client-side function call {call_id!r}")
         body = {"type": "FunctionCallResponse", "id": call_id, "name": name, "content": command.output}
-        return [_dumps(body)]
+        return [dumps(body)]
 
     def pending_messages(self) -> list[WireMessage]:
         """Settings once Welcome has arrived; buffered caller audio once Settings are applied."""
@@ -289,7 +249,7 @@ class DeepgramAgentSession:
         messages = self._pending
         self._pending = []
         if self._state is DeepgramState.READY and self._early_audio:
-            messages.extend(self._take_early_audio())
+            messages.extend(self._early_audio.take())
         return messages
 
     @property
@@ -304,32 +264,14 @@ class DeepgramAgentSession:
 
     # --------------------------------------------------------------- inbound
 
-    def receive_message(self, message: WireMessage) -> None:
-        """Feed one WebSocket message from Deepgram; raises on bad input."""
-        self._check_alive()
-        try:
-            if self._state is DeepgramState.NEW:
-                raise LocalProtocolError("message received before initial_messages()")
-            self._events.extend(self._parse(message))
-        except BaseException:
-            self._state = DeepgramState.ERROR
-            raise
-
-    def events(self) -> Iterator[ProviderEvent]:
-        """Yield and remove the queued events, oldest first."""
-        self._check_alive()
-        events = self._events
-        while events:
-            yield events.popleft()
-
-    def _parse(self, message: WireMessage) -> list[ProviderEvent]:
+    def _parse_events(self, message: WireMessage) -> list[ProviderEvent]:
         if isinstance(message, bytes):
             if self._state is not DeepgramState.READY:
                 raise RemoteProtocolError(f"agent audio in state {self._state.name}, before SettingsApplied")
             if self._reply is None:
                 self._reply = self._new_reply()
             return [AudioDelta(self._reply, message)]
-        msg = _load(message)
+        msg = load_object(message)
         type_ = msg["type"]
         handler = _HANDLERS.get(type_)
         if handler is not None:
@@ -345,52 +287,45 @@ class DeepgramAgentSession:
         if self._state is not state:
             raise RemoteProtocolError(f"server sent {type_} in state {self._state.name}")
 
-    def _on_welcome(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_welcome(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         self._expect(DeepgramState.AWAITING_WELCOME, "Welcome")
         request_id = msg.get("request_id")
         self._request_id = request_id if type(request_id) is str else None
         self._state = DeepgramState.AWAITING_APPLIED
-        self._pending.append(_dumps(self._config.settings_message()))
+        self._pending.append(dumps(self._config.settings_message()))
         return [Other("Welcome", raw)]
 
-    def _on_settings_applied(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_settings_applied(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         self._expect(DeepgramState.AWAITING_APPLIED, "SettingsApplied")
         self._state = DeepgramState.READY
         return [SessionReady(self._request_id)]
 
-    def _on_user_started_speaking(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_user_started_speaking(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         self._reply = None  # anything after a barge-in is a new reply
         return [SpeechStarted(item_id=None, audio_start_ms=None)]
 
-    def _on_agent_started_speaking(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_agent_started_speaking(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         self._reply = self._new_reply()
         return [ResponseStarted(self._reply)]
 
-    def _on_agent_audio_done(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_agent_audio_done(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         reply, self._reply = self._reply, None
         if reply is None:
             return [Other("AgentAudioDone", raw)]  # a turn without audio
         return [AudioDone(reply)]
 
-    def _on_conversation_text(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_conversation_text(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         role = msg.get("role")
         if role not in ("user", "assistant"):
             raise RemoteProtocolError(f"ConversationText: role must be user or assistant, got {role!r:.40}")
-        content = msg.get("content")
-        if type(content) is not str:
-            raise RemoteProtocolError(f"ConversationText: 'content' must be a string, got {content!r:.40}")
+        content = text_field(msg, "content", "ConversationText")
         return [Transcript("user" if role == "user" else "assistant", content, True)]
 
-    def _on_function_call_request(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        functions = msg.get("functions")
-        if type(functions) is not list:
-            raise RemoteProtocolError(f"FunctionCallRequest: 'functions' must be a list, got {functions!r:.40}")
+    def _on_function_call_request(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         calls: list[ProviderEvent] = []
-        for function in functions:
-            if type(function) is not dict:
-                raise RemoteProtocolError(f"FunctionCallRequest: a function must be an object, got {function!r:.40}")
-            call_id = _string(function, "id", "FunctionCallRequest")
-            name = _string(function, "name", "FunctionCallRequest")
+        for function in object_list_field(msg, "functions", "FunctionCallRequest"):
+            call_id = str_field(function, "id", "FunctionCallRequest")
+            name = str_field(function, "name", "FunctionCallRequest")
             arguments = function.get("arguments")
             client_side = function.get("client_side")
             if type(arguments) is not str or type(client_side) is not bool:
@@ -402,26 +337,21 @@ class DeepgramAgentSession:
                 calls.append(ToolCall(call_id=call_id, name=name, arguments=arguments))
         return calls or [Other("FunctionCallRequest", raw)]
 
-    def _on_function_call_cancelled(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        functions = msg.get("functions")
-        if type(functions) is not list:
-            raise RemoteProtocolError(f"FunctionCallCancelled: 'functions' must be a list, got {functions!r:.40}")
-        for function in functions:
-            if type(function) is not dict:
-                raise RemoteProtocolError(f"FunctionCallCancelled: a function must be an object, got {function!r:.40}")
-            call_id = _string(function, "id", "FunctionCallCancelled")
+    def _on_function_call_cancelled(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
+        for function in object_list_field(msg, "functions", "FunctionCallCancelled"):
+            call_id = str_field(function, "id", "FunctionCallCancelled")
             if self._calls.pop(call_id, None) is not None:
                 self._cancelled.add(call_id)
         return [Other("FunctionCallCancelled", raw)]
 
-    def _on_error(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_error(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         return [_problem(msg, fatal=True)]
 
-    def _on_warning(self, msg: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_warning(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         return [_problem(msg, fatal=False)]
 
 
-_Handler = Callable[[DeepgramAgentSession, dict[str, Any], str], list[ProviderEvent]]
+_Handler = Callable[[DeepgramAgentSession, JsonObject, str], list[ProviderEvent]]
 _D = DeepgramAgentSession
 _HANDLERS: Final[Mapping[str, _Handler]] = MappingProxyType(
     {
@@ -445,32 +375,7 @@ KNOWN_SERVER_TYPES: Final = frozenset(_HANDLERS) | _OTHER_TYPES
 # ------------------------------------------------------------------- helpers
 
 
-def _dumps(body: Mapping[str, object]) -> str:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-
-
-def _load(message: str) -> dict[str, Any]:
-    try:
-        msg = json.loads(message)
-    except (ValueError, RecursionError):
-        raise RemoteProtocolError(f"message is not valid JSON: {message!r:.80}") from None
-    if type(msg) is not dict:
-        raise RemoteProtocolError(f"message is not a JSON object: {message!r:.80}")
-    if type(msg.get("type")) is not str:
-        raise RemoteProtocolError(f"message has no string 'type': {message!r:.80}")
-    return msg
-
-
-def _string(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if type(value) is not str or not value:
-        raise RemoteProtocolError(f"{where}: {key!r} must be a non-empty string, got {value!r:.40}")
-    return value
-
-
-def _problem(msg: dict[str, Any], *, fatal: bool) -> ProviderError:
-    description = msg.get("description")
-    if type(description) is not str:
-        raise RemoteProtocolError(f"{msg['type']}: 'description' must be a string, got {description!r:.40}")
+def _problem(msg: JsonObject, *, fatal: bool) -> ProviderError:
+    description = text_field(msg, "description", msg["type"])
     code = msg.get("code")
     return ProviderError(description, fatal=fatal, code=code if type(code) is str else None)

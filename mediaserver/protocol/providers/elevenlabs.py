@@ -43,17 +43,18 @@ moves to ``ERROR``, after which every call raises.
 
 from __future__ import annotations
 
-import binascii
 import enum
 import itertools
 import json
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Final
 
+from .._wire import JsonObject, b64_field, b64encode, dumps, load_object, obj_field, require_text, text_field
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ._core import ProviderCore
 from .base import (
     AudioDelta,
     AudioDone,
@@ -148,13 +149,17 @@ class SessionState(enum.Enum):
     ERROR = "error"  # a protocol error happened; the session is dead
 
 
-class ElevenLabsSession:
-    """One ElevenLabs Agents conversation; implements ``ProviderSession``."""
+class ElevenLabsSession(ProviderCore[SessionState, ElevenLabsConfig]):
+    """One ElevenLabs Agents conversation; implements ``ProviderSession``.
+
+    No keepalive: the server pings and the core answers (:meth:`pending_messages`).
+    """
 
     def __init__(self, config: ElevenLabsConfig | None = None) -> None:
-        self._config = config or ElevenLabsConfig()
-        self._state = SessionState.NEW
-        self._events: deque[ProviderEvent] = deque()
+        new = SessionState.NEW
+        super().__init__(
+            config or ElevenLabsConfig(), new, SessionState.ERROR, new=new, input_format=_ULAW_8K, output_format=_ULAW_8K
+        )
         self._replies: deque[str] = deque()  # pongs owed
         self._reply_numbers = itertools.count(1)
         self._item: str | None = None  # the reply audio currently belongs to
@@ -164,38 +169,15 @@ class ElevenLabsSession:
     # ------------------------------------------------------------------ state
 
     @property
-    def config(self) -> ElevenLabsConfig:
-        return self._config
-
-    @property
-    def state(self) -> SessionState:
-        return self._state
-
-    @property
     def conversation_id(self) -> str | None:
         """From ``conversation_initiation_metadata``, once it has arrived."""
         return self._conversation_id
-
-    @property
-    def input_format(self) -> AudioFormat:
-        return _ULAW_8K
-
-    @property
-    def output_format(self) -> AudioFormat:
-        return _ULAW_8K
-
-    def _check_alive(self) -> None:
-        if self._state is SessionState.ERROR:
-            raise LocalProtocolError("the session is dead after an earlier protocol error")
 
     # -------------------------------------------------------------- outbound
 
     def initial_messages(self) -> list[str]:
         """The ``conversation_initiation_client_data`` message."""
-        self._check_alive()
-        if self._state is not SessionState.NEW:
-            raise LocalProtocolError("initial_messages() may be called only once")
-        self._state = SessionState.AWAITING_METADATA
+        self._begin(SessionState.AWAITING_METADATA)
         agent: dict[str, object] = {}
         if self._config.prompt is not None:
             agent["prompt"] = {"prompt": self._config.prompt}
@@ -205,16 +187,11 @@ class ElevenLabsSession:
         message["conversation_config_override"] = {"agent": agent} if agent else {}
         if self._config.dynamic_variables:
             message["dynamic_variables"] = dict(self._config.dynamic_variables)
-        return [_dumps(message)]
+        return [dumps(message)]
 
     def send(self, command: ProviderCommand) -> list[str]:
         """Return the wire messages for ``command``: none or one text frame."""
-        self._check_alive()
-        try:
-            return self._send(command)
-        except BaseException:
-            self._state = SessionState.ERROR
-            raise
+        return self._guarded(self._send, command)
 
     def _send(self, command: ProviderCommand) -> list[str]:
         if self._state is SessionState.NEW:
@@ -222,11 +199,10 @@ class ElevenLabsSession:
         if type(command) is SendAudio:
             if self._state is SessionState.REFUSED:
                 return []  # the agent would misread µ-law; the call is ending anyway
-            audio = binascii.b2a_base64(command.payload, newline=False).decode("ascii")
-            return ['{"user_audio_chunk":"' + audio + '"}']
+            return ['{"user_audio_chunk":"' + b64encode(command.payload) + '"}']
         if type(command) is ToolResult:
             return [
-                _dumps(
+                dumps(
                     {
                         "type": "client_tool_result",
                         "tool_call_id": command.call_id,
@@ -238,7 +214,7 @@ class ElevenLabsSession:
         if type(command) is SendText:
             # user_message: "User text message" (SDK ClientToOrchestratorEvent);
             # the agent always answers it, so ``respond`` needs no message.
-            return [_dumps({"type": "user_message", "text": command.text})]
+            return [dumps({"type": "user_message", "text": command.text})]
         if type(command) in (Truncate, CancelResponse, CreateResponse):
             # ElevenLabs tracks what was spoken itself and has no cancel or
             # create message: the agent answers on its own turn detection.
@@ -251,57 +227,23 @@ class ElevenLabsSession:
         self._replies.clear()
         return replies
 
-    @property
-    def keepalive_interval_s(self) -> float | None:
-        """None: the server pings and the core answers (``pending_messages``)."""
-        return None
-
-    def keepalive(self) -> list[str]:
-        return []
-
     # --------------------------------------------------------------- inbound
 
-    def receive_message(self, message: str | bytes) -> None:
-        """Feed one WebSocket message from the server; raises on bad input."""
-        self._check_alive()
-        try:
-            if self._state is SessionState.NEW:
-                raise LocalProtocolError("message received before initial_messages()")
-            self._events.append(self._parse(message))
-        except BaseException:
-            self._state = SessionState.ERROR
-            raise
-
-    def events(self) -> Iterator[ProviderEvent]:
-        """Yield and remove the queued events, oldest first."""
-        self._check_alive()
-        events = self._events
-        while events:
-            yield events.popleft()
-
-    def _parse(self, message: str | bytes) -> ProviderEvent:
-        if not isinstance(message, str):
-            raise RemoteProtocolError("ElevenLabs sent a binary frame; it uses text frames")
-        try:
-            msg = json.loads(message)
-        except (ValueError, RecursionError):
-            raise RemoteProtocolError(f"message is not valid JSON: {message!r:.80}") from None
-        if type(msg) is not dict:
-            raise RemoteProtocolError(f"message is not a JSON object: {message!r:.80}")
-        type_ = msg.get("type")
-        if type(type_) is not str:
-            raise RemoteProtocolError(f"message has no string 'type': {message!r:.80}")
+    def _parse_events(self, message: str | bytes) -> tuple[ProviderEvent]:
+        text = require_text(message, "ElevenLabs")
+        msg = load_object(text)
+        type_: str = msg["type"]
         handler = _HANDLERS.get(type_)
         if handler is not None:
-            return handler(self, msg, message)
+            return (handler(self, msg, text),)
         if type_ in _OTHER_TYPES:
-            return Other(type_, message)
-        return Unknown(type_, message)
+            return (Other(type_, text),)
+        return (Unknown(type_, text),)
 
-    def _on_metadata(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+    def _on_metadata(self, msg: JsonObject, raw: str) -> ProviderEvent:
         if self._state is not SessionState.AWAITING_METADATA:
             raise RemoteProtocolError(f"conversation_initiation_metadata again in state {self._state.name}")
-        event = _object(msg, "conversation_initiation_metadata_event")
+        event = obj_field(msg, "conversation_initiation_metadata_event", "conversation_initiation_metadata")
         conversation_id = event.get("conversation_id")
         self._conversation_id = conversation_id if type(conversation_id) is str else None
         wrong = []
@@ -321,65 +263,61 @@ class ElevenLabsSession:
         self._state = SessionState.READY
         return SessionReady(self._conversation_id)
 
-    def _on_audio(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        event = _object(msg, "audio_event")
+    def _on_audio(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        event = obj_field(msg, "audio_event", "audio")
         event_id = _event_id(event, "audio_event")
-        audio = event.get("audio_base_64")
-        if type(audio) is not str:
-            raise RemoteProtocolError(f"audio_event: 'audio_base_64' must be a string, got {audio!r:.40}")
-        try:
-            payload = binascii.a2b_base64(audio, strict_mode=True)
-        except ValueError:
-            raise RemoteProtocolError(f"audio_event: invalid base64 {audio!r:.40}") from None
+        payload = b64_field(event, "audio_base_64", "audio_event")
         if event_id <= self._last_interrupt_id or not payload:
             return Other("audio", raw)  # of an interrupted reply: never played
         if self._item is None:
             self._item = f"el-reply-{next(self._reply_numbers)}"
         return AudioDelta(self._item, payload, response_id=str(event_id))
 
-    def _on_interruption(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        event_id = _event_id(_object(msg, "interruption_event"), "interruption_event")
+    def _on_interruption(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        event_id = _event_id(obj_field(msg, "interruption_event", "interruption"), "interruption_event")
         self._last_interrupt_id = max(self._last_interrupt_id, event_id)
         self._item = None
         return SpeechStarted(item_id=None, audio_start_ms=None)
 
-    def _on_ping(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        event = _object(msg, "ping_event")
+    def _on_ping(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        event = obj_field(msg, "ping_event", "ping")
         event_id = event.get("event_id")
         if type(event_id) is not int:
             raise RemoteProtocolError(f"ping_event: 'event_id' must be an integer, got {event_id!r:.40}")
-        self._replies.append(_dumps({"type": "pong", "event_id": event_id}))
+        self._replies.append(dumps({"type": "pong", "event_id": event_id}))
         return Other("ping", raw)
 
-    def _on_user_transcript(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        text = _string(_object(msg, "user_transcription_event"), "user_transcript", "user_transcription_event")
+    def _on_user_transcript(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        event = obj_field(msg, "user_transcription_event", "user_transcript")
+        text = text_field(event, "user_transcript", "user_transcription_event")
         self._item = None  # the caller finished a turn: the next audio is a new reply
         return Transcript("user", text.strip(), final=True)
 
-    def _on_agent_response(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        text = _string(_object(msg, "agent_response_event"), "agent_response", "agent_response_event")
+    def _on_agent_response(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        event = obj_field(msg, "agent_response_event", "agent_response")
+        text = text_field(event, "agent_response", "agent_response_event")
         self._item = None  # sent with the first audio of a new reply
         return Transcript("assistant", text.strip(), final=True)
 
-    def _on_correction(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        event = _object(msg, "agent_response_correction_event")
-        text = _string(event, "corrected_agent_response", "agent_response_correction_event")
+    def _on_correction(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        event = obj_field(msg, "agent_response_correction_event", "agent_response_correction")
+        text = text_field(event, "corrected_agent_response", "agent_response_correction_event")
         return Transcript("assistant", text.strip(), final=True)
 
-    def _on_response_complete(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+    def _on_response_complete(self, msg: JsonObject, raw: str) -> ProviderEvent:
         item, self._item = self._item, None
         return Other("agent_response_complete", raw) if item is None else AudioDone(item)
 
-    def _on_tool_call(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        call = _object(msg, "client_tool_call")
-        call_id = _string(call, "tool_call_id", "client_tool_call")
-        name = _string(call, "tool_name", "client_tool_call")
+    def _on_tool_call(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        call = obj_field(msg, "client_tool_call", "client_tool_call")
+        call_id = text_field(call, "tool_call_id", "client_tool_call")
+        name = text_field(call, "tool_name", "client_tool_call")
         parameters = call.get("parameters", {})
         if type(parameters) is not dict:
             raise RemoteProtocolError(f"client_tool_call: 'parameters' must be an object, got {parameters!r:.40}")
-        return ToolCall(call_id, name, json.dumps(parameters, separators=(",", ":"), ensure_ascii=False))
+        return ToolCall(call_id, name, dumps(parameters))
 
-    def _on_client_error(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+    def _on_client_error(self, msg: JsonObject, raw: str) -> ProviderEvent:
         # The payload is not published (reference §5.3): take the first text we find.
         for source in (msg, msg.get("client_error_event"), msg.get("error")):
             if type(source) is dict:
@@ -391,7 +329,7 @@ class ElevenLabsSession:
         return ProviderError(f"client_error: {raw:.200}", fatal=False, code="client_error")
 
 
-_Handler = Callable[[ElevenLabsSession, dict[str, Any], str], ProviderEvent]
+_Handler = Callable[[ElevenLabsSession, JsonObject, str], ProviderEvent]
 _HANDLERS: Final[Mapping[str, _Handler]] = MappingProxyType(
     {
         "conversation_initiation_metadata": ElevenLabsSession._on_metadata,
@@ -411,10 +349,6 @@ _HANDLERS: Final[Mapping[str, _Handler]] = MappingProxyType(
 # ------------------------------------------------------------------- helpers
 
 
-def _dumps(message: dict[str, object]) -> str:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
-
-
 def _is_error(output: str) -> bool:
     """A tool output that is a JSON object with an ``error`` key reports a failure."""
     try:
@@ -424,21 +358,7 @@ def _is_error(output: str) -> bool:
     return type(value) is dict and "error" in value
 
 
-def _object(obj: dict[str, Any], key: str) -> dict[str, Any]:
-    value = obj.get(key)
-    if type(value) is not dict:
-        raise RemoteProtocolError(f"{obj.get('type')}: {key!r} must be an object, got {value!r:.40}")
-    return value
-
-
-def _string(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if type(value) is not str:
-        raise RemoteProtocolError(f"{where}: {key!r} must be a string, got {value!r:.40}")
-    return value
-
-
-def _event_id(obj: dict[str, Any], where: str) -> int:
+def _event_id(obj: JsonObject, where: str) -> int:
     """An ``event_id``: a non-negative integer (the SDK applies ``int()``, so digit strings pass too)."""
     value = obj.get("event_id")
     if type(value) is str and value.isdigit():

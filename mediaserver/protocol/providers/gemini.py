@@ -43,17 +43,29 @@ is the transport's business and always fatal.
 
 from __future__ import annotations
 
-import binascii
 import enum
 import itertools
 import json
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Final
 
+from .._wire import (
+    JsonObject,
+    b64_field,
+    b64encode,
+    dumps,
+    flag_field,
+    load_object,
+    obj_field,
+    object_list_field,
+    optional_str_field,
+    str_field,
+    table_transition,
+)
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ._core import ProviderCore
 from .base import (
     AudioDelta,
     AudioDone,
@@ -239,14 +251,18 @@ class _Shared:
 # --------------------------------------------------------------------------- session
 
 
-class GeminiLiveSession:
-    """One Gemini Live connection; implements ``ProviderSession``."""
+class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
+    """One Gemini Live connection; implements ``ProviderSession``.
+
+    Gemini has no keepalive message (the SDK relies on WebSocket pings).
+    """
 
     def __init__(self, config: GeminiLiveConfig, *, _shared: _Shared | None = None) -> None:
-        self._config = config
+        new = SessionState.NEW
+        super().__init__(
+            config, new, SessionState.ERROR, new=new, input_format=INPUT_FORMAT, output_format=OUTPUT_FORMAT
+        )
         self._shared = _shared or _Shared()
-        self._state = SessionState.NEW
-        self._events: deque[ProviderEvent] = deque()
         self._pending: list[str] = []
         self._session_id: str | None = None
         self._handle: str | None = config.resumption_handle
@@ -260,14 +276,6 @@ class GeminiLiveSession:
         self._transcripts: dict[str, list[str]] = {"user": [], "assistant": []}
 
     # ------------------------------------------------------------------ state
-
-    @property
-    def config(self) -> GeminiLiveConfig:
-        return self._config
-
-    @property
-    def state(self) -> SessionState:
-        return self._state
 
     @property
     def session_id(self) -> str | None:
@@ -284,14 +292,6 @@ class GeminiLiveSession:
         """``goAway`` was received: the server will close this connection soon."""
         return self._going_away
 
-    @property
-    def input_format(self) -> AudioFormat:
-        return INPUT_FORMAT
-
-    @property
-    def output_format(self) -> AudioFormat:
-        return OUTPUT_FORMAT
-
     def resumed(self) -> GeminiLiveSession:
         """A core for the next connection, resuming this session with the newest handle.
 
@@ -305,57 +305,44 @@ class GeminiLiveSession:
         return GeminiLiveSession(config, _shared=self._shared)
 
     def _transition(self, what: _Input, *, inbound: bool) -> None:
-        try:
-            self._state = _TRANSITIONS[self._state, what]
-        except KeyError:
-            if self._state is SessionState.NEW and what is not _I.INITIAL:
-                raise LocalProtocolError(f"{what.value} before initial_messages()") from None
-            if not inbound:
-                raise LocalProtocolError(f"cannot send {what.value} in state {self._state.name}") from None
-            raise RemoteProtocolError(f"server sent {what.value} in state {self._state.name}") from None
-
-    def _check_alive(self) -> None:
-        if self._state is SessionState.ERROR:
-            raise LocalProtocolError("the session is dead after an earlier protocol error")
+        if self._state is SessionState.NEW and what is not _I.INITIAL:
+            raise LocalProtocolError(f"{what.value} before initial_messages()")
+        self._state = table_transition(_TRANSITIONS, self._state, what, inbound=inbound)
 
     # -------------------------------------------------------------- outbound
 
     def initial_messages(self) -> list[str]:
         """The ``setup`` message; everything else waits for ``setupComplete``."""
-        self._check_alive()
-        try:
-            self._transition(_I.INITIAL, inbound=False)
-            return [_dumps({"setup": self._config.setup()})]
-        except BaseException:
-            self._state = SessionState.ERROR
-            raise
+        return self._guarded(self._initial_messages)
+
+    def _initial_messages(self) -> list[str]:
+        self._transition(_I.INITIAL, inbound=False)
+        return [dumps({"setup": self._config.setup()})]
 
     def send(self, command: ProviderCommand) -> list[str]:
         """Wire messages for ``command``; only legal once ``setupComplete`` arrived."""
-        self._check_alive()
-        try:
-            self._transition(_I.COMMAND, inbound=False)
-            if type(command) is SendAudio:
-                if len(command.payload) % 2:
-                    raise LocalProtocolError("PCM16 audio needs an even number of bytes")
-                data = binascii.b2a_base64(command.payload, newline=False).decode("ascii")
-                return [_dumps({"realtimeInput": {"audio": {"mimeType": _INPUT_MIME, "data": data}}})]
-            if type(command) is Truncate:
-                return []  # Gemini has no truncation; interrupted turns end server-side
-            if type(command) is CancelResponse:
-                return []  # no cancel message; the model stops when the caller speaks
-            if type(command) is CreateResponse:
-                text = command.instructions or "Please respond."
-                return [_dumps({"clientContent": _user_turn(text)})]
-            if type(command) is ToolResult:
-                return self._tool_response(command)
-            if type(command) is SendText:
-                # A user turn in text; turnComplete makes the model answer it now.
-                return [_dumps({"clientContent": _user_turn(command.text, complete=command.respond)})]
-            raise LocalProtocolError(f"not a provider command: {command!r:.80}")
-        except BaseException:
-            self._state = SessionState.ERROR
-            raise
+        return self._guarded(self._send, command)
+
+    def _send(self, command: ProviderCommand) -> list[str]:
+        self._transition(_I.COMMAND, inbound=False)
+        if type(command) is SendAudio:
+            if len(command.payload) % 2:
+                raise LocalProtocolError("PCM16 audio needs an even number of bytes")
+            data = b64encode(command.payload)
+            return [dumps({"realtimeInput": {"audio": {"mimeType": _INPUT_MIME, "data": data}}})]
+        if type(command) is Truncate:
+            return []  # Gemini has no truncation; interrupted turns end server-side
+        if type(command) is CancelResponse:
+            return []  # no cancel message; the model stops when the caller speaks
+        if type(command) is CreateResponse:
+            text = command.instructions or "Please respond."
+            return [dumps({"clientContent": _user_turn(text)})]
+        if type(command) is ToolResult:
+            return self._tool_response(command)
+        if type(command) is SendText:
+            # A user turn in text; turnComplete makes the model answer it now.
+            return [dumps({"clientContent": _user_turn(command.text, complete=command.respond)})]
+        raise LocalProtocolError(f"not a provider command: {command!r:.80}")
 
     def _tool_response(self, command: ToolResult) -> list[str]:
         name = self._shared.tool_names.pop(command.call_id, None)
@@ -373,7 +360,7 @@ class GeminiLiveSession:
         else:
             response = {"output": value}
         return [
-            _dumps({"toolResponse": {"functionResponses": [{"id": command.call_id, "name": name, "response": response}]}})
+            dumps({"toolResponse": {"functionResponses": [{"id": command.call_id, "name": name, "response": response}]}})
         ]
 
     def pending_messages(self) -> list[str]:
@@ -381,35 +368,9 @@ class GeminiLiveSession:
         pending, self._pending = self._pending, []
         return pending
 
-    @property
-    def keepalive_interval_s(self) -> float | None:
-        """Gemini has no keepalive message (the SDK relies on WebSocket pings)."""
-        return None
-
-    def keepalive(self) -> list[str]:
-        return []
-
     # --------------------------------------------------------------- inbound
 
-    def receive_message(self, message: str | bytes) -> None:
-        """Feed one WebSocket message from the server; raises on bad input."""
-        self._check_alive()
-        try:
-            self._events.extend(self._parse(message))
-        except BaseException:
-            self._state = SessionState.ERROR
-            raise
-
-    def events(self) -> Iterator[ProviderEvent]:
-        """Yield and remove the queued events, oldest first."""
-        self._check_alive()
-        events = self._events
-        while events:
-            yield events.popleft()
-
-    def _parse(self, message: str | bytes) -> list[ProviderEvent]:
-        if self._state is SessionState.NEW:
-            raise LocalProtocolError("message received before initial_messages()")
+    def _parse_events(self, message: str | bytes) -> list[ProviderEvent]:
         if isinstance(message, bytes):  # Gemini sends its JSON in binary frames
             try:
                 text = message.decode("utf-8")
@@ -417,12 +378,7 @@ class GeminiLiveSession:
                 raise RemoteProtocolError(f"binary frame is not UTF-8 JSON: {message!r:.60}") from None
         else:
             text = message
-        try:
-            msg = json.loads(text)
-        except (ValueError, RecursionError):
-            raise RemoteProtocolError(f"message is not valid JSON: {text!r:.80}") from None
-        if type(msg) is not dict:
-            raise RemoteProtocolError(f"message is not a JSON object: {text!r:.80}")
+        msg = load_object(text, tag=None)
         known = [key for key in _KNOWN_FIELDS if key in msg]
         if not known:
             self._transition(_I.SERVER_UNKNOWN, inbound=True)
@@ -433,9 +389,7 @@ class GeminiLiveSession:
             self._transition(_I.SERVER_MESSAGE, inbound=True)
         events: list[ProviderEvent] = []
         for key in known:
-            body = msg[key]
-            if type(body) is not dict:
-                raise RemoteProtocolError(f"{key} must be an object, got {body!r:.40}")
+            body = obj_field(msg, key, "message")
             handler = _HANDLERS.get(key)
             if handler is not None:
                 events.extend(handler(self, body, text))
@@ -443,36 +397,29 @@ class GeminiLiveSession:
 
     # One handler per LiveServerMessage field; each returns zero or more events.
 
-    def _on_setup_complete(self, body: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        self._session_id = _optional_string(body, "sessionId", "setupComplete")
+    def _on_setup_complete(self, body: JsonObject, raw: str) -> list[ProviderEvent]:
+        self._session_id = optional_str_field(body, "sessionId", "setupComplete")
         if self._config.greeting:
-            self._pending.append(_dumps({"clientContent": _user_turn(self._config.greeting)}))
+            self._pending.append(dumps({"clientContent": _user_turn(self._config.greeting)}))
         return [SessionReady(self._session_id)]
 
-    def _on_resumption_update(self, body: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        handle = _optional_string(body, "newHandle", "sessionResumptionUpdate")
-        resumable = body.get("resumable")
-        if resumable is not None and type(resumable) is not bool:
-            raise RemoteProtocolError(f"sessionResumptionUpdate: 'resumable' must be a boolean, got {resumable!r:.40}")
+    def _on_resumption_update(self, body: JsonObject, raw: str) -> list[ProviderEvent]:
+        handle = optional_str_field(body, "newHandle", "sessionResumptionUpdate")
+        resumable = flag_field(body, "resumable", "sessionResumptionUpdate")
         usable = handle if resumable and handle else None
         if usable is not None:
             self._handle = usable
         return [ResumptionUpdate("sessionResumptionUpdate", raw, usable)]
 
-    def _on_go_away(self, body: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_go_away(self, body: JsonObject, raw: str) -> list[ProviderEvent]:
         self._going_away = True
-        return [GoAway("goAway", raw, _optional_string(body, "timeLeft", "goAway"))]
+        return [GoAway("goAway", raw, optional_str_field(body, "timeLeft", "goAway"))]
 
-    def _on_tool_call(self, body: dict[str, Any], raw: str) -> list[ProviderEvent]:
-        calls = body.get("functionCalls")
-        if type(calls) is not list:
-            raise RemoteProtocolError(f"toolCall: 'functionCalls' must be a list, got {calls!r:.40}")
+    def _on_tool_call(self, body: JsonObject, raw: str) -> list[ProviderEvent]:
         events: list[ProviderEvent] = []
-        for call in calls:
-            if type(call) is not dict:
-                raise RemoteProtocolError(f"toolCall: a function call must be an object, got {call!r:.40}")
-            call_id = _string(call, "id", "toolCall.functionCalls[]")
-            name = _string(call, "name", "toolCall.functionCalls[]")
+        for call in object_list_field(body, "functionCalls", "toolCall"):
+            call_id = str_field(call, "id", "toolCall.functionCalls[]")
+            name = str_field(call, "name", "toolCall.functionCalls[]")
             args = call.get("args")
             if args is None:
                 args = {}
@@ -482,7 +429,7 @@ class GeminiLiveSession:
             events.append(ToolCall(call_id, name, json.dumps(args, ensure_ascii=False), self._turn))
         return events
 
-    def _on_tool_cancellation(self, body: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_tool_cancellation(self, body: JsonObject, raw: str) -> list[ProviderEvent]:
         ids = body.get("ids")
         if type(ids) is not list or any(type(i) is not str for i in ids):
             raise RemoteProtocolError(f"toolCallCancellation: 'ids' must be a list of strings, got {ids!r:.40}")
@@ -491,25 +438,25 @@ class GeminiLiveSession:
                 self._shared.cancelled.add(call_id)
         return [ToolCallsCancelled("toolCallCancellation", raw, tuple(ids))]
 
-    def _on_server_content(self, body: dict[str, Any], raw: str) -> list[ProviderEvent]:
+    def _on_server_content(self, body: JsonObject, raw: str) -> list[ProviderEvent]:
         events: list[ProviderEvent] = []
         for role, key in (("user", "inputTranscription"), ("assistant", "outputTranscription")):
             if key in body:
-                events.extend(self._transcription(role, _object(body, key, "serverContent")))
+                events.extend(self._transcription(role, obj_field(body, key, "serverContent")))
         if "modelTurn" in body:
-            events.extend(self._model_turn(_object(body, "modelTurn", "serverContent")))
-        if _flag(body, "interrupted"):
+            events.extend(self._model_turn(obj_field(body, "modelTurn", "serverContent")))
+        if flag_field(body, "interrupted", "serverContent"):
             events.append(SpeechStarted(item_id=None, audio_start_ms=None))
             self._turn_interrupted = True
             events.extend(self._end_audio())
             self._turn_open = False  # later audio is a new turn
-        if _flag(body, "generationComplete"):
+        if flag_field(body, "generationComplete", "serverContent"):
             events.extend(self._end_audio())
-        if _flag(body, "turnComplete"):
+        if flag_field(body, "turnComplete", "serverContent"):
             events.extend(self._end_audio())
             events.extend(self._flush_transcript("assistant"))
             if self._turn is not None:
-                reason = _optional_string(body, "turnCompleteReason", "serverContent")
+                reason = optional_str_field(body, "turnCompleteReason", "serverContent")
                 if self._turn_interrupted:
                     events.append(ResponseDone(self._turn, "cancelled", reason or "interrupted"))
                 else:
@@ -519,7 +466,7 @@ class GeminiLiveSession:
             self._turn_interrupted = False
         return events
 
-    def _model_turn(self, content: dict[str, Any]) -> list[ProviderEvent]:
+    def _model_turn(self, content: JsonObject) -> list[ProviderEvent]:
         parts = content.get("parts", [])
         if type(parts) is not list:
             raise RemoteProtocolError(f"modelTurn: 'parts' must be a list, got {parts!r:.40}")
@@ -532,12 +479,13 @@ class GeminiLiveSession:
                 continue  # text (e.g. thoughts) or other parts: nothing to play
             if type(blob) is not dict:
                 raise RemoteProtocolError(f"modelTurn: 'inlineData' must be an object, got {blob!r:.40}")
-            mime = _optional_string(blob, "mimeType", "inlineData") or ""
+            mime = optional_str_field(blob, "mimeType", "inlineData") or ""
             if not mime.startswith("audio/pcm"):
                 continue
             if "rate=" in mime and f"rate={OUTPUT_FORMAT.sample_rate_hz}" not in mime:
                 raise RemoteProtocolError(f"model audio is {mime!r}; expected 24 kHz PCM")
-            audio += _b64decode(_text(blob, "data", "inlineData"))
+            # Standard or URL-safe base64: protobuf's JSON mapping accepts both.
+            audio += b64_field(blob, "data", "inlineData", urlsafe=True)
         if not audio:
             return []
         if len(audio) % 2:
@@ -560,13 +508,13 @@ class GeminiLiveSession:
         self._turn_audio_done = True
         return [AudioDone(self._turn, self._turn)]
 
-    def _transcription(self, role: str, body: dict[str, Any]) -> list[ProviderEvent]:
-        text = _optional_string(body, "text", "transcription") or ""
+    def _transcription(self, role: str, body: JsonObject) -> list[ProviderEvent]:
+        text = optional_str_field(body, "text", "transcription") or ""
         events: list[ProviderEvent] = []
         if text:
             self._transcripts[role].append(text)
             events.append(Transcript("user" if role == "user" else "assistant", text, False, self._turn))
-        if _flag(body, "finished"):
+        if flag_field(body, "finished", "transcription"):
             events.extend(self._flush_transcript(role))
         return events
 
@@ -579,7 +527,7 @@ class GeminiLiveSession:
         return [Transcript("user" if role == "user" else "assistant", text, True, self._turn)]
 
 
-_Handler = Callable[[GeminiLiveSession, dict[str, Any], str], list[ProviderEvent]]
+_Handler = Callable[[GeminiLiveSession, JsonObject, str], list[ProviderEvent]]
 _G = GeminiLiveSession
 
 _HANDLERS: Final[Mapping[str, _Handler]] = MappingProxyType(
@@ -598,56 +546,5 @@ _HANDLERS: Final[Mapping[str, _Handler]] = MappingProxyType(
 # ------------------------------------------------------------------- helpers
 
 
-def _dumps(message: dict[str, object]) -> str:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
-
-
 def _user_turn(text: str, *, complete: bool = True) -> dict[str, object]:
     return {"turns": [{"role": "user", "parts": [{"text": text}]}], "turnComplete": complete}
-
-
-def _b64decode(data: str) -> bytes:
-    """Standard or URL-safe base64, as protobuf's JSON mapping accepts both."""
-    try:
-        return binascii.a2b_base64(data.replace("-", "+").replace("_", "/"), strict_mode=True)
-    except (ValueError, binascii.Error):
-        raise RemoteProtocolError(f"inlineData: invalid base64 {data!r:.40}") from None
-
-
-def _object(obj: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = obj.get(key)
-    if type(value) is not dict:
-        raise RemoteProtocolError(f"{where}: {key!r} must be an object, got {value!r:.40}")
-    return value
-
-
-def _flag(obj: dict[str, Any], key: str) -> bool:
-    value = obj.get(key)
-    if value is None:
-        return False
-    if type(value) is not bool:
-        raise RemoteProtocolError(f"{key!r} must be a boolean, got {value!r:.40}")
-    return value
-
-
-def _string(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if type(value) is not str or not value:
-        raise RemoteProtocolError(f"{where}: {key!r} must be a non-empty string, got {value!r:.40}")
-    return value
-
-
-def _text(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if type(value) is not str:
-        raise RemoteProtocolError(f"{where}: {key!r} must be a string, got {value!r:.40}")
-    return value
-
-
-def _optional_string(obj: dict[str, Any], key: str, where: str) -> str | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if type(value) is not str:
-        raise RemoteProtocolError(f"{where}: {key!r} must be a string, got {value!r:.40}")
-    return value

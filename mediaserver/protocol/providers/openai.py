@@ -34,18 +34,30 @@ no truncate is sent.
 
 from __future__ import annotations
 
-import binascii
 import enum
 import itertools
-import json
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Final, Literal
 from urllib.parse import quote
 
+from .._wire import (
+    JsonObject,
+    b64_field,
+    b64encode,
+    dumps,
+    int_field,
+    load_object,
+    obj_field,
+    optional_str_field,
+    require_text,
+    str_field,
+    table_transition,
+    text_field,
+)
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ._core import AudioLedger, ProviderCore
 from .base import (
     AudioDelta,
     FunctionTool,
@@ -245,169 +257,124 @@ _TRANSITIONS: Final[Mapping[tuple[SessionState, _Input], SessionState]] = Mappin
 # --------------------------------------------------------------------------- session
 
 
-class OpenAIRealtimeSession:
-    """One OpenAI Realtime GA session; implements ``ProviderSession``."""
+class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
+    """One OpenAI Realtime GA session; implements ``ProviderSession``.
+
+    OpenAI expects no unsolicited replies and has no keepalive client event
+    (the :class:`ProviderCore` defaults).
+    """
 
     def __init__(self, config: OpenAIRealtimeConfig) -> None:
-        self._config = config
-        self._wire_format, self._format = _FORMATS[config.audio_format]
-        self._bytes_per_ms = self._format.bytes_per_ms
-        self._state = SessionState.NEW
-        self._events: deque[ProviderEvent] = deque()
+        wire_format, audio_format = _FORMATS[config.audio_format]
+        super().__init__(
+            config, SessionState.NEW, SessionState.ERROR, input_format=audio_format, output_format=audio_format
+        )
+        self._wire_format = wire_format
         self._event_numbers = itertools.count(1)
         self._sent_event_types: dict[str, str] = {}  # our event_id -> its wire type
         self._session_id: str | None = None
         self._ready_reported = False
-        # Per assistant item: audio bytes received (reduced by our truncations),
-        # and whether response.output_audio.done has arrived for it.
-        self._received_bytes: dict[str, int] = {}
-        self._audio_done: set[str] = set()
+        # Per assistant item: audio received (reduced by our truncations), and
+        # whether response.output_audio.done has arrived for it.
+        self._audio: AudioLedger[str] = AudioLedger(audio_format.bytes_per_ms)
 
     # ------------------------------------------------------------------ state
-
-    @property
-    def config(self) -> OpenAIRealtimeConfig:
-        return self._config
-
-    @property
-    def state(self) -> SessionState:
-        return self._state
 
     @property
     def session_id(self) -> str | None:
         """``session.id`` from ``session.created``, when the server sent one."""
         return self._session_id
 
-    @property
-    def input_format(self) -> AudioFormat:
-        return self._format
-
-    @property
-    def output_format(self) -> AudioFormat:
-        return self._format
-
     def audio_received_ms(self, item_id: str) -> int:
         """Whole ms of ``item_id``'s audio received (after our truncations); 0 if none."""
-        return self._received_bytes.get(item_id, 0) // self._bytes_per_ms
+        return self._audio.received_ms(item_id)
 
     def _transition(self, what: _Input, *, inbound: bool) -> None:
-        try:
-            self._state = _TRANSITIONS[self._state, what]
-        except KeyError:
-            if self._state is SessionState.NEW and what is not _I.INITIAL:
-                raise LocalProtocolError(f"{what.value} before initial_messages()") from None
-            if not inbound:
-                raise LocalProtocolError(f"cannot send {what.value} in state {self._state.name}") from None
-            raise RemoteProtocolError(f"server sent {what.value} in state {self._state.name}") from None
-
-    def _check_alive(self) -> None:
-        if self._state is SessionState.ERROR:
-            raise LocalProtocolError("the session is dead after an earlier protocol error")
+        if self._state is SessionState.NEW and what is not _I.INITIAL:
+            raise LocalProtocolError(f"{what.value} before initial_messages()")
+        self._state = table_transition(_TRANSITIONS, self._state, what, inbound=inbound)
 
     def _dumps(self, type_: str, body: dict[str, object]) -> str:
         """Serialise a control event, tagging it with our own event_id."""
         event_id = f"{_EVENT_ID_PREFIX}{next(self._event_numbers)}"
         self._sent_event_types[event_id] = type_
-        return json.dumps(
-            {"type": type_, "event_id": event_id, **body}, separators=(",", ":"), ensure_ascii=False
-        )
+        return dumps({"type": type_, "event_id": event_id, **body})
 
     # -------------------------------------------------------------- outbound
 
     def initial_messages(self) -> list[str]:
         """``session.update`` with the whole configuration, then the greeting if any."""
-        self._check_alive()
-        try:
-            self._transition(_I.INITIAL, inbound=False)
-            config = self._config
-            session: dict[str, object] = {"type": "realtime", "output_modalities": ["audio"]}
-            if config.instructions is not None:
-                session["instructions"] = config.instructions
-            audio_input: dict[str, object] = {
-                "format": dict(self._wire_format),
-                "turn_detection": None if config.turn_detection is None else config.turn_detection.to_wire(),
-            }
-            if config.transcription_model is not None:
-                audio_input["transcription"] = {"model": config.transcription_model}
-            audio_output: dict[str, object] = {"format": dict(self._wire_format)}
-            if config.voice is not None:
-                audio_output["voice"] = config.voice
-            session["audio"] = {"input": audio_input, "output": audio_output}
-            if config.tools:
-                session["tools"] = [{"type": "function", **tool.to_json()} for tool in config.tools]
-                session["tool_choice"] = "auto"
-            messages = [self._dumps("session.update", {"session": session})]
-            if config.greeting_instructions is not None:
-                greeting = {"instructions": config.greeting_instructions}
-                messages.append(self._dumps("response.create", {"response": greeting}))
-            return messages
-        except BaseException:
-            self._state = SessionState.ERROR
-            raise
+        return self._guarded(self._initial_messages)
+
+    def _initial_messages(self) -> list[str]:
+        self._transition(_I.INITIAL, inbound=False)
+        config = self._config
+        session: dict[str, object] = {"type": "realtime", "output_modalities": ["audio"]}
+        if config.instructions is not None:
+            session["instructions"] = config.instructions
+        audio_input: dict[str, object] = {
+            "format": dict(self._wire_format),
+            "turn_detection": None if config.turn_detection is None else config.turn_detection.to_wire(),
+        }
+        if config.transcription_model is not None:
+            audio_input["transcription"] = {"model": config.transcription_model}
+        audio_output: dict[str, object] = {"format": dict(self._wire_format)}
+        if config.voice is not None:
+            audio_output["voice"] = config.voice
+        session["audio"] = {"input": audio_input, "output": audio_output}
+        if config.tools:
+            session["tools"] = [{"type": "function", **tool.to_json()} for tool in config.tools]
+            session["tool_choice"] = "auto"
+        messages = [self._dumps("session.update", {"session": session})]
+        if config.greeting_instructions is not None:
+            greeting = {"instructions": config.greeting_instructions}
+            messages.append(self._dumps("response.create", {"response": greeting}))
+        return messages
 
     def send(self, command: ProviderCommand) -> list[str]:
         """Return the wire messages for ``command``: zero, one or two text frames."""
-        self._check_alive()
-        try:
-            self._transition(_I.COMMAND, inbound=False)
-            if type(command) is SendAudio:
-                audio = binascii.b2a_base64(command.payload, newline=False).decode("ascii")
-                return ['{"type":"input_audio_buffer.append","audio":"' + audio + '"}']
-            if type(command) is Truncate:
-                return self._truncate(command)
-            if type(command) is CancelResponse:
-                body: dict[str, object] = {}
-                if command.response_id is not None:
-                    body["response_id"] = command.response_id
-                return [self._dumps("response.cancel", body)]
-            if type(command) is CreateResponse:
-                body = {}
-                if command.instructions is not None:
-                    body["response"] = {"instructions": command.instructions}
-                return [self._dumps("response.create", body)]
-            if type(command) is ToolResult:
-                item = {"type": "function_call_output", "call_id": command.call_id, "output": command.output}
-                messages = [self._dumps("conversation.item.create", {"item": item})]
-                if command.respond:
-                    messages.append(self._dumps("response.create", {}))
-                return messages
-            if type(command) is SendText:
-                text_item = {
-                    "type": "message",
-                    "role": "user",
-                    "content": [{"type": "input_text", "text": command.text}],
-                }
-                messages = [self._dumps("conversation.item.create", {"item": text_item})]
-                if command.respond:
-                    messages.append(self._dumps("response.create", {}))
-                return messages
-            raise LocalProtocolError(f"not a provider command: {command!r:.80}")
-        except BaseException:
-            self._state = SessionState.ERROR
-            raise
+        return self._guarded(self._send, command)
 
-    def pending_messages(self) -> list[str]:
-        """OpenAI expects no unsolicited replies."""
-        return []
-
-    @property
-    def keepalive_interval_s(self) -> float | None:
-        """OpenAI has no keepalive client event."""
-        return None
-
-    def keepalive(self) -> list[str]:
-        return []
+    def _send(self, command: ProviderCommand) -> list[str]:
+        self._transition(_I.COMMAND, inbound=False)
+        if type(command) is SendAudio:
+            audio = b64encode(command.payload)
+            return ['{"type":"input_audio_buffer.append","audio":"' + audio + '"}']
+        if type(command) is Truncate:
+            return self._truncate(command)
+        if type(command) is CancelResponse:
+            body: dict[str, object] = {}
+            if command.response_id is not None:
+                body["response_id"] = command.response_id
+            return [self._dumps("response.cancel", body)]
+        if type(command) is CreateResponse:
+            body = {}
+            if command.instructions is not None:
+                body["response"] = {"instructions": command.instructions}
+            return [self._dumps("response.create", body)]
+        if type(command) is ToolResult:
+            item = {"type": "function_call_output", "call_id": command.call_id, "output": command.output}
+            messages = [self._dumps("conversation.item.create", {"item": item})]
+            if command.respond:
+                messages.append(self._dumps("response.create", {}))
+            return messages
+        if type(command) is SendText:
+            text_item = {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": command.text}],
+            }
+            messages = [self._dumps("conversation.item.create", {"item": text_item})]
+            if command.respond:
+                messages.append(self._dumps("response.create", {}))
+            return messages
+        raise LocalProtocolError(f"not a provider command: {command!r:.80}")
 
     def _truncate(self, command: Truncate) -> list[str]:
         item_id = command.item_id
-        received = self._received_bytes.get(item_id)
-        if received is None:
-            raise LocalProtocolError(f"no audio was received for item {item_id!r}; cannot truncate it")
-        bytes_per_ms = self._bytes_per_ms
-        if item_id in self._audio_done and command.audio_end_ms * bytes_per_ms >= received:
+        audio_end_ms = self._audio.cut(item_id, command.audio_end_ms, item_id)
+        if audio_end_ms is None:
             return []  # the caller heard all of it: nothing to cut
-        audio_end_ms = min(command.audio_end_ms, received // bytes_per_ms)
-        self._received_bytes[item_id] = audio_end_ms * bytes_per_ms
         return [
             self._dumps(
                 "conversation.item.truncate",
@@ -417,61 +384,36 @@ class OpenAIRealtimeSession:
 
     # --------------------------------------------------------------- inbound
 
-    def receive_message(self, message: str | bytes) -> None:
-        """Feed one WebSocket message from the server; raises on bad input."""
-        self._check_alive()
-        try:
-            self._events.append(self._parse(message))
-        except BaseException:
-            self._state = SessionState.ERROR
-            raise
-
-    def events(self) -> Iterator[ProviderEvent]:
-        """Yield and remove the queued events, oldest first."""
-        self._check_alive()
-        events = self._events
-        while events:
-            yield events.popleft()
-
-    def _parse(self, message: str | bytes) -> ProviderEvent:
-        if not isinstance(message, str):
-            if self._state is SessionState.NEW:
-                raise LocalProtocolError("binary frame before initial_messages()")
-            raise RemoteProtocolError("OpenAI Realtime sent a binary frame; it uses text frames")
-        try:
-            msg = json.loads(message)
-        except (ValueError, RecursionError):
-            raise RemoteProtocolError(f"message is not valid JSON: {message!r:.80}") from None
-        if type(msg) is not dict:
-            raise RemoteProtocolError(f"message is not a JSON object: {message!r:.80}")
-        type_ = msg.get("type")
-        if type(type_) is not str:
-            raise RemoteProtocolError(f"message has no string 'type': {message!r:.80}")
+    def _parse_events(self, message: str | bytes) -> tuple[ProviderEvent]:
+        if not isinstance(message, str) and self._state is SessionState.NEW:
+            raise LocalProtocolError("binary frame before initial_messages()")
+        text = require_text(message, "OpenAI Realtime")
+        msg = load_object(text)
+        type_: str = msg["type"]
         entry = _SERVER_EVENTS.get(type_)
         if entry is None:
             self._transition(_I.SERVER_UNKNOWN, inbound=True)
-            return Unknown(type_, message)
+            return (Unknown(type_, text),)
         what, handler = entry
         self._transition(what, inbound=True)
-        return handler(self, msg, message)
+        return (handler(self, msg, text),)
 
     # One handler per server event type; each returns exactly one event.
 
-    def _on_session_created(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        session = _object(msg, "session")
+    def _on_session_created(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        session = obj_field(msg, "session", "session.created")
         session_id = session.get("id")
         self._session_id = session_id if type(session_id) is str else None
         return Other("session.created", raw)
 
-    def _on_session_updated(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        session = _object(msg, "session")
+    def _on_session_updated(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        session = obj_field(msg, "session", "session.updated")
         self._check_effective_format(session)
         if not self._ready_reported:  # this is the answer to our session.update
             self._ready_reported = True
             return SessionReady(self._session_id)
         return Other("session.updated", raw)
-
-    def _check_effective_format(self, session: dict[str, Any]) -> None:
+    def _check_effective_format(self, session: JsonObject) -> None:
         """Refuse a session whose effective audio format is not the one we configured."""
         audio = session.get("audio")
         if type(audio) is not dict:
@@ -490,99 +432,97 @@ class OpenAIRealtimeSession:
                     f"we configured {self._wire_format!r}"
                 )
 
-    def _on_error(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        error = _object(msg, "error")
-        message = _string(error, "message", "error.error")
-        code = _optional_string(error, "code")
-        caused_by = _optional_string(error, "event_id")
+    def _on_error(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        error = obj_field(msg, "error", "error")
+        message = str_field(error, "message", "error.error")
+        code = optional_str_field(error, "code", "error.error")
+        caused_by = optional_str_field(error, "event_id", "error.error")
         command = None if caused_by is None else self._sent_event_types.get(caused_by)
         # Most errors are recoverable (SDK RealtimeErrorEvent docstring); a rejected
         # session.update is not: the session would run with the server's defaults.
         fatal = command == "session.update"
         return ProviderError(message=message, fatal=fatal, code=code, command=command)
 
-    def _on_audio_delta(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+    def _on_audio_delta(self, msg: JsonObject, raw: str) -> ProviderEvent:
         where = "response.output_audio.delta"
-        item_id = _string(msg, "item_id", where)
-        delta = _text(msg, "delta", where)
-        try:
-            payload = binascii.a2b_base64(delta, strict_mode=True)
-        except ValueError:
-            raise RemoteProtocolError(f"{where}: invalid base64 {delta!r:.40}") from None
-        self._received_bytes[item_id] = self._received_bytes.get(item_id, 0) + len(payload)
-        return AudioDelta(item_id, payload, _optional_string(msg, "response_id"))
+        item_id = str_field(msg, "item_id", where)
+        payload = b64_field(msg, "delta", where)
+        self._audio.add(item_id, len(payload))
+        return AudioDelta(item_id, payload, optional_str_field(msg, "response_id", where))
 
-    def _on_audio_done(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        item_id = _string(msg, "item_id", "response.output_audio.done")
-        self._audio_done.add(item_id)
-        self._received_bytes.setdefault(item_id, 0)
-        return AudioDone(item_id, _optional_string(msg, "response_id"))
+    def _on_audio_done(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        where = "response.output_audio.done"
+        item_id = str_field(msg, "item_id", where)
+        self._audio.complete(item_id)
+        return AudioDone(item_id, optional_str_field(msg, "response_id", where))
 
-    def _on_speech_started(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+    def _on_speech_started(self, msg: JsonObject, raw: str) -> ProviderEvent:
         return SpeechStarted(
-            item_id=_string(msg, "item_id", "input_audio_buffer.speech_started"),
-            audio_start_ms=_int(msg, "audio_start_ms", "input_audio_buffer.speech_started"),
+            item_id=str_field(msg, "item_id", "input_audio_buffer.speech_started"),
+            audio_start_ms=int_field(msg, "audio_start_ms", "input_audio_buffer.speech_started"),
         )
 
-    def _on_speech_stopped(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+    def _on_speech_stopped(self, msg: JsonObject, raw: str) -> ProviderEvent:
         return SpeechStopped(
-            item_id=_string(msg, "item_id", "input_audio_buffer.speech_stopped"),
-            audio_end_ms=_int(msg, "audio_end_ms", "input_audio_buffer.speech_stopped"),
+            item_id=str_field(msg, "item_id", "input_audio_buffer.speech_stopped"),
+            audio_end_ms=int_field(msg, "audio_end_ms", "input_audio_buffer.speech_stopped"),
         )
 
-    def _on_response_created(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        return ResponseStarted(_optional_string(_object(msg, "response"), "id"))
+    def _on_response_created(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        response = obj_field(msg, "response", "response.created")
+        return ResponseStarted(optional_str_field(response, "id", "response.created.response"))
 
-    def _on_response_done(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        response = _object(msg, "response")
+    def _on_response_done(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        where = "response.done.response"
+        response = obj_field(msg, "response", "response.done")
         details = response.get("status_details")
-        reason = _optional_string(details, "reason") if type(details) is dict else None
+        reason = optional_str_field(details, "reason", f"{where}.status_details") if type(details) is dict else None
         return ResponseDone(
-            response_id=_optional_string(response, "id"),
-            status=_optional_string(response, "status"),
+            response_id=optional_str_field(response, "id", where),
+            status=optional_str_field(response, "status", where),
             reason=reason,
         )
 
-    def _on_function_call(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+    def _on_function_call(self, msg: JsonObject, raw: str) -> ProviderEvent:
         where = "response.function_call_arguments.done"
-        arguments = msg.get("arguments")
-        if type(arguments) is not str:
-            raise RemoteProtocolError(f"{where}: 'arguments' must be a string, got {arguments!r:.40}")
         return ToolCall(
-            call_id=_string(msg, "call_id", where),
-            name=_string(msg, "name", where),
-            arguments=arguments,
-            item_id=_optional_string(msg, "item_id"),
+            call_id=str_field(msg, "call_id", where),
+            name=str_field(msg, "name", where),
+            arguments=text_field(msg, "arguments", where),
+            item_id=optional_str_field(msg, "item_id", where),
         )
 
-    def _on_user_transcript_delta(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+    def _on_user_transcript_delta(self, msg: JsonObject, raw: str) -> ProviderEvent:
         # ``delta`` is optional in the SDK model (ConversationItemInputAudioTranscriptionDeltaEvent).
-        text = _optional_string(msg, "delta") or ""
-        return Transcript("user", text, False, _optional_string(msg, "item_id"))
+        where = msg["type"]
+        text = optional_str_field(msg, "delta", where) or ""
+        return Transcript("user", text, False, optional_str_field(msg, "item_id", where))
 
-    def _on_user_transcript_done(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        text = _text(msg, "transcript", msg["type"])
-        return Transcript("user", text, True, _optional_string(msg, "item_id"))
+    def _on_user_transcript_done(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        return self._transcript(msg, "user", "transcript", final=True)
 
-    def _on_assistant_transcript_delta(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        text = _text(msg, "delta", msg["type"])
-        return Transcript("assistant", text, False, _optional_string(msg, "item_id"))
+    def _on_assistant_transcript_delta(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        return self._transcript(msg, "assistant", "delta", final=False)
 
-    def _on_assistant_transcript_done(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
-        text = _text(msg, "transcript", msg["type"])
-        return Transcript("assistant", text, True, _optional_string(msg, "item_id"))
+    def _on_assistant_transcript_done(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        return self._transcript(msg, "assistant", "transcript", final=True)
 
-    def _on_item_truncated(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+    @staticmethod
+    def _transcript(msg: JsonObject, role: Literal["user", "assistant"], key: str, *, final: bool) -> ProviderEvent:
+        where = msg["type"]
+        return Transcript(role, text_field(msg, key, where), final, optional_str_field(msg, "item_id", where))
+
+    def _on_item_truncated(self, msg: JsonObject, raw: str) -> ProviderEvent:
         return AudioTruncated(
-            item_id=_string(msg, "item_id", "conversation.item.truncated"),
-            audio_end_ms=_int(msg, "audio_end_ms", "conversation.item.truncated"),
+            item_id=str_field(msg, "item_id", "conversation.item.truncated"),
+            audio_end_ms=int_field(msg, "audio_end_ms", "conversation.item.truncated"),
         )
 
-    def _on_other(self, msg: dict[str, Any], raw: str) -> ProviderEvent:
+    def _on_other(self, msg: JsonObject, raw: str) -> ProviderEvent:
         return Other(msg["type"], raw)
 
 
-_Handler = Callable[[OpenAIRealtimeSession, dict[str, Any], str], ProviderEvent]
+_Handler = Callable[[OpenAIRealtimeSession, JsonObject, str], ProviderEvent]
 _O = OpenAIRealtimeSession
 
 # Every GA server event type in the SDK's RealtimeServerEvent union
@@ -649,46 +589,3 @@ _SERVER_EVENTS: Final[Mapping[str, tuple[_Input, _Handler]]] = MappingProxyType(
         },
     }
 )
-
-
-# ------------------------------------------------------------------- helpers
-
-
-def _object(obj: dict[str, Any], key: str) -> dict[str, Any]:
-    value = obj.get(key)
-    if type(value) is not dict:
-        raise RemoteProtocolError(f"{obj.get('type')}: {key!r} must be an object, got {value!r:.40}")
-    return value
-
-
-def _string(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if type(value) is not str or not value:
-        raise RemoteProtocolError(f"{where}: {key!r} must be a non-empty string, got {value!r:.40}")
-    return value
-
-
-def _text(obj: dict[str, Any], key: str, where: str) -> str:
-    """A string that may be empty (transcripts)."""
-    value = obj.get(key)
-    if type(value) is not str:
-        raise RemoteProtocolError(f"{where}: {key!r} must be a string, got {value!r:.40}")
-    return value
-
-
-def _optional_string(obj: dict[str, Any], key: str) -> str | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if type(value) is not str:
-        raise RemoteProtocolError(
-            f"{obj.get('type', 'object')}: {key!r} must be a string or null, got {value!r:.40}"
-        )
-    return value
-
-
-def _int(obj: dict[str, Any], key: str, where: str) -> int:
-    value = obj.get(key)
-    if type(value) is not int or value < 0:
-        raise RemoteProtocolError(f"{where}: {key!r} must be a non-negative integer, got {value!r:.40}")
-    return value

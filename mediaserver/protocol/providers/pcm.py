@@ -28,14 +28,14 @@ protocol error, when every call raises.
 from __future__ import annotations
 
 import enum
-import json
-from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Final
 
+from .._wire import JsonObject, dumps, load_object
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ._core import AudioLedger, ProviderCore
 from .base import (
     AudioDelta,
     AudioDone,
@@ -92,56 +92,36 @@ class SessionState(enum.Enum):
     ERROR = "error"  # a protocol error happened; the session is dead
 
 
-class PcmSession:
-    """One session of the generic PCM protocol; implements ``ProviderSession``."""
+class PcmSession(ProviderCore[SessionState, PcmConfig]):
+    """One session of the generic PCM protocol; implements ``ProviderSession``.
+
+    The protocol has no unsolicited replies and no keepalive (caller audio
+    flows continuously once the call is up).
+    """
 
     def __init__(self, config: PcmConfig | None = None) -> None:
-        self._config = config or PcmConfig()
-        self._input = AudioFormat("pcm16", self._config.input_rate_hz)
-        self._output = AudioFormat("pcm16", self._config.output_rate_hz)
-        self._state = SessionState.NEW
-        self._events: deque[ProviderEvent] = deque()
+        config = config or PcmConfig()
+        input_ = AudioFormat("pcm16", config.input_rate_hz)
+        output = AudioFormat("pcm16", config.output_rate_hz)
+        new = SessionState.NEW
+        super().__init__(config, new, SessionState.ERROR, new=new, input_format=input_, output_format=output)
         self._reply = 1  # the number of the reply audio currently belongs to
         self._reply_open = False  # audio of self._reply has arrived
-        # Per reply: audio bytes received, and whether it was ended by the model.
-        self._received_bytes: dict[int, int] = {}
-        self._ended: set[int] = set()
+        # Per reply number: audio received, and whether the model ended it.
+        self._audio: AudioLedger[int] = AudioLedger(output.bytes_per_ms)
 
     # ------------------------------------------------------------------ state
-
-    @property
-    def config(self) -> PcmConfig:
-        return self._config
-
-    @property
-    def state(self) -> SessionState:
-        return self._state
-
-    @property
-    def input_format(self) -> AudioFormat:
-        return self._input
-
-    @property
-    def output_format(self) -> AudioFormat:
-        return self._output
 
     def audio_received_ms(self, item_id: str) -> int:
         """Whole ms of a reply's audio received (after our truncations); 0 if none."""
         number = _reply_number(item_id)
-        return 0 if number is None else self._received_bytes.get(number, 0) // self._output.bytes_per_ms
-
-    def _check_alive(self) -> None:
-        if self._state is SessionState.ERROR:
-            raise LocalProtocolError("the session is dead after an earlier protocol error")
+        return 0 if number is None else self._audio.received_ms(number)
 
     # -------------------------------------------------------------- outbound
 
     def initial_messages(self) -> list[str]:
         """The ``start`` message."""
-        self._check_alive()
-        if self._state is not SessionState.NEW:
-            raise LocalProtocolError("initial_messages() may be called only once")
-        self._state = SessionState.OPEN
+        self._begin(SessionState.OPEN)
         config = self._config
         start: dict[str, object] = {
             "type": "start",
@@ -157,16 +137,11 @@ class PcmSession:
             start["tools"] = [tool.to_json() for tool in config.tools]
         if config.call:
             start["call"] = dict(config.call)
-        return [_dumps(start)]
+        return [dumps(start)]
 
     def send(self, command: ProviderCommand) -> list[str | bytes]:
         """Return the wire messages for ``command``: none or one frame."""
-        self._check_alive()
-        try:
-            return self._send(command)
-        except BaseException:
-            self._state = SessionState.ERROR
-            raise
+        return self._guarded(self._send, command)
 
     def _send(self, command: ProviderCommand) -> list[str | bytes]:
         if self._state is SessionState.NEW:
@@ -178,66 +153,31 @@ class PcmSession:
         if type(command) is Truncate:
             return self._playback(command)
         if type(command) is ToolResult:
-            return [_dumps({"type": "tool_result", "call_id": command.call_id, "output": command.output})]
+            return [dumps({"type": "tool_result", "call_id": command.call_id, "output": command.output})]
         if type(command) is SendText:
-            return [_dumps({"type": "text", "text": command.text, "respond": command.respond})]
+            return [dumps({"type": "text", "text": command.text, "respond": command.respond})]
         if type(command) in (CancelResponse, CreateResponse):
             return []  # version 1 has neither: the model decides when to speak
         raise LocalProtocolError(f"not a provider command: {command!r:.80}")
 
     def _playback(self, command: Truncate) -> list[str | bytes]:
         number = _reply_number(command.item_id)
-        received = None if number is None else self._received_bytes.get(number)
-        if number is None or received is None:
+        if number is None:
             raise LocalProtocolError(f"no audio was received for item {command.item_id!r}; cannot truncate it")
-        bytes_per_ms = self._output.bytes_per_ms
-        if number in self._ended and command.audio_end_ms * bytes_per_ms >= received:
+        heard_ms = self._audio.cut(number, command.audio_end_ms, command.item_id)
+        if heard_ms is None:
             return []  # the whole reply was heard: nothing was cut
-        heard_ms = min(command.audio_end_ms, received // bytes_per_ms)
-        self._received_bytes[number] = heard_ms * bytes_per_ms
-        return [_dumps({"type": "playback", "reply": number, "heard_ms": heard_ms})]
-
-    def pending_messages(self) -> list[str]:
-        """The protocol has no unsolicited replies."""
-        return []
-
-    @property
-    def keepalive_interval_s(self) -> float | None:
-        """None: caller audio flows continuously once the call is up."""
-        return None
-
-    def keepalive(self) -> list[str]:
-        return []
+        return [dumps({"type": "playback", "reply": number, "heard_ms": heard_ms})]
 
     # --------------------------------------------------------------- inbound
 
-    def receive_message(self, message: str | bytes) -> None:
-        """Feed one WebSocket message from the model; raises on bad input."""
-        self._check_alive()
-        try:
-            if self._state is SessionState.NEW:
-                raise LocalProtocolError("message received before initial_messages()")
-            self._events.append(self._parse(message))
-        except BaseException:
-            self._state = SessionState.ERROR
-            raise
-
-    def events(self) -> Iterator[ProviderEvent]:
-        """Yield and remove the queued events, oldest first."""
-        self._check_alive()
-        events = self._events
-        while events:
-            yield events.popleft()
+    def _parse_events(self, message: str | bytes) -> tuple[ProviderEvent]:
+        return (self._parse(message),)
 
     def _parse(self, message: str | bytes) -> ProviderEvent:
         if isinstance(message, (bytes, bytearray, memoryview)):
             return self._on_audio(bytes(message))
-        try:
-            msg = json.loads(message)
-        except (ValueError, RecursionError):
-            raise RemoteProtocolError(f"text message is not valid JSON: {message!r:.80}") from None
-        if type(msg) is not dict or type(msg.get("type")) is not str:
-            raise RemoteProtocolError(f"text message is not a JSON object with a string 'type': {message!r:.80}")
+        msg = load_object(message)
         type_: str = msg["type"]
         if type_ == "ready":
             return SessionReady(None)
@@ -261,7 +201,7 @@ class PcmSession:
         if not self._reply_open:
             return None
         item = self._item()
-        self._ended.add(self._reply)
+        self._audio.complete(self._reply)
         self._reply += 1
         self._reply_open = False
         return item
@@ -272,7 +212,7 @@ class PcmSession:
         if not payload:
             return Other("audio", "")
         self._reply_open = True
-        self._received_bytes[self._reply] = self._received_bytes.get(self._reply, 0) + len(payload)
+        self._audio.add(self._reply, len(payload))
         return AudioDelta(self._item(), payload)
 
     def _on_cut(self, type_: str) -> ProviderEvent:
@@ -284,30 +224,26 @@ class PcmSession:
         item = self._next_reply()
         return Other("reply_done", raw) if item is None else AudioDone(item)
 
-    def _on_transcript(self, msg: dict[str, Any]) -> ProviderEvent:
+    def _on_transcript(self, msg: JsonObject) -> ProviderEvent:
         role, text = msg.get("role"), msg.get("text")
         if role not in ("user", "assistant") or type(text) is not str:
             raise RemoteProtocolError("transcript needs role 'user' or 'assistant' and a string 'text'")
         return Transcript("user" if role == "user" else "assistant", text, final=True)
 
-    def _on_tool_call(self, msg: dict[str, Any]) -> ProviderEvent:
+    def _on_tool_call(self, msg: JsonObject) -> ProviderEvent:
         call_id, name, arguments = msg.get("call_id"), msg.get("name"), msg.get("arguments", {})
         if type(call_id) is not str or not call_id or type(name) is not str or not name:
             raise RemoteProtocolError("tool_call needs non-empty string 'call_id' and 'name'")
         if type(arguments) is not dict:
             raise RemoteProtocolError("tool_call 'arguments' must be a JSON object")
-        return ToolCall(call_id, name, json.dumps(arguments, separators=(",", ":"), ensure_ascii=False))
+        return ToolCall(call_id, name, dumps(arguments))
 
-    def _on_error(self, msg: dict[str, Any]) -> ProviderEvent:
+    def _on_error(self, msg: JsonObject) -> ProviderEvent:
         message, fatal = msg.get("message"), msg.get("fatal", False)
         if type(message) is not str or type(fatal) is not bool:
             raise RemoteProtocolError("error needs a string 'message' and a boolean 'fatal'")
         code = msg.get("code")
         return ProviderError(message, fatal=fatal, code=code if type(code) is str else None)
-
-
-def _dumps(message: dict[str, object]) -> str:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
 def _reply_number(item_id: str) -> int | None:

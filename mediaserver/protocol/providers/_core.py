@@ -1,0 +1,154 @@
+"""Pieces several provider cores share: the ``ProviderSession`` defaults, the
+early-audio buffer and the per-reply audio ledger behind clamped truncation.
+
+Private to :mod:`mediaserver.protocol.providers`; the JSON and state-guard
+parts every core shares (Twilio's too) are in :mod:`.._wire`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Sequence
+from typing import Generic, TypeVar
+
+from .._wire import SansIOCore, StateT
+from ..errors import LocalProtocolError
+from .base import AudioFormat, ProviderEvent, WireMessage
+
+__all__ = ["AudioLedger", "EarlyAudio", "ProviderCore"]
+
+K = TypeVar("K", bound=Hashable)
+ConfigT = TypeVar("ConfigT")
+
+
+class ProviderCore(SansIOCore[StateT, ProviderEvent], Generic[StateT, ConfigT]):
+    """A provider core: its configuration, audio formats and the quiet defaults of ``ProviderSession``.
+
+    No unsolicited replies (:meth:`pending_messages` is empty) and no
+    keepalive; a core whose vendor wants either overrides the method.
+    """
+
+    def __init__(
+        self,
+        config: ConfigT,
+        initial: StateT,
+        error: StateT,
+        *,
+        new: StateT | None = None,
+        input_format: AudioFormat,
+        output_format: AudioFormat,
+    ) -> None:
+        super().__init__(initial, error, new=new)
+        self._config = config
+        self._input_format = input_format
+        self._output_format = output_format
+
+    @property
+    def config(self) -> ConfigT:
+        return self._config
+
+    @property
+    def input_format(self) -> AudioFormat:
+        """The caller audio this provider takes."""
+        return self._input_format
+
+    @property
+    def output_format(self) -> AudioFormat:
+        """The model audio this provider sends."""
+        return self._output_format
+
+    def pending_messages(self) -> Sequence[WireMessage]:
+        """Nothing: this provider expects no unsolicited replies."""
+        return []
+
+    @property
+    def keepalive_interval_s(self) -> float | None:
+        """``None``: this provider has no keepalive message."""
+        return None
+
+    def keepalive(self) -> Sequence[WireMessage]:
+        return []
+
+
+class EarlyAudio:
+    """Caller audio held until the provider may take it, at most ``max_bytes``.
+
+    When full, the *oldest* audio is dropped (and counted in
+    :attr:`dropped_bytes`), so what is kept is the caller's latest speech.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._frames: deque[bytes] = deque()
+        self._bytes = 0
+        self._dropped = 0
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def dropped_bytes(self) -> int:
+        """Audio dropped because the buffer was full."""
+        return self._dropped
+
+    def __bool__(self) -> bool:
+        return bool(self._frames)
+
+    def push(self, payload: bytes) -> None:
+        self._frames.append(payload)
+        self._bytes += len(payload)
+        while self._bytes > self._max_bytes and self._frames:
+            dropped = self._frames.popleft()
+            self._bytes -= len(dropped)
+            self._dropped += len(dropped)
+
+    def take(self) -> list[bytes]:
+        """All held frames, oldest first; the buffer is empty afterwards."""
+        frames = list(self._frames)
+        self._frames.clear()
+        self._bytes = 0
+        return frames
+
+
+class AudioLedger(Generic[K]):
+    """Bytes of model audio received per reply, for truncation the server accepts.
+
+    A truncation point is clamped to the audio received (a server refuses one
+    beyond the audio it produced) and, once clamped, the ledger keeps the cut
+    length, so a second truncation cannot reach past the first.
+    """
+
+    def __init__(self, bytes_per_ms: int) -> None:
+        self._bytes_per_ms = bytes_per_ms
+        self._received: dict[K, int] = {}
+        self._complete: set[K] = set()
+
+    def add(self, reply: K, n_bytes: int) -> None:
+        self._received[reply] = self._received.get(reply, 0) + n_bytes
+
+    def complete(self, reply: K) -> None:
+        """All of ``reply``'s audio has arrived."""
+        self._complete.add(reply)
+        self._received.setdefault(reply, 0)
+
+    def received_ms(self, reply: K) -> int:
+        """Whole ms of ``reply``'s audio received (after truncations); 0 if none."""
+        return self._received.get(reply, 0) // self._bytes_per_ms
+
+    def cut(self, reply: K, heard_ms: int, item_id: str) -> int | None:
+        """The clamped end (ms) to truncate ``reply`` at, or ``None`` when nothing was cut.
+
+        Nothing was cut when the reply's audio is complete and the caller
+        heard all of it.  ``item_id`` names the reply in the error raised for
+        a reply with no audio.
+        """
+        received = self._received.get(reply)
+        if received is None:
+            raise LocalProtocolError(f"no audio was received for item {item_id!r}; cannot truncate it")
+        bytes_per_ms = self._bytes_per_ms
+        if reply in self._complete and heard_ms * bytes_per_ms >= received:
+            return None
+        end_ms = min(heard_ms, received // bytes_per_ms)
+        self._received[reply] = end_ms * bytes_per_ms
+        return end_ms
