@@ -2,7 +2,8 @@
 
 * ``POST /twiml`` -- Twilio's voice webhook: pre-opens the model session and
   answers ``<Connect><Stream>`` with a one-time token as ``<Parameter>``;
-* ``WS /media-stream`` -- the Media Stream, handed to the call manager;
+* ``WS /media-stream`` -- the Media Stream, handed to the call manager (served
+  on ASGI directly, ahead of Quart: mediaserver/transport/twilio_ws.py);
 * ``POST /call-status`` -- call status callbacks, logged and kept on the call record;
 * ``GET /calls/<sid>`` -- a call record, for the API key (mediaserver/records/routes.py);
 * ``GET /healthz`` -- liveness and call counts.
@@ -14,17 +15,16 @@ carry a valid ``X-Twilio-Signature`` (else 403).
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
 
-from quart import Response, abort, request, websocket
+from quart import Response, abort, request
 from quart_trio import QuartTrio
 
 from mediaserver import security, twiml
-from mediaserver.bridge.call import MessageStream, StreamClosed
 from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
 from mediaserver.config import Settings
 from mediaserver.outbound import register_routes as register_outbound_routes
 from mediaserver.records.routes import register_routes as register_record_routes
+from mediaserver.transport.twilio_ws import MediaStreamRoute
 
 __all__ = ["MEDIA_STREAM_PATH", "create_app"]
 
@@ -32,31 +32,6 @@ log = logging.getLogger("mediaserver.http")
 
 MEDIA_STREAM_PATH = "/media-stream"
 MAX_FORM_BYTES = 64 * 1024  # a voice webhook is ~1 KiB of form fields
-
-
-class QuartStream(MessageStream):
-    """The current Quart websocket as a :class:`MessageStream`.
-
-    A disconnect cancels the handler task (Quart's behaviour), which tears the
-    call's nursery down; ``receive`` raising :class:`StreamClosed` covers the
-    remaining case of a closed socket.
-    """
-
-    def __init__(self, ws: Any) -> None:
-        self._ws = ws
-
-    async def receive(self) -> str | bytes:
-        try:
-            data: str | bytes = await self._ws.receive()
-        except Exception as exc:  # Quart raises transport-specific errors on a dead socket
-            raise StreamClosed(str(exc)) from exc
-        return data
-
-    async def send(self, text: str) -> None:
-        try:
-            await self._ws.send(text)
-        except Exception as exc:
-            raise StreamClosed(str(exc)) from exc
 
 
 def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
@@ -132,28 +107,14 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         )
         return "", 204
 
-    @app.websocket(MEDIA_STREAM_PATH)
-    async def media_stream() -> None:
-        if settings.twilio_auth_token:
-            try:
-                url = security.upgrade_signature_url(
-                    MEDIA_STREAM_PATH,
-                    configured=settings.public_url,
-                    scheme=websocket.scheme,
-                    host=websocket.host,
-                    headers=websocket.headers,
-                    query=websocket.query_string,
-                )
-            except ValueError:
-                abort(400)
-            if not security.validate_signature(
-                settings.twilio_auth_token, url, {}, websocket.headers.get("X-Twilio-Signature")
-            ):
-                log.warning("media stream: bad or missing X-Twilio-Signature for %s; 403", url)
-                abort(403)
-        await websocket.accept()
-        await calls.handle_stream(QuartStream(cast(Any, websocket)._get_current_object()))
-
     register_record_routes(app, settings, calls.recorder)  # GET /calls/<sid>
     register_outbound_routes(app, settings, calls)  # POST /calls, POST /outbound-twiml
+    # WS /media-stream: served on ASGI directly, ahead of Quart (mediaserver/transport/twilio_ws.py)
+    app.asgi_app = MediaStreamRoute(  # type: ignore[method-assign,assignment]  # Quart's middleware hook
+        app.asgi_app,
+        calls.handle_stream,
+        auth_token=settings.twilio_auth_token,
+        public_url=settings.public_url,
+        path=MEDIA_STREAM_PATH,
+    )
     return app

@@ -180,6 +180,8 @@ class CallBridge:
         self.dtmf_gap_s = dtmf_gap_s  # digits this close together reach the model as one message
         self.goodbye_timeout_s = goodbye_timeout_s  # end_call/transfer wait at most this for the goodbye
         self._changed = trio.Event()  # set (and replaced) whenever playback or response state may have moved
+        self._watchers = 0  # tasks waiting on _changed (no one, most of the time)
+        self._last_heard_s = 0.0  # when Twilio last sent anything (the idle watchdog reads it)
         self._response_open = False
         self._ending = False
         self._digits: _DigitCollector | None = None
@@ -196,6 +198,7 @@ class CallBridge:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._twilio_reader)
+                    nursery.start_soon(self._idle_watchdog)
                     nursery.start_soon(self._provider_reader)
                     nursery.start_soon(self._pacer)
             if limit.cancelled_caught:
@@ -220,36 +223,46 @@ class CallBridge:
 
     # -- uplink ----------------------------------------------------------------
 
+    async def _idle_watchdog(self) -> None:
+        """End the call after ``idle_timeout_s`` without a message from Twilio.
+
+        A task of its own that wakes about once per timeout, rather than a
+        deadline the reader moves on every message (a heap update each time).
+        """
+        self._last_heard_s = trio.current_time()
+        while True:
+            await trio.sleep_until(self._last_heard_s + self.idle_timeout_s)
+            if trio.current_time() >= self._last_heard_s + self.idle_timeout_s:
+                self._end(f"idle: nothing from Twilio for {self.idle_timeout_s:g} s")
+                return
+
     async def _twilio_reader(self) -> None:
         stats = self.stats
-        with trio.CancelScope() as idle:
-            while True:
-                idle.deadline = trio.current_time() + self.idle_timeout_s
-                try:
-                    message = await self.stream.receive()
-                except StreamClosed:
-                    self._end("twilio hung up")
+        while True:
+            try:
+                message = await self.stream.receive()
+            except StreamClosed:
+                self._end("twilio hung up")
+                return
+            received_s = self._last_heard_s = trio.current_time()
+            self.twilio.receive_message(message)
+            for event in self.twilio.events():
+                if isinstance(event, tw.Media):
+                    stats.frames_in += 1
+                    self.jitter.push(event.chunk, event.payload)
+                    for frame in iter(self.jitter.pop, None):
+                        await self._uplink(frame)
+                    stats.uplink.add(trio.current_time() - received_s)
+                elif isinstance(event, tw.Stop):
+                    self._end("twilio sent stop")
                     return
-                received_s = trio.current_time()
-                self.twilio.receive_message(message)
-                for event in self.twilio.events():
-                    if isinstance(event, tw.Media):
-                        stats.frames_in += 1
-                        self.jitter.push(event.chunk, event.payload)
-                        for frame in iter(self.jitter.pop, None):
-                            await self._uplink(frame)
-                        stats.uplink.add(trio.current_time() - received_s)
-                    elif isinstance(event, tw.Stop):
-                        self._end("twilio sent stop")
-                        return
-                    elif isinstance(event, tw.Dtmf):
-                        log.info("call %s: DTMF %s", stats.call_sid, event.digit)
-                        self._on_digit(event.digit)
-                    elif isinstance(event, tw.Unknown):
-                        log.debug("call %s: ignored Twilio event %r", stats.call_sid, event.event)
-                    # Mark: the core did the playback accounting
-                self._notify()  # playback may have moved (end_call and transfer wait on it)
-        self._end(f"idle: nothing from Twilio for {self.idle_timeout_s:g} s")
+                elif isinstance(event, tw.Dtmf):
+                    log.info("call %s: DTMF %s", stats.call_sid, event.digit)
+                    self._on_digit(event.digit)
+                elif isinstance(event, tw.Unknown):
+                    log.debug("call %s: ignored Twilio event %r", stats.call_sid, event.event)
+                # Mark: the core did the playback accounting
+            self._notify()  # playback may have moved (end_call and transfer wait on it)
 
     async def _uplink(self, frame: bytes) -> None:
         if self._up_pcm:
@@ -305,8 +318,9 @@ class CallBridge:
         return self.stats.call_sid
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._watchers:  # a fresh Event per message only when someone waits for one
+            self._changed.set()
+            self._changed = trio.Event()
 
     def _observe(self, event: pv.ProviderEvent) -> None:
         if isinstance(event, pv.ResponseStarted):
@@ -343,7 +357,11 @@ class CallBridge:
         """Wait (at most ``limit_s``) until what the agent is saying has played; True if it has."""
         with trio.move_on_after(limit_s):
             while not self._quiet():
-                await self._changed.wait()
+                self._watchers += 1
+                try:
+                    await self._changed.wait()
+                finally:
+                    self._watchers -= 1
             return True
         return False
 
@@ -464,7 +482,14 @@ class CallBridge:
                     await trio.sleep_until(slot_s)
                 self._pacer_wait = None
                 continue  # re-check: a barge-in may have emptied the queue
-            async with self._send_lock:
+            # Take the lock without a trip through the scheduler when it is
+            # free (``async with`` always yields), else wait for it in order.
+            lock = self._send_lock
+            try:
+                lock.acquire_nowait()
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
                 # Take the chunk only once the lock is held: a barge-in that
                 # held the lock meanwhile has emptied the queue, and a chunk
                 # popped before it would otherwise slip out after its clear.
@@ -473,6 +498,8 @@ class CallBridge:
                 chunk = self._queue.popleft()
                 await self._send_twilio(tw.SendAudio(chunk.payload, item=chunk.item))
                 await self._send_twilio(tw.SendMark())
+            finally:
+                lock.release()
             sent_s = trio.current_time()
             stats.frames_out += 1
             # bridge-added latency: from when the audio arrived, or when the

@@ -2,7 +2,7 @@
 
 A link is an open model session: commands go in with :meth:`send`, provider
 events come out of :meth:`receive`.  A WebSocket provider's link is its
-sans-I/O core (``mediaserver.protocol.providers``) plus a trio-websocket
+sans-I/O core (``mediaserver.protocol.providers``) plus a wsproto
 connection (:mod:`mediaserver.transport.provider_ws`); the built-in echo
 agent's link runs in process (:mod:`mediaserver.agents.echo`).  Links are
 opened with ``async with``: leaving the block closes the session, so a call

@@ -1,1 +1,1 @@
-"""I/O adapters: the Twilio WebSocket (via Quart) and provider WebSockets (trio-websocket)."""
+"""I/O adapters: the Twilio Media Streams WebSocket on ASGI (twilio_ws), provider WebSockets (ws_client, provider_ws) and HTTP clients (http)."""

@@ -1,4 +1,4 @@
-"""A provider's sans-I/O core over a trio-websocket connection.
+"""A provider's sans-I/O core over a client WebSocket (:mod:`mediaserver.transport.ws_client`).
 
 ``open_provider_link`` connects (with a timeout), sends the core's
 configuration and hands back a :class:`~mediaserver.bridge.link.ProviderLink`.
@@ -7,12 +7,11 @@ a shielded scope limited to ``disconnect_timeout_s`` (so the provider learns
 the session is over even when the call is being cancelled, e.g. at
 shutdown), then the TCP close.  Either way nothing is left open.
 
-The TCP (or TLS) stream is opened here and handed to trio-websocket's
-``wrap_client_stream``, so this module owns it and closes it on the way out.
-``open_websocket_url`` would own it instead, and trio-websocket 0.12 leaves
-the socket open when the server refuses the upgrade (the reader raises
-``ConnectionRejected`` without closing its stream) and when the *server*
-closes the WebSocket (``aclose`` returns early once a close reason is set).
+The TCP (or TLS) stream is opened here and closed on the way out, whatever
+happened.  The WebSocket has no reader task: the task that receives from
+the link (the bridge's provider reader) reads the socket, so a message costs
+no task switch on its way in; sends from the uplink, the reader's automatic
+replies and the keepalive share the connection's lock.
 
 The link is yielded once the core reports ``SessionReady`` (the provider
 accepted our configuration), so a session pre-opened at webhook time has
@@ -20,7 +19,7 @@ finished its handshake before the caller's stream arrives; events read
 meanwhile wait in the link for the bridge.
 
 Failures to connect (timeout, DNS/TCP/TLS error, HTTP refusal) raise
-:class:`~mediaserver.bridge.link.ProviderClosed`.  The link's reader task
+:class:`~mediaserver.bridge.link.ProviderClosed`.  The link's keepalive task
 runs in a nursery that encloses the ``async with`` body, so an exception the
 body raises reaches the caller inside an exception group: callers handle it
 with ``except*``.
@@ -37,12 +36,6 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    WebSocketConnection,
-    wrap_client_stream,
-)
 
 from mediaserver.bridge.link import ProviderClosed
 from mediaserver.protocol.errors import ProtocolError
@@ -54,6 +47,7 @@ from mediaserver.protocol.providers.base import (
     ProviderSession,
     SessionReady,
 )
+from mediaserver.transport.ws_client import ClientWebSocket, HandshakeRejected, WebSocketClosed, connect
 
 __all__ = ["WebSocketLink", "open_provider_link"]
 
@@ -67,7 +61,7 @@ MAX_PROVIDER_MESSAGE_BYTES = 8 * 1024 * 1024
 class WebSocketLink:
     """A :class:`ProviderLink` backed by a sans-I/O core and a WebSocket."""
 
-    def __init__(self, name: str, session: ProviderSession, ws: WebSocketConnection) -> None:
+    def __init__(self, name: str, session: ProviderSession, ws: ClientWebSocket) -> None:
         self.name = name
         self.session = session
         self._ws = ws
@@ -89,14 +83,23 @@ class WebSocketLink:
     async def _send_all(self, messages: Sequence[str | bytes]) -> None:
         try:
             for message in messages:
-                await self._ws.send_message(message)
+                await self._ws.send(message)
                 self.last_send_s = trio.current_time()
-        except ConnectionClosed as exc:
-            raise ProviderClosed(f"{self.name} connection closed: {_reason(exc)}") from None
+        except WebSocketClosed as exc:
+            raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
 
     async def send(self, command: ProviderCommand) -> None:
-        async with self._send_lock:
+        # A free lock is taken at once, without the trip through the
+        # scheduler that ``async with`` makes; a busy one is waited for in order.
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             await self._send_all(self.session.send(command))
+        finally:
+            lock.release()
 
     async def keep_alive(self) -> None:
         """Send the core's keepalive whenever nothing was sent for its interval (runs until cancelled)."""
@@ -141,9 +144,9 @@ class WebSocketLink:
     async def _read_one(self) -> None:
         """Read one message, let the core handle it, send its replies, queue its events."""
         try:
-            message = await self._ws.get_message()
-        except ConnectionClosed as exc:
-            raise ProviderClosed(f"{self.name} connection closed: {_reason(exc)}") from None
+            message = await self._ws.receive()
+        except WebSocketClosed as exc:
+            raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
         try:
             self.session.receive_message(message)
             replies = self.session.pending_messages()
@@ -153,13 +156,6 @@ class WebSocketLink:
             async with self._send_lock:
                 await self._send_all(replies)
         self._pending.extend(self.session.events())
-
-
-def _reason(exc: ConnectionClosed) -> str:
-    reason = exc.reason
-    if reason is None:
-        return "no close frame"
-    return f"{reason.code} {reason.name} {reason.reason or ''}".strip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,19 +209,19 @@ async def open_provider_link(
         raise ProviderClosed(too_slow) from None
     except OSError as exc:  # DNS, TCP or TLS
         raise ProviderClosed(f"{name}: cannot connect to {_safe(url)}: {exc}") from None
-    connected = False
     try:
-        async with trio.open_nursery() as nursery:
+        try:
             with trio.fail_at(deadline):
-                ws = await wrap_client_stream(
-                    nursery,
-                    stream,
-                    target.host_header,
-                    target.resource,
-                    extra_headers=[(k.encode(), v.encode()) for k, v in headers],
-                    max_message_size=MAX_PROVIDER_MESSAGE_BYTES,
+                ws = await connect(
+                    stream, target.host_header, target.resource, headers, max_message_size=MAX_PROVIDER_MESSAGE_BYTES
                 )
-            connected = True
+        except trio.TooSlowError:
+            raise ProviderClosed(too_slow) from None
+        except HandshakeRejected as exc:
+            raise ProviderClosed(f"{name}: {_safe(url)} rejected the connection with HTTP {exc.status_code}") from None
+        except WebSocketClosed as exc:
+            raise ProviderClosed(f"{name}: {_safe(url)} closed the connection during the handshake: {exc}") from None
+        async with trio.open_nursery() as nursery:
             try:
                 link = WebSocketLink(name, session, ws)
                 await link._send_all(session.initial_messages())
@@ -242,17 +238,7 @@ async def open_provider_link(
                     if closing.cancelled_caught:
                         log.info("%s: no close handshake within %g s; dropping the connection", name, disconnect_timeout_s)
                 finally:
-                    nursery.cancel_scope.cancel()  # the connection's reader task
-    except* ConnectionRejected as group:
-        if connected:
-            raise
-        first = group.exceptions[0]
-        status = first.status_code if isinstance(first, ConnectionRejected) else "?"
-        raise ProviderClosed(f"{name}: {_safe(url)} rejected the connection with HTTP {status}") from None
-    except* trio.TooSlowError:
-        if connected:
-            raise
-        raise ProviderClosed(too_slow) from None
+                    nursery.cancel_scope.cancel()  # the keepalive task
     finally:
         await trio.aclose_forcefully(stream)
 

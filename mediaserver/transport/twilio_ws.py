@@ -1,0 +1,179 @@
+"""The Media Streams WebSocket served straight on ASGI, next to the Quart app.
+
+Every other route stays in Quart; this one carries ~100 messages a second
+per call, and Quart's websocket machinery costs, per message, a receiver
+task, a queue hop and a task switch on the way in and a signal dispatch on
+the way out.  :class:`MediaStreamRoute` wraps the Quart ASGI app (Quart's
+documented middleware hook, ``app.asgi_app = ...``) and serves
+``websocket`` scopes for :data:`~mediaserver.security.MEDIA_STREAM_PATH`
+with the server's own ASGI ``receive``/``send``.
+
+Behaviour is what the Quart route did:
+
+* with ``TWILIO_AUTH_TOKEN`` set, the upgrade must carry a valid
+  ``X-Twilio-Signature`` (:mod:`mediaserver.security`), else HTTP 403
+  (400 for a malformed host or scheme) is answered instead of the upgrade;
+* after the accept, the call manager's ``handle_stream`` runs with an
+  :class:`ASGIStream`; when it returns the socket is closed with 1000 (also
+  after an unexpected error, which is logged);
+* the peer going away makes :meth:`ASGIStream.receive` raise
+  :class:`~mediaserver.bridge.call.StreamClosed`; oversize messages are
+  refused by the server (Hypercorn's ``websocket_max_message_size``, close
+  code 1009) before they reach us.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from mediaserver import security
+from mediaserver.bridge.call import MessageStream, StreamClosed
+
+__all__ = ["ASGIStream", "MediaStreamRoute"]
+
+log = logging.getLogger("mediaserver.http")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]  # Quart's asgi_app, typed by hypercorn.typing
+StreamHandler = Callable[[MessageStream], Awaitable[None]]
+
+_REASONS = {400: b"Bad Request", 403: b"Forbidden"}
+
+
+class ASGIStream(MessageStream):
+    """An accepted ASGI WebSocket as the bridge's :class:`MessageStream`.
+
+    ``receive`` returns text (or bytes) messages as the server hands them
+    over and raises :class:`StreamClosed` once the peer has disconnected;
+    ``send`` raises it after that, too (the server would drop the message).
+    """
+
+    __slots__ = ("_receive", "_send", "closed")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self.closed = False
+
+    async def receive(self) -> str | bytes:
+        if self.closed:
+            raise StreamClosed("the Twilio stream is closed")
+        while True:
+            message = await self._receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text: str | None = message.get("text")
+                if text is not None:
+                    return text
+                data: bytes | None = message.get("bytes")
+                if data is not None:
+                    return data
+            elif kind == "websocket.disconnect":
+                self.closed = True
+                raise StreamClosed(f"Twilio closed the stream (code {message.get('code', 1005)})")
+
+    async def send(self, text: str) -> None:
+        if self.closed:
+            raise StreamClosed("the Twilio stream is closed")
+        await self._send({"type": "websocket.send", "text": text})
+
+
+class _Headers:
+    """The scope's raw headers as :class:`mediaserver.security.HeaderSource` (latin-1, like Quart)."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def items(self) -> Iterable[tuple[str, str]]:
+        return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw]
+
+    def get(self, lower_name: str) -> str | None:
+        for name, value in self.items():
+            if name.lower() == lower_name:
+                return value
+        return None
+
+
+class MediaStreamRoute:
+    """ASGI middleware: the Media Streams WebSocket here, everything else to ``app``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        handle_stream: StreamHandler,
+        *,
+        auth_token: str | None,
+        public_url: str | None,
+        path: str = security.MEDIA_STREAM_PATH,
+    ) -> None:
+        self.app = app
+        self.handle_stream = handle_stream
+        self.auth_token = auth_token
+        self.public_url = public_url
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == self.path:
+            await self._serve(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        first = await receive()
+        if first["type"] != "websocket.connect":
+            return  # disconnected before the handshake
+        status = self._check_signature(scope)
+        if status is not None:
+            await _refuse(scope, send, status)
+            return
+        await send({"type": "websocket.accept"})
+        stream = ASGIStream(receive, send)
+        try:
+            await self.handle_stream(stream)
+        except Exception:
+            log.exception("media stream: the handler failed")
+        if not stream.closed:
+            await send({"type": "websocket.close", "code": 1000})
+
+    def _check_signature(self, scope: Scope) -> int | None:
+        """None if the upgrade may proceed, else the HTTP status to refuse it with."""
+        if not self.auth_token:
+            return None
+        headers = _Headers(scope["headers"])
+        host = headers.get("host")
+        if host is None:
+            server = scope.get("server")
+            host = f"{server[0]}:{server[1]}" if server else ""
+        try:
+            url = security.upgrade_signature_url(
+                self.path,
+                configured=self.public_url,
+                scheme=scope["scheme"],
+                host=host,
+                headers=headers,
+                query=scope.get("query_string", b""),
+            )
+        except ValueError:
+            return 400
+        if not security.validate_signature(self.auth_token, url, {}, headers.get(security.SIGNATURE_HEADER.lower())):
+            log.warning("media stream: bad or missing X-Twilio-Signature for %s; 403", url)
+            return 403
+        return None
+
+
+async def _refuse(scope: Scope, send: Send, status: int) -> None:
+    """Answer the upgrade with an HTTP error instead of accepting it."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        body = _REASONS.get(status, b"Refused")
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+    else:
+        await send({"type": "websocket.close", "code": 1008})  # the server answers 403

@@ -1,0 +1,60 @@
+"""The Media Streams route served on ASGI (mediaserver.transport.twilio_ws), end to end on loopback.
+
+The signature checks, stop, idle and shutdown cases are in tests/test_app.py;
+these cover what the route itself decides: a caller that vanishes, an
+oversize message, and the other routes still reaching Quart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import trio
+
+from mediaserver.protocol.twilio import DEFAULT_MAX_MESSAGE_BYTES
+
+from tests.fakes import fail_after, http_request, websocket_upgrade_status
+from tests.test_app import CALL_A, base_settings, call_log, fake_openai, keep_talking, openai_settings, phone_call, running
+
+
+@fail_after(10)
+async def test_a_caller_that_vanishes_ends_the_call_and_its_model_session(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mediaserver")
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            session = await model.session(0)
+            await session.wait_appends(5)
+            nursery.cancel_scope.cancel()
+            await caller.abort()  # TCP gone, no close frame
+        with trio.fail_after(1):
+            await session.closed.wait()
+        assert session.close_code == 1000  # the model still gets a clean close
+        health = json.loads((await http_request(url + "/healthz")).body)
+        assert health["active_calls"] == 0
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended " in r.getMessage()]
+    assert "ended (twilio hung up)" in ended
+
+
+@fail_after(10)
+async def test_an_oversize_message_is_refused_with_1009_and_the_server_carries_on() -> None:
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(100)
+            await caller.send_raw("x" * (DEFAULT_MAX_MESSAGE_BYTES + 1))
+            with trio.fail_after(2):
+                await caller.closed.wait()
+            assert caller.close_code == 1009
+        health = await http_request(url + "/healthz")
+        assert health.status == 200 and json.loads(health.body)["active_calls"] == 0
+
+
+@fail_after(10)
+async def test_other_websocket_paths_still_go_to_quart() -> None:
+    async with running(base_settings()) as url:
+        ws_url = url.replace("http://", "ws://")
+        assert await websocket_upgrade_status(ws_url + "/media-stream/other") == 404  # Quart: no such route
+        assert await websocket_upgrade_status(ws_url + "/media-stream") == 101  # ours (development mode)
+        assert (await http_request(url + "/healthz")).status == 200
