@@ -41,7 +41,7 @@ import json
 import math
 import struct
 import xml.etree.ElementTree as ET
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -212,7 +212,9 @@ class FakeModel:
     reply of ``reply_ms`` in real time, if that reply would end before
     ``recorder.replies_until_s``.  ``open_sessions`` counts WebSockets not
     yet closed by the server under test: after a step's calls have ended,
-    what remains is leaked.
+    what remains is leaked.  Each session is counted under the ``label``
+    current when it opened (:meth:`open_for`), so when two servers take
+    turns, one's leaks are not blamed on the other.
     """
 
     def __init__(self, recorder: Recorder, *, reply_every_s: float = 2.0, reply_ms: int = 1000) -> None:
@@ -222,6 +224,8 @@ class FakeModel:
         self.port = 0
         self.open_sessions = 0
         self.sessions = 0
+        self.label = ""  # who the sessions opening now belong to (e.g. "ours 10", "peer 10")
+        self._open_by_label: Counter[str] = Counter()
         self.errors: list[str] = []  # protocol violations by the server under test
         self._numbers = itertools.count(1)
 
@@ -237,16 +241,23 @@ class FakeModel:
             async with trio.open_nursery() as nursery:
                 request: WebSocketRequest = await wrap_server_stream(nursery, stream)
                 ws = await request.accept()
+                label = self.label
                 self.open_sessions += 1
+                self._open_by_label[label] += 1
                 try:
                     await self._session(ws, next(self._numbers))
                 finally:
                     self.open_sessions -= 1
+                    self._open_by_label[label] -= 1
                     nursery.cancel_scope.cancel()  # trio.serve_tcp closes the stream
         except* (ConnectionClosed, trio.BrokenResourceError):
             pass  # the server hung up (e.g. while we were answering): its session is over
         except* Exception as group:  # one bad session must not stop the bench
             self.errors.append(f"fake model failed: {_leaf(group)!r}"[:200])
+
+    def open_for(self, label: str) -> int:
+        """Sessions opened while ``label`` was current that are still open."""
+        return self._open_by_label[label]
 
     async def _session(self, ws: WebSocketConnection, number: int) -> None:
         self.sessions += 1
@@ -416,11 +427,16 @@ async def run_call(
     host: str,
     port: int,
     end_s: float,
+    webhook_path: str = "/twiml",
 ) -> None:
-    """One simulated call until ``end_s`` (perf_counter time); failures are recorded, never raised."""
+    """One simulated call until ``end_s`` (Trio clock); failures are recorded, never raised.
+
+    ``webhook_path`` is the server's voice webhook (ours: ``/twiml``; the
+    peer sample's: ``/incoming-call``).
+    """
     call = recorder.calls[call_no]
     try:
-        await _call(recorder, call, host, port, end_s)
+        await _call(recorder, call, host, port, end_s, webhook_path)
     except Exception as exc:  # noqa: BLE001 - a failed call is a measurement, not a bench failure
         leaf = _leaf(exc)
         call.failed = f"{type(leaf).__name__}: {leaf}"[:200]
@@ -433,14 +449,14 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _call(recorder: Recorder, call: CallRecord, host: str, port: int, end_s: float) -> None:
+async def _call(recorder: Recorder, call: CallRecord, host: str, port: int, end_s: float, webhook_path: str) -> None:
     call_sid = f"CA{call.call_no:032x}"
     account_sid = "AC" + "b" * 32
     with trio.fail_after(15):
         status, body = await http_post_form(
             host,
             port,
-            "/twiml",
+            webhook_path,
             {"CallSid": call_sid, "AccountSid": account_sid, "From": "+15550000000", "To": "+15551111111",
              "CallStatus": "ringing", "Direction": "inbound", "ApiVersion": "2010-04-01"},
         )

@@ -3,12 +3,16 @@
 No timing is asserted: the benches' figures are shown, not enforced.  What is
 checked is that every table has its rows and sane values, that a tiny load
 run bridges every frame both ways with no failed call and no leaked
-session, and that each message the fake model sends is a valid server event
-of the OpenAI SDK (strict, no unknown keys, nothing lost in a round trip).
+session, on our server and on the peer (bench/_peer_sample.py, the design
+of Twilio's Python sample) in the same run, and that each message the fake
+model sends is a valid server event of the OpenAI SDK, and each message the
+peer sends the model a valid client event (strict, no unknown keys, nothing
+lost in a round trip).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -18,7 +22,7 @@ from typing import Any
 
 import pydantic
 import pytest
-from openai.types.realtime import RealtimeServerEvent, SessionUpdateEvent
+from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent, SessionUpdateEvent
 
 from mediaserver.protocol.providers.base import AudioDelta
 from mediaserver.protocol.providers.openai import OpenAIRealtimeConfig, OpenAIRealtimeSession
@@ -29,6 +33,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 import _loadgen  # noqa: E402
 
 _SERVER_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(RealtimeServerEvent)
+_CLIENT_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(RealtimeClientEvent)
+_PEER_MISSING = [m for m in ("fastapi", "uvicorn", "websockets") if importlib.util.find_spec(m) is None]
+needs_peer = pytest.mark.skipif(
+    bool(_PEER_MISSING),
+    reason=f"the load bench's peer needs {', '.join(_PEER_MISSING)} (pip install fastapi uvicorn websockets)",
+)
 
 
 def _run(script: str, *args: str, timeout: float = 60) -> str:
@@ -59,6 +69,37 @@ def _server_event(text: str) -> Any:
     _assert_no_extra(model)
     assert model.model_dump(mode="json", exclude_unset=True) == json.loads(text), text[:200]
     return model
+
+
+def _client_event(text: str) -> Any:
+    model = _CLIENT_EVENT.validate_json(text, strict=True)
+    _assert_no_extra(model)
+    assert model.model_dump(mode="json", exclude_unset=True) == json.loads(text), text[:200]
+    return model
+
+
+@pytest.fixture(scope="module")
+def quick_load(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any], Path]:
+    """One tiny load run (2 calls), against the peer too where its packages are installed: (stdout, JSON, plot)."""
+    tmp = tmp_path_factory.mktemp("load")
+    peer = ["--no-peer"] if _PEER_MISSING else []
+    out = _run(
+        "load.py", "--quick", "--steps", "2", "--hold", "1.2", "--grace", "0.5", "--json", str(tmp / "load.json"),
+        "--plot", str(tmp / "load.png"), *peer,
+    )
+    return out, json.loads((tmp / "load.json").read_text()), tmp / "load.png"
+
+
+def _assert_clean(row: dict[str, Any]) -> None:
+    """A step's row in which every frame crossed both ways and nothing failed or leaked."""
+    assert row["failed"] == 0, row["first_failure"]
+    assert row["sessions"] == 2 and row["leaked"] == 0
+    assert row["up_sent"] >= 2 * 50 and row["up_lost"] == 0 and row["up_made_up"] == 0
+    assert row["down_sent"] > 0 and row["down_lost"] == 0 and row["down_made_up"] == 0
+    assert row["up_samples"] > 0 and row["down_samples"] > 0
+    assert 0 < row["up_p50_ms"] <= row["up_p99_ms"] and 0 < row["down_p50_ms"] <= row["down_p99_ms"]
+    assert row["server_cpu_pct"] > 0 and row["server_rss_mib"] > 10
+    assert row["model_errors"] == []
 
 
 def test_frame_path_quick_run_has_every_stage_of_every_path(tmp_path: Path) -> None:
@@ -94,25 +135,57 @@ def test_frame_path_quick_run_has_every_stage_of_every_path(tmp_path: Path) -> N
         assert row["both_ns"] >= 0.9 * max(row["up_ns"], row["down_ns"])
 
 
-def test_load_quick_run_bridges_every_frame_and_leaks_nothing(tmp_path: Path) -> None:
-    out = _run(
-        "load.py", "--quick", "--steps", "2", "--hold", "1.2", "--grace", "0.5", "--json", str(tmp_path / "load.json"),
-        "--plot", str(tmp_path / "load.png"),
-    )
-    for text in ["Load: concurrent calls", "up p99", "dn p99", "lost up/dn", "leaked", "srv CPU%", "gen-bound", "vs peer"]:
+def test_load_quick_run_bridges_every_frame_and_leaks_nothing(quick_load: tuple[str, dict[str, Any], Path]) -> None:
+    out, data, png = quick_load
+    for text in ["Load: concurrent calls", "server", "up p99", "dn p99", "lost up/dn", "leaked", "srv CPU%", "gen-bound"]:
         assert text in out, text
-    rows = json.loads((tmp_path / "load.json").read_text())["rows"]
-    assert [r["calls"] for r in rows] == [2]
-    row = rows[0]
-    assert row["failed"] == 0, row["first_failure"]
-    assert row["sessions"] == 2 and row["leaked"] == 0
-    assert row["up_sent"] >= 2 * 50 and row["up_lost"] == 0 and row["up_made_up"] == 0
-    assert row["down_sent"] > 0 and row["down_lost"] == 0 and row["down_made_up"] == 0
-    assert row["up_samples"] > 0 and row["down_samples"] > 0
-    assert 0 < row["up_p50_ms"] <= row["up_p99_ms"] and 0 < row["down_p50_ms"] <= row["down_p99_ms"]
-    assert row["server_cpu_pct"] > 0 and row["server_rss_mib"] > 10
-    assert row["model_errors"] == []
-    assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ours = [r for r in data["rows"] if r["server"] == "ours"]
+    assert [r["calls"] for r in ours] == [2]
+    _assert_clean(ours[0])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_peer
+def test_load_quick_run_measures_the_peer_in_the_same_run(quick_load: tuple[str, dict[str, Any], Path]) -> None:
+    out, data, _ = quick_load
+    assert "_peer_sample.py" in data["header"]["peer"] and "uvicorn" in data["header"]["peer"]
+    peer = [r for r in data["rows"] if r["server"] == "peer"]
+    assert [r["calls"] for r in peer] == [2]
+    _assert_clean(peer[0])  # the peer bridged every frame both ways too: same callers, same fake model
+    ours = next(r for r in data["rows"] if r["server"] == "ours")
+    [pair] = data["comparison"]
+    assert pair["calls"] == 2 and pair["ours_ok"] and pair["peer_ok"]
+    assert pair["ratio"] == pytest.approx(peer[0]["cpu_pct_per_call"] / ours["cpu_pct_per_call"])
+    assert pair["peer_up_p99_ms"] == peer[0]["up_p99_ms"] and pair["ours_down_p99_ms"] == ours["down_p99_ms"]
+    for text in ["Peer in the same run", "CPU%/call ours", "peer/ours", "leaked o|p"]:
+        assert text in out, text
+
+
+@needs_peer
+def test_peer_sample_messages_are_sdk_client_events() -> None:
+    import _peer_sample
+
+    update = _client_event(_peer_sample.session_update())
+    assert update.type == "session.update"
+    assert update.session.audio.input.format.type == "audio/pcmu"
+    assert update.session.audio.output.format.type == "audio/pcmu"
+    append = _client_event(_peer_sample.audio_append("f/8A"))
+    assert (append.type, append.audio) == ("input_audio_buffer.append", "f/8A")
+    truncate = _client_event(_peer_sample.item_truncate("item_1", 480))
+    assert (truncate.type, truncate.item_id, truncate.content_index, truncate.audio_end_ms) == (
+        "conversation.item.truncate", "item_1", 0, 480
+    )
+
+
+@needs_peer
+def test_peer_sample_answers_twilio_as_the_callers_expect() -> None:
+    import _peer_sample
+
+    url = "ws://127.0.0.1:9/media-stream"
+    assert _loadgen.parse_stream_twiml(_peer_sample.incoming_call_twiml(url)) == (url, {})
+    assert _peer_sample.twilio_media("MZ1", "f/8A") == {"event": "media", "streamSid": "MZ1", "media": {"payload": "f/8A"}}
+    assert _peer_sample.twilio_mark("MZ1", "m") == {"event": "mark", "streamSid": "MZ1", "mark": {"name": "m"}}
+    assert _peer_sample.twilio_clear("MZ1") == {"event": "clear", "streamSid": "MZ1"}
 
 
 def test_fake_model_messages_are_sdk_server_events() -> None:
