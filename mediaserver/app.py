@@ -3,7 +3,8 @@
 * ``POST /twiml`` -- Twilio's voice webhook: pre-opens the model session and
   answers ``<Connect><Stream>`` with a one-time token as ``<Parameter>``;
 * ``WS /media-stream`` -- the Media Stream, handed to the call manager (served
-  on ASGI directly, ahead of Quart: mediaserver/transport/twilio_ws.py);
+  on the socket by the server's own listener: mediaserver/transport/listener.py;
+  on a kept-alive HTTP connection, on ASGI ahead of Quart: mediaserver/transport/twilio_ws.py);
 * ``POST /call-status`` -- call status callbacks, logged and kept on the call record;
 * ``GET /calls/<sid>`` -- a call record, for the API key (mediaserver/records/routes.py);
 * ``GET /healthz`` -- liveness and call counts.

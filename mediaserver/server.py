@@ -1,20 +1,38 @@
-"""Run the app on Hypercorn's Trio worker, with graceful draining of calls."""
+"""Run the app: Media Streams on our own socket code, everything else on Hypercorn's Trio worker.
+
+We accept the TCP connections ourselves (one listener on the configured
+host and port) and route each by its first request
+(:class:`mediaserver.transport.listener.ConnectionRouter`): the Media
+Streams WebSocket, ~100 messages a second per call, is served with wsproto
+directly on the socket (:mod:`mediaserver.transport.ws_server`); every
+other connection goes to Hypercorn's ``TCPServer`` with the Quart app,
+exactly as Hypercorn's own worker would serve it.  :func:`_serve` is
+Hypercorn 0.18's ``hypercorn.trio.run.worker_serve`` with that one
+difference (its lifespan, worker context and graceful shutdown).
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState, LifespanState
+from hypercorn.utils import repr_socket_addr, wrap_app
 
-from mediaserver.app import create_app
+from mediaserver.app import MEDIA_STREAM_PATH, create_app
 from mediaserver.bridge.registry import CallManager
 from mediaserver.config import Settings
 from mediaserver.protocol.twilio import DEFAULT_MAX_MESSAGE_BYTES
 from mediaserver.records.recorder import Recorder, open_recorder
+from mediaserver.transport.listener import ConnectionRouter, ReplayStream
 
 __all__ = ["hypercorn_config", "serve", "wait_for_signal"]
 
@@ -48,7 +66,7 @@ async def serve(
 ) -> None:
     """Serve until ``shutdown_trigger`` returns (default: SIGINT/SIGTERM); reports the bound URLs.
 
-    Shutdown is hypercorn's: stop accepting, give live calls ``drain_s`` to
+    Shutdown as Hypercorn's: stop accepting, give live calls ``drain_s`` to
     finish, cancel the rest; then the pre-opened model sessions are closed.
     Cancelling the caller's scope stops everything at once.  Call records
     (mediaserver.records) are opened first and closed last, after the
@@ -67,16 +85,51 @@ async def _serve(
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
     calls = CallManager(settings, recorder=recorder)
-    app = create_app(settings, calls)
     config = hypercorn_config(settings)
+    app = wrap_app(create_app(settings, calls), config.wsgi_max_body_size, "asgi")
+    config.set_statsd_logger_class(StatsdLogger)
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(app, config, lifespan_state)
+    context = WorkerContext(None)
+
+    async def hypercorn_connection(stream: ReplayStream) -> None:
+        server = TCPServer(app, config, context, ConnectionState(lifespan_state.copy()), stream)  # type: ignore[arg-type]  # a plain stream works
+        await server.run()
+
+    router = ConnectionRouter(
+        hypercorn_connection,
+        calls.handle_stream,
+        path=MEDIA_STREAM_PATH,
+        auth_token=settings.twilio_auth_token,
+        public_url=settings.public_url,
+        max_message_size=DEFAULT_MAX_MESSAGE_BYTES,
+        head_timeout_s=config.keep_alive_timeout,
+    )
 
     async with trio.open_nursery() as nursery:
-
-        async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
-            await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)  # type: ignore[arg-type]
-            # hypercorn returns after draining live calls; end pre-opened sessions too
-            nursery.cancel_scope.cancel()
-
         await nursery.start(calls.run)
-        binds: list[str] = await nursery.start(serve_http)
-        task_status.started(binds)
+        await nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as connections:
+            sockets = config.create_sockets()
+            listeners = []
+            binds = []
+            for sock in sockets.insecure_sockets:
+                sock.listen(config.backlog)
+                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+                bind = f"http://{repr_socket_addr(sock.family, sock.getsockname())}"
+                binds.append(bind)
+                await config.log.info(f"Running on {bind} (CTRL + C to quit)")
+            task_status.started(binds)
+            try:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        functools.partial(trio.serve_listeners, router, listeners, handler_nursery=connections)
+                    )
+                    await shutdown_trigger()
+                    accepting.cancel_scope.cancel()  # stop accepting: the listeners close
+            finally:
+                await context.terminated.set()  # kept-alive HTTP connections close when idle
+                connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        nursery.cancel_scope.cancel()  # hypercorn's lifespan task and the pre-opened sessions

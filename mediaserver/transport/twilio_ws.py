@@ -1,5 +1,11 @@
 """The Media Streams WebSocket served straight on ASGI, next to the Quart app.
 
+A new connection's upgrade never gets here: the server's own listener
+serves it on the socket (:mod:`mediaserver.transport.listener`,
+:mod:`mediaserver.transport.ws_server`).  This route serves an upgrade
+that arrives on an HTTP connection Hypercorn already serves (kept alive
+after an earlier request), with the same behaviour.
+
 Every other route stays in Quart; this one carries ~100 messages a second
 per call, and Quart's websocket machinery costs, per message, a receiver
 task, a queue hop and a task switch on the way in and a signal dispatch on

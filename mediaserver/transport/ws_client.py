@@ -110,7 +110,7 @@ class ClientWebSocket:
             if isinstance(event, (str, bytes)):
                 if self._ws.state is not ConnectionState.OPEN:
                     raise self._closed_now(CloseReason.ABNORMAL_CLOSURE, "closing")
-                data = data_frame(event)
+                data = self._frame(event)
             else:
                 try:
                     data = self._ws.send(event)
@@ -122,6 +122,10 @@ class ClientWebSocket:
                 raise self._closed_now(CloseReason.ABNORMAL_CLOSURE) from None
         finally:
             lock.release()
+
+    def _frame(self, message: str | bytes) -> bytes:
+        """One whole data frame: masked, as a client's must be (ws_server.py overrides it)."""
+        return data_frame(message)
 
     def _closed_now(self, code: int, reason: str = "") -> WebSocketClosed:
         if self.closed is None:

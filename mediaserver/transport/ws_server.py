@@ -1,0 +1,182 @@
+"""The Media Streams WebSocket served on our own socket: wsproto on a Trio stream, no ASGI.
+
+Each call's Media Stream carries ~100 messages a second.  Served through
+Hypercorn, every one of them is parsed in Hypercorn's connection task, put on
+an ASGI receive channel and picked up by the call's task after a task
+switch.  Here the call's own task reads the socket, wsproto parses the frames
+and the message is returned inline; sends are framed here and go straight to
+``send_all`` under a lock that does not yield when free (the machinery of
+:class:`mediaserver.transport.ws_client.ClientWebSocket`, server side).
+
+Behaviour is what :mod:`mediaserver.transport.twilio_ws` gives on the ASGI
+path: :func:`serve_media_stream` checks ``X-Twilio-Signature`` with the same
+:mod:`mediaserver.security` helpers (HTTP 403, or 400 for a malformed host
+or scheme, instead of the upgrade), runs the handler with a
+:class:`ServerStream`, logs an unexpected handler error, and closes with
+1000; a message over the size limit is refused with 1009; the peer going
+away makes :meth:`ServerStream.receive` raise
+:class:`~mediaserver.bridge.call.StreamClosed`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+from wsproto.frame_protocol import CloseReason
+
+from mediaserver import security
+from mediaserver.bridge.call import MessageStream, StreamClosed
+from mediaserver.transport.ws_client import ClientWebSocket, WebSocketClosed
+
+__all__ = ["ServerStream", "parse_upgrade", "refusal", "serve_media_stream", "server_frame"]
+
+log = logging.getLogger("mediaserver.http")
+
+StreamHandler = Callable[[MessageStream], Awaitable[None]]
+
+CLOSE_TIMEOUT_S = 2.0  # for the peer's close frame after ours
+_REASONS = {400: b"Bad Request", 403: b"Forbidden"}
+
+
+def server_frame(message: str | bytes) -> bytes:
+    """One whole server message as an unmasked RFC 6455 frame (FIN, text or binary opcode)."""
+    if isinstance(message, str):
+        payload, opcode = message.encode(), 0x81
+    else:
+        payload, opcode = message, 0x82
+    size = len(payload)
+    if size < 126:
+        return bytes((opcode, size)) + payload
+    if size < 1 << 16:
+        return bytes((opcode, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((opcode, 127)) + size.to_bytes(8, "big") + payload
+
+
+class ServerStream(ClientWebSocket, MessageStream):
+    """An accepted server-side WebSocket as the bridge's :class:`MessageStream`.
+
+    ``receive`` returns whole text (or binary) messages and raises
+    :class:`StreamClosed` once the connection is closed (close frame, TCP
+    drop, protocol error, oversize message); ``send`` raises it after that.
+    """
+
+    def _frame(self, message: str | bytes) -> bytes:
+        return server_frame(message)
+
+    async def receive(self) -> str | bytes:
+        messages = self._messages
+        while not messages:  # (ClientWebSocket.receive, inlined: this runs for every frame of every call)
+            if self.closed is not None:
+                raise StreamClosed(f"Twilio closed the stream (code {self.closed.code})")
+            await self._read()
+        return messages.popleft()
+
+    async def send(self, text: str | bytes) -> None:
+        if self.closed is not None:
+            raise StreamClosed(f"the Twilio stream is closed (code {self.closed.code})")
+        try:
+            await self._send(text)
+        except WebSocketClosed as exc:
+            raise StreamClosed(f"the Twilio stream is closed (code {exc.code})") from None
+
+
+def parse_upgrade(head: bytes) -> tuple[WSConnection, Request] | None:
+    """wsproto's server handshake fed ``head`` (every byte read so far); None if it refuses the request.
+
+    Nothing is sent yet: :func:`serve_media_stream` answers on the returned connection.
+    """
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        ws.receive_data(head)
+        for event in ws.events():
+            if isinstance(event, Request):
+                return ws, event
+    except Exception:  # wsproto's RemoteProtocolError, or h11's on a malformed head
+        return None
+    return None
+
+
+class _Headers:
+    """Raw request headers as :class:`mediaserver.security.HeaderSource` (latin-1, like Quart)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+        self._items = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+
+    def items(self) -> Iterable[tuple[str, str]]:
+        return self._items
+
+    def get(self, lower_name: str) -> str | None:
+        for name, value in self._items:
+            if name.lower() == lower_name:
+                return value
+        return None
+
+
+def refusal(
+    headers: Iterable[tuple[bytes, bytes]],
+    target: bytes,
+    *,
+    auth_token: str | None,
+    public_url: str | None,
+    path: str,
+    server_host: str,
+) -> int | None:
+    """None if the upgrade may proceed, else the HTTP status to refuse it with (as twilio_ws.py)."""
+    if not auth_token:
+        return None
+    source = _Headers(headers)
+    host = source.get("host") or server_host
+    _, _, query = target.partition(b"?")
+    try:
+        url = security.upgrade_signature_url(
+            path, configured=public_url, scheme="ws", host=host, headers=source, query=query
+        )
+    except ValueError:
+        return 400
+    if not security.validate_signature(auth_token, url, {}, source.get(security.SIGNATURE_HEADER.lower())):
+        log.warning("media stream: bad or missing X-Twilio-Signature for %s; 403", url)
+        return 403
+    return None
+
+
+async def serve_media_stream(
+    stream: trio.abc.Stream,
+    ws: WSConnection,
+    status: int | None,
+    handle_stream: StreamHandler,
+    *,
+    max_message_size: int,
+) -> None:
+    """Answer the parsed upgrade on ``ws`` (refuse with ``status``, or accept) and run the call.
+
+    The caller owns ``stream`` and closes it afterwards.
+    """
+    if status is not None:
+        body = _REASONS.get(status, b"Refused")
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        data = ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
+        data += ws.send(RejectData(data=body))
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        return
+    try:
+        await stream.send_all(ws.send(AcceptConnection()))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+    conn = ServerStream(stream, ws, max_message_size)
+    try:
+        await handle_stream(conn)
+    except Exception:
+        log.exception("media stream: the handler failed")
+    finally:
+        # Also when cancelled (the drain deadline): say goodbye with 1000, briefly.
+        with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            await conn.aclose(CloseReason.NORMAL_CLOSURE)

@@ -1,0 +1,283 @@
+"""Tests for mediaserver.transport.listener and ws_server: which connections we serve, and how.
+
+The router runs on a real loopback listener; the client side of every
+WebSocket is wsproto (through our ClientWebSocket), so the server's frames
+are checked by an independent RFC 6455 parser.  The last tests run the real
+server: an upgrade on a kept-alive HTTP connection still reaches the ASGI
+route (mediaserver.transport.twilio_ws) and is still signature-checked.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import h11
+import pytest
+import trio
+
+from mediaserver.bridge.call import MessageStream, StreamClosed
+from mediaserver.transport.listener import HEAD_LIMIT, ConnectionRouter, ReplayStream
+from mediaserver.transport.ws_client import ClientWebSocket, WebSocketClosed, connect
+from tests.fakes import fail_after, twilio_signature
+from tests.test_app import AUTH_TOKEN, base_settings, running
+
+MAX = 64 * 1024
+TOKEN = "router-test-token"
+
+
+class Recorder:
+    """The two sides of the router: what reached Hypercorn's side, what reached the stream handler."""
+
+    def __init__(self, stream_handler: Callable[[MessageStream], object] | None = None) -> None:
+        self.other: list[bytes] = []  # every byte the "Hypercorn" side read, per connection
+        self.streams = 0
+        self.ended: list[str] = []
+        self._stream_handler = stream_handler
+
+    async def other_side(self, stream: ReplayStream) -> None:
+        data = b""
+        async with stream:
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(1024)
+                if not chunk:
+                    break
+                data += chunk
+            self.other.append(data)
+            await stream.send_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+
+    async def echo(self, stream: MessageStream) -> None:
+        """Echo text messages until the peer goes; "bye" returns at once (the server then closes)."""
+        self.streams += 1
+        try:
+            while True:
+                message = await stream.receive()
+                assert isinstance(message, str)
+                if message == "bye":
+                    self.ended.append("returned")
+                    return
+                if message == "boom":
+                    raise RuntimeError("handler bug")
+                await stream.send(message)
+        except StreamClosed as exc:
+            self.ended.append(str(exc))
+
+
+@asynccontextmanager
+async def router(rec: Recorder, *, auth_token: str | None = None, head_timeout_s: float = 5.0) -> AsyncIterator[int]:
+    """A loopback listener served by a ConnectionRouter; yields its port."""
+    route = ConnectionRouter(
+        rec.other_side,
+        rec.echo,
+        path="/media-stream",
+        auth_token=auth_token,
+        public_url=None,
+        max_message_size=MAX,
+        head_timeout_s=head_timeout_s,
+    )
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, route, 0, host="127.0.0.1"))
+        yield listener.socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data``, return everything the server sends until it closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        received = b""
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+        return received
+
+
+@asynccontextmanager
+async def ws(port: int, target: str = "/media-stream", headers: list[tuple[str, str]] | None = None) -> AsyncIterator[ClientWebSocket]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        yield await connect(stream, f"127.0.0.1:{port}", target, headers or [], max_message_size=1 << 20)
+
+
+def upgrade_head(target: str, *extra: str, key: bool = True) -> bytes:
+    lines = [f"GET {target} HTTP/1.1", "Host: 127.0.0.1", "Upgrade: websocket", "Connection: Upgrade"]
+    lines += ["Sec-WebSocket-Version: 13"]
+    if key:
+        lines.append("Sec-WebSocket-Key: " + base64.b64encode(b"0123456789abcdef").decode())
+    return ("\r\n".join([*lines, *extra]) + "\r\n\r\n").encode()
+
+
+@fail_after(5)
+async def test_a_media_stream_upgrade_is_served_here_with_frames_wsproto_accepts() -> None:
+    rec = Recorder()
+    async with router(rec) as port, ws(port, "/media-stream?x=1") as client:
+        for size in (5, 200, 70_000):  # each length encoding: 7-bit, 16-bit, 64-bit
+            text = "é" * (size // 2) + "a" * (size % 2)
+            await client.send(text)
+            assert await client.receive() == text
+        await client.send("bye")
+        with pytest.raises(WebSocketClosed) as closed:
+            await client.receive()
+        assert closed.value.code == 1000
+    assert rec.streams == 1 and rec.ended == ["returned"] and rec.other == []
+
+
+@fail_after(5)
+async def test_a_peer_that_closes_ends_the_handler_with_stream_closed() -> None:
+    rec = Recorder()
+    async with router(rec) as port:
+        async with ws(port) as client:
+            await client.send("hi")
+            assert await client.receive() == "hi"
+            with trio.fail_after(1):
+                await client.aclose(1001)
+        while not rec.ended:
+            await trio.sleep(0.01)
+    assert rec.ended == ["Twilio closed the stream (code 1001)"]
+
+
+@fail_after(5)
+async def test_an_oversize_message_is_refused_with_1009() -> None:
+    rec = Recorder()
+    async with router(rec) as port, ws(port) as client:
+        await client.send("x" * (MAX + 1))
+        with pytest.raises(WebSocketClosed) as closed:
+            await client.receive()
+        assert closed.value.code == 1009
+        while not rec.ended:
+            await trio.sleep(0.01)
+    assert rec.ended == ["Twilio closed the stream (code 1009)"]
+
+
+@fail_after(5)
+async def test_a_failing_handler_is_logged_and_the_socket_closed_with_1000(caplog: pytest.LogCaptureFixture) -> None:
+    rec = Recorder()
+    async with router(rec) as port, ws(port) as client:
+        await client.send("boom")
+        with pytest.raises(WebSocketClosed) as closed:
+            await client.receive()
+        assert closed.value.code == 1000
+    assert any("the handler failed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /twiml HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        upgrade_head("/media-stream/other"),  # another WebSocket path: the app's
+        upgrade_head("/media-stream", key=False),  # an invalid handshake: Hypercorn answers it as before
+        b"GET /media-stream HTTP/1.1\r\nHost: x\r\n\r\n",  # no upgrade
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * HEAD_LIMIT + b"\r\n\r\n",  # over our head limit
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+)
+@fail_after(5)
+async def test_everything_else_goes_to_hypercorn_with_every_byte_replayed(head: bytes) -> None:
+    rec = Recorder()
+    async with router(rec) as port:
+        answer = await raw_exchange(port, head)
+    assert answer.startswith(b"HTTP/1.1 204")
+    assert rec.other == [head] and rec.streams == 0
+
+
+@fail_after(5)
+async def test_a_slow_head_is_handed_over_after_the_timeout_and_a_silent_socket_is_closed() -> None:
+    rec = Recorder()
+    async with router(rec, head_timeout_s=0.2) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"GET /media-stream HTTP/1.1\r\n")
+            await trio.sleep(0.4)  # the router gave up waiting and handed over what it had
+            await stream.send_all(b"Host: x\r\n\r\n")
+            assert (await stream.receive_some(1024)).startswith(b"HTTP/1.1 204")
+        assert await raw_exchange(port, b"") == b""
+    assert rec.other == [b"GET /media-stream HTTP/1.1\r\nHost: x\r\n\r\n"]
+
+
+@fail_after(5)
+async def test_the_upgrade_signature_is_checked_here() -> None:
+    rec = Recorder()
+    async with router(rec, auth_token=TOKEN) as port:
+        url = f"ws://127.0.0.1:{port}/media-stream"
+        forged = twilio_signature("another-token", url)
+        answer = await raw_exchange(port, upgrade_head("/media-stream", f"X-Twilio-Signature: {forged}"))
+        assert answer.startswith(b"HTTP/1.1 403 ") and answer.endswith(b"Forbidden")
+        assert (await raw_exchange(port, upgrade_head("/media-stream"))).startswith(b"HTTP/1.1 403 ")
+        good = twilio_signature(TOKEN, f"ws://127.0.0.1:{port}/media-stream")
+        headers = [("X-Twilio-Signature", good)]
+        async with ws(port, headers=headers) as client:
+            await client.send("signed")
+            assert await client.receive() == "signed"
+    assert rec.streams == 1
+
+
+async def _upgrade_after_a_request(url: str, extra: list[tuple[str, str]]) -> tuple[int, int]:
+    """On one kept-alive connection: GET /healthz, then the Media Streams upgrade; both statuses."""
+    host = url.removeprefix("http://")
+    h, port = host.rsplit(":", 1)
+    conn = h11.Connection(h11.CLIENT)
+    stream = await trio.open_tcp_stream(h, int(port))
+    statuses: list[int] = []
+
+    async def response() -> int:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, (h11.InformationalResponse, h11.Response)):
+                return int(event.status_code)
+
+    async with stream:
+        request = h11.Request(method="GET", target="/healthz", headers=[("Host", host)])
+        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+        statuses.append(await response())
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+        conn.start_next_cycle()
+        upgrade = [
+            ("Host", host),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", base64.b64encode(b"0123456789abcdef").decode()),
+            ("Sec-WebSocket-Version", "13"),
+            *extra,
+        ]
+        await stream.send_all(conn.send(h11.Request(method="GET", target="/media-stream", headers=upgrade)))
+        statuses.append(await response())
+    return statuses[0], statuses[1]
+
+
+@fail_after(10)
+async def test_an_upgrade_on_a_kept_alive_connection_still_reaches_the_asgi_route() -> None:
+    async with running(base_settings()) as url:
+        assert await _upgrade_after_a_request(url, []) == (200, 101)
+
+
+@fail_after(10)
+async def test_the_asgi_route_still_checks_the_signature() -> None:
+    async with running(base_settings(twilio_auth_token=AUTH_TOKEN)) as url:
+        ws_url = url.replace("http://", "ws://") + "/media-stream"
+        forged = [("X-Twilio-Signature", twilio_signature("another-token", ws_url))]
+        assert await _upgrade_after_a_request(url, forged) == (200, 403)
+        good = [("X-Twilio-Signature", twilio_signature(AUTH_TOKEN, ws_url))]
+        assert await _upgrade_after_a_request(url, good) == (200, 101)
+
+
+async def test_a_replay_stream_returns_the_buffered_bytes_first_within_max_bytes() -> None:
+    a, b = trio.socket.socketpair()
+    ours, peer = trio.SocketStream(a), trio.SocketStream(b)
+    async with ours, peer:
+        replay = ReplayStream(ours, b"0123456789")
+        assert replay.socket is ours.socket  # what Hypercorn reads the addresses from
+        await peer.send_all(b"after")
+        assert await replay.receive_some(4) == b"0123"
+        assert await replay.receive_some() == b"456789"
+        assert await replay.receive_some(100) == b"after"
+        await replay.send_all(b"back")
+        assert await peer.receive_some(10) == b"back"
+        await replay.send_eof()
+        assert await peer.receive_some(10) == b""
