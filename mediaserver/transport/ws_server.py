@@ -29,6 +29,7 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData, Reque
 from wsproto.frame_protocol import CloseReason
 
 from mediaserver import security
+from mediaserver._native._wsframe import encode_frame
 from mediaserver.bridge.call import MessageStream, StreamClosed
 from mediaserver.transport.ws_client import ClientWebSocket, WebSocketClosed
 
@@ -45,15 +46,8 @@ _REASONS = {400: b"Bad Request", 403: b"Forbidden"}
 def server_frame(message: str | bytes) -> bytes:
     """One whole server message as an unmasked RFC 6455 frame (FIN, text or binary opcode)."""
     if isinstance(message, str):
-        payload, opcode = message.encode(), 0x81
-    else:
-        payload, opcode = message, 0x82
-    size = len(payload)
-    if size < 126:
-        return bytes((opcode, size)) + payload
-    if size < 1 << 16:
-        return bytes((opcode, 126)) + size.to_bytes(2, "big") + payload
-    return bytes((opcode, 127)) + size.to_bytes(8, "big") + payload
+        return encode_frame(True, message.encode())
+    return encode_frame(False, bytes(message))
 
 
 class ServerStream(ClientWebSocket, MessageStream):

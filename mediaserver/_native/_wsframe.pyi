@@ -1,0 +1,9 @@
+from typing import Final
+
+DONE: Final[int]
+INCOMPLETE: Final[int]
+OTHER: Final[int]
+
+def mask(data: bytes, key: bytes) -> bytes: ...
+def encode_frame(text: bool, payload: bytes, key: bytes | None = None) -> bytes: ...
+def scan(data: bytes, limit: int, masked: bool) -> tuple[list[str | bytes], int, int]: ...

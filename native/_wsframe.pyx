@@ -1,0 +1,171 @@
+# cython: language_level=3
+"""WebSocket (RFC 6455) frame kernels: XOR masking, a data-frame scanner and a frame builder.
+
+Why: wsproto parses and unmasks every frame in pure Python, and a Media
+Stream carries ~100 small frames a second per call.  :func:`scan` handles
+only the plain case -- whole FIN text/binary frames, no RSV bits, minimal
+length encoding, the expected masking, payload within a limit, valid UTF-8
+for text -- and stops at the first frame that is anything else (or is not
+complete yet), so that the caller hands the rest to wsproto, which keeps
+handling every unusual case exactly as before.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+# Why :func:`scan` stopped before the end of the buffer.
+DONE = 0        # every byte was consumed
+INCOMPLETE = 1  # the next frame is not all there yet (nothing about it is unusual so far)
+OTHER = 2       # the next frame is not a plain data frame: leave it to wsproto
+
+
+cdef inline void _xor(const unsigned char* src, unsigned char* dst, Py_ssize_t n,
+                      const unsigned char* key) noexcept nogil:
+    """dst[i] = src[i] ^ key[i % 4]: eight bytes at a time, then the tail."""
+    cdef uint32_t k32
+    cdef uint64_t k64, word
+    cdef Py_ssize_t i = 0
+    memcpy(&k32, key, 4)
+    k64 = (<uint64_t>k32 << 32) | k32  # same byte pattern twice, whatever the endianness
+    while i + 8 <= n:
+        memcpy(&word, src + i, 8)
+        word ^= k64
+        memcpy(dst + i, &word, 8)
+        i += 8
+    while i < n:
+        dst[i] = src[i] ^ key[i & 3]
+        i += 1
+
+
+def mask(bytes data not None, bytes key not None):
+    """``data`` XOR-ed with the 4-byte ``key`` repeated (masking and unmasking are the same)."""
+    if PyBytes_GET_SIZE(key) != 4:
+        raise ValueError(f"a masking key is 4 bytes, not {PyBytes_GET_SIZE(key)}")
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    out = PyBytes_FromStringAndSize(NULL, n)
+    _xor(<const unsigned char*>PyBytes_AS_STRING(data), <unsigned char*>PyBytes_AS_STRING(out), n,
+         <const unsigned char*>PyBytes_AS_STRING(key))
+    return out
+
+
+def encode_frame(bint text, bytes payload not None, key=None):
+    """One whole FIN frame (text or binary opcode) carrying ``payload``; masked with ``key`` if given."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+    cdef Py_ssize_t head = 2 if n < 126 else (4 if n < 65536 else 10)
+    cdef bint masked = key is not None
+    if masked and (not isinstance(key, bytes) or PyBytes_GET_SIZE(key) != 4):
+        raise ValueError("a masking key is 4 bytes")
+    out = PyBytes_FromStringAndSize(NULL, head + (4 if masked else 0) + n)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef unsigned char bit = 0x80 if masked else 0
+    cdef int i
+    p[0] = 0x81 if text else 0x82
+    if n < 126:
+        p[1] = bit | <unsigned char>n
+    elif n < 65536:
+        p[1] = bit | 126
+        p[2] = (n >> 8) & 0xFF
+        p[3] = n & 0xFF
+    else:
+        p[1] = bit | 127
+        for i in range(8):
+            p[2 + i] = (<uint64_t>n >> (8 * (7 - i))) & 0xFF
+    cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(payload)
+    cdef const unsigned char* k
+    if masked:
+        k = <const unsigned char*>PyBytes_AS_STRING(key)
+        memcpy(p + head, k, 4)
+        _xor(src, p + head + 4, n, k)
+    else:
+        memcpy(p + head, src, n)
+    return out
+
+
+def scan(bytes data not None, Py_ssize_t limit, bint masked):
+    """Plain data frames at the start of ``data``: ``(messages, consumed, why_stopped)``.
+
+    ``messages`` holds one ``str`` (text) or ``bytes`` (binary) per frame,
+    unmasked; ``consumed`` is how many bytes they took; ``why_stopped`` is
+    DONE, INCOMPLETE or OTHER (see above).  A frame counts as plain when it
+    is FIN, opcode text or binary, has no RSV bit, carries the mask bit iff
+    ``masked``, encodes its length minimally, has a payload of at most
+    ``limit`` bytes and, if text, is valid UTF-8.
+    """
+    cdef const unsigned char* buf = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t pos = 0, at, n
+    cdef uint64_t length
+    cdef unsigned char b0, b1
+    cdef int i, why = DONE
+    cdef unsigned char* scratch = NULL
+    cdef Py_ssize_t scratch_size = 0
+    cdef const unsigned char* payload
+    messages = []
+    try:
+        while pos < size:
+            if size - pos < 2:
+                why = INCOMPLETE
+                break
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            if (b0 != 0x81 and b0 != 0x82) or ((b1 & 0x80) != 0) != masked:
+                why = OTHER
+                break
+            at = pos + 2
+            length = b1 & 0x7F
+            if length == 126:
+                if size - at < 2:
+                    why = INCOMPLETE
+                    break
+                length = (<uint64_t>buf[at] << 8) | buf[at + 1]
+                at += 2
+                if length < 126:
+                    why = OTHER
+                    break
+            elif length == 127:
+                if size - at < 8:
+                    why = INCOMPLETE
+                    break
+                length = 0
+                for i in range(8):
+                    length = (length << 8) | buf[at + i]
+                at += 8
+                if length < 65536 or (length >> 63):
+                    why = OTHER
+                    break
+            if limit < 0 or length > <uint64_t>limit:
+                why = OTHER
+                break
+            n = <Py_ssize_t>length
+            if masked:
+                at += 4
+            if size - at < n:
+                why = INCOMPLETE
+                break
+            if masked:
+                if n > scratch_size:
+                    free(scratch)
+                    scratch_size = n if n > 512 else 512
+                    scratch = <unsigned char*>malloc(scratch_size)
+                    if scratch == NULL:
+                        scratch_size = 0
+                        raise MemoryError()
+                _xor(buf + at, scratch, n, buf + at - 4)
+                payload = scratch
+            else:
+                payload = buf + at
+            if b0 == 0x81:
+                try:
+                    messages.append(PyUnicode_DecodeUTF8(<const char*>payload, n, NULL))
+                except UnicodeDecodeError:
+                    why = OTHER  # wsproto refuses it with 1007, as always
+                    break
+            else:
+                messages.append(PyBytes_FromStringAndSize(<const char*>payload, n))
+            pos = at + n
+    finally:
+        free(scratch)
+    return messages, pos, why

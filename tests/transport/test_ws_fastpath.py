@@ -1,0 +1,206 @@
+"""The native receive fast path of ClientWebSocket gives what wsproto alone gives, however bytes arrive.
+
+The reference is the same connection class with the fast path switched off
+(wsproto parses everything, as before the fast path existed): for the same
+bytes, cut into reads at the same points, both must deliver the same
+messages, end with the same close code and send the same control replies.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections import deque
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection
+from wsproto.events import AcceptConnection, Request
+from wsproto.frame_protocol import FrameProtocol
+
+from mediaserver._native._wsframe import OTHER
+from mediaserver.transport import ws_client
+from mediaserver.transport.ws_client import ClientWebSocket, WebSocketClosed
+
+LIMIT = 1000
+
+
+class ScriptedStream(trio.abc.Stream):
+    """Reads return the given chunks in order, then EOF; sends are recorded."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = deque(chunks)
+        self.sent = bytearray()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self._chunks.popleft() if self._chunks else b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+        self.sent += data
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+def _open_pair(server_side: bool) -> WSConnection:
+    """Our end of a connection past the opening handshake (server end iff ``server_side``)."""
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="example.com", target="/media")))
+    list(server.events())
+    client.receive_data(server.send(AcceptConnection()))
+    list(client.events())
+    return server if server_side else client
+
+
+def _run(chunks: list[bytes], server_side: bool) -> tuple[list[str | bytes], int, list[tuple[int, str]]]:
+    """Messages received, the close code, and the control frames we sent back."""
+
+    async def main() -> tuple[list[str | bytes], int, list[tuple[int, str]]]:
+        stream = ScriptedStream(chunks)
+        conn = ClientWebSocket(stream, _open_pair(server_side), LIMIT)
+        got: list[str | bytes] = []
+        with trio.fail_after(5):
+            while True:
+                try:
+                    got.append(await conn.receive())
+                except WebSocketClosed as exc:
+                    code = exc.code
+                    break
+        peer = FrameProtocol(client=server_side, extensions=[])
+        peer.receive_bytes(bytes(stream.sent))
+        # (a close frame's payload comes back as (code, reason))
+        replies = [(int(frame.opcode), repr(frame.payload)) for frame in peer.received_frames()]
+        return got, code, replies
+
+    return trio.run(main)
+
+
+def _both(chunks: list[bytes], server_side: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = _run(chunks, server_side)
+    with monkeypatch.context() as m:
+        m.setattr(ws_client, "scan", lambda data, limit, masked: ([], 0, OTHER))  # wsproto parses it all
+        slow = _run(chunks, server_side)
+    assert fast == slow
+
+
+def _frame(first: int, payload: bytes, masked: bool, rng: random.Random, key: bytes | None = None) -> bytes:
+    n = len(payload)
+    bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes((first, bit | n))
+    elif n < 65536:
+        head = bytes((first, bit | 126)) + struct.pack("!H", n)
+    else:
+        head = bytes((first, bit | 127)) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    key = rng.randbytes(4) if key is None else key
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+KINDS = ["text", "binary", "big", "ping", "fragmented", "nested", "interleaved", "bad utf-8", "oversize", "rsv", "close"]
+
+
+def _stream(kinds: list[str], masked: bool, seed: int) -> bytes:
+    """Frames of the given kinds back to back, as the peer would send them."""
+    rng = random.Random(seed)
+    out = b""
+    for i, kind in enumerate(kinds):
+        if kind == "text":
+            out += _frame(0x81, f"msg {i} é {rng.random()}".encode(), masked, rng)
+        elif kind == "binary":
+            out += _frame(0x82, rng.randbytes(rng.randrange(0, 40)), masked, rng)
+        elif kind == "big":
+            out += _frame(0x82, rng.randbytes(rng.randrange(126, 400)), masked, rng)
+        elif kind == "ping":
+            out += _frame(0x89, b"p%d" % i, masked, rng)
+        elif kind == "fragmented":
+            text = "fragé".encode()
+            out += _frame(0x01, text[:5], masked, rng) + _frame(0x89, b"mid", masked, rng)
+            out += _frame(0x00, text[5:], masked, rng) + _frame(0x80, b"!", masked, rng)
+        elif kind == "nested":  # after a ping, a binary frame whose payload looks like a plain frame
+            inner = _frame(0x81, b"not a frame", masked, rng)
+            # (a zero masking key leaves the payload as it is on the wire too)
+            out += _frame(0x89, b"", masked, rng) + _frame(0x82, inner, masked, rng, key=bytes(4))
+        elif kind == "interleaved":  # a whole text frame inside a fragmented message: 1002
+            out += _frame(0x02, b"start", masked, rng) + _frame(0x81, b"intruder", masked, rng)
+        elif kind == "bad utf-8":
+            out += _frame(0x81, b"ok\xff", masked, rng)
+        elif kind == "oversize":
+            out += _frame(0x82, b"x" * (LIMIT + 1), masked, rng)
+        elif kind == "rsv":
+            out += _frame(0xC2, b"r", masked, rng)
+        elif kind == "close":
+            out += _frame(0x88, struct.pack("!H", 4000) + b"bye", masked, rng)
+    return out
+
+
+def _cut(data: bytes, points: list[int]) -> list[bytes]:
+    edges = [0, *sorted({p % (len(data) + 1) for p in points}), len(data)]
+    return [data[a:b] for a, b in zip(edges, edges[1:]) if b > a]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.sampled_from(KINDS), max_size=8),
+    st.booleans(),
+    st.integers(0, 2**32),
+    st.lists(st.integers(0, 10_000), max_size=6),
+)
+def test_random_streams_cut_anywhere_match_wsproto(
+    kinds: list[str], server_side: bool, seed: int, points: list[int]
+) -> None:
+    data = _stream(kinds, masked=server_side, seed=seed)
+    with pytest.MonkeyPatch.context() as m:
+        _both(_cut(data, points), server_side, m)
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        ["text", "big", "ping", "binary", "fragmented", "text", "close", "text"],
+        ["text", "nested", "text", "interleaved", "text"],
+    ],
+)
+@pytest.mark.parametrize("server_side", [True, False])
+def test_every_single_split_point_matches_wsproto(
+    kinds: list[str], server_side: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _stream(kinds, masked=server_side, seed=7)
+    for cut in range(len(data) + 1):
+        _both(_cut(data, [cut]), server_side, monkeypatch)
+
+
+@pytest.mark.parametrize("server_side", [True, False])
+def test_byte_by_byte_delivery_matches_wsproto(server_side: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _stream(["text", "big", "ping", "text", "bad utf-8", "text"], masked=server_side, seed=3)
+    _both([data[i : i + 1] for i in range(len(data))], server_side, monkeypatch)
+
+
+def test_the_fast_path_really_parses_plain_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guard against a fast path that silently never runs: plain frames must not reach wsproto."""
+    fed: list[bytes] = []
+    original = Connection.receive_data
+
+    def spy(self: Connection, data: bytes | None) -> None:
+        if data:  # (the handshake hands each new connection its empty leftover)
+            fed.append(data)
+        original(self, data)
+
+    monkeypatch.setattr(Connection, "receive_data", spy)
+    data = _stream(["text", "binary", "big", "text"], masked=True, seed=1)
+    got, code, replies = _run(_cut(data, [5, 300]), server_side=True)
+    assert len(got) == 4 and code == 1006 and replies == []
+    assert fed == []
+    data = _stream(["text", "ping", "text"], masked=True, seed=1)
+    got, code, replies = _run([data], server_side=True)
+    assert len(got) == 2 and replies == [(0xA, repr(b"p1"))]
+    assert len(fed) == 1 and fed[0] == data[len(_stream(["text"], masked=True, seed=1)) :]
