@@ -22,15 +22,24 @@ from typing import Any
 
 import pydantic
 import pytest
-from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent, SessionUpdateEvent
+from openai.types.realtime import (
+    RealtimeClientEvent,
+    RealtimeServerEvent,
+    SessionUpdateEvent,
+)
 
 from mediaserver.protocol.providers.base import AudioDelta
-from mediaserver.protocol.providers.openai import OpenAIRealtimeConfig, OpenAIRealtimeSession
+from mediaserver.protocol.providers.openai import (
+    OpenAIRealtimeConfig,
+    OpenAIRealtimeSession,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import _loadgen  # noqa: E402
+
+from tests._ws_server import assert_no_extra
 
 _SERVER_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(RealtimeServerEvent)
 _CLIENT_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(RealtimeClientEvent)
@@ -54,26 +63,16 @@ def _run(script: str, *args: str, timeout: float = 60) -> str:
     return proc.stdout
 
 
-def _assert_no_extra(value: object, path: str = "$") -> None:
-    if isinstance(value, pydantic.BaseModel):
-        assert not value.model_extra, f"unknown keys at {path}: {sorted(value.model_extra)}"
-        for name in type(value).model_fields:
-            _assert_no_extra(getattr(value, name), f"{path}.{name}")
-    elif isinstance(value, list):
-        for index, element in enumerate(value):
-            _assert_no_extra(element, f"{path}[{index}]")
-
-
 def _server_event(text: str) -> Any:
     model = _SERVER_EVENT.validate_json(text, strict=True)
-    _assert_no_extra(model)
+    assert_no_extra(model)
     assert model.model_dump(mode="json", exclude_unset=True) == json.loads(text), text[:200]
     return model
 
 
 def _client_event(text: str) -> Any:
     model = _CLIENT_EVENT.validate_json(text, strict=True)
-    _assert_no_extra(model)
+    assert_no_extra(model)
     assert model.model_dump(mode="json", exclude_unset=True) == json.loads(text), text[:200]
     return model
 

@@ -37,6 +37,7 @@ from typing import Protocol
 
 import trio
 
+from mediaserver._locks import acquire
 from mediaserver.codec import JitterBuffer, Resampler, ulaw_decode, ulaw_encode
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.providers import base as pv
@@ -482,13 +483,8 @@ class CallBridge:
                     await trio.sleep_until(slot_s)
                 self._pacer_wait = None
                 continue  # re-check: a barge-in may have emptied the queue
-            # Take the lock without a trip through the scheduler when it is
-            # free (``async with`` always yields), else wait for it in order.
             lock = self._send_lock
-            try:
-                lock.acquire_nowait()
-            except trio.WouldBlock:
-                await lock.acquire()
+            await acquire(lock)
             try:
                 # Take the chunk only once the lock is held: a barge-in that
                 # held the lock meanwhile has emptied the queue, and a chunk

@@ -28,7 +28,6 @@ with ``except*``.
 from __future__ import annotations
 
 import logging
-import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -37,6 +36,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from mediaserver._locks import acquire
 from mediaserver.bridge.link import ProviderClosed
 from mediaserver.protocol.errors import ProtocolError
 from mediaserver.protocol.providers.base import (
@@ -47,7 +47,13 @@ from mediaserver.protocol.providers.base import (
     ProviderSession,
     SessionReady,
 )
-from mediaserver.transport.ws_client import ClientWebSocket, HandshakeRejected, WebSocketClosed, connect
+from mediaserver.transport.http import open_stream
+from mediaserver.transport.ws_client import (
+    ClientWebSocket,
+    HandshakeRejected,
+    WebSocketClosed,
+    connect,
+)
 
 __all__ = ["WebSocketLink", "open_provider_link"]
 
@@ -89,13 +95,8 @@ class WebSocketLink:
             raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
 
     async def send(self, command: ProviderCommand) -> None:
-        # A free lock is taken at once, without the trip through the
-        # scheduler that ``async with`` makes; a busy one is waited for in order.
         lock = self._send_lock
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
+        await acquire(lock)
         try:
             await self._send_all(self.session.send(command))
         finally:
@@ -177,14 +178,6 @@ class _Target:
         return cls(parts.hostname, parts.port or (443 if tls else 80), tls, netloc, resource)
 
 
-async def _open_stream(target: _Target) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-    if target.tls:
-        return await trio.open_ssl_over_tcp_stream(
-            target.host, target.port, ssl_context=ssl.create_default_context(), https_compatible=True
-        )
-    return await trio.open_tcp_stream(target.host, target.port)
-
-
 @asynccontextmanager
 async def open_provider_link(
     name: str,
@@ -204,7 +197,7 @@ async def open_provider_link(
     too_slow = f"{name}: no connection to {_safe(url)} within {connect_timeout_s:g} s"
     try:
         with trio.fail_at(deadline):
-            stream = await _open_stream(target)
+            stream = await open_stream(target.host, target.port, tls=target.tls)
     except trio.TooSlowError:
         raise ProviderClosed(too_slow) from None
     except OSError as exc:  # DNS, TCP or TLS

@@ -41,8 +41,7 @@ from collections.abc import Sequence
 
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import Connection
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
     AcceptConnection,
     CloseConnection,
@@ -56,6 +55,7 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from mediaserver._locks import acquire
 from mediaserver._native._wsframe import DONE, INCOMPLETE, encode_frame, scan
 
 __all__ = ["ClientWebSocket", "HandshakeRejected", "WebSocketClosed", "connect", "data_frame"]
@@ -113,13 +113,8 @@ class ClientWebSocket:
 
     async def _send(self, event: Event | str | bytes) -> None:
         """Send a message (framed here) or a control event (framed by wsproto), in call order."""
-        # A free lock is taken without a trip through the scheduler
-        # (trio.Lock.acquire always yields); a busy one is waited for in order.
         lock = self._lock
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
+        await acquire(lock)
         try:
             if isinstance(event, (str, bytes)):
                 if self._ws.state is not ConnectionState.OPEN:
