@@ -196,6 +196,10 @@ class MemoryMessageStream:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise StreamClosed("caller closed the stream") from None
 
+    async def send_many(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            await self.send(text)
+
     def close(self) -> None:
         """What the app does when the bridge returns: the caller sees the socket close."""
         self._outgoing.close()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 import trio
@@ -68,6 +69,10 @@ class MessageStream(Protocol):
 
     async def send(self, text: str) -> None:
         """Send one text message; raises :class:`StreamClosed` when the peer has gone."""
+        ...
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        """Send several text messages in order (one write where the transport can); as :meth:`send`."""
         ...
 
 
@@ -221,6 +226,13 @@ class CallBridge:
         if self.twilio.state is not StreamState.STREAMING:
             return
         await self.stream.send(self.twilio.send(command))
+
+    async def _send_chunk(self, chunk: _Chunk) -> None:
+        """A downlink chunk and the mark after it, in one write (caller holds _send_lock)."""
+        if self.twilio.state is not StreamState.STREAMING:
+            return
+        twilio = self.twilio
+        await self.stream.send_many((twilio.send(tw.SendAudio(chunk.payload, item=chunk.item)), twilio.send(tw.SendMark())))
 
     # -- uplink ----------------------------------------------------------------
 
@@ -492,8 +504,7 @@ class CallBridge:
                 if not self._queue:
                     continue
                 chunk = self._queue.popleft()
-                await self._send_twilio(tw.SendAudio(chunk.payload, item=chunk.item))
-                await self._send_twilio(tw.SendMark())
+                await self._send_chunk(chunk)
             finally:
                 lock.release()
             sent_s = trio.current_time()

@@ -31,7 +31,7 @@ Behaviour is what the Quart route did:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 from mediaserver import security
@@ -87,6 +87,10 @@ class ASGIStream(MessageStream):
         if self.closed:
             raise StreamClosed("the Twilio stream is closed")
         await self._send({"type": "websocket.send", "text": text})
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            await self.send(text)
 
 
 class _Headers:

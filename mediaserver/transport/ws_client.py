@@ -36,6 +36,7 @@ The contract is what :mod:`mediaserver.transport.provider_ws` needs:
 from __future__ import annotations
 
 import os
+import socket
 from collections import deque
 from collections.abc import Sequence
 
@@ -101,6 +102,7 @@ class ClientWebSocket:
         self._rejected: int | None = None
         self._masked_in = not ws.client  # a server receives masked frames, a client unmasked ones
         self._tail = b""  # the start of a plain frame cut off by the last read (fast path only)
+        self._sock = raw_socket(stream)  # plain TCP: read and write the socket directly
         self.closed: WebSocketClosed | None = None
 
     # -- sending ---------------------------------------------------------------
@@ -113,21 +115,30 @@ class ClientWebSocket:
 
     async def _send(self, event: Event | str | bytes) -> None:
         """Send a message (framed here) or a control event (framed by wsproto), in call order."""
+        if isinstance(event, (str, bytes)):
+            await self._send_frames(self._frame(event))
+        else:
+            await self._send_frames(None, event)
+
+    async def _send_frames(self, data: bytes | None, event: Event | None = None) -> None:
+        """Write whole data frames ``data`` (or wsproto's bytes for ``event``) under the send lock."""
         lock = self._lock
         await acquire(lock)
         try:
-            if isinstance(event, (str, bytes)):
-                if self._ws.state is not ConnectionState.OPEN:
-                    raise self._closed_now(CloseReason.ABNORMAL_CLOSURE, "closing")
-                data = self._frame(event)
-            else:
+            if event is not None:
                 try:
                     data = self._ws.send(event)
                 except LocalProtocolError:  # the close handshake has begun
                     raise self._closed_now(CloseReason.ABNORMAL_CLOSURE, "closing") from None
+            elif self._ws.state is not ConnectionState.OPEN:
+                raise self._closed_now(CloseReason.ABNORMAL_CLOSURE, "closing")
+            assert data is not None
             try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if self._sock is not None:
+                    await _send_raw(self._sock, data)
+                else:
+                    await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise self._closed_now(CloseReason.ABNORMAL_CLOSURE) from None
         finally:
             lock.release()
@@ -153,9 +164,13 @@ class ClientWebSocket:
 
     async def _read(self) -> bool:
         """Read once from the socket and handle every event it completes; False once it is gone."""
+        data: bytes | bytearray
         try:
-            data = await self._stream.receive_some(RECEIVE_BYTES)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self._sock is not None:
+                data = await _receive_raw(self._sock)
+            else:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
         if not data:
             self._closed_now(CloseReason.ABNORMAL_CLOSURE)
@@ -256,6 +271,60 @@ def _wsproto_idle(conn: Connection | None) -> bool:
         return False
 
 
+def raw_socket(stream: Stream) -> socket.socket | None:
+    """The stdlib socket under a plain-TCP :class:`trio.SocketStream`; None for anything else (TLS, test streams).
+
+    Reads Trio's private ``_sock`` (stable since Trio 0.2); without it the
+    connection uses the stream's own methods, which behave the same.
+    """
+    if type(stream) is not trio.SocketStream:
+        return None
+    sock = getattr(stream.socket, "_sock", None)
+    return sock if isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM else None
+
+
+async def _receive_raw(sock: socket.socket) -> bytes:
+    """Wait until ``sock`` is readable, then read what is there (b"" once the peer has closed).
+
+    What ``SocketStream.receive_some`` does, in the other order: Trio's
+    version tries the read first, which for a stream of 20 ms frames fails
+    (``EAGAIN``) on nearly every call -- one wasted system call and an
+    exception per message.  Waiting first costs nothing when data is
+    already there (epoll reports it at once).  ``wait_readable`` is the
+    checkpoint: cancellation is honoured, and closing the stream from
+    another task (Trio's ``notify_closing``) raises ``ClosedResourceError``.
+    """
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            return sock.recv(RECEIVE_BYTES)
+        except (BlockingIOError, InterruptedError):
+            continue
+
+
+async def _send_raw(sock: socket.socket, data: bytes) -> None:
+    """Write all of ``data`` to ``sock``; no scheduler trip when the kernel takes it at once.
+
+    ``SocketStream.send_all`` always ends in a checkpoint, a full trip
+    through Trio's scheduler, for every message.  Here a send the kernel
+    accepts whole (nearly always: 20 ms of audio is a few hundred bytes)
+    returns without yielding; only a full send buffer waits for the
+    socket.  Callers hold the connection's send lock, so writes never
+    interleave, and every loop that sends also reads or sleeps, so no task
+    runs without checkpoints.  A dead peer raises ``OSError``.
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except (BlockingIOError, InterruptedError):
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        view = view[sent:]
+        if view:
+            await trio.lowlevel.wait_writable(sock)
+
+
 def data_frame(message: str | bytes) -> bytes:
     """One whole client message as a masked RFC 6455 frame (FIN, text or binary opcode).
 
@@ -264,8 +333,21 @@ def data_frame(message: str | bytes) -> bytes:
     for every 20 ms audio frame of every call.
     """
     if isinstance(message, str):
-        return encode_frame(True, message.encode(), os.urandom(4))
-    return encode_frame(False, bytes(message), os.urandom(4))
+        return encode_frame(True, message.encode(), _mask_key())
+    return encode_frame(False, bytes(message), _mask_key())
+
+
+_MASK_POOL_BYTES = 4096
+_mask_pool = memoryview(b"")
+
+
+def _mask_key() -> bytes:
+    """Four fresh bytes from the OS's random source, drawn 4 KiB at a time (one system call per 1024 frames)."""
+    global _mask_pool
+    if not _mask_pool:
+        _mask_pool = memoryview(os.urandom(_MASK_POOL_BYTES))
+    key, _mask_pool = _mask_pool[:4], _mask_pool[4:]
+    return bytes(key)
 
 
 async def connect(

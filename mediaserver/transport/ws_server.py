@@ -21,7 +21,7 @@ away makes :meth:`ServerStream.receive` raise
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -70,10 +70,14 @@ class ServerStream(ClientWebSocket, MessageStream):
         return messages.popleft()
 
     async def send(self, text: str | bytes) -> None:
+        await self.send_many((text,))
+
+    async def send_many(self, texts: Sequence[str | bytes]) -> None:
+        """Several messages as one write: a chunk of audio and its mark cost one system call."""
         if self.closed is not None:
             raise StreamClosed(f"the Twilio stream is closed (code {self.closed.code})")
         try:
-            await self._send(text)
+            await self._send_frames(b"".join([server_frame(text) for text in texts]))
         except WebSocketClosed as exc:
             raise StreamClosed(f"the Twilio stream is closed (code {exc.code})") from None
 
