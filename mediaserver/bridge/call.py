@@ -258,23 +258,23 @@ class CallBridge:
                 self._end("twilio hung up")
                 return
             received_s = self._last_heard_s = trio.current_time()
-            self.twilio.receive_message(message)
-            for event in self.twilio.events():
-                if isinstance(event, tw.Media):
-                    stats.frames_in += 1
-                    self.jitter.push(event.chunk, event.payload)
-                    for frame in iter(self.jitter.pop, None):
-                        await self._uplink(frame)
-                    stats.uplink.add(trio.current_time() - received_s)
-                elif isinstance(event, tw.Stop):
-                    self._end("twilio sent stop")
-                    return
-                elif isinstance(event, tw.Dtmf):
-                    log.info("call %s: DTMF %s", stats.call_sid, event.digit)
-                    self._on_digit(event.digit)
-                elif isinstance(event, tw.Unknown):
-                    log.debug("call %s: ignored Twilio event %r", stats.call_sid, event.event)
-                # Mark: the core did the playback accounting
+            event = self.twilio.receive_event(message)
+            if type(event) is tw.Media:
+                stats.frames_in += 1
+                self.jitter.push(event.chunk, event.payload)
+                for frame in iter(self.jitter.pop, None):
+                    await self._uplink(frame)
+                stats.uplink.add(trio.current_time() - received_s)
+                continue  # media moves no playback: nothing to notify
+            if isinstance(event, tw.Stop):
+                self._end("twilio sent stop")
+                return
+            if isinstance(event, tw.Dtmf):
+                log.info("call %s: DTMF %s", stats.call_sid, event.digit)
+                self._on_digit(event.digit)
+            elif isinstance(event, tw.Unknown):
+                log.debug("call %s: ignored Twilio event %r", stats.call_sid, event.event)
+            # Mark: the core did the playback accounting
             self._notify()  # playback may have moved (end_call and transfer wait on it)
 
     async def _uplink(self, frame: bytes) -> None:

@@ -66,7 +66,20 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-from ._wire import JsonObject, SansIOCore, b64_field, b64encode, field, load_object, obj_field, require_text, str_field
+from mediaserver._native._twilio import parse_media
+
+from ._wire import (
+    JsonObject,
+    SansIOCore,
+    b64decode,
+    b64encode,
+    field,
+    load_object,
+    obj_field,
+    require_text,
+    str_field,
+    text_field,
+)
 from .errors import LocalProtocolError, RemoteProtocolError
 from .twilio_events import (
     MULAW_SAMPLE_RATE_HZ,
@@ -281,6 +294,34 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
     def _parse_events(self, message: str | bytes) -> tuple[TwilioEvent]:
         return (self._parse(message),)
 
+    def receive_event(self, message: str | bytes) -> TwilioEvent:
+        """:meth:`receive_message` and the one event the message means, returned rather than queued.
+
+        Every Twilio message is exactly one event, so the bridge's per-frame
+        path skips the queue.  A plain ``media`` message while streaming is
+        scanned natively (:func:`mediaserver._native._twilio.parse_media`);
+        anything else, and any media message the scanner does not take, is
+        parsed as :meth:`receive_message` parses it.  Either way the checks
+        are the same (:meth:`_media`), and an error kills the stream.
+        Do not mix with :meth:`receive_message` while its events are unread.
+        """
+        self._check_alive()
+        try:
+            if (
+                self._state is StreamState.STREAMING
+                and type(message) is str
+                and len(message) <= self._max_message_bytes
+            ):
+                fields = parse_media(message)
+                if fields is not None:
+                    return self._media(*fields)
+            if self._state is self._new_state:
+                raise LocalProtocolError("message received before initial_messages()")
+            return self._parse(message)
+        except BaseException:
+            self._state = StreamState.ERROR
+            raise
+
     def _parse(self, message: str | bytes) -> TwilioEvent:
         text = require_text(message, "Twilio")
         msg = load_object(text, tag="event", max_bytes=self._max_message_bytes)
@@ -303,6 +344,10 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
 
     def _sequence(self, msg: JsonObject) -> int:
         number = _numeric(field(msg, "sequenceNumber", msg["event"]), "sequenceNumber")
+        self._check_sequence(number)
+        return number
+
+    def _check_sequence(self, number: int) -> None:
         expected = self._next_sequence_number
         if number != expected:
             if number < expected:
@@ -311,7 +356,6 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
                 )
             self._sequence_numbers_missing += number - expected
         self._next_sequence_number = number + 1
-        return number
 
     def _check_stream_sid(self, msg: JsonObject) -> None:
         assert self._start is not None
@@ -362,13 +406,24 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         return event
 
     def _parse_media(self, msg: JsonObject) -> Media:
-        sequence_number = self._sequence(msg)
-        self._check_stream_sid(msg)
+        sequence_number = _numeric(field(msg, "sequenceNumber", "media"), "sequenceNumber")
+        sid = msg.get("streamSid")
         media = obj_field(msg, "media", "media")
         track = str_field(media, "track", "media.media")
         chunk = _numeric(media.get("chunk"), "media.chunk")
         timestamp_ms = _numeric(media.get("timestamp"), "media.timestamp")
-        audio = b64_field(media, "payload", "media.media")
+        payload = text_field(media, "payload", "media.media")
+        return self._media(sequence_number, sid, track, chunk, timestamp_ms, payload)
+
+    def _media(self, sequence_number: int, sid: object, track: str, chunk: int, timestamp_ms: int, payload: str) -> Media:
+        """The checks and bookkeeping of one ``media`` message, once its fields are read (both parsers)."""
+        self._check_sequence(sequence_number)
+        assert self._start is not None
+        if sid != self._start.stream_sid:
+            raise RemoteProtocolError(
+                f"'media' for streamSid {sid!r:.40}, but this stream is {self._start.stream_sid!r}"
+            )
+        audio = b64decode(payload, "media.media.payload")
         expected = self._next_chunk.get(track, 1)
         missing = 0
         if chunk != expected:

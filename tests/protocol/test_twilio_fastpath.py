@@ -1,0 +1,211 @@
+"""The native ``media`` scanner and ``TwilioStream.receive_event`` agree with the ordinary parser.
+
+:func:`mediaserver._native._twilio.parse_media` may only take messages whose
+meaning it gets exactly right, and must leave everything else (``None``) to
+``json.loads`` and the core's checks.  These tests generate media messages
+in many shapes -- key orders, whitespace, escapes, extra or repeated keys,
+numbers that are JSON numbers or not decimal, non-ASCII -- and check both
+halves: what the scanner accepts it reads as ``json.loads`` does, and a
+stream fed through ``receive_event`` ends in the same event, error and
+counters as one fed through ``receive_message``/``events``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mediaserver._native._twilio import parse_media
+from mediaserver.protocol import LocalProtocolError, RemoteProtocolError, StreamState, TwilioStream
+from mediaserver.protocol.twilio_events import Media, Stop
+
+from .test_twilio import STREAM_SID, connected_msg, media_msg, mark_msg, start_msg, stop_msg
+
+
+def _started() -> TwilioStream:
+    stream = TwilioStream()
+    stream.receive_message(connected_msg())
+    stream.receive_message(start_msg())
+    list(stream.events())
+    return stream
+
+
+def _media_object(seq: Any, chunk: Any, timestamp: Any, payload: Any, track: Any, sid: Any) -> dict[str, Any]:
+    return {
+        "event": "media",
+        "sequenceNumber": seq,
+        "media": {"track": track, "chunk": chunk, "timestamp": timestamp, "payload": payload},
+        "streamSid": sid,
+    }
+
+
+def _shuffled(obj: dict[str, Any], order: list[int]) -> dict[str, Any]:
+    keys = list(obj)
+    keys = [keys[i % len(keys)] for i in order if i % len(keys) < len(keys)] + keys
+    seen: dict[str, Any] = {}
+    for key in keys:
+        if key not in seen:
+            value = obj[key]
+            seen[key] = _shuffled(value, order[::-1]) if isinstance(value, dict) else value
+    return seen
+
+
+_digits = st.one_of(st.integers(min_value=0, max_value=99999), st.integers(min_value=0, max_value=10**20)).map(str)
+_odd_number = st.one_of(
+    st.integers(min_value=0, max_value=10**6),  # a JSON number, not a string
+    st.sampled_from(["", "-1", "1.5", "1e3", " 1", "١٢", "0x10", "007", "1:", "/1", "9:0", "12/"]),
+    st.none(),
+)
+_odd_payload = st.one_of(st.sampled_from(["", "AAA", "A===", "AA==AA==", "****", "AAAA\n", "ÿÿÿÿ"]), st.integers())
+_odd_text = st.one_of(st.sampled_from(["", "in\u00e9", 'a"b', "a\\b", "x\ty"]), st.text(max_size=8), st.integers())
+
+
+def _mostly(draw: st.DrawFn, usual: st.SearchStrategy[Any], odd: st.SearchStrategy[Any]) -> Any:
+    """``usual`` nine times in ten: most messages must be ones the scanner takes."""
+    return draw(odd) if draw(st.integers(min_value=0, max_value=9)) == 0 else draw(usual)
+
+
+def _rarely(draw: st.DrawFn) -> bool:
+    return draw(st.integers(min_value=0, max_value=11)) == 0
+
+
+@st.composite
+def media_texts(draw: st.DrawFn) -> str:
+    """A media message: usually well formed (in a random layout), sometimes with one or more oddities."""
+    sid = _mostly(draw, st.just(STREAM_SID), st.one_of(_odd_text, st.just("MZ" + "0" * 32)))
+    obj = _media_object(
+        _mostly(draw, _digits, _odd_number),
+        _mostly(draw, _digits, _odd_number),
+        _mostly(draw, _digits, _odd_number),
+        _mostly(draw, st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode()), _odd_payload),
+        _mostly(draw, st.sampled_from(["inbound", "outbound"]), _odd_text),
+        sid,
+    )
+    obj = _shuffled(obj, draw(st.lists(st.integers(min_value=0, max_value=7), max_size=6)))
+    if _rarely(draw):
+        obj[draw(st.sampled_from(["extra", "event", "Media", "media"]))] = draw(st.sampled_from(["x", 1, {"a": 1}]))
+    if _rarely(draw) and isinstance(obj.get("media"), dict):
+        obj["media"][draw(st.sampled_from(["extra", "track", "chunks"]))] = "1"
+    if _rarely(draw):
+        obj.pop(draw(st.sampled_from(list(obj))))
+    indent = draw(st.sampled_from([None, None, 0, 2]))
+    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,", " : ")]))
+    text = json.dumps(obj, indent=indent, separators=separators, ensure_ascii=draw(st.booleans()))
+    if _rarely(draw):  # a repeated key: json.loads keeps the last
+        text = text[:-1] + ', "sequenceNumber": "1"}'
+    if _rarely(draw):
+        text = draw(st.sampled_from([text + " x", text[:-1], "\n " + text + " \r\n", text.replace('"media"', '"mark"', 1)]))
+    return text
+
+
+def _outcome(stream: TwilioStream, text: str, *, fast: bool) -> tuple[str, object, StreamState, int, int]:
+    try:
+        if fast:
+            result: object = stream.receive_event(text)
+        else:
+            stream.receive_message(text)
+            (result,) = list(stream.events())
+    except (RemoteProtocolError, LocalProtocolError) as exc:
+        result = (type(exc).__name__, str(exc))
+    return repr(result), result, stream.state, stream.sequence_numbers_missing, stream.chunks_missing
+
+
+@settings(max_examples=1500, deadline=None)
+@given(media_texts())
+def test_scanner_reads_what_json_reads_or_declines(text: str) -> None:
+    fields = parse_media(text)
+    if fields is None:
+        return
+    msg = json.loads(text)
+    media = msg["media"]
+    assert set(msg) == {"event", "sequenceNumber", "media", "streamSid"}
+    assert set(media) == {"track", "chunk", "timestamp", "payload"}
+    assert msg["event"] == "media"
+    assert fields == (
+        int(msg["sequenceNumber"]),
+        msg["streamSid"],
+        media["track"],
+        int(media["chunk"]),
+        int(media["timestamp"]),
+        media["payload"],
+    )
+    for value in (msg["sequenceNumber"], media["chunk"], media["timestamp"]):
+        assert isinstance(value, str) and value.isascii() and value.isdigit()
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(media_texts(), min_size=1, max_size=4))
+def test_receive_event_matches_receive_message(texts: list[str]) -> None:
+    fast, slow = _started(), _started()
+    for text in texts:
+        a, b = _outcome(fast, text, fast=True), _outcome(slow, text, fast=False)
+        assert a[0] == b[0]
+        assert a[2:] == b[2:]
+        if fast.state is StreamState.ERROR:
+            break
+
+
+def test_scanner_takes_the_usual_shapes() -> None:
+    """Twilio's documented shape and the compact one both take the native path (not a silent fallback)."""
+    payload = base64.b64encode(b"\x01\x02\x03").decode()
+    documented = media_msg(3, 2, 40, b"\x01\x02\x03")  # json.dumps default separators, doc key order
+    compact = json.dumps(
+        {"event": "media", "streamSid": STREAM_SID, "sequenceNumber": "3",
+         "media": {"track": "inbound", "chunk": "2", "timestamp": "40", "payload": payload}},
+        separators=(",", ":"),
+    )
+    for text in (documented, compact):
+        assert parse_media(text) == (3, STREAM_SID, "inbound", 2, 40, payload)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        mark_msg(3, "m1"),
+        stop_msg(3),
+        media_msg(3, 1, 0).replace('"inbound"', '"in\\u0062ound"'),  # an escape: json.loads's job
+        media_msg(3, 1, 0).replace('"3"', "3"),  # a JSON number
+        media_msg(3, 1, 0).replace('"3"', '"1234567890123456789"'),  # 19 digits: more than the scanner converts
+        media_msg(3, 1, 0)[:-1] + ', "extra": 1}',
+        media_msg(3, 1, 0).replace("inbound", "inbound\u00e9"),
+        "",
+        "[]",
+    ],
+)
+def test_scanner_declines_what_it_does_not_fully_understand(text: str) -> None:
+    assert parse_media(text) is None
+
+
+def test_receive_event_counts_gaps_and_refuses_repeats_like_the_ordinary_path() -> None:
+    stream = _started()
+    first = stream.receive_event(media_msg(2, 1, 0, b"\x10" * 160))
+    assert first == Media(2, "inbound", 1, 0, b"\x10" * 160, 0)
+    jumped = stream.receive_event(media_msg(5, 4, 60))
+    assert isinstance(jumped, Media) and jumped.chunks_missing == 2
+    assert (stream.sequence_numbers_missing, stream.chunks_missing) == (2, 2)
+    with pytest.raises(RemoteProtocolError, match="sequenceNumber 5 repeats or goes backwards"):
+        stream.receive_event(media_msg(5, 5, 80))
+    assert stream.state is StreamState.ERROR
+    with pytest.raises(LocalProtocolError):
+        stream.receive_event(media_msg(6, 5, 80))
+
+
+def test_receive_event_handles_every_other_event_and_the_wrong_stream() -> None:
+    stream = _started()
+    assert isinstance(stream.receive_event(stop_msg(2)), Stop)
+    assert stream.state is StreamState.STOPPED
+    other = _started()
+    with pytest.raises(RemoteProtocolError, match="streamSid"):
+        other.receive_event(media_msg(2, 1, 0, stream_sid="MZ" + "0" * 32))
+
+
+def test_receive_event_before_start_is_refused_as_before() -> None:
+    stream = TwilioStream()
+    stream.receive_event(connected_msg())
+    with pytest.raises(RemoteProtocolError, match="'media' in state AWAITING_START"):
+        stream.receive_event(media_msg(1, 1, 0))
