@@ -6,13 +6,14 @@ order, as :class:`mediaserver.bridge.call.CallBridge` does, and times every
 stage of every frame with ``time.perf_counter_ns``:
 
 * uplink (one Twilio ``media`` message, 20 ms of µ-law): Twilio core parse
-  (``TwilioStream.receive_message`` + ``events()``: JSON, validation,
+  (``TwilioStream.receive_event``: the native media scanner, validation,
   base64), jitter buffer push + pop, µ-law decode, resample, VAD, provider
   message serialisation (``OpenAIRealtimeSession.send(SendAudio)``);
 * downlink (one provider delta of ``CHUNK_MS`` = the bridge's chunk, 40 ms):
   provider core parse (``receive_message`` + ``events()``: JSON, base64),
   resample, µ-law encode, Twilio ``media`` + ``mark`` serialisation
-  (``TwilioStream.send``), and parsing Twilio's echo of that mark.
+  (``TwilioStream.send``), and parsing Twilio's echo of that mark
+  (``receive_event``).
 
 Downlink figures are divided by ``CHUNK_MS / 20`` so both directions are
 per 20 ms of audio.  Each stage's time has the cost of an identity stage
@@ -23,11 +24,13 @@ those over the repeats (the first repeat is a warm-up and is dropped).  The
 sum of p99s).
 
 Not in the totals: the VAD row (``EnergyVAD`` on the 8 kHz PCM;
-``CallBridge`` has no local VAD yet); the "of which" rows, which split the
-Twilio parse into ``json.loads`` and base64 standalone; and the two
-``wsproto`` rows, the WebSocket framing of one uplink message in and out
-(parse a masked client frame; frame and mask the provider message), which
-belong to the I/O layer.  Socket I/O and Trio scheduling are not measured
+``CallBridge`` has no local VAD yet); the "ordinary parser" row (the same
+messages through ``receive_message``: ``json.loads`` and the field checks,
+what the native scanner replaced) and its "of which" rows, ``json.loads``
+and base64 standalone; and the WebSocket rows, the framing of one uplink
+message in and out (parse a masked client frame; frame and mask the
+provider message), natively as the server does it and with wsproto for
+comparison, which belong to the I/O layer.  Socket I/O and Trio scheduling are not measured
 here (``bench/load.py`` measures the whole server).  The 16 kHz and 8 kHz PCM
 paths use the OpenAI core as a stand-in serialiser (same base64-in-JSON
 shape; Gemini and the generic PCM provider wrap audio the same way).
@@ -57,11 +60,13 @@ from _measure import Column, cpu_model, print_header, render_table, utc_now, wri
 from wsproto.connection import Connection, ConnectionType  # noqa: E402
 from wsproto.events import TextMessage  # noqa: E402
 
+from mediaserver._native._wsframe import scan  # noqa: E402
 from mediaserver.codec import EnergyVAD, JitterBuffer, Resampler, ulaw_decode, ulaw_encode  # noqa: E402
 from mediaserver.protocol import twilio_events as tw  # noqa: E402
 from mediaserver.protocol.providers import base as pv  # noqa: E402
 from mediaserver.protocol.providers.openai import OpenAIRealtimeConfig, OpenAIRealtimeSession  # noqa: E402
 from mediaserver.protocol.twilio import TwilioStream  # noqa: E402
+from mediaserver.transport.ws_client import data_frame  # noqa: E402
 
 FRAME_MS = 20  # a Twilio media frame
 CHUNK_MS = 40  # the bridge's downlink chunk (CallBridge chunk_ms default)
@@ -212,8 +217,16 @@ def uplink(path: Path_, frames: Sequence[bytes]) -> tuple[Pipeline, list[object]
     messages: list[object] = list(twilio_media(frames))
 
     def parse(message: object) -> object:
-        twilio.receive_message(message)  # type: ignore[arg-type]
-        for event in twilio.events():
+        return twilio.receive_event(message)  # type: ignore[arg-type]
+
+    ordinary = TwilioStream()  # the same messages through json.loads and the field checks
+    for message in twilio_preamble():
+        ordinary.receive_message(message)
+    list(ordinary.events())
+
+    def parse_ordinary(message: object) -> object:
+        ordinary.receive_message(message)  # type: ignore[arg-type]
+        for event in ordinary.events():
             return event
         return None
 
@@ -228,7 +241,7 @@ def uplink(path: Path_, frames: Sequence[bytes]) -> tuple[Pipeline, list[object]
     def serialize(frame: object) -> object:
         return session.send(pv.SendAudio(frame))  # type: ignore[arg-type]
 
-    stages: list[tuple[str, Stage]] = [("Twilio parse (JSON, checks, base64)", parse), ("jitter push+pop", jitter_stage)]
+    stages: list[tuple[str, Stage]] = [("Twilio parse (native scan, checks, base64)", parse), ("jitter push+pop", jitter_stage)]
     if path.rate_hz:
         stages.append(("µ-law decode", lambda frame: ulaw_decode(frame)))  # type: ignore[arg-type]
         if path.rate_hz != 8000:
@@ -240,6 +253,7 @@ def uplink(path: Path_, frames: Sequence[bytes]) -> tuple[Pipeline, list[object]
     media_bodies: list[object] = [json.loads(m)["media"]["payload"] for m in messages]  # type: ignore[arg-type]
     appends = [session.send(pv.SendAudio(ulaw_decode(f) if path.rate_hz else f))[0] for f in frames]
     info: list[tuple[str, Stage, list[object]]] = [
+        ("  ordinary parser (json.loads, checks), not used", parse_ordinary, messages),
         ("  of which json.loads", lambda m: json.loads(m), messages),  # type: ignore[arg-type]
         ("  of which base64 decode", lambda p: binascii.a2b_base64(p, strict_mode=True), media_bodies),  # type: ignore[arg-type]
         ("VAD (EnergyVAD, not in bridge)", lambda pcm: vad.process(pcm), pcm_frames),  # type: ignore[arg-type]
@@ -249,10 +263,13 @@ def uplink(path: Path_, frames: Sequence[bytes]) -> tuple[Pipeline, list[object]
 
 
 def websocket_stages(inbound: list[str], outbound: list[str]) -> list[tuple[str, Stage, list[object]]]:
-    """wsproto framing of one message each way, as the server does it (not summed: it is I/O).
+    """WebSocket framing of one message each way (not summed: it is I/O), the server's way and wsproto's.
 
     Inbound: a masked client frame (Twilio -> us) parsed into a message;
     outbound: one message framed and masked (we are the provider's client).
+    The server uses the native frame path (``_wsframe.scan``,
+    ``ws_client.data_frame``); wsproto, which it keeps for every unusual
+    frame, is shown for comparison.
     """
     sender = Connection(ConnectionType.CLIENT)
     frames: list[object] = [sender.send(TextMessage(data=m)) for m in inbound]
@@ -266,8 +283,10 @@ def websocket_stages(inbound: list[str], outbound: list[str]) -> list[tuple[str,
         return None
 
     return [
-        ("wsproto: receive frame (I/O, not counted)", receive, frames),
-        ("wsproto: send masked frame (I/O, not counted)", lambda m: client.send(TextMessage(data=m)), list(outbound)),  # type: ignore[arg-type]
+        ("WebSocket: receive frame, native (I/O)", lambda f: scan(f, 1 << 20, True), list(frames)),  # type: ignore[arg-type]
+        ("WebSocket: send masked frame, native (I/O)", lambda m: data_frame(m), list(outbound)),  # type: ignore[arg-type]
+        ("  wsproto: receive frame, not used", receive, frames),
+        ("  wsproto: send masked frame, not used", lambda m: client.send(TextMessage(data=m)), list(outbound)),  # type: ignore[arg-type]
     ]
 
 
@@ -305,10 +324,7 @@ def downlink(path: Path_, n_chunks: int) -> tuple[Pipeline, list[object]]:
         return (twilio.send(tw.SendAudio(payload, item="item_1")), twilio.send(tw.SendMark()))  # type: ignore[arg-type]
 
     def echo(_: object) -> object:
-        twilio.receive_message(next(echoes))
-        for event in twilio.events():
-            return event
-        return None
+        return twilio.receive_event(next(echoes))
 
     stages: list[tuple[str, Stage]] = [("provider parse (JSON, base64)", parse)]
     if path.rate_hz:

@@ -122,8 +122,10 @@ def test_frame_path_quick_run_has_every_stage_of_every_path(tmp_path: Path) -> N
             assert total["median_ns"] > 0
             # the total is a per-frame sum of the bridge stages, so at least the largest one
             assert total["median_ns"] >= 0.9 * max(r["median_ns"] for r in counted), path
-        assert ("up", "Twilio parse (JSON, checks, base64)") in rows
-        assert rows["up", "wsproto: receive frame (I/O, not counted)"]["median_ns"] > 0
+        assert ("up", "Twilio parse (native scan, checks, base64)") in rows
+        assert not rows["up", "  ordinary parser (json.loads, checks), not used"]["counted"]
+        assert rows["up", "WebSocket: receive frame, native (I/O)"]["median_ns"] > 0
+        assert not rows["up", "WebSocket: receive frame, native (I/O)"]["counted"]
         assert ("down", "Twilio media+mark serialize") in rows
         assert (("up", "µ-law decode") in rows) == (path != "pcmu passthrough")
         resampled = path in ("pcm16 16k", "pcm16 24k")
