@@ -36,7 +36,6 @@ from urllib.parse import urlsplit
 
 import trio
 
-from mediaserver._locks import acquire
 from mediaserver.bridge.link import ProviderClosed
 from mediaserver.protocol.errors import ProtocolError
 from mediaserver.protocol.providers.base import (
@@ -72,10 +71,12 @@ class WebSocketLink:
         self.session = session
         self._ws = ws
         self._pending: deque[ProviderEvent] = deque()
-        # The uplink and the provider reader both send; one command's
-        # messages (e.g. a tool result and its response.create) stay together
-        # and in the order the core produced them.
-        self._send_lock = trio.StrictFIFOLock()
+        # The uplink, the provider reader (automatic replies), tools and the
+        # keepalive all send.  Each batch the core produces goes out as one
+        # write (ClientWebSocket.send_many), taken in call order, and nothing
+        # awaits between the core producing a batch and queueing its write:
+        # batches never interleave and keep the core's order, with no lock
+        # of the link's own.
         self.last_send_s = trio.current_time()
 
     @property
@@ -87,20 +88,16 @@ class WebSocketLink:
         return self.session.output_format
 
     async def _send_all(self, messages: Sequence[str | bytes]) -> None:
+        if not messages:
+            return
         try:
-            for message in messages:
-                await self._ws.send(message)
-                self.last_send_s = trio.current_time()
+            await self._ws.send_many(messages)
         except WebSocketClosed as exc:
             raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
+        self.last_send_s = trio.current_time()
 
     async def send(self, command: ProviderCommand) -> None:
-        lock = self._send_lock
-        await acquire(lock)
-        try:
-            await self._send_all(self.session.send(command))
-        finally:
-            lock.release()
+        await self._send_all(self.session.send(command))
 
     async def keep_alive(self) -> None:
         """Send the core's keepalive whenever nothing was sent for its interval (runs until cancelled)."""
@@ -110,13 +107,12 @@ class WebSocketLink:
         while True:
             await trio.sleep_until(self.last_send_s + interval)
             if trio.current_time() - self.last_send_s >= interval:
-                async with self._send_lock:
-                    try:
-                        await self._send_all(self.session.keepalive())
-                    except ProviderClosed:
-                        return  # the reader reports the close
-                    # also when the core had nothing to send yet (before its handshake)
-                    self.last_send_s = trio.current_time()
+                try:
+                    await self._send_all(self.session.keepalive())
+                except ProviderClosed:
+                    return  # the reader reports the close
+                # also when the core had nothing to send yet (before its handshake)
+                self.last_send_s = trio.current_time()
 
     async def wait_ready(self) -> None:
         """Read until the core reports :class:`SessionReady`, keeping every event for :meth:`receive`.
@@ -153,9 +149,7 @@ class WebSocketLink:
             replies = self.session.pending_messages()
         except ProtocolError as exc:
             raise ProviderClosed(f"{self.name} protocol error: {exc}") from None
-        if replies:
-            async with self._send_lock:
-                await self._send_all(replies)
+        await self._send_all(replies)
         self._pending.extend(self.session.events())
 
 

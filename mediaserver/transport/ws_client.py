@@ -113,6 +113,19 @@ class ClientWebSocket:
             raise self.closed
         await self._send(message)
 
+    async def send_many(self, messages: Sequence[str | bytes]) -> None:
+        """Send several messages in order as one write (one system call); as :meth:`send`.
+
+        The messages are framed before the send lock is taken, and the lock
+        is taken in call order (FIFO), so messages from concurrent callers
+        never interleave and go out in the order the calls were made.
+        """
+        if self.closed is not None:
+            raise self.closed
+        if messages:
+            frame = self._frame
+            await self._send_frames(b"".join([frame(message) for message in messages]))
+
     async def _send(self, event: Event | str | bytes) -> None:
         """Send a message (framed here) or a control event (framed by wsproto), in call order."""
         if isinstance(event, (str, bytes)):

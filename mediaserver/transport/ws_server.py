@@ -74,10 +74,8 @@ class ServerStream(ClientWebSocket, MessageStream):
 
     async def send_many(self, texts: Sequence[str | bytes]) -> None:
         """Several messages as one write: a chunk of audio and its mark cost one system call."""
-        if self.closed is not None:
-            raise StreamClosed(f"the Twilio stream is closed (code {self.closed.code})")
         try:
-            await self._send_frames(b"".join([server_frame(text) for text in texts]))
+            await super().send_many(texts)
         except WebSocketClosed as exc:
             raise StreamClosed(f"the Twilio stream is closed (code {exc.code})") from None
 
