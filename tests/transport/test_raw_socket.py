@@ -400,3 +400,41 @@ def test_mask_keys_come_from_the_pool_in_order_and_it_refills(monkeypatch: pytes
     frames = [data_frame("hi"), data_frame(b"\x00")]
     pool = b"".join(drawn)
     assert [frame[2:6] for frame in frames] == [pool[8000:8004], pool[8004:8008]]
+
+
+# ------------------------------------------ provider links: batches without a lock
+
+
+class _BatchCore:
+    """A stand-in provider core: each command becomes a batch of three big messages, numbered in call order."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def send(self, command: object) -> list[str]:
+        self.calls += 1
+        n = self.calls
+        return [f"{n}.{part} " + "x" * 60_000 for part in range(3)]
+
+
+@fail_after(20)
+async def test_provider_link_keeps_each_batch_whole_and_in_call_order() -> None:
+    """Concurrent ``WebSocketLink.send`` calls, the socket full: every batch arrives whole, batches in call order."""
+    from mediaserver.transport.provider_ws import WebSocketLink
+
+    async with ws_pair(small_buffers=True) as pair:
+        core = _BatchCore()
+        link = WebSocketLink("fake", core, pair.client)  # type: ignore[arg-type]
+
+        async def sender() -> None:
+            for _ in range(8):
+                await link.send(None)  # type: ignore[arg-type]
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(sender)
+            await trio.sleep(0.1)  # the writers pile up on the full socket
+            got = [await pair.server.receive() for _ in range(3 * 8 * 3)]
+    heads = [str(message).split(" ", 1)[0] for message in got]
+    assert heads == [f"{n}.{part}" for n in range(1, 25) for part in range(3)]
+    assert link.last_send_s > 0
