@@ -20,13 +20,15 @@ Measured per step (latencies only inside the hold window, after every call
 of the step has started):
 
 * bridge-added latency, uplink: a caller's ``media`` frame handed to the
-  socket until the model has read the ``input_audio_buffer.append`` carrying
-  it; downlink: a model delta handed to the socket until the caller has read
-  the Twilio ``media`` carrying it.  Both ends share this process's clock.
+  socket until the ``input_audio_buffer.append`` carrying it reached the
+  model's socket (the kernel's receive timestamp); downlink: a model delta
+  handed to the socket until the Twilio ``media`` carrying it reached the
+  caller's.  Both ends share this process's clock.
   Deltas come in real time, so the server's pacer (which keeps 160 ms
   buffered at Twilio) sends each chunk as soon as it has it: what is
-  measured is the server's work and queueing, plus both loopback hops and
-  this process's own scheduling delay (see gen-bound);
+  measured is the server's work and queueing plus both loopback hops, not
+  this process's delay in reading (an overloaded generator still sends
+  late and in bursts: see gen-bound);
 * frames lost: caller frames the model never got, and model chunks the
   caller never got (replies end before the calls do, so none is legitimately
   cut); the JSON also has "made up" frames, which the server sent but no
