@@ -103,6 +103,11 @@ class Settings:
     twilio_from_number: str | None = _env_field("TWILIO_FROM_NUMBER", None, "default caller id for outbound calls (E.164)")
     tools_module: str | None = _env_field("MEDIASERVER_TOOLS", None, "Python module whose @tool functions the agent may call")
     tool_timeout_s: float = _env_field("MEDIASERVER_TOOL_TIMEOUT_S", 10.0, "a tool call slower than this returns an error")
+    transfer_numbers: str | None = _env_field(
+        "MEDIASERVER_TRANSFER_NUMBERS",
+        None,
+        "comma-separated E.164 numbers or +prefix* patterns transfer_call may dial; unset = transfer_call is off",
+    )
     data_dir: str = _env_field("MEDIASERVER_DATA_DIR", "data", "where the SQLite call records live")
     database_url: str | None = _env_field(
         "DATABASE_URL", None, "postgresql://... to keep call records in PostgreSQL instead of SQLite"
@@ -164,6 +169,13 @@ class Settings:
             )
         if self.public_url is not None and not self.public_url.startswith(("https://", "http://")):
             raise ConfigError(f"MEDIASERVER_PUBLIC_URL must start with https:// (got {self.public_url!r})")
+        if self.transfer_numbers is not None:
+            from mediaserver.tools.builtins import parse_transfer_numbers
+
+            try:
+                parse_transfer_numbers(self.transfer_numbers)
+            except ValueError as exc:
+                raise ConfigError(f"MEDIASERVER_TRANSFER_NUMBERS: {exc}") from None
         for name in ("stream_timeout_s", "idle_timeout_s", "max_call_s", "connect_timeout_s", "drain_s", "tool_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive")

@@ -11,6 +11,8 @@ the model as text and a tool as an awaitable.
 
 from __future__ import annotations
 
+import re
+
 import itertools
 import logging
 import json
@@ -42,7 +44,7 @@ from mediaserver.config import ConfigError, Settings
 from mediaserver.protocol.providers.base import SendText
 from mediaserver.protocol.providers.openai import OpenAIRealtimeConfig, OpenAIRealtimeSession
 from mediaserver.tools import CallContext, ToolError, ToolSet, load_module_tools, load_toolset, tool
-from mediaserver.tools.builtins import BUILTINS
+from mediaserver.tools.builtins import BUILTINS, parse_transfer_numbers, transfer_tool
 
 from tests.fakes import FakeRealtimeSession, fail_after, to_ulaw, tone, validate_client_event
 from tests.test_app import fake_openai, openai_settings, phone_call, running
@@ -316,7 +318,13 @@ def test_tools_load_module_and_builtins(tools_module: Callable[[str], str]) -> N
     # Without REST credentials transfer_call could not work, so only end_call is added.
     assert load_toolset(Settings(tools_module=name)).names == ("add", "slow", "broken", "read_pin", "end_call")
     with_rest = Settings(tools_module=name, twilio_account_sid=ACCOUNT_SID, twilio_auth_token=AUTH_TOKEN)
-    assert load_toolset(with_rest).names[-2:] == ("end_call", "transfer_call")
+    # ... and without MEDIASERVER_TRANSFER_NUMBERS it would dial anything a caller talks the model into: not offered
+    assert load_toolset(with_rest).names[-1] == "end_call"
+    allowed = with_rest.with_(transfer_numbers="+15557654321, +44*")
+    toolset = load_toolset(allowed)
+    assert toolset.names[-2:] == ("end_call", "transfer_call")
+    [transfer] = [spec for spec in toolset.specs() if spec.name == "transfer_call"]
+    assert "+15557654321, +44*" in transfer.description  # the model is told where it may transfer
     assert load_toolset(Settings()).names == ("end_call",)
     chosen = tools_module(LIVE_TOOLS + '\nBUILTIN_TOOLS = ["send_digits"]\n')
     assert load_toolset(Settings(tools_module=chosen)).names[-1] == "send_digits"
@@ -339,6 +347,61 @@ def test_tools_loading_errors_are_config_errors(tools_module: Callable[[str], st
     bad_builtins = tools_module(LIVE_TOOLS + "\nBUILTIN_TOOLS = ['hang_up']\n")
     with pytest.raises(ConfigError, match="BUILTIN_TOOLS must be a list of end_call, transfer_call, send_digits"):
         load_toolset(Settings(tools_module=bad_builtins))
+    asks_transfer = tools_module(LIVE_TOOLS + "\nBUILTIN_TOOLS = ['transfer_call']\n")
+    with pytest.raises(ConfigError, match="asks for transfer_call, which needs Twilio REST credentials .* and MEDIASERVER_TRANSFER_NUMBERS$"):
+        load_toolset(Settings(tools_module=asks_transfer))
+    rest_only = Settings(tools_module=asks_transfer, twilio_account_sid=ACCOUNT_SID, twilio_auth_token=AUTH_TOKEN)
+    with pytest.raises(ConfigError, match="which needs MEDIASERVER_TRANSFER_NUMBERS$"):
+        load_toolset(rest_only)
+    assert load_toolset(rest_only.with_(transfer_numbers="+15557654321")).names[-1] == "transfer_call"
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("", "no numbers given"),
+        (" , ", "no numbers given"),
+        ("15557654321", "'15557654321' is neither an E.164 number"),
+        ("+15557654321,+1 555 765", "'+1 555 765' is neither"),
+        ("+0123456789", "'+0123456789' is neither"),
+        ("*", "'*' is neither"),
+        ("+1555*9", "'+1555*9' is neither"),
+    ],
+)
+def test_transfer_numbers_setting_is_checked_at_start(spec: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(f"MEDIASERVER_TRANSFER_NUMBERS: {problem}")):
+        Settings(transfer_numbers=spec).validated()
+
+
+@pytest.mark.parametrize(
+    ("number", "allowed"),
+    [
+        ("+15557654321", True),
+        ("+15557654322", False),
+        ("+442071234567", True),  # +44*
+        ("+4420712345", True),
+        ("+14420712345", False),  # contains 44, does not start with it
+        ("+33123456789", False),
+    ],
+)
+async def test_transfer_call_dials_only_listed_numbers(number: str, allowed: bool) -> None:
+    transfer = transfer_tool(parse_transfer_numbers("+15557654321,+44*"))
+    dialled: list[str] = []
+
+    class Control:
+        call_sid = CALL_A
+
+        async def transfer(self, to: str) -> None:
+            dialled.append(to)
+
+    context = CallContext(Control())  # type: ignore[arg-type]
+    if allowed:
+        assert await transfer.fn(context, number) == {"status": f"transferring the caller to {number}"}
+        assert dialled == [number]
+    else:
+        with pytest.raises(ToolError, match=f"^cannot transfer to \\{number}: transfers may only go to \\+15557654321, \\+44\\*$"):
+            await transfer.fn(context, number)
+        assert dialled == []
 
 
 async def test_tools_send_digits_explains_twilios_limit() -> None:
@@ -538,13 +601,19 @@ async def test_tools_transfer_call_redirects_with_dial_twiml(caplog: pytest.LogC
         await session.ready.wait()
         await model_calls(session, "transfer_call", '{"to": "+1555"}', "call_bad_number")
         await wait_output(session, "call_bad_number")
+        await model_calls(session, "transfer_call", '{"to": "+19005550100"}', "call_not_listed")
+        await wait_output(session, "call_not_listed")
         await model_calls(session, "transfer_call", json.dumps({"to": TRANSFER_TO}), "call_refused")
         await wait_output(session, "call_refused")
         await model_calls(session, "transfer_call", json.dumps({"to": TRANSFER_TO}), "call_transfer")
 
     async with fake_rest() as rest, fake_openai(script) as model:
         settings = openai_settings(
-            model, twilio_account_sid=ACCOUNT_SID, twilio_auth_token=AUTH_TOKEN, twilio_api_base=rest.base_url
+            model,
+            twilio_account_sid=ACCOUNT_SID,
+            twilio_auth_token=AUTH_TOKEN,
+            twilio_api_base=rest.base_url,
+            transfer_numbers=TRANSFER_TO,
         )
         rest.fail_next = TwilioError(400, 21220, "Call is not in-progress. Cannot redirect.")
         async with running(settings) as url, phone_call(url, CALL_A, auth_token=AUTH_TOKEN) as caller:
@@ -555,6 +624,10 @@ async def test_tools_transfer_call_redirects_with_dial_twiml(caplog: pytest.LogC
         json.dumps({"error": "cannot transfer to '+1555': give an E.164 number such as +15551234567"}),
         True,
     )
+    assert found["call_not_listed"] == (
+        json.dumps({"error": f"cannot transfer to +19005550100: transfers may only go to {TRANSFER_TO}"}),
+        True,
+    )  # and no REST request was made for it (checked below: only the two allowed attempts)
     refused, respond = found["call_refused"]
     assert respond and json.loads(refused) == {
         "error": "the transfer failed: Twilio error 21220 (HTTP 400): Call is not in-progress. Cannot redirect."

@@ -20,14 +20,17 @@ plus the built-ins (``end_call``, ``transfer_call``; ``send_digits`` on request)
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Sequence
 
 from mediaserver.config import ConfigError, Settings
 
-from .builtins import BUILTINS, DEFAULT_BUILTINS
+from .builtins import BUILTINS, DEFAULT_BUILTINS, parse_transfer_numbers, transfer_tool
 from .context import CallContext, CallControl, ToolError
 from .registry import Tool, load_module_tools, tool
 from .runner import ToolOutcome, ToolSet
+
+log = logging.getLogger("mediaserver.tools")
 
 __all__ = [
     "CallContext",
@@ -47,14 +50,17 @@ def load_toolset(settings: Settings) -> ToolSet:
 
     The tools module may set ``BUILTIN_TOOLS = ("end_call", ...)`` to choose
     the built-ins (``()`` for none).  ``transfer_call`` is left out when no
-    Twilio REST credentials are configured (it could not work).  Raises
-    :class:`~mediaserver.config.ConfigError` for a module that cannot be
-    loaded or a bad ``BUILTIN_TOOLS``.
+    Twilio REST credentials are configured (it could not work) or no
+    ``MEDIASERVER_TRANSFER_NUMBERS`` (it dials only listed numbers); a
+    tools module that asks for it by name without them is a configuration
+    error.  Raises :class:`~mediaserver.config.ConfigError` for a module
+    that cannot be loaded or a bad ``BUILTIN_TOOLS``.
     """
     from mediaserver.twilio_rest import TwilioCredentials
 
     tools: list[Tool] = []
     wanted: Sequence[str] = DEFAULT_BUILTINS
+    explicit = False  # the tools module chose the built-ins by name
     if settings.tools_module:
         tools.extend(load_module_tools(settings.tools_module))
         chosen = getattr(importlib.import_module(settings.tools_module), "BUILTIN_TOOLS", None)
@@ -64,12 +70,32 @@ def load_toolset(settings: Settings) -> ToolSet:
                     f"MEDIASERVER_TOOLS={settings.tools_module}: BUILTIN_TOOLS must be a list of "
                     f"{', '.join(BUILTINS)}, not {chosen!r}"
                 )
-            wanted = tuple(chosen)
+            wanted, explicit = tuple(chosen), True
     has_rest = TwilioCredentials.from_settings(settings) is not None
     own = {t.name for t in tools}
     for name in wanted:
-        if name == "transfer_call" and not has_rest:
+        if name in own:  # a module's own tool of the same name wins
             continue
-        if name not in own:  # a module's own tool of the same name wins
-            tools.append(BUILTINS[name])
+        if name == "transfer_call":
+            missing = [
+                what
+                for what, ok in (
+                    ("Twilio REST credentials (TWILIO_ACCOUNT_SID with TWILIO_AUTH_TOKEN or an API key)", has_rest),
+                    ("MEDIASERVER_TRANSFER_NUMBERS", bool(settings.transfer_numbers)),
+                )
+                if not ok
+            ]
+            if missing:
+                if explicit:
+                    raise ConfigError(
+                        f"MEDIASERVER_TOOLS={settings.tools_module}: BUILTIN_TOOLS asks for transfer_call, "
+                        f"which needs {' and '.join(missing)}"
+                    )
+                if has_rest:
+                    log.warning("transfer_call is not offered: set MEDIASERVER_TRANSFER_NUMBERS to the numbers it may dial")
+                continue
+            assert settings.transfer_numbers is not None
+            tools.append(transfer_tool(parse_transfer_numbers(settings.transfer_numbers)))
+            continue
+        tools.append(BUILTINS[name])
     return ToolSet(tools)

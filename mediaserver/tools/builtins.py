@@ -17,9 +17,10 @@ import re
 from .context import CallContext, ToolError
 from .registry import Tool
 
-__all__ = ["BUILTINS", "DEFAULT_BUILTINS", "E164", "DTMF_DIGITS"]
+__all__ = ["BUILTINS", "DEFAULT_BUILTINS", "DTMF_DIGITS", "E164", "parse_transfer_numbers", "transfer_tool"]
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")  # ITU-T E.164: up to 15 digits after '+'
+_E164_PREFIX = re.compile(r"^\+[1-9][0-9]{0,13}\*$")  # "+44*", "+1555*": every number that starts so
 DTMF_DIGITS = re.compile(r"^[0-9*#wW]{1,32}$")  # Twilio SendDigits / <Play digits> alphabet, 32 max
 
 
@@ -37,19 +38,53 @@ async def end_call(call: CallContext, reason: str | None = None) -> dict[str, st
     return {"status": "hanging up after your goodbye has played"}
 
 
-async def transfer_call(call: CallContext, to: str) -> dict[str, str]:
-    """Transfer the caller to another phone number (a cold transfer: you leave the call).
+def parse_transfer_numbers(spec: str) -> tuple[str, ...]:
+    """``MEDIASERVER_TRANSFER_NUMBERS``: comma-separated E.164 numbers or ``+prefix*`` patterns.
 
-    Tell the caller you are transferring them first; the transfer starts
-    once that has played.
+    Raises ``ValueError`` naming the first entry that is neither (the
+    settings turn it into a ``ConfigError``).
+    """
+    entries = tuple(entry.strip() for entry in spec.split(",") if entry.strip())
+    if not entries:
+        raise ValueError("no numbers given")
+    for entry in entries:
+        if not (E164.match(entry) or _E164_PREFIX.match(entry)):
+            raise ValueError(f"{entry!r} is neither an E.164 number (+15551234567) nor a prefix such as +1555*")
+    return entries
+
+
+def _allowed(number: str, allowed: tuple[str, ...]) -> bool:
+    return any(number.startswith(entry[:-1]) if entry.endswith("*") else number == entry for entry in allowed)
+
+
+def transfer_tool(allowed: tuple[str, ...]) -> Tool:
+    """The ``transfer_call`` built-in, limited to ``allowed`` (see :func:`parse_transfer_numbers`).
+
+    The list is the deployment's guard against toll fraud: a caller can
+    talk a model into calling any number, so the tool dials only numbers
+    the operator listed; the model is told which ones in the description.
+    """
+    listed = ", ".join(allowed) if allowed else "none"
+
+    async def transfer_call(call: CallContext, to: str) -> dict[str, str]:
+        if not E164.match(to):
+            raise ToolError(f"cannot transfer to {to!r}: give an E.164 number such as +15551234567")
+        if not _allowed(to, allowed):
+            raise ToolError(f"cannot transfer to {to}: transfers may only go to {listed}")
+        await call.transfer(to)
+        return {"status": f"transferring the caller to {to}"}
+
+    transfer_call.__doc__ = """Transfer the caller to another phone number (a cold transfer: you leave the call).
 
     Args:
         to: The number to transfer to, in E.164 form such as +15551234567.
     """
-    if not E164.match(to):
-        raise ToolError(f"cannot transfer to {to!r}: give an E.164 number such as +15551234567")
-    await call.transfer(to)
-    return {"status": f"transferring the caller to {to}"}
+    description = (
+        "Transfer the caller to another phone number (a cold transfer: you leave the call). "
+        "Tell the caller you are transferring them first; the transfer starts once that has played. "
+        f"Only these numbers may be dialled (a trailing * stands for any further digits): {listed}."
+    )
+    return Tool(transfer_call, description=description)
 
 
 async def send_digits(digits: str) -> dict[str, str]:
@@ -68,8 +103,9 @@ async def send_digits(digits: str) -> dict[str, str]:
 
 BUILTINS: dict[str, Tool] = {
     "end_call": Tool(end_call, respond=False),
-    "transfer_call": Tool(transfer_call),
+    "transfer_call": transfer_tool(()),  # load_toolset substitutes the configured list
     "send_digits": Tool(send_digits),
 }
 DEFAULT_BUILTINS = ("end_call", "transfer_call")
-"""Offered unless the tools module sets ``BUILTIN_TOOLS``; transfer_call needs Twilio REST credentials."""
+"""Offered unless the tools module sets ``BUILTIN_TOOLS``; transfer_call needs Twilio REST credentials
+and ``MEDIASERVER_TRANSFER_NUMBERS``."""
