@@ -36,6 +36,7 @@ test: build
 
 bench: bench-codecs
 	$(PY) bench/frame_path.py
+	$(PY) bench/tls_send.py
 	$(PY) bench/load.py
 
 bench-codecs: build

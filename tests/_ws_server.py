@@ -26,6 +26,7 @@ fails the test that runs the server.
 from __future__ import annotations
 
 import functools
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -91,6 +92,7 @@ class LoopbackServer:
     def __init__(self) -> None:
         self.port: int | None = None
         self._changes = Changes()
+        self.tls: ssl.SSLContext | None = None  # a server context: serve wss:// (LoopbackWsServer)
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -117,7 +119,8 @@ class LoopbackWsServer(LoopbackServer):
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         async with trio.open_nursery() as nursery:
-            request = await wrap_server_stream(nursery, stream)
+            wire: trio.abc.Stream = stream if self.tls is None else trio.SSLStream(stream, self.tls, server_side=True)
+            request = await wrap_server_stream(nursery, wire)
             await self._handle(request, stream)
             nursery.cancel_scope.cancel()  # the connection's reader task
 

@@ -33,6 +33,7 @@ import functools
 import itertools
 import json
 import math
+import ssl
 import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -990,8 +991,11 @@ class FakeOpenAIServer(LoopbackWsServer):
     A failing handler (e.g. a client message the SDK rejects) fails the test.
     """
 
-    def __init__(self, script: Script | None = None, *, reject_with: int | None = None) -> None:
+    def __init__(
+        self, script: Script | None = None, *, reject_with: int | None = None, tls: ssl.SSLContext | None = None
+    ) -> None:
         super().__init__()
+        self.tls = tls  # serve wss:// with this server context
         self.script = script
         self.reject_with = reject_with  # answer every upgrade with this HTTP status (e.g. 401)
         self.rejected = 0
@@ -1000,7 +1004,7 @@ class FakeOpenAIServer(LoopbackWsServer):
     @property
     def url(self) -> str:
         assert self.port is not None, "start the server first: await nursery.start(server.run)"
-        return f"ws://127.0.0.1:{self.port}/v1/realtime"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}/v1/realtime"
 
     async def session(self, index: int = 0) -> FakeRealtimeSession:
         """The ``index``-th connection (waits for it)."""

@@ -19,6 +19,7 @@ import logging
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,7 @@ from tests.fakes import (
     twilio_signature,
     websocket_upgrade_status,
 )
+from tests.test_http_client import certificate, server_context  # noqa: F401  (certificate: a pytest fixture)
 
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 API_KEY = "sk-test-not-a-real-key"
@@ -277,12 +279,21 @@ async def test_app_echo_call_plays_the_burst_back(caplog: pytest.LogCaptureFixtu
 # --------------------------------------------------------------- OpenAI (fake)
 
 
+@pytest.mark.parametrize("wss", [False, True], ids=["ws", "wss"])
 @fail_after(20)
-async def test_app_openai_call_pcmu_passthrough() -> None:
+async def test_app_openai_call_pcmu_passthrough(
+    wss: bool, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """Byte-exact both ways; over ``wss://`` too, through the lean TLS stream (mediaserver.transport.tls)."""
+    tls = None
+    if wss:  # the server trusts our self-signed certificate the way a deployment trusts a CA bundle
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+        tls = server_context(certificate)
     reply = to_ulaw(tone(440, 1000, amplitude=0.3)) + to_ulaw(tone(660, 220, amplitude=0.3))  # not a chunk multiple
     script = turn_script(reply, after_appends=25, chunk_bytes=1234)  # answer after 500 ms of caller audio
     speech = to_ulaw(tone(300, 500, amplitude=0.2))
-    async with fake_openai(script) as model, running(openai_settings(model)) as url:
+    async with fake_openai(script, tls=tls) as model, running(openai_settings(model)) as url:
+        assert model.url.startswith("wss://" if wss else "ws://")
         async with phone_call(url) as caller:
             await caller.send_audio(speech)
             await caller.wait_for_audio(len(reply))

@@ -238,3 +238,14 @@ def test_twiml_stream_and_parameters_are_read_from_the_servers_answer() -> None:
     assert _loadgen.parse_stream_twiml(text) == ("ws://127.0.0.1:9/media-stream", {"token": "t0k", "CallSid": "CA1"})
     with pytest.raises(ValueError, match="no <Connect><Stream>"):
         _loadgen.parse_stream_twiml(twiml.say_and_hangup("busy"))
+
+
+def test_tls_send_quick_run_measures_both_transports(tmp_path: Path) -> None:
+    """bench/tls_send.py: both rows, positive figures, the ratio consistent with them (nothing timed is asserted)."""
+    out = _run("tls_send.py", "--quick", "--json", str(tmp_path / "tls.json"))
+    assert "Table 1. Sender CPU per send_all" in out
+    rows = json.loads((tmp_path / "tls.json").read_text())["rows"]
+    assert [r["transport"] for r in rows] == ["plain TCP", "TLS"]
+    for row in rows:
+        assert row["peer_us"] > 0 and row["ours_us"] > 0
+        assert math.isclose(row["ratio"], row["peer_us"] / row["ours_us"])
