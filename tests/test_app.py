@@ -474,10 +474,13 @@ async def test_app_model_failure_hangs_up_the_call(how: str, caplog: pytest.LogC
         assert "1011" in ended
 
 
-@pytest.mark.parametrize("failure", ["refused", "http-401"])
+@pytest.mark.parametrize("failure", ["refused", "http-401", "untrusted-certificate"])
 @fail_after(10)
-async def test_app_unreachable_model_hangs_up_the_call(failure: str, caplog: pytest.LogCaptureFixture) -> None:
-    async with fake_openai(reject_with=401 if failure == "http-401" else None) as model:
+async def test_app_unreachable_model_hangs_up_the_call(
+    failure: str, caplog: pytest.LogCaptureFixture, certificate: tuple[Path, Path]  # noqa: F811
+) -> None:
+    tls = server_context(certificate) if failure == "untrusted-certificate" else None  # and SSL_CERT_FILE not set
+    async with fake_openai(reject_with=401 if failure == "http-401" else None, tls=tls) as model:
         if failure == "refused":
             closed = trio.socket.socket()  # a port nobody listens on
             await closed.bind(("127.0.0.1", 0))
@@ -495,7 +498,11 @@ async def test_app_unreachable_model_hangs_up_the_call(failure: str, caplog: pyt
                 "status": "ok",
             }
     messages = [r.getMessage() for r in call_log(caplog, CALL_A)]
-    expected = "rejected the connection with HTTP 401" if failure == "http-401" else "cannot connect to ws://127.0.0.1"
+    expected = {
+        "refused": "cannot connect to ws://127.0.0.1",
+        "http-401": "rejected the connection with HTTP 401",
+        "untrusted-certificate": "certificate verify failed",
+    }[failure]
     assert any("could not open the model session: openai: " in m and expected in m for m in messages), messages
     assert any("no model session" in m and "hanging up" in m for m in messages), messages
     assert not any(API_KEY in r.getMessage() for r in caplog.records)  # the key is never logged
