@@ -57,6 +57,15 @@ does not match exactly, goes through ``json.loads``.  The server sees the
 same messages at the same rates as from per-call tasks; frames due
 within the same millisecond go out back to back, as Trio's own 1 ms
 timer resolution batched them before.
+
+TLS.  Given a server ``ssl.SSLContext``, the fake model serves ``wss://``
+as real providers do (``bench/load.py --tls``): each session's TLS
+handshake runs in the setup phase, before the WebSocket handshake, on an
+``SSLObject`` over memory BIOs (:class:`_TLS`), and in the loop its
+session decrypts what ``recvmsg`` returns before the frame parser sees it
+and encrypts each frame it sends (:class:`_TLSModelSession`), so receive
+timestamps and the one-task loop stay as they are.  Plain sessions and
+the callers do not go through any of it.
 """
 
 from __future__ import annotations
@@ -75,6 +84,7 @@ import math
 import os
 import select
 import socket
+import ssl
 import struct
 import time
 import xml.etree.ElementTree as ET
@@ -322,7 +332,10 @@ def _close_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-async def _send_all(sock: socket.socket, data: bytes) -> None:
+async def _send_all(sock: socket.socket, data: bytes, tls: _TLS | None = None) -> None:
+    """All of ``data`` on a non-blocking socket (encrypted first on a TLS connection)."""
+    if tls is not None:
+        data = tls.encrypt(data)
     view = memoryview(data)
     while view:
         try:
@@ -331,9 +344,9 @@ async def _send_all(sock: socket.socket, data: bytes) -> None:
             await trio.lowlevel.wait_writable(sock)
 
 
-async def _read_head(sock: socket.socket, what: str) -> tuple[list[bytes], bytes]:
-    """An HTTP head's lines (request or status line first) and the bytes after it."""
-    data = b""
+async def _read_head(sock: socket.socket, what: str, tls: _TLS | None = None) -> tuple[list[bytes], bytes]:
+    """An HTTP head's lines (request or status line first) and the bytes after it (decrypted on TLS)."""
+    data = b"" if tls is None else await _tls_drain(sock, tls, b"")  # records read with the handshake
     while b"\r\n\r\n" not in data:
         if len(data) > 65536:
             raise ValueError(f"{what}: HTTP head over 64 KiB")
@@ -344,7 +357,7 @@ async def _read_head(sock: socket.socket, what: str) -> tuple[list[bytes], bytes
             continue
         if not chunk:
             raise ConnectionError(f"{what}: connection closed during the WebSocket handshake")
-        data += chunk
+        data += chunk if tls is None else await _tls_drain(sock, tls, chunk)
     head, _, rest = data.partition(b"\r\n\r\n")
     return head.split(b"\r\n"), rest
 
@@ -393,19 +406,108 @@ async def _ws_connect(host: str, port: int, target: str) -> tuple[socket.socket,
         raise
 
 
-async def _ws_accept(sock: socket.socket) -> bytes:
-    """The server side of a WebSocket handshake; the bytes after the request (no extension accepted)."""
-    lines, rest = await _read_head(sock, "model session")
+async def _ws_accept(sock: socket.socket, tls: _TLS | None = None) -> bytes:
+    """The server side of a WebSocket handshake; the bytes after the request (no extension accepted).
+
+    On a TLS connection (``tls``, handshake done) the request is decrypted and
+    the answer encrypted, and the bytes returned are plaintext.
+    """
+    lines, rest = await _read_head(sock, "model session", tls)
     key = _header(lines, b"sec-websocket-key")
     if not lines[0].startswith(b"GET ") or key is None:
-        await _send_all(sock, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await _send_all(sock, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", tls)
         raise ValueError(f"not a WebSocket upgrade: {lines[0][:80]!r}")
     await _send_all(
         sock,
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: " + _accept_key(key) + b"\r\n\r\n",
+        tls,
     )
     return rest
+
+
+class _TLS:
+    """The server side of one TLS connection on memory BIOs: the socket I/O stays the caller's.
+
+    ``ssl.SSLContext.wrap_bio`` with ``server_side=True``: what the socket
+    receives goes in through :meth:`decrypt`, what the application sends
+    comes out of :meth:`encrypt` as bytes for the socket, so the model's
+    sessions stay plain non-blocking sockets in the shared loop (an
+    ``SSLSocket`` would add a read per record and hide the kernel's receive
+    timestamps).  ``closed`` turns true on the peer's ``close_notify``.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.closed = False
+
+    def encrypt(self, data: bytes) -> bytes:
+        """``data`` as TLS records (after anything the TLS layer had pending, e.g. a session ticket)."""
+        self.obj.write(data)
+        return self.outgoing.read()
+
+    def decrypt(self, data: bytes) -> bytes:
+        """The plaintext of every whole record received so far, ``data`` included (a partial record waits).
+
+        Reads until the BIO and the TLS layer hold no whole record: a check
+        of both buffers, so the common case (whole records) raises nothing.
+        ``ssl.SSLError`` (a corrupt record) is the caller's to handle.
+        """
+        incoming, read = self.incoming, self.obj.read
+        if data:
+            incoming.write(data)
+        parts = []
+        while True:
+            try:
+                part = read(_RECV_BYTES)
+            except ssl.SSLWantReadError:  # a partial record: the rest comes with a later read
+                break
+            except ssl.SSLZeroReturnError:  # close_notify (as some OpenSSL paths report it)
+                self.closed = True
+                break
+            if not part:  # close_notify: the ssl module answers a clean shutdown with b""
+                self.closed = True
+                break
+            parts.append(part)
+            if not incoming.pending and not self.obj.pending():
+                break
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def _tls_accept(sock: socket.socket, context: ssl.SSLContext) -> _TLS:
+    """The server side of a TLS handshake on a fresh non-blocking socket (in the setup phase, as a Trio task)."""
+    tls = _TLS(context)
+    while True:
+        try:
+            tls.obj.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        out = tls.outgoing.read()  # the server's flight, and after the last step its session tickets
+        if out:
+            await _send_all(sock, out)
+        if done:
+            return tls
+        try:
+            chunk = sock.recv(_RECV_BYTES)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        if not chunk:
+            raise ConnectionError("model session: connection closed during the TLS handshake")
+        tls.incoming.write(chunk)
+
+
+async def _tls_drain(sock: socket.socket, tls: _TLS, chunk: bytes) -> bytes:
+    """Decrypt ``chunk`` (plus records already buffered) in the setup phase, sending what TLS has to say back."""
+    plain = tls.decrypt(chunk)
+    if tls.outgoing.pending:
+        await _send_all(sock, tls.outgoing.read())
+    if tls.closed:
+        raise ConnectionError("model session: TLS closed during the WebSocket handshake")
+    return plain
 
 
 class _Conn:
@@ -722,6 +824,12 @@ _IGNORED_CLIENT_EVENTS = ("response.create", "response.cancel", "conversation.it
 class FakeModel:
     """A GA Realtime server on 127.0.0.1:0 that answers every caller with tagged µ-law audio.
 
+    With ``ssl_context`` (a server context with its certificate loaded) it
+    serves ``wss://``, as real providers do: each session's TLS handshake
+    runs in the setup phase next to the WebSocket handshake, and in the
+    shared loop its records are decrypted as read and encrypted as sent
+    (:class:`_TLSModelSession`); without it, plain ``ws://``.
+
     Every ``reply_every_s`` (first one at a per-call offset) it sends a
     reply of ``reply_ms`` in real time, if that reply would end before
     ``recorder.replies_until_s``.  ``open_sessions`` counts WebSockets not
@@ -731,8 +839,13 @@ class FakeModel:
     turns, one's leaks are not blamed on the other.
     """
 
-    def __init__(self, recorder: Recorder, *, reply_every_s: float = 2.0, reply_ms: int = 1000) -> None:
+    def __init__(
+        self, recorder: Recorder, *, reply_every_s: float = 2.0, reply_ms: int = 1000, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.recorder = recorder
+        self.ssl_context = ssl_context  # serve wss:// (the server side of TLS) instead of ws://
+        self.tls_version: str | None = None  # as negotiated by the first TLS session
+        self.tls_cipher: str | None = None
         self.reply_every_s = reply_every_s
         self.reply_chunks = max(reply_ms // CHUNK_MS, 1)
         self.port = 0
@@ -769,10 +882,17 @@ class FakeModel:
             _close_socket(listener)
 
     async def _open_session(self, loop: _Loop, sock: socket.socket) -> None:
+        tls: _TLS | None = None
         try:
             _prepare(sock)
             with trio.fail_after(15):
-                rest = await _ws_accept(sock)
+                if self.ssl_context is not None:
+                    tls = await _tls_accept(sock, self.ssl_context)
+                rest = await _ws_accept(sock, tls)
+        except ssl.SSLError as exc:  # e.g. the server under test did not trust our certificate: say so
+            self.errors.append(f"fake model TLS handshake failed: {exc}"[:200])
+            _close_socket(sock)
+            return
         except (OSError, trio.TooSlowError):
             _close_socket(sock)  # the server gave up on the handshake: no session
             return
@@ -780,14 +900,21 @@ class FakeModel:
             self.errors.append(f"fake model failed: {exc!r}"[:200])
             _close_socket(sock)
             return
-        session = _ModelSession(self, loop, sock, next(self._numbers), self.label)
+        session: _ModelSession
+        if tls is None:
+            session = _ModelSession(self, loop, sock, next(self._numbers), self.label)
+        else:
+            session = _TLSModelSession(self, loop, sock, next(self._numbers), self.label, tls)
+            if self.tls_version is None:
+                self.tls_version, cipher = tls.obj.version(), tls.obj.cipher()
+                self.tls_cipher = cipher[0] if cipher else None
         self.sessions += 1
         self.open_sessions += 1
         self._open_by_label[session.label] += 1
         loop.add(session)
         session.send_json(session_created(session.event_id()))
         if rest:
-            session.feed(rest, clock())
+            session.feed_plain(rest, clock())
 
     def open_for(self, label: str) -> int:
         """Sessions opened while ``label`` was current that are still open."""
@@ -885,6 +1012,42 @@ class _ModelSession(_Conn):
 
     def on_end(self, why: str, clean: bool) -> None:
         self.model._closed(self)  # the server hung up: its session is over
+
+    def feed_plain(self, data: bytes, now: float) -> None:
+        """Parse plaintext WebSocket bytes (what followed the handshake)."""
+        _Conn.feed(self, data, now)
+
+
+class _TLSModelSession(_ModelSession):
+    """A model session over TLS: what the socket receives is decrypted before the frame parser sees it,
+    and every frame sent is encrypted first (one ``SSLObject.write`` and one ``outgoing.read`` per frame).
+
+    Only this class pays for TLS: plain sessions and the callers keep the
+    plain :class:`_Conn` paths.
+    """
+
+    def __init__(self, model: FakeModel, loop: _Loop, sock: socket.socket, number: int, label: str, tls: _TLS) -> None:
+        super().__init__(model, loop, sock, number, label)
+        self.tls = tls
+
+    def _write(self, data: bytes) -> None:
+        if self.open:
+            _Conn._write(self, self.tls.encrypt(data))
+
+    def feed(self, data: bytes, now: float) -> None:
+        """Ciphertext from the socket: decrypt every whole record, then parse the plaintext's frames."""
+        tls = self.tls
+        try:
+            plain = tls.decrypt(data)
+        except ssl.SSLError as exc:
+            self.end(f"TLS error: {exc}")
+            return
+        if tls.outgoing.pending:  # e.g. an alert or a key update answer
+            _Conn._write(self, tls.outgoing.read())
+        if plain:
+            _Conn.feed(self, plain, now)
+        if tls.closed:
+            self.end("TLS close_notify without a close frame")
 
 
 # --- the caller: Twilio's side ----------------------------------------------------------

@@ -74,6 +74,12 @@ Options: ``--steps 10,25,...``, ``--hold S``, ``--quick`` (2 and 4 calls
 for a few seconds, at most 10 s to drain), ``--no-peer``, ``--json PATH``,
 ``--plot PATH`` (PNG of both servers' p99 and CPU; default
 ``bench/out/load.png``, git-ignored), ``--no-pin``, ``--keep-going``,
+``--tls`` (serve the fake model on ``wss://``, as real providers are: a
+self-signed certificate for 127.0.0.1 made at start-up, which both servers
+trust through ``SSL_CERT_FILE`` in their environment; ours reads it through
+``ssl.create_default_context()``, the peer's ``websockets`` client through
+asyncio's, which is the same call; the model link then costs both servers
+TLS, and the table header says which link a run used),
 ``--profile PATH`` (run our server under cProfile and print where its CPU
 time goes, by function and by package).  Progress goes to stderr; the
 servers' own logs go to ``bench/out/load-server.log`` and
@@ -92,8 +98,10 @@ import math
 import os
 import resource
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -215,14 +223,23 @@ def make_servers(args: argparse.Namespace) -> list[Server]:
 
 
 @contextlib.contextmanager
-def server_process(server: Server, model_port: int, cpus: set[int] | None) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``server.argv`` against the fake model, pinned to ``cpus``; terminate it on exit."""
+def server_process(
+    server: Server, model_port: int, cpus: set[int] | None, cert: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``server.argv`` against the fake model, pinned to ``cpus``; terminate it on exit.
+
+    With ``cert`` the model is at ``wss://`` and the server trusts ``cert``
+    alone (``SSL_CERT_FILE``, which OpenSSL's default verify paths read).
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIASERVER_", "TWILIO_", "OPENAI_"))}
     env.update(
         OPENAI_API_KEY="bench",
-        OPENAI_REALTIME_URL=f"ws://{HOST}:{model_port}/v1/realtime",
+        OPENAI_REALTIME_URL=f"{'ws' if cert is None else 'wss'}://{HOST}:{model_port}/v1/realtime",
         MEDIASERVER_LOG_LEVEL="WARNING",
     )
+    if cert is not None:
+        env["SSL_CERT_FILE"] = str(cert)
+        env.pop("SSL_CERT_DIR", None)
     server.log_path.parent.mkdir(parents=True, exist_ok=True)
     with server.log_path.open("wb") as out:
         proc = subprocess.Popen(server.argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -514,7 +531,12 @@ def table(rows: Sequence[dict[str, Any]], args: argparse.Namespace, pinned: bool
         "CPU wait%: time runnable but waiting for a CPU (/proc schedstat), server / generator: other processes"
         " on the machine took it; rows with more than a few % measured a shared machine, not the server.",
     ]
-    return render_table(f"Load: concurrent calls, {args.hold:g} s hold each", COLUMNS, shown, notes)
+    if args.tls:
+        notes.append(
+            f"model link: wss://, {getattr(args, 'tls_negotiated', '?')}; both servers verify the fake model's certificate"
+            " (TLS on the model side is the generator's CPU, counted in gen CPU%)."
+        )
+    return render_table(f"Load: concurrent calls, {args.hold:g} s hold each, model over {model_link(args)}", COLUMNS, shown, notes)
 
 
 def peer_table(comparison: Sequence[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -546,7 +568,10 @@ def peer_table(comparison: Sequence[dict[str, Any]], args: argparse.Namespace) -
         "Where the peer's row is not ok because its core was saturated, its CPU%/call is capped and the ratio"
         " understates the difference.",
     ]
-    return render_table(f"Peer in the same run: ours vs Twilio's Python sample design, {args.hold:g} s hold", PEER_COLUMNS, shown, notes)
+    return render_table(
+        f"Peer in the same run: ours vs Twilio's Python sample design, {args.hold:g} s hold, model over {model_link(args)}",
+        PEER_COLUMNS, shown, notes,
+    )
 
 
 def print_profile(path: Path, top: int = 25) -> None:
@@ -583,7 +608,7 @@ def print_profile(path: Path, top: int = 25) -> None:
     print()
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+def plot(rows: Sequence[dict[str, Any]], path: Path, link: str = "ws://") -> None:
     """p99 latencies (log scale) and server CPU (second axis) against calls, for each server that ran."""
     import matplotlib
 
@@ -623,7 +648,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     lines = ax.get_legend_handles_labels()
     more = cpu.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=7)
-    ax.set_title("Under load, same run (OpenAI pcmu path, fake model)")
+    ax.set_title(f"Under load, same run (OpenAI pcmu path, fake model on {link})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -658,6 +683,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="a step whose p99 exceeds this is not ok (default 20 ms)"
     )
     parser.add_argument("--keep-going", action="store_true", help="run every step even after one breaks")
+    parser.add_argument(
+        "--tls", action="store_true",
+        help="serve the fake model on wss:// with a self-signed certificate both servers trust (default ws://)"
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the header and all rows as JSON")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "out" / "load.png", help="PNG path (default bench/out/load.png)")
     parser.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="skip the plot")
@@ -695,17 +724,36 @@ def _progress(row: dict[str, Any]) -> str:
     )
 
 
-async def run_all(args: argparse.Namespace, server_cpus: set[int] | None) -> list[dict[str, Any]]:
-    """Start the fake model and every server, then run each step against each server whose ramp goes on."""
+def model_link(args: argparse.Namespace) -> str:
+    """The fake model's link, for headers and titles: a table must never be mistaken for the other kind."""
+    return "wss:// (TLS)" if args.tls else "ws:// (plain TCP)"
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The fake model's server-side TLS context (the defaults a client-facing server gets)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def run_all(
+    args: argparse.Namespace, server_cpus: set[int] | None, tls: tuple[Path, Path] | None = None, info: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Start the fake model and every server, then run each step against each server whose ramp goes on.
+
+    ``tls`` is (certificate, key) to serve the model on ``wss://``; what TLS
+    the sessions negotiated goes into ``info``.
+    """
     recorder = Recorder()
-    model = FakeModel(recorder, reply_every_s=args.reply_every, reply_ms=args.reply_ms)
+    context = tls_context(*tls) if tls is not None else None
+    model = FakeModel(recorder, reply_every_s=args.reply_every, reply_ms=args.reply_ms, ssl_context=context)
     rows: list[dict[str, Any]] = []
     servers = make_servers(args)
     async with trio.open_nursery() as nursery:
         model_port = await nursery.start(model.run)
         with contextlib.ExitStack() as stack:
             for server in servers:
-                stack.enter_context(server_process(server, model_port, server_cpus))
+                stack.enter_context(server_process(server, model_port, server_cpus, tls[0] if tls is not None else None))
             for server in servers:
                 await wait_healthy(server)
             for index, n in enumerate(args.step_list):
@@ -728,6 +776,8 @@ async def run_all(args: argparse.Namespace, server_cpus: set[int] | None) -> lis
                 if all(s.done for s in servers):
                     break
         nursery.cancel_scope.cancel()
+    if info is not None and model.tls_version is not None:
+        info["tls"] = f"{model.tls_version}, {model.tls_cipher}"
     return rows
 
 
@@ -745,6 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("pinning", f"servers on CPU {sorted(server_cpus)}, generator + fake model on {sorted(our_cpus or [])}" if server_cpus else "none"),
         ("Python", sys.version.split()[0]),
         ("path", "OpenAI Realtime GA, audio/pcmu both ways (µ-law passthrough)"),
+        ("model link", f"{model_link(args)}"
+         + (": self-signed certificate for 127.0.0.1, trusted by both servers through SSL_CERT_FILE" if args.tls else "")),
         ("calls", f"webhook + media stream, 20 ms frames; model replies {args.reply_ms} ms every {args.reply_every:g} s"),
         ("steps", f"{','.join(map(str, args.step_list))}; ramp {args.ramp_rate:g} calls/s, settle {args.settle:g} s, hold {args.hold:g} s"),
         ("peer", f"bench/_peer_sample.py (Twilio's Python sample design): {peer_versions()}" if args.peer
@@ -753,7 +805,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("load avg", " ".join(f"{x:.2f}" for x in os.getloadavg())),
     ]
     print_header("mediaserver load bench", header)
-    rows = trio.run(run_all, args, server_cpus)
+    info: dict[str, Any] = {}
+    if args.tls:
+        from tls_send import make_certificate  # cryptography, only when asked for
+
+        with tempfile.TemporaryDirectory() as folder:
+            rows = trio.run(run_all, args, server_cpus, make_certificate(Path(folder)), info)
+        args.tls_negotiated = info.get("tls", "no TLS session was opened")
+    else:
+        rows = trio.run(run_all, args, server_cpus)
     print(table(rows, args, server_cpus is not None))
     comparison = compare(rows)
     if comparison:
@@ -782,10 +842,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile is not None and args.profile.exists():
         print_profile(args.profile)
     if args.plot is not None and rows:
-        plot(rows, args.plot)
+        plot(rows, args.plot, "wss://" if args.tls else "ws://")
         print(f"wrote {args.plot}")
     if args.json is not None:
-        write_json(args.json, {"header": dict(header), "quick": args.quick, "rows": rows, "comparison": comparison})
+        write_json(
+            args.json,
+            {"header": dict(header), "quick": args.quick, "tls": args.tls, "tls_negotiated": info.get("tls"),
+             "rows": rows, "comparison": comparison},
+        )
         print(f"wrote {args.json}")
     return 0 if rows else 1
 

@@ -249,3 +249,73 @@ def test_tls_send_quick_run_measures_both_transports(tmp_path: Path) -> None:
     for row in rows:
         assert row["peer_us"] > 0 and row["ours_us"] > 0
         assert math.isclose(row["ratio"], row["peer_us"] / row["ours_us"])
+
+
+def test_load_quick_run_over_tls_bridges_every_frame_on_both_servers(tmp_path: Path) -> None:
+    """``load.py --tls``: the fake model on wss:// with a fresh self-signed certificate that both servers must verify."""
+    peer = ["--no-peer"] if _PEER_MISSING else []
+    out = _run(
+        "load.py", "--quick", "--tls", "--steps", "2", "--hold", "1.2", "--grace", "0.5",
+        "--json", str(tmp_path / "load.json"), "--no-plot", *peer,
+    )
+    data = json.loads((tmp_path / "load.json").read_text())
+    assert data["tls"] is True
+    assert data["tls_negotiated"].startswith("TLSv1.")  # the sessions really ran TLS (an untrusted cert opens none)
+    assert data["header"]["model link"].startswith("wss://")
+    assert "model over wss:// (TLS)" in out
+    servers = ["ours"] if _PEER_MISSING else ["ours", "peer"]
+    assert sorted(r["server"] for r in data["rows"]) == servers
+    for row in data["rows"]:
+        assert row["calls"] == 2
+        _assert_clean(row)
+
+
+def test_fake_model_tls_layer_decrypts_whole_and_split_records(tmp_path: Path) -> None:
+    """The model's server-side TLS on memory BIOs, against a client SSLObject: a handshake, then records
+    arriving whole, several at once, and split byte by byte, both ways, and close_notify."""
+    import ssl
+
+    from tls_send import make_certificate
+
+    cert, key = make_certificate(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    server = _loadgen._TLS(server_context)
+    c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ssl.create_default_context(cafile=str(cert)).wrap_bio(c_in, c_out, server_hostname="127.0.0.1")
+    done = {"client": False, "server": False}
+    for _ in range(10):  # pump the flights both ways until both ends have finished (TLS 1.3: the client first)
+        for name, end in (("client", client), ("server", server.obj)):
+            try:
+                end.do_handshake()
+                done[name] = True
+            except ssl.SSLWantReadError:
+                pass
+        server.incoming.write(c_out.read())
+        c_in.write(server.outgoing.read())
+        if all(done.values()):
+            break
+    else:
+        pytest.fail("the TLS handshake did not finish")
+    assert server.obj.version() == "TLSv1.3"
+    # client -> model: three records in one read, then one record a byte at a time
+    for message in (b"one", b"two" * 100, b"three"):
+        client.write(message)
+    assert server.decrypt(c_out.read()) == b"one" + b"two" * 100 + b"three"
+    client.write(b"split record")
+    wire = c_out.read()
+    got = b"".join(server.decrypt(wire[i:i + 1]) for i in range(len(wire)))
+    assert got == b"split record"
+    # model -> client
+    c_in.write(server.encrypt(b"reply") + server.encrypt(b"x" * 70000))
+    received = b""
+    while True:
+        try:
+            received += client.read(1 << 17)
+        except ssl.SSLWantReadError:
+            break
+    assert received == b"reply" + b"x" * 70000
+    assert not server.closed
+    with pytest.raises(ssl.SSLWantReadError):
+        client.unwrap()  # sends close_notify, then waits for ours
+    assert server.decrypt(c_out.read()) == b"" and server.closed
