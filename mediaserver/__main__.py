@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import sys
@@ -59,6 +60,21 @@ def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
     print("\n".join(lines), flush=True)
 
 
+def freeze_startup_objects() -> int:
+    """Move everything that exists after start-up out of the garbage collector's way; how many objects.
+
+    The modules, the app and Hypercorn live as long as the process, yet a
+    full collection walks all of them, pausing every call.  Measured at 200
+    concurrent calls (bench/load.py, ``gc.collect()`` timed in the server):
+    70-85 ms per full collection without this, 26-36 ms with it; 3-4 ms
+    instead of 31-39 ms once the calls have ended.  Garbage is collected
+    first, so nothing dead is kept.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in _COMMANDS:
@@ -99,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(serve, settings)
             _print_next_steps(settings, binds)
+            freeze_startup_objects()
 
     try:
         trio.run(run)

@@ -67,3 +67,21 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     missing = [env for env, _default, _doc in Settings.describe() if f"`{env}`" not in readme]
     assert missing == []
+
+
+def test_serve_freezes_the_start_up_objects_out_of_the_collectors_way() -> None:
+    """`mediaserver serve` calls this once it is listening: full collections then skip the modules and app."""
+    import gc
+
+    from mediaserver.__main__ import freeze_startup_objects
+
+    garbage: list[object] = []
+    garbage.append(garbage)  # a cycle: collected first, not frozen
+    del garbage
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() > 1000
+        assert gc.collect() == 0  # nothing collectable was left behind, and the frozen objects are not walked
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0
