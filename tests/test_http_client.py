@@ -11,10 +11,9 @@ the machine.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,14 +25,13 @@ import h11
 import pytest
 import trio
 import trio.testing
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from mediaserver.transport.http import USER_AGENT, HttpError, Response, parse_url, redact, request
 
 from tests.fakes import fail_after
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/ helpers
+from tls_send import make_certificate  # noqa: E402
 
 SECRET = "s3cr3t-token"
 
@@ -387,28 +385,8 @@ def test_parse_url_and_redact() -> None:
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1: (cert.pem, key.pem)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mediaserver test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    folder = tmp_path_factory.mktemp("tls")
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return folder / "cert.pem", folder / "key.pem"
+    """A self-signed certificate for 127.0.0.1: (cert.pem, key.pem); the benches' maker (bench/tls_send.py)."""
+    return make_certificate(tmp_path_factory.mktemp("tls"))
 
 
 def server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:

@@ -315,8 +315,6 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
                 fields = parse_media(message)
                 if fields is not None:
                     return self._media(*fields)
-            if self._state is self._new_state:
-                raise LocalProtocolError("message received before initial_messages()")
             return self._parse(message)
         except BaseException:
             self._state = StreamState.ERROR

@@ -9,8 +9,8 @@ shutdown), then the TCP close.  Either way nothing is left open.
 
 The TCP (or TLS) stream is opened here and closed on the way out, whatever
 happened.  ``wss://`` uses :mod:`mediaserver.transport.tls` (the stdlib's
-``SSLObject`` on the raw socket, ~4x cheaper per send than
-``trio.SSLStream``).  The WebSocket has no reader task: the task that receives from
+``SSLObject`` on the raw socket, ~3x cheaper per send than
+``trio.SSLStream``: bench/tls_send.py).  The WebSocket has no reader task: the task that receives from
 the link (the bridge's provider reader) reads the socket, so a message costs
 no task switch on its way in; sends from the uplink, the reader's automatic
 replies and the keepalive share the connection's lock.

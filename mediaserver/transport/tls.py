@@ -2,7 +2,7 @@
 
 Why: a provider link sends 50 small messages a second per call, and
 ``trio.SSLStream.send_all`` costs ~26 µs of CPU for a 300-byte message on the
-bench machine against ~7 µs for the same encryption with ``SSLObject`` and a
+bench machine against ~8 µs for the same encryption with ``SSLObject`` and a
 direct ``send`` (``bench/tls_send.py``): Trio's stream takes two internal
 locks, checkpoints and moves every record through its own buffers.  Here a
 send encrypts into a memory BIO and writes the ciphertext straight to the

@@ -122,7 +122,9 @@ class ClientWebSocket:
         """
         if self.closed is not None:
             raise self.closed
-        if messages:
+        if len(messages) == 1:  # the usual case (an audio append): no list, no join, no copy
+            await self._send_frames(self._frame(messages[0]))
+        elif messages:
             frame = self._frame
             await self._send_frames(b"".join([frame(message) for message in messages]))
 

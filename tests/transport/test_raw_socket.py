@@ -437,4 +437,3 @@ async def test_provider_link_keeps_each_batch_whole_and_in_call_order() -> None:
             got = [await pair.server.receive() for _ in range(3 * 8 * 3)]
     heads = [str(message).split(" ", 1)[0] for message in got]
     assert heads == [f"{n}.{part}" for n in range(1, 25) for part in range(3)]
-    assert link.last_send_s > 0
