@@ -332,6 +332,19 @@ def _close_socket(sock: socket.socket) -> None:
     sock.close()
 
 
+async def _recv_some(sock: socket.socket, closed: str) -> bytes:
+    """The next bytes on a non-blocking socket (setup phase: waits through Trio); ``closed`` if it ends."""
+    while True:
+        try:
+            chunk = sock.recv(_RECV_BYTES)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        if not chunk:
+            raise ConnectionError(closed)
+        return chunk
+
+
 async def _send_all(sock: socket.socket, data: bytes, tls: _TLS | None = None) -> None:
     """All of ``data`` on a non-blocking socket (encrypted first on a TLS connection)."""
     if tls is not None:
@@ -350,13 +363,7 @@ async def _read_head(sock: socket.socket, what: str, tls: _TLS | None = None) ->
     while b"\r\n\r\n" not in data:
         if len(data) > 65536:
             raise ValueError(f"{what}: HTTP head over 64 KiB")
-        try:
-            chunk = sock.recv(_RECV_BYTES)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            continue
-        if not chunk:
-            raise ConnectionError(f"{what}: connection closed during the WebSocket handshake")
+        chunk = await _recv_some(sock, f"{what}: connection closed during the WebSocket handshake")
         data += chunk if tls is None else await _tls_drain(sock, tls, chunk)
     head, _, rest = data.partition(b"\r\n\r\n")
     return head.split(b"\r\n"), rest
@@ -490,14 +497,7 @@ async def _tls_accept(sock: socket.socket, context: ssl.SSLContext) -> _TLS:
             await _send_all(sock, out)
         if done:
             return tls
-        try:
-            chunk = sock.recv(_RECV_BYTES)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            continue
-        if not chunk:
-            raise ConnectionError("model session: connection closed during the TLS handshake")
-        tls.incoming.write(chunk)
+        tls.incoming.write(await _recv_some(sock, "model session: connection closed during the TLS handshake"))
 
 
 async def _tls_drain(sock: socket.socket, tls: _TLS, chunk: bytes) -> bytes:
