@@ -169,10 +169,20 @@ class FakeConnection:
         self.close_code: int | None = None
         self._changes = Changes()
         self._send_lock = trio.StrictFIFOLock()
+        self._resume_reads: trio.Event | None = None
 
     def touch(self) -> None:
         self._changes.touch()
         self.server.touch()
+
+    def hold_reads(self) -> None:
+        """Stop taking client messages (the socket fills up, as with a slow model) until :meth:`resume_reads`."""
+        self._resume_reads = trio.Event()
+
+    def resume_reads(self) -> None:
+        if self._resume_reads is not None:
+            self._resume_reads.set()
+            self._resume_reads = None
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         await self._changes.wait_for(predicate)
@@ -195,6 +205,8 @@ class FakeConnection:
     async def receive_until_closed(self, handle: Callable[[str | bytes], Awaitable[None]]) -> None:
         """Feed every client message to ``handle`` until the client closes."""
         while True:
+            if self._resume_reads is not None:
+                await self._resume_reads.wait()
             try:
                 message = await self.ws.get_message()
             except ConnectionClosed as exc:

@@ -32,9 +32,10 @@ a ``MockClock`` (tests/bridge/test_call.py).
 from __future__ import annotations
 
 import logging
+import socket
 from collections import deque
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -46,14 +47,19 @@ from mediaserver.protocol.twilio import StreamState, TwilioStream
 from mediaserver.tools import ToolError, ToolSet
 from mediaserver.twilio_rest import TwilioRest, TwilioRestError, dial_twiml
 
-from .link import ProviderClosed, ProviderLink
+from mediaserver.transport.reactor import current_reactor
+
+from .link import NowaitLink, ProviderClosed, ProviderLink
 from .stats import CallStats
 
-__all__ = ["CallBridge", "MessageStream", "StreamClosed"]
+__all__ = ["CallBridge", "MessageStream", "PolledStream", "StreamClosed"]
 
 log = logging.getLogger("mediaserver.call")
 
 MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contractual)
+
+POLL_UPLINK = True  # read plain-TCP Twilio sockets on the reactor (False: a task per call, as before)
+_MEDIA, _STOP, _OTHER = object(), object(), object()
 
 
 class StreamClosed(Exception):
@@ -73,6 +79,23 @@ class MessageStream(Protocol):
 
     async def send_many(self, texts: Sequence[str]) -> None:
         """Send several text messages in order (one write where the transport can); as :meth:`send`."""
+        ...
+
+
+@runtime_checkable
+class PolledStream(MessageStream, Protocol):
+    """A :class:`MessageStream` that can also be read from a reactor handler (ws_server.ServerStream)."""
+
+    def poll_socket(self) -> socket.socket | None:
+        """The socket to watch; None when this connection must be read with :meth:`receive`."""
+        ...
+
+    def read_nowait(self) -> bool:
+        """Read what is there without blocking; False when :meth:`receive` must take over."""
+        ...
+
+    def receive_nowait(self) -> str | bytes | None:
+        """The next message already read, or None."""
         ...
 
 
@@ -194,6 +217,9 @@ class CallBridge:
         self._dtmf_text: list[str] = []
         self._dtmf_flush_s = 0.0
         self._dtmf_flushing = False
+        self._flushing = False  # a _flush_link task is running
+        self._polled: PolledStream  # self.stream and self.link, typed, when the reactor reads (_read_polled)
+        self._nowait: NowaitLink
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -250,6 +276,8 @@ class CallBridge:
                 return
 
     async def _twilio_reader(self) -> None:
+        if self._can_poll() and await self._read_polled():
+            return
         stats = self.stats
         while True:
             try:
@@ -258,34 +286,137 @@ class CallBridge:
                 self._end("twilio hung up")
                 return
             received_s = self._last_heard_s = trio.current_time()
-            event = self.twilio.receive_event(message)
-            if type(event) is tw.Media:
-                stats.frames_in += 1
-                self.jitter.push(event.chunk, event.payload)
+            kind = self._on_twilio(message)
+            if kind is _MEDIA:
                 for frame in iter(self.jitter.pop, None):
                     await self._uplink(frame)
                 stats.uplink.add(trio.current_time() - received_s)
-                continue  # media moves no playback: nothing to notify
-            if isinstance(event, tw.Stop):
-                self._end("twilio sent stop")
+            elif kind is _STOP:
                 return
-            if isinstance(event, tw.Dtmf):
-                log.info("call %s: DTMF %s", stats.call_sid, event.digit)
-                self._on_digit(event.digit)
-            elif isinstance(event, tw.Unknown):
-                log.debug("call %s: ignored Twilio event %r", stats.call_sid, event.event)
-            # Mark: the core did the playback accounting
-            self._notify()  # playback may have moved (end_call and transfer wait on it)
 
-    async def _uplink(self, frame: bytes) -> None:
+    def _on_twilio(self, message: str | bytes) -> object:
+        """One Twilio message through the core: _MEDIA (frames wait in the jitter buffer), _STOP or _OTHER."""
+        event = self.twilio.receive_event(message)
+        if type(event) is tw.Media:
+            self.stats.frames_in += 1
+            self.jitter.push(event.chunk, event.payload)
+            return _MEDIA  # media moves no playback: nothing to notify
+        if isinstance(event, tw.Stop):
+            self._end("twilio sent stop")
+            return _STOP
+        if isinstance(event, tw.Dtmf):
+            log.info("call %s: DTMF %s", self.stats.call_sid, event.digit)
+            self._on_digit(event.digit)
+        elif isinstance(event, tw.Unknown):
+            log.debug("call %s: ignored Twilio event %r", self.stats.call_sid, event.event)
+        # Mark: the core did the playback accounting
+        self._notify()  # playback may have moved (end_call and transfer wait on it)
+        return _OTHER
+
+    def _up_frame(self, frame: bytes) -> bytes:
+        """A µ-law uplink frame as the provider takes it (b"" while the resampler fills)."""
         if self._up_pcm:
             frame = ulaw_decode(frame)
             if self._up_resampler is not None:
                 frame = self._up_resampler.process(frame)
-                if not frame:
+        return frame
+
+    async def _uplink(self, frame: bytes) -> None:
+        frame = self._up_frame(frame)
+        if frame:
+            await self.link.send(pv.SendAudio(frame))
+            self.stats.frames_to_model += 1
+
+    # -- the uplink on the reactor (plain-TCP sockets both sides) ---------------
+
+    def _can_poll(self) -> bool:
+        return (
+            POLL_UPLINK
+            and isinstance(self.stream, PolledStream)
+            and self.stream.poll_socket() is not None
+            and isinstance(self.link, NowaitLink)
+            and self.link.sends_nowait
+        )
+
+    async def _read_polled(self) -> bool:
+        """Run the Twilio side as a reactor handler; True when it is over, False to go on with ``receive``.
+
+        The handler (:meth:`_on_twilio_readable`) does what the loop in
+        :meth:`_twilio_reader` does, without awaiting: messages through the
+        core, frames through the jitter buffer, audio to the provider with
+        ``send_nowait`` (what the socket cannot take at once is flushed by
+        :meth:`_flush_link`).  This task only waits: for ``stop``, an error
+        (re-raised here, as the loop would have raised it), or a hand-off
+        when the connection needs ``receive`` (a closed socket, a control
+        frame).
+        """
+        assert isinstance(self.stream, PolledStream) and isinstance(self.link, NowaitLink)  # (_can_poll)
+        self._polled, self._nowait = self.stream, self.link
+        sock = self._polled.poll_socket()
+        assert sock is not None
+        fd = sock.fileno()
+        reactor = current_reactor()
+        self._poll_wake = wake = trio.Event()
+        self._poll_over = False
+        self._poll_error: Exception | None = None
+        reactor.add(fd, self._on_twilio_readable)
+        try:
+            self._drain_polled(True)  # messages read before the handler was registered
+            await wake.wait()
+        finally:
+            reactor.remove(fd)
+        if self._poll_error is not None:
+            raise self._poll_error
+        return self._poll_over
+
+    def _on_twilio_readable(self) -> None:
+        if self._poll_wake.is_set():
+            return
+        try:
+            more = self._polled.read_nowait()
+        except Exception as exc:
+            self._poll_error = exc
+            self._poll_wake.set()
+            return
+        self._drain_polled(more)
+
+    def _drain_polled(self, more: bool) -> None:
+        stream = self._polled
+        stats = self.stats
+        try:
+            received_s = self._last_heard_s = trio.current_time()
+            while (message := stream.receive_nowait()) is not None:
+                kind = self._on_twilio(message)
+                if kind is _MEDIA:
+                    for frame in iter(self.jitter.pop, None):
+                        self._uplink_nowait(frame)
+                    stats.uplink.add(trio.current_time() - received_s)
+                elif kind is _STOP:
+                    self._poll_over = True
+                    self._poll_wake.set()
                     return
-        await self.link.send(pv.SendAudio(frame))
+        except Exception as exc:
+            self._poll_error = exc
+            more = False
+        if not more:
+            self._poll_wake.set()
+
+    def _uplink_nowait(self, frame: bytes) -> None:
+        frame = self._up_frame(frame)
+        if not frame:
+            return
+        if not self._nowait.send_nowait(pv.SendAudio(frame)) and not self._flushing:
+            self._flushing = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._flush_link)
         self.stats.frames_to_model += 1
+
+    async def _flush_link(self) -> None:
+        """Write what ``send_nowait`` could not (the provider's socket was full or busy)."""
+        try:
+            await self._nowait.flush()
+        finally:
+            self._flushing = False
 
     # -- provider events -----------------------------------------------------
 

@@ -12,14 +12,14 @@ that ends can never leave a model socket open.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from mediaserver.protocol.providers.base import AudioFormat, FunctionTool, ProviderCommand, ProviderEvent
 
 if TYPE_CHECKING:
     from mediaserver.config import Settings
 
-__all__ = ["AgentOptions", "ProviderClosed", "ProviderLink"]
+__all__ = ["AgentOptions", "NowaitLink", "ProviderClosed", "ProviderLink"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,4 +71,22 @@ class ProviderLink(Protocol):
 
     async def receive(self) -> ProviderEvent:
         """The next event; raises :class:`ProviderClosed` when the session ends."""
+        ...
+
+
+@runtime_checkable
+class NowaitLink(ProviderLink, Protocol):
+    """A link that can also send from code that must not block (a reactor handler)."""
+
+    @property
+    def sends_nowait(self) -> bool:
+        """Whether :meth:`send_nowait` may be used on this connection."""
+        ...
+
+    def send_nowait(self, command: ProviderCommand) -> bool:
+        """Send without waiting: True if sent, False if queued (then :meth:`flush` must run)."""
+        ...
+
+    async def flush(self) -> None:
+        """Write what :meth:`send_nowait` queued; raises :class:`ProviderClosed` if the session has ended."""
         ...

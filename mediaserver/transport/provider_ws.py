@@ -102,6 +102,30 @@ class WebSocketLink:
     async def send(self, command: ProviderCommand) -> None:
         await self._send_all(self.session.send(command))
 
+    @property
+    def sends_nowait(self) -> bool:
+        """True when :meth:`send_nowait` may be used (a plain-TCP connection)."""
+        return self._ws.poll_socket() is not None
+
+    def send_nowait(self, command: ProviderCommand) -> bool:
+        """Send without waiting (see ClientWebSocket.send_many_nowait): True if sent, False if :meth:`flush` must run."""
+        messages = self.session.send(command)
+        if not messages:
+            return True
+        try:
+            sent = self._ws.send_many_nowait(messages)
+        except WebSocketClosed as exc:
+            raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
+        self.last_send_s = trio.current_time()
+        return sent
+
+    async def flush(self) -> None:
+        """Write what :meth:`send_nowait` queued; raises :class:`ProviderClosed` if the connection is gone."""
+        try:
+            await self._ws.flush()
+        except WebSocketClosed as exc:
+            raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
+
     async def keep_alive(self) -> None:
         """Send the core's keepalive whenever nothing was sent for its interval (runs until cancelled)."""
         interval = self.session.keepalive_interval_s

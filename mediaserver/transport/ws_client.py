@@ -103,6 +103,8 @@ class ClientWebSocket:
         self._masked_in = not ws.client  # a server receives masked frames, a client unmasked ones
         self._tail = b""  # the start of a plain frame cut off by the last read (fast path only)
         self._sock = raw_socket(stream)  # plain TCP: read and write the socket directly
+        self._stash: bytes | None = None  # bytes read_nowait left for wsproto (b"": the peer closed)
+        self._backlog = bytearray()  # frames send_many_nowait could not write at once, oldest first
         self.closed: WebSocketClosed | None = None
 
     # -- sending ---------------------------------------------------------------
@@ -128,6 +130,45 @@ class ClientWebSocket:
             frame = self._frame
             await self._send_frames(b"".join([frame(message) for message in messages]))
 
+    def send_many_nowait(self, messages: Sequence[str | bytes]) -> bool:
+        """Send several messages without waiting: True if they are on the socket, False if queued.
+
+        For plain-TCP connections (:meth:`poll_socket` is not None), from code
+        that must not block (a :mod:`~mediaserver.transport.reactor`
+        handler).  The frames go out in one write at once when no other
+        send holds the connection and the kernel takes them whole; otherwise
+        (what is left of) them joins a backlog, behind anything already
+        there, and the caller must make sure :meth:`flush` runs.  Messages
+        sent this way keep their order among themselves and relative to
+        sends made after them; raises :class:`WebSocketClosed` as :meth:`send`.
+        """
+        if self.closed is not None:
+            raise self.closed
+        sock = self._sock
+        assert sock is not None, "send_many_nowait needs a plain-TCP connection"
+        frame = self._frame
+        data = frame(messages[0]) if len(messages) == 1 else b"".join([frame(message) for message in messages])
+        if self._backlog or self._lock.locked():
+            self._backlog += data
+            return False
+        if self._ws.state is not ConnectionState.OPEN:
+            raise self._closed_now(CloseReason.ABNORMAL_CLOSURE, "closing")
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            raise self._closed_now(CloseReason.ABNORMAL_CLOSURE) from None
+        if sent == len(data):
+            return True
+        self._backlog += memoryview(data)[sent:]
+        return False
+
+    async def flush(self) -> None:
+        """Write the backlog :meth:`send_many_nowait` left (under the send lock); as :meth:`send`."""
+        while self._backlog:  # frames queued while this write waited are written too
+            await self._send_frames(b"")
+
     async def _send(self, event: Event | str | bytes) -> None:
         """Send a message (framed here) or a control event (framed by wsproto), in call order."""
         if isinstance(event, (str, bytes)):
@@ -148,6 +189,8 @@ class ClientWebSocket:
             elif self._ws.state is not ConnectionState.OPEN:
                 raise self._closed_now(CloseReason.ABNORMAL_CLOSURE, "closing")
             assert data is not None
+            if self._backlog:  # what send_many_nowait queued was sent before this
+                data, self._backlog = bytes(self._backlog) + data, bytearray()
             try:
                 if self._sock is not None:
                     await _send_raw(self._sock, data)
@@ -177,9 +220,66 @@ class ClientWebSocket:
             await self._read()
         return self._messages.popleft()
 
+    def poll_socket(self) -> socket.socket | None:
+        """The plain-TCP socket :meth:`read_nowait` reads (None: TLS or a test stream; use :meth:`receive`)."""
+        return self._sock
+
+    def receive_nowait(self) -> str | bytes | None:
+        """The next whole message already read, or None."""
+        return self._messages.popleft() if self._messages else None
+
+    def read_nowait(self) -> bool:
+        """Read once without blocking, parse with the fast path only; False when :meth:`receive` must take over.
+
+        For a reader driven by socket readiness (:mod:`mediaserver.transport.reactor`):
+        the messages land where :meth:`receive_nowait` finds them.  False
+        means the peer closed, or the bytes need wsproto (a control frame, a
+        fragment, anything unusual): they are kept, and the next
+        :meth:`receive` handles them before reading again.
+        """
+        sock = self._sock
+        if sock is None or self._stash is not None or self.closed is not None:
+            return False
+        try:
+            data = sock.recv(RECEIVE_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self._stash = b""
+            return False
+        rest = self._scan_fast(data)
+        if rest is None:
+            return True
+        self._stash = rest
+        return False
+
+    def _scan_fast(self, data: bytes) -> bytes | None:
+        """Parse ``data`` with the native scanner where it may; None if it took it all, else the bytes for wsproto."""
+        if self._tail:
+            data, self._tail = self._tail + data, b""
+        if not self._parts and _wsproto_idle(self._ws.connection):
+            messages, used, why = scan(data, self._max, self._masked_in)
+            if messages and self.closed is None:
+                self._messages.extend(messages)
+            if why == DONE:
+                return None
+            if why == INCOMPLETE and len(data) - used <= RECEIVE_BYTES:
+                self._tail = data[used:]
+                return None
+            data = data[used:]  # an unusual frame (or a huge one): wsproto takes over from here
+        return data
+
     async def _read(self) -> bool:
         """Read once from the socket and handle every event it completes; False once it is gone."""
         data: bytes | bytearray
+        if self._stash is not None:  # left by read_nowait: past the fast path already (or b"": closed)
+            data, self._stash = self._stash, None
+            if not data:
+                self._closed_now(CloseReason.ABNORMAL_CLOSURE)
+                return False
+            return await self._read_slow(data)
         try:
             if self._sock is not None:
                 data = await _receive_raw(self._sock)
@@ -192,18 +292,13 @@ class ClientWebSocket:
             return False
         if not isinstance(data, bytes):
             data = bytes(data)
-        if self._tail:
-            data, self._tail = self._tail + data, b""
-        if not self._parts and _wsproto_idle(self._ws.connection):
-            messages, used, why = scan(data, self._max, self._masked_in)
-            if messages and self.closed is None:
-                self._messages.extend(messages)
-            if why == DONE:
-                return True
-            if why == INCOMPLETE and len(data) - used <= RECEIVE_BYTES:
-                self._tail = data[used:]
-                return True
-            data = data[used:]  # an unusual frame (or a huge one): wsproto takes over from here
+        rest = self._scan_fast(data)
+        if rest is None:
+            return True
+        return await self._read_slow(rest)
+
+    async def _read_slow(self, data: bytes) -> bool:
+        """wsproto parses ``data`` (what the fast path left) and every event it completes is handled."""
         try:
             self._ws.receive_data(data)
             events = list(self._ws.events())

@@ -1,0 +1,148 @@
+"""End to end: a call's Twilio side read by the reactor (mediaserver.transport.reactor).
+
+A call whose Media Stream arrived on the server's own listener and whose
+model link is plain TCP (``ws://``) reads Twilio's messages in a reactor
+handler and sends uplink audio with ``send_nowait``.  These tests check that
+it really runs there, and what it must still get right: a control frame from
+Twilio (hand-off to the task's ``receive``), a model that stops reading (the
+backlog is flushed by a task, nothing lost or reordered), a malformed
+message (that call alone ends, with one log line).  Helpers from
+tests/test_app.py.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+
+from mediaserver.bridge import call as call_module
+from mediaserver.transport import provider_ws
+from mediaserver.transport.reactor import current_reactor
+from tests.fakes import fail_after, tone, to_ulaw
+from tests.test_app import (
+    CALL_A,
+    CALL_B,
+    _info_logs,  # noqa: F401  (autouse: INFO lines of mediaserver are captured)
+    call_log,
+    fake_openai,
+    openai_settings,
+    phone_call,
+    running,
+)
+from tests.test_http_client import certificate, server_context  # noqa: F401  (certificate: a pytest fixture)
+
+
+@pytest.mark.parametrize("wss", [False, True], ids=["ws", "wss"])
+@fail_after(20)
+async def test_plain_tcp_calls_are_read_by_the_reactor_and_tls_ones_by_their_task(
+    wss: bool, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    tls = None
+    if wss:
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+        tls = server_context(certificate)
+    speech = to_ulaw(tone(300, 400, amplitude=0.2))
+    reactor = current_reactor()
+    async with fake_openai(tls=tls) as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_audio(speech)
+            session = await model.session(0)
+            await session.wait_appends(len(caller.sent_frames))
+            registered = len(reactor)
+            await caller.stop()
+            await caller.closed.wait()
+        await session.closed.wait()
+    assert registered == (0 if wss else 1)
+    assert len(reactor) == 0  # removed when the call ended
+    assert session.appends == caller.sent_frames
+    assert caller.errors == []
+
+
+@fail_after(20)
+async def test_a_ping_from_twilio_is_answered_and_the_call_goes_on() -> None:
+    """A control frame leaves the fast parser: the call's task takes over, answers it, and goes on."""
+    first, second = to_ulaw(tone(300, 200, amplitude=0.2)), to_ulaw(tone(500, 200, amplitude=0.2))
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_audio(first)
+            session = await model.session(0)
+            await session.wait_appends(len(caller.sent_frames))
+            assert caller._transport is not None
+            with trio.fail_after(2):
+                await caller._transport.ws.ping(b"are you there")  # returns when the pong has arrived
+            await caller.send_audio(second)
+            await session.wait_appends(len(caller.sent_frames))
+            await caller.stop()
+            await caller.closed.wait()
+            assert caller.close_code == 1000
+        await session.closed.wait()
+    assert session.appends == caller.sent_frames
+    assert caller.errors == []
+
+
+@fail_after(30)
+async def test_a_model_that_stops_reading_loses_and_reorders_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider's socket fills: send_nowait queues, a flush task writes the backlog once the model reads again."""
+    real_open_stream = provider_ws.open_stream
+
+    async def small_send_buffer(host: str, port: int, *, tls: bool) -> trio.abc.Stream:
+        stream = await real_open_stream(host, port, tls=tls)
+        assert isinstance(stream, trio.SocketStream)
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return stream
+
+    flushes = 0
+    real_flush = call_module.CallBridge._flush_link
+
+    async def counted_flush(self: call_module.CallBridge) -> None:
+        nonlocal flushes
+        flushes += 1
+        await real_flush(self)
+
+    monkeypatch.setattr(provider_ws, "open_stream", small_send_buffer)
+    monkeypatch.setattr(call_module.CallBridge, "_flush_link", counted_flush)
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(100)
+            session = await model.session(0)
+            await session.wait_appends(len(caller.sent_frames))
+            session.hold_reads()
+            # ~1500 frames of ~270 bytes on the wire: more than the model's receive buffer and our send buffer hold
+            await caller.send_audio(to_ulaw(tone(440, 30_000, amplitude=0.2)), paced=False)
+            while not flushes:
+                await trio.sleep(0.01)
+            session.resume_reads()
+            await session.wait_appends(len(caller.sent_frames))
+            await caller.stop()
+            await caller.closed.wait()
+        await session.closed.wait()
+    assert flushes >= 1
+    assert session.appends == caller.sent_frames  # every frame, in order
+    assert caller.errors == []
+
+
+@fail_after(20)
+async def test_a_malformed_message_ends_only_that_call(caplog: pytest.LogCaptureFixture) -> None:
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url, CALL_A) as bad, phone_call(url, CALL_B) as good:
+            await bad.send_silence(100)
+            await good.send_silence(100)
+            assert len(current_reactor()) == 2
+            before = len(call_log(caplog, CALL_A))
+            await bad.send_raw('{"event": "media", "sequenceNumber": "7", "media": ')  # truncated JSON
+            await bad.closed.wait()
+            assert bad.close_code == 1000
+            await good.send_silence(300)
+            sessions = [await model.session(0), await model.session(1)]
+            good_session = next(s for s in sessions if not s.closed.is_set())
+            await good_session.wait_appends(len(good.sent_frames))
+            assert not good.closed.is_set()
+            await good.stop()
+            await good.closed.wait()
+    lines = call_log(caplog, CALL_A)[before:]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].getMessage().startswith(f"call {CALL_A}: ended (protocol error: message is not valid JSON")
+    assert good_session.appends == good.sent_frames

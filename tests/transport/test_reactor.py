@@ -1,0 +1,250 @@
+"""The reactor (one epoll set, handlers called in one task) and the non-blocking WebSocket calls it drives.
+
+Real loopback sockets throughout (the pairs of tests/transport/test_raw_socket.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from mediaserver.transport.reactor import Reactor, current_reactor
+from mediaserver.transport.ws_client import WebSocketClosed
+from tests.transport.test_raw_socket import frame_to, ws_pair
+
+
+def _socketpair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+async def test_handlers_run_for_readable_sockets_until_removed() -> None:
+    reactor = current_reactor()
+    assert current_reactor() is reactor  # one per run
+    a, b = _socketpair()
+    c, d = _socketpair()
+    seen: list[tuple[str, bytes]] = []
+    with a, b, c, d:
+        reactor.add(b.fileno(), lambda: seen.append(("b", b.recv(100))))
+        reactor.add(d.fileno(), lambda: seen.append(("d", d.recv(100))))
+        a.send(b"one")
+        c.send(b"two")
+        while len(seen) < 2:
+            await trio.sleep(0.001)
+        assert sorted(seen) == [("b", b"one"), ("d", b"two")]
+        reactor.remove(b.fileno())
+        reactor.remove(b.fileno())  # idempotent
+        a.send(b"ignored")
+        c.send(b"three")
+        while len(seen) < 3:
+            await trio.sleep(0.001)
+        await trio.sleep(0.02)
+        assert seen[2:] == [("d", b"three")]
+        assert b.recv(100) == b"ignored"  # nobody read it
+        reactor.remove(d.fileno())
+        assert len(reactor) == 0
+
+
+async def test_level_triggered_a_handler_that_leaves_data_is_called_again() -> None:
+    reactor = current_reactor()
+    a, b = _socketpair()
+    got = bytearray()
+    with a, b:
+        reactor.add(b.fileno(), lambda: got.extend(b.recv(2)))  # two bytes per call
+        a.send(b"abcdefgh")
+        while len(got) < 8:
+            await trio.sleep(0.001)
+        reactor.remove(b.fileno())
+    assert bytes(got) == b"abcdefgh"
+
+
+async def test_registering_twice_is_refused() -> None:
+    reactor = current_reactor()
+    a, b = _socketpair()
+    with a, b:
+        reactor.add(b.fileno(), lambda: None)
+        try:
+            with pytest.raises(ValueError, match="already registered"):
+                reactor.add(b.fileno(), lambda: None)
+        finally:
+            reactor.remove(b.fileno())
+
+
+async def test_a_failing_handler_is_dropped_and_logged_and_the_others_go_on(caplog: pytest.LogCaptureFixture) -> None:
+    reactor = current_reactor()
+    a, b = _socketpair()
+    c, d = _socketpair()
+    good: list[bytes] = []
+
+    def bad() -> None:
+        b.recv(100)
+        raise RuntimeError("boom")
+
+    with a, b, c, d, caplog.at_level(logging.ERROR, "mediaserver.reactor"):
+        reactor.add(b.fileno(), bad)
+        reactor.add(d.fileno(), lambda: good.append(d.recv(100)))
+        a.send(b"x")
+        c.send(b"y")
+        while not good or len(reactor) == 2:
+            await trio.sleep(0.001)
+        assert good == [b"y"]
+        assert len(reactor) == 1  # the failing one was dropped
+        assert "boom" in caplog.text and f"fd {b.fileno()}" in caplog.text
+        c.send(b"z")
+        while len(good) < 2:
+            await trio.sleep(0.001)
+        reactor.remove(d.fileno())
+
+
+async def test_the_reactor_yields_between_batches() -> None:
+    """A socket that is always readable must not starve other tasks (each batch ends in a checkpoint)."""
+    reactor = Reactor()
+    a, b = _socketpair()
+    ticks = 0
+    with a, b:
+        a.send(b"never read")
+        reactor.add(b.fileno(), lambda: None)  # never reads: readable forever
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reactor.run)
+            while ticks < 50:
+                await trio.sleep(0)
+                ticks += 1
+            assert reactor.batches >= 10
+            nursery.cancel_scope.cancel()
+        reactor.remove(b.fileno())
+
+
+# -- ClientWebSocket / ServerStream: read_nowait, receive_nowait, send_many_nowait, flush ------
+
+
+async def _until_read(ws, count: int) -> list[str | bytes]:  # type: ignore[no-untyped-def]
+    got: list[str | bytes] = []
+    while len(got) < count:
+        assert ws.read_nowait()
+        while (message := ws.receive_nowait()) is not None:
+            got.append(message)
+        await trio.sleep(0.001)
+    return got
+
+
+async def test_read_nowait_parses_whole_frames_and_keeps_a_cut_one() -> None:
+    async with ws_pair() as pair:
+        server, client_stream = pair.server, pair.client_stream
+        assert server.poll_socket() is not None
+        assert server.read_nowait()  # nothing there: still fine
+        assert server.receive_nowait() is None
+        one, two = frame_to("server", "first"), frame_to("server", "second")
+        with trio.fail_after(5):
+            await client_stream.send_all(one + two[:3])  # the second frame cut short
+            assert await _until_read(server, 1) == ["first"]
+            await client_stream.send_all(two[3:])
+            assert await _until_read(server, 1) == ["second"]
+
+
+async def test_read_nowait_hands_a_ping_to_receive_which_answers_it_and_goes_on() -> None:
+    from wsproto.events import Ping
+
+    async with ws_pair() as pair:
+        server, client = pair.server, pair.client
+        with trio.fail_after(5):
+            await client.send("before")
+            await client._send(Ping(b"hi"))
+            await client.send("after")
+            got: list[str | bytes] = []
+            while True:
+                more = server.read_nowait()
+                while (message := server.receive_nowait()) is not None:
+                    got.append(message)
+                if not more:
+                    break
+                await trio.sleep(0.001)
+            assert got == ["before"]
+            assert not server.read_nowait()  # stays handed off until receive() has run
+            assert await server.receive() == "after"  # the ping was handled on the way
+            # the pong reached the client (wsproto saw it; nothing for receive to return)
+            server_more = server.read_nowait()
+            assert server_more
+            await server.send("done")
+            assert await client.receive() == "done"
+
+
+async def test_read_nowait_reports_a_closed_peer_and_receive_raises() -> None:
+    async with ws_pair() as pair:
+        server = pair.server
+        with trio.fail_after(5):
+            await trio.aclose_forcefully(pair.client_stream)
+            while server.read_nowait():
+                await trio.sleep(0.001)
+            with pytest.raises(Exception, match="1006"):
+                await server.receive()
+
+
+async def test_send_many_nowait_goes_out_at_once_when_the_socket_takes_it() -> None:
+    async with ws_pair() as pair:
+        with trio.fail_after(5):
+            assert pair.client.send_many_nowait(["a", b"b"])
+            assert not pair.client._backlog
+            assert await pair.server.receive() == "a"
+            assert await pair.server.receive() == b"b"
+
+
+async def test_send_many_nowait_queues_on_a_full_socket_and_flush_keeps_the_order() -> None:
+    async with ws_pair(small_buffers=True) as pair:
+        client, server = pair.client, pair.server
+        payload = "x" * 1000
+        sent_now = queued = 0
+        with trio.fail_after(10):
+            for i in range(2000):  # ~2 MB: far more than the socket buffers hold
+                if client.send_many_nowait([f"{i}:{payload}"]):
+                    sent_now += 1
+                else:
+                    queued += 1
+            assert sent_now > 0 and queued > 0 and client._backlog
+            got: list[str | bytes] = []
+
+            async def read_all() -> None:
+                while len(got) < 2001:
+                    got.append(await server.receive())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_all)
+                await client.send("after the backlog")  # an ordinary send writes the backlog first
+                await client.flush()  # nothing left: returns at once
+        assert not client._backlog
+        assert [str(m).split(":")[0] for m in got[:2000]] == [str(i) for i in range(2000)]
+        assert got[2000] == "after the backlog"
+
+
+async def test_send_many_nowait_queues_behind_a_send_in_progress() -> None:
+    async with ws_pair(small_buffers=True) as pair:
+        client, server = pair.client, pair.server
+        big = "y" * (4 << 20 >> 1)  # 2 MiB: the send blocks until the server reads
+        got: list[str | bytes] = []
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send, big)
+                await trio.testing.wait_all_tasks_blocked()
+                assert client._lock.locked()
+                assert not client.send_many_nowait(["small"])  # queued: the big one holds the socket
+                for _ in range(2):
+                    got.append(await server.receive())
+                    if len(got) == 1:
+                        nursery.start_soon(client.flush)
+        assert got == [big, "small"]
+
+
+async def test_send_many_nowait_on_a_closed_connection_raises() -> None:
+    async with ws_pair() as pair:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pair.client.aclose)
+                with pytest.raises(Exception, match="1000"):
+                    await pair.server.receive()  # answers the close
+            with pytest.raises(WebSocketClosed):
+                pair.client.send_many_nowait(["late"])
