@@ -49,7 +49,7 @@ from mediaserver.twilio_rest import TwilioRest, TwilioRestError, dial_twiml
 
 from mediaserver.transport.reactor import current_reactor
 
-from .link import NowaitLink, ProviderClosed, ProviderLink
+from .link import PolledLink, ProviderClosed, ProviderLink
 from .stats import CallStats
 
 __all__ = ["CallBridge", "MessageStream", "PolledStream", "StreamClosed"]
@@ -58,8 +58,8 @@ log = logging.getLogger("mediaserver.call")
 
 MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contractual)
 
-POLL_UPLINK = True  # read plain-TCP Twilio sockets on the reactor (False: a task per call, as before)
-_MEDIA, _STOP, _OTHER = object(), object(), object()
+POLL_SOCKETS = True  # read plain-TCP sockets on the reactor (False: a task per socket, as before)
+_MEDIA, _STOP, _OTHER, _BARGE = object(), object(), object(), object()
 
 
 class StreamClosed(Exception):
@@ -218,8 +218,18 @@ class CallBridge:
         self._dtmf_flush_s = 0.0
         self._dtmf_flushing = False
         self._flushing = False  # a _flush_link task is running
-        self._polled: PolledStream  # self.stream and self.link, typed, when the reactor reads (_read_polled)
-        self._nowait: NowaitLink
+        # Both sockets plain TCP: the reactor reads them (_read_polled, _provider_polled).
+        self._polling = False
+        if (
+            POLL_SOCKETS
+            and isinstance(stream, PolledStream)
+            and stream.poll_socket() is not None
+            and isinstance(link, PolledLink)
+            and link.poll_socket() is not None
+        ):
+            self._polling = True
+            self._polled: PolledStream = stream  # self.stream and self.link, typed for the handlers
+            self._nowait: PolledLink = link
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -276,7 +286,7 @@ class CallBridge:
                 return
 
     async def _twilio_reader(self) -> None:
-        if self._can_poll() and await self._read_polled():
+        if self._polling and await self._read_polled():
             return
         stats = self.stats
         while True:
@@ -329,15 +339,6 @@ class CallBridge:
 
     # -- the uplink on the reactor (plain-TCP sockets both sides) ---------------
 
-    def _can_poll(self) -> bool:
-        return (
-            POLL_UPLINK
-            and isinstance(self.stream, PolledStream)
-            and self.stream.poll_socket() is not None
-            and isinstance(self.link, NowaitLink)
-            and self.link.sends_nowait
-        )
-
     async def _read_polled(self) -> bool:
         """Run the Twilio side as a reactor handler; True when it is over, False to go on with ``receive``.
 
@@ -350,8 +351,6 @@ class CallBridge:
         when the connection needs ``receive`` (a closed socket, a control
         frame).
         """
-        assert isinstance(self.stream, PolledStream) and isinstance(self.link, NowaitLink)  # (_can_poll)
-        self._polled, self._nowait = self.stream, self.link
         sock = self._polled.poll_socket()
         assert sock is not None
         fd = sock.fileno()
@@ -405,11 +404,14 @@ class CallBridge:
         frame = self._up_frame(frame)
         if not frame:
             return
-        if not self._nowait.send_nowait(pv.SendAudio(frame)) and not self._flushing:
-            self._flushing = True
-            assert self._nursery is not None
-            self._nursery.start_soon(self._flush_link)
+        if not self._nowait.send_nowait(pv.SendAudio(frame)):
+            self._start_flush()
         self.stats.frames_to_model += 1
+
+    def _start_flush(self) -> None:
+        if not self._flushing and self._nursery is not None:
+            self._flushing = True
+            self._nursery.start_soon(self._flush_link)
 
     async def _flush_link(self) -> None:
         """Write what ``send_nowait`` could not (the provider's socket was full or busy)."""
@@ -421,39 +423,116 @@ class CallBridge:
     # -- provider events -----------------------------------------------------
 
     async def _provider_reader(self) -> None:
+        polled = self._polling
         while True:
-            try:
-                event = await self.link.receive()
-            except ProviderClosed as exc:
-                log.warning("call %s: %s", self.stats.call_sid, exc.reason)
-                self._end(f"provider ended: {exc.reason}")
-                return
-            self._observe(event)
-            if isinstance(event, pv.AudioDelta):
-                if event.item_id not in self._interrupted:
-                    self._generating[event.item_id] = None
-                    self._downlink(event.item_id, event.payload)
-            elif isinstance(event, pv.AudioDone):
-                self._generating.pop(event.item_id, None)
-                if event.item_id not in self._interrupted:
-                    self._flush_pending(event.item_id)
-            elif isinstance(event, pv.SpeechStarted):
-                await self._barge_in()
-            elif isinstance(event, pv.ProviderError):
-                if event.fatal:
-                    log.error("call %s: %s error (fatal): %s", self.stats.call_sid, self.link.name, event.message)
-                    self._end(f"provider error: {event.message}")
+            if polled:
+                kind = await self._provider_polled()
+                if kind is None:  # the link needs receive() from now on
+                    polled = False
+                    continue
+            else:
+                try:
+                    event = await self.link.receive()
+                except ProviderClosed as exc:
+                    self._provider_closed(exc)
                     return
-                log.warning("call %s: %s error: %s", self.stats.call_sid, self.link.name, event.message)
-            elif isinstance(event, pv.ToolCall):
-                # Run in the call's nursery: a slow tool must not hold up the provider reader.
-                if self._nursery is not None:
-                    self._nursery.start_soon(self._run_tool, event)
-            elif isinstance(event, pv.Transcript):
-                offset_s = trio.current_time() - self.stats.started_s
-                self.stats.transcript.add(event.role, event.text, final=event.final, item_id=event.item_id, offset_s=offset_s)
-                if event.final:
-                    log.debug("call %s: %s: %s", self.stats.call_sid, event.role, event.text)
+                kind = self._on_provider_event(event)
+            if kind is _STOP:
+                return
+            if kind is _BARGE:
+                await self._barge_in()
+
+    def _provider_closed(self, exc: ProviderClosed) -> None:
+        log.warning("call %s: %s", self.stats.call_sid, exc.reason)
+        self._end(f"provider ended: {exc.reason}")
+
+    def _on_provider_event(self, event: pv.ProviderEvent) -> object:
+        """One provider event, handled at once; _BARGE if the caller's task must barge in, _STOP if the call ends."""
+        self._observe(event)
+        if isinstance(event, pv.AudioDelta):
+            if event.item_id not in self._interrupted:
+                self._generating[event.item_id] = None
+                self._downlink(event.item_id, event.payload)
+        elif isinstance(event, pv.AudioDone):
+            self._generating.pop(event.item_id, None)
+            if event.item_id not in self._interrupted:
+                self._flush_pending(event.item_id)
+        elif isinstance(event, pv.SpeechStarted):
+            return _BARGE
+        elif isinstance(event, pv.ProviderError):
+            if event.fatal:
+                log.error("call %s: %s error (fatal): %s", self.stats.call_sid, self.link.name, event.message)
+                self._end(f"provider error: {event.message}")
+                return _STOP
+            log.warning("call %s: %s error: %s", self.stats.call_sid, self.link.name, event.message)
+        elif isinstance(event, pv.ToolCall):
+            # Run in the call's nursery: a slow tool must not hold up the provider reader.
+            if self._nursery is not None:
+                self._nursery.start_soon(self._run_tool, event)
+        elif isinstance(event, pv.Transcript):
+            offset_s = trio.current_time() - self.stats.started_s
+            self.stats.transcript.add(event.role, event.text, final=event.final, item_id=event.item_id, offset_s=offset_s)
+            if event.final:
+                log.debug("call %s: %s: %s", self.stats.call_sid, event.role, event.text)
+        return _OTHER
+
+    async def _provider_polled(self) -> object:
+        """Read the provider on the reactor until an event needs this task: _BARGE, _STOP, or None (hand-off).
+
+        As :meth:`_read_polled` for the Twilio side: the handler
+        (:meth:`_on_provider_readable`) handles events without awaiting; a
+        barge-in (it awaits the send lock) comes back here and the reader
+        returns to the reactor after it.
+        """
+        link = self._nowait
+        sock = link.poll_socket()
+        assert sock is not None
+        fd = sock.fileno()
+        reactor = current_reactor()
+        self._link_wake = wake = trio.Event()
+        self._link_result: object = None
+        self._link_error: Exception | None = None
+        reactor.add(fd, self._on_provider_readable)
+        try:
+            self._drain_provider(True)  # events read before the handler was registered
+            await wake.wait()
+        finally:
+            reactor.remove(fd)
+        error = self._link_error
+        if isinstance(error, ProviderClosed):
+            self._provider_closed(error)
+            return _STOP
+        if error is not None:
+            raise error
+        return self._link_result
+
+    def _on_provider_readable(self) -> None:
+        if self._link_wake.is_set():
+            return
+        try:
+            more = self._nowait.read_nowait()
+        except Exception as exc:
+            self._link_error = exc
+            self._link_wake.set()
+            return
+        self._drain_provider(more)
+
+    def _drain_provider(self, more: bool) -> None:
+        link = self._nowait
+        try:
+            if link.backlogged:  # the core's replies, queued
+                self._start_flush()
+            while (event := link.receive_nowait()) is not None:
+                kind = self._on_provider_event(event)
+                if kind is not _OTHER:
+                    self._link_result = kind
+                    self._link_wake.set()
+                    return
+        except Exception as exc:
+            self._link_error = exc
+            more = False
+        if not more:
+            self._link_wake.set()
 
     # -- tools, keypad, hanging up and transfer ---------------------------------
 

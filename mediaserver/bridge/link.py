@@ -11,6 +11,7 @@ that ends can never leave a model socket open.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -19,7 +20,7 @@ from mediaserver.protocol.providers.base import AudioFormat, FunctionTool, Provi
 if TYPE_CHECKING:
     from mediaserver.config import Settings
 
-__all__ = ["AgentOptions", "NowaitLink", "ProviderClosed", "ProviderLink"]
+__all__ = ["AgentOptions", "PolledLink", "ProviderClosed", "ProviderLink"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,18 +76,33 @@ class ProviderLink(Protocol):
 
 
 @runtime_checkable
-class NowaitLink(ProviderLink, Protocol):
-    """A link that can also send from code that must not block (a reactor handler)."""
+class PolledLink(ProviderLink, Protocol):
+    """A link that can also be read and written from a reactor handler, without awaiting.
 
-    @property
-    def sends_nowait(self) -> bool:
-        """Whether :meth:`send_nowait` may be used on this connection."""
+    WebSocketLink (mediaserver.transport.provider_ws) over plain TCP.
+    """
+
+    def poll_socket(self) -> socket.socket | None:
+        """The socket to watch; None when only the awaiting calls may be used (e.g. TLS)."""
+        ...
+
+    def read_nowait(self) -> bool:
+        """Read what is there without blocking; False when :meth:`receive` must take over."""
+        ...
+
+    def receive_nowait(self) -> ProviderEvent | None:
+        """The next event already read, or None."""
         ...
 
     def send_nowait(self, command: ProviderCommand) -> bool:
         """Send without waiting: True if sent, False if queued (then :meth:`flush` must run)."""
         ...
 
+    @property
+    def backlogged(self) -> bool:
+        """True while something queued waits for :meth:`flush`."""
+        ...
+
     async def flush(self) -> None:
-        """Write what :meth:`send_nowait` queued; raises :class:`ProviderClosed` if the session has ended."""
+        """Write what was queued; raises :class:`ProviderClosed` if the session has ended."""
         ...

@@ -30,6 +30,7 @@ with ``except*``.
 from __future__ import annotations
 
 import logging
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -102,10 +103,11 @@ class WebSocketLink:
     async def send(self, command: ProviderCommand) -> None:
         await self._send_all(self.session.send(command))
 
-    @property
-    def sends_nowait(self) -> bool:
-        """True when :meth:`send_nowait` may be used (a plain-TCP connection)."""
-        return self._ws.poll_socket() is not None
+    # -- without awaiting, for a reactor handler (PolledLink; plain TCP only) --------
+
+    def poll_socket(self) -> socket.socket | None:
+        """The socket to watch for :meth:`read_nowait`; None (TLS) when only the awaiting calls may be used."""
+        return self._ws.poll_socket()
 
     def send_nowait(self, command: ProviderCommand) -> bool:
         """Send without waiting (see ClientWebSocket.send_many_nowait): True if sent, False if :meth:`flush` must run."""
@@ -119,12 +121,47 @@ class WebSocketLink:
         self.last_send_s = trio.current_time()
         return sent
 
+    @property
+    def backlogged(self) -> bool:
+        """True while something :meth:`send_nowait` (or :meth:`read_nowait`'s replies) queued waits for :meth:`flush`."""
+        return self._ws.backlogged
+
     async def flush(self) -> None:
         """Write what :meth:`send_nowait` queued; raises :class:`ProviderClosed` if the connection is gone."""
         try:
             await self._ws.flush()
         except WebSocketClosed as exc:
             raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
+
+    def read_nowait(self) -> bool:
+        """Read what is there without blocking, through the core; False when :meth:`receive` must take over.
+
+        Events wait for :meth:`receive_nowait` (and :meth:`receive`); the
+        core's replies are sent with ``send_nowait`` (check
+        :attr:`backlogged`).  False: the connection closed or needs the
+        awaiting path (see ClientWebSocket.read_nowait).  Raises
+        :class:`ProviderClosed` on a protocol error.
+        """
+        ws = self._ws
+        more = ws.read_nowait()
+        session = self.session
+        while (message := ws.receive_nowait()) is not None:
+            try:
+                session.receive_message(message)
+                replies = session.pending_messages()
+            except ProtocolError as exc:
+                raise ProviderClosed(f"{self.name} protocol error: {exc}") from None
+            if replies:
+                try:
+                    ws.send_many_nowait(replies)
+                except WebSocketClosed as exc:
+                    raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
+            self._pending.extend(session.events())
+        return more
+
+    def receive_nowait(self) -> ProviderEvent | None:
+        """The next event already read, or None."""
+        return self._pending.popleft() if self._pending else None
 
     async def keep_alive(self) -> None:
         """Send the core's keepalive whenever nothing was sent for its interval (runs until cancelled)."""

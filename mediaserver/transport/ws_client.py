@@ -164,6 +164,11 @@ class ClientWebSocket:
         self._backlog += memoryview(data)[sent:]
         return False
 
+    @property
+    def backlogged(self) -> bool:
+        """True while frames :meth:`send_many_nowait` queued wait for :meth:`flush`."""
+        return bool(self._backlog)
+
     async def flush(self) -> None:
         """Write the backlog :meth:`send_many_nowait` left (under the send lock); as :meth:`send`."""
         while self._backlog:  # frames queued while this write waited are written too
