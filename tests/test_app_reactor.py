@@ -13,21 +13,26 @@ tests/test_app.py.
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from mediaserver.bridge import call as call_module
+from mediaserver.bridge.call import StreamClosed
 from mediaserver.transport import provider_ws
 from mediaserver.transport.reactor import current_reactor
-from tests.fakes import fail_after, tone, to_ulaw
+from mediaserver.transport.ws_server import ServerStream, server_frame
+from tests.fakes import FakeRealtimeSession, Script, fail_after, tone, to_ulaw
 from tests.test_app import (
     CALL_A,
     CALL_B,
     _info_logs,  # noqa: F401  (autouse: INFO lines of mediaserver are captured)
     call_log,
     fake_openai,
+    keep_talking,
     openai_settings,
     phone_call,
     running,
@@ -146,3 +151,82 @@ async def test_a_malformed_message_ends_only_that_call(caplog: pytest.LogCapture
     assert len(lines) == 1, [r.getMessage() for r in lines]
     assert lines[0].getMessage().startswith(f"call {CALL_A}: ended (protocol error: message is not valid JSON")
     assert good_session.appends == good.sent_frames
+
+
+def _real_time_reply(reply: bytes) -> Script:
+    """After the caller's first 10 frames, the model answers with ``reply`` in 40 ms deltas, in real time."""
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(10)
+        await session.speech_started()
+        await session.speech_stopped()
+        await session.respond(reply, chunk_bytes=320, interval_s=0.040)
+
+    return script
+
+
+@fail_after(20)
+async def test_audio_that_is_due_on_arrival_goes_out_from_the_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model streaming in real time: every chunk is due when it arrives and the pacer sends none of them."""
+    pacer_sends = 0
+    real_send_chunk = call_module.CallBridge._send_chunk
+
+    async def counted(self: call_module.CallBridge, chunk: Any) -> None:
+        nonlocal pacer_sends
+        pacer_sends += 1
+        await real_send_chunk(self, chunk)
+
+    monkeypatch.setattr(call_module.CallBridge, "_send_chunk", counted)
+    reply = to_ulaw(tone(440, 1000, amplitude=0.3))
+    async with fake_openai(_real_time_reply(reply)) as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(keep_talking, caller)
+                await caller.wait_for_audio(len(reply))
+                await caller.wait_quiet(0.2)
+                nursery.cancel_scope.cancel()
+            await caller.stop()
+            await caller.closed.wait()
+    assert caller.received_audio == reply
+    assert [len(m.payload) for m in caller.received] == [320] * (len(reply) // 320)
+    assert len(caller.echoes) == len(caller.received) and not any(e.cleared for e in caller.echoes)
+    assert pacer_sends == 0
+    assert caller.errors == []
+
+
+@fail_after(20)
+async def test_a_twilio_socket_that_takes_nothing_at_once_gets_every_chunk_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every handler send finds Twilio's socket "full": a flush task writes the backlog, in order, under the send lock."""
+
+    def always_queue(self: ServerStream, messages: Sequence[str | bytes]) -> bool:
+        if self.closed is not None:
+            raise StreamClosed("closed")
+        self._backlog += b"".join(server_frame(m) for m in messages)
+        return False
+
+    flushes = 0
+    real_flush = call_module.CallBridge._flush_twilio
+
+    async def counted(self: call_module.CallBridge) -> None:
+        nonlocal flushes
+        flushes += 1
+        await real_flush(self)
+
+    monkeypatch.setattr(ServerStream, "send_many_nowait", always_queue)
+    monkeypatch.setattr(call_module.CallBridge, "_flush_twilio", counted)
+    reply = to_ulaw(tone(440, 600, amplitude=0.3)) + to_ulaw(tone(660, 600, amplitude=0.3))
+    async with fake_openai(_real_time_reply(reply)) as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(keep_talking, caller)
+                await caller.wait_for_audio(len(reply))
+                await caller.wait_quiet(0.2)
+                nursery.cancel_scope.cancel()
+            await caller.stop()
+            await caller.closed.wait()
+    assert flushes >= len(reply) // 320 // 2  # (a chunk queued while a flush runs rides along with it)
+    assert caller.received_audio == reply
+    assert len(caller.echoes) == len(caller.received)
+    assert caller.errors == []

@@ -11,6 +11,18 @@ Tasks of a call, all children of :meth:`CallBridge.run`'s nursery:
   each followed by a mark, in real time with ``lead_ms`` of audio buffered at
   Twilio.
 
+When both sockets are plain TCP (the Media Stream on the server's own
+listener, a ``ws://`` model), the two readers do not read themselves: each
+registers its socket with the run's :class:`~mediaserver.transport.reactor.Reactor`
+and waits, and the reactor calls a handler (:meth:`CallBridge._on_twilio_readable`,
+:meth:`CallBridge._on_provider_readable`) that does the same work without
+awaiting -- audio to the provider with ``send_nowait`` (a ``_flush_link``
+task writes what the socket could not take), provider events straight into
+the playout queue.  A message costs a function call instead of a task
+wake-up.  The reader task takes over whenever awaiting is needed (a
+barge-in, a control frame, a closed socket) and errors are re-raised in it,
+so the call behaves exactly as with a task per socket.
+
 When any task finishes the call is over and the nursery is cancelled; when
 one fails the failure propagates to the caller of :meth:`run` (the WebSocket
 handler logs it once).  ``idle_timeout_s`` (nothing from Twilio) and
@@ -94,8 +106,17 @@ class PolledStream(MessageStream, Protocol):
         """Read what is there without blocking; False when :meth:`receive` must take over."""
         ...
 
-    def receive_nowait(self) -> str | bytes | None:
-        """The next message already read, or None."""
+    @property
+    def inbox(self) -> deque[str | bytes]:
+        """The messages read and not yet received, oldest first (pop them from the left)."""
+        ...
+
+    def send_many_nowait(self, texts: Sequence[str]) -> bool:
+        """Send without waiting: True if on the socket, False if queued (then :meth:`flush` must run)."""
+        ...
+
+    async def flush(self) -> None:
+        """Write what :meth:`send_many_nowait` queued; raises :class:`StreamClosed` when the peer has gone."""
         ...
 
 
@@ -218,6 +239,8 @@ class CallBridge:
         self._dtmf_flush_s = 0.0
         self._dtmf_flushing = False
         self._flushing = False  # a _flush_link task is running
+        self._twilio_flushing = False  # a _flush_twilio task is running
+        self._in_handler = False  # the provider handler is queueing audio (it wakes the pacer itself)
         # Both sockets plain TCP: the reactor reads them (_read_polled, _provider_polled).
         self._polling = False
         if (
@@ -380,11 +403,12 @@ class CallBridge:
         self._drain_polled(more)
 
     def _drain_polled(self, more: bool) -> None:
-        stream = self._polled
+        messages = self._polled.inbox
         stats = self.stats
         try:
             received_s = self._last_heard_s = trio.current_time()
-            while (message := stream.receive_nowait()) is not None:
+            while messages:
+                message = messages.popleft()
                 kind = self._on_twilio(message)
                 if kind is _MEDIA:
                     for frame in iter(self.jitter.pop, None):
@@ -519,18 +543,30 @@ class CallBridge:
 
     def _drain_provider(self, more: bool) -> None:
         link = self._nowait
+        events = link.inbox
+        self._in_handler = True
         try:
             if link.backlogged:  # the core's replies, queued
                 self._start_flush()
-            while (event := link.receive_nowait()) is not None:
-                kind = self._on_provider_event(event)
+            while events:
+                kind = self._on_provider_event(events.popleft())
                 if kind is not _OTHER:
                     self._link_result = kind
-                    self._link_wake.set()
-                    return
+                    more = False
+                    break
         except Exception as exc:
             self._link_error = exc
             more = False
+        finally:
+            self._in_handler = False
+        if self._link_error is None and self._link_result is None:  # (not right before a barge-in or the end)
+            try:
+                self._pace_now()
+            except Exception as exc:
+                self._link_error = exc
+                more = False
+        elif self._queue:
+            self._queued.set()
         if not more:
             self._link_wake.set()
 
@@ -670,17 +706,71 @@ class CallBridge:
         if whole:
             del self._pending[:whole]
             self._pending_s = now
-            self._queued.set()
+            if not self._in_handler:  # (a handler sends what is due itself, then wakes the pacer if need be)
+                self._queued.set()
 
     def _flush_pending(self, item: str | None) -> None:
         if item is not None and item == self._pending_item and self._pending:
             self._queue.append(_Chunk(item, bytes(self._pending), self._pending_s))
             self._pending.clear()
+            if not self._in_handler:
+                self._queued.set()
+
+    def _pace_now(self) -> None:
+        """From a handler: send the queued chunks that are already due, as the pacer would, without awaiting.
+
+        A model that streams in real time (or slower) has every chunk due on
+        arrival; sending it here saves the pacer a wake-up per chunk.  What
+        is not due yet, or finds the send lock taken, is left to the pacer,
+        which is woken for it.  Raises :class:`StreamClosed` as the pacer's
+        send would.
+        """
+        queue = self._queue
+        if queue and not self._send_lock.locked():
+            twilio = self.twilio
+            now = trio.current_time()
+            while queue:
+                if self._playing_until_s < now:
+                    self._playing_until_s = now  # Twilio's buffer ran dry
+                slot_s = self._playing_until_s - self.lead_s
+                if slot_s > now:
+                    break
+                chunk = queue.popleft()
+                if twilio.state is not StreamState.STREAMING:
+                    continue
+                sent = self._polled.send_many_nowait(
+                    (twilio.send(tw.SendAudio(chunk.payload, item=chunk.item)), twilio.send(tw.SendMark()))
+                )
+                self._chunk_sent(chunk, slot_s, now)
+                if not sent:
+                    self._start_twilio_flush()
+                    break
+        if queue:
             self._queued.set()
+
+    def _chunk_sent(self, chunk: _Chunk, slot_s: float, now: float) -> None:
+        stats = self.stats
+        stats.frames_out += 1
+        # bridge-added latency: from when the audio arrived, or when the
+        # lead allowed it out, to when it was on Twilio's socket
+        stats.downlink.add(trio.current_time() - max(chunk.received_s, slot_s))
+        self._playing_until_s = max(self._playing_until_s, now) + len(chunk.payload) / (tw.MULAW_SAMPLES_PER_MS * 1000)
+
+    def _start_twilio_flush(self) -> None:
+        if not self._twilio_flushing and self._nursery is not None:
+            self._twilio_flushing = True
+            self._nursery.start_soon(self._flush_twilio)
+
+    async def _flush_twilio(self) -> None:
+        """Write what ``_pace_now`` could not (Twilio's socket was full), under the send lock."""
+        try:
+            async with self._send_lock:
+                await self._polled.flush()
+        finally:
+            self._twilio_flushing = False
 
     async def _pacer(self) -> None:
         """Send queued chunks, each ``lead_s`` before Twilio will start playing it."""
-        stats = self.stats
         while True:
             if not self._queue:
                 self._queued = trio.Event()
@@ -717,14 +807,7 @@ class CallBridge:
                 await self._send_chunk(chunk)
             finally:
                 lock.release()
-            sent_s = trio.current_time()
-            stats.frames_out += 1
-            # bridge-added latency: from when the audio arrived, or when the
-            # lead allowed it out, to when it was on Twilio's socket
-            stats.downlink.add(sent_s - max(chunk.received_s, slot_s))
-            self._playing_until_s = max(self._playing_until_s, now) + len(chunk.payload) / (
-                tw.MULAW_SAMPLES_PER_MS * 1000
-            )
+            self._chunk_sent(chunk, slot_s, now)
 
     async def _barge_in(self) -> None:
         """The caller started talking: stop the agent now, cut its reply at what was heard."""

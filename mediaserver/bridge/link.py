@@ -12,6 +12,7 @@ that ends can never leave a model socket open.
 from __future__ import annotations
 
 import socket
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -90,8 +91,9 @@ class PolledLink(ProviderLink, Protocol):
         """Read what is there without blocking; False when :meth:`receive` must take over."""
         ...
 
-    def receive_nowait(self) -> ProviderEvent | None:
-        """The next event already read, or None."""
+    @property
+    def inbox(self) -> deque[ProviderEvent]:
+        """The events read and not yet received, oldest first (pop them from the left)."""
         ...
 
     def send_nowait(self, command: ProviderCommand) -> bool:

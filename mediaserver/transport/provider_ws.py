@@ -136,7 +136,7 @@ class WebSocketLink:
     def read_nowait(self) -> bool:
         """Read what is there without blocking, through the core; False when :meth:`receive` must take over.
 
-        Events wait for :meth:`receive_nowait` (and :meth:`receive`); the
+        Events wait in :attr:`inbox` (and for :meth:`receive`); the
         core's replies are sent with ``send_nowait`` (check
         :attr:`backlogged`).  False: the connection closed or needs the
         awaiting path (see ClientWebSocket.read_nowait).  Raises
@@ -145,7 +145,9 @@ class WebSocketLink:
         ws = self._ws
         more = ws.read_nowait()
         session = self.session
-        while (message := ws.receive_nowait()) is not None:
+        messages = ws.inbox
+        while messages:
+            message = messages.popleft()
             try:
                 session.receive_message(message)
                 replies = session.pending_messages()
@@ -159,9 +161,10 @@ class WebSocketLink:
             self._pending.extend(session.events())
         return more
 
-    def receive_nowait(self) -> ProviderEvent | None:
-        """The next event already read, or None."""
-        return self._pending.popleft() if self._pending else None
+    @property
+    def inbox(self) -> deque[ProviderEvent]:
+        """The events read and not yet received, oldest first: a reactor handler pops them from the left."""
+        return self._pending
 
     async def keep_alive(self) -> None:
         """Send the core's keepalive whenever nothing was sent for its interval (runs until cancelled)."""

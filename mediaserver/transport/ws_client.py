@@ -229,15 +229,16 @@ class ClientWebSocket:
         """The plain-TCP socket :meth:`read_nowait` reads (None: TLS or a test stream; use :meth:`receive`)."""
         return self._sock
 
-    def receive_nowait(self) -> str | bytes | None:
-        """The next whole message already read, or None."""
-        return self._messages.popleft() if self._messages else None
+    @property
+    def inbox(self) -> deque[str | bytes]:
+        """The whole messages read and not yet received, oldest first: a reactor handler pops them from the left."""
+        return self._messages
 
     def read_nowait(self) -> bool:
         """Read once without blocking, parse with the fast path only; False when :meth:`receive` must take over.
 
         For a reader driven by socket readiness (:mod:`mediaserver.transport.reactor`):
-        the messages land where :meth:`receive_nowait` finds them.  False
+        the messages land in :attr:`inbox`.  False
         means the peer closed, or the bytes need wsproto (a control frame, a
         fragment, anything unusual): they are kept, and the next
         :meth:`receive` handles them before reading again.

@@ -79,6 +79,20 @@ class ServerStream(ClientWebSocket, MessageStream):
         except WebSocketClosed as exc:
             raise StreamClosed(f"the Twilio stream is closed (code {exc.code})") from None
 
+    def send_many_nowait(self, messages: Sequence[str | bytes]) -> bool:
+        """As ClientWebSocket.send_many_nowait, raising :class:`StreamClosed`."""
+        try:
+            return super().send_many_nowait(messages)
+        except WebSocketClosed as exc:
+            raise StreamClosed(f"the Twilio stream is closed (code {exc.code})") from None
+
+    async def flush(self) -> None:
+        """As ClientWebSocket.flush, raising :class:`StreamClosed`."""
+        try:
+            await super().flush()
+        except WebSocketClosed as exc:
+            raise StreamClosed(f"the Twilio stream is closed (code {exc.code})") from None
+
 
 def parse_upgrade(head: bytes) -> tuple[WSConnection, Request] | None:
     """wsproto's server handshake fed ``head`` (every byte read so far); None if it refuses the request.

@@ -120,15 +120,15 @@ async def test_the_reactor_yields_between_batches() -> None:
         reactor.remove(b.fileno())
 
 
-# -- ClientWebSocket / ServerStream: read_nowait, receive_nowait, send_many_nowait, flush ------
+# -- ClientWebSocket / ServerStream: read_nowait, inbox, send_many_nowait, flush ------
 
 
 async def _until_read(ws, count: int) -> list[str | bytes]:  # type: ignore[no-untyped-def]
     got: list[str | bytes] = []
     while len(got) < count:
         assert ws.read_nowait()
-        while (message := ws.receive_nowait()) is not None:
-            got.append(message)
+        while ws.inbox:
+            got.append(ws.inbox.popleft())
         await trio.sleep(0.001)
     return got
 
@@ -138,7 +138,7 @@ async def test_read_nowait_parses_whole_frames_and_keeps_a_cut_one() -> None:
         server, client_stream = pair.server, pair.client_stream
         assert server.poll_socket() is not None
         assert server.read_nowait()  # nothing there: still fine
-        assert server.receive_nowait() is None
+        assert not server.inbox
         one, two = frame_to("server", "first"), frame_to("server", "second")
         with trio.fail_after(5):
             await client_stream.send_all(one + two[:3])  # the second frame cut short
@@ -159,8 +159,8 @@ async def test_read_nowait_hands_a_ping_to_receive_which_answers_it_and_goes_on(
             got: list[str | bytes] = []
             while True:
                 more = server.read_nowait()
-                while (message := server.receive_nowait()) is not None:
-                    got.append(message)
+                while server.inbox:
+                    got.append(server.inbox.popleft())
                 if not more:
                     break
                 await trio.sleep(0.001)
