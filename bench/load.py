@@ -328,8 +328,15 @@ async def run_step(
     errors_before = len(model.errors)
     measured: dict[str, float] = {}
 
+    async def reactor_counters() -> tuple[int, int] | None:
+        """(wake-ups, handler calls) from the server's /healthz; None for a server without a reactor (the peer)."""
+        status, text = await http_get(target.port, "/healthz")
+        reactor = json.loads(text).get("reactor") if status == 200 else None
+        return (reactor["wakeups"], reactor["handler_calls"]) if isinstance(reactor, dict) else None
+
     async def measure_window() -> None:
         await trio.sleep_until(window_start)
+        before = await reactor_counters()
         measured.update(
             s_cpu=cpu_seconds(server), g_cpu=cpu_seconds(me), wall=time.perf_counter(),
             s_wait=runqueue_wait_s(server.pid), g_wait=runqueue_wait_s(me.pid),
@@ -343,6 +350,9 @@ async def run_step(
             server_wait=100 * (runqueue_wait_s(server.pid) - measured["s_wait"]) / wall,
             gen_wait=100 * (runqueue_wait_s(me.pid) - measured["g_wait"]) / wall,
         )
+        after = await reactor_counters()
+        if before is not None and after is not None and after[0] > before[0]:
+            measured["sockets_per_wakeup"] = (after[1] - before[1]) / (after[0] - before[0])
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(measure_window)
@@ -422,6 +432,8 @@ async def run_step(
         "gen_send_late_p99_ms": pct(recorder.send_lateness_s, 99) * 1000,
         "gen_bound": bool(gen_cpu > args.gen_cpu or gen_lag_p99 > args.gen_lag_ms),
         "server_wait_pct": measured.get("server_wait", float("nan")),
+        # ours: ready sockets handled per reactor wake-up in the hold window (None for the peer)
+        "sockets_per_wakeup": measured.get("sockets_per_wakeup"),
         "gen_wait_pct": measured.get("gen_wait", float("nan")),
         "model_errors": model.errors[errors_before:][:5],
         "stop_s": calls_done_s - end_s,
@@ -472,6 +484,7 @@ COLUMNS = [
     Column("server_rss_mib", "RSS MiB", ".0f"),
     Column("cpu_pct_per_call", "CPU%/call", ".3f"),
     Column("calls_per_core", "calls/core", ".0f"),
+    Column("sockets_per_wakeup", "socks/wake", ".1f"),
     Column("gen_cpu_pct", "gen CPU%", ".0f"),
     Column("gen_lag_p99_ms", "gen lag99", ".1f"),
     Column("gen_bound", "gen-bound", align="<"),
@@ -525,6 +538,7 @@ def table(rows: Sequence[dict[str, Any]], args: argparse.Namespace, pinned: bool
         "lost: frames sent but never received, up (caller -> model) / down (model -> caller).",
         f"srv CPU%: server process, % of one core{' (pinned to one CPU)' if pinned else ' (not pinned)'};"
         " calls/core = calls / (CPU% / 100), an extrapolation, shown for ok rows only.",
+        "socks/wake: ready sockets our reactor handled per wake-up in the hold window (its /healthz counters).",
         f"gen-bound: generator CPU > {args.gen_cpu:g}% or its loop lag p99 > {args.gen_lag_ms:g} ms.",
         f"targets (issue 3): p99 <= {TARGET_P99_MS:g} ms at {TARGET_CALLS} calls; >= {TARGET_PER_CORE} calls per core,"
         " no lost frames, no leaked sessions.",

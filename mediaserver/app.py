@@ -7,7 +7,7 @@
   on a kept-alive HTTP connection, on ASGI ahead of Quart: mediaserver/transport/twilio_ws.py);
 * ``POST /call-status`` -- call status callbacks, logged and kept on the call record;
 * ``GET /calls/<sid>`` -- a call record, for the API key (mediaserver/records/routes.py);
-* ``GET /healthz`` -- liveness and call counts.
+* ``GET /healthz`` -- liveness, call counts and the reactor's counters.
 
 With ``TWILIO_AUTH_TOKEN`` set, every webhook and the WebSocket upgrade must
 carry a valid ``X-Twilio-Signature`` (else 403).
@@ -25,6 +25,7 @@ from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
 from mediaserver.config import Settings
 from mediaserver.outbound import register_routes as register_outbound_routes
 from mediaserver.records.routes import register_routes as register_record_routes
+from mediaserver.transport.reactor import reactor_stats
 from mediaserver.transport.twilio_ws import MediaStreamRoute
 
 __all__ = ["MEDIA_STREAM_PATH", "create_app"]
@@ -66,7 +67,12 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
 
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:
-        return {"status": "ok", "active_calls": calls.active, "pending_calls": calls.pending}
+        return {
+            "status": "ok",
+            "active_calls": calls.active,
+            "pending_calls": calls.pending,
+            "reactor": reactor_stats(),
+        }
 
     @app.post("/twiml")
     async def voice_webhook() -> Response:

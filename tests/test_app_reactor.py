@@ -12,6 +12,7 @@ tests/test_app.py.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from tests.test_app import (
     _info_logs,  # noqa: F401  (autouse: INFO lines of mediaserver are captured)
     call_log,
     fake_openai,
+    http_request,
     keep_talking,
     openai_settings,
     phone_call,
@@ -57,10 +59,16 @@ async def test_plain_tcp_calls_are_read_by_the_reactor_and_tls_ones_by_their_tas
             session = await model.session(0)
             await session.wait_appends(len(caller.sent_frames))
             registered = len(reactor)
+            health = json.loads((await http_request(url + "/healthz")).body)["reactor"]
             await caller.stop()
             await caller.closed.wait()
         await session.closed.wait()
     assert registered == (0 if wss else 2)  # the Twilio socket and the model socket
+    assert health["sockets"] == registered
+    if wss:
+        assert health["handler_calls"] == 0
+    else:  # the 20 media frames and the start before them came through handlers
+        assert health["handler_calls"] >= 10 and 0 < health["wakeups"] <= health["handler_calls"]
     assert len(reactor) == 0  # removed when the call ended
     assert session.appends == caller.sent_frames
     assert caller.errors == []
@@ -230,3 +238,34 @@ async def test_a_twilio_socket_that_takes_nothing_at_once_gets_every_chunk_in_or
     assert caller.received_audio == reply
     assert len(caller.echoes) == len(caller.received)
     assert caller.errors == []
+
+
+@fail_after(20)
+async def test_a_bug_in_a_handler_ends_that_call_only(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The reactor drops a handler that raises and reports it to the call's task: the call ends, logged, others go on."""
+    real_drain = call_module.CallBridge._drain_polled
+
+    def drain(self: call_module.CallBridge, more: bool) -> None:
+        if self.call_sid == CALL_A and self.stats.frames_in >= 5:
+            raise RuntimeError("a bug in the handler")
+        real_drain(self, more)
+
+    monkeypatch.setattr(call_module.CallBridge, "_drain_polled", drain)
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url, CALL_A) as bad, phone_call(url, CALL_B) as good:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(keep_talking, bad)
+                await bad.closed.wait()
+                nursery.cancel_scope.cancel()
+            await good.send_silence(200)
+            await good.stop()
+            await good.closed.wait()
+    assert bad.close_code == 1000
+    assert any(
+        f"call {CALL_A}: ended (failed: RuntimeError('a bug in the handler'))" in r.getMessage()
+        for r in call_log(caplog, CALL_A)
+    )
+    assert any("reactor: the handler for fd" in r.getMessage() for r in caplog.records)
+    assert [r.getMessage() for r in call_log(caplog, CALL_B) if " ended (" in r.getMessage()][0].startswith(
+        f"call {CALL_B}: ended (twilio sent stop)"
+    )

@@ -143,6 +143,8 @@ def test_load_quick_run_bridges_every_frame_and_leaks_nothing(quick_load: tuple[
     ours = [r for r in data["rows"] if r["server"] == "ours"]
     assert [r["calls"] for r in ours] == [2]
     _assert_clean(ours[0])
+    assert ours[0]["sockets_per_wakeup"] >= 1  # our server's reactor handled the sockets (from its /healthz)
+    assert "socks/wake" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -153,6 +155,7 @@ def test_load_quick_run_measures_the_peer_in_the_same_run(quick_load: tuple[str,
     peer = [r for r in data["rows"] if r["server"] == "peer"]
     assert [r["calls"] for r in peer] == [2]
     _assert_clean(peer[0])  # the peer bridged every frame both ways too: same callers, same fake model
+    assert peer[0]["sockets_per_wakeup"] is None  # no reactor there
     ours = next(r for r in data["rows"] if r["server"] == "ours")
     [pair] = data["comparison"]
     assert pair["calls"] == 2 and pair["ours_ok"] and pair["peer_ok"]

@@ -381,7 +381,7 @@ class CallBridge:
         self._poll_wake = wake = trio.Event()
         self._poll_over = False
         self._poll_error: Exception | None = None
-        reactor.add(fd, self._on_twilio_readable)
+        reactor.add(fd, self._on_twilio_readable, self._twilio_handler_failed)
         try:
             self._drain_polled(True)  # messages read before the handler was registered
             await wake.wait()
@@ -390,6 +390,10 @@ class CallBridge:
         if self._poll_error is not None:
             raise self._poll_error
         return self._poll_over
+
+    def _twilio_handler_failed(self, exc: Exception) -> None:
+        self._poll_error = exc
+        self._poll_wake.set()
 
     def _on_twilio_readable(self) -> None:
         if self._poll_wake.is_set():
@@ -516,7 +520,7 @@ class CallBridge:
         self._link_wake = wake = trio.Event()
         self._link_result: object = None
         self._link_error: Exception | None = None
-        reactor.add(fd, self._on_provider_readable)
+        reactor.add(fd, self._on_provider_readable, self._provider_handler_failed)
         try:
             self._drain_provider(True)  # events read before the handler was registered
             await wake.wait()
@@ -529,6 +533,10 @@ class CallBridge:
         if error is not None:
             raise error
         return self._link_result
+
+    def _provider_handler_failed(self, exc: Exception) -> None:
+        self._link_error = exc
+        self._link_wake.set()
 
     def _on_provider_readable(self) -> None:
         if self._link_wake.is_set():

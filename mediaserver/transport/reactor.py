@@ -15,9 +15,10 @@ ready socket and the reactor calls each socket's handler, a plain function,
 in turn; then it waits again, which is a Trio checkpoint, so other tasks run
 between batches exactly as they do between task steps.
 
-Handlers run in the reactor's task: they must not block and must not raise
-(an exception is logged and the socket's handler dropped, so one broken call
-cannot stop the loop).  A handler that needs to await something hands off
+Handlers run in the reactor's task: they must not block and should not
+raise.  One that does is dropped (one broken call cannot stop the loop); the
+exception is logged and passed to the registration's ``on_error``, so the
+task that registered the socket learns of it rather than waiting forever.  A handler that needs to await something hands off
 to a task of its own (the bridge wakes its call's reader task).  Register
 with :meth:`Reactor.add` and always :meth:`Reactor.remove` before the
 socket is closed (a ``finally``).
@@ -31,7 +32,7 @@ from collections.abc import Callable
 
 import trio
 
-__all__ = ["Reactor", "current_reactor"]
+__all__ = ["Reactor", "current_reactor", "reactor_stats"]
 
 log = logging.getLogger("mediaserver.reactor")
 
@@ -44,18 +45,25 @@ class Reactor:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._handlers: dict[int, Callable[[], None]] = {}
+        self._on_error: dict[int, Callable[[Exception], None]] = {}
         self.batches = 0  # how many times the loop woke (tests and benches read these)
         self.calls = 0
 
-    def add(self, fd: int, handler: Callable[[], None]) -> None:
-        """Call ``handler()`` (in the reactor's task) whenever ``fd`` is readable, until :meth:`remove`."""
+    def add(self, fd: int, handler: Callable[[], None], on_error: Callable[[Exception], None] | None = None) -> None:
+        """Call ``handler()`` (in the reactor's task) whenever ``fd`` is readable, until :meth:`remove`.
+
+        If ``handler`` raises, it is removed and ``on_error(exception)`` is called.
+        """
         if fd in self._handlers:
             raise ValueError(f"fd {fd} is already registered")
         self._epoll.register(fd, select.EPOLLIN)
         self._handlers[fd] = handler
+        if on_error is not None:
+            self._on_error[fd] = on_error
 
     def remove(self, fd: int) -> None:
         """Stop watching ``fd`` (idempotent); call it before the socket is closed."""
+        self._on_error.pop(fd, None)
         if self._handlers.pop(fd, None) is not None:
             try:
                 self._epoll.unregister(fd)
@@ -80,14 +88,29 @@ class Reactor:
                         continue
                     try:
                         handler()
-                    except Exception:
+                    except Exception as exc:
                         log.exception("reactor: the handler for fd %d failed; dropping it", fd)
+                        on_error = self._on_error.get(fd)
                         self.remove(fd)
+                        if on_error is not None:
+                            try:
+                                on_error(exc)
+                            except Exception:  # pragma: no cover - a broken error callback
+                                log.exception("reactor: the error callback for fd %d failed", fd)
         finally:
             epoll.close()
 
 
 _REACTOR: trio.lowlevel.RunVar[Reactor] = trio.lowlevel.RunVar("mediaserver_reactor")
+
+
+def reactor_stats() -> dict[str, int]:
+    """This run's reactor counters (zeros before the first call used it): sockets now, wake-ups and handler calls so far."""
+    try:
+        reactor = _REACTOR.get()
+    except LookupError:
+        return {"sockets": 0, "wakeups": 0, "handler_calls": 0}
+    return {"sockets": len(reactor), "wakeups": reactor.batches, "handler_calls": reactor.calls}
 
 
 def current_reactor() -> Reactor:

@@ -30,7 +30,15 @@ The contract is what :mod:`mediaserver.transport.provider_ws` needs:
   at a time may receive;
 * :meth:`~ClientWebSocket.send` may be called from any number of tasks;
 * :meth:`~ClientWebSocket.aclose` runs the close handshake (bound it with a
-  timeout); the caller owns and closes the stream.
+  timeout); the caller owns and closes the stream;
+* on plain TCP (:meth:`~ClientWebSocket.poll_socket` is the socket), code
+  that must not await -- a :mod:`~mediaserver.transport.reactor` handler --
+  uses :meth:`~ClientWebSocket.read_nowait` (one non-blocking read through
+  the native parser; messages land in :attr:`~ClientWebSocket.inbox`; False
+  hands over to :meth:`~ClientWebSocket.receive` for anything unusual) and
+  :meth:`~ClientWebSocket.send_many_nowait` (what the socket cannot take at
+  once waits in a backlog that the next send, or
+  :meth:`~ClientWebSocket.flush`, writes first).
 """
 
 from __future__ import annotations

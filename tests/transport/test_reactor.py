@@ -248,3 +248,22 @@ async def test_send_many_nowait_on_a_closed_connection_raises() -> None:
                     await pair.server.receive()  # answers the close
             with pytest.raises(WebSocketClosed):
                 pair.client.send_many_nowait(["late"])
+
+
+async def test_a_failing_handler_reports_to_its_error_callback(caplog: pytest.LogCaptureFixture) -> None:
+    reactor = current_reactor()
+    a, b = _socketpair()
+    reported: list[Exception] = []
+
+    def bad() -> None:
+        b.recv(100)
+        raise RuntimeError("broken handler")
+
+    with a, b, caplog.at_level(logging.ERROR, "mediaserver.reactor"):
+        reactor.add(b.fileno(), bad, reported.append)
+        a.send(b"x")
+        with trio.fail_after(5):
+            while not reported:
+                await trio.sleep(0.001)
+        assert len(reactor) == 0
+    assert [str(e) for e in reported] == ["broken handler"]
