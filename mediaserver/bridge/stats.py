@@ -24,8 +24,10 @@ class LatencyHistogram:
         self.max_s = 0.0
 
     def add(self, seconds: float) -> None:
-        seconds = max(seconds, 0.0)
-        self._counts[min(int(seconds / self.BUCKET_S), self.BUCKETS)] += 1
+        if seconds < 0.0:
+            seconds = 0.0
+        bucket = int(seconds * 100_000.0)  # / BUCKET_S
+        self._counts[bucket if bucket < 2000 else 2000] += 1  # (BUCKETS: the overflow bucket)
         self.count += 1
         self.total_s += seconds
         if seconds > self.max_s:

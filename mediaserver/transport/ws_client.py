@@ -111,6 +111,7 @@ class ClientWebSocket:
         self._masked_in = not ws.client  # a server receives masked frames, a client unmasked ones
         self._tail = b""  # the start of a plain frame cut off by the last read (fast path only)
         self._sock = raw_socket(stream)  # plain TCP: read and write the socket directly
+        self._wsproto_fed = True  # wsproto was given bytes since it was last seen idle (the handshake, to start)
         self._stash: bytes | None = None  # bytes read_nowait left for wsproto (b"": the peer closed)
         self._backlog = bytearray()  # frames send_many_nowait could not write at once, oldest first
         self.closed: WebSocketClosed | None = None
@@ -159,8 +160,7 @@ class ClientWebSocket:
         if self._backlog or self._lock.locked():
             self._backlog += data
             return False
-        if self._ws.state is not ConnectionState.OPEN:
-            raise self._closed_now(CloseReason.ABNORMAL_CLOSURE, "closing")
+        # (no wsproto state check: every way out of OPEN sets self.closed first, checked above)
         try:
             sent = sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -195,6 +195,7 @@ class ClientWebSocket:
         await acquire(lock)
         try:
             if event is not None:
+                self._wsproto_fed = True  # (a close changes its state: the fast path re-checks)
                 try:
                     data = self._ws.send(event)
                 except LocalProtocolError:  # the close handshake has begun
@@ -273,7 +274,7 @@ class ClientWebSocket:
         """Parse ``data`` with the native scanner where it may; None if it took it all, else the bytes for wsproto."""
         if self._tail:
             data, self._tail = self._tail + data, b""
-        if not self._parts and _wsproto_idle(self._ws.connection):
+        if not self._parts and (not self._wsproto_fed or self._wsproto_drained()):
             messages, used, why = scan(data, self._max, self._masked_in)
             if messages and self.closed is None:
                 self._messages.extend(messages)
@@ -311,8 +312,16 @@ class ClientWebSocket:
             return True
         return await self._read_slow(rest)
 
+    def _wsproto_drained(self) -> bool:
+        """wsproto, fed since we last looked, holds nothing now (then the fast path may parse again)."""
+        if _wsproto_idle(self._ws.connection):
+            self._wsproto_fed = False
+            return True
+        return False
+
     async def _read_slow(self, data: bytes) -> bool:
         """wsproto parses ``data`` (what the fast path left) and every event it completes is handled."""
+        self._wsproto_fed = True
         try:
             self._ws.receive_data(data)
             events = list(self._ws.events())
@@ -462,16 +471,18 @@ def data_frame(message: str | bytes) -> bytes:
 
 
 _MASK_POOL_BYTES = 4096
-_mask_pool = memoryview(b"")
+_mask_pool = b""
+_mask_at = 0  # the next unused byte of _mask_pool
 
 
 def _mask_key() -> bytes:
     """Four fresh bytes from the OS's random source, drawn 4 KiB at a time (one system call per 1024 frames)."""
-    global _mask_pool
-    if not _mask_pool:
-        _mask_pool = memoryview(os.urandom(_MASK_POOL_BYTES))
-    key, _mask_pool = _mask_pool[:4], _mask_pool[4:]
-    return bytes(key)
+    global _mask_pool, _mask_at
+    at = _mask_at
+    if at >= len(_mask_pool):
+        _mask_pool, at = os.urandom(_MASK_POOL_BYTES), 0
+    _mask_at = at + 4
+    return _mask_pool[at : at + 4]
 
 
 async def connect(

@@ -388,7 +388,8 @@ def test_mask_keys_come_from_the_pool_in_order_and_it_refills(monkeypatch: pytes
         drawn.append(data)
         return data
 
-    monkeypatch.setattr(ws_client, "_mask_pool", memoryview(b""))
+    monkeypatch.setattr(ws_client, "_mask_pool", b"")
+    monkeypatch.setattr(ws_client, "_mask_at", 0)
     monkeypatch.setattr(os, "urandom", urandom)  # (ws_client calls os.urandom at each refill)
     keys = [ws_client._mask_key() for _ in range(2000)]  # crosses the 1024-key pool boundary
     assert all(type(key) is bytes and len(key) == 4 for key in keys)
