@@ -98,7 +98,11 @@ async def test_a_ping_from_twilio_is_answered_and_the_call_goes_on() -> None:
 
 @fail_after(30)
 async def test_a_model_that_stops_reading_loses_and_reorders_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The provider's socket fills: send_nowait queues, a flush task writes the backlog once the model reads again."""
+    """The provider's socket fills: send_nowait queues, a flush task writes the backlog once the model reads again.
+
+    While the model does not read, the backlog must not grow without bound: the reader task takes over and
+    stops reading the caller until the model catches up (as with a task per socket).
+    """
     real_open_stream = provider_ws.open_stream
 
     async def small_send_buffer(host: str, port: int, *, tls: bool) -> trio.abc.Stream:
@@ -123,11 +127,23 @@ async def test_a_model_that_stops_reading_loses_and_reorders_nothing(monkeypatch
             session = await model.session(0)
             await session.wait_appends(len(caller.sent_frames))
             session.hold_reads()
-            # ~1500 frames of ~270 bytes on the wire: more than the model's receive buffer and our send buffer hold
-            await caller.send_audio(to_ulaw(tone(440, 30_000, amplitude=0.2)), paced=False)
-            while not flushes:
-                await trio.sleep(0.01)
-            session.resume_reads()
+            reactor = current_reactor()
+            assert len(reactor) == 2
+            sent = trio.Event()
+
+            async def talk() -> None:
+                # ~1500 frames of ~270 bytes on the wire: more than the model's receive buffer and our send buffer hold
+                await caller.send_audio(to_ulaw(tone(440, 30_000, amplitude=0.2)), paced=False)
+                sent.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(talk)
+                # The backlog grows behind a flush that cannot finish: the call's reader task takes
+                # the Twilio socket back and waits for the model (the caller's sends back up meanwhile).
+                while not (flushes and len(reactor) == 1):
+                    await trio.sleep(0.01)
+                assert not sent.is_set()
+                session.resume_reads()
             await session.wait_appends(len(caller.sent_frames))
             await caller.stop()
             await caller.closed.wait()
@@ -269,3 +285,57 @@ async def test_a_bug_in_a_handler_ends_that_call_only(monkeypatch: pytest.Monkey
     assert [r.getMessage() for r in call_log(caplog, CALL_B) if " ended (" in r.getMessage()][0].startswith(
         f"call {CALL_B}: ended (twilio sent stop)"
     )
+
+
+@fail_after(20)
+async def test_a_partial_chunk_plays_when_the_model_pauses_without_saying_done() -> None:
+    """Deltas that are not whole chunks, no audio-done: the tail is played after one chunk's time (by the pacer)."""
+    reply = to_ulaw(tone(440, 1010, amplitude=0.3))  # 8080 bytes: 25 chunks of 320 and 80 bytes over
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(10)
+        await session.respond(reply, chunk_bytes=400, interval_s=0.050, done=False)  # 50 ms deltas in real time
+
+    async with fake_openai(script) as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(keep_talking, caller)
+                await caller.wait_for_audio(len(reply))
+                nursery.cancel_scope.cancel()
+            await caller.stop()
+            await caller.closed.wait()
+    assert caller.received_audio == reply
+    assert [len(m.payload) for m in caller.received][-1] == 80
+
+
+@fail_after(20)
+async def test_messages_read_before_the_handler_was_registered_are_not_left_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pre-opened session whose greeting was already read into the WebSocket (with session.updated):
+    the reactor would never report the socket readable for it, so the bridge takes it at registration."""
+    greeting = to_ulaw(tone(500, 400, amplitude=0.3))
+    greeted = trio.Event()
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.ready.wait()
+        await session.respond(greeting, chunk_bytes=len(greeting))
+        greeted.set()  # and the model says nothing more
+
+    real_wait_ready = provider_ws.WebSocketLink.wait_ready
+
+    async def wait_ready_then_read_ahead(self: provider_ws.WebSocketLink) -> None:
+        await real_wait_ready(self)
+        await greeted.wait()
+        await trio.sleep(0.1)  # the greeting is in our socket's receive buffer
+        await self._ws._read()  # one read takes it all into the WebSocket's inbox
+        assert len(self._ws.inbox) >= 3  # response.created, the delta, audio done, response.done
+
+    monkeypatch.setattr(provider_ws.WebSocketLink, "wait_ready", wait_ready_then_read_ahead)
+    async with fake_openai(script) as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            with trio.fail_after(3):
+                await caller.wait_for_audio(len(greeting))
+            await caller.stop()
+            await caller.closed.wait()
+    assert caller.received_audio == greeting

@@ -383,7 +383,7 @@ class CallBridge:
         self._poll_error: Exception | None = None
         reactor.add(fd, self._on_twilio_readable, self._twilio_handler_failed)
         try:
-            self._drain_polled(True)  # messages read before the handler was registered
+            self._on_twilio_readable()  # messages read before the handler was registered, and what is there now
             await wake.wait()
         finally:
             reactor.remove(fd)
@@ -415,9 +415,13 @@ class CallBridge:
                 message = messages.popleft()
                 kind = self._on_twilio(message)
                 if kind is _MEDIA:
+                    keep = True
                     for frame in iter(self.jitter.pop, None):
-                        self._uplink_nowait(frame)
+                        keep = self._uplink_nowait(frame) and keep
                     stats.uplink.add(trio.current_time() - received_s)
+                    if not keep:  # the model is not keeping up: the reader task takes over and waits for it
+                        more = False
+                        break
                 elif kind is _STOP:
                     self._poll_over = True
                     self._poll_wake.set()
@@ -428,13 +432,24 @@ class CallBridge:
         if not more:
             self._poll_wake.set()
 
-    def _uplink_nowait(self, frame: bytes) -> None:
+    def _uplink_nowait(self, frame: bytes) -> bool:
+        """Send one frame up; False when audio is piling up behind a flush already under way.
+
+        Then the handler hands over to the reader task, whose awaiting send
+        waits for the model: the caller's socket is no longer read, as with
+        a task per socket, so a stalled model cannot make the backlog grow
+        without bound (and the idle watchdog sees the silence).
+        """
         frame = self._up_frame(frame)
         if not frame:
-            return
-        if not self._nowait.send_nowait(pv.SendAudio(frame)):
-            self._start_flush()
+            return True
         self.stats.frames_to_model += 1
+        if self._nowait.send_nowait(pv.SendAudio(frame)):
+            return True
+        if self._flushing:
+            return False
+        self._start_flush()
+        return True
 
     def _start_flush(self) -> None:
         if not self._flushing and self._nursery is not None:
@@ -522,7 +537,10 @@ class CallBridge:
         self._link_error: Exception | None = None
         reactor.add(fd, self._on_provider_readable, self._provider_handler_failed)
         try:
-            self._drain_provider(True)  # events read before the handler was registered
+            # Messages and events read before the handler was registered (by
+            # wait_ready, or with the SpeechStarted of a barge-in), bytes kept
+            # for the awaiting path, and what the socket holds now.
+            self._on_provider_readable()
             await wake.wait()
         finally:
             reactor.remove(fd)
@@ -573,7 +591,7 @@ class CallBridge:
             except Exception as exc:
                 self._link_error = exc
                 more = False
-        elif self._queue:
+        elif self._queue or self._pending:
             self._queued.set()
         if not more:
             self._link_wake.set()
@@ -753,7 +771,7 @@ class CallBridge:
                 if not sent:
                     self._start_twilio_flush()
                     break
-        if queue:
+        if queue or self._pending:  # (a partial chunk: the pacer plays it if nothing joins it in time)
             self._queued.set()
 
     def _chunk_sent(self, chunk: _Chunk, slot_s: float, now: float) -> None:

@@ -192,6 +192,11 @@ class ClientWebSocket:
     async def _send_frames(self, data: bytes | None, event: Event | None = None) -> None:
         """Write whole data frames ``data`` (or wsproto's bytes for ``event``) under the send lock."""
         lock = self._lock
+        if data and (self._backlog or lock.locked()):
+            # Take a place in the queue now: send_many_nowait calls made while
+            # this waits for the lock must go out after it, not before.
+            self._backlog += data
+            data = b""
         await acquire(lock)
         try:
             if event is not None:

@@ -267,3 +267,20 @@ async def test_a_failing_handler_reports_to_its_error_callback(caplog: pytest.Lo
                 await trio.sleep(0.001)
         assert len(reactor) == 0
     assert [str(e) for e in reported] == ["broken handler"]
+
+
+async def test_an_awaiting_send_keeps_its_place_ahead_of_later_nowait_sends() -> None:
+    async with ws_pair(small_buffers=True) as pair:
+        client, server = pair.client, pair.server
+        big = "y" * (2 << 20)  # blocks its sender until the server reads
+        got: list[str | bytes] = []
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send, big)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(client.send, "second")  # waits for the lock
+                await trio.testing.wait_all_tasks_blocked()
+                assert not client.send_many_nowait(["third"])  # called after "second": must go after it
+                for _ in range(3):
+                    got.append(await server.receive())
+        assert got == [big, "second", "third"]
