@@ -25,6 +25,7 @@ from mediaserver.bridge import call as call_module
 from mediaserver.bridge.call import StreamClosed
 from mediaserver.transport import provider_ws
 from mediaserver.transport.reactor import current_reactor
+from mediaserver.transport.tls import TLSStream
 from mediaserver.transport.ws_server import ServerStream, server_frame
 from tests.fakes import FakeRealtimeSession, Script, fail_after, tone, to_ulaw
 from tests.test_app import (
@@ -44,7 +45,7 @@ from tests.test_http_client import certificate, server_context  # noqa: F401  (c
 
 @pytest.mark.parametrize("wss", [False, True], ids=["ws", "wss"])
 @fail_after(20)
-async def test_plain_tcp_calls_are_read_by_the_reactor_and_tls_ones_by_their_task(
+async def test_calls_are_read_by_the_reactor_over_plain_tcp_and_over_our_tls(
     wss: bool, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     tls = None
@@ -63,12 +64,10 @@ async def test_plain_tcp_calls_are_read_by_the_reactor_and_tls_ones_by_their_tas
             await caller.stop()
             await caller.closed.wait()
         await session.closed.wait()
-    assert registered == (0 if wss else 2)  # the Twilio socket and the model socket
+    assert registered == 2  # the Twilio socket and the model socket (under TLS for wss://)
     assert health["sockets"] == registered
-    if wss:
-        assert health["handler_calls"] == 0
-    else:  # the 20 media frames and the start before them came through handlers
-        assert health["handler_calls"] >= 10 and 0 < health["wakeups"] <= health["handler_calls"]
+    # the media frames (and the model's replies) came through handlers
+    assert health["handler_calls"] >= 10 and 0 < health["wakeups"] <= health["handler_calls"]
     assert len(reactor) == 0  # removed when the call ended
     assert session.appends == caller.sent_frames
     assert caller.errors == []
@@ -96,19 +95,31 @@ async def test_a_ping_from_twilio_is_answered_and_the_call_goes_on() -> None:
     assert caller.errors == []
 
 
+@pytest.mark.parametrize("wss", [False, True], ids=["ws", "wss"])
 @fail_after(30)
-async def test_a_model_that_stops_reading_loses_and_reorders_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_model_that_stops_reading_loses_and_reorders_nothing(
+    wss: bool, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
     """The provider's socket fills: send_nowait queues, a flush task writes the backlog once the model reads again.
 
     While the model does not read, the backlog must not grow without bound: the reader task takes over and
     stops reading the caller until the model catches up (as with a task per socket).
     """
-    real_open_stream = provider_ws.open_stream
+    tls = None
+    if wss:  # the backlog is then ciphertext in our TLS stream
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+        tls = server_context(certificate)
+    real_open_stream, real_open_tls_stream = provider_ws.open_stream, provider_ws.open_tls_stream
 
     async def small_send_buffer(host: str, port: int, *, tls: bool) -> trio.abc.Stream:
         stream = await real_open_stream(host, port, tls=tls)
         assert isinstance(stream, trio.SocketStream)
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return stream
+
+    async def small_send_buffer_tls(host: str, port: int) -> TLSStream:
+        stream = await real_open_tls_stream(host, port)
+        stream.raw_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         return stream
 
     flushes = 0
@@ -120,8 +131,9 @@ async def test_a_model_that_stops_reading_loses_and_reorders_nothing(monkeypatch
         await real_flush(self)
 
     monkeypatch.setattr(provider_ws, "open_stream", small_send_buffer)
+    monkeypatch.setattr(provider_ws, "open_tls_stream", small_send_buffer_tls)
     monkeypatch.setattr(call_module.CallBridge, "_flush_link", counted_flush)
-    async with fake_openai() as model, running(openai_settings(model)) as url:
+    async with fake_openai(tls=tls) as model, running(openai_settings(model)) as url:
         async with phone_call(url) as caller:
             await caller.send_silence(100)
             session = await model.session(0)

@@ -11,8 +11,9 @@ Tasks of a call, all children of :meth:`CallBridge.run`'s nursery:
   each followed by a mark, in real time with ``lead_ms`` of audio buffered at
   Twilio.
 
-When both sockets are plain TCP (the Media Stream on the server's own
-listener, a ``ws://`` model), the two readers do not read themselves: each
+When both sockets can be polled (the Media Stream on the server's own
+listener, a ``ws://`` model or a ``wss://`` one over our TLS stream), the
+two readers do not read themselves: each
 registers its socket with the run's :class:`~mediaserver.transport.reactor.Reactor`
 and waits, and the reactor calls a handler (:meth:`CallBridge._on_twilio_readable`,
 :meth:`CallBridge._on_provider_readable`) that does the same work without
@@ -70,7 +71,7 @@ log = logging.getLogger("mediaserver.call")
 
 MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contractual)
 
-POLL_SOCKETS = True  # read plain-TCP sockets on the reactor (False: a task per socket, as before)
+POLL_SOCKETS = True  # read pollable sockets on the reactor (False: a task per socket, as before)
 _MEDIA, _STOP, _OTHER, _BARGE = object(), object(), object(), object()
 
 
@@ -241,7 +242,7 @@ class CallBridge:
         self._flushing = False  # a _flush_link task is running
         self._twilio_flushing = False  # a _flush_twilio task is running
         self._in_handler = False  # the provider handler is queueing audio (it wakes the pacer itself)
-        # Both sockets plain TCP: the reactor reads them (_read_polled, _provider_polled).
+        # Both sockets pollable (plain TCP, or our TLS): the reactor reads them (_read_polled, _provider_polled).
         self._polling = False
         if (
             POLL_SOCKETS
@@ -360,7 +361,7 @@ class CallBridge:
             await self.link.send(pv.SendAudio(frame))
             self.stats.frames_to_model += 1
 
-    # -- the uplink on the reactor (plain-TCP sockets both sides) ---------------
+    # -- the uplink on the reactor (pollable sockets both sides) ----------------
 
     async def _read_polled(self) -> bool:
         """Run the Twilio side as a reactor handler; True when it is over, False to go on with ``receive``.

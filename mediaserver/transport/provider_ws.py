@@ -103,10 +103,10 @@ class WebSocketLink:
     async def send(self, command: ProviderCommand) -> None:
         await self._send_all(self.session.send(command))
 
-    # -- without awaiting, for a reactor handler (PolledLink; plain TCP only) --------
+    # -- without awaiting, for a reactor handler (PolledLink; plain TCP or our TLS) ----
 
     def poll_socket(self) -> socket.socket | None:
-        """The socket to watch for :meth:`read_nowait`; None (TLS) when only the awaiting calls may be used."""
+        """The socket to watch for :meth:`read_nowait` (under TLS for ``wss://``); None when only the awaiting calls may be used."""
         return self._ws.poll_socket()
 
     def send_nowait(self, command: ProviderCommand) -> bool:

@@ -28,6 +28,14 @@ Every write of ciphertext -- application data, and whatever reading
 produced (TLS 1.3 post-handshake messages, alerts) -- happens under one
 FIFO lock with the memory BIO read inside it, so records reach the wire in
 the order OpenSSL produced them.  One task at a time may receive.
+
+For a reader driven by socket readiness (:mod:`mediaserver.transport.reactor`)
+there are non-blocking twins: :meth:`TLSStream.receive_nowait` (one
+non-blocking read, everything it completes decrypted) and
+:meth:`TLSStream.send_nowait` (encrypt now; write what the socket takes when
+no one holds the write lock).  Ciphertext a non-blocking send could not
+write waits -- before anything encrypted later -- for the next send or
+:meth:`TLSStream.flush`; :attr:`TLSStream.unsent` says whether some does.
 """
 
 from __future__ import annotations
@@ -59,6 +67,8 @@ class TLSStream(trio.abc.Stream):
         self._lock = trio.StrictFIFOLock()
         self._broken: str | None = None
         self._closed = False
+        self._unsent = b""  # ciphertext taken from the BIO but not yet on the wire (goes before the BIO's)
+        self._eof = False  # receive_nowait saw the end of the stream
 
     # -- the wire ----------------------------------------------------------------
 
@@ -68,9 +78,103 @@ class TLSStream(trio.abc.Stream):
         if self._broken is not None:
             raise trio.BrokenResourceError(self._broken)
 
+    @property
+    def raw_socket(self) -> socket.socket:
+        """The TCP socket under the TLS session (to watch for readiness)."""
+        return self._sock
+
+    @property
+    def unsent(self) -> bool:
+        """True while ciphertext waits for :meth:`flush` (or the next send)."""
+        return bool(self._unsent or self._outgoing.pending)
+
+    async def flush(self) -> None:
+        """Write every ciphertext byte still waiting (see :meth:`send_nowait`)."""
+        self._check()
+        await self._write_out()
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Encrypt ``data`` now and write what the socket takes: True if all of it is on the wire.
+
+        False: the rest waits (in order) for :meth:`flush` or the next send
+        -- also when another task holds the write lock.  Raises as
+        :meth:`send_all` does.
+        """
+        self._check()
+        try:
+            self._tls.write(data)
+        except ssl.SSLError as exc:
+            self._broken = f"TLS error: {exc}"
+            raise trio.BrokenResourceError(self._broken) from exc
+        if self._lock.locked():
+            return False
+        return self._send_now()
+
+    def _send_now(self) -> bool:
+        """Write waiting ciphertext without blocking (no task holds the lock); True if none is left."""
+        data = self._unsent + self._outgoing.read()
+        self._unsent = b""
+        if not data:
+            return True
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._broken = f"the connection failed: {exc}"
+            raise trio.BrokenResourceError(self._broken) from exc
+        if sent < len(data):
+            self._unsent = data[sent:]
+            return False
+        return True
+
+    def receive_nowait(self) -> bytes | None:
+        """What can be decrypted now, without blocking: bytes, None if nothing yet, b"" at the end of the stream.
+
+        One non-blocking read from the socket, then every whole record is
+        decrypted (nothing decrypted is left inside the TLS object, so the
+        socket's readiness says all there is to say).  What reading
+        produced for the peer (a TLS 1.3 key update's answer) is written
+        at once if the write lock is free; :attr:`unsent` tells otherwise.
+        """
+        self._check()
+        if not self._eof:
+            try:
+                data = self._sock.recv(RECEIVE_BYTES)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError as exc:
+                self._broken = f"the connection failed: {exc}"
+                raise trio.BrokenResourceError(self._broken) from exc
+            if data == b"":
+                self._incoming.write_eof()
+            elif data:
+                self._incoming.write(data)
+        parts: list[bytes] = []
+        while True:
+            try:
+                chunk = self._tls.read(RECEIVE_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # close_notify, or a ragged EOF
+                self._eof = True
+                break
+            except ssl.SSLError as exc:
+                self._broken = f"TLS error: {exc}"
+                raise trio.BrokenResourceError(self._broken) from exc
+            if not chunk:  # close_notify (the ssl module returns b"" for it)
+                self._eof = True
+                break
+            parts.append(chunk)
+        if self._outgoing.pending and not self._lock.locked():
+            self._send_now()
+        if parts:
+            return b"".join(parts)
+        return b"" if self._eof else None
+
     async def _write_out(self) -> None:
         """Send every pending ciphertext byte, in order (takes the write lock)."""
-        if not self._outgoing.pending:
+        if not self.unsent:
             return
         lock = self._lock
         await acquire(lock)
@@ -80,10 +184,15 @@ class TLSStream(trio.abc.Stream):
             lock.release()
 
     async def _send_pending(self) -> None:
-        # caller holds the lock
-        data = self._outgoing.read()
-        if not data:
-            return
+        # caller holds the lock; also sends what send_nowait encrypted meanwhile
+        while True:
+            data = self._unsent + self._outgoing.read()
+            self._unsent = b""
+            if not data:
+                return
+            await self._send_ciphertext(data)
+
+    async def _send_ciphertext(self, data: bytes) -> None:
         view = memoryview(data)
         try:
             while view:
@@ -141,7 +250,8 @@ class TLSStream(trio.abc.Stream):
         await acquire(lock)
         try:
             try:
-                self._tls.write(data)
+                if data:
+                    self._tls.write(data)
             except ssl.SSLError as exc:  # a closed or failed TLS session (renegotiation is not offered)
                 self._broken = f"TLS error: {exc}"
                 raise trio.BrokenResourceError(self._broken) from exc
@@ -155,6 +265,8 @@ class TLSStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         self._check()
         size = max_bytes or RECEIVE_BYTES
+        if self._eof:  # (receive_nowait saw it)
+            return b""
         while True:
             try:
                 return self._tls.read(size)

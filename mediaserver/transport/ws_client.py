@@ -31,7 +31,8 @@ The contract is what :mod:`mediaserver.transport.provider_ws` needs:
 * :meth:`~ClientWebSocket.send` may be called from any number of tasks;
 * :meth:`~ClientWebSocket.aclose` runs the close handshake (bound it with a
   timeout); the caller owns and closes the stream;
-* on plain TCP (:meth:`~ClientWebSocket.poll_socket` is the socket), code
+* on plain TCP or our TLS stream (:meth:`~ClientWebSocket.poll_socket` is
+  the socket to watch), code
   that must not await -- a :mod:`~mediaserver.transport.reactor` handler --
   uses :meth:`~ClientWebSocket.read_nowait` (one non-blocking read through
   the native parser; messages land in :attr:`~ClientWebSocket.inbox`; False
@@ -66,6 +67,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from mediaserver._locks import acquire
 from mediaserver._native._wsframe import DONE, INCOMPLETE, encode_frame, scan
+from mediaserver.transport.tls import TLSStream
 
 __all__ = ["ClientWebSocket", "HandshakeRejected", "WebSocketClosed", "connect", "data_frame"]
 
@@ -111,6 +113,7 @@ class ClientWebSocket:
         self._masked_in = not ws.client  # a server receives masked frames, a client unmasked ones
         self._tail = b""  # the start of a plain frame cut off by the last read (fast path only)
         self._sock = raw_socket(stream)  # plain TCP: read and write the socket directly
+        self._tls = stream if isinstance(stream, TLSStream) else None  # our TLS: its non-blocking calls
         self._wsproto_fed = True  # wsproto was given bytes since it was last seen idle (the handshake, to start)
         self._stash: bytes | None = None  # bytes read_nowait left for wsproto (b"": the peer closed)
         self._backlog = bytearray()  # frames send_many_nowait could not write at once, oldest first
@@ -154,13 +157,18 @@ class ClientWebSocket:
         if self.closed is not None:
             raise self.closed
         sock = self._sock
-        assert sock is not None, "send_many_nowait needs a plain-TCP connection"
+        assert sock is not None or self._tls is not None, "send_many_nowait needs poll_socket()"
         frame = self._frame
         data = frame(messages[0]) if len(messages) == 1 else b"".join([frame(message) for message in messages])
         if self._backlog or self._lock.locked():
             self._backlog += data
             return False
         # (no wsproto state check: every way out of OPEN sets self.closed first, checked above)
+        if sock is None:  # TLS: encrypted now; ciphertext the socket did not take waits in the TLS stream
+            try:
+                return self._tls.send_nowait(data)  # type: ignore[union-attr]
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise self._closed_now(CloseReason.ABNORMAL_CLOSURE) from None
         try:
             sent = sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -175,11 +183,11 @@ class ClientWebSocket:
     @property
     def backlogged(self) -> bool:
         """True while frames :meth:`send_many_nowait` queued wait for :meth:`flush`."""
-        return bool(self._backlog)
+        return bool(self._backlog) or (self._tls is not None and self._tls.unsent)
 
     async def flush(self) -> None:
         """Write the backlog :meth:`send_many_nowait` left (under the send lock); as :meth:`send`."""
-        while self._backlog:  # frames queued while this write waited are written too
+        while self.backlogged:  # frames queued while this write waited are written too
             await self._send_frames(b"")
 
     async def _send(self, event: Event | str | bytes) -> None:
@@ -240,8 +248,10 @@ class ClientWebSocket:
         return self._messages.popleft()
 
     def poll_socket(self) -> socket.socket | None:
-        """The plain-TCP socket :meth:`read_nowait` reads (None: TLS or a test stream; use :meth:`receive`)."""
-        return self._sock
+        """The socket to watch for :meth:`read_nowait` (plain TCP, or under our TLS); None for other streams."""
+        if self._sock is not None:
+            return self._sock
+        return self._tls.raw_socket if self._tls is not None else None
 
     @property
     def inbox(self) -> deque[str | bytes]:
@@ -258,14 +268,25 @@ class ClientWebSocket:
         :meth:`receive` handles them before reading again.
         """
         sock = self._sock
-        if sock is None or self._stash is not None or self.closed is not None:
+        if self._stash is not None or self.closed is not None:
             return False
-        try:
-            data = sock.recv(RECEIVE_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            data = b""
+        data: bytes | None
+        if sock is not None:
+            try:
+                data = sock.recv(RECEIVE_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                data = b""
+        elif self._tls is not None:
+            try:
+                data = self._tls.receive_nowait()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if data is None:  # nothing whole yet
+                return True
+        else:
+            return False
         if not data:
             self._stash = b""
             return False

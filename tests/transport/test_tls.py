@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from mediaserver.transport.tls import TLSStream, open_tls_stream
 from tests.fakes import fail_after
@@ -183,4 +184,93 @@ async def test_tls_stream_is_unusable_after_a_send_cancelled_half_way(certificat
         assert scope.cancelled_caught
         with pytest.raises(trio.BrokenResourceError, match="cancelled part-way"):
             await stream.send_all(b"more")
+        await stream.aclose()
+
+
+# -- the non-blocking calls (a reactor handler's) -------------------------------------------
+
+
+async def receive_nowait_exactly(stream: TLSStream, size: int) -> bytes:
+    data = bytearray()
+    with trio.fail_after(10):
+        while len(data) < size:
+            await trio.lowlevel.wait_readable(stream.raw_socket)
+            chunk = stream.receive_nowait()
+            assert chunk != b"", f"end of stream after {len(data)} of {size} bytes"
+            if chunk is not None:
+                data += chunk
+    return bytes(data)
+
+
+@fail_after(20)
+async def test_tls_nowait_calls_carry_every_byte_in_order(certificate: tuple[Path, Path]) -> None:  # noqa: F811
+    rng = random.Random(11)
+    async with tls_server(certificate, echo) as port:
+        stream = await open_tls_stream("127.0.0.1", port, ssl_context=trusting(certificate))
+        assert stream.receive_nowait() is None  # nothing yet
+        for size in (1, 300, 16_384, 70_000):
+            payload = rng.randbytes(size)
+            assert stream.send_nowait(payload) or stream.unsent
+            await stream.flush()
+            assert not stream.unsent
+            assert await receive_nowait_exactly(stream, size) == payload
+        # many sends without waiting while nobody reads the echo: the socket fills, ciphertext waits, in order
+        parts = [rng.randbytes(1000) for _ in range(4000)]
+        got = bytearray()
+        queued = False
+        async with trio.open_nursery() as nursery:
+
+            async def read_back() -> None:
+                got.extend(await receive_nowait_exactly(stream, 4_000_000))
+
+            for part in parts:
+                queued |= not stream.send_nowait(part)
+            assert queued and stream.unsent
+            nursery.start_soon(read_back)
+            await stream.flush()
+        assert bytes(got) == b"".join(parts)
+        await stream.aclose()
+
+
+@fail_after(10)
+async def test_tls_nowait_send_while_a_send_holds_the_lock_goes_after_it(certificate: tuple[Path, Path]) -> None:  # noqa: F811
+    async with tls_server(certificate, echo) as port:
+        stream = await open_tls_stream("127.0.0.1", port, ssl_context=trusting(certificate))
+        stream._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        big = b"a" * (3 << 20)
+        got = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.send_all, big)  # blocks: the echo is not read yet
+            await trio.testing.wait_all_tasks_blocked()
+            assert stream._lock.locked()
+            assert not stream.send_nowait(b"b" * 10)  # encrypted now, written by the lock holder after its own
+
+            async def read_back() -> None:
+                got.extend(await receive_nowait_exactly(stream, len(big) + 10))
+
+            nursery.start_soon(read_back)
+        assert bytes(got) == big + b"b" * 10
+        assert not stream.unsent
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("how", ["close_notify", "tcp_close"])
+@fail_after(10)
+async def test_tls_receive_nowait_reports_the_end_of_the_stream(certificate: tuple[Path, Path], how: str) -> None:  # noqa: F811
+    async def goodbye(stream: trio.SSLStream[trio.SocketStream], tcp: trio.SocketStream) -> None:
+        await stream.send_all(b"last words")
+        if how == "close_notify":
+            await stream.aclose()
+        else:
+            await tcp.aclose()
+
+    async with tls_server(certificate, goodbye) as port:
+        stream = await open_tls_stream("127.0.0.1", port, ssl_context=trusting(certificate))
+        assert await receive_nowait_exactly(stream, 10) == b"last words"
+        with trio.fail_after(5):
+            while (chunk := stream.receive_nowait()) != b"":
+                assert chunk is None
+                await trio.lowlevel.wait_readable(stream.raw_socket)
+        assert stream.receive_nowait() == b""  # and stays so
+        assert await stream.receive_some() == b""
         await stream.aclose()
