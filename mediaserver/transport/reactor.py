@@ -1,4 +1,4 @@
-"""One readiness loop for every call's Twilio socket: a frame costs a callback, not a task wake-up.
+"""One readiness loop for every call's sockets: a message costs a callback, not a task wake-up.
 
 A call's uplink is ~50 messages a second.  Served by a Trio task per call,
 each message costs a full trip through Trio's machinery: the socket is
