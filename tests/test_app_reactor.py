@@ -43,6 +43,25 @@ from tests.test_app import (
 from tests.test_http_client import certificate, server_context  # noqa: F401  (certificate: a pytest fixture)
 
 
+class Calls:
+    """How many times a wrapped bridge method ran (see :func:`count_calls`)."""
+
+    n = 0
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> Calls:
+    """Wrap the async ``CallBridge`` method ``name`` so that every call is counted."""
+    calls = Calls()
+    real = getattr(call_module.CallBridge, name)
+
+    async def counted(self: call_module.CallBridge, *args: Any) -> None:
+        calls.n += 1
+        await real(self, *args)
+
+    monkeypatch.setattr(call_module.CallBridge, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("wss", [False, True], ids=["ws", "wss"])
 @fail_after(20)
 async def test_calls_are_read_by_the_reactor_over_plain_tcp_and_over_our_tls(
@@ -122,17 +141,9 @@ async def test_a_model_that_stops_reading_loses_and_reorders_nothing(
         stream.raw_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         return stream
 
-    flushes = 0
-    real_flush = call_module.CallBridge._flush_link
-
-    async def counted_flush(self: call_module.CallBridge) -> None:
-        nonlocal flushes
-        flushes += 1
-        await real_flush(self)
-
     monkeypatch.setattr(provider_ws, "open_stream", small_send_buffer)
     monkeypatch.setattr(provider_ws, "open_tls_stream", small_send_buffer_tls)
-    monkeypatch.setattr(call_module.CallBridge, "_flush_link", counted_flush)
+    flushes = count_calls(monkeypatch, "_flush_link")
     async with fake_openai(tls=tls) as model, running(openai_settings(model)) as url:
         async with phone_call(url) as caller:
             await caller.send_silence(100)
@@ -152,7 +163,7 @@ async def test_a_model_that_stops_reading_loses_and_reorders_nothing(
                 nursery.start_soon(talk)
                 # The backlog grows behind a flush that cannot finish: the call's reader task takes
                 # the Twilio socket back and waits for the model (the caller's sends back up meanwhile).
-                while not (flushes and len(reactor) == 1):
+                while not (flushes.n and len(reactor) == 1):
                     await trio.sleep(0.01)
                 assert not sent.is_set()
                 session.resume_reads()
@@ -160,7 +171,7 @@ async def test_a_model_that_stops_reading_loses_and_reorders_nothing(
             await caller.stop()
             await caller.closed.wait()
         await session.closed.wait()
-    assert flushes >= 1
+    assert flushes.n >= 1
     assert session.appends == caller.sent_frames  # every frame, in order
     assert caller.errors == []
 
@@ -204,15 +215,7 @@ def _real_time_reply(reply: bytes) -> Script:
 @fail_after(20)
 async def test_audio_that_is_due_on_arrival_goes_out_from_the_handler(monkeypatch: pytest.MonkeyPatch) -> None:
     """A model streaming in real time: every chunk is due when it arrives and the pacer sends none of them."""
-    pacer_sends = 0
-    real_send_chunk = call_module.CallBridge._send_chunk
-
-    async def counted(self: call_module.CallBridge, chunk: Any) -> None:
-        nonlocal pacer_sends
-        pacer_sends += 1
-        await real_send_chunk(self, chunk)
-
-    monkeypatch.setattr(call_module.CallBridge, "_send_chunk", counted)
+    pacer_sends = count_calls(monkeypatch, "_send_chunk")
     reply = to_ulaw(tone(440, 1000, amplitude=0.3))
     async with fake_openai(_real_time_reply(reply)) as model, running(openai_settings(model)) as url:
         async with phone_call(url) as caller:
@@ -226,7 +229,7 @@ async def test_audio_that_is_due_on_arrival_goes_out_from_the_handler(monkeypatc
     assert caller.received_audio == reply
     assert [len(m.payload) for m in caller.received] == [320] * (len(reply) // 320)
     assert len(caller.echoes) == len(caller.received) and not any(e.cleared for e in caller.echoes)
-    assert pacer_sends == 0
+    assert pacer_sends.n == 0
     assert caller.errors == []
 
 
@@ -242,16 +245,8 @@ async def test_a_twilio_socket_that_takes_nothing_at_once_gets_every_chunk_in_or
         self._backlog += b"".join(server_frame(m) for m in messages)
         return False
 
-    flushes = 0
-    real_flush = call_module.CallBridge._flush_twilio
-
-    async def counted(self: call_module.CallBridge) -> None:
-        nonlocal flushes
-        flushes += 1
-        await real_flush(self)
-
     monkeypatch.setattr(ServerStream, "send_many_nowait", always_queue)
-    monkeypatch.setattr(call_module.CallBridge, "_flush_twilio", counted)
+    flushes = count_calls(monkeypatch, "_flush_twilio")
     reply = to_ulaw(tone(440, 600, amplitude=0.3)) + to_ulaw(tone(660, 600, amplitude=0.3))
     async with fake_openai(_real_time_reply(reply)) as model, running(openai_settings(model)) as url:
         async with phone_call(url) as caller:
@@ -262,7 +257,7 @@ async def test_a_twilio_socket_that_takes_nothing_at_once_gets_every_chunk_in_or
                 nursery.cancel_scope.cancel()
             await caller.stop()
             await caller.closed.wait()
-    assert flushes >= len(reply) // 320 // 2  # (a chunk queued while a flush runs rides along with it)
+    assert flushes.n >= len(reply) // 320 // 2  # (a chunk queued while a flush runs rides along with it)
     assert caller.received_audio == reply
     assert len(caller.echoes) == len(caller.received)
     assert caller.errors == []

@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import trio
@@ -119,6 +119,25 @@ class PolledStream(MessageStream, Protocol):
     async def flush(self) -> None:
         """Write what :meth:`send_many_nowait` queued; raises :class:`StreamClosed` when the peer has gone."""
         ...
+
+
+class _Watch:
+    """One stretch of a socket on the reactor: its task waits for ``done``; the handler says why in ``error``/``result``."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: Exception | None = None
+        self.result: object = None
+
+    def fail(self, exc: Exception) -> None:
+        self.error = exc
+        self.done.set()
+
+    def end(self, result: object = None) -> None:
+        self.result = result
+        self.done.set()
 
 
 class _Chunk:
@@ -375,35 +394,38 @@ class CallBridge:
         when the connection needs ``receive`` (a closed socket, a control
         frame).
         """
-        sock = self._polled.poll_socket()
+        self._tw = watch = _Watch()
+        await self._on_reactor(self._polled.poll_socket(), self._on_twilio_readable, watch)
+        if watch.error is not None:
+            raise watch.error
+        return watch.result is _STOP
+
+    async def _on_reactor(self, sock: socket.socket | None, on_readable: Callable[[], None], watch: _Watch) -> None:
+        """Have the reactor call ``on_readable`` for ``sock`` until ``watch`` is done; it also runs once at once.
+
+        (At once: for what was read before the handler was registered -- by
+        the awaiting path, or with the event that handed over -- and bytes
+        kept for it, which the socket's readiness would never report.)  A
+        handler that raises fails the watch (:meth:`Reactor.add`'s ``on_error``).
+        """
         assert sock is not None
         fd = sock.fileno()
         reactor = current_reactor()
-        self._poll_wake = wake = trio.Event()
-        self._poll_over = False
-        self._poll_error: Exception | None = None
-        reactor.add(fd, self._on_twilio_readable, self._twilio_handler_failed)
+        reactor.add(fd, on_readable, watch.fail)
         try:
-            self._on_twilio_readable()  # messages read before the handler was registered, and what is there now
-            await wake.wait()
+            on_readable()
+            await watch.done.wait()
         finally:
             reactor.remove(fd)
-        if self._poll_error is not None:
-            raise self._poll_error
-        return self._poll_over
-
-    def _twilio_handler_failed(self, exc: Exception) -> None:
-        self._poll_error = exc
-        self._poll_wake.set()
 
     def _on_twilio_readable(self) -> None:
-        if self._poll_wake.is_set():
+        watch = self._tw
+        if watch.done.is_set():
             return
         try:
             more = self._polled.read_nowait()
         except Exception as exc:
-            self._poll_error = exc
-            self._poll_wake.set()
+            watch.fail(exc)
             return
         self._drain_polled(more)
 
@@ -424,14 +446,13 @@ class CallBridge:
                         more = False
                         break
                 elif kind is _STOP:
-                    self._poll_over = True
-                    self._poll_wake.set()
+                    self._tw.end(_STOP)
                     return
         except Exception as exc:
-            self._poll_error = exc
-            more = False
+            self._tw.fail(exc)
+            return
         if not more:
-            self._poll_wake.set()
+            self._tw.end()
 
     def _uplink_nowait(self, frame: bytes) -> bool:
         """Send one frame up; False when audio is piling up behind a flush already under way.
@@ -528,49 +549,32 @@ class CallBridge:
         barge-in (it awaits the send lock) comes back here and the reader
         returns to the reactor after it.
         """
-        link = self._nowait
-        sock = link.poll_socket()
-        assert sock is not None
-        fd = sock.fileno()
-        reactor = current_reactor()
-        self._link_wake = wake = trio.Event()
-        self._link_result: object = None
-        self._link_error: Exception | None = None
-        reactor.add(fd, self._on_provider_readable, self._provider_handler_failed)
-        try:
-            # Messages and events read before the handler was registered (by
-            # wait_ready, or with the SpeechStarted of a barge-in), bytes kept
-            # for the awaiting path, and what the socket holds now.
-            self._on_provider_readable()
-            await wake.wait()
-        finally:
-            reactor.remove(fd)
-        error = self._link_error
+        self._pv = watch = _Watch()
+        # (messages read by wait_ready, or after the SpeechStarted of a barge-in, are taken at once)
+        await self._on_reactor(self._nowait.poll_socket(), self._on_provider_readable, watch)
+        error = watch.error
         if isinstance(error, ProviderClosed):
             self._provider_closed(error)
             return _STOP
         if error is not None:
             raise error
-        return self._link_result
-
-    def _provider_handler_failed(self, exc: Exception) -> None:
-        self._link_error = exc
-        self._link_wake.set()
+        return watch.result
 
     def _on_provider_readable(self) -> None:
-        if self._link_wake.is_set():
+        watch = self._pv
+        if watch.done.is_set():
             return
         try:
             more = self._nowait.read_nowait()
         except Exception as exc:
-            self._link_error = exc
-            self._link_wake.set()
+            watch.fail(exc)
             return
         self._drain_provider(more)
 
     def _drain_provider(self, more: bool) -> None:
         link = self._nowait
         events = link.inbox
+        kind: object = _OTHER
         self._in_handler = True
         try:
             if link.backlogged:  # the core's replies, queued
@@ -578,24 +582,24 @@ class CallBridge:
             while events:
                 kind = self._on_provider_event(events.popleft())
                 if kind is not _OTHER:
-                    self._link_result = kind
-                    more = False
                     break
         except Exception as exc:
-            self._link_error = exc
-            more = False
+            self._pv.fail(exc)
+            return
         finally:
             self._in_handler = False
-        if self._link_error is None and self._link_result is None:  # (not right before a barge-in or the end)
-            try:
-                self._pace_now()
-            except Exception as exc:
-                self._link_error = exc
-                more = False
-        elif self._queue or self._pending:
-            self._queued.set()
+        if kind is not _OTHER:  # a barge-in or the end, for the task: nothing more goes to Twilio from here
+            if self._queue or self._pending:
+                self._queued.set()
+            self._pv.end(kind)
+            return
+        try:
+            self._pace_now()
+        except Exception as exc:
+            self._pv.fail(exc)
+            return
         if not more:
-            self._link_wake.set()
+            self._pv.end()
 
     # -- tools, keypad, hanging up and transfer ---------------------------------
 
