@@ -27,7 +27,7 @@ from mediaserver.transport import provider_ws
 from mediaserver.transport.reactor import current_reactor
 from mediaserver.transport.tls import TLSStream
 from mediaserver.transport.ws_server import ServerStream, server_frame
-from tests.fakes import FakeRealtimeSession, Script, fail_after, tone, to_ulaw
+from tests.fakes import FakeRealtimeSession, Script, fail_after, to_ulaw, tone
 from tests.test_app import (
     CALL_A,
     CALL_B,

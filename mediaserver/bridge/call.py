@@ -58,9 +58,8 @@ from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.providers import base as pv
 from mediaserver.protocol.twilio import StreamState, TwilioStream
 from mediaserver.tools import ToolError, ToolSet
-from mediaserver.twilio_rest import TwilioRest, TwilioRestError, dial_twiml
-
 from mediaserver.transport.reactor import current_reactor
+from mediaserver.twilio_rest import TwilioRest, TwilioRestError, dial_twiml
 
 from .link import PolledLink, ProviderClosed, ProviderLink
 from .stats import CallStats
