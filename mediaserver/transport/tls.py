@@ -84,6 +84,11 @@ class TLSStream(trio.abc.Stream):
         return self._sock
 
     @property
+    def at_eof(self) -> bool:
+        """True once :meth:`receive_nowait` has seen the end of the stream (the socket may stay open and quiet)."""
+        return self._eof
+
+    @property
     def unsent(self) -> bool:
         """True while ciphertext waits for :meth:`flush` (or the next send)."""
         return bool(self._unsent or self._outgoing.pending)
@@ -161,13 +166,19 @@ class TLSStream(trio.abc.Stream):
                 break
             except ssl.SSLError as exc:
                 self._broken = f"TLS error: {exc}"
+                if parts:  # what came before the failure is delivered; the next call raises
+                    break
                 raise trio.BrokenResourceError(self._broken) from exc
             if not chunk:  # close_notify (the ssl module returns b"" for it)
                 self._eof = True
                 break
             parts.append(chunk)
-        if self._outgoing.pending and not self._lock.locked():
-            self._send_now()
+        if self._outgoing.pending and not self._lock.locked() and self._broken is None:
+            try:
+                self._send_now()
+            except trio.BrokenResourceError:
+                if not parts:
+                    raise
         if parts:
             return b"".join(parts)
         return b"" if self._eof else None

@@ -291,6 +291,12 @@ class ClientWebSocket:
             self._stash = b""
             return False
         rest = self._scan_fast(data)
+        if self._tls is not None and self._tls.at_eof:
+            # The peer's close_notify came with this data: the socket may stay
+            # open and quiet, so no readiness will follow; the awaiting path
+            # takes over now and sees the end of the stream.
+            self._stash = rest or b""
+            return False
         if rest is None:
             return True
         self._stash = rest

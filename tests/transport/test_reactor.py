@@ -285,3 +285,34 @@ async def test_an_awaiting_send_keeps_its_place_ahead_of_later_nowait_sends() ->
                 for _ in range(3):
                     got.append(await server.receive())
         assert got == [big, "second", "third"]
+
+
+class _TLSAtEndOfStream:
+    """What TLSStream.receive_nowait gives when one read brought the last frame and the peer's close_notify."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.at_eof = False
+        self.unsent = False
+
+    def receive_nowait(self) -> bytes:
+        data, self._data = self._data, b""
+        self.at_eof = True
+        return data
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return b""
+
+
+async def test_read_nowait_hands_over_when_tls_saw_the_end_of_the_stream_with_data() -> None:
+    """No readiness follows a close_notify on a connection the peer keeps open: read_nowait must say so at once."""
+    async with ws_pair() as pair:
+        client = pair.client
+        fake = _TLSAtEndOfStream(frame_to("client", "the last message"))
+        client._sock, client._tls, client._stream = None, fake, fake  # type: ignore[assignment]
+        with trio.fail_after(5):
+            assert not client.read_nowait()  # hand-off, although the frame was whole
+            assert list(client.inbox) == ["the last message"]
+            assert await client.receive() == "the last message"
+            with pytest.raises(WebSocketClosed, match="1006"):
+                await client.receive()

@@ -274,3 +274,28 @@ async def test_tls_receive_nowait_reports_the_end_of_the_stream(certificate: tup
         assert stream.receive_nowait() == b""  # and stays so
         assert await stream.receive_some() == b""
         await stream.aclose()
+
+
+@fail_after(10)
+async def test_tls_close_notify_on_a_connection_left_open_is_seen_by_receive_nowait(
+    certificate: tuple[Path, Path],  # noqa: F811
+) -> None:
+    """The peer says close_notify but keeps TCP open (waiting for ours): no more readiness will come, so
+    ``at_eof`` must tell the caller, with the data that came with it."""
+
+    async def last_words_then_unwrap(stream: trio.SSLStream[trio.SocketStream], _: trio.SocketStream) -> None:
+        await stream.send_all(b"last words")
+        await stream.unwrap()  # sends close_notify, then waits for ours with the TCP connection open
+
+    async with tls_server(certificate, last_words_then_unwrap) as port:
+        stream = await open_tls_stream("127.0.0.1", port, ssl_context=trusting(certificate))
+        got = bytearray()
+        with trio.fail_after(5):
+            while not stream.at_eof:
+                await trio.lowlevel.wait_readable(stream.raw_socket)
+                chunk = stream.receive_nowait()
+                if chunk:
+                    got += chunk
+        assert bytes(got) == b"last words"
+        assert stream.receive_nowait() == b""
+        await stream.aclose()
