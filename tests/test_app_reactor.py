@@ -27,7 +27,14 @@ from mediaserver.transport import provider_ws
 from mediaserver.transport.reactor import current_reactor
 from mediaserver.transport.tls import TLSStream
 from mediaserver.transport.ws_server import ServerStream, server_frame
-from tests.fakes import FakeRealtimeSession, Script, fail_after, to_ulaw, tone
+from tests.fakes import (
+    FakeRealtimeSession,
+    FakeTwilioCaller,
+    Script,
+    fail_after,
+    to_ulaw,
+    tone,
+)
 from tests.test_app import (
     CALL_A,
     CALL_B,
@@ -200,6 +207,19 @@ async def test_a_malformed_message_ends_only_that_call(caplog: pytest.LogCapture
     assert good_session.appends == good.sent_frames
 
 
+async def hear_reply(url: str, size: int) -> FakeTwilioCaller:
+    """A call that talks (paced silence) until ``size`` bytes of agent audio have played and gone quiet, then hangs up."""
+    async with phone_call(url) as caller:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            await caller.wait_for_audio(size)
+            await caller.wait_quiet(0.2)
+            nursery.cancel_scope.cancel()
+        await caller.stop()
+        await caller.closed.wait()
+    return caller
+
+
 def _real_time_reply(reply: bytes) -> Script:
     """After the caller's first 10 frames, the model answers with ``reply`` in 40 ms deltas, in real time."""
 
@@ -218,14 +238,7 @@ async def test_audio_that_is_due_on_arrival_goes_out_from_the_handler(monkeypatc
     pacer_sends = count_calls(monkeypatch, "_send_chunk")
     reply = to_ulaw(tone(440, 1000, amplitude=0.3))
     async with fake_openai(_real_time_reply(reply)) as model, running(openai_settings(model)) as url:
-        async with phone_call(url) as caller:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(keep_talking, caller)
-                await caller.wait_for_audio(len(reply))
-                await caller.wait_quiet(0.2)
-                nursery.cancel_scope.cancel()
-            await caller.stop()
-            await caller.closed.wait()
+        caller = await hear_reply(url, len(reply))
     assert caller.received_audio == reply
     assert [len(m.payload) for m in caller.received] == [320] * (len(reply) // 320)
     assert len(caller.echoes) == len(caller.received) and not any(e.cleared for e in caller.echoes)
@@ -249,14 +262,7 @@ async def test_a_twilio_socket_that_takes_nothing_at_once_gets_every_chunk_in_or
     flushes = count_calls(monkeypatch, "_flush_twilio")
     reply = to_ulaw(tone(440, 600, amplitude=0.3)) + to_ulaw(tone(660, 600, amplitude=0.3))
     async with fake_openai(_real_time_reply(reply)) as model, running(openai_settings(model)) as url:
-        async with phone_call(url) as caller:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(keep_talking, caller)
-                await caller.wait_for_audio(len(reply))
-                await caller.wait_quiet(0.2)
-                nursery.cancel_scope.cancel()
-            await caller.stop()
-            await caller.closed.wait()
+        caller = await hear_reply(url, len(reply))
     assert flushes.n >= len(reply) // 320 // 2  # (a chunk queued while a flush runs rides along with it)
     assert caller.received_audio == reply
     assert len(caller.echoes) == len(caller.received)
@@ -304,13 +310,7 @@ async def test_a_partial_chunk_plays_when_the_model_pauses_without_saying_done()
         await session.respond(reply, chunk_bytes=400, interval_s=0.050, done=False)  # 50 ms deltas in real time
 
     async with fake_openai(script) as model, running(openai_settings(model)) as url:
-        async with phone_call(url) as caller:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(keep_talking, caller)
-                await caller.wait_for_audio(len(reply))
-                nursery.cancel_scope.cancel()
-            await caller.stop()
-            await caller.closed.wait()
+        caller = await hear_reply(url, len(reply))
     assert caller.received_audio == reply
     assert [len(m.payload) for m in caller.received][-1] == 80
 

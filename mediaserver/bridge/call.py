@@ -70,7 +70,6 @@ log = logging.getLogger("mediaserver.call")
 
 MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contractual)
 
-POLL_SOCKETS = True  # read pollable sockets on the reactor (False: a task per socket, as before)
 _MEDIA, _STOP, _OTHER, _BARGE = object(), object(), object(), object()
 
 
@@ -263,8 +262,7 @@ class CallBridge:
         # Both sockets pollable (plain TCP, or our TLS): the reactor reads them (_read_polled, _provider_polled).
         self._polling = False
         if (
-            POLL_SOCKETS
-            and isinstance(stream, PolledStream)
+            isinstance(stream, PolledStream)
             and stream.poll_socket() is not None
             and isinstance(link, PolledLink)
             and link.poll_socket() is not None

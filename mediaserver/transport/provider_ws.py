@@ -97,7 +97,7 @@ class WebSocketLink:
         try:
             await self._ws.send_many(messages)
         except WebSocketClosed as exc:
-            raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
+            raise self._closed(exc) from None
         self.last_send_s = trio.current_time()
 
     async def send(self, command: ProviderCommand) -> None:
@@ -117,7 +117,7 @@ class WebSocketLink:
         try:
             sent = self._ws.send_many_nowait(messages)
         except WebSocketClosed as exc:
-            raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
+            raise self._closed(exc) from None
         self.last_send_s = trio.current_time()
         return sent
 
@@ -131,7 +131,7 @@ class WebSocketLink:
         try:
             await self._ws.flush()
         except WebSocketClosed as exc:
-            raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
+            raise self._closed(exc) from None
 
     def read_nowait(self) -> bool:
         """Read what is there without blocking, through the core; False when :meth:`receive` must take over.
@@ -144,21 +144,14 @@ class WebSocketLink:
         """
         ws = self._ws
         more = ws.read_nowait()
-        session = self.session
         messages = ws.inbox
         while messages:
-            message = messages.popleft()
-            try:
-                session.receive_message(message)
-                replies = session.pending_messages()
-            except ProtocolError as exc:
-                raise ProviderClosed(f"{self.name} protocol error: {exc}") from None
+            replies = self._take(messages.popleft())
             if replies:
                 try:
                     ws.send_many_nowait(replies)
                 except WebSocketClosed as exc:
-                    raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
-            self._pending.extend(session.events())
+                    raise self._closed(exc) from None
         return more
 
     @property
@@ -210,14 +203,22 @@ class WebSocketLink:
         try:
             message = await self._ws.receive()
         except WebSocketClosed as exc:
-            raise ProviderClosed(f"{self.name} connection closed: {exc}") from None
+            raise self._closed(exc) from None
+        await self._send_all(self._take(message))
+
+    def _take(self, message: str | bytes) -> Sequence[str | bytes]:
+        """One message through the core: its events queued; the replies it owes the provider returned."""
+        session = self.session
         try:
-            self.session.receive_message(message)
-            replies = self.session.pending_messages()
+            session.receive_message(message)
+            replies = session.pending_messages()
         except ProtocolError as exc:
             raise ProviderClosed(f"{self.name} protocol error: {exc}") from None
-        await self._send_all(replies)
-        self._pending.extend(self.session.events())
+        self._pending.extend(session.events())
+        return replies
+
+    def _closed(self, exc: WebSocketClosed) -> ProviderClosed:
+        return ProviderClosed(f"{self.name} connection closed: {exc}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,21 +77,25 @@ class ServerStream(ClientWebSocket, MessageStream):
         try:
             await super().send_many(texts)
         except WebSocketClosed as exc:
-            raise StreamClosed(f"the Twilio stream is closed (code {exc.code})") from None
+            raise _stream_closed(exc) from None
 
     def send_many_nowait(self, messages: Sequence[str | bytes]) -> bool:
         """As ClientWebSocket.send_many_nowait, raising :class:`StreamClosed`."""
         try:
             return super().send_many_nowait(messages)
         except WebSocketClosed as exc:
-            raise StreamClosed(f"the Twilio stream is closed (code {exc.code})") from None
+            raise _stream_closed(exc) from None
 
     async def flush(self) -> None:
         """As ClientWebSocket.flush, raising :class:`StreamClosed`."""
         try:
             await super().flush()
         except WebSocketClosed as exc:
-            raise StreamClosed(f"the Twilio stream is closed (code {exc.code})") from None
+            raise _stream_closed(exc) from None
+
+
+def _stream_closed(exc: WebSocketClosed) -> StreamClosed:
+    return StreamClosed(f"the Twilio stream is closed (code {exc.code})")
 
 
 def parse_upgrade(head: bytes) -> tuple[WSConnection, Request] | None:
