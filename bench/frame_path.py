@@ -6,9 +6,11 @@ order, as :class:`mediaserver.bridge.call.CallBridge` does, and times every
 stage of every frame with ``time.perf_counter_ns``:
 
 * uplink (one Twilio ``media`` message, 20 ms of µ-law): Twilio core parse
-  (``TwilioStream.receive_event``: the native media scanner, validation,
-  base64), jitter buffer push + pop, µ-law decode, resample, VAD, provider
-  message serialisation (``OpenAIRealtimeSession.send(SendAudio)``);
+  (``TwilioStream.take_media``: the native media scanner, checks, base64),
+  jitter buffer push + pop, µ-law decode, resample, VAD, provider message
+  serialisation and WebSocket framing in one native step (the core's
+  ``audio_envelope()`` and ``_wsframe.encode_b64_frame``, as
+  ``WebSocketLink.send_audio_nowait`` does);
 * downlink (one provider delta of ``CHUNK_MS`` = the bridge's chunk, 40 ms):
   provider core parse (``receive_message`` + ``events()``: JSON, base64),
   resample, µ-law encode, Twilio ``media`` + ``mark`` serialisation
@@ -66,7 +68,8 @@ from mediaserver.protocol import twilio_events as tw  # noqa: E402
 from mediaserver.protocol.providers import base as pv  # noqa: E402
 from mediaserver.protocol.providers.openai import OpenAIRealtimeConfig, OpenAIRealtimeSession  # noqa: E402
 from mediaserver.protocol.twilio import TwilioStream  # noqa: E402
-from mediaserver.transport.ws_client import data_frame  # noqa: E402
+from mediaserver._native._wsframe import encode_b64_frame  # noqa: E402
+from mediaserver.transport.ws_client import _mask_key, data_frame  # noqa: E402
 
 FRAME_MS = 20  # a Twilio media frame
 CHUNK_MS = 40  # the bridge's downlink chunk (CallBridge chunk_ms default)
@@ -217,7 +220,9 @@ def uplink(path: Path_, frames: Sequence[bytes]) -> tuple[Pipeline, list[object]
     messages: list[object] = list(twilio_media(frames))
 
     def parse(message: object) -> object:
-        return twilio.receive_event(message)  # type: ignore[arg-type]
+        taken = twilio.take_media(message)  # type: ignore[arg-type]
+        assert taken is not None  # every generated frame takes the native path, as in the bridge
+        return taken
 
     ordinary = TwilioStream()  # the same messages through json.loads and the field checks
     for message in twilio_preamble():
@@ -230,24 +235,26 @@ def uplink(path: Path_, frames: Sequence[bytes]) -> tuple[Pipeline, list[object]
             return event
         return None
 
-    def jitter_stage(event: object) -> object:
-        assert isinstance(event, tw.Media)
-        jitter.push(event.chunk, event.payload)
+    def jitter_stage(taken: object) -> object:
+        jitter.push(*taken)  # type: ignore[misc]
         out = b""
         for frame in iter(jitter.pop, None):
             out += frame
         return out
 
     def serialize(frame: object) -> object:
-        return session.send(pv.SendAudio(frame))  # type: ignore[arg-type]
+        # WebSocketLink.send_audio_nowait: the core's envelope, framed and masked natively
+        envelope = session.audio_envelope()
+        assert envelope is not None
+        return encode_b64_frame(envelope[0], frame, envelope[1], _mask_key())  # type: ignore[arg-type]
 
-    stages: list[tuple[str, Stage]] = [("Twilio parse (native scan, checks, base64)", parse), ("jitter push+pop", jitter_stage)]
+    stages: list[tuple[str, Stage]] = [("Twilio parse (take_media: native scan, checks, base64)", parse), ("jitter push+pop", jitter_stage)]
     if path.rate_hz:
         stages.append(("µ-law decode", lambda frame: ulaw_decode(frame)))  # type: ignore[arg-type]
         if path.rate_hz != 8000:
             up = Resampler(8000, path.rate_hz)
             stages.append((f"resample 8k->{path.rate_hz // 1000}k", lambda pcm: up.process(pcm)))  # type: ignore[arg-type]
-    stages.append(("provider serialize (SendAudio)", serialize))
+    stages.append(("provider serialize + frame (native envelope)", serialize))
 
     pcm_frames: list[object] = [ulaw_decode(f) for f in frames]
     media_bodies: list[object] = [json.loads(m)["media"]["payload"] for m in messages]  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ checks that on generated messages.  The base64 payload is returned as text:
 the caller decodes it with the same strict decoder as the ordinary path.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_Substring
 
 cdef extern from "Python.h":
@@ -104,6 +105,99 @@ cdef inline long long _digits(const char* s, Py_ssize_t start, Py_ssize_t end) n
     return value
 
 
+cdef struct Fields:
+    long long sequence
+    long long chunk
+    long long timestamp
+    Py_ssize_t sid_start, sid_end, track_start, track_end, payload_start, payload_end
+
+
+cdef bint _scan(const char* s, Py_ssize_t n, Fields* f) noexcept nogil:
+    """Fill ``f`` from a plain media message (the module docstring's case); False for anything else."""
+    cdef Py_ssize_t i = 0, key_start, key_end, value_start, value_end
+    cdef int seen = 0, key
+    cdef bint inner = False
+    f.sequence = f.chunk = f.timestamp = -1
+    f.sid_start = f.sid_end = f.track_start = f.track_end = f.payload_start = f.payload_end = 0
+
+    i = _skip_ws(s, i, n)
+    if i >= n or s[i] != c'{':
+        return False
+    i += 1
+    while True:
+        # at the start of a member (or the end of an object)
+        i = _skip_ws(s, i, n)
+        if i >= n or s[i] != c'"':
+            return False
+        key_start = i + 1
+        key_end = _string_end(s, key_start, n)
+        if key_end < 0:
+            return False
+        key = _key(s, key_start, key_end, inner)
+        if key == 0 or seen & key:
+            return False
+        seen |= key
+        i = _skip_ws(s, key_end + 1, n)
+        if i >= n or s[i] != c':':
+            return False
+        i = _skip_ws(s, i + 1, n)
+        if i >= n:
+            return False
+        if key == K_MEDIA:
+            if s[i] != c'{':
+                return False
+            inner = True
+            i += 1
+            continue
+        if s[i] != c'"':
+            return False
+        value_start = i + 1
+        value_end = _string_end(s, value_start, n)
+        if value_end < 0:
+            return False
+        i = value_end + 1
+        if key == K_EVENT:
+            if not _equals(s, value_start, value_end, b"media", 5):
+                return False
+        elif key == K_SEQUENCE:
+            f.sequence = _digits(s, value_start, value_end)
+            if f.sequence < 0:
+                return False
+        elif key == K_STREAM_SID:
+            f.sid_start, f.sid_end = value_start, value_end
+        elif key == K_TRACK:
+            if value_end == value_start:
+                return False
+            f.track_start, f.track_end = value_start, value_end
+        elif key == K_CHUNK:
+            f.chunk = _digits(s, value_start, value_end)
+            if f.chunk < 0:
+                return False
+        elif key == K_TIMESTAMP:
+            f.timestamp = _digits(s, value_start, value_end)
+            if f.timestamp < 0:
+                return False
+        else:  # K_PAYLOAD
+            f.payload_start, f.payload_end = value_start, value_end
+        # after a value: ',' (next member) or '}' (end of this object, maybe of the inner one)
+        while True:
+            i = _skip_ws(s, i, n)
+            if i >= n:
+                return False
+            if s[i] == c',':
+                i += 1
+                break
+            if s[i] != c'}':
+                return False
+            i += 1
+            if inner:
+                if seen & MEDIA_KEYS != MEDIA_KEYS:
+                    return False
+                inner = False
+                continue  # the outer object goes on with ',' or ends with '}'
+            return seen == TOP_KEYS | MEDIA_KEYS and _skip_ws(s, i, n) == n
+
+
 def parse_media(str text not None):
     """``(sequence_number, stream_sid, track, chunk, timestamp_ms, payload_base64)`` of a plain media message.
 
@@ -111,98 +205,143 @@ def parse_media(str text not None):
     docstring (including any message that is not ``media``): parse it the
     ordinary way.
     """
+    cdef Fields f
     if not PyUnicode_IS_COMPACT_ASCII(text):
         return None
-    cdef const char* s = <const char*>PyUnicode_DATA(text)
-    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
-    cdef Py_ssize_t i = 0, key_start, key_end, value_start, value_end
-    cdef int seen = 0, key
-    cdef bint inner = False
-    cdef long long sequence = -1, chunk = -1, timestamp = -1
-    cdef Py_ssize_t sid_start = 0, sid_end = 0, track_start = 0, track_end = 0, payload_start = 0, payload_end = 0
-
-    i = _skip_ws(s, i, n)
-    if i >= n or s[i] != c'{':
+    if not _scan(<const char*>PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text), &f):
         return None
-    i += 1
-    while True:
-        # at the start of a member (or the end of an object)
-        i = _skip_ws(s, i, n)
-        if i >= n or s[i] != c'"':
+    return (
+        f.sequence,
+        PyUnicode_Substring(text, f.sid_start, f.sid_end),
+        PyUnicode_Substring(text, f.track_start, f.track_end),
+        f.chunk,
+        f.timestamp,
+        PyUnicode_Substring(text, f.payload_start, f.payload_end),
+    )
+
+
+# -- base64, canonical only ------------------------------------------------------
+
+cdef signed char B64[256]
+
+cdef void _init_b64() noexcept:
+    cdef int k
+    cdef const char* alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    for k in range(256):
+        B64[k] = -1
+    for k in range(64):
+        B64[<unsigned char>alphabet[k]] = k
+
+_init_b64()
+
+
+cdef Py_ssize_t _b64_size(const char* s, Py_ssize_t n) noexcept nogil:
+    """Decoded size of canonical base64 ``s[:n]``; -1 when it is not canonical."""
+    cdef Py_ssize_t pad = 0
+    if n == 0 or n % 4:
+        return -1
+    if s[n - 1] == c'=':
+        pad = 2 if s[n - 2] == c'=' else 1
+    return n // 4 * 3 - pad
+
+
+cdef bint _b64_decode(const char* s, Py_ssize_t n, unsigned char* out) noexcept nogil:
+    """Decode canonical base64 (sizes checked by _b64_size): every character
+    in the standard alphabet, ``=`` only as the last one or two, and the bits
+    a short last group leaves over zero.  False for anything else, which
+    ``binascii.a2b_base64(strict_mode=True)`` may still accept or refuse."""
+    cdef Py_ssize_t i, o = 0, full = n - 4
+    cdef int a, b, c, d
+    for i in range(0, full, 4):
+        a = B64[<unsigned char>s[i]]
+        b = B64[<unsigned char>s[i + 1]]
+        c = B64[<unsigned char>s[i + 2]]
+        d = B64[<unsigned char>s[i + 3]]
+        if (a | b | c | d) < 0:
+            return False
+        out[o] = <unsigned char>((a << 2) | (b >> 4))
+        out[o + 1] = <unsigned char>(((b & 15) << 4) | (c >> 2))
+        out[o + 2] = <unsigned char>(((c & 3) << 6) | d)
+        o += 3
+    a = B64[<unsigned char>s[full]]
+    b = B64[<unsigned char>s[full + 1]]
+    if (a | b) < 0:
+        return False
+    out[o] = <unsigned char>((a << 2) | (b >> 4))
+    if s[full + 2] == c'=':  # two pad characters
+        return s[full + 3] == c'=' and (b & 15) == 0
+    c = B64[<unsigned char>s[full + 2]]
+    if c < 0:
+        return False
+    out[o + 1] = <unsigned char>(((b & 15) << 4) | (c >> 2))
+    if s[full + 3] == c'=':  # one pad character
+        return (c & 3) == 0
+    d = B64[<unsigned char>s[full + 3]]
+    if d < 0:
+        return False
+    out[o + 2] = <unsigned char>(((c & 3) << 6) | d)
+    return True
+
+
+cdef class MediaCursor:
+    """The per-stream checks of inbound ``media``, and :meth:`take`, which does them natively.
+
+    ``TwilioStream`` keeps its sequence and chunk bookkeeping here, so the
+    ordinary parser and :meth:`take` share one set of counters.
+    """
+
+    cdef public str stream_sid
+    cdef public long long next_sequence
+    cdef public long long sequence_missing
+    cdef public long long next_inbound_chunk
+    cdef public long long chunks_missing  # on the inbound track
+
+    def __init__(self):
+        self.stream_sid = None
+        self.next_sequence = 1
+        self.sequence_missing = 0
+        self.next_inbound_chunk = 1
+        self.chunks_missing = 0
+
+    def take(self, object text, Py_ssize_t max_size):
+        """``(chunk, payload)`` of a plain ``media`` message on the ``inbound`` track that passes every check; else None.
+
+        The checks are the ordinary path's (``TwilioStream._media``): this
+        stream's ``streamSid``, a sequence number and a chunk number that do
+        not repeat or go backwards (gaps are counted), and base64 that
+        decodes.  Anything this declines -- including every message that
+        fails a check, and base64 that is not canonical -- changes nothing
+        here: parse it the ordinary way, which accepts it or names the error.
+        """
+        cdef Fields f
+        cdef Py_ssize_t size, sid_size
+        cdef const char* s
+        cdef bytes payload
+        cdef const char* sid
+        if type(text) is not str or self.stream_sid is None:
             return None
-        key_start = i + 1
-        key_end = _string_end(s, key_start, n)
-        if key_end < 0:
+        if PyUnicode_GET_LENGTH(text) > max_size or not PyUnicode_IS_COMPACT_ASCII(text):
             return None
-        key = _key(s, key_start, key_end, inner)
-        if key == 0 or seen & key:
+        s = <const char*>PyUnicode_DATA(text)
+        if not _scan(s, PyUnicode_GET_LENGTH(text), &f):
             return None
-        seen |= key
-        i = _skip_ws(s, key_end + 1, n)
-        if i >= n or s[i] != c':':
+        if f.sequence < self.next_sequence or f.chunk < self.next_inbound_chunk:
             return None
-        i = _skip_ws(s, i + 1, n)
-        if i >= n:
+        if not _equals(s, f.track_start, f.track_end, b"inbound", 7):
             return None
-        if key == K_MEDIA:
-            if s[i] != c'{':
-                return None
-            inner = True
-            i += 1
-            continue
-        if s[i] != c'"':
+        sid_size = PyUnicode_GET_LENGTH(self.stream_sid)
+        if not PyUnicode_IS_COMPACT_ASCII(self.stream_sid) or not _equals(
+            s, f.sid_start, f.sid_end, <const char*>PyUnicode_DATA(self.stream_sid), sid_size
+        ):
             return None
-        value_start = i + 1
-        value_end = _string_end(s, value_start, n)
-        if value_end < 0:
+        size = _b64_size(s + f.payload_start, f.payload_end - f.payload_start)
+        if size < 0:
             return None
-        i = value_end + 1
-        if key == K_EVENT:
-            if not _equals(s, value_start, value_end, b"media", 5):
-                return None
-        elif key == K_SEQUENCE:
-            sequence = _digits(s, value_start, value_end)
-            if sequence < 0:
-                return None
-        elif key == K_STREAM_SID:
-            sid_start, sid_end = value_start, value_end
-        elif key == K_TRACK:
-            if value_end == value_start:
-                return None
-            track_start, track_end = value_start, value_end
-        elif key == K_CHUNK:
-            chunk = _digits(s, value_start, value_end)
-            if chunk < 0:
-                return None
-        elif key == K_TIMESTAMP:
-            timestamp = _digits(s, value_start, value_end)
-            if timestamp < 0:
-                return None
-        else:  # K_PAYLOAD
-            payload_start, payload_end = value_start, value_end
-        # after a value: ',' (next member) or '}' (end of this object, maybe of the inner one)
-        while True:
-            i = _skip_ws(s, i, n)
-            if i >= n:
-                return None
-            if s[i] == c',':
-                i += 1
-                break
-            if s[i] != c'}':
-                return None
-            i += 1
-            if inner:
-                if seen & MEDIA_KEYS != MEDIA_KEYS:
-                    return None
-                inner = False
-                continue  # the outer object goes on with ',' or ends with '}'
-            if seen != TOP_KEYS | MEDIA_KEYS or _skip_ws(s, i, n) != n:
-                return None
-            return (
-                sequence,
-                PyUnicode_Substring(text, sid_start, sid_end),
-                PyUnicode_Substring(text, track_start, track_end),
-                chunk,
-                timestamp,
-                PyUnicode_Substring(text, payload_start, payload_end),
-            )
+        payload = PyBytes_FromStringAndSize(NULL, size)
+        if not _b64_decode(s + f.payload_start, f.payload_end - f.payload_start, <unsigned char*>PyBytes_AS_STRING(payload)):
+            return None
+        self.sequence_missing += f.sequence - self.next_sequence
+        self.next_sequence = f.sequence + 1
+        self.chunks_missing += f.chunk - self.next_inbound_chunk
+        self.next_inbound_chunk = f.chunk + 1
+        return f.chunk, payload

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""WebSocket (RFC 6455) frame kernels: XOR masking, a data-frame scanner and a frame builder.
+"""WebSocket (RFC 6455) frame kernels: XOR masking, a data-frame scanner and frame builders.
 
 Why: wsproto parses and unmasks every frame in pure Python, and a Media
 Stream carries ~100 small frames a second per call.  :func:`scan` handles
@@ -81,6 +81,77 @@ def encode_frame(bint text, bytes payload not None, key=None):
         _xor(src, p + head + 4, n, k)
     else:
         memcpy(p + head, src, n)
+    return out
+
+
+cdef const char* B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+cdef void _b64encode(const unsigned char* src, Py_ssize_t n, unsigned char* dst) noexcept nogil:
+    """Standard base64 with padding, as ``binascii.b2a_base64(newline=False)``: 4 * ceil(n / 3) bytes."""
+    cdef Py_ssize_t i = 0, o = 0
+    cdef unsigned int v
+    while i + 3 <= n:
+        v = (<unsigned int>src[i] << 16) | (<unsigned int>src[i + 1] << 8) | src[i + 2]
+        dst[o] = B64[v >> 18]
+        dst[o + 1] = B64[(v >> 12) & 63]
+        dst[o + 2] = B64[(v >> 6) & 63]
+        dst[o + 3] = B64[v & 63]
+        i += 3
+        o += 4
+    if n - i == 1:
+        v = <unsigned int>src[i] << 16
+        dst[o] = B64[v >> 18]
+        dst[o + 1] = B64[(v >> 12) & 63]
+        dst[o + 2] = c'='
+        dst[o + 3] = c'='
+    elif n - i == 2:
+        v = (<unsigned int>src[i] << 16) | (<unsigned int>src[i + 1] << 8)
+        dst[o] = B64[v >> 18]
+        dst[o + 1] = B64[(v >> 12) & 63]
+        dst[o + 2] = B64[(v >> 6) & 63]
+        dst[o + 3] = c'='
+
+
+def encode_b64_frame(bytes prefix not None, bytes data not None, bytes suffix not None, key=None):
+    """``encode_frame(True, prefix + base64(data) + suffix, key)`` in one step.
+
+    The per-frame audio message of a JSON provider (e.g. OpenAI's
+    ``{"type":"input_audio_buffer.append","audio":"`` + base64 + ``"}``),
+    framed without building the text first.  ``prefix`` and ``suffix`` must
+    be UTF-8 (the frame is a text frame); base64 is ASCII.
+    """
+    cdef Py_ssize_t np = PyBytes_GET_SIZE(prefix), nd = PyBytes_GET_SIZE(data), ns = PyBytes_GET_SIZE(suffix)
+    cdef Py_ssize_t nb = (nd + 2) // 3 * 4
+    cdef Py_ssize_t n = np + nb + ns
+    cdef Py_ssize_t head = 2 if n < 126 else (4 if n < 65536 else 10)
+    cdef bint masked = key is not None
+    if masked and (not isinstance(key, bytes) or PyBytes_GET_SIZE(key) != 4):
+        raise ValueError("a masking key is 4 bytes")
+    out = PyBytes_FromStringAndSize(NULL, head + (4 if masked else 0) + n)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef unsigned char bit = 0x80 if masked else 0
+    cdef int i
+    p[0] = 0x81
+    if n < 126:
+        p[1] = bit | <unsigned char>n
+    elif n < 65536:
+        p[1] = bit | 126
+        p[2] = (n >> 8) & 0xFF
+        p[3] = n & 0xFF
+    else:
+        p[1] = bit | 127
+        for i in range(8):
+            p[2 + i] = (<uint64_t>n >> (8 * (7 - i))) & 0xFF
+    cdef unsigned char* body = p + head + (4 if masked else 0)
+    memcpy(body, PyBytes_AS_STRING(prefix), np)
+    _b64encode(<const unsigned char*>PyBytes_AS_STRING(data), nd, body + np)
+    memcpy(body + np + nb, PyBytes_AS_STRING(suffix), ns)
+    cdef const unsigned char* k
+    if masked:
+        k = <const unsigned char*>PyBytes_AS_STRING(key)
+        memcpy(p + head, k, 4)
+        _xor(body, body, n, k)  # in place: _xor reads each word before it writes it
     return out
 
 

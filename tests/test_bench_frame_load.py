@@ -122,7 +122,8 @@ def test_frame_path_quick_run_has_every_stage_of_every_path(tmp_path: Path) -> N
             assert total["median_ns"] > 0
             # the total is a per-frame sum of the bridge stages, so at least the largest one
             assert total["median_ns"] >= 0.9 * max(r["median_ns"] for r in counted), path
-        assert ("up", "Twilio parse (native scan, checks, base64)") in rows
+        assert ("up", "Twilio parse (take_media: native scan, checks, base64)") in rows
+        assert ("up", "provider serialize + frame (native envelope)") in rows
         assert not rows["up", "  ordinary parser (json.loads, checks), not used"]["counted"]
         assert rows["up", "WebSocket: receive frame, native (I/O)"]["median_ns"] > 0
         assert not rows["up", "WebSocket: receive frame, native (I/O)"]["counted"]

@@ -346,6 +346,11 @@ class CallBridge:
 
     def _on_twilio(self, message: str | bytes) -> object:
         """One Twilio message through the core: _MEDIA (frames wait in the jitter buffer), _STOP or _OTHER."""
+        taken = self.twilio.take_media(message)  # the usual caller frame, natively
+        if taken is not None:
+            self.stats.frames_in += 1
+            self.jitter.push(*taken)
+            return _MEDIA
         event = self.twilio.receive_event(message)
         if type(event) is tw.Media:
             self.stats.frames_in += 1
@@ -463,7 +468,7 @@ class CallBridge:
         if not frame:
             return True
         self.stats.frames_to_model += 1
-        if self._nowait.send_nowait(pv.SendAudio(frame)):
+        if self._nowait.send_audio_nowait(frame):
             return True
         if self._flushing:
             return False

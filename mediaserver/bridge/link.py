@@ -100,6 +100,10 @@ class PolledLink(ProviderLink, Protocol):
         """Send without waiting: True if sent, False if queued (then :meth:`flush` must run)."""
         ...
 
+    def send_audio_nowait(self, audio: bytes) -> bool:
+        """``send_nowait(SendAudio(audio))``, possibly faster (the uplink's per-frame call)."""
+        ...
+
     @property
     def backlogged(self) -> bool:
         """True while something queued waits for :meth:`flush`."""

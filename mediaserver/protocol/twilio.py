@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-from mediaserver._native._twilio import parse_media
+from mediaserver._native._twilio import MediaCursor, parse_media
 
 from ._wire import (
     JsonObject,
@@ -111,9 +111,10 @@ __all__ = [
 # refusing floods.  Same cap as openai-agents-python PR #5110 for this socket.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
 
-# Numeric strings longer than this are refused before int() sees them
-# (2**63 has 19 digits; Twilio counters are far smaller).
-_MAX_DIGITS: Final = 19
+# Numeric strings longer than this are refused before int() sees them, so
+# that every counter fits the native cursor's 64-bit integers (10**18 < 2**63;
+# Twilio's counters are far smaller).
+_MAX_DIGITS: Final = 18
 
 # start.mediaFormat.encoding as documented on the websocket-messages page.
 _MULAW_ENCODING: Final = "audio/x-mulaw"
@@ -246,11 +247,11 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         self._mark_prefix = ""
         self._clear_message = ""
 
-        # Ordering facts.
-        self._next_sequence_number = 1
+        # Ordering facts: sequence numbers, the inbound track's chunks and the
+        # totals in the native cursor (shared with take_media), other tracks here.
+        self._cursor = MediaCursor()
         self._next_chunk: dict[str, int] = {}
-        self._sequence_numbers_missing = 0
-        self._chunks_missing = 0
+        self._other_chunks_missing = 0
 
         # Playback accounting (see the module docstring).
         self._next_mark_number = 1
@@ -320,6 +321,21 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
             self._state = StreamState.ERROR
             raise
 
+    def take_media(self, message: str | bytes) -> tuple[int, bytes] | None:
+        """``(chunk, payload)`` of a plain inbound ``media`` message while streaming, all natively; else None.
+
+        The bridge's per-frame path: what :meth:`receive_event` would make
+        of the message -- the same checks and counters -- without building
+        a :class:`~mediaserver.protocol.twilio_events.Media`
+        (:class:`mediaserver._native._twilio.MediaCursor`).  None changes
+        nothing: give the message to :meth:`receive_event`, which returns
+        its event or raises its error (DTMF, marks, ``stop``, other tracks,
+        unusual layouts, every message that fails a check).
+        """
+        if self._state is StreamState.STREAMING:
+            return self._cursor.take(message, self._max_message_bytes)
+        return None
+
     def _parse(self, message: str | bytes) -> TwilioEvent:
         text = require_text(message, "Twilio")
         msg = load_object(text, tag="event", max_bytes=self._max_message_bytes)
@@ -346,14 +362,15 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         return number
 
     def _check_sequence(self, number: int) -> None:
-        expected = self._next_sequence_number
+        cursor = self._cursor
+        expected = cursor.next_sequence
         if number != expected:
             if number < expected:
                 raise RemoteProtocolError(
                     f"sequenceNumber {number} repeats or goes backwards (expected {expected})"
                 )
-            self._sequence_numbers_missing += number - expected
-        self._next_sequence_number = number + 1
+            cursor.sequence_missing += number - expected
+        cursor.next_sequence = number + 1
 
     def _check_stream_sid(self, msg: JsonObject) -> None:
         assert self._start is not None
@@ -397,6 +414,7 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
             media_format=media_format,
         )
         self._start = event
+        self._cursor.stream_sid = event.stream_sid
         sid = json.dumps(stream_sid)
         self._media_prefix = '{"event":"media","streamSid":' + sid + ',"media":{"payload":"'
         self._mark_prefix = '{"event":"mark","streamSid":' + sid + ',"mark":{"name":"'
@@ -422,7 +440,9 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
                 f"'media' for streamSid {sid!r:.40}, but this stream is {self._start.stream_sid!r}"
             )
         audio = b64decode(payload, "media.media.payload")
-        expected = self._next_chunk.get(track, 1)
+        cursor = self._cursor
+        inbound = track == "inbound"
+        expected = cursor.next_inbound_chunk if inbound else self._next_chunk.get(track, 1)
         missing = 0
         if chunk != expected:
             if chunk < expected:
@@ -430,8 +450,14 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
                     f"media.chunk {chunk} on track {track!r} repeats or goes backwards (expected {expected})"
                 )
             missing = chunk - expected
-            self._chunks_missing += missing
-        self._next_chunk[track] = chunk + 1
+            if inbound:
+                cursor.chunks_missing += missing
+            else:
+                self._other_chunks_missing += missing
+        if inbound:
+            cursor.next_inbound_chunk = chunk + 1
+        else:
+            self._next_chunk[track] = chunk + 1
         return Media(sequence_number, track, chunk, timestamp_ms, audio, missing)
 
     def _parse_dtmf(self, msg: JsonObject) -> Dtmf:
@@ -622,12 +648,12 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
     @property
     def sequence_numbers_missing(self) -> int:
         """Total ``sequenceNumber`` values skipped so far."""
-        return self._sequence_numbers_missing
+        return self._cursor.sequence_missing
 
     @property
     def chunks_missing(self) -> int:
         """Total ``media.chunk`` values skipped so far, over all tracks."""
-        return self._chunks_missing
+        return self._cursor.chunks_missing + self._other_chunks_missing
 
 
 # ------------------------------------------------------------------- helpers

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -47,6 +47,7 @@ from mediaserver.protocol.providers.base import (
     ProviderError,
     ProviderEvent,
     ProviderSession,
+    SendAudio,
     SessionReady,
 )
 from mediaserver.transport.http import open_stream
@@ -82,6 +83,7 @@ class WebSocketLink:
         # batches never interleave and keep the core's order, with no lock
         # of the link's own.
         self.last_send_s = trio.current_time()
+        self._envelope: Callable[[], tuple[bytes, bytes] | None] | None = getattr(session, "audio_envelope", None)
 
     @property
     def input_format(self) -> AudioFormat:
@@ -116,6 +118,24 @@ class WebSocketLink:
             return True
         try:
             sent = self._ws.send_many_nowait(messages)
+        except WebSocketClosed as exc:
+            raise self._closed(exc) from None
+        self.last_send_s = trio.current_time()
+        return sent
+
+    def send_audio_nowait(self, audio: bytes) -> bool:
+        """``send_nowait(SendAudio(audio))``, framed natively when the core gives its envelope (the per-frame path).
+
+        A core with ``audio_envelope()`` (OpenAI's) says what the message
+        is; the frame is then built in one native step
+        (:func:`~mediaserver._native._wsframe.encode_b64_frame`) instead of
+        through a command object, base64, JSON text and framing.
+        """
+        envelope = self._envelope() if self._envelope is not None else None
+        if envelope is None:
+            return self.send_nowait(SendAudio(audio))
+        try:
+            sent = self._ws.send_b64_nowait(envelope[0], audio, envelope[1])
         except WebSocketClosed as exc:
             raise self._closed(exc) from None
         self.last_send_s = trio.current_time()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import random
 import struct
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
-from mediaserver._native._wsframe import DONE, INCOMPLETE, OTHER, encode_frame, mask, scan
+from mediaserver._native._wsframe import DONE, INCOMPLETE, OTHER, encode_b64_frame, encode_frame, mask, scan
 
 # Payload lengths at and around the edges of the 7-, 16- and 64-bit length encodings.
 LENGTHS = [0, 1, 3, 4, 5, 7, 8, 9, 125, 126, 127, 65535, 65536, 65537]
@@ -87,6 +88,23 @@ def test_encode_frame_is_the_reference_frame(n: int, text: bool) -> None:
     expected = payload.decode() if text else payload
     assert wsproto_messages(encode_frame(text, payload), masked=False) == [expected]
     assert wsproto_messages(encode_frame(text, payload, b"wxyz"), masked=True) == [expected]
+
+
+@given(st.binary(max_size=400), st.binary(max_size=60), st.binary(max_size=8), st.one_of(st.none(), st.binary(min_size=4, max_size=4)))
+def test_encode_b64_frame_is_the_text_frame_of_prefix_base64_suffix(data: bytes, prefix: bytes, suffix: bytes, key: bytes | None) -> None:
+    payload = prefix + base64.b64encode(data) + suffix
+    assert encode_b64_frame(prefix, data, suffix, key) == ref_frame(0x81, payload, key)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 90, 91, 92, 93, 94, 95, 49149, 49150, 49151, 49152])
+def test_encode_b64_frame_at_every_length_class(n: int) -> None:
+    """Base64 lengths around the 126 and 65536 length encodings (with a 2-byte prefix and suffix)."""
+    data = random.Random(n).randbytes(n)
+    payload = b'{"' + base64.b64encode(data) + b'"}'
+    assert encode_b64_frame(b'{"', data, b'"}', b"\x00\xff\x10\x80") == ref_frame(0x81, payload, b"\x00\xff\x10\x80")
+    assert wsproto_messages(encode_b64_frame(b'{"', data, b'"}', b"wxyz"), masked=True) == [payload.decode()]
+    with pytest.raises(ValueError, match="4 bytes"):
+        encode_b64_frame(b"", data, b"", b"abc")
 
 
 def _stream(messages: list[str | bytes], masked: bool, seed: int) -> tuple[bytes, list[int]]:

@@ -365,6 +365,31 @@ def test_openai_send_audio_is_valid_append_with_exact_payload() -> None:
     assert event.event_id is None  # audio appends carry no event id
 
 
+def test_openai_audio_envelope_is_exactly_what_send_audio_sends_in_every_state() -> None:
+    """The link frames audio from audio_envelope(): it must be send(SendAudio)'s one message, or None where send raises."""
+    payload = bytes(range(256)) * 3
+    fresh = OpenAIRealtimeSession(config())
+    assert fresh.audio_envelope() is None  # NEW: send raises
+    awaiting = OpenAIRealtimeSession(config())
+    awaiting.initial_messages()
+    created = OpenAIRealtimeSession(config())
+    created.initial_messages()
+    receive(created, server(session_created()))
+    for session in (awaiting, created, ready_session(), ready_session(audio_format="pcm24k")):
+        state = session.state
+        envelope = session.audio_envelope()
+        assert envelope is not None, state
+        prefix, suffix = envelope
+        [text] = session.send(SendAudio(payload))
+        assert text == prefix.decode() + base64.b64encode(payload).decode() + suffix.decode()
+        assert isinstance(client_event(text), InputAudioBufferAppendEvent)
+        assert session.state is state  # sending audio moves nothing
+    dead = ready_session()
+    with pytest.raises(RemoteProtocolError):
+        dead.receive_message("not json")
+    assert dead.audio_envelope() is None
+
+
 def test_openai_cancel_and_create_response_are_valid() -> None:
     session = ready_session()
     [cancel] = session.send(CancelResponse())

@@ -170,7 +170,7 @@ def test_scanner_takes_the_usual_shapes() -> None:
         stop_msg(3),
         media_msg(3, 1, 0).replace('"inbound"', '"in\\u0062ound"'),  # an escape: json.loads's job
         media_msg(3, 1, 0).replace('"3"', "3"),  # a JSON number
-        media_msg(3, 1, 0).replace('"3"', '"1234567890123456789"'),  # 19 digits: more than the scanner converts
+        media_msg(3, 1, 0).replace('"3"', '"1234567890123456789"'),  # 19 digits: more than the scanner converts (and the core refuses)
         media_msg(3, 1, 0)[:-1] + ', "extra": 1}',
         media_msg(3, 1, 0).replace("inbound", "inbound\u00e9"),
         "",
@@ -209,3 +209,96 @@ def test_receive_event_before_start_is_refused_as_before() -> None:
     stream.receive_event(connected_msg())
     with pytest.raises(RemoteProtocolError, match="'media' in state AWAITING_START"):
         stream.receive_event(media_msg(1, 1, 0))
+
+
+# -- take_media: the bridge's per-frame path ------------------------------------------------
+
+
+def _taken_outcome(stream: TwilioStream, text: str) -> tuple[str, object, StreamState, int, int]:
+    """What the bridge makes of ``text``: take_media, or receive_event when it declines (as CallBridge does)."""
+    taken = stream.take_media(text)
+    if taken is None:
+        return _outcome(stream, text, fast=True)
+    chunk, payload = taken
+    return repr(("taken", chunk, payload)), taken, stream.state, stream.sequence_numbers_missing, stream.chunks_missing
+
+
+def _as_taken(outcome: tuple[str, object, StreamState, int, int]) -> tuple[object, ...]:
+    """An outcome as take_media reports it: a Media on the inbound track becomes (chunk, payload)."""
+    result = outcome[1]
+    if isinstance(result, Media) and result.track == "inbound":
+        return (repr(("taken", result.chunk, result.payload)), *outcome[2:])
+    return (outcome[0], *outcome[2:])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(media_texts(), min_size=1, max_size=4))
+def test_take_media_matches_receive_message(texts: list[str]) -> None:
+    """take_media (falling back to receive_event) ends in the same payloads, errors, state and counters."""
+    fast, slow = _started(), _started()
+    for text in texts:
+        a, b = _taken_outcome(fast, text), _outcome(slow, text, fast=False)
+        assert _as_taken(a) == _as_taken(b)
+        if fast.state is StreamState.ERROR:
+            break
+
+
+def test_take_media_takes_the_usual_message_and_counts_gaps() -> None:
+    stream = _started()
+    assert stream.take_media(media_msg(2, 1, 0, b"\x10" * 160)) == (1, b"\x10" * 160)
+    assert stream.take_media(media_msg(5, 4, 60, b"\xff\x00\x7f")) == (4, b"\xff\x00\x7f")
+    assert (stream.sequence_numbers_missing, stream.chunks_missing) == (2, 2)
+    # the ordinary path continues from the counters take_media moved
+    with pytest.raises(RemoteProtocolError, match="sequenceNumber 5 repeats or goes backwards"):
+        stream.receive_event(media_msg(5, 5, 80))
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        ("", "empty"),
+        ("AAA", "not a multiple of 4"),
+        ("AB==", "leftover bits set: binascii accepts it, take_media leaves it to binascii"),
+        ("AAB=", "leftover bits set"),
+        ("A===", "three pad characters"),
+        ("AA=A", "padding inside the last group"),
+        ("AA==AAAA", "padding before the end"),
+        ("AA-_", "the URL-safe alphabet"),
+    ],
+)
+def test_take_media_declines_base64_that_is_not_canonical(payload: str, why: str) -> None:
+    stream = _started()
+    text = json.dumps(
+        {"event": "media", "sequenceNumber": "2", "media": {"track": "inbound", "chunk": "1", "timestamp": "0", "payload": payload},
+         "streamSid": STREAM_SID}
+    )
+    assert stream.take_media(text) is None, why
+    assert (stream.sequence_numbers_missing, stream.chunks_missing, stream.state) == (0, 0, StreamState.STREAMING)
+    reference = _started()
+    assert _outcome(stream, text, fast=True)[2:] == _outcome(reference, text, fast=False)[2:]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 159, 160, 161, 320])
+def test_take_media_decodes_every_length_as_binascii_does(size: int) -> None:
+    stream = _started()
+    payload = bytes((7 * i + 3) % 256 for i in range(size))
+    assert stream.take_media(media_msg(2, 1, 0, payload)) == (1, payload)
+
+
+def test_take_media_declines_outside_streaming_and_other_tracks() -> None:
+    before = TwilioStream()
+    before.receive_event(connected_msg())
+    assert before.take_media(media_msg(1, 1, 0)) is None
+    stream = _started()
+    assert stream.take_media(media_msg(2, 1, 0).replace('"inbound"', '"outbound"')) is None
+    assert stream.take_media(mark_msg(2, "m1")) is None
+    assert stream.take_media(media_msg(2, 1, 0).encode()) is None  # bytes: a binary frame, the ordinary path's error
+    small = TwilioStream(max_message_bytes=len(start_msg()))
+    small.receive_message(connected_msg())
+    small.receive_message(start_msg())
+    list(small.events())
+    assert small.take_media(media_msg(2, 1, 0, b"\x00" * 400)) is None  # oversized: refused by the ordinary path
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        small.receive_event(media_msg(2, 1, 0, b"\x00" * 400))
+    stream.receive_event(stop_msg(2))
+    assert stream.take_media(media_msg(3, 1, 0)) is None

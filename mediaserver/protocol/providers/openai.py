@@ -217,6 +217,12 @@ class SessionState(enum.Enum):
     ERROR = "error"  # a protocol error happened; the session is dead
 
 
+# The states in which send(SendAudio) is one input_audio_buffer.append and
+# changes nothing (the COMMAND transitions below), and that message around the audio.
+_AUDIO_STATES: Final = frozenset({SessionState.AWAITING_CREATED, SessionState.AWAITING_UPDATED, SessionState.READY})
+_APPEND_ENVELOPE: Final = (b'{"type":"input_audio_buffer.append","audio":"', b'"}')
+
+
 class _Input(enum.Enum):
     INITIAL = "initial messages"  # outbound: initial_messages()
     COMMAND = "command"  # outbound: send(any command)
@@ -334,6 +340,17 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
     def send(self, command: ProviderCommand) -> list[str]:
         """Return the wire messages for ``command``: zero, one or two text frames."""
         return self._guarded(self._send, command)
+
+    def audio_envelope(self) -> tuple[bytes, bytes] | None:
+        """``(prefix, suffix)``: now, ``send(SendAudio(p))`` is the one message ``prefix + base64(p) + suffix``.
+
+        None when it is not (before ``initial_messages()``, after an error):
+        use :meth:`send`, which raises.  The link frames audio natively from
+        this (``WebSocketLink.send_audio_nowait``), the uplink's per-frame path.
+        """
+        if self._state in _AUDIO_STATES:
+            return _APPEND_ENVELOPE
+        return None
 
     def _send(self, command: ProviderCommand) -> list[str]:
         self._transition(_I.COMMAND, inbound=False)
