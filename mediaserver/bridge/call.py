@@ -250,6 +250,7 @@ class CallBridge:
         self._changed = trio.Event()  # set (and replaced) whenever playback or response state may have moved
         self._watchers = 0  # tasks waiting on _changed (no one, most of the time)
         self._last_heard_s = 0.0  # when Twilio last sent anything (the idle watchdog reads it)
+        self._now = trio.lowlevel.current_clock().current_time  # trio.current_time() without its wrappers
         self._response_open = False
         self._ending = False
         self._digits: _DigitCollector | None = None
@@ -318,10 +319,10 @@ class CallBridge:
         A task of its own that wakes about once per timeout, rather than a
         deadline the reader moves on every message (a heap update each time).
         """
-        self._last_heard_s = trio.current_time()
+        self._last_heard_s = self._now()
         while True:
             await trio.sleep_until(self._last_heard_s + self.idle_timeout_s)
-            if trio.current_time() >= self._last_heard_s + self.idle_timeout_s:
+            if self._now() >= self._last_heard_s + self.idle_timeout_s:
                 self._end(f"idle: nothing from Twilio for {self.idle_timeout_s:g} s")
                 return
 
@@ -335,12 +336,12 @@ class CallBridge:
             except StreamClosed:
                 self._end("twilio hung up")
                 return
-            received_s = self._last_heard_s = trio.current_time()
+            received_s = self._last_heard_s = self._now()
             kind = self._on_twilio(message)
             if kind is _MEDIA:
                 for frame in iter(self.jitter.pop, None):
                     await self._uplink(frame)
-                stats.uplink.add(trio.current_time() - received_s)
+                stats.uplink.add(self._now() - received_s)
             elif kind is _STOP:
                 return
 
@@ -351,6 +352,10 @@ class CallBridge:
             self.stats.frames_in += 1
             self.jitter.push(*taken)
             return _MEDIA
+        return self._on_twilio_event(message)
+
+    def _on_twilio_event(self, message: str | bytes) -> object:
+        """:meth:`_on_twilio` for a message ``take_media`` declined: any event, or the error."""
         event = self.twilio.receive_event(message)
         if type(event) is tw.Media:
             self.stats.frames_in += 1
@@ -432,24 +437,37 @@ class CallBridge:
         self._drain_polled(more)
 
     def _drain_polled(self, more: bool) -> None:
+        # The per-frame path, flattened (this runs 50 times a second per call):
+        # what _on_twilio does for a plain media message, inline.
         messages = self._polled.inbox
         stats = self.stats
+        now = self._now
+        take = self.twilio.take_media
+        jitter = self.jitter
         try:
-            received_s = self._last_heard_s = trio.current_time()
+            received_s = self._last_heard_s = now()
             while messages:
                 message = messages.popleft()
-                kind = self._on_twilio(message)
-                if kind is _MEDIA:
-                    keep = True
-                    for frame in iter(self.jitter.pop, None):
-                        keep = self._uplink_nowait(frame) and keep
-                    stats.uplink.add(trio.current_time() - received_s)
-                    if not keep:  # the model is not keeping up: the reader task takes over and waits for it
-                        more = False
-                        break
-                elif kind is _STOP:
-                    self._tw.end(_STOP)
-                    return
+                taken = take(message)
+                if taken is not None:
+                    stats.frames_in += 1
+                    jitter.push(*taken)
+                else:
+                    kind = self._on_twilio_event(message)
+                    if kind is _STOP:
+                        self._tw.end(_STOP)
+                        return
+                    if kind is not _MEDIA:
+                        continue
+                keep = True
+                frame = jitter.pop()
+                while frame is not None:
+                    keep = self._uplink_nowait(frame) and keep
+                    frame = jitter.pop()
+                stats.uplink.add(now() - received_s)
+                if not keep:  # the model is not keeping up: the reader task takes over and waits for it
+                    more = False
+                    break
         except Exception as exc:
             self._tw.fail(exc)
             return
@@ -464,9 +482,10 @@ class CallBridge:
         a task per socket, so a stalled model cannot make the backlog grow
         without bound (and the idle watchdog sees the silence).
         """
-        frame = self._up_frame(frame)
-        if not frame:
-            return True
+        if self._up_pcm:
+            frame = self._up_frame(frame)
+            if not frame:
+                return True
         self.stats.frames_to_model += 1
         if self._nowait.send_audio_nowait(frame):
             return True
@@ -537,7 +556,7 @@ class CallBridge:
             if self._nursery is not None:
                 self._nursery.start_soon(self._run_tool, event)
         elif isinstance(event, pv.Transcript):
-            offset_s = trio.current_time() - self.stats.started_s
+            offset_s = self._now() - self.stats.started_s
             self.stats.transcript.add(event.role, event.text, final=event.final, item_id=event.item_id, offset_s=offset_s)
             if event.final:
                 log.debug("call %s: %s: %s", self.stats.call_sid, event.role, event.text)
@@ -699,14 +718,14 @@ class CallBridge:
             self._digits.add(digit)
             return
         self._dtmf_text.append(digit)
-        self._dtmf_flush_s = trio.current_time() + self.dtmf_gap_s
+        self._dtmf_flush_s = self._now() + self.dtmf_gap_s
         if not self._dtmf_flushing and self._nursery is not None:
             self._dtmf_flushing = True
             self._nursery.start_soon(self._flush_digits)
 
     async def _flush_digits(self) -> None:
         """Tell the model which keys were pressed, once the caller pauses for ``dtmf_gap_s``."""
-        while trio.current_time() < self._dtmf_flush_s:
+        while self._now() < self._dtmf_flush_s:
             await trio.sleep_until(self._dtmf_flush_s)
         digits, self._dtmf_text = self._dtmf_text, []
         self._dtmf_flushing = False
@@ -719,7 +738,7 @@ class CallBridge:
     # -- downlink --------------------------------------------------------------
 
     def _downlink(self, item: str, payload: bytes) -> None:
-        now = trio.current_time()
+        now = self._now()
         if self._down_pcm:
             if self._down_resampler is not None:
                 payload = self._down_resampler.process(payload)
@@ -761,7 +780,7 @@ class CallBridge:
         queue = self._queue
         if queue and not self._send_lock.locked():
             twilio = self.twilio
-            now = trio.current_time()
+            now = self._now()
             while queue:
                 if self._playing_until_s < now:
                     self._playing_until_s = now  # Twilio's buffer ran dry
@@ -786,7 +805,7 @@ class CallBridge:
         stats.frames_out += 1
         # bridge-added latency: from when the audio arrived, or when the
         # lead allowed it out, to when it was on Twilio's socket
-        stats.downlink.add(trio.current_time() - max(chunk.received_s, slot_s))
+        stats.downlink.add(self._now() - max(chunk.received_s, slot_s))
         self._playing_until_s = max(self._playing_until_s, now) + len(chunk.payload) / (tw.MULAW_SAMPLES_PER_MS * 1000)
 
     def _start_twilio_flush(self) -> None:
@@ -819,7 +838,7 @@ class CallBridge:
                     continue
                 await self._queued.wait()
                 continue
-            now = trio.current_time()
+            now = self._now()
             if self._playing_until_s < now:
                 self._playing_until_s = now  # Twilio's buffer ran dry
             slot_s = self._playing_until_s - self.lead_s
@@ -873,7 +892,7 @@ class CallBridge:
             if self._down_resampler is not None:
                 self._down_resampler.reset()  # no tail of the cut reply in the next one
             await self._send_twilio(tw.ClearAudio())
-            self._playing_until_s = trio.current_time()
+            self._playing_until_s = self._now()
             # What the caller heard of each item is final now: echoes that
             # arrive from here on are for cleared marks.
             heard = [(item, self.twilio.playback(item).played_ms) for item in items]
