@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Twilio Media Streams: a scanner for the plain inbound ``media`` message.
+"""Twilio Media Streams: a scanner for the plain inbound ``media`` message (and ``mark`` echo).
 
 Why: 50 ``media`` messages a second arrive on every call, and parsing one
 with ``json.loads`` plus the protocol core's field checks costs ~7 µs of
@@ -15,6 +15,9 @@ For every message it accepts, the fields it returns are the ones
 ``json.loads`` would give: ``tests/protocol/test_twilio_fastpath.py``
 checks that on generated messages.  The base64 payload is returned as text:
 the caller decodes it with the same strict decoder as the ordinary path.
+:func:`parse_mark` does the same for Twilio's echo of a ``mark`` (12.5 a
+second while the agent talks), and :class:`MediaCursor` adds the media
+checks and base64 for the bridge's per-frame path.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -37,7 +40,10 @@ cdef enum:
     K_CHUNK = 32
     K_TIMESTAMP = 64
     K_PAYLOAD = 128
+    K_MARK = 256
+    K_NAME = 512
     TOP_KEYS = K_EVENT | K_SEQUENCE | K_STREAM_SID | K_MEDIA
+    MARK_KEYS = K_EVENT | K_SEQUENCE | K_STREAM_SID | K_MARK | K_NAME
     MEDIA_KEYS = K_TRACK | K_CHUNK | K_TIMESTAMP | K_PAYLOAD
 
 
@@ -70,8 +76,13 @@ cdef inline bint _equals(const char* s, Py_ssize_t start, Py_ssize_t end, const 
     return True
 
 
-cdef inline int _key(const char* s, Py_ssize_t start, Py_ssize_t end, bint inner) noexcept nogil:
-    if inner:
+cdef inline int _key(const char* s, Py_ssize_t start, Py_ssize_t end, bint inner, bint mark) noexcept nogil:
+    if mark:
+        if inner:
+            return K_NAME if _equals(s, start, end, b"name", 4) else 0
+        if _equals(s, start, end, b"mark", 4):
+            return K_MARK
+    elif inner:
         if _equals(s, start, end, b"track", 5):
             return K_TRACK
         if _equals(s, start, end, b"chunk", 5):
@@ -87,7 +98,7 @@ cdef inline int _key(const char* s, Py_ssize_t start, Py_ssize_t end, bint inner
         return K_SEQUENCE
     if _equals(s, start, end, b"streamSid", 9):
         return K_STREAM_SID
-    if _equals(s, start, end, b"media", 5):
+    if not mark and _equals(s, start, end, b"media", 5):
         return K_MEDIA
     return 0
 
@@ -112,8 +123,9 @@ cdef struct Fields:
     Py_ssize_t sid_start, sid_end, track_start, track_end, payload_start, payload_end
 
 
-cdef bint _scan(const char* s, Py_ssize_t n, Fields* f) noexcept nogil:
-    """Fill ``f`` from a plain media message (the module docstring's case); False for anything else."""
+cdef bint _scan(const char* s, Py_ssize_t n, Fields* f, bint mark) noexcept nogil:
+    """Fill ``f`` from a plain media message (``mark``: a plain mark echo, its name in the payload
+    fields) as the module docstring describes; False for anything else."""
     cdef Py_ssize_t i = 0, key_start, key_end, value_start, value_end
     cdef int seen = 0, key
     cdef bint inner = False
@@ -133,7 +145,7 @@ cdef bint _scan(const char* s, Py_ssize_t n, Fields* f) noexcept nogil:
         key_end = _string_end(s, key_start, n)
         if key_end < 0:
             return False
-        key = _key(s, key_start, key_end, inner)
+        key = _key(s, key_start, key_end, inner, mark)
         if key == 0 or seen & key:
             return False
         seen |= key
@@ -143,7 +155,7 @@ cdef bint _scan(const char* s, Py_ssize_t n, Fields* f) noexcept nogil:
         i = _skip_ws(s, i + 1, n)
         if i >= n:
             return False
-        if key == K_MEDIA:
+        if key == K_MEDIA or key == K_MARK:
             if s[i] != c'{':
                 return False
             inner = True
@@ -157,7 +169,10 @@ cdef bint _scan(const char* s, Py_ssize_t n, Fields* f) noexcept nogil:
             return False
         i = value_end + 1
         if key == K_EVENT:
-            if not _equals(s, value_start, value_end, b"media", 5):
+            if mark:
+                if not _equals(s, value_start, value_end, b"mark", 4):
+                    return False
+            elif not _equals(s, value_start, value_end, b"media", 5):
                 return False
         elif key == K_SEQUENCE:
             f.sequence = _digits(s, value_start, value_end)
@@ -177,7 +192,9 @@ cdef bint _scan(const char* s, Py_ssize_t n, Fields* f) noexcept nogil:
             f.timestamp = _digits(s, value_start, value_end)
             if f.timestamp < 0:
                 return False
-        else:  # K_PAYLOAD
+        else:  # K_PAYLOAD, K_NAME
+            if key == K_NAME and value_end == value_start:  # (the core refuses an empty name)
+                return False
             f.payload_start, f.payload_end = value_start, value_end
         # after a value: ',' (next member) or '}' (end of this object, maybe of the inner one)
         while True:
@@ -191,11 +208,11 @@ cdef bint _scan(const char* s, Py_ssize_t n, Fields* f) noexcept nogil:
                 return False
             i += 1
             if inner:
-                if seen & MEDIA_KEYS != MEDIA_KEYS:
+                if seen & (K_NAME if mark else MEDIA_KEYS) != (K_NAME if mark else MEDIA_KEYS):
                     return False
                 inner = False
                 continue  # the outer object goes on with ',' or ends with '}'
-            return seen == TOP_KEYS | MEDIA_KEYS and _skip_ws(s, i, n) == n
+            return seen == (MARK_KEYS if mark else TOP_KEYS | MEDIA_KEYS) and _skip_ws(s, i, n) == n
 
 
 def parse_media(str text not None):
@@ -208,7 +225,7 @@ def parse_media(str text not None):
     cdef Fields f
     if not PyUnicode_IS_COMPACT_ASCII(text):
         return None
-    if not _scan(<const char*>PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text), &f):
+    if not _scan(<const char*>PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text), &f, False):
         return None
     return (
         f.sequence,
@@ -216,6 +233,25 @@ def parse_media(str text not None):
         PyUnicode_Substring(text, f.track_start, f.track_end),
         f.chunk,
         f.timestamp,
+        PyUnicode_Substring(text, f.payload_start, f.payload_end),
+    )
+
+
+def parse_mark(str text not None):
+    """``(sequence_number, stream_sid, name)`` of a plain ``mark`` message; None otherwise.
+
+    Plain as for :func:`parse_media`: exactly the keys ``event`` (=
+    ``"mark"``), ``sequenceNumber``, ``streamSid`` and ``mark`` (key
+    ``name``, not empty), any order, string values without escapes, ASCII only.
+    """
+    cdef Fields f
+    if not PyUnicode_IS_COMPACT_ASCII(text):
+        return None
+    if not _scan(<const char*>PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text), &f, True):
+        return None
+    return (
+        f.sequence,
+        PyUnicode_Substring(text, f.sid_start, f.sid_end),
         PyUnicode_Substring(text, f.payload_start, f.payload_end),
     )
 
@@ -323,7 +359,7 @@ cdef class MediaCursor:
         if PyUnicode_GET_LENGTH(text) > max_size or not PyUnicode_IS_COMPACT_ASCII(text):
             return None
         s = <const char*>PyUnicode_DATA(text)
-        if not _scan(s, PyUnicode_GET_LENGTH(text), &f):
+        if not _scan(s, PyUnicode_GET_LENGTH(text), &f, False):
             return None
         if f.sequence < self.next_sequence or f.chunk < self.next_inbound_chunk:
             return None

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-from mediaserver._native._twilio import MediaCursor, parse_media
+from mediaserver._native._twilio import MediaCursor, parse_mark, parse_media
 
 from ._wire import (
     JsonObject,
@@ -300,7 +300,8 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
 
         Every Twilio message is exactly one event, so the bridge's per-frame
         path skips the queue.  A plain ``media`` message while streaming is
-        scanned natively (:func:`mediaserver._native._twilio.parse_media`);
+        scanned natively (:func:`mediaserver._native._twilio.parse_media`), as
+        is a plain ``mark`` echo (``parse_mark``);
         anything else, and any media message the scanner does not take, is
         parsed as :meth:`receive_message` parses it.  Either way the checks
         are the same (:meth:`_media`), and an error kills the stream.
@@ -316,6 +317,9 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
                 fields = parse_media(message)
                 if fields is not None:
                     return self._media(*fields)
+                marked = parse_mark(message)
+                if marked is not None:
+                    return self._scanned_mark(*marked)
             return self._parse(message)
         except BaseException:
             self._state = StreamState.ERROR
@@ -474,6 +478,18 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         sequence_number = self._sequence(msg)
         self._check_stream_sid(msg)
         name = str_field(obj_field(msg, "mark", "mark"), "name", "mark.mark")
+        return self._mark(sequence_number, name)
+
+    def _scanned_mark(self, sequence_number: int, sid: str, name: str) -> Mark:
+        """A mark echo read by the native scanner: the checks of :meth:`_parse_mark`, in its order."""
+        self._check_sequence(sequence_number)
+        assert self._start is not None
+        if sid != self._start.stream_sid:
+            raise RemoteProtocolError(f"'mark' for streamSid {sid!r:.40}, but this stream is {self._start.stream_sid!r}")
+        return self._mark(sequence_number, name)
+
+    def _mark(self, sequence_number: int, name: str) -> Mark:
+        """The playback accounting of one echoed mark, once its fields are read and checked (both parsers)."""
         cleared_mark = self._cleared_marks.pop(name, None)
         if cleared_mark is not None:
             return Mark(sequence_number, name, cleared=True)

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mediaserver._native._twilio import parse_media
-from mediaserver.protocol import LocalProtocolError, RemoteProtocolError, StreamState, TwilioStream
+from mediaserver._native._twilio import parse_mark, parse_media
+from mediaserver.protocol import ClearAudio, LocalProtocolError, RemoteProtocolError, SendAudio, SendMark, StreamState, TwilioStream
 from mediaserver.protocol.twilio_events import Media, Stop
 
 from .test_twilio import STREAM_SID, connected_msg, media_msg, mark_msg, start_msg, stop_msg
@@ -302,3 +302,81 @@ def test_take_media_declines_outside_streaming_and_other_tracks() -> None:
         small.receive_event(media_msg(2, 1, 0, b"\x00" * 400))
     stream.receive_event(stop_msg(2))
     assert stream.take_media(media_msg(3, 1, 0)) is None
+
+
+# -- mark echoes -------------------------------------------------------------------------------
+
+
+@st.composite
+def mark_texts(draw: st.DrawFn) -> str:
+    """Twilio's echo of a mark: usually well formed (names of marks sent or not), sometimes odd."""
+    obj: dict[str, Any] = {
+        "event": "mark",
+        "sequenceNumber": _mostly(draw, _digits, _odd_number),
+        "streamSid": _mostly(draw, st.just(STREAM_SID), st.one_of(_odd_text, st.just("MZ" + "0" * 32))),
+        "mark": {"name": _mostly(draw, st.sampled_from(["1", "2", "3", "4", "9"]), _odd_text)},
+    }
+    obj = _shuffled(obj, draw(st.lists(st.integers(min_value=0, max_value=7), max_size=6)))
+    if _rarely(draw):
+        obj[draw(st.sampled_from(["extra", "event", "media", "mark"]))] = draw(st.sampled_from(["x", 1, {"name": "1"}]))
+    if _rarely(draw) and isinstance(obj.get("mark"), dict):
+        obj["mark"][draw(st.sampled_from(["extra", "name", "names"]))] = draw(st.sampled_from(["1", 2]))
+    if _rarely(draw):
+        obj.pop(draw(st.sampled_from(list(obj))))
+    indent = draw(st.sampled_from([None, None, 0, 2]))
+    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,", " : ")]))
+    text = json.dumps(obj, indent=indent, separators=separators, ensure_ascii=draw(st.booleans()))
+    if _rarely(draw):
+        text = text[:-1] + ', "sequenceNumber": "1"}'
+    if _rarely(draw):
+        text = draw(st.sampled_from([text + " x", text[:-1], "\n " + text + " \r\n", text.replace('"mark"', '"media"', 1)]))
+    return text
+
+
+@settings(max_examples=1500, deadline=None)
+@given(mark_texts())
+def test_mark_scanner_reads_what_json_reads_or_declines(text: str) -> None:
+    fields = parse_mark(text)
+    if fields is None:
+        return
+    msg = json.loads(text)
+    assert set(msg) == {"event", "sequenceNumber", "mark", "streamSid"}
+    assert set(msg["mark"]) == {"name"}
+    assert msg["event"] == "mark"
+    assert fields == (int(msg["sequenceNumber"]), msg["streamSid"], msg["mark"]["name"])
+    assert isinstance(msg["sequenceNumber"], str) and msg["sequenceNumber"].isascii() and msg["sequenceNumber"].isdigit()
+
+
+def _playing() -> TwilioStream:
+    """A started stream that has sent audio and marks "1".."3", and cleared after "2" (so "1", "2" are cleared)."""
+    stream = _started()
+    for n in range(3):
+        stream.send(SendAudio(b"\xff" * (80 * (n + 1)), item=f"item_{n}"))
+        stream.send(SendMark())
+        if n == 1:
+            stream.send(ClearAudio())
+    return stream
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.one_of(mark_texts(), media_texts()), min_size=1, max_size=5))
+def test_receive_event_matches_receive_message_for_mark_echoes(texts: list[str]) -> None:
+    """Marks through the scanner end in the same events, errors, state and playback counts."""
+    fast, slow = _playing(), _playing()
+    for text in texts:
+        a, b = _outcome(fast, text, fast=True), _outcome(slow, text, fast=False)
+        assert a[0] == b[0]
+        assert a[2:] == b[2:]
+        assert (fast.played_samples, fast.pending_mark_count, fast.playback("item_2")) == (
+            slow.played_samples, slow.pending_mark_count, slow.playback("item_2")
+        )
+        if fast.state is StreamState.ERROR:
+            break
+
+
+def test_mark_scanner_takes_the_usual_shape_and_declines_others() -> None:
+    assert parse_mark(mark_msg(7, "12")) == (7, STREAM_SID, "12")
+    compact = json.dumps({"event": "mark", "streamSid": STREAM_SID, "sequenceNumber": "7", "mark": {"name": "1"}}, separators=(",", ":"))
+    assert parse_mark(compact) == (7, STREAM_SID, "1")
+    for text in (media_msg(3, 1, 0), stop_msg(3), mark_msg(3, "a\\b"), mark_msg(3, "né"), mark_msg(3, "1")[:-1] + ', "x": 1}'):
+        assert parse_mark(text) is None, text
