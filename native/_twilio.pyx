@@ -23,6 +23,8 @@ checks and base64 for the bridge's per-frame path.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_Substring
 
+from b64 cimport ms_b64_decode, ms_b64_decoded_size
+
 cdef extern from "Python.h":
     bint PyUnicode_IS_COMPACT_ASCII(object o)
     void* PyUnicode_DATA(object o)
@@ -256,69 +258,6 @@ def parse_mark(str text not None):
     )
 
 
-# -- base64, canonical only ------------------------------------------------------
-
-cdef signed char B64[256]
-
-cdef void _init_b64() noexcept:
-    cdef int k
-    cdef const char* alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    for k in range(256):
-        B64[k] = -1
-    for k in range(64):
-        B64[<unsigned char>alphabet[k]] = k
-
-_init_b64()
-
-
-cdef Py_ssize_t _b64_size(const char* s, Py_ssize_t n) noexcept nogil:
-    """Decoded size of canonical base64 ``s[:n]``; -1 when it is not canonical."""
-    cdef Py_ssize_t pad = 0
-    if n == 0 or n % 4:
-        return -1
-    if s[n - 1] == c'=':
-        pad = 2 if s[n - 2] == c'=' else 1
-    return n // 4 * 3 - pad
-
-
-cdef bint _b64_decode(const char* s, Py_ssize_t n, unsigned char* out) noexcept nogil:
-    """Decode canonical base64 (sizes checked by _b64_size): every character
-    in the standard alphabet, ``=`` only as the last one or two, and the bits
-    a short last group leaves over zero.  False for anything else, which
-    ``binascii.a2b_base64(strict_mode=True)`` may still accept or refuse."""
-    cdef Py_ssize_t i, o = 0, full = n - 4
-    cdef int a, b, c, d
-    for i in range(0, full, 4):
-        a = B64[<unsigned char>s[i]]
-        b = B64[<unsigned char>s[i + 1]]
-        c = B64[<unsigned char>s[i + 2]]
-        d = B64[<unsigned char>s[i + 3]]
-        if (a | b | c | d) < 0:
-            return False
-        out[o] = <unsigned char>((a << 2) | (b >> 4))
-        out[o + 1] = <unsigned char>(((b & 15) << 4) | (c >> 2))
-        out[o + 2] = <unsigned char>(((c & 3) << 6) | d)
-        o += 3
-    a = B64[<unsigned char>s[full]]
-    b = B64[<unsigned char>s[full + 1]]
-    if (a | b) < 0:
-        return False
-    out[o] = <unsigned char>((a << 2) | (b >> 4))
-    if s[full + 2] == c'=':  # two pad characters
-        return s[full + 3] == c'=' and (b & 15) == 0
-    c = B64[<unsigned char>s[full + 2]]
-    if c < 0:
-        return False
-    out[o + 1] = <unsigned char>(((b & 15) << 4) | (c >> 2))
-    if s[full + 3] == c'=':  # one pad character
-        return (c & 3) == 0
-    d = B64[<unsigned char>s[full + 3]]
-    if d < 0:
-        return False
-    out[o + 2] = <unsigned char>(((c & 3) << 6) | d)
-    return True
-
-
 cdef class MediaCursor:
     """The per-stream checks of inbound ``media``, and :meth:`take`, which does them natively.
 
@@ -370,11 +309,11 @@ cdef class MediaCursor:
             s, f.sid_start, f.sid_end, <const char*>PyUnicode_DATA(self.stream_sid), sid_size
         ):
             return None
-        size = _b64_size(s + f.payload_start, f.payload_end - f.payload_start)
+        size = ms_b64_decoded_size(s + f.payload_start, f.payload_end - f.payload_start)
         if size < 0:
             return None
         payload = PyBytes_FromStringAndSize(NULL, size)
-        if not _b64_decode(s + f.payload_start, f.payload_end - f.payload_start, <unsigned char*>PyBytes_AS_STRING(payload)):
+        if not ms_b64_decode(s + f.payload_start, f.payload_end - f.payload_start, <unsigned char*>PyBytes_AS_STRING(payload)):
             return None
         self.sequence_missing += f.sequence - self.next_sequence
         self.next_sequence = f.sequence + 1

@@ -16,6 +16,8 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
+from b64 cimport ms_b64_encode
+
 # Why :func:`scan` stopped before the end of the buffer.
 DONE = 0        # every byte was consumed
 INCOMPLETE = 1  # the next frame is not all there yet (nothing about it is unusual so far)
@@ -84,35 +86,6 @@ def encode_frame(bint text, bytes payload not None, key=None):
     return out
 
 
-cdef const char* B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
-
-cdef void _b64encode(const unsigned char* src, Py_ssize_t n, unsigned char* dst) noexcept nogil:
-    """Standard base64 with padding, as ``binascii.b2a_base64(newline=False)``: 4 * ceil(n / 3) bytes."""
-    cdef Py_ssize_t i = 0, o = 0
-    cdef unsigned int v
-    while i + 3 <= n:
-        v = (<unsigned int>src[i] << 16) | (<unsigned int>src[i + 1] << 8) | src[i + 2]
-        dst[o] = B64[v >> 18]
-        dst[o + 1] = B64[(v >> 12) & 63]
-        dst[o + 2] = B64[(v >> 6) & 63]
-        dst[o + 3] = B64[v & 63]
-        i += 3
-        o += 4
-    if n - i == 1:
-        v = <unsigned int>src[i] << 16
-        dst[o] = B64[v >> 18]
-        dst[o + 1] = B64[(v >> 12) & 63]
-        dst[o + 2] = c'='
-        dst[o + 3] = c'='
-    elif n - i == 2:
-        v = (<unsigned int>src[i] << 16) | (<unsigned int>src[i + 1] << 8)
-        dst[o] = B64[v >> 18]
-        dst[o + 1] = B64[(v >> 12) & 63]
-        dst[o + 2] = B64[(v >> 6) & 63]
-        dst[o + 3] = c'='
-
-
 def encode_b64_frame(bytes prefix not None, bytes data not None, bytes suffix not None, key=None):
     """``encode_frame(True, prefix + base64(data) + suffix, key)`` in one step.
 
@@ -145,7 +118,7 @@ def encode_b64_frame(bytes prefix not None, bytes data not None, bytes suffix no
             p[2 + i] = (<uint64_t>n >> (8 * (7 - i))) & 0xFF
     cdef unsigned char* body = p + head + (4 if masked else 0)
     memcpy(body, PyBytes_AS_STRING(prefix), np)
-    _b64encode(<const unsigned char*>PyBytes_AS_STRING(data), nd, body + np)
+    ms_b64_encode(<const unsigned char*>PyBytes_AS_STRING(data), nd, body + np)
     memcpy(body + np + nb, PyBytes_AS_STRING(suffix), ns)
     cdef const unsigned char* k
     if masked:
