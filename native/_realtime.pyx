@@ -6,8 +6,8 @@ delta, and ``json.loads`` plus the field checks and base64 cost several
 µs of Python each.  :func:`parse_audio_delta` handles only the plain case
 -- one flat JSON object (no nested object or array), every key and string
 value free of escape sequences, every other value an integer (``-``,
-digits, no leading zero, no fraction or exponent), ``true``, ``false`` or
-``null``; ASCII only; ``type`` exactly ``"response.output_audio.delta"``;
+1 to 18 digits, no leading zero, no fraction or exponent), ``true``,
+``false`` or ``null``; ASCII only; ``type`` exactly ``"response.output_audio.delta"``;
 ``item_id`` a non-empty string; ``response_id`` a string or ``null`` or
 absent; ``delta`` canonical base64 (``native/b64.h``); none of those four
 keys repeated -- and answers ``None`` for anything else, which the caller
@@ -81,8 +81,8 @@ cdef inline Py_ssize_t _literal_end(const char* s, Py_ssize_t i, Py_ssize_t n) n
     start = i
     while i < n and c'0' <= s[i] <= c'9':
         i += 1
-    if i == start or (s[start] == c'0' and i - start > 1):
-        return -1
+    if i == start or (s[start] == c'0' and i - start > 1) or i - start > 18:
+        return -1  # (long numbers: json.loads has a digit limit of its own, which the process may set)
     if i < n and (s[i] == c'.' or s[i] == c'e' or s[i] == c'E'):
         return -1  # a fraction or an exponent: json.loads's job
     return i

@@ -207,6 +207,21 @@ async def test_a_malformed_message_ends_only_that_call(caplog: pytest.LogCapture
     assert good_session.appends == good.sent_frames
 
 
+async def test_an_empty_media_payload_reaches_no_model_and_the_call_goes_on() -> None:
+    """Twilio media with an empty payload is valid; the per-frame path sends the model nothing for it."""
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url, CALL_A) as caller:
+            await caller.send_silence(100)
+            assert len(current_reactor()) == 2
+            assert await caller._send_built(lambda: caller.messages.media(b""))
+            await caller.send_silence(100)
+            session = await model.session(0)
+            await session.wait_appends(len(caller.sent_frames))
+            await caller.stop()
+            await caller.closed.wait()
+    assert session.appends == caller.sent_frames  # no empty append among them
+
+
 async def hear_reply(url: str, size: int) -> FakeTwilioCaller:
     """A call that talks (paced silence) until ``size`` bytes of agent audio have played and gone quiet, then hangs up."""
     async with phone_call(url) as caller:

@@ -484,8 +484,8 @@ class CallBridge:
         """
         if self._up_pcm:
             frame = self._up_frame(frame)
-            if not frame:
-                return True
+        if not frame:  # (the resampler filling, or an empty media payload: nothing to send)
+            return True
         self.stats.frames_to_model += 1
         if self._nowait.send_audio_nowait(frame):
             return True

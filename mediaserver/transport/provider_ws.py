@@ -132,8 +132,8 @@ class WebSocketLink:
         (:func:`~mediaserver._native._wsframe.encode_b64_frame`) instead of
         through a command object, base64, JSON text and framing.
         """
-        envelope = self._envelope() if self._envelope is not None else None
-        if envelope is None:
+        envelope = self._envelope() if self._envelope is not None and audio else None
+        if envelope is None:  # (empty audio too: the core refuses it, as for send_nowait)
             return self.send_nowait(SendAudio(audio))
         try:
             sent = self._ws.send_b64_nowait(envelope[0], audio, envelope[1])

@@ -163,7 +163,8 @@ class ClientWebSocket:
         """``send_many_nowait([(prefix + base64(data) + suffix).decode()])``, framed in one native step; as it."""
         if self.closed is not None:
             raise self.closed
-        return self._write_nowait(encode_b64_frame(prefix, data, suffix, _mask_key()))
+        # masked as a client's frames must be; a server's (ServerStream) are not
+        return self._write_nowait(encode_b64_frame(prefix, data, suffix, None if self._masked_in else _mask_key()))
 
     def _write_nowait(self, data: bytes) -> bool:
         """Whole frames ``data`` out at once, or into the backlog (see :meth:`send_many_nowait`)."""

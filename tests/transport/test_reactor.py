@@ -195,6 +195,18 @@ async def test_send_many_nowait_goes_out_at_once_when_the_socket_takes_it() -> N
             assert await pair.server.receive() == b"b"
 
 
+async def test_send_b64_nowait_frames_as_each_side_must() -> None:
+    """A client's frames are masked and a server's are not (RFC 6455); each side reads the other's text."""
+    import base64
+
+    async with ws_pair() as pair:
+        with trio.fail_after(5):
+            assert pair.client.send_b64_nowait(b'{"audio":"', b"\x00\xff\x10", b'"}')
+            assert await pair.server.receive() == '{"audio":"' + base64.b64encode(b"\x00\xff\x10").decode() + '"}'
+            assert pair.server.send_b64_nowait(b"[", b"abcd", b"]")
+            assert await pair.client.receive() == "[" + base64.b64encode(b"abcd").decode() + "]"
+
+
 async def test_send_many_nowait_queues_on_a_full_socket_and_flush_keeps_the_order() -> None:
     async with ws_pair(small_buffers=True) as pair:
         client, server = pair.client, pair.server
