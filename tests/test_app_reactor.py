@@ -101,7 +101,7 @@ async def test_calls_are_read_by_the_reactor_over_plain_tcp_and_over_our_tls(
 
 @fail_after(20)
 async def test_a_ping_from_twilio_is_answered_and_the_call_goes_on() -> None:
-    """A control frame leaves the fast parser: the call's task takes over, answers it, and goes on."""
+    """A control frame leaves the fast parser: the call's task takes over, answers it, and hands the socket back."""
     first, second = to_ulaw(tone(300, 200, amplitude=0.2)), to_ulaw(tone(500, 200, amplitude=0.2))
     async with fake_openai() as model, running(openai_settings(model)) as url:
         async with phone_call(url) as caller:
@@ -113,6 +113,7 @@ async def test_a_ping_from_twilio_is_answered_and_the_call_goes_on() -> None:
                 await caller._transport.ws.ping(b"are you there")  # returns when the pong has arrived
             await caller.send_audio(second)
             await session.wait_appends(len(caller.sent_frames))
+            assert len(current_reactor()) == 2  # the caller's socket went back to the reactor after the ping
             await caller.stop()
             await caller.closed.wait()
             assert caller.close_code == 1000

@@ -327,10 +327,13 @@ class CallBridge:
                 return
 
     async def _twilio_reader(self) -> None:
-        if self._polling and await self._read_polled():
-            return
         stats = self.stats
         while True:
+            # Polled: the reactor reads until it hands over (a control frame, a
+            # stalled model, a closed socket); this task then takes the next
+            # message, awaiting what must be awaited, and hands the socket back.
+            if self._polling and await self._read_polled():
+                return
             try:
                 message = await self.stream.receive()
             except StreamClosed:
@@ -399,7 +402,8 @@ class CallBridge:
         :meth:`_flush_link`).  This task only waits: for ``stop``, an error
         (re-raised here, as the loop would have raised it), or a hand-off
         when the connection needs ``receive`` (a closed socket, a control
-        frame).
+        frame) or the model is not keeping up; then :meth:`_twilio_reader`
+        takes one message itself and comes back here.
         """
         self._tw = watch = _Watch()
         await self._on_reactor(self._polled.poll_socket(), self._on_twilio_readable, watch)
