@@ -160,3 +160,17 @@ def test_a_delta_before_initial_messages_is_refused_as_before() -> None:
     session = OpenAIRealtimeSession(config())
     with pytest.raises(LocalProtocolError, match="before initial_messages"):
         session.receive_message(server(audio_delta("item_1", b"\x00\x01")))
+
+
+@settings(max_examples=300, deadline=None)
+@given(delta_texts())
+def test_every_cut_of_a_delta_is_declined_not_misread(text: str) -> None:
+    """A message cut anywhere (a read that ended early) is never taken: no read past the end, no partial event."""
+    for end in range(len(text.rstrip())):
+        assert parse_audio_delta(text[:end]) is None or json.loads(text[:end])["type"] == "response.output_audio.delta"
+
+
+@given(st.text(max_size=200))
+def test_arbitrary_text_never_crashes_the_delta_scanner(text: str) -> None:
+    fields = parse_audio_delta(text)
+    assert fields is None or json.loads(text)["type"] == "response.output_audio.delta"

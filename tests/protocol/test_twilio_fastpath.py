@@ -380,3 +380,22 @@ def test_mark_scanner_takes_the_usual_shape_and_declines_others() -> None:
     assert parse_mark(compact) == (7, STREAM_SID, "1")
     for text in (media_msg(3, 1, 0), stop_msg(3), mark_msg(3, "a\\b"), mark_msg(3, "né"), mark_msg(3, "1")[:-1] + ', "x": 1}'):
         assert parse_mark(text) is None, text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(media_texts(), mark_texts()))
+def test_every_cut_of_a_message_is_declined(text: str) -> None:
+    """A message cut anywhere is taken by no scanner unless the cut is itself a whole message (no partial event)."""
+    for end in range(len(text.rstrip())):
+        cut = text[:end]
+        stream = _started()
+        for result in (parse_media(cut), parse_mark(cut), stream.take_media(cut)):
+            if result is not None:
+                assert isinstance(json.loads(cut), dict), cut
+
+
+@given(st.text(max_size=200))
+def test_arbitrary_text_never_crashes_the_twilio_scanners(text: str) -> None:
+    stream = _started()
+    for result in (parse_media(text), parse_mark(text), stream.take_media(text)):
+        assert result is None or isinstance(json.loads(text), dict)
