@@ -23,7 +23,7 @@ import trio
 
 from mediaserver.bridge import call as call_module
 from mediaserver.bridge.call import StreamClosed
-from mediaserver.transport import provider_ws
+from mediaserver.transport import provider_ws, ws_client
 from mediaserver.transport.reactor import current_reactor
 from mediaserver.transport.tls import TLSStream
 from mediaserver.transport.ws_server import ServerStream, server_frame
@@ -182,6 +182,58 @@ async def test_a_model_that_stops_reading_loses_and_reorders_nothing(
     assert flushes.n >= 1
     assert session.appends == caller.sent_frames  # every frame, in order
     assert caller.errors == []
+
+
+@fail_after(30)
+async def test_a_slow_model_keeps_what_is_read_from_the_caller_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that reads in fits and starts: the caller's socket must back up, not our memory.
+
+    The reader task hands the caller's socket back to the reactor only once it has taken every message
+    read and no flush to the model is under way; so at most one read (RECEIVE_BYTES) waits in the inbox.
+    """
+    real_open_stream = provider_ws.open_stream
+
+    async def small_send_buffer(host: str, port: int, *, tls: bool) -> trio.abc.Stream:
+        stream = await real_open_stream(host, port, tls=tls)
+        assert isinstance(stream, trio.SocketStream)
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return stream
+
+    monkeypatch.setattr(provider_ws, "open_stream", small_send_buffer)
+    most = 0
+    real_read_nowait = ServerStream.read_nowait
+
+    def read_nowait(self: ServerStream) -> bool:
+        nonlocal most
+        more = real_read_nowait(self)
+        most = max(most, len(self.inbox))
+        return more
+
+    monkeypatch.setattr(ServerStream, "read_nowait", read_nowait)
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(100)
+            session = await model.session(0)
+            await session.wait_appends(len(caller.sent_frames))
+            done = trio.Event()
+
+            async def talk() -> None:
+                await caller.send_audio(to_ulaw(tone(440, 60_000, amplitude=0.2)), paced=False)  # 3000 frames at once
+                done.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(talk)
+                while not done.is_set():  # the model reads 5 ms in every 35
+                    session.hold_reads()
+                    await trio.sleep(0.03)
+                    session.resume_reads()
+                    await trio.sleep(0.005)
+            await session.wait_appends(len(caller.sent_frames))
+            await caller.stop()
+            await caller.closed.wait()
+    assert session.appends == caller.sent_frames  # every frame, in order
+    frame_bytes = len(server_frame(caller.messages.media(b"\xff" * 160)))  # a caller frame on the wire (at least)
+    assert most <= ws_client.RECEIVE_BYTES // (frame_bytes - 20), most  # one read's worth at most
 
 
 @fail_after(20)

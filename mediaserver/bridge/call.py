@@ -328,12 +328,19 @@ class CallBridge:
 
     async def _twilio_reader(self) -> None:
         stats = self.stats
+        poll = self._polling
         while True:
             # Polled: the reactor reads until it hands over (a control frame, a
-            # stalled model, a closed socket); this task then takes the next
-            # message, awaiting what must be awaited, and hands the socket back.
-            if self._polling and await self._read_polled():
-                return
+            # stalled model, a closed socket); this task then takes at least
+            # the next message, awaiting what must be awaited, and hands the
+            # socket back once nothing read is left waiting and no flush to the
+            # model is under way -- so the reactor never reads more while the
+            # model is behind, and the caller's socket backs up as it would
+            # with a task per socket (what is read stays bounded by one read).
+            if poll:
+                if await self._read_polled():
+                    return
+                poll = False
             try:
                 message = await self.stream.receive()
             except StreamClosed:
@@ -347,6 +354,7 @@ class CallBridge:
                 stats.uplink.add(self._now() - received_s)
             elif kind is _STOP:
                 return
+            poll = self._polling and not self._polled.inbox and not self._flushing
 
     def _on_twilio(self, message: str | bytes) -> object:
         """One Twilio message through the core: _MEDIA (frames wait in the jitter buffer), _STOP or _OTHER."""
