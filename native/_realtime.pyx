@@ -21,11 +21,15 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_Substring
 
 from b64 cimport ms_b64_decode, ms_b64_decoded_size
+from jsonscan cimport (
+    PyUnicode_DATA,
+    PyUnicode_GET_LENGTH,
+    PyUnicode_IS_COMPACT_ASCII,
+    equals,
+    skip_ws,
+    string_end,
+)
 
-cdef extern from "Python.h":
-    bint PyUnicode_IS_COMPACT_ASCII(object o)
-    void* PyUnicode_DATA(object o)
-    Py_ssize_t PyUnicode_GET_LENGTH(object o)
 
 cdef enum:
     K_TYPE = 1
@@ -38,44 +42,15 @@ cdef enum:
     V_OTHER = 3
 
 
-cdef inline Py_ssize_t _skip_ws(const char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    while i < n and (s[i] == c' ' or s[i] == c'\t' or s[i] == c'\n' or s[i] == c'\r'):
-        i += 1
-    return i
-
-
-cdef inline Py_ssize_t _string_end(const char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    """Index of the closing quote of the plain string starting at ``i``; -1 if not plain (escape, control character)."""
-    cdef unsigned char c
-    while i < n:
-        c = <unsigned char>s[i]
-        if c == c'"':
-            return i
-        if c == c'\\' or c < 0x20:
-            return -1
-        i += 1
-    return -1
-
-
-cdef inline bint _equals(const char* s, Py_ssize_t start, Py_ssize_t end, const char* word, Py_ssize_t size) noexcept nogil:
-    cdef Py_ssize_t k
-    if end - start != size:
-        return False
-    for k in range(size):
-        if s[start + k] != word[k]:
-            return False
-    return True
-
-
 cdef inline Py_ssize_t _literal_end(const char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
     """End of the integer, ``true``, ``false`` or ``null`` at ``i``; -1 for anything else."""
     cdef Py_ssize_t start
     if s[i] == c't':
-        return i + 4 if i + 4 <= n and _equals(s, i, i + 4, b"true", 4) else -1
+        return i + 4 if i + 4 <= n and equals(s, i, i + 4, b"true", 4) else -1
     if s[i] == c'f':
-        return i + 5 if i + 5 <= n and _equals(s, i, i + 5, b"false", 5) else -1
+        return i + 5 if i + 5 <= n and equals(s, i, i + 5, b"false", 5) else -1
     if s[i] == c'n':
-        return i + 4 if i + 4 <= n and _equals(s, i, i + 4, b"null", 4) else -1
+        return i + 4 if i + 4 <= n and equals(s, i, i + 4, b"null", 4) else -1
     if s[i] == c'-':
         i += 1
     start = i
@@ -101,40 +76,40 @@ def parse_audio_delta(str text not None):
     cdef Py_ssize_t size
     cdef bytes audio
 
-    i = _skip_ws(s, 0, n)
+    i = skip_ws(s, 0, n)
     if i >= n or s[i] != c'{':
         return None
     i += 1
     while True:
-        i = _skip_ws(s, i, n)
+        i = skip_ws(s, i, n)
         if i >= n or s[i] != c'"':
             return None
         key_start = i + 1
-        key_end = _string_end(s, key_start, n)
+        key_end = string_end(s, key_start, n)
         if key_end < 0:
             return None
-        if _equals(s, key_start, key_end, b"type", 4):
+        if equals(s, key_start, key_end, b"type", 4):
             key = K_TYPE
-        elif _equals(s, key_start, key_end, b"item_id", 7):
+        elif equals(s, key_start, key_end, b"item_id", 7):
             key = K_ITEM
-        elif _equals(s, key_start, key_end, b"response_id", 11):
+        elif equals(s, key_start, key_end, b"response_id", 11):
             key = K_RESPONSE
-        elif _equals(s, key_start, key_end, b"delta", 5):
+        elif equals(s, key_start, key_end, b"delta", 5):
             key = K_DELTA
         else:
             key = 0
         if seen & key:
             return None  # a repeated key we read: json.loads keeps the last one
         seen |= key
-        i = _skip_ws(s, key_end + 1, n)
+        i = skip_ws(s, key_end + 1, n)
         if i >= n or s[i] != c':':
             return None
-        i = _skip_ws(s, i + 1, n)
+        i = skip_ws(s, i + 1, n)
         if i >= n:
             return None
         if s[i] == c'"':
             value_start = i + 1
-            value_end = _string_end(s, value_start, n)
+            value_end = string_end(s, value_start, n)
             if value_end < 0:
                 return None
             i = value_end + 1
@@ -146,7 +121,7 @@ def parse_audio_delta(str text not None):
             kind = V_NULL if s[i] == c'n' else V_OTHER
             i = value_end
         if key == K_TYPE:
-            if kind != V_STRING or not _equals(s, value_start, value_end, b"response.output_audio.delta", 27):
+            if kind != V_STRING or not equals(s, value_start, value_end, b"response.output_audio.delta", 27):
                 return None
             type_ok = True
         elif key == K_ITEM:
@@ -164,13 +139,13 @@ def parse_audio_delta(str text not None):
             if kind != V_STRING:
                 return None
             delta_start, delta_end = value_start, value_end
-        i = _skip_ws(s, i, n)
+        i = skip_ws(s, i, n)
         if i >= n:
             return None
         if s[i] == c',':
             i += 1
             continue
-        if s[i] != c'}' or _skip_ws(s, i + 1, n) != n:
+        if s[i] != c'}' or skip_ws(s, i + 1, n) != n:
             return None
         break
     if not type_ok or not (seen & K_ITEM) or not (seen & K_DELTA):

@@ -24,11 +24,15 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_Substring
 
 from b64 cimport ms_b64_decode, ms_b64_decoded_size
+from jsonscan cimport (
+    PyUnicode_DATA,
+    PyUnicode_GET_LENGTH,
+    PyUnicode_IS_COMPACT_ASCII,
+    equals,
+    skip_ws,
+    string_end,
+)
 
-cdef extern from "Python.h":
-    bint PyUnicode_IS_COMPACT_ASCII(object o)
-    void* PyUnicode_DATA(object o)
-    Py_ssize_t PyUnicode_GET_LENGTH(object o)
 
 cdef enum:
     # Digits in a number converted here: 18 always fit in a C long long.
@@ -49,58 +53,29 @@ cdef enum:
     MEDIA_KEYS = K_TRACK | K_CHUNK | K_TIMESTAMP | K_PAYLOAD
 
 
-cdef inline Py_ssize_t _skip_ws(const char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    while i < n and (s[i] == c' ' or s[i] == c'\t' or s[i] == c'\n' or s[i] == c'\r'):
-        i += 1
-    return i
-
-
-cdef inline Py_ssize_t _string_end(const char* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    """Index of the closing quote of the plain string whose first character is at ``i``; -1 if not plain."""
-    cdef unsigned char c
-    while i < n:
-        c = <unsigned char>s[i]
-        if c == c'"':
-            return i
-        if c == c'\\' or c < 0x20:
-            return -1
-        i += 1
-    return -1
-
-
-cdef inline bint _equals(const char* s, Py_ssize_t start, Py_ssize_t end, const char* word, Py_ssize_t size) noexcept nogil:
-    cdef Py_ssize_t k
-    if end - start != size:
-        return False
-    for k in range(size):
-        if s[start + k] != word[k]:
-            return False
-    return True
-
-
 cdef inline int _key(const char* s, Py_ssize_t start, Py_ssize_t end, bint inner, bint mark) noexcept nogil:
     if mark:
         if inner:
-            return K_NAME if _equals(s, start, end, b"name", 4) else 0
-        if _equals(s, start, end, b"mark", 4):
+            return K_NAME if equals(s, start, end, b"name", 4) else 0
+        if equals(s, start, end, b"mark", 4):
             return K_MARK
     elif inner:
-        if _equals(s, start, end, b"track", 5):
+        if equals(s, start, end, b"track", 5):
             return K_TRACK
-        if _equals(s, start, end, b"chunk", 5):
+        if equals(s, start, end, b"chunk", 5):
             return K_CHUNK
-        if _equals(s, start, end, b"timestamp", 9):
+        if equals(s, start, end, b"timestamp", 9):
             return K_TIMESTAMP
-        if _equals(s, start, end, b"payload", 7):
+        if equals(s, start, end, b"payload", 7):
             return K_PAYLOAD
         return 0
-    if _equals(s, start, end, b"event", 5):
+    if equals(s, start, end, b"event", 5):
         return K_EVENT
-    if _equals(s, start, end, b"sequenceNumber", 14):
+    if equals(s, start, end, b"sequenceNumber", 14):
         return K_SEQUENCE
-    if _equals(s, start, end, b"streamSid", 9):
+    if equals(s, start, end, b"streamSid", 9):
         return K_STREAM_SID
-    if not mark and _equals(s, start, end, b"media", 5):
+    if not mark and equals(s, start, end, b"media", 5):
         return K_MEDIA
     return 0
 
@@ -134,27 +109,27 @@ cdef bint _scan(const char* s, Py_ssize_t n, Fields* f, bint mark) noexcept nogi
     f.sequence = f.chunk = f.timestamp = -1
     f.sid_start = f.sid_end = f.track_start = f.track_end = f.payload_start = f.payload_end = 0
 
-    i = _skip_ws(s, i, n)
+    i = skip_ws(s, i, n)
     if i >= n or s[i] != c'{':
         return False
     i += 1
     while True:
         # at the start of a member (or the end of an object)
-        i = _skip_ws(s, i, n)
+        i = skip_ws(s, i, n)
         if i >= n or s[i] != c'"':
             return False
         key_start = i + 1
-        key_end = _string_end(s, key_start, n)
+        key_end = string_end(s, key_start, n)
         if key_end < 0:
             return False
         key = _key(s, key_start, key_end, inner, mark)
         if key == 0 or seen & key:
             return False
         seen |= key
-        i = _skip_ws(s, key_end + 1, n)
+        i = skip_ws(s, key_end + 1, n)
         if i >= n or s[i] != c':':
             return False
-        i = _skip_ws(s, i + 1, n)
+        i = skip_ws(s, i + 1, n)
         if i >= n:
             return False
         if key == K_MEDIA or key == K_MARK:
@@ -166,15 +141,15 @@ cdef bint _scan(const char* s, Py_ssize_t n, Fields* f, bint mark) noexcept nogi
         if s[i] != c'"':
             return False
         value_start = i + 1
-        value_end = _string_end(s, value_start, n)
+        value_end = string_end(s, value_start, n)
         if value_end < 0:
             return False
         i = value_end + 1
         if key == K_EVENT:
             if mark:
-                if not _equals(s, value_start, value_end, b"mark", 4):
+                if not equals(s, value_start, value_end, b"mark", 4):
                     return False
-            elif not _equals(s, value_start, value_end, b"media", 5):
+            elif not equals(s, value_start, value_end, b"media", 5):
                 return False
         elif key == K_SEQUENCE:
             f.sequence = _digits(s, value_start, value_end)
@@ -200,7 +175,7 @@ cdef bint _scan(const char* s, Py_ssize_t n, Fields* f, bint mark) noexcept nogi
             f.payload_start, f.payload_end = value_start, value_end
         # after a value: ',' (next member) or '}' (end of this object, maybe of the inner one)
         while True:
-            i = _skip_ws(s, i, n)
+            i = skip_ws(s, i, n)
             if i >= n:
                 return False
             if s[i] == c',':
@@ -214,7 +189,7 @@ cdef bint _scan(const char* s, Py_ssize_t n, Fields* f, bint mark) noexcept nogi
                     return False
                 inner = False
                 continue  # the outer object goes on with ',' or ends with '}'
-            return seen == (MARK_KEYS if mark else TOP_KEYS | MEDIA_KEYS) and _skip_ws(s, i, n) == n
+            return seen == (MARK_KEYS if mark else TOP_KEYS | MEDIA_KEYS) and skip_ws(s, i, n) == n
 
 
 def parse_media(str text not None):
@@ -302,10 +277,10 @@ cdef class MediaCursor:
             return None
         if f.sequence < self.next_sequence or f.chunk < self.next_inbound_chunk:
             return None
-        if not _equals(s, f.track_start, f.track_end, b"inbound", 7):
+        if not equals(s, f.track_start, f.track_end, b"inbound", 7):
             return None
         sid_size = PyUnicode_GET_LENGTH(self.stream_sid)
-        if not PyUnicode_IS_COMPACT_ASCII(self.stream_sid) or not _equals(
+        if not PyUnicode_IS_COMPACT_ASCII(self.stream_sid) or not equals(
             s, f.sid_start, f.sid_end, <const char*>PyUnicode_DATA(self.stream_sid), sid_size
         ):
             return None

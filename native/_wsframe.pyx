@@ -53,9 +53,12 @@ def mask(bytes data not None, bytes key not None):
     return out
 
 
-def encode_frame(bint text, bytes payload not None, key=None):
-    """One whole FIN frame (text or binary opcode) carrying ``payload``; masked with ``key`` if given."""
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+cdef bytes _new_frame(bint text, Py_ssize_t n, object key, unsigned char** body):
+    """A FIN frame of ``n`` payload bytes: header (and masking key) written, ``*body`` at the payload to fill.
+
+    The caller fills the payload in plain text, then masks it in place when
+    ``key`` is given (:func:`_mask_body`).
+    """
     cdef Py_ssize_t head = 2 if n < 126 else (4 if n < 65536 else 10)
     cdef bint masked = key is not None
     if masked and (not isinstance(key, bytes) or PyBytes_GET_SIZE(key) != 4):
@@ -75,14 +78,25 @@ def encode_frame(bint text, bytes payload not None, key=None):
         p[1] = bit | 127
         for i in range(8):
             p[2 + i] = (<uint64_t>n >> (8 * (7 - i))) & 0xFF
-    cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(payload)
-    cdef const unsigned char* k
     if masked:
-        k = <const unsigned char*>PyBytes_AS_STRING(key)
-        memcpy(p + head, k, 4)
-        _xor(src, p + head + 4, n, k)
-    else:
-        memcpy(p + head, src, n)
+        memcpy(p + head, PyBytes_AS_STRING(key), 4)
+        head += 4
+    body[0] = p + head
+    return out
+
+
+cdef inline void _mask_body(unsigned char* body, Py_ssize_t n, object key):
+    if key is not None:  # in place: _xor reads each word before it writes it
+        _xor(body, body, n, <const unsigned char*>PyBytes_AS_STRING(key))
+
+
+def encode_frame(bint text, bytes payload not None, key=None):
+    """One whole FIN frame (text or binary opcode) carrying ``payload``; masked with ``key`` if given."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+    cdef unsigned char* body
+    out = _new_frame(text, n, key, &body)
+    memcpy(body, PyBytes_AS_STRING(payload), n)
+    _mask_body(body, n, key)
     return out
 
 
@@ -96,35 +110,12 @@ def encode_b64_frame(bytes prefix not None, bytes data not None, bytes suffix no
     """
     cdef Py_ssize_t np = PyBytes_GET_SIZE(prefix), nd = PyBytes_GET_SIZE(data), ns = PyBytes_GET_SIZE(suffix)
     cdef Py_ssize_t nb = (nd + 2) // 3 * 4
-    cdef Py_ssize_t n = np + nb + ns
-    cdef Py_ssize_t head = 2 if n < 126 else (4 if n < 65536 else 10)
-    cdef bint masked = key is not None
-    if masked and (not isinstance(key, bytes) or PyBytes_GET_SIZE(key) != 4):
-        raise ValueError("a masking key is 4 bytes")
-    out = PyBytes_FromStringAndSize(NULL, head + (4 if masked else 0) + n)
-    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
-    cdef unsigned char bit = 0x80 if masked else 0
-    cdef int i
-    p[0] = 0x81
-    if n < 126:
-        p[1] = bit | <unsigned char>n
-    elif n < 65536:
-        p[1] = bit | 126
-        p[2] = (n >> 8) & 0xFF
-        p[3] = n & 0xFF
-    else:
-        p[1] = bit | 127
-        for i in range(8):
-            p[2 + i] = (<uint64_t>n >> (8 * (7 - i))) & 0xFF
-    cdef unsigned char* body = p + head + (4 if masked else 0)
+    cdef unsigned char* body
+    out = _new_frame(True, np + nb + ns, key, &body)
     memcpy(body, PyBytes_AS_STRING(prefix), np)
     ms_b64_encode(<const unsigned char*>PyBytes_AS_STRING(data), nd, body + np)
     memcpy(body + np + nb, PyBytes_AS_STRING(suffix), ns)
-    cdef const unsigned char* k
-    if masked:
-        k = <const unsigned char*>PyBytes_AS_STRING(key)
-        memcpy(p + head, k, 4)
-        _xor(body, body, n, k)  # in place: _xor reads each word before it writes it
+    _mask_body(body, np + nb + ns, key)
     return out
 
 
