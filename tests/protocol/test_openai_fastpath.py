@@ -26,6 +26,7 @@ from mediaserver.protocol.providers import openai as openai_core
 from mediaserver.protocol.providers.openai import OpenAIRealtimeSession
 
 from .test_openai import audio_delta, config, ready_session, server
+from .test_twilio_fastpath import _dumps_any_layout, _mostly, _rarely
 
 _payload = st.binary(max_size=400).map(lambda b: base64.b64encode(b).decode())
 _odd_payload = st.sampled_from(["", "AAA", "AB==", "A===", "AA==AA==", "AA-_", "****", "AAAA\n", "ÿÿÿÿ"])
@@ -40,14 +41,6 @@ _extra_value = st.one_of(
     st.just({"a": 1}),
     st.just([1, "x"]),
 )
-
-
-def _mostly(draw: st.DrawFn, usual: st.SearchStrategy[Any], odd: st.SearchStrategy[Any]) -> Any:
-    return draw(odd) if draw(st.integers(min_value=0, max_value=9)) == 0 else draw(usual)
-
-
-def _rarely(draw: st.DrawFn) -> bool:
-    return draw(st.integers(min_value=0, max_value=11)) == 0
 
 
 @st.composite
@@ -70,9 +63,7 @@ def delta_texts(draw: st.DrawFn) -> str:
         obj.pop(draw(st.sampled_from(list(obj))))
     if _rarely(draw):
         obj[draw(st.sampled_from(["extra", "obfuscation", "x_y"]))] = draw(_extra_value)
-    indent = draw(st.sampled_from([None, None, 0, 2]))
-    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,", " : ")]))
-    text = json.dumps(obj, indent=indent, separators=separators, ensure_ascii=draw(st.booleans()))
+    text = _dumps_any_layout(draw, obj)
     if _rarely(draw):  # a repeated key: json.loads keeps the last
         key = draw(st.sampled_from(["type", "item_id", "response_id", "delta", "event_id"]))
         text = text[:-1] + f', "{key}": "AAAA"}}'

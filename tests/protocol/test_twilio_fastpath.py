@@ -74,6 +74,13 @@ def _rarely(draw: st.DrawFn) -> bool:
     return draw(st.integers(min_value=0, max_value=11)) == 0
 
 
+def _dumps_any_layout(draw: st.DrawFn, obj: object) -> str:
+    """``obj`` as JSON text in one of the layouts a sender might use (indents, spacing, escaped or raw non-ASCII)."""
+    indent = draw(st.sampled_from([None, None, 0, 2]))
+    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,", " : ")]))
+    return json.dumps(obj, indent=indent, separators=separators, ensure_ascii=draw(st.booleans()))
+
+
 @st.composite
 def media_texts(draw: st.DrawFn) -> str:
     """A media message: usually well formed (in a random layout), sometimes with one or more oddities."""
@@ -93,9 +100,7 @@ def media_texts(draw: st.DrawFn) -> str:
         obj["media"][draw(st.sampled_from(["extra", "track", "chunks"]))] = "1"
     if _rarely(draw):
         obj.pop(draw(st.sampled_from(list(obj))))
-    indent = draw(st.sampled_from([None, None, 0, 2]))
-    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,", " : ")]))
-    text = json.dumps(obj, indent=indent, separators=separators, ensure_ascii=draw(st.booleans()))
+    text = _dumps_any_layout(draw, obj)
     if _rarely(draw):  # a repeated key: json.loads keeps the last
         text = text[:-1] + ', "sequenceNumber": "1"}'
     if _rarely(draw):
@@ -323,9 +328,7 @@ def mark_texts(draw: st.DrawFn) -> str:
         obj["mark"][draw(st.sampled_from(["extra", "name", "names"]))] = draw(st.sampled_from(["1", 2]))
     if _rarely(draw):
         obj.pop(draw(st.sampled_from(list(obj))))
-    indent = draw(st.sampled_from([None, None, 0, 2]))
-    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,", " : ")]))
-    text = json.dumps(obj, indent=indent, separators=separators, ensure_ascii=draw(st.booleans()))
+    text = _dumps_any_layout(draw, obj)
     if _rarely(draw):
         text = text[:-1] + ', "sequenceNumber": "1"}'
     if _rarely(draw):
