@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (MEDIASERVER_PORT, default 8080)")
     serve.add_argument("--provider", choices=PROVIDERS, help="model provider (MEDIASERVER_PROVIDER, default echo)")
     serve.add_argument("--public-url", help="https://host Twilio reaches us at (MEDIASERVER_PUBLIC_URL)")
+    serve.add_argument(
+        "--instance-url",
+        help="https://host that reaches this instance directly, when several share the public URL (MEDIASERVER_INSTANCE_URL)",
+    )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (MEDIASERVER_LOG_LEVEL)")
     serve.add_argument("--env-file", default=".env", help="read settings from this file if it exists (default .env)")
     sub.add_parser("settings", help="list every setting with its environment variable and default")
@@ -88,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=getattr(args, "port", None),
             provider=getattr(args, "provider", None),
             public_url=getattr(args, "public_url", None),
+            instance_url=getattr(args, "instance_url", None),
             log_level=getattr(args, "log_level", None),
         )
         from mediaserver.tools import load_toolset

@@ -40,27 +40,32 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
     app = QuartTrio("mediaserver")
     app.config["MAX_CONTENT_LENGTH"] = MAX_FORM_BYTES
 
-    def url_of(path: str, *, query: bytes = b"") -> str:
-        try:
-            return security.public_url(
-                path,
-                configured=settings.public_url,
-                scheme=request.scheme,
-                host=request.host,
-                headers=request.headers,
-                query=query,
-            )
-        except ValueError as exc:
-            abort(400, str(exc))
+    def url_of(configured: str | None) -> str:
+        return security.public_url(
+            request.path,
+            configured=configured,
+            scheme=request.scheme,
+            host=request.host,
+            headers=request.headers,
+            query=request.query_string,
+        )
 
     async def signed_form() -> dict[str, list[str]]:
         form = await request.form
         params = {key: form.getlist(key) for key in form.keys()}
         if settings.twilio_auth_token:
-            url = url_of(request.path, query=request.query_string)
-            if not security.validate_signature(
-                settings.twilio_auth_token, url, params, request.headers.get("X-Twilio-Signature")
-            ):
+            # Signed for the public URL (a load balancer's) or this instance's own (see MEDIASERVER_INSTANCE_URL).
+            try:
+                ok, url = security.signed_by_any(
+                    settings.twilio_auth_token,
+                    settings.signed_url_bases,
+                    url_of,
+                    params,
+                    request.headers.get("X-Twilio-Signature"),
+                )
+            except ValueError as exc:
+                abort(400, str(exc))
+            if not ok:
                 log.warning("%s: bad or missing X-Twilio-Signature for %s; 403", request.path, url)
                 abort(403)
         return params
@@ -83,7 +88,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         try:
             stream = security.stream_url(
                 MEDIA_STREAM_PATH,
-                configured=settings.public_url,
+                configured=settings.call_url,  # this instance: where the call's model session is opening
                 scheme=request.scheme,
                 host=request.host,
                 headers=request.headers,
@@ -122,6 +127,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         calls.handle_stream,
         auth_token=settings.twilio_auth_token,
         public_url=settings.public_url,
+        instance_url=settings.instance_url,
         path=MEDIA_STREAM_PATH,
     )
     return app

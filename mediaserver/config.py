@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from mediaserver.security import configured_base, signature_bases
+
 __all__ = ["PCM_RATES", "PROVIDERS", "REQUIRED", "ConfigError", "Settings", "load_dotenv_file"]
 
 # Providers the server can bridge to; "echo" needs no network and no key.
@@ -46,6 +48,11 @@ class Settings:
     port: int = _env_field("MEDIASERVER_PORT", 8080, "port to listen on")
     public_url: str | None = _env_field(
         "MEDIASERVER_PUBLIC_URL", None, "https://host as Twilio reaches us; default: from Host / X-Forwarded-*"
+    )
+    instance_url: str | None = _env_field(
+        "MEDIASERVER_INSTANCE_URL",
+        None,
+        "https://host that reaches this instance directly, for its calls' streams and callbacks; default: the public URL",
     )
     twilio_account_sid: str | None = _env_field("TWILIO_ACCOUNT_SID", None, "AC...; checked against start events when set")
     twilio_auth_token: str | None = _env_field(
@@ -169,6 +176,11 @@ class Settings:
             )
         if self.public_url is not None and not self.public_url.startswith(("https://", "http://")):
             raise ConfigError(f"MEDIASERVER_PUBLIC_URL must start with https:// (got {self.public_url!r})")
+        if self.instance_url is not None:
+            try:
+                configured_base(self.instance_url, "MEDIASERVER_INSTANCE_URL")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.transfer_numbers is not None:
             from mediaserver.tools.builtins import parse_transfer_numbers
 
@@ -180,6 +192,20 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive")
         return self
+
+    @property
+    def call_url(self) -> str | None:
+        """The base of the URLs a call comes back to (its ``<Stream url>``, outbound callbacks): this instance's.
+
+        ``MEDIASERVER_INSTANCE_URL`` when set, else ``MEDIASERVER_PUBLIC_URL``
+        (None: from the request's ``Host`` / ``X-Forwarded-*``).
+        """
+        return self.instance_url or self.public_url
+
+    @property
+    def signed_url_bases(self) -> tuple[str | None, ...]:
+        """The bases Twilio may sign a request to us under: the public URL, and this instance's URL if set."""
+        return signature_bases(self.public_url, self.instance_url)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes).validated()

@@ -112,10 +112,11 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
     pending = OutboundRequests()
     rest = TwilioRest.from_settings(settings)
 
-    def public(path: str, query: str | bytes = b"") -> str:
+    def public(path: str, query: str | bytes = b"", configured: str | None = settings.call_url) -> str:
+        """The URL Twilio reaches ``path`` at; by default this instance's (MEDIASERVER_INSTANCE_URL), where the call's state is."""
         return security.public_url(
             path,
-            configured=settings.public_url,
+            configured=configured,
             scheme=request.scheme,
             host=request.host,
             headers=request.headers,
@@ -184,12 +185,16 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
         params = {key: form.getlist(key) for key in form.keys()}
         if settings.twilio_auth_token:
             try:
-                url = public(request.path, request.query_string)
+                ok, url = security.signed_by_any(
+                    settings.twilio_auth_token,
+                    settings.signed_url_bases,
+                    lambda base: public(request.path, request.query_string, base),
+                    params,
+                    request.headers.get("X-Twilio-Signature"),
+                )
             except ValueError:
                 return "bad host", 400
-            if not security.validate_signature(
-                settings.twilio_auth_token, url, params, request.headers.get("X-Twilio-Signature")
-            ):
+            if not ok:
                 log.warning("/outbound-twiml: bad or missing X-Twilio-Signature for %s; 403", url)
                 return "forbidden", 403
         call_sid = (params.get("CallSid") or [""])[0]
@@ -204,7 +209,7 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
         try:
             stream = security.stream_url(
                 _MEDIA_STREAM_PATH,
-                configured=settings.public_url,
+                configured=settings.call_url,
                 scheme=request.scheme,
                 host=request.host,
                 headers=request.headers,

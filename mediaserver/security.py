@@ -46,7 +46,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import SplitResult, parse_qs, urlsplit
@@ -58,7 +58,10 @@ __all__ = [
     "HeaderSource",
     "body_sha256",
     "compute_signature",
+    "configured_base",
     "public_url",
+    "signature_bases",
+    "signed_by_any",
     "stream_url",
     "upgrade_signature_url",
     "validate_body_signature",
@@ -235,7 +238,7 @@ def public_url(
     if not path.startswith("/"):
         raise ValueError(f"path must start with '/', not {path!r}")
     if configured is not None:
-        base = _configured_base(configured)
+        base = configured_base(configured)
         url = base.scheme + "://" + base.netloc + base.path.rstrip("/") + path
     else:
         forwarded_proto = _first(headers, "x-forwarded-proto")
@@ -292,17 +295,42 @@ def _to_ws(http_url: str) -> str:
     return _WS_SCHEMES[scheme] + sep + rest
 
 
-def _configured_base(configured: str) -> SplitResult:
+def configured_base(configured: str, name: str = "MEDIASERVER_PUBLIC_URL") -> SplitResult:
+    """``configured`` split, if it is a base URL ``http(s)://host[:port][/prefix]``; else ValueError naming ``name``."""
     try:
         base = urlsplit(configured)
         _ = base.port  # raises ValueError on a malformed port
     except ValueError as exc:
-        raise ValueError(f"MEDIASERVER_PUBLIC_URL is malformed: {configured!r}") from exc
+        raise ValueError(f"{name} is malformed: {configured!r}") from exc
     if base.scheme not in ("http", "https") or not base.netloc:
-        raise ValueError(f"MEDIASERVER_PUBLIC_URL must be https://host[:port][/prefix], not {configured!r}")
+        raise ValueError(f"{name} must be https://host[:port][/prefix], not {configured!r}")
     if base.query or base.fragment or "?" in configured or "#" in configured:
-        raise ValueError(f"MEDIASERVER_PUBLIC_URL must not have a query or fragment: {configured!r}")
+        raise ValueError(f"{name} must not have a query or fragment: {configured!r}")
     return base
+
+
+def signature_bases(public_url: str | None, instance_url: str | None) -> tuple[str | None, ...]:
+    """The configured bases Twilio may sign a request to us under: the public URL, and this instance's if set."""
+    return (public_url,) if instance_url is None else (public_url, instance_url)
+
+
+def signed_by_any(
+    auth_token: str,
+    bases: Sequence[str | None],
+    url_for: Callable[[str | None], str],
+    params: Mapping[str, str | Sequence[str]],
+    signature: str | None,
+) -> tuple[bool, str]:
+    """Whether ``signature`` is Twilio's for the request's URL under any of ``bases``; and the first URL tried.
+
+    ``bases`` are the configured URLs the request may have been sent to
+    (``MEDIASERVER_PUBLIC_URL``, ``MEDIASERVER_INSTANCE_URL``; None: from the
+    request's headers); ``url_for(base)`` rebuilds the URL Twilio signed
+    (:func:`public_url` or :func:`upgrade_signature_url` with ``configured=base``)
+    and may raise :class:`ValueError`, which propagates (answer 400).
+    """
+    urls = [url_for(base) for base in dict.fromkeys(bases)]
+    return any(validate_signature(auth_token, url, params, signature) for url in urls), urls[0]
 
 
 def _first(headers: HeaderSource, lower_name: str) -> str | None:

@@ -102,6 +102,7 @@ async def _serve(
         path=MEDIA_STREAM_PATH,
         auth_token=settings.twilio_auth_token,
         public_url=settings.public_url,
+        instance_url=settings.instance_url,
         max_message_size=DEFAULT_MAX_MESSAGE_BYTES,
         head_timeout_s=config.keep_alive_timeout,
     )

@@ -243,6 +243,70 @@ async def test_app_stream_without_a_valid_token_is_refused(caplog: pytest.LogCap
         assert len(refusals) == 3
 
 
+@fail_after(30)
+async def test_app_instances_sharing_a_public_url_get_their_own_calls_streams(caplog: pytest.LogCaptureFixture) -> None:
+    """Two instances behind one webhook URL: each call's stream comes back to the instance that answered it."""
+    public = "https://voice.example.com"  # the load balancer's URL, which Twilio signs the webhook for
+    instances = {name: f"https://{name}.example.com" for name in ("a", "b")}
+    async with running(
+        base_settings(twilio_auth_token=AUTH_TOKEN, public_url=public, instance_url=instances["a"])
+    ) as url_a, running(
+        base_settings(twilio_auth_token=AUTH_TOKEN, public_url=public, instance_url=instances["b"])
+    ) as url_b:
+        urls = {"a": url_a, "b": url_b}
+        twimls = {}
+        for (name, url), call_sid in zip(urls.items(), (CALL_A, CALL_B)):
+            form = [("CallSid", call_sid), ("From", "+15550001111"), ("To", "+15552223333")]
+            signature = twilio_signature(AUTH_TOKEN, public + "/twiml", form)
+            answer = await http_request(url + "/twiml", "POST", form=form, headers=[("X-Twilio-Signature", signature)])
+            assert answer.status == 200
+            twimls[name] = parse_twiml(answer.text)
+            # The stream URL names this instance, not the load balancer.
+            assert twimls[name].stream_url == f"wss://{name}.example.com/media-stream"
+
+        # A webhook signed for the public URL or for this instance's own is taken; one for another instance is not.
+        form = [("CallSid", "CA" + "c" * 32), ("From", "+15550001111")]
+        for base, status in ((public, 200), (instances["a"], 200), (instances["b"], 403), ("https://a.example.org", 403)):
+            signature = twilio_signature(AUTH_TOKEN, base + "/twiml", form)
+            answer = await http_request(url_a + "/twiml", "POST", form=form, headers=[("X-Twilio-Signature", signature)])
+            assert answer.status == status, base
+
+        # The upgrade is signed for the URL in the TwiML (a TLS terminator forwards it to us as ws://).
+        stream_a = url_a.replace("http://", "ws://") + "/media-stream"
+        for signed_url, status in ((twimls["b"].stream_url, 403), (twimls["a"].stream_url, 101)):
+            signature = twilio_signature(AUTH_TOKEN, signed_url)
+            assert await websocket_upgrade_status(stream_a, [("X-Twilio-Signature", signature)]) == status
+
+        # Each stream, at the instance that answered its call, is bridged (the echo agent plays the tone back).
+        burst = to_ulaw(tone(1000, 300, amplitude=0.5))
+        for (name, url), call_sid in zip(urls.items(), (CALL_A, CALL_B)):
+            signature = twilio_signature(AUTH_TOKEN, twimls[name].stream_url)
+            caller = FakeTwilioCaller(call_sid=call_sid, custom_parameters=twimls[name].parameters)
+            async with open_ws_client(url.replace("http://", "ws://") + "/media-stream", [("X-Twilio-Signature", signature)]) as ws:
+                async with caller.attached(ws):
+                    await caller.send_silence(200)
+                    await caller.send_audio(burst)
+                    await caller.send_silence(600)
+                    await caller.wait_for_audio(len(burst))
+                    await caller.stop()
+                    await caller.closed.wait()
+            assert caller.errors == [] and caller.close_code == 1000
+
+        # What a load balancer in front of the streams would do: B's call at A has no session or token there.
+        form = [("CallSid", "CA" + "d" * 32), ("From", "+15550001111")]
+        signature = twilio_signature(AUTH_TOKEN, public + "/twiml", form)
+        answer = await http_request(url_b + "/twiml", "POST", form=form, headers=[("X-Twilio-Signature", signature)])
+        twiml = parse_twiml(answer.text)
+        caller = FakeTwilioCaller(call_sid="CA" + "d" * 32, custom_parameters=twiml.parameters)
+        signature = twilio_signature(AUTH_TOKEN, twimls["a"].stream_url)
+        async with open_ws_client(stream_a, [("X-Twilio-Signature", signature)]) as ws:
+            async with caller.attached(ws):
+                await caller.send_silence(100, paced=False)
+                await caller.closed.wait()
+        assert caller.received == []
+        assert [r for r in call_log(caplog, "CA" + "d" * 32) if "without a valid one-time token" in r.getMessage()]
+
+
 # ----------------------------------------------------------------- echo agent
 
 

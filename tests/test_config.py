@@ -38,11 +38,25 @@ def test_config_reads_environment_and_overrides_win() -> None:
         ({"MEDIASERVER_IDLE_TIMEOUT_S": "0"}, "MEDIASERVER_IDLE_TIMEOUT_S must be positive"),
         ({"OPENAI_AUDIO_FORMAT": "pcm16"}, "OPENAI_AUDIO_FORMAT must be pcmu or pcm24k"),
         ({"MEDIASERVER_PUBLIC_URL": "example.com"}, "MEDIASERVER_PUBLIC_URL must start with https://"),
+        ({"MEDIASERVER_INSTANCE_URL": "wss://a.example.com"}, "MEDIASERVER_INSTANCE_URL must be https://host"),
+        ({"MEDIASERVER_INSTANCE_URL": "https://a.example.com/?x=1"}, "MEDIASERVER_INSTANCE_URL must not have a query"),
+        ({"MEDIASERVER_INSTANCE_URL": "https://a.example.com:port"}, "MEDIASERVER_INSTANCE_URL is malformed"),
     ],
 )
 def test_config_bad_values_raise_naming_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_config_call_urls_are_the_instance_s_when_it_has_one() -> None:
+    public = Settings.from_env({"MEDIASERVER_PUBLIC_URL": "https://voice.example.com"})
+    assert public.call_url == "https://voice.example.com" and public.signed_url_bases == ("https://voice.example.com",)
+    both = public.with_(instance_url="https://a.example.com")
+    assert both.call_url == "https://a.example.com"
+    assert both.signed_url_bases == ("https://voice.example.com", "https://a.example.com")
+    alone = Settings.from_env({"MEDIASERVER_INSTANCE_URL": "https://a.example.com/node"})
+    assert alone.call_url == "https://a.example.com/node" and alone.signed_url_bases == (None, "https://a.example.com/node")
+    assert Settings.from_env({}).call_url is None
 
 
 def test_config_cli_reports_a_missing_key_before_starting(

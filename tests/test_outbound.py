@@ -146,6 +146,31 @@ async def test_outbound_call_end_to_end_with_its_greeting() -> None:
 
 
 @fail_after(15)
+async def test_outbound_call_comes_back_to_the_instance_that_placed_it() -> None:
+    """Behind a shared public URL, the answer URL, status callback and stream name this instance (MEDIASERVER_INSTANCE_URL)."""
+    instance = "https://a.example.com"
+    async with fake_rest() as rest, fake_openai() as model:
+        settings = outbound_settings(model, rest, public_url="https://voice.example.com", instance_url=instance)
+        async with running(settings) as url:
+            status, _, answer = await post_calls(url, {"to": TO})
+            assert status == 201, answer
+            (req,) = rest.requests
+            answer_url = req.value("Url")
+            assert answer_url.startswith(instance + "/outbound-twiml?outbound=")
+            assert req.value("StatusCallback") == instance + "/call-status"
+            # Twilio signs for the URL it was given; we are reached through a terminator at our own address.
+            local = url + answer_url.removeprefix(instance)
+            form = [("CallSid", answer["call_sid"]), ("AccountSid", ACCOUNT_SID), ("From", FROM), ("To", TO)]
+            wrong = twilio_signature(AUTH_TOKEN, "https://b.example.com" + answer_url.removeprefix(instance), form)
+            refused = await http_request(local, "POST", form=form, headers=[("X-Twilio-Signature", wrong)])
+            assert refused.status == 403
+            signature = twilio_signature(AUTH_TOKEN, answer_url, form)
+            webhook = await http_request(local, "POST", form=form, headers=[("X-Twilio-Signature", signature)])
+            assert webhook.status == 200, webhook.text
+            assert parse_twiml(webhook.text).stream_url == "wss://a.example.com/media-stream"
+
+
+@fail_after(15)
 async def test_outbound_defaults_come_from_the_settings() -> None:
     async with fake_rest() as rest, fake_openai() as model:
         settings = outbound_settings(model, rest, agent_greeting="Hello from the default.")

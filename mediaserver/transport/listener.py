@@ -110,6 +110,7 @@ class ConnectionRouter:
         public_url: str | None,
         max_message_size: int,
         head_timeout_s: float,
+        instance_url: str | None = None,
     ) -> None:
         self.other = other
         self.handle_stream = handle_stream
@@ -117,6 +118,7 @@ class ConnectionRouter:
         self._path = path.encode()
         self.auth_token = auth_token
         self.public_url = public_url
+        self.instance_url = instance_url
         self.max_message_size = max_message_size
         self.head_timeout_s = head_timeout_s
 
@@ -150,5 +152,6 @@ class ConnectionRouter:
             public_url=self.public_url,
             path=self.path,
             server_host=server_host,
+            instance_url=self.instance_url,
         )
         await serve_media_stream(stream, ws, status, self.handle_stream, max_message_size=self.max_message_size)

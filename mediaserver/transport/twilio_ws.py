@@ -121,12 +121,14 @@ class MediaStreamRoute:
         *,
         auth_token: str | None,
         public_url: str | None,
+        instance_url: str | None = None,
         path: str = security.MEDIA_STREAM_PATH,
     ) -> None:
         self.app = app
         self.handle_stream = handle_stream
         self.auth_token = auth_token
         self.public_url = public_url
+        self.instance_url = instance_url
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -162,17 +164,23 @@ class MediaStreamRoute:
             server = scope.get("server")
             host = f"{server[0]}:{server[1]}" if server else ""
         try:
-            url = security.upgrade_signature_url(
-                self.path,
-                configured=self.public_url,
-                scheme=scope["scheme"],
-                host=host,
-                headers=headers,
-                query=scope.get("query_string", b""),
+            ok, url = security.signed_by_any(
+                self.auth_token,
+                security.signature_bases(self.public_url, self.instance_url),
+                lambda base: security.upgrade_signature_url(
+                    self.path,
+                    configured=base,
+                    scheme=scope["scheme"],
+                    host=host,
+                    headers=headers,
+                    query=scope.get("query_string", b""),
+                ),
+                {},
+                headers.get(security.SIGNATURE_HEADER.lower()),
             )
         except ValueError:
             return 400
-        if not security.validate_signature(self.auth_token, url, {}, headers.get(security.SIGNATURE_HEADER.lower())):
+        if not ok:
             log.warning("media stream: bad or missing X-Twilio-Signature for %s; 403", url)
             return 403
         return None

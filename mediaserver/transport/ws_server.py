@@ -140,20 +140,30 @@ def refusal(
     public_url: str | None,
     path: str,
     server_host: str,
+    instance_url: str | None = None,
 ) -> int | None:
-    """None if the upgrade may proceed, else the HTTP status to refuse it with (as twilio_ws.py)."""
+    """None if the upgrade may proceed, else the HTTP status to refuse it with (as twilio_ws.py).
+
+    The signature may be for the public URL or for this instance's (``instance_url``).
+    """
     if not auth_token:
         return None
     source = _Headers(headers)
     host = source.get("host") or server_host
     _, _, query = target.partition(b"?")
     try:
-        url = security.upgrade_signature_url(
-            path, configured=public_url, scheme="ws", host=host, headers=source, query=query
+        ok, url = security.signed_by_any(
+            auth_token,
+            security.signature_bases(public_url, instance_url),
+            lambda base: security.upgrade_signature_url(
+                path, configured=base, scheme="ws", host=host, headers=source, query=query
+            ),
+            {},
+            source.get(security.SIGNATURE_HEADER.lower()),
         )
     except ValueError:
         return 400
-    if not security.validate_signature(auth_token, url, {}, source.get(security.SIGNATURE_HEADER.lower())):
+    if not ok:
         log.warning("media stream: bad or missing X-Twilio-Signature for %s; 403", url)
         return 403
     return None

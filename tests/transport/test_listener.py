@@ -267,6 +267,22 @@ async def test_the_asgi_route_still_checks_the_signature() -> None:
         assert await _upgrade_after_a_request(url, good) == (200, 101)
 
 
+@fail_after(10)
+async def test_the_asgi_route_takes_a_signature_for_the_public_or_the_instance_url() -> None:
+    settings = base_settings(
+        twilio_auth_token=AUTH_TOKEN, public_url="https://voice.example.com", instance_url="https://voice.example.com/n1"
+    )
+    async with running(settings) as url:
+        for signed, status in (
+            ("wss://voice.example.com/n1/media-stream", 101),
+            ("wss://voice.example.com/media-stream", 101),
+            ("wss://voice.example.com/n2/media-stream", 403),
+            (url.replace("http://", "ws://") + "/media-stream", 403),  # what we see is not what Twilio signed
+        ):
+            signature = [("X-Twilio-Signature", twilio_signature(AUTH_TOKEN, signed))]
+            assert await _upgrade_after_a_request(url, signature) == (200, status), signed
+
+
 async def test_a_replay_stream_returns_the_buffered_bytes_first_within_max_bytes() -> None:
     a, b = trio.socket.socketpair()
     ours, peer = trio.SocketStream(a), trio.SocketStream(b)
