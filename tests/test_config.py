@@ -68,6 +68,14 @@ def test_config_cli_reports_a_missing_key_before_starting(
     assert "needs OPENAI_API_KEY" in capsys.readouterr().err
 
 
+def test_config_cli_instance_url_is_checked_before_starting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("MEDIASERVER_INSTANCE_URL", raising=False)
+    assert main(["serve", "--env-file", "/nonexistent/.env", "--instance-url", "a.example.com"]) == 2
+    assert "MEDIASERVER_INSTANCE_URL must be https://host" in capsys.readouterr().err
+
+
 def test_config_settings_command_lists_every_variable(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["settings"]) == 0
     out = capsys.readouterr().out
