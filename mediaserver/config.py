@@ -176,11 +176,12 @@ class Settings:
             )
         if self.public_url is not None and not self.public_url.startswith(("https://", "http://")):
             raise ConfigError(f"MEDIASERVER_PUBLIC_URL must start with https:// (got {self.public_url!r})")
-        if self.instance_url is not None:
-            try:
-                configured_base(self.instance_url, "MEDIASERVER_INSTANCE_URL")
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+        for name in ("public_url", "instance_url"):
+            if getattr(self, name) is not None:
+                try:
+                    configured_base(getattr(self, name), _env_name(name))
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
         if self.transfer_numbers is not None:
             from mediaserver.tools.builtins import parse_transfer_numbers
 

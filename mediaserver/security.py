@@ -321,16 +321,26 @@ def signed_by_any(
     params: Mapping[str, str | Sequence[str]],
     signature: str | None,
 ) -> tuple[bool, str]:
-    """Whether ``signature`` is Twilio's for the request's URL under any of ``bases``; and the first URL tried.
+    """Whether ``signature`` is Twilio's for the request's URL under any of ``bases``; and the URLs tried (for logs).
 
     ``bases`` are the configured URLs the request may have been sent to
     (``MEDIASERVER_PUBLIC_URL``, ``MEDIASERVER_INSTANCE_URL``; None: from the
     request's headers); ``url_for(base)`` rebuilds the URL Twilio signed
-    (:func:`public_url` or :func:`upgrade_signature_url` with ``configured=base``)
-    and may raise :class:`ValueError`, which propagates (answer 400).
+    (:func:`public_url` or :func:`upgrade_signature_url` with ``configured=base``).
+    A base whose URL cannot be built (a malformed ``Host``) is skipped; if no
+    URL can be built, the first :class:`ValueError` propagates (answer 400).
     """
-    urls = [url_for(base) for base in dict.fromkeys(bases)]
-    return any(validate_signature(auth_token, url, params, signature) for url in urls), urls[0]
+    urls: list[str] = []
+    error: ValueError | None = None
+    for base in dict.fromkeys(bases):
+        try:
+            urls.append(url_for(base))
+        except ValueError as exc:
+            error = error or exc
+    if not urls:
+        assert error is not None
+        raise error
+    return any(validate_signature(auth_token, url, params, signature) for url in urls), " or ".join(urls)
 
 
 def _first(headers: HeaderSource, lower_name: str) -> str | None:

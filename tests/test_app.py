@@ -273,7 +273,8 @@ async def test_app_instances_sharing_a_public_url_get_their_own_calls_streams(ca
 
         # The upgrade is signed for the URL in the TwiML (a TLS terminator forwards it to us as ws://).
         stream_a = url_a.replace("http://", "ws://") + "/media-stream"
-        for signed_url, status in ((twimls["b"].stream_url, 403), (twimls["a"].stream_url, 101)):
+        public_stream = "wss://voice.example.com/media-stream"
+        for signed_url, status in ((twimls["b"].stream_url, 403), (twimls["a"].stream_url, 101), (public_stream, 101)):
             signature = twilio_signature(AUTH_TOKEN, signed_url)
             assert await websocket_upgrade_status(stream_a, [("X-Twilio-Signature", signature)]) == status
 
@@ -305,6 +306,20 @@ async def test_app_instances_sharing_a_public_url_get_their_own_calls_streams(ca
                 await caller.closed.wait()
         assert caller.received == []
         assert [r for r in call_log(caplog, "CA" + "d" * 32) if "without a valid one-time token" in r.getMessage()]
+
+
+@fail_after(10)
+async def test_app_a_malformed_forwarded_host_does_not_hide_the_instance_url() -> None:
+    """No public URL: the webhook URL comes from the headers; a bad one is a 400 unless the instance URL matches."""
+    form = [("CallSid", CALL_A), ("From", "+15550001111")]
+    bad_host = ("X-Forwarded-Host", "bad host!")
+    async with running(base_settings(twilio_auth_token=AUTH_TOKEN, instance_url="https://a.example.com")) as url:
+        signature = ("X-Twilio-Signature", twilio_signature(AUTH_TOKEN, "https://a.example.com/twiml", form))
+        assert (await http_request(url + "/twiml", "POST", form=form, headers=[bad_host, signature])).status == 200
+        wrong = ("X-Twilio-Signature", twilio_signature(AUTH_TOKEN, "https://b.example.com/twiml", form))
+        assert (await http_request(url + "/twiml", "POST", form=form, headers=[bad_host, wrong])).status == 403
+    async with running(base_settings(twilio_auth_token=AUTH_TOKEN)) as url:
+        assert (await http_request(url + "/twiml", "POST", form=form, headers=[bad_host, signature])).status == 400
 
 
 # ----------------------------------------------------------------- echo agent

@@ -38,6 +38,8 @@ def test_config_reads_environment_and_overrides_win() -> None:
         ({"MEDIASERVER_IDLE_TIMEOUT_S": "0"}, "MEDIASERVER_IDLE_TIMEOUT_S must be positive"),
         ({"OPENAI_AUDIO_FORMAT": "pcm16"}, "OPENAI_AUDIO_FORMAT must be pcmu or pcm24k"),
         ({"MEDIASERVER_PUBLIC_URL": "example.com"}, "MEDIASERVER_PUBLIC_URL must start with https://"),
+        ({"MEDIASERVER_PUBLIC_URL": "https://voice.example.com:443x"}, "MEDIASERVER_PUBLIC_URL is malformed"),
+        ({"MEDIASERVER_PUBLIC_URL": "https://voice.example.com/?a=1"}, "MEDIASERVER_PUBLIC_URL must not have a query"),
         ({"MEDIASERVER_INSTANCE_URL": "wss://a.example.com"}, "MEDIASERVER_INSTANCE_URL must be https://host"),
         ({"MEDIASERVER_INSTANCE_URL": "https://a.example.com/?x=1"}, "MEDIASERVER_INSTANCE_URL must not have a query"),
         ({"MEDIASERVER_INSTANCE_URL": "https://a.example.com:port"}, "MEDIASERVER_INSTANCE_URL is malformed"),

@@ -148,7 +148,7 @@ async def test_outbound_call_end_to_end_with_its_greeting() -> None:
 @fail_after(15)
 async def test_outbound_call_comes_back_to_the_instance_that_placed_it() -> None:
     """Behind a shared public URL, the answer URL, status callback and stream name this instance (MEDIASERVER_INSTANCE_URL)."""
-    instance = "https://a.example.com"
+    instance = "https://voice.example.com/n1"  # a proxy routes /n1/... here, stripping the prefix
     async with fake_rest() as rest, fake_openai() as model:
         settings = outbound_settings(model, rest, public_url="https://voice.example.com", instance_url=instance)
         async with running(settings) as url:
@@ -161,13 +161,18 @@ async def test_outbound_call_comes_back_to_the_instance_that_placed_it() -> None
             # Twilio signs for the URL it was given; we are reached through a terminator at our own address.
             local = url + answer_url.removeprefix(instance)
             form = [("CallSid", answer["call_sid"]), ("AccountSid", ACCOUNT_SID), ("From", FROM), ("To", TO)]
-            wrong = twilio_signature(AUTH_TOKEN, "https://b.example.com" + answer_url.removeprefix(instance), form)
+            wrong = twilio_signature(AUTH_TOKEN, "https://voice.example.com/n2" + answer_url.removeprefix(instance), form)
             refused = await http_request(local, "POST", form=form, headers=[("X-Twilio-Signature", wrong)])
             assert refused.status == 403
             signature = twilio_signature(AUTH_TOKEN, answer_url, form)
             webhook = await http_request(local, "POST", form=form, headers=[("X-Twilio-Signature", signature)])
             assert webhook.status == 200, webhook.text
-            assert parse_twiml(webhook.text).stream_url == "wss://a.example.com/media-stream"
+            assert parse_twiml(webhook.text).stream_url == "wss://voice.example.com/n1/media-stream"
+            # The status callback, signed for the instance's URL, is taken too.
+            status_form = [("CallSid", answer["call_sid"]), ("CallStatus", "completed")]
+            signature = twilio_signature(AUTH_TOKEN, instance + "/call-status", status_form)
+            callback = await http_request(url + "/call-status", "POST", form=status_form, headers=[("X-Twilio-Signature", signature)])
+            assert callback.status == 204
 
 
 @fail_after(15)
