@@ -41,6 +41,10 @@ of the step has started):
 * CPU wait: how long the server and the generator were runnable but waiting
   for a CPU (``/proc/PID/task/*/schedstat``).  On a shared machine other
   processes take CPU time; rows with a high wait measured the machine;
+* the generator's own garbage collector is kept out of the window (a full
+  collection when the ramp ends, then ``gc.freeze`` until the step is
+  over): a pause of the callers would come back as a burst that the
+  server queues, counted as its latency;
 * gen-bound: the generator/fake-model process, not the server, limited the
   step (its CPU over ``--gen-cpu`` % of a core, or its event-loop lag p99
   over ``--gen-lag-ms``).  Latencies of such rows overstate the server's;
@@ -91,6 +95,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -104,7 +109,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +311,40 @@ def runqueue_wait_s(pid: int) -> float:
     return total / 1e9
 
 
+async def _run_calls(
+    n_calls: int,
+    args: argparse.Namespace,
+    target: Server,
+    recorder: Recorder,
+    t0: float,
+    ramp_s: float,
+    end_s: float,
+    measure_window: Callable[[], Awaitable[None]],
+) -> None:
+    """Start the step's calls over the ramp and wait until they are over, measuring the window alongside."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(measure_window)
+        lag_scope = trio.CancelScope()
+
+        async def lag() -> None:
+            with lag_scope:
+                await monitor_loop_lag(recorder)
+
+        nursery.start_soon(lag)
+        async with trio.open_nursery() as calls:
+            for i in range(n_calls):
+                call_no = i + 1
+                recorder.calls[call_no] = CallRecord(call_no)
+                calls.start_soon(run_call, recorder, call_no, HOST, target.port, end_s, target.webhook_path)
+                # Real calls' 20 ms frames arrive at independent phases; an even
+                # spacing that divides 20 ms would send every call's frame at
+                # the same instant and measure that burst's queueing instead.
+                # The golden-ratio offset spreads the phases evenly.
+                phase_s = ((i + 1) * 0.6180339887 % 1.0) * 0.020
+                await trio.sleep_until(t0 + (i + 1) * ramp_s / n_calls + phase_s)
+        lag_scope.cancel()
+
+
 async def run_step(
     n_calls: int,
     args: argparse.Namespace,
@@ -335,6 +374,15 @@ async def run_step(
         return (reactor["wakeups"], reactor["handler_calls"]) if isinstance(reactor, dict) else None
 
     async def measure_window() -> None:
+        # This process's own garbage collector must not pause the callers in
+        # the window: a full collection here (about 80 ms at 400 calls, as the
+        # ramp grows the heap) holds every caller's frames back, and the burst
+        # that follows is queued by the server and measured as its latency.
+        # So: collect once the ramp is done (the settle time absorbs it) and
+        # freeze what is alive until the step ends (run_step unfreezes).
+        await trio.sleep_until(t0 + ramp_s)
+        gc.collect()
+        gc.freeze()
         await trio.sleep_until(window_start)
         before = await reactor_counters()
         measured.update(
@@ -354,27 +402,10 @@ async def run_step(
         if before is not None and after is not None and after[0] > before[0]:
             measured["sockets_per_wakeup"] = (after[1] - before[1]) / (after[0] - before[0])
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(measure_window)
-        lag_scope = trio.CancelScope()
-
-        async def lag() -> None:
-            with lag_scope:
-                await monitor_loop_lag(recorder)
-
-        nursery.start_soon(lag)
-        async with trio.open_nursery() as calls:
-            for i in range(n_calls):
-                call_no = i + 1
-                recorder.calls[call_no] = CallRecord(call_no)
-                calls.start_soon(run_call, recorder, call_no, HOST, target.port, end_s, target.webhook_path)
-                # Real calls' 20 ms frames arrive at independent phases; an even
-                # spacing that divides 20 ms would send every call's frame at
-                # the same instant and measure that burst's queueing instead.
-                # The golden-ratio offset spreads the phases evenly.
-                phase_s = ((i + 1) * 0.6180339887 % 1.0) * 0.020
-                await trio.sleep_until(t0 + (i + 1) * ramp_s / n_calls + phase_s)
-        lag_scope.cancel()
+    try:
+        await _run_calls(n_calls, args, target, recorder, t0, ramp_s, end_s, measure_window)
+    finally:
+        gc.unfreeze()  # the step's calls are over: their objects may be collected again
     calls_done_s = clock()
     # A server that fell behind may still be working through its backlog:
     # wait (up to --drain-timeout) until it reports no live or pending call,
