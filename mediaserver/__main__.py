@@ -57,6 +57,11 @@ def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
         "  * in the Twilio console, set your number's voice webhook (HTTP POST) to "
         f"{(settings.public_url or 'https://<your-public-host>').rstrip('/')}/twiml",
         f"  * health check: curl http://127.0.0.1:{port}/healthz",
+        *(
+            [f"  * calls this instance answers come back to {settings.instance_url} (MEDIASERVER_INSTANCE_URL): route it here"]
+            if settings.instance_url
+            else []
+        ),
         f'  * try a call without a phone: mediaserver dial http://127.0.0.1:{port}/twiml --say "hello there"',
     ]
     if settings.provider == "echo":

@@ -76,6 +76,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             "status": "ok",
             "active_calls": calls.active,
             "pending_calls": calls.pending,
+            "instance": settings.instance_url,  # which of several instances answered (None: the only one)
             "reactor": reactor_stats(),
         }
 

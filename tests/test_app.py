@@ -144,6 +144,7 @@ async def test_app_healthz() -> None:
     assert json.loads(response.body) == {
         "active_calls": 0,
         "pending_calls": 0,
+        "instance": None,
         "status": "ok",
         "reactor": {"sockets": 0, "wakeups": 0, "handler_calls": 0},  # no call has used it yet
     }
@@ -254,6 +255,8 @@ async def test_app_instances_sharing_a_public_url_get_their_own_calls_streams(ca
         base_settings(twilio_auth_token=AUTH_TOKEN, public_url=public, instance_url=instances["b"])
     ) as url_b:
         urls = {"a": url_a, "b": url_b}
+        for name, url in urls.items():  # an operator can tell which instance answered
+            assert json.loads((await http_request(url + "/healthz")).body)["instance"] == instances[name]
         twimls = {}
         for (name, url), call_sid in zip(urls.items(), (CALL_A, CALL_B)):
             form = [("CallSid", call_sid), ("From", "+15550001111"), ("To", "+15552223333")]

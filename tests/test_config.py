@@ -109,3 +109,16 @@ def test_serve_freezes_the_start_up_objects_out_of_the_collectors_way() -> None:
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
+
+
+def test_the_start_banner_names_the_instance_url_when_there_is_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from mediaserver.__main__ import _print_next_steps
+
+    _print_next_steps(Settings.from_env({"MEDIASERVER_PUBLIC_URL": "https://voice.example.com"}), ["http://0.0.0.0:8080"])
+    single = capsys.readouterr().out
+    assert "https://voice.example.com/twiml" in single and "MEDIASERVER_INSTANCE_URL" not in single
+    settings = Settings.from_env({"MEDIASERVER_PUBLIC_URL": "https://voice.example.com", "MEDIASERVER_INSTANCE_URL": "https://voice.example.com/n1"})
+    _print_next_steps(settings, ["http://0.0.0.0:8081"])
+    out = capsys.readouterr().out
+    assert "https://voice.example.com/twiml" in out  # the console webhook stays the shared URL
+    assert "come back to https://voice.example.com/n1 (MEDIASERVER_INSTANCE_URL)" in out
