@@ -204,15 +204,6 @@ class ItemPlayback:
         return self.played_samples // MULAW_SAMPLES_PER_MS
 
 
-class _ItemCounters:
-    __slots__ = ("cleared", "played", "sent")
-
-    def __init__(self) -> None:
-        self.sent = 0
-        self.played = 0
-        self.cleared = 0
-
-
 class _PendingMark:
     """A mark we sent and Twilio has not echoed yet, with the audio it covers."""
 
@@ -260,7 +251,12 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         self._tail_total = 0
         self._live_marks: deque[_PendingMark] = deque()
         self._cleared_marks: dict[str, _PendingMark] = {}
-        self._items: dict[str, _ItemCounters] = {}
+        # Samples per reply item, sent / played / cleared: plain str -> int
+        # dicts, which the garbage collector does not track, so a long call's
+        # replies add nothing to its full collections (one object per item did).
+        self._item_sent: dict[str, int] = {}
+        self._item_played: dict[str, int] = {}
+        self._item_cleared: dict[str, int] = {}
         self._sent_samples = 0
         self._played_samples = 0
         self._cleared_samples = 0
@@ -502,10 +498,10 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
             )
         mark = live.popleft()
         self._played_samples += mark.samples
-        items = self._items
+        played = self._item_played
         for item, samples in mark.segments:
             if item is not None:
-                items[item].played += samples
+                played[item] = played.get(item, 0) + samples
         return Mark(sequence_number, name, cleared=False)
 
     def _parse_stop(self, msg: JsonObject) -> Stop:
@@ -556,10 +552,8 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         item = command.item
         self._sent_samples += samples
         if item is not None:
-            counters = self._items.get(item)
-            if counters is None:
-                counters = self._items[item] = _ItemCounters()
-            counters.sent += samples
+            sent = self._item_sent
+            sent[item] = sent.get(item, 0) + samples
         if self._tail_items and self._tail_items[-1] == item:
             self._tail_samples[-1] += samples
         else:
@@ -580,17 +574,17 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         return self._mark_prefix + name + '"}}'
 
     def _clear_audio(self) -> str:
-        items = self._items
+        cleared = self._item_cleared
         for mark in self._live_marks:
             self._cleared_marks[mark.name] = mark
             for item, samples in mark.segments:
                 if item is not None:
-                    items[item].cleared += samples
+                    cleared[item] = cleared.get(item, 0) + samples
             self._cleared_samples += mark.samples
         self._live_marks.clear()
         for item, samples in zip(self._tail_items, self._tail_samples):
             if item is not None:
-                items[item].cleared += samples
+                cleared[item] = cleared.get(item, 0) + samples
         self._cleared_samples += self._tail_total
         self._tail_items = []
         self._tail_samples = []
@@ -637,10 +631,9 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
 
     def playback(self, item: str) -> ItemPlayback:
         """What became of ``item``'s audio so far (all zeros for an item never sent)."""
-        counters = self._items.get(item)
-        if counters is None:
-            return ItemPlayback(item, 0, 0, 0)
-        return ItemPlayback(item, counters.sent, counters.played, counters.cleared)
+        return ItemPlayback(
+            item, self._item_sent.get(item, 0), self._item_played.get(item, 0), self._item_cleared.get(item, 0)
+        )
 
     def items_in_flight(self) -> tuple[str, ...]:
         """Items with audio sent but not yet confirmed played or cleared, oldest first.

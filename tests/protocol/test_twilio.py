@@ -529,6 +529,30 @@ def test_twilio_accounting_survives_stop_for_reading() -> None:
     assert stream.playback("a") == ItemPlayback("a", 80, 80, 0)
 
 
+def test_twilio_a_long_call_s_replies_leave_nothing_for_the_garbage_collector() -> None:
+    """Per-item accounting grows with every reply of a call; none of it may be objects that full collections walk."""
+    import gc
+
+    def replies(stream: TwilioStream, seq: Sequencer, first: int, count: int) -> None:
+        for n in range(first, first + count):
+            stream.send(SendAudio(b"\xff" * 320, item=f"item_{n}"))
+            stream.send(SendMark())
+            receive(stream, mark_msg(seq(), str(n)))
+            if n % 10 == 0:  # a barge-in now and then: cleared audio is accounted per item too
+                stream.send(SendAudio(b"\xff" * 160, item=f"item_{n}"))
+                stream.send(ClearAudio())
+
+    stream, seq = started_stream(), Sequencer()
+    replies(stream, seq, 1, 50)  # warm up: every container the accounting uses exists now
+    gc.collect()
+    before = len(gc.get_objects())
+    replies(stream, seq, 51, 300)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 30  # one object per item was 300 more
+    assert stream.playback("item_300") == ItemPlayback("item_300", 480, 320, 160)
+    assert stream.playback("item_999") == ItemPlayback("item_999", 0, 0, 0)  # never sent
+
+
 # ------------------------------------------------------------ ordering facts
 
 
