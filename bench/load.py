@@ -342,6 +342,15 @@ async def _run_calls(
                 # The golden-ratio offset spreads the phases evenly.
                 phase_s = ((i + 1) * 0.6180339887 % 1.0) * 0.020
                 await trio.sleep_until(t0 + (i + 1) * ramp_s / n_calls + phase_s)
+            # This process's own garbage collector must not pause the callers
+            # in the window: a full collection (40-120 ms at 350-400 calls, as
+            # the ramp grows the heap) holds every caller's frames back, and
+            # the burst that follows is queued by the server and measured as
+            # its latency.  So: collect now that every call has started (the
+            # settle time absorbs it) and freeze what is alive until the step
+            # is over (run_step unfreezes).
+            gc.collect()
+            gc.freeze()
         lag_scope.cancel()
 
 
@@ -374,15 +383,6 @@ async def run_step(
         return (reactor["wakeups"], reactor["handler_calls"]) if isinstance(reactor, dict) else None
 
     async def measure_window() -> None:
-        # This process's own garbage collector must not pause the callers in
-        # the window: a full collection here (about 80 ms at 400 calls, as the
-        # ramp grows the heap) holds every caller's frames back, and the burst
-        # that follows is queued by the server and measured as its latency.
-        # So: collect once the ramp is done (the settle time absorbs it) and
-        # freeze what is alive until the step ends (run_step unfreezes).
-        await trio.sleep_until(t0 + ramp_s)
-        gc.collect()
-        gc.freeze()
         await trio.sleep_until(window_start)
         before = await reactor_counters()
         measured.update(
@@ -713,7 +713,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also run every step against the peer, bench/_peer_sample.py (default on; --no-peer skips it)"
     )
     parser.add_argument("--ramp-rate", type=float, default=100.0, help="new calls per second while ramping (default 100)")
-    parser.add_argument("--settle", type=float, default=1.0, help="seconds after the ramp before measuring (default 1)")
+    parser.add_argument(
+        "--settle", type=float, default=1.0, help="seconds after the ramp before measuring (default 1, at least 0.2)"
+    )
     parser.add_argument("--grace", type=float, default=2.0, help="seconds after the calls end before counting leaks (default 2)")
     parser.add_argument(
         "--drain-timeout", type=float, default=60.0, help="max seconds to wait for the server to finish the step's calls (default 60)"
@@ -754,6 +756,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.drain_timeout = min(args.drain_timeout, 10.0)  # a smoke run reports a stuck server, not waits on it
     if args.hold <= 0.5 or args.ramp_rate <= 0 or args.reply_ms < 40 or args.reply_every <= 0:
         parser.error("--hold must exceed 0.5 s, --ramp-rate and --reply-every be positive, --reply-ms at least 40")
+    if args.settle < 0.2:
+        parser.error("--settle must be at least 0.2 s: the generator collects its garbage then, out of the measured window")
     args.peer_skipped = peer_missing() if args.peer else None
     if args.peer_skipped is not None:
         args.peer = False

@@ -548,7 +548,8 @@ def test_twilio_a_long_call_s_replies_leave_nothing_for_the_garbage_collector() 
     before = len(gc.get_objects())
     replies(stream, seq, 51, 300)
     gc.collect()
-    assert len(gc.get_objects()) - before < 30  # one object per item was 300 more
+    # CPython does not track a dict whose keys and values are all str/int; one object per item was 300 more.
+    assert len(gc.get_objects()) - before < 30
     assert stream.playback("item_300") == ItemPlayback("item_300", 480, 320, 160)
     assert stream.playback("item_999") == ItemPlayback("item_999", 0, 0, 0)  # never sent
 
