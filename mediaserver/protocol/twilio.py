@@ -204,6 +204,12 @@ class ItemPlayback:
         return self.played_samples // MULAW_SAMPLES_PER_MS
 
 
+# Items whose playback a stream keeps (the most recently started ones).  An
+# item in flight at a barge-in is among the last few; the bound keeps a long
+# call's per-item accounting from growing with every reply.
+ITEM_HISTORY = 256
+
+
 class _PendingMark:
     """A mark we sent and Twilio has not echoed yet, with the audio it covers."""
 
@@ -553,7 +559,12 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         self._sent_samples += samples
         if item is not None:
             sent = self._item_sent
-            sent[item] = sent.get(item, 0) + samples
+            if item in sent:
+                sent[item] += samples
+            else:
+                if len(sent) >= ITEM_HISTORY:
+                    self._forget_oldest_item()
+                sent[item] = samples
         if self._tail_items and self._tail_items[-1] == item:
             self._tail_samples[-1] += samples
         else:
@@ -561,6 +572,13 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
             self._tail_samples.append(samples)
         self._tail_total += samples
         return self._media_prefix + b64encode(payload) + '"}}'
+
+    def _forget_oldest_item(self) -> None:
+        """Drop the playback of the item sent longest ago: a long call's accounting stays bounded."""
+        oldest = next(iter(self._item_sent))
+        del self._item_sent[oldest]
+        self._item_played.pop(oldest, None)
+        self._item_cleared.pop(oldest, None)
 
     def _send_mark(self) -> str:
         name = str(self._next_mark_number)
@@ -630,7 +648,11 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         return self._clear_count
 
     def playback(self, item: str) -> ItemPlayback:
-        """What became of ``item``'s audio so far (all zeros for an item never sent)."""
+        """What became of ``item``'s audio so far.
+
+        All zeros for an item never sent, or first sent before the last
+        :data:`ITEM_HISTORY` items (long finished: Twilio plays in order).
+        """
         return ItemPlayback(
             item, self._item_sent.get(item, 0), self._item_played.get(item, 0), self._item_cleared.get(item, 0)
         )

@@ -554,6 +554,25 @@ def test_twilio_a_long_call_s_replies_leave_nothing_for_the_garbage_collector() 
     assert stream.playback("item_999") == ItemPlayback("item_999", 0, 0, 0)  # never sent
 
 
+def test_twilio_playback_is_kept_for_the_latest_items_only() -> None:
+    from mediaserver.protocol.twilio import ITEM_HISTORY
+
+    stream, seq = started_stream(), Sequencer()
+    n = ITEM_HISTORY + 10
+    for k in range(1, n + 1):
+        stream.send(SendAudio(b"\xff" * 80, item=f"item_{k}"))
+        stream.send(SendAudio(b"\xff" * 80, item=f"item_{k}"))  # more of the same item keeps its place
+        stream.send(SendMark())
+        receive(stream, mark_msg(seq(), str(k)))
+    stream.send(SendAudio(b"\xff" * 40, item=f"item_{n}"))
+    stream.send(ClearAudio())
+    assert stream.playback("item_10") == ItemPlayback("item_10", 0, 0, 0)  # forgotten: long played
+    assert stream.playback("item_11") == ItemPlayback("item_11", 160, 160, 0)
+    assert stream.playback(f"item_{n}") == ItemPlayback(f"item_{n}", 200, 160, 40)
+    # The totals are not per item: nothing is forgotten there.
+    assert (stream.sent_samples, stream.played_samples, stream.cleared_samples) == (160 * n + 40, 160 * n, 40)
+
+
 # ------------------------------------------------------------ ordering facts
 
 

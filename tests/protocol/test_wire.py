@@ -294,3 +294,22 @@ def test_audio_ledger_refuses_to_cut_a_reply_without_audio() -> None:
         ledger.cut("x", 10, "x")
     ledger.complete("y")  # done without audio: nothing to cut, nothing refused
     assert ledger.cut("y", 10, "y") is None
+
+
+def test_audio_ledger_keeps_the_latest_replies_only() -> None:
+    ledger: AudioLedger[int] = AudioLedger(bytes_per_ms=8)
+    n = AudioLedger.HISTORY + 44
+    for reply in range(n):
+        ledger.add(reply, 80 * (reply + 1))  # reply k: k + 1 times 10 ms
+        ledger.add(reply, 8)  # more of the same reply keeps its place
+        if reply % 2:
+            ledger.complete(reply)
+    # The 44 oldest are forgotten (a cut of one is refused, as for a reply never seen); the rest are exact.
+    assert [ledger.received_ms(r) for r in (0, 43)] == [0, 0]
+    with pytest.raises(LocalProtocolError, match="no audio was received"):
+        ledger.cut(43, 5, "r43")
+    assert ledger.received_ms(44) == 451 and ledger.received_ms(n - 1) == 10 * n + 1
+    assert ledger.cut(n - 1, 10 * n + 1, "last") is None  # complete and all heard
+    assert ledger.cut(n - 2, 5, "before") == 5
+    ledger.complete(n)  # a reply that completes with no audio takes a place too
+    assert ledger.received_ms(44) == 0 and ledger.cut(n, 10, "empty") is None

@@ -119,18 +119,35 @@ class AudioLedger(Generic[K]):
     length, so a second truncation cannot reach past the first.
     """
 
+    # Replies kept (the most recently started): the one a caller barges in on
+    # is among the last few, and a long call's ledger stays bounded.
+    HISTORY = 256
+
     def __init__(self, bytes_per_ms: int) -> None:
         self._bytes_per_ms = bytes_per_ms
         self._received: dict[K, int] = {}
         self._complete: set[K] = set()
 
     def add(self, reply: K, n_bytes: int) -> None:
-        self._received[reply] = self._received.get(reply, 0) + n_bytes
+        received = self._received
+        if reply in received:
+            received[reply] += n_bytes
+        else:
+            self._start(reply, n_bytes)
 
     def complete(self, reply: K) -> None:
         """All of ``reply``'s audio has arrived."""
+        if reply not in self._received:
+            self._start(reply, 0)
         self._complete.add(reply)
-        self._received.setdefault(reply, 0)
+
+    def _start(self, reply: K, n_bytes: int) -> None:
+        received = self._received
+        if len(received) >= self.HISTORY:  # forget the reply started longest ago
+            oldest = next(iter(received))
+            del received[oldest]
+            self._complete.discard(oldest)
+        received[reply] = n_bytes
 
     def received_ms(self, reply: K) -> int:
         """Whole ms of ``reply``'s audio received (after truncations); 0 if none."""
