@@ -31,11 +31,12 @@ Behaviour is what the Quart route did:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from mediaserver import security
 from mediaserver.bridge.call import MessageStream, StreamClosed
+from mediaserver.transport.ws_server import refusal
 
 __all__ = ["ASGIStream", "MediaStreamRoute"]
 
@@ -93,24 +94,6 @@ class ASGIStream(MessageStream):
             await self.send(text)
 
 
-class _Headers:
-    """The scope's raw headers as :class:`mediaserver.security.HeaderSource` (latin-1, like Quart)."""
-
-    __slots__ = ("_raw",)
-
-    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
-        self._raw = raw
-
-    def items(self) -> Iterable[tuple[str, str]]:
-        return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw]
-
-    def get(self, lower_name: str) -> str | None:
-        for name, value in self.items():
-            if name.lower() == lower_name:
-                return value
-        return None
-
-
 class MediaStreamRoute:
     """ASGI middleware: the Media Streams WebSocket here, everything else to ``app``."""
 
@@ -155,35 +138,19 @@ class MediaStreamRoute:
             await send({"type": "websocket.close", "code": 1000})
 
     def _check_signature(self, scope: Scope) -> int | None:
-        """None if the upgrade may proceed, else the HTTP status to refuse it with."""
-        if not self.auth_token:
-            return None
-        headers = _Headers(scope["headers"])
-        host = headers.get("host")
-        if host is None:
-            server = scope.get("server")
-            host = f"{server[0]}:{server[1]}" if server else ""
-        try:
-            ok, url = security.signed_by_any(
-                self.auth_token,
-                security.signature_bases(self.public_url, self.instance_url),
-                lambda base: security.upgrade_signature_url(
-                    self.path,
-                    configured=base,
-                    scheme=scope["scheme"],
-                    host=host,
-                    headers=headers,
-                    query=scope.get("query_string", b""),
-                ),
-                {},
-                headers.get(security.SIGNATURE_HEADER.lower()),
-            )
-        except ValueError:
-            return 400
-        if not ok:
-            log.warning("media stream: bad or missing X-Twilio-Signature for %s; 403", url)
-            return 403
-        return None
+        """None if the upgrade may proceed, else the HTTP status to refuse it with (as on our own listener)."""
+        server = scope.get("server")
+        query = scope.get("query_string", b"")
+        return refusal(
+            scope["headers"],
+            self.path.encode() + (b"?" + query if query else b""),
+            auth_token=self.auth_token,
+            public_url=self.public_url,
+            instance_url=self.instance_url,
+            path=self.path,
+            server_host=f"{server[0]}:{server[1]}" if server else "",
+            scheme=scope["scheme"],
+        )
 
 
 async def _refuse(scope: Scope, send: Send, status: int) -> None:

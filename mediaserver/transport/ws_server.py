@@ -141,10 +141,13 @@ def refusal(
     path: str,
     server_host: str,
     instance_url: str | None = None,
+    scheme: str = "ws",
 ) -> int | None:
-    """None if the upgrade may proceed, else the HTTP status to refuse it with (as twilio_ws.py).
+    """None if the upgrade may proceed, else the HTTP status to refuse it with (both upgrade routes).
 
-    The signature may be for the public URL or for this instance's (``instance_url``).
+    The signature may be for the public URL or for this instance's
+    (``instance_url``).  ``target`` is the request target (path and query),
+    ``scheme`` the request's (an ASGI scope may say ``wss``).
     """
     if not auth_token:
         return None
@@ -156,7 +159,7 @@ def refusal(
             auth_token,
             security.signature_bases(public_url, instance_url),
             lambda base: security.upgrade_signature_url(
-                path, configured=base, scheme="ws", host=host, headers=source, query=query
+                path, configured=base, scheme=scheme, host=host, headers=source, query=query
             ),
             {},
             source.get(security.SIGNATURE_HEADER.lower()),
