@@ -78,6 +78,14 @@ class TLSStream(trio.abc.Stream):
         if self._broken is not None:
             raise trio.BrokenResourceError(self._broken)
 
+    def _encrypt(self, data: bytes | bytearray | memoryview) -> None:
+        """Into the TLS session; its records wait in the outgoing BIO."""
+        try:
+            self._tls.write(data)
+        except ssl.SSLError as exc:  # a closed or failed TLS session (renegotiation is not offered)
+            self._broken = f"TLS error: {exc}"
+            raise trio.BrokenResourceError(self._broken) from exc
+
     @property
     def raw_socket(self) -> socket.socket:
         """The TCP socket under the TLS session (to watch for readiness)."""
@@ -106,11 +114,7 @@ class TLSStream(trio.abc.Stream):
         :meth:`send_all` does.
         """
         self._check()
-        try:
-            self._tls.write(data)
-        except ssl.SSLError as exc:
-            self._broken = f"TLS error: {exc}"
-            raise trio.BrokenResourceError(self._broken) from exc
+        self._encrypt(data)
         if self._lock.locked():
             return False
         return self._send_now()
@@ -260,12 +264,8 @@ class TLSStream(trio.abc.Stream):
         lock = self._lock
         await acquire(lock)
         try:
-            try:
-                if data:
-                    self._tls.write(data)
-            except ssl.SSLError as exc:  # a closed or failed TLS session (renegotiation is not offered)
-                self._broken = f"TLS error: {exc}"
-                raise trio.BrokenResourceError(self._broken) from exc
+            if data:
+                self._encrypt(data)
             await self._send_pending()
         finally:
             lock.release()
