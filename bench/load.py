@@ -44,7 +44,8 @@ of the step has started):
 * the generator's own garbage collector is kept out of the window (a full
   collection when the ramp ends, then ``gc.freeze`` until the step is
   over): a pause of the callers would come back as a burst that the
-  server queues, counted as its latency;
+  server queues, counted as its latency.  The JSON's ``gen_gc_max_ms`` is
+  the longest collection the generator still ran inside the window;
 * gen-bound: the generator/fake-model process, not the server, limited the
   step (its CPU over ``--gen-cpu`` % of a core, or its event-loop lag p99
   over ``--gen-lag-ms``).  Latencies of such rows overstate the server's;
@@ -311,6 +312,27 @@ def runqueue_wait_s(pid: int) -> float:
     return total / 1e9
 
 
+class _GCPauses:
+    """This process's garbage collections, as (start, seconds) on ``time.perf_counter`` (a ``gc.callbacks`` hook)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float]] = []
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.append((self._start, time.perf_counter() - self._start))
+
+    def longest_s(self, start: float, end: float) -> float:
+        """The longest collection that began between ``start`` and ``end`` (0 if none)."""
+        return max((s for t, s in self.pauses if start <= t <= end), default=0.0)
+
+
+_GC_PAUSES = _GCPauses()  # hooked into gc.callbacks by main()
+
+
 async def _run_calls(
     n_calls: int,
     args: argparse.Namespace,
@@ -391,6 +413,7 @@ async def run_step(
         )
         await trio.sleep_until(end_s - 0.1)
         wall = time.perf_counter() - measured["wall"]
+        measured["gen_gc_max_ms"] = 1000 * _GC_PAUSES.longest_s(measured["wall"], measured["wall"] + wall)
         measured.update(
             server_cpu=100 * (cpu_seconds(server) - measured["s_cpu"]) / wall,
             gen_cpu=100 * (cpu_seconds(me) - measured["g_cpu"]) / wall,
@@ -461,6 +484,8 @@ async def run_step(
         "gen_cpu_pct": gen_cpu,
         "gen_lag_p99_ms": gen_lag_p99,
         "gen_send_late_p99_ms": pct(recorder.send_lateness_s, 99) * 1000,
+        # the generator's longest garbage collection in the window (kept out of it: see measure_window)
+        "gen_gc_max_ms": measured.get("gen_gc_max_ms", float("nan")),
         "gen_bound": bool(gen_cpu > args.gen_cpu or gen_lag_p99 > args.gen_lag_ms),
         "server_wait_pct": measured.get("server_wait", float("nan")),
         # ours: ready sockets handled per reactor wake-up in the hold window (None for the peer)
@@ -832,6 +857,7 @@ async def run_all(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    gc.callbacks.append(_GC_PAUSES)
     if args.peer_skipped is not None:
         log(f"peer skipped: {args.peer_skipped}")
     fd_limit = raise_fd_limit()

@@ -145,6 +145,7 @@ def test_load_quick_run_bridges_every_frame_and_leaks_nothing(quick_load: tuple[
     assert [r["calls"] for r in ours] == [2]
     _assert_clean(ours[0])
     assert ours[0]["sockets_per_wakeup"] >= 1  # our server's reactor handled the sockets (from its /healthz)
+    assert ours[0]["gen_gc_max_ms"] >= 0  # measured (NaN would fail)
     assert "socks/wake" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -323,3 +324,25 @@ def test_fake_model_tls_layer_decrypts_whole_and_split_records(tmp_path: Path) -
     with pytest.raises(ssl.SSLWantReadError):
         client.unwrap()  # sends close_notify, then waits for ours
     assert server.decrypt(c_out.read()) == b"" and server.closed
+
+
+def test_load_bench_finds_the_generator_s_longest_collection_in_a_window() -> None:
+    import gc
+    import time
+
+    import load
+
+    pauses = load._GCPauses()
+    gc.callbacks.append(pauses)
+    try:
+        before = time.perf_counter()
+        garbage = [[i] for i in range(200_000)]
+        start = time.perf_counter()
+        gc.collect()
+        end = time.perf_counter()
+        del garbage
+    finally:
+        gc.callbacks.remove(pauses)
+    longest = pauses.longest_s(start, end)
+    assert 0 < longest <= end - start
+    assert pauses.longest_s(before - 10, before - 5) == 0.0  # none began then
