@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Final, Generic, ParamSpec, TypeVar
 from .errors import CLOSE_MESSAGE_TOO_BIG, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
+    "REPLY_HISTORY",
     "JsonObject",
     "SansIOCore",
     "b64_field",
@@ -56,6 +57,11 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _MISSING: Final = object()
+
+# Reply items whose audio accounting a core keeps (the most recently started):
+# an item a caller barges in on is among the last few, and the bound keeps a
+# long call's per-reply bookkeeping from growing with every reply.
+REPLY_HISTORY: Final = 256
 
 
 # --------------------------------------------------------------------- encoding

@@ -69,6 +69,7 @@ from typing import Final
 from mediaserver._native._twilio import MediaCursor, parse_mark, parse_media
 
 from ._wire import (
+    REPLY_HISTORY,
     JsonObject,
     SansIOCore,
     b64decode,
@@ -204,10 +205,7 @@ class ItemPlayback:
         return self.played_samples // MULAW_SAMPLES_PER_MS
 
 
-# Items whose playback a stream keeps (the most recently started ones).  An
-# item in flight at a barge-in is among the last few; the bound keeps a long
-# call's per-item accounting from growing with every reply.
-ITEM_HISTORY = 256
+ITEM_HISTORY: Final = REPLY_HISTORY  # items whose playback a stream keeps, the most recently started
 
 
 class _PendingMark:

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Hashable, Sequence
 from typing import Generic, TypeVar
 
-from .._wire import SansIOCore, StateT
+from .._wire import REPLY_HISTORY, SansIOCore, StateT
 from ..errors import LocalProtocolError
 from .base import AudioFormat, ProviderEvent, WireMessage
 
@@ -119,9 +119,7 @@ class AudioLedger(Generic[K]):
     length, so a second truncation cannot reach past the first.
     """
 
-    # Replies kept (the most recently started): the one a caller barges in on
-    # is among the last few, and a long call's ledger stays bounded.
-    HISTORY = 256
+    HISTORY = REPLY_HISTORY  # replies kept, the most recently started
 
     def __init__(self, bytes_per_ms: int) -> None:
         self._bytes_per_ms = bytes_per_ms
