@@ -17,10 +17,9 @@ would: ``tests/protocol/test_openai_fastpath.py`` checks that on generated
 messages.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_Substring
 
-from b64 cimport ms_b64_decode, ms_b64_decoded_size
+from b64 cimport b64_bytes
 from jsonscan cimport (
     PyUnicode_DATA,
     PyUnicode_GET_LENGTH,
@@ -73,7 +72,6 @@ def parse_audio_delta(str text not None):
     cdef Py_ssize_t item_start = 0, item_end = 0, response_start = 0, response_end = 0, delta_start = 0, delta_end = 0
     cdef int seen = 0, key, kind
     cdef bint type_ok = False, response_null = False
-    cdef Py_ssize_t size
     cdef bytes audio
 
     i = skip_ws(s, 0, n)
@@ -150,11 +148,8 @@ def parse_audio_delta(str text not None):
         break
     if not type_ok or not (seen & K_ITEM) or not (seen & K_DELTA):
         return None
-    size = ms_b64_decoded_size(s + delta_start, delta_end - delta_start)
-    if size < 0:
-        return None
-    audio = PyBytes_FromStringAndSize(NULL, size)
-    if not ms_b64_decode(s + delta_start, delta_end - delta_start, <unsigned char*>PyBytes_AS_STRING(audio)):
+    audio = b64_bytes(s + delta_start, delta_end - delta_start)
+    if audio is None:
         return None
     return (
         PyUnicode_Substring(text, item_start, item_end),

@@ -20,10 +20,9 @@ second while the agent talks), and :class:`MediaCursor` adds the media
 checks and base64 for the bridge's per-frame path.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_Substring
 
-from b64 cimport ms_b64_decode, ms_b64_decoded_size
+from b64 cimport b64_bytes
 from jsonscan cimport (
     PyUnicode_DATA,
     PyUnicode_GET_LENGTH,
@@ -264,7 +263,7 @@ cdef class MediaCursor:
         here: parse it the ordinary way, which accepts it or names the error.
         """
         cdef Fields f
-        cdef Py_ssize_t size, sid_size
+        cdef Py_ssize_t sid_size
         cdef const char* s
         cdef bytes payload
         cdef const char* sid
@@ -284,11 +283,8 @@ cdef class MediaCursor:
             s, f.sid_start, f.sid_end, <const char*>PyUnicode_DATA(self.stream_sid), sid_size
         ):
             return None
-        size = ms_b64_decoded_size(s + f.payload_start, f.payload_end - f.payload_start)
-        if size < 0:
-            return None
-        payload = PyBytes_FromStringAndSize(NULL, size)
-        if not ms_b64_decode(s + f.payload_start, f.payload_end - f.payload_start, <unsigned char*>PyBytes_AS_STRING(payload)):
+        payload = b64_bytes(s + f.payload_start, f.payload_end - f.payload_start)
+        if payload is None:
             return None
         self.sequence_missing += f.sequence - self.next_sequence
         self.next_sequence = f.sequence + 1
