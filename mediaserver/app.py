@@ -7,7 +7,8 @@
   on a kept-alive HTTP connection, on ASGI ahead of Quart: mediaserver/transport/twilio_ws.py);
 * ``POST /call-status`` -- call status callbacks, logged and kept on the call record;
 * ``GET /calls/<sid>`` -- a call record, for the API key (mediaserver/records/routes.py);
-* ``GET /healthz`` -- liveness, call counts and the reactor's counters.
+* ``GET /healthz`` -- liveness, call counts and the reactor's counters;
+* ``GET /metrics`` -- the same and more in Prometheus' text format (:mod:`mediaserver.metrics`).
 
 With ``TWILIO_AUTH_TOKEN`` set, every webhook and the WebSocket upgrade must
 carry a valid ``X-Twilio-Signature`` (else 403).
@@ -23,6 +24,7 @@ from quart_trio import QuartTrio
 from mediaserver import security, twiml
 from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
 from mediaserver.config import Settings
+from mediaserver.metrics import Gauges, render
 from mediaserver.outbound import register_routes as register_outbound_routes
 from mediaserver.records.routes import register_routes as register_record_routes
 from mediaserver.transport.reactor import reactor_stats
@@ -79,6 +81,19 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             "instance": settings.instance_url,  # which of several instances answered (None: the only one)
             "reactor": reactor_stats(),
         }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        gauges = Gauges(
+            active_calls=calls.active,
+            pending_sessions=calls.pending,
+            model_sessions=calls.model_sessions,
+            reactor=reactor_stats(),
+            provider=settings.provider,
+            instance=settings.instance_url,
+        )
+        text = render(calls.metrics(), calls.refused, gauges)
+        return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/twiml")
     async def voice_webhook() -> Response:

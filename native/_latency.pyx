@@ -71,6 +71,43 @@ cdef class LatencyHistogram:
                 return edge if edge < self.max_s else self.max_s
         return self.max_s
 
+    def merge(self, LatencyHistogram other not None):
+        """Add ``other``'s samples to this histogram (a server's totals over its calls)."""
+        cdef int i
+        for i in range(NBUCKETS + 1):
+            self._counts[i] += other._counts[i]
+        self.count += other.count
+        self.total_s += other.total_s
+        if other.max_s > self.max_s:
+            self.max_s = other.max_s
+
+    def counts_below(self, edges):
+        """For each edge (seconds, ascending), how many samples lie in whole buckets below it.
+
+        Exact for edges that are multiples of ``BUCKET_S`` up to 20 ms (a
+        Prometheus histogram's ``le`` bounds): a bucket ``[a, a + 10 µs)``
+        counts towards every edge ``>= a + 10 µs``.  Samples of 20 ms and
+        more are in no edge's count.
+        """
+        cdef list out = []
+        cdef uint64_t seen = 0
+        cdef Py_ssize_t at = 0, stop
+        cdef double edge
+        for value in edges:
+            edge = value
+            if not edge >= 0.0:
+                raise ValueError(f"histogram edges must be non-negative, not {value!r}")
+            stop = <Py_ssize_t>(edge * 100000.0 + 1e-6)  # whole buckets below the edge
+            if stop > NBUCKETS:
+                stop = NBUCKETS
+            if stop < at:
+                raise ValueError("histogram edges must be ascending")
+            while at < stop:
+                seen += self._counts[at]
+                at += 1
+            out.append(seen)
+        return out
+
     def summary_ms(self):
         if not self.count:
             return "n/a"

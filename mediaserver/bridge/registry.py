@@ -17,10 +17,11 @@ call ended in one line (cancellation passes through).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from mediaserver.config import Settings
+from mediaserver.metrics import CallTotals
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.errors import ProtocolError
 from mediaserver.protocol.twilio import TwilioStream
@@ -83,11 +85,38 @@ class CallManager:
         self._nursery: trio.Nursery | None = None
         self.active = 0
         self.completed = 0
+        # For /metrics (mediaserver.metrics): calls that ended, folded in; the
+        # bridges still running; model connections open; streams refused by reason.
+        self.totals = CallTotals()
+        self._live: dict[CallBridge, None] = {}
+        self.model_sessions = 0
+        self.refused: dict[str, int] = {}
 
     @property
     def pending(self) -> int:
         """Pre-opened sessions still waiting for their media stream."""
         return sum(1 for slot in self._slots.values() if slot.error is None and not slot.claimed.is_set())
+
+    def metrics(self) -> CallTotals:
+        """The ended calls' totals plus every running call's counts so far (a copy)."""
+        totals = self.totals.copy()
+        now = trio.current_time()
+        for bridge in self._live:
+            totals.add_call(bridge.stats, bridge.jitter.stats, now - bridge.stats.started_s)
+        return totals
+
+    def _refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    @contextlib.asynccontextmanager
+    async def _session(self, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
+        """``open_link``, counted in :attr:`model_sessions` from open to closed."""
+        async with self._open_link(self.settings, agent) as link:
+            self.model_sessions += 1
+            try:
+                yield link
+            finally:
+                self.model_sessions -= 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery of pre-opened sessions until cancelled."""
@@ -102,6 +131,7 @@ class CallManager:
         ``agent`` overrides :attr:`agent` for this call (an outbound call's greeting, say).
         """
         if self._nursery is None or len(self._slots) >= MAX_PENDING:
+            self._refuse("too_many_pending")
             return None
         token = secrets.token_urlsafe(24)
         slot = _Slot(call_sid, agent or self.agent)
@@ -115,7 +145,7 @@ class CallManager:
         deadline = trio.current_time() + self.settings.stream_timeout_s
         try:
             try:
-                async with self._open_link(self.settings, slot.agent) as link:
+                async with self._session(slot.agent) as link:
                     slot.link = link
                     slot.ready.set()
                     with trio.move_on_at(deadline):
@@ -156,8 +186,10 @@ class CallManager:
         twilio = TwilioStream()
         start = await self._read_start(stream, twilio)
         if start is None:
+            self._refuse("no_start")
             return
         if self.settings.twilio_account_sid and start.account_sid != self.settings.twilio_account_sid:
+            self._refuse("wrong_account")
             log.error("stream %s: account %s is not ours; refused", start.stream_sid, start.account_sid)
             return
         token = start.custom_parameters.get(TOKEN_PARAMETER, "")
@@ -167,6 +199,7 @@ class CallManager:
             try:
                 await slot.ready.wait()
                 if slot.link is None:
+                    self._refuse("no_model_session")
                     log.error("call %s: no model session (%s); hanging up", start.call_sid, slot.error)
                     if self.recorder is not None:
                         self.recorder.call_failed(start, f"no model session: {slot.error}", self.settings.provider)
@@ -176,12 +209,14 @@ class CallManager:
                 slot.released.set()
             return
         if not self.settings.development_mode:
+            self._refuse("no_token")
             log.error("call %s: stream without a valid one-time token; refused", start.call_sid)
             return
         try:
-            async with self._open_link(self.settings, self.agent) as link:
+            async with self._session(self.agent) as link:
                 await self._bridge(stream, twilio, start, link)
         except* ProviderClosed as group:
+            self._refuse("no_model_session")
             log.error("call %s: could not open the model session: %s", start.call_sid, _reason(group))
             if self.recorder is not None:
                 self.recorder.call_failed(start, f"no model session: {_reason(group)}", self.settings.provider)
@@ -213,11 +248,13 @@ class CallManager:
                 tools=self.tools, tool_timeout_s=s.tool_timeout_s, rest=self.rest,
             )
         except ValueError as exc:  # the provider's audio formats cannot be bridged
+            self._refuse("cannot_bridge")
             log.error("call %s: cannot bridge to %s: %s", start.call_sid, link.name, exc)
             if self.recorder is not None:
                 self.recorder.call_failed(start, f"cannot bridge to {link.name}: {exc}", link.name)
             return
         self.active += 1
+        self._live[bridge] = None
         log.info("call %s: started, stream %s, provider %s", start.call_sid, start.stream_sid, link.name)
         if self.recorder is not None:
             self.recorder.call_started(start, bridge.stats)
@@ -243,6 +280,9 @@ class CallManager:
         finally:
             self.active -= 1
             self.completed += 1
+            del self._live[bridge]
+            self.totals.add_call(bridge.stats, bridge.jitter.stats, trio.current_time() - bridge.stats.started_s)
+            self.totals.end(bridge.end_reason)
             if self.recorder is not None:
                 self.recorder.call_ended(start.call_sid, bridge.stats, bridge.end_reason)
             st = bridge.stats

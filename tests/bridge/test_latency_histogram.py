@@ -48,6 +48,9 @@ class ReferenceHistogram:
                 return min((i + 1) * self.BUCKET_S, self.max_s)
         return self.max_s
 
+    def counts_below(self, edges: list[float]) -> list[int]:
+        return [sum(self.counts[: min(int(edge * 100_000.0 + 1e-6), self.BUCKETS)]) for edge in edges]
+
 
 samples = st.lists(
     st.one_of(
@@ -69,6 +72,27 @@ def test_native_histogram_matches_the_reference(values: list[float], qs: list[fl
     assert native.total_s == pytest.approx(reference.total_s, rel=1e-12, abs=1e-15)
     for q in [*qs, 0.5, 0.99, 1.0]:
         assert native.quantile(q) == reference.quantile(q)
+
+
+edges = st.lists(st.integers(min_value=0, max_value=2500), max_size=10).map(lambda ns: [n * 10e-6 for n in sorted(ns)])
+
+
+@settings(max_examples=200, deadline=None)
+@given(samples, samples, edges)
+def test_merge_and_counts_below_match_the_reference(first: list[float], second: list[float], bounds: list[float]) -> None:
+    merged, other, reference = LatencyHistogram(), LatencyHistogram(), ReferenceHistogram()
+    for value in first:
+        merged.add(value)
+        reference.add(value)
+    for value in second:
+        other.add(value)
+        reference.add(value)
+    merged.merge(other)
+    assert (merged.count, merged.max_s) == (reference.count, reference.max_s)
+    assert merged.total_s == pytest.approx(reference.total_s, rel=1e-12, abs=1e-15)
+    assert merged.quantile(0.99) == reference.quantile(0.99)
+    assert merged.counts_below(bounds) == reference.counts_below(bounds)
+    assert other.count == len(second)  # merging leaves its argument as it was
 
 
 def test_histogram_summary_and_edges() -> None:

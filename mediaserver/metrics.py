@@ -1,0 +1,213 @@
+"""The server's counters in Prometheus' text format (``GET /metrics``), sans I/O.
+
+:class:`CallTotals` is what the calls that have ended add up to; the call
+manager folds each call into it when the call ends
+(:meth:`CallTotals.add_call`).  A scrape takes a copy and adds the calls
+still running (``CallManager.metrics``), so every counter moves as the
+calls go on, not only when they end, and never goes back: when a call ends,
+its counts move from the live part to the totals unchanged.
+:func:`render` writes the exposition text.
+
+Every name starts with ``mediaserver_``; no label carries a call SID, a
+phone number or anything else a caller could choose, so the series stay few
+whatever the traffic.  The list is in the README (Monitoring).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+import dataclasses
+from dataclasses import dataclass, field
+
+from mediaserver import __version__
+from mediaserver.bridge.stats import CallStats, LatencyHistogram
+from mediaserver.codec import JitterStats
+
+__all__ = ["LATENCY_EDGES_S", "CallTotals", "Gauges", "end_kind", "render"]
+
+# Histogram bounds of the bridge-added latency (seconds): multiples of the
+# native histogram's 10 µs buckets, so each bound's count is exact.
+LATENCY_EDGES_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)
+
+# How calls end (``CallBridge.end_reason`` and the call manager's), by prefix: the ``end`` label.
+_END_KINDS = (
+    ("twilio sent stop", "twilio_stop"),
+    ("twilio hung up", "twilio_closed"),
+    ("agent hung up", "agent_hangup"),
+    ("transferred to", "transferred"),
+    ("idle:", "idle"),
+    ("maximum call length", "max_length"),
+    ("provider", "provider"),  # "provider ended: ..." and "provider error: ..."
+    ("protocol error", "protocol_error"),
+    ("failed", "failed"),
+    ("running", "cancelled"),  # no reason set: the server cancelled it (shutdown) or Quart saw the socket go
+)
+END_KINDS = tuple(kind for _, kind in _END_KINDS) + ("other",)
+
+# Why a Media Stream was not bridged (``CallManager.refused`` keys): the ``reason`` label.
+REFUSALS = ("no_start", "wrong_account", "no_token", "no_model_session", "cannot_bridge", "too_many_pending")
+
+
+def end_kind(reason: str) -> str:
+    """The ``end`` label for a call's end reason."""
+    for prefix, kind in _END_KINDS:
+        if reason.startswith(prefix):
+            return kind
+    return "other"
+
+
+@dataclass
+class CallTotals:
+    """Counts over calls, and the bridge-added latency of every frame in them."""
+
+    ended: dict[str, int] = field(default_factory=dict)  # end kind -> calls
+    call_seconds: float = 0.0
+    frames_in: int = 0  # media frames from Twilio
+    frames_to_model: int = 0
+    chunks_out: int = 0  # audio chunks to Twilio (each followed by a mark)
+    gaps_filled: int = 0  # missing caller frames the jitter buffer concealed
+    late_frames: int = 0  # caller frames dropped as late or duplicate
+    barge_ins: int = 0
+    truncations: int = 0
+    uplink: LatencyHistogram = field(default_factory=LatencyHistogram)
+    downlink: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def add_call(self, stats: CallStats, jitter: JitterStats, seconds: float) -> None:
+        """Add one call's counts: one that ended, or a live one in a scrape's copy."""
+        self.call_seconds += max(seconds, 0.0)
+        self.frames_in += stats.frames_in
+        self.frames_to_model += stats.frames_to_model
+        self.chunks_out += stats.frames_out
+        self.gaps_filled += jitter.concealed
+        self.late_frames += jitter.late + jitter.duplicates
+        self.barge_ins += stats.barge_ins
+        self.truncations += stats.truncations
+        self.uplink.merge(stats.uplink)
+        self.downlink.merge(stats.downlink)
+
+    def end(self, reason: str) -> None:
+        """Count one call that ended, by its end reason (``"running"``: it was cancelled)."""
+        kind = end_kind(reason)
+        self.ended[kind] = self.ended.get(kind, 0) + 1
+
+    def copy(self) -> CallTotals:
+        twin = dataclasses.replace(self, ended=dict(self.ended), uplink=LatencyHistogram(), downlink=LatencyHistogram())
+        twin.uplink.merge(self.uplink)
+        twin.downlink.merge(self.downlink)
+        return twin
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """The values of this moment: calls, sessions, the reactor."""
+
+    active_calls: int
+    pending_sessions: int  # opened at the webhook, waiting for their media stream
+    model_sessions: int  # model connections open now, whatever their state
+    reactor: Mapping[str, int]  # reactor_stats(): sockets, wakeups, handler_calls
+    provider: str
+    instance: str | None
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_: str, samples: Iterable[tuple[str, float]]) -> None:
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{name}{labels} {_number(value)}")
+
+    def histogram(self, name: str, help_: str, series: Iterable[tuple[str, LatencyHistogram]]) -> None:
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for label, hist in series:
+            for edge, count in zip(LATENCY_EDGES_S, hist.counts_below(LATENCY_EDGES_S)):
+                self.lines.append(f'{name}_bucket{{{label},le="{edge!r}"}} {count}')
+            self.lines.append(f'{name}_bucket{{{label},le="+Inf"}} {hist.count}')
+            self.lines.append(f"{name}_sum{{{label}}} {hist.total_s!r}")
+            self.lines.append(f"{name}_count{{{label}}} {hist.count}")
+
+
+def render(totals: CallTotals, refused: Mapping[str, int], gauges: Gauges) -> str:
+    """Prometheus text exposition (format 0.0.4) of ``totals`` (calls ended and running), refusals and gauges."""
+    w = _Writer()
+    instance = _escape(gauges.instance or "")
+    w.metric(
+        "mediaserver_info",
+        "gauge",
+        "The server: version, provider, and instance URL (MEDIASERVER_INSTANCE_URL, empty if unset).",
+        [(f'{{version="{__version__}",provider="{_escape(gauges.provider)}",instance="{instance}"}}', 1)],
+    )
+    w.metric("mediaserver_calls_active", "gauge", "Calls being bridged now.", [("", gauges.active_calls)])
+    w.metric(
+        "mediaserver_sessions_pending",
+        "gauge",
+        "Model sessions opened at the voice webhook, waiting for their media stream.",
+        [("", gauges.pending_sessions)],
+    )
+    w.metric(
+        "mediaserver_model_sessions_open",
+        "gauge",
+        "Model connections open now (each one may be billed); beyond active + pending only while closing.",
+        [("", gauges.model_sessions)],
+    )
+    w.metric(
+        "mediaserver_calls_ended_total",
+        "counter",
+        "Calls bridged and ended, by how they ended.",
+        [(f'{{end="{kind}"}}', totals.ended.get(kind, 0)) for kind in END_KINDS],
+    )
+    w.metric(
+        "mediaserver_streams_refused_total",
+        "counter",
+        "Media Streams not bridged, by why.",
+        [(f'{{reason="{reason}"}}', refused.get(reason, 0)) for reason in REFUSALS],
+    )
+    w.metric(
+        "mediaserver_call_seconds_total",
+        "counter",
+        "Time calls have been bridged, ended and running, in seconds.",
+        [("", totals.call_seconds)],
+    )
+    for name, value, help_ in (
+        ("mediaserver_frames_received_total", totals.frames_in, "Caller audio frames received from Twilio."),
+        ("mediaserver_frames_to_model_total", totals.frames_to_model, "Caller audio frames sent to the model."),
+        ("mediaserver_chunks_sent_total", totals.chunks_out, "Agent audio chunks sent to Twilio, each with a mark."),
+        ("mediaserver_gaps_filled_total", totals.gaps_filled, "Missing caller frames concealed by the jitter buffer."),
+        ("mediaserver_late_frames_total", totals.late_frames, "Caller frames dropped as late or duplicate."),
+        ("mediaserver_barge_ins_total", totals.barge_ins, "Times the caller interrupted the agent (Twilio clear)."),
+        ("mediaserver_truncations_total", totals.truncations, "Model replies cut at what the caller heard."),
+    ):
+        w.metric(name, "counter", help_, [("", value)])
+    w.histogram(
+        "mediaserver_bridge_latency_seconds",
+        "Latency the bridge adds: a caller frame in until the model has it (up), a model delta in until Twilio has it (down).",
+        [('direction="up"', totals.uplink), ('direction="down"', totals.downlink)],
+    )
+    reactor = gauges.reactor
+    w.metric(
+        "mediaserver_reactor_sockets", "gauge", "Call sockets on the reactor now.", [("", reactor.get("sockets", 0))]
+    )
+    w.metric(
+        "mediaserver_reactor_wakeups_total",
+        "counter",
+        "Reactor wake-ups (each serves every socket ready then).",
+        [("", reactor.get("wakeups", 0))],
+    )
+    w.metric(
+        "mediaserver_reactor_handler_calls_total",
+        "counter",
+        "Ready sockets the reactor served.",
+        [("", reactor.get("handler_calls", 0))],
+    )
+    return "\n".join(w.lines) + "\n"
