@@ -56,7 +56,7 @@ def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
         f"  * expose the port publicly (for example: ngrok http {port}) and set MEDIASERVER_PUBLIC_URL",
         "  * in the Twilio console, set your number's voice webhook (HTTP POST) to "
         f"{(settings.public_url or 'https://<your-public-host>').rstrip('/')}/twiml",
-        f"  * health check: curl http://127.0.0.1:{port}/healthz",
+        f"  * health check: curl http://127.0.0.1:{port}/healthz (Prometheus: /metrics)",
         *(
             [f"  * calls this instance answers come back to {settings.instance_url} (MEDIASERVER_INSTANCE_URL): route it here"]
             if settings.instance_url
