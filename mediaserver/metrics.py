@@ -26,7 +26,8 @@ from mediaserver.codec import JitterStats
 __all__ = ["LATENCY_EDGES_S", "CallTotals", "Gauges", "end_kind", "render"]
 
 # Histogram bounds of the bridge-added latency (seconds): multiples of the
-# native histogram's 10 µs buckets, so each bound's count is exact.
+# native histogram's 10 µs buckets, so each bound counts what lies below it
+# (a sample exactly on a bound may count in the next one up).
 LATENCY_EDGES_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)
 
 # How calls end (``CallBridge.end_reason`` and the call manager's), by prefix: the ``end`` label.
@@ -146,7 +147,7 @@ def render(totals: CallTotals, refused: Mapping[str, int], gauges: Gauges) -> st
         "mediaserver_info",
         "gauge",
         "The server: version, provider, and instance URL (MEDIASERVER_INSTANCE_URL, empty if unset).",
-        [(f'{{version="{__version__}",provider="{_escape(gauges.provider)}",instance="{instance}"}}', 1)],
+        [(f'{{version="{__version__}",provider="{_escape(gauges.provider)}",instance_url="{instance}"}}', 1)],
     )
     w.metric("mediaserver_calls_active", "gauge", "Calls being bridged now.", [("", gauges.active_calls)])
     w.metric(
@@ -158,7 +159,7 @@ def render(totals: CallTotals, refused: Mapping[str, int], gauges: Gauges) -> st
     w.metric(
         "mediaserver_model_sessions_open",
         "gauge",
-        "Model connections open now (each one may be billed); beyond active + pending only while closing.",
+        "Model connections open now, closing ones included (each one may be billed).",
         [("", gauges.model_sessions)],
     )
     w.metric(

@@ -84,10 +84,11 @@ cdef class LatencyHistogram:
     def counts_below(self, edges):
         """For each edge (seconds, ascending), how many samples lie in whole buckets below it.
 
-        Exact for edges that are multiples of ``BUCKET_S`` up to 20 ms (a
-        Prometheus histogram's ``le`` bounds): a bucket ``[a, a + 10 µs)``
-        counts towards every edge ``>= a + 10 µs``.  Samples of 20 ms and
-        more are in no edge's count.
+        For edges that are multiples of ``BUCKET_S`` up to 20 ms (a
+        Prometheus histogram's ``le`` bounds) that is every sample below the
+        edge: a bucket ``[a, a + 10 µs)`` counts towards every edge ``>= a +
+        10 µs`` (a sample exactly on an edge may land in the bucket above
+        it).  Samples of 20 ms and more are in no edge's count.
         """
         cdef list out = []
         cdef uint64_t seen = 0

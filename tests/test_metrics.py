@@ -12,7 +12,6 @@ import math
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 from mediaserver.bridge.stats import CallStats, LatencyHistogram
 from mediaserver.codec import JitterStats
@@ -48,7 +47,6 @@ def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     for family in text_string_to_metric_families(text):
         types[family.name] = family.type
         for sample in family.samples:
-            assert isinstance(sample, Sample)
             key = (sample.name, tuple(sorted(sample.labels.items())))
             assert key not in samples, f"sample {key} twice"
             samples[key] = sample.value
@@ -94,7 +92,7 @@ def test_every_end_reason_of_the_bridge_and_the_manager_has_its_kind() -> None:
 
 def test_an_idle_server_renders_every_series_at_zero() -> None:
     samples = parse(render(CallTotals(), {}, GAUGES))
-    assert value(samples, "mediaserver_info", version="0.1.0", provider="echo", instance="") == 1
+    assert value(samples, "mediaserver_info", version="0.1.0", provider="echo", instance_url="") == 1
     for kind in END_KINDS:
         assert value(samples, "mediaserver_calls_ended_total", end=kind) == 0
     for reason in REFUSALS:
@@ -116,7 +114,7 @@ def test_totals_render_as_counted() -> None:
     gauges = Gauges(3, 1, 4, {"sockets": 6, "wakeups": 10, "handler_calls": 25}, "openai", 'https://x/"n1"')
     samples = parse(render(totals, {"no_token": 2}, gauges))
 
-    assert value(samples, "mediaserver_info", version="0.1.0", provider="openai", instance='https://x/"n1"') == 1
+    assert value(samples, "mediaserver_info", version="0.1.0", provider="openai", instance_url='https://x/"n1"') == 1
     assert value(samples, "mediaserver_calls_ended_total", end="twilio_stop") == 1
     assert value(samples, "mediaserver_calls_ended_total", end="provider") == 1
     assert value(samples, "mediaserver_calls_ended_total", end="idle") == 0
@@ -242,6 +240,12 @@ async def test_app_metrics_count_refused_streams_and_the_sessions_they_leave_ope
             async with caller.attached(ws):
                 await caller.closed.wait()
         refused = await scrape(url)
+        # A stream that closes before its start event.
+        async with open_ws_client(twiml.stream_url, signature):
+            pass
+        with trio.fail_after(5):
+            while value(no_start := await scrape(url), "mediaserver_streams_refused_total", reason="no_start") < 1:
+                await trio.sleep(0.02)
         # The real stream then claims the pre-opened session.
         real = FakeTwilioCaller(call_sid=CALL_A, custom_parameters=twiml.parameters)
         async with open_ws_client(twiml.stream_url, signature) as ws:
@@ -251,6 +255,10 @@ async def test_app_metrics_count_refused_streams_and_the_sessions_they_leave_ope
                 bridged = await scrape(url)
                 await real.stop()
                 await real.closed.wait()
+        await session.closed.wait()
+        with trio.fail_after(5):  # counted until the model connection's close has returned
+            while value(after := await scrape(url), "mediaserver_model_sessions_open"):
+                await trio.sleep(0.02)
 
     assert value(pending, "mediaserver_sessions_pending") == 1
     assert value(pending, "mediaserver_model_sessions_open") == 1
@@ -260,3 +268,7 @@ async def test_app_metrics_count_refused_streams_and_the_sessions_they_leave_ope
     assert value(refused, "mediaserver_model_sessions_open") == 1  # still waiting for its real stream
     assert (value(bridged, "mediaserver_calls_active"), value(bridged, "mediaserver_sessions_pending")) == (1, 0)
     assert value(bridged, "mediaserver_model_sessions_open") == 1
+    assert value(no_start, "mediaserver_streams_refused_total", reason="no_token") == 1
+    assert sum(value(after, "mediaserver_streams_refused_total", reason=r) for r in REFUSALS) == 2
+    assert value(after, "mediaserver_calls_ended_total", end="twilio_stop") == 1
+    assert value(after, "mediaserver_calls_active") == value(after, "mediaserver_sessions_pending") == 0

@@ -110,12 +110,15 @@ class CallManager:
 
     @contextlib.asynccontextmanager
     async def _session(self, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
-        """``open_link``, counted in :attr:`model_sessions` from open to closed."""
-        async with self._open_link(self.settings, agent) as link:
-            self.model_sessions += 1
-            try:
+        """``open_link``, counted in :attr:`model_sessions` from opened until its close has returned."""
+        opened = False
+        try:
+            async with self._open_link(self.settings, agent) as link:
+                self.model_sessions += 1
+                opened = True
                 yield link
-            finally:
+        finally:
+            if opened:
                 self.model_sessions -= 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -130,7 +133,9 @@ class CallManager:
 
         ``agent`` overrides :attr:`agent` for this call (an outbound call's greeting, say).
         """
-        if self._nursery is None or len(self._slots) >= MAX_PENDING:
+        if self._nursery is None:
+            return None
+        if len(self._slots) >= MAX_PENDING:
             self._refuse("too_many_pending")
             return None
         token = secrets.token_urlsafe(24)
@@ -212,15 +217,20 @@ class CallManager:
             self._refuse("no_token")
             log.error("call %s: stream without a valid one-time token; refused", start.call_sid)
             return
+        opened = False  # (an error after the session opened is the call's, not a refusal)
         try:
             async with self._session(self.agent) as link:
+                opened = True
                 await self._bridge(stream, twilio, start, link)
         except* ProviderClosed as group:
-            self._refuse("no_model_session")
+            if not opened:
+                self._refuse("no_model_session")
             log.error("call %s: could not open the model session: %s", start.call_sid, _reason(group))
             if self.recorder is not None:
                 self.recorder.call_failed(start, f"no model session: {_reason(group)}", self.settings.provider)
         except* Exception as group:
+            if not opened:
+                self._refuse("no_model_session")
             log.error("call %s: model session failed", start.call_sid, exc_info=group)
 
     async def _read_start(self, stream: MessageStream, twilio: TwilioStream) -> tw.Start | None:
@@ -253,12 +263,6 @@ class CallManager:
             if self.recorder is not None:
                 self.recorder.call_failed(start, f"cannot bridge to {link.name}: {exc}", link.name)
             return
-        self.active += 1
-        self._live[bridge] = None
-        log.info("call %s: started, stream %s, provider %s", start.call_sid, start.stream_sid, link.name)
-        if self.recorder is not None:
-            self.recorder.call_started(start, bridge.stats)
-
         def ended(reason: str) -> None:
             if bridge.end_reason == "running":
                 bridge.end_reason = reason
@@ -266,7 +270,12 @@ class CallManager:
         # The call boundary: whatever ends this call is logged once, below,
         # and goes no further (other calls and the server are unaffected).
         # Cancellation (hang-up seen by Quart, server shutdown) passes through.
+        self.active += 1
+        self._live[bridge] = None
         try:
+            log.info("call %s: started, stream %s, provider %s", start.call_sid, start.stream_sid, link.name)
+            if self.recorder is not None:
+                self.recorder.call_started(start, bridge.stats)
             await bridge.run()
         except* ProtocolError as group:
             ended(f"protocol error: {group.exceptions[0]}")
