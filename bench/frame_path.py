@@ -64,12 +64,12 @@ from wsproto.events import TextMessage  # noqa: E402
 
 from mediaserver._native._wsframe import scan  # noqa: E402
 from mediaserver.codec import EnergyVAD, JitterBuffer, Resampler, ulaw_decode, ulaw_encode  # noqa: E402
-from mediaserver.protocol import twilio_events as tw  # noqa: E402
 from mediaserver.protocol.providers import base as pv  # noqa: E402
 from mediaserver.protocol.providers.openai import OpenAIRealtimeConfig, OpenAIRealtimeSession  # noqa: E402
 from mediaserver.protocol.twilio import TwilioStream  # noqa: E402
 from mediaserver._native._wsframe import encode_b64_frame  # noqa: E402
 from mediaserver.transport.ws_client import _mask_key, data_frame  # noqa: E402
+from mediaserver.transport.ws_server import server_frame  # noqa: E402
 
 FRAME_MS = 20  # a Twilio media frame
 CHUNK_MS = 40  # the bridge's downlink chunk (CallBridge chunk_ms default)
@@ -328,7 +328,9 @@ def downlink(path: Path_, n_chunks: int) -> tuple[Pipeline, list[object]]:
         return None
 
     def send_twilio(payload: object) -> object:
-        return (twilio.send(tw.SendAudio(payload, item="item_1")), twilio.send(tw.SendMark()))  # type: ignore[arg-type]
+        # CallBridge._pace_now: the core's chunk step (media envelope + mark), framed natively (ServerStream.send_media_nowait)
+        prefix, suffix, mark = twilio.send_chunk(payload, "item_1")  # type: ignore[arg-type]
+        return encode_b64_frame(prefix, payload, suffix, None) + server_frame(mark)  # type: ignore[arg-type]
 
     def echo(_: object) -> object:
         return twilio.receive_event(next(echoes))
@@ -339,7 +341,7 @@ def downlink(path: Path_, n_chunks: int) -> tuple[Pipeline, list[object]]:
             down = Resampler(path.rate_hz, 8000)
             stages.append((f"resample {path.rate_hz // 1000}k->8k", lambda pcm: down.process(pcm)))  # type: ignore[arg-type]
         stages.append(("µ-law encode", lambda pcm: ulaw_encode(pcm)))  # type: ignore[arg-type]
-    stages += [("Twilio media+mark serialize", send_twilio), ("Twilio mark echo parse", echo)]
+    stages += [("Twilio media+mark serialize + frame (native envelope)", send_twilio), ("Twilio mark echo parse", echo)]
     return Pipeline(stages), messages
 
 

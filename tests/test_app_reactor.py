@@ -12,6 +12,8 @@ tests/test_app.py.
 
 from __future__ import annotations
 
+import base64
+
 import json
 import socket
 from collections.abc import Sequence
@@ -320,13 +322,14 @@ async def test_a_twilio_socket_that_takes_nothing_at_once_gets_every_chunk_in_or
 ) -> None:
     """Every handler send finds Twilio's socket "full": a flush task writes the backlog, in order, under the send lock."""
 
-    def always_queue(self: ServerStream, messages: Sequence[str | bytes]) -> bool:
+    def always_queue(self: ServerStream, prefix: bytes, payload: bytes, suffix: bytes, then: str) -> bool:
         if self.closed is not None:
             raise StreamClosed("closed")
-        self._backlog += b"".join(server_frame(m) for m in messages)
+        media = (prefix + base64.b64encode(payload) + suffix).decode()
+        self._backlog += server_frame(media) + server_frame(then)
         return False
 
-    monkeypatch.setattr(ServerStream, "send_many_nowait", always_queue)
+    monkeypatch.setattr(ServerStream, "send_media_nowait", always_queue)
     flushes = count_calls(monkeypatch, "_flush_twilio")
     reply = to_ulaw(tone(440, 600, amplitude=0.3)) + to_ulaw(tone(660, 600, amplitude=0.3))
     async with fake_openai(_real_time_reply(reply)) as model, running(openai_settings(model)) as url:

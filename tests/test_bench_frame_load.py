@@ -127,7 +127,7 @@ def test_frame_path_quick_run_has_every_stage_of_every_path(tmp_path: Path) -> N
         assert not rows["up", "  ordinary parser (json.loads, checks), not used"]["counted"]
         assert rows["up", "WebSocket: receive frame, native (I/O)"]["median_ns"] > 0
         assert not rows["up", "WebSocket: receive frame, native (I/O)"]["counted"]
-        assert ("down", "Twilio media+mark serialize") in rows
+        assert ("down", "Twilio media+mark serialize + frame (native envelope)") in rows
         assert (("up", "µ-law decode") in rows) == (path != "pcmu passthrough")
         resampled = path in ("pcm16 16k", "pcm16 24k")
         assert any("resample" in name for (_, name) in rows) == resampled, path

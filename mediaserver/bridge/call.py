@@ -114,6 +114,10 @@ class PolledStream(MessageStream, Protocol):
         """Send without waiting: True if on the socket, False if queued (then :meth:`flush` must run)."""
         ...
 
+    def send_media_nowait(self, prefix: bytes, payload: bytes, suffix: bytes, then: str) -> bool:
+        """``send_many_nowait([(prefix + base64(payload) + suffix).decode(), then])``; as it."""
+        ...
+
     async def flush(self) -> None:
         """Write what :meth:`send_many_nowait` queued; raises :class:`StreamClosed` when the peer has gone."""
         ...
@@ -802,9 +806,8 @@ class CallBridge:
                 chunk = queue.popleft()
                 if twilio.state is not StreamState.STREAMING:
                     continue
-                sent = self._polled.send_many_nowait(
-                    (twilio.send(tw.SendAudio(chunk.payload, item=chunk.item)), twilio.send(tw.SendMark()))
-                )
+                prefix, suffix, mark = twilio.send_chunk(chunk.payload, chunk.item)
+                sent = self._polled.send_media_nowait(prefix, chunk.payload, suffix, mark)
                 self._chunk_sent(chunk, slot_s, now)
                 if not sent:
                     self._start_twilio_flush()

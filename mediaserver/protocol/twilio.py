@@ -239,6 +239,7 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         # Set by ``start``.
         self._start: Start | None = None
         self._media_prefix = ""
+        self._media_envelope = (b"", b"")  # _media_prefix and the end, as bytes (send_chunk)
         self._mark_prefix = ""
         self._clear_message = ""
 
@@ -421,6 +422,7 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         self._cursor.stream_sid = event.stream_sid
         sid = json.dumps(stream_sid)
         self._media_prefix = '{"event":"media","streamSid":' + sid + ',"media":{"payload":"'
+        self._media_envelope = (self._media_prefix.encode(), b'"}}')
         self._mark_prefix = '{"event":"mark","streamSid":' + sid + ',"mark":{"name":"'
         self._clear_message = '{"event":"clear","streamSid":' + sid + "}"
         return event
@@ -550,10 +552,31 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
             return self._clear_audio()
         raise LocalProtocolError(f"not a Twilio command: {command!r:.80}")
 
+    def send_chunk(self, payload: bytes, item: str | None) -> tuple[bytes, bytes, str]:
+        """``send(SendAudio(payload, item=item))`` then ``send(SendMark())`` in one step: the downlink's per-chunk path.
+
+        Returns the media message as an envelope for a native framer --
+        ``prefix + base64(payload) + suffix`` is the text :meth:`send` would
+        have returned (``mediaserver._native._wsframe.encode_b64_frame``) --
+        and the mark message.  The state checks and the playback accounting
+        are those of the two sends.
+        """
+        return self._guarded(self._send_chunk, payload, item)
+
+    def _send_chunk(self, payload: bytes, item: str | None) -> tuple[bytes, bytes, str]:
+        if self._state is not StreamState.STREAMING:  # (both are no-ops while streaming)
+            self._transition(_I.SEND_AUDIO, inbound=False)
+            self._transition(_I.SEND_MARK, inbound=False)
+        self._account_audio(payload, item)
+        prefix, suffix = self._media_envelope
+        return prefix, suffix, self._send_mark()
+
     def _send_audio(self, command: SendAudio) -> str:
-        payload = command.payload
+        self._account_audio(command.payload, command.item)
+        return self._media_prefix + b64encode(command.payload) + '"}}'
+
+    def _account_audio(self, payload: bytes, item: str | None) -> None:
         samples = len(payload)  # µ-law: one byte per sample
-        item = command.item
         self._sent_samples += samples
         if item is not None:
             sent = self._item_sent
@@ -569,7 +592,6 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
             self._tail_items.append(item)
             self._tail_samples.append(samples)
         self._tail_total += samples
-        return self._media_prefix + b64encode(payload) + '"}}'
 
     def _forget_oldest_item(self) -> None:
         """Drop the playback of the item sent longest ago: a long call's accounting stays bounded."""

@@ -29,7 +29,7 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData, Reque
 from wsproto.frame_protocol import CloseReason
 
 from mediaserver import security
-from mediaserver._native._wsframe import encode_frame
+from mediaserver._native._wsframe import encode_b64_frame, encode_frame
 from mediaserver.bridge.call import MessageStream, StreamClosed
 from mediaserver.transport.ws_client import ClientWebSocket, WebSocketClosed
 
@@ -83,6 +83,18 @@ class ServerStream(ClientWebSocket, MessageStream):
         """As ClientWebSocket.send_many_nowait, raising :class:`StreamClosed`."""
         try:
             return super().send_many_nowait(messages)
+        except WebSocketClosed as exc:
+            raise _stream_closed(exc) from None
+
+    def send_media_nowait(self, prefix: bytes, payload: bytes, suffix: bytes, then: str) -> bool:
+        """``send_many_nowait([(prefix + base64(payload) + suffix).decode(), then])``, the first framed natively.
+
+        A downlink chunk and its mark (``TwilioStream.send_chunk``) in one write.
+        """
+        if self.closed is not None:
+            raise _stream_closed(self.closed)
+        try:
+            return self._write_nowait(encode_b64_frame(prefix, payload, suffix, None) + server_frame(then))
         except WebSocketClosed as exc:
             raise _stream_closed(exc) from None
 

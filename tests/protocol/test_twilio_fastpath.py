@@ -402,3 +402,68 @@ def test_arbitrary_text_never_crashes_the_twilio_scanners(text: str) -> None:
     stream = _started()
     for result in (parse_media(text), parse_mark(text), stream.take_media(text)):
         assert result is None or isinstance(json.loads(text), dict)
+
+
+# -- send_chunk: the downlink's SendAudio + SendMark in one step -------------------------------------
+
+chunk_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("chunk"), st.binary(min_size=1, max_size=400), st.sampled_from([None, "item_a", "item_b"])),
+        st.tuples(st.just("echo"), st.none(), st.none()),
+        st.tuples(st.just("clear"), st.none(), st.none()),
+    ),
+    max_size=40,
+)
+
+
+def _accounting(stream: TwilioStream) -> tuple[object, ...]:
+    items = ("item_a", "item_b")
+    return (
+        stream.unconfirmed_samples,
+        list(stream.items_in_flight()),
+        [stream.playback(item) for item in items],
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(chunk_steps)
+def test_send_chunk_is_send_audio_then_send_mark(steps: list[tuple[str, bytes | None, str | None]]) -> None:
+    """Same messages (the media text from its envelope), same marks, same playback accounting, echo after echo."""
+    two, one = TwilioStream(), TwilioStream()  # two sends / one send_chunk
+    for stream in (two, one):
+        stream.receive_message(connected_msg())
+        stream.receive_message(start_msg())
+        list(stream.events())
+    marks: list[str] = []
+    seq = 2
+    for kind, payload, item in steps:
+        if kind == "chunk":
+            assert payload is not None
+            media = two.send(SendAudio(payload, item=item))
+            mark = two.send(SendMark())
+            prefix, suffix, mark_one = one.send_chunk(payload, item)
+            assert (prefix + base64.b64encode(payload) + suffix).decode() == media
+            assert mark_one == mark
+            marks.append(json.loads(mark)["mark"]["name"])
+        elif kind == "echo" and marks:
+            name = marks.pop(0)
+            for stream in (two, one):
+                stream.receive_message(mark_msg(seq, name))
+                list(stream.events())
+            seq += 1
+        elif kind == "clear":
+            assert two.send(ClearAudio()) == one.send(ClearAudio())
+            marks.clear()  # (their echoes would come back as cleared; the accounting is already final)
+        assert _accounting(one) == _accounting(two)
+
+
+@pytest.mark.parametrize("prefix", [[], [connected_msg()], [connected_msg(), start_msg(), stop_msg(2)]])
+def test_send_chunk_outside_streaming_is_a_local_error_that_kills_the_stream(prefix: list[str]) -> None:
+    stream = TwilioStream()
+    for message in prefix:
+        stream.receive_message(message)
+    with pytest.raises(LocalProtocolError, match="cannot send"):
+        stream.send_chunk(b"\xff" * 160, "item_a")
+    assert stream.state is StreamState.ERROR
+    with pytest.raises(LocalProtocolError):
+        stream.send_chunk(b"\xff", None)

@@ -13,6 +13,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from mediaserver.bridge.call import StreamClosed
 from mediaserver.transport.reactor import Reactor, current_reactor
 from mediaserver.transport.ws_client import WebSocketClosed
 from tests.transport.test_raw_socket import frame_to, ws_pair
@@ -205,6 +206,24 @@ async def test_send_b64_nowait_frames_as_each_side_must() -> None:
             assert await pair.server.receive() == '{"audio":"' + base64.b64encode(b"\x00\xff\x10").decode() + '"}'
             assert pair.server.send_b64_nowait(b"[", b"abcd", b"]")
             assert await pair.client.receive() == "[" + base64.b64encode(b"abcd").decode() + "]"
+
+
+async def test_send_media_nowait_is_a_chunk_and_its_mark_in_one_write() -> None:
+    """A server's downlink chunk (native base64 framing) and the mark after it, each its own unmasked text frame."""
+    import base64
+
+    async with ws_pair() as pair:
+        with trio.fail_after(5):
+            assert pair.server.send_media_nowait(b'{"media":"', b"\x00\xff\x10\x7f", b'"}}', '{"mark":"7"}')
+            assert not pair.server._backlog
+            assert await pair.client.receive() == '{"media":"' + base64.b64encode(b"\x00\xff\x10\x7f").decode() + '"}}'
+            assert await pair.client.receive() == '{"mark":"7"}'
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pair.client.aclose)
+                with pytest.raises(StreamClosed):
+                    await pair.server.receive()  # answers the close
+            with pytest.raises(StreamClosed):
+                pair.server.send_media_nowait(b"[", b"a", b"]", "late")
 
 
 async def test_send_many_nowait_queues_on_a_full_socket_and_flush_keeps_the_order() -> None:
