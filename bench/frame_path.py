@@ -68,7 +68,7 @@ from mediaserver.protocol.providers import base as pv  # noqa: E402
 from mediaserver.protocol.providers.openai import OpenAIRealtimeConfig, OpenAIRealtimeSession  # noqa: E402
 from mediaserver.protocol.twilio import TwilioStream  # noqa: E402
 from mediaserver._native._wsframe import encode_b64_frame  # noqa: E402
-from mediaserver.transport.ws_client import _mask_key, data_frame  # noqa: E402
+from mediaserver.transport.ws_client import data_frame  # noqa: E402
 from mediaserver.transport.ws_server import server_frame  # noqa: E402
 
 FRAME_MS = 20  # a Twilio media frame
@@ -246,7 +246,7 @@ def uplink(path: Path_, frames: Sequence[bytes]) -> tuple[Pipeline, list[object]
         # WebSocketLink.send_audio_nowait: the core's envelope, framed and masked natively
         envelope = session.audio_envelope()
         assert envelope is not None
-        return encode_b64_frame(envelope[0], frame, envelope[1], _mask_key())  # type: ignore[arg-type]
+        return encode_b64_frame(envelope[0], frame, envelope[1], True)  # type: ignore[arg-type]
 
     stages: list[tuple[str, Stage]] = [("Twilio parse (take_media: native scan, checks, base64)", parse), ("jitter push+pop", jitter_stage)]
     if path.rate_hz:

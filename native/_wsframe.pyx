@@ -18,6 +18,8 @@ from libc.string cimport memcpy
 
 from b64 cimport ms_b64_encode
 
+import os
+
 # Why :func:`scan` stopped before the end of the buffer.
 DONE = 0        # every byte was consumed
 INCOMPLETE = 1  # the next frame is not all there yet (nothing about it is unusual so far)
@@ -53,16 +55,54 @@ def mask(bytes data not None, bytes key not None):
     return out
 
 
+cdef class MaskKeys:
+    """Fresh 4-byte masking keys from the OS's random source, drawn 4 KiB at a time (one system call per 1024 keys).
+
+    RFC 6455 wants every client frame masked with an unpredictable key;
+    ``os.urandom`` per frame would be a system call per frame.  The
+    encoders take ``key=True`` for the next key of the module's pool.
+    """
+
+    cdef bytes _pool
+    cdef Py_ssize_t _at
+
+    def __cinit__(self):
+        self._pool = b""
+        self._at = 0
+
+    cdef const unsigned char* take(self) except NULL:
+        if self._at + 4 > PyBytes_GET_SIZE(self._pool):
+            pool = os.urandom(4096)
+            if not isinstance(pool, bytes) or PyBytes_GET_SIZE(pool) != 4096:
+                raise RuntimeError("os.urandom(4096) did not return 4096 bytes")
+            self._pool = pool
+            self._at = 0
+        cdef const unsigned char* key = <const unsigned char*>PyBytes_AS_STRING(self._pool) + self._at
+        self._at += 4
+        return key
+
+    def next(self):
+        """The next key, as bytes."""
+        return PyBytes_FromStringAndSize(<const char*>self.take(), 4)
+
+
+cdef MaskKeys _KEYS = MaskKeys()  # key=True draws from here
+
+
 cdef bytes _new_frame(bint text, Py_ssize_t n, object key, unsigned char** body):
     """A FIN frame of ``n`` payload bytes: header (and masking key) written, ``*body`` at the payload to fill.
 
-    The caller fills the payload in plain text, then masks it in place when
-    ``key`` is given (:func:`_mask_body`).
+    ``key``: None (unmasked), 4 bytes, or True (the next key of the
+    module's :class:`MaskKeys`).  The caller fills the payload in plain
+    text, then masks it in place (:func:`_mask_body`).
     """
     cdef Py_ssize_t head = 2 if n < 126 else (4 if n < 65536 else 10)
     cdef bint masked = key is not None
-    if masked and (not isinstance(key, bytes) or PyBytes_GET_SIZE(key) != 4):
-        raise ValueError("a masking key is 4 bytes")
+    cdef const unsigned char* fresh = NULL
+    if key is True:
+        fresh = _KEYS.take()
+    elif masked and (not isinstance(key, bytes) or PyBytes_GET_SIZE(key) != 4):
+        raise ValueError("a masking key is 4 bytes, or True for a fresh one")
     out = PyBytes_FromStringAndSize(NULL, head + (4 if masked else 0) + n)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
     cdef unsigned char bit = 0x80 if masked else 0
@@ -79,19 +119,19 @@ cdef bytes _new_frame(bint text, Py_ssize_t n, object key, unsigned char** body)
         for i in range(8):
             p[2 + i] = (<uint64_t>n >> (8 * (7 - i))) & 0xFF
     if masked:
-        memcpy(p + head, PyBytes_AS_STRING(key), 4)
+        memcpy(p + head, fresh if fresh != NULL else <const unsigned char*>PyBytes_AS_STRING(key), 4)
         head += 4
     body[0] = p + head
     return out
 
 
 cdef inline void _mask_body(unsigned char* body, Py_ssize_t n, object key):
-    if key is not None:  # in place: _xor reads each word before it writes it
-        _xor(body, body, n, <const unsigned char*>PyBytes_AS_STRING(key))
+    if key is not None:  # in place (_xor reads each word before it writes it), with the key in the header
+        _xor(body, body, n, body - 4)
 
 
 def encode_frame(bint text, bytes payload not None, key=None):
-    """One whole FIN frame (text or binary opcode) carrying ``payload``; masked with ``key`` if given."""
+    """One whole FIN frame (text or binary opcode) carrying ``payload``; masked with ``key`` if given (True: a fresh key)."""
     cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
     cdef unsigned char* body
     out = _new_frame(text, n, key, &body)
@@ -106,7 +146,8 @@ def encode_b64_frame(bytes prefix not None, bytes data not None, bytes suffix no
     The per-frame audio message of a JSON provider (e.g. OpenAI's
     ``{"type":"input_audio_buffer.append","audio":"`` + base64 + ``"}``),
     framed without building the text first.  ``prefix`` and ``suffix`` must
-    be UTF-8 (the frame is a text frame); base64 is ASCII.
+    be UTF-8 (the frame is a text frame); base64 is ASCII.  ``key`` as
+    for :func:`encode_frame`.
     """
     cdef Py_ssize_t np = PyBytes_GET_SIZE(prefix), nd = PyBytes_GET_SIZE(data), ns = PyBytes_GET_SIZE(suffix)
     cdef Py_ssize_t nb = (nd + 2) // 3 * 4

@@ -42,6 +42,7 @@ __all__ = [
     "object_list_field",
     "optional_str_field",
     "require_text",
+    "ProtocolEnum",
     "str_field",
     "table_transition",
     "text_field",
@@ -49,6 +50,18 @@ __all__ = [
 
 JsonObject = dict[str, Any]
 """A decoded JSON object (values are whatever ``json.loads`` produced)."""
+
+class ProtocolEnum(enum.Enum):
+    """A core's states or inputs, hashed by identity.
+
+    Members are singletons compared by identity, so the object hash is
+    the right one; ``enum.Enum``'s own ``__hash__`` is a Python-level call,
+    paid twice by every lookup in a transition table, and a core makes one
+    transition per message.
+    """
+
+    __hash__ = object.__hash__
+
 
 StateT = TypeVar("StateT", bound=enum.Enum)
 EventT = TypeVar("EventT")

@@ -58,7 +58,6 @@ frame for 20 ms precision).  One race is resolved conservatively: a
 
 from __future__ import annotations
 
-import enum
 import json
 from collections import deque
 from collections.abc import Mapping
@@ -69,6 +68,7 @@ from typing import Final
 from mediaserver._native._twilio import MediaCursor, parse_mark, parse_media
 
 from ._wire import (
+    ProtocolEnum,
     REPLY_HISTORY,
     JsonObject,
     SansIOCore,
@@ -121,7 +121,7 @@ _MAX_DIGITS: Final = 18
 _MULAW_ENCODING: Final = "audio/x-mulaw"
 
 
-class StreamState(enum.Enum):
+class StreamState(ProtocolEnum):
     """Where the stream is in Twilio's message sequence."""
 
     AWAITING_CONNECTED = "awaiting_connected"  # nothing received yet
@@ -131,7 +131,7 @@ class StreamState(enum.Enum):
     ERROR = "error"  # a protocol error happened; the stream is dead
 
 
-class _Input(enum.Enum):
+class _Input(ProtocolEnum):
     """Everything that can happen to a stream: inbound events and outbound commands."""
 
     CONNECTED = "connected"

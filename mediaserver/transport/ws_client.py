@@ -44,7 +44,6 @@ The contract is what :mod:`mediaserver.transport.provider_ws` needs:
 
 from __future__ import annotations
 
-import os
 import socket
 from collections import deque
 from collections.abc import Sequence
@@ -164,7 +163,7 @@ class ClientWebSocket:
         if self.closed is not None:
             raise self.closed
         # masked as a client's frames must be; a server's (ServerStream) are not
-        return self._write_nowait(encode_b64_frame(prefix, data, suffix, None if self._masked_in else _mask_key()))
+        return self._write_nowait(encode_b64_frame(prefix, data, suffix, None if self._masked_in else True))
 
     def _write_nowait(self, data: bytes) -> bool:
         """Whole frames ``data`` out at once, or into the backlog (see :meth:`send_many_nowait`)."""
@@ -507,24 +506,10 @@ def data_frame(message: str | bytes) -> bytes:
     with no extension negotiated (we offer none), built natively: this runs
     for every 20 ms audio frame of every call.
     """
+    # key=True: a fresh masking key from the native pool of OS randomness (_wsframe.MaskKeys)
     if isinstance(message, str):
-        return encode_frame(True, message.encode(), _mask_key())
-    return encode_frame(False, bytes(message), _mask_key())
-
-
-_MASK_POOL_BYTES = 4096
-_mask_pool = b""
-_mask_at = 0  # the next unused byte of _mask_pool
-
-
-def _mask_key() -> bytes:
-    """Four fresh bytes from the OS's random source, drawn 4 KiB at a time (one system call per 1024 frames)."""
-    global _mask_pool, _mask_at
-    at = _mask_at
-    if at >= len(_mask_pool):
-        _mask_pool, at = os.urandom(_MASK_POOL_BYTES), 0
-    _mask_at = at + 4
-    return _mask_pool[at : at + 4]
+        return encode_frame(True, message.encode(), True)
+    return encode_frame(False, bytes(message), True)
 
 
 async def connect(

@@ -313,3 +313,25 @@ def test_audio_ledger_keeps_the_latest_replies_only() -> None:
     assert ledger.cut(n - 2, 5, "before") == 5
     ledger.complete(n)  # a reply that completes with no audio takes a place too
     assert ledger.received_ms(44) == 0 and ledger.cut(n, 10, "empty") is None
+
+
+def test_every_core_s_states_and_inputs_hash_by_identity() -> None:
+    """ProtocolEnum: the transition tables' lookups hash members with object.__hash__, not Enum's Python-level one."""
+    import importlib
+
+    from mediaserver.protocol._wire import ProtocolEnum
+
+    modules = ["twilio", *(f"providers.{name}" for name in ("assemblyai", "deepgram", "elevenlabs", "gemini", "openai", "pcm"))]
+    enums = [
+        value
+        for name in modules
+        for value in vars(importlib.import_module(f"mediaserver.protocol.{name}")).values()
+        if isinstance(value, type) and issubclass(value, enum.Enum) and value.__module__.startswith("mediaserver.protocol")
+        and value is not ProtocolEnum
+    ]
+    assert len(set(enums)) == 10  # Twilio, OpenAI and Gemini: states and inputs; the others: states
+    for enum_type in enums:
+        assert issubclass(enum_type, ProtocolEnum), enum_type
+        for member in enum_type:
+            assert hash(member) == object.__hash__(member)
+            assert {member: 1}[enum_type(member.value)] == 1  # found again by value

@@ -30,7 +30,7 @@ import trio.testing
 from wsproto.events import AcceptConnection
 
 from mediaserver.bridge.call import StreamClosed
-from mediaserver.transport import ws_client
+from mediaserver._native._wsframe import MaskKeys, mask
 from mediaserver.transport.ws_client import ClientWebSocket, WebSocketClosed, connect, data_frame, raw_socket
 from mediaserver.transport.ws_server import ServerStream, parse_upgrade, server_frame
 from tests.fakes import fail_after
@@ -388,19 +388,21 @@ def test_mask_keys_come_from_the_pool_in_order_and_it_refills(monkeypatch: pytes
         drawn.append(data)
         return data
 
-    monkeypatch.setattr(ws_client, "_mask_pool", b"")
-    monkeypatch.setattr(ws_client, "_mask_at", 0)
-    monkeypatch.setattr(os, "urandom", urandom)  # (ws_client calls os.urandom at each refill)
-    keys = [ws_client._mask_key() for _ in range(2000)]  # crosses the 1024-key pool boundary
+    monkeypatch.setattr(os, "urandom", urandom)  # (the native pool calls os.urandom at each refill)
+    pool = MaskKeys()
+    keys = [pool.next() for _ in range(2000)]  # crosses the 1024-key pool boundary
     assert all(type(key) is bytes and len(key) == 4 for key in keys)
-    assert len(set(keys)) > 1
     assert [len(block) for block in drawn] == [4096, 4096]  # one system call per 1024 keys
     assert b"".join(keys) == b"".join(drawn)[: 4 * 2000]  # every key fresh, none replayed
     assert keys[1024:2000] != keys[: 2000 - 1024]
-    # data_frame's masking key (bytes 2..5 of a short frame) is the next one from the pool
-    frames = [data_frame("hi"), data_frame(b"\x00")]
-    pool = b"".join(drawn)
-    assert [frame[2:6] for frame in frames] == [pool[8000:8004], pool[8004:8008]]
+
+
+def test_client_frames_carry_fresh_keys_and_unmask_to_the_message() -> None:
+    frames = [data_frame("hi") for _ in range(3000)] + [data_frame(b"\x00\x01")]
+    keys = [frame[2:6] for frame in frames]  # a short frame's masking key: bytes 2..5
+    assert len(set(keys)) > 2990  # 3001 draws of 32 random bits: a repeat or two at most
+    assert all(frame[1] & 0x80 for frame in frames)  # the mask bit
+    assert mask(frames[0][6:], keys[0]) == b"hi" and mask(frames[-1][6:], keys[-1]) == b"\x00\x01"
 
 
 # ------------------------------------------ provider links: batches without a lock

@@ -43,13 +43,13 @@ never fatal (one reply failed, the session lives on).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
 from .._wire import (
+    ProtocolEnum,
     JsonObject,
     b64_field,
     b64encode,
@@ -141,7 +141,7 @@ class AssemblyAIAgentConfig:
         return {"type": "session.update", "session": session}
 
 
-class AssemblyAIState(enum.Enum):
+class AssemblyAIState(ProtocolEnum):
     NEW = "new"
     AWAITING_READY = "awaiting_ready"
     READY = "ready"

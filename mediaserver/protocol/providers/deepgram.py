@@ -47,14 +47,13 @@ before ``SettingsApplied``).
 
 from __future__ import annotations
 
-import enum
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-from .._wire import JsonObject, dumps, load_object, object_list_field, str_field, text_field
+from .._wire import ProtocolEnum, JsonObject, dumps, load_object, object_list_field, str_field, text_field
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ._core import EarlyAudio, ProviderCore
 from .base import (
@@ -165,7 +164,7 @@ class DeepgramAgentConfig:
         }
 
 
-class DeepgramState(enum.Enum):
+class DeepgramState(ProtocolEnum):
     NEW = "new"
     AWAITING_WELCOME = "awaiting_welcome"
     AWAITING_APPLIED = "awaiting_applied"

@@ -43,7 +43,6 @@ moves to ``ERROR``, after which every call raises.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import json
 from collections import deque
@@ -52,7 +51,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from .._wire import JsonObject, b64_field, b64encode, dumps, load_object, obj_field, require_text, text_field
+from .._wire import ProtocolEnum, JsonObject, b64_field, b64encode, dumps, load_object, obj_field, require_text, text_field
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ._core import ProviderCore
 from .base import (
@@ -141,7 +140,7 @@ class ElevenLabsConfig:
                 raise LocalProtocolError(f"dynamic variable {name!r} must have a string, number or bool value")
 
 
-class SessionState(enum.Enum):
+class SessionState(ProtocolEnum):
     NEW = "new"  # initial_messages() not called yet
     AWAITING_METADATA = "awaiting_metadata"  # initiation sent; no conversation_initiation_metadata yet
     READY = "ready"  # the agent's formats are ulaw_8000 both ways

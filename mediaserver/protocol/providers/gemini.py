@@ -43,7 +43,6 @@ is the transport's business and always fatal.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import json
 from collections.abc import Callable, Mapping
@@ -52,6 +51,7 @@ from types import MappingProxyType
 from typing import Final
 
 from .._wire import (
+    ProtocolEnum,
     JsonObject,
     b64_field,
     b64encode,
@@ -194,14 +194,14 @@ class ToolCallsCancelled(Other):
 # --------------------------------------------------------------------- state machine
 
 
-class SessionState(enum.Enum):
+class SessionState(ProtocolEnum):
     NEW = "new"  # initial_messages() not called yet
     AWAITING_SETUP = "awaiting_setup"  # setup sent; no setupComplete yet
     READY = "ready"  # setupComplete seen: audio may flow
     ERROR = "error"  # a protocol error happened; the session is dead
 
 
-class _Input(enum.Enum):
+class _Input(ProtocolEnum):
     INITIAL = "initial messages"
     COMMAND = "command"
     SETUP_COMPLETE = "setupComplete"

@@ -34,7 +34,6 @@ no truncate is sent.
 
 from __future__ import annotations
 
-import enum
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from urllib.parse import quote
 
 from ..._native._realtime import parse_audio_delta
 from .._wire import (
+    ProtocolEnum,
     JsonObject,
     b64_field,
     b64encode,
@@ -210,7 +210,7 @@ class OpenAIRealtimeConfig:
 # --------------------------------------------------------------------- state machine
 
 
-class SessionState(enum.Enum):
+class SessionState(ProtocolEnum):
     NEW = "new"  # initial_messages() not called yet
     AWAITING_CREATED = "awaiting_created"  # configuration sent; no session.created yet
     AWAITING_UPDATED = "awaiting_updated"  # session.created seen; our session.update unanswered
@@ -224,7 +224,7 @@ _AUDIO_STATES: Final = frozenset({SessionState.AWAITING_CREATED, SessionState.AW
 _APPEND_ENVELOPE: Final = (b'{"type":"input_audio_buffer.append","audio":"', b'"}')
 
 
-class _Input(enum.Enum):
+class _Input(ProtocolEnum):
     INITIAL = "initial messages"  # outbound: initial_messages()
     COMMAND = "command"  # outbound: send(any command)
     SESSION_CREATED = "session.created"

@@ -27,13 +27,12 @@ protocol error, when every call raises.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from .._wire import JsonObject, dumps, load_object
+from .._wire import ProtocolEnum, JsonObject, dumps, load_object
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ._core import AudioLedger, ProviderCore
 from .base import (
@@ -86,7 +85,7 @@ class PcmConfig:
                 raise LocalProtocolError(f"{name} must be 8000, 16000 or 24000, got {getattr(self, name)!r}")
 
 
-class SessionState(enum.Enum):
+class SessionState(ProtocolEnum):
     NEW = "new"  # initial_messages() not called yet
     OPEN = "open"  # start sent: audio and control flow
     ERROR = "error"  # a protocol error happened; the session is dead
