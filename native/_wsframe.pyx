@@ -70,20 +70,23 @@ cdef class MaskKeys:
         self._pool = b""
         self._at = 0
 
-    cdef const unsigned char* take(self) except NULL:
+    cdef int take(self, unsigned char* out) except -1:
+        """Copy the next key to ``out`` (4 bytes)."""
         if self._at + 4 > PyBytes_GET_SIZE(self._pool):
             pool = os.urandom(4096)
             if not isinstance(pool, bytes) or PyBytes_GET_SIZE(pool) != 4096:
                 raise RuntimeError("os.urandom(4096) did not return 4096 bytes")
             self._pool = pool
             self._at = 0
-        cdef const unsigned char* key = <const unsigned char*>PyBytes_AS_STRING(self._pool) + self._at
+        memcpy(out, PyBytes_AS_STRING(self._pool) + self._at, 4)
         self._at += 4
-        return key
+        return 0
 
     def next(self):
         """The next key, as bytes."""
-        return PyBytes_FromStringAndSize(<const char*>self.take(), 4)
+        cdef unsigned char key[4]
+        self.take(key)
+        return PyBytes_FromStringAndSize(<const char*>key, 4)
 
 
 cdef MaskKeys _KEYS = MaskKeys()  # key=True draws from here
@@ -98,10 +101,7 @@ cdef bytes _new_frame(bint text, Py_ssize_t n, object key, unsigned char** body)
     """
     cdef Py_ssize_t head = 2 if n < 126 else (4 if n < 65536 else 10)
     cdef bint masked = key is not None
-    cdef const unsigned char* fresh = NULL
-    if key is True:
-        fresh = _KEYS.take()
-    elif masked and (not isinstance(key, bytes) or PyBytes_GET_SIZE(key) != 4):
+    if masked and key is not True and (not isinstance(key, bytes) or PyBytes_GET_SIZE(key) != 4):
         raise ValueError("a masking key is 4 bytes, or True for a fresh one")
     out = PyBytes_FromStringAndSize(NULL, head + (4 if masked else 0) + n)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
@@ -118,8 +118,11 @@ cdef bytes _new_frame(bint text, Py_ssize_t n, object key, unsigned char** body)
         p[1] = bit | 127
         for i in range(8):
             p[2 + i] = (<uint64_t>n >> (8 * (7 - i))) & 0xFF
-    if masked:
-        memcpy(p + head, fresh if fresh != NULL else <const unsigned char*>PyBytes_AS_STRING(key), 4)
+    if key is True:
+        _KEYS.take(p + head)
+        head += 4
+    elif masked:
+        memcpy(p + head, PyBytes_AS_STRING(key), 4)
         head += 4
     body[0] = p + head
     return out

@@ -13,10 +13,8 @@ tests/test_app.py.
 from __future__ import annotations
 
 import base64
-
 import json
 import socket
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 

@@ -29,6 +29,7 @@ from .errors import CLOSE_MESSAGE_TOO_BIG, LocalProtocolError, RemoteProtocolErr
 __all__ = [
     "REPLY_HISTORY",
     "JsonObject",
+    "ProtocolEnum",
     "SansIOCore",
     "b64_field",
     "b64decode",
@@ -42,7 +43,6 @@ __all__ = [
     "object_list_field",
     "optional_str_field",
     "require_text",
-    "ProtocolEnum",
     "str_field",
     "table_transition",
     "text_field",

@@ -68,9 +68,9 @@ from typing import Final
 from mediaserver._native._twilio import MediaCursor, parse_mark, parse_media
 
 from ._wire import (
-    ProtocolEnum,
     REPLY_HISTORY,
     JsonObject,
+    ProtocolEnum,
     SansIOCore,
     b64decode,
     b64encode,
@@ -559,8 +559,11 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         ``prefix + base64(payload) + suffix`` is the text :meth:`send` would
         have returned (``mediaserver._native._wsframe.encode_b64_frame``) --
         and the mark message.  The state checks and the playback accounting
-        are those of the two sends.
+        are those of the two sends; an empty payload is refused as
+        ``SendAudio`` refuses it, leaving the stream as it was.
         """
+        if not payload:
+            raise LocalProtocolError("SendAudio needs at least one byte of audio")
         return self._guarded(self._send_chunk, payload, item)
 
     def _send_chunk(self, payload: bytes, item: str | None) -> tuple[bytes, bytes, str]:

@@ -88,6 +88,12 @@ def test_encode_frame_is_the_reference_frame(n: int, text: bool) -> None:
     expected = payload.decode() if text else payload
     assert wsproto_messages(encode_frame(text, payload), masked=False) == [expected]
     assert wsproto_messages(encode_frame(text, payload, b"wxyz"), masked=True) == [expected]
+    # key=True: a fresh key from the native pool, in the header, the payload masked with it
+    fresh = encode_frame(text, payload, True)
+    head = len(fresh) - n - 4
+    assert fresh[1] & 0x80 and fresh[: head] == ref_frame(opcode, payload, b"wxyz")[:head]
+    assert fresh == ref_frame(opcode, payload, fresh[head : head + 4])
+    assert wsproto_messages(fresh, masked=True) == [expected]
 
 
 @given(st.binary(max_size=400), st.binary(max_size=60), st.binary(max_size=8), st.one_of(st.none(), st.binary(min_size=4, max_size=4)))
@@ -103,6 +109,7 @@ def test_encode_b64_frame_at_every_length_class(n: int) -> None:
     payload = b'{"' + base64.b64encode(data) + b'"}'
     assert encode_b64_frame(b'{"', data, b'"}', b"\x00\xff\x10\x80") == ref_frame(0x81, payload, b"\x00\xff\x10\x80")
     assert wsproto_messages(encode_b64_frame(b'{"', data, b'"}', b"wxyz"), masked=True) == [payload.decode()]
+    assert wsproto_messages(encode_b64_frame(b'{"', data, b'"}', True), masked=True) == [payload.decode()]
     with pytest.raises(ValueError, match="4 bytes"):
         encode_b64_frame(b"", data, b"", b"abc")
 

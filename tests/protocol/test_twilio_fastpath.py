@@ -467,3 +467,14 @@ def test_send_chunk_outside_streaming_is_a_local_error_that_kills_the_stream(pre
     assert stream.state is StreamState.ERROR
     with pytest.raises(LocalProtocolError):
         stream.send_chunk(b"\xff", None)
+
+
+def test_send_chunk_refuses_empty_audio_as_send_audio_does_and_the_stream_goes_on() -> None:
+    stream = TwilioStream()
+    stream.receive_message(connected_msg())
+    stream.receive_message(start_msg())
+    with pytest.raises(LocalProtocolError, match="at least one byte"):
+        stream.send_chunk(b"", "item_a")
+    assert stream.state is StreamState.STREAMING and list(stream.items_in_flight()) == []
+    prefix, suffix, mark = stream.send_chunk(b"\xff", "item_a")
+    assert json.loads(mark)["mark"]["name"] == "1" and list(stream.items_in_flight()) == ["item_a"]

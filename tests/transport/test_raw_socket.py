@@ -397,6 +397,22 @@ def test_mask_keys_come_from_the_pool_in_order_and_it_refills(monkeypatch: pytes
     assert keys[1024:2000] != keys[: 2000 - 1024]
 
 
+def test_a_short_or_failing_random_source_is_an_error_not_a_short_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = MaskKeys()
+    monkeypatch.setattr(os, "urandom", lambda n: b"ab")
+    with pytest.raises(RuntimeError, match="did not return 4096 bytes"):
+        pool.next()
+
+    def broken(n: int) -> bytes:
+        raise OSError("no entropy")
+
+    monkeypatch.setattr(os, "urandom", broken)
+    with pytest.raises(OSError, match="no entropy"):
+        pool.next()
+    monkeypatch.undo()
+    assert len(pool.next()) == 4  # and it recovers once the source does
+
+
 def test_client_frames_carry_fresh_keys_and_unmask_to_the_message() -> None:
     frames = [data_frame("hi") for _ in range(3000)] + [data_frame(b"\x00\x01")]
     keys = [frame[2:6] for frame in frames]  # a short frame's masking key: bytes 2..5

@@ -253,6 +253,36 @@ async def test_send_many_nowait_queues_on_a_full_socket_and_flush_keeps_the_orde
         assert got[2000] == "after the backlog"
 
 
+async def test_send_media_nowait_queues_on_a_full_socket_behind_the_backlog_in_order() -> None:
+    """A server's chunk+mark writes (the downlink) on a socket that fills: queued whole, in order, then flushed."""
+    import base64
+
+    async with ws_pair(small_buffers=True) as pair:
+        client, server = pair.client, pair.server
+        audio = bytes(range(256)) * 4
+        sent_now = queued = 0
+        with trio.fail_after(10):
+            for i in range(1500):  # ~2 MB of base64: far more than the socket buffers hold
+                if server.send_media_nowait(f"{i}:".encode(), audio, b"", f"mark {i}"):
+                    sent_now += 1
+                else:
+                    queued += 1
+            assert sent_now > 0 and queued > 0 and server._backlog
+            got: list[str | bytes] = []
+
+            async def read_all() -> None:
+                while len(got) < 3001:
+                    got.append(await client.receive())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_all)
+                await server.send("after the backlog")  # an ordinary send writes the backlog first
+        assert not server._backlog
+        media = base64.b64encode(audio).decode()
+        assert got[:3000] == [m for i in range(1500) for m in (f"{i}:{media}", f"mark {i}")]
+        assert got[3000] == "after the backlog"
+
+
 async def test_send_many_nowait_queues_behind_a_send_in_progress() -> None:
     async with ws_pair(small_buffers=True) as pair:
         client, server = pair.client, pair.server

@@ -49,8 +49,8 @@ from types import MappingProxyType
 from typing import Final
 
 from .._wire import (
-    ProtocolEnum,
     JsonObject,
+    ProtocolEnum,
     b64_field,
     b64encode,
     dumps,

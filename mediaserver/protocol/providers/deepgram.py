@@ -53,7 +53,15 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-from .._wire import ProtocolEnum, JsonObject, dumps, load_object, object_list_field, str_field, text_field
+from .._wire import (
+    JsonObject,
+    ProtocolEnum,
+    dumps,
+    load_object,
+    object_list_field,
+    str_field,
+    text_field,
+)
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ._core import EarlyAudio, ProviderCore
 from .base import (

@@ -51,7 +51,17 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from .._wire import ProtocolEnum, JsonObject, b64_field, b64encode, dumps, load_object, obj_field, require_text, text_field
+from .._wire import (
+    JsonObject,
+    ProtocolEnum,
+    b64_field,
+    b64encode,
+    dumps,
+    load_object,
+    obj_field,
+    require_text,
+    text_field,
+)
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ._core import ProviderCore
 from .base import (

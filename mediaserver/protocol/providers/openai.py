@@ -43,8 +43,8 @@ from urllib.parse import quote
 
 from ..._native._realtime import parse_audio_delta
 from .._wire import (
-    ProtocolEnum,
     JsonObject,
+    ProtocolEnum,
     b64_field,
     b64encode,
     dumps,
@@ -61,12 +61,12 @@ from ..errors import LocalProtocolError, RemoteProtocolError
 from ._core import AudioLedger, ProviderCore
 from .base import (
     AudioDelta,
-    FunctionTool,
     AudioDone,
     AudioFormat,
     AudioTruncated,
     CancelResponse,
     CreateResponse,
+    FunctionTool,
     Other,
     ProviderCommand,
     ProviderError,

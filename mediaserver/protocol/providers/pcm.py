@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from .._wire import ProtocolEnum, JsonObject, dumps, load_object
+from .._wire import JsonObject, ProtocolEnum, dumps, load_object
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ._core import AudioLedger, ProviderCore
 from .base import (

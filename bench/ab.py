@@ -1,0 +1,228 @@
+"""A/B of the server's CPU per call between two revisions, on this machine, in interleaved runs.
+
+Why.  On a shared or virtual machine a server's CPU per call drifts by
+10-20% within minutes (measured on the 2-vCPU VM this project is developed
+on: 0.18-0.22% of a core per call at 400 calls, ten minutes apart), so one
+load run of each revision says nothing about a change worth a few percent.
+This script runs ``bench/load.py`` on revision A and revision B in turns,
+the same step each time, with the order alternating (AB, BA, AB, ...) so
+that a drift favours neither, and prints every pair and the ratio B/A of
+CPU per call: its median over the pairs, its range, and in how many pairs
+B was the cheaper.  A median within the range of the pairs' spread is not
+a result.
+
+Usage::
+
+    .venv/bin/python bench/ab.py HEAD~1 HEAD            # two commits
+    .venv/bin/python bench/ab.py main .                 # main against the working tree (uncommitted changes)
+    .venv/bin/python bench/ab.py A B --steps 300 --pairs 8 --hold 12 [--tls]
+
+Each revision other than ``.`` is checked out in its own git worktree under
+``bench/out/ab/`` and its native modules are built there with this Python
+(the same packages for both); ``.`` is this checkout as it is, built
+already (``make build``).  The load runs use ``--no-peer``: the peer does
+not change between revisions.  ``--json PATH`` writes every pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import Column, cpu_model, print_header, render_table, utc_now, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKTREES = ROOT / "bench" / "out" / "ab"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One load run of one revision: what the A/B compares, and what says whether to trust it."""
+
+    side: str  # "A" or "B"
+    cpu_pct_per_call: float
+    up_p99_ms: float
+    down_p99_ms: float
+    broken: bool  # failed calls, lost frames, leaks or p99 over the limit
+    gen_bound: bool  # the generator, not the server, was the limit
+    wait_pct: float | None  # time the server was runnable but waited for a CPU (another process had it)
+
+
+def order(pair: int) -> tuple[str, str]:
+    """Which side runs first in pair ``pair`` (from 0): AB, BA, AB, ..."""
+    return ("A", "B") if pair % 2 == 0 else ("B", "A")
+
+
+def run_from_json(side: str, payload: Mapping[str, object], calls: int) -> Run:
+    """The ``ours`` row of ``calls`` calls in a ``load.py --json`` payload."""
+    rows = payload.get("rows")
+    if not isinstance(rows, list):
+        raise ValueError("load.py's JSON has no rows")
+    for row in rows:
+        if isinstance(row, dict) and row.get("server") == "ours" and row.get("calls") == calls:
+            if not isinstance(row.get("cpu_pct_per_call"), (int, float)) or not row["cpu_pct_per_call"] > 0:
+                raise ValueError(f"load.py measured no server CPU for {side} (a hold too short?)")
+            return Run(
+                side=side,
+                cpu_pct_per_call=float(row["cpu_pct_per_call"]),
+                up_p99_ms=_number(row.get("up_p99_ms")),
+                down_p99_ms=_number(row.get("down_p99_ms")),  # (NaN, stored as null: no sample in the window)
+                broken=bool(row["broken"]),
+                gen_bound=bool(row["gen_bound"]),
+                wait_pct=None if row.get("server_wait_pct") is None else float(row["server_wait_pct"]),
+            )
+    raise ValueError(f"load.py's JSON has no row for ours at {calls} calls")
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("nan")
+
+
+def summarize(pairs: Sequence[tuple[Run, Run]]) -> dict[str, float | int]:
+    """Ratios B/A of CPU per call over the pairs (each pair is (A, B)): median, min, max, and B's wins."""
+    if not pairs:
+        raise ValueError("no pairs to summarize")
+    ratios = [b.cpu_pct_per_call / a.cpu_pct_per_call for a, b in pairs]
+    return {
+        "pairs": len(pairs),
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "b_cheaper": sum(1 for r in ratios if r < 1.0),
+        "a_cpu_median": statistics.median(a.cpu_pct_per_call for a, _ in pairs),
+        "b_cpu_median": statistics.median(b.cpu_pct_per_call for _, b in pairs),
+    }
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def prepare(rev: str) -> tuple[str, Path]:
+    """(label, directory) for ``rev``: ``.`` is this checkout; a revision gets a built worktree of its own."""
+    if rev == ".":
+        return "working tree", ROOT
+    try:
+        sha = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"ab.py: {rev!r} is not a revision of this repository") from None
+    tree = WORKTREES / sha[:12]
+    if not (tree / "setup.py").exists():
+        print(f"checking out {rev} ({sha[:12]}) in {tree.relative_to(ROOT)} ...", flush=True)
+        WORKTREES.mkdir(parents=True, exist_ok=True)
+        _git("worktree", "add", "--detach", "--force", str(tree), sha)
+    print(f"building the native modules of {rev} ({sha[:12]}) ...", flush=True)
+    subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=tree, check=True,
+                   stdout=subprocess.DEVNULL)
+    return f"{rev} ({sha[:12]})", tree
+
+
+def load_run(side: str, tree: Path, args: argparse.Namespace) -> Run:
+    """One ``bench/load.py`` step of ``args.steps`` calls, run from ``tree`` (so its server is the one measured)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "load.json"
+        cmd = [sys.executable, str(tree / "bench" / "load.py"), "--steps", str(args.steps), "--hold", str(args.hold),
+               "--no-peer", "--no-plot", "--json", str(out), *(["--tls"] if args.tls else [])]
+        proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            raise SystemExit(f"ab.py: load.py failed for {side} in {tree}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        try:
+            return run_from_json(side, json.loads(out.read_text()), args.steps)
+        except ValueError as exc:
+            raise SystemExit(f"ab.py: {exc}") from None
+
+
+COLUMNS = [
+    Column("pair", "pair"),
+    Column("first", "first", align="<"),
+    Column("a_cpu", "A CPU%/call", ".3f"),
+    Column("b_cpu", "B CPU%/call", ".3f"),
+    Column("ratio", "B/A", ".3f"),
+    Column("a_p99", "A p99 up/dn ms", align="<"),
+    Column("b_p99", "B p99 up/dn ms", align="<"),
+    Column("flags", "flags", align="<"),
+]
+
+
+def pair_row(n: int, first: str, a: Run, b: Run) -> dict[str, object]:
+    flags = [f"{r.side}: {what}" for r in (a, b) for what, on in (("broken", r.broken), ("gen-bound", r.gen_bound),
+             (f"waited {r.wait_pct:.0f}% for a CPU", (r.wait_pct or 0) > 3)) if on]
+    return {
+        "pair": n,
+        "first": first,
+        "a_cpu": a.cpu_pct_per_call,
+        "b_cpu": b.cpu_pct_per_call,
+        "ratio": b.cpu_pct_per_call / a.cpu_pct_per_call,
+        "a_p99": f"{a.up_p99_ms:.2f} / {a.down_p99_ms:.2f}",
+        "b_p99": f"{b.up_p99_ms:.2f} / {b.down_p99_ms:.2f}",
+        "flags": "; ".join(flags) or "-",
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("a", help="revision A (a commit, branch or tag; '.' for this checkout as it is)")
+    parser.add_argument("b", help="revision B (likewise)")
+    parser.add_argument("--steps", type=int, default=300, help="concurrent calls in every run (default 300)")
+    parser.add_argument("--pairs", type=int, default=6, help="A/B pairs, order alternating (default 6)")
+    parser.add_argument("--hold", type=float, default=12.0, help="seconds each run holds its calls (default 12)")
+    parser.add_argument("--tls", action="store_true", help="the fake model on wss://, as real providers are")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write every pair and the summary as JSON")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.pairs < 1 or args.hold <= 0:
+        parser.error("--steps and --pairs must be at least 1, --hold positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    label_a, tree_a = prepare(args.a)
+    label_b, tree_b = prepare(args.b)
+    print_header("mediaserver A/B: CPU per call, interleaved load runs", [
+        ("date", utc_now()), ("CPU", cpu_model()), ("A", label_a), ("B", label_b),
+        ("runs", f"{args.pairs} pairs of bench/load.py --steps {args.steps} --hold {args.hold:g}"
+                 f"{' --tls' if args.tls else ''} --no-peer, order AB, BA, ..."),
+    ])
+    trees = {"A": tree_a, "B": tree_b}
+    pairs: list[tuple[Run, Run]] = []
+    rows: list[dict[str, object]] = []
+    for n in range(args.pairs):
+        first, second = order(n)
+        done: dict[str, Run] = {}
+        for side in (first, second):
+            print(f"pair {n + 1}/{args.pairs}: {side} ...", flush=True)
+            done[side] = load_run(side, trees[side], args)
+        pairs.append((done["A"], done["B"]))
+        rows.append(pair_row(n + 1, first, done["A"], done["B"]))
+        print(f"  A {done['A'].cpu_pct_per_call:.3f}  B {done['B'].cpu_pct_per_call:.3f} %/call", flush=True)
+    summary = summarize(pairs)
+    print()
+    print(render_table(
+        f"A/B at {args.steps} calls: server CPU per call (% of one core), each pair run back to back",
+        COLUMNS, rows,
+        notes=[
+            f"B/A median {summary['ratio_median']:.3f} (range {summary['ratio_min']:.3f}-{summary['ratio_max']:.3f}); "
+            f"B cheaper in {summary['b_cheaper']} of {summary['pairs']} pairs; "
+            f"medians A {summary['a_cpu_median']:.3f}, B {summary['b_cpu_median']:.3f} %/call.",
+            "A median inside the pairs' range of ratios around 1.0 is noise, not a result: add pairs.",
+            "flags: a run that broke, was generator-bound or waited for a CPU measured something else too.",
+        ],
+    ))
+    if args.json is not None:
+        write_json(args.json, {"a": label_a, "b": label_b, "steps": args.steps, "hold": args.hold, "tls": args.tls,
+                               "pairs": [{"a": asdict(a), "b": asdict(b)} for a, b in pairs], "summary": summary})
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

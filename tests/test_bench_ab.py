@@ -1,0 +1,78 @@
+"""bench/ab.py: interleaved A/B load runs -- the order, what it reads from load.py, the summary, a tiny real run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import ab  # noqa: E402
+
+
+def run(side: str, cpu: float) -> ab.Run:
+    return ab.Run(side=side, cpu_pct_per_call=cpu, up_p99_ms=1.0, down_p99_ms=2.0, broken=False, gen_bound=False, wait_pct=0.0)
+
+
+def test_the_order_alternates_so_a_drift_favours_neither_side() -> None:
+    assert [ab.order(n) for n in range(4)] == [("A", "B"), ("B", "A"), ("A", "B"), ("B", "A")]
+
+
+def test_the_summary_is_over_the_ratios_of_each_pair() -> None:
+    pairs = [(run("A", 0.20), run("B", 0.18)), (run("A", 0.25), run("B", 0.25)), (run("A", 0.20), run("B", 0.22))]
+    summary = ab.summarize(pairs)
+    assert summary["pairs"] == 3
+    assert summary["ratio_median"] == pytest.approx(1.0)
+    assert (summary["ratio_min"], summary["ratio_max"]) == (pytest.approx(0.9), pytest.approx(1.1))
+    assert summary["b_cheaper"] == 1  # (an equal pair is not a win)
+    assert (summary["a_cpu_median"], summary["b_cpu_median"]) == (0.20, 0.22)
+    with pytest.raises(ValueError):
+        ab.summarize([])
+
+
+def test_it_reads_ours_at_the_step_from_load_json() -> None:
+    rows = [
+        {"server": "peer", "calls": 300, "cpu_pct_per_call": 0.5},
+        {"server": "ours", "calls": 100, "cpu_pct_per_call": 0.3},
+        {"server": "ours", "calls": 300, "cpu_pct_per_call": 0.21, "up_p99_ms": 1.5, "down_p99_ms": None,
+         "broken": False, "gen_bound": True, "server_wait_pct": 0.4},
+    ]
+    got = ab.run_from_json("B", {"rows": rows}, 300)
+    assert (got.side, got.cpu_pct_per_call, got.up_p99_ms, got.gen_bound, got.wait_pct) == ("B", 0.21, 1.5, True, 0.4)
+    assert math.isnan(got.down_p99_ms)  # no downlink sample in the window: NaN, stored by load.py as null
+    with pytest.raises(ValueError, match="no row for ours at 200"):
+        ab.run_from_json("A", {"rows": rows}, 200)
+    with pytest.raises(ValueError, match="no server CPU"):
+        ab.run_from_json("A", {"rows": [{"server": "ours", "calls": 5, "cpu_pct_per_call": None}]}, 5)
+
+
+def test_a_tiny_run_of_this_checkout_against_itself(tmp_path: Path) -> None:
+    out = tmp_path / "ab.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ab.py"), ".", ".", "--steps", "2", "--pairs", "1", "--hold", "1.2",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "A/B at 2 calls" in proc.stdout and "B/A median" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["a"] == data["b"] == "working tree" and data["steps"] == 2
+    [pair] = data["pairs"]
+    assert pair["a"]["side"] == "A" and pair["b"]["side"] == "B"
+    assert pair["a"]["cpu_pct_per_call"] > 0 and pair["b"]["cpu_pct_per_call"] > 0
+    assert data["summary"]["ratio_median"] == pytest.approx(pair["b"]["cpu_pct_per_call"] / pair["a"]["cpu_pct_per_call"])
+
+
+def test_a_revision_that_does_not_exist_is_a_clear_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ab.py"), "no-such-revision-xyz", "."],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode != 0
+    assert "'no-such-revision-xyz' is not a revision of this repository" in proc.stderr
