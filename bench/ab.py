@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -87,20 +88,41 @@ def _number(value: object) -> float:
     return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: how likely a split at least this uneven is when neither side is cheaper."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
 def summarize(pairs: Sequence[tuple[Run, Run]]) -> dict[str, float | int]:
-    """Ratios B/A of CPU per call over the pairs (each pair is (A, B)): median, min, max, and B's wins."""
+    """Ratios B/A of CPU per call over the pairs (each pair is (A, B)): median, min, max, B's wins, a sign test."""
     if not pairs:
         raise ValueError("no pairs to summarize")
     ratios = [b.cpu_pct_per_call / a.cpu_pct_per_call for a, b in pairs]
+    cheaper, costlier = sum(1 for r in ratios if r < 1.0), sum(1 for r in ratios if r > 1.0)
     return {
         "pairs": len(pairs),
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
-        "b_cheaper": sum(1 for r in ratios if r < 1.0),
+        "b_cheaper": cheaper,
+        "b_costlier": costlier,
+        "sign_test_p": sign_test_p(cheaper, costlier),
         "a_cpu_median": statistics.median(a.cpu_pct_per_call for a, _ in pairs),
         "b_cpu_median": statistics.median(b.cpu_pct_per_call for _, b in pairs),
     }
+
+
+def verdict(summary: Mapping[str, float | int]) -> str:
+    """What the pairs say, in one line: a difference only when drift alone would rarely split them so."""
+    p = float(summary["sign_test_p"])
+    if p < 0.05:
+        which = "cheaper" if summary["b_cheaper"] > summary["b_costlier"] else "costlier"
+        return f"B is {which} than A: a split this uneven comes from drift alone with p = {p:.3f} (sign test)."
+    return f"No difference told apart from drift (sign test p = {p:.2f}): add pairs, or the change is below the noise."
 
 
 def _git(*args: str) -> str:
@@ -213,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"B/A median {summary['ratio_median']:.3f} (range {summary['ratio_min']:.3f}-{summary['ratio_max']:.3f}); "
             f"B cheaper in {summary['b_cheaper']} of {summary['pairs']} pairs; "
             f"medians A {summary['a_cpu_median']:.3f}, B {summary['b_cpu_median']:.3f} %/call.",
-            "A median inside the pairs' range of ratios around 1.0 is noise, not a result: add pairs.",
+            verdict(summary),
             "flags: a run that broke, was generator-bound or waited for a CPU measured something else too.",
         ],
     ))

@@ -30,10 +30,24 @@ def test_the_summary_is_over_the_ratios_of_each_pair() -> None:
     assert summary["pairs"] == 3
     assert summary["ratio_median"] == pytest.approx(1.0)
     assert (summary["ratio_min"], summary["ratio_max"]) == (pytest.approx(0.9), pytest.approx(1.1))
-    assert summary["b_cheaper"] == 1  # (an equal pair is not a win)
+    assert (summary["b_cheaper"], summary["b_costlier"]) == (1, 1)  # (an equal pair is neither)
+    assert summary["sign_test_p"] == 1.0
+    assert ab.verdict(summary).startswith("No difference")
     assert (summary["a_cpu_median"], summary["b_cpu_median"]) == (0.20, 0.22)
     with pytest.raises(ValueError):
         ab.summarize([])
+
+
+def test_the_sign_test_is_the_exact_binomial_tail() -> None:
+    assert ab.sign_test_p(7, 1) == pytest.approx(2 * (1 + 8) / 256)  # 0.0703
+    assert ab.sign_test_p(8, 0) == pytest.approx(2 / 256)
+    assert ab.sign_test_p(0, 8) == ab.sign_test_p(8, 0)
+    assert ab.sign_test_p(3, 3) == 1.0 and ab.sign_test_p(0, 0) == 1.0
+    cheaper = ab.summarize([(run("A", 0.2), run("B", 0.18))] * 8)
+    assert cheaper["sign_test_p"] < 0.05
+    assert ab.verdict(cheaper).startswith("B is cheaper than A")
+    costlier = ab.summarize([(run("A", 0.2), run("B", 0.22))] * 8)
+    assert ab.verdict(costlier).startswith("B is costlier than A")
 
 
 def test_it_reads_ours_at_the_step_from_load_json() -> None:
