@@ -438,6 +438,7 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
             self._ready_reported = True
             return SessionReady(self._session_id)
         return Other("session.updated", raw)
+
     def _check_effective_format(self, session: JsonObject) -> None:
         """Refuse a session whose effective audio format is not the one we configured."""
         audio = session.get("audio")
