@@ -13,8 +13,9 @@ stage of every frame with ``time.perf_counter_ns``:
   ``WebSocketLink.send_audio_nowait`` does);
 * downlink (one provider delta of ``CHUNK_MS`` = the bridge's chunk, 40 ms):
   provider core parse (``receive_message`` + ``events()``: JSON, base64),
-  resample, µ-law encode, Twilio ``media`` + ``mark`` serialisation
-  (``TwilioStream.send``), and parsing Twilio's echo of that mark
+  resample, µ-law encode, Twilio ``media`` + ``mark`` serialisation and
+  framing (``TwilioStream.send_chunk`` and the native framer, as
+  ``ServerStream.send_media_nowait`` does), and parsing Twilio's echo of that mark
   (``receive_event``).
 
 Downlink figures are divided by ``CHUNK_MS / 20`` so both directions are
