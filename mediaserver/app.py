@@ -17,6 +17,7 @@ carry a valid ``X-Twilio-Signature`` (else 403).
 from __future__ import annotations
 
 import logging
+import time
 
 from quart import Response, abort, request
 from quart_trio import QuartTrio
@@ -24,7 +25,7 @@ from quart_trio import QuartTrio
 from mediaserver import security, twiml
 from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
 from mediaserver.config import Settings
-from mediaserver.metrics import Gauges, render
+from mediaserver.metrics import Gauges, process_stats, render
 from mediaserver.outbound import register_routes as register_outbound_routes
 from mediaserver.records.routes import register_routes as register_record_routes
 from mediaserver.transport.reactor import reactor_stats
@@ -40,6 +41,7 @@ MAX_FORM_BYTES = 64 * 1024  # a voice webhook is ~1 KiB of form fields
 
 def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
     app = QuartTrio("mediaserver")
+    started_s = time.time()  # process_start_time_seconds where /proc cannot say
     app.config["MAX_CONTENT_LENGTH"] = MAX_FORM_BYTES
 
     def url_of(configured: str | None) -> str:
@@ -91,6 +93,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             reactor=reactor_stats(),
             provider=settings.provider,
             instance=settings.instance_url,
+            process=process_stats(started_s),
         )
         text = render(calls.metrics(), calls.refused, gauges)
         return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")

@@ -15,15 +15,18 @@ whatever the traffic.  The list is in the README (Monitoring).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 import dataclasses
+import gc
+import os
+import resource
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mediaserver import __version__
 from mediaserver.bridge.stats import CallStats, LatencyHistogram
 from mediaserver.codec import JitterStats
 
-__all__ = ["LATENCY_EDGES_S", "CallTotals", "Gauges", "end_kind", "render"]
+__all__ = ["LATENCY_EDGES_S", "CallTotals", "Gauges", "ProcessStats", "end_kind", "process_stats", "render"]
 
 # Histogram bounds of the bridge-added latency (seconds): multiples of the
 # native histogram's 10 µs buckets, so each bound counts what lies below it
@@ -99,8 +102,46 @@ class CallTotals:
 
 
 @dataclass(frozen=True)
+class ProcessStats:
+    """The server process, under the names Prometheus' own client libraries use (``process_*``, ``python_gc_*``)."""
+
+    cpu_seconds: float  # user + system
+    start_time_seconds: float  # Unix time
+    resident_bytes: int | None = None  # None where the OS does not say (only Linux's /proc is read)
+    open_fds: int | None = None
+    max_fds: int | None = None
+    gc: tuple[tuple[int, int, int], ...] = ()  # per generation: collections, collected, uncollectable
+
+
+def process_stats(fallback_start_s: float) -> ProcessStats:
+    """This process now (``fallback_start_s``: the start time to give where /proc cannot say)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    start_s, resident, fds = fallback_start_s, None, None
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # (after the command name, which may hold spaces)
+        with open("/proc/stat", "rb") as f:
+            boot_s = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        ticks = os.sysconf("SC_CLK_TCK")
+        start_s = boot_s + int(fields[19]) / ticks  # stat field 22: starttime, in clock ticks after boot
+        resident = int(fields[21]) * resource.getpagesize()  # stat field 24: rss, in pages
+        fds = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return ProcessStats(
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        start_time_seconds=start_s,
+        resident_bytes=resident,
+        open_fds=fds,
+        max_fds=None if soft == resource.RLIM_INFINITY else soft,
+        gc=tuple((g["collections"], g["collected"], g["uncollectable"]) for g in gc.get_stats()),
+    )
+
+
+@dataclass(frozen=True)
 class Gauges:
-    """The values of this moment: calls, sessions, the reactor."""
+    """The values of this moment: calls, sessions, the reactor, the process."""
 
     active_calls: int
     pending_sessions: int  # opened at the webhook, waiting for their media stream
@@ -108,6 +149,7 @@ class Gauges:
     reactor: Mapping[str, int]  # reactor_stats(): sockets, wakeups, handler_calls
     provider: str
     instance: str | None
+    process: ProcessStats | None = None
 
 
 def _escape(value: str) -> str:
@@ -211,4 +253,27 @@ def render(totals: CallTotals, refused: Mapping[str, int], gauges: Gauges) -> st
         "Ready sockets the reactor served.",
         [("", reactor.get("handler_calls", 0))],
     )
+    if gauges.process is not None:
+        _process(w, gauges.process)
     return "\n".join(w.lines) + "\n"
+
+
+def _process(w: _Writer, p: ProcessStats) -> None:
+    w.metric("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", [("", p.cpu_seconds)])
+    w.metric(
+        "process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
+        [("", p.start_time_seconds)],
+    )
+    for name, value, help_ in (
+        ("process_resident_memory_bytes", p.resident_bytes, "Resident memory size in bytes."),
+        ("process_open_fds", p.open_fds, "Number of open file descriptors."),
+        ("process_max_fds", p.max_fds, "Maximum number of open file descriptors."),
+    ):
+        if value is not None:
+            w.metric(name, "gauge", help_, [("", value)])
+    for index, (name, help_) in enumerate((
+        ("python_gc_collections_total", "Number of times this generation was collected"),
+        ("python_gc_objects_collected_total", "Objects collected during gc"),
+        ("python_gc_objects_uncollectable_total", "Uncollectable objects found during GC"),
+    )):
+        w.metric(name, "counter", help_, [(f'{{generation="{g}"}}', stats[index]) for g, stats in enumerate(p.gc)])

@@ -7,7 +7,11 @@ tests/test_app.py) and compare every counter with what the two ends saw.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import math
+import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -15,7 +19,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mediaserver.bridge.stats import CallStats, LatencyHistogram
 from mediaserver.codec import JitterStats
-from mediaserver.metrics import END_KINDS, LATENCY_EDGES_S, REFUSALS, CallTotals, Gauges, end_kind, render
+from mediaserver.metrics import (
+    END_KINDS,
+    LATENCY_EDGES_S,
+    REFUSALS,
+    CallTotals,
+    Gauges,
+    ProcessStats,
+    end_kind,
+    process_stats,
+    render,
+)
 
 from tests.fakes import (
     FakeTwilioCaller,
@@ -140,6 +154,40 @@ def test_totals_render_as_counted() -> None:
     assert value(samples, "mediaserver_bridge_latency_seconds_count", direction="down") == 2
 
 
+def test_the_process_renders_under_prometheus_client_s_names() -> None:
+    process = ProcessStats(
+        cpu_seconds=12.5, start_time_seconds=1.7e9, resident_bytes=50_000_000, open_fds=40, max_fds=20000,
+        gc=((100, 5000, 0), (9, 300, 0), (1, 20, 2)),
+    )
+    samples = parse(render(CallTotals(), {}, dataclasses.replace(GAUGES, process=process)))
+    assert value(samples, "process_cpu_seconds_total") == 12.5
+    assert value(samples, "process_start_time_seconds") == 1.7e9
+    assert value(samples, "process_resident_memory_bytes") == 50_000_000
+    assert (value(samples, "process_open_fds"), value(samples, "process_max_fds")) == (40, 20000)
+    assert [value(samples, "python_gc_collections_total", generation=str(g)) for g in range(3)] == [100, 9, 1]
+    assert value(samples, "python_gc_objects_collected_total", generation="1") == 300
+    assert value(samples, "python_gc_objects_uncollectable_total", generation="2") == 2
+    # What the OS does not say is left out, not made up; no process section without process stats.
+    unknown = parse(render(CallTotals(), {}, dataclasses.replace(GAUGES, process=ProcessStats(1.0, 2.0))))
+    assert ("process_resident_memory_bytes", ()) not in unknown and ("process_open_fds", ()) not in unknown
+    assert ("process_cpu_seconds_total", ()) in unknown
+    assert not any(name.startswith("process_") for name, _ in parse(render(CallTotals(), {}, GAUGES)))
+
+
+def test_process_stats_read_this_process() -> None:
+    before = time.time()
+    stats = process_stats(fallback_start_s=before)
+    assert stats.cpu_seconds > 0
+    assert len(stats.gc) == len(gc.get_stats()) == 3
+    assert all(collections <= now["collections"] for (collections, _, _), now in zip(stats.gc, gc.get_stats()))
+    if Path("/proc/self/stat").exists():  # Linux: from /proc
+        assert before - 7 * 86400 < stats.start_time_seconds <= before  # (this test process started before now)
+        assert stats.resident_bytes is not None and stats.resident_bytes > 10_000_000
+        assert stats.open_fds is not None and stats.open_fds >= 3
+    else:
+        assert stats.start_time_seconds == before
+
+
 def test_a_copy_of_the_totals_is_its_own() -> None:
     totals = CallTotals()
     stats, jitter = one_call(10, [0.001])
@@ -222,6 +270,8 @@ async def test_app_metrics_count_a_call_while_it_runs_and_after_it_ends() -> Non
     assert value(after, "mediaserver_bridge_latency_seconds_count", direction="down") == received
     assert 0.4 < value(after, "mediaserver_call_seconds_total") < 15
     assert value(after, "mediaserver_reactor_handler_calls_total") > 0
+    assert value(after, "process_cpu_seconds_total") > value(live, "process_cpu_seconds_total") > 0
+    assert value(after, "python_gc_collections_total", generation="0") > 0
     for key, number in live.items():
         if key[0].endswith(("_total", "_count", "_bucket", "_sum")):
             assert after[key] >= number, key
