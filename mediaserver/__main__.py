@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from mediaserver import __version__
 from mediaserver.config import PROVIDERS, ConfigError, Settings, load_dotenv_file
+from mediaserver.logs import configure as configure_logs
 
 log = logging.getLogger("mediaserver")
 
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         help="https://host that reaches this instance directly, when several share the public URL (MEDIASERVER_INSTANCE_URL)",
     )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (MEDIASERVER_LOG_LEVEL)")
+    serve.add_argument("--log-format", choices=("text", "json"), help="text or json lines (MEDIASERVER_LOG_FORMAT, default text)")
     serve.add_argument("--env-file", default=".env", help="read settings from this file if it exists (default .env)")
     sub.add_parser("settings", help="list every setting with its environment variable and default")
     for name, (module, summary) in _COMMANDS.items():
@@ -99,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             public_url=getattr(args, "public_url", None),
             instance_url=getattr(args, "instance_url", None),
             log_level=getattr(args, "log_level", None),
+            log_format=getattr(args, "log_format", None),
         )
         from mediaserver.tools import load_toolset
 
@@ -106,9 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mediaserver: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logs(settings.log_level, settings.log_format)
     if settings.development_mode:
         log.warning(
             "DEVELOPMENT MODE: TWILIO_AUTH_TOKEN is not set, so webhooks and media streams are NOT authenticated. "

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from mediaserver.logs import FORMATS as LOG_FORMATS
+from mediaserver.logs import LEVELS as LOG_LEVELS
 from mediaserver.security import configured_base, signature_bases
 
 __all__ = ["PCM_RATES", "PROVIDERS", "REQUIRED", "ConfigError", "Settings", "load_dotenv_file"]
@@ -133,6 +135,7 @@ class Settings:
     connect_timeout_s: float = _env_field("MEDIASERVER_CONNECT_TIMEOUT_S", 10.0, "model WebSocket connect limit")
     drain_s: float = _env_field("MEDIASERVER_DRAIN_S", 10.0, "graceful shutdown: how long live calls may finish")
     log_level: str = _env_field("MEDIASERVER_LOG_LEVEL", "INFO", "DEBUG | INFO | WARNING | ERROR")
+    log_format: str = _env_field("MEDIASERVER_LOG_FORMAT", "text", "text | json (one JSON object per line)")
 
     @property
     def development_mode(self) -> bool:
@@ -189,6 +192,10 @@ class Settings:
                 parse_transfer_numbers(self.transfer_numbers)
             except ValueError as exc:
                 raise ConfigError(f"MEDIASERVER_TRANSFER_NUMBERS: {exc}") from None
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"MEDIASERVER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"MEDIASERVER_LOG_FORMAT must be text or json, not {self.log_format!r}")
         for name in ("stream_timeout_s", "idle_timeout_s", "max_call_s", "connect_timeout_s", "drain_s", "tool_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive")

@@ -43,6 +43,8 @@ def test_config_reads_environment_and_overrides_win() -> None:
         ({"MEDIASERVER_INSTANCE_URL": "wss://a.example.com"}, "MEDIASERVER_INSTANCE_URL must be https://host"),
         ({"MEDIASERVER_INSTANCE_URL": "https://a.example.com/?x=1"}, "MEDIASERVER_INSTANCE_URL must not have a query"),
         ({"MEDIASERVER_INSTANCE_URL": "https://a.example.com:port"}, "MEDIASERVER_INSTANCE_URL is malformed"),
+        ({"MEDIASERVER_LOG_LEVEL": "verbose"}, "MEDIASERVER_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
+        ({"MEDIASERVER_LOG_FORMAT": "xml"}, "MEDIASERVER_LOG_FORMAT must be text or json"),
     ],
 )
 def test_config_bad_values_raise_naming_the_variable(env: dict[str, str], message: str) -> None:
@@ -83,6 +85,15 @@ def test_config_settings_command_lists_every_variable(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     for env, _, _ in Settings.describe():
         assert env in out
+
+
+def test_config_cli_a_bad_log_level_is_a_configuration_error_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("MEDIASERVER_LOG_LEVEL", raising=False)
+    assert main(["serve", "--env-file", "/nonexistent/.env", "--log-level", "verbose"]) == 2
+    assert "MEDIASERVER_LOG_LEVEL must be one of" in capsys.readouterr().err
+    assert Settings.from_env({"MEDIASERVER_LOG_LEVEL": "debug", "MEDIASERVER_LOG_FORMAT": "json"}).log_format == "json"
 
 
 def test_readme_documents_every_setting() -> None:

@@ -1,0 +1,96 @@
+"""MEDIASERVER_LOG_FORMAT=json: one JSON object per log line, with the call SID of call lines and tracebacks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from mediaserver.logs import JsonFormatter, configure
+
+SID = "CA" + "0123456789abcdef" * 2
+
+
+def record(message: str, *args: object, exc: bool = False) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("the model said no")
+        except ValueError:
+            exc_info = sys.exc_info()
+    return logging.LogRecord("mediaserver.calls", logging.INFO, __file__, 1, message, args, exc_info)
+
+
+def test_a_call_line_is_an_object_with_its_call_sid() -> None:
+    line = json.loads(JsonFormatter().format(record("call %s: ended (%s) after %.1f s", SID, "twilio sent stop", 63.25)))
+    assert line["message"] == f"call {SID}: ended (twilio sent stop) after 63.2 s"
+    assert line["call_sid"] == SID
+    assert (line["level"], line["logger"]) == ("INFO", "mediaserver.calls")
+    stamp = datetime.fromisoformat(line["time"])
+    assert stamp.utcoffset() is not None and stamp.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+    assert line["time"].endswith("+00:00") and len(line["time"].split(".")[1]) == len("123+00:00")
+
+
+def test_other_lines_have_no_call_sid_and_tracebacks_are_kept() -> None:
+    plain = json.loads(JsonFormatter().format(record("stream closed before it started")))
+    assert "call_sid" not in plain and "exception" not in plain
+    # a SID that is not at the start is not this line's call
+    assert "call_sid" not in json.loads(JsonFormatter().format(record("transferred to call %s", SID)))
+    failed = json.loads(JsonFormatter().format(record("call %s: failed", SID, exc=True)))
+    assert failed["call_sid"] == SID
+    assert failed["exception"].startswith("Traceback") and "ValueError: the model said no" in failed["exception"]
+    unicode = json.loads(JsonFormatter().format(record("tool said: %s", "ça marche \u2713")))
+    assert unicode["message"] == "tool said: ça marche \u2713"
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_configure_writes_the_chosen_format_to_stderr_at_the_level(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    configure("warning", fmt)
+    log = logging.getLogger("mediaserver.test")
+    log.info("call %s: not shown", SID)
+    log.warning("call %s: shown", SID)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    if fmt == "json":
+        assert json.loads(lines[0])["message"] == f"call {SID}: shown"
+    else:
+        assert lines[0].endswith(f"WARNING mediaserver.test: call {SID}: shown")
+
+
+def test_the_server_logs_json_lines_from_its_first_line(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a free port (the server refuses port 0)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIASERVER_", "TWILIO_"))}
+    env.update(MEDIASERVER_DATA_DIR=str(tmp_path), MEDIASERVER_LOG_FORMAT="json")
+    with subprocess.Popen(
+        [sys.executable, "-m", "mediaserver", "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", "/nonexistent"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            lines = [proc.stderr.readline() for _ in range(2)]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    first = json.loads(lines[0])
+    assert first["level"] == "WARNING" and "DEVELOPMENT MODE" in first["message"]
+    assert json.loads(lines[1])["logger"].startswith("mediaserver")
