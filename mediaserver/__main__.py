@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import trio
 
-    from mediaserver.server import serve
+    from mediaserver.server import ListenError, serve
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -130,7 +130,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(run)
     except KeyboardInterrupt:
         pass
+    except BaseExceptionGroup as group:
+        refused = _first(group, ListenError)
+        if refused is None:
+            raise
+        print(f"mediaserver: {refused}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _first(group: BaseExceptionGroup[BaseException], kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` exception anywhere in ``group`` (nurseries nest their groups)."""
+    for exc in group.exceptions:
+        if isinstance(exc, kind):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first(exc, kind)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

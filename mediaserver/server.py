@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -34,9 +35,30 @@ from mediaserver.protocol.twilio import DEFAULT_MAX_MESSAGE_BYTES
 from mediaserver.records.recorder import Recorder, open_recorder
 from mediaserver.transport.listener import ConnectionRouter, ReplayStream
 
-__all__ = ["hypercorn_config", "serve", "wait_for_signal"]
+__all__ = ["ListenError", "hypercorn_config", "serve", "wait_for_signal"]
 
 log = logging.getLogger("mediaserver")
+
+
+class ListenError(OSError):
+    """The configured host and port cannot be listened on (in use, no such address, not allowed)."""
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound, non-blocking TCP socket for ``host``:``port`` (as Hypercorn's ``create_sockets``, closed on failure)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (MEDIASERVER_HOST / MEDIASERVER_PORT)") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (MEDIASERVER_HOST / MEDIASERVER_PORT)") from exc
+    return sock
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -112,16 +134,12 @@ async def _serve(
         await nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as connections:
-            sockets = config.create_sockets()
-            listeners = []
-            binds = []
-            for sock in sockets.insecure_sockets:
-                sock.listen(config.backlog)
-                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-                bind = f"http://{repr_socket_addr(sock.family, sock.getsockname())}"
-                binds.append(bind)
-                await config.log.info(f"Running on {bind} (CTRL + C to quit)")
-            task_status.started(binds)
+            sock = listen_socket(settings.host, settings.port)  # (config.bind's one address; ListenError if it cannot be had)
+            sock.listen(config.backlog)
+            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
+            bind = f"http://{repr_socket_addr(sock.family, sock.getsockname())}"
+            await config.log.info(f"Running on {bind} (CTRL + C to quit)")
+            task_status.started([bind])
             try:
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(

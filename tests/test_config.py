@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mediaserver.__main__ import main
@@ -133,3 +135,21 @@ def test_the_start_banner_names_the_instance_url_when_there_is_one(capsys: pytes
     out = capsys.readouterr().out
     assert "https://voice.example.com/twiml" in out  # the console webhook stays the shared URL
     assert "come back to https://voice.example.com/n1 (MEDIASERVER_INSTANCE_URL)" in out
+
+
+def test_serve_on_a_port_in_use_says_so_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import socket
+
+    for name in ("MEDIASERVER_HOST", "MEDIASERVER_PORT", "MEDIASERVER_PROVIDER", "MEDIASERVER_LOG_FORMAT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MEDIASERVER_DATA_DIR", str(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--env-file", "/nonexistent/.env", "--host", "127.0.0.1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"mediaserver: cannot listen on 127.0.0.1:{port}: Address already in use" in err
+    assert "Traceback" not in err
