@@ -94,6 +94,8 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             provider=settings.provider,
             instance=settings.instance_url,
             process=process_stats(started_s),
+            model_connect=calls.model_connect,
+            model_connect_failures=calls.model_connect_failures,
         )
         text = render(calls.metrics(), calls.refused, gauges)
         return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")

@@ -15,8 +15,10 @@ whatever the traffic.  The list is in the README (Monitoring).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import gc
+import itertools
 import os
 import resource
 from collections.abc import Iterable, Mapping
@@ -26,12 +28,25 @@ from mediaserver import __version__
 from mediaserver.bridge.stats import CallStats, LatencyHistogram
 from mediaserver.codec import JitterStats
 
-__all__ = ["LATENCY_EDGES_S", "CallTotals", "Gauges", "ProcessStats", "end_kind", "process_stats", "render"]
+__all__ = [
+    "CONNECT_EDGES_S",
+    "LATENCY_EDGES_S",
+    "CallTotals",
+    "Gauges",
+    "ProcessStats",
+    "SecondsHistogram",
+    "end_kind",
+    "process_stats",
+    "render",
+]
 
 # Histogram bounds of the bridge-added latency (seconds): multiples of the
 # native histogram's 10 µs buckets, so each bound counts what lies below it
 # (a sample exactly on a bound may count in the next one up).
 LATENCY_EDGES_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)
+
+# Histogram bounds of the time to open a model session (connect, TLS, WebSocket, the session's handshake), seconds.
+CONNECT_EDGES_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # How calls end (``CallBridge.end_reason`` and the call manager's), by prefix: the ``end`` label.
 _END_KINDS = (
@@ -101,6 +116,30 @@ class CallTotals:
         return twin
 
 
+class SecondsHistogram:
+    """Counts of durations at or below each of ``edges`` (a Prometheus histogram's buckets), their sum and count."""
+
+    def __init__(self, edges: tuple[float, ...] = CONNECT_EDGES_S) -> None:
+        if list(edges) != sorted(set(edges)):
+            raise ValueError("histogram edges must be ascending and distinct")
+        self.edges = edges
+        self.buckets = [0] * len(edges)  # not cumulative: bucket i holds edges[i-1] < s <= edges[i]
+        self.count = 0
+        self.total_s = 0.0
+
+    def add(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        self.count += 1
+        self.total_s += seconds
+        at = bisect.bisect_left(self.edges, seconds)
+        if at < len(self.buckets):
+            self.buckets[at] += 1
+
+    def cumulative(self) -> list[int]:
+        """Samples at or below each edge."""
+        return list(itertools.accumulate(self.buckets))
+
+
 @dataclass(frozen=True)
 class ProcessStats:
     """The server process, under the names Prometheus' own client libraries use (``process_*``, ``python_gc_*``)."""
@@ -150,6 +189,8 @@ class Gauges:
     provider: str
     instance: str | None
     process: ProcessStats | None = None
+    model_connect: SecondsHistogram | None = None  # time to open each model session so far
+    model_connect_failures: int = 0
 
 
 def _escape(value: str) -> str:
@@ -236,6 +277,22 @@ def render(totals: CallTotals, refused: Mapping[str, int], gauges: Gauges) -> st
         "mediaserver_bridge_latency_seconds",
         "Latency the bridge adds: a caller frame in until the model has it (up), a model delta in until Twilio has it (down).",
         [('direction="up"', totals.uplink), ('direction="down"', totals.downlink)],
+    )
+    if gauges.model_connect is not None:
+        connect = gauges.model_connect
+        name = "mediaserver_model_connect_seconds"
+        w.lines.append(f"# HELP {name} Time to open a model session: connect, TLS, WebSocket and the session's own handshake.")
+        w.lines.append(f"# TYPE {name} histogram")
+        for edge, count in zip(connect.edges, connect.cumulative()):
+            w.lines.append(f'{name}_bucket{{le="{edge!r}"}} {count}')
+        w.lines.append(f'{name}_bucket{{le="+Inf"}} {connect.count}')
+        w.lines.append(f"{name}_sum {connect.total_s!r}")
+        w.lines.append(f"{name}_count {connect.count}")
+    w.metric(
+        "mediaserver_model_connect_failures_total",
+        "counter",
+        "Model sessions that could not be opened.",
+        [("", gauges.model_connect_failures)],
     )
     reactor = gauges.reactor
     w.metric(

@@ -26,6 +26,7 @@ from mediaserver.metrics import (
     CallTotals,
     Gauges,
     ProcessStats,
+    SecondsHistogram,
     end_kind,
     process_stats,
     render,
@@ -188,6 +189,22 @@ def test_process_stats_read_this_process() -> None:
         assert stats.start_time_seconds == before
 
 
+def test_model_connect_times_are_a_histogram_at_or_below_each_bound() -> None:
+    connect = SecondsHistogram()
+    for seconds in (0.01, 0.05, 0.051, 0.3, 2.5, 30.0, -1.0):
+        connect.add(seconds)
+    assert connect.cumulative() == [3, 4, 4, 5, 5, 6, 6, 6]  # 0.05 counts at le=0.05 (-1 counts as 0); 30 s above all
+    assert (connect.count, connect.total_s) == (7, pytest.approx(0.01 + 0.05 + 0.051 + 0.3 + 2.5 + 30.0))
+    samples = parse(render(CallTotals(), {}, dataclasses.replace(GAUGES, model_connect=connect, model_connect_failures=4)))
+    assert value(samples, "mediaserver_model_connect_seconds_bucket", le="0.05") == 3
+    assert value(samples, "mediaserver_model_connect_seconds_bucket", le="10.0") == 6
+    assert value(samples, "mediaserver_model_connect_seconds_bucket", le="+Inf") == 7
+    assert value(samples, "mediaserver_model_connect_seconds_count") == 7
+    assert value(samples, "mediaserver_model_connect_failures_total") == 4
+    with pytest.raises(ValueError, match="ascending"):
+        SecondsHistogram((1.0, 0.5))
+
+
 def test_a_copy_of_the_totals_is_its_own() -> None:
     totals = CallTotals()
     stats, jitter = one_call(10, [0.001])
@@ -271,6 +288,9 @@ async def test_app_metrics_count_a_call_while_it_runs_and_after_it_ends() -> Non
     assert 0.4 < value(after, "mediaserver_call_seconds_total") < 15
     assert value(after, "mediaserver_reactor_handler_calls_total") > 0
     assert value(after, "process_cpu_seconds_total") > value(live, "process_cpu_seconds_total") > 0
+    assert value(after, "mediaserver_model_connect_seconds_count") == 1  # the session opened at the webhook
+    assert 0 < value(after, "mediaserver_model_connect_seconds_sum") < 5
+    assert value(after, "mediaserver_model_connect_failures_total") == 0
     assert value(after, "python_gc_collections_total", generation="0") > 0
     for key, number in live.items():
         if key[0].endswith(("_total", "_count", "_bucket", "_sum")):
@@ -322,3 +342,21 @@ async def test_app_metrics_count_refused_streams_and_the_sessions_they_leave_ope
     assert sum(value(after, "mediaserver_streams_refused_total", reason=r) for r in REFUSALS) == 2
     assert value(after, "mediaserver_calls_ended_total", end="twilio_stop") == 1
     assert value(after, "mediaserver_calls_active") == value(after, "mediaserver_sessions_pending") == 0
+
+
+@fail_after(20)
+async def test_app_metrics_count_a_model_session_that_could_not_be_opened() -> None:
+    async with fake_openai() as model:
+        closed = trio.socket.socket()  # a port nobody listens on
+        await closed.bind(("127.0.0.1", 0))
+        model.port = closed.getsockname()[1]
+        closed.close()
+        async with running(openai_settings(model)) as url:
+            async with phone_call(url) as caller:
+                await caller.send_silence(100)
+                await caller.closed.wait()
+            samples = await scrape(url)
+    assert value(samples, "mediaserver_model_connect_failures_total") == 1
+    assert value(samples, "mediaserver_model_connect_seconds_count") == 0
+    assert value(samples, "mediaserver_streams_refused_total", reason="no_model_session") == 1
+    assert value(samples, "mediaserver_model_sessions_open") == value(samples, "mediaserver_calls_active") == 0

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from mediaserver.config import Settings
-from mediaserver.metrics import CallTotals
+from mediaserver.metrics import CallTotals, SecondsHistogram
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.errors import ProtocolError
 from mediaserver.protocol.twilio import TwilioStream
@@ -90,6 +90,8 @@ class CallManager:
         self.totals = CallTotals()
         self._live: dict[CallBridge, None] = {}
         self.model_sessions = 0
+        self.model_connect = SecondsHistogram()  # time to open each model session
+        self.model_connect_failures = 0
         self.refused: dict[str, int] = {}
 
     @property
@@ -110,13 +112,23 @@ class CallManager:
 
     @contextlib.asynccontextmanager
     async def _session(self, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
-        """``open_link``, counted in :attr:`model_sessions` from opened until its close has returned."""
+        """``open_link``, counted in :attr:`model_sessions` from opened until its close has returned.
+
+        The time it took to open goes to :attr:`model_connect`; an error
+        before it opened (not a cancellation) to :attr:`model_connect_failures`.
+        """
+        started_s = trio.current_time()
         opened = False
         try:
             async with self._open_link(self.settings, agent) as link:
                 self.model_sessions += 1
                 opened = True
+                self.model_connect.add(trio.current_time() - started_s)
                 yield link
+        except Exception:
+            if not opened:
+                self.model_connect_failures += 1
+            raise
         finally:
             if opened:
                 self.model_sessions -= 1
