@@ -131,24 +131,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except BaseExceptionGroup as group:
-        refused = _first(group, ListenError)
+        refused, rest = group.split(ListenError)
         if refused is None:
             raise
-        print(f"mediaserver: {refused}", file=sys.stderr)
+        if settings.log_format.lower() == "json":
+            log.error("%s", _leaf(refused))
+        else:
+            print(f"mediaserver: {_leaf(refused)}", file=sys.stderr)
+        if rest is not None:  # anything else that went wrong at the same time is not hidden
+            raise rest from None
         return 2
     return 0
 
 
-def _first(group: BaseExceptionGroup[BaseException], kind: type[BaseException]) -> BaseException | None:
-    """The first ``kind`` exception anywhere in ``group`` (nurseries nest their groups)."""
-    for exc in group.exceptions:
-        if isinstance(exc, kind):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = _first(exc, kind)
-            if found is not None:
-                return found
-    return None
+def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception that is not a group (nurseries nest their groups)."""
+    first = group.exceptions[0]
+    return _leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ class Settings:
     max_call_s: float = _env_field("MEDIASERVER_MAX_CALL_S", 3600.0, "hard limit on a call's length")
     connect_timeout_s: float = _env_field("MEDIASERVER_CONNECT_TIMEOUT_S", 10.0, "model WebSocket connect limit")
     drain_s: float = _env_field("MEDIASERVER_DRAIN_S", 10.0, "graceful shutdown: how long live calls may finish")
-    log_level: str = _env_field("MEDIASERVER_LOG_LEVEL", "INFO", "DEBUG | INFO | WARNING | ERROR")
+    log_level: str = _env_field("MEDIASERVER_LOG_LEVEL", "INFO", "DEBUG | INFO | WARNING | ERROR | CRITICAL")
     log_format: str = _env_field("MEDIASERVER_LOG_FORMAT", "text", "text | json (one JSON object per line)")
 
     @property
@@ -194,7 +194,7 @@ class Settings:
                 raise ConfigError(f"MEDIASERVER_TRANSFER_NUMBERS: {exc}") from None
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"MEDIASERVER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
-        if self.log_format not in LOG_FORMATS:
+        if self.log_format.lower() not in LOG_FORMATS:
             raise ConfigError(f"MEDIASERVER_LOG_FORMAT must be text or json, not {self.log_format!r}")
         for name in ("stream_timeout_s", "idle_timeout_s", "max_call_s", "connect_timeout_s", "drain_s", "tool_timeout_s"):
             if getattr(self, name) <= 0:

@@ -3,7 +3,7 @@
 JSON is for log pipelines (Loki, Datadog, CloudWatch, Elastic): each line
 is an object with ``time`` (UTC, ISO 8601, milliseconds), ``level``,
 ``logger`` and ``message``; ``call_sid`` when the line is about a call
-(every call's lines start ``call CA…:``, see README Logs), and
+(every call's lines start ``call CA…:`` or ``outbound call CA…:``), and
 ``exception`` with the traceback when one was logged.
 """
 
@@ -17,11 +17,11 @@ from datetime import datetime, timezone
 
 __all__ = ["FORMATS", "LEVELS", "JsonFormatter", "configure"]
 
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-_CALL = re.compile(r"call (CA[0-9a-fA-F]{32})\b")
+_CALL = re.compile(r"(?:outbound )?call (CA[0-9a-fA-F]{32})\b")  # the call lines: "call CA…: …", "outbound call CA…: …"
 
 
 class JsonFormatter(logging.Formatter):
@@ -50,5 +50,5 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str, fmt: str) -> None:
     """Send every log record at ``level`` or above to stderr, as text or JSON lines (values from Settings.validated)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt.lower() == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import gc
 import itertools
 import os
@@ -152,6 +153,13 @@ class ProcessStats:
     gc: tuple[tuple[int, int, int], ...] = ()  # per generation: collections, collected, uncollectable
 
 
+@functools.cache
+def _boot_time_s() -> int:
+    """When the machine booted (Unix time, /proc/stat's btime): read once, it does not change."""
+    with open("/proc/stat", "rb") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+
+
 def process_stats(fallback_start_s: float) -> ProcessStats:
     """This process now (``fallback_start_s``: the start time to give where /proc cannot say)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -159,10 +167,7 @@ def process_stats(fallback_start_s: float) -> ProcessStats:
     try:
         with open("/proc/self/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()  # (after the command name, which may hold spaces)
-        with open("/proc/stat", "rb") as f:
-            boot_s = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-        ticks = os.sysconf("SC_CLK_TCK")
-        start_s = boot_s + int(fields[19]) / ticks  # stat field 22: starttime, in clock ticks after boot
+        start_s = _boot_time_s() + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # stat field 22: starttime, in ticks after boot
         resident = int(fields[21]) * resource.getpagesize()  # stat field 24: rss, in pages
         fds = len(os.listdir("/proc/self/fd"))
     except (OSError, ValueError, IndexError, StopIteration):

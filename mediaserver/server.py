@@ -44,16 +44,19 @@ class ListenError(OSError):
     """The configured host and port cannot be listened on (in use, no such address, not allowed)."""
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A bound, non-blocking TCP socket for ``host``:``port`` (as Hypercorn's ``create_sockets``, closed on failure)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (MEDIASERVER_HOST / MEDIASERVER_PORT)") from exc
+def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening, non-blocking TCP socket on ``host``:``port``, bound as Hypercorn binds; ListenError if it cannot be had.
+
+    IPv6 when the host has a ``:`` (``::``, ``[::1]``), else IPv4 (a name
+    such as ``localhost`` resolves to its IPv4 address; ``""`` is every
+    interface).  The socket is closed again when binding or listening fails.
+    """
+    address = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        sock.bind((address, port))
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -134,8 +137,7 @@ async def _serve(
         await nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as connections:
-            sock = listen_socket(settings.host, settings.port)  # (config.bind's one address; ListenError if it cannot be had)
-            sock.listen(config.backlog)
+            sock = listen_socket(settings.host, settings.port, config.backlog)  # (config.bind's one address)
             listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
             bind = f"http://{repr_socket_addr(sock.family, sock.getsockname())}"
             await config.log.info(f"Running on {bind} (CTRL + C to quit)")

@@ -45,7 +45,7 @@ def test_config_reads_environment_and_overrides_win() -> None:
         ({"MEDIASERVER_INSTANCE_URL": "wss://a.example.com"}, "MEDIASERVER_INSTANCE_URL must be https://host"),
         ({"MEDIASERVER_INSTANCE_URL": "https://a.example.com/?x=1"}, "MEDIASERVER_INSTANCE_URL must not have a query"),
         ({"MEDIASERVER_INSTANCE_URL": "https://a.example.com:port"}, "MEDIASERVER_INSTANCE_URL is malformed"),
-        ({"MEDIASERVER_LOG_LEVEL": "verbose"}, "MEDIASERVER_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
+        ({"MEDIASERVER_LOG_LEVEL": "verbose"}, "MEDIASERVER_LOG_LEVEL must be one of DEBUG, INFO, WARNING, WARN, ERROR, CRITICAL"),
         ({"MEDIASERVER_LOG_FORMAT": "xml"}, "MEDIASERVER_LOG_FORMAT must be text or json"),
     ],
 )
@@ -96,6 +96,8 @@ def test_config_cli_a_bad_log_level_is_a_configuration_error_not_a_traceback(
     assert main(["serve", "--env-file", "/nonexistent/.env", "--log-level", "verbose"]) == 2
     assert "MEDIASERVER_LOG_LEVEL must be one of" in capsys.readouterr().err
     assert Settings.from_env({"MEDIASERVER_LOG_LEVEL": "debug", "MEDIASERVER_LOG_FORMAT": "json"}).log_format == "json"
+    for level in ("warn", "CRITICAL", "Error"):
+        assert Settings.from_env({"MEDIASERVER_LOG_LEVEL": level, "MEDIASERVER_LOG_FORMAT": "JSON"}).log_level == level
 
 
 def test_readme_documents_every_setting() -> None:
@@ -153,3 +155,24 @@ def test_serve_on_a_port_in_use_says_so_and_exits_2(
     err = capsys.readouterr().err
     assert f"mediaserver: cannot listen on 127.0.0.1:{port}: Address already in use" in err
     assert "Traceback" not in err
+
+
+def test_serve_binds_hosts_as_hypercorn_did() -> None:
+    """IPv4 unless the host has a ':' (brackets allowed), a name resolves to IPv4, "" is every interface."""
+    import socket
+
+    from mediaserver.server import ListenError, listen_socket
+
+    for host, family, address in (("127.0.0.1", socket.AF_INET, "127.0.0.1"), ("localhost", socket.AF_INET, "127.0.0.1"),
+                                  ("", socket.AF_INET, "0.0.0.0")):
+        with listen_socket(host, 0, 8) as sock:
+            assert (sock.family, sock.getsockname()[0]) == (family, address)
+            assert not sock.getblocking()
+    if socket.has_ipv6:
+        try:
+            with listen_socket("[::1]", 0, 8) as sock:
+                assert (sock.family, sock.getsockname()[0]) == (socket.AF_INET6, "::1")
+        except ListenError as exc:  # a machine without IPv6 on loopback
+            assert "cannot listen on [::1]:0" in str(exc)
+    with pytest.raises(ListenError, match="cannot listen on no-such-host.invalid:0"):
+        listen_socket("no-such-host.invalid", 0, 8)

@@ -8,9 +8,10 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -47,20 +48,12 @@ def test_other_lines_have_no_call_sid_and_tracebacks_are_kept() -> None:
     failed = json.loads(JsonFormatter().format(record("call %s: failed", SID, exc=True)))
     assert failed["call_sid"] == SID
     assert failed["exception"].startswith("Traceback") and "ValueError: the model said no" in failed["exception"]
+    outbound = json.loads(JsonFormatter().format(record("outbound call %s: answered by %s", SID, "+15550001111")))
+    assert outbound["call_sid"] == SID
     unicode = json.loads(JsonFormatter().format(record("tool said: %s", "ça marche \u2713")))
     assert unicode["message"] == "tool said: ça marche \u2713"
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_configure_writes_the_chosen_format_to_stderr_at_the_level(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
     configure("warning", fmt)
@@ -75,6 +68,16 @@ def test_configure_writes_the_chosen_format_to_stderr_at_the_level(fmt: str, cap
         assert lines[0].endswith(f"WARNING mediaserver.test: call {SID}: shown")
 
 
+def _lines(stream: IO[str], count: int, timeout_s: float) -> list[str]:
+    """The next ``count`` lines of a pipe, failing (not hanging) if they do not come in time."""
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.extend(stream.readline() for _ in range(count)), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    assert not reader.is_alive(), f"the server wrote {got!r} in {timeout_s} s, expected {count} lines"
+    return got
+
+
 def test_the_server_logs_json_lines_from_its_first_line(tmp_path: Path) -> None:
     with socket.socket() as probe:  # a free port (the server refuses port 0)
         probe.bind(("127.0.0.1", 0))
@@ -87,10 +90,27 @@ def test_the_server_logs_json_lines_from_its_first_line(tmp_path: Path) -> None:
     ) as proc:
         try:
             assert proc.stderr is not None
-            lines = [proc.stderr.readline() for _ in range(2)]
+            lines = _lines(proc.stderr, 2, timeout_s=30)
         finally:
             proc.terminate()
             proc.wait(timeout=10)
     first = json.loads(lines[0])
     assert first["level"] == "WARNING" and "DEVELOPMENT MODE" in first["message"]
     assert json.loads(lines[1])["logger"].startswith("mediaserver")
+
+
+def test_in_json_mode_a_port_in_use_is_a_json_line_too(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIASERVER_", "TWILIO_"))}
+        env.update(MEDIASERVER_DATA_DIR=str(tmp_path), MEDIASERVER_LOG_FORMAT="json")
+        proc = subprocess.run(
+            [sys.executable, "-m", "mediaserver", "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", "/nonexistent"],
+            capture_output=True, text=True, env=env, timeout=60, check=False,
+        )
+    assert proc.returncode == 2
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]  # every line is JSON, the error too
+    assert lines[-1]["level"] == "ERROR"
+    assert lines[-1]["message"].startswith(f"cannot listen on 127.0.0.1:{port}: Address already in use")
