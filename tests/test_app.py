@@ -121,6 +121,14 @@ async def phone_call(
             yield caller
 
 
+async def point_at_a_closed_port(model: FakeOpenAIServer) -> None:
+    """Make the server's model URL a port nobody listens on (connections are refused)."""
+    closed = trio.socket.socket()
+    await closed.bind(("127.0.0.1", 0))
+    model.port = closed.getsockname()[1]
+    closed.close()
+
+
 def call_log(caplog: pytest.LogCaptureFixture, call_sid: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name.startswith("mediaserver") and call_sid in r.getMessage()]
 
@@ -569,10 +577,7 @@ async def test_app_unreachable_model_hangs_up_the_call(
     tls = server_context(certificate) if failure == "untrusted-certificate" else None  # and SSL_CERT_FILE not set
     async with fake_openai(reject_with=401 if failure == "http-401" else None, tls=tls) as model:
         if failure == "refused":
-            closed = trio.socket.socket()  # a port nobody listens on
-            await closed.bind(("127.0.0.1", 0))
-            model.port = closed.getsockname()[1]
-            closed.close()
+            await point_at_a_closed_port(model)
         async with running(openai_settings(model)) as url:
             async with phone_call(url) as caller:
                 await caller.send_silence(100)

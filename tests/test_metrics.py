@@ -43,7 +43,7 @@ from tests.fakes import (
     turn_script,
     twilio_signature,
 )
-from tests.test_app import AUTH_TOKEN, CALL_A, fake_openai, openai_settings, phone_call, running
+from tests.test_app import AUTH_TOKEN, CALL_A, fake_openai, openai_settings, phone_call, point_at_a_closed_port, running
 
 GAUGES = Gauges(
     active_calls=0,
@@ -347,10 +347,7 @@ async def test_app_metrics_count_refused_streams_and_the_sessions_they_leave_ope
 @fail_after(20)
 async def test_app_metrics_count_a_model_session_that_could_not_be_opened() -> None:
     async with fake_openai() as model:
-        closed = trio.socket.socket()  # a port nobody listens on
-        await closed.bind(("127.0.0.1", 0))
-        model.port = closed.getsockname()[1]
-        closed.close()
+        await point_at_a_closed_port(model)
         async with running(openai_settings(model)) as url:
             async with phone_call(url) as caller:
                 await caller.send_silence(100)
