@@ -15,18 +15,16 @@ whatever the traffic.  The list is in the README (Monitoring).
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 import gc
-import itertools
 import os
 import resource
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mediaserver import __version__
-from mediaserver.bridge.stats import CallStats, LatencyHistogram
+from mediaserver.bridge.stats import REPLY_EDGES_S, CallStats, LatencyHistogram, SecondsHistogram
 from mediaserver.codec import JitterStats
 
 __all__ = [
@@ -35,7 +33,6 @@ __all__ = [
     "CallTotals",
     "Gauges",
     "ProcessStats",
-    "SecondsHistogram",
     "end_kind",
     "process_stats",
     "render",
@@ -91,6 +88,7 @@ class CallTotals:
     truncations: int = 0
     uplink: LatencyHistogram = field(default_factory=LatencyHistogram)
     downlink: LatencyHistogram = field(default_factory=LatencyHistogram)
+    reply: SecondsHistogram = field(default_factory=lambda: SecondsHistogram(REPLY_EDGES_S))
 
     def add_call(self, stats: CallStats, jitter: JitterStats, seconds: float) -> None:
         """Add one call's counts: one that ended, or a live one in a scrape's copy."""
@@ -104,6 +102,7 @@ class CallTotals:
         self.truncations += stats.truncations
         self.uplink.merge(stats.uplink)
         self.downlink.merge(stats.downlink)
+        self.reply.merge(stats.reply)
 
     def end(self, reason: str) -> None:
         """Count one call that ended, by its end reason (``"running"``: it was cancelled)."""
@@ -111,34 +110,14 @@ class CallTotals:
         self.ended[kind] = self.ended.get(kind, 0) + 1
 
     def copy(self) -> CallTotals:
-        twin = dataclasses.replace(self, ended=dict(self.ended), uplink=LatencyHistogram(), downlink=LatencyHistogram())
+        twin = dataclasses.replace(
+            self, ended=dict(self.ended), uplink=LatencyHistogram(), downlink=LatencyHistogram(),
+            reply=SecondsHistogram(REPLY_EDGES_S),
+        )
         twin.uplink.merge(self.uplink)
         twin.downlink.merge(self.downlink)
+        twin.reply.merge(self.reply)
         return twin
-
-
-class SecondsHistogram:
-    """Counts of durations at or below each of ``edges`` (a Prometheus histogram's buckets), their sum and count."""
-
-    def __init__(self, edges: tuple[float, ...] = CONNECT_EDGES_S) -> None:
-        if list(edges) != sorted(set(edges)):
-            raise ValueError("histogram edges must be ascending and distinct")
-        self.edges = edges
-        self.buckets = [0] * len(edges)  # not cumulative: bucket i holds edges[i-1] < s <= edges[i]
-        self.count = 0
-        self.total_s = 0.0
-
-    def add(self, seconds: float) -> None:
-        seconds = max(seconds, 0.0)
-        self.count += 1
-        self.total_s += seconds
-        at = bisect.bisect_left(self.edges, seconds)
-        if at < len(self.buckets):
-            self.buckets[at] += 1
-
-    def cumulative(self) -> list[int]:
-        """Samples at or below each edge."""
-        return list(itertools.accumulate(self.buckets))
 
 
 @dataclass(frozen=True)
@@ -226,6 +205,15 @@ class _Writer:
             self.lines.append(f"{name}_sum{{{label}}} {hist.total_s!r}")
             self.lines.append(f"{name}_count{{{label}}} {hist.count}")
 
+    def seconds_histogram(self, name: str, help_: str, hist: SecondsHistogram) -> None:
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for edge, count in zip(hist.edges, hist.cumulative()):
+            self.lines.append(f'{name}_bucket{{le="{edge!r}"}} {count}')
+        self.lines.append(f'{name}_bucket{{le="+Inf"}} {hist.count}')
+        self.lines.append(f"{name}_sum {hist.total_s!r}")
+        self.lines.append(f"{name}_count {hist.count}")
+
 
 def render(totals: CallTotals, refused: Mapping[str, int], gauges: Gauges) -> str:
     """Prometheus text exposition (format 0.0.4) of ``totals`` (calls ended and running), refusals and gauges."""
@@ -283,16 +271,17 @@ def render(totals: CallTotals, refused: Mapping[str, int], gauges: Gauges) -> st
         "Latency the bridge adds: a caller frame in until the model has it (up), a model delta in until Twilio has it (down).",
         [('direction="up"', totals.uplink), ('direction="down"', totals.downlink)],
     )
+    w.seconds_histogram(
+        "mediaserver_reply_latency_seconds",
+        "From the model's 'the caller stopped speaking' to the first audio of its reply on Twilio's socket.",
+        totals.reply,
+    )
     if gauges.model_connect is not None:
-        connect = gauges.model_connect
-        name = "mediaserver_model_connect_seconds"
-        w.lines.append(f"# HELP {name} Time to open a model session: connect, TLS, WebSocket and the session's own handshake.")
-        w.lines.append(f"# TYPE {name} histogram")
-        for edge, count in zip(connect.edges, connect.cumulative()):
-            w.lines.append(f'{name}_bucket{{le="{edge!r}"}} {count}')
-        w.lines.append(f'{name}_bucket{{le="+Inf"}} {connect.count}')
-        w.lines.append(f"{name}_sum {connect.total_s!r}")
-        w.lines.append(f"{name}_count {connect.count}")
+        w.seconds_histogram(
+            "mediaserver_model_connect_seconds",
+            "Time to open a model session: connect, TLS, WebSocket and the session's own handshake.",
+            gauges.model_connect,
+        )
     w.metric(
         "mediaserver_model_connect_failures_total",
         "counter",

@@ -17,16 +17,16 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from mediaserver.bridge.stats import CallStats, LatencyHistogram
+from mediaserver.bridge.stats import REPLY_EDGES_S, CallStats, LatencyHistogram, SecondsHistogram
 from mediaserver.codec import JitterStats
 from mediaserver.metrics import (
+    CONNECT_EDGES_S,
     END_KINDS,
     LATENCY_EDGES_S,
     REFUSALS,
     CallTotals,
     Gauges,
     ProcessStats,
-    SecondsHistogram,
     end_kind,
     process_stats,
     render,
@@ -43,7 +43,16 @@ from tests.fakes import (
     turn_script,
     twilio_signature,
 )
-from tests.test_app import AUTH_TOKEN, CALL_A, fake_openai, openai_settings, phone_call, point_at_a_closed_port, running
+from tests.test_app import (
+    AUTH_TOKEN,
+    CALL_A,
+    base_settings,
+    fake_openai,
+    openai_settings,
+    phone_call,
+    point_at_a_closed_port,
+    running,
+)
 
 GAUGES = Gauges(
     active_calls=0,
@@ -80,6 +89,7 @@ def one_call(frames_in: int, latencies: list[float]) -> tuple[CallStats, JitterS
     for seconds in latencies:
         stats.uplink.add(seconds)
     stats.downlink.add(0.0004)
+    stats.reply.add(0.6)
     return stats, JitterStats(frames_in, frames_in, 1, 2, 5, 0, 0, 0)
 
 
@@ -153,6 +163,10 @@ def test_totals_render_as_counted() -> None:
     assert value(samples, "mediaserver_bridge_latency_seconds_count", direction="up") == 10
     assert value(samples, "mediaserver_bridge_latency_seconds_sum", direction="up") == pytest.approx(2 * 0.51625)
     assert value(samples, "mediaserver_bridge_latency_seconds_count", direction="down") == 2
+    assert value(samples, "mediaserver_reply_latency_seconds_bucket", le="0.5") == 0
+    assert value(samples, "mediaserver_reply_latency_seconds_bucket", le="0.75") == 2
+    assert value(samples, "mediaserver_reply_latency_seconds_count") == 2
+    assert value(samples, "mediaserver_reply_latency_seconds_sum") == pytest.approx(1.2)
 
 
 def test_the_process_renders_under_prometheus_client_s_names() -> None:
@@ -190,7 +204,7 @@ def test_process_stats_read_this_process() -> None:
 
 
 def test_model_connect_times_are_a_histogram_at_or_below_each_bound() -> None:
-    connect = SecondsHistogram()
+    connect = SecondsHistogram(CONNECT_EDGES_S)
     for seconds in (0.01, 0.05, 0.051, 0.3, 2.5, 30.0, -1.0):
         connect.add(seconds)
     assert connect.cumulative() == [3, 4, 4, 5, 5, 6, 6, 6]  # 0.05 counts at le=0.05 (-1 counts as 0); 30 s above all
@@ -203,6 +217,12 @@ def test_model_connect_times_are_a_histogram_at_or_below_each_bound() -> None:
     assert value(samples, "mediaserver_model_connect_failures_total") == 4
     with pytest.raises(ValueError, match="ascending"):
         SecondsHistogram((1.0, 0.5))
+    other = SecondsHistogram(CONNECT_EDGES_S)
+    other.add(0.07)
+    connect.merge(other)
+    assert connect.cumulative()[:2] == [3, 5] and connect.count == 8
+    with pytest.raises(ValueError, match="same edges"):
+        connect.merge(SecondsHistogram(REPLY_EDGES_S))
 
 
 def test_a_copy_of_the_totals_is_its_own() -> None:
@@ -357,3 +377,25 @@ async def test_app_metrics_count_a_model_session_that_could_not_be_opened() -> N
     assert value(samples, "mediaserver_model_connect_seconds_count") == 0
     assert value(samples, "mediaserver_streams_refused_total", reason="no_model_session") == 1
     assert value(samples, "mediaserver_model_sessions_open") == value(samples, "mediaserver_calls_active") == 0
+
+
+@fail_after(20)
+async def test_app_metrics_time_the_echo_agent_s_reply() -> None:
+    """The echo agent says when the caller stopped (SpeechStopped) and then plays the utterance back: one reply."""
+    burst = to_ulaw(tone(1000, 400, amplitude=0.5))
+    async with running(base_settings()) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(300)
+            await caller.send_audio(burst)
+            await caller.send_silence(600)
+            await caller.wait_for_audio(len(burst))
+            await caller.wait_quiet(0.3)
+            await caller.stop()
+            await caller.closed.wait()
+        with trio.fail_after(5):
+            while value(samples := await scrape(url), "mediaserver_calls_active"):
+                await trio.sleep(0.02)
+    assert value(samples, "mediaserver_reply_latency_seconds_count") == 1
+    # the echo agent replies as soon as it hears the end of speech: well under the first bound
+    assert 0 <= value(samples, "mediaserver_reply_latency_seconds_sum") < 0.25
+    assert value(samples, "mediaserver_reply_latency_seconds_bucket", le="0.25") == 1

@@ -254,6 +254,7 @@ class CallBridge:
         self._changed = trio.Event()  # set (and replaced) whenever playback or response state may have moved
         self._watchers = 0  # tasks waiting on _changed (no one, most of the time)
         self._last_heard_s = 0.0  # when Twilio last sent anything (the idle watchdog reads it)
+        self._speech_stopped_s: float | None = None  # the provider's last SpeechStopped not yet answered with audio
         self._now = trio.lowlevel.current_clock().current_time  # trio.current_time() without its wrappers
         self._response_open = False
         self._ending = False
@@ -560,7 +561,10 @@ class CallBridge:
             if event.item_id not in self._interrupted:
                 self._flush_pending(event.item_id)
         elif isinstance(event, pv.SpeechStarted):
+            self._speech_stopped_s = None  # the caller goes on: the reply latency counts from their next stop
             return _BARGE
+        elif isinstance(event, pv.SpeechStopped):
+            self._speech_stopped_s = self._now()
         elif isinstance(event, pv.ProviderError):
             if event.fatal:
                 log.error("call %s: %s error (fatal): %s", self.stats.call_sid, self.link.name, event.message)
@@ -818,6 +822,9 @@ class CallBridge:
     def _chunk_sent(self, chunk: _Chunk, slot_s: float, now: float) -> None:
         stats = self.stats
         stats.frames_out += 1
+        if self._speech_stopped_s is not None:  # the first audio of the reply to what the caller said
+            stats.reply.add(self._now() - self._speech_stopped_s)
+            self._speech_stopped_s = None
         # bridge-added latency: from when the audio arrived, or when the
         # lead allowed it out, to when it was on Twilio's socket
         stats.downlink.add(self._now() - max(chunk.received_s, slot_s))

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from mediaserver.config import Settings
-from mediaserver.metrics import CallTotals, SecondsHistogram
+from mediaserver.bridge.stats import SecondsHistogram
+from mediaserver.metrics import CONNECT_EDGES_S, CallTotals
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.errors import ProtocolError
 from mediaserver.protocol.twilio import TwilioStream
@@ -90,7 +91,7 @@ class CallManager:
         self.totals = CallTotals()
         self._live: dict[CallBridge, None] = {}
         self.model_sessions = 0
-        self.model_connect = SecondsHistogram()  # time to open each model session
+        self.model_connect = SecondsHistogram(CONNECT_EDGES_S)  # time to open each model session
         self.model_connect_failures = 0
         self.refused: dict[str, int] = {}
 

@@ -289,6 +289,38 @@ async def test_call_speech_while_silent_is_not_a_barge_in(autojump_clock: trio.t
         assert call.bridge.stats.barge_ins == 0
 
 
+@fail_after(60)
+async def test_call_reply_latency_runs_from_speech_stopped_to_the_reply_s_first_chunk(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.AudioDelta("greeting", audio(80)), pv.AudioDone("greeting"))  # no stop before it: not a reply
+        await trio.sleep(1.0)
+        link.emit(pv.SpeechStarted(None, None), pv.SpeechStopped(None, None))
+        await trio.sleep(0.7)  # the model thinks for 700 ms
+        link.emit(pv.AudioDelta("reply_1", audio(200)), pv.AudioDone("reply_1"))
+        await trio.sleep(1.0)
+        # The caller speaks, stops, speaks again and stops: only the last stop counts.
+        link.emit(pv.SpeechStarted(None, None), pv.SpeechStopped(None, None))
+        await trio.sleep(0.3)
+        link.emit(pv.SpeechStarted(None, None))
+        await trio.sleep(0.5)
+        link.emit(pv.SpeechStopped(None, None))
+        await trio.sleep(1.25)
+        link.emit(pv.AudioDelta("reply_2", audio(80)), pv.AudioDone("reply_2"))
+        await call.caller.wait_for_audio(len(audio(80)) + len(audio(200)) + len(audio(80)))
+        # A stop followed by more speech, and audio before the next stop: no reply to time.
+        link.emit(pv.SpeechStopped(None, None), pv.SpeechStarted(None, None))
+        await trio.sleep(0.4)
+        link.emit(pv.AudioDelta("reply_3", audio(40)), pv.AudioDone("reply_3"))
+        await call.caller.wait_for_audio(len(audio(80)) + len(audio(200)) + len(audio(80)) + len(audio(40)))
+        reply = call.bridge.stats.reply
+        assert reply.count == 2  # one sample per reply, not per chunk
+        assert reply.total_s == pytest.approx(0.7 + 1.25, abs=EXACT)
+        assert reply.cumulative()[:4] == [0, 0, 1, 1]  # 0.7 s at or below 0.75; 1.25 s above 1.0
+
+
 # --------------------------------------------------------------------- uplink
 
 
