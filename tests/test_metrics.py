@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import math
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ from tests.test_app import (
     AUTH_TOKEN,
     CALL_A,
     base_settings,
+    call_log,
     fake_openai,
     openai_settings,
     phone_call,
@@ -380,8 +382,9 @@ async def test_app_metrics_count_a_model_session_that_could_not_be_opened() -> N
 
 
 @fail_after(20)
-async def test_app_metrics_time_the_echo_agent_s_reply() -> None:
+async def test_app_metrics_time_the_echo_agent_s_reply(caplog: pytest.LogCaptureFixture) -> None:
     """The echo agent says when the caller stopped (SpeechStopped) and then plays the utterance back: one reply."""
+    caplog.set_level(logging.INFO, logger="mediaserver")
     burst = to_ulaw(tone(1000, 400, amplitude=0.5))
     async with running(base_settings()) as url:
         async with phone_call(url) as caller:
@@ -399,3 +402,6 @@ async def test_app_metrics_time_the_echo_agent_s_reply() -> None:
     # the echo agent replies as soon as it hears the end of speech: well under the first bound
     assert 0 <= value(samples, "mediaserver_reply_latency_seconds_sum") < 0.25
     assert value(samples, "mediaserver_reply_latency_seconds_bucket", le="0.25") == 1
+    # and the call's end line says the same
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    assert "; replies 1, waited mean 0." in ended

@@ -311,7 +311,7 @@ class CallManager:
             jit = bridge.jitter.stats
             log.info(
                 "call %s: ended (%s) after %.1f s; frames in %d, to model %d, out %d; gaps filled %d, "
-                "late/duplicate %d; barge-ins %d; bridge latency up %s, down %s",
+                "late/duplicate %d; barge-ins %d; bridge latency up %s, down %s; %s",
                 st.call_sid,
                 bridge.end_reason if bridge.end_reason != "running" else "cancelled: Twilio disconnected or shutdown",
                 trio.current_time() - st.started_s,
@@ -323,6 +323,9 @@ class CallManager:
                 st.barge_ins,
                 st.uplink.summary_ms(),
                 st.downlink.summary_ms(),
+                f"replies {st.reply.count}, waited mean {st.reply.total_s / st.reply.count:.2f} s, max {st.reply.max_s:.2f} s"
+                if st.reply.count
+                else "no timed replies",
             )
 
 

@@ -25,11 +25,13 @@ class SecondsHistogram:
         self.buckets = [0] * len(edges)  # not cumulative: bucket i holds edges[i-1] < s <= edges[i]
         self.count = 0
         self.total_s = 0.0
+        self.max_s = 0.0
 
     def add(self, seconds: float) -> None:
         seconds = max(seconds, 0.0)
         self.count += 1
         self.total_s += seconds
+        self.max_s = max(self.max_s, seconds)
         at = bisect.bisect_left(self.edges, seconds)
         if at < len(self.buckets):
             self.buckets[at] += 1
@@ -41,6 +43,7 @@ class SecondsHistogram:
         self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
         self.count += other.count
         self.total_s += other.total_s
+        self.max_s = max(self.max_s, other.max_s)
 
     def cumulative(self) -> list[int]:
         """Samples at or below each edge."""

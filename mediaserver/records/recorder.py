@@ -238,6 +238,9 @@ class Recorder:
             if histogram.count:
                 latency[f"{name}_p50"] = round(histogram.quantile(0.5) * 1e3, 3)
                 latency[f"{name}_p99"] = round(histogram.quantile(0.99) * 1e3, 3)
+        if stats.reply.count:  # how long the caller waited for the agent's answers
+            latency["reply_mean"] = round(stats.reply.total_s / stats.reply.count * 1e3, 1)
+            latency["reply_max"] = round(stats.reply.max_s * 1e3, 1)
         snapshot = replace(
             record,
             barge_ins=stats.barge_ins,

@@ -155,6 +155,8 @@ async def test_recorder_records_a_call_from_webhook_to_end(records_settings: Cal
         stats.barge_ins = 1
         stats.tool_calls.append("lookup")
         stats.uplink.add(0.0001)
+        stats.reply.add(0.5)
+        stats.reply.add(1.0)
         live = await recorder.get("CAin")  # a live call: as it stands now
         assert live is not None and live.status == "in-progress" and len(live.turns) == 2
         recorder.call_ended("CAin", stats, "twilio sent stop")
@@ -171,7 +173,9 @@ async def test_recorder_records_a_call_from_webhook_to_end(records_settings: Cal
     assert record.started_at == "2026-11-21T08:00:02+00:00" and record.ended_at == "2026-11-21T08:00:03+00:00"
     assert (record.stream_sid, record.account_sid, record.provider) == ("MZin", ACCOUNT, "fake")
     assert record.barge_ins == 1 and record.tool_calls == ["lookup"]
-    assert set(record.latency_ms) == {"uplink_p50", "uplink_p99"} and record.latency_ms["uplink_p50"] == 0.1  # one 0.1 ms sample
+    assert set(record.latency_ms) == {"uplink_p50", "uplink_p99", "reply_mean", "reply_max"}
+    assert record.latency_ms["uplink_p50"] == 0.1  # one 0.1 ms sample
+    assert (record.latency_ms["reply_mean"], record.latency_ms["reply_max"]) == (750.0, 1000.0)
     assert record.turns == [
         Turn("user", "Hello?", 0.5),
         Turn("assistant", "Hi, how", 1.0, interrupted=True, heard_ms=500),  # 25 % of 29 characters
