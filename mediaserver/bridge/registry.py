@@ -323,7 +323,7 @@ class CallManager:
                 st.barge_ins,
                 st.uplink.summary_ms(),
                 st.downlink.summary_ms(),
-                f"replies {st.reply.count}, waited mean {st.reply.total_s / st.reply.count:.2f} s, max {st.reply.max_s:.2f} s"
+                f"replies {st.reply.count}, waited mean {st.reply.total_s / st.reply.count * 1e3:.0f} ms, max {st.reply.max_s * 1e3:.0f} ms"
                 if st.reply.count
                 else "no timed replies",
             )
