@@ -236,8 +236,8 @@ def test_a_copy_of_the_totals_is_its_own() -> None:
     twin = totals.copy()
     twin.add_call(stats, jitter, 1.0)
     twin.end("twilio sent stop")
-    assert (totals.frames_in, totals.uplink.count, totals.ended) == (10, 1, {"twilio_stop": 1})
-    assert (twin.frames_in, twin.uplink.count, twin.ended) == (20, 2, {"twilio_stop": 2})
+    assert (totals.frames_in, totals.uplink.count, totals.reply.count, totals.ended) == (10, 1, 1, {"twilio_stop": 1})
+    assert (twin.frames_in, twin.uplink.count, twin.reply.count, twin.ended) == (20, 2, 2, {"twilio_stop": 2})
 
 
 def test_latency_merge_and_counts_below_match_the_samples() -> None:
@@ -314,6 +314,9 @@ async def test_app_metrics_count_a_call_while_it_runs_and_after_it_ends() -> Non
     assert value(after, "mediaserver_model_connect_seconds_count") == 1  # the session opened at the webhook
     assert 0 < value(after, "mediaserver_model_connect_seconds_sum") < 5
     assert value(after, "mediaserver_model_connect_failures_total") == 0
+    # the reply, timed on the reactor's path (the model over ws://): from speech_stopped to its first chunk
+    assert value(after, "mediaserver_reply_latency_seconds_count") == 1
+    assert 0 <= value(after, "mediaserver_reply_latency_seconds_sum") < 1
     assert value(after, "python_gc_collections_total", generation="0") > 0
     for key, number in live.items():
         if key[0].endswith(("_total", "_count", "_bucket", "_sum")):

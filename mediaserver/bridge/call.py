@@ -254,7 +254,10 @@ class CallBridge:
         self._changed = trio.Event()  # set (and replaced) whenever playback or response state may have moved
         self._watchers = 0  # tasks waiting on _changed (no one, most of the time)
         self._last_heard_s = 0.0  # when Twilio last sent anything (the idle watchdog reads it)
-        self._speech_stopped_s: float | None = None  # the provider's last SpeechStopped not yet answered with audio
+        # Reply latency: when the provider last said the caller stopped speaking (None once answered), and the
+        # items already under way then (generating, queued, pending), whose audio is not the answer.
+        self._speech_stopped_s: float | None = None
+        self._before_stop: frozenset[str | None] = frozenset()
         self._now = trio.lowlevel.current_clock().current_time  # trio.current_time() without its wrappers
         self._response_open = False
         self._ending = False
@@ -309,12 +312,13 @@ class CallBridge:
             return
         await self.stream.send(self.twilio.send(command))
 
-    async def _send_chunk(self, chunk: _Chunk) -> None:
-        """A downlink chunk and the mark after it, in one write (caller holds _send_lock)."""
+    async def _send_chunk(self, chunk: _Chunk) -> bool:
+        """A downlink chunk and the mark after it, in one write (caller holds _send_lock); False if the stream has stopped."""
         if self.twilio.state is not StreamState.STREAMING:
-            return
+            return False
         twilio = self.twilio
         await self.stream.send_many((twilio.send(tw.SendAudio(chunk.payload, item=chunk.item)), twilio.send(tw.SendMark())))
+        return True
 
     # -- uplink ----------------------------------------------------------------
 
@@ -565,6 +569,9 @@ class CallBridge:
             return _BARGE
         elif isinstance(event, pv.SpeechStopped):
             self._speech_stopped_s = self._now()
+            self._before_stop = frozenset(
+                [*self._generating, *(chunk.item for chunk in self._queue), self._pending_item if self._pending else None]
+            )
         elif isinstance(event, pv.ProviderError):
             if event.fatal:
                 log.error("call %s: %s error (fatal): %s", self.stats.call_sid, self.link.name, event.message)
@@ -658,6 +665,8 @@ class CallBridge:
             self._response_open = True
         elif isinstance(event, pv.ResponseDone):
             self._response_open = False
+            if event.status in ("cancelled", "failed"):  # no spoken answer is coming for the last stop
+                self._speech_stopped_s = None
         self._notify()
 
     async def _run_tool(self, call: pv.ToolCall) -> None:
@@ -822,7 +831,8 @@ class CallBridge:
     def _chunk_sent(self, chunk: _Chunk, slot_s: float, now: float) -> None:
         stats = self.stats
         stats.frames_out += 1
-        if self._speech_stopped_s is not None:  # the first audio of the reply to what the caller said
+        if self._speech_stopped_s is not None and chunk.item not in self._before_stop:
+            # the first audio of the answer to what the caller said (tool time included: the caller waits through it)
             stats.reply.add(self._now() - self._speech_stopped_s)
             self._speech_stopped_s = None
         # bridge-added latency: from when the audio arrived, or when the
@@ -878,10 +888,11 @@ class CallBridge:
                 if not self._queue:
                     continue
                 chunk = self._queue.popleft()
-                await self._send_chunk(chunk)
+                sent = await self._send_chunk(chunk)
             finally:
                 lock.release()
-            self._chunk_sent(chunk, slot_s, now)
+            if sent:  # (as _pace_now: a chunk the stopped stream did not take is not counted)
+                self._chunk_sent(chunk, slot_s, now)
 
     async def _barge_in(self) -> None:
         """The caller started talking: stop the agent now, cut its reply at what was heard."""

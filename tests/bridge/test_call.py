@@ -321,6 +321,34 @@ async def test_call_reply_latency_runs_from_speech_stopped_to_the_reply_s_first_
         assert reply.cumulative()[:4] == [0, 0, 1, 1]  # 0.7 s at or below 0.75; 1.25 s above 1.0
 
 
+@fail_after(60)
+async def test_call_reply_latency_skips_a_reply_already_under_way_and_a_cancelled_response(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        # The caller talks while a tool's answer starts (after the barge-in, so it is not interrupted) ...
+        link.emit(pv.SpeechStarted(None, None))
+        await trio.sleep(0.2)
+        link.emit(pv.AudioDelta("tool_answer", audio(400)))
+        await trio.sleep(0.3)
+        link.emit(pv.SpeechStopped(None, None))  # ... and stops: that answer was under way, not the reply
+        await trio.sleep(0.2)
+        link.emit(pv.AudioDelta("tool_answer", audio(400)), pv.AudioDone("tool_answer"))
+        await trio.sleep(0.6)
+        link.emit(pv.AudioDelta("reply", audio(80)), pv.AudioDone("reply"))
+        await call.caller.wait_for_audio(len(audio(880)))
+        assert call.bridge.stats.reply.count == 1
+        assert call.bridge.stats.reply.total_s == pytest.approx(0.8, abs=EXACT)  # from the stop to "reply"
+        # A stop whose response is cancelled leaves nothing to time: later audio is not its reply.
+        link.emit(pv.SpeechStarted(None, None), pv.SpeechStopped(None, None))
+        link.emit(pv.ResponseStarted("resp_x"), pv.ResponseDone("resp_x", "cancelled", "turn_detected"))
+        await trio.sleep(2.0)
+        link.emit(pv.AudioDelta("later", audio(80)), pv.AudioDone("later"))
+        await call.caller.wait_for_audio(len(audio(960)))
+        assert call.bridge.stats.reply.count == 1
+
+
 # --------------------------------------------------------------------- uplink
 
 
