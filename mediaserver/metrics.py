@@ -20,7 +20,7 @@ import functools
 import gc
 import os
 import resource
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mediaserver import __version__
@@ -195,24 +195,28 @@ class _Writer:
         for labels, value in samples:
             self.lines.append(f"{name}{labels} {_number(value)}")
 
-    def histogram(self, name: str, help_: str, series: Iterable[tuple[str, LatencyHistogram]]) -> None:
+    def histogram(
+        self, name: str, help_: str, series: Iterable[tuple[str, Sequence[float], Sequence[int], int, float]]
+    ) -> None:
+        """Each series: (label, bounds, cumulative counts at them, count, sum); ``label`` "" for none."""
         self.lines.append(f"# HELP {name} {help_}")
         self.lines.append(f"# TYPE {name} histogram")
-        for label, hist in series:
-            for edge, count in zip(LATENCY_EDGES_S, hist.counts_below(LATENCY_EDGES_S)):
-                self.lines.append(f'{name}_bucket{{{label},le="{edge!r}"}} {count}')
-            self.lines.append(f'{name}_bucket{{{label},le="+Inf"}} {hist.count}')
-            self.lines.append(f"{name}_sum{{{label}}} {hist.total_s!r}")
-            self.lines.append(f"{name}_count{{{label}}} {hist.count}")
+        for label, edges, counts, count, total in series:
+            sep = "," if label else ""
+            for edge, at_or_below in zip(edges, counts, strict=True):
+                self.lines.append(f'{name}_bucket{{{label}{sep}le="{edge!r}"}} {at_or_below}')
+            self.lines.append(f'{name}_bucket{{{label}{sep}le="+Inf"}} {count}')
+            braces = f"{{{label}}}" if label else ""
+            self.lines.append(f"{name}_sum{braces} {total!r}")
+            self.lines.append(f"{name}_count{braces} {count}")
 
-    def seconds_histogram(self, name: str, help_: str, hist: SecondsHistogram) -> None:
-        self.lines.append(f"# HELP {name} {help_}")
-        self.lines.append(f"# TYPE {name} histogram")
-        for edge, count in zip(hist.edges, hist.cumulative()):
-            self.lines.append(f'{name}_bucket{{le="{edge!r}"}} {count}')
-        self.lines.append(f'{name}_bucket{{le="+Inf"}} {hist.count}')
-        self.lines.append(f"{name}_sum {hist.total_s!r}")
-        self.lines.append(f"{name}_count {hist.count}")
+
+def _latency(label: str, hist: LatencyHistogram) -> tuple[str, Sequence[float], Sequence[int], int, float]:
+    return label, LATENCY_EDGES_S, hist.counts_below(LATENCY_EDGES_S), hist.count, hist.total_s
+
+
+def _seconds(hist: SecondsHistogram) -> tuple[str, Sequence[float], Sequence[int], int, float]:
+    return "", hist.edges, hist.cumulative(), hist.count, hist.total_s
 
 
 def render(totals: CallTotals, refused: Mapping[str, int], gauges: Gauges) -> str:
@@ -269,18 +273,18 @@ def render(totals: CallTotals, refused: Mapping[str, int], gauges: Gauges) -> st
     w.histogram(
         "mediaserver_bridge_latency_seconds",
         "Latency the bridge adds: a caller frame in until the model has it (up), a model delta in until Twilio has it (down).",
-        [('direction="up"', totals.uplink), ('direction="down"', totals.downlink)],
+        [_latency('direction="up"', totals.uplink), _latency('direction="down"', totals.downlink)],
     )
-    w.seconds_histogram(
+    w.histogram(
         "mediaserver_reply_latency_seconds",
         "From the model's 'the caller stopped speaking' to the first audio of its reply on Twilio's socket.",
-        totals.reply,
+        [_seconds(totals.reply)],
     )
     if gauges.model_connect is not None:
-        w.seconds_histogram(
+        w.histogram(
             "mediaserver_model_connect_seconds",
             "Time to open a model session: connect, TLS, WebSocket and the session's own handshake.",
-            gauges.model_connect,
+            [_seconds(gauges.model_connect)],
         )
     w.metric(
         "mediaserver_model_connect_failures_total",
