@@ -29,7 +29,10 @@ from mediaserver.codec import JitterStats
 
 __all__ = [
     "CONNECT_EDGES_S",
+    "END_KINDS",
+    "FAILED_KINDS",
     "LATENCY_EDGES_S",
+    "REFUSALS",
     "CallTotals",
     "Gauges",
     "ProcessStats",
@@ -60,6 +63,7 @@ _END_KINDS = (
     ("running", "cancelled"),  # no reason set: the server cancelled it (shutdown) or Quart saw the socket go
 )
 END_KINDS = tuple(kind for _, kind in _END_KINDS) + ("other",)
+FAILED_KINDS = frozenset({"provider", "protocol_error", "failed"})  # the ends that mean something broke
 
 # Why a Media Stream was not bridged (``CallManager.refused`` keys): the ``reason`` label.
 REFUSALS = ("no_start", "wrong_account", "no_token", "no_model_session", "cannot_bridge", "too_many_pending")

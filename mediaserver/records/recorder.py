@@ -26,6 +26,7 @@ import trio
 
 from mediaserver.bridge.stats import CallStats
 from mediaserver.config import Settings
+from mediaserver.metrics import FAILED_KINDS, end_kind
 from mediaserver.protocol import twilio_events as tw
 
 from .model import CallRecord
@@ -41,17 +42,16 @@ MAX_EXPECTED = 10_000  # webhook details kept for calls whose stream has not sta
 
 CANCELLED = "cancelled: Twilio disconnected or shutdown"  # as the registry logs a call that never set a reason
 
-# End reasons (CallBridge.end_reason and the registry's) that mean the call failed
-_FAILURES = ("provider", "protocol error", "failed", "cannot bridge", "no model session")
-
-
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
 def end_status(end_reason: str) -> str:
-    """``failed`` when the call ended because something broke, else ``completed``."""
-    return "failed" if end_reason.startswith(_FAILURES) else "completed"
+    """``failed`` when a bridged call ended because something broke, else ``completed`` (kinds as /metrics counts them).
+
+    (A stream that could not be bridged at all is recorded as failed by :meth:`Recorder.call_failed`.)
+    """
+    return "failed" if end_kind(end_reason) in FAILED_KINDS else "completed"
 
 
 class Recorder:
