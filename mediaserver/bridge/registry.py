@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from mediaserver.config import Settings
 from mediaserver.bridge.stats import SecondsHistogram
+from mediaserver.config import Settings
 from mediaserver.metrics import CONNECT_EDGES_S, CallTotals
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.errors import ProtocolError
