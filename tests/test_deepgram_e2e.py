@@ -170,6 +170,31 @@ async def test_deepgram_tool_call_round_trip_answers_only_the_client_side_call()
 
 
 @fail_after(10)
+async def test_deepgram_end_call_hangs_up_once_the_goodbye_has_played(caplog: pytest.LogCaptureFixture) -> None:
+    """A reply ends at AgentAudioDone, so end_call waits for the goodbye to play, not its 15 s limit."""
+    goodbye = to_ulaw(tone(440, 300, amplitude=0.3))
+
+    async def script(session: DeepgramFakeSession) -> None:
+        await session.wait_for(lambda: len(session.audio_frames) >= 5)
+        await session.reply(goodbye)
+        await session.function_call_request(("call-1", "end_call", '{"reason": "caller said bye"}', True))
+
+    async with fake_deepgram(script) as model, running(deepgram_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            session = await model.session(0)
+            await session.wait_for(lambda: bool(session.function_responses))
+            asked_s = trio.current_time()
+            await caller.closed.wait()
+            nursery.cancel_scope.cancel()
+    assert trio.current_time() - asked_s < 2.0  # the goodbye (300 ms) played, then the hang-up
+    assert caller.received_audio == goodbye
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    assert "ended (agent hung up: caller said bye)" in ended
+    assert not any("goodbye still playing" in r.getMessage() for r in caplog.records)
+
+
+@fail_after(10)
 async def test_deepgram_stop_closes_the_agent_socket_within_a_second() -> None:
     async with fake_deepgram() as model, running(deepgram_settings(model)) as url:
         async with phone_call(url) as caller:

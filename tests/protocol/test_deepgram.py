@@ -217,6 +217,7 @@ def test_deepgram_audio_both_ways_is_raw_binary_frames() -> None:
         pv.AudioDelta("dg-reply-1", b"\x10" * 320),
         pv.AudioDelta("dg-reply-1", b"\x20" * 100),
         pv.AudioDone("dg-reply-1"),
+        pv.ResponseDone("dg-reply-1", "completed", None),
     ]
 
 
@@ -243,7 +244,35 @@ def test_deepgram_each_turn_and_each_barge_in_gets_a_fresh_item_id() -> None:
         pv.ResponseStarted("dg-reply-4"),
         pv.AudioDelta("dg-reply-4", b"\x04" * 10),
         pv.AudioDone("dg-reply-4"),
+        pv.ResponseDone("dg-reply-4", "completed", None),
         pv.Other("AgentAudioDone", AUDIO_DONE),
+    ]
+
+
+def test_deepgram_a_response_ends_at_its_audio_done_or_a_barge_in() -> None:
+    """Every ResponseStarted gets one ResponseDone, so the bridge knows when the agent has stopped talking."""
+    session = ready_session()
+    events = receive(
+        session,
+        AGENT_STARTED,
+        b"\x01" * 10,
+        USER_STARTED,  # barge-in: that response is over
+        USER_STARTED,  # again, with no response open: nothing more
+        AGENT_STARTED,
+        AGENT_STARTED,  # a new one while the last was never said done: the last is over
+        AUDIO_DONE,
+    )
+    assert events == [
+        pv.ResponseStarted("dg-reply-1"),
+        pv.AudioDelta("dg-reply-1", b"\x01" * 10),
+        pv.SpeechStarted(None, None),
+        pv.ResponseDone("dg-reply-1", "cancelled", "interrupted"),
+        pv.SpeechStarted(None, None),
+        pv.ResponseStarted("dg-reply-2"),
+        pv.ResponseDone("dg-reply-2", "completed", None),
+        pv.ResponseStarted("dg-reply-3"),
+        pv.AudioDone("dg-reply-3"),
+        pv.ResponseDone("dg-reply-3", "completed", None),
     ]
 
 

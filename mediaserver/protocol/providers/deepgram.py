@@ -26,8 +26,18 @@ by whichever comes first after ``SettingsApplied``: :meth:`pending_messages`
 
 Replies have no ids on the wire, so the core names them: ``dg-reply-<n>``,
 a fresh name at every ``AgentStartedSpeaking``, after every
-``AgentAudioDone`` and after every barge-in (``UserStartedSpeaking``), so
-the bridge can drop late audio of an interrupted reply by its item id.
+``AgentAudioDone`` and after every barge-in (``UserStartedSpeaking``).
+Audio that arrives after a barge-in and before the next
+``AgentStartedSpeaking`` is a new reply: the greeting comes without an
+``AgentStartedSpeaking``, so the wire cannot tell such audio from the
+interrupted reply's last frames, and the core plays it rather than risk
+silencing a reply (Deepgram stops the interrupted reply itself).
+
+Each ``AgentStartedSpeaking`` is a :class:`ResponseStarted`, and the
+response ends (:class:`ResponseDone`) at its ``AgentAudioDone``
+(``completed``) or at a barge-in (``cancelled``, reason ``interrupted``),
+so the bridge knows when the agent has finished talking (``end_call`` and
+transfers wait for that).
 
 Function calls.  ``FunctionCallRequest`` yields one :class:`ToolCall` per
 ``client_side`` function (server-side ones are the server's business: the
@@ -75,6 +85,7 @@ from .base import (
     ProviderCommand,
     ProviderError,
     ProviderEvent,
+    ResponseDone,
     ResponseStarted,
     SendAudio,
     SendText,
@@ -191,6 +202,7 @@ class DeepgramAgentSession(ProviderCore[DeepgramState, DeepgramAgentConfig]):
         self._request_id: str | None = None
         self._reply_numbers = itertools.count(1)
         self._reply: str | None = None  # the item id of the agent audio now arriving
+        self._speaking: str | None = None  # the reply AgentStartedSpeaking began, until its AgentAudioDone or a barge-in
         self._calls: dict[str, str] = {}  # open client-side call id -> function name
         self._cancelled: set[str] = set()
 
@@ -309,17 +321,24 @@ class DeepgramAgentSession(ProviderCore[DeepgramState, DeepgramAgentConfig]):
 
     def _on_user_started_speaking(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         self._reply = None  # anything after a barge-in is a new reply
-        return [SpeechStarted(item_id=None, audio_start_ms=None)]
+        return [SpeechStarted(item_id=None, audio_start_ms=None), *self._response_done("cancelled", "interrupted")]
 
     def _on_agent_started_speaking(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
-        self._reply = self._new_reply()
-        return [ResponseStarted(self._reply)]
+        events = self._response_done("completed", None)  # (a response never said done: it is over now)
+        self._reply = self._speaking = self._new_reply()
+        events.append(ResponseStarted(self._reply))
+        return events
 
     def _on_agent_audio_done(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         reply, self._reply = self._reply, None
-        if reply is None:
-            return [Other("AgentAudioDone", raw)]  # a turn without audio
-        return [AudioDone(reply)]
+        events: list[ProviderEvent] = [Other("AgentAudioDone", raw) if reply is None else AudioDone(reply)]
+        events += self._response_done("completed", None)
+        return events
+
+    def _response_done(self, status: str, reason: str | None) -> list[ProviderEvent]:
+        """The end of the response AgentStartedSpeaking began, if one is open."""
+        speaking, self._speaking = self._speaking, None
+        return [] if speaking is None else [ResponseDone(speaking, status, reason)]
 
     def _on_conversation_text(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         role = msg.get("role")
