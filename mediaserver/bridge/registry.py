@@ -169,6 +169,10 @@ class CallManager:
                     with trio.move_on_at(deadline):
                         await slot.claimed.wait()
                     if not slot.claimed.is_set():
+                        # Unclaimable from here: a stream that comes while the session closes is hung up, not
+                        # bridged onto a session on its way out.
+                        slot.link = None
+                        slot.error = f"no media stream within {self.settings.stream_timeout_s:g} s"
                         log.warning(
                             "call %s: no media stream within %g s; closed the %s session",
                             slot.call_sid,

@@ -303,9 +303,9 @@ async def open_provider_link(
         async with trio.open_nursery() as nursery:
             try:
                 link = WebSocketLink(name, session, ws)
-                await link._send_all(session.initial_messages())
-                nursery.start_soon(link.keep_alive)
-                with trio.move_on_at(deadline) as handshake:
+                with trio.move_on_at(deadline) as handshake:  # (a peer that stops reading must not hold the send)
+                    await link._send_all(session.initial_messages())
+                    nursery.start_soon(link.keep_alive)
                     await link.wait_ready()
                 if handshake.cancelled_caught:
                     raise ProviderClosed(f"{name}: the session was not ready within {connect_timeout_s:g} s")

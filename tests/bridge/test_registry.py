@@ -1,0 +1,65 @@
+"""CallManager: pre-opened sessions and the streams that claim them (virtual time, in memory)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from mediaserver.agents.echo import EchoLink
+from mediaserver.bridge.link import AgentOptions, ProviderLink
+from mediaserver.bridge.registry import CallManager
+from mediaserver.config import Settings
+from tests.fakes import TwilioMessages, memory_twilio_pair
+
+CALL = "CA" + "1" * 32
+STREAM = "MZ" + "2" * 32
+
+
+def test_a_stream_arriving_while_a_timed_out_session_closes_is_refused_not_bridged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After ``stream_timeout_s`` the session closes (which takes a while); a stream then gets no half-closed session."""
+    closes: list[float] = []
+
+    @contextlib.asynccontextmanager
+    async def slow_close(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
+        link = EchoLink()
+        try:
+            yield link
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(1.0)  # a close handshake, as WebSocketLink's (at most 1 s)
+            link.close()
+            closes.append(trio.current_time())
+
+    async def main() -> None:
+        settings = Settings(provider="echo", stream_timeout_s=5.0, data_dir=tempfile.mkdtemp())
+        calls = CallManager(settings, slow_close)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            token = calls.prepare(CALL)
+            await trio.sleep(5.5)  # the timeout has passed; the session is still closing
+            assert closes == []
+            stream, caller = memory_twilio_pair()
+            messages = TwilioMessages(stream_sid=STREAM, call_sid=CALL)
+            await caller.send_message(messages.connected())
+            await caller.send_message(messages.start({"token": token}))
+            with trio.fail_after(1):
+                await calls.handle_stream(stream)  # refused at once: it returns
+            assert calls.active == 0
+            assert calls.refused == {"no_model_session": 1}
+            await trio.sleep(1)
+            assert closes == [6.0] and calls.model_sessions == 0  # (the timeout at 5 s, then the 1 s close)
+            nursery.cancel_scope.cancel()
+
+    caplog.set_level(logging.INFO)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"call {CALL}: no model session (no media stream within 5 s); hanging up" in messages, messages
+    assert not any(m.startswith(f"call {CALL}: started") for m in messages)

@@ -1,0 +1,48 @@
+"""open_provider_link: every step of opening a model session is bounded by ``connect_timeout_s``."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from functools import partial
+
+import pytest
+import trio
+
+from mediaserver.bridge.link import ProviderClosed
+from mediaserver.protocol.providers.openai import OpenAIRealtimeConfig, OpenAIRealtimeSession
+from mediaserver.transport.provider_ws import open_provider_link
+from tests.fakes import fail_after
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+async def _accept_then_stall(stream: trio.SocketStream) -> None:
+    """Accept the WebSocket upgrade, then never read again (a stalled or black-holed peer)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive_some(65536)
+    [key] = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key")]
+    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+    await stream.send_all(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+    await trio.sleep_forever()
+
+
+@fail_after(10)
+async def test_a_model_that_stops_reading_after_the_upgrade_fails_the_open_at_the_timeout() -> None:
+    """The configuration (here 8 MB of instructions, more than the socket buffers) cannot hang the open."""
+    session = OpenAIRealtimeSession(OpenAIRealtimeConfig(model="m", instructions="x" * 8_000_000))
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, _accept_then_stall, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        started = trio.current_time()
+        with pytest.raises(ExceptionGroup) as failed:  # (raised through the link's nursery, as callers catch it: except*)
+            async with open_provider_link("openai", session, f"ws://127.0.0.1:{port}/v1/realtime", connect_timeout_s=0.5):
+                pytest.fail("the link opened")
+        assert failed.group_contains(ProviderClosed, match="^openai: the session was not ready within 0.5 s$", depth=1)
+        # the timeout, then at most the 1 s close handshake (the peer reads nothing)
+        assert trio.current_time() - started < 0.5 + 1.0 + 0.5
+        nursery.cancel_scope.cancel()
