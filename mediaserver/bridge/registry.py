@@ -64,6 +64,13 @@ class _Slot:
     released: trio.Event = field(default_factory=trio.Event)
     link: ProviderLink | None = None
     error: str | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancelled to retire an unclaimed slot
+
+    def retire(self, reason: str) -> None:
+        """Close this unclaimed slot's session; a stream that still comes for it is hung up with ``reason``."""
+        self.link = None
+        self.error = reason
+        self.scope.cancel()
 
 
 class CallManager:
@@ -83,6 +90,7 @@ class CallManager:
         self.rest = TwilioRest.from_settings(settings)  # transfers; None without credentials
         self.agent = dataclasses.replace(AgentOptions.from_settings(settings), tools=self.tools.specs())
         self._slots: dict[str, _Slot] = {}
+        self._pending_tokens: dict[str, str] = {}  # call SID -> the token of its newest pending slot
         self._nursery: trio.Nursery | None = None
         self.active = 0
         self.completed = 0
@@ -151,9 +159,16 @@ class CallManager:
         if len(self._slots) >= MAX_PENDING:
             self._refuse("too_many_pending")
             return None
+        earlier = self._slots.get(self._pending_tokens.get(call_sid, ""))
+        if earlier is not None and not earlier.claimed.is_set():
+            # The webhook again for a call whose stream has not come (Twilio retried it, or a fallback URL
+            # pointed here): only the newest answer's stream can come, so the earlier session would only bill.
+            log.info("call %s: webhook again before its stream; closing the session opened for the first", call_sid)
+            earlier.retire("replaced by a later webhook for the same call")
         token = secrets.token_urlsafe(24)
         slot = _Slot(call_sid, agent or self.agent)
         self._slots[token] = slot
+        self._pending_tokens[call_sid] = token
         self._nursery.start_soon(self._preopen, token, slot)
         return token
 
@@ -162,46 +177,53 @@ class CallManager:
         # must never raise, or one bad session would take the server down.
         deadline = trio.current_time() + self.settings.stream_timeout_s
         try:
-            try:
-                async with self._session(slot.agent) as link:
-                    slot.link = link
-                    slot.ready.set()
-                    with trio.move_on_at(deadline):
-                        await slot.claimed.wait()
-                    if not slot.claimed.is_set():
-                        # Unclaimable from here: a stream that comes while the session closes is hung up, not
-                        # bridged onto a session on its way out.
-                        slot.link = None
-                        slot.error = f"no media stream within {self.settings.stream_timeout_s:g} s"
-                        log.warning(
-                            "call %s: no media stream within %g s; closed the %s session",
-                            slot.call_sid,
-                            self.settings.stream_timeout_s,
-                            link.name,
-                        )
-                        return
-                    await slot.released.wait()
-            except* ProviderClosed as group:
-                reason = _reason(group)
-                slot.error = reason
-                if slot.link is None:
-                    log.error("call %s: could not open the model session: %s", slot.call_sid, reason)
-                else:
-                    log.warning("call %s: model session ended: %s", slot.call_sid, reason)
-            except* Exception as group:  # a bug or an unexpected transport error: this call only
-                slot.error = repr(group.exceptions[0])
-                log.error("call %s: model session failed", slot.call_sid, exc_info=group)
-            finally:
-                slot.link = None  # closed now; a late claimer sees "no model session"
-                slot.ready.set()
-            if slot.error is not None and not slot.claimed.is_set():
-                # Keep the slot for the stream, so that it is hung up with the
-                # reason rather than refused (or, in development mode, given a
-                # second session that would fail the same way).
-                with trio.move_on_at(deadline):
-                    await slot.claimed.wait()
+            with slot.scope:
+                await self._open_for(slot, deadline)
         finally:
             self._slots.pop(token, None)
+            if self._pending_tokens.get(slot.call_sid) == token:
+                del self._pending_tokens[slot.call_sid]
+
+    async def _open_for(self, slot: _Slot, deadline: float) -> None:
+        """The session of a pending call: opened, held until its stream is over (or none came), closed."""
+        try:
+            async with self._session(slot.agent) as link:
+                slot.link = link
+                slot.ready.set()
+                with trio.move_on_at(deadline):
+                    await slot.claimed.wait()
+                if not slot.claimed.is_set():
+                    # Unclaimable from here: a stream that comes while the session closes is hung up, not
+                    # bridged onto a session on its way out.
+                    slot.link = None
+                    slot.error = f"no media stream within {self.settings.stream_timeout_s:g} s"
+                    log.warning(
+                        "call %s: no media stream within %g s; closed the %s session",
+                        slot.call_sid,
+                        self.settings.stream_timeout_s,
+                        link.name,
+                    )
+                    return
+                await slot.released.wait()
+        except* ProviderClosed as group:
+            reason = _reason(group)
+            slot.error = reason
+            if slot.link is None:
+                log.error("call %s: could not open the model session: %s", slot.call_sid, reason)
+            else:
+                log.warning("call %s: model session ended: %s", slot.call_sid, reason)
+        except* Exception as group:  # a bug or an unexpected transport error: this call only
+            slot.error = repr(group.exceptions[0])
+            log.error("call %s: model session failed", slot.call_sid, exc_info=group)
+        finally:
+            slot.link = None  # closed now; a late claimer sees "no model session"
+            slot.ready.set()
+        if slot.error is not None and not slot.claimed.is_set():
+            # Keep the slot for the stream, so that it is hung up with the
+            # reason rather than refused (or, in development mode, given a
+            # second session that would fail the same way).
+            with trio.move_on_at(deadline):
+                await slot.claimed.wait()
 
     async def handle_stream(self, stream: MessageStream) -> None:
         """Serve one Twilio Media Streams WebSocket until the call ends."""

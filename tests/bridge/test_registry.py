@@ -63,3 +63,55 @@ def test_a_stream_arriving_while_a_timed_out_session_closes_is_refused_not_bridg
     messages = [r.getMessage() for r in caplog.records]
     assert f"call {CALL}: no model session (no media stream within 5 s); hanging up" in messages, messages
     assert not any(m.startswith(f"call {CALL}: started") for m in messages)
+
+
+def test_the_webhook_again_for_the_same_call_closes_the_session_opened_for_the_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A retried webhook (or a fallback URL pointing here) must not leave a second billed session open until the timeout."""
+    opened: list[EchoLink] = []
+    closed: list[float] = []
+
+    @contextlib.asynccontextmanager
+    async def opener(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
+        link = EchoLink()
+        opened.append(link)
+        try:
+            yield link
+        finally:
+            link.close()
+            closed.append(trio.current_time())
+
+    async def main() -> None:
+        settings = Settings(provider="echo", stream_timeout_s=15.0, twilio_auth_token="t", data_dir=tempfile.mkdtemp())
+        calls = CallManager(settings, opener)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            first = calls.prepare(CALL)
+            await trio.sleep(1)
+            other = calls.prepare("CA" + "3" * 32)  # another call's session is not touched
+            second = calls.prepare(CALL)
+            await trio.sleep(0)
+            await trio.sleep(0.001)
+            assert closed == [1.0] and len(opened) == 3 and calls.model_sessions == 2
+            assert first != second and other is not None
+            # A stream with the first answer's token is hung up; the second's is bridged.
+            stale, caller = memory_twilio_pair()
+            messages = TwilioMessages(stream_sid=STREAM, call_sid=CALL)
+            await caller.send_message(messages.connected())
+            await caller.send_message(messages.start({"token": first}))
+            with trio.fail_after(1):
+                await calls.handle_stream(stale)
+            assert calls.refused == {"no_token": 1}  # (the slot is gone: its token is no longer known)
+            stream, caller = memory_twilio_pair()
+            await caller.send_message(messages.connected())
+            await caller.send_message(messages.start({"token": second}))
+            nursery.start_soon(calls.handle_stream, stream)
+            await trio.sleep(0.1)
+            assert calls.active == 1
+            nursery.cancel_scope.cancel()
+
+    caplog.set_level(logging.INFO)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"call {CALL}: webhook again before its stream; closing the session opened for the first" in messages
