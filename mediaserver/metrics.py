@@ -66,7 +66,15 @@ END_KINDS = tuple(kind for _, kind in _END_KINDS) + ("other",)
 FAILED_KINDS = frozenset({"provider", "protocol_error", "failed"})  # the ends that mean something broke
 
 # Why a Media Stream was not bridged (``CallManager.refused`` keys): the ``reason`` label.
-REFUSALS = ("no_start", "wrong_account", "no_token", "no_model_session", "cannot_bridge", "too_many_pending")
+REFUSALS = (
+    "no_start",
+    "wrong_account",
+    "no_token",
+    "no_model_session",
+    "cannot_bridge",
+    "too_many_pending",
+    "shutting_down",
+)
 
 
 def end_kind(reason: str) -> str:

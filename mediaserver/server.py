@@ -149,6 +149,7 @@ async def _serve(
                     )
                     await shutdown_trigger()
                     accepting.cancel_scope.cancel()  # stop accepting: the listeners close
+                    calls.stop_accepting()  # and no stream can come for a pending session now
             finally:
                 await context.terminated.set()  # kept-alive HTTP connections close when idle
                 connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout

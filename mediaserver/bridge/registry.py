@@ -91,6 +91,7 @@ class CallManager:
         self.agent = dataclasses.replace(AgentOptions.from_settings(settings), tools=self.tools.specs())
         self._slots: dict[str, _Slot] = {}
         self._pending_tokens: dict[str, str] = {}  # call SID -> the token of its newest pending slot
+        self._closing = False  # stop_accepting() was called
         self._nursery: trio.Nursery | None = None
         self.active = 0
         self.completed = 0
@@ -156,6 +157,9 @@ class CallManager:
         """
         if self._nursery is None:
             return None
+        if self._closing:
+            self._refuse("shutting_down")
+            return None
         if len(self._slots) >= MAX_PENDING:
             self._refuse("too_many_pending")
             return None
@@ -171,6 +175,18 @@ class CallManager:
         self._pending_tokens[call_sid] = token
         self._nursery.start_soon(self._preopen, token, slot)
         return token
+
+    def stop_accepting(self) -> None:
+        """The server is shutting down: refuse new calls, and close the sessions of calls whose stream has not come.
+
+        (It cannot come now: the listener is closed.)  Live calls go on until the drain deadline.
+        """
+        self._closing = True
+        pending = [slot for slot in self._slots.values() if not slot.claimed.is_set()]
+        for slot in pending:
+            slot.retire("the server is shutting down")
+        if pending:
+            log.info("shutting down: closed %d model sessions whose streams had not come", len(pending))
 
     async def _preopen(self, token: str, slot: _Slot) -> None:
         # Runs in the manager's nursery, next to every other pending call: it

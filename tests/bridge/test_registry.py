@@ -115,3 +115,39 @@ def test_the_webhook_again_for_the_same_call_closes_the_session_opened_for_the_f
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     messages = [r.getMessage() for r in caplog.records]
     assert f"call {CALL}: webhook again before its stream; closing the session opened for the first" in messages
+
+
+def test_stop_accepting_closes_pending_sessions_and_refuses_new_calls_but_keeps_live_ones() -> None:
+    closed: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def opener(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
+        link = EchoLink()
+        try:
+            yield link
+        finally:
+            link.close()
+            closed.append(agent.greeting or "")
+
+    async def main() -> None:
+        settings = Settings(provider="echo", twilio_auth_token="t", data_dir=tempfile.mkdtemp())
+        calls = CallManager(settings, opener)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            live_token = calls.prepare(CALL, AgentOptions("i", greeting="live"))
+            calls.prepare("CA" + "3" * 32, AgentOptions("i", greeting="pending"))
+            stream, caller = memory_twilio_pair()
+            messages = TwilioMessages(stream_sid=STREAM, call_sid=CALL)
+            await caller.send_message(messages.connected())
+            await caller.send_message(messages.start({"token": live_token}))
+            nursery.start_soon(calls.handle_stream, stream)
+            await trio.sleep(1)
+            assert calls.active == 1 and calls.model_sessions == 2
+            calls.stop_accepting()
+            await trio.sleep(0.001)
+            assert closed == ["pending"] and calls.active == 1  # the live call goes on
+            assert calls.prepare("CA" + "4" * 32) is None
+            assert calls.refused == {"shutting_down": 1}
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
