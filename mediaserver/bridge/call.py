@@ -637,8 +637,8 @@ class CallBridge:
         finally:
             self._in_handler = False
         if kind is not _OTHER:  # a barge-in or the end, for the task: nothing more goes to Twilio from here
-            if self._queue or self._pending:
-                self._queued.set()
+            # (Not even through the pacer: woken now, it could send a chunk of the reply being cut before the
+            # barge-in takes the send lock and clears the queue.)
             self._pv.end(kind)
             return
         try:
