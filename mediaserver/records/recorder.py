@@ -39,6 +39,8 @@ log = logging.getLogger("mediaserver.records")
 QUEUE_SIZE = 1000  # writes waiting for the database; more are dropped
 BATCH_SIZE = 100  # writes per transaction
 MAX_EXPECTED = 10_000  # webhook details kept for calls whose stream has not started
+SHUTDOWN_WRITE_S = 10.0  # at shutdown, how long the writer may take to write what is queued ...
+FINAL_WRITE_S = 5.0  # ... and then its last batch (a database that does not answer cannot hold the server up)
 
 CANCELLED = "cancelled: Twilio disconnected or shutdown"  # as the registry logs a call that never set a reason
 
@@ -174,15 +176,21 @@ class Recorder:
                         break
                 await self._write(batch)
         finally:
-            with trio.CancelScope(shield=True):
-                rest: list[StoreOp] = []
-                while True:
-                    try:
-                        rest.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                        break
-                if rest:
+            rest: list[StoreOp] = []
+            while True:
+                try:
+                    rest.append(self._receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            if rest:
+                with trio.move_on_after(FINAL_WRITE_S, shield=True):
                     await self._write(rest)
+            if self._unwritten:
+                log.error(
+                    "call records: %d record(s) not written: the %s did not answer in time",
+                    self._unwritten,
+                    self.store.description,
+                )
 
     def close(self) -> None:
         """No more writes: the writer drains the queue and returns."""
@@ -206,7 +214,8 @@ class Recorder:
 
     async def _write(self, batch: list[StoreOp]) -> None:
         try:
-            failed = await trio.to_thread.run_sync(self.store.apply, batch)
+            # (abandon_on_cancel: a database that hangs must not hang the shutdown; the batch then counts as unwritten)
+            failed = await trio.to_thread.run_sync(self.store.apply, batch, abandon_on_cancel=True)
         except Exception as exc:
             failed = len(batch)
             log.error("call records: could not write %d record(s) to the %s: %s", failed, self.store.description, exc)
@@ -291,6 +300,7 @@ async def open_recorder(
                 yield recorder
             finally:
                 recorder.close()
+                nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_WRITE_S
     finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(store.close)
+        with trio.move_on_after(FINAL_WRITE_S, shield=True):
+            await trio.to_thread.run_sync(store.close, abandon_on_cancel=True)

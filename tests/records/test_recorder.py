@@ -224,3 +224,45 @@ def test_call_record_of_a_cancelled_call_is_completed() -> None:
     ended = recorder._receive.receive_nowait()
     assert ended.record.end_reason == "cancelled: Twilio disconnected or shutdown"  # type: ignore[union-attr]
     assert ended.record.status == "completed"  # type: ignore[union-attr]
+
+
+@fail_after(20)
+async def test_a_database_that_stops_answering_cannot_hang_the_shutdown(
+    records_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write stuck in the database is abandoned after SHUTDOWN_WRITE_S, what is queued after FINAL_WRITE_S."""
+    import mediaserver.records.recorder as recorder_module
+
+    stuck = threading.Event()
+    real_open = recorder_module.open_store
+
+    def open_hanging(settings: Settings) -> RecordStore:
+        store = real_open(settings)
+        real_apply = store.apply
+
+        def apply(ops: Sequence[StoreOp]) -> int:
+            if any(getattr(op, "record", None) is not None and op.record.call_sid == "CAstuck" for op in ops):  # type: ignore[union-attr]
+                stuck.wait()  # the database never answers
+            return real_apply(ops)
+
+        store.apply = apply  # type: ignore[method-assign]
+        return store
+
+    monkeypatch.setattr(recorder_module, "open_store", open_hanging)
+    monkeypatch.setattr(recorder_module, "SHUTDOWN_WRITE_S", 0.3)
+    monkeypatch.setattr(recorder_module, "FINAL_WRITE_S", 0.2)
+    try:
+        async with open_recorder(records_settings()) as recorder:
+            assert recorder is not None
+            recorder.call_failed(start_event("CAok"), "no model session: x")
+            await recorder.flushed()
+            recorder.call_failed(start_event("CAstuck"), "no model session: x")
+            await trio.sleep(0.05)  # its write is in the database now, and hangs
+            recorder.call_failed(start_event("CAlater"), "no model session: x")
+            closing_s = trio.current_time()
+        assert trio.current_time() - closing_s < 0.3 + 0.2 + 0.5
+        assert recorder.written == 2  # CAok, and CAlater (queued behind the stuck write, then written in the last batch)
+    finally:
+        stuck.set()  # let the abandoned thread finish
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("call records: 1 record(s) not written: the ") for m in messages), messages
