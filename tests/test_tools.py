@@ -226,6 +226,36 @@ async def test_tools_runner_runs_sync_tools_in_a_thread_and_async_ones_inline() 
     assert await run("greet", '{"name": "Ada", "formal": true}') == ("Good day, Ada", True)
 
 
+async def test_tools_runner_null_means_the_default_unless_the_type_takes_none() -> None:
+    """Models send null for an argument they mean to leave out."""
+    result, ok = await run("add", '{"a": 40, "b": null}')  # b: int = 2
+    assert ok and result["sum"] == 42
+    assert await run("greet", '{"name": "Ada", "formal": null}') == ("Hi, Ada", True)  # bool | None: None itself
+    assert await run("add", '{"a": null}') == ({"error": "bad arguments for add: a must be an integer, not null"}, False)
+
+
+async def test_tools_runner_stuck_sync_tools_do_not_starve_other_threads() -> None:
+    """Abandoned tool threads count against the tools' own limiter, not Trio's default one (DNS, records)."""
+    release = threading.Event()
+
+    @tool
+    def hangs() -> None:
+        """Blocks until released."""
+        release.wait()
+
+    tools = ToolSet([hangs])
+    try:
+        default = trio.to_thread.current_default_thread_limiter()
+        for _ in range(int(default.total_tokens) + 5):
+            outcome = await tools.run("hangs", "{}", timeout_s=0.001)
+            assert not outcome.ok and "timed out" in outcome.output
+        assert default.borrowed_tokens == 0
+        with trio.fail_after(5):
+            assert await trio.to_thread.run_sync(lambda: 42) == 42  # e.g. getaddrinfo for a new model session
+    finally:
+        release.set()
+
+
 @pytest.mark.parametrize(
     ("name", "arguments", "error"),
     [

@@ -41,6 +41,7 @@ class Signature:
     required: tuple[str, ...]
     optional_none: tuple[str, ...]  # Optional parameters without a default: passed None when absent
     context_parameter: str | None  # the CallContext parameter, if any
+    nullable: tuple[str, ...] = ()  # parameters whose type takes None (a null from the model is passed as None)
 
 
 def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
@@ -112,6 +113,7 @@ def describe(fn: Callable[..., Any], name: str, context_type: type) -> Signature
     properties: dict[str, Any] = {}
     required: list[str] = []
     optional_none: list[str] = []
+    nullables: list[str] = []
     context: str | None = None
     for param in inspect.signature(fn).parameters.values():
         where = f"tool {name}, parameter {param.name}"
@@ -127,6 +129,8 @@ def describe(fn: Callable[..., Any], name: str, context_type: type) -> Signature
         if param.name in arg_docs:
             schema["description"] = arg_docs[param.name]
         properties[param.name] = schema
+        if nullable:
+            nullables.append(param.name)
         if param.default is inspect.Parameter.empty:
             if nullable:
                 optional_none.append(param.name)
@@ -135,4 +139,4 @@ def describe(fn: Callable[..., Any], name: str, context_type: type) -> Signature
     parameters: dict[str, Any] = {"type": "object", "properties": properties}
     if required:
         parameters["required"] = required
-    return Signature(description, parameters, tuple(required), tuple(optional_none), context)
+    return Signature(description, parameters, tuple(required), tuple(optional_none), context, tuple(nullables))

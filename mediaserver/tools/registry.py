@@ -48,6 +48,7 @@ class Tool:
         self.parameters = signature.parameters
         self.required = signature.required
         self.optional_none = signature.optional_none
+        self.nullable = signature.nullable
         self.context_parameter = signature.context_parameter
         self.respond = respond
         self.is_async = inspect.iscoroutinefunction(fn)

@@ -90,7 +90,9 @@ class ToolSet:
                 if t.is_async:
                     result = await t.fn(**kwargs)
                 else:
-                    result = await trio.to_thread.run_sync(functools.partial(t.fn, **kwargs), abandon_on_cancel=True)
+                    result = await trio.to_thread.run_sync(
+                        functools.partial(t.fn, **kwargs), abandon_on_cancel=True, limiter=_sync_tool_threads()
+                    )
         except ToolError as exc:
             return _error(str(exc) or f"{name} failed")
         except Exception as exc:
@@ -106,6 +108,26 @@ class ToolSet:
         if len(output) > MAX_OUTPUT_CHARS:
             return _error(f"{name} returned {len(output)} characters; the limit is {MAX_OUTPUT_CHARS}")
         return ToolOutcome(output, t.respond, True)
+
+
+SYNC_TOOL_THREADS = 40  # plain-function tools running at once (each in a worker thread)
+_SYNC_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("mediaserver_sync_tools")
+
+
+def _sync_tool_threads() -> trio.CapacityLimiter:
+    """The threads of plain-function tools: a limiter of their own, not Trio's default one.
+
+    A tool that hangs (a backend with no timeout) keeps its thread after the
+    call gives up on it.  With Trio's default limiter, 40 of those would
+    stop every other thread call in the server -- DNS lookups for new model
+    sessions, the call-records writer -- so tools wait only for each other.
+    """
+    try:
+        return _SYNC_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(SYNC_TOOL_THREADS)
+        _SYNC_LIMITER.set(limiter)
+        return limiter
 
 
 def _arguments(t: Tool, text: str) -> dict[str, Any]:
@@ -126,8 +148,11 @@ def _arguments(t: Tool, text: str) -> dict[str, Any]:
     missing = [p for p in t.required if p not in values]
     if missing:
         raise ValueError(f"missing required argument(s) {', '.join(missing)}")
-    for key, value in values.items():
-        if value is None and (key in t.optional_none or key not in t.required):
+    for key, value in list(values.items()):
+        if value is None and key in t.nullable:
+            continue
+        if value is None and key not in t.required:
+            del values[key]  # null for an argument with a default: the default (models send null for "not given")
             continue
         _check(value, properties[key], key)
     for key in t.optional_none:
