@@ -115,6 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "DEVELOPMENT MODE: TWILIO_AUTH_TOKEN is not set, so webhooks and media streams are NOT authenticated. "
             "Anyone who finds this server can open model sessions on your account. Set TWILIO_AUTH_TOKEN in production."
         )
+    elif settings.public_url is None:
+        log.warning(
+            "MEDIASERVER_PUBLIC_URL is not set, so webhook signatures are checked against the URL rebuilt from the "
+            "Host and X-Forwarded-* headers, which clients choose: a request signed for another server of your "
+            "Twilio account would pass here too. Set MEDIASERVER_PUBLIC_URL in production."
+        )
 
     import trio
 

@@ -74,6 +74,7 @@ REFUSALS = (
     "cannot_bridge",
     "too_many_pending",
     "shutting_down",
+    "replayed",
 )
 
 

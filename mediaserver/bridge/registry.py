@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ log = logging.getLogger("mediaserver.calls")
 TOKEN_PARAMETER = "token"  # name of the TwiML <Parameter> carrying the one-time token
 START_TIMEOUT_S = 10.0  # connected + start must arrive this soon after the upgrade
 MAX_PENDING = 1000  # pre-opened sessions at once; more webhooks are refused
+MAX_WEBHOOKS_PER_CALL = 3  # answers for one call SID (Twilio may retry the webhook); more look like a replay
+SEEN_CALLS = 50_000  # call SIDs remembered for that, the oldest forgotten first ...
+SEEN_TTL_S = 4 * 3600.0  # ... and for at most this long (Twilio's longest call)
 
 LinkOpener = Callable[[Settings, AgentOptions], AbstractAsyncContextManager[ProviderLink]]
 
@@ -73,6 +77,15 @@ class _Slot:
         self.scope.cancel()
 
 
+@dataclass(slots=True)
+class _Seen:
+    """What the webhook has done for one call SID: when first, how many answers, and whether its stream came."""
+
+    first_s: float
+    webhooks: int = 0
+    streamed: bool = False
+
+
 class CallManager:
     def __init__(
         self, settings: Settings, open_link: LinkOpener | None = None, *, recorder: Recorder | None = None
@@ -91,6 +104,7 @@ class CallManager:
         self.agent = dataclasses.replace(AgentOptions.from_settings(settings), tools=self.tools.specs())
         self._slots: dict[str, _Slot] = {}
         self._pending_tokens: dict[str, str] = {}  # call SID -> the token of its newest pending slot
+        self._seen: OrderedDict[str, _Seen] = OrderedDict()  # call SIDs answered lately (see prepare)
         self._closing = False  # stop_accepting() was called
         self._nursery: trio.Nursery | None = None
         self.active = 0
@@ -163,6 +177,15 @@ class CallManager:
         if len(self._slots) >= MAX_PENDING:
             self._refuse("too_many_pending")
             return None
+        seen = self._seen_call(call_sid)
+        if seen.streamed or seen.webhooks >= MAX_WEBHOOKS_PER_CALL:
+            # Twilio signatures carry no timestamp: a captured signed webhook validates forever.  A call whose
+            # stream has run (or that was answered this often) gets no new session: a replay must not bill.
+            self._refuse("replayed")
+            why = "its media stream already ran" if seen.streamed else f"answered {seen.webhooks} times already"
+            log.warning("call %s: webhook refused: %s (a replayed request?)", call_sid, why)
+            return None
+        seen.webhooks += 1
         earlier = self._slots.get(self._pending_tokens.get(call_sid, ""))
         if earlier is not None and not earlier.claimed.is_set():
             # The webhook again for a call whose stream has not come (Twilio retried it, or a fallback URL
@@ -175,6 +198,16 @@ class CallManager:
         self._pending_tokens[call_sid] = token
         self._nursery.start_soon(self._preopen, token, slot)
         return token
+
+    def _seen_call(self, call_sid: str) -> _Seen:
+        now = trio.current_time()
+        seen = self._seen.get(call_sid)
+        if seen is None or now - seen.first_s > SEEN_TTL_S:
+            seen = self._seen[call_sid] = _Seen(now)
+            self._seen.move_to_end(call_sid)
+            while len(self._seen) > SEEN_CALLS:
+                self._seen.popitem(last=False)
+        return seen
 
     def stop_accepting(self) -> None:
         """The server is shutting down: refuse new calls, and close the sessions of calls whose stream has not come.
@@ -256,6 +289,7 @@ class CallManager:
         slot = self._slots.get(token)
         if slot is not None and not slot.claimed.is_set() and slot.call_sid == start.call_sid:
             slot.claimed.set()
+            self._seen_call(start.call_sid).streamed = True
             try:
                 await slot.ready.wait()
                 if slot.link is None:

@@ -151,3 +151,52 @@ def test_stop_accepting_closes_pending_sessions_and_refuses_new_calls_but_keeps_
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_replayed_webhook_gets_no_session_once_the_call_streamed_or_was_answered_three_times(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Twilio signatures carry no timestamp: a captured webhook must not open sessions again and again."""
+    opened: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def opener(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
+        link = EchoLink()
+        opened.append("x")
+        try:
+            yield link
+        finally:
+            link.close()
+
+    async def main() -> None:
+        settings = Settings(provider="echo", twilio_auth_token="t", data_dir=tempfile.mkdtemp())
+        calls = CallManager(settings, opener)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            # A call that streamed: a later webhook for it is refused.
+            token = calls.prepare(CALL)
+            stream, caller = memory_twilio_pair()
+            messages = TwilioMessages(stream_sid=STREAM, call_sid=CALL)
+            await caller.send_message(messages.connected())
+            await caller.send_message(messages.start({"token": token}))
+            nursery.start_soon(calls.handle_stream, stream)
+            await trio.sleep(1)
+            assert calls.active == 1
+            assert calls.prepare(CALL) is None
+            # A call that never streamed: three answers (Twilio's retries), then no more.
+            other = "CA" + "3" * 32
+            assert all(calls.prepare(other) is not None for _ in range(3))
+            assert calls.prepare(other) is None
+            assert calls.refused == {"replayed": 2}
+            await trio.sleep(0.1)
+            assert len(opened) == 4  # the streamed call's, and three for the other (each closing the one before)
+            # Much later (past the longest call), the SID is forgotten.
+            await trio.sleep(4 * 3600 + 1)
+            assert calls.prepare(other) is not None
+            nursery.cancel_scope.cancel()
+
+    caplog.set_level(logging.INFO)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"call {CALL}: webhook refused: its media stream already ran (a replayed request?)" in messages
+    assert f"call CA{'3' * 32}: webhook refused: answered 3 times already (a replayed request?)" in messages
