@@ -45,6 +45,7 @@ a ``MockClock`` (tests/bridge/test_call.py).
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -69,6 +70,9 @@ __all__ = ["CallBridge", "MessageStream", "PolledStream", "StreamClosed"]
 log = logging.getLogger("mediaserver.call")
 
 MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contractual)
+# An item whose audio stopped this long ago counts as finished for wait_played (end_call, transfer), said
+# done or not: not every provider always says so (ElevenLabs' agent_response_complete is optional).
+SILENT_ITEM_S = 1.0
 
 _MEDIA, _STOP, _OTHER, _BARGE = object(), object(), object(), object()
 
@@ -257,6 +261,7 @@ class CallBridge:
         # Reply latency: when the provider last said the caller stopped speaking (None once answered), and the
         # items already under way then (generating, queued, pending), whose audio is not the answer.
         self._speech_stopped_s: float | None = None
+        self._audio_in_s = 0.0  # when the provider last sent audio
         self._before_stop: frozenset[str | None] = frozenset()
         self._now = trio.lowlevel.current_clock().current_time  # trio.current_time() without its wrappers
         self._response_open = False
@@ -559,6 +564,7 @@ class CallBridge:
         if isinstance(event, pv.AudioDelta):
             if event.item_id not in self._interrupted:
                 self._generating[event.item_id] = None
+                self._audio_in_s = self._now()
                 self._downlink(event.item_id, event.payload)
         elif isinstance(event, pv.AudioDone):
             self._generating.pop(event.item_id, None)
@@ -684,10 +690,10 @@ class CallBridge:
             self._end(f"provider ended: {exc.reason}")
 
     def _quiet(self) -> bool:
-        """Nothing being said: no response open, nothing queued, everything sent confirmed played."""
+        """Nothing being said: no response open, no audio arriving, nothing queued, everything sent confirmed played."""
         return (
             not self._response_open
-            and not self._generating
+            and (not self._generating or self._now() >= self._audio_in_s + SILENT_ITEM_S)
             and not self._queue
             and not self._pending
             and self.twilio.unconfirmed_samples == 0
@@ -699,7 +705,9 @@ class CallBridge:
             while not self._quiet():
                 self._watchers += 1
                 try:
-                    await self._changed.wait()
+                    # (and look again once the last audio is SILENT_ITEM_S old: an item may never be said done)
+                    with trio.move_on_at(self._audio_in_s + SILENT_ITEM_S if self._generating else math.inf):
+                        await self._changed.wait()
                 finally:
                     self._watchers -= 1
             return True

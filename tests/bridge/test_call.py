@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from mediaserver.bridge.call import CallBridge
+from mediaserver.bridge.call import SILENT_ITEM_S, CallBridge
 from mediaserver.bridge.stats import CallStats
 from mediaserver.protocol import RemoteProtocolError, TwilioStream
 from mediaserver.protocol.providers import base as pv
@@ -95,6 +95,30 @@ async def bridged(link: FakeLink, *, expect_error: bool = False, **options: Any)
 
 
 # -------------------------------------------------------------------- pacing
+
+
+@fail_after(60)
+@pytest.mark.parametrize("said_done", [True, False])
+async def test_call_wait_played_holds_until_the_reply_played_said_done_or_not(
+    said_done: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    """end_call and transfer wait for the goodbye; a provider that never says an item is done cannot hold them 15 s."""
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.AudioDelta("item_1", audio(400)))  # the goodbye: 400 ms, no ResponseStarted (as ElevenLabs)
+        if said_done:
+            link.emit(pv.AudioDone("item_1"))
+        await trio.sleep(0.001)
+        asked_s = trio.current_time()
+        assert await call.bridge.wait_played(15.0)
+        waited_s = trio.current_time() - asked_s
+        assert len(call.caller.echoes) == 10  # all of it played (the fake caller echoes a mark as its chunk ends)
+        if said_done:
+            assert waited_s == pytest.approx(0.4 - 0.001, abs=EXACT)  # until the last mark came back
+        else:
+            assert waited_s == pytest.approx(SILENT_ITEM_S - 0.001, abs=EXACT)  # SILENT_ITEM_S after the last audio
+
+
 
 
 @fail_after(60)

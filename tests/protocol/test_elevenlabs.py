@@ -222,10 +222,16 @@ def test_elevenlabs_audio_is_one_item_per_reply_keeping_the_event_id() -> None:
     assert events == [
         AudioDelta("el-reply-1", b"a" * 160, "1"),
         AudioDelta("el-reply-1", b"b" * 100, "1"),
+        AudioDone("el-reply-1"),  # a new reply closes the last (agent_response_complete is optional)
         Transcript("assistant", "Second reply.", final=True),
         AudioDelta("el-reply-2", b"c" * 50, "2"),
+        AudioDone("el-reply-2"),
         Transcript("user", "thanks", final=True),
         AudioDelta("el-reply-3", b"d" * 20, "3"),
+    ]
+    # With nothing arriving for a reply, nothing is closed.
+    assert feed(ready_session(), msg("user_transcript", user_transcription_event={"user_transcript": "hi"})) == [
+        Transcript("user", "hi", final=True)
     ]
 
 

@@ -238,13 +238,14 @@ class ElevenLabsSession(ProviderCore[SessionState, ElevenLabsConfig]):
 
     # --------------------------------------------------------------- inbound
 
-    def _parse_events(self, message: str | bytes) -> tuple[ProviderEvent]:
+    def _parse_events(self, message: str | bytes) -> tuple[ProviderEvent, ...]:
         text = require_text(message, "ElevenLabs")
         msg = load_object(text)
         type_: str = msg["type"]
         handler = _HANDLERS.get(type_)
         if handler is not None:
-            return (handler(self, msg, text),)
+            events = handler(self, msg, text)
+            return events if isinstance(events, tuple) else (events,)
         if type_ in _OTHER_TYPES:
             return (Other(type_, text),)
         return (Unknown(type_, text),)
@@ -296,17 +297,22 @@ class ElevenLabsSession(ProviderCore[SessionState, ElevenLabsConfig]):
         self._replies.append(dumps({"type": "pong", "event_id": event_id}))
         return Other("ping", raw)
 
-    def _on_user_transcript(self, msg: JsonObject, raw: str) -> ProviderEvent:
+    def _on_user_transcript(self, msg: JsonObject, raw: str) -> tuple[ProviderEvent, ...]:
         event = obj_field(msg, "user_transcription_event", "user_transcript")
         text = text_field(event, "user_transcript", "user_transcription_event")
-        self._item = None  # the caller finished a turn: the next audio is a new reply
-        return Transcript("user", text.strip(), final=True)
+        # The caller finished a turn: the next audio is a new reply (and the last one is over).
+        return (*self._close_item(), Transcript("user", text.strip(), final=True))
 
-    def _on_agent_response(self, msg: JsonObject, raw: str) -> ProviderEvent:
+    def _on_agent_response(self, msg: JsonObject, raw: str) -> tuple[ProviderEvent, ...]:
         event = obj_field(msg, "agent_response_event", "agent_response")
         text = text_field(event, "agent_response", "agent_response_event")
-        self._item = None  # sent with the first audio of a new reply
-        return Transcript("assistant", text.strip(), final=True)
+        # Sent with the first audio of a new reply: the last one is over.
+        return (*self._close_item(), Transcript("assistant", text.strip(), final=True))
+
+    def _close_item(self) -> tuple[ProviderEvent, ...]:
+        """AudioDone for the reply audio is arriving for, if any: ``agent_response_complete`` is optional."""
+        item, self._item = self._item, None
+        return () if item is None else (AudioDone(item),)
 
     def _on_correction(self, msg: JsonObject, raw: str) -> ProviderEvent:
         event = obj_field(msg, "agent_response_correction_event", "agent_response_correction")
@@ -338,7 +344,7 @@ class ElevenLabsSession(ProviderCore[SessionState, ElevenLabsConfig]):
         return ProviderError(f"client_error: {raw:.200}", fatal=False, code="client_error")
 
 
-_Handler = Callable[[ElevenLabsSession, JsonObject, str], ProviderEvent]
+_Handler = Callable[[ElevenLabsSession, JsonObject, str], ProviderEvent | tuple[ProviderEvent, ...]]
 _HANDLERS: Final[Mapping[str, _Handler]] = MappingProxyType(
     {
         "conversation_initiation_metadata": ElevenLabsSession._on_metadata,
