@@ -73,6 +73,7 @@ MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contr
 # An item whose audio stopped this long ago counts as finished for wait_played (end_call, transfer), said
 # done or not: not every provider always says so (ElevenLabs' agent_response_complete is optional).
 SILENT_ITEM_S = 1.0
+DIGITS_MARGIN_S = 0.5  # next_digits returns this long before the tool's time limit, with what has arrived
 
 _MEDIA, _STOP, _OTHER, _BARGE = object(), object(), object(), object()
 
@@ -743,8 +744,10 @@ class CallBridge:
         if self._digits is not None:
             raise ToolError("another tool is already reading the keypad")
         collector = self._digits = _DigitCollector(count, finish_on)
+        # Give up in time for the tool to answer with what arrived: not after the tool's own time limit.
+        until = min(self._now() + timeout_s, trio.current_effective_deadline() - DIGITS_MARGIN_S)
         try:
-            with trio.move_on_after(timeout_s):
+            with trio.move_on_at(until):
                 await collector.done.wait()
         finally:
             self._digits = None

@@ -10,6 +10,7 @@ playback and timeouts happen at exact Trio times and take no real time.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,10 +20,11 @@ import pytest
 import trio
 import trio.testing
 
-from mediaserver.bridge.call import SILENT_ITEM_S, CallBridge
+from mediaserver.bridge.call import DIGITS_MARGIN_S, SILENT_ITEM_S, CallBridge
 from mediaserver.bridge.stats import CallStats
 from mediaserver.protocol import RemoteProtocolError, TwilioStream
 from mediaserver.protocol.providers import base as pv
+from mediaserver.tools import CallContext, ToolSet, tool
 from tests.fakes import (
     FakeLink,
     FakeTwilioCaller,
@@ -478,6 +480,30 @@ async def test_call_malformed_twilio_message_fails_the_call(autojump_clock: trio
         await call.done.wait()
     assert isinstance(call.error, ExceptionGroup)
     assert call.error.subgroup(RemoteProtocolError) is not None
+
+
+@fail_after(60)
+async def test_call_next_digits_returns_what_arrived_before_the_tool_times_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """next_digits' timeout as long as the tool's (both 10 s by default): the tool still answers with "12"."""
+
+    @tool
+    async def read_pin(call: CallContext) -> dict[str, str]:
+        """Read a PIN."""
+        return {"pin": await call.next_digits(4, timeout_s=10)}
+
+    tools = ToolSet([read_pin])
+    link = FakeLink()
+    async with bridged(link, tools=tools, tool_timeout_s=10.0) as call:
+        link.emit(pv.ToolCall("call_1", "read_pin", "{}"))
+        await trio.sleep(0.5)
+        await call.caller.dtmf("1")
+        await call.caller.dtmf("2")  # and no more
+        await trio.sleep(11)
+        [(sent_s, result)] = [(t, c) for t, c in link.commands if isinstance(c, pv.ToolResult)]
+        assert json.loads(result.output) == {"pin": "12"}
+        assert sent_s - call.started_s == pytest.approx(10.0 - DIGITS_MARGIN_S, abs=0.01)
 
 
 @fail_after(60)
