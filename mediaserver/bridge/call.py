@@ -74,6 +74,7 @@ MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contr
 # done or not: not every provider always says so (ElevenLabs' agent_response_complete is optional).
 SILENT_ITEM_S = 1.0
 DIGITS_MARGIN_S = 0.5  # next_digits returns this long before the tool's time limit, with what has arrived
+TRANSFER_REQUEST_S = 5.0  # transfer() keeps this much of the tool's time limit for Twilio's REST request
 
 _MEDIA, _STOP, _OTHER, _BARGE = object(), object(), object(), object()
 
@@ -707,7 +708,8 @@ class CallBridge:
                 self._watchers += 1
                 try:
                     # (and look again once the last audio is SILENT_ITEM_S old: an item may never be said done)
-                    with trio.move_on_at(self._audio_in_s + SILENT_ITEM_S if self._generating else math.inf):
+                    silent_s = self._audio_in_s + SILENT_ITEM_S
+                    with trio.move_on_at(silent_s if self._generating and silent_s > self._now() else math.inf):
                         await self._changed.wait()
                 finally:
                     self._watchers -= 1
@@ -730,7 +732,9 @@ class CallBridge:
         """CallControl: cold transfer with a REST ``<Dial>`` once the agent's words have played."""
         if self.rest is None:
             raise ToolError("transfers need Twilio REST credentials, which are not configured")
-        await self.wait_played(self.goodbye_timeout_s)
+        # The goodbye may take the tool's time, but not the part the REST request needs.
+        left_s = trio.current_effective_deadline() - self._now() - TRANSFER_REQUEST_S
+        await self.wait_played(max(0.0, min(self.goodbye_timeout_s, left_s)))
         try:
             await self.rest.update_call(self.call_sid, twiml=dial_twiml(to))
         except TwilioRestError as exc:

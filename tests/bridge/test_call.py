@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from mediaserver.bridge.call import DIGITS_MARGIN_S, SILENT_ITEM_S, CallBridge
+from mediaserver.bridge.call import DIGITS_MARGIN_S, SILENT_ITEM_S, TRANSFER_REQUEST_S, CallBridge
 from mediaserver.bridge.stats import CallStats
 from mediaserver.protocol import RemoteProtocolError, TwilioStream
 from mediaserver.protocol.providers import base as pv
@@ -504,6 +504,40 @@ async def test_call_next_digits_returns_what_arrived_before_the_tool_times_out(
         [(sent_s, result)] = [(t, c) for t, c in link.commands if isinstance(c, pv.ToolResult)]
         assert json.loads(result.output) == {"pin": "12"}
         assert sent_s - call.started_s == pytest.approx(10.0 - DIGITS_MARGIN_S, abs=0.01)
+
+
+@fail_after(60)
+async def test_call_transfer_keeps_time_for_its_request_when_the_goodbye_is_long(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A goodbye longer than the tool's time limit: the transfer still happens, within the limit."""
+
+    class Rest:
+        def __init__(self) -> None:
+            self.updates: list[tuple[float, str, str]] = []
+
+        async def update_call(self, call_sid: str, *, twiml: str) -> None:
+            await trio.sleep(0.3)  # Twilio's answer
+            self.updates.append((trio.current_time(), call_sid, twiml))
+
+    @tool
+    async def transfer_out(call: CallContext) -> str:
+        """Transfer."""
+        await call.transfer("+15551234567")
+        return "transferred"
+
+    rest = Rest()
+    link = FakeLink()
+    async with bridged(link, tools=ToolSet([transfer_out]), tool_timeout_s=10.0, rest=rest) as call:
+        link.emit(pv.AudioDelta("item_1", audio(12_000)))  # a 12 s goodbye, still arriving
+        link.emit(pv.ToolCall("call_1", "transfer_out", "{}"))
+        await call.done.wait()
+        [(at_s, sid, twiml)] = rest.updates
+        assert at_s - call.started_s == pytest.approx(10.0 - TRANSFER_REQUEST_S + 0.3, abs=0.01)
+        assert sid == call.bridge.call_sid and "+15551234567" in twiml
+        [result] = [c for _, c in link.commands if isinstance(c, pv.ToolResult)]
+        assert result.output == "transferred"
+        assert call.bridge.end_reason == "transferred to +15551234567"
 
 
 @fail_after(60)
