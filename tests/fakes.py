@@ -29,6 +29,7 @@ Everything reads time from Trio only, so the same fakes run under a
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import itertools
 import json
@@ -57,6 +58,7 @@ from openai.types.realtime import (
     RealtimeResponse,
     RealtimeSessionCreateRequest,
     ResponseAudioDeltaEvent,
+    ResponseCreateEvent,
     ResponseAudioDoneEvent,
     ResponseCreatedEvent,
     ResponseDoneEvent,
@@ -939,6 +941,15 @@ class FakeRealtimeSession(FakeConnection):
             audio = base64.b64decode(model.audio, validate=True)
             self.appends.append(audio)
             self.audio_in += audio
+        elif isinstance(model, ResponseCreateEvent):
+            # The real server answers every response.create with a response (created ... done), or refuses it
+            # while one is active.  Scripts send audio responses themselves (respond()); this one is empty.
+            n = next(self._ids)
+            response = RealtimeResponse(id=f"resp_empty_{n}", object="realtime.response", status="in_progress")
+            with contextlib.suppress(ConnectionClosed):  # (the call may be over already)
+                await self.send(ResponseCreatedEvent(type="response.created", event_id=self._event_id(), response=response))
+                done = response.model_copy(update={"status": "completed"})
+                await self.send(ResponseDoneEvent(type="response.done", event_id=self._event_id(), response=done))
         elif isinstance(model, ConversationItemTruncateEvent):
             self.truncates.append((trio.current_time(), model))
             record = self.responses.get(model.item_id)

@@ -264,6 +264,8 @@ class CallBridge:
         # items already under way then (generating, queued, pending), whose audio is not the answer.
         self._speech_stopped_s: float | None = None
         self._audio_in_s = 0.0  # when the provider last sent audio
+        self._tools_running = 0  # tool calls under way
+        self._answer_owed = False  # a finished tool asked for an answer while others still ran
         self._before_stop: frozenset[str | None] = frozenset()
         self._now = trio.lowlevel.current_clock().current_time  # trio.current_time() without its wrappers
         self._response_open = False
@@ -680,12 +682,22 @@ class CallBridge:
     async def _run_tool(self, call: pv.ToolCall) -> None:
         """Run one tool call and answer it; errors become an error result, never a failed call."""
         self.stats.tool_calls.append(call.name)
-        if self.tools is None:
-            output, respond = '{"error": "no tools are configured"}', True
+        self._tools_running += 1
+        try:
+            if self.tools is None:
+                output, respond = '{"error": "no tools are configured"}', True
+            else:
+                outcome = await self.tools.run(call.name, call.arguments, control=self, timeout_s=self.tool_timeout_s)
+                output, respond = outcome.output, outcome.respond
+                log.info("call %s: tool %s -> %s", self.call_sid, call.name, "ok" if outcome.ok else output[:200])
+        finally:
+            self._tools_running -= 1
+        if self._tools_running:  # parallel tool calls: the last result asks for the answer, for all of them
+            self._answer_owed = self._answer_owed or respond
+            respond = False
         else:
-            outcome = await self.tools.run(call.name, call.arguments, control=self, timeout_s=self.tool_timeout_s)
-            output, respond = outcome.output, outcome.respond
-            log.info("call %s: tool %s -> %s", self.call_sid, call.name, "ok" if outcome.ok else output[:200])
+            respond = respond or self._answer_owed
+            self._answer_owed = False
         try:
             await self.link.send(pv.ToolResult(call.call_id, output, respond=respond))
         except ProviderClosed as exc:

@@ -541,6 +541,35 @@ async def test_call_transfer_keeps_time_for_its_request_when_the_goodbye_is_long
 
 
 @fail_after(60)
+async def test_call_parallel_tool_calls_ask_for_one_answer_with_the_last_result(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    @tool
+    async def slow(seconds: float) -> str:
+        """Takes a while."""
+        await trio.sleep(seconds)
+        return f"after {seconds:g} s"
+
+    link = FakeLink()
+    async with bridged(link, tools=ToolSet([slow])) as call:
+        link.emit(
+            pv.ToolCall("call_1", "slow", '{"seconds": 2}'),
+            pv.ToolCall("call_2", "slow", '{"seconds": 1}'),
+            pv.ToolCall("call_3", "slow", '{"seconds": 3}'),
+        )
+        await trio.sleep(4)
+        results = [(round(t - call.started_s), c) for t, c in link.commands if isinstance(c, pv.ToolResult)]
+        assert results == [
+            (1, pv.ToolResult("call_2", "after 1 s", respond=False)),
+            (2, pv.ToolResult("call_1", "after 2 s", respond=False)),
+            (3, pv.ToolResult("call_3", "after 3 s", respond=True)),  # the last one: one answer for all three
+        ]
+        link.emit(pv.ToolCall("call_4", "slow", '{"seconds": 1}'))  # alone: it asks for its answer itself
+        await trio.sleep(2)
+        assert [c for _, c in link.commands if isinstance(c, pv.ToolResult)][-1].respond
+
+
+@fail_after(60)
 async def test_call_tool_calls_are_answered(autojump_clock: trio.testing.MockClock) -> None:
     link = FakeLink()
     async with bridged(link) as call:

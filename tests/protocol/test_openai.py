@@ -85,6 +85,7 @@ from mediaserver.protocol.providers import (
     SpeechStarted,
     SpeechStopped,
     ToolCall,
+    SendText,
     ToolResult,
     Transcript,
     Truncate,
@@ -424,6 +425,64 @@ def test_openai_tool_result_is_item_create_then_response_create() -> None:
 
     [only_item] = session.send(ToolResult(call_id="call_2", output="", respond=False))
     assert isinstance(client_event(only_item), ConversationItemCreateEvent)
+
+
+def response_created(response_id: str) -> str:
+    return server(
+        ResponseCreatedEvent(
+            type="response.created", event_id="ev", response=RealtimeResponse(id=response_id, status="in_progress")
+        )
+    )
+
+
+def response_done(response_id: str) -> str:
+    return server(
+        ResponseDoneEvent(type="response.done", event_id="ev", response=RealtimeResponse(id=response_id, status="completed"))
+    )
+
+
+def creates(messages: list[str]) -> int:
+    return sum(isinstance(client_event(m), ResponseCreateEvent) for m in messages)
+
+
+def test_openai_an_answer_asked_for_while_a_response_is_active_waits_for_response_done() -> None:
+    """The server refuses response.create while one is active (conversation_already_has_active_response)."""
+    session = ready_session()
+    receive(session, response_created("resp_1"))  # the model is answering (server VAD, or a tool call's response)
+    [item] = session.send(ToolResult(call_id="call_1", output="1"))
+    [text] = session.send(SendText("caller pressed 5"))  # (SendText asks for an answer too)
+    assert isinstance(client_event(item), ConversationItemCreateEvent) and creates([item, text]) == 0
+    assert session.pending_messages() == []
+    receive(session, response_done("resp_1"))
+    [owed] = session.pending_messages()  # one answer for both
+    assert isinstance(client_event(owed), ResponseCreateEvent)
+    assert session.pending_messages() == []
+    # That answer is now the active response: a result in between waits for it too.
+    receive(session, response_created("resp_2"))
+    assert creates(session.send(ToolResult(call_id="call_2", output="2"))) == 0
+    receive(session, response_done("resp_2"))
+    assert creates(session.pending_messages()) == 1
+    receive(session, response_created("resp_3"), response_done("resp_3"))
+    assert session.pending_messages() == []
+    # Idle: at once; and a second one before the server created the first waits for it.
+    assert creates(session.send(ToolResult(call_id="call_3", output="3"))) == 1
+    assert creates(session.send(ToolResult(call_id="call_4", output="4"))) == 0
+    receive(session, response_created("resp_4"), response_done("resp_4"))
+    assert creates(session.pending_messages()) == 1
+
+
+def test_openai_a_refused_response_create_does_not_block_later_answers() -> None:
+    session = ready_session()
+    [_, create] = session.send(ToolResult(call_id="call_1", output="1"))
+    event_id = json.loads(create)["event_id"]
+    # Another response was active after all: the answer comes once it is done.
+    receive(session, server(error_event("busy", code="conversation_already_has_active_response", event_id=event_id)))
+    assert session.pending_messages() == []
+    receive(session, response_done("resp_0"))
+    [owed] = session.pending_messages()
+    # Refused for another reason: nothing is active, so the next answer goes at once.
+    receive(session, server(error_event("bad", code="invalid_value", event_id=json.loads(owed)["event_id"])))
+    assert creates(session.send(ToolResult(call_id="call_2", output="2"))) == 1
 
 
 def test_openai_commands_validate_on_construction() -> None:

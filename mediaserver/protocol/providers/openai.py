@@ -267,8 +267,10 @@ _TRANSITIONS: Final[Mapping[tuple[SessionState, _Input], SessionState]] = Mappin
 class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
     """One OpenAI Realtime GA session; implements ``ProviderSession``.
 
-    OpenAI expects no unsolicited replies and has no keepalive client event
-    (the :class:`ProviderCore` defaults).
+    No keepalive client event (the :class:`ProviderCore` default).  The
+    server takes one response at a time, so an answer asked for while one is
+    active (a tool result, keypad digits) is owed until ``response.done``,
+    then comes from :meth:`pending_messages`.
     """
 
     def __init__(self, config: OpenAIRealtimeConfig) -> None:
@@ -284,6 +286,12 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         # Per assistant item: audio received (reduced by our truncations), and
         # whether response.output_audio.done has arrived for it.
         self._audio: AudioLedger[str] = AudioLedger(audio_format.bytes_per_ms)
+        # One response at a time: the server refuses response.create while one is active
+        # (conversation_already_has_active_response), so a tool result or text that asks for an answer then
+        # waits for response.done (pending_messages) instead of being refused.
+        self._response_busy = False  # a response is active, or asked for and not yet created
+        self._create_owed = False  # an answer was asked for while busy
+        self._replies: list[str] = []
 
     # ------------------------------------------------------------------ state
 
@@ -336,7 +344,21 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         if config.greeting_instructions is not None:
             greeting = {"instructions": config.greeting_instructions}
             messages.append(self._dumps("response.create", {"response": greeting}))
+            self._response_busy = True
         return messages
+
+    def pending_messages(self) -> list[str]:
+        """The ``response.create`` owed since a response ended (see ``_answer``)."""
+        replies, self._replies = self._replies, []
+        return replies
+
+    def _answer(self) -> list[str]:
+        """``response.create`` now, or once the active response is done."""
+        if self._response_busy:
+            self._create_owed = True
+            return []
+        self._response_busy = True
+        return [self._dumps("response.create", {})]
 
     def send(self, command: ProviderCommand) -> list[str]:
         """Return the wire messages for ``command``: zero, one or two text frames."""
@@ -369,12 +391,13 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
             body = {}
             if command.instructions is not None:
                 body["response"] = {"instructions": command.instructions}
+            self._response_busy = True
             return [self._dumps("response.create", body)]
         if type(command) is ToolResult:
             item = {"type": "function_call_output", "call_id": command.call_id, "output": command.output}
             messages = [self._dumps("conversation.item.create", {"item": item})]
             if command.respond:
-                messages.append(self._dumps("response.create", {}))
+                messages += self._answer()
             return messages
         if type(command) is SendText:
             text_item = {
@@ -384,7 +407,7 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
             }
             messages = [self._dumps("conversation.item.create", {"item": text_item})]
             if command.respond:
-                messages.append(self._dumps("response.create", {}))
+                messages += self._answer()
             return messages
         raise LocalProtocolError(f"not a provider command: {command!r:.80}")
 
@@ -467,6 +490,12 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         # Most errors are recoverable (SDK RealtimeErrorEvent docstring); a rejected
         # session.update is not: the session would run with the server's defaults.
         fatal = command == "session.update"
+        if command == "response.create":
+            if code == "conversation_already_has_active_response":  # (one we did not see yet): answer after it
+                self._response_busy = self._create_owed = True
+            else:  # refused: no response is coming from it
+                self._response_busy = False
+                self._owe_now()
         return ProviderError(message=message, fatal=fatal, code=code, command=command)
 
     def _on_audio_delta(self, msg: JsonObject, raw: str) -> ProviderEvent:
@@ -494,7 +523,15 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
             audio_end_ms=int_field(msg, "audio_end_ms", "input_audio_buffer.speech_stopped"),
         )
 
+    def _owe_now(self) -> None:
+        """No response is active: send the answer owed, if any."""
+        if self._create_owed and not self._response_busy:
+            self._create_owed = False
+            self._response_busy = True
+            self._replies.append(self._dumps("response.create", {}))
+
     def _on_response_created(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        self._response_busy = True
         response = obj_field(msg, "response", "response.created")
         return ResponseStarted(optional_str_field(response, "id", "response.created.response"))
 
@@ -503,6 +540,8 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         response = obj_field(msg, "response", "response.done")
         details = response.get("status_details")
         reason = optional_str_field(details, "reason", f"{where}.status_details") if type(details) is dict else None
+        self._response_busy = False
+        self._owe_now()
         return ResponseDone(
             response_id=optional_str_field(response, "id", where),
             status=optional_str_field(response, "status", where),
