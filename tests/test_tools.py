@@ -412,6 +412,7 @@ def test_transfer_numbers_setting_is_checked_at_start(spec: str, problem: str) -
         ("+4420712345", True),
         ("+14420712345", False),  # contains 44, does not start with it
         ("+33123456789", False),
+        ("+15557654321\n", False),  # a listed number and a newline is not E.164
     ],
 )
 async def test_transfer_call_dials_only_listed_numbers(number: str, allowed: bool) -> None:
@@ -428,6 +429,10 @@ async def test_transfer_call_dials_only_listed_numbers(number: str, allowed: boo
     if allowed:
         assert await transfer.fn(context, number) == {"status": f"transferring the caller to {number}"}
         assert dialled == [number]
+    elif not number.isprintable():
+        with pytest.raises(ToolError, match="give an E.164 number such as"):
+            await transfer.fn(context, number)
+        assert dialled == []
     else:
         with pytest.raises(ToolError, match=f"^cannot transfer to \\{number}: transfers may only go to \\+15557654321, \\+44\\*$"):
             await transfer.fn(context, number)

@@ -19,8 +19,8 @@ from .registry import Tool
 
 __all__ = ["BUILTINS", "DEFAULT_BUILTINS", "DTMF_DIGITS", "E164", "parse_transfer_numbers", "transfer_tool"]
 
-E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")  # ITU-T E.164: up to 15 digits after '+'
-_E164_PREFIX = re.compile(r"^\+[1-9][0-9]{0,13}\*$")  # "+44*", "+1555*": every number that starts so
+E164 = re.compile(r"\+[1-9][0-9]{6,14}\Z")  # ITU-T E.164: up to 15 digits after '+'
+_E164_PREFIX = re.compile(r"\+[1-9][0-9]{0,13}\*\Z")  # "+44*", "+1555*": every number that starts so
 DTMF_DIGITS = re.compile(r"^[0-9*#wW]{1,32}$")  # Twilio SendDigits / <Play digits> alphabet, 32 max
 
 
