@@ -37,12 +37,14 @@ log = logging.getLogger("mediaserver.http")
 
 MEDIA_STREAM_PATH = "/media-stream"
 MAX_FORM_BYTES = 64 * 1024  # a voice webhook is ~1 KiB of form fields
+BODY_TIMEOUT_S = 10.0  # for a request's whole body (Quart's default, 60 s, lets slow clients hold connections)
 
 
 def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
     app = QuartTrio("mediaserver")
     started_s = time.time()  # process_start_time_seconds where /proc cannot say
     app.config["MAX_CONTENT_LENGTH"] = MAX_FORM_BYTES
+    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
 
     def url_of(configured: str | None) -> str:
         return security.public_url(

@@ -28,6 +28,7 @@ import trio
 from openai.types.realtime import InputAudioBufferAppendEvent, SessionUpdateEvent
 from openai.types.realtime.realtime_audio_formats import AudioPCM, AudioPCMU
 
+import mediaserver.app as app_module
 from mediaserver.config import Settings
 from mediaserver.server import serve
 
@@ -683,3 +684,27 @@ async def test_app_openai_pcm24k_resamples_both_ways() -> None:
     assert dominant_frequency_hz(downlink[1600:6400], 8000) == pytest.approx(440, abs=5)
     assert band_energy_ratio(downlink[1600:6400], 8000, 440) > 0.98
     assert caller.errors == []
+
+
+@fail_after(10)
+async def test_app_a_webhook_body_that_trickles_in_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client sending its body a byte at a time cannot hold a connection for Quart's default minute."""
+    monkeypatch.setattr(app_module, "BODY_TIMEOUT_S", 0.5)
+    async with running(base_settings()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                b"POST /twiml HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                b"Content-Length: 1000\r\n\r\nCallSid=CA"
+            )
+            started = trio.current_time()
+            response = b""
+            with trio.move_on_after(5):
+                while b"\r\n\r\n" not in response:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    response += chunk
+            assert response.startswith(b"HTTP/1.1 408"), response[:80]
+            assert trio.current_time() - started < 2.0
