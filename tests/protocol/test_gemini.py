@@ -167,6 +167,19 @@ def test_gemini_model_turns_get_distinct_item_ids_and_end_cleanly() -> None:
     assert session.output_format.sample_rate_hz == 24000
 
 
+def test_gemini_audio_after_generation_complete_is_said_done_again() -> None:
+    """Audio can follow generationComplete within the turn: the bridge must hear that it is done again."""
+    session = ready_session()
+    pcm = b"\x01\x00" * 240
+    feed(session, audio(pcm))
+    assert feed(session, content(generation_complete=True)) == [AudioDone("gemini-turn-1", "gemini-turn-1")]
+    assert feed(session, audio(pcm)) == [AudioDelta("gemini-turn-1", pcm, "gemini-turn-1")]
+    assert feed(session, content(turn_complete=True)) == [
+        AudioDone("gemini-turn-1", "gemini-turn-1"),
+        ResponseDone("gemini-turn-1", "completed", None),
+    ]
+
+
 def test_gemini_url_safe_base64_is_accepted_too() -> None:
     session = ready_session()
     pcm = bytes(range(250, 256)) * 2

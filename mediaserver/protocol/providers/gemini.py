@@ -499,6 +499,7 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
             self._turn_interrupted = False
             events.append(ResponseStarted(self._turn))
         assert self._turn is not None
+        self._turn_audio_done = False  # (audio after generationComplete: the turn's audio is done again later)
         events.append(AudioDelta(self._turn, bytes(audio), self._turn))
         return events
 
