@@ -242,6 +242,11 @@ class GeminiLink:
             await self._go_live(new)
             old.scope.cancel()  # retire: its open_provider_link closes the socket
             log.info("%s: resumed the session on connection %d", NAME, new.number)
+            try:
+                for event in old.session.abandon_turn():  # a turn cut by the switch is over for the bridge
+                    await self._events_in.send(event)
+            except trio.ClosedResourceError:
+                return  # the link has ended
 
     async def _go_live(self, conn: _Connection) -> None:
         """Flush the backlog to ``conn`` and make it the connection commands go to."""

@@ -324,6 +324,12 @@ def test_gemini_resumption_handle_and_resumed_core() -> None:
     assert feed(nxt, audio(b"\x00\x00"))[0] == ResponseStarted("gemini-turn-2")
     [text] = nxt.send(ToolResult("c", "{}"))
     validate_client_message(text)
+    # The old connection's turn 1 was cut by the switch: the link ends it for the bridge (then nothing more).
+    assert session.abandon_turn() == [
+        AudioDone("gemini-turn-1", "gemini-turn-1"),
+        ResponseDone("gemini-turn-1", "cancelled", "reconnected"),
+    ]
+    assert session.abandon_turn() == []
 
 
 # ---------------------------------------------------------------------- errors and odd input

@@ -304,6 +304,22 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         config = replace(self._config, resumption_handle=self._handle, greeting=None)
         return GeminiLiveSession(config, _shared=self._shared)
 
+    def abandon_turn(self) -> list[ProviderEvent]:
+        """The end of the turn under way, if any, as events: this connection is retired in the middle of it.
+
+        A resumed connection starts with fresh turns, so the bridge is told
+        that this one's audio is over and its response ``cancelled``
+        (reason ``reconnected``), not left waiting for a ``turnComplete``
+        that will not come.
+        """
+        events = self._end_audio()
+        if self._turn is not None:
+            events.append(ResponseDone(self._turn, "cancelled", "reconnected"))
+        self._turn = None
+        self._turn_open = False
+        self._turn_interrupted = False
+        return events
+
     def _transition(self, what: _Input, *, inbound: bool) -> None:
         if self._state is SessionState.NEW and what is not _I.INITIAL:
             raise LocalProtocolError(f"{what.value} before initial_messages()")
