@@ -131,14 +131,25 @@ class Recorder:
         self._put(SaveCall(record))
 
     def twilio_status(self, form: Mapping[str, Sequence[str]]) -> None:
-        """A status callback's form (``CallSid``, ``CallStatus``, ``CallDuration``)."""
+        """A status callback's form (``CallSid``, ``CallStatus``, ``CallDuration``; ``Direction``, ``From``, ``To``)."""
         first = {key: values[0] for key, values in form.items() if values}
         call_sid, status = first.get("CallSid"), first.get("CallStatus")
         if not call_sid or not status:
             return
         duration = first.get("CallDuration", "")
         seconds = int(duration) if duration.isdigit() else None
-        self._put(SetTwilioStatus(call_sid, status[:40], seconds, self.clock().isoformat()))
+        direction = first.get("Direction", "")
+        self._put(
+            SetTwilioStatus(
+                call_sid,
+                status[:40],
+                seconds,
+                self.clock().isoformat(),
+                direction="outbound" if direction.startswith("outbound") else "inbound" if direction == "inbound" else None,
+                from_number=first.get("From") or None,
+                to_number=first.get("To") or None,
+            )
+        )
 
     # -- reads -------------------------------------------------------------------------
 

@@ -69,6 +69,11 @@ class SetTwilioStatus:
     status: str
     duration_s: int | None
     at: str  # when it came (UTC ISO); the row's start time if this creates it
+    # The callback's Direction (inbound/outbound), From and To: for a call known only from callbacks
+    # (an outbound call nobody answered), else kept as the call's own record has them.
+    direction: str | None = None
+    from_number: str | None = None
+    to_number: str | None = None
 
 
 StoreOp = SaveCall | SetTwilioStatus
@@ -185,14 +190,24 @@ class RecordStore:
                     (r.call_sid, seq, turn.role, turn.text, turn.offset_s, turn.interrupted, turn.heard_ms),
                 )
         else:
+            # A call known only from callbacks (it never streamed to us) follows Twilio's status and direction.
+            direction = (
+                ", direction = CASE WHEN calls.stream_sid IS NULL THEN excluded.direction ELSE calls.direction END"
+                if op.direction is not None
+                else ""
+            )
             self.execute(
-                "INSERT INTO calls (call_sid, started_at, status, twilio_status, twilio_duration_s) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (call_sid) DO UPDATE SET "
+                "INSERT INTO calls (call_sid, started_at, status, twilio_status, twilio_duration_s, direction, "
+                "from_number, to_number) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_sid) DO UPDATE SET "
                 "twilio_status = excluded.twilio_status, "
                 "twilio_duration_s = COALESCE(excluded.twilio_duration_s, calls.twilio_duration_s), "
-                # a call known only from callbacks (it never streamed to us) follows Twilio's status
-                "status = CASE WHEN calls.stream_sid IS NULL THEN excluded.status ELSE calls.status END",
-                (op.call_sid, op.at, op.status, op.status, op.duration_s),
+                "from_number = COALESCE(calls.from_number, excluded.from_number), "
+                "to_number = COALESCE(calls.to_number, excluded.to_number), "
+                "status = CASE WHEN calls.stream_sid IS NULL THEN excluded.status ELSE calls.status END" + direction,
+                (
+                    op.call_sid, op.at, op.status, op.status, op.duration_s,
+                    op.direction or "inbound", op.from_number, op.to_number,
+                ),
             )
 
     # -- reads -----------------------------------------------------------------------

@@ -161,10 +161,19 @@ async def test_recorder_records_a_call_from_webhook_to_end(records_settings: Cal
         recorder.call_ended("CAin", stats, "twilio sent stop")
         recorder.twilio_status({"CallSid": ["CAin"], "CallStatus": ["completed"], "CallDuration": ["7"]})
         assert recorder.live("CAin") is None
+        # An outbound call nobody answered: known from its callbacks alone, which say where it went.
+        recorder.twilio_status(
+            {"CallSid": ["CAnone"], "CallStatus": ["no-answer"], "Direction": ["outbound-api"],
+             "From": ["+15550001111"], "To": ["+15554445555"]}
+        )
     # Shutdown wrote everything that was queued; the store is closed.
     store = await trio.to_thread.run_sync(open_store, settings)
     record = store.get("CAin")
+    unanswered = store.get("CAnone")
     store.close()
+    assert unanswered is not None
+    assert (unanswered.direction, unanswered.from_number, unanswered.to_number, unanswered.status) == (
+        "outbound", "+15550001111", "+15554445555", "no-answer")
     assert record is not None
     assert (record.status, record.end_reason, record.twilio_status, record.twilio_duration_s) == (
         "completed", "twilio sent stop", "completed", 7)

@@ -174,6 +174,28 @@ def test_store_keeps_twilio_status_callbacks(records_settings: Callable[..., Set
         store.close()
 
 
+def test_store_an_unanswered_outbound_call_keeps_its_direction_and_numbers(
+    records_settings: Callable[..., Settings],
+) -> None:
+    """Known only from callbacks (nobody answered): outbound, from and to, as the callbacks say."""
+    store = open_store(records_settings())
+    try:
+        ring = SetTwilioStatus("CAout", "ringing", None, T0, direction="outbound", from_number="+1555", to_number="+1666")
+        store.apply([ring, SetTwilioStatus("CAout", "no-answer", 0, T0)])  # (a callback without the fields)
+        out = store.get("CAout")
+        assert out is not None
+        assert (out.direction, out.from_number, out.to_number, out.status) == ("outbound", "+1555", "+1666", "no-answer")
+        # A call that streamed keeps what its own record says.
+        store.save(full_record("CAa"))
+        before = store.get("CAa")
+        store.apply([SetTwilioStatus("CAa", "completed", 5, T0, direction="outbound", from_number="+19", to_number="+18")])
+        after = store.get("CAa")
+        assert before is not None and after is not None
+        assert (after.direction, after.from_number, after.to_number) == (before.direction, before.from_number, before.to_number)
+    finally:
+        store.close()
+
+
 def test_store_batch_with_a_bad_write_keeps_the_good_ones(records_settings: Callable[..., Settings]) -> None:
     store = open_store(records_settings())
     try:
