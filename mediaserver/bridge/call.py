@@ -576,6 +576,8 @@ class CallBridge:
                 self._flush_pending(event.item_id)
         elif isinstance(event, pv.SpeechStarted):
             self._speech_stopped_s = None  # the caller goes on: the reply latency counts from their next stop
+            if event.item_id is not None:  # (the caller's transcript may come after the reply's: order by this)
+                self.stats.transcript.began("user", event.item_id, self._now() - self.stats.started_s)
             return _BARGE
         elif isinstance(event, pv.SpeechStopped):
             self._speech_stopped_s = self._now()

@@ -111,7 +111,8 @@ class TranscriptLog:
     """Both sides' transcripts of one call, turn by turn, as the events arrive.
 
     Fragments (``final=False``) of one item are appended; the final text of the
-    item replaces them.  Turns are ordered by when their first text arrived.
+    item replaces them.  Turns are ordered by when they began (:meth:`began`), or else by when their first
+    text arrived.
     Events without an item id belong to the open turn of that role until its
     final text closes it.
     """
@@ -136,6 +137,16 @@ class TranscriptLog:
                 self._anonymous += 1  # the next anonymous fragment starts a new turn
         else:
             turn.parts.append(text)
+
+    def began(self, role: Role, item_id: str, offset_s: float) -> None:
+        """``item_id``'s turn began ``offset_s`` seconds into the call, before any of its text (the caller started
+        speaking): it is ordered from then, not from when its transcript arrived, which for the caller's words can
+        be after the reply's."""
+        turn = self._turns.get((role, item_id))
+        if turn is None:
+            self._turns[(role, item_id)] = _Open(role, offset_s)
+        elif offset_s < turn.offset_s:
+            turn.offset_s = offset_s
 
     def cut(self, item_id: str, heard_ms: int, generated_ms: int) -> None:
         """The assistant's ``item_id`` was interrupted after ``heard_ms`` of ``generated_ms`` ms."""

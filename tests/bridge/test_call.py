@@ -570,6 +570,24 @@ async def test_call_parallel_tool_calls_ask_for_one_answer_with_the_last_result(
 
 
 @fail_after(60)
+async def test_call_transcript_orders_the_callers_turn_from_their_speech_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    link = FakeLink()
+    async with bridged(link) as call:
+        await trio.sleep(1)
+        link.emit(pv.SpeechStarted(item_id="u1", audio_start_ms=900))
+        await trio.sleep(1)
+        link.emit(pv.Transcript("assistant", "Sure.", True, "a1"))
+        await trio.sleep(1)
+        link.emit(pv.Transcript("user", "Can you help?", True, "u1"))  # transcribed after the reply
+        await trio.sleep(0.1)
+        turns = call.bridge.stats.transcript.turns()
+        assert [(t.role, t.text) for t in turns] == [("user", "Can you help?"), ("assistant", "Sure.")]
+        assert turns[0].offset_s == pytest.approx(1.0, abs=0.01)
+
+
+@fail_after(60)
 async def test_call_tool_calls_are_answered(autojump_clock: trio.testing.MockClock) -> None:
     link = FakeLink()
     async with bridged(link) as call:

@@ -54,6 +54,18 @@ def test_transcript_log_orders_turns_and_prefers_final_text() -> None:
     ]
 
 
+def test_transcript_log_orders_a_caller_turn_from_when_it_began_not_when_its_text_came() -> None:
+    """OpenAI's input transcription is asynchronous: the caller's words can arrive after the reply's."""
+    log = TranscriptLog()
+    log.began("user", "u1", 1.0)  # the caller started speaking
+    log.add("assistant", "Sure.", final=True, item_id="a1", offset_s=2.5)  # the reply's transcript came first
+    log.add("user", "Can you help?", final=True, item_id="u1", offset_s=3.0)
+    log.began("user", "u2", 4.0)  # speech without any transcript: no turn
+    log.add("user", "Thanks", final=True, item_id="u3", offset_s=5.0)
+    log.began("user", "u3", 4.5)  # (begun after its text was filed: the earlier time wins)
+    assert log.turns() == [Turn("user", "Can you help?", 1.0), Turn("assistant", "Sure.", 2.5), Turn("user", "Thanks", 4.5)]
+
+
 def test_transcript_log_anonymous_fragments_split_at_each_final() -> None:
     log = TranscriptLog()
     log.add("assistant", "One", final=False, item_id=None, offset_s=0.5)
