@@ -82,6 +82,7 @@ import itertools
 import json
 import math
 import os
+import secrets
 import select
 import socket
 import ssl
@@ -1157,7 +1158,8 @@ async def run_call(
 
 
 async def _call(recorder: Recorder, call: CallRecord, host: str, port: int, end_s: float, webhook_path: str) -> None:
-    call_sid = f"CA{call.call_no:032x}"
+    # Unique per call and step: the server refuses a webhook for a call SID whose stream already ran (a replay).
+    call_sid = f"CA{secrets.token_hex(8)}{call.call_no:016x}"
     account_sid = "AC" + "b" * 32
     with trio.fail_after(15):
         status, body = await http_post_form(
