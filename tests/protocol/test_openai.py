@@ -485,6 +485,21 @@ def test_openai_a_refused_response_create_does_not_block_later_answers() -> None
     assert creates(session.send(ToolResult(call_id="call_2", output="2"))) == 1
 
 
+def test_openai_active_response_refusals_without_an_event_id_are_understood() -> None:
+    """The real server sends conversation_already_has_active_response with event_id null."""
+    session = ready_session()
+    assert creates(session.send(ToolResult(call_id="call_1", output="1"))) == 1
+    receive(session, server(error_event("busy", code="conversation_already_has_active_response")))
+    receive(session, response_created("resp_vad"))  # the server-VAD response it met
+    assert creates(session.send(ToolResult(call_id="call_2", output="2"))) == 0
+    receive(session, response_done("resp_vad"))
+    assert creates(session.pending_messages()) == 1  # one answer, for both results
+    # Another error with no event_id while our create is unanswered: it may have been refused, so the next
+    # answer is not held back waiting for a response that may never come.
+    receive(session, server(error_event("something failed")))
+    assert creates(session.send(ToolResult(call_id="call_3", output="3"))) == 1
+
+
 def test_openai_commands_validate_on_construction() -> None:
     with pytest.raises(LocalProtocolError):
         SendAudio(b"")
@@ -655,7 +670,7 @@ def test_openai_server_events_map_to_provider_events(exclude_none: bool) -> None
                 name="lookup_order",
                 arguments='{"number":"42"}',
             ),
-            ToolCall("call_7", "lookup_order", '{"number":"42"}', "item_f"),
+            ToolCall("call_7", "lookup_order", '{"number":"42"}', "item_f", "resp_1"),
         ),
         (
             ConversationItemInputAudioTranscriptionDeltaEvent(

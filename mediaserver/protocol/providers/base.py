@@ -197,13 +197,16 @@ class ToolCall:
     """The model wants a function called; answer with :class:`ToolResult`.
 
     ``arguments`` is JSON text, exactly as the provider produced it (it may be
-    invalid JSON: the tool runner decides).
+    invalid JSON: the tool runner decides).  ``response_id``: the response
+    that made the call, where the provider says (OpenAI): calls of one
+    response are answered together (see :class:`ToolResult`).
     """
 
     call_id: str
     name: str
     arguments: str
     item_id: str | None = None
+    response_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -290,6 +290,7 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         # (conversation_already_has_active_response), so a tool result or text that asks for an answer then
         # waits for response.done (pending_messages) instead of being refused.
         self._response_busy = False  # a response is active, or asked for and not yet created
+        self._create_sent = False  # a response.create of ours that no response.created has answered yet
         self._create_owed = False  # an answer was asked for while busy
         self._replies: list[str] = []
 
@@ -344,7 +345,7 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         if config.greeting_instructions is not None:
             greeting = {"instructions": config.greeting_instructions}
             messages.append(self._dumps("response.create", {"response": greeting}))
-            self._response_busy = True
+            self._response_busy = self._create_sent = True
         return messages
 
     def pending_messages(self) -> list[str]:
@@ -357,7 +358,7 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         if self._response_busy:
             self._create_owed = True
             return []
-        self._response_busy = True
+        self._response_busy = self._create_sent = True
         return [self._dumps("response.create", {})]
 
     def send(self, command: ProviderCommand) -> list[str]:
@@ -391,7 +392,7 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
             body = {}
             if command.instructions is not None:
                 body["response"] = {"instructions": command.instructions}
-            self._response_busy = True
+            self._response_busy = self._create_sent = True
             return [self._dumps("response.create", body)]
         if type(command) is ToolResult:
             item = {"type": "function_call_output", "call_id": command.call_id, "output": command.output}
@@ -490,12 +491,16 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         # Most errors are recoverable (SDK RealtimeErrorEvent docstring); a rejected
         # session.update is not: the session would run with the server's defaults.
         fatal = command == "session.update"
-        if command == "response.create":
-            if code == "conversation_already_has_active_response":  # (one we did not see yet): answer after it
-                self._response_busy = self._create_owed = True
-            else:  # refused: no response is coming from it
-                self._response_busy = False
-                self._owe_now()
+        if code == "conversation_already_has_active_response":
+            # Our response.create met a response we had not seen yet (the server sends this one without an
+            # event_id): answer once that response is done.
+            self._response_busy = self._create_owed = True
+            self._create_sent = False
+        elif command == "response.create" or (command is None and self._create_sent):
+            # Refused (or, with no event_id, possibly refused): no response is coming from it.  If it was
+            # another command's error after all, a later create may meet an active response: that is owed above.
+            self._response_busy = self._create_sent = False
+            self._owe_now()
         return ProviderError(message=message, fatal=fatal, code=code, command=command)
 
     def _on_audio_delta(self, msg: JsonObject, raw: str) -> ProviderEvent:
@@ -527,11 +532,12 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         """No response is active: send the answer owed, if any."""
         if self._create_owed and not self._response_busy:
             self._create_owed = False
-            self._response_busy = True
+            self._response_busy = self._create_sent = True
             self._replies.append(self._dumps("response.create", {}))
 
     def _on_response_created(self, msg: JsonObject, raw: str) -> ProviderEvent:
         self._response_busy = True
+        self._create_sent = False
         response = obj_field(msg, "response", "response.created")
         return ResponseStarted(optional_str_field(response, "id", "response.created.response"))
 
@@ -555,6 +561,7 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
             name=str_field(msg, "name", where),
             arguments=text_field(msg, "arguments", where),
             item_id=optional_str_field(msg, "item_id", where),
+            response_id=optional_str_field(msg, "response_id", where),
         )
 
     def _on_user_transcript_delta(self, msg: JsonObject, raw: str) -> ProviderEvent:
