@@ -264,11 +264,12 @@ class CallBridge:
         # items already under way then (generating, queued, pending), whose audio is not the answer.
         self._speech_stopped_s: float | None = None
         self._audio_in_s = 0.0  # when the provider last sent audio
-        self._tools_running = 0  # tool calls under way
-        self._answer_owed = False  # a finished tool asked for an answer while others still ran
+        self._tool_groups: dict[str, int] = {}  # response id -> its tool calls under way
+        self._answer_owed: set[str] = set()  # responses whose finished tools asked for an answer while others ran
         self._before_stop: frozenset[str | None] = frozenset()
         self._now = trio.lowlevel.current_clock().current_time  # trio.current_time() without its wrappers
         self._response_open = False
+        self._open_response: str | None = None  # the id of the response last started
         self._ending = False
         self._digits: _DigitCollector | None = None
         self._dtmf_text: list[str] = []
@@ -675,7 +676,10 @@ class CallBridge:
     def _observe(self, event: pv.ProviderEvent) -> None:
         if isinstance(event, pv.ResponseStarted):
             self._response_open = True
+            self._open_response = event.response_id
         elif isinstance(event, pv.ResponseDone):
+            if event.response_id is not None and self._open_response not in (None, event.response_id):
+                return  # an earlier response's end, after the next one began (a Gemini connection switch)
             self._response_open = False
             if event.status in ("cancelled", "failed"):  # no spoken answer is coming for the last stop
                 self._speech_stopped_s = None
@@ -684,7 +688,9 @@ class CallBridge:
     async def _run_tool(self, call: pv.ToolCall) -> None:
         """Run one tool call and answer it; errors become an error result, never a failed call."""
         self.stats.tool_calls.append(call.name)
-        self._tools_running += 1
+        group = call.response_id  # parallel calls of one response: the last result asks for the answer, for all
+        if group is not None:
+            self._tool_groups[group] = self._tool_groups.get(group, 0) + 1
         try:
             if self.tools is None:
                 output, respond = '{"error": "no tools are configured"}', True
@@ -693,13 +699,19 @@ class CallBridge:
                 output, respond = outcome.output, outcome.respond
                 log.info("call %s: tool %s -> %s", self.call_sid, call.name, "ok" if outcome.ok else output[:200])
         finally:
-            self._tools_running -= 1
-        if self._tools_running:  # parallel tool calls: the last result asks for the answer, for all of them
-            self._answer_owed = self._answer_owed or respond
-            respond = False
-        else:
-            respond = respond or self._answer_owed
-            self._answer_owed = False
+            if group is not None:
+                if self._tool_groups[group] > 1:
+                    self._tool_groups[group] -= 1
+                else:
+                    del self._tool_groups[group]
+        if group is not None:
+            if group in self._tool_groups:  # others of its response still run
+                if respond:
+                    self._answer_owed.add(group)
+                respond = False
+            elif group in self._answer_owed:
+                self._answer_owed.discard(group)
+                respond = True
         try:
             await self.link.send(pv.ToolResult(call.call_id, output, respond=respond))
         except ProviderClosed as exc:

@@ -553,18 +553,20 @@ async def test_call_parallel_tool_calls_ask_for_one_answer_with_the_last_result(
     link = FakeLink()
     async with bridged(link, tools=ToolSet([slow])) as call:
         link.emit(
-            pv.ToolCall("call_1", "slow", '{"seconds": 2}'),
-            pv.ToolCall("call_2", "slow", '{"seconds": 1}'),
-            pv.ToolCall("call_3", "slow", '{"seconds": 3}'),
+            pv.ToolCall("call_1", "slow", '{"seconds": 2}', response_id="resp_1"),
+            pv.ToolCall("call_2", "slow", '{"seconds": 1}', response_id="resp_1"),
+            pv.ToolCall("call_3", "slow", '{"seconds": 3}', response_id="resp_1"),
+            pv.ToolCall("call_4", "slow", '{"seconds": 1.5}', response_id="resp_2"),  # another response's: its own
         )
         await trio.sleep(4)
-        results = [(round(t - call.started_s), c) for t, c in link.commands if isinstance(c, pv.ToolResult)]
+        results = [(t - call.started_s, c) for t, c in link.commands if isinstance(c, pv.ToolResult)]
         assert results == [
-            (1, pv.ToolResult("call_2", "after 1 s", respond=False)),
-            (2, pv.ToolResult("call_1", "after 2 s", respond=False)),
-            (3, pv.ToolResult("call_3", "after 3 s", respond=True)),  # the last one: one answer for all three
+            (pytest.approx(1), pv.ToolResult("call_2", "after 1 s", respond=False)),
+            (pytest.approx(1.5), pv.ToolResult("call_4", "after 1.5 s", respond=True)),
+            (pytest.approx(2), pv.ToolResult("call_1", "after 2 s", respond=False)),
+            (pytest.approx(3), pv.ToolResult("call_3", "after 3 s", respond=True)),  # the last: one answer for all
         ]
-        link.emit(pv.ToolCall("call_4", "slow", '{"seconds": 1}'))  # alone: it asks for its answer itself
+        link.emit(pv.ToolCall("call_5", "slow", '{"seconds": 1}'))  # no response id: it asks for its answer itself
         await trio.sleep(2)
         assert [c for _, c in link.commands if isinstance(c, pv.ToolResult)][-1].respond
 
@@ -585,6 +587,22 @@ async def test_call_transcript_orders_the_callers_turn_from_their_speech_start(
         turns = call.bridge.stats.transcript.turns()
         assert [(t.role, t.text) for t in turns] == [("user", "Can you help?"), ("assistant", "Sure.")]
         assert turns[0].offset_s == pytest.approx(1.0, abs=0.01)
+
+
+@fail_after(60)
+async def test_call_an_earlier_responses_late_end_does_not_end_the_current_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """(Gemini, after a connection switch, ends the cut turn when the next may have begun.)"""
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.ResponseStarted("turn-1"), pv.ResponseStarted("turn-2"))
+        link.emit(pv.ResponseDone("turn-1", "cancelled", "reconnected"))
+        await trio.sleep(0.1)
+        assert not await call.bridge.wait_played(0.5)  # turn 2 is still open
+        link.emit(pv.ResponseDone("turn-2", "completed", None))
+        await trio.sleep(0.1)
+        assert await call.bridge.wait_played(0.5)
 
 
 @fail_after(60)
