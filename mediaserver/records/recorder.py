@@ -75,6 +75,7 @@ class Recorder:
         self.written = 0
         self.failed = 0  # writes the database refused
         self._unwritten = 0  # queued or being written
+        self.stuck = False  # a write was abandoned at shutdown, the database not answering
         self._idle = trio.Event()
         self._idle.set()
         self._live: dict[str, tuple[CallRecord, CallStats]] = {}
@@ -193,7 +194,7 @@ class Recorder:
                     rest.append(self._receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-            if rest:
+            if rest and not self.stuck:  # (behind a write the database never answered, this one would wait too)
                 with trio.move_on_after(FINAL_WRITE_S, shield=True):
                     await self._write(rest)
             if self._unwritten:
@@ -227,6 +228,9 @@ class Recorder:
         try:
             # (abandon_on_cancel: a database that hangs must not hang the shutdown; the batch then counts as unwritten)
             failed = await trio.to_thread.run_sync(self.store.apply, batch, abandon_on_cancel=True)
+        except trio.Cancelled:
+            self.stuck = True  # its thread still waits for the database, holding the store
+            raise
         except Exception as exc:
             failed = len(batch)
             log.error("call records: could not write %d record(s) to the %s: %s", failed, self.store.description, exc)
@@ -292,6 +296,7 @@ async def open_recorder(
         log.error("call records are OFF: %s", exc)
         yield None
         return
+    recorder: Recorder | None = None
     try:
         try:
             stale = await trio.to_thread.run_sync(store.mark_interrupted, clock().isoformat())
@@ -313,5 +318,6 @@ async def open_recorder(
                 recorder.close()
                 nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_WRITE_S
     finally:
-        with trio.move_on_after(FINAL_WRITE_S, shield=True):
-            await trio.to_thread.run_sync(store.close, abandon_on_cancel=True)
+        if recorder is None or not recorder.stuck:  # (else the store is held by the abandoned write: leave it)
+            with trio.move_on_after(FINAL_WRITE_S, shield=True):
+                await trio.to_thread.run_sync(store.close, abandon_on_cancel=True)

@@ -243,15 +243,22 @@ async def test_a_database_that_stops_answering_cannot_hang_the_shutdown(
     import mediaserver.records.recorder as recorder_module
 
     stuck = threading.Event()
+    hanging = threading.Event()
+    answered = threading.Event()
+    stores: list[RecordStore] = []
     real_open = recorder_module.open_store
 
     def open_hanging(settings: Settings) -> RecordStore:
         store = real_open(settings)
+        stores.append(store)
         real_apply = store.apply
 
         def apply(ops: Sequence[StoreOp]) -> int:
             if any(getattr(op, "record", None) is not None and op.record.call_sid == "CAstuck" for op in ops):  # type: ignore[union-attr]
-                stuck.wait()  # the database never answers
+                with store._lock:  # as a statement the database never answers: the store is held meanwhile
+                    hanging.set()
+                    stuck.wait()
+                answered.set()
             return real_apply(ops)
 
         store.apply = apply  # type: ignore[method-assign]
@@ -266,12 +273,17 @@ async def test_a_database_that_stops_answering_cannot_hang_the_shutdown(
             recorder.call_failed(start_event("CAok"), "no model session: x")
             await recorder.flushed()
             recorder.call_failed(start_event("CAstuck"), "no model session: x")
-            await trio.sleep(0.05)  # its write is in the database now, and hangs
+            while not hanging.is_set():  # its write is in the database now, and hangs
+                await trio.sleep(0.01)
             recorder.call_failed(start_event("CAlater"), "no model session: x")
             closing_s = trio.current_time()
-        assert trio.current_time() - closing_s < 0.3 + 0.2 + 0.5
-        assert recorder.written == 2  # CAok, and CAlater (queued behind the stuck write, then written in the last batch)
+        # SHUTDOWN_WRITE_S, then nothing more: CAlater's write and the close would wait behind the stuck one
+        assert trio.current_time() - closing_s < 0.3 + 1.0
+        assert recorder.written == 1 and recorder.stuck
     finally:
-        stuck.set()  # let the abandoned thread finish
+        stuck.set()  # let the abandoned thread finish, then close what the server left
+        await trio.to_thread.run_sync(answered.wait, 5)
+        for store in stores:
+            await trio.to_thread.run_sync(store.close)
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("call records: 1 record(s) not written: the ") for m in messages), messages
+    assert any(m.startswith("call records: 2 record(s) not written: the ") for m in messages), messages
