@@ -52,6 +52,7 @@ log = logging.getLogger("mediaserver.calls")
 TOKEN_PARAMETER = "token"  # name of the TwiML <Parameter> carrying the one-time token
 START_TIMEOUT_S = 10.0  # connected + start must arrive this soon after the upgrade
 MAX_PENDING = 1000  # pre-opened sessions at once; more webhooks are refused
+SHUTDOWN_GRACE_S = 2.0  # at shutdown, how long a stream accepted before the listener closed has to send start
 MAX_WEBHOOKS_PER_CALL = 3  # answers for one call SID (Twilio may retry the webhook); more look like a replay
 SEEN_CALLS = 50_000  # call SIDs remembered for that, the oldest forgotten first ...
 SEEN_TTL_S = 4 * 3600.0  # ... and for at most this long (Twilio's longest call)
@@ -210,11 +211,18 @@ class CallManager:
         return seen
 
     def stop_accepting(self) -> None:
-        """The server is shutting down: refuse new calls, and close the sessions of calls whose stream has not come.
+        """The server is shutting down: refuse new calls, and soon close the sessions of calls whose stream has not come.
 
-        (It cannot come now: the listener is closed.)  Live calls go on until the drain deadline.
+        (It cannot come now: the listener is closed.  A stream accepted just
+        before has ``SHUTDOWN_GRACE_S`` to send its ``start``.)  Live calls go
+        on until the drain deadline.
         """
         self._closing = True
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_pending)
+
+    async def _close_pending(self) -> None:
+        await trio.sleep(SHUTDOWN_GRACE_S)
         pending = [slot for slot in self._slots.values() if not slot.claimed.is_set()]
         for slot in pending:
             slot.retire("the server is shutting down")
