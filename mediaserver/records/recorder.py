@@ -16,6 +16,7 @@ close the store.
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -76,6 +77,8 @@ class Recorder:
         self.failed = 0  # writes the database refused
         self._unwritten = 0  # queued or being written
         self.stuck = False  # a write was abandoned at shutdown, the database not answering
+        self._deadline = math.inf  # see stop_by
+        self._write_scope: trio.CancelScope | None = None
         self._idle = trio.Event()
         self._idle.set()
         self._live: dict[str, tuple[CallRecord, CallStats]] = {}
@@ -194,9 +197,9 @@ class Recorder:
                     rest.append(self._receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-            if rest and not self.stuck:  # (behind a write the database never answered, this one would wait too)
-                with trio.move_on_after(FINAL_WRITE_S, shield=True):
-                    await self._write(rest)
+            if rest:  # (the writer was cancelled: what is queued gets FINAL_WRITE_S at most)
+                self.stop_by(trio.current_time() + FINAL_WRITE_S)
+                await self._write(rest)
             if self._unwritten:
                 log.error(
                     "call records: %d record(s) not written: the %s did not answer in time",
@@ -224,19 +227,35 @@ class Recorder:
         if self._idle.is_set():
             self._idle = trio.Event()
 
+    def stop_by(self, deadline: float) -> None:
+        """Shutdown: a write still under way at ``deadline`` (Trio time) is abandoned, and nothing more is written.
+
+        Until then writes are shielded from cancellation, as a batch half
+        written is worse than a shutdown a moment later.
+        """
+        self._deadline = min(self._deadline, deadline)
+        if self._write_scope is not None:
+            self._write_scope.deadline = self._deadline
+
     async def _write(self, batch: list[StoreOp]) -> None:
-        try:
-            # (abandon_on_cancel: a database that hangs must not hang the shutdown; the batch then counts as unwritten)
-            failed = await trio.to_thread.run_sync(self.store.apply, batch, abandon_on_cancel=True)
-        except trio.Cancelled:
-            self.stuck = True  # its thread still waits for the database, holding the store
-            raise
-        except Exception as exc:
-            failed = len(batch)
-            log.error("call records: could not write %d record(s) to the %s: %s", failed, self.store.description, exc)
-        else:
-            if failed:
-                log.error("call records: %d of %d record(s) could not be written", failed, len(batch))
+        if self.stuck:  # behind a write the database never answered, this one would wait too
+            return
+        failed = len(batch)
+        with trio.CancelScope(shield=True, deadline=self._deadline) as scope:
+            self._write_scope = scope
+            try:
+                # (abandon_on_cancel: at the deadline the thread is left waiting for the database)
+                failed = await trio.to_thread.run_sync(self.store.apply, batch, abandon_on_cancel=True)
+            except Exception as exc:
+                log.error("call records: could not write %d record(s) to the %s: %s", failed, self.store.description, exc)
+            else:
+                if failed:
+                    log.error("call records: %d of %d record(s) could not be written", failed, len(batch))
+            finally:
+                self._write_scope = None
+        if scope.cancelled_caught:
+            self.stuck = True  # its thread still waits for the database, holding the store: the batch is unwritten
+            return
         self.failed += failed
         self.written += len(batch) - failed
         self._unwritten -= len(batch)
@@ -316,7 +335,7 @@ async def open_recorder(
                 yield recorder
             finally:
                 recorder.close()
-                nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_WRITE_S
+                recorder.stop_by(trio.current_time() + SHUTDOWN_WRITE_S)
     finally:
         if recorder is None or not recorder.stuck:  # (else the store is held by the abandoned write: leave it)
             with trio.move_on_after(FINAL_WRITE_S, shield=True):
