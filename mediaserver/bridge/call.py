@@ -263,6 +263,7 @@ class CallBridge:
         # Reply latency: when the provider last said the caller stopped speaking (None once answered), and the
         # items already under way then (generating, queued, pending), whose audio is not the answer.
         self._speech_stopped_s: float | None = None
+        self._writing: str | None = None  # the item of the chunk the pacer is writing, until it is counted
         self._audio_in_s = 0.0  # when the provider last sent audio
         self._tool_groups: dict[str, int] = {}  # response id -> its tool calls under way
         self._answer_owed: set[str] = set()  # responses whose finished tools asked for an answer while others ran
@@ -583,7 +584,12 @@ class CallBridge:
         elif isinstance(event, pv.SpeechStopped):
             self._speech_stopped_s = self._now()
             self._before_stop = frozenset(
-                [*self._generating, *(chunk.item for chunk in self._queue), self._pending_item if self._pending else None]
+                [
+                    *self._generating,
+                    *(chunk.item for chunk in self._queue),
+                    self._pending_item if self._pending else None,
+                    self._writing,  # the chunk the pacer is writing now
+                ]
             )
         elif isinstance(event, pv.ProviderError):
             if event.fatal:
@@ -929,11 +935,13 @@ class CallBridge:
                 if not self._queue:
                     continue
                 chunk = self._queue.popleft()
+                self._writing = chunk.item  # (out of the queue, not yet counted: still under way for SpeechStopped)
                 sent = await self._send_chunk(chunk)
             finally:
                 lock.release()
             if sent:  # (as _pace_now: a chunk the stopped stream did not take is not counted)
                 self._chunk_sent(chunk, slot_s, now)
+            self._writing = None
 
     async def _barge_in(self) -> None:
         """The caller started talking: stop the agent now, cut its reply at what was heard."""
