@@ -124,7 +124,11 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         if token is None:
             body = twiml.say_and_hangup("Sorry, all our agents are busy. Please call again later.")
             return Response(body, content_type=twiml.CONTENT_TYPE)
-        body = twiml.connect_stream(stream, {TOKEN_PARAMETER: token, "CallSid": call_sid})
+        try:
+            body = twiml.connect_stream(stream, {TOKEN_PARAMETER: token, "CallSid": call_sid})
+        except ValueError as exc:  # a CallSid TwiML cannot carry: the session opened for it must not wait for a stream
+            calls.withdraw(token, "the webhook could not be answered")
+            abort(400, str(exc))
         log.info("call %s: webhook from %s, streaming to %s", call_sid, (params.get("From") or ["?"])[0], stream)
         return Response(body, content_type=twiml.CONTENT_TYPE)
 

@@ -222,8 +222,12 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
         if token is None:
             body = twiml.say_and_hangup("Sorry, all our agents are busy. Please try again later.")
             return Response(body, content_type=twiml.CONTENT_TYPE)
+        try:
+            body = twiml.connect_stream(stream, {TOKEN_PARAMETER: token, "CallSid": call_sid})
+        except ValueError as exc:  # a CallSid TwiML cannot carry: the session opened for it must not wait for a stream
+            calls.withdraw(token, "the webhook could not be answered")
+            return str(exc), 400
         log.info("outbound call %s: answered by %s, streaming to %s", call_sid, to or "?", stream)
-        body = twiml.connect_stream(stream, {TOKEN_PARAMETER: token, "CallSid": call_sid})
         return Response(body, content_type=twiml.CONTENT_TYPE)
 
     return pending

@@ -712,3 +712,18 @@ async def test_app_a_webhook_body_that_trickles_in_is_cut_off(monkeypatch: pytes
                     response += chunk
             assert response.startswith(b"HTTP/1.1 408"), response[:80]
             assert trio.current_time() - started < 2.0
+
+
+@fail_after(10)
+async def test_app_a_call_sid_twiml_cannot_carry_is_refused_without_leaving_a_session(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """(A parameter TwiML cannot carry makes the answer fail after the session began to open: it is closed at once.)"""
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        response = await http_request(url + "/twiml", "POST", form=[("CallSid", "CA" + "1" * 600)])
+        assert response.status == 400 and b"Twilio allows fewer than 500" in response.body
+        with trio.fail_after(2):
+            while json.loads((await http_request(url + "/healthz")).body)["pending_calls"]:
+                await trio.sleep(0.05)
+        for session in model.sessions:  # opened (or opening) for it: closed, not left billing until the timeout
+            await session.closed.wait()

@@ -200,6 +200,12 @@ class CallManager:
         self._nursery.start_soon(self._preopen, token, slot)
         return token
 
+    def withdraw(self, token: str, reason: str) -> None:
+        """Close the session :meth:`prepare` opened for ``token``: its answer could not be sent (a stream with it is hung up)."""
+        slot = self._slots.get(token)
+        if slot is not None and not slot.claimed.is_set():
+            slot.retire(reason)
+
     def _seen_call(self, call_sid: str) -> _Seen:
         now = trio.current_time()
         seen = self._seen.get(call_sid)
