@@ -570,7 +570,6 @@ class CallBridge:
         if isinstance(event, pv.AudioDelta):
             if event.item_id not in self._interrupted:
                 self._generating[event.item_id] = None
-                self._audio_in_s = self._now()
                 self._downlink(event.item_id, event.payload)
         elif isinstance(event, pv.AudioDone):
             self._generating.pop(event.item_id, None)
@@ -814,7 +813,7 @@ class CallBridge:
     # -- downlink --------------------------------------------------------------
 
     def _downlink(self, item: str, payload: bytes) -> None:
-        now = self._now()
+        now = self._audio_in_s = self._now()  # (also when audio last came: see _quiet)
         if self._down_pcm:
             if self._down_resampler is not None:
                 payload = self._down_resampler.process(payload)
