@@ -85,6 +85,7 @@ class _Seen:
     first_s: float
     webhooks: int = 0
     streamed: bool = False
+    token: str | None = None  # the newest answer's one-time token (its slot, while pending, is in _slots)
 
 
 class CallManager:
@@ -104,7 +105,6 @@ class CallManager:
         self.rest = TwilioRest.from_settings(settings)  # transfers; None without credentials
         self.agent = dataclasses.replace(AgentOptions.from_settings(settings), tools=self.tools.specs())
         self._slots: dict[str, _Slot] = {}
-        self._pending_tokens: dict[str, str] = {}  # call SID -> the token of its newest pending slot
         self._seen: OrderedDict[str, _Seen] = OrderedDict()  # call SIDs answered lately (see prepare)
         self._closing = False  # stop_accepting() was called
         self._nursery: trio.Nursery | None = None
@@ -187,7 +187,7 @@ class CallManager:
             log.warning("call %s: webhook refused: %s (a replayed request?)", call_sid, why)
             return None
         seen.webhooks += 1
-        earlier = self._slots.get(self._pending_tokens.get(call_sid, ""))
+        earlier = self._slots.get(seen.token or "")
         if earlier is not None and not earlier.claimed.is_set():
             # The webhook again for a call whose stream has not come (Twilio retried it, or a fallback URL
             # pointed here): only the newest answer's stream can come, so the earlier session would only bill.
@@ -196,7 +196,7 @@ class CallManager:
         token = secrets.token_urlsafe(24)
         slot = _Slot(call_sid, agent or self.agent)
         self._slots[token] = slot
-        self._pending_tokens[call_sid] = token
+        seen.token = token
         self._nursery.start_soon(self._preopen, token, slot)
         return token
 
@@ -244,8 +244,6 @@ class CallManager:
                 await self._open_for(slot, deadline)
         finally:
             self._slots.pop(token, None)
-            if self._pending_tokens.get(slot.call_sid) == token:
-                del self._pending_tokens[slot.call_sid]
 
     async def _open_for(self, slot: _Slot, deadline: float) -> None:
         """The session of a pending call: opened, held until its stream is over (or none came), closed."""
