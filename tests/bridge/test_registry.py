@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
@@ -15,52 +15,80 @@ from mediaserver.agents.echo import EchoLink
 from mediaserver.bridge.link import AgentOptions, ProviderLink
 from mediaserver.bridge.registry import SHUTDOWN_GRACE_S, CallManager
 from mediaserver.config import Settings
-from tests.fakes import TwilioMessages, memory_twilio_pair
+from tests.fakes import MemoryMessageStream, TwilioMessages, memory_twilio_pair
 
 CALL = "CA" + "1" * 32
+OTHER = "CA" + "3" * 32
 STREAM = "MZ" + "2" * 32
+
+
+class Sessions:
+    """Opens echo sessions for a CallManager, noting when each closed (and whose greeting it had)."""
+
+    def __init__(self, close_s: float = 0.0) -> None:
+        self.close_s = close_s  # how long closing takes (a WebSocketLink's close handshake: at most 1 s)
+        self.opened = 0
+        self.closed: list[tuple[float, str | None]] = []
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
+        link = EchoLink()
+        self.opened += 1
+        try:
+            yield link
+        finally:
+            if self.close_s:
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(self.close_s)
+            link.close()
+            self.closed.append((trio.current_time(), agent.greeting))
+
+
+def manager(sessions: Sessions, **settings: object) -> CallManager:
+    return CallManager(
+        Settings(provider="echo", twilio_auth_token="t", data_dir=tempfile.mkdtemp(), **settings),  # type: ignore[arg-type]
+        sessions,
+    )
+
+
+async def started_stream(call_sid: str, token: str | None) -> MemoryMessageStream:
+    """A Media Stream whose caller has sent ``connected`` and ``start`` with ``token``."""
+    stream, caller = memory_twilio_pair()
+    messages = TwilioMessages(stream_sid=STREAM, call_sid=call_sid)
+    await caller.send_message(messages.connected())
+    await caller.send_message(messages.start({"token": token or ""}))
+    return stream
+
+
+def run_virtual(main: Callable[[], Awaitable[None]], caplog: pytest.LogCaptureFixture) -> list[str]:
+    """``main`` under a MockClock; the log lines it wrote."""
+    caplog.set_level(logging.INFO)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return [r.getMessage() for r in caplog.records]
 
 
 def test_a_stream_arriving_while_a_timed_out_session_closes_is_refused_not_bridged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """After ``stream_timeout_s`` the session closes (which takes a while); a stream then gets no half-closed session."""
-    closes: list[float] = []
-
-    @contextlib.asynccontextmanager
-    async def slow_close(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
-        link = EchoLink()
-        try:
-            yield link
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.sleep(1.0)  # a close handshake, as WebSocketLink's (at most 1 s)
-            link.close()
-            closes.append(trio.current_time())
+    sessions = Sessions(close_s=1.0)
 
     async def main() -> None:
-        settings = Settings(provider="echo", stream_timeout_s=5.0, data_dir=tempfile.mkdtemp())
-        calls = CallManager(settings, slow_close)
+        calls = manager(sessions, stream_timeout_s=5.0)
         async with trio.open_nursery() as nursery:
             await nursery.start(calls.run)
             token = calls.prepare(CALL)
             await trio.sleep(5.5)  # the timeout has passed; the session is still closing
-            assert closes == []
-            stream, caller = memory_twilio_pair()
-            messages = TwilioMessages(stream_sid=STREAM, call_sid=CALL)
-            await caller.send_message(messages.connected())
-            await caller.send_message(messages.start({"token": token}))
+            assert sessions.closed == []
             with trio.fail_after(1):
-                await calls.handle_stream(stream)  # refused at once: it returns
+                await calls.handle_stream(await started_stream(CALL, token))  # refused at once: it returns
             assert calls.active == 0
             assert calls.refused == {"no_model_session": 1}
             await trio.sleep(1)
-            assert closes == [6.0] and calls.model_sessions == 0  # (the timeout at 5 s, then the 1 s close)
+            assert sessions.closed == [(6.0, None)] and calls.model_sessions == 0  # (timeout at 5 s, 1 s close)
             nursery.cancel_scope.cancel()
 
-    caplog.set_level(logging.INFO)
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    messages = [r.getMessage() for r in caplog.records]
+    messages = run_virtual(main, caplog)
     assert f"call {CALL}: no model session (no media stream within 5 s); hanging up" in messages, messages
     assert not any(m.startswith(f"call {CALL}: started") for m in messages)
 
@@ -69,136 +97,84 @@ def test_the_webhook_again_for_the_same_call_closes_the_session_opened_for_the_f
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A retried webhook (or a fallback URL pointing here) must not leave a second billed session open until the timeout."""
-    opened: list[EchoLink] = []
-    closed: list[float] = []
-
-    @contextlib.asynccontextmanager
-    async def opener(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
-        link = EchoLink()
-        opened.append(link)
-        try:
-            yield link
-        finally:
-            link.close()
-            closed.append(trio.current_time())
+    sessions = Sessions()
 
     async def main() -> None:
-        settings = Settings(provider="echo", stream_timeout_s=15.0, twilio_auth_token="t", data_dir=tempfile.mkdtemp())
-        calls = CallManager(settings, opener)
+        calls = manager(sessions, stream_timeout_s=15.0)
         async with trio.open_nursery() as nursery:
             await nursery.start(calls.run)
             first = calls.prepare(CALL)
             await trio.sleep(1)
-            other = calls.prepare("CA" + "3" * 32)  # another call's session is not touched
+            assert calls.prepare(OTHER) is not None  # another call's session is not touched
             second = calls.prepare(CALL)
-            await trio.sleep(0)
             await trio.sleep(0.001)
-            assert closed == [1.0] and len(opened) == 3 and calls.model_sessions == 2
-            assert first != second and other is not None
+            assert sessions.closed == [(1.0, None)] and sessions.opened == 3 and calls.model_sessions == 2
+            assert first != second
             # A stream with the first answer's token is hung up; the second's is bridged.
-            stale, caller = memory_twilio_pair()
-            messages = TwilioMessages(stream_sid=STREAM, call_sid=CALL)
-            await caller.send_message(messages.connected())
-            await caller.send_message(messages.start({"token": first}))
             with trio.fail_after(1):
-                await calls.handle_stream(stale)
+                await calls.handle_stream(await started_stream(CALL, first))
             assert calls.refused == {"no_token": 1}  # (the slot is gone: its token is no longer known)
-            stream, caller = memory_twilio_pair()
-            await caller.send_message(messages.connected())
-            await caller.send_message(messages.start({"token": second}))
-            nursery.start_soon(calls.handle_stream, stream)
+            nursery.start_soon(calls.handle_stream, await started_stream(CALL, second))
             await trio.sleep(0.1)
             assert calls.active == 1
             nursery.cancel_scope.cancel()
 
-    caplog.set_level(logging.INFO)
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    messages = [r.getMessage() for r in caplog.records]
+    messages = run_virtual(main, caplog)
     assert f"call {CALL}: webhook again before its stream; closing the session opened for the first" in messages
 
 
-def test_stop_accepting_closes_pending_sessions_and_refuses_new_calls_but_keeps_live_ones() -> None:
-    closed: list[str] = []
-
-    @contextlib.asynccontextmanager
-    async def opener(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
-        link = EchoLink()
-        try:
-            yield link
-        finally:
-            link.close()
-            closed.append(agent.greeting or "")
+def test_stop_accepting_closes_pending_sessions_and_refuses_new_calls_but_keeps_live_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sessions = Sessions()
 
     async def main() -> None:
-        settings = Settings(provider="echo", twilio_auth_token="t", data_dir=tempfile.mkdtemp())
-        calls = CallManager(settings, opener)
+        calls = manager(sessions)
         async with trio.open_nursery() as nursery:
             await nursery.start(calls.run)
             live_token = calls.prepare(CALL, AgentOptions("i", greeting="live"))
-            calls.prepare("CA" + "3" * 32, AgentOptions("i", greeting="pending"))
-            stream, caller = memory_twilio_pair()
-            messages = TwilioMessages(stream_sid=STREAM, call_sid=CALL)
-            await caller.send_message(messages.connected())
-            await caller.send_message(messages.start({"token": live_token}))
-            nursery.start_soon(calls.handle_stream, stream)
+            calls.prepare(OTHER, AgentOptions("i", greeting="pending"))
+            nursery.start_soon(calls.handle_stream, await started_stream(CALL, live_token))
             await trio.sleep(1)
             assert calls.active == 1 and calls.model_sessions == 2
             calls.stop_accepting()
             await trio.sleep(SHUTDOWN_GRACE_S - 0.1)
-            assert closed == []  # (a stream accepted just before the listener closed may still send start)
+            assert sessions.closed == []  # (a stream accepted just before the listener closed may still send start)
             await trio.sleep(0.2)
-            assert closed == ["pending"] and calls.active == 1  # the live call goes on
+            assert [greeting for _, greeting in sessions.closed] == ["pending"] and calls.active == 1  # live goes on
             assert calls.prepare("CA" + "4" * 32) is None
             assert calls.refused == {"shutting_down": 1}
             nursery.cancel_scope.cancel()
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    run_virtual(main, caplog)
 
 
 def test_a_replayed_webhook_gets_no_session_once_the_call_streamed_or_was_answered_three_times(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Twilio signatures carry no timestamp: a captured webhook must not open sessions again and again."""
-    opened: list[str] = []
-
-    @contextlib.asynccontextmanager
-    async def opener(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
-        link = EchoLink()
-        opened.append("x")
-        try:
-            yield link
-        finally:
-            link.close()
+    sessions = Sessions()
 
     async def main() -> None:
-        settings = Settings(provider="echo", twilio_auth_token="t", data_dir=tempfile.mkdtemp())
-        calls = CallManager(settings, opener)
+        calls = manager(sessions)
         async with trio.open_nursery() as nursery:
             await nursery.start(calls.run)
             # A call that streamed: a later webhook for it is refused.
-            token = calls.prepare(CALL)
-            stream, caller = memory_twilio_pair()
-            messages = TwilioMessages(stream_sid=STREAM, call_sid=CALL)
-            await caller.send_message(messages.connected())
-            await caller.send_message(messages.start({"token": token}))
-            nursery.start_soon(calls.handle_stream, stream)
+            nursery.start_soon(calls.handle_stream, await started_stream(CALL, calls.prepare(CALL)))
             await trio.sleep(1)
             assert calls.active == 1
             assert calls.prepare(CALL) is None
             # A call that never streamed: three answers (Twilio's retries), then no more.
-            other = "CA" + "3" * 32
-            assert all(calls.prepare(other) is not None for _ in range(3))
-            assert calls.prepare(other) is None
+            assert all(calls.prepare(OTHER) is not None for _ in range(3))
+            assert calls.prepare(OTHER) is None
             assert calls.refused == {"replayed": 2}
             await trio.sleep(0.1)
-            assert len(opened) == 4  # the streamed call's, and three for the other (each closing the one before)
+            assert sessions.opened == 4  # the streamed call's, and three for the other (each closing the one before)
             # Much later (past the longest call), the SID is forgotten.
             await trio.sleep(4 * 3600 + 1)
-            assert calls.prepare(other) is not None
+            assert calls.prepare(OTHER) is not None
             nursery.cancel_scope.cancel()
 
-    caplog.set_level(logging.INFO)
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    messages = [r.getMessage() for r in caplog.records]
+    messages = run_virtual(main, caplog)
     assert f"call {CALL}: webhook refused: its media stream already ran (a replayed request?)" in messages
-    assert f"call CA{'3' * 32}: webhook refused: answered 3 times already (a replayed request?)" in messages
+    assert f"call {OTHER}: webhook refused: answered 3 times already (a replayed request?)" in messages
