@@ -78,46 +78,38 @@ def _lines(stream: IO[str], count: int, timeout_s: float) -> list[str]:
     return got
 
 
-def test_the_server_logs_json_lines_from_its_first_line(tmp_path: Path) -> None:
+def _first_json_lines(tmp_path: Path, count: int, **env_extra: str) -> list[dict[str, object]]:
+    """Start ``mediaserver serve`` in JSON log mode (no settings from this environment) and read its first lines."""
     with socket.socket() as probe:  # a free port (the server refuses port 0)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIASERVER_", "TWILIO_"))}
-    env.update(MEDIASERVER_DATA_DIR=str(tmp_path), MEDIASERVER_LOG_FORMAT="json")
+    env.update(MEDIASERVER_DATA_DIR=str(tmp_path), MEDIASERVER_LOG_FORMAT="json", **env_extra)
     with subprocess.Popen(
         [sys.executable, "-m", "mediaserver", "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", "/nonexistent"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
     ) as proc:
         try:
             assert proc.stderr is not None
-            lines = _lines(proc.stderr, 2, timeout_s=30)
+            lines = _lines(proc.stderr, count, timeout_s=30)
         finally:
             proc.terminate()
             proc.wait(timeout=10)
-    first = json.loads(lines[0])
-    assert first["level"] == "WARNING" and "DEVELOPMENT MODE" in first["message"]
-    assert json.loads(lines[1])["logger"].startswith("mediaserver")
+    return [json.loads(line) for line in lines]
+
+
+def test_the_server_logs_json_lines_from_its_first_line(tmp_path: Path) -> None:
+    first, second = _first_json_lines(tmp_path, 2)
+    assert first["level"] == "WARNING" and "DEVELOPMENT MODE" in str(first["message"])
+    assert str(second["logger"]).startswith("mediaserver")
 
 
 def test_signatures_checked_against_client_headers_are_warned_about_at_start(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIASERVER_", "TWILIO_"))}
-    env.update(MEDIASERVER_DATA_DIR=str(tmp_path), MEDIASERVER_LOG_FORMAT="json", TWILIO_AUTH_TOKEN="secret")
-    with subprocess.Popen(
-        [sys.executable, "-m", "mediaserver", "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", "/nonexistent"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
-    ) as proc:
-        try:
-            assert proc.stderr is not None
-            first = json.loads(_lines(proc.stderr, 1, timeout_s=30)[0])
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+    [first] = _first_json_lines(tmp_path, 1, TWILIO_AUTH_TOKEN="secret")
     assert first["level"] == "WARNING"
-    assert first["message"].startswith("MEDIASERVER_PUBLIC_URL is not set, so webhook signatures are checked against")
-    assert "secret" not in first["message"]
+    message = str(first["message"])
+    assert message.startswith("MEDIASERVER_PUBLIC_URL is not set, so webhook signatures are checked against")
+    assert "secret" not in message
 
 
 def test_in_json_mode_a_port_in_use_is_a_json_line_too(tmp_path: Path) -> None:
