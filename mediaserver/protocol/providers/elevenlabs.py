@@ -319,9 +319,8 @@ class ElevenLabsSession(ProviderCore[SessionState, ElevenLabsConfig]):
         text = text_field(event, "corrected_agent_response", "agent_response_correction_event")
         return Transcript("assistant", text.strip(), final=True)
 
-    def _on_response_complete(self, msg: JsonObject, raw: str) -> ProviderEvent:
-        item, self._item = self._item, None
-        return Other("agent_response_complete", raw) if item is None else AudioDone(item)
+    def _on_response_complete(self, msg: JsonObject, raw: str) -> ProviderEvent | tuple[ProviderEvent, ...]:
+        return self._close_item() or Other("agent_response_complete", raw)
 
     def _on_tool_call(self, msg: JsonObject, raw: str) -> ProviderEvent:
         call = obj_field(msg, "client_tool_call", "client_tool_call")

@@ -315,9 +315,7 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         events = self._end_audio()
         if self._turn is not None:
             events.append(ResponseDone(self._turn, "cancelled", "reconnected"))
-        self._turn = None
-        self._turn_open = False
-        self._turn_interrupted = False
+        self._end_turn()
         return events
 
     def _transition(self, what: _Input, *, inbound: bool) -> None:
@@ -477,10 +475,13 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
                     events.append(ResponseDone(self._turn, "cancelled", reason or "interrupted"))
                 else:
                     events.append(ResponseDone(self._turn, "completed", reason))
-            self._turn = None
-            self._turn_open = False
-            self._turn_interrupted = False
+            self._end_turn()
         return events
+
+    def _end_turn(self) -> None:
+        self._turn = None
+        self._turn_open = False
+        self._turn_interrupted = False
 
     def _model_turn(self, content: JsonObject) -> list[ProviderEvent]:
         parts = content.get("parts", [])
