@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (MEDIASERVER_LOG_LEVEL)")
     serve.add_argument("--log-format", choices=("text", "json"), help="text or json lines (MEDIASERVER_LOG_FORMAT, default text)")
-    serve.add_argument("--env-file", default=".env", help="read settings from this file if it exists (default .env)")
+    serve.add_argument("--env-file", help="read settings from this file (default: .env, if there is one; '' for none)")
     sub.add_parser("settings", help="list every setting with its environment variable and default")
     for name, (module, summary) in _COMMANDS.items():
         command = sub.add_parser(name, help=summary, description=summary)
@@ -92,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for env, default, doc in Settings.describe():
             print(f"{env:32} {default:42} {doc}")
         return 0
-    load_dotenv_file(getattr(args, "env_file", ".env"))
     try:
+        load_dotenv_file(getattr(args, "env_file", None))
         settings = Settings.from_env(
             host=getattr(args, "host", None),
             port=getattr(args, "port", None),

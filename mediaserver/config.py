@@ -8,6 +8,7 @@ build it once at start and pass it down.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -197,8 +198,9 @@ class Settings:
         if self.log_format.lower() not in LOG_FORMATS:
             raise ConfigError(f"MEDIASERVER_LOG_FORMAT must be text or json, not {self.log_format!r}")
         for name in ("stream_timeout_s", "idle_timeout_s", "max_call_s", "connect_timeout_s", "drain_s", "tool_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{_env_name(name)} must be positive")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{_env_name(name)} must be a positive number of seconds, not {value!r}")
         return self
 
     @property
@@ -240,10 +242,32 @@ def _parse(name: str, env: str, raw: str, default: Any) -> Any:
     return raw.strip()
 
 
-def load_dotenv_file(path: str | os.PathLike[str] = ".env") -> bool:
-    """Load ``KEY=value`` lines into ``os.environ`` without overriding what is set."""
-    if not Path(path).is_file():
-        return False
-    from dotenv import load_dotenv
+def load_dotenv_file(path: str | os.PathLike[str] | None = None) -> bool:
+    """Load ``KEY=value`` lines into ``os.environ``, without overriding what is set (and not empty).
 
-    return bool(load_dotenv(path, override=False))
+    ``path`` None means ``.env`` if there is one, and ``""`` no file; a path
+    given explicitly (``--env-file``) must exist.  A file that cannot be read or parsed is a
+    :class:`ConfigError`, not a traceback.  A variable set but empty (as
+    docker-compose passes through an unset ``${VAR}``) counts as unset, as it
+    does for the settings themselves, so the file's value fills it in.
+    """
+    if path == "":
+        return False
+    required = path is not None
+    path = Path(".env" if path is None else path)
+    if not path.is_file():
+        if required:
+            raise ConfigError(f"--env-file {str(path)!r}: no such file")
+        return False
+    from dotenv import dotenv_values
+
+    try:
+        values = dotenv_values(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {str(path)!r}: {exc} (it must be a UTF-8 text file of KEY=value lines)") from None
+    loaded = False
+    for key, value in values.items():
+        if value is not None and not os.environ.get(key):
+            os.environ[key] = value
+            loaded = True
+    return loaded

@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--greeting", help="what the agent says first when the callee answers")
     parser.add_argument("--instructions", help="instructions for the agent on this call")
     parser.add_argument("--server", help="the running server's base URL (default http://127.0.0.1:$MEDIASERVER_PORT)")
-    parser.add_argument("--env-file", default=".env", help="read settings from this file if it exists (default .env)")
+    parser.add_argument("--env-file", help="read settings from this file (default: .env, if there is one; '' for none)")
 
 
 def _fail(message: str, status: int = 1) -> int:
@@ -37,8 +37,8 @@ def _fail(message: str, status: int = 1) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    load_dotenv_file(args.env_file)
     try:
+        load_dotenv_file(args.env_file)
         settings = Settings.from_env()
     except ConfigError as exc:
         return _fail(f"configuration error: {exc}", 2)

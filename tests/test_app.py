@@ -240,7 +240,7 @@ async def test_app_stream_without_a_valid_token_is_refused(caplog: pytest.LogCap
                 async with caller.attached(ws):
                     await caller.send_silence(100, paced=False)
                     await caller.closed.wait()
-            assert caller.close_code == 1000
+            assert caller.close_code == 1008  # refused (Twilio ignores the code; mediaserver dial reports it)
             assert caller.received == []
         # The same token for another call is refused too.
         other = FakeTwilioCaller(call_sid=CALL_B, custom_parameters=twiml.parameters)
@@ -588,7 +588,7 @@ async def test_app_unreachable_model_hangs_up_the_call(
             async with phone_call(url) as caller:
                 await caller.send_silence(100)
                 await caller.closed.wait()
-            assert caller.received == [] and caller.close_code == 1000
+            assert caller.received == [] and caller.close_code == 1011  # not served
             # The server is unharmed and ready for the next call.
             health = json.loads((await http_request(url + "/healthz")).body)
             assert (health["status"], health["active_calls"], health["pending_calls"]) == ("ok", 0, 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mediaserver.__main__ import main
-from mediaserver.config import ConfigError, Settings
+from mediaserver.config import ConfigError, Settings, load_dotenv_file
 
 
 def test_config_defaults_need_no_keys() -> None:
@@ -37,7 +37,9 @@ def test_config_reads_environment_and_overrides_win() -> None:
         ({"MEDIASERVER_PROVIDER": "nope"}, "MEDIASERVER_PROVIDER must be one of"),
         ({"MEDIASERVER_PORT": "eighty"}, "MEDIASERVER_PORT must be a number"),
         ({"MEDIASERVER_PORT": "70000"}, "MEDIASERVER_PORT must be 1-65535"),
-        ({"MEDIASERVER_IDLE_TIMEOUT_S": "0"}, "MEDIASERVER_IDLE_TIMEOUT_S must be positive"),
+        ({"MEDIASERVER_IDLE_TIMEOUT_S": "0"}, "MEDIASERVER_IDLE_TIMEOUT_S must be a positive number of seconds"),
+        ({"MEDIASERVER_MAX_CALL_S": "nan"}, r"MEDIASERVER_MAX_CALL_S must be a positive number of seconds, not nan"),
+        ({"MEDIASERVER_TOOL_TIMEOUT_S": "inf"}, r"MEDIASERVER_TOOL_TIMEOUT_S must be a positive number of seconds, not inf"),
         ({"OPENAI_AUDIO_FORMAT": "pcm16"}, "OPENAI_AUDIO_FORMAT must be pcmu or pcm24k"),
         ({"MEDIASERVER_PUBLIC_URL": "example.com"}, "MEDIASERVER_PUBLIC_URL must start with https://"),
         ({"MEDIASERVER_PUBLIC_URL": "https://voice.example.com:443x"}, "MEDIASERVER_PUBLIC_URL is malformed"),
@@ -70,7 +72,7 @@ def test_config_cli_reports_a_missing_key_before_starting(
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("MEDIASERVER_PROVIDER", "openai")
-    assert main(["serve", "--env-file", "/nonexistent/.env"]) == 2
+    assert main(["serve", "--env-file", ""]) == 2
     assert "needs OPENAI_API_KEY" in capsys.readouterr().err
 
 
@@ -78,7 +80,7 @@ def test_config_cli_instance_url_is_checked_before_starting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("MEDIASERVER_INSTANCE_URL", raising=False)
-    assert main(["serve", "--env-file", "/nonexistent/.env", "--instance-url", "a.example.com"]) == 2
+    assert main(["serve", "--env-file", "", "--instance-url", "a.example.com"]) == 2
     assert "MEDIASERVER_INSTANCE_URL must be https://host" in capsys.readouterr().err
 
 
@@ -93,7 +95,7 @@ def test_config_cli_a_bad_log_level_is_a_configuration_error_not_a_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("MEDIASERVER_LOG_LEVEL", raising=False)
-    assert main(["serve", "--env-file", "/nonexistent/.env", "--log-level", "verbose"]) == 2
+    assert main(["serve", "--env-file", "", "--log-level", "verbose"]) == 2
     assert "MEDIASERVER_LOG_LEVEL must be one of" in capsys.readouterr().err
     assert Settings.from_env({"MEDIASERVER_LOG_LEVEL": "debug", "MEDIASERVER_LOG_FORMAT": "json"}).log_format == "json"
     for level in ("warn", "CRITICAL", "Error"):
@@ -151,7 +153,7 @@ def test_serve_on_a_port_in_use_says_so_and_exits_2(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert main(["serve", "--env-file", "/nonexistent/.env", "--host", "127.0.0.1", "--port", str(port)]) == 2
+        assert main(["serve", "--env-file", "", "--host", "127.0.0.1", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"mediaserver: cannot listen on 127.0.0.1:{port}: Address already in use" in err
     assert "Traceback" not in err
@@ -176,3 +178,41 @@ def test_serve_binds_hosts_as_hypercorn_did() -> None:
             assert "cannot listen on [::1]:0" in str(exc)
     with pytest.raises(ListenError, match="cannot listen on no-such-host.invalid:0"):
         listen_socket("no-such-host.invalid", 0, 8)
+
+
+def test_config_env_file_named_on_the_command_line_must_exist(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # (no .env here: the default stays optional)
+    assert load_dotenv_file() is False
+    assert load_dotenv_file("") is False
+    # (a bad log level too: were the file skipped, the command would still stop, for another reason)
+    assert main(["serve", "--env-file", "prod.evn", "--log-level", "verbose"]) == 2
+    assert "--env-file 'prod.evn': no such file" in capsys.readouterr().err
+
+
+def test_config_env_file_that_is_not_utf8_is_a_configuration_error_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    env = tmp_path / "latin1.env"
+    env.write_bytes(b"AGENT_GREETING=caf\xe9\n")
+    with pytest.raises(ConfigError, match="must be a UTF-8 text file"):
+        load_dotenv_file(env)
+    assert main(["serve", "--env-file", str(env), "--log-level", "verbose"]) == 2
+    assert "configuration error: cannot read" in capsys.readouterr().err
+
+
+def test_config_env_file_fills_variables_set_but_empty_and_keeps_the_others(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env = tmp_path / "x.env"
+    env.write_text("export OPENAI_API_KEY='sk-from-file'\nAGENT_VOICE=file\r\nAGENT_GREETING=\"from file\" # comment\n")
+    monkeypatch.setenv("OPENAI_API_KEY", "")  # as docker-compose passes an unset ${OPENAI_API_KEY}
+    monkeypatch.setenv("AGENT_VOICE", "from-environment")
+    monkeypatch.delenv("AGENT_GREETING", raising=False)
+    assert load_dotenv_file(env) is True
+    import os
+
+    assert os.environ["OPENAI_API_KEY"] == "sk-from-file"
+    assert os.environ["AGENT_VOICE"] == "from-environment"
+    assert os.environ["AGENT_GREETING"] == "from file"

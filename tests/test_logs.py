@@ -86,7 +86,7 @@ def _first_json_lines(tmp_path: Path, count: int, **env_extra: str) -> list[dict
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIASERVER_", "TWILIO_"))}
     env.update(MEDIASERVER_DATA_DIR=str(tmp_path), MEDIASERVER_LOG_FORMAT="json", **env_extra)
     with subprocess.Popen(
-        [sys.executable, "-m", "mediaserver", "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", "/nonexistent"],
+        [sys.executable, "-m", "mediaserver", "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", ""],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
     ) as proc:
         try:
@@ -120,7 +120,7 @@ def test_in_json_mode_a_port_in_use_is_a_json_line_too(tmp_path: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIASERVER_", "TWILIO_"))}
         env.update(MEDIASERVER_DATA_DIR=str(tmp_path), MEDIASERVER_LOG_FORMAT="json")
         proc = subprocess.run(
-            [sys.executable, "-m", "mediaserver", "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", "/nonexistent"],
+            [sys.executable, "-m", "mediaserver", "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", ""],
             capture_output=True, text=True, env=env, timeout=60, check=False,
         )
     assert proc.returncode == 2

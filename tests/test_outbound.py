@@ -258,7 +258,7 @@ async def test_outbound_is_off_without_api_key_or_credentials() -> None:
 
 
 def cli_args(*argv: str) -> Any:
-    return _parser().parse_args(["call", *argv, "--env-file", "no-such.env"])
+    return _parser().parse_args(["call", *argv, "--env-file", ""])
 
 
 def test_outbound_cli_usage_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -49,7 +49,7 @@ import math
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import trio
 
@@ -65,7 +65,7 @@ from mediaserver.twilio_rest import TwilioRest, TwilioRestError, dial_twiml
 from .link import PolledLink, ProviderClosed, ProviderLink
 from .stats import CallStats
 
-__all__ = ["CallBridge", "MessageStream", "PolledStream", "StreamClosed"]
+__all__ = ["CallBridge", "MessageStream", "PolledStream", "StreamClosed", "StreamEnd"]
 
 log = logging.getLogger("mediaserver.call")
 
@@ -81,6 +81,21 @@ _MEDIA, _STOP, _OTHER, _BARGE = object(), object(), object(), object()
 
 class StreamClosed(Exception):
     """The Twilio WebSocket is gone."""
+
+
+class StreamEnd(NamedTuple):
+    """How to close a Twilio stream that did not end normally: the WebSocket close code and reason.
+
+    Twilio ignores both; they are for the operator's tools and for ``mediaserver dial``,
+    which reports a call closed with anything but 1000 as failed.
+    """
+
+    code: int
+    reason: str
+
+
+REFUSED = 1008  # policy violation: the stream was refused (no token, wrong account, ...)
+FAILED = 1011  # internal error: the call could not be served (no model session, a bug)
 
 
 class MessageStream(Protocol):

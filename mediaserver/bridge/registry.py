@@ -39,7 +39,7 @@ from mediaserver.protocol.twilio import TwilioStream
 from mediaserver.tools import load_toolset
 from mediaserver.twilio_rest import TwilioRest
 
-from .call import CallBridge, MessageStream, StreamClosed
+from .call import FAILED, REFUSED, CallBridge, MessageStream, StreamClosed, StreamEnd
 from .link import AgentOptions, ProviderClosed, ProviderLink
 
 if TYPE_CHECKING:
@@ -286,17 +286,21 @@ class CallManager:
             with trio.move_on_at(deadline):
                 await slot.claimed.wait()
 
-    async def handle_stream(self, stream: MessageStream) -> None:
-        """Serve one Twilio Media Streams WebSocket until the call ends."""
+    async def handle_stream(self, stream: MessageStream) -> StreamEnd | None:
+        """Serve one Twilio Media Streams WebSocket until the call ends.
+
+        Returns how to close the stream when it was refused or could not be
+        served (None: the call ran, close normally).
+        """
         twilio = TwilioStream()
         start = await self._read_start(stream, twilio)
         if start is None:
             self._refuse("no_start")
-            return
+            return StreamEnd(REFUSED, "refused: no start")
         if self.settings.twilio_account_sid and start.account_sid != self.settings.twilio_account_sid:
             self._refuse("wrong_account")
             log.error("stream %s: account %s is not ours; refused", start.stream_sid, start.account_sid)
-            return
+            return StreamEnd(REFUSED, "refused: wrong account")
         token = start.custom_parameters.get(TOKEN_PARAMETER, "")
         slot = self._slots.get(token)
         if slot is not None and not slot.claimed.is_set() and slot.call_sid == start.call_sid:
@@ -309,16 +313,17 @@ class CallManager:
                     log.error("call %s: no model session (%s); hanging up", start.call_sid, slot.error)
                     if self.recorder is not None:
                         self.recorder.call_failed(start, f"no model session: {slot.error}", self.settings.provider)
-                    return
+                    return StreamEnd(FAILED, "no model session")
                 await self._bridge(stream, twilio, start, slot.link)
             finally:
                 slot.released.set()
-            return
+            return None
         if not self.settings.development_mode:
             self._refuse("no_token")
             log.error("call %s: stream without a valid one-time token; refused", start.call_sid)
-            return
+            return StreamEnd(REFUSED, "refused: no valid token")
         opened = False  # (an error after the session opened is the call's, not a refusal)
+        end: StreamEnd | None = None
         try:
             async with self._session(self.agent) as link:
                 opened = True
@@ -326,13 +331,16 @@ class CallManager:
         except* ProviderClosed as group:
             if not opened:
                 self._refuse("no_model_session")
+                end = StreamEnd(FAILED, "no model session")
             log.error("call %s: could not open the model session: %s", start.call_sid, _reason(group))
             if self.recorder is not None:
                 self.recorder.call_failed(start, f"no model session: {_reason(group)}", self.settings.provider)
         except* Exception as group:
             if not opened:
                 self._refuse("no_model_session")
+            end = StreamEnd(FAILED, "no model session" if not opened else "the call failed")
             log.error("call %s: model session failed", start.call_sid, exc_info=group)
+        return end
 
     async def _read_start(self, stream: MessageStream, twilio: TwilioStream) -> tw.Start | None:
         with trio.move_on_after(START_TIMEOUT_S):

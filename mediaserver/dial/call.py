@@ -75,6 +75,10 @@ class DialOptions:
     to_number: str = "+15552223333"
     account_sid: str = field(default_factory=lambda: "AC" + secrets.token_hex(16))
     timeout_s: float = 10.0
+    # The server's MEDIASERVER_PUBLIC_URL, when ``url`` is not under it (the server dialled directly, behind
+    # its tunnel or proxy): requests are signed as Twilio signs them, for the public URL, and the stream is
+    # opened on the server dialled, as the proxy would forward it.
+    public_url: str | None = None
 
 
 @dataclass
@@ -148,7 +152,13 @@ async def post_webhook(url: str, form: Sequence[tuple[str, str]], headers: Seque
         raise DialError(str(exc)) from None
     text = response.text()
     if response.status != 200:
-        raise DialError(f"the webhook {url} answered HTTP {response.status}" + _body_hint(text))
+        hint = ""
+        if response.status == 403:
+            hint = (
+                " (is the request signed with the server's TWILIO_AUTH_TOKEN, and does the server have a"
+                " MEDIASERVER_PUBLIC_URL? Then dial needs it too, to sign for that URL)"
+            )
+        raise DialError(f"the webhook {url} answered HTTP {response.status}" + _body_hint(text) + hint)
     content_type = response.header("content-type")
     if "xml" not in content_type.lower():
         raise DialError(f"the webhook answer is not TwiML (Content-Type {content_type or 'missing'}): {_snippet(text)}")
@@ -346,6 +356,35 @@ def _new_sid(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
 
 
+def _public_base(public_url: str | None, url: str) -> str | None:
+    """``public_url`` without its trailing ``/``, if set and ``url`` is not under it already."""
+    if public_url is None:
+        return None
+    base = public_url.rstrip("/")
+    return None if url == base or url.startswith(base + "/") else base
+
+
+def _as_public(url: str, public_url: str | None) -> str:
+    """The URL Twilio would have requested for ``url``: its path (and query) under the public base, if any."""
+    base = _public_base(public_url, url)
+    if base is None:
+        return url
+    parts = urlsplit(url)
+    return base + (parts.path or "/") + ("?" + parts.query if parts.query else "")
+
+
+def _as_dialled(stream_url: str, url: str, public_url: str | None) -> str:
+    """Where to open the TwiML's stream: on the server dialled when the TwiML points at the public base."""
+    base = _public_base(public_url, url)
+    if base is None:
+        return stream_url
+    ws_base = "ws" + base[len("http") :]  # https -> wss, http -> ws
+    if not stream_url.startswith(ws_base + "/"):
+        return stream_url
+    dialled = urlsplit(url)
+    return ("wss" if dialled.scheme == "https" else "ws") + "://" + dialled.netloc + stream_url[len(ws_base) :]
+
+
 async def place_call(options: DialOptions, *, call_sid: str | None = None) -> CallResult:
     """One call from webhook to hang-up; failures to connect come back in ``CallResult.error``."""
     call_sid = call_sid or _new_sid("CA")
@@ -364,7 +403,8 @@ async def place_call(options: DialOptions, *, call_sid: str | None = None) -> Ca
     try:
         headers = []
         if options.auth_token:
-            headers.append((SIGNATURE_HEADER, compute_signature(options.auth_token, options.url, dict(form))))
+            signed = _as_public(options.url, options.public_url)
+            headers.append((SIGNATURE_HEADER, compute_signature(options.auth_token, signed, dict(form))))
         twiml = parse_twiml(await post_webhook(options.url, form, headers, options.timeout_s))
         caller = MediaStreamCaller(
             call_sid=call_sid,
@@ -381,7 +421,7 @@ async def place_call(options: DialOptions, *, call_sid: str | None = None) -> Ca
             session = CallSession(stream_caller, ws)
             await session.run(options.actions, duration_s=options.duration_s, listen_s=options.listen_s)
 
-        await _open_and_run(twiml.url, ws_headers, options.timeout_s, run)
+        await _open_and_run(_as_dialled(twiml.url, options.url, options.public_url), ws_headers, options.timeout_s, run)
     except DialError as exc:
         return CallResult(call_sid, caller.events if caller else [], str(exc))
     return CallResult(call_sid, caller.events)

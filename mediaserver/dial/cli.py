@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +51,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_number", default="+15550001111", help="caller number (From)")
     parser.add_argument("--to", dest="to_number", default="+15552223333", help="called number (To)")
     parser.add_argument("--auth-token", help="sign requests with this Twilio auth token (default $TWILIO_AUTH_TOKEN)")
-    parser.add_argument("--env-file", default=".env", help="read TWILIO_AUTH_TOKEN from this file if set (default .env)")
+    parser.add_argument("--account-sid", help="the AccountSid of the calls (default $TWILIO_ACCOUNT_SID, else a random AC...)")
+    parser.add_argument("--env-file",
+                        help="read TWILIO_AUTH_TOKEN, TWILIO_ACCOUNT_SID and MEDIASERVER_PUBLIC_URL from this file "
+                        "(default: .env, if there is one; '' for none)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="connect timeout (default 10)")
 
 
@@ -137,10 +141,15 @@ async def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr:
     problem = _check(args)
     if problem:
         return _fail(problem, err, 2)
-    if args.env_file:
-        from mediaserver.config import load_dotenv_file
+    from mediaserver.config import ConfigError, load_dotenv_file
 
+    try:
         load_dotenv_file(args.env_file)
+    except ConfigError as exc:
+        return _fail(str(exc), err, 2)
+    account_sid = args.account_sid or os.environ.get("TWILIO_ACCOUNT_SID") or None
+    if account_sid is not None and not re.fullmatch(r"AC[0-9a-fA-F]{32}", account_sid):
+        return _fail(f"{account_sid!r} is not an account SID (AC followed by 32 hex digits)", err, 2)
     try:
         actions = script.prepare(_steps(args))
     except (script.ScriptError, audio.AudioError) as exc:
@@ -154,6 +163,8 @@ async def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr:
         from_number=args.from_number,
         to_number=args.to_number,
         timeout_s=args.timeout,
+        public_url=os.environ.get("MEDIASERVER_PUBLIC_URL") or None,
+        **({"account_sid": account_sid} if account_sid else {}),
     )
     results: list[CallResult] = []
 

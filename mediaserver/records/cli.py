@@ -26,7 +26,7 @@ __all__ = ["configure", "format_call", "format_table", "main"]
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_positive, default=20, help="how many calls to list (default 20)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--env-file", default=".env", help="read settings from this file if it exists (default .env)")
+    parser.add_argument("--env-file", help="read settings from this file (default: .env, if there is one; '' for none)")
     sub = parser.add_subparsers(dest="calls_command", title="commands", metavar="show SID")
     show = sub.add_parser("show", help="one call with its transcript")
     show.add_argument("sid", help="the call SID (CA...)")
@@ -46,8 +46,8 @@ def _positive(text: str) -> int:
 def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    load_dotenv_file(args.env_file)
     try:
+        load_dotenv_file(args.env_file)
         # Only the database settings matter here: do not insist on a provider's key.
         settings = Settings.from_env(provider="echo")
     except ConfigError as exc:

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from mediaserver import security
-from mediaserver.bridge.call import MessageStream, StreamClosed
+from mediaserver.bridge.call import FAILED, MessageStream, StreamClosed, StreamEnd
 from mediaserver.transport.ws_server import refusal
 
 __all__ = ["ASGIStream", "MediaStreamRoute"]
@@ -47,7 +47,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]  # Quart's asgi_app, typed by hypercorn.typing
-StreamHandler = Callable[[MessageStream], Awaitable[None]]
+StreamHandler = Callable[[MessageStream], Awaitable[StreamEnd | None]]  # see CallManager.handle_stream
 
 _REASONS = {400: b"Bad Request", 403: b"Forbidden"}
 
@@ -130,12 +130,17 @@ class MediaStreamRoute:
             return
         await send({"type": "websocket.accept"})
         stream = ASGIStream(receive, send)
+        end: StreamEnd | None = None
         try:
-            await self.handle_stream(stream)
+            end = await self.handle_stream(stream)
         except Exception:
             log.exception("media stream: the handler failed")
+            end = StreamEnd(FAILED, "internal error")
         if not stream.closed:
-            await send({"type": "websocket.close", "code": 1000})
+            if end is None:
+                await send({"type": "websocket.close", "code": 1000})
+            else:
+                await send({"type": "websocket.close", "code": end.code, "reason": end.reason})
 
     def _check_signature(self, scope: Scope) -> int | None:
         """None if the upgrade may proceed, else the HTTP status to refuse it with (as on our own listener)."""

@@ -412,11 +412,11 @@ class ClientWebSocket:
 
     # -- closing ---------------------------------------------------------------
 
-    async def aclose(self, code: int = CloseReason.NORMAL_CLOSURE) -> None:
-        """Close handshake: send a close frame, read until the server's (bound this with a timeout)."""
+    async def aclose(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str | None = None) -> None:
+        """Close handshake: send a close frame (with ``reason``, if any), read until the peer's (bound this with a timeout)."""
         if self._ws.state is ConnectionState.OPEN:
             self._closed_now(code, "closed by us")
-            await self._send_quietly(CloseConnection(code))
+            await self._send_quietly(CloseConnection(code, reason))
         while self._ws.state is ConnectionState.LOCAL_CLOSING and await self._read():
             pass
         self._messages.clear()

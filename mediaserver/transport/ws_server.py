@@ -13,7 +13,8 @@ path: :func:`serve_media_stream` checks ``X-Twilio-Signature`` with the same
 :mod:`mediaserver.security` helpers (HTTP 403, or 400 for a malformed host
 or scheme, instead of the upgrade), runs the handler with a
 :class:`ServerStream`, logs an unexpected handler error, and closes with
-1000; a message over the size limit is refused with 1009; the peer going
+1000 (or with the handler's :class:`~mediaserver.bridge.call.StreamEnd`:
+1008 for a refused stream, 1011 for one that could not be served); a message over the size limit is refused with 1009; the peer going
 away makes :meth:`ServerStream.receive` raise
 :class:`~mediaserver.bridge.call.StreamClosed`.
 """
@@ -30,14 +31,14 @@ from wsproto.frame_protocol import CloseReason
 
 from mediaserver import security
 from mediaserver._native._wsframe import encode_b64_frame, encode_frame
-from mediaserver.bridge.call import MessageStream, StreamClosed
+from mediaserver.bridge.call import FAILED, MessageStream, StreamClosed, StreamEnd
 from mediaserver.transport.ws_client import ClientWebSocket, WebSocketClosed
 
 __all__ = ["ServerStream", "parse_upgrade", "refusal", "serve_media_stream", "server_frame"]
 
 log = logging.getLogger("mediaserver.http")
 
-StreamHandler = Callable[[MessageStream], Awaitable[None]]
+StreamHandler = Callable[[MessageStream], Awaitable[StreamEnd | None]]  # see CallManager.handle_stream
 
 CLOSE_TIMEOUT_S = 2.0  # for the peer's close frame after ours
 _REASONS = {400: b"Bad Request", 403: b"Forbidden"}
@@ -211,11 +212,16 @@ async def serve_media_stream(
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
     conn = ServerStream(stream, ws, max_message_size)
+    end: StreamEnd | None = None
     try:
-        await handle_stream(conn)
+        end = await handle_stream(conn)
     except Exception:
         log.exception("media stream: the handler failed")
+        end = StreamEnd(FAILED, "internal error")
     finally:
-        # Also when cancelled (the drain deadline): say goodbye with 1000, briefly.
+        # Also when cancelled (the drain deadline): say goodbye with 1000 (or why not), briefly.
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
-            await conn.aclose(CloseReason.NORMAL_CLOSURE)
+            if end is None:
+                await conn.aclose(CloseReason.NORMAL_CLOSURE)
+            else:
+                await conn.aclose(end.code, end.reason)

@@ -158,7 +158,40 @@ async def test_dial_signs_for_a_server_with_an_auth_token(tmp_path: Path, monkey
         assert "ended: caller hung up (stop sent)" in out
         status, _, err = await dial(url + "/twiml", "--listen", "0.2", "--auth-token", "wrong-token")
     assert status == 1
-    assert err == f"mediaserver dial: the webhook {url}/twiml answered HTTP 403: 403 Forbidden\n"
+    assert one_line(err).startswith(f"mediaserver dial: the webhook {url}/twiml answered HTTP 403: 403 Forbidden (is the")
+
+
+@fail_after(20)
+async def test_dial_calls_as_the_configured_account_and_a_refused_stream_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours, theirs = "AC" + "1" * 32, "AC" + "2" * 32
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", ours)  # as the server's .env has it
+    async with running(settings(tmp_path, twilio_auth_token=AUTH_TOKEN, twilio_account_sid=ours)) as url:
+        status, out, err = await dial(url + "/twiml", "--listen", "0.2", "--no-record")
+        assert (status, err) == (0, "") and "ended: caller hung up (stop sent)" in out
+        # Another account's stream is refused, and that is a failed call, not a normal end.
+        status, _, err = await dial(url + "/twiml", "--listen", "0.2", "--no-record", "--account-sid", theirs)
+        assert status == 1
+        assert one_line(err) == "mediaserver dial: the server closed the stream (1008 refused: wrong account)\n"
+    status, _, err = await dial(url + "/twiml", "--account-sid", "AC123")
+    assert status == 2 and "'AC123' is not an account SID" in one_line(err)
+
+
+@fail_after(20)
+async def test_dial_signs_for_the_public_url_and_streams_to_the_server_dialled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    public = "https://voice.example.com/agent"  # the tunnel or proxy in front; not reachable from here
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+    monkeypatch.setenv("MEDIASERVER_PUBLIC_URL", public)
+    async with running(settings(tmp_path, twilio_auth_token=AUTH_TOKEN, public_url=public)) as url:
+        status, out, err = await dial(url + "/twiml", "--listen", "0.2", "--no-record")
+        assert (status, err) == (0, "") and "ended: caller hung up (stop sent)" in out
+        monkeypatch.delenv("MEDIASERVER_PUBLIC_URL")  # signed for the URL dialled: not what the server checks
+        status, _, err = await dial(url + "/twiml", "--listen", "0.2", "--no-record")
+        assert status == 1 and "answered HTTP 403" in one_line(err)
 
 
 # ------------------------------------------------------------- Twilio's peers

@@ -29,7 +29,7 @@ def cli(
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
 
     def run(*args: str) -> int:
-        return main(["calls", "--env-file", str(tmp_path / "no.env"), *args])  # no .env of the checkout
+        return main(["calls", "--env-file", "", *args])  # no .env of the checkout
 
     run.settings = settings  # type: ignore[attr-defined]
     return run

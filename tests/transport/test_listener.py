@@ -152,13 +152,13 @@ async def test_an_oversize_message_is_refused_with_1009() -> None:
 
 
 @fail_after(5)
-async def test_a_failing_handler_is_logged_and_the_socket_closed_with_1000(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failing_handler_is_logged_and_the_socket_closed_with_1011(caplog: pytest.LogCaptureFixture) -> None:
     rec = Recorder()
     async with router(rec) as port, ws(port) as client:
         await client.send("boom")
         with pytest.raises(WebSocketClosed) as closed:
             await client.receive()
-        assert closed.value.code == 1000
+        assert closed.value.code == 1011 and "internal error" in str(closed.value)
     assert any("the handler failed" in r.getMessage() for r in caplog.records)
 
 

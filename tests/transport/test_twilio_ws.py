@@ -13,7 +13,9 @@ import logging
 import pytest
 import trio
 
+from mediaserver.bridge.call import MessageStream, StreamEnd
 from mediaserver.protocol.twilio import DEFAULT_MAX_MESSAGE_BYTES
+from mediaserver.transport.twilio_ws import MediaStreamRoute
 
 from tests.fakes import fail_after, http_request, websocket_upgrade_status
 from tests.test_app import CALL_A, base_settings, call_log, fake_openai, keep_talking, openai_settings, phone_call, running
@@ -58,3 +60,36 @@ async def test_other_websocket_paths_still_go_to_quart() -> None:
         assert await websocket_upgrade_status(ws_url + "/media-stream/other") == 404  # Quart: no such route
         assert await websocket_upgrade_status(ws_url + "/media-stream") == 101  # ours (development mode)
         assert (await http_request(url + "/healthz")).status == 200
+
+
+@pytest.mark.parametrize(
+    ("end", "closed"),
+    [
+        (None, {"type": "websocket.close", "code": 1000}),
+        (StreamEnd(1008, "refused: wrong account"), {"type": "websocket.close", "code": 1008, "reason": "refused: wrong account"}),
+        ("raise", {"type": "websocket.close", "code": 1011, "reason": "internal error"}),
+    ],
+)
+async def test_the_route_closes_with_the_handler_s_stream_end(end: object, closed: dict[str, object]) -> None:
+    async def handle(stream: MessageStream) -> StreamEnd | None:
+        if end == "raise":
+            raise RuntimeError("handler bug")
+        assert end is None or isinstance(end, StreamEnd)
+        return end
+
+    async def not_quart(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("the media stream path must not reach the app")
+
+    sent: list[dict[str, object]] = []
+    incoming = [{"type": "websocket.connect"}]
+
+    async def receive() -> dict[str, object]:
+        return incoming.pop(0) if incoming else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(dict(message))
+
+    route = MediaStreamRoute(not_quart, handle, auth_token=None, public_url=None)
+    scope = {"type": "websocket", "path": "/media-stream", "headers": [], "scheme": "ws", "query_string": b""}
+    await route(scope, receive, send)
+    assert sent == [{"type": "websocket.accept"}, closed]
