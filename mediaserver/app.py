@@ -26,6 +26,7 @@ from mediaserver import security, twiml
 from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
 from mediaserver.config import Settings
 from mediaserver.metrics import Gauges, process_stats, render
+from mediaserver.outbound import MAX_CALLS_BODY_BYTES
 from mediaserver.outbound import register_routes as register_outbound_routes
 from mediaserver.records.routes import register_routes as register_record_routes
 from mediaserver.transport.reactor import reactor_stats
@@ -36,15 +37,20 @@ __all__ = ["MEDIA_STREAM_PATH", "create_app"]
 log = logging.getLogger("mediaserver.http")
 
 MEDIA_STREAM_PATH = "/media-stream"
-MAX_FORM_BYTES = 64 * 1024  # a voice webhook is ~1 KiB of form fields
+MAX_FORM_BYTES = 64 * 1024  # a voice webhook is ~1 KiB of form fields; POST /calls may send MAX_CALLS_BODY_BYTES
 BODY_TIMEOUT_S = 10.0  # for a request's whole body (Quart's default, 60 s, lets slow clients hold connections)
 
 
 def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
     app = QuartTrio("mediaserver")
     started_s = time.time()  # process_start_time_seconds where /proc cannot say
-    app.config["MAX_CONTENT_LENGTH"] = MAX_FORM_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = MAX_CALLS_BODY_BYTES  # any body, however sent
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
+
+    @app.before_request
+    async def webhook_bodies_are_small() -> None:
+        if request.method == "POST" and request.path != "/calls" and (request.content_length or 0) > MAX_FORM_BYTES:
+            abort(413)
 
     def url_of(configured: str | None) -> str:
         return security.public_url(

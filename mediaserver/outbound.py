@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from mediaserver import security, twiml
 from mediaserver.bridge.link import AgentOptions
@@ -48,6 +51,10 @@ PENDING_TTL_S = 15 * 60.0  # Twilio rings for at most 600 s (Calls.json Timeout)
 MAX_PENDING = 1000
 MAX_GREETING_CHARS = 1000
 MAX_INSTRUCTIONS_CHARS = 20_000
+# The largest body POST /calls takes: the instructions and greeting at their limits, in JSON's \uXXXX escapes
+# (6 bytes a character; 12 for one outside the BMP, which counts as one character), with room for the rest.
+MAX_CALLS_BODY_BYTES = 256 * 1024
+TWILIO_API_BASE = "https://api.twilio.com"  # TWILIO_API_BASE's default: the real Twilio, which calls back over the Internet
 _MEDIA_STREAM_PATH = "/media-stream"  # app.MEDIA_STREAM_PATH (not imported: app imports this module)
 
 
@@ -96,6 +103,18 @@ def _json_error(status: int, message: str, **extra: Any) -> tuple[dict[str, Any]
     return {"error": message, **extra}, status
 
 
+def _unreachable(url: str) -> bool:
+    """True for a URL on this machine or a private network: not one Twilio's servers can call back."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: it may well resolve publicly
+    return address.is_loopback or address.is_private or address.is_link_local or address.is_unspecified
+
+
 def _text(body: dict[str, Any], key: str, limit: int) -> str | None:
     value = body.get(key)
     if value is None:
@@ -133,7 +152,10 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             return Response(
                 json.dumps(answer), status, {"WWW-Authenticate": "Bearer"}, content_type="application/json"
             )
-        body = await request.get_json(force=True, silent=True)
+        try:
+            body = await request.get_json(force=True, silent=True)
+        except RequestEntityTooLarge:
+            return _json_error(413, f"the request body is over {MAX_CALLS_BODY_BYTES // 1024} KiB")
         if not isinstance(body, dict):
             return _json_error(400, "the body must be a JSON object: {\"to\": \"+15551234567\", ...}")
         unknown = sorted(set(body) - {"to", "from", "greeting", "instructions"})
@@ -169,6 +191,13 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
         except ValueError as exc:
             pending.discard(key)
             return _json_error(400, f"cannot build the public URL for Twilio: {exc}")
+        if settings.call_url is None and settings.twilio_api_base == TWILIO_API_BASE and _unreachable(answer_url):
+            pending.discard(key)
+            return _json_error(
+                400,
+                f"Twilio could not reach {answer_url.partition('?')[0]} (the URL this request came in on): "
+                "set MEDIASERVER_PUBLIC_URL to the https:// URL Twilio reaches this server at",
+            )
         try:
             call = await rest.create_call(to=to, from_=from_, url=answer_url, status_callback=status_url)
         except TwilioRestError as exc:

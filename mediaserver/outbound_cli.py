@@ -61,7 +61,7 @@ async def place(args: argparse.Namespace, settings: Settings) -> int:
             body[key] = value
     headers = [("Authorization", f"Bearer {settings.api_key}"), ("Content-Type", "application/json")]
     try:
-        response = await request("POST", server + "/calls", headers=headers, body=json.dumps(body).encode(), timeout_s=15.0)
+        response = await request("POST", server + "/calls", headers=headers, body=json.dumps(body, ensure_ascii=False).encode(), timeout_s=15.0)
         status, raw = response.status, response.body
     except HttpError as exc:
         return _fail(f"{exc}; is `mediaserver serve` running at {server}?")

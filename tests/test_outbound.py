@@ -25,6 +25,7 @@ from openai.types.realtime import ResponseCreateEvent, SessionUpdateEvent
 from mediaserver.__main__ import _parser
 from mediaserver.config import Settings
 from mediaserver import outbound_cli
+from mediaserver.outbound import _unreachable
 from mediaserver.transport.http import request
 
 from tests.fakes import (
@@ -239,6 +240,46 @@ async def test_outbound_post_calls_errors_are_json() -> None:
                 "more_info": "https://www.twilio.com/docs/errors/21219",
             }
             assert len(rest.requests) == 1  # the invalid bodies never reached Twilio
+
+
+@fail_after(15)
+async def test_outbound_instructions_at_the_limit_fit_in_any_script_and_larger_bodies_get_json_413(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cyrillic, emoji = "Ж" * 20_000, "\U0001f600" * 20_000  # 6 and 12 bytes a character as JSON escapes
+    async with fake_rest() as rest, fake_openai() as model:
+        async with running(outbound_settings(model, rest)) as url:
+            for instructions in (cyrillic, emoji):
+                status, _, answer = await post_calls(url, {"to": TO, "instructions": instructions, "greeting": "й" * 1000})
+                assert status == 201, answer
+            ok = cli_args(TO, "--instructions", cyrillic, "--server", url)  # as UTF-8: 40 KB
+            assert await outbound_cli.place(ok, Settings(api_key=API_KEY)) == 0
+            assert capsys.readouterr().out.startswith("call CA")
+            status, _, answer = await post_calls(url, {"to": TO, "instructions": "x" * 300_000})
+            assert (status, answer) == (413, {"error": "the request body is over 256 KiB"})
+            # The webhooks keep their 64 KiB limit.
+            webhook = await request(
+                "POST", url + "/twiml", headers=[("Content-Type", "application/x-www-form-urlencoded")],
+                body=b"CallSid=" + b"x" * 70_000, timeout_s=5.0,
+            )  # fmt: skip
+            assert webhook.status == 413
+    assert len(rest.requests) == 3
+
+
+@fail_after(15)
+async def test_outbound_refuses_to_give_twilio_a_url_on_this_machine() -> None:
+    async with fake_openai() as model:
+        settings = outbound_settings(model, None, twilio_api_base="https://api.twilio.com")  # the real Twilio
+        async with running(settings) as url:  # no MEDIASERVER_PUBLIC_URL: the URL is the request's, 127.0.0.1
+            status, _, answer = await post_calls(url, {"to": TO})
+            assert status == 400
+            assert answer["error"] == (
+                f"Twilio could not reach {url}/outbound-twiml (the URL this request came in on): "
+                "set MEDIASERVER_PUBLIC_URL to the https:// URL Twilio reaches this server at"
+            )
+    assert _unreachable("http://127.0.0.1:8080/x") and _unreachable("http://10.1.2.3/x") and _unreachable("http://[::1]:80/")
+    assert _unreachable("http://app.localhost/x") and _unreachable("http://192.168.0.2/")
+    assert not _unreachable("https://voice.example.com/x") and not _unreachable("http://8.8.8.8/")
 
 
 @fail_after(15)
