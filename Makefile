@@ -9,9 +9,10 @@ NATIVE := $(wildcard native/*.pyx native/*.pxd native/*.pxi)
 
 .PHONY: setup build run test bench bench-codecs clean
 
+# (A venv that failed half-way, e.g. without Debian's python3.11-venv, is removed, so the next run retries.)
 $(PY):
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "make: '$(PYTHON) -m venv' failed; on Debian/Ubuntu: apt install python3.11-venv" >&2; exit 1; }
+	$(PY) -m pip install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
 
 # Dependencies (and the editable install) are refreshed when pyproject changes.
 $(STAMP): $(PY) pyproject.toml setup.py

@@ -363,11 +363,13 @@ def test_tools_load_module_and_builtins(tools_module: Callable[[str], str]) -> N
 
 
 def test_tools_loading_errors_are_config_errors(tools_module: Callable[[str], str]) -> None:
-    with pytest.raises(ConfigError, match=r"^MEDIASERVER_TOOLS=no_such_module_xyz: cannot import it: ModuleNotFoundError"):
+    with pytest.raises(ConfigError, match=r"^MEDIASERVER_TOOLS=no_such_module_xyz: cannot import it: ModuleNotFoundError") as e:
         load_module_tools("no_such_module_xyz")
+    assert str(e.value).endswith("(the module must be importable: installed, or its directory on PYTHONPATH, e.g. PYTHONPATH=.)")
     broken = tools_module("import definitely_missing_dependency\n")
-    with pytest.raises(ConfigError, match=rf"^MEDIASERVER_TOOLS={broken}: cannot import it: .*definitely_missing"):
+    with pytest.raises(ConfigError, match=rf"^MEDIASERVER_TOOLS={broken}: cannot import it: .*definitely_missing") as e:
         load_toolset(Settings(tools_module=broken))
+    assert "PYTHONPATH" not in str(e.value)  # found; what it imports is missing
     empty = tools_module("X = 1\n")
     with pytest.raises(ConfigError, match="defines no @tool functions"):
         load_module_tools(empty)

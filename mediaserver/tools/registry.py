@@ -101,7 +101,10 @@ def load_module_tools(module_name: str) -> tuple[Tool, ...]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise ConfigError(f"MEDIASERVER_TOOLS={module_name}: cannot import it: {type(exc).__name__}: {exc}") from exc
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and exc.name == module_name.partition(".")[0]:
+            hint = " (the module must be importable: installed, or its directory on PYTHONPATH, e.g. PYTHONPATH=.)"
+        raise ConfigError(f"MEDIASERVER_TOOLS={module_name}: cannot import it: {type(exc).__name__}: {exc}{hint}") from exc
     found = tuple(value for value in vars(module).values() if isinstance(value, Tool))
     if not found:
         raise ConfigError(f"MEDIASERVER_TOOLS={module_name}: the module defines no @tool functions")
