@@ -286,7 +286,7 @@ async def open_provider_link(
                 stream = await open_stream(target.host, target.port, tls=False)
     except trio.TooSlowError:
         raise ProviderClosed(too_slow) from None
-    except OSError as exc:  # DNS, TCP or TLS
+    except (OSError, trio.BrokenResourceError) as exc:  # DNS, TCP or TLS (a reset during the TLS handshake)
         raise ProviderClosed(f"{name}: cannot connect to {_safe(url)}: {exc}") from None
     try:
         try:

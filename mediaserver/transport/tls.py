@@ -309,8 +309,16 @@ class TLSStream(trio.abc.Stream):
 
 
 async def open_tls_stream(host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> TLSStream:
-    """Connect to ``host:port`` and complete a TLS handshake (default: the system CAs and hostname check)."""
-    context = ssl_context or ssl.create_default_context()
+    """Connect to ``host:port`` and complete a TLS handshake (default: the system CAs and hostname check).
+
+    The default context refuses TLS 1.2 renegotiation: a server's request
+    for it mid-stream would make a later write need a read first, which the
+    non-blocking writes here do not do (TLS 1.3 has no renegotiation).
+    """
+    if ssl_context is None:
+        ssl_context = ssl.create_default_context()
+        ssl_context.options |= ssl.OP_NO_RENEGOTIATION
+    context = ssl_context
     transport = await trio.open_tcp_stream(host, port)
     stream = TLSStream(transport, context, host)
     try:

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -116,6 +116,9 @@ class ClientWebSocket:
         self._wsproto_fed = True  # wsproto was given bytes since it was last seen idle (the handshake, to start)
         self._stash: bytes | None = None  # bytes read_nowait left for wsproto (b"": the peer closed)
         self._backlog = bytearray()  # frames send_many_nowait could not write at once, oldest first
+        # Nothing more may be written (a frame was cut short) or read (wsproto failed on the peer's bytes):
+        # the close handshake cannot complete, the caller just closes the socket.
+        self._broken = False
         self.closed: WebSocketClosed | None = None
 
     # -- sending ---------------------------------------------------------------
@@ -216,6 +219,8 @@ class ClientWebSocket:
             data = b""
         await acquire(lock)
         try:
+            if self._broken:
+                raise self._closed_now(CloseReason.ABNORMAL_CLOSURE, "broken")
             if event is not None:
                 self._wsproto_fed = True  # (a close changes its state: the fast path re-checks)
                 try:
@@ -229,7 +234,7 @@ class ClientWebSocket:
                 data, self._backlog = bytes(self._backlog) + data, bytearray()
             try:
                 if self._sock is not None:
-                    await _send_raw(self._sock, data)
+                    await _send_raw(self._sock, data, self._cut_short)
                 else:
                     await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -240,6 +245,11 @@ class ClientWebSocket:
     def _frame(self, message: str | bytes) -> bytes:
         """One whole data frame: masked, as a client's must be (ws_server.py overrides it)."""
         return data_frame(message)
+
+    def _cut_short(self) -> None:
+        """A write was cancelled part-way through a frame: anything sent after it would land inside that frame."""
+        self._broken = True
+        self._closed_now(CloseReason.ABNORMAL_CLOSURE, "a send was cancelled part-way")
 
     def _closed_now(self, code: int, reason: str = "") -> WebSocketClosed:
         if self.closed is None:
@@ -368,8 +378,9 @@ class ClientWebSocket:
             events = list(self._ws.events())
         except RemoteProtocolError as exc:
             self._closed_now(CloseReason.PROTOCOL_ERROR, str(exc))
-            if exc.event_hint is not None:
+            if isinstance(exc.event_hint, CloseConnection):  # (a handshake's hint is an HTTP answer: not ours to send)
                 await self._send_quietly(exc.event_hint)
+            self._broken = True
             return False
         for event in events:
             await self._handle(event)
@@ -379,7 +390,7 @@ class ClientWebSocket:
         if isinstance(event, Message):
             if self.closed is not None:
                 return
-            self._size += len(event.data)
+            self._size += len(event.data.encode()) if isinstance(event.data, str) else len(event.data)  # bytes, as the fast path
             if self._size > self._max:
                 self._closed_now(CloseReason.MESSAGE_TOO_BIG, f"message over {self._max} bytes")
                 await self._send_quietly(CloseConnection(CloseReason.MESSAGE_TOO_BIG))
@@ -394,6 +405,13 @@ class ClientWebSocket:
         elif isinstance(event, Ping):
             await self._send_quietly(event.response())
         elif isinstance(event, CloseConnection):
+            if self._ws.state is ConnectionState.OPEN:
+                # Not the peer's close: wsproto's verdict on its bytes (1002 bad framing, 1007 bad UTF-8).
+                # Say so to the peer now; wsproto reads nothing after them, so no close reply can be awaited.
+                self._closed_now(event.code, f"the peer broke the protocol: {event.reason or event.code}")
+                await self._send_quietly(CloseConnection(event.code))  # (the code says it; wsproto's text is for our log)
+                self._broken = True
+                return
             self._closed_now(event.code, event.reason or "")
             if self._ws.state is ConnectionState.REMOTE_CLOSING:
                 await self._send_quietly(event.response())
@@ -414,10 +432,10 @@ class ClientWebSocket:
 
     async def aclose(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str | None = None) -> None:
         """Close handshake: send a close frame (with ``reason``, if any), read until the peer's (bound this with a timeout)."""
-        if self._ws.state is ConnectionState.OPEN:
+        if self._ws.state is ConnectionState.OPEN and not self._broken:
             self._closed_now(code, "closed by us")
             await self._send_quietly(CloseConnection(code, reason))
-        while self._ws.state is ConnectionState.LOCAL_CLOSING and await self._read():
+        while self._ws.state is ConnectionState.LOCAL_CLOSING and not self._broken and await self._read():
             pass
         self._messages.clear()
 
@@ -476,7 +494,7 @@ async def _receive_raw(sock: socket.socket) -> bytes:
             continue
 
 
-async def _send_raw(sock: socket.socket, data: bytes) -> None:
+async def _send_raw(sock: socket.socket, data: bytes, cut_short: Callable[[], None] | None = None) -> None:
     """Write all of ``data`` to ``sock``; no scheduler trip when the kernel takes it at once.
 
     ``SocketStream.send_all`` always ends in a checkpoint, a full trip
@@ -485,18 +503,24 @@ async def _send_raw(sock: socket.socket, data: bytes) -> None:
     returns without yielding; only a full send buffer waits for the
     socket.  Callers hold the connection's send lock, so writes never
     interleave, and every loop that sends also reads or sleeps, so no task
-    runs without checkpoints.  A dead peer raises ``OSError``.
+    runs without checkpoints.  A dead peer raises ``OSError``.  If the
+    wait is cancelled after part of ``data`` went out, ``cut_short()`` is
+    called: the stream now ends inside a frame.
     """
     view = memoryview(data)
     while view:
         try:
             sent = sock.send(view)
         except (BlockingIOError, InterruptedError):
-            await trio.lowlevel.wait_writable(sock)
-            continue
+            sent = 0
         view = view[sent:]
         if view:
-            await trio.lowlevel.wait_writable(sock)
+            try:
+                await trio.lowlevel.wait_writable(sock)
+            except BaseException:
+                if len(view) < len(data) and cut_short is not None:
+                    cut_short()
+                raise
 
 
 def data_frame(message: str | bytes) -> bytes:

@@ -113,7 +113,7 @@ def upgrade_head(target: str, *extra: str, key: bool = True) -> bytes:
 async def test_a_media_stream_upgrade_is_served_here_with_frames_wsproto_accepts() -> None:
     rec = Recorder()
     async with router(rec) as port, ws(port, "/media-stream?x=1") as client:
-        for size in (5, 200, 70_000):  # each length encoding: 7-bit, 16-bit, 64-bit
+        for size in (5, 200, MAX):  # UTF-8 bytes; each length encoding: 7-bit, 16-bit, 64-bit (at the limit)
             text = "é" * (size // 2) + "a" * (size % 2)
             await client.send(text)
             assert await client.receive() == text

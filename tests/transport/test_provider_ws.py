@@ -47,3 +47,48 @@ async def test_a_model_that_stops_reading_after_the_upgrade_fails_the_open_at_th
         # (building the 8 MB message takes a while), far below the hang it replaces
         assert trio.current_time() - started < 0.5 + 1.0 + 2.5
         nursery.cancel_scope.cancel()
+
+
+async def _answer_with(answer: bytes, stream: trio.SocketStream) -> None:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive_some(65536)
+    await stream.send_all(answer)
+    await trio.sleep_forever()
+
+
+async def _reset_at_once(stream: trio.SocketStream) -> None:
+    """Read the ClientHello, then reset the connection (RST): a TLS handshake that fails half-way."""
+    import socket
+    import struct
+
+    await stream.receive_some(65536)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("handler", "scheme", "reason"),
+    [
+        (partial(_answer_with, b"\x16\x03\x01\x00\x05hello\r\n\r\n"), "ws", "closed the connection during the handshake"),
+        (
+            partial(_answer_with, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n"),  # fmt: skip
+            "ws",
+            "closed the connection during the handshake",
+        ),
+        (_reset_at_once, "wss", "cannot connect to"),
+    ],
+    ids=["not-http", "wrong-accept-key", "reset-during-tls"],
+)
+@fail_after(10)
+async def test_a_connection_that_fails_in_the_handshake_is_a_provider_closed(handler: object, scheme: str, reason: str) -> None:
+    """Not a raw h11/wsproto/Trio exception: the registry logs ProviderClosed as one clean line, and Gemini retries it."""
+    session = OpenAIRealtimeSession(OpenAIRealtimeConfig(model="m"))
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        with pytest.raises(ProviderClosed, match=f"^openai: .*{reason}"):
+            async with open_provider_link("openai", session, f"{scheme}://127.0.0.1:{port}/v1/realtime", connect_timeout_s=5):
+                pytest.fail("the link opened")
+        nursery.cancel_scope.cancel()

@@ -204,3 +204,78 @@ def test_the_fast_path_really_parses_plain_frames(monkeypatch: pytest.MonkeyPatc
     got, code, replies = _run([data], server_side=True)
     assert len(got) == 2 and replies == [(0xA, repr(b"p1"))]
     assert len(fed) == 1 and fed[0] == data[len(_stream(["text"], masked=True, seed=1)) :]
+
+
+class _Silent(ScriptedStream):
+    """After its chunks the peer says nothing more, and does not hang up either."""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._chunks:
+            return await super().receive_some(max_bytes)
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize(("kind", "code"), [("bad utf-8", 1007), ("rsv", 1002), ("interleaved", 1002)])
+@pytest.mark.parametrize("server_side", [True, False])
+def test_a_peer_that_breaks_the_protocol_is_told_so_and_the_close_does_not_wait_for_it(
+    kind: str, code: int, server_side: bool
+) -> None:
+    async def main() -> None:
+        stream = _Silent([_stream(["text", kind, "text"], masked=server_side, seed=5)])
+        conn = ClientWebSocket(stream, _open_pair(server_side), LIMIT)
+        assert isinstance(await conn.receive(), str)
+        with pytest.raises(WebSocketClosed) as closed:
+            await conn.receive()
+        assert closed.value.code == code and "broke the protocol" in str(closed.value)
+        with trio.fail_after(0.5):  # wsproto reads nothing after the bad bytes: no close reply can come
+            await conn.aclose()
+        peer = FrameProtocol(client=server_side, extensions=[])
+        peer.receive_bytes(bytes(stream.sent))
+        frames = list(peer.received_frames())
+        assert [(int(f.opcode), f.payload[0]) for f in frames] == [(8, code)]  # one close, with the error's code
+
+    trio.run(main)
+
+
+def test_text_messages_are_limited_in_bytes_on_the_slow_path_too() -> None:
+    # 600 characters, 1200 bytes of UTF-8: over the 1000-byte limit (the slow path once counted characters).
+    rng = random.Random(0)
+    payload = ("é" * 600).encode()
+    one = _frame(0x81, payload, True, rng)
+    fragmented = _frame(0x01, payload[:600], True, rng) + _frame(0x80, payload[600:], True, rng)
+    for data in (one, fragmented):
+        got, code, _ = _run([data], server_side=True)
+        assert (got, code) == ([], 1009)
+
+
+def test_a_send_cancelled_part_way_through_a_frame_stops_all_later_writes() -> None:
+    import socket as socket_module
+
+    async def main() -> None:
+        ours, theirs = socket_module.socketpair()
+        ours.setblocking(False)
+        ours.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_SNDBUF, 4096)
+        try:
+            conn = ClientWebSocket(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), _open_pair(False), LIMIT)
+            big = b"x" * 1_000_000  # far more than the socket takes: the send waits with part of the frame out
+            with trio.move_on_after(0.2) as scope:
+                await conn.send(big)
+            assert scope.cancelled_caught
+            with pytest.raises(WebSocketClosed, match="cancelled part-way"):
+                await conn.send("after")
+            with trio.fail_after(0.5):
+                await conn.aclose()  # no close frame either: it would land inside the cut frame
+            theirs.setblocking(False)
+            received = b""
+            try:
+                while chunk := theirs.recv(1 << 20):
+                    received += chunk
+            except BlockingIOError:
+                pass
+            assert 0 < len(received) < len(big) and b"after" not in received and b"\x88" not in received[-200:]
+        finally:
+            theirs.close()
+            ours.close()
+
+    trio.run(main)
