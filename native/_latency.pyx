@@ -62,6 +62,8 @@ cdef class LatencyHistogram:
         if not self.count:
             return 0.0
         rank = q * self.count
+        if rank < 1.0:  # (the 0-quantile is the smallest sample: the first bucket holding one)
+            rank = 1.0
         for i in range(NBUCKETS + 1):
             seen += self._counts[i]
             if seen >= rank:
@@ -98,9 +100,10 @@ cdef class LatencyHistogram:
             edge = value
             if not edge >= 0.0:
                 raise ValueError(f"histogram edges must be non-negative, not {value!r}")
-            stop = <Py_ssize_t>(edge * 100000.0 + 1e-6)  # whole buckets below the edge
-            if stop > NBUCKETS:
+            if edge >= NBUCKETS / 100000.0:  # (also +Inf, Prometheus' last bound: no cast of a huge double)
                 stop = NBUCKETS
+            else:
+                stop = <Py_ssize_t>(edge * 100000.0 + 1e-6)  # whole buckets below the edge
             if stop < at:
                 raise ValueError("histogram edges must be ascending")
             while at < stop:

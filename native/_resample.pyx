@@ -180,6 +180,7 @@ cdef class Resampler:
         self.lanes = <float*>PyMem_Malloc(need * self.M * sizeof(float))
         self.acc = <float*>PyMem_Malloc((need * self.L // self.M + 16) * sizeof(float))
         if self.lanes == NULL or self.acc == NULL:
+            self.buf_cap = 0  # (so the next call allocates again rather than writing through NULL)
             raise MemoryError()
         self.buf_cap = need
         return 0
@@ -195,6 +196,8 @@ cdef class Resampler:
 
     def reset(self):
         """Forget all history, as if newly constructed."""
+        if self.busy:
+            raise RuntimeError("Resampler.reset() called while another thread is in process()")
         self.t_next = 0
         if self.buf != NULL:
             memset(self.buf, 0, self.history * sizeof(float))

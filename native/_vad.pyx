@@ -350,6 +350,8 @@ cdef class EnergyVAD:
         """Take one frame (``frame_bytes`` of PCM16 in any buffer); return ``speaking``."""
         cdef Py_buffer view
         cdef double e
+        if self.c.frame_bytes == 0:
+            self._not_initialised()
         if PyBytes_CheckExact(frame):
             if PyBytes_GET_SIZE(frame) != self.c.frame_bytes:
                 self._wrong_length(PyBytes_GET_SIZE(frame))
@@ -363,6 +365,9 @@ cdef class EnergyVAD:
             finally:
                 PyBuffer_Release(&view)
         return _step(&self.s, &self.c, e)
+
+    cdef int _not_initialised(self) except -1:
+        raise RuntimeError("EnergyVAD.__init__ was not called (made with EnergyVAD.__new__?)")
 
     cdef int _wrong_length(self, Py_ssize_t got) except -1:
         raise ValueError(
@@ -379,6 +384,8 @@ cdef class EnergyVAD:
         cdef Py_buffer view
         cdef Py_ssize_t frames, i
         cdef double e, loudest = 0.0
+        if self.c.frame_bytes == 0:
+            self._not_initialised()
         PyObject_GetBuffer(pcm, &view, PyBUF_SIMPLE)
         try:
             frames = view.len // self.c.frame_bytes

@@ -1,4 +1,11 @@
+from typing import Any, TypeAlias
+
+import numpy as np
 from typing_extensions import Buffer
+
+# Any contiguous buffer.  numpy arrays are named too: numpy's stubs declare the buffer protocol
+# (__buffer__) only for Python 3.12 and later, so on 3.11 a type checker would not see it.
+_Buffer: TypeAlias = Buffer | np.ndarray[Any, Any]
 from typing import Literal, NamedTuple, final
 
 SEQ_LIMIT: int
@@ -19,13 +26,13 @@ class JitterBuffer:
         self,
         depth: int = 2,
         frame_bytes: int = 160,
-        fill: Literal["silence", "fade"] | Buffer = "silence",
+        fill: Literal["silence", "fade"] | _Buffer = "silence",
         codec: Literal["ulaw", "alaw", "pcm16"] = "ulaw",
         *,
         capacity: int | None = None,
         first_seq: int | None = None,
     ) -> None: ...
-    def push(self, seq: int, frame: Buffer) -> None: ...
+    def push(self, seq: int, frame: _Buffer) -> None: ...
     def pop(self) -> bytes | None: ...
     def drain(self) -> list[bytes]: ...
     def reset(self, first_seq: int | None = None) -> None: ...

@@ -1,4 +1,11 @@
+from typing import Any, TypeAlias
+
+import numpy as np
 from typing_extensions import Buffer
+
+# Any contiguous buffer.  numpy arrays are named too: numpy's stubs declare the buffer protocol
+# (__buffer__) only for Python 3.12 and later, so on 3.11 a type checker would not see it.
+_Buffer: TypeAlias = Buffer | np.ndarray[Any, Any]
 from typing import Literal
 
 SUPPORTED_RATES: tuple[int, int, int]
@@ -19,6 +26,6 @@ class Resampler:
     @property
     def ratio(self) -> tuple[int, int]: ...
     def __init__(self, in_rate: int, out_rate: int, *, phase: Literal["linear", "minimum"] = "linear") -> None: ...
-    def process(self, pcm: Buffer, /) -> bytes: ...
+    def process(self, pcm: _Buffer, /) -> bytes: ...
     def flush(self) -> bytes: ...
     def reset(self) -> None: ...

@@ -38,7 +38,7 @@ class ReferenceHistogram:
     def quantile(self, q: float) -> float:
         if not self.count:
             return 0.0
-        rank = q * self.count
+        rank = max(q * self.count, 1)  # (the 0-quantile is the smallest sample)
         seen = 0
         for i, n in enumerate(self.counts):
             seen += n
@@ -94,6 +94,17 @@ def test_merge_and_counts_below_match_the_samples(first: list[float], second: li
     samples = first + second
     assert merged.counts_below(bounds) == [sum(1 for s in samples if s < min(bound, 0.02)) for bound in bounds]
     assert other.count == len(second)  # merging leaves its argument as it was
+
+
+def test_the_0_quantile_is_the_smallest_sample_and_an_infinite_edge_counts_every_bucket() -> None:
+    histogram = LatencyHistogram()
+    for seconds in (0.005, 0.006, 0.007, 0.5):
+        histogram.add(seconds)
+    assert histogram.quantile(0.0) == pytest.approx(0.00501)  # the upper edge of 5 ms's bucket, not of an empty one
+    assert histogram.counts_below([0.01, math.inf]) == [3, 3]  # (0.5 s is past the last bucket: in no edge's count)
+    assert histogram.counts_below([1e15]) == [3]
+    with pytest.raises(ValueError, match="ascending"):
+        histogram.counts_below([math.inf, 0.01])
 
 
 def test_histogram_summary_and_edges() -> None:

@@ -503,3 +503,11 @@ def test_speech_synthesis_is_deterministic_whatever_was_spoken_before() -> None:
     pcm = synthesize(text)
     assert pcm.dtype == np.int16 and not pcm.flags.writeable
     assert 2.0 < len(pcm) / 8000 < 4.0
+
+
+def test_vad_made_without_init_raises_instead_of_crashing() -> None:
+    vad = EnergyVAD.__new__(EnergyVAD)  # (its frame length is 0: a division by it would kill the process)
+    with pytest.raises(RuntimeError, match="__init__ was not called"):
+        vad.observe_agent(b"\0\0")
+    with pytest.raises(RuntimeError, match="__init__ was not called"):
+        vad.process(b"")
