@@ -22,6 +22,11 @@ from mediaserver.transport.http import HttpError, request
 __all__ = ["configure", "main", "place"]
 
 
+# Longer than the server's own Twilio request (TwilioRest's 15 s), so a slow Twilio is the server's
+# 502 with Twilio's word, not a timeout here that cannot say whether the call was placed.
+ANSWER_TIMEOUT_S = 30.0
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("to", help="number to call, E.164 (+15551234567)")
     parser.add_argument("--from", dest="from_", help="caller id, E.164 (default: the server's TWILIO_FROM_NUMBER)")
@@ -61,9 +66,14 @@ async def place(args: argparse.Namespace, settings: Settings) -> int:
             body[key] = value
     headers = [("Authorization", f"Bearer {settings.api_key}"), ("Content-Type", "application/json")]
     try:
-        response = await request("POST", server + "/calls", headers=headers, body=json.dumps(body, ensure_ascii=False).encode(), timeout_s=15.0)
+        response = await request(
+            "POST", server + "/calls", headers=headers, body=json.dumps(body, ensure_ascii=False).encode(),
+            timeout_s=ANSWER_TIMEOUT_S,
+        )  # fmt: skip
         status, raw = response.status, response.body
     except HttpError as exc:
+        if str(exc).startswith("no answer from"):  # the server took the request: Twilio may have been asked
+            return _fail(f"{exc}: the call may have been placed; see the server's log and `mediaserver calls`")
         return _fail(f"{exc}; is `mediaserver serve` running at {server}?")
     try:
         answer = json.loads(raw)

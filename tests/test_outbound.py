@@ -10,6 +10,7 @@ The CLI's error paths run against the same server.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -341,3 +342,21 @@ async def test_outbound_cli_against_the_server(capsys: pytest.CaptureFixture[str
             assert await outbound_cli.place(off, Settings(api_key=API_KEY)) == 1
             assert "does not place outbound calls: outbound calls are disabled" in capsys.readouterr().err
     assert len(rest.requests) == 2  # the accepted call and the refused one
+
+
+@fail_after(10)
+async def test_outbound_cli_says_a_call_may_have_been_placed_when_the_server_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def never_answers(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(outbound_cli, "ANSWER_TIMEOUT_S", 0.3)
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(functools.partial(trio.serve_tcp, never_answers, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        assert await outbound_cli.place(cli_args(TO, "--server", f"http://127.0.0.1:{port}"), Settings(api_key=API_KEY)) == 1
+        nursery.cancel_scope.cancel()
+    err = capsys.readouterr().err
+    assert "within 0.3 s: the call may have been placed" in err and "is `mediaserver serve` running" not in err
