@@ -49,7 +49,14 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
 
     @app.before_request
     async def webhook_bodies_are_small() -> None:
-        if request.method == "POST" and request.path != "/calls" and (request.content_length or 0) > MAX_FORM_BYTES:
+        if request.method != "POST" or request.path == "/calls":
+            return
+        if request.content_length is None:
+            # Chunked: the body's own limit was set from MAX_CONTENT_LENGTH when the request was made; lower
+            # it (a Quart internal, hence the guard: without it the app-wide limit still bounds the body).
+            if hasattr(request.body, "_max_content_length"):
+                request.body._max_content_length = MAX_FORM_BYTES
+        elif request.content_length > MAX_FORM_BYTES:
             abort(413)
 
     def url_of(configured: str | None) -> str:

@@ -255,14 +255,15 @@ def load_dotenv_file(path: str | os.PathLike[str] | None = None) -> bool:
         return False
     required = path is not None
     path = Path(".env" if path is None else path)
-    if not path.is_file():
+    if not (path.exists() if required else path.is_file()):  # (/dev/null: an empty file, deliberately)
         if required:
             raise ConfigError(f"--env-file {str(path)!r}: no such file")
         return False
-    from dotenv import dotenv_values
+    from dotenv.main import DotEnv
 
     try:
-        values = dotenv_values(path)
+        # override=False: a ${VAR} in the file takes the real environment's value first, as load_dotenv does
+        values = DotEnv(path, interpolate=True, override=False, encoding="utf-8").dict()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {str(path)!r}: {exc} (it must be a UTF-8 text file of KEY=value lines)") from None
     loaded = False

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-import ipaddress
 import json
 import logging
 import secrets
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import trio
 from quart import Response, request
@@ -101,18 +99,6 @@ class OutboundRequests:
 
 def _json_error(status: int, message: str, **extra: Any) -> tuple[dict[str, Any], int]:
     return {"error": message, **extra}, status
-
-
-def _unreachable(url: str) -> bool:
-    """True for a URL on this machine or a private network: not one Twilio's servers can call back."""
-    host = (urlsplit(url).hostname or "").rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False  # a name: it may well resolve publicly
-    return address.is_loopback or address.is_private or address.is_link_local or address.is_unspecified
 
 
 def _text(body: dict[str, Any], key: str, limit: int) -> str | None:
@@ -191,7 +177,7 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
         except ValueError as exc:
             pending.discard(key)
             return _json_error(400, f"cannot build the public URL for Twilio: {exc}")
-        if settings.call_url is None and settings.twilio_api_base == TWILIO_API_BASE and _unreachable(answer_url):
+        if settings.call_url is None and settings.twilio_api_base == TWILIO_API_BASE and security.on_this_network(answer_url):
             pending.discard(key)
             return _json_error(
                 400,

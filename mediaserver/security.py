@@ -44,6 +44,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,6 +60,7 @@ __all__ = [
     "body_sha256",
     "compute_signature",
     "configured_base",
+    "on_this_network",
     "public_url",
     "signature_bases",
     "signed_by_any",
@@ -293,6 +295,18 @@ def upgrade_signature_url(
 def _to_ws(http_url: str) -> str:
     scheme, sep, rest = http_url.partition("://")
     return _WS_SCHEMES[scheme] + sep + rest
+
+
+def on_this_network(url: str) -> bool:
+    """True for a URL on this machine or a private network: not one Twilio's servers can call back."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: it may well resolve publicly
+    return address.is_loopback or address.is_private or address.is_link_local or address.is_unspecified
 
 
 def configured_base(configured: str, name: str = "MEDIASERVER_PUBLIC_URL") -> SplitResult:

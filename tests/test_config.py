@@ -206,13 +206,26 @@ def test_config_env_file_fills_variables_set_but_empty_and_keeps_the_others(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     env = tmp_path / "x.env"
-    env.write_text("export OPENAI_API_KEY='sk-from-file'\nAGENT_VOICE=file\r\nAGENT_GREETING=\"from file\" # comment\n")
+    env.write_text(
+        "export OPENAI_API_KEY='sk-from-file'\nAGENT_VOICE=file\r\nAGENT_GREETING=\"from file\" # comment\n"
+        "MS_TEST_HOST=file.example\nMS_TEST_URL=https://${MS_TEST_HOST}/x\n"
+    )
     monkeypatch.setenv("OPENAI_API_KEY", "")  # as docker-compose passes an unset ${OPENAI_API_KEY}
     monkeypatch.setenv("AGENT_VOICE", "from-environment")
-    monkeypatch.delenv("AGENT_GREETING", raising=False)
+    monkeypatch.setenv("MS_TEST_HOST", "env.example")
+    for name in ("AGENT_GREETING", "MS_TEST_URL"):  # (set, so that monkeypatch restores them: unset)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     assert load_dotenv_file(env) is True
     import os
 
     assert os.environ["OPENAI_API_KEY"] == "sk-from-file"
     assert os.environ["AGENT_VOICE"] == "from-environment"
     assert os.environ["AGENT_GREETING"] == "from file"
+    assert os.environ["MS_TEST_URL"] == "https://env.example/x"  # interpolation, too, prefers the real environment
+
+
+def test_config_env_file_dev_null_is_an_empty_file() -> None:
+    import os
+
+    assert load_dotenv_file(os.devnull) is False  # (exists, not a regular file: the benches pass it for "no settings")

@@ -160,7 +160,7 @@ async def test_elevenlabs_agent_format_mismatch_ends_the_call_with_a_clear_log(c
             nursery.cancel_scope.cancel()
         conversation = await server.conversation(0)
         await conversation.closed.wait()
-    assert caller.close_code == 1000 and caller.received == []
+    assert caller.close_code == 1011 and caller.received == []  # not served (no model session)
     # The session is refused at pre-open (the transport waits for SessionReady), so
     # the call is hung up before bridging, with the reason in the log.
     messages = [r.getMessage() for r in call_log(caplog, CALL_A)]

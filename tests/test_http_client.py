@@ -427,3 +427,24 @@ async def test_https_to_a_plain_http_server() -> None:
         with pytest.raises(HttpError, match=rf"^TLS with 127\.0\.0\.1:{port} failed: "):
             await request("GET", f"https://127.0.0.1:{port}/", timeout_s=5)
         nursery.cancel_scope.cancel()
+
+
+@fail_after(10)
+async def test_a_connect_that_never_completes_is_not_reported_as_a_request_without_answer() -> None:
+    """A black-holed host: the request never went out (callers tell the two apart, e.g. mediaserver call)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepted: once its queue is full, further SYNs are dropped
+        port = listener.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+                fillers.append(filler)
+            with pytest.raises(HttpError, match=rf"^cannot reach 127\.0\.0\.1:{port}: no connection within 0\.5 s$"):
+                await request("GET", f"http://127.0.0.1:{port}/x", timeout_s=0.5)
+        finally:
+            for filler in fillers:
+                filler.close()

@@ -26,7 +26,7 @@ from openai.types.realtime import ResponseCreateEvent, SessionUpdateEvent
 from mediaserver.__main__ import _parser
 from mediaserver.config import Settings
 from mediaserver import outbound_cli
-from mediaserver.outbound import _unreachable
+from mediaserver.security import on_this_network as _unreachable
 from mediaserver.transport.http import request
 
 from tests.fakes import (
@@ -264,6 +264,17 @@ async def test_outbound_instructions_at_the_limit_fit_in_any_script_and_larger_b
                 body=b"CallSid=" + b"x" * 70_000, timeout_s=5.0,
             )  # fmt: skip
             assert webhook.status == 413
+            # Chunked (no Content-Length): the same 64 KiB, not the 256 KiB of POST /calls.
+            for size, status in ((70_000, b"413"), (1_000, b"403")):  # (403: read, then the unsigned request refused)
+                chunked = b"CallSid=CA" + b"0" * 32 + b"&pad=" + b"x" * size
+                head = b"POST /twiml HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                wire = head + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                wire += b"%x\r\n" % len(chunked) + chunked + b"\r\n0\r\n\r\n"
+                stream = await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
+                async with stream:
+                    await stream.send_all(wire)
+                    answer = await stream.receive_some(4096)
+                assert answer.split(b" ")[1] == status, answer[:80]
     assert len(rest.requests) == 3
 
 

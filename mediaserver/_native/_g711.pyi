@@ -1,11 +1,14 @@
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
-import numpy as np
 from typing_extensions import Buffer
 
-# Any contiguous buffer.  numpy arrays are named too: numpy's stubs declare the buffer protocol
-# (__buffer__) only for Python 3.12 and later, so on 3.11 a type checker would not see it.
-_Buffer: TypeAlias = Buffer | np.ndarray[Any, Any]
+class _ArrayLike(Protocol):
+    # numpy arrays, without importing numpy (not a dependency): numpy's stubs declare the buffer
+    # protocol (__buffer__) only for Python 3.12 and later, so on 3.11 a type checker would not see it.
+    @property
+    def __array_interface__(self) -> dict[str, Any]: ...
+
+_Buffer: TypeAlias = Buffer | _ArrayLike  # any contiguous buffer
 
 def ulaw_decode(data: _Buffer, /) -> bytes: ...
 def alaw_decode(data: _Buffer, /) -> bytes: ...

@@ -314,10 +314,9 @@ class CallManager:
                     if self.recorder is not None:
                         self.recorder.call_failed(start, f"no model session: {slot.error}", self.settings.provider)
                     return StreamEnd(FAILED, "no model session")
-                await self._bridge(stream, twilio, start, slot.link)
+                return await self._bridge(stream, twilio, start, slot.link)
             finally:
                 slot.released.set()
-            return None
         if not self.settings.development_mode:
             self._refuse("no_token")
             log.error("call %s: stream without a valid one-time token; refused", start.call_sid)
@@ -327,7 +326,7 @@ class CallManager:
         try:
             async with self._session(self.agent) as link:
                 opened = True
-                await self._bridge(stream, twilio, start, link)
+                end = await self._bridge(stream, twilio, start, link)
         except* ProviderClosed as group:
             if not opened:
                 self._refuse("no_model_session")
@@ -359,7 +358,10 @@ class CallManager:
         log.error("no start event within %g s; closing the stream", START_TIMEOUT_S)
         return None
 
-    async def _bridge(self, stream: MessageStream, twilio: TwilioStream, start: tw.Start, link: ProviderLink) -> None:
+    async def _bridge(
+        self, stream: MessageStream, twilio: TwilioStream, start: tw.Start, link: ProviderLink
+    ) -> StreamEnd | None:
+        """Run the call on ``link``; a StreamEnd if it could not be bridged at all (None: it ran)."""
         s = self.settings
         try:
             bridge = CallBridge(
@@ -371,7 +373,8 @@ class CallManager:
             log.error("call %s: cannot bridge to %s: %s", start.call_sid, link.name, exc)
             if self.recorder is not None:
                 self.recorder.call_failed(start, f"cannot bridge to {link.name}: {exc}", link.name)
-            return
+            return StreamEnd(FAILED, "cannot bridge")
+
         def ended(reason: str) -> None:
             if bridge.end_reason == "running":
                 bridge.end_reason = reason
@@ -423,6 +426,7 @@ class CallManager:
                 if st.reply.count
                 else "no timed replies",
             )
+        return None
 
 
 def _reason(group: BaseExceptionGroup[ProviderClosed]) -> str:

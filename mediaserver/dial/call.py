@@ -35,7 +35,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError,
 from mediaserver.dial.caller import FRAME_BYTES, SILENCE, MediaStreamCaller
 from mediaserver.dial.script import Action, BargeIn, Pause, Speak, Wait
 from mediaserver.dial.timeline import Event
-from mediaserver.security import SIGNATURE_HEADER, compute_signature
+from mediaserver.security import SIGNATURE_HEADER, compute_signature, on_this_network
 from mediaserver.transport.http import HttpError, Url, open_stream, parse_url, request
 
 __all__ = [
@@ -75,9 +75,9 @@ class DialOptions:
     to_number: str = "+15552223333"
     account_sid: str = field(default_factory=lambda: "AC" + secrets.token_hex(16))
     timeout_s: float = 10.0
-    # The server's MEDIASERVER_PUBLIC_URL, when ``url`` is not under it (the server dialled directly, behind
-    # its tunnel or proxy): requests are signed as Twilio signs them, for the public URL, and the stream is
-    # opened on the server dialled, as the proxy would forward it.
+    # The server's MEDIASERVER_PUBLIC_URL, for ``url`` on this machine or network (the server dialled
+    # directly, behind its tunnel or proxy): requests are signed as Twilio signs them, for the public URL,
+    # and the stream is opened on the server dialled, as the proxy would forward it.
     public_url: str | None = None
 
 
@@ -357,8 +357,11 @@ def _new_sid(prefix: str) -> str:
 
 
 def _public_base(public_url: str | None, url: str) -> str | None:
-    """``public_url`` without its trailing ``/``, if set and ``url`` is not under it already."""
-    if public_url is None:
+    """``public_url`` without its trailing ``/``, if set and ``url`` is the server behind it: on this machine or network.
+
+    (Not for another server dialled by its own address: its signatures are for that address.)
+    """
+    if not public_url or not on_this_network(url):
         return None
     base = public_url.rstrip("/")
     return None if url == base or url.startswith(base + "/") else base

@@ -51,6 +51,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_number", default="+15550001111", help="caller number (From)")
     parser.add_argument("--to", dest="to_number", default="+15552223333", help="called number (To)")
     parser.add_argument("--auth-token", help="sign requests with this Twilio auth token (default $TWILIO_AUTH_TOKEN)")
+    parser.add_argument("--public-url", metavar="URL",
+                        help="the server's MEDIASERVER_PUBLIC_URL, to sign for when dialling it on this machine or "
+                        "network (default $MEDIASERVER_PUBLIC_URL; '' for none)")  # fmt: skip
     parser.add_argument("--account-sid", help="the AccountSid of the calls (default $TWILIO_ACCOUNT_SID, else a random AC...)")
     parser.add_argument("--env-file",
                         help="read TWILIO_AUTH_TOKEN, TWILIO_ACCOUNT_SID and MEDIASERVER_PUBLIC_URL from this file "
@@ -163,7 +166,7 @@ async def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr:
         from_number=args.from_number,
         to_number=args.to_number,
         timeout_s=args.timeout,
-        public_url=os.environ.get("MEDIASERVER_PUBLIC_URL") or None,
+        public_url=(os.environ.get("MEDIASERVER_PUBLIC_URL") if args.public_url is None else args.public_url) or None,
         **({"account_sid": account_sid} if account_sid else {}),
     )
     results: list[CallResult] = []

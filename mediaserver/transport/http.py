@@ -156,15 +156,19 @@ async def request(
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
     wire = _encode(conn, method, where, headers, body)
     exchange = _Exchange(conn, where.where, max_response_bytes)
+    connected = False
     try:
         with trio.fail_after(timeout_s):
             stream = await open_stream(where.host, where.port, tls=where.tls, ssl_context=ssl_context)
+            connected = True
             try:
                 await stream.send_all(wire)
                 return await exchange.read(stream)
             finally:
                 await trio.aclose_forcefully(stream)
     except trio.TooSlowError:
+        if not connected:  # (the request never went out)
+            raise HttpError(f"cannot reach {where.where}: no connection within {timeout_s:g} s") from None
         raise HttpError(f"no answer from {where.where} within {timeout_s:g} s") from None
     except h11.RemoteProtocolError as exc:
         if exchange.eof:

@@ -116,8 +116,8 @@ class ClientWebSocket:
         self._wsproto_fed = True  # wsproto was given bytes since it was last seen idle (the handshake, to start)
         self._stash: bytes | None = None  # bytes read_nowait left for wsproto (b"": the peer closed)
         self._backlog = bytearray()  # frames send_many_nowait could not write at once, oldest first
-        # Nothing more may be written (a frame was cut short) or read (wsproto failed on the peer's bytes):
-        # the close handshake cannot complete, the caller just closes the socket.
+        # wsproto failed on the peer's bytes: nothing more is read or written, the close handshake
+        # cannot complete, the caller just closes the socket.
         self._broken = False
         self.closed: WebSocketClosed | None = None
 
@@ -234,7 +234,7 @@ class ClientWebSocket:
                 data, self._backlog = bytes(self._backlog) + data, bytearray()
             try:
                 if self._sock is not None:
-                    await _send_raw(self._sock, data, self._cut_short)
+                    await _send_raw(self._sock, data, self._requeue)
                 else:
                     await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -246,10 +246,17 @@ class ClientWebSocket:
         """One whole data frame: masked, as a client's must be (ws_server.py overrides it)."""
         return data_frame(message)
 
-    def _cut_short(self) -> None:
-        """A write was cancelled part-way through a frame: anything sent after it would land inside that frame."""
-        self._broken = True
-        self._closed_now(CloseReason.ABNORMAL_CLOSURE, "a send was cancelled part-way")
+    def _requeue(self, unsent: memoryview) -> None:
+        """A write was cancelled: what it did not send goes back to the front of the backlog.
+
+        It may begin inside a frame whose start is on the wire already (the
+        cancelled write's own, or one ``send_many_nowait`` left half-sent), so
+        it must go out before anything else: frames stay whole and in order,
+        and a later close frame follows them (or, if the peer never reads
+        again, the close times out and the socket is dropped).
+        """
+        if unsent:
+            self._backlog[:0] = unsent
 
     def _closed_now(self, code: int, reason: str = "") -> WebSocketClosed:
         if self.closed is None:
@@ -494,7 +501,7 @@ async def _receive_raw(sock: socket.socket) -> bytes:
             continue
 
 
-async def _send_raw(sock: socket.socket, data: bytes, cut_short: Callable[[], None] | None = None) -> None:
+async def _send_raw(sock: socket.socket, data: bytes, unsent: Callable[[memoryview], None] | None = None) -> None:
     """Write all of ``data`` to ``sock``; no scheduler trip when the kernel takes it at once.
 
     ``SocketStream.send_all`` always ends in a checkpoint, a full trip
@@ -504,8 +511,7 @@ async def _send_raw(sock: socket.socket, data: bytes, cut_short: Callable[[], No
     socket.  Callers hold the connection's send lock, so writes never
     interleave, and every loop that sends also reads or sleeps, so no task
     runs without checkpoints.  A dead peer raises ``OSError``.  If the
-    wait is cancelled after part of ``data`` went out, ``cut_short()`` is
-    called: the stream now ends inside a frame.
+    wait is cancelled, ``unsent(rest)`` gets what was not written.
     """
     view = memoryview(data)
     while view:
@@ -518,8 +524,8 @@ async def _send_raw(sock: socket.socket, data: bytes, cut_short: Callable[[], No
             try:
                 await trio.lowlevel.wait_writable(sock)
             except BaseException:
-                if len(view) < len(data) and cut_short is not None:
-                    cut_short()
+                if unsent is not None:
+                    unsent(view)
                 raise
 
 

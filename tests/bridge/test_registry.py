@@ -13,7 +13,9 @@ import trio.testing
 
 from mediaserver.agents.echo import EchoLink
 from mediaserver.bridge.link import AgentOptions, ProviderLink
+from mediaserver.bridge.call import StreamEnd
 from mediaserver.bridge.registry import SHUTDOWN_GRACE_S, CallManager
+from mediaserver.protocol import providers as pv
 from mediaserver.config import Settings
 from tests.fakes import MemoryMessageStream, TwilioMessages, memory_twilio_pair
 
@@ -81,7 +83,8 @@ def test_a_stream_arriving_while_a_timed_out_session_closes_is_refused_not_bridg
             await trio.sleep(5.5)  # the timeout has passed; the session is still closing
             assert sessions.closed == []
             with trio.fail_after(1):
-                await calls.handle_stream(await started_stream(CALL, token))  # refused at once: it returns
+                end = await calls.handle_stream(await started_stream(CALL, token))  # refused at once: it returns
+            assert end == StreamEnd(1011, "no model session")  # (the stream's close code: not served)
             assert calls.active == 0
             assert calls.refused == {"no_model_session": 1}
             await trio.sleep(1)
@@ -112,7 +115,8 @@ def test_the_webhook_again_for_the_same_call_closes_the_session_opened_for_the_f
             assert first != second
             # A stream with the first answer's token is hung up; the second's is bridged.
             with trio.fail_after(1):
-                await calls.handle_stream(await started_stream(CALL, first))
+                end = await calls.handle_stream(await started_stream(CALL, first))
+            assert end == StreamEnd(1008, "refused: no valid token")
             assert calls.refused == {"no_token": 1}  # (the slot is gone: its token is no longer known)
             nursery.start_soon(calls.handle_stream, await started_stream(CALL, second))
             await trio.sleep(0.1)
@@ -178,3 +182,31 @@ def test_a_replayed_webhook_gets_no_session_once_the_call_streamed_or_was_answer
     messages = run_virtual(main, caplog)
     assert f"call {CALL}: webhook refused: its media stream already ran (a replayed request?)" in messages
     assert f"call {OTHER}: webhook refused: answered 3 times already (a replayed request?)" in messages
+
+
+class _ALawLink(EchoLink):
+    input_format = pv.AudioFormat("pcma", 8000)
+
+
+def test_a_session_whose_audio_cannot_be_bridged_fails_the_stream_with_1011(caplog: pytest.LogCaptureFixture) -> None:
+    class ALawSessions(Sessions):
+        @contextlib.asynccontextmanager
+        async def __call__(self, settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
+            link = _ALawLink()
+            try:
+                yield link
+            finally:
+                link.close()
+
+    async def main() -> None:
+        calls = manager(ALawSessions())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            token = calls.prepare(CALL)
+            with trio.fail_after(1):
+                end = await calls.handle_stream(await started_stream(CALL, token))
+            assert end == StreamEnd(1011, "cannot bridge") and calls.refused == {"cannot_bridge": 1}
+            nursery.cancel_scope.cancel()
+
+    messages = run_virtual(main, caplog)
+    assert any("cannot bridge to echo: A-law providers are not supported" in m for m in messages), messages

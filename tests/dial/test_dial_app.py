@@ -37,7 +37,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 from twilio.request_validator import RequestValidator
 
 from mediaserver.dial import cli, report
-from mediaserver.dial.call import DialOptions, place_call
+from mediaserver.dial.call import DialOptions, _as_dialled, _as_public, place_call
 from mediaserver.dial.script import Pause, Speak
 
 from tests.fakes import band_energy_ratio, dominant_frequency_hz, fail_after, to_ulaw, tone
@@ -48,7 +48,8 @@ AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 
 @pytest.fixture(autouse=True)
 def _no_ambient_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("TWILIO_AUTH_TOKEN", raising=False)
+    for name in ("TWILIO_AUTH_TOKEN", "TWILIO_ACCOUNT_SID", "MEDIASERVER_PUBLIC_URL"):  # (what dial reads)
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # default recordings land here
 
 
@@ -189,9 +190,16 @@ async def test_dial_signs_for_the_public_url_and_streams_to_the_server_dialled(
     async with running(settings(tmp_path, twilio_auth_token=AUTH_TOKEN, public_url=public)) as url:
         status, out, err = await dial(url + "/twiml", "--listen", "0.2", "--no-record")
         assert (status, err) == (0, "") and "ended: caller hung up (stop sent)" in out
-        monkeypatch.delenv("MEDIASERVER_PUBLIC_URL")  # signed for the URL dialled: not what the server checks
-        status, _, err = await dial(url + "/twiml", "--listen", "0.2", "--no-record")
+        # Signed for the URL dialled (--public-url '' overrides the environment): not what the server checks.
+        status, _, err = await dial(url + "/twiml", "--listen", "0.2", "--no-record", "--public-url", "")
         assert status == 1 and "answered HTTP 403" in one_line(err)
+    # Another server, dialled by its own (public) address, is signed for that address, not for ours.
+    options = DialOptions(url="https://staging.example.com/twiml", public_url=public)
+    assert _as_public(options.url, options.public_url) == "https://staging.example.com/twiml"
+    assert _as_public("http://127.0.0.1:8080/twiml?x=1", public) == "https://voice.example.com/agent/twiml?x=1"
+    assert _as_dialled("wss://voice.example.com/agent/media-stream", "http://10.0.0.5:8080/twiml", public) == (
+        "ws://10.0.0.5:8080/media-stream"
+    )
 
 
 # ------------------------------------------------------------- Twilio's peers
