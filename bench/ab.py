@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import statistics
 import subprocess
 import sys
@@ -132,6 +133,9 @@ def _git(*args: str) -> str:
 def prepare(rev: str) -> tuple[str, Path]:
     """(label, directory) for ``rev``: ``.`` is this checkout; a revision gets a built worktree of its own."""
     if rev == ".":
+        # (built here too: a .so older than native/ would measure the old kernel under this label)
+        print("building the native modules of the working tree ...", flush=True)
+        _build(ROOT, "the working tree")
         return "working tree", ROOT
     try:
         sha = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
@@ -141,11 +145,23 @@ def prepare(rev: str) -> tuple[str, Path]:
     if not (tree / "setup.py").exists():
         print(f"checking out {rev} ({sha[:12]}) in {tree.relative_to(ROOT)} ...", flush=True)
         WORKTREES.mkdir(parents=True, exist_ok=True)
-        _git("worktree", "add", "--detach", "--force", str(tree), sha)
+        try:
+            _git("worktree", "add", "--detach", "--force", str(tree), sha)
+        except subprocess.CalledProcessError as exc:
+            raise SystemExit(
+                f"ab.py: cannot check out {rev} in {tree}: {exc.stderr.strip()[-500:]}\n"
+                f"(a worktree left by an interrupted run? git worktree remove --force {tree}; git worktree prune)"
+            ) from None
     print(f"building the native modules of {rev} ({sha[:12]}) ...", flush=True)
-    subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=tree, check=True,
-                   stdout=subprocess.DEVNULL)
+    _build(tree, rev)
     return f"{rev} ({sha[:12]})", tree
+
+
+def _build(tree: Path, what: str) -> None:
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=tree,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"ab.py: building the native modules of {what} failed:\n{proc.stderr[-2000:]}")
 
 
 def load_run(side: str, tree: Path, args: argparse.Namespace) -> Run:
@@ -154,9 +170,18 @@ def load_run(side: str, tree: Path, args: argparse.Namespace) -> Run:
         out = Path(tmp) / "load.json"
         cmd = [sys.executable, str(tree / "bench" / "load.py"), "--steps", str(args.steps), "--hold", str(args.hold),
                "--no-peer", "--no-plot", "--json", str(out), *(["--tls"] if args.tls else [])]
-        proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+        proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = proc.communicate()
+        except BaseException:  # Ctrl-C or SIGTERM: load.py stops its servers on SIGTERM (a kill would orphan them)
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
         if proc.returncode != 0 or not out.exists():
-            raise SystemExit(f"ab.py: load.py failed for {side} in {tree}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            raise SystemExit(f"ab.py: load.py failed for {side} in {tree}:\n{stdout[-2000:]}{stderr[-2000:]}")
         try:
             return run_from_json(side, json.loads(out.read_text()), args.steps)
         except ValueError as exc:
@@ -247,4 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # (no Trio here: a plain KeyboardInterrupt is safe)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("ab.py: interrupted", file=sys.stderr)
+        sys.exit(130)

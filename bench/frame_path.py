@@ -465,8 +465,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed repeats, after one warm-up (default 7; quick 2)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the header and all rows as JSON")
     args = parser.parse_args(argv)
-    args.frames = args.frames or (200 if args.quick else 3000)
-    args.repeats = args.repeats or (2 if args.quick else 7)
+    args.frames = args.frames if args.frames is not None else (200 if args.quick else 3000)
+    args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
     if args.frames < 10 or args.repeats < 1:
         parser.error("--frames must be at least 10 and --repeats at least 1")
     args.frames -= args.frames % (CHUNK_MS // FRAME_MS)

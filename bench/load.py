@@ -103,6 +103,7 @@ import json
 import math
 import os
 import resource
+import signal
 import socket
 import ssl
 import subprocess
@@ -183,9 +184,9 @@ def cpu_split(pin: bool) -> tuple[set[int] | None, set[int] | None]:
 
 def peer_missing() -> str | None:
     """Why the peer cannot run here (a package it needs is not importable), or None."""
-    missing = [name for name in ("fastapi", "uvicorn", "websockets") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("fastapi", "uvicorn", "websockets", "twilio") if importlib.util.find_spec(name) is None]
     if missing:
-        return f"{', '.join(missing)} not importable (pip install fastapi uvicorn websockets)"
+        return f"{', '.join(missing)} not importable (pip install fastapi uvicorn websockets twilio)"
     return None
 
 
@@ -238,6 +239,12 @@ def server_process(
     alone (``SSL_CERT_FILE``, which OpenSSL's default verify paths read).
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIASERVER_", "TWILIO_", "OPENAI_"))}
+    # Loopback only: a proxy configured on the machine must not carry the model link (the peer's websockets
+    # client honours *_proxy, and 127.0.0.1 is not exempt by default).
+    for name in list(env):
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy", "ws_proxy", "wss_proxy"):
+            del env[name]
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     env.update(
         OPENAI_API_KEY="bench",
         OPENAI_REALTIME_URL=f"{'ws' if cert is None else 'wss'}://{HOST}:{model_port}/v1/realtime",
@@ -779,10 +786,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.settle, args.grace = min(args.settle, 0.5), min(args.grace, 1.0)
         args.reply_every, args.reply_ms = min(args.reply_every, 0.6), min(args.reply_ms, 400)
         args.drain_timeout = min(args.drain_timeout, 10.0)  # a smoke run reports a stuck server, not waits on it
+    if len(set(steps)) != len(steps):
+        parser.error("--steps: each step once (to repeat a measurement, run the bench again, or use bench/ab.py)")
+    for name in ("hold", "ramp_rate", "reply_every", "settle", "grace", "drain_timeout", "max_p99_ms", "gen_cpu", "gen_lag_ms"):
+        value = getattr(args, name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number")
+    if args.grace < 0 or args.drain_timeout < 0:
+        parser.error("--grace and --drain-timeout must not be negative")
     if args.hold <= 0.5 or args.ramp_rate <= 0 or args.reply_ms < 40 or args.reply_every <= 0:
         parser.error("--hold must exceed 0.5 s, --ramp-rate and --reply-every be positive, --reply-ms at least 40")
     if args.settle < 0.2:
         parser.error("--settle must be at least 0.2 s: the generator collects its garbage then, out of the measured window")
+    if args.tls and importlib.util.find_spec("cryptography") is None:
+        parser.error("--tls needs the cryptography package (pip install cryptography) for its certificate")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        log("no plot: matplotlib is not importable (pip install matplotlib, or pass --no-plot)")
+        args.plot = None
     args.peer_skipped = peer_missing() if args.peer else None
     if args.peer_skipped is not None:
         args.peer = False
@@ -823,20 +843,38 @@ async def run_all(
     model = FakeModel(recorder, reply_every_s=args.reply_every, reply_ms=args.reply_ms, ssl_context=context)
     rows: list[dict[str, Any]] = []
     servers = make_servers(args)
+    args.failure = None  # why the bench stopped before its end (a server died), for main to say
     async with trio.open_nursery() as nursery:
         model_port = await nursery.start(model.run)
         with contextlib.ExitStack() as stack:
             for server in servers:
                 stack.enter_context(server_process(server, model_port, server_cpus, tls[0] if tls is not None else None))
             for server in servers:
-                await wait_healthy(server)
+                try:
+                    await wait_healthy(server)
+                except (RuntimeError, trio.TooSlowError) as exc:
+                    args.failure = str(exc) or f"the {server.name} server did not answer /healthz within 30 s"
+                    nursery.cancel_scope.cancel()
+                    return rows
             for index, n in enumerate(args.step_list):
                 # Alternate who goes first, so neither always runs on a machine the other has just warmed up.
                 for server in servers if index % 2 == 0 else servers[::-1]:
                     if server.done:
                         continue
                     log(f"step {n} calls on {server.name}: ramp {max(n / args.ramp_rate, 0.5):.1f} s, hold {args.hold:g} s ...")
-                    row = await run_step(n, args, server, model, recorder)
+                    failure: BaseException | None = None
+                    try:
+                        row = await run_step(n, args, server, model, recorder)
+                    except* (OSError, psutil.Error) as group:  # the server went away mid-step (its /healthz, its CPU)
+                        failure = group.exceptions[0]
+                    if failure is not None:
+                        assert server.proc is not None
+                        why = (f"the {server.name} server exited with status {server.proc.returncode}"
+                               if server.proc.poll() is not None else f"step {n} on {server.name} failed: {failure!r}")
+                        args.failure = f"{why}; see {server.log_path}"
+                        log(f"  {args.failure}")
+                        server.done = True
+                        continue
                     rows.append(row)
                     log(_progress(row))
                     assert server.proc is not None
@@ -857,6 +895,9 @@ async def run_all(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (timeout, a CI cancel) as Ctrl-C, which Trio delivers at a safe point: the servers' finally
+    # blocks stop them, nothing is orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     gc.callbacks.append(_GC_PAUSES)
     if args.peer_skipped is not None:
         log(f"peer skipped: {args.peer_skipped}")
@@ -889,7 +930,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.tls_negotiated = info.get("tls", "no TLS session was opened")
     else:
         rows = trio.run(run_all, args, server_cpus)
+    if not rows and args.failure:
+        log(f"load bench: {args.failure}")
+        return 1
     print(table(rows, args, server_cpus is not None))
+    if args.failure:
+        log(f"load bench stopped early: {args.failure}")
     comparison = compare(rows)
     if comparison:
         print(peer_table(comparison, args))
@@ -916,18 +962,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.profile is not None and args.profile.exists():
         print_profile(args.profile)
-    if args.plot is not None and rows:
-        plot(rows, args.plot, "wss://" if args.tls else "ws://")
-        print(f"wrote {args.plot}")
-    if args.json is not None:
+    if args.json is not None:  # (before the plot: a plot that fails must not lose the figures)
         write_json(
             args.json,
             {"header": dict(header), "quick": args.quick, "tls": args.tls, "tls_negotiated": info.get("tls"),
              "rows": rows, "comparison": comparison},
         )
         print(f"wrote {args.json}")
-    return 0 if rows else 1
+    if args.plot is not None and rows:
+        plot(rows, args.plot, "wss://" if args.tls else "ws://")
+        print(f"wrote {args.plot}")
+    return 0 if rows and not args.failure else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = 130
+    try:
+        status = main()
+    except* KeyboardInterrupt:  # (from inside Trio it comes in a group)
+        log("load bench: interrupted; the servers were stopped")
+    sys.exit(status)

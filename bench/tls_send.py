@@ -22,6 +22,7 @@ Nothing leaves the machine.  Options: ``--quick``, ``--sends``,
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import ipaddress
 import os
@@ -80,7 +81,15 @@ def start_receiver(server_context: ssl.SSLContext) -> tuple[int, int, int]:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
     pid = os.fork()
-    if pid == 0:  # the receiver: one thread per connection, until killed
+    if pid == 0:  # the receiver: one thread per connection, until killed (or its parent dies)
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a parent killed by SIGTERM takes this process along
+            if os.getppid() == 1:  # (the parent died before that)
+                os._exit(0)
+        except (OSError, AttributeError):
+            pass
+
         def drain(conn: socket.socket, wrap: bool) -> None:
             try:
                 stream = server_context.wrap_socket(conn, server_side=True) if wrap else conn
@@ -94,9 +103,11 @@ def start_receiver(server_context: ssl.SSLContext) -> tuple[int, int, int]:
                 conn, _ = listener.accept()
                 threading.Thread(target=drain, args=(conn, wrap), daemon=True).start()
 
-        threading.Thread(target=accept, args=(plain, False), daemon=True).start()
-        accept(tls, True)
-        os._exit(0)
+        try:
+            threading.Thread(target=accept, args=(plain, False), daemon=True).start()
+            accept(tls, True)
+        finally:
+            os._exit(0)  # never back into the parent's code
     ports = plain.getsockname()[1], tls.getsockname()[1]
     plain.close()
     tls.close()

@@ -346,3 +346,43 @@ def test_load_bench_finds_the_generator_s_longest_collection_in_a_window() -> No
     longest = pauses.longest_s(start, end)
     assert 0 < longest <= end - start
     assert pauses.longest_s(before - 10, before - 5) == 0.0  # none began then
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "2,2"], "--steps: each step once"),
+        (["--steps", "2", "--hold", "nan"], "--hold must be a finite number"),
+        (["--steps", "2", "--grace", "-1"], "--grace and --drain-timeout must not be negative"),
+    ],
+)
+def test_load_bad_options_are_one_line_errors_before_anything_starts(args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "load.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_load_servers_get_no_proxy_for_the_loopback_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import load
+
+    monkeypatch.setenv("https_proxy", "http://10.255.255.1:3128")
+    monkeypatch.setenv("ALL_PROXY", "socks5://10.255.255.1:1080")
+    captured: dict[str, Any] = {}
+
+    class NoProcess:
+        def __init__(self, argv: list[str], **kwargs: Any) -> None:
+            captured.update(kwargs["env"])
+            self.pid = 0
+
+        def terminate(self) -> None: ...
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 0
+
+    monkeypatch.setattr(load.subprocess, "Popen", NoProcess)
+    server = load.make_servers(load.parse_args(["--steps", "2", "--no-peer", "--no-plot"]))[0]
+    with load.server_process(server, 1, None):
+        pass
+    assert not {k for k in captured if k.lower().endswith("_proxy") and k.lower() != "no_proxy"}
+    assert captured["NO_PROXY"] == captured["no_proxy"] == "127.0.0.1,localhost"
