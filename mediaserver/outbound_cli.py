@@ -17,7 +17,7 @@ import trio
 
 from mediaserver.config import ConfigError, Settings, load_dotenv_file
 from mediaserver.tools.builtins import E164
-from mediaserver.transport.http import HttpError, request
+from mediaserver.transport.http import HttpError, NoAnswer, request
 
 __all__ = ["configure", "main", "place"]
 
@@ -71,9 +71,9 @@ async def place(args: argparse.Namespace, settings: Settings) -> int:
             timeout_s=ANSWER_TIMEOUT_S,
         )  # fmt: skip
         status, raw = response.status, response.body
+    except NoAnswer as exc:  # the server took the request: Twilio may have been asked
+        return _fail(f"{exc}: the call may have been placed; see the server's log and `mediaserver calls`")
     except HttpError as exc:
-        if str(exc).startswith("no answer from"):  # the server took the request: Twilio may have been asked
-            return _fail(f"{exc}: the call may have been placed; see the server's log and `mediaserver calls`")
         return _fail(f"{exc}; is `mediaserver serve` running at {server}?")
     try:
         answer = json.loads(raw)

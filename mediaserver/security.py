@@ -64,6 +64,7 @@ __all__ = [
     "public_url",
     "signature_bases",
     "signed_by_any",
+    "to_ws",
     "stream_url",
     "upgrade_signature_url",
     "validate_body_signature",
@@ -270,7 +271,7 @@ def stream_url(
     request's values); ``https`` becomes ``wss`` and ``http`` becomes ``ws``.
     No query string: Twilio drops it.
     """
-    return _to_ws(public_url(path, configured=configured, scheme=scheme, host=host, headers=headers))
+    return to_ws(public_url(path, configured=configured, scheme=scheme, host=host, headers=headers))
 
 
 def upgrade_signature_url(
@@ -289,10 +290,11 @@ def upgrade_signature_url(
     Validate with ``validate_signature(token, url, {}, signature)``: the
     upgrade is a GET with no body, so there are no parameters.
     """
-    return _to_ws(public_url(path, configured=configured, scheme=scheme, host=host, headers=headers, query=query))
+    return to_ws(public_url(path, configured=configured, scheme=scheme, host=host, headers=headers, query=query))
 
 
-def _to_ws(http_url: str) -> str:
+def to_ws(http_url: str) -> str:
+    """``http(s)://...`` as ``ws(s)://...``."""
     scheme, sep, rest = http_url.partition("://")
     return _WS_SCHEMES[scheme] + sep + rest
 

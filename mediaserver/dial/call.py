@@ -35,7 +35,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError,
 from mediaserver.dial.caller import FRAME_BYTES, SILENCE, MediaStreamCaller
 from mediaserver.dial.script import Action, BargeIn, Pause, Speak, Wait
 from mediaserver.dial.timeline import Event
-from mediaserver.security import SIGNATURE_HEADER, compute_signature, on_this_network
+from mediaserver.security import SIGNATURE_HEADER, compute_signature, on_this_network, to_ws
 from mediaserver.transport.http import HttpError, Url, open_stream, parse_url, request
 
 __all__ = [
@@ -381,11 +381,11 @@ def _as_dialled(stream_url: str, url: str, public_url: str | None) -> str:
     base = _public_base(public_url, url)
     if base is None:
         return stream_url
-    ws_base = "ws" + base[len("http") :]  # https -> wss, http -> ws
+    ws_base = to_ws(base)
     if not stream_url.startswith(ws_base + "/"):
         return stream_url
     dialled = urlsplit(url)
-    return ("wss" if dialled.scheme == "https" else "ws") + "://" + dialled.netloc + stream_url[len(ws_base) :]
+    return to_ws(f"{dialled.scheme}://{dialled.netloc}") + stream_url[len(ws_base) :]
 
 
 async def place_call(options: DialOptions, *, call_sid: str | None = None) -> CallResult:

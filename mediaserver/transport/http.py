@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
     "USER_AGENT",
     "HttpError",
+    "NoAnswer",
     "Response",
     "Url",
     "open_stream",
@@ -61,6 +62,10 @@ class HttpError(Exception):
     with an error status is not an :class:`HttpError`: it is a
     :class:`Response` for the caller to judge.
     """
+
+
+class NoAnswer(HttpError):
+    """The request went out and no whole answer came in time: the server may have acted on it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +174,7 @@ async def request(
     except trio.TooSlowError:
         if not connected:  # (the request never went out)
             raise HttpError(f"cannot reach {where.where}: no connection within {timeout_s:g} s") from None
-        raise HttpError(f"no answer from {where.where} within {timeout_s:g} s") from None
+        raise NoAnswer(f"no answer from {where.where} within {timeout_s:g} s") from None
     except h11.RemoteProtocolError as exc:
         if exchange.eof:
             raise HttpError(f"{where.where} closed the connection before the response ended") from None

@@ -315,10 +315,10 @@ async def open_tls_stream(host: str, port: int, *, ssl_context: ssl.SSLContext |
     for it mid-stream would make a later write need a read first, which the
     non-blocking writes here do not do (TLS 1.3 has no renegotiation).
     """
-    if ssl_context is None:
-        ssl_context = ssl.create_default_context()
-        ssl_context.options |= ssl.OP_NO_RENEGOTIATION
     context = ssl_context
+    if context is None:
+        context = ssl.create_default_context()
+        context.options |= ssl.OP_NO_RENEGOTIATION
     transport = await trio.open_tcp_stream(host, port)
     stream = TLSStream(transport, context, host)
     try:

@@ -137,10 +137,8 @@ class MediaStreamRoute:
             log.exception("media stream: the handler failed")
             end = StreamEnd(FAILED, "internal error")
         if not stream.closed:
-            if end is None:
-                await send({"type": "websocket.close", "code": 1000})
-            else:
-                await send({"type": "websocket.close", "code": end.code, "reason": end.reason})
+            await send({"type": "websocket.close", "code": 1000} if end is None else
+                       {"type": "websocket.close", "code": end.code, "reason": end.reason})  # fmt: skip
 
     def _check_signature(self, scope: Scope) -> int | None:
         """None if the upgrade may proceed, else the HTTP status to refuse it with (as on our own listener)."""

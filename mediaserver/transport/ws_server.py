@@ -221,7 +221,4 @@ async def serve_media_stream(
     finally:
         # Also when cancelled (the drain deadline): say goodbye with 1000 (or why not), briefly.
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
-            if end is None:
-                await conn.aclose(CloseReason.NORMAL_CLOSURE)
-            else:
-                await conn.aclose(end.code, end.reason)
+            await conn.aclose(*(end or (CloseReason.NORMAL_CLOSURE, None)))
