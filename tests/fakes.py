@@ -679,6 +679,18 @@ class FakeTwilioCaller:
         await self.wait_for(lambda: bool(self.clears))
         return self.clears[0]
 
+    async def say_and_hear_the_echo(self, ulaw: bytes) -> float:
+        """Say ``ulaw``, then 600 ms of silence (the echo agent's cue), and wait until its echo has played out.
+
+        Returns when the words were sent (Trio time).
+        """
+        await self.send_audio(ulaw)
+        said_s = trio.current_time()
+        await self.send_silence(600)
+        await self.wait_for_audio(len(ulaw))
+        await self.wait_quiet(0.3)
+        return said_s
+
     async def wait_quiet(self, quiet_s: float) -> None:
         """Wait until no agent audio has arrived for ``quiet_s`` and the playback buffer is empty."""
         while True:

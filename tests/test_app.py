@@ -343,11 +343,7 @@ async def test_app_echo_call_plays_the_burst_back(caplog: pytest.LogCaptureFixtu
     burst = to_ulaw(tone(1000, 500, amplitude=0.5))
     async with running(base_settings()) as url, phone_call(url) as caller:
         await caller.send_silence(400)
-        await caller.send_audio(burst)
-        burst_end_s = trio.current_time()
-        await caller.send_silence(600)
-        await caller.wait_for_audio(len(burst))
-        await caller.wait_quiet(0.3)
+        burst_end_s = await caller.say_and_hear_the_echo(burst)
         await caller.stop()
         with trio.fail_after(1):
             await caller.closed.wait()

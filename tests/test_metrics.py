@@ -393,10 +393,7 @@ async def test_app_metrics_time_the_echo_agent_s_reply(caplog: pytest.LogCapture
     async with running(base_settings()) as url:
         async with phone_call(url) as caller:
             await caller.send_silence(300)
-            await caller.send_audio(burst)
-            await caller.send_silence(600)
-            await caller.wait_for_audio(len(burst))
-            await caller.wait_quiet(0.3)
+            await caller.say_and_hear_the_echo(burst)
             await caller.stop()
             await caller.closed.wait()
         with trio.fail_after(5):

@@ -27,14 +27,15 @@ STREAM = "MZ" + "2" * 32
 class Sessions:
     """Opens echo sessions for a CallManager, noting when each closed (and whose greeting it had)."""
 
-    def __init__(self, close_s: float = 0.0) -> None:
+    def __init__(self, close_s: float = 0.0, link: Callable[[], EchoLink] = EchoLink) -> None:
         self.close_s = close_s  # how long closing takes (a WebSocketLink's close handshake: at most 1 s)
+        self.link = link
         self.opened = 0
         self.closed: list[tuple[float, str | None]] = []
 
     @contextlib.asynccontextmanager
     async def __call__(self, settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
-        link = EchoLink()
+        link = self.link()
         self.opened += 1
         try:
             yield link
@@ -189,17 +190,8 @@ class _ALawLink(EchoLink):
 
 
 def test_a_session_whose_audio_cannot_be_bridged_fails_the_stream_with_1011(caplog: pytest.LogCaptureFixture) -> None:
-    class ALawSessions(Sessions):
-        @contextlib.asynccontextmanager
-        async def __call__(self, settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
-            link = _ALawLink()
-            try:
-                yield link
-            finally:
-                link.close()
-
     async def main() -> None:
-        calls = manager(ALawSessions())
+        calls = manager(Sessions(link=_ALawLink))
         async with trio.open_nursery() as nursery:
             await nursery.start(calls.run)
             token = calls.prepare(CALL)

@@ -54,10 +54,7 @@ async def test_records_echo_call_is_recorded(records_settings: Callable[..., Set
             await caller.send_silence(300)
             status, live = await get_call(url, CALL_A)
             assert status == 200 and live["status"] == "in-progress" and live["ended_at"] is None
-            await caller.send_audio(burst)
-            await caller.send_silence(600)
-            await caller.wait_for_audio(len(burst))
-            await caller.wait_quiet(0.3)
+            await caller.say_and_hear_the_echo(burst)
             await caller.stop()
             await caller.closed.wait()
         callback = [("CallSid", CALL_A), ("CallStatus", "completed"), ("CallDuration", "2")]
