@@ -119,8 +119,9 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
     async def voice_webhook() -> Response:
         params = await signed_form()
         call_sid = (params.get("CallSid") or [""])[0]
-        if not call_sid:
-            abort(400, "CallSid missing")
+        why = security.call_sid_error(call_sid, signed=bool(settings.twilio_auth_token))
+        if why is not None:
+            abort(400, why)
         try:
             stream = security.stream_url(
                 MEDIA_STREAM_PATH,
@@ -149,6 +150,9 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
     async def call_status() -> tuple[str, int]:
         params = await signed_form()
         first = {k: v[0] for k, v in params.items() if v}
+        why = security.call_sid_error(first.get("CallSid", ""), signed=bool(settings.twilio_auth_token))
+        if why is not None:
+            abort(400, why)
         if calls.recorder is not None:
             calls.recorder.twilio_status(params)
         log.info(

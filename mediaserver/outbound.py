@@ -213,8 +213,9 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
                 log.warning("/outbound-twiml: bad or missing X-Twilio-Signature for %s; 403", url)
                 return "forbidden", 403
         call_sid = (params.get("CallSid") or [""])[0]
-        if not call_sid:
-            return "CallSid missing", 400
+        why = security.call_sid_error(call_sid, signed=bool(settings.twilio_auth_token))
+        if why is not None:
+            return why, 400
         to = (params.get("To") or [None])[0]
         agent = pending.take(request.args.get(OUTBOUND_PARAMETER, ""), to)
         if agent is None:

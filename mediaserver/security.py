@@ -172,6 +172,34 @@ def validate_body_signature(auth_token: str, url: str, body: bytes | str, signat
     return validate_signature(auth_token, url, {}, signature) and body_ok
 
 
+_TWILIO_CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
+_LOOSE_SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def call_sid_error(call_sid: str, *, signed: bool) -> str | None:
+    """Why ``call_sid`` (a webhook's ``CallSid``) is refused, or None.
+
+    Twilio's signature joins each parameter's name and value with nothing in
+    between, so a captured signed webhook stays valid when the parameters
+    after ``CallSid`` are folded into its value (``CallSid=CA…CallStatusringing``)
+    or split at another point: each such request would be a "new" call with
+    its own model session, past the replay limit.  A webhook whose signature
+    was checked (``signed``) must therefore carry a call SID in Twilio's exact
+    format, ``CA`` and 32 hex digits, which leaves no room to move
+    characters.  In development mode (nothing is signed) any short
+    identifier of letters, digits, ``_`` and ``-`` is taken, which still keeps
+    line breaks and markup out of the logs.
+    """
+    if not call_sid:
+        return "CallSid missing"
+    if signed:
+        if _TWILIO_CALL_SID.fullmatch(call_sid) is None:
+            return "CallSid is not a Twilio call SID (CA and 32 hex digits)"
+    elif _LOOSE_SID.fullmatch(call_sid) is None:
+        return "CallSid must be 1-64 letters, digits, '_' or '-'"
+    return None
+
+
 def _values(params: Mapping[str, str | Sequence[str]], name: str) -> Sequence[str]:
     getlist = getattr(params, "getlist", None)
     if callable(getlist):  # werkzeug MultiDict: params[name] is only the first value

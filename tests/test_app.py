@@ -215,6 +215,29 @@ async def test_app_webhook_signature_is_enforced() -> None:
 
 
 @fail_after(10)
+async def test_app_a_signed_webhook_cannot_be_refolded_into_new_calls() -> None:
+    # Twilio signs name+value pairs with nothing between them: the fields after CallSid can be folded into
+    # its value under the same signature.  Each fold would be a "new" call with its own
+    # model session, past the replay limit; a signed webhook must carry a real call SID, which leaves no room.
+    sid = "CA" + "0123456789abcdef" * 2
+    form = [("AccountSid", "AC" + "1" * 32), ("CallSid", sid), ("CallStatus", "ringing"), ("From", "+15550001111")]
+    folds = [
+        [form[0], ("CallSid", sid + "CallStatusringing"), form[3]],
+        [form[0], ("CallSid", sid + "CallStatusringingFrom+15550001111")],
+    ]
+    async with running(base_settings(twilio_auth_token=AUTH_TOKEN)) as url:
+        signature = [("X-Twilio-Signature", twilio_signature(AUTH_TOKEN, url + "/twiml", form))]
+        for fold in folds:
+            # (the attack is real: Twilio's own validator takes the folded form under the same signature)
+            assert twilio_signature(AUTH_TOKEN, url + "/twiml", fold) == signature[0][1]
+            refused = await http_request(url + "/twiml", "POST", form=fold, headers=signature)
+            assert refused.status == 400 and b"not a Twilio call SID" in refused.body
+        assert json.loads((await http_request(url + "/healthz")).body)["pending_calls"] == 0
+        answered = await http_request(url + "/twiml", "POST", form=form, headers=signature)
+        assert answered.status == 200 and parse_twiml(answered.text).parameters["CallSid"] == sid
+
+
+@fail_after(10)
 async def test_app_media_stream_upgrade_requires_signature() -> None:
     async with running(base_settings(twilio_auth_token=AUTH_TOKEN)) as url:
         stream_url = url.replace("http://", "ws://") + "/media-stream"
@@ -711,12 +734,28 @@ async def test_app_a_webhook_body_that_trickles_in_is_cut_off(monkeypatch: pytes
 
 
 @fail_after(10)
-async def test_app_a_call_sid_twiml_cannot_carry_is_refused_without_leaving_a_session(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """(A parameter TwiML cannot carry makes the answer fail after the session began to open: it is closed at once.)"""
+async def test_app_a_call_sid_that_is_not_an_identifier_is_refused_before_any_session() -> None:
     async with fake_openai() as model, running(openai_settings(model)) as url:
-        response = await http_request(url + "/twiml", "POST", form=[("CallSid", "CA" + "1" * 600)])
+        for bad in ("CA" + "1" * 600, "CA1\ncall CA2: ended", "<CA1>"):
+            response = await http_request(url + "/twiml", "POST", form=[("CallSid", bad)])
+            assert response.status == 400 and b"CallSid must be 1-64 letters" in response.body
+        assert (await http_request(url + "/call-status", "POST", form=[("CallSid", "a b")])).status == 400
+        assert json.loads((await http_request(url + "/healthz")).body)["pending_calls"] == 0
+        assert model.sessions == []
+
+
+@fail_after(10)
+async def test_app_an_answer_twiml_cannot_carry_closes_the_session_opened_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(The TwiML failing after the session began to open: the session is closed at once.)"""
+
+    def cannot_write(*args: object, **kwargs: object) -> str:
+        raise ValueError("Twilio allows fewer than 500 characters")
+
+    monkeypatch.setattr(app_module.twiml, "connect_stream", cannot_write)
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        response = await http_request(url + "/twiml", "POST", form=[("CallSid", "CA1")])
         assert response.status == 400 and b"Twilio allows fewer than 500" in response.body
         with trio.fail_after(2):
             while json.loads((await http_request(url + "/healthz")).body)["pending_calls"]:

@@ -78,6 +78,7 @@ from ._wire import (
     load_object,
     obj_field,
     require_text,
+    sid_field,
     str_field,
     text_field,
 )
@@ -388,7 +389,7 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
     def _parse_start(self, msg: JsonObject) -> Start:
         sequence_number = self._sequence(msg)
         start = obj_field(msg, "start", "start")
-        stream_sid = str_field(msg, "streamSid", "start")
+        stream_sid = sid_field(msg, "streamSid", "start")
         inner_sid = str_field(start, "streamSid", "start.start")
         if inner_sid != stream_sid:
             raise RemoteProtocolError(f"start: streamSid {stream_sid!r} != start.streamSid {inner_sid!r}")
@@ -412,8 +413,8 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         event = Start(
             sequence_number=sequence_number,
             stream_sid=stream_sid,
-            account_sid=str_field(start, "accountSid", "start.start"),
-            call_sid=str_field(start, "callSid", "start.start"),
+            account_sid=sid_field(start, "accountSid", "start.start"),
+            call_sid=sid_field(start, "callSid", "start.start"),
             tracks=tuple(tracks),
             custom_parameters=MappingProxyType(dict(params)),
             media_format=media_format,

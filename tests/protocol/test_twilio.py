@@ -255,13 +255,31 @@ def test_twilio_outbound_json_exact_shape_and_compact() -> None:
         assert text == json.dumps(json.loads(text), separators=(",", ":"))
 
 
-def test_twilio_outbound_stream_sid_is_json_escaped() -> None:
+@pytest.mark.parametrize(
+    ("where", "key"), [("outer", "streamSid"), ("start", "callSid"), ("start", "accountSid")]
+)
+@pytest.mark.parametrize("bad", ['MZ"\\\u00e9', "CA1\ncall CA2: ended", "", "x" * 65, 7])
+def test_twilio_start_ids_must_be_identifiers(where: str, key: str, bad: object) -> None:
+    # The ids reach log lines, records and the JSON the stream sends: nothing but an identifier is taken.
+    msg = json.loads(start_msg())
+    if where == "outer" or key == "streamSid":
+        msg["streamSid"] = msg["start"]["streamSid"] = bad
+    else:
+        msg["start"][key] = bad
     stream = TwilioStream()
-    weird_sid = 'MZ"\\\u00e9'
-    msg = json.loads(start_msg(streamSid=weird_sid))
-    msg["streamSid"] = weird_sid
-    receive(stream, connected_msg(), json.dumps(msg))
-    assert json.loads(stream.send(ClearAudio())) == {"event": "clear", "streamSid": weird_sid}
+    receive(stream, connected_msg())
+    with pytest.raises(RemoteProtocolError, match=f"'{key}' must be an identifier"):
+        stream.receive_message(json.dumps(msg))
+
+
+def test_twilio_start_ids_take_any_short_identifier() -> None:
+    stream = TwilioStream()
+    msg = json.loads(start_msg())
+    msg["streamSid"] = msg["start"]["streamSid"] = "MZ_test-1"
+    msg["start"]["callSid"] = "CAa"
+    [start] = receive(stream, connected_msg(), json.dumps(msg))[1:]
+    assert isinstance(start, Start) and (start.stream_sid, start.call_sid) == ("MZ_test-1", "CAa")
+    assert json.loads(stream.send(ClearAudio())) == {"event": "clear", "streamSid": "MZ_test-1"}
 
 
 def test_twilio_empty_media_payload_is_allowed() -> None:
