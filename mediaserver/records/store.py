@@ -253,6 +253,7 @@ class SqliteStore(RecordStore):
         super().__init__()
         self.path = Path(path)
         self.description = f"SQLite database {self.path}"
+        self._depth = 0  # transactions open (nested ones are part of the outermost)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # autocommit mode; transactions are explicit (BEGIN IMMEDIATE takes the write lock up front)
@@ -270,16 +271,33 @@ class SqliteStore(RecordStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        if self._conn.in_transaction:  # nested: part of the outer one
-            yield
+        # Nesting is counted, not read from in_transaction: a COMMIT that failed (the database busy past the
+        # timeout, a full disk) can leave the connection inside the transaction, and every later batch would
+        # then look nested and never be committed.
+        if self._depth:  # nested: part of the outer one
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
             return
         self._conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
         try:
             yield
+            self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            self._rollback()
             raise
-        self._conn.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:  # (the error being raised says what went wrong)
+                pass
 
     def close(self) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from mediaserver.records.store import (
     RecordsError,
     SaveCall,
     SetTwilioStatus,
+    SqliteStore,
     open_store,
     redact,
     sqlite_path,
@@ -207,6 +209,32 @@ def test_store_batch_with_a_bad_write_keeps_the_good_ones(records_settings: Call
             store.apply([SaveCall(bad)])
     finally:
         store.close()
+
+
+def test_store_sqlite_commit_that_fails_leaves_no_transaction_open(tmp_path: Path) -> None:
+    # A COMMIT refused (here: a reader holds the file in rollback-journal mode, as where WAL is unavailable)
+    # must not leave the connection inside the transaction: every later batch would look nested, report
+    # success and never be committed.
+    store = SqliteStore(tmp_path / "calls.sqlite3")
+    try:
+        store.migrate()
+        store.execute("PRAGMA journal_mode=DELETE")
+        store.execute("PRAGMA busy_timeout=100")
+        reader = sqlite3.connect(store.path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT * FROM calls").fetchall()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.apply([SaveCall(full_record("CA1"))])
+        reader.execute("COMMIT")
+        reader.close()
+        assert store.apply([SaveCall(full_record("CA2"))]) == 0
+    finally:
+        store.close()
+    on_disk = sqlite3.connect(tmp_path / "calls.sqlite3")
+    try:
+        assert on_disk.execute("SELECT call_sid FROM calls").fetchall() == [("CA2",)]
+    finally:
+        on_disk.close()
 
 
 def test_store_postgres_needs_psycopg(monkeypatch: pytest.MonkeyPatch) -> None:
