@@ -69,6 +69,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX calls_started_at ON calls (started_at)",
         ),
     ),
+    Migration(
+        3,
+        "the instance that bridged each call (MEDIASERVER_INSTANCE_URL)",
+        ("ALTER TABLE calls ADD COLUMN instance TEXT",),
+    ),
 )
 
 

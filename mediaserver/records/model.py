@@ -62,6 +62,7 @@ class CallRecord:
     latency_ms: dict[str, float] = field(default_factory=dict)
     twilio_status: str | None = None
     twilio_duration_s: int | None = None
+    instance: str | None = None  # MEDIASERVER_INSTANCE_URL of the instance that bridged it (None: the only one)
     turns: list[Turn] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:

@@ -67,8 +67,10 @@ class Recorder:
         queue_size: int = QUEUE_SIZE,
         batch_size: int = BATCH_SIZE,
         clock: Callable[[], datetime] = utc_now,
+        instance: str | None = None,
     ) -> None:
         self.store = store
+        self.instance = instance  # written into every record: whose live calls a restart may mark interrupted
         self.batch_size = batch_size
         self.clock = clock
         self._send, self._receive = trio.open_memory_channel[StoreOp](queue_size)
@@ -273,6 +275,7 @@ class Recorder:
             from_number=known.get("from_number"),
             to_number=known.get("to_number"),
             provider=provider,
+            instance=self.instance,
         )
 
     def _snapshot(self, record: CallRecord, stats: CallStats, end_reason: str | None, *, ended: bool) -> CallRecord:
@@ -318,7 +321,7 @@ async def open_recorder(
     recorder: Recorder | None = None
     try:
         try:
-            stale = await trio.to_thread.run_sync(store.mark_interrupted, clock().isoformat())
+            stale = await trio.to_thread.run_sync(store.mark_interrupted, clock().isoformat(), settings.instance_url)
         except Exception as exc:
             log.error("call records are OFF: cannot update the %s: %s", store.description, exc)
             yield None
@@ -328,7 +331,7 @@ async def open_recorder(
             log.warning("call records: %d call(s) were live when the server last stopped, now interrupted: %s",
                         len(stale), shown)
         log.info("call records: %s", store.description)
-        recorder = Recorder(store, clock=clock)
+        recorder = Recorder(store, clock=clock, instance=settings.instance_url)
         async with trio.open_nursery() as nursery:
             await nursery.start(recorder.run)
             try:

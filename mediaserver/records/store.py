@@ -46,6 +46,7 @@ INTERRUPTED_REASON = "server stopped during the call"
 _SAVED = (
     "call_sid", "stream_sid", "account_sid", "direction", "from_number", "to_number", "provider",
     "started_at", "ended_at", "status", "end_reason", "duration_s", "barge_ins", "tool_calls", "latency_ms",
+    "instance",
 )  # fmt: skip
 _COLUMNS = (*_SAVED, "twilio_status", "twilio_duration_s")
 
@@ -122,19 +123,23 @@ class RecordStore:
     def version(self) -> int:
         return current_version(self)
 
-    def mark_interrupted(self, ended_at: str) -> list[str]:
-        """Calls still ``in-progress`` (the server stopped during them) become ``interrupted``.
+    def mark_interrupted(self, ended_at: str, instance: str | None = None) -> list[str]:
+        """This instance's calls still ``in-progress`` (it stopped during them) become ``interrupted``.
 
         Only calls that streamed to us (``stream_sid`` set); a row known only
-        from Twilio's status callbacks keeps Twilio's status.
+        from Twilio's status callbacks keeps Twilio's status.  Only the calls
+        ``instance`` (``MEDIASERVER_INSTANCE_URL``; None for a single instance)
+        bridged: with several instances on one database, the calls live on
+        the others are not this start's to end.
         """
-        live = "status = 'in-progress' AND stream_sid IS NOT NULL"
+        live = "status = 'in-progress' AND stream_sid IS NOT NULL AND COALESCE(instance, '') = ?"
+        mine = (instance or "",)
         with self.transaction():
-            sids = [row[0] for row in self.execute(f"SELECT call_sid FROM calls WHERE {live}")]
+            sids = [row[0] for row in self.execute(f"SELECT call_sid FROM calls WHERE {live}", mine)]
             self.execute(
                 "UPDATE calls SET status = 'interrupted', end_reason = COALESCE(end_reason, ?), "
                 f"ended_at = COALESCE(ended_at, ?) WHERE {live}",
-                (INTERRUPTED_REASON, ended_at),
+                (INTERRUPTED_REASON, ended_at, *mine),
             )
         return sids
 
@@ -174,7 +179,7 @@ class RecordStore:
             values = (
                 r.call_sid, r.stream_sid, r.account_sid, r.direction, r.from_number, r.to_number, r.provider,
                 r.started_at, r.ended_at, r.status, r.end_reason, r.duration_s, r.barge_ins,
-                json.dumps(r.tool_calls), json.dumps(r.latency_ms),
+                json.dumps(r.tool_calls), json.dumps(r.latency_ms), r.instance,
             )  # fmt: skip
             updates = ", ".join(f"{c} = excluded.{c}" for c in _SAVED[1:])
             self.execute(

@@ -58,16 +58,16 @@ def test_store_fresh_database_is_migrated_once(records_settings: Callable[..., S
     settings = records_settings()
     store = open_store(settings)
     try:
-        assert store.version() == len(MIGRATIONS) == 2
+        assert store.version() == len(MIGRATIONS) == 3
         rows = store.execute("SELECT version, applied_at FROM schema_migrations ORDER BY version")
-        assert [r[0] for r in rows] == [1, 2] and all(r[1].startswith("20") for r in rows)
+        assert [r[0] for r in rows] == [1, 2, 3] and all(r[1].startswith("20") for r in rows)
         assert store.migrate() == []  # idempotent
     finally:
         store.close()
     again = open_store(settings)  # and again at the next start
     try:
-        assert again.migrate() == [] and again.version() == 2
-        assert len(again.execute("SELECT * FROM schema_migrations")) == 2
+        assert again.migrate() == [] and again.version() == 3
+        assert len(again.execute("SELECT * FROM schema_migrations")) == 3
     finally:
         again.close()
     if not settings.database_url:
@@ -91,10 +91,10 @@ def test_store_v1_database_upgrades_and_keeps_its_calls(records_settings: Callab
         store.close()
     upgraded = open_store(settings)
     try:
-        assert upgraded.version() == 2
+        assert upgraded.version() == 3
         old = upgraded.get("CAold")
         assert old is not None
-        assert (old.status, old.provider, old.duration_s, old.twilio_status) == ("completed", "echo", 12.5, None)
+        assert (old.status, old.provider, old.duration_s, old.twilio_status, old.instance) == ("completed", "echo", 12.5, None, None)
         upgraded.apply([SetTwilioStatus("CAold", "completed", 13, T0)])
         assert (upgraded.get("CAold") or old).twilio_duration_s == 13
     finally:
@@ -151,6 +151,23 @@ def test_store_marks_live_calls_interrupted_at_the_next_start(records_settings: 
         assert restarted.mark_interrupted("2026-11-21T10:00:00+00:00") == []
     finally:
         restarted.close()
+
+
+def test_store_a_restart_marks_only_its_own_instances_calls(records_settings: Callable[..., Settings]) -> None:
+    # Several instances on one database: instance 1 restarting must not end the calls live on instance 2.
+    settings = records_settings()
+    store = open_store(settings)
+    try:
+        for sid, instance in (("CAone", "https://v.example.com/n1"), ("CAtwo", "https://v.example.com/n2"),
+                              ("CAsolo", None)):  # fmt: skip
+            store.save(CallRecord(sid, T0, stream_sid="MZ" + sid, instance=instance))
+        assert store.mark_interrupted("2026-11-21T09:00:00+00:00", "https://v.example.com/n1") == ["CAone"]
+        assert [store.get(sid).status for sid in ("CAone", "CAtwo", "CAsolo")] == [  # type: ignore[union-attr]
+            "interrupted", "in-progress", "in-progress"]  # fmt: skip
+        assert store.get("CAtwo").instance == "https://v.example.com/n2"  # type: ignore[union-attr]
+        assert store.mark_interrupted("2026-11-21T09:00:00+00:00") == ["CAsolo"]  # (no instance URL: the only one)
+    finally:
+        store.close()
 
 
 def test_store_keeps_twilio_status_callbacks(records_settings: Callable[..., Settings]) -> None:
