@@ -122,6 +122,27 @@ async def test_a_ping_from_twilio_is_answered_and_the_call_goes_on() -> None:
     assert caller.errors == []
 
 
+@fail_after(20)
+async def test_a_ping_from_the_model_is_answered_and_its_socket_goes_back_to_the_reactor() -> None:
+    """The model's side as the caller's: one message on the awaiting path, then the reactor again, and all audio."""
+    reply = to_ulaw(tone(440, 1010, amplitude=0.3))  # 25 chunks and 80 bytes over: the tail needs the pacer
+    reactor = current_reactor()
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            session = await model.session(0)
+            await session.wait_appends(10)
+            with trio.fail_after(2):
+                await session.ws.ping(b"still there?")  # returns when the pong has arrived
+            await session.respond(reply, chunk_bytes=400, interval_s=0.05, done=False)
+            await caller.wait_for_audio(len(reply))
+            assert len(reactor) == 2  # both sockets: the model's went back after the ping
+            nursery.cancel_scope.cancel()
+        await session.closed.wait()
+    assert caller.received_audio == reply
+    assert caller.errors == []
+
+
 @pytest.mark.parametrize("wss", [False, True], ids=["ws", "wss"])
 @fail_after(30)
 async def test_a_model_that_stops_reading_loses_and_reorders_nothing(

@@ -252,6 +252,8 @@ class CallBridge:
         )
         if not self._down_pcm and fmt_out.sample_rate_hz != 8000:
             raise ValueError(f"µ-law output at {fmt_out.sample_rate_hz} Hz is not supported")
+        # PCM16 split inside a sample (a delta of odd length): its first byte waits for the rest, per item
+        self._half_sample: tuple[str, bytes] | None = None
 
         # Every write to the Twilio socket, and every change to the queue and
         # the interrupted set, happens under this lock.
@@ -570,6 +572,9 @@ class CallBridge:
                     self._provider_closed(exc)
                     return
                 kind = self._on_provider_event(event)
+                # Back to the reactor once nothing read is left waiting (a ping or a fragmented message needed
+                # the awaiting path for one message, not for the rest of the call).
+                polled = self._polling and not self._nowait.inbox
             if kind is _STOP:
                 return
             if kind is _BARGE:
@@ -830,6 +835,14 @@ class CallBridge:
     def _downlink(self, item: str, payload: bytes) -> None:
         now = self._audio_in_s = self._now()  # (also when audio last came: see _quiet)
         if self._down_pcm:
+            half = self._half_sample
+            if half is not None:
+                self._half_sample = None
+                if half[0] == item:  # (another item's stray byte is dropped: it was never a whole sample)
+                    payload = half[1] + payload
+            if len(payload) & 1:
+                self._half_sample = (item, payload[-1:])
+                payload = payload[:-1]
             if self._down_resampler is not None:
                 payload = self._down_resampler.process(payload)
             payload = ulaw_encode(payload)
@@ -838,7 +851,8 @@ class CallBridge:
             self._pending_item = item
         if not payload:
             return
-        if not self._pending:
+        started = not self._pending
+        if started:
             self._pending_s = now
         self._pending += payload
         size = self.chunk_bytes
@@ -848,8 +862,11 @@ class CallBridge:
         if whole:
             del self._pending[:whole]
             self._pending_s = now
-            if not self._in_handler:  # (a handler sends what is due itself, then wakes the pacer if need be)
-                self._queued.set()
+        if (whole or started) and not self._in_handler:
+            # (A handler sends what is due itself, then wakes the pacer if need be.)  A part-chunk alone wakes
+            # it too: an idle pacer plays it after one chunk's time if nothing joins it (a reply whose last
+            # delta is short and that never gets "audio done" would otherwise keep its tail until the next).
+            self._queued.set()
 
     def _flush_pending(self, item: str | None) -> None:
         if item is not None and item == self._pending_item and self._pending:
@@ -985,6 +1002,7 @@ class CallBridge:
                 self._pacer_wait.cancel()
             if not talking:
                 return
+            self._half_sample = None
             if self._down_resampler is not None:
                 self._down_resampler.reset()  # no tail of the cut reply in the next one
             await self._send_twilio(tw.ClearAudio())

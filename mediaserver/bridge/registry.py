@@ -175,7 +175,7 @@ class CallManager:
         if self._closing:
             self._refuse("shutting_down")
             return None
-        if len(self._slots) >= MAX_PENDING:
+        if sum(1 for slot in self._slots.values() if not slot.claimed.is_set()) >= MAX_PENDING:  # (live calls: not)
             self._refuse("too_many_pending")
             return None
         seen = self._seen_call(call_sid)

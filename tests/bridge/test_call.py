@@ -10,6 +10,7 @@ playback and timeouts happen at exact Trio times and take no real time.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ import trio.testing
 
 from mediaserver.bridge.call import DIGITS_MARGIN_S, SILENT_ITEM_S, TRANSFER_REQUEST_S, CallBridge
 from mediaserver.bridge.stats import CallStats
+from mediaserver.codec import ulaw_encode
 from mediaserver.protocol import RemoteProtocolError, TwilioStream
 from mediaserver.protocol.providers import base as pv
 from mediaserver.tools import CallContext, ToolSet, tool
@@ -206,6 +208,26 @@ async def test_call_downlink_plays_a_partial_chunk_when_the_provider_pauses(
 
 
 @fail_after(60)
+async def test_call_downlink_plays_a_short_last_delta_that_finds_the_pacer_idle(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A model streaming in real time, no AudioDone: each 50 ms delta leaves a part-chunk that is played on its
+    # own; the reply's last 10 ms then arrive when nothing is pending and must wake the idle pacer by themselves
+    # (else the tail waits for the next reply, and end_call waits its whole timeout for it).
+    link = FakeLink()
+    async with bridged(link) as call:
+        await trio.sleep(1.0)
+        for _ in range(5):
+            link.emit(pv.AudioDelta("bye", audio(50)))
+            await trio.sleep(0.05)
+        last_s = trio.current_time()
+        link.emit(pv.AudioDelta("bye", audio(10)))
+        assert await call.bridge.wait_played(15.0)
+        assert len(call.caller.received_audio) == 8 * 260
+        assert call.media_times()[-1] == pytest.approx(last_s + CHUNK_S, abs=EXACT)
+
+
+@fail_after(60)
 async def test_call_downlink_resamples_pcm16_to_ulaw(autojump_clock: trio.testing.MockClock) -> None:
     link = FakeLink(output_format=pv.AudioFormat("pcm16", 24000))
     async with bridged(link) as call:
@@ -218,6 +240,24 @@ async def test_call_downlink_resamples_pcm16_to_ulaw(autojump_clock: trio.testin
         received = from_ulaw(call.caller.received_audio)
         assert len(received) == 8 * 480  # 24 kHz -> 8 kHz, nothing lost
         assert dominant_frequency_hz(received[800:], 8000) == pytest.approx(440, abs=10)
+
+
+@fail_after(60)
+async def test_call_downlink_joins_pcm16_samples_split_across_deltas(autojump_clock: trio.testing.MockClock) -> None:
+    # A PCM16 model may cut its stream anywhere (odd-length deltas): the half sample waits for the rest of it;
+    # one left over when another item begins was never a whole sample and is dropped.
+    link = FakeLink(output_format=pv.AudioFormat("pcm16", 8000))
+    async with bridged(link) as call:
+        first = tone(440, 100, 8000, amplitude=0.3).tobytes()
+        second = tone(660, 40, 8000, amplitude=0.3).tobytes()
+        cuts = [0, 3, 160, 161, 801, len(first)]
+        link.emit(*(pv.AudioDelta("item_1", first[a:b]) for a, b in itertools.pairwise(cuts)))
+        link.emit(pv.AudioDelta("item_1", b"\x7f"))  # half a sample, never completed
+        link.emit(pv.AudioDelta("item_2", second), pv.AudioDone("item_2"))
+        await call.caller.wait_for_audio(800 + 320)
+        await call.caller.wait_quiet(0.5)
+        assert call.caller.received_audio == ulaw_encode(first) + ulaw_encode(second)
+    assert call.error is None
 
 
 # ------------------------------------------------------------------- barge-in

@@ -13,6 +13,7 @@ import trio.testing
 
 from mediaserver.agents.echo import EchoLink
 from mediaserver.bridge.link import AgentOptions, ProviderLink
+from mediaserver.bridge import registry
 from mediaserver.bridge.call import StreamEnd
 from mediaserver.bridge.registry import SHUTDOWN_GRACE_S, CallManager
 from mediaserver.protocol import providers as pv
@@ -183,6 +184,28 @@ def test_a_replayed_webhook_gets_no_session_once_the_call_streamed_or_was_answer
     messages = run_virtual(main, caplog)
     assert f"call {CALL}: webhook refused: its media stream already ran (a replayed request?)" in messages
     assert f"call {OTHER}: webhook refused: answered 3 times already (a replayed request?)" in messages
+
+
+def test_the_limit_on_pre_opened_sessions_does_not_count_live_calls(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry, "MAX_PENDING", 2)
+    sessions = Sessions()
+
+    async def main() -> None:
+        calls = manager(sessions)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            for sid in (CALL, OTHER):  # two live calls
+                nursery.start_soon(calls.handle_stream, await started_stream(sid, calls.prepare(sid)))
+            await trio.sleep(1)
+            assert (calls.active, calls.pending) == (2, 0)
+            waiting = [calls.prepare(f"CA{n}") for n in range(3)]  # two may wait for their streams, not three
+            assert [token is not None for token in waiting] == [True, True, False]
+            assert calls.refused == {"too_many_pending": 1}
+            nursery.cancel_scope.cancel()
+
+    run_virtual(main, caplog)
 
 
 class _ALawLink(EchoLink):
