@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from mediaserver.transport.provider_ws import open_provider_link
 from tests.deepgram_fake import DeepgramFakeSession, FakeDeepgramServer
 from tests.fakes import fail_after, to_ulaw, tone
 from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running
+from tests.test_tools import LIVE_TOOLS, tools_module  # noqa: F401  (tools_module: a pytest fixture)
 
 
 _DATA_DIR = "data"
@@ -192,6 +193,37 @@ async def test_deepgram_end_call_hangs_up_once_the_goodbye_has_played(caplog: py
     [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
     assert "ended (agent hung up: caller said bye)" in ended
     assert not any("goodbye still playing" in r.getMessage() for r in caplog.records)
+
+
+@fail_after(10)
+async def test_deepgram_a_withdrawn_function_call_is_stopped_and_never_answered(
+    tools_module: Callable[[str], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """FunctionCallCancelled while the tool runs: it is cancelled, and no FunctionCallResponse goes out for it."""
+
+    async def script(session: DeepgramFakeSession) -> None:
+        await session.wait_for(lambda: len(session.audio_frames) >= 5)
+        await session.function_call_request(("call-1", "slow", "{}", True))
+        await trio.sleep(0.3)
+        await session.function_call_cancelled("call-1")  # (the fake fails the call if it is answered after this)
+        await session.function_call_request(("call-2", "add", '{"a": 2, "b": 3}', True))
+
+    async with fake_deepgram(script) as model:
+        settings = deepgram_settings(model, tools_module=tools_module(LIVE_TOOLS))
+        async with running(settings) as url, phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            session = await model.session(0)
+            await session.wait_for(lambda: bool(session.function_responses))
+            await trio.sleep(0.3)
+            await caller.stop()
+            await caller.closed.wait()
+            nursery.cancel_scope.cancel()
+        await session.closed.wait()
+    assert [response.id for response in session.function_responses] == ["call-2"]
+    messages = [r.getMessage() for r in call_log(caplog, CALL_A)]
+    assert any("tool slow withdrawn by the model; cancelled, not answered" in m for m in messages)
+    [ended] = [m for m in messages if " ended (" in m]
+    assert "ended (twilio sent stop)" in ended
 
 
 @fail_after(10)

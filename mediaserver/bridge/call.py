@@ -283,6 +283,7 @@ class CallBridge:
         self._writing: str | None = None  # the item of the chunk the pacer is writing, until it is counted
         self._audio_in_s = 0.0  # when the provider last sent audio
         self._tool_groups: dict[str, int] = {}  # response id -> its tool calls under way
+        self._tool_scopes: dict[str, trio.CancelScope] = {}  # call id -> the running tool's scope
         self._answer_owed: set[str] = set()  # responses whose finished tools asked for an answer while others ran
         self._before_stop: frozenset[str | None] = frozenset()
         self._now = trio.lowlevel.current_clock().current_time  # trio.current_time() without its wrappers
@@ -620,6 +621,8 @@ class CallBridge:
             # Run in the call's nursery: a slow tool must not hold up the provider reader.
             if self._nursery is not None:
                 self._nursery.start_soon(self._run_tool, event)
+        elif isinstance(event, pv.ToolCallsCancelled):
+            self._cancel_tools(event.call_ids)
         elif isinstance(event, pv.Transcript):
             offset_s = self._now() - self.stats.started_s
             self.stats.transcript.add(event.role, event.text, final=event.final, item_id=event.item_id, offset_s=offset_s)
@@ -711,7 +714,12 @@ class CallBridge:
         self._notify()
 
     async def _run_tool(self, call: pv.ToolCall) -> None:
-        """Run one tool call and answer it; errors become an error result, never a failed call."""
+        """Run one tool call and answer it; errors become an error result, never a failed call.
+
+        The model may withdraw the call while it runs (:class:`~pv.ToolCallsCancelled`):
+        the tool is cancelled and nothing is answered; a transfer it asked
+        for is cancelled with it, unless Twilio's REST request is under way.
+        """
         self.stats.tool_calls.append(call.name)
         group = call.response_id  # parallel calls of one response: the last result asks for the answer, for all
         if group is not None:
@@ -720,7 +728,18 @@ class CallBridge:
             if self.tools is None:
                 output, respond = '{"error": "no tools are configured"}', True
             else:
-                outcome = await self.tools.run(call.name, call.arguments, control=self, timeout_s=self.tool_timeout_s)
+                with trio.CancelScope() as scope:
+                    self._tool_scopes[call.call_id] = scope
+                    try:
+                        outcome = await self.tools.run(
+                            call.name, call.arguments, control=self, timeout_s=self.tool_timeout_s
+                        )
+                    finally:
+                        if self._tool_scopes.get(call.call_id) is scope:
+                            del self._tool_scopes[call.call_id]
+                if scope.cancelled_caught:
+                    log.info("call %s: tool %s withdrawn by the model; cancelled, not answered", self.call_sid, call.name)
+                    return
                 output, respond = outcome.output, outcome.respond
                 log.info("call %s: tool %s -> %s", self.call_sid, call.name, "ok" if outcome.ok else output[:200])
         finally:
@@ -741,6 +760,12 @@ class CallBridge:
             await self.link.send(pv.ToolResult(call.call_id, output, respond=respond))
         except ProviderClosed as exc:
             self._end(f"provider ended: {exc.reason}")
+
+    def _cancel_tools(self, call_ids: Sequence[str]) -> None:
+        for call_id in call_ids:
+            scope = self._tool_scopes.get(call_id)
+            if scope is not None:
+                scope.cancel()
 
     def _quiet(self) -> bool:
         """Nothing being said: no response open, no audio arriving, nothing queued, everything sent confirmed played."""
@@ -787,7 +812,8 @@ class CallBridge:
         left_s = trio.current_effective_deadline() - self._now() - TRANSFER_REQUEST_S
         await self.wait_played(max(0.0, min(self.goodbye_timeout_s, left_s)))
         try:
-            await self.rest.update_call(self.call_sid, twiml=dial_twiml(to))
+            with trio.CancelScope(shield=True):  # (once asked, Twilio transfers: the call must end here too)
+                await self.rest.update_call(self.call_sid, twiml=dial_twiml(to))
         except TwilioRestError as exc:
             log.error("call %s: transfer to %s failed: %s", self.call_sid, to, exc)
             raise ToolError(f"the transfer failed: {exc}") from exc

@@ -581,6 +581,44 @@ async def test_call_transfer_keeps_time_for_its_request_when_the_goodbye_is_long
 
 
 @fail_after(60)
+async def test_call_a_tool_call_the_model_withdraws_is_stopped_and_never_acted_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Gemini's toolCallCancellation, Deepgram's FunctionCallCancelled: the tool stops, no answer, no transfer."""
+
+    class Rest:
+        updates: list[str] = []
+
+        async def update_call(self, call_sid: str, *, twiml: str) -> None:
+            self.updates.append(twiml)
+
+    @tool
+    async def slow() -> str:
+        """Takes a while."""
+        await trio.sleep(5)
+        return "done"
+
+    @tool
+    async def transfer_out(call: CallContext) -> str:
+        """Transfer."""
+        await call.transfer("+15551234567")
+        return "transferred"
+
+    rest = Rest()
+    link = FakeLink()
+    async with bridged(link, tools=ToolSet([slow, transfer_out]), rest=rest) as call:
+        link.emit(pv.AudioDelta("item_1", audio(2000)))  # the agent still talking: the transfer waits for it
+        link.emit(pv.ToolCall("call_1", "slow", "{}"), pv.ToolCall("call_2", "transfer_out", "{}"))
+        link.emit(pv.ToolCall("call_3", "slow", "{}"))
+        await trio.sleep(0.5)
+        link.emit(pv.ToolCallsCancelled(("call_1", "call_2", "call_unknown")))
+        await trio.sleep(10)
+        assert call.bridge.end_reason == "running" and rest.updates == []
+        assert [c for _, c in link.commands if isinstance(c, pv.ToolResult)] == [pv.ToolResult("call_3", "done")]
+        assert call.bridge.stats.tool_calls == ["slow", "transfer_out", "slow"]
+
+
+@fail_after(60)
 async def test_call_parallel_tool_calls_ask_for_one_answer_with_the_last_result(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

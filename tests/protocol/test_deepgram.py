@@ -367,7 +367,7 @@ def test_deepgram_cancelled_call_is_never_answered() -> None:
     session = ready_session()
     receive(session, function_call_request(("call-1", "get_weather", "{}", True), ("call-2", "get_weather", "{}", True)))
     cancelled = function_call_cancelled("call-1", "get_weather")
-    assert receive(session, cancelled) == [pv.Other("FunctionCallCancelled", cancelled)]
+    assert receive(session, cancelled) == [pv.ToolCallsCancelled(("call-1",), cancelled)]
     assert session.send(pv.ToolResult("call-1", "late")) == []  # dropped, nothing sent
     assert len(session.send(pv.ToolResult("call-2", "fine"))) == 1
     assert session.state is DeepgramState.READY

@@ -60,6 +60,7 @@ __all__ = [
     "SpeechStarted",
     "SpeechStopped",
     "ToolCall",
+    "ToolCallsCancelled",
     "ToolResult",
     "Transcript",
     "Truncate",
@@ -210,6 +211,20 @@ class ToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallsCancelled:
+    """The model withdrew these tool calls (:class:`ToolCall`; the caller spoke on, say): do not act on them.
+
+    Gemini's ``toolCallCancellation``, Deepgram's ``FunctionCallCancelled``.
+    A tool still running should be stopped (a hang-up or a transfer it asked
+    for must not happen); a result sent anyway is dropped by the core.
+    ``raw`` is the provider's message.
+    """
+
+    call_ids: tuple[str, ...]
+    raw: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Transcript:
     """Text of what was said.
 
@@ -271,6 +286,7 @@ ProviderEvent: TypeAlias = (
     | ResponseStarted
     | ResponseDone
     | ToolCall
+    | ToolCallsCancelled
     | Transcript
     | AudioTruncated
     | ProviderError

@@ -92,6 +92,7 @@ from .base import (
     SessionReady,
     SpeechStarted,
     ToolCall,
+    ToolCallsCancelled,
     ToolResult,
     Transcript,
     Truncate,
@@ -364,11 +365,13 @@ class DeepgramAgentSession(ProviderCore[DeepgramState, DeepgramAgentConfig]):
         return calls or [Other("FunctionCallRequest", raw)]
 
     def _on_function_call_cancelled(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
+        ids = []
         for function in object_list_field(msg, "functions", "FunctionCallCancelled"):
             call_id = str_field(function, "id", "FunctionCallCancelled")
+            ids.append(call_id)
             if self._calls.pop(call_id, None) is not None:
                 self._cancelled.add(call_id)
-        return [Other("FunctionCallCancelled", raw)]
+        return [ToolCallsCancelled(tuple(ids), raw)]
 
     def _on_error(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         return [_problem(msg, fatal=True)]

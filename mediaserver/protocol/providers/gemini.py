@@ -83,6 +83,7 @@ from .base import (
     SessionReady,
     SpeechStarted,
     ToolCall,
+    ToolCallsCancelled,
     ToolResult,
     Transcript,
     Truncate,
@@ -97,7 +98,6 @@ __all__ = [
     "GoAway",
     "ResumptionUpdate",
     "SessionState",
-    "ToolCallsCancelled",
 ]
 
 INPUT_FORMAT: Final = AudioFormat("pcm16", 16000)
@@ -182,13 +182,6 @@ class ResumptionUpdate(Other):
     """A ``sessionResumptionUpdate``; ``handle`` is set when the session can be resumed now."""
 
     handle: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCallsCancelled(Other):
-    """``toolCallCancellation``: these calls should not have run (e.g. the caller interrupted)."""
-
-    ids: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------- state machine
@@ -450,7 +443,7 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         for call_id in ids:
             if self._shared.tool_names.pop(call_id, None) is not None:
                 self._shared.cancelled.add(call_id)
-        return [ToolCallsCancelled("toolCallCancellation", raw, tuple(ids))]
+        return [ToolCallsCancelled(tuple(ids), raw)]
 
     def _on_server_content(self, body: JsonObject, raw: str) -> list[ProviderEvent]:
         events: list[ProviderEvent] = []
