@@ -222,6 +222,19 @@ def test_assemblyai_tool_result_after_the_reply_is_done_goes_out_at_once() -> No
         session.send(pv.ToolResult("call-1", "again"))
 
 
+def test_assemblyai_tool_result_waits_while_the_caller_talks_after_the_reply() -> None:
+    # reply.done, then the caller speaks: reply.done is no longer the latest event, so a result finishing now
+    # waits for the next completed reply.done (not for the end of a reply: there may be none under way).
+    session = ready_session()
+    receive(session, started("r1"), tool_call("call-1"), done("r1"), ev("input.speech.started"))
+    assert session.send(pv.ToolResult("call-1", "ok")) == []
+    assert session.pending_messages() == []
+    receive(session, ev("input.speech.stopped"), started("r2"))
+    assert session.pending_messages() == []
+    receive(session, done("r2"))
+    assert sent(session.pending_messages()) == [{"type": "tool.result", "call_id": "call-1", "result": "ok"}]
+
+
 def test_assemblyai_results_of_an_interrupted_reply_are_discarded() -> None:
     session = ready_session()
     receive(session, started("r1"), tool_call("call-1"), tool_call("call-2"))

@@ -165,6 +165,9 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
         self._calls: dict[str, str | None] = {}  # open call id -> reply that made it
         self._dropped_replies: set[str] = set()  # interrupted replies: their calls get no result
         self._held: list[tuple[str | None, str]] = []  # (reply, tool.result text) waiting for reply.done
+        # Whether a completed reply.done is the latest of reply.started, input.speech.started and reply.done:
+        # the only moment a tool.result may go (the docs: earlier or later "breaks turn-taking").
+        self._done_is_latest = False
 
     # ------------------------------------------------------------------ state
 
@@ -225,8 +228,8 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
         if reply in self._dropped_replies:
             return []  # its reply was interrupted: the docs say to discard the result
         text = dumps({"type": "tool.result", "call_id": call_id, "result": command.output})
-        if self._reply is not None:
-            self._held.append((reply, text))  # wait until reply.done is the latest event
+        if not self._done_is_latest:
+            self._held.append((reply, text))  # wait until a completed reply.done is the latest event
             return []
         return [text]
 
@@ -272,6 +275,7 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
         return [ProviderError(text_field(msg, "message", "reply.error"), fatal=False, code=code)]
 
     def _on_speech_started(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
+        self._done_is_latest = False
         if self._reply is not None:
             self._barged.add(self._reply)
         return [SpeechStarted(item_id=None, audio_start_ms=None)]
@@ -281,6 +285,7 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
 
     def _on_reply_started(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         self._reply = str_field(msg, "reply_id", "reply.started")
+        self._done_is_latest = False
         return [ResponseStarted(self._reply)]
 
     def _on_reply_audio(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
@@ -297,6 +302,7 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
             self._reply = None
         held, self._held = self._held, []
         events: list[ProviderEvent] = []
+        self._done_is_latest = status == "completed"
         if status == "interrupted":
             self._dropped_replies.add(reply_id)
             if reply_id not in self._barged:
