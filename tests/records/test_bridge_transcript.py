@@ -13,8 +13,10 @@ import trio.testing
 
 from mediaserver.protocol.providers import base as pv
 from mediaserver.records.model import Turn
-from tests.bridge.test_call import audio, bridged
+from tests.bridge.test_call import audio as audio_ms
+from tests.bridge.test_call import bridged
 from tests.fakes import FakeLink, fail_after
+from tests.protocol.test_elevenlabs import audio, feed, msg, ready_session
 
 REPLY = "It will be sunny in Paris all day, with a high of twenty degrees."  # 65 characters
 
@@ -29,7 +31,7 @@ async def test_bridge_transcript_of_an_interrupted_reply_is_what_was_heard(
         link.emit(pv.Transcript("user", "What's the weather like?", True, "user_1"))
         await trio.sleep(0.25)
         # 2 s of reply audio, its transcript streamed as fragments
-        link.emit(pv.Transcript("assistant", REPLY[:20], False, "item_1"), pv.AudioDelta("item_1", audio(2000)))
+        link.emit(pv.Transcript("assistant", REPLY[:20], False, "item_1"), pv.AudioDelta("item_1", audio_ms(2000)))
         link.emit(pv.Transcript("assistant", REPLY[20:], False, "item_1"), pv.AudioDone("item_1"))
         await trio.sleep(0.5)
         link.emit(pv.SpeechStarted(item_id="user_2", audio_start_ms=900))
@@ -58,18 +60,42 @@ async def test_bridge_transcript_cut_uses_the_audio_generated_so_far(
     link = FakeLink()
     async with bridged(link) as call:
         link.emit(pv.Transcript("assistant", "Let me check that for you right away.", True, "item_1"))
-        link.emit(pv.AudioDelta("item_1", audio(400)))
+        link.emit(pv.AudioDelta("item_1", audio_ms(400)))
         await trio.sleep(0.3)
         link.emit(pv.SpeechStarted(None, None))
         await call.caller.wait_for_clear()
         await trio.testing.wait_all_tasks_blocked()
         assert link.truncates() == [pv.Truncate("item_1", 280)]
-        link.emit(pv.AudioDelta("item_1", audio(600)), pv.AudioDone("item_1"))  # late audio: dropped
-        link.emit(pv.Transcript("assistant", "Sure.", True, "item_2"), pv.AudioDelta("item_2", audio(80, 0x33)))
-        await call.caller.wait_for(lambda: call.caller.received_audio.endswith(audio(80, 0x33)))
+        link.emit(pv.AudioDelta("item_1", audio_ms(600)), pv.AudioDone("item_1"))  # late audio: dropped
+        link.emit(pv.Transcript("assistant", "Sure.", True, "item_2"), pv.AudioDelta("item_2", audio_ms(80, 0x33)))
+        await call.caller.wait_for(lambda: call.caller.received_audio.endswith(audio_ms(80, 0x33)))
         stats = call.bridge.stats
     assert [(t.text, t.interrupted, t.heard_ms) for t in stats.transcript.turns()] == [
         ("Let me check that for you", True, 280),  # 25 of 37 characters
         ("Sure.", False, None),
     ]
     assert stats.barge_ins == 1
+
+
+@fail_after(60)
+async def test_bridge_transcript_of_an_interrupted_elevenlabs_reply_is_one_cut_turn(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # ElevenLabs' own events through its core: agent_response names the reply its audio belongs to, so the
+    # barge-in cuts that text; its agent_response_correction is not a second copy of the turn.
+    core = ready_session()
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(*feed(core, msg("agent_response", agent_response_event={"agent_response": REPLY}),
+                        audio(audio_ms(2000), 1)))  # fmt: skip
+        await trio.sleep(0.5)
+        link.emit(*feed(core, msg("interruption", interruption_event={"event_id": 1})))
+        await call.caller.wait_for_clear()
+        await trio.testing.wait_all_tasks_blocked()
+        correction = {"original_agent_response": REPLY, "corrected_agent_response": "It will be sunny"}
+        link.emit(*feed(core, msg("agent_response_correction", agent_response_correction_event=correction)))
+        await trio.sleep(0.1)
+        turns = call.bridge.stats.transcript.turns()
+    [turn] = turns
+    assert (turn.role, turn.interrupted, turn.heard_ms) == ("assistant", True, 480)
+    assert turn.text == "It will be"  # 480 of 2000 ms heard, as the marks say

@@ -306,8 +306,11 @@ class ElevenLabsSession(ProviderCore[SessionState, ElevenLabsConfig]):
     def _on_agent_response(self, msg: JsonObject, raw: str) -> tuple[ProviderEvent, ...]:
         event = obj_field(msg, "agent_response_event", "agent_response")
         text = text_field(event, "agent_response", "agent_response_event")
-        # Sent with the first audio of a new reply: the last one is over.
-        return (*self._close_item(), Transcript("assistant", text.strip(), final=True))
+        # Sent with the first audio of a new reply: the last one is over, and the text is the new one's (its id,
+        # so that a barge-in's cut of that reply applies to its text).
+        closed = self._close_item()
+        self._item = f"el-reply-{next(self._reply_numbers)}"
+        return (*closed, Transcript("assistant", text.strip(), final=True, item_id=self._item))
 
     def _close_item(self) -> tuple[ProviderEvent, ...]:
         """AudioDone for the reply audio is arriving for, if any: ``agent_response_complete`` is optional."""
@@ -315,9 +318,12 @@ class ElevenLabsSession(ProviderCore[SessionState, ElevenLabsConfig]):
         return () if item is None else (AudioDone(item),)
 
     def _on_correction(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        # ElevenLabs' own guess at what was heard of an interrupted reply.  The bridge cuts that reply's text
+        # at what Twilio's marks say was played (as for every provider): a second, corrected copy would only
+        # duplicate the turn in the call record.
         event = obj_field(msg, "agent_response_correction_event", "agent_response_correction")
-        text = text_field(event, "corrected_agent_response", "agent_response_correction_event")
-        return Transcript("assistant", text.strip(), final=True)
+        text_field(event, "corrected_agent_response", "agent_response_correction_event")
+        return Other("agent_response_correction", raw)
 
     def _on_response_complete(self, msg: JsonObject, raw: str) -> ProviderEvent | tuple[ProviderEvent, ...]:
         return self._close_item() or Other("agent_response_complete", raw)
