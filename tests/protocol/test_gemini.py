@@ -46,6 +46,7 @@ from mediaserver.protocol.providers.gemini import (
     ResumptionUpdate,
     SessionState,
 )
+from mediaserver.records.model import TranscriptLog
 
 from tests.gemini_fake import validate_client_message, wire
 
@@ -273,11 +274,11 @@ def test_gemini_plain_text_tool_output_and_cancellation() -> None:
 def test_gemini_transcripts_fragments_then_final() -> None:
     session = ready_session()
     assert feed(session, content(input_transcription=types.Transcription(text="Hello "))) == [
-        Transcript("user", "Hello ", False)
+        Transcript("user", "Hello ", False, "gemini-user-1")
     ]
     assert feed(session, content(input_transcription=types.Transcription(text="there", finished=True))) == [
-        Transcript("user", "there", False),
-        Transcript("user", "Hello there", True),
+        Transcript("user", "there", False, "gemini-user-1"),
+        Transcript("user", "Hello there", True, "gemini-user-1"),
     ]
     feed(session, audio(b"\x00\x00"))
     events = feed(session, content(output_transcription=types.Transcription(text="Hi!")))
@@ -286,7 +287,25 @@ def test_gemini_transcripts_fragments_then_final() -> None:
     assert Transcript("assistant", "Hi!", True, "gemini-turn-1") in events
     # The user's unfinished words become final when the model starts its turn.
     feed(session, content(input_transcription=types.Transcription(text="Bye")))
-    assert feed(session, audio(b"\x00\x00"))[0] == Transcript("user", "Bye", True, None)
+    assert feed(session, audio(b"\x00\x00"))[0] == Transcript("user", "Bye", True, "gemini-user-2")
+
+
+def test_gemini_the_callers_words_across_a_barge_in_are_one_utterance() -> None:
+    # The caller talks over the model's turn 1 and finishes during turn 2: pieces and final text share one id
+    # (the call record would otherwise keep "Wait," and "Wait, what about Sunday?" as two turns).
+    session = ready_session()
+    feed(session, audio(b"\x00\x00"))  # the model's turn 1
+    first = feed(session, content(input_transcription=types.Transcription(text="Wait,")))
+    feed(session, content(interrupted=True))
+    feed(session, content(turn_complete=True))
+    feed(session, content(input_transcription=types.Transcription(text=" what about Sunday?")))
+    last = feed(session, audio(b"\x00\x00"))[0]  # turn 2 begins: the caller's words are final
+    assert first == [Transcript("user", "Wait,", False, "gemini-user-1")]
+    assert last == Transcript("user", "Wait, what about Sunday?", True, "gemini-user-1")
+    log = TranscriptLog()
+    for event in (*first, last):
+        log.add(event.role, event.text, final=event.final, item_id=event.item_id, offset_s=1.0)
+    assert [turn.text for turn in log.turns()] == ["Wait, what about Sunday?"]
 
 
 # ---------------------------------------------------------------------- resumption

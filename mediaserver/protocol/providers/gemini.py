@@ -104,6 +104,7 @@ INPUT_FORMAT: Final = AudioFormat("pcm16", 16000)
 OUTPUT_FORMAT: Final = AudioFormat("pcm16", 24000)
 _INPUT_MIME: Final = "audio/pcm;rate=16000"
 TURN_ID_PREFIX: Final = "gemini-turn-"
+UTTERANCE_ID_PREFIX: Final = "gemini-user-"
 
 
 # --------------------------------------------------------------------- configuration
@@ -237,6 +238,7 @@ class _Shared:
 
     def __init__(self) -> None:
         self.turn_numbers = itertools.count(1)
+        self.utterance_numbers = itertools.count(1)  # the caller's, for their transcripts' item ids
         self.tool_names: dict[str, str] = {}  # call id -> function name, until answered or cancelled
         self.cancelled: set[str] = set()  # call ids the server cancelled (a late result is dropped)
 
@@ -267,6 +269,9 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         self._turn_open = False
         self._turn_interrupted = False
         self._transcripts: dict[str, list[str]] = {"user": [], "assistant": []}
+        # The caller's words have an id of their own, not the model turn's: they may begin during one model
+        # turn (a barge-in) and end in the next, and their pieces and final text must be one record turn.
+        self._utterance: str | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -519,12 +524,19 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         self._turn_audio_done = True
         return [AudioDone(self._turn, self._turn)]
 
+    def _item_of(self, role: str) -> str | None:
+        if role != "user":
+            return self._turn
+        if self._utterance is None:
+            self._utterance = f"{UTTERANCE_ID_PREFIX}{next(self._shared.utterance_numbers)}"
+        return self._utterance
+
     def _transcription(self, role: str, body: JsonObject) -> list[ProviderEvent]:
         text = optional_str_field(body, "text", "transcription") or ""
         events: list[ProviderEvent] = []
         if text:
             self._transcripts[role].append(text)
-            events.append(Transcript("user" if role == "user" else "assistant", text, False, self._turn))
+            events.append(Transcript("user" if role == "user" else "assistant", text, False, self._item_of(role)))
         if flag_field(body, "finished", "transcription"):
             events.extend(self._flush_transcript(role))
         return events
@@ -535,7 +547,10 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
             return []
         text = "".join(pieces)
         pieces.clear()
-        return [Transcript("user" if role == "user" else "assistant", text, True, self._turn)]
+        item = self._item_of(role)
+        if role == "user":
+            self._utterance = None  # the next words are a new utterance
+        return [Transcript("user" if role == "user" else "assistant", text, True, item)]
 
 
 _Handler = Callable[[GeminiLiveSession, JsonObject, str], list[ProviderEvent]]
