@@ -197,7 +197,7 @@ async def test_deepgram_end_call_hangs_up_once_the_goodbye_has_played(caplog: py
 
 @fail_after(10)
 async def test_deepgram_a_withdrawn_function_call_is_stopped_and_never_answered(
-    tools_module: Callable[[str], str], caplog: pytest.LogCaptureFixture
+    tools_module: Callable[[str], str], caplog: pytest.LogCaptureFixture  # noqa: F811
 ) -> None:
     """FunctionCallCancelled while the tool runs: it is cancelled, and no FunctionCallResponse goes out for it."""
 
