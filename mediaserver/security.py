@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
+from mediaserver.protocol.twilio_events import is_sid_like
+
 __all__ = [
     "MEDIA_STREAM_PATH",
     "SIGNATURE_HEADER",
@@ -173,7 +175,6 @@ def validate_body_signature(auth_token: str, url: str, body: bytes | str, signat
 
 
 _TWILIO_CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
-_LOOSE_SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def call_sid_error(call_sid: str, *, signed: bool) -> str | None:
@@ -195,7 +196,7 @@ def call_sid_error(call_sid: str, *, signed: bool) -> str | None:
     if signed:
         if _TWILIO_CALL_SID.fullmatch(call_sid) is None:
             return "CallSid is not a Twilio call SID (CA and 32 hex digits)"
-    elif _LOOSE_SID.fullmatch(call_sid) is None:
+    elif not is_sid_like(call_sid):
         return "CallSid must be 1-64 letters, digits, '_' or '-'"
     return None
 

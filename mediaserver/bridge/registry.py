@@ -175,7 +175,8 @@ class CallManager:
         if self._closing:
             self._refuse("shutting_down")
             return None
-        if sum(1 for slot in self._slots.values() if not slot.claimed.is_set()) >= MAX_PENDING:  # (live calls: not)
+        # (sessions waiting for their stream, failed ones included; a live call's slot is not counted)
+        if sum(1 for slot in self._slots.values() if not slot.claimed.is_set()) >= MAX_PENDING:
             self._refuse("too_many_pending")
             return None
         seen = self._seen_call(call_sid)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import binascii
 import enum
 import json
-import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, Final, Generic, ParamSpec, TypeVar
@@ -44,7 +43,6 @@ __all__ = [
     "object_list_field",
     "optional_str_field",
     "require_text",
-    "sid_field",
     "str_field",
     "table_transition",
     "text_field",
@@ -161,21 +159,6 @@ def str_field(obj: JsonObject, key: str, where: str) -> str:
     value = field(obj, key, where)
     if type(value) is not str or not value:
         raise _wrong(where, key, "a non-empty string", value)
-    return value
-
-
-_SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def sid_field(obj: JsonObject, key: str, where: str) -> str:
-    """A required Twilio identifier (``CA…``, ``MZ…``, ``AC…``): 1-64 letters, digits, ``_`` or ``-``.
-
-    Looser than Twilio's own format, so test SIDs pass, but nothing that could
-    break a log line or a record (a newline, markup) gets through.
-    """
-    value = field(obj, key, where)
-    if type(value) is not str or _SID.fullmatch(value) is None:
-        raise _wrong(where, key, "an identifier (1-64 letters, digits, '_' or '-')", value)
     return value
 
 

@@ -78,7 +78,6 @@ from ._wire import (
     load_object,
     obj_field,
     require_text,
-    sid_field,
     str_field,
     text_field,
 )
@@ -99,6 +98,7 @@ from .twilio_events import (
     TwilioCommand,
     TwilioEvent,
     Unknown,
+    is_sid_like,
 )
 
 __all__ = [
@@ -389,7 +389,7 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
     def _parse_start(self, msg: JsonObject) -> Start:
         sequence_number = self._sequence(msg)
         start = obj_field(msg, "start", "start")
-        stream_sid = sid_field(msg, "streamSid", "start")
+        stream_sid = _sid_field(msg, "streamSid", "start")
         inner_sid = str_field(start, "streamSid", "start.start")
         if inner_sid != stream_sid:
             raise RemoteProtocolError(f"start: streamSid {stream_sid!r} != start.streamSid {inner_sid!r}")
@@ -413,8 +413,8 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         event = Start(
             sequence_number=sequence_number,
             stream_sid=stream_sid,
-            account_sid=sid_field(start, "accountSid", "start.start"),
-            call_sid=sid_field(start, "callSid", "start.start"),
+            account_sid=_sid_field(start, "accountSid", "start.start"),
+            call_sid=_sid_field(start, "callSid", "start.start"),
             tracks=tuple(tracks),
             custom_parameters=MappingProxyType(dict(params)),
             media_format=media_format,
@@ -712,6 +712,16 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
 
 
 # ------------------------------------------------------------------- helpers
+
+
+def _sid_field(obj: JsonObject, key: str, where: str) -> str:
+    """A required identifier (see :func:`is_sid_like`): ids reach log lines, records and the JSON we send."""
+    value = field(obj, key, where)
+    if type(value) is not str or not is_sid_like(value):
+        raise RemoteProtocolError(
+            f"{where}: {key!r} must be an identifier (1-64 letters, digits, '_' or '-'), got {value!r:.40}"
+        )
+    return value
 
 
 def _numeric(value: object, what: str) -> int:

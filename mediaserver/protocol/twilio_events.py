@@ -18,6 +18,7 @@ affect any stream).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -41,6 +42,7 @@ __all__ = [
     "TwilioCommand",
     "TwilioEvent",
     "Unknown",
+    "is_sid_like",
 ]
 
 # Media Streams audio is "audio/x-mulaw" at 8000 Hz, mono, in both directions
@@ -50,6 +52,18 @@ MULAW_SAMPLE_RATE_HZ = 8000
 MULAW_BYTES_PER_SAMPLE = 1
 # 8000 samples/s / 1000 ms/s.  Exact: positions in samples convert to ms by // 8.
 MULAW_SAMPLES_PER_MS = MULAW_SAMPLE_RATE_HZ // 1000
+
+_SID_LIKE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def is_sid_like(value: str) -> bool:
+    """Whether ``value`` may be taken as a Twilio identifier (``CA…``, ``MZ…``, ``AC…``): 1-64 letters, digits, ``_``, ``-``.
+
+    Looser than Twilio's own format (two letters and 32 hex digits), so test
+    SIDs pass, but nothing that could break a log line or a record (a line
+    break, markup) gets through.
+    """
+    return _SID_LIKE.fullmatch(value) is not None
 
 
 # --------------------------------------------------------------------------- inbound

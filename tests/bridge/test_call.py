@@ -587,7 +587,8 @@ async def test_call_a_tool_call_the_model_withdraws_is_stopped_and_never_acted_o
     """Gemini's toolCallCancellation, Deepgram's FunctionCallCancelled: the tool stops, no answer, no transfer."""
 
     class Rest:
-        updates: list[str] = []
+        def __init__(self) -> None:
+            self.updates: list[str] = []
 
         async def update_call(self, call_sid: str, *, twiml: str) -> None:
             self.updates.append(twiml)

@@ -215,8 +215,8 @@ class ToolCallsCancelled:
     """The model withdrew these tool calls (:class:`ToolCall`; the caller spoke on, say): do not act on them.
 
     Gemini's ``toolCallCancellation``, Deepgram's ``FunctionCallCancelled``.
-    A tool still running should be stopped (a hang-up or a transfer it asked
-    for must not happen); a result sent anyway is dropped by the core.
+    A tool still running should be stopped (a transfer it asked for must not
+    happen); a result sent anyway is dropped by the core.
     ``raw`` is the provider's message.
     """
 
