@@ -276,6 +276,54 @@ def test_deepgram_a_response_ends_at_its_audio_done_or_a_barge_in() -> None:
     ]
 
 
+def assistant_text(content: str) -> str:
+    return server(AgentV1ConversationText(type="ConversationText", role="assistant", content=content))
+
+
+def test_deepgram_the_agents_text_is_the_transcript_of_the_reply_it_is_spoken_in() -> None:
+    """Its item id is the reply's, whichever comes first, so a barge-in's cut of the reply cuts its text."""
+    session = ready_session()
+    events = receive(
+        session,
+        assistant_text("Hello!"),  # the greeting: text, then audio, with no AgentStartedSpeaking
+        b"\x01" * 10,
+        assistant_text("How can I help?"),  # a second text of the same reply
+        AUDIO_DONE,
+        assistant_text("It is sunny."),  # text before its reply's start and audio: the reply keeps its name
+        AGENT_STARTED,
+        b"\x02" * 10,
+        USER_STARTED,
+        AGENT_STARTED,  # start before text
+        assistant_text("Sure."),
+        b"\x03" * 10,
+    )
+    assert events == [
+        pv.Transcript("assistant", "Hello!", True, "dg-reply-1"),
+        pv.AudioDelta("dg-reply-1", b"\x01" * 10),
+        pv.Transcript("assistant", "Hello! How can I help?", True, "dg-reply-1"),
+        pv.AudioDone("dg-reply-1"),
+        pv.Transcript("assistant", "It is sunny.", True, "dg-reply-2"),
+        pv.ResponseStarted("dg-reply-2"),
+        pv.AudioDelta("dg-reply-2", b"\x02" * 10),
+        pv.SpeechStarted(None, None),
+        pv.ResponseDone("dg-reply-2", "cancelled", "interrupted"),
+        pv.ResponseStarted("dg-reply-3"),
+        pv.Transcript("assistant", "Sure.", True, "dg-reply-3"),
+        pv.AudioDelta("dg-reply-3", b"\x03" * 10),
+    ]
+
+
+def test_deepgram_a_text_named_reply_is_not_taken_over_once_its_audio_has_begun() -> None:
+    session = ready_session()
+    events = receive(session, assistant_text("Hi."), b"\x01" * 10, AGENT_STARTED, b"\x02" * 10)
+    assert events == [
+        pv.Transcript("assistant", "Hi.", True, "dg-reply-1"),
+        pv.AudioDelta("dg-reply-1", b"\x01" * 10),
+        pv.ResponseStarted("dg-reply-2"),  # a start after audio began is a new reply, as before
+        pv.AudioDelta("dg-reply-2", b"\x02" * 10),
+    ]
+
+
 def test_deepgram_truncate_and_cancel_need_no_message_create_response_is_refused() -> None:
     session = ready_session()
     receive(session, AGENT_STARTED, b"\x01" * 800, USER_STARTED)
@@ -298,7 +346,7 @@ def test_deepgram_transcripts_errors_and_warnings() -> None:
     thinking = server(AgentV1AgentThinking(type="AgentThinking", content="hmm"))
     assert receive(session, user, agent, warning, thinking, error) == [
         pv.Transcript("user", "What's the weather?", True),
-        pv.Transcript("assistant", "Sunny.", True),
+        pv.Transcript("assistant", "Sunny.", True, "dg-reply-1"),
         pv.ProviderError("LLM is slow", fatal=False, code="SLOW_THINK"),
         pv.Other("AgentThinking", thinking),
         pv.ProviderError("bad think provider", fatal=True, code="INVALID_SETTINGS"),

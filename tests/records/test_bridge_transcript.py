@@ -16,6 +16,7 @@ from mediaserver.records.model import Turn
 from tests.bridge.test_call import audio as audio_ms
 from tests.bridge.test_call import bridged
 from tests.fakes import FakeLink, fail_after
+from tests.protocol import test_deepgram as deepgram
 from tests.protocol.test_elevenlabs import audio, feed, msg, ready_session
 
 REPLY = "It will be sunny in Paris all day, with a high of twenty degrees."  # 65 characters
@@ -95,6 +96,27 @@ async def test_bridge_transcript_of_an_interrupted_elevenlabs_reply_is_one_cut_t
         correction = {"original_agent_response": REPLY, "corrected_agent_response": "It will be sunny"}
         link.emit(*feed(core, msg("agent_response_correction", agent_response_correction_event=correction)))
         await trio.sleep(0.1)
+        turns = call.bridge.stats.transcript.turns()
+    [turn] = turns
+    assert (turn.role, turn.interrupted, turn.heard_ms) == ("assistant", True, 480)
+    assert turn.text == "It will be"  # 480 of 2000 ms heard, as the marks say
+
+
+@fail_after(60)
+async def test_bridge_transcript_of_an_interrupted_deepgram_reply_is_one_cut_turn(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Deepgram's own events through its core: the agent's ConversationText (here before its reply's start and
+    # audio, as Deepgram may send it) names that reply, so the barge-in cuts that text.
+    core = deepgram.ready_session()
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(*deepgram.receive(core, deepgram.assistant_text(REPLY), deepgram.AGENT_STARTED,
+                                    audio_ms(2000)))  # fmt: skip
+        await trio.sleep(0.5)
+        link.emit(*deepgram.receive(core, deepgram.USER_STARTED))
+        await call.caller.wait_for_clear()
+        await trio.testing.wait_all_tasks_blocked()
         turns = call.bridge.stats.transcript.turns()
     [turn] = turns
     assert (turn.role, turn.interrupted, turn.heard_ms) == ("assistant", True, 480)

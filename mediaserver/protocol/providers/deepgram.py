@@ -33,6 +33,13 @@ Audio that arrives after a barge-in and before the next
 interrupted reply's last frames, and the core plays it rather than risk
 silencing a reply (Deepgram stops the interrupted reply itself).
 
+The agent's ``ConversationText`` is the transcript of the reply it is
+spoken in (its ``item_id``), so a barge-in's cut of that reply applies to
+its text in the call record: the reply whose audio is arriving, or else
+the next one, named by the text (the text may come before the reply's
+``AgentStartedSpeaking`` and audio, which then keep that name).  Several
+texts of one reply make one transcript, joined with spaces.
+
 Each ``AgentStartedSpeaking`` is a :class:`ResponseStarted`, and the
 response ends (:class:`ResponseDone`) at its ``AgentAudioDone``
 (``completed``) or at a barge-in (``cancelled``, reason ``interrupted``),
@@ -204,6 +211,8 @@ class DeepgramAgentSession(ProviderCore[DeepgramState, DeepgramAgentConfig]):
         self._reply_numbers = itertools.count(1)
         self._reply: str | None = None  # the item id of the agent audio now arriving
         self._speaking: str | None = None  # the reply AgentStartedSpeaking began, until its AgentAudioDone or a barge-in
+        self._text_reply: str | None = None  # a reply named by its text (ConversationText) before its audio or start
+        self._said: tuple[str, str] | None = None  # (reply, the agent's ConversationText of it so far)
         self._calls: dict[str, str] = {}  # open client-side call id -> function name
         self._cancelled: set[str] = set()
 
@@ -290,6 +299,7 @@ class DeepgramAgentSession(ProviderCore[DeepgramState, DeepgramAgentConfig]):
                 raise RemoteProtocolError(f"agent audio in state {self._state.name}, before SettingsApplied")
             if self._reply is None:
                 self._reply = self._new_reply()
+            self._text_reply = None  # its audio has begun: an AgentStartedSpeaking from now on is a new reply
             return [AudioDelta(self._reply, message)]
         msg = load_object(message)
         type_ = msg["type"]
@@ -321,17 +331,19 @@ class DeepgramAgentSession(ProviderCore[DeepgramState, DeepgramAgentConfig]):
         return [SessionReady(self._request_id)]
 
     def _on_user_started_speaking(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
-        self._reply = None  # anything after a barge-in is a new reply
+        self._reply = self._text_reply = None  # anything after a barge-in is a new reply
         return [SpeechStarted(item_id=None, audio_start_ms=None), *self._response_done("cancelled", "interrupted")]
 
     def _on_agent_started_speaking(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         events = self._response_done("completed", None)  # (a response never said done: it is over now)
-        self._reply = self._speaking = self._new_reply()
+        # the reply its text already named (ConversationText came first), else a new one
+        self._reply = self._speaking = self._text_reply or self._new_reply()
+        self._text_reply = None
         events.append(ResponseStarted(self._reply))
         return events
 
     def _on_agent_audio_done(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
-        reply, self._reply = self._reply, None
+        reply, self._reply, self._text_reply = self._reply, None, None
         events: list[ProviderEvent] = [Other("AgentAudioDone", raw) if reply is None else AudioDone(reply)]
         events += self._response_done("completed", None)
         return events
@@ -346,7 +358,18 @@ class DeepgramAgentSession(ProviderCore[DeepgramState, DeepgramAgentConfig]):
         if role not in ("user", "assistant"):
             raise RemoteProtocolError(f"ConversationText: role must be user or assistant, got {role!r:.40}")
         content = text_field(msg, "content", "ConversationText")
-        return [Transcript("user" if role == "user" else "assistant", content, True)]
+        if role == "user":
+            return [Transcript("user", content, True)]
+        # The agent's words belong to the reply they are spoken in, so a barge-in's cut of that reply applies to
+        # them: the reply now arriving, or else the next one (the text can come before its audio and its
+        # AgentStartedSpeaking), named now.  One reply may bring several: the transcript is all of them so far.
+        reply = self._reply
+        if reply is None:
+            reply = self._reply = self._text_reply = self._new_reply()
+        said = self._said
+        text = f"{said[1]} {content}" if said is not None and said[0] == reply else content
+        self._said = (reply, text)
+        return [Transcript("assistant", text, True, item_id=reply)]
 
     def _on_function_call_request(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         calls: list[ProviderEvent] = []
