@@ -566,15 +566,17 @@ async def test_app_shutdown_drains_live_calls_then_closes_them() -> None:
             await caller.closed.wait()
 
 
-@pytest.mark.parametrize("how", ["close", "abort"])
+@pytest.mark.parametrize("how", ["close", "abort", "malformed"])
 @fail_after(10)
 async def test_app_model_failure_hangs_up_the_call(how: str, caplog: pytest.LogCaptureFixture) -> None:
     async def script(session: FakeRealtimeSession) -> None:
         await session.wait_appends(10)
         if how == "close":
             await session.close(1011, "internal error")
-        else:
+        elif how == "abort":
             await session.abort()
+        else:
+            await session.ws.send_message('{"type": "response.output_audio.delta", "delta": 7}')  # deliberately invalid
 
     async with fake_openai(script) as model, running(openai_settings(model)) as url:
         async with phone_call(url) as caller, trio.open_nursery() as nursery:
@@ -588,10 +590,17 @@ async def test_app_model_failure_hangs_up_the_call(how: str, caplog: pytest.LogC
         assert caller.close_code == 1000
         health = await http_request(url + "/healthz")
         assert json.loads(health.body)["active_calls"] == 0
-    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended " in r.getMessage()]
-    assert "ended (provider ended: openai connection closed" in ended
+    # One line says how the call failed (a warning), as for a Twilio protocol error: not a second one before it.
+    lines = [r for r in call_log(caplog, CALL_A) if r.levelno >= logging.INFO]
+    [webhook, started, ended] = lines
+    assert " webhook from " in webhook.getMessage() and " started, " in started.getMessage()
+    assert ended.levelno == logging.WARNING
+    if how == "malformed":
+        assert "ended (provider ended: openai protocol error: " in ended.getMessage()
+    else:
+        assert "ended (provider ended: openai connection closed" in ended.getMessage()
     if how == "close":
-        assert "1011" in ended
+        assert "1011" in ended.getMessage()
 
 
 @pytest.mark.parametrize("failure", ["refused", "http-401", "untrusted-certificate"])

@@ -582,7 +582,7 @@ class CallBridge:
                 await self._barge_in()
 
     def _provider_closed(self, exc: ProviderClosed) -> None:
-        log.warning("call %s: %s", self.stats.call_sid, exc.reason)
+        # (the call's end line says why, at warning level: one line, as for a Twilio protocol error)
         self._end(f"provider ended: {exc.reason}")
 
     def _on_provider_event(self, event: pv.ProviderEvent) -> object:
@@ -612,8 +612,7 @@ class CallBridge:
                 ]
             )
         elif isinstance(event, pv.ProviderError):
-            if event.fatal:
-                log.error("call %s: %s error (fatal): %s", self.stats.call_sid, self.link.name, event.message)
+            if event.fatal:  # (the call's end line says why)
                 self._end(f"provider error: {event.message}")
                 return _STOP
             log.warning("call %s: %s error: %s", self.stats.call_sid, self.link.name, event.message)

@@ -409,7 +409,8 @@ class CallManager:
                 self.recorder.call_ended(start.call_sid, bridge.stats, bridge.end_reason)
             st = bridge.stats
             jit = bridge.jitter.stats
-            log.info(
+            log.log(
+                logging.WARNING if bridge.end_reason.startswith(_FAILED_ENDS) else logging.INFO,
                 "call %s: ended (%s) after %.1f s; frames in %d, to model %d, out %d; gaps filled %d, "
                 "late/duplicate %d; barge-ins %d; bridge latency up %s, down %s; %s",
                 st.call_sid,
@@ -428,6 +429,10 @@ class CallManager:
                 else "no timed replies",
             )
         return None
+
+
+# End reasons that are failures: the call's end line is a warning (and the only line about it).
+_FAILED_ENDS = ("protocol error", "provider ended", "provider error", "idle", "failed")
 
 
 def _reason(group: BaseExceptionGroup[ProviderClosed]) -> str:
