@@ -75,8 +75,12 @@ only one of them carries calls at a time.  Issue 3's targets: bridge-added
 p99 <= 2 ms at 100 calls; >= 600 calls per core with no lost frames and no
 leaked sessions.
 
-Options: ``--steps 10,25,...``, ``--hold S``, ``--quick`` (2 and 4 calls
-for a few seconds, at most 10 s to drain), ``--no-peer``, ``--json PATH``,
+Options: ``--steps 10,25,...``, ``--hold S``, ``--repeats R`` (runs of
+each step per server, default 3: every figure in the tables is the median
+over the runs, which alternate which server goes first; lost frames,
+failed calls and leaked sessions are summed, so a step is ok only if no run
+lost anything; the JSON keeps every run), ``--quick`` (2 and 4 calls
+for a few seconds, one run each, at most 10 s to drain), ``--no-peer``, ``--json PATH``,
 ``--plot PATH`` (PNG of both servers' p99 and CPU; default
 ``bench/out/load.png``, git-ignored), ``--no-pin``, ``--keep-going``,
 ``--tls`` (serve the fake model on ``wss://``, as real providers are: a
@@ -508,6 +512,53 @@ async def run_step(
     return row
 
 
+# Per-run figures the combined row takes the median of; the counts are summed over the runs.
+_MEDIANS = (
+    "up_p50_ms", "up_p99_ms", "down_p50_ms", "down_p99_ms", "drain_s", "server_cpu_pct", "server_rss_mib",
+    "gen_cpu_pct", "gen_lag_p99_ms", "gen_send_late_p99_ms", "gen_gc_max_ms", "server_wait_pct", "gen_wait_pct",
+    "stop_s",
+)
+_SUMS = (
+    "up_samples", "down_samples", "up_sent", "up_lost", "up_made_up", "down_sent", "down_lost", "down_made_up",
+    "failed", "sessions", "leaked",
+)
+
+
+def combine(runs: Sequence[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """One row for a step's runs on one server: the median of each figure, the sum of what was lost or failed.
+
+    ok (not ``broken``) needs no failed call, lost frame or leaked session in
+    any run, and the median p99s within ``--max-p99-ms``.  The runs
+    themselves are kept under ``runs`` (for the JSON).
+    """
+    first = runs[0]
+    row: dict[str, Any] = {"calls": first["calls"], "server": first["server"], "repeats": len(runs)}
+    for key in _MEDIANS:
+        row[key] = float(np.median([r[key] for r in runs]))
+    for key in _SUMS:
+        row[key] = sum(r[key] for r in runs)
+    row["cpu_pct_per_call"] = row["server_cpu_pct"] / row["calls"]
+    row["calls_per_core"] = row["calls"] * 100 / row["server_cpu_pct"] if row["server_cpu_pct"] > 0 else float("nan")
+    wakes = [r["sockets_per_wakeup"] for r in runs if r["sockets_per_wakeup"] is not None]
+    row["sockets_per_wakeup"] = float(np.median(wakes)) if wakes else None
+    kinds: Counter[str] = Counter()
+    for r in runs:
+        kinds.update(r["failure_kinds"])
+    row["failure_kinds"] = dict(kinds)
+    row["first_failure"] = next((r["first_failure"] for r in runs if r["first_failure"]), None)
+    row["model_errors"] = [e for r in runs for e in r["model_errors"]][:5]
+    active = [r["server_active_after"] for r in runs if r["server_active_after"] is not None]
+    row["server_active_after"] = max(active) if active else None
+    row["gen_bound"] = any(r["gen_bound"] for r in runs)
+    worst_p99 = max(row["up_p99_ms"], row["down_p99_ms"])
+    row["broken"] = bool(
+        row["failed"] or row["leaked"] or row["up_lost"] or row["down_lost"] or not worst_p99 <= args.max_p99_ms
+    )
+    if len(runs) > 1:
+        row["runs"] = list(runs)
+    return row
+
+
 def compare(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per step both servers ran: the peer's CPU %/call over ours, and both servers' figures side by side."""
     by_step: dict[int, dict[str, dict[str, Any]]] = {}
@@ -596,7 +647,10 @@ def table(rows: Sequence[dict[str, Any]], args: argparse.Namespace, pinned: bool
     )
     notes = [
         f"server: {OURS} = mediaserver{peer_note}.",
-        f"ok: no failed call, lost frame or leaked session, and p99 <= {args.max_p99_ms:g} ms (else that server's ramp stops).",
+        f"ok: no failed call, lost frame or leaked session (in any run), and p99 <= {args.max_p99_ms:g} ms"
+        " (else that server's ramp stops).",
+        "Each figure is the median over the runs of a step (runs alternate which server goes first);"
+        " lost, failed and leaked are summed over them.",
         "up/dn p50/p99: bridge-added latency in ms (caller frame -> model; model delta -> caller), hold window only.",
         "lost: frames sent but never received, up (caller -> model) / down (model -> caller).",
         f"srv CPU%: server process, % of one core{' (pinned to one CPU)' if pinned else ' (not pinned)'};"
@@ -613,7 +667,13 @@ def table(rows: Sequence[dict[str, Any]], args: argparse.Namespace, pinned: bool
             f"model link: wss://, {getattr(args, 'tls_negotiated', '?')}; both servers verify the fake model's certificate"
             " (TLS on the model side is the generator's CPU, counted in gen CPU%)."
         )
-    return render_table(f"Load: concurrent calls, {args.hold:g} s hold each, model over {model_link(args)}", COLUMNS, shown, notes)
+    return render_table(
+        f"Load: concurrent calls, {args.hold:g} s hold each, {_runs(args)}, model over {model_link(args)}", COLUMNS, shown, notes
+    )
+
+
+def _runs(args: argparse.Namespace) -> str:
+    return f"median of {args.repeats} runs per server and step" if args.repeats > 1 else "1 run per server and step"
 
 
 def peer_table(comparison: Sequence[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -639,14 +699,15 @@ def peer_table(comparison: Sequence[dict[str, Any]], args: argparse.Namespace) -
         for c in comparison
     ]
     notes = [
-        "peer/ours: the peer's CPU%/call divided by ours = how many times more calls one core sustains with our"
-        " server at that load (> 1: ours is better).",
+        "peer/ours: the peer's CPU%/call divided by ours (medians over the runs) = how many times more calls one"
+        " core sustains with our server at that load (> 1: ours is better).",
         "Both servers ran each step in this run, one after the other, pinned to the same CPU; latencies in ms.",
         "Where the peer's row is not ok because its core was saturated, its CPU%/call is capped and the ratio"
         " understates the difference.",
     ]
     return render_table(
-        f"Peer in the same run: ours vs Twilio's Python sample design, {args.hold:g} s hold, model over {model_link(args)}",
+        f"Peer in the same run: ours vs Twilio's Python sample design, {args.hold:g} s hold, {_runs(args)},"
+        f" model over {model_link(args)}",
         PEER_COLUMNS, shown, notes,
     )
 
@@ -763,6 +824,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--keep-going", action="store_true", help="run every step even after one breaks")
     parser.add_argument(
+        "--repeats", type=int,
+        help="runs of each step per server, order alternating; the table shows their median (default 3, 1 with --quick)"
+    )
+    parser.add_argument(
         "--tls", action="store_true",
         help="serve the fake model on wss:// with a self-signed certificate both servers trust (default ws://)"
     )
@@ -781,13 +846,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not steps or min(steps) < 1 or max(steps) > 60000:
         parser.error("--steps: each step must be between 1 and 60000 calls")
     args.step_list = steps
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    if not 1 <= args.repeats <= 50:
+        parser.error("--repeats must be between 1 and 50")
     args.hold = args.hold if args.hold is not None else (1.5 if args.quick else 15.0)
     if args.quick:
         args.settle, args.grace = min(args.settle, 0.5), min(args.grace, 1.0)
         args.reply_every, args.reply_ms = min(args.reply_every, 0.6), min(args.reply_ms, 400)
         args.drain_timeout = min(args.drain_timeout, 10.0)  # a smoke run reports a stuck server, not waits on it
     if len(set(steps)) != len(steps):
-        parser.error("--steps: each step once (to repeat a measurement, run the bench again, or use bench/ab.py)")
+        parser.error("--steps: each step once (to repeat a measurement use --repeats; to compare revisions, bench/ab.py)")
     for name in ("hold", "ramp_rate", "reply_every", "settle", "grace", "drain_timeout", "max_p99_ms", "gen_cpu", "gen_lag_ms"):
         value = getattr(args, name, None)
         if isinstance(value, float) and not math.isfinite(value):
@@ -856,32 +924,45 @@ async def run_all(
                     args.failure = str(exc) or f"the {server.name} server did not answer /healthz within 30 s"
                     nursery.cancel_scope.cancel()
                     return rows
-            for index, n in enumerate(args.step_list):
-                # Alternate who goes first, so neither always runs on a machine the other has just warmed up.
-                for server in servers if index % 2 == 0 else servers[::-1]:
-                    if server.done:
-                        continue
-                    log(f"step {n} calls on {server.name}: ramp {max(n / args.ramp_rate, 0.5):.1f} s, hold {args.hold:g} s ...")
-                    failure: BaseException | None = None
-                    try:
-                        row = await run_step(n, args, server, model, recorder)
-                    except* (OSError, psutil.Error) as group:  # the server went away mid-step (its /healthz, its CPU)
-                        failure = group.exceptions[0]
-                    if failure is not None:
+            turn = 0
+            for n in args.step_list:
+                runs: dict[str, list[dict[str, Any]]] = {server.name: [] for server in servers}
+                for repeat in range(args.repeats):
+                    # Alternate who goes first, so neither always runs on a machine the other has just warmed up.
+                    for server in servers if turn % 2 == 0 else servers[::-1]:
+                        if server.done:
+                            continue
+                        of = f" (run {repeat + 1} of {args.repeats})" if args.repeats > 1 else ""
+                        log(f"step {n} calls on {server.name}{of}: ramp {max(n / args.ramp_rate, 0.5):.1f} s,"
+                            f" hold {args.hold:g} s ...")
+                        failure: BaseException | None = None
+                        try:
+                            row = await run_step(n, args, server, model, recorder)
+                        except* (OSError, psutil.Error) as group:  # the server went away mid-step (its /healthz, its CPU)
+                            failure = group.exceptions[0]
+                        if failure is not None:
+                            assert server.proc is not None
+                            why = (f"the {server.name} server exited with status {server.proc.returncode}"
+                                   if server.proc.poll() is not None else f"step {n} on {server.name} failed: {failure!r}")
+                            args.failure = f"{why}; see {server.log_path}"
+                            log(f"  {args.failure}")
+                            server.done = True
+                            continue
+                        runs[server.name].append(row)
+                        log(_progress(row))
                         assert server.proc is not None
-                        why = (f"the {server.name} server exited with status {server.proc.returncode}"
-                               if server.proc.poll() is not None else f"step {n} on {server.name} failed: {failure!r}")
-                        args.failure = f"{why}; see {server.log_path}"
-                        log(f"  {args.failure}")
-                        server.done = True
+                        if server.proc.poll() is not None:
+                            log(f"  the {server.name} server exited with status {server.proc.returncode}; see {server.log_path}")
+                            server.done = True
+                    turn += 1
+                for server in servers:
+                    if not runs[server.name]:
                         continue
+                    row = combine(runs[server.name], args)
                     rows.append(row)
-                    log(_progress(row))
-                    assert server.proc is not None
-                    if server.proc.poll() is not None:
-                        log(f"  the {server.name} server exited with status {server.proc.returncode}; see {server.log_path}")
-                        server.done = True
-                    elif row["broken"] and not args.keep_going:
+                    if len(runs[server.name]) > 1:
+                        log(f"  {server.name}, median of {len(runs[server.name])} runs:" + _progress(row)[len(f"  {server.name}:"):])
+                    if row["broken"] and not args.keep_going and not server.done:
                         log(f"  {server.name}: this step broke (failed calls, lost frames, leaked sessions or p99 over"
                             " --max-p99-ms): its ramp stops")
                         server.done = True
@@ -914,7 +995,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("model link", f"{model_link(args)}"
          + (": self-signed certificate for 127.0.0.1, trusted by both servers through SSL_CERT_FILE" if args.tls else "")),
         ("calls", f"webhook + media stream, 20 ms frames; model replies {args.reply_ms} ms every {args.reply_every:g} s"),
-        ("steps", f"{','.join(map(str, args.step_list))}; ramp {args.ramp_rate:g} calls/s, settle {args.settle:g} s, hold {args.hold:g} s"),
+        ("steps", f"{','.join(map(str, args.step_list))}; ramp {args.ramp_rate:g} calls/s, settle {args.settle:g} s,"
+         f" hold {args.hold:g} s; {args.repeats} run(s) of each step per server"),
         ("peer", f"bench/_peer_sample.py (Twilio's Python sample design): {peer_versions()}" if args.peer
          else f"skipped ({args.peer_skipped or '--no-peer'})"),
         ("open files", str(fd_limit)),

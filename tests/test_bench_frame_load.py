@@ -348,12 +348,41 @@ def test_load_bench_finds_the_generator_s_longest_collection_in_a_window() -> No
     assert pauses.longest_s(before - 10, before - 5) == 0.0  # none began then
 
 
+def test_load_combines_a_steps_runs_into_medians_and_sums() -> None:
+    import argparse
+
+    import load
+
+    def run(cpu: float, up_p99: float, *, lost: int = 0, failed: str | None = None) -> dict[str, Any]:
+        row: dict[str, Any] = {key: 1.0 for key in load._MEDIANS}
+        row.update({key: 10 for key in load._SUMS})
+        row.update(
+            calls=100, server="ours", server_cpu_pct=cpu, up_p99_ms=up_p99, down_p99_ms=1.0, up_lost=lost, down_lost=0,
+            failed=int(failed is not None), leaked=0, failure_kinds={failed: 1} if failed else {},
+            first_failure=failed, model_errors=[], server_active_after=0, gen_bound=False, sockets_per_wakeup=4.0,
+        )
+        return row
+
+    args = argparse.Namespace(max_p99_ms=20.0)
+    runs = [run(30.0, 2.0), run(20.0, 50.0), run(25.0, 3.0)]  # one run's p99 far out: the median is not
+    row = load.combine(runs, args)
+    assert (row["server_cpu_pct"], row["up_p99_ms"], row["repeats"], row["runs"]) == (25.0, 3.0, 3, runs)
+    assert row["cpu_pct_per_call"] == 0.25 and row["calls_per_core"] == 400
+    assert row["up_sent"] == 30 and row["sessions"] == 30 and not row["broken"]
+    lossy = load.combine([run(30.0, 2.0), run(20.0, 2.0, lost=1, failed="stream: refused")], args)
+    assert lossy["up_lost"] == 1 and lossy["failed"] == 1 and lossy["broken"]  # any run's loss breaks the step
+    assert lossy["failure_kinds"] == {"stream: refused": 1} and lossy["first_failure"] == "stream: refused"
+    single = load.combine([run(30.0, 2.0)], args)
+    assert "runs" not in single and single["server_cpu_pct"] == 30.0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--steps", "2,2"], "--steps: each step once"),
         (["--steps", "2", "--hold", "nan"], "--hold must be a finite number"),
         (["--steps", "2", "--grace", "-1"], "--grace and --drain-timeout must not be negative"),
+        (["--steps", "2", "--repeats", "0"], "--repeats must be between 1 and 50"),
     ],
 )
 def test_load_bad_options_are_one_line_errors_before_anything_starts(args: list[str], message: str) -> None:
