@@ -7,7 +7,9 @@ L1 cache.  Each function takes any object exporting a contiguous buffer and
 returns a new ``bytes``.  ``bytes`` input skips the buffer protocol.
 """
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBuffer_Release
+
+from audiobuf cimport get_audio_buffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int16_t, uint8_t
 
@@ -64,7 +66,7 @@ cdef bytes _run_decode(object data, const int16_t* table):
         out = PyBytes_FromStringAndSize(NULL, 2 * n)
         _decode(table, <const uint8_t*>PyBytes_AS_STRING(data), <uint8_t*>PyBytes_AS_STRING(out), n)
         return out
-    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    get_audio_buffer(data, &view, 1, "G.711 input")
     try:
         n = view.len
         out = PyBytes_FromStringAndSize(NULL, 2 * n)
@@ -94,7 +96,7 @@ cdef bytes _run_encode(object data, const uint8_t* table, int shift, int index_m
         _encode(table, shift, index_mask, <const uint8_t*>PyBytes_AS_STRING(data),
                 <uint8_t*>PyBytes_AS_STRING(out), n >> 1)
         return out
-    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    get_audio_buffer(data, &view, 2, "PCM16 input")
     try:
         n = view.len
         if n & 1:

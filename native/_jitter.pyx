@@ -18,7 +18,9 @@ The plain-Python reference with the same rules is
 """
 
 cimport cython
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBuffer_Release
+
+from audiobuf cimport get_audio_buffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -92,9 +94,9 @@ cdef object _int_arg(str name, object value):
     return _index(value)
 
 
-cdef bytes _copy_buffer(object data):
+cdef bytes _copy_buffer(object data, int codec, str what="frame"):
     cdef Py_buffer view
-    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    get_audio_buffer(data, &view, 2 if codec == PCM16 else 1, what)
     try:
         return PyBytes_FromStringAndSize(<const char*>view.buf, view.len)
     finally:
@@ -240,7 +242,7 @@ cdef class JitterBuffer:
             else:
                 raise ValueError(f"fill must be 'silence', 'fade' or a frame of bytes, got {fill!r}")
         else:
-            self._fill = fill if PyBytes_CheckExact(fill) else _copy_buffer(fill)
+            self._fill = fill if PyBytes_CheckExact(fill) else _copy_buffer(fill, _CODECS[codec], "fill")
             if PyBytes_GET_SIZE(self._fill) != frame_bytes:
                 raise ValueError(
                     f"fill frame must be frame_bytes={frame_bytes} bytes long, "
@@ -299,7 +301,7 @@ cdef class JitterBuffer:
         cdef int64_t d
         cdef Py_ssize_t slot
         if not PyBytes_CheckExact(frame):
-            frame = _copy_buffer(frame)
+            frame = _copy_buffer(frame, self._codec)
         self._received += 1
         if not self._started:
             self._started = True

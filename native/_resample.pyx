@@ -16,7 +16,9 @@ interpolation phase a single tap).  All outputs of one phase in a chunk are
 computed together by ``fir_lanes.h``, one output per vector lane.
 """
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBuffer_Release
+
+from audiobuf cimport get_audio_buffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.math cimport lrintf
@@ -41,6 +43,8 @@ cdef extern from "fir_lanes.h":
 # Chunks at least this long (input samples) are processed without the GIL;
 # for a 20 ms frame, releasing it would cost more than the work.
 DEF NOGIL_SAMPLES = 2048
+import operator
+
 SUPPORTED_RATES = (8000, 16000, 24000)
 
 
@@ -90,7 +94,8 @@ cdef class Resampler:
     cdef bint busy
     cdef const ms_filter* filter
 
-    def __cinit__(self, int in_rate, int out_rate, *, str phase="linear"):
+    def __cinit__(self, object in_rate, object out_rate, *, str phase="linear"):
+        cdef int in_hz, out_hz
         self.taps = NULL
         self.phase_len = NULL
         self.offsets = NULL
@@ -99,14 +104,21 @@ cdef class Resampler:
         self.filter = NULL
         self.lanes = NULL
         self.acc = NULL
+        for name, value in (("in_rate", in_rate), ("out_rate", out_rate)):
+            if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+                raise TypeError(f"{name} must be an int of Hz, got {type(value).__name__}")
+        in_rate = operator.index(in_rate)
+        out_rate = operator.index(out_rate)
         if in_rate not in SUPPORTED_RATES or out_rate not in SUPPORTED_RATES:
             raise ValueError(
                 f"unsupported rate pair {in_rate} -> {out_rate} Hz: rates must be 8000, 16000 or 24000"
             )
+        in_hz = in_rate
+        out_hz = out_rate
         if phase not in ("linear", "minimum"):
             raise ValueError(f"phase must be 'linear' or 'minimum', not {phase!r}")
-        self.in_rate = in_rate
-        self.out_rate = out_rate
+        self.in_rate = in_hz
+        self.out_rate = out_hz
         self.phase = phase
         cdef int g = _gcd(in_rate, out_rate)
         self.L = out_rate // g
@@ -260,7 +272,7 @@ cdef class Resampler:
         cdef Py_ssize_t n, n_out
         cdef bytes out
         cdef uint8_t* dst
-        PyObject_GetBuffer(pcm, &view, PyBUF_SIMPLE)
+        get_audio_buffer(pcm, &view, 2, "PCM16 input")
         try:
             if view.len & 1:
                 raise ValueError(f"PCM16 input must have an even number of bytes, got {view.len}")

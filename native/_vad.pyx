@@ -13,7 +13,9 @@ nothing; it keeps the GIL, since a 20 ms frame costs less than releasing it.
 """
 
 cimport cython
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBuffer_Release
+
+from audiobuf cimport get_audio_buffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from libc.math cimport INFINITY, fabs, log10
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
@@ -21,6 +23,7 @@ from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from common cimport load_le16
 
 import math
+import numbers
 import operator
 
 # Constants of the algorithm; see mediaserver/codec/_reference/vad.py, which
@@ -233,7 +236,19 @@ cdef inline object _dbfs(double e):
     return 10.0 * log10(e)
 
 
+def _number(name, value):
+    """``value`` as a float: a real number (not a bool or a string); a huge int is out of range (ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _ms(name, value):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int of ms, got bool")
     v = operator.index(value)
     if not 0 <= v <= MAX_MS:
         raise ValueError(f"{name} must be between 0 and {MAX_MS} ms, got {v}")
@@ -241,7 +256,7 @@ def _ms(name, value):
 
 
 def _db(name, value, low, high):
-    v = float(value)
+    v = _number(name, value)
     if not (math.isfinite(v) and low <= v <= high):
         raise ValueError(f"{name} must be a finite number from {low:g} to {high:g} dB, got {value!r}")
     return v
@@ -357,7 +372,7 @@ cdef class EnergyVAD:
                 self._wrong_length(PyBytes_GET_SIZE(frame))
             e = _frame_energy(<const uint8_t*>PyBytes_AS_STRING(frame), &self.c)
         else:
-            PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
+            get_audio_buffer(frame, &view, 2, "frame")
             try:
                 if view.len != self.c.frame_bytes:
                     self._wrong_length(view.len)
@@ -386,7 +401,7 @@ cdef class EnergyVAD:
         cdef double e, loudest = 0.0
         if self.c.frame_bytes == 0:
             self._not_initialised()
-        PyObject_GetBuffer(pcm, &view, PyBUF_SIMPLE)
+        get_audio_buffer(pcm, &view, 2, "agent audio")
         try:
             frames = view.len // self.c.frame_bytes
             if frames == 0 or view.len % self.c.frame_bytes:
@@ -404,7 +419,7 @@ cdef class EnergyVAD:
 
     def observe_agent_level(self, dbfs, /):
         """Like ``observe_agent``, for one frame of agent audio whose level is ``dbfs``."""
-        v = float(dbfs)
+        v = _number("dbfs", dbfs)
         if math.isnan(v) or v > 20.0:
             raise ValueError(f"dbfs must be a level of at most 20 dBFS (or -inf), got {dbfs!r}")
         _raise_agent(&self.s, 10.0 ** (v / 10.0), 1, self.c.hold_frames)

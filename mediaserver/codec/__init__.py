@@ -1,8 +1,10 @@
 """Audio kernels for telephony bridges, usable on their own.
 
 PCM is always signed 16-bit little-endian mono; every function accepts any
-contiguous buffer (``bytes``, ``bytearray``, ``memoryview``, a numpy array)
-and returns ``bytes``.  Importing this module imports nothing but the
+contiguous one-dimensional buffer (``bytes``, ``bytearray``, ``memoryview``, a
+numpy array) and returns ``bytes``.  Its items must be raw bytes or, for PCM16,
+little-endian int16: a float, big-endian or wider array is a TypeError, not
+noise.  Importing this module imports nothing but the
 compiled kernels: no trio, quart, hypercorn, numpy or scipy.
 
 >>> from mediaserver.codec import ulaw_decode, ulaw_encode

@@ -270,16 +270,38 @@ def test_jitter_non_bytes_frames_are_copied_once(impl: Impl) -> None:
     buf = bytearray(b"abc")
     jb.push(1, buf)
     jb.push(2, memoryview(b"defg")[1:])
-    jb.push(3, array.array("h", [1, 2]))
+    jb.push(3, array.array("B", [1, 2]))
     buf[0] = 0  # the buffer keeps the frame as it was pushed
     out = jb.drain()
-    assert out == [b"abc", b"efg", array.array("h", [1, 2]).tobytes()]
+    assert out == [b"abc", b"efg", b"\x01\x02"]
     assert all(type(f) is bytes for f in out)
     with pytest.raises(TypeError):
         jb.push(4, "text")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         jb.push(4, [1, 2, 3])  # type: ignore[arg-type]
     assert jb.stats.received == 3
+
+
+@IMPLS
+def test_jitter_frames_of_another_sample_type_are_refused(impl: Impl) -> None:
+    """µ-law frames are bytes; PCM16 frames bytes or little-endian int16: a float or int16-in-µ-law frame is refused."""
+    ulaw = impl(depth=0)
+    with pytest.raises(TypeError, match="frame must be bytes \\(one code per byte\\), not an array of items 'h'"):
+        ulaw.push(1, array.array("h", [1, 2]))
+    pcm = impl(depth=0, frame_bytes=4, codec="pcm16")
+    pcm.push(1, array.array("h", [1, -2]))
+    pcm.push(2, np.array([3, 4], dtype="<i2"))
+    for bad in (np.zeros(2, np.float32), np.zeros(2, ">i2"), np.zeros(2, np.int32)):
+        with pytest.raises(TypeError, match="frame must be bytes or an array of little-endian int16"):
+            pcm.push(3, bad)
+    with pytest.raises(ValueError, match="one-dimensional"):
+        pcm.push(3, np.zeros((2, 1), np.int16))
+    with pytest.raises(ValueError):
+        pcm.push(3, np.zeros(4, np.int16)[::2])  # not contiguous
+    with pytest.raises(TypeError, match="fill must be bytes or an array of little-endian int16"):
+        impl(depth=0, frame_bytes=4, codec="pcm16", fill=np.zeros(1, np.float32))
+    assert pcm.drain() == [b"\x01\x00\xfe\xff", b"\x03\x00\x04\x00"]
+    assert (ulaw.stats.received, pcm.stats.received) == (0, 2)
 
 
 @IMPLS

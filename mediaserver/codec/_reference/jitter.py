@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from mediaserver.codec._reference import g711
+from mediaserver.codec._reference.audiobuf import audio_bytes
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -129,7 +130,7 @@ class JitterBuffer:
             self._fill = self._silence
             self._fade = fill == "fade"
         else:
-            self._fill = bytes(memoryview(fill))
+            self._fill = audio_bytes(fill, 2 if codec == "pcm16" else 1, "fill")
             if len(self._fill) != frame_bytes:
                 raise ValueError("fill frame has the wrong length")
         self._received = self._played = self._duplicates = self._late = 0
@@ -150,7 +151,7 @@ class JitterBuffer:
 
     def push(self, seq: int, frame: Buffer) -> None:
         seq = _check_seq(seq)
-        frame = frame if type(frame) is bytes else bytes(memoryview(frame))
+        frame = audio_bytes(frame, 2 if self.codec == "pcm16" else 1, "frame")
         self._received += 1
         if self._next is None:
             self._next = seq

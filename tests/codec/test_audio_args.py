@@ -1,0 +1,93 @@
+"""Every kernel that takes audio refuses buffers of another sample type, rather than reading them as PCM16 or codes.
+
+A float32 or big-endian array handed to a kernel that reads raw bytes used to
+come back as noise with no error; a 2-D (stereo) array was read as mono.
+"""
+
+from __future__ import annotations
+
+import array
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mediaserver import codec
+from mediaserver.codec import EnergyVAD, Resampler
+
+PCM = np.round(8000 * np.sin(np.arange(160) / 5)).astype("<i2")  # one 20 ms frame at 8 kHz
+
+PCM_TAKERS: dict[str, Callable[[Any], object]] = {
+    "ulaw_encode": codec.ulaw_encode,
+    "alaw_encode": codec.alaw_encode,
+    "Resampler.process": lambda pcm: Resampler(8000, 16000).process(pcm),
+    "EnergyVAD.process": lambda pcm: EnergyVAD().process(pcm),
+    "EnergyVAD.observe_agent": lambda pcm: EnergyVAD().observe_agent(pcm),
+}
+
+
+@pytest.mark.parametrize("take", PCM_TAKERS.values(), ids=PCM_TAKERS.keys())
+def test_pcm16_kernels_take_bytes_and_little_endian_int16_alike(take: Callable[[Any], object]) -> None:
+    expected = take(PCM.tobytes())
+    for same in (PCM, PCM.astype("=i2"), array.array("h", PCM.tobytes()), bytearray(PCM.tobytes()),
+                 np.frombuffer(PCM.tobytes(), np.uint8), memoryview(PCM.tobytes())):  # fmt: skip
+        assert take(same) == expected
+
+
+@pytest.mark.parametrize("take", PCM_TAKERS.values(), ids=PCM_TAKERS.keys())
+@pytest.mark.parametrize(
+    ("bad", "kind"),
+    [
+        ((PCM / 32768).astype(np.float32)[:80], "'f'"),  # 80 floats are 320 bytes: a frame's length, not its samples
+        (PCM.astype(">i2"), "'>h'"),
+        (PCM.astype(np.int32)[:80], "'i'"),
+        (PCM.astype(np.uint16), "'H'"),
+    ],
+)
+def test_pcm16_kernels_refuse_other_sample_types(take: Callable[[Any], object], bad: Any, kind: str) -> None:
+    with pytest.raises(TypeError, match=f"must be bytes or an array of little-endian int16 \\(PCM16\\), not of items {kind}"):
+        take(bad)
+
+
+@pytest.mark.parametrize("take", PCM_TAKERS.values(), ids=PCM_TAKERS.keys())
+def test_pcm16_kernels_refuse_stereo_and_strided_buffers(take: Callable[[Any], object]) -> None:
+    with pytest.raises(ValueError, match="one-dimensional"):
+        take(np.stack([PCM[:80], PCM[80:]], axis=1))  # 80 stereo frames: 320 bytes
+    for strided in (np.repeat(PCM, 2)[::2], memoryview(np.repeat(PCM, 2).tobytes()).cast("h")[::2]):
+        with pytest.raises(ValueError):
+            take(strided)
+
+
+@pytest.mark.parametrize("decode", [codec.ulaw_decode, codec.alaw_decode])
+def test_g711_decode_takes_codes_and_refuses_wider_items(decode: Callable[[Any], bytes]) -> None:
+    codes = bytes(range(256))
+    assert decode(np.frombuffer(codes, np.uint8)) == decode(array.array("b", codes)) == decode(codes)
+    with pytest.raises(TypeError, match="must be bytes \\(one code per byte\\), not an array of items 'h'"):
+        decode(PCM)  # PCM16 handed to a decoder: 160 samples would have come back as 320 decoded ones
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: Resampler(8000.5, 16000), TypeError, "in_rate must be an int of Hz, got float"),
+        (lambda: Resampler(8000, True), TypeError, "out_rate must be an int of Hz, got bool"),
+        (lambda: Resampler(2**40, 8000), ValueError, "unsupported rate pair 1099511627776 -> 8000"),
+        (lambda: EnergyVAD(margin_db="6"), TypeError, "margin_db must be a number, got str"),
+        (lambda: EnergyVAD(margin_db=10**400), ValueError, "margin_db must be a finite number"),
+        (lambda: EnergyVAD(attack_ms=True), TypeError, "attack_ms must be an int of ms, got bool"),
+        (lambda: EnergyVAD().observe_agent_level("-20"), TypeError, "dbfs must be a number, got str"),
+    ],
+)
+def test_kernel_parameters_of_the_wrong_type_are_clear_errors(make: Callable[[], object], error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_kernel_numeric_parameters_take_numpy_scalars() -> None:
+    assert (Resampler(np.int64(8000), out_rate=np.int32(24000)).in_rate, Resampler(in_rate=16000, out_rate=8000).ratio) == (8000, (1, 2))
+    vad = EnergyVAD(margin_db=np.float64(6.0), attack_ms=np.int64(40))
+    assert vad.attack_frames == 2
+    vad.observe_agent_level(-10**400)  # very quiet: no echo threshold worth the name
+    vad.observe_agent_level(np.float32(-20.0))
+    assert vad.agent_level_dbfs == pytest.approx(-20.0)
