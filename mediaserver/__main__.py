@@ -6,8 +6,10 @@ import argparse
 import gc
 import importlib
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mediaserver import __version__
 from mediaserver.config import PROVIDERS, ConfigError, Settings, load_dotenv_file
@@ -40,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         "--instance-url",
         help="https://host that reaches this instance directly, when several share the public URL (MEDIASERVER_INSTANCE_URL)",
     )
-    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (MEDIASERVER_LOG_LEVEL)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL (MEDIASERVER_LOG_LEVEL, default INFO)")
     serve.add_argument("--log-format", choices=("text", "json"), help="text or json lines (MEDIASERVER_LOG_FORMAT, default text)")
     serve.add_argument("--env-file", help="read settings from this file (default: .env, if there is one; '' for none)")
     sub.add_parser("settings", help="list every setting with its environment variable and default")
@@ -48,6 +50,21 @@ def _parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=summary, description=summary)
         importlib.import_module(module).configure(command)
     return parser
+
+
+def _command() -> str:
+    """How to run ``mediaserver`` from here: the bare name if it is on PATH, else this environment's script (as
+    ``make run`` starts it, from a virtual environment that is not activated)."""
+    script = Path(sys.executable).parent / "mediaserver"
+    found = shutil.which("mediaserver")
+    if found is not None and (not script.exists() or Path(found).resolve() == script.resolve()):
+        return "mediaserver"
+    if script.exists():
+        try:
+            return str(script.absolute().relative_to(Path.cwd()))
+        except ValueError:
+            return str(script)
+    return f"{sys.executable} -m mediaserver"
 
 
 def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
@@ -64,7 +81,7 @@ def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
             if settings.instance_url
             else []
         ),
-        f'  * try a call without a phone: mediaserver dial http://127.0.0.1:{port}/twiml --say "hello there"',
+        f'  * try a call without a phone: {_command()} dial http://127.0.0.1:{port}/twiml --say "hello there"',
     ]
     if settings.provider == "echo":
         lines.append("  * the echo agent repeats what the caller says; set MEDIASERVER_PROVIDER (openai, gemini, ...) for a model")

@@ -1,15 +1,18 @@
 """Settings: the one place that reads the environment.
 
 Every setting has an environment variable (optionally from a ``.env`` file in
-the working directory) and most have a CLI flag; the CLI wins over the
+the working directory) and the ones changed most often a CLI flag; the CLI wins over the
 environment, which wins over the built-in default.  ``Settings`` is frozen:
 build it once at start and pass it down.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -19,7 +22,7 @@ from mediaserver.logs import FORMATS as LOG_FORMATS
 from mediaserver.logs import LEVELS as LOG_LEVELS
 from mediaserver.security import configured_base, signature_bases
 
-__all__ = ["PCM_RATES", "PROVIDERS", "REQUIRED", "ConfigError", "Settings", "load_dotenv_file"]
+__all__ = ["PCM_RATES", "PROVIDERS", "REQUIRED", "ConfigError", "Settings", "is_http_url", "load_dotenv_file"]
 
 # Providers the server can bridge to; "echo" needs no network and no key.
 PROVIDERS = ("echo", "openai", "gemini", "assemblyai", "deepgram", "elevenlabs", "pcm")
@@ -179,7 +182,7 @@ class Settings:
                 f"OPENAI_TURN_DETECTION must be server_vad or semantic_vad, not {self.openai_turn_detection!r}"
             )
         if self.public_url is not None and not self.public_url.startswith(("https://", "http://")):
-            raise ConfigError(f"MEDIASERVER_PUBLIC_URL must start with https:// (got {self.public_url!r})")
+            raise ConfigError(f"MEDIASERVER_PUBLIC_URL must start with https:// (or http://), not {self.public_url!r}")
         for name in ("public_url", "instance_url"):
             if getattr(self, name) is not None:
                 try:
@@ -193,6 +196,22 @@ class Settings:
                 parse_transfer_numbers(self.transfer_numbers)
             except ValueError as exc:
                 raise ConfigError(f"MEDIASERVER_TRANSFER_NUMBERS: {exc}") from None
+        for name, prefix in (("twilio_account_sid", "AC"), ("twilio_api_key_sid", "SK")):
+            sid = getattr(self, name)
+            if sid is not None and not re.fullmatch(prefix + "[0-9a-fA-F]{32}", sid):
+                raise ConfigError(f"{_env_name(name)} must be {prefix} followed by 32 hex digits, not {sid[:40]!r}")
+        if self.twilio_from_number is not None:
+            from mediaserver.tools.builtins import E164
+
+            if not E164.match(self.twilio_from_number):
+                raise ConfigError(
+                    f"TWILIO_FROM_NUMBER must be an E.164 number (+ and 7-15 digits), not {self.twilio_from_number!r}"
+                )
+        if not is_http_url(self.twilio_api_base):
+            raise ConfigError(f"TWILIO_API_BASE must be an http:// or https:// URL, not {self.twilio_api_base!r}")
+        if self.database_url is not None and not self.database_url.startswith(("postgresql://", "postgres://")):
+            scheme = self.database_url.partition("://")[0] if "://" in self.database_url else "(no scheme)"
+            raise ConfigError(f"DATABASE_URL must be a postgresql:// URL, not {scheme}")  # (the URL may hold a password)
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"MEDIASERVER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if self.log_format.lower() not in LOG_FORMATS:
@@ -230,6 +249,16 @@ def _env_name(attr: str) -> str:
     return next(str(f.metadata["env"]) for f in fields(Settings) if f.name == attr)
 
 
+def is_http_url(url: str) -> bool:
+    """An http(s) URL with a host and, if any, a valid port."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not one)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def _parse(name: str, env: str, raw: str, default: Any) -> Any:
     kind = type(default)
     try:
@@ -238,7 +267,7 @@ def _parse(name: str, env: str, raw: str, default: Any) -> Any:
         if kind is float:
             return float(raw)
     except ValueError:
-        raise ConfigError(f"{env} must be a number, not {raw!r}") from None
+        raise ConfigError(f"{env} must be a {'whole ' if kind is int else ''}number, not {raw!r}") from None
     return raw.strip()
 
 
@@ -259,13 +288,26 @@ def load_dotenv_file(path: str | os.PathLike[str] | None = None) -> bool:
         if required:
             raise ConfigError(f"--env-file {str(path)!r}: no such file")
         return False
+    if path.is_dir():
+        raise ConfigError(f"--env-file {str(path)!r} is a directory, not a file of KEY=value lines")
     from dotenv.main import DotEnv
+    from dotenv.parser import parse_stream
 
     try:
-        # override=False: a ${VAR} in the file takes the real environment's value first, as load_dotenv does
-        values = DotEnv(path, interpolate=True, override=False, encoding="utf-8").dict()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {str(path)!r}: {exc} (it must be a UTF-8 text file of KEY=value lines)") from None
+    # A line python-dotenv cannot parse would be skipped with a warning naming no file, and the server would
+    # start without that setting (on every interface, say, instead of the loopback asked for): refuse it.
+    bad = [binding.original for binding in parse_stream(io.StringIO(text)) if binding.error]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ConfigError(
+            f"{str(path)!r} line {bad[0].line}: not KEY=value: {bad[0].string.strip()[:80]!r}{more}"
+            " (quote values with spaces or # in them; close every quote)"
+        )
+    # override=False: a ${VAR} in the file takes the real environment's value first, as load_dotenv does
+    values = DotEnv(None, stream=io.StringIO(text), interpolate=True, override=False).dict()
     loaded = False
     for key, value in values.items():
         if value is not None and not os.environ.get(key):

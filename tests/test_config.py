@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,7 @@ def test_config_reads_environment_and_overrides_win() -> None:
     [
         ({"MEDIASERVER_PROVIDER": "openai"}, "needs OPENAI_API_KEY"),
         ({"MEDIASERVER_PROVIDER": "nope"}, "MEDIASERVER_PROVIDER must be one of"),
-        ({"MEDIASERVER_PORT": "eighty"}, "MEDIASERVER_PORT must be a number"),
+        ({"MEDIASERVER_PORT": "eighty"}, "MEDIASERVER_PORT must be a whole number"),
         ({"MEDIASERVER_PORT": "70000"}, "MEDIASERVER_PORT must be 1-65535"),
         ({"MEDIASERVER_IDLE_TIMEOUT_S": "0"}, "MEDIASERVER_IDLE_TIMEOUT_S must be a positive number of seconds"),
         ({"MEDIASERVER_MAX_CALL_S": "nan"}, r"MEDIASERVER_MAX_CALL_S must be a positive number of seconds, not nan"),
@@ -49,6 +51,15 @@ def test_config_reads_environment_and_overrides_win() -> None:
         ({"MEDIASERVER_INSTANCE_URL": "https://a.example.com:port"}, "MEDIASERVER_INSTANCE_URL is malformed"),
         ({"MEDIASERVER_LOG_LEVEL": "verbose"}, "MEDIASERVER_LOG_LEVEL must be one of DEBUG, INFO, WARNING, WARN, ERROR, CRITICAL"),
         ({"MEDIASERVER_LOG_FORMAT": "xml"}, "MEDIASERVER_LOG_FORMAT must be text or json"),
+        ({"MEDIASERVER_PORT": "8080.0"}, "MEDIASERVER_PORT must be a whole number, not '8080.0'"),
+        # Settings a call or a command would only trip over later: refused at start
+        ({"TWILIO_ACCOUNT_SID": "garbage"}, "TWILIO_ACCOUNT_SID must be AC followed by 32 hex digits, not 'garbage'"),
+        ({"TWILIO_API_KEY_SID": "AC" + "0" * 32}, "TWILIO_API_KEY_SID must be SK followed by 32 hex digits"),
+        ({"TWILIO_FROM_NUMBER": "555-1234"}, r"TWILIO_FROM_NUMBER must be an E\.164 number"),
+        ({"TWILIO_API_BASE": "garbage"}, "TWILIO_API_BASE must be an http:// or https:// URL"),
+        ({"TWILIO_API_BASE": "ftp://api.twilio.com"}, "TWILIO_API_BASE must be an http:// or https:// URL"),
+        ({"TWILIO_API_BASE": "https://api.twilio.com:abc"}, "TWILIO_API_BASE must be an http:// or https:// URL"),
+        ({"DATABASE_URL": "mysql://user:secret@db/calls"}, "DATABASE_URL must be a postgresql:// URL, not mysql$"),
     ],
 )
 def test_config_bad_values_raise_naming_the_variable(env: dict[str, str], message: str) -> None:
@@ -229,3 +240,51 @@ def test_config_env_file_dev_null_is_an_empty_file() -> None:
     import os
 
     assert load_dotenv_file(os.devnull) is False  # (exists, not a regular file: the benches pass it for "no settings")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "shown"),
+    [
+        ("MEDIASERVER_PORT = 18126\nMEDIASERVER_HOST: 127.0.0.1\n", 2, "'MEDIASERVER_HOST: 127.0.0.1'"),
+        ('MEDIASERVER_PORT="18123\n', 1, "'MEDIASERVER_PORT=\"18123'"),  # a quote never closed
+        ("# settings\n=foo\nMEDIASERVER_PORT=1\njunk line\n", 2, "'=foo' (and 1 more)"),
+    ],
+)
+def test_config_env_file_line_that_does_not_parse_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, line: int, shown: str
+) -> None:
+    # python-dotenv would skip the line with a warning naming no file, and the server would start without it
+    # (on every interface instead of the loopback the second line asks for).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(text)
+    for name in ("MEDIASERVER_PORT", "MEDIASERVER_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=f"'.env' line {line}: not KEY=value: {re.escape(shown)}"):
+        load_dotenv_file()
+    assert "MEDIASERVER_PORT" not in os.environ  # nothing of a refused file is loaded
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert f"configuration error: '.env' line {line}: not KEY=value" in err and "python-dotenv" not in err
+
+
+def test_config_env_file_that_is_a_directory_is_a_configuration_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["serve", "--env-file", str(tmp_path), "--log-level", "verbose"]) == 2
+    assert f"--env-file {str(tmp_path)!r} is a directory" in capsys.readouterr().err
+
+
+def test_next_steps_name_the_command_as_it_runs_from_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mediaserver import __main__ as cli
+
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "mediaserver").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(cli.sys, "executable", str(bin_dir / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)  # make run: the environment is not activated
+    assert cli._command() == ".venv/bin/mediaserver"
+    monkeypatch.setattr(cli.shutil, "which", lambda name: "/usr/local/bin/mediaserver")  # another install's
+    assert cli._command() == ".venv/bin/mediaserver"
+    monkeypatch.setattr(cli.shutil, "which", lambda name: str(bin_dir / "mediaserver"))  # activated
+    assert cli._command() == "mediaserver"

@@ -323,9 +323,22 @@ def test_outbound_cli_usage_errors(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     assert "'5551234567' is not an E.164 number" in capsys.readouterr().err
     assert outbound_cli.main(cli_args(TO, "--from", "me")) == 2
     assert "--from 'me' is not an E.164 number" in capsys.readouterr().err
+    for server in ("ftp://x", "http://[::1", "127.0.0.1:8080"):
+        assert outbound_cli.main(cli_args(TO, "--server", server)) == 2
+        assert f"--server must be the server's http:// or https:// URL, not {server!r}" in capsys.readouterr().err
     monkeypatch.setenv("MEDIASERVER_PORT", "not-a-port")
     assert outbound_cli.main(cli_args(TO)) == 2
-    assert "configuration error: MEDIASERVER_PORT must be a number" in capsys.readouterr().err
+    assert "configuration error: MEDIASERVER_PORT must be a whole number" in capsys.readouterr().err
+
+
+def test_outbound_cli_does_not_need_the_provider_s_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MEDIASERVER_API_KEY", API_KEY)
+    monkeypatch.setenv("MEDIASERVER_PROVIDER", "openai")  # the server's setting, in a shared .env: its key is the server's
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert outbound_cli.main(cli_args(TO, "--server", "http://127.0.0.1:9")) == 1  # got as far as the request
+    assert "cannot reach 127.0.0.1:9" in capsys.readouterr().err
 
 
 def test_outbound_cli_server_not_running(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

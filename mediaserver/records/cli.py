@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace, store: RecordStore, out: TextIO, err: TextIO)
         if record is None:
             print(f"no call {args.sid} in the {store.description}", file=err)
             return 1
-        print(json.dumps(record.to_json(), indent=2, ensure_ascii=False) if args.show_json else format_call(record),
+        print(json.dumps(record.to_json(), indent=2, ensure_ascii=False) if args.show_json or args.json else format_call(record),
               file=out)
         return 0
     records = store.recent(args.limit)

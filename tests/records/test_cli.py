@@ -94,6 +94,8 @@ def test_cli_shows_one_call_with_its_transcript(cli: Callable[..., int], capsys:
     ]
     assert cli("show", first.call_sid, "--json") == 0
     assert json.loads(capsys.readouterr().out) == first.to_json()
+    assert cli("--json", "show", first.call_sid) == 0  # (the flag before the command, as the README has it)
+    assert json.loads(capsys.readouterr().out) == first.to_json()
 
 
 def test_cli_unknown_sid_and_empty_database(cli: Callable[..., int], capsys: pytest.CaptureFixture[str]) -> None:
