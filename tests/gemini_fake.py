@@ -35,6 +35,7 @@ from typing import Any
 import trio
 from google.genai import types
 from trio_websocket import WebSocketConnection, WebSocketRequest
+from wsproto.frame_protocol import FrameProtocol
 
 from tests._ws_server import FakeConnection, LoopbackWsServer, serve_session
 
@@ -160,6 +161,23 @@ class FakeGeminiSession(FakeConnection):
     async def go_away(self, time_left: str = "50s") -> None:
         await self.send(types.LiveServerMessage(go_away=types.LiveServerGoAway(time_left=time_left)))
 
+    async def _send_together(self, burst: list[types.LiveServerMessage | tuple[int, str]]) -> None:
+        """Messages, and maybe a close frame ``(code, reason)`` last, in one TCP write: the client reads them at once.
+
+        Framed by wsproto (server frames, unmasked) straight onto the socket; after a close nothing more is sent.
+        """
+        frames = FrameProtocol(client=False, extensions=[])
+        data = bytearray()
+        for item in burst:
+            if isinstance(item, tuple):
+                data += frames.close(*item)
+                break
+            data += frames.send_data(wire(item), True)
+        async with self._send_lock:
+            await self._stream.send_all(bytes(data))
+        if isinstance(burst[-1], tuple):
+            await self.abort()  # (trio-websocket's side of the connection knows nothing of that close)
+
     async def abort(self) -> None:
         """Drop the TCP connection without a close handshake."""
         await trio.aclose_forcefully(self._stream)
@@ -189,7 +207,11 @@ class FakeGeminiSession(FakeConnection):
                 return
             if handle is not None and self.server.resume_delay_s:
                 await trio.sleep(self.server.resume_delay_s)  # restoring a session takes a while
-            await self.send(types.LiveServerMessage(setup_complete=types.LiveServerSetupComplete()))
+            burst = self.server.after_setup(self) if self.server.after_setup is not None else []
+            if burst:
+                await self._send_together([types.LiveServerMessage(setup_complete=types.LiveServerSetupComplete()), *burst])
+            else:
+                await self.send(types.LiveServerMessage(setup_complete=types.LiveServerSetupComplete()))
             self.ready.set()
             return
         assert self.ready.is_set()
@@ -220,11 +242,15 @@ class FakeGeminiServer(LoopbackWsServer):
         *,
         resume_delay_s: float = 0.0,
         refuse_setup: tuple[int, str] | None = None,
+        after_setup: Callable[[FakeGeminiSession], list[types.LiveServerMessage | tuple[int, str]]] | None = None,
     ) -> None:
         super().__init__()
         self.script = script
         self.refuse_setup = refuse_setup  # close every connection with (code, reason) instead of setupComplete
         self.resume_delay_s = resume_delay_s  # before answering a resuming setup
+        # what to send in the same TCP write as a connection's setupComplete (a close: (code, reason)), e.g. the
+        # service failing right after it accepted a resumed setup; [] for the usual setupComplete alone
+        self.after_setup = after_setup
         self.sessions: list[FakeGeminiSession] = []
         self.issued_handles: set[str] = set()
         self._handles = itertools.count(1)

@@ -79,6 +79,7 @@ class _Connection:
     session: GeminiLiveSession
     ws: WebSocketLink | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancel = retire
+    closed: str | None = None  # why its reader saw it close (before it went live: the switch to it failed)
 
 
 class GeminiLink:
@@ -203,10 +204,11 @@ class GeminiLink:
                 return  # the link has ended
 
     def _on_closed(self, conn: _Connection, reason: str) -> None:
+        conn.closed = reason
         if conn is not self._active:
-            return  # a retired connection
+            return  # a retired connection, or a new one not made active yet (_go_live sees conn.closed)
         if self._switching:
-            return  # a switch is under way; the old socket closing is expected
+            return  # a switch is under way (to this connection: _go_live sees conn.closed)
         broken = conn.session.state is SessionState.ERROR  # a malformed message would likely recur
         if conn.session.resumption_handle is not None and not broken:
             log.info("%s: connection %d closed (%s); resuming", NAME, conn.number, reason)
@@ -226,7 +228,8 @@ class GeminiLink:
 
     async def _supervise(self) -> None:
         assert self._active is not None
-        await self._go_live(self._active)
+        if not await self._go_live(self._active):
+            return
         while True:
             await self._resume.wait()
             self._resume = trio.Event()
@@ -239,7 +242,8 @@ class GeminiLink:
                 return
             self.resumptions += 1
             self._active = new
-            await self._go_live(new)
+            if not await self._go_live(new):
+                return
             old.scope.cancel()  # retire: its open_provider_link closes the socket
             log.info("%s: resumed the session on connection %d", NAME, new.number)
             try:
@@ -248,8 +252,15 @@ class GeminiLink:
             except trio.ClosedResourceError:
                 return  # the link has ended
 
-    async def _go_live(self, conn: _Connection) -> None:
-        """Flush the backlog to ``conn`` and make it the connection commands go to."""
+    async def _go_live(self, conn: _Connection) -> bool:
+        """Flush the backlog to ``conn`` and make it the connection commands go to; False if it closed first.
+
+        A connection that closed (or said ``goAway``) between its
+        ``setupComplete`` and now -- its reader saw it while the switch was
+        still under way -- is the switch failing: the link ends, as for any
+        failed switch, rather than waiting for a reader that is gone.  A
+        ``goAway`` that came in that time starts the next switch at once.
+        """
         assert conn.ws is not None
         async with self._send_lock:
             backlog, self._backlog = self._backlog, []
@@ -257,9 +268,18 @@ class GeminiLink:
                 for command in backlog:
                     await conn.ws.send(command)
             except ProviderClosed as exc:
-                self._end(exc.reason)
-                return
+                conn.closed = conn.closed or exc.reason
+            if conn.closed is not None:
+                self._end(conn.closed if conn.number == 1 else f"{NAME}: resumption failed: {conn.closed}")
+                return False
             self._switching = False
+            if conn.session.going_away:
+                if conn.session.resumption_handle is None:
+                    log.warning("%s: goAway on connection %d before any resumable handle; cannot resume", NAME, conn.number)
+                else:
+                    log.info("%s: goAway on connection %d while it was being made live; resuming", NAME, conn.number)
+                    self._begin_switch()
+            return True
 
 
 def _first_reason(group: BaseExceptionGroup[ProviderClosed]) -> str:

@@ -351,6 +351,28 @@ def test_gemini_resumption_handle_and_resumed_core() -> None:
     assert session.abandon_turn() == []
 
 
+def test_gemini_a_result_whose_connection_failed_can_be_sent_once_on_the_next() -> None:
+    """The link re-sends, on the resumed connection, a result whose write failed; only that, and only once."""
+    session = ready_session()
+    feed(session, types.LiveServerMessage(
+        session_resumption_update=types.LiveServerSessionResumptionUpdate(new_handle="h1", resumable=True)
+    ))
+    feed(session, types.LiveServerMessage(
+        tool_call=types.LiveServerToolCall(function_calls=[types.FunctionCall(id="c", name="f", args={})])
+    ))
+    session.send(ToolResult("c", '{"ok": true}'))  # ... and the socket write of it failed
+    nxt = session.resumed()
+    nxt.initial_messages()
+    feed(nxt, types.LiveServerMessage(setup_complete=types.LiveServerSetupComplete()))
+    [text] = nxt.send(ToolResult("c", '{"ok": true}'))
+    response = validate_client_message(text).tool_response
+    assert response == types.LiveClientToolResponse(
+        function_responses=[types.FunctionResponse(id="c", name="f", response={"output": {"ok": True}})]
+    )
+    with pytest.raises(LocalProtocolError, match="no pending function call with id 'c'"):
+        nxt.send(ToolResult("c", "again"))  # answered on this connection now
+
+
 # ---------------------------------------------------------------------- errors and odd input
 
 

@@ -272,6 +272,10 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         # The caller's words have an id of their own, not the model turn's: they may begin during one model
         # turn (a barge-in) and end in the next, and their pieces and final text must be one record turn.
         self._utterance: str | None = None
+        # Function results answered on this connection (call id -> name), and on a resumed one those the last
+        # connection answered: the link re-sends, on the next connection, a result whose write failed.
+        self._answered: dict[str, str] = {}
+        self._resendable: dict[str, str] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -300,7 +304,9 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         if self._handle is None:
             raise LocalProtocolError("no resumable handle received yet; cannot resume")
         config = replace(self._config, resumption_handle=self._handle, greeting=None)
-        return GeminiLiveSession(config, _shared=self._shared)
+        session = GeminiLiveSession(config, _shared=self._shared)
+        session._resendable = self._answered
+        return session
 
     def abandon_turn(self) -> list[ProviderEvent]:
         """The end of the turn under way, if any, as events: this connection is retired in the middle of it.
@@ -357,11 +363,12 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         raise LocalProtocolError(f"not a provider command: {command!r:.80}")
 
     def _tool_response(self, command: ToolResult) -> list[str]:
-        name = self._shared.tool_names.pop(command.call_id, None)
+        name = self._shared.tool_names.pop(command.call_id, None) or self._resendable.pop(command.call_id, None)
         if name is None:
             if command.call_id in self._shared.cancelled:
                 return []  # toolCallCancellation came first: the model no longer wants it
             raise LocalProtocolError(f"no pending function call with id {command.call_id!r}")
+        self._answered[command.call_id] = name
         try:
             value: object = json.loads(command.output)
         except (ValueError, RecursionError):
