@@ -25,10 +25,10 @@ from google.genai import types
 from mediaserver.adapters.gemini import GeminiLink, open_link
 from mediaserver.bridge.link import AgentOptions, ProviderClosed
 from mediaserver.config import Settings
-from mediaserver.protocol.providers.base import SendAudio, ToolCall, ToolResult
+from mediaserver.protocol.providers.base import ProviderEvent, SendAudio, ToolCall, ToolResult
 
 from tests.fakes import fail_after
-from tests.gemini_fake import FakeGeminiServer, FakeGeminiSession
+from tests.gemini_fake import OUTPUT_MIME, FakeGeminiServer, FakeGeminiSession
 from tests.test_app import base_settings
 
 
@@ -175,3 +175,34 @@ async def test_gemini_link_tool_result_whose_write_failed_is_answered_on_the_res
     assert response.function_responses == [
         types.FunctionResponse(id="call-1", name="lookup", response={"output": {"ok": True}})
     ]
+
+
+@fail_after(15)
+async def test_gemini_link_retiring_the_old_connection_delivers_what_it_had_read() -> None:
+    async def script(session: FakeGeminiSession) -> None:
+        await session.ready.wait()
+        if session.number == 1:
+            await session.resumption_update()
+            await session.go_away("10s")
+            part = types.Part(inline_data=types.Blob(data=b"\x00\x00" * 2400, mime_type=OUTPUT_MIME))
+            # the turn's last audio and its end in one message, then a tool call
+            await session.content(model_turn=types.Content(role="model", parts=[part]), turn_complete=True)
+            await session.tool_call("call-9", "lookup", {})
+
+    seen: list[ProviderEvent] = []
+    async with trio.open_nursery() as nursery:
+        model: FakeGeminiServer = await nursery.start(FakeGeminiServer(script, resume_delay_s=0.1).run)
+        settings: Settings = base_settings(provider="gemini", gemini_api_key="test", gemini_live_url=model.url)
+        async with open_link(settings, AgentOptions.from_settings(settings)) as link:
+            with trio.move_on_after(2):
+                while True:
+                    seen.append(await link.receive())
+                    await trio.sleep(0.04)  # the bridge is busy a moment with each event (writing to Twilio)
+        nursery.cancel_scope.cancel()
+    # Before: the switch cancelled the old connection's reader while it was handing over the audio, so the
+    # bridge never heard that turn end, nor of the tool call, which its core had already registered.
+    assert [type(e).__name__ for e in seen] == [
+        "SessionReady", "ResumptionUpdate", "GoAway", "ResponseStarted", "AudioDelta", "AudioDone", "ResponseDone",
+        "ToolCall",
+    ]
+    assert len(model.sessions) == 2 and model.sessions[0].closed.is_set()

@@ -13,7 +13,8 @@ and go:
   the server gave us a resumable handle, the link *switches*: it opens a new
   connection whose ``setup`` carries ``sessionResumption.handle``, waits for
   its ``setupComplete`` (within the connect timeout), makes it the active
-  one, and then retires the old one (close handshake, socket closed).
+  one, and then retires the old one: what its reader has already read still
+  reaches the bridge, then the socket is closed (close handshake).
 * From the moment a switch begins until the new connection is live, commands
   from the bridge -- caller audio, tool results -- are **buffered** and sent,
   in order, on the new connection right after its ``setupComplete``.
@@ -78,8 +79,11 @@ class _Connection:
     number: int
     session: GeminiLiveSession
     ws: WebSocketLink | None = None
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancel = retire
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancel = drop at once (the link has ended)
     closed: str | None = None  # why its reader saw it close (before it went live: the switch to it failed)
+    retired: bool = False  # replaced: its reader hands over what it has read, then stops
+    waiting: trio.CancelScope | None = None  # the reader's wait for the socket, cancelled to retire it
+    done: trio.Event = field(default_factory=trio.Event)  # its reader has stopped
 
 
 class GeminiLink:
@@ -175,18 +179,31 @@ class GeminiLink:
             connect_timeout_s=self._settings.connect_timeout_s,
         ) as ws:
             conn.ws = ws
-            with conn.scope:
-                task_status.started(conn)
-                await self._read(conn)
+            try:
+                with conn.scope:
+                    task_status.started(conn)
+                    await self._read(conn)
+            finally:
+                conn.done.set()
         # Leaving open_provider_link closed the socket (retired, or the server closed it).
 
     async def _read(self, conn: _Connection) -> None:
         assert conn.ws is not None
         while True:
-            try:
-                event = await conn.ws.receive()
-            except ProviderClosed as exc:
-                self._on_closed(conn, exc.reason)
+            # Retiring cancels only this wait: what was read from the socket before (events its core has
+            # already applied -- a turn's end, a tool call) still reaches the bridge; receive() hands those
+            # over without waiting, and the first real wait of a retired connection is its end.
+            with trio.CancelScope() as waiting:
+                conn.waiting = waiting
+                if conn.retired:
+                    waiting.cancel()
+                try:
+                    event = await conn.ws.receive()
+                except ProviderClosed as exc:
+                    self._on_closed(conn, exc.reason)
+                    return
+            conn.waiting = None
+            if waiting.cancelled_caught:
                 return
             if isinstance(event, SessionReady) and conn.number > 1:
                 continue  # a resumed connection: the bridge must not notice
@@ -244,8 +261,12 @@ class GeminiLink:
             self._active = new
             if not await self._go_live(new):
                 return
-            old.scope.cancel()  # retire: its open_provider_link closes the socket
             log.info("%s: resumed the session on connection %d", NAME, new.number)
+            # Retire the old one: its reader hands the bridge what it has read, then its socket is closed.
+            old.retired = True
+            if old.waiting is not None:
+                old.waiting.cancel()
+            await old.done.wait()
             try:
                 for event in old.session.abandon_turn():  # a turn cut by the switch is over for the bridge
                     await self._events_in.send(event)
