@@ -142,11 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import trio
 
     from mediaserver.server import ListenError, serve
+    from mediaserver.transport.tls import client_context
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(serve, settings)
             _print_next_steps(settings, binds)
+            client_context()  # the CA bundle loaded now, not in the event loop at the first call's model connection
             freeze_startup_objects()
 
     try:

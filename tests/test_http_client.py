@@ -27,6 +27,7 @@ import trio
 import trio.testing
 
 from mediaserver.transport.http import USER_AGENT, HttpError, Response, parse_url, redact, request
+from mediaserver.transport.tls import client_context
 
 from tests.fakes import fail_after
 
@@ -413,6 +414,20 @@ async def test_https_with_an_untrusted_certificate(certificate: tuple[Path, Path
         untrusted = rf"^TLS with 127\.0\.0\.1:{server.port} failed: certificate verify failed: "
         with pytest.raises(HttpError, match=untrusted):
             await request("GET", server.url, timeout_s=5)
+
+
+@fail_after(10)
+async def test_https_default_context_is_made_once_per_ca_setting(
+    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Loading the system CAs takes tens of ms in the event loop: not at every REST request or model connection.
+    first = client_context()
+    assert client_context() is first
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))  # a deployment's own CA (and the tests')
+    ours = client_context()
+    assert ours is not first and client_context() is ours
+    async with serving(answer(200), tls=server_context(certificate)) as server:
+        assert (await request("GET", server.url, timeout_s=5)).status == 200  # the default context trusts it now
 
 
 @fail_after(10)

@@ -33,6 +33,7 @@ import h11
 import trio
 
 from mediaserver import __version__
+from mediaserver.transport.tls import client_context
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
@@ -134,7 +135,7 @@ async def open_stream(
     first send or receive.
     """
     if tls:
-        context = ssl_context or ssl.create_default_context()
+        context = ssl_context or client_context()  # (made once: loading the CAs would stall every call)
         return await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context, https_compatible=True)
     return await trio.open_tcp_stream(host, port)
 

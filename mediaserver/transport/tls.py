@@ -40,6 +40,7 @@ write waits -- before anything encrypted later -- for the next send or
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 
@@ -308,6 +309,29 @@ class TLSStream(trio.abc.Stream):
             await self.transport.aclose()
 
 
+_CLIENT_CONTEXTS: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
+
+
+def client_context() -> ssl.SSLContext:
+    """The default client context (the system CAs, hostname check, no TLS 1.2 renegotiation), made once.
+
+    Loading the system CA bundle takes tens of milliseconds, in the event
+    loop: made for every model connection or REST request, it would hold up
+    every live call that long.  One context serves every connection (an
+    ``SSLContext`` may be shared); a new one is made only when
+    ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` change (tests, a deployment's own
+    CA).  The server makes it at start, before any call.
+    """
+    key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    context = _CLIENT_CONTEXTS.get(key)
+    if context is None:
+        context = ssl.create_default_context()
+        context.options |= ssl.OP_NO_RENEGOTIATION
+        _CLIENT_CONTEXTS.clear()
+        _CLIENT_CONTEXTS[key] = context
+    return context
+
+
 async def open_tls_stream(host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> TLSStream:
     """Connect to ``host:port`` and complete a TLS handshake (default: the system CAs and hostname check).
 
@@ -315,10 +339,7 @@ async def open_tls_stream(host: str, port: int, *, ssl_context: ssl.SSLContext |
     for it mid-stream would make a later write need a read first, which the
     non-blocking writes here do not do (TLS 1.3 has no renegotiation).
     """
-    context = ssl_context
-    if context is None:
-        context = ssl.create_default_context()
-        context.options |= ssl.OP_NO_RENEGOTIATION
+    context = ssl_context if ssl_context is not None else client_context()
     transport = await trio.open_tcp_stream(host, port)
     stream = TLSStream(transport, context, host)
     try:
