@@ -277,6 +277,23 @@ async def test_tools_runner_turns_every_failure_into_an_error_result(name: str, 
     assert await run(name, arguments) == ({"error": error}, False)
 
 
+async def test_tools_runner_json_nested_too_deeply_is_an_error_result_not_a_failed_call() -> None:
+    @tool
+    def deep() -> list[object]:
+        """Returns something absurdly nested."""
+        value: list[object] = []
+        for _ in range(100_000):
+            value = [value]
+        return value
+
+    tools = ToolSet([add, deep])
+    nested = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"  # a model's arguments: ~200 KB of brackets
+    outcome = await tools.run("add", nested)
+    assert (json.loads(outcome.output), outcome.ok) == ({"error": "bad arguments for add: nested too deeply"}, False)
+    outcome = await tools.run("deep", "{}")
+    assert (json.loads(outcome.output), outcome.ok) == ({"error": "deep returned a value nested too deeply for JSON"}, False)
+
+
 async def test_tools_runner_times_out_async_tools(autojump_clock: trio.testing.MockClock) -> None:
     start = trio.current_time()
     assert await run("sleepy", "{}", timeout_s=3) == ({"error": "sleepy timed out after 3 s"}, False)

@@ -80,6 +80,8 @@ class ToolSet:
             kwargs = _arguments(t, arguments)
         except ValueError as exc:
             return _error(f"bad arguments for {name}: {exc}")
+        except RecursionError:  # (JSON nested deeper than Python recurses: the model's text, not ours to crash on)
+            return _error(f"bad arguments for {name}: nested too deeply")
         if t.context_parameter is not None:
             if control is None:
                 return _error(f"{name} needs a live call")
@@ -105,6 +107,8 @@ class ToolSet:
             output = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
         except (TypeError, ValueError) as exc:
             return _error(f"{name} returned a value that is not JSON: {exc}")
+        except RecursionError:
+            return _error(f"{name} returned a value nested too deeply for JSON")
         if len(output) > MAX_OUTPUT_CHARS:
             return _error(f"{name} returned {len(output)} characters; the limit is {MAX_OUTPUT_CHARS}")
         return ToolOutcome(output, t.respond, True)
