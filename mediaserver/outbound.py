@@ -31,7 +31,7 @@ from typing import Any
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 
 from mediaserver import security, twiml
 from mediaserver.bridge.link import AgentOptions
@@ -138,20 +138,31 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             return Response(
                 json.dumps(answer), status, {"WWW-Authenticate": "Bearer"}, content_type="application/json"
             )
+        if not calls.accepting:  # (its answer URL is this instance's, and this instance is going away)
+            return _json_error(503, "the server is shutting down; place the call on another instance")
         try:
-            body = await request.get_json(force=True, silent=True)
+            raw = await request.get_data()
         except RequestEntityTooLarge:
             return _json_error(413, f"the request body is over {MAX_CALLS_BODY_BYTES // 1024} KiB")
+        except RequestTimeout:
+            return _json_error(408, "the request body did not arrive in time")
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):  # (not JSON, not UTF-8, or nested deeper than Python recurses)
+            body = None
         if not isinstance(body, dict):
             return _json_error(400, "the body must be a JSON object: {\"to\": \"+15551234567\", ...}")
         unknown = sorted(set(body) - {"to", "from", "greeting", "instructions"})
         if unknown:
             return _json_error(400, f"unknown field(s): {', '.join(unknown)}")
-        to, from_ = body.get("to"), body.get("from") or settings.twilio_from_number
+        to = body.get("to")
+        from_ = body.get("from") if body.get("from") is not None else settings.twilio_from_number
         if not isinstance(to, str) or not E164.match(to):
             return _json_error(400, "'to' must be an E.164 number such as +15551234567")
+        if from_ is None:
+            return _json_error(400, "'from' is needed (or set TWILIO_FROM_NUMBER on the server)")
         if not isinstance(from_, str) or not E164.match(from_):
-            return _json_error(400, "'from' must be an E.164 number (or set TWILIO_FROM_NUMBER on the server)")
+            return _json_error(400, "'from' must be an E.164 number such as +15551234567")
         try:
             greeting = _text(body, "greeting", MAX_GREETING_CHARS)
             instructions = _text(body, "instructions", MAX_INSTRUCTIONS_CHARS)
@@ -184,9 +195,21 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
                 f"Twilio could not reach {answer_url.partition('?')[0]} (the URL this request came in on): "
                 "set MEDIASERVER_PUBLIC_URL to the https:// URL Twilio reaches this server at",
             )
+        if not calls.accepting:  # (shutdown began while the body came in)
+            pending.discard(key)
+            return _json_error(503, "the server is shutting down; place the call on another instance")
         try:
             call = await rest.create_call(to=to, from_=from_, url=answer_url, status_callback=status_url)
         except TwilioRestError as exc:
+            if exc.uncertain:
+                # Twilio got the request and did not answer in time: the call may be ringing.  Its outbound id
+                # stays (until it expires), so that if it is answered the callee gets the agent, not an apology.
+                log.warning("outbound call to %s: %s; it may have been placed", to, exc)
+                return _json_error(
+                    504,
+                    f"{exc}: the call may have been placed; check before placing it again",
+                    **{k: v for k, v in exc.to_json().items() if k != "error"},
+                )
             pending.discard(key)
             log.error("outbound call to %s: %s", to, exc)
             return _json_error(502, str(exc), **{k: v for k, v in exc.to_json().items() if k != "error"})

@@ -27,7 +27,7 @@ from urllib.parse import quote, urlencode
 from xml.sax.saxutils import escape
 
 from mediaserver.config import Settings
-from mediaserver.transport.http import HttpError, request
+from mediaserver.transport.http import HttpError, NoAnswer, request
 
 __all__ = [
     "API_VERSION",
@@ -45,9 +45,16 @@ STATUS_CALLBACK_EVENTS = ("initiated", "ringing", "answered", "completed")
 
 
 class TwilioRestError(Exception):
-    """Twilio answered with an error, or could not be reached (``status`` 0)."""
+    """Twilio answered with an error, or could not be reached (``status`` 0).
 
-    def __init__(self, status: int, message: str, code: int | None = None, more_info: str | None = None) -> None:
+    ``uncertain``: the request went out and no answer came in time, so Twilio
+    may have acted on it (placed the call, redirected it): not a refusal.
+    """
+
+    def __init__(
+        self, status: int, message: str, code: int | None = None, more_info: str | None = None, *, uncertain: bool = False
+    ) -> None:
+        self.uncertain = uncertain
         self.status = status
         self.code = code
         self.message = message
@@ -140,14 +147,19 @@ class TwilioRest:
             form.append(("Timeout", str(timeout_s)))
         return await self._post(self._calls_url(), form)
 
-    async def update_call(self, call_sid: str, *, twiml: str | None = None, status: str | None = None) -> dict[str, Any]:
-        """Redirect a live call to ``twiml``, or set its ``status`` (``completed`` hangs up)."""
+    async def update_call(
+        self, call_sid: str, *, twiml: str | None = None, status: str | None = None, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """Redirect a live call to ``twiml``, or set its ``status`` (``completed`` hangs up).
+
+        ``timeout_s``: this request's limit instead of the client's.
+        """
         if (twiml is None) == (status is None):
             raise ValueError("give exactly one of twiml and status")
         form = [("Twiml", twiml)] if twiml is not None else [("Status", status or "")]
-        return await self._post(self._calls_url(call_sid), form)
+        return await self._post(self._calls_url(call_sid), form, timeout_s)
 
-    async def _post(self, url: str, form: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    async def _post(self, url: str, form: Sequence[tuple[str, str]], timeout_s: float | None = None) -> dict[str, Any]:
         body = urlencode(list(form)).encode("ascii")
         headers = [
             ("Authorization", self.credentials.authorization()),
@@ -156,14 +168,15 @@ class TwilioRest:
         ]
         try:
             response = await request(
-                "POST", url, headers=headers, body=body, timeout_s=self.timeout_s, ssl_context=self._ssl_context
-            )
+                "POST", url, headers=headers, body=body, timeout_s=timeout_s or self.timeout_s,
+                ssl_context=self._ssl_context,
+            )  # fmt: skip
         except HttpError as exc:
-            raise TwilioRestError(0, str(exc)) from exc
+            raise TwilioRestError(0, str(exc), uncertain=isinstance(exc, NoAnswer)) from exc
         status, raw = response.status, response.body
         try:
             payload = json.loads(raw) if raw else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # (not JSON, or JSON nested deeper than Python recurses)
             payload = None
         if not 200 <= status < 300:
             raise _error_from(status, payload, raw)

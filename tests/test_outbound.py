@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import h11
 import pytest
 import trio
 from openai.types.realtime import ResponseCreateEvent, SessionUpdateEvent
@@ -27,7 +28,9 @@ from mediaserver.__main__ import _parser
 from mediaserver.config import Settings
 from mediaserver import outbound_cli
 from mediaserver.security import on_this_network as _unreachable
+from mediaserver.server import serve
 from mediaserver.transport.http import request
+from mediaserver.twilio_rest import TwilioRest
 
 from tests.fakes import (
     FakeOpenAIServer,
@@ -78,7 +81,7 @@ async def post_calls(url: str, body: object, *, key: str | None = API_KEY) -> tu
     headers = [("Content-Type", "application/json")]
     if key is not None:
         headers.append(("Authorization", f"Bearer {key}"))
-    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    raw = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else json.dumps(body).encode()
     response = await request("POST", url + "/calls", headers=headers, body=raw, timeout_s=15.0)
     status, response_headers, answer = response.status, dict(response.headers), response.body
     assert response_headers["content-type"] == "application/json", response_headers
@@ -211,6 +214,64 @@ async def test_outbound_answer_for_another_number_or_unknown_id_hangs_up() -> No
 
 
 @fail_after(15)
+async def test_outbound_twilio_slow_to_answer_is_a_call_that_may_have_been_placed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Twilio acts on Calls.json at once; its answer arrives after our 15 s (here 0.5 s).  Before: 502 "refused",
+    # the one-time id dropped, and the callee who picked up heard an apology and was hung up on.
+    monkeypatch.setitem(TwilioRest.__init__.__kwdefaults__, "timeout_s", 0.5)
+    async with fake_rest() as rest, fake_openai() as model:
+        rest.answer_delay_s = 2.0
+        async with running(outbound_settings(model, rest)) as url:
+            status, _, answer = await post_calls(url, {"to": TO, "greeting": GREETING})
+            assert status == 504, answer
+            assert answer["error"].startswith("Twilio no response: no answer from 127.0.0.1:")
+            assert answer["error"].endswith("the call may have been placed; check before placing it again")
+            (req,) = await rest.wait_requests(1)
+            webhook = await twilio_answers(req.value("Url"), "CA" + "e" * 32)  # it rang, and was answered
+            assert "<Connect>" in webhook.text and "<Say>" not in webhook.text
+    assert any("it may have been placed" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+@fail_after(15)
+async def test_outbound_post_calls_while_shutting_down_is_refused() -> None:
+    # A request whose body comes in after shutdown began (the listener closed): its answer URL is this
+    # instance's, so Twilio would find no one to answer the call.  Before: 201, and the call was placed.
+    async with fake_rest() as rest, fake_openai() as model, trio.open_nursery() as nursery:
+        shutdown = trio.Event()
+        settings = outbound_settings(model, rest, drain_s=5.0)
+        [bind] = await nursery.start(functools.partial(serve, settings, shutdown_trigger=shutdown.wait))
+        port = int(bind.rsplit(":", 1)[1])
+        body = json.dumps({"to": TO}).encode()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = h11.Connection(h11.CLIENT)
+        head = [("Host", f"127.0.0.1:{port}"), ("Authorization", f"Bearer {API_KEY}"),
+                ("Content-Type", "application/json"), ("Content-Length", str(len(body)))]  # fmt: skip
+        await stream.send_all(conn.send(h11.Request(method="POST", target="/calls", headers=head)))
+        await trio.sleep(0.2)
+        shutdown.set()  # SIGTERM
+        await trio.sleep(0.2)
+        await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        status, answered = 0, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                answered += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert (status, json.loads(answered)) == (
+        503, {"error": "the server is shutting down; place the call on another instance"}
+    )
+    assert rest.requests == []
+
+
+@fail_after(15)
 async def test_outbound_post_calls_errors_are_json() -> None:
     async with fake_rest() as rest, fake_openai() as model:
         async with running(outbound_settings(model, rest)) as url:
@@ -222,7 +283,13 @@ async def test_outbound_post_calls_errors_are_json() -> None:
                 ("{not json", 'the body must be a JSON object: {"to": "+15551234567", ...}'),
                 ([TO], 'the body must be a JSON object: {"to": "+15551234567", ...}'),
                 ({"to": "5551234567"}, "'to' must be an E.164 number such as +15551234567"),
-                ({"to": TO, "from": "me"}, "'from' must be an E.164 number (or set TWILIO_FROM_NUMBER on the server)"),
+                ({"to": TO, "from": "me"}, "'from' must be an E.164 number such as +15551234567"),
+                ({"to": TO, "from": ""}, "'from' must be an E.164 number such as +15551234567"),  # not the default
+                ({"to": TO, "from": 0}, "'from' must be an E.164 number such as +15551234567"),
+                # a body Quart would have answered with an HTML 500 and a traceback in the log
+                ('{"to": "+15551234567", "greeting": "caf\xe9"}'.encode("latin-1"),
+                 'the body must be a JSON object: {"to": "+15551234567", ...}'),
+                ('{"to": ' + "[" * 5000 + "]" * 5000 + "}", 'the body must be a JSON object: {"to": "+15551234567", ...}'),
                 ({"to": TO, "greeting": 5}, "'greeting' must be a non-empty string"),
                 ({"to": TO, "greeting": "x" * 1001}, "'greeting' is 1001 characters; the limit is 1000"),
                 ({"to": TO, "voice": "alloy"}, "unknown field(s): voice"),

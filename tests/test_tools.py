@@ -696,6 +696,37 @@ async def test_tools_transfer_call_redirects_with_dial_twiml(caplog: pytest.LogC
     assert any(f"transferred to {TRANSFER_TO}" in m for m in ended), ended
 
 
+@fail_after(20)
+async def test_tools_transfer_twilio_does_not_answer_in_time_may_be_under_way() -> None:
+    # Twilio got the redirect and its answer does not come: within the tool's time limit (not the REST client's
+    # own 15 s) the model hears the transfer may be under way, not that it failed.
+    asked: list[float] = []
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.ready.wait()
+        asked.append(trio.current_time())
+        await model_calls(session, "transfer_call", json.dumps({"to": TRANSFER_TO}), "call_transfer")
+
+    async with fake_rest() as rest, fake_openai(script) as model:
+        rest.answer_delay_s = 60.0
+        settings = openai_settings(
+            model, twilio_account_sid=ACCOUNT_SID, twilio_auth_token=AUTH_TOKEN, twilio_api_base=rest.base_url,
+            transfer_numbers=TRANSFER_TO, tool_timeout_s=6.0,
+        )  # fmt: skip
+        async with running(settings) as url, phone_call(url, CALL_A, auth_token=AUTH_TOKEN) as caller:
+            session = await model.session(0)
+            await wait_output(session, "call_transfer")
+            waited_s = trio.current_time() - asked[0]
+            assert not caller.closed.is_set()  # no answer: the call is not ended here
+            await caller.stop()
+    output, respond = outputs(session)["call_transfer"]
+    assert json.loads(output) == {
+        "error": f"no answer from Twilio in time: the transfer to {TRANSFER_TO} may be under way"
+    }
+    assert respond and len(rest.requests) == 1
+    assert 5.0 <= waited_s < 7.5  # the tool's 6 s, not 15 s
+
+
 @fail_after(15)
 async def test_tools_dtmf_reaches_the_model_as_text() -> None:
     async with fake_openai() as model, running(openai_settings(model)) as url:

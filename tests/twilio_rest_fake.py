@@ -111,6 +111,7 @@ class FakeTwilioRest:
     sdk_failures: list[str] = field(default_factory=list)
     fail_next: TwilioError | None = None
     port: int | None = None
+    answer_delay_s: float = 0.0  # Twilio acts on a request at once, but its answer may take this long to come
 
     def __post_init__(self) -> None:
         self._sids = itertools.count(1)
@@ -154,6 +155,8 @@ class FakeTwilioRest:
                 return
         assert request is not None
         status, answer = self._handle(request, bytes(body))
+        if self.answer_delay_s:
+            await trio.sleep(self.answer_delay_s)
         payload = json.dumps(answer).encode()
         await stream.send_all(
             conn.send(

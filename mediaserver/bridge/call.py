@@ -810,10 +810,16 @@ class CallBridge:
         # The goodbye may take the tool's time, but not the part the REST request needs.
         left_s = trio.current_effective_deadline() - self._now() - TRANSFER_REQUEST_S
         await self.wait_played(max(0.0, min(self.goodbye_timeout_s, left_s)))
+        # The request has what is left of the tool's time (at least TRANSFER_REQUEST_S), not the REST client's own
+        # 15 s: the caller hears nothing meanwhile.
+        request_s = max(TRANSFER_REQUEST_S, trio.current_effective_deadline() - self._now())
         try:
             with trio.CancelScope(shield=True):  # (once asked, Twilio transfers: the call must end here too)
-                await self.rest.update_call(self.call_sid, twiml=dial_twiml(to))
+                await self.rest.update_call(self.call_sid, twiml=dial_twiml(to), timeout_s=min(request_s, 15.0))
         except TwilioRestError as exc:
+            if exc.uncertain:  # asked, and no answer: Twilio may be transferring the call right now
+                log.warning("call %s: transfer to %s: %s; it may be under way", self.call_sid, to, exc)
+                raise ToolError(f"no answer from Twilio in time: the transfer to {to} may be under way") from exc
             log.error("call %s: transfer to %s failed: %s", self.call_sid, to, exc)
             raise ToolError(f"the transfer failed: {exc}") from exc
         log.info("call %s: transferred to %s", self.call_sid, to)

@@ -217,6 +217,11 @@ class CallManager:
                 self._seen.popitem(last=False)
         return seen
 
+    @property
+    def accepting(self) -> bool:
+        """False once the server is shutting down (:meth:`stop_accepting`): no new call can be answered here."""
+        return not self._closing
+
     def stop_accepting(self) -> None:
         """The server is shutting down: refuse new calls, and soon close the sessions of calls whose stream has not come.
 
