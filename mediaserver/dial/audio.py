@@ -1,7 +1,8 @@
 """Caller audio in and the call recording out, as 8 kHz µ-law / PCM16.
 
 * :func:`read_wav` reads a RIFF/WAVE file (PCM 8/16/24/32-bit, 32-bit
-  float, mono or stereo, ``WAVE_FORMAT_EXTENSIBLE`` included) and
+  float, mono or stereo, ``WAVE_FORMAT_EXTENSIBLE`` included, at 4 to
+  192 kHz: :data:`WAV_RATES_HZ`) and
   :func:`to_phone` turns it into 8 kHz µ-law: stereo is averaged, 8/16/24 kHz
   go through :class:`mediaserver.codec.Resampler`; other rates (22.05, 44.1,
   48 kHz ...) through a windowed-sinc low-pass and interpolation in numpy,
@@ -29,6 +30,7 @@ from pathlib import Path
 from mediaserver.codec import Resampler, ulaw_decode, ulaw_encode
 
 __all__ = [
+    "WAV_RATES_HZ",
     "AudioError",
     "Pcm",
     "read_wav",
@@ -44,6 +46,9 @@ PHONE_RATE = 8000
 _CODEC_RATES = (8000, 16000, 24000)  # what mediaserver.codec.Resampler converts between
 _FORMAT_PCM, _FORMAT_FLOAT, _FORMAT_EXTENSIBLE = 1, 3, 0xFFFE
 _SILENT_PEAK = 64  # PCM16 peak below which a 20 ms frame counts as silence (about -54 dBFS)
+# WAV sample rates we read: from below telephone rate (e.g. 6 kHz) to the highest common studio rate.
+# Outside it a file is more likely corrupt than real, and resampling 1 Hz "audio" makes no sense.
+WAV_RATES_HZ = (4000, 192000)
 
 
 class AudioError(Exception):
@@ -67,6 +72,8 @@ def read_wav(path: str | Path) -> Pcm:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise AudioError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL or a lone surrogate in a path from a JSON script
+        raise AudioError(f"cannot read {str(path)!r}: {exc}") from None
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise AudioError(f"{path} is not a WAV file (no RIFF/WAVE header)")
     fmt: bytes | None = None
@@ -92,8 +99,9 @@ def read_wav(path: str | Path) -> Pcm:
         raise AudioError(f"{path}: {bits}-bit PCM is not supported (8, 16, 24 or 32)")
     if channels not in (1, 2):
         raise AudioError(f"{path}: {channels} channels; only mono or stereo is supported")
-    if rate <= 0:
-        raise AudioError(f"{path}: invalid sample rate {rate}")
+    if not WAV_RATES_HZ[0] <= rate <= WAV_RATES_HZ[1]:
+        low, high = WAV_RATES_HZ
+        raise AudioError(f"{path}: a sample rate of {rate} Hz is not supported ({low} to {high} Hz)")
     frame = width * channels
     samples = samples[: len(samples) - len(samples) % frame]
     pcm = _to_pcm16(samples, width, tag == _FORMAT_FLOAT)
@@ -172,7 +180,9 @@ def _resample(pcm: Pcm, rate_hz: int) -> bytes:
     half = max(8, int(0.004 * pcm.rate_hz))
     n = np.arange(-half, half + 1)
     taps = 2 * cutoff * np.sinc(2 * cutoff * n) * np.hanning(2 * half + 1)
-    filtered = np.convolve(x, taps / taps.sum(), mode="same")
+    # The centred part of the full convolution: one value per input sample, whatever the input's
+    # length (mode="same" would give the filter's length for an input shorter than the filter).
+    filtered = np.convolve(x, taps / taps.sum())[half : half + x.size]
     times = np.arange(int(x.size * rate_hz / pcm.rate_hz)) * (pcm.rate_hz / rate_hz)
     y = np.interp(times, np.arange(x.size), filtered)
     return bytes(np.clip(np.round(y), -32768, 32767).astype("<i2").tobytes())
@@ -251,7 +261,11 @@ def synthesize(text: str, *, voice: str = "en", words_per_minute: int = 160) -> 
         espeakng_loader.get_library_path(), espeakng_loader.get_data_path(), voice, str(words_per_minute),
     ]  # fmt: skip
     try:
-        done = subprocess.run(argv, input=text.encode(), capture_output=True, check=False, timeout=60)
+        utf8 = text.encode()
+    except UnicodeEncodeError:
+        raise AudioError(f"cannot say {text[:40]!r}: it is not valid UTF-8 text") from None
+    try:
+        done = subprocess.run(argv, input=utf8, capture_output=True, check=False, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise AudioError(f"eSpeak NG did not run: {exc}") from None
     if done.returncode != 0:
@@ -276,7 +290,9 @@ def write_stereo_wav(path: str | Path, left: bytes, right: bytes, rate_hz: int =
     frames[0::4], frames[1::4] = left[0::2], left[1::2]
     frames[2::4], frames[3::4] = right[0::2], right[1::2]
     try:
-        with wave.open(str(path), "wb") as out:
+        # Opened here, not by wave.open(path): when that open fails, wave's half-built writer
+        # prints a stray "Exception ignored in: Wave_write.__del__" traceback.
+        with open(path, "wb") as file, wave.open(file, "wb") as out:
             out.setnchannels(2)
             out.setsampwidth(2)
             out.setframerate(rate_hz)

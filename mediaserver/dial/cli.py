@@ -2,8 +2,9 @@
 
 See docs/dial.md for the options, the script format and what each figure
 means.  :func:`configure` declares the arguments, :func:`main` runs them
-(exit status 0: every call connected and ended normally; 1: a call failed;
-2: bad options or input audio).  :func:`run` is the async body, for tests.
+(exit status 0: every call connected and ended normally; 1: a call failed
+or its recording could not be written; 2: bad options or input audio).
+:func:`run` is the async body, for tests.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,6 +25,7 @@ import trio
 from mediaserver.dial import audio, report, script
 from mediaserver.dial.call import CallResult, DialError, DialOptions, check_url, place_call
 from mediaserver.dial.script import BargeIn, Pause, Say, Step
+from mediaserver.security import configured_base
 
 __all__ = ["DEFAULT_URL", "configure", "main", "run"]
 
@@ -93,7 +96,22 @@ def _steps(args: argparse.Namespace) -> list[Step]:
     return steps
 
 
+def _is_utf8(text: str) -> bool:
+    """False for text from bytes that are not UTF-8 (arguments and the environment keep those as lone surrogates)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check(args: argparse.Namespace) -> str | None:
+    # (Sent or spoken, so they must be text.  File names need not be: Path takes any bytes.)
+    texts = {"URL": args.url, "--say": args.say, "--from": args.from_number, "--to": args.to_number,
+             "--account-sid": args.account_sid}  # fmt: skip
+    for name, value in texts.items():
+        if value is not None and not _is_utf8(value):
+            return f"{name} is not valid UTF-8 text"
     try:
         check_url(args.url)
     except DialError as exc:
@@ -104,8 +122,42 @@ def _check(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             return f"--{name} must be a non-negative number of seconds"
-    if args.barge_in_after is not None and args.barge_in_after < 0:
-        return "--barge-in-after must not be negative"
+    if args.barge_in_after is not None and not 0 <= args.barge_in_after <= script.MAX_MS:
+        return f"--barge-in-after must be 0 to {script.MAX_MS} ms (an hour)"
+    return None
+
+
+def _signing_problem(args: argparse.Namespace, auth_token: str | None, public_url: str | None) -> str | None:
+    """What is wrong with the token and public URL to sign with (from the options or the environment), if anything."""
+    if auth_token is not None and not _is_utf8(auth_token):
+        return f"{'--auth-token' if args.auth_token else 'TWILIO_AUTH_TOKEN'} is not valid UTF-8 text"
+    if public_url is None:
+        return None
+    name = "MEDIASERVER_PUBLIC_URL" if args.public_url is None else "--public-url"
+    if not _is_utf8(public_url):
+        return f"{name} is not valid UTF-8 text"
+    try:
+        configured_base(public_url, name)  # the server's rule for its MEDIASERVER_PUBLIC_URL
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _record_problem(args: argparse.Namespace) -> str | None:
+    """Why the recording could not be written, found before any call is placed (None: it can)."""
+    path = _record_path(args, "CA" + "0" * 32)  # every call's file is in the same folder
+    if path is None:
+        return None
+    shown = args.record or "dial-<CallSid>.wav"
+    try:
+        if args.record and Path(args.record).exists():
+            with open(args.record, "ab"):  # (changes nothing; fails on a folder or a read-only file)
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=path.parent):  # a nameless file, gone when closed
+                pass
+    except OSError as exc:
+        return f"cannot write {shown}: {exc.strerror or exc}" + ("" if args.record else " (--no-record: no recording)")
     return None
 
 
@@ -153,6 +205,11 @@ async def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr:
     account_sid = args.account_sid or os.environ.get("TWILIO_ACCOUNT_SID") or None
     if account_sid is not None and not re.fullmatch(r"AC[0-9a-fA-F]{32}", account_sid):
         return _fail(f"{account_sid!r} is not an account SID (AC followed by 32 hex digits)", err, 2)
+    auth_token = args.auth_token or os.environ.get("TWILIO_AUTH_TOKEN") or None
+    public_url = (os.environ.get("MEDIASERVER_PUBLIC_URL") if args.public_url is None else args.public_url) or None
+    problem = _signing_problem(args, auth_token, public_url) or _record_problem(args)
+    if problem:
+        return _fail(problem, err, 2)
     try:
         actions = script.prepare(_steps(args))
     except (script.ScriptError, audio.AudioError) as exc:
@@ -160,13 +217,13 @@ async def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr:
     options = DialOptions(
         url=args.url,
         actions=tuple(actions),
-        auth_token=args.auth_token or os.environ.get("TWILIO_AUTH_TOKEN") or None,
+        auth_token=auth_token,
         duration_s=args.duration,
         listen_s=args.listen,
         from_number=args.from_number,
         to_number=args.to_number,
         timeout_s=args.timeout,
-        public_url=(os.environ.get("MEDIASERVER_PUBLIC_URL") if args.public_url is None else args.public_url) or None,
+        public_url=public_url,
         **({"account_sid": account_sid} if account_sid else {}),
     )
     results: list[CallResult] = []
@@ -188,6 +245,7 @@ def _report(args: argparse.Namespace, results: Sequence[CallResult], out: TextIO
     connected = [r for r in results if r.events]
     figures = {r.call_sid: report.call_figures(r.events) for r in connected}
     recordings: dict[str, str] = {}
+    unwritten = 0  # recordings that could not be written (checked before the calls, but a disk can fill up)
     for r in connected:
         path = _record_path(args, r.call_sid)
         if path is not None:
@@ -196,6 +254,7 @@ def _report(args: argparse.Namespace, results: Sequence[CallResult], out: TextIO
                 audio.write_stereo_wav(path, audio.ulaw_to_pcm(caller_side), audio.ulaw_to_pcm(agent_side))
             except audio.AudioError as exc:
                 print(f"{_PROG}: {exc}", file=err)
+                unwritten += 1
             else:
                 recordings[r.call_sid] = str(path)
     failed = [r for r in results if r.error or (r.call_sid in figures and figures[r.call_sid].error)]
@@ -226,4 +285,4 @@ def _report(args: argparse.Namespace, results: Sequence[CallResult], out: TextIO
         return _fail(errors[0], err, 1)
     for error in errors[:5]:
         print(f"{_PROG}: {error}", file=err)
-    return 1 if failed else 0
+    return 1 if failed or unwritten else 0

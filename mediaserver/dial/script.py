@@ -15,13 +15,15 @@ or JSON, a list of one-key objects with the same names::
     [{"say": "Hello"}, {"wait": 8000}, {"barge-in": 800}, {"tone": [440, 500]}, {"pause": 300}]
 
 ``wait [MS]`` and ``barge-in MS [TIMEOUT_MS]`` give up after the timeout
-(default 10 000 ms) and go on with the next step.  :func:`parse_script`
+(default 10 000 ms) and go on with the next step.  Every length is a whole
+number of milliseconds, at most :data:`MAX_MS` (an hour).  :func:`parse_script`
 checks the syntax; :func:`prepare` turns ``say``/``play``/``tone`` into
 8 kHz µ-law (:class:`Speak`), trimmed of leading and trailing silence.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from typing import Any
 from mediaserver.dial import audio
 
 __all__ = [
+    "MAX_MS",
     "Action",
     "BargeIn",
     "Pause",
@@ -47,6 +50,10 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_MS = 10_000
+# The longest pause, tone, wait or barge-in delay: an hour, the server's default maximum call
+# length (MEDIASERVER_MAX_CALL_S in mediaserver/config.py).  More is a typo, and would not be
+# harmless: a tone is rendered before the call (8000 bytes a second).
+MAX_MS = 3_600_000
 
 
 class ScriptError(Exception):
@@ -103,12 +110,21 @@ Action = Speak | Pause | Wait | BargeIn
 
 
 def _ms(value: Any, where: str) -> int:
-    try:
-        ms = int(value)
-    except (TypeError, ValueError):
-        raise ScriptError(f"{where}: {value!r} is not a whole number of milliseconds") from None
+    """A length from a text script (a string) or JSON (a string or a number: ``1e3`` is fine; ``1.5``, ``true`` not)."""
+    if isinstance(value, float) and value.is_integer():  # (inf and nan are not)
+        value = int(value)
+    ms: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        ms = value
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            ms = int(value)
+    if ms is None:
+        raise ScriptError(f"{where}: {value!r} is not a whole number of milliseconds")
     if ms < 0:
         raise ScriptError(f"{where}: milliseconds must not be negative")
+    if ms > MAX_MS:
+        raise ScriptError(f"{where}: a step may last at most {MAX_MS} ms (an hour)")
     return ms
 
 
@@ -126,6 +142,8 @@ def _step(name: str, args: Sequence[Any], where: str, base: Path) -> Step:
     if name == "tone":
         if len(args) != 2:
             raise ScriptError(f"{where}: tone needs a frequency (Hz) and a length (ms)")
+        if isinstance(args[0], bool):
+            raise ScriptError(f"{where}: {args[0]!r} is not a frequency")
         try:
             freq = float(args[0])
         except (TypeError, ValueError):
@@ -206,9 +224,18 @@ def prepare(steps: Sequence[Step]) -> list[Action]:
                 raw = audio.tone(step.freq_hz, step.ms)
             spoken[step] = raw if isinstance(step, Tone) else audio.trim(raw)
         if not spoken[step]:
-            raise audio.AudioError(f"{_label(step)} is silent: nothing to say")
+            raise audio.AudioError(f"{_silent(step)}: nothing to say")
         actions.append(Speak(spoken[step], _label(step)))
     return actions
+
+
+def _silent(step: Say | Play | Tone) -> str:
+    """What is silent, in words that fit both a script step and ``--say``/``--wav``."""
+    if isinstance(step, Say):
+        return f"the text {step.text[:40]!r} makes no sound"
+    if isinstance(step, Play):
+        return f"the WAV file {step.path} is silent"
+    return f"{_label(step)} is silent"
 
 
 def _label(step: Say | Play | Tone) -> str:

@@ -17,6 +17,7 @@ import argparse
 import functools
 import io
 import json
+import os
 import re
 import socket
 import subprocess
@@ -37,8 +38,9 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 from twilio.request_validator import RequestValidator
 
 from mediaserver.dial import cli, report
-from mediaserver.dial.call import DialOptions, _as_dialled, _as_public, place_call
+from mediaserver.dial.call import CallResult, DialOptions, _as_dialled, _as_public, place_call
 from mediaserver.dial.script import Pause, Speak
+from mediaserver.dial.timeline import StreamEnded, StreamStarted
 
 from tests.fakes import band_energy_ratio, dominant_frequency_hz, fail_after, to_ulaw, tone
 from tests.test_app import base_settings, running
@@ -386,6 +388,74 @@ async def test_dial_bad_options(argv: list[str], message: str) -> None:
     status, _, err = await dial(*argv)
     assert status == 2
     assert message in one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # Input audio: too short for the resampler's filter once, a silly rate, silence, absurd lengths.
+        (["--say", "\x01\x02"], "the text '\\x01\\x02' makes no sound: nothing to say"),
+        (["--script", "short.txt"], "the text '\\x01\\x02' makes no sound: nothing to say"),
+        (["--wav", "1hz.wav"], "1hz.wav: a sample rate of 1 Hz is not supported (4000 to 192000 Hz)"),
+        (["--wav", "quiet.wav"], "the WAV file quiet.wav is silent: nothing to say"),
+        (["--script", "long.json"], "long.json: entry 1: a step may last at most 3600000 ms (an hour)"),
+        (["--script", "inf.json"], "inf.json: entry 1: inf is not a whole number of milliseconds"),
+        # Arguments that are not UTF-8 (Python keeps the bytes as lone surrogates).
+        (["--say", os.fsdecode(b"\xff\xfe")], "--say is not valid UTF-8 text"),
+        (["--from", os.fsdecode(b"\xff")], "--from is not valid UTF-8 text"),
+        (["--script", "lone.json"], "cannot say '\\ud800': it is not valid UTF-8 text"),  # a JSON escape
+        (["--script", "nul.json"], "cannot read 'a\\x00b.wav': embedded null byte"),
+        # The server's rule for MEDIASERVER_PUBLIC_URL.
+        (["--public-url", "not-a-url"], "--public-url must be https://host[:port][/prefix], not 'not-a-url'"),
+        (["--public-url", "https://a:b"], "--public-url is malformed: 'https://a:b'"),
+        # A recording that could not be written: found before the call is placed.
+        (["--record", "no-such-dir/x.wav"], "cannot write no-such-dir/x.wav: No such file or directory"),
+        (["--record", "."], "cannot write .: Is a directory"),
+    ],
+)
+@fail_after(20)
+async def test_dial_unusable_input_is_one_line_and_exit_2(tmp_path: Path, argv: list[str], message: str) -> None:
+    (tmp_path / "short.txt").write_text("say \x01\x02\n")
+    (tmp_path / "long.json").write_text('[{"tone": [1000, 1e9]}]')
+    (tmp_path / "inf.json").write_text('[{"pause": 1e400}]')
+    (tmp_path / "lone.json").write_text('[{"say": "\\ud800"}]')
+    (tmp_path / "nul.json").write_text('[{"play": "a\\u0000b.wav"}]')
+    for name, rate, amplitude in (("1hz.wav", 1, 0.5), ("quiet.wav", 8000, 0.0)):
+        with wave.open(str(tmp_path / name), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(rate)
+            out.writeframes((tone(700, 100) * amplitude).astype("<i2").tobytes())
+    status, out, err = await dial(f"http://127.0.0.1:{closed_port()}/twiml", *argv)  # never dialled
+    assert (status, out) == (2, "")
+    assert one_line(err) == f"mediaserver dial: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".wav") == ["1hz.wav", "quiet.wav"]
+
+
+@fail_after(20)
+async def test_dial_says_a_wav_file_shorter_than_the_resampling_filter(tmp_path: Path) -> None:
+    """100 samples at 44.1 kHz (2.3 ms; the filter is 8 ms long) become 18 samples at 8 kHz."""
+    with wave.open(str(tmp_path / "click.wav"), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(44100)
+        out.writeframes(tone(1000, 100, 44100)[:100].astype("<i2").tobytes())
+    async with running(settings(tmp_path)) as url:
+        status, out, err = await dial(url + "/twiml", "--wav", "click.wav", "--listen", "0.1", "--json", "--no-record")
+    assert (status, err) == (0, "")
+    [turn] = json.loads(out)["calls"][0]["figures"]["turns"]
+    assert turn["speech_end_ms"] - turn["speech_start_ms"] == pytest.approx(20, abs=20)  # one frame
+
+
+def test_dial_recording_that_fails_after_the_call_exits_1(tmp_path: Path) -> None:
+    """The folder was there when the call was placed, and is gone when it ends."""
+    call = CallResult("CA" + "1" * 32, [StreamStarted(0.0), StreamEnded(1.0, "caller hung up (stop sent)")])
+    out, err = io.StringIO(), io.StringIO()
+    status = cli._report(args("--record", "gone/call.wav"), [call], out, err)
+    assert status == 1
+    assert one_line(err.getvalue()) == "mediaserver dial: cannot write gone/call.wav: No such file or directory\n"
+    assert out.getvalue().startswith(f"call {call.call_sid}: 1.0 s, ended: caller hung up (stop sent)")
+    assert "recording" not in out.getvalue()
 
 
 def test_dial_is_a_mediaserver_command() -> None:

@@ -3,6 +3,8 @@ recording's timeline, percentiles, the script format and WAV/TTS input."""
 
 from __future__ import annotations
 
+import gc
+import re
 import struct
 import sys
 import wave
@@ -24,7 +26,7 @@ from mediaserver.dial.timeline import (
     StreamStarted,
 )
 
-from tests.fakes import band_energy_ratio, dominant_frequency_hz, from_ulaw, tone
+from tests.fakes import band_energy_ratio, dominant_frequency_hz, from_ulaw, pcm16, tone
 
 T0 = 100.0  # the log's clock need not start at zero
 SPEECH = b"\x10" * 160
@@ -194,11 +196,26 @@ def test_text_and_json_scripts_parse_to_the_same_steps(tmp_path: Path) -> None:
         ("barge-in soon", "line 1: 'soon' is not a whole number of milliseconds"),
         ('[{"say": "a", "pause": 1}]', "entry 1: each entry is an object with one key"),
         ("[1,", "invalid JSON"),
+        # JSON numbers are read as strictly as the text format's: whole milliseconds, and no more than an hour.
+        ('[{"pause": 1.5}]', "entry 1: 1.5 is not a whole number of milliseconds"),
+        ('[{"wait": true}]', "entry 1: True is not a whole number of milliseconds"),
+        ('[{"pause": 1e400}]', "entry 1: inf is not a whole number of milliseconds"),
+        ('[{"pause": NaN}]', "entry 1: nan is not a whole number of milliseconds"),
+        ('[{"barge-in": [500, [1]]}]', r"entry 1: \[1\] is not a whole number of milliseconds"),
+        ('[{"tone": [true, 500]}]', "entry 1: True is not a frequency"),
+        ('[{"tone": [1000, 1e9]}]', "entry 1: a step may last at most 3600000 ms (an hour)"),
+        ("wait 3600001", "line 1: a step may last at most 3600000 ms (an hour)"),
+        ("barge-in 100 99999999999999999999999", "line 1: a step may last at most 3600000 ms"),
     ],
 )
 def test_script_errors_name_the_line(text: str, message: str) -> None:
-    with pytest.raises(script.ScriptError, match=message.replace("(", r"\(")):
+    with pytest.raises(script.ScriptError, match=message.replace("(", r"\(").replace(")", r"\)")):
         script.parse_script(text)
+
+
+def test_script_lengths_may_be_whole_json_floats_up_to_an_hour() -> None:
+    steps = script.parse_script('[{"pause": 1e3}, {"wait": "250"}, {"tone": [440, 3600000.0]}]')
+    assert steps == [script.Pause(1000), script.Wait(250), script.Tone(440.0, script.MAX_MS)]
 
 
 def test_load_script_reports_a_missing_file(tmp_path: Path) -> None:
@@ -221,6 +238,15 @@ def test_prepare_trims_silence_and_renders_tones(tmp_path: Path) -> None:
     assert len(beep.ulaw) == 800
     with pytest.raises(audio.AudioError, match="is silent"):
         script.prepare([script.Tone(1000, 0)])
+
+
+def test_prepare_says_which_wav_file_is_silent_without_script_words(tmp_path: Path) -> None:
+    path = tmp_path / "quiet.wav"
+    write_wav(path, np.zeros(800, np.int16), 8000, width=2, channels=1)
+    # The same words for `--wav quiet.wav` and a `play quiet.wav` step.
+    with pytest.raises(audio.AudioError) as raised:
+        script.prepare([script.Play(path)])
+    assert str(raised.value) == f"the WAV file {path} is silent: nothing to say"
 
 
 # ----------------------------------------------------------------- WAV input
@@ -270,6 +296,44 @@ def test_wav_files_of_every_common_kind_become_8khz_ulaw(
     assert band_energy_ratio(pcm, 8000, 700) > 0.95
     rms = np.sqrt(np.mean(pcm.astype(np.float64) ** 2))
     assert rms == pytest.approx(0.5 * 32767 / np.sqrt(2), rel=0.08)
+
+
+@pytest.mark.parametrize("rate", [44100, 22050])
+def test_resampling_works_for_any_input_length(rate: int) -> None:
+    """Shorter than the filter too: each output sample is what the same samples followed by
+    silence give (the filter sees zeros beyond both ends, whatever the length)."""
+    signal = np.random.default_rng(1).normal(0, 8000, 2000).astype("<i2")
+    taps = 2 * int(0.004 * rate) + 1
+    for n in sorted({0, 1, 2, 5, 100, taps - 1, taps, taps + 1, *range(3, 3 * taps, 37)}):
+        short = pcm16(audio._resample(audio.Pcm(signal[:n].tobytes(), rate), 8000))
+        assert len(short) == n * 8000 // rate
+        padded = np.concatenate([signal[:n], np.zeros(taps, "<i2")])
+        longer = pcm16(audio._resample(audio.Pcm(padded.tobytes(), rate), 8000))
+        np.testing.assert_allclose(short, longer[: len(short)], atol=1)
+
+
+def test_wav_rates_outside_4_to_192_khz_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "odd.wav"
+    for rate in (1, 3999, 192001, 2**32 // 2 - 1):
+        write_wav(path, tone(700, 10), rate, width=2, channels=1)
+        with pytest.raises(audio.AudioError) as raised:
+            audio.read_wav(path)
+        assert str(raised.value) == f"{path}: a sample rate of {rate} Hz is not supported (4000 to 192000 Hz)"
+    for rate in audio.WAV_RATES_HZ:
+        write_wav(path, tone(700, 10), rate, width=2, channels=1)
+        assert audio.read_wav(path).rate_hz == rate
+
+
+def test_a_recording_that_cannot_be_written_is_one_error_and_no_stray_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    for path in (tmp_path, tmp_path / "missing" / "x.wav"):
+        with pytest.raises(audio.AudioError, match=f"cannot write {re.escape(str(path))}: "):
+            audio.write_stereo_wav(path, b"\0\0", b"\0\0")
+        gc.collect()
+    assert unraisable == []  # wave's half-built writer used to complain from __del__
 
 
 def test_bad_wav_files_give_one_line_errors(tmp_path: Path) -> None:
