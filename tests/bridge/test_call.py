@@ -555,8 +555,10 @@ async def test_call_transfer_keeps_time_for_its_request_when_the_goodbye_is_long
     class Rest:
         def __init__(self) -> None:
             self.updates: list[tuple[float, str, str]] = []
+            self.timeouts: list[float | None] = []
 
-        async def update_call(self, call_sid: str, *, twiml: str) -> None:
+        async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
+            self.timeouts.append(timeout_s)
             await trio.sleep(0.3)  # Twilio's answer
             self.updates.append((trio.current_time(), call_sid, twiml))
 
@@ -575,6 +577,7 @@ async def test_call_transfer_keeps_time_for_its_request_when_the_goodbye_is_long
         [(at_s, sid, twiml)] = rest.updates
         assert at_s - call.started_s == pytest.approx(10.0 - TRANSFER_REQUEST_S + 0.3, abs=0.01)
         assert sid == call.bridge.call_sid and "+15551234567" in twiml
+        assert rest.timeouts == [pytest.approx(TRANSFER_REQUEST_S)]  # what is left of the tool's time, not 15 s
         [result] = [c for _, c in link.commands if isinstance(c, pv.ToolResult)]
         assert result.output == "transferred"
         assert call.bridge.end_reason == "transferred to +15551234567"
@@ -590,7 +593,7 @@ async def test_call_a_tool_call_the_model_withdraws_is_stopped_and_never_acted_o
         def __init__(self) -> None:
             self.updates: list[str] = []
 
-        async def update_call(self, call_sid: str, *, twiml: str) -> None:
+        async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
             self.updates.append(twiml)
 
     @tool
