@@ -274,20 +274,25 @@ async def http_request(
         if body:
             await stream.send_all(conn.send(h11.Data(data=body)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
-        status = 0
-        response_headers: dict[str, str] = {}
-        chunks: list[bytes] = []
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                response_headers = {k.decode().lower(): v.decode() for k, v in event.headers}
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                return HttpResponse(status, response_headers, b"".join(chunks))
+        return await read_response(conn, stream)
+
+
+async def read_response(conn: h11.Connection, stream: trio.abc.Stream) -> HttpResponse:
+    """The answer to the request sent on ``conn`` over ``stream``, read whole."""
+    status = 0
+    response_headers: dict[str, str] = {}
+    chunks: list[bytes] = []
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            response_headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            return HttpResponse(status, response_headers, b"".join(chunks))
 
 
 async def websocket_upgrade_status(url: str, headers: Iterable[tuple[str, str]] = ()) -> int:

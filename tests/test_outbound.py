@@ -39,6 +39,7 @@ from tests.fakes import (
     http_request,
     open_ws_client,
     parse_twiml,
+    read_response,
     twilio_signature,
 )
 from tests.test_app import fake_openai, openai_settings, running
@@ -252,20 +253,10 @@ async def test_outbound_post_calls_while_shutting_down_is_refused() -> None:
         shutdown.set()  # SIGTERM
         await trio.sleep(0.2)
         await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-        status, answered = 0, bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                answered += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                break
+        response = await read_response(conn, stream)
         await stream.aclose()
         nursery.cancel_scope.cancel()
-    assert (status, json.loads(answered)) == (
+    assert (response.status, json.loads(response.body)) == (
         503, {"error": "the server is shutting down; place the call on another instance"}
     )
     assert rest.requests == []
