@@ -99,14 +99,20 @@ async def serve(
     """
     if shutdown_trigger is None:
         shutdown_trigger = wait_for_signal
-    async with open_recorder(settings) as recorder:
-        await _serve(settings, shutdown_trigger, recorder, task_status)
+    # The port first: a server that cannot listen (in use, no such address) stops before it creates anything.
+    sock = listen_socket(settings.host, settings.port, hypercorn_config(settings).backlog)
+    try:
+        async with open_recorder(settings) as recorder:
+            await _serve(settings, shutdown_trigger, recorder, sock, task_status)
+    finally:
+        sock.close()
 
 
 async def _serve(
     settings: Settings,
     shutdown_trigger: Callable[[], Awaitable[object]],
     recorder: Recorder | None,
+    sock: socket.socket,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
     calls = CallManager(settings, recorder=recorder)
@@ -137,7 +143,6 @@ async def _serve(
         await nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as connections:
-            sock = listen_socket(settings.host, settings.port, config.backlog)  # (config.bind's one address)
             listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
             bind = f"http://{repr_socket_addr(sock.family, sock.getsockname())}"
             await config.log.info(f"Running on {bind} (CTRL + C to quit)")

@@ -159,7 +159,7 @@ def test_serve_on_a_port_in_use_says_so_and_exits_2(
 
     for name in ("MEDIASERVER_HOST", "MEDIASERVER_PORT", "MEDIASERVER_PROVIDER", "MEDIASERVER_LOG_FORMAT"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MEDIASERVER_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("MEDIASERVER_DATA_DIR", str(tmp_path / "data"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -168,6 +168,7 @@ def test_serve_on_a_port_in_use_says_so_and_exits_2(
     err = capsys.readouterr().err
     assert f"mediaserver: cannot listen on 127.0.0.1:{port}: Address already in use" in err
     assert "Traceback" not in err
+    assert not (tmp_path / "data").exists()  # nothing created (the call records' database) before it stopped
 
 
 def test_serve_binds_hosts_as_hypercorn_did() -> None:
