@@ -125,6 +125,12 @@ class MediaStreamRoute:
         if first["type"] != "websocket.connect":
             return  # disconnected before the handshake
         status = self._check_signature(scope)
+        if status is None and any(name.lower() == b"sec-websocket-extensions" for name, _ in scope.get("headers", ())):
+            # Hypercorn would negotiate permessage-deflate, and inflate each message before its size check: one
+            # small frame could become hundreds of MB.  Our own listener (which serves every Twilio stream) never
+            # negotiates an extension; here an upgrade that offers one is refused.
+            log.warning("media stream: upgrade offering %s refused on this path", "Sec-WebSocket-Extensions")
+            status = 400
         if status is not None:
             await _refuse(scope, send, status)
             return

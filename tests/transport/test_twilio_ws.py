@@ -93,3 +93,51 @@ async def test_the_route_closes_with_the_handler_s_stream_end(end: object, close
     scope = {"type": "websocket", "path": "/media-stream", "headers": [], "scheme": "ws", "query_string": b""}
     await route(scope, receive, send)
     assert sent == [{"type": "websocket.accept"}, closed]
+
+
+def _upgrade(port: int, *extra: str) -> bytes:
+    lines = [
+        "GET /media-stream HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13", *extra,
+    ]  # fmt: skip
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def _head(stream: trio.SocketStream, buffered: bytes = b"") -> tuple[bytes, bytes]:
+    """The next response head on ``stream`` (its lines), and what came after it."""
+    while b"\r\n\r\n" not in buffered:
+        chunk = await stream.receive_some(65536)
+        assert chunk, buffered
+        buffered += chunk
+    head, _, rest = buffered.partition(b"\r\n\r\n")
+    return head, rest
+
+
+@fail_after(10)
+async def test_an_upgrade_offering_compression_on_hypercorn_s_path_is_refused() -> None:
+    # An upgrade after another request on a kept-alive connection is served by Hypercorn, which would negotiate
+    # permessage-deflate and inflate each message before checking its size (a 300 KB frame became 300 MB).
+    async with running(base_settings()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        deflate = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:  # our listener: first request
+            await stream.send_all(_upgrade(port, deflate))
+            head, _ = await _head(stream)
+            assert head.startswith(b"HTTP/1.1 101 ") and b"extensions" not in head.lower()  # accepted, uncompressed
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:  # kept alive: Hypercorn's path
+            await stream.send_all(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            head, rest = await _head(stream)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            while len(rest) < length:
+                rest += await stream.receive_some(65536)
+            await stream.send_all(_upgrade(port, deflate))
+            head, _ = await _head(stream, rest[length:])
+            assert head.startswith(b"HTTP/1.1 400 "), head
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:  # the same path without the offer
+            await stream.send_all(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            head, rest = await _head(stream)
+            while len(rest) < length:
+                rest += await stream.receive_some(65536)
+            await stream.send_all(_upgrade(port))
+            head, _ = await _head(stream, rest[length:])
+            assert head.startswith(b"HTTP/1.1 101 ") and b"extensions" not in head.lower()
