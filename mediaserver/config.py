@@ -134,7 +134,9 @@ class Settings:
     stream_timeout_s: float = _env_field(
         "MEDIASERVER_STREAM_TIMEOUT_S", 15.0, "close a pre-opened model session if no stream arrives"
     )
-    idle_timeout_s: float = _env_field("MEDIASERVER_IDLE_TIMEOUT_S", 30.0, "end a call when Twilio sends nothing")
+    idle_timeout_s: float = _env_field(
+        "MEDIASERVER_IDLE_TIMEOUT_S", 30.0, "end a call when Twilio sends nothing, or the model takes no audio"
+    )
     max_call_s: float = _env_field("MEDIASERVER_MAX_CALL_S", 3600.0, "hard limit on a call's length")
     connect_timeout_s: float = _env_field("MEDIASERVER_CONNECT_TIMEOUT_S", 10.0, "model WebSocket connect limit")
     drain_s: float = _env_field("MEDIASERVER_DRAIN_S", 10.0, "graceful shutdown: how long live calls may finish")

@@ -13,6 +13,7 @@ tests/test_app.py.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import socket
 from pathlib import Path
@@ -203,6 +204,35 @@ async def test_a_model_that_stops_reading_loses_and_reorders_nothing(
     assert flushes.n >= 1
     assert session.appends == caller.sent_frames  # every frame, in order
     assert caller.errors == []
+
+
+@fail_after(30)
+async def test_a_model_that_never_reads_again_ends_the_call_at_the_idle_timeout_saying_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_open_stream = provider_ws.open_stream
+
+    async def small_send_buffer(host: str, port: int, *, tls: bool) -> trio.abc.Stream:
+        stream = await real_open_stream(host, port, tls=tls)
+        assert isinstance(stream, trio.SocketStream)
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return stream
+
+    monkeypatch.setattr(provider_ws, "open_stream", small_send_buffer)
+    async with fake_openai() as model, running(openai_settings(model, idle_timeout_s=1.0)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(100)
+            session = await model.session(0)
+            await session.wait_appends(len(caller.sent_frames))
+            session.hold_reads()  # for good
+            async with trio.open_nursery() as nursery:
+                # (unpaced: more than the model's receive buffer and our send buffer hold, at once)
+                nursery.start_soon(functools.partial(caller.send_audio, to_ulaw(tone(440, 30_000, amplitude=0.2)), paced=False))
+                await caller.closed.wait()
+                nursery.cancel_scope.cancel()
+    # Twilio was talking all along: the call ends because the model took nothing, and the log says so.
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    assert "ended (idle: the model took no audio for 1 s (it is not reading))" in ended
 
 
 @fail_after(30)

@@ -295,6 +295,7 @@ class CallBridge:
         self._dtmf_flush_s = 0.0
         self._dtmf_flushing = False
         self._flushing = False  # a _flush_link task is running
+        self._up_waiting = False  # the reader task waits for the model to take a frame
         self._twilio_flushing = False  # a _flush_twilio task is running
         self._in_handler = False  # the provider handler is queueing audio (it wakes the pacer itself)
         # Both sockets pollable (plain TCP, or our TLS): the reactor reads them (_read_polled, _provider_polled).
@@ -361,7 +362,10 @@ class CallBridge:
         while True:
             await trio.sleep_until(self._last_heard_s + self.idle_timeout_s)
             if self._now() >= self._last_heard_s + self.idle_timeout_s:
-                self._end(f"idle: nothing from Twilio for {self.idle_timeout_s:g} s")
+                if self._flushing or self._up_waiting:  # Twilio's socket is not read: we wait for the model
+                    self._end(f"idle: the model took no audio for {self.idle_timeout_s:g} s (it is not reading)")
+                else:
+                    self._end(f"idle: nothing from Twilio for {self.idle_timeout_s:g} s")
                 return
 
     async def _twilio_reader(self) -> None:
@@ -433,7 +437,11 @@ class CallBridge:
     async def _uplink(self, frame: bytes) -> None:
         frame = self._up_frame(frame)
         if frame:
-            await self.link.send(pv.SendAudio(frame))
+            self._up_waiting = True  # (while this waits, Twilio's socket is not read: see the idle watchdog)
+            try:
+                await self.link.send(pv.SendAudio(frame))
+            finally:
+                self._up_waiting = False
             self.stats.frames_to_model += 1
 
     # -- the uplink on the reactor (pollable sockets both sides) ----------------

@@ -164,6 +164,11 @@ class WebSocketLink:
         :class:`ProviderClosed` on a protocol error.
         """
         ws = self._ws
+        if ws.backlogged:
+            # Replies (a pong, say) still wait for the socket: read no more here, or a model that sends and
+            # never reads would make that queue grow without bound.  receive() reads on, and its awaiting sends
+            # hold the reader back until the model reads.
+            return False
         more = ws.read_nowait()
         messages = ws.inbox
         while messages:

@@ -92,3 +92,34 @@ async def test_a_connection_that_fails_in_the_handshake_is_a_provider_closed(han
             async with open_provider_link("openai", session, f"{scheme}://127.0.0.1:{port}/v1/realtime", connect_timeout_s=5):
                 pytest.fail("the link opened")
         nursery.cancel_scope.cancel()
+
+
+def test_a_link_whose_replies_wait_for_the_socket_reads_no_more_on_the_reactor() -> None:
+    """A model that keeps sending messages that need a reply (ElevenLabs' pings) and never reads: the replies
+    must not pile up without bound.  While some wait, read_nowait hands over to receive(), whose awaiting
+    sends hold the reader back until the model reads."""
+    import socket as socket_module
+
+    from wsproto.frame_protocol import FrameProtocol
+
+    from mediaserver.transport.provider_ws import WebSocketLink
+    from mediaserver.transport.ws_client import ClientWebSocket
+    from tests.protocol.test_elevenlabs import msg, ready_session
+    from tests.transport.test_ws_fastpath import LIMIT, _open_pair
+
+    async def main() -> None:
+        ours, theirs = socket_module.socketpair()
+        ours.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_SNDBUF, 4096)
+        with ours, theirs:
+            ws = ClientWebSocket(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), _open_pair(False), LIMIT)
+            link = WebSocketLink("elevenlabs", ready_session(), ws)
+            assert ws.send_many_nowait([b"x" * 1_000_000]) is False  # the model is not reading: a backlog
+            backlog = len(ws._backlog)
+            ping = FrameProtocol(client=False, extensions=[]).send_data(
+                msg("ping", ping_event={"event_id": 1, "ping_ms": 5}), True
+            )
+            theirs.sendall(bytes(ping) * 100)
+            assert link.read_nowait() is False  # hand over ...
+            assert len(ws._backlog) == backlog and not link.inbox  # ... without reading (no 100 pongs queued)
+
+    trio.run(main)
