@@ -92,8 +92,8 @@ async def read_head(stream: trio.abc.ReceiveStream, timeout_s: float) -> tuple[b
 
 
 def _is_media_upgrade(request: h11.Request, path: bytes) -> bool:
-    if request.method != b"GET" or request.target.partition(b"?")[0] != path:
-        return False
+    if request.method != b"GET" or request.target.partition(b"?")[0] != path or request.http_version != b"1.1":
+        return False  # (an HTTP/1.0 upgrade goes to Hypercorn, which refuses it: RFC 6455 needs HTTP/1.1)
     return any(name == b"upgrade" and value.lower() == b"websocket" for name, value in request.headers)
 
 

@@ -402,7 +402,10 @@ class ClientWebSocket:
                 self._closed_now(CloseReason.MESSAGE_TOO_BIG, f"message over {self._max} bytes")
                 await self._send_quietly(CloseConnection(CloseReason.MESSAGE_TOO_BIG))
                 return
-            self._parts.append(event.data)  # text and binary never interleave
+            # Text and binary never interleave.  An empty fragment counts nothing against the size limit, so it is
+            # kept only as the first part (a message in progress: the fast path stays off until it ends).
+            if event.data or not self._parts:
+                self._parts.append(event.data)
             if event.message_finished:
                 parts, self._parts, self._size = self._parts, [], 0
                 if isinstance(event, TextMessage):

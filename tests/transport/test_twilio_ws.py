@@ -95,9 +95,9 @@ async def test_the_route_closes_with_the_handler_s_stream_end(end: object, close
     assert sent == [{"type": "websocket.accept"}, closed]
 
 
-def _upgrade(port: int, *extra: str) -> bytes:
+def _upgrade(port: int, *extra: str, version: str = "HTTP/1.1") -> bytes:
     lines = [
-        "GET /media-stream HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+        f"GET /media-stream {version}", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13", *extra,
     ]  # fmt: skip
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
@@ -141,3 +141,13 @@ async def test_an_upgrade_offering_compression_on_hypercorn_s_path_is_refused() 
             await stream.send_all(_upgrade(port))
             head, _ = await _head(stream, rest[length:])
             assert head.startswith(b"HTTP/1.1 101 ") and b"extensions" not in head.lower()
+
+
+@fail_after(10)
+async def test_an_http_1_0_upgrade_is_refused() -> None:
+    async with running(base_settings()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(_upgrade(port, version="HTTP/1.0"))  # RFC 6455 needs HTTP/1.1
+            head, _ = await _head(stream)
+    assert head.split(b" ", 2)[1] == b"400", head

@@ -290,3 +290,26 @@ def test_a_send_cancelled_part_way_keeps_its_frame_whole_and_ahead_of_later_ones
             assert frames == [(2, big), (1, b"after")]
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("server_side", [False, True])
+def test_empty_fragments_keep_nothing(server_side: bool) -> None:
+    """A message of endless empty continuation frames never reaches the size limit: they must not pile up."""
+    peer = FrameProtocol(client=server_side, extensions=[])
+    frames = [peer.send_data("ab", False), *(peer.send_data("", False) for _ in range(20_000)), peer.send_data("cd", True)]
+    parts_seen: list[int] = []
+
+    class Watched(ScriptedStream):
+        async def receive_some(self, max_bytes: int | None = None) -> bytes:
+            parts_seen.append(len(conn._parts))
+            return await super().receive_some(max_bytes)
+
+    stream = Watched([b"".join(frames[:10_000]), b"".join(frames[10_000:])])
+    conn = ClientWebSocket(stream, _open_pair(server_side), LIMIT)
+
+    async def main() -> str | bytes:
+        with trio.fail_after(10):
+            return await conn.receive()
+
+    assert trio.run(main) == "abcd"
+    assert max(parts_seen) <= 2  # "ab" and one empty piece at most, not 10 000
