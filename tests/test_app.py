@@ -712,7 +712,7 @@ async def test_app_openai_pcm24k_resamples_both_ways() -> None:
     assert band_energy_ratio(middle, 24000, 1000) > 0.98
     # Downlink: 24 kHz PCM16 became 8 kHz µ-law with the tone still at 440 Hz.
     downlink = from_ulaw(caller.received_audio)
-    assert abs(len(downlink) - 8000) <= 16  # 1 s, give or take the resampler's edge
+    assert 0 <= len(downlink) - 8000 <= 20  # 1 s, and the resampler's delay (its tail plays with the reply)
     assert dominant_frequency_hz(downlink[1600:6400], 8000) == pytest.approx(440, abs=5)
     assert band_energy_ratio(downlink[1600:6400], 8000, 440) > 0.98
     assert caller.errors == []

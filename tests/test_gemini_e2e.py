@@ -145,7 +145,7 @@ async def test_gemini_sample_rates_levels_and_no_clicks_both_ways() -> None:
 
     # Downlink: PCM16 24 kHz became µ-law 8 kHz, 440 Hz tone still at 440 Hz, same level.
     downlink = from_ulaw(caller.received_audio)
-    assert abs(len(downlink) - 8000) <= 16
+    assert 0 <= len(downlink) - 8000 <= 20  # and the resampler's delay (19 samples): its tail plays with the turn
     settled = downlink[1600:6400]
     assert dominant_frequency_hz(settled, 8000) == pytest.approx(440, abs=5)
     assert band_energy_ratio(settled, 8000, 440) > 0.98
@@ -189,7 +189,7 @@ async def test_gemini_interrupted_clears_and_drops_the_rest_of_the_turn(caplog: 
     before = from_ulaw(b"".join(m.payload for m in caller.received if m.at_s <= clear.at_s))
     after = from_ulaw(b"".join(m.payload for m in caller.received if m.at_s > clear.at_s))
     assert len(before) < 8000 * 3 // 2  # most of the interrupted turn was never sent to the caller
-    assert abs(len(after) - 3200) <= 16  # only the fresh turn after the clear ...
+    assert 0 <= len(after) - 3200 <= 20  # only the fresh turn after the clear ...
     assert dominant_frequency_hz(after[400:2800], 8000) == pytest.approx(880, abs=10)  # ... and it is the new one
     assert band_energy_ratio(after[400:2800], 8000, 440, 50) < 0.01  # no 440 Hz left over
     [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
@@ -254,7 +254,7 @@ async def test_gemini_call_across_go_away_keeps_audio_continuous() -> None:
     assert dominant_frequency_hz(tail, 16000) == pytest.approx(1000, abs=5)
     # Downlink: one continuous 440 Hz tone at the caller, no gap in playback, no click at the switch.
     downlink = from_ulaw(caller.received_audio)
-    assert abs(len(downlink) - 2 * 8 * 800) <= 32
+    assert 0 <= len(downlink) - 2 * 8 * 800 <= 40  # two turns, each with the resampler's tail (19 samples)
     assert playback_gaps_s(caller) == []
     settled = downlink[800:-800]
     assert dominant_frequency_hz(settled, 8000) == pytest.approx(440, abs=5)

@@ -252,6 +252,7 @@ class CallBridge:
         )
         if not self._down_pcm and fmt_out.sample_rate_hz != 8000:
             raise ValueError(f"µ-law output at {fmt_out.sample_rate_hz} Hz is not supported")
+        self._down_tail = False  # the resampler holds the end of the last item's audio (see _resampler_tail)
         # PCM16 split inside a sample (a delta of odd length): its first byte waits for the rest, per item
         self._half_sample: tuple[str, bytes] | None = None
 
@@ -603,6 +604,8 @@ class CallBridge:
         elif isinstance(event, pv.AudioDone):
             self._generating.pop(event.item_id, None)
             if event.item_id not in self._interrupted:
+                if self._down_tail and event.item_id == self._pending_item:
+                    self._resampler_tail(event.item_id)
                 self._flush_pending(event.item_id)
         elif isinstance(event, pv.SpeechStarted):
             self._speech_stopped_s = None  # the caller goes on: the reply latency counts from their next stop
@@ -873,6 +876,8 @@ class CallBridge:
 
     def _downlink(self, item: str, payload: bytes) -> None:
         now = self._audio_in_s = self._now()  # (also when audio last came: see _quiet)
+        if self._down_tail and self._pending_item != item:
+            self._resampler_tail(self._pending_item)  # another reply without an "audio done" for the last one
         if self._down_pcm:
             half = self._half_sample
             if half is not None:
@@ -884,6 +889,7 @@ class CallBridge:
                 payload = payload[:-1]
             if self._down_resampler is not None:
                 payload = self._down_resampler.process(payload)
+                self._down_tail = True
             payload = ulaw_encode(payload)
         if self._pending_item != item:
             self._flush_pending(self._pending_item)
@@ -906,6 +912,20 @@ class CallBridge:
             # it too: an idle pacer plays it after one chunk's time if nothing joins it (a reply whose last
             # delta is short and that never gets "audio done" would otherwise keep its tail until the next).
             self._queued.set()
+
+    def _resampler_tail(self, item: str | None) -> None:
+        """The end of ``item``'s audio still inside the resampler's filter (a few ms), to play with it now.
+
+        Left there, it would play at the start of the next reply, however
+        much later that comes: a click.
+        """
+        assert self._down_resampler is not None
+        tail = self._down_resampler.flush()  # (and reset: the next reply starts from silence)
+        self._down_tail = False
+        if tail and item not in self._interrupted:  # (a cut reply's tail is dropped, as the rest of it)
+            if not self._pending:
+                self._pending_s = self._now()
+            self._pending += ulaw_encode(tail)
 
     def _flush_pending(self, item: str | None) -> None:
         if item is not None and item == self._pending_item and self._pending:
@@ -1044,6 +1064,7 @@ class CallBridge:
             self._half_sample = None
             if self._down_resampler is not None:
                 self._down_resampler.reset()  # no tail of the cut reply in the next one
+                self._down_tail = False
             await self._send_twilio(tw.ClearAudio())
             self._playing_until_s = self._now()
             # What the caller heard of each item is final now: echoes that
