@@ -23,7 +23,7 @@ import numpy.typing as npt
 import pytest
 import trio
 
-from mediaserver.codec import Resampler
+from mediaserver.codec import Resampler, ulaw_decode
 
 from mediaserver.config import ConfigError, Settings
 
@@ -253,3 +253,44 @@ async def test_pcm_the_end_of_a_reply_plays_with_it_not_at_the_start_of_the_next
     assert not np.any(second)  # silence, as sent
     delay = len(Resampler(rate, 8000).flush()) // 2  # the filter's delay: each reply ends that much later
     assert (len(first), len(second)) == (4000 + delay, 1600 + delay)  # each reply whole, at 8 kHz
+
+
+@fail_after(30)
+async def test_pcm_a_caller_who_hangs_up_while_the_model_loads_closes_it_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    # Before: the stream was not read until the session was ready, so the hang-up went unseen for as long as
+    # the model took to load (or the connect timeout), with its socket open, and the caller's audio was then
+    # sent to it in one burst.
+    caplog.set_level(logging.INFO, logger="mediaserver")
+
+    async def script(session: PcmModelSession) -> None:
+        await trio.sleep(4.0)  # loading (docs/pcm-protocol.md: "ready" may take a few seconds)
+        await session.send_json({"type": "ready"})
+
+    async with fake_model(script, send_ready=False) as model, running(pcm_settings(model)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(1000)
+            await caller.stop()
+            stopped_s = trio.current_time()
+            session = await model.session(0)
+            await session.closed.wait()
+            closed_after_s = trio.current_time() - stopped_s
+            await caller.closed.wait()
+    assert closed_after_s < 1.0
+    assert session.frames_in == 0  # nothing was sent to a model on its way out
+    assert any("hung up before the model session was ready" in r.getMessage() for r in call_log(caplog, CALL_A))
+
+
+@fail_after(30)
+async def test_pcm_caller_audio_while_the_model_loads_reaches_it_in_order() -> None:
+    async def script(session: PcmModelSession) -> None:
+        await trio.sleep(1.0)
+        await session.send_json({"type": "ready"})
+
+    async with fake_model(script, send_ready=False) as model, running(pcm_settings(model, 8000, 8000)) as url:
+        async with phone_call(url) as caller:
+            speech = to_ulaw(tone(1000, 2000, amplitude=0.3))
+            await caller.send_audio(speech)  # 2 s, half of it before the model is ready
+            session = await model.session(0)
+            await session.wait_for(lambda: len(session.audio_in) >= 2 * len(speech))
+            await caller.stop()
+    assert bytes(session.audio_in[: 2 * len(speech)]) == ulaw_decode(speech)  # every frame, in order, none twice

@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import json
 import secrets
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -39,7 +40,7 @@ from mediaserver.protocol.twilio import TwilioStream
 from mediaserver.tools import load_toolset
 from mediaserver.twilio_rest import TwilioRest
 
-from .call import FAILED, REFUSED, CallBridge, MessageStream, StreamClosed, StreamEnd
+from .call import FAILED, REFUSED, CallBridge, MessageStream, PolledStream, StreamClosed, StreamEnd
 from .link import AgentOptions, ProviderClosed, ProviderLink
 
 if TYPE_CHECKING:
@@ -313,7 +314,17 @@ class CallManager:
             slot.claimed.set()
             self._seen_call(start.call_sid).streamed = True
             try:
-                await slot.ready.wait()
+                if not slot.ready.is_set():
+                    waited = await self._wait_for_session(stream, slot)
+                    if waited is None:  # the caller hung up first: the session is not opened (or is closed)
+                        slot.scope.cancel()
+                        log.info("call %s: the caller hung up before the model session was ready", start.call_sid)
+                        if self.recorder is not None:
+                            self.recorder.call_failed(
+                                start, "caller hung up before the model session was ready", self.settings.provider
+                            )
+                        return None
+                    stream = waited
                 if slot.link is None:
                     self._refuse("no_model_session")
                     log.error("call %s: no model session (%s); hanging up", start.call_sid, slot.error)
@@ -346,6 +357,41 @@ class CallManager:
             end = StreamEnd(FAILED, "no model session" if not opened else "the call failed")
             log.error("call %s: model session failed", start.call_sid, exc_info=group)
         return end
+
+    async def _wait_for_session(self, stream: MessageStream, slot: _Slot) -> MessageStream | None:
+        """Wait for the call's session, reading the stream meanwhile; None if the caller hung up first.
+
+        Not reading it would leave a hang-up unseen until the session is
+        ready (or has failed: up to the connect timeout), with the model
+        socket open all that while.  What is read is kept, in order, for the
+        call: the stream that is returned gives it back first.
+        """
+        held: deque[str | bytes] = deque()
+        gone = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal gone
+                try:
+                    while True:
+                        message = await stream.receive()
+                        held.append(message)
+                        if _is_stop(message):
+                            break
+                except StreamClosed:
+                    pass
+                gone = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await slot.ready.wait()
+            nursery.cancel_scope.cancel()
+        if gone:
+            return None
+        if isinstance(stream, PolledStream):
+            stream.inbox.extendleft(reversed(held))  # (read from the inbox first, by the reactor's first call too)
+            return stream
+        return _Replayed(stream, held) if held else stream
 
     async def _read_start(self, stream: MessageStream, twilio: TwilioStream) -> tw.Start | None:
         with trio.move_on_after(START_TIMEOUT_S):
@@ -438,6 +484,36 @@ class CallManager:
 
 # End reasons that are failures: the call's end line is a warning (and the only line about it).
 _FAILED_ENDS = ("protocol error", "provider ended", "provider error", "idle", "failed")
+
+
+def _is_stop(message: str | bytes) -> bool:
+    """Twilio's ``stop`` (a cheap look: the bridge's core checks it properly)."""
+    if not isinstance(message, str) or '"stop"' not in message:
+        return False
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and parsed.get("event") == "stop"
+
+
+class _Replayed:
+    """A stream that gives ``held`` messages back before reading on (what was read while the session got ready)."""
+
+    def __init__(self, stream: MessageStream, held: deque[str | bytes]) -> None:
+        self._stream = stream
+        self._held = held
+
+    async def receive(self) -> str | bytes:
+        if self._held:
+            return self._held.popleft()
+        return await self._stream.receive()
+
+    async def send(self, text: str) -> None:
+        await self._stream.send(text)
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        await self._stream.send_many(texts)
 
 
 def _reason(group: BaseExceptionGroup[ProviderClosed]) -> str:
