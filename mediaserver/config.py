@@ -74,6 +74,11 @@ class Settings:
         "OPENAI_AUDIO_FORMAT", "pcmu", "pcmu (µ-law passthrough) | pcm24k (24 kHz PCM16 through the resampler)"
     )
     openai_turn_detection: str = _env_field("OPENAI_TURN_DETECTION", "server_vad", "server_vad | semantic_vad")
+    openai_transcription_model: str = _env_field(
+        "OPENAI_TRANSCRIPTION_MODEL",
+        "gpt-4o-mini-transcribe",
+        "transcribes the caller's words for the call records (billed by OpenAI); off = no caller transcript",
+    )
     gemini_api_key: str | None = _env_field("GEMINI_API_KEY", None, "required for provider gemini")
     gemini_live_url: str = _env_field(
         "GEMINI_LIVE_URL",

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
-from openai.types.realtime import InputAudioBufferAppendEvent, SessionUpdateEvent
+from openai.types.realtime import AudioTranscription, InputAudioBufferAppendEvent, SessionUpdateEvent
 from openai.types.realtime.realtime_audio_formats import AudioPCM, AudioPCMU
 
 import mediaserver.app as app_module
@@ -434,6 +434,8 @@ async def test_app_openai_call_pcmu_passthrough(
     assert isinstance(update, SessionUpdateEvent)
     assert update.session.audio.input.format == AudioPCMU(type="audio/pcmu")
     assert update.session.audio.output.format == AudioPCMU(type="audio/pcmu")
+    # The caller's words are transcribed (for the call record): the API does not unless asked.
+    assert update.session.audio.input.transcription == AudioTranscription(model="gpt-4o-mini-transcribe")
     assert set(session.types()) == {"session.update", "input_audio_buffer.append"}
     assert all(isinstance(m, InputAudioBufferAppendEvent) for _, m in session.received[1:])
 

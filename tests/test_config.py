@@ -289,3 +289,12 @@ def test_next_steps_name_the_command_as_it_runs_from_here(monkeypatch: pytest.Mo
     assert cli._command() == ".venv/bin/mediaserver"
     monkeypatch.setattr(cli.shutil, "which", lambda name: str(bin_dir / "mediaserver"))  # activated
     assert cli._command() == "mediaserver"
+
+
+def test_config_openai_transcription_of_the_caller_is_on_unless_turned_off() -> None:
+    from mediaserver.adapters.openai import openai_config
+
+    on = Settings.from_env({"MEDIASERVER_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test"})
+    assert openai_config(on).transcription_model == "gpt-4o-mini-transcribe"
+    off = on.with_(openai_transcription_model="off")
+    assert openai_config(off).transcription_model is None
