@@ -471,6 +471,31 @@ def test_openai_an_answer_asked_for_while_a_response_is_active_waits_for_respons
     assert creates(session.pending_messages()) == 1
 
 
+def function_call(call_id: str, response_id: str = "resp_1") -> str:
+    return server(
+        ResponseFunctionCallArgumentsDoneEvent(
+            type="response.function_call_arguments.done", event_id="ev", response_id=response_id,
+            item_id=f"item_{call_id}", output_index=0, call_id=call_id, name="lookup", arguments="{}",
+        )
+    )  # fmt: skip
+
+
+def test_openai_an_answer_waits_for_every_call_of_the_response() -> None:
+    """A result that came before another call of the same response was made must not get its answer alone.
+
+    Before: response.create went out at response.done, the model answered without the slow tool's result,
+    then again with it.
+    """
+    session = ready_session()
+    receive(session, response_created("resp_1"), function_call("call_fast"))
+    assert creates(session.send(ToolResult(call_id="call_fast", output="1"))) == 0  # (a response is active)
+    receive(session, function_call("call_slow"), response_done("resp_1"))
+    assert session.pending_messages() == []  # call_slow has no result yet: no answer
+    assert creates(session.send(ToolResult(call_id="call_slow", output="2"))) == 1  # the last result asks for it
+    receive(session, response_created("resp_2"), response_done("resp_2"))
+    assert session.pending_messages() == []
+
+
 def test_openai_a_refused_response_create_does_not_block_later_answers() -> None:
     session = ready_session()
     [_, create] = session.send(ToolResult(call_id="call_1", output="1"))

@@ -234,6 +234,8 @@ class _Input(ProtocolEnum):
     SERVER_UNKNOWN = "unknown server event"
 
 
+MAX_UNANSWERED_CALLS = 64  # function calls awaiting a result that are tracked (a misbehaving model cannot grow it)
+
 _S = SessionState
 _I = _Input
 
@@ -292,6 +294,11 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         self._response_busy = False  # a response is active, or asked for and not yet created
         self._create_sent = False  # a response.create of ours that no response.created has answered yet
         self._create_owed = False  # an answer was asked for while busy
+        # Function calls the model made and no result has answered yet.  At response.done an answer owed is
+        # dropped while any is left: a result that came before another call of the same response was even
+        # made would otherwise have the model answer without that call's result (and then again with it).
+        # The last result asks for the answer (the bridge sets ``respond`` on it).
+        self._unanswered: set[str] = set()
         self._replies: list[str] = []
 
     # ------------------------------------------------------------------ state
@@ -395,6 +402,7 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
             self._response_busy = self._create_sent = True
             return [self._dumps("response.create", body)]
         if type(command) is ToolResult:
+            self._unanswered.discard(command.call_id)
             item = {"type": "function_call_output", "call_id": command.call_id, "output": command.output}
             messages = [self._dumps("conversation.item.create", {"item": item})]
             if command.respond:
@@ -532,6 +540,8 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         """No response is active: send the answer owed, if any."""
         if self._create_owed and not self._response_busy:
             self._create_owed = False
+            if self._unanswered:
+                return  # (see __init__)
             self._response_busy = self._create_sent = True
             self._replies.append(self._dumps("response.create", {}))
 
@@ -556,8 +566,11 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
 
     def _on_function_call(self, msg: JsonObject, raw: str) -> ProviderEvent:
         where = "response.function_call_arguments.done"
+        call_id = str_field(msg, "call_id", where)
+        if len(self._unanswered) < MAX_UNANSWERED_CALLS:
+            self._unanswered.add(call_id)
         return ToolCall(
-            call_id=str_field(msg, "call_id", where),
+            call_id=call_id,
             name=str_field(msg, "name", where),
             arguments=text_field(msg, "arguments", where),
             item_id=optional_str_field(msg, "item_id", where),
