@@ -157,6 +157,17 @@ def test_pcm_replies_are_numbered_by_their_boundaries() -> None:
     assert session.audio_received_ms("reply-1") == (200 + 100) // 32
 
 
+def test_pcm_an_empty_audio_frame_starts_a_reply_too() -> None:
+    # "The next audio frame after one of those starts the next reply": an empty one too, or the two sides
+    # would number the replies differently and a playback would name the wrong one.
+    session = open_session(output_rate_hz=8000)
+    events = feed(session, msg("ready"), b"", msg("reply_done"), b"\x00\x00" * 800, msg("speech_started"))
+    assert events[1:3] == [Other("audio", ""), AudioDone("reply-1")]
+    assert events[3] == AudioDelta("reply-2", b"\x00\x00" * 800)
+    [text] = session.send(Truncate("reply-2", 40))
+    assert _validate_control(text) == {"type": "playback", "reply": 2, "heard_ms": 40}
+
+
 @pytest.mark.parametrize("rate", [8000, 16000, 24000])
 def test_pcm_truncate_is_playback_clamped_to_received_audio(rate: int) -> None:
     session = open_session(output_rate_hz=rate)

@@ -286,6 +286,9 @@ def test_audio_ledger_nothing_to_cut_when_a_complete_reply_was_all_heard() -> No
     ledger.complete(1)
     assert ledger.cut(1, 50, "reply-1") is None
     assert ledger.cut(1, 20, "reply-1") == 20  # heard only part of it
+    ledger.add(2, 101)  # 50.5 ms: the marks count whole ms, so 50 is all of it
+    ledger.complete(2)
+    assert ledger.cut(2, 50, "reply-2") is None
 
 
 def test_audio_ledger_refuses_to_cut_a_reply_without_audio() -> None:
@@ -304,10 +307,12 @@ def test_audio_ledger_keeps_the_latest_replies_only() -> None:
         ledger.add(reply, 8)  # more of the same reply keeps its place
         if reply % 2:
             ledger.complete(reply)
-    # The 44 oldest are forgotten (a cut of one is refused, as for a reply never seen); the rest are exact.
+    # The 44 oldest are forgotten (a cut of one stands as asked: the bridge played that much of it); the rest
+    # are exact.  (Before, such a cut was refused and a barge-in ended the call.)
     assert [ledger.received_ms(r) for r in (0, 43)] == [0, 0]
+    assert ledger.cut(43, 5, "r43") == 5
     with pytest.raises(LocalProtocolError, match="no audio was received"):
-        ledger.cut(43, 5, "r43")
+        ledger.cut(10_000, 5, "never")
     assert ledger.received_ms(44) == 451 and ledger.received_ms(n - 1) == 10 * n + 1
     assert ledger.cut(n - 1, 10 * n + 1, "last") is None  # complete and all heard
     assert ledger.cut(n - 2, 5, "before") == 5

@@ -125,6 +125,7 @@ class AudioLedger(Generic[K]):
         self._bytes_per_ms = bytes_per_ms
         self._received: dict[K, int] = {}
         self._complete: set[K] = set()
+        self._forgotten: dict[K, None] = {}  # replies let go of lately (oldest first), told from ones never seen
 
     def add(self, reply: K, n_bytes: int) -> None:
         received = self._received
@@ -145,6 +146,10 @@ class AudioLedger(Generic[K]):
             oldest = next(iter(received))
             del received[oldest]
             self._complete.discard(oldest)
+            forgotten = self._forgotten
+            forgotten[oldest] = None
+            if len(forgotten) > 4 * self.HISTORY:
+                del forgotten[next(iter(forgotten))]
         received[reply] = n_bytes
 
     def received_ms(self, reply: K) -> int:
@@ -160,10 +165,14 @@ class AudioLedger(Generic[K]):
         """
         received = self._received.get(reply)
         if received is None:
+            if reply in self._forgotten:
+                # More than HISTORY replies started since (a model that ends a reply after every word, say): the
+                # bridge cuts only what it has played, so what it says was heard stands.
+                return heard_ms
             raise LocalProtocolError(f"no audio was received for item {item_id!r}; cannot truncate it")
         bytes_per_ms = self._bytes_per_ms
-        if reply in self._complete and heard_ms * bytes_per_ms >= received:
-            return None
+        if reply in self._complete and heard_ms >= received // bytes_per_ms:
+            return None  # (heard to the last whole ms: the marks count whole ms)
         end_ms = min(heard_ms, received // bytes_per_ms)
         self._received[reply] = end_ms * bytes_per_ms
         return end_ms

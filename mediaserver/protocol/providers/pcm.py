@@ -208,9 +208,10 @@ class PcmSession(ProviderCore[SessionState, PcmConfig]):
     def _on_audio(self, payload: bytes) -> ProviderEvent:
         if len(payload) % 2:
             raise RemoteProtocolError(f"audio frame of {len(payload)} bytes is not whole PCM16 samples")
+        self._reply_open = True  # (an empty frame too: "the next audio frame starts the next reply", both sides)
         if not payload:
+            self._audio.add(self._reply, 0)
             return Other("audio", "")
-        self._reply_open = True
         self._audio.add(self._reply, len(payload))
         return AudioDelta(self._item(), payload)
 
