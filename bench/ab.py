@@ -168,8 +168,11 @@ def load_run(side: str, tree: Path, args: argparse.Namespace) -> Run:
     """One ``bench/load.py`` step of ``args.steps`` calls, run from ``tree`` (so its server is the one measured)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "load.json"
-        cmd = [sys.executable, str(tree / "bench" / "load.py"), "--steps", str(args.steps), "--hold", str(args.hold),
-               "--no-peer", "--no-plot", "--json", str(out), *(["--tls"] if args.tls else [])]
+        load = tree / "bench" / "load.py"
+        # One run per step on both sides, so the pairs compare like with like (load.py runs 3 since 4ff29d3).
+        once = ["--repeats", "1"] if "--repeats" in load.read_text(encoding="utf-8") else []
+        cmd = [sys.executable, str(load), "--steps", str(args.steps), "--hold", str(args.hold),
+               "--no-peer", "--no-plot", "--json", str(out), *once, *(["--tls"] if args.tls else [])]
         proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             stdout, stderr = proc.communicate()

@@ -67,6 +67,8 @@ log = logging.getLogger("mediaserver.provider")
 # leaves room for session echoes with long instructions and tool schemas.
 MAX_PROVIDER_MESSAGE_BYTES = 8 * 1024 * 1024
 
+MAX_NOWAIT_BACKLOG_BYTES = 256 * 1024  # read_nowait stops reading the model while more than this waits to go to it
+
 
 class WebSocketLink:
     """A :class:`ProviderLink` backed by a sans-I/O core and a WebSocket."""
@@ -164,10 +166,11 @@ class WebSocketLink:
         :class:`ProviderClosed` on a protocol error.
         """
         ws = self._ws
-        if ws.backlogged:
-            # Replies (a pong, say) still wait for the socket: read no more here, or a model that sends and
-            # never reads would make that queue grow without bound.  receive() reads on, and its awaiting sends
-            # hold the reader back until the model reads.
+        if ws.backlog_bytes > MAX_NOWAIT_BACKLOG_BYTES:
+            # What we queued (replies such as pongs, caller audio) is not leaving: read no more here, or a model
+            # that sends and never reads would make that queue grow without bound.  receive() reads on, and its
+            # awaiting sends hold the reader back until the model reads.  (A small backlog is usual under load:
+            # it goes with the next write, and handing over for it would cost every call latency.)
             return False
         more = ws.read_nowait()
         messages = ws.inbox

@@ -98,6 +98,11 @@ class TLSStream(trio.abc.Stream):
         return self._eof
 
     @property
+    def unsent_bytes(self) -> int:
+        """How much ciphertext waits for the socket."""
+        return len(self._unsent) + self._outgoing.pending
+
+    @property
     def unsent(self) -> bool:
         """True while ciphertext waits for :meth:`flush` (or the next send)."""
         return bool(self._unsent or self._outgoing.pending)

@@ -197,6 +197,11 @@ class ClientWebSocket:
         """True while frames :meth:`send_many_nowait` queued wait for :meth:`flush`."""
         return bool(self._backlog) or (self._tls is not None and self._tls.unsent)
 
+    @property
+    def backlog_bytes(self) -> int:
+        """How much of what :meth:`send_many_nowait` queued waits for the socket (frames, or their ciphertext)."""
+        return len(self._backlog) + (self._tls.unsent_bytes if self._tls is not None else 0)
+
     async def flush(self) -> None:
         """Write the backlog :meth:`send_many_nowait` left (under the send lock); as :meth:`send`."""
         while self.backlogged:  # frames queued while this write waited are written too
