@@ -206,10 +206,8 @@ async def test_a_model_that_stops_reading_loses_and_reorders_nothing(
     assert caller.errors == []
 
 
-@fail_after(30)
-async def test_a_model_that_never_reads_again_ends_the_call_at_the_idle_timeout_saying_so(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def small_model_send_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our send buffer toward the (plain TCP) model: 4 KiB, so that a model that stops reading fills it at once."""
     real_open_stream = provider_ws.open_stream
 
     async def small_send_buffer(host: str, port: int, *, tls: bool) -> trio.abc.Stream:
@@ -219,6 +217,13 @@ async def test_a_model_that_never_reads_again_ends_the_call_at_the_idle_timeout_
         return stream
 
     monkeypatch.setattr(provider_ws, "open_stream", small_send_buffer)
+
+
+@fail_after(30)
+async def test_a_model_that_never_reads_again_ends_the_call_at_the_idle_timeout_saying_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    small_model_send_buffer(monkeypatch)
     async with fake_openai() as model, running(openai_settings(model, idle_timeout_s=1.0)) as url:
         async with phone_call(url) as caller:
             await caller.send_silence(100)
@@ -242,15 +247,7 @@ async def test_a_slow_model_keeps_what_is_read_from_the_caller_bounded(monkeypat
     The reader task hands the caller's socket back to the reactor only once it has taken every message
     read and no flush to the model is under way; so at most one read (RECEIVE_BYTES) waits in the inbox.
     """
-    real_open_stream = provider_ws.open_stream
-
-    async def small_send_buffer(host: str, port: int, *, tls: bool) -> trio.abc.Stream:
-        stream = await real_open_stream(host, port, tls=tls)
-        assert isinstance(stream, trio.SocketStream)
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        return stream
-
-    monkeypatch.setattr(provider_ws, "open_stream", small_send_buffer)
+    small_model_send_buffer(monkeypatch)
     most = 0
     real_read_nowait = ServerStream.read_nowait
 
