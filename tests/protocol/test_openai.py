@@ -496,6 +496,17 @@ def test_openai_an_answer_waits_for_every_call_of_the_response() -> None:
     assert session.pending_messages() == []
 
 
+def test_openai_an_answer_held_for_a_later_call_goes_with_its_result_even_one_that_asks_for_none() -> None:
+    # The later call is a tool that answers without a reply (end_call, respond=False): the answer the quick
+    # tool's result asked for must still go out then, not be lost.
+    session = ready_session()
+    receive(session, response_created("resp_1"), function_call("call_fast"))
+    assert creates(session.send(ToolResult(call_id="call_fast", output="1"))) == 0
+    receive(session, function_call("call_quiet"), response_done("resp_1"))
+    assert session.pending_messages() == []
+    assert creates(session.send(ToolResult(call_id="call_quiet", output="{}", respond=False))) == 1
+
+
 def test_openai_a_refused_response_create_does_not_block_later_answers() -> None:
     session = ready_session()
     [_, create] = session.send(ToolResult(call_id="call_1", output="1"))

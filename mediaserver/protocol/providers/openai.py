@@ -297,8 +297,10 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         # Function calls the model made and no result has answered yet.  At response.done an answer owed is
         # dropped while any is left: a result that came before another call of the same response was even
         # made would otherwise have the model answer without that call's result (and then again with it).
-        # The last result asks for the answer (the bridge sets ``respond`` on it).
+        # The last result asks for the answer (the bridge sets ``respond`` on it); if it does not (a tool that
+        # answers without a reply, such as end_call), the answer held back goes with it all the same.
         self._unanswered: set[str] = set()
+        self._answer_held = False
         self._replies: list[str] = []
 
     # ------------------------------------------------------------------ state
@@ -362,6 +364,7 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
 
     def _answer(self) -> list[str]:
         """``response.create`` now, or once the active response is done."""
+        self._answer_held = False
         if self._response_busy:
             self._create_owed = True
             return []
@@ -405,7 +408,7 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
             self._unanswered.discard(command.call_id)
             item = {"type": "function_call_output", "call_id": command.call_id, "output": command.output}
             messages = [self._dumps("conversation.item.create", {"item": item})]
-            if command.respond:
+            if command.respond or (self._answer_held and not self._unanswered):
                 messages += self._answer()
             return messages
         if type(command) is SendText:
@@ -541,7 +544,8 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         if self._create_owed and not self._response_busy:
             self._create_owed = False
             if self._unanswered:
-                return  # (see __init__)
+                self._answer_held = True  # (see __init__)
+                return
             self._response_busy = self._create_sent = True
             self._replies.append(self._dumps("response.create", {}))
 
