@@ -160,7 +160,7 @@ class Settings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = environ.get(f.metadata["env"])
-            if raw is None or raw == "":
+            if raw is None or not raw.strip():  # (set but empty, or only spaces: unset)
                 continue
             values[f.name] = _parse(f.name, f.metadata["env"], raw, f.default)
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -298,3 +298,11 @@ def test_config_openai_transcription_of_the_caller_is_on_unless_turned_off() -> 
     assert openai_config(on).transcription_model == "gpt-4o-mini-transcribe"
     off = on.with_(openai_transcription_model="off")
     assert openai_config(off).transcription_model is None
+
+
+def test_config_a_setting_of_only_spaces_counts_as_unset() -> None:
+    blank = {name: "  " for name in ("DATABASE_URL", "TWILIO_ACCOUNT_SID", "TWILIO_FROM_NUMBER", "MEDIASERVER_PUBLIC_URL")}
+    settings = Settings.from_env(blank)
+    assert (settings.database_url, settings.twilio_account_sid, settings.twilio_from_number, settings.public_url) == (
+        None, None, None, None,
+    )

@@ -150,8 +150,8 @@ def _record_problem(args: argparse.Namespace) -> str | None:
         return None
     shown = args.record or "dial-<CallSid>.wav"
     try:
-        if args.record and Path(args.record).exists():
-            with open(args.record, "ab"):  # (changes nothing; fails on a folder or a read-only file)
+        if path.exists():  # (the file a call writes: NAME itself, or NAME-<CallSid>.wav next to it for several)
+            with open(path, "ab"):  # (changes nothing; fails on a folder or a read-only file)
                 pass
         else:
             with tempfile.TemporaryFile(dir=path.parent):  # a nameless file, gone when closed

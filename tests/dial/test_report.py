@@ -384,3 +384,15 @@ def test_say_with_barge_in_after_talks_over_the_answer() -> None:
     steps = cli._steps(parser.parse_args(["--say", "Hi there", "--barge-in-after", "700"]))
     assert steps == [script.Pause(500), script.Say("Hi there"), script.BargeIn(700), script.Say("Hi there")]
     assert cli._steps(parser.parse_args([])) == []  # silence only: listen for a greeting
+
+
+def test_record_check_looks_at_the_files_the_calls_write(tmp_path: Path) -> None:
+    import argparse
+
+    from mediaserver.dial.cli import _record_problem
+
+    (tmp_path / "rec").mkdir()  # several calls write rec-<CallSid>.wav next to it: a folder named rec is fine
+    several = argparse.Namespace(no_record=False, calls=2, record=str(tmp_path / "rec"))
+    assert _record_problem(several) is None
+    one = argparse.Namespace(no_record=False, calls=1, record=str(tmp_path / "rec"))  # one call writes rec itself
+    assert _record_problem(one) == f"cannot write {tmp_path / 'rec'}: Is a directory"
