@@ -12,7 +12,6 @@ import io
 import math
 import os
 import re
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -257,13 +256,14 @@ def _env_name(attr: str) -> str:
 
 
 def is_http_url(url: str) -> bool:
-    """An http(s) URL with a host and, if any, a valid port."""
+    """An http(s) URL with a host and, if any, a valid port: one the server's HTTP client can request."""
+    from mediaserver.transport.http import HttpError, parse_url
+
     try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018  (raises ValueError for a port that is not one)
-    except ValueError:
+        parse_url(url)
+    except HttpError:
         return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    return True
 
 
 def _parse(name: str, env: str, raw: str, default: Any) -> Any:

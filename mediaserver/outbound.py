@@ -97,6 +97,10 @@ class OutboundRequests:
         self._entries.pop(key, None)
 
 
+# (its answer URL is this instance's, and this instance is going away)
+SHUTTING_DOWN = "the server is shutting down; place the call on another instance"
+
+
 def _json_error(status: int, message: str, **extra: Any) -> tuple[dict[str, Any], int]:
     return {"error": message, **extra}, status
 
@@ -139,7 +143,7 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
                 json.dumps(answer), status, {"WWW-Authenticate": "Bearer"}, content_type="application/json"
             )
         if not calls.accepting:  # (its answer URL is this instance's, and this instance is going away)
-            return _json_error(503, "the server is shutting down; place the call on another instance")
+            return _json_error(503, SHUTTING_DOWN)
         try:
             raw = await request.get_data()
         except RequestEntityTooLarge:
@@ -197,7 +201,7 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             )
         if not calls.accepting:  # (shutdown began while the body came in)
             pending.discard(key)
-            return _json_error(503, "the server is shutting down; place the call on another instance")
+            return _json_error(503, SHUTTING_DOWN)
         try:
             call = await rest.create_call(to=to, from_=from_, url=answer_url, status_callback=status_url)
         except TwilioRestError as exc:
