@@ -68,8 +68,12 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         await self.transport.aclose()
 
 
-async def read_head(stream: trio.abc.ReceiveStream, timeout_s: float) -> tuple[bytes, h11.Request | None]:
-    """Every byte read, and the first request head if it came whole and well-formed in time."""
+async def read_head(stream: trio.abc.ReceiveStream, timeout_s: float) -> tuple[bytes, h11.Request | None, bytes]:
+    """Every byte read, the first request head if it came whole and well-formed in time, and the bytes after it.
+
+    (The bytes after the head: what a client sent before our answer, such
+    as WebSocket frames pipelined with its upgrade request.)
+    """
     parser = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
     buffered = bytearray()
     with trio.move_on_after(timeout_s):
@@ -85,10 +89,10 @@ async def read_head(stream: trio.abc.ReceiveStream, timeout_s: float) -> tuple[b
             except h11.RemoteProtocolError:
                 break
             if isinstance(event, h11.Request):
-                return bytes(buffered), event
+                return bytes(buffered), event, parser.trailing_data[0]
             if event is not h11.NEED_DATA or not data:
                 break
-    return bytes(buffered), None
+    return bytes(buffered), None, b""
 
 
 def _is_media_upgrade(request: h11.Request, path: bytes) -> bool:
@@ -124,12 +128,12 @@ class ConnectionRouter:
 
     async def __call__(self, stream: trio.SocketStream) -> None:
         try:
-            head, request = await read_head(stream, self.head_timeout_s)
+            head, request, early = await read_head(stream, self.head_timeout_s)
             if request is not None and _is_media_upgrade(request, self._path):
                 parsed = parse_upgrade(head)
                 if parsed is not None:
                     async with stream:
-                        await self._serve_upgrade(stream, request, parsed[0])
+                        await self._serve_upgrade(stream, request, parsed[0], early)
                     return
             if not head:  # closed (or silent) before sending anything
                 await stream.aclose()
@@ -139,7 +143,7 @@ class ConnectionRouter:
             log.exception("connection failed")
             await trio.aclose_forcefully(stream)
 
-    async def _serve_upgrade(self, stream: trio.SocketStream, request: h11.Request, ws: WSConnection) -> None:
+    async def _serve_upgrade(self, stream: trio.SocketStream, request: h11.Request, ws: WSConnection, early: bytes) -> None:
         try:
             host, port = stream.socket.getsockname()[:2]
             server_host = f"{host}:{port}"
@@ -154,4 +158,6 @@ class ConnectionRouter:
             server_host=server_host,
             instance_url=self.instance_url,
         )
-        await serve_media_stream(stream, ws, status, self.handle_stream, max_message_size=self.max_message_size)
+        await serve_media_stream(
+            stream, ws, status, self.handle_stream, max_message_size=self.max_message_size, early=early
+        )

@@ -289,6 +289,16 @@ class ClientWebSocket:
         """The whole messages read and not yet received, oldest first: a reactor handler pops them from the left."""
         return self._messages
 
+    def read_first(self, data: bytes) -> None:
+        """Take ``data`` as read before the socket's next bytes (what came with the handshake, after its head).
+
+        Only before anything was read: :meth:`receive` parses it first
+        (and :meth:`read_nowait` hands over to it for that).
+        """
+        if data:
+            assert self._stash is None and not self._messages, "read_first after reading"
+            self._stash = data
+
     def read_nowait(self) -> bool:
         """Read once without blocking, parse with the fast path only; False when :meth:`receive` must take over.
 

@@ -192,10 +192,13 @@ async def serve_media_stream(
     handle_stream: StreamHandler,
     *,
     max_message_size: int,
+    early: bytes = b"",
 ) -> None:
     """Answer the parsed upgrade on ``ws`` (refuse with ``status``, or accept) and run the call.
 
-    The caller owns ``stream`` and closes it afterwards.
+    ``early``: bytes read after the request head (frames a client sent
+    without waiting for the 101); they are the stream's first bytes.  The
+    caller owns ``stream`` and closes it afterwards.
     """
     if status is not None:
         body = _REASONS.get(status, b"Refused")
@@ -212,6 +215,7 @@ async def serve_media_stream(
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
     conn = ServerStream(stream, ws, max_message_size)
+    conn.read_first(early)
     end: StreamEnd | None = None
     try:
         end = await handle_stream(conn)

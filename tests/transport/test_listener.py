@@ -17,6 +17,8 @@ from functools import partial
 import h11
 import pytest
 import trio
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import CloseConnection, TextMessage
 
 from mediaserver.bridge.call import MessageStream, StreamClosed
 from mediaserver.transport.listener import HEAD_LIMIT, ConnectionRouter, ReplayStream
@@ -160,6 +162,24 @@ async def test_a_failing_handler_is_logged_and_the_socket_closed_with_1011(caplo
             await client.receive()
         assert closed.value.code == 1011 and "internal error" in str(closed.value)
     assert any("the handler failed" in r.getMessage() for r in caplog.records)
+
+
+@fail_after(5)
+async def test_frames_sent_with_the_upgrade_request_are_the_streams_first_messages() -> None:
+    # A client need not wait for the 101 (nothing in RFC 6455 forbids pipelining): the bytes read with the
+    # head are the stream's, not lost with the handshake.
+    rec = Recorder()
+    client = Connection(ConnectionType.CLIENT)
+    frames = client.send(TextMessage("first")) + client.send(TextMessage("second")) + client.send(TextMessage("bye"))
+    async with router(rec) as port:
+        answer = await raw_exchange(port, upgrade_head("/media-stream") + frames)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    client.receive_data(rest)
+    events = list(client.events())
+    assert [e.data for e in events if isinstance(e, TextMessage)] == ["first", "second"]
+    assert isinstance(events[-1], CloseConnection) and events[-1].code == 1000
+    assert rec.streams == 1 and rec.ended == ["returned"]
 
 
 @pytest.mark.parametrize(
