@@ -114,6 +114,16 @@ def test_tools_decorator_options_and_plain_calls() -> None:
     assert lookup.name == "lookup-order" and lookup.description == "Find an order."
     assert lookup("42") == "order 42"  # still an ordinary function
     assert lookup.parameters == {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}
+    assert lookup.spec.irreversible is False  # (the default: the provider may call it speculatively)
+
+    @tool(irreversible=True)
+    def cancel_order(order_id: str) -> str:
+        """Cancel an order."""
+        return "cancelled"
+
+    assert cancel_order.spec.irreversible is True
+    # the built-ins that act on the call cannot be undone either
+    assert BUILTINS["end_call"].spec.irreversible and transfer_tool(("+15551234567",)).spec.irreversible
 
 
 @pytest.mark.parametrize(

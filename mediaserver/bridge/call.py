@@ -44,6 +44,7 @@ a ``MockClock`` (tests/bridge/test_call.py).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import socket
@@ -68,6 +69,7 @@ from .stats import CallStats
 __all__ = ["CallBridge", "MessageStream", "PolledStream", "StreamClosed", "StreamEnd"]
 
 log = logging.getLogger("mediaserver.call")
+_TOOL_CALL: contextvars.ContextVar[str | None] = contextvars.ContextVar("mediaserver_tool_call", default=None)
 
 MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contractual)
 # An item whose audio stopped this long ago counts as finished for wait_played (end_call, transfer), said
@@ -291,6 +293,8 @@ class CallBridge:
         self._response_open = False
         self._open_response: str | None = None  # the id of the response last started
         self._ending = False
+        self._hang_up_scope: trio.CancelScope | None = None  # an end_call's hang-up, waiting for the goodbye
+        self._hang_up_call: str | None = None  # the tool call that asked for it (the model may withdraw it)
         self._digits: _DigitCollector | None = None
         self._dtmf_text: list[str] = []
         self._dtmf_flush_s = 0.0
@@ -740,6 +744,7 @@ class CallBridge:
             else:
                 with trio.CancelScope() as scope:
                     self._tool_scopes[call.call_id] = scope
+                    _TOOL_CALL.set(call.call_id)  # (this task's own: end_call learns which call asked)
                     try:
                         outcome = await self.tools.run(
                             call.name, call.arguments, control=self, timeout_s=self.tool_timeout_s
@@ -776,6 +781,13 @@ class CallBridge:
             scope = self._tool_scopes.get(call_id)
             if scope is not None:
                 scope.cancel()
+        if self._hang_up_call is not None and self._hang_up_call in call_ids and self._hang_up_scope is not None:
+            # end_call returned at once, its hang-up waits for the goodbye: a withdrawn call (Deepgram's speculative
+            # dispatch when the caller's turn resumes, a barge-in on the goodbye) must not hang up on the caller.
+            self._hang_up_scope.cancel()
+            self._hang_up_scope = self._hang_up_call = None
+            self._ending = False
+            log.info("call %s: end_call withdrawn by the model; the call goes on", self.call_sid)
 
     def _quiet(self) -> bool:
         """Nothing being said: no response open, no audio arriving, nothing queued, everything sent confirmed played."""
@@ -806,13 +818,16 @@ class CallBridge:
         """CallControl: end the call once the goodbye has played (returns at once)."""
         if self._nursery is not None and not self._ending:
             self._ending = True
-            self._nursery.start_soon(self._hang_up, reason)
+            self._hang_up_scope = scope = trio.CancelScope()
+            self._hang_up_call = _TOOL_CALL.get()
+            self._nursery.start_soon(self._hang_up, reason, scope)
 
-    async def _hang_up(self, reason: str) -> None:
-        if not await self.wait_played(self.goodbye_timeout_s):
-            log.warning("call %s: goodbye still playing after %g s; hanging up", self.call_sid, self.goodbye_timeout_s)
-        # Closing the stream ends the call: the TwiML has <Hangup/> after <Connect>.
-        self._end(f"agent hung up: {reason}")
+    async def _hang_up(self, reason: str, scope: trio.CancelScope) -> None:
+        with scope:  # (cancelled if the model withdraws the end_call while the goodbye plays: _cancel_tools)
+            if not await self.wait_played(self.goodbye_timeout_s):
+                log.warning("call %s: goodbye still playing after %g s; hanging up", self.call_sid, self.goodbye_timeout_s)
+            # Closing the stream ends the call: the TwiML has <Hangup/> after <Connect>.
+            self._end(f"agent hung up: {reason}")
 
     async def transfer(self, to: str) -> None:
         """CallControl: cold transfer with a REST ``<Dial>`` once the agent's words have played."""

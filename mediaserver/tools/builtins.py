@@ -84,7 +84,7 @@ def transfer_tool(allowed: tuple[str, ...]) -> Tool:
         "Tell the caller you are transferring them first; the transfer starts once that has played. "
         f"Only these numbers may be dialled (a trailing * stands for any further digits): {listed}."
     )
-    return Tool(transfer_call, description=description)
+    return Tool(transfer_call, description=description, irreversible=True)
 
 
 async def send_digits(digits: str) -> dict[str, str]:
@@ -102,7 +102,7 @@ async def send_digits(digits: str) -> dict[str, str]:
 
 
 BUILTINS: dict[str, Tool] = {
-    "end_call": Tool(end_call, respond=False),
+    "end_call": Tool(end_call, respond=False, irreversible=True),
     "transfer_call": transfer_tool(()),  # load_toolset substitutes the configured list
     "send_digits": Tool(send_digits),
 }

@@ -36,6 +36,7 @@ class Tool:
         name: str | None = None,
         description: str | None = None,
         respond: bool = True,
+        irreversible: bool = False,
     ) -> None:
         self.fn = fn
         self.name = name or fn.__name__
@@ -51,6 +52,7 @@ class Tool:
         self.nullable = signature.nullable
         self.context_parameter = signature.context_parameter
         self.respond = respond
+        self.irreversible = irreversible
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
@@ -64,7 +66,7 @@ class Tool:
     @property
     def spec(self) -> FunctionTool:
         """The provider-neutral declaration sent to the model."""
-        return FunctionTool(self.name, self.description, self.parameters)
+        return FunctionTool(self.name, self.description, self.parameters, irreversible=self.irreversible)
 
 
 @overload
@@ -72,22 +74,32 @@ def tool(fn: Callable[..., Any], /) -> Tool: ...
 
 
 @overload
-def tool(*, name: str | None = None, description: str | None = None) -> Callable[[Callable[..., Any]], Tool]: ...
+def tool(
+    *, name: str | None = None, description: str | None = None, irreversible: bool = False
+) -> Callable[[Callable[..., Any]], Tool]: ...
 
 
 def tool(
-    fn: Callable[..., Any] | None = None, /, *, name: str | None = None, description: str | None = None
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    irreversible: bool = False,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
-    """Make ``fn`` a tool: ``@tool`` or ``@tool(name=..., description=...)``.
+    """Make ``fn`` a tool: ``@tool`` or ``@tool(name=..., description=..., irreversible=...)``.
 
     The schema comes from the type hints and the docstring (docs/tools.md);
     an unsupported signature raises :class:`TypeError` at once.
+    ``irreversible=True``: what the tool does cannot be undone, so a
+    provider that calls tools speculatively must wait for the caller's turn
+    to be confirmed first (docs/tools.md).
     """
     if fn is not None:
         return Tool(fn)
 
     def decorate(f: Callable[..., Any]) -> Tool:
-        return Tool(f, name=name, description=description)
+        return Tool(f, name=name, description=description, irreversible=irreversible)
 
     return decorate
 

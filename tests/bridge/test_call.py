@@ -27,6 +27,7 @@ from mediaserver.codec import Resampler, ulaw_encode
 from mediaserver.protocol import RemoteProtocolError, TwilioStream
 from mediaserver.protocol.providers import base as pv
 from mediaserver.tools import CallContext, ToolSet, tool
+from mediaserver.tools.builtins import BUILTINS
 from tests.fakes import (
     FakeLink,
     FakeTwilioCaller,
@@ -621,6 +622,32 @@ async def test_call_a_tool_call_the_model_withdraws_is_stopped_and_never_acted_o
         assert call.bridge.end_reason == "running" and rest.updates == []
         assert [c for _, c in link.commands if isinstance(c, pv.ToolResult)] == [pv.ToolResult("call_3", "done")]
         assert call.bridge.stats.tool_calls == ["slow", "transfer_out", "slow"]
+
+
+@fail_after(60)
+@pytest.mark.parametrize("withdrawn", ["call_end", "call_other"])
+async def test_call_an_end_call_the_model_withdraws_while_its_goodbye_plays_does_not_hang_up(
+    withdrawn: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """end_call returns at once and hangs up after the goodbye: withdrawing it then (Deepgram's speculative
+    dispatch, a barge-in on the goodbye) keeps the caller on the line; withdrawing another call does not."""
+    link = FakeLink()
+    async with bridged(link, tools=ToolSet([BUILTINS["end_call"]])) as call:
+        link.emit(pv.AudioDelta("item_1", audio(2000)))  # the goodbye, 2 s of it
+        link.emit(pv.ToolCall("call_end", "end_call", '{"reason": "bye"}'))
+        await trio.sleep(0.5)
+        assert [c for _, c in link.commands if isinstance(c, pv.ToolResult)]  # (answered at once)
+        link.emit(pv.ToolCallsCancelled((withdrawn,)))
+        await trio.sleep(5)
+        if withdrawn == "call_end":
+            assert call.bridge.end_reason == "running"
+            # a later end_call still works
+            link.emit(pv.ToolCall("call_end_2", "end_call", '{"reason": "really"}'))
+            await call.done.wait()
+            assert call.bridge.end_reason == "agent hung up: really"
+        else:
+            await call.done.wait()
+            assert call.bridge.end_reason == "agent hung up: bye"
 
 
 @fail_after(60)

@@ -49,6 +49,8 @@ WEATHER = pv.FunctionTool(
     {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 )
 
+HANG_UP = pv.FunctionTool("end_call", "Hang up", irreversible=True)
+
 
 def server(model: pydantic.BaseModel) -> str:
     return model.model_dump_json(exclude_none=True)
@@ -111,7 +113,7 @@ def assert_dead(session: DeepgramAgentSession) -> None:
 
 
 def test_deepgram_settings_go_out_only_after_welcome_and_validate_against_the_sdk() -> None:
-    session = new_session(greeting="Hello, how can I help?", tools=(WEATHER,))
+    session = new_session(greeting="Hello, how can I help?", tools=(WEATHER, HANG_UP))
     assert session.pending_messages() == []  # nothing owed before Welcome
     assert session.keepalive() == []  # no session to keep alive yet
     assert receive(session, WELCOME) == [pv.Other("Welcome", WELCOME)]
@@ -131,8 +133,11 @@ def test_deepgram_settings_go_out_only_after_welcome_and_validate_against_the_sd
     assert agent["think"] == {
         "provider": {"type": "open_ai", "model": "gpt-4o-mini"},
         "prompt": "Be brief.",
-        "functions": [WEATHER.to_json()],
+        # an irreversible function waits for the caller's turn to be confirmed (no speculative hang-up)
+        "functions": [WEATHER.to_json(), {**HANG_UP.to_json(), "defer_until_eot": True}],
     }
+    functions = model.agent.think.functions  # type: ignore[union-attr]
+    assert [f.defer_until_eot for f in functions] == [None, True]  # the SDK's own field, not an unknown extra
     assert agent["speak"] == {"provider": {"type": "deepgram", "model": "aura-2-thalia-en"}}
     assert agent["greeting"] == "Hello, how can I help?"
     assert receive(session, APPLIED) == [pv.SessionReady("req-1")]

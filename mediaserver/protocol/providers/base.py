@@ -104,6 +104,9 @@ class FunctionTool:
     """A function the model may call, in the neutral form every provider maps from.
 
     ``parameters`` is a JSON Schema object (``{"type": "object", ...}``).
+    ``irreversible``: the call cannot be undone (hanging up, a transfer); a
+    provider that may dispatch calls before the caller's turn is confirmed
+    is asked to hold this one until it is (Deepgram's ``defer_until_eot``).
     """
 
     name: str
@@ -111,6 +114,7 @@ class FunctionTool:
     parameters: Mapping[str, object] = field(
         default_factory=lambda: MappingProxyType({"type": "object", "properties": {}})
     )
+    irreversible: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:

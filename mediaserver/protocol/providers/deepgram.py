@@ -173,7 +173,11 @@ class DeepgramAgentConfig:
         }
         if self.tools:
             # No ``endpoint``: the function is called client-side (SDK ThinkSettingsV1FunctionsItem).
-            think["functions"] = [tool.to_json() for tool in self.tools]
+            # An irreversible one (end_call, a transfer) waits for the caller's turn to be confirmed: Deepgram
+            # otherwise dispatches calls speculatively and withdraws them if the caller goes on.
+            think["functions"] = [
+                {**tool.to_json(), "defer_until_eot": True} if tool.irreversible else tool.to_json() for tool in self.tools
+            ]
         agent: dict[str, object] = {
             "listen": {"provider": {"type": "deepgram", "version": version, "model": self.listen_model}},
             "think": think,
