@@ -293,6 +293,7 @@ class CallBridge:
         self._response_open = False
         self._open_response: str | None = None  # the id of the response last started
         self._ending = False
+        self._model_gone = False  # the model closed with audio still to play (see _provider_closed)
         self._hang_up_scope: trio.CancelScope | None = None  # an end_call's hang-up, waiting for the goodbye
         self._hang_up_call: str | None = None  # the tool call that asked for it (the model may withdraw it)
         self._digits: _DigitCollector | None = None
@@ -441,7 +442,7 @@ class CallBridge:
 
     async def _uplink(self, frame: bytes) -> None:
         frame = self._up_frame(frame)
-        if frame:
+        if frame and not self._model_gone:
             self._up_waiting = True  # (while this waits, Twilio's socket is not read: see the idle watchdog)
             try:
                 await self.link.send(pv.SendAudio(frame))
@@ -545,6 +546,8 @@ class CallBridge:
         a task per socket, so a stalled model cannot make the backlog grow
         without bound (and the idle watchdog sees the silence).
         """
+        if self._model_gone:  # (the goodbye plays out: the caller's audio has nowhere to go)
+            return True
         if self._up_pcm:
             frame = self._up_frame(frame)
         if not frame:  # (the resampler filling, or an empty media payload: nothing to send)
@@ -595,8 +598,37 @@ class CallBridge:
                 await self._barge_in()
 
     def _provider_closed(self, exc: ProviderClosed) -> None:
+        """The model's side is over: the call ends, once what it said before that has played.
+
+        A model may stream a goodbye faster than real time and close at
+        once (ElevenLabs' own end_call, a session's maximum length): the
+        audio already here is the caller's to hear, for up to
+        ``goodbye_timeout_s``.  Meanwhile the caller's audio is dropped.
+        """
         # (the call's end line says why, at warning level: one line, as for a Twilio protocol error)
-        self._end(f"provider ended: {exc.reason}")
+        reason = f"provider ended: {exc.reason}"
+        if self._model_gone:
+            return
+        if self._nursery is None or self.end_reason != "running" or self.twilio.state is not StreamState.STREAMING:
+            self._end(reason)
+            return
+        item = self._pending_item
+        if item is not None and item not in self._interrupted:
+            if self._down_tail:
+                self._resampler_tail(item)
+            self._flush_pending(item)
+        self._generating.clear()  # nothing more is coming: no reply is still being said
+        self._response_open = False
+        if self._quiet():
+            self._end(reason)
+            return
+        self._model_gone = True
+        self._nursery.start_soon(self._play_out, reason)
+
+    async def _play_out(self, reason: str) -> None:
+        if not await self.wait_played(self.goodbye_timeout_s):
+            log.warning("call %s: the model's last words still playing after %g s; hanging up", self.call_sid, self.goodbye_timeout_s)
+        self._end(reason)
 
     def _on_provider_event(self, event: pv.ProviderEvent) -> object:
         """One provider event, handled at once; _BARGE if the caller's task must barge in, _STOP if the call ends."""
@@ -774,7 +806,7 @@ class CallBridge:
         try:
             await self.link.send(pv.ToolResult(call.call_id, output, respond=respond))
         except ProviderClosed as exc:
-            self._end(f"provider ended: {exc.reason}")
+            self._provider_closed(exc)
 
     def _cancel_tools(self, call_ids: Sequence[str]) -> None:
         for call_id in call_ids:
@@ -885,7 +917,7 @@ class CallBridge:
         try:
             await self.link.send(pv.SendText(text))
         except ProviderClosed as exc:
-            self._end(f"provider ended: {exc.reason}")
+            self._provider_closed(exc)
 
     # -- downlink --------------------------------------------------------------
 

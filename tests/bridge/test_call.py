@@ -491,6 +491,26 @@ async def test_call_stop_ends_the_call_at_once(autojump_clock: trio.testing.Mock
 
 
 @fail_after(60)
+async def test_call_a_model_that_closes_after_its_goodbye_has_it_played_first(autojump_clock: trio.testing.MockClock) -> None:
+    """A goodbye streamed faster than real time, then the model closes (ElevenLabs' end_call, a session limit):
+    the caller hears all of it, then the call ends; their audio meanwhile goes nowhere and breaks nothing."""
+    link = FakeLink()
+    async with bridged(link) as call:
+        await trio.sleep(0.2)
+        goodbye = audio(3000) + audio(10, 0x66)  # (a part-chunk tail, never said done)
+        link.emit(pv.ResponseStarted("resp_1"), pv.AudioDelta("item_1", goodbye))
+        await trio.sleep(0.01)
+        link.close("fake model went away")
+        await call.caller.send_audio(audio(1000))  # the caller talks on while the goodbye plays
+        await call.done.wait()
+        assert call.caller.received_audio == goodbye
+        assert call.ended_s == pytest.approx(call.started_s + 0.2 + 3.01, abs=0.05)  # once its last mark came back
+        assert call.bridge.end_reason == "provider ended: fake model went away"
+        assert len(link.audio_in) < 8 * 1000  # (what reached the model before it closed, not a second of it)
+        await call.caller.closed.wait()
+
+
+@fail_after(60)
 async def test_call_provider_closing_ends_the_call(autojump_clock: trio.testing.MockClock) -> None:
     link = FakeLink()
     async with bridged(link) as call:
