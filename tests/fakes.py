@@ -590,6 +590,7 @@ class FakeTwilioCaller:
         self.closed = trio.Event()
         self.closed_at_s: float | None = None
         self.close_code: int | None = None
+        self.close_reason = ""
         self.played_marked_bytes = 0
         self.stopped_at_s: float | None = None
         self._transport: CallerTransport | None = None
@@ -725,6 +726,7 @@ class FakeTwilioCaller:
                     self.closed_at_s = trio.current_time()
                     reason = getattr(exc, "reason", None)
                     self.close_code = getattr(reason, "code", None)
+                    self.close_reason = getattr(reason, "reason", None) or ""
                     self.closed.set()
                     self._notify()
                     return

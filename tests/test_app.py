@@ -31,6 +31,7 @@ from openai.types.realtime.realtime_audio_formats import AudioPCM, AudioPCMU
 import mediaserver.app as app_module
 from mediaserver.bridge.registry import SHUTDOWN_GRACE_S
 from mediaserver.config import Settings
+from mediaserver.protocol.twilio import DEFAULT_MAX_MESSAGE_BYTES
 from mediaserver.server import serve
 
 from tests.fakes import (
@@ -589,7 +590,9 @@ async def test_app_model_failure_hangs_up_the_call(how: str, caplog: pytest.LogC
         session = await model.session(0)
         assert caller.closed_at_s is not None and session.closed_at_s is not None
         assert caller.closed_at_s - session.closed_at_s < 1.0
-        assert caller.close_code == 1000
+        # a failed call's stream says so (Twilio ignores it; mediaserver dial reports the call failed)
+        assert caller.close_code == 1011 and caller.close_reason.startswith("provider ended: openai ")
+        assert len(caller.close_reason.encode()) <= 123
         health = await http_request(url + "/healthz")
         assert json.loads(health.body)["active_calls"] == 0
     # One line says how the call failed (a warning), as for a Twilio protocol error: not a second one before it.
@@ -659,7 +662,7 @@ async def test_app_malformed_message_ends_only_that_call(caplog: pytest.LogCaptu
             before = len(call_log(caplog, CALL_A))
             await bad.send_raw('{"event": "media", "sequenceNumber": "7", "media": ')  # truncated JSON
             await bad.closed.wait()
-            assert bad.close_code == 1000
+            assert bad.close_code == 1002 and bad.close_reason.startswith("protocol error: message is not valid JSON")
             # The other call still works: it gets its burst echoed.
             await good.send_audio(burst)
             await good.send_silence(600)
@@ -673,6 +676,21 @@ async def test_app_malformed_message_ends_only_that_call(caplog: pytest.LogCaptu
     assert lines[0].getMessage().startswith(f"call {CALL_A}: ended (protocol error: message is not valid JSON")
     assert dominant_frequency_hz(from_ulaw(good.received_audio), 8000) == pytest.approx(1000, abs=16)
     assert good.errors == [] and bad.errors == []
+
+
+@fail_after(10)
+async def test_app_a_stream_that_breaks_the_websocket_protocol_ends_with_a_protocol_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """We close it (1009 for a message over the limit): a protocol error, one warning, not a caller who hung up."""
+    async with running(base_settings()) as url, phone_call(url) as caller:
+        await caller.send_silence(100)
+        await caller.send_raw("x" * (DEFAULT_MAX_MESSAGE_BYTES + 1))
+        await caller.closed.wait()
+        assert caller.close_code == 1009
+    [ended] = [r for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    assert ended.levelno == logging.WARNING
+    assert " ended (protocol error: the Twilio stream broke the WebSocket protocol (1009 " in ended.getMessage()
 
 
 @fail_after(10)

@@ -294,7 +294,7 @@ async def test_a_malformed_message_ends_only_that_call(caplog: pytest.LogCapture
             before = len(call_log(caplog, CALL_A))
             await bad.send_raw('{"event": "media", "sequenceNumber": "7", "media": ')  # truncated JSON
             await bad.closed.wait()
-            assert bad.close_code == 1000
+            assert bad.close_code == 1002
             await good.send_silence(300)
             sessions = [await model.session(0), await model.session(1)]
             good_session = next(s for s in sessions if not s.closed.is_set())
@@ -406,7 +406,7 @@ async def test_a_bug_in_a_handler_ends_that_call_only(monkeypatch: pytest.Monkey
             await good.send_silence(200)
             await good.stop()
             await good.closed.wait()
-    assert bad.close_code == 1000
+    assert bad.close_code == 1011 and bad.close_reason == "failed: RuntimeError('a bug in the handler')"
     assert any(
         f"call {CALL_A}: ended (failed: RuntimeError('a bug in the handler'))" in r.getMessage()
         for r in call_log(caplog, CALL_A)

@@ -82,7 +82,20 @@ _MEDIA, _STOP, _OTHER, _BARGE = object(), object(), object(), object()
 
 
 class StreamClosed(Exception):
-    """The Twilio WebSocket is gone."""
+    """The Twilio WebSocket is gone.
+
+    ``violation``: we closed it because Twilio's side broke the WebSocket
+    protocol (the call ends with a protocol error, not a hang-up).
+    """
+
+    def __init__(self, message: str, *, violation: bool = False) -> None:
+        super().__init__(message)
+        self.violation = violation
+
+
+def stream_closed_reason(exc: StreamClosed) -> str:
+    """The end reason for a Twilio stream that closed."""
+    return f"protocol error: {exc}" if exc.violation else "twilio hung up"
 
 
 class StreamEnd(NamedTuple):
@@ -391,8 +404,8 @@ class CallBridge:
                 poll = False
             try:
                 message = await self.stream.receive()
-            except StreamClosed:
-                self._end("twilio hung up")
+            except StreamClosed as exc:
+                self._end(stream_closed_reason(exc))
                 return
             received_s = self._last_heard_s = self._now()
             kind = self._on_twilio(message)

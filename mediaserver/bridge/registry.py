@@ -40,7 +40,7 @@ from mediaserver.protocol.twilio import TwilioStream
 from mediaserver.tools import load_toolset
 from mediaserver.twilio_rest import TwilioRest
 
-from .call import FAILED, REFUSED, CallBridge, MessageStream, PolledStream, StreamClosed, StreamEnd
+from .call import FAILED, REFUSED, CallBridge, MessageStream, PolledStream, StreamClosed, StreamEnd, stream_closed_reason
 from .link import AgentOptions, ProviderClosed, ProviderLink
 
 if TYPE_CHECKING:
@@ -445,8 +445,8 @@ class CallManager:
             ended(f"protocol error: {group.exceptions[0]}")
         except* ProviderClosed as group:
             ended(f"provider ended: {group.exceptions[0]}")
-        except* StreamClosed:
-            ended("twilio hung up")
+        except* StreamClosed as group:
+            ended(stream_closed_reason(group.exceptions[0]))  # type: ignore[arg-type]
         except* Exception as group:
             ended(f"failed: {group.exceptions[0]!r}")
             log.error("call %s: failed", start.call_sid, exc_info=group)
@@ -479,11 +479,26 @@ class CallManager:
                 if st.reply.count
                 else "no timed replies",
             )
-        return None
+        return _stream_end(bridge.end_reason)
 
 
 # End reasons that are failures: the call's end line is a warning (and the only line about it).
 _FAILED_ENDS = ("protocol error", "provider ended", "provider error", "idle", "failed")
+PROTOCOL_ERROR = 1002
+MAX_CLOSE_REASON_BYTES = 123  # RFC 6455: a close frame's payload is at most 125 bytes, the code included
+
+
+def _stream_end(reason: str) -> StreamEnd | None:
+    """How to close the stream of a call that ended for ``reason``: None (1000) unless it failed.
+
+    A failed call's stream closes with 1002 (a Twilio protocol error) or
+    1011 and the end reason, so that tools that watch the close code
+    (``mediaserver dial``) see the failure; Twilio ignores both.
+    """
+    if not reason.startswith(_FAILED_ENDS):
+        return None
+    code = PROTOCOL_ERROR if reason.startswith("protocol error") else FAILED
+    return StreamEnd(code, reason.encode()[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore"))
 
 
 def _is_stop(message: str | bytes) -> bool:

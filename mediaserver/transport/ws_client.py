@@ -76,11 +76,16 @@ Stream = trio.abc.Stream
 
 
 class WebSocketClosed(Exception):
-    """The connection is closed: ``code`` (RFC 6455 status, 1006 without a close frame) and ``reason``."""
+    """The connection is closed: ``code`` (RFC 6455 status, 1006 without a close frame) and ``reason``.
 
-    def __init__(self, code: int, reason: str = "") -> None:
+    ``violation``: we closed it because the peer broke the protocol (bad
+    framing or UTF-8, a message over the size limit), not the peer.
+    """
+
+    def __init__(self, code: int, reason: str = "", *, violation: bool = False) -> None:
         self.code = code
         self.reason = reason
+        self.violation = violation
         try:
             name = CloseReason(code).name
         except ValueError:
@@ -263,9 +268,9 @@ class ClientWebSocket:
         if unsent:
             self._backlog[:0] = unsent
 
-    def _closed_now(self, code: int, reason: str = "") -> WebSocketClosed:
+    def _closed_now(self, code: int, reason: str = "", *, violation: bool = False) -> WebSocketClosed:
         if self.closed is None:
-            self.closed = WebSocketClosed(code, reason)
+            self.closed = WebSocketClosed(code, reason, violation=violation)
         return self.closed
 
     # -- receiving -------------------------------------------------------------
@@ -399,7 +404,7 @@ class ClientWebSocket:
             self._ws.receive_data(data)
             events = list(self._ws.events())
         except RemoteProtocolError as exc:
-            self._closed_now(CloseReason.PROTOCOL_ERROR, str(exc))
+            self._closed_now(CloseReason.PROTOCOL_ERROR, str(exc), violation=True)
             if isinstance(exc.event_hint, CloseConnection):  # (a handshake's hint is an HTTP answer: not ours to send)
                 await self._send_quietly(exc.event_hint)
             self._broken = True
@@ -414,7 +419,7 @@ class ClientWebSocket:
                 return
             self._size += len(event.data.encode()) if isinstance(event.data, str) else len(event.data)  # bytes, as the fast path
             if self._size > self._max:
-                self._closed_now(CloseReason.MESSAGE_TOO_BIG, f"message over {self._max} bytes")
+                self._closed_now(CloseReason.MESSAGE_TOO_BIG, f"message over {self._max} bytes", violation=True)
                 await self._send_quietly(CloseConnection(CloseReason.MESSAGE_TOO_BIG))
                 return
             # Text and binary never interleave.  An empty fragment counts nothing against the size limit, so it is
@@ -433,7 +438,7 @@ class ClientWebSocket:
             if self._ws.state is ConnectionState.OPEN:
                 # Not the peer's close: wsproto's verdict on its bytes (1002 bad framing, 1007 bad UTF-8).
                 # Say so to the peer now; wsproto reads nothing after them, so no close reply can be awaited.
-                self._closed_now(event.code, f"the peer broke the protocol: {event.reason or event.code}")
+                self._closed_now(event.code, f"the peer broke the protocol: {event.reason or event.code}", violation=True)
                 await self._send_quietly(CloseConnection(event.code))  # (the code says it; wsproto's text is for our log)
                 self._broken = True
                 return

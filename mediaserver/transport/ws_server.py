@@ -66,7 +66,7 @@ class ServerStream(ClientWebSocket, MessageStream):
         messages = self._messages
         while not messages:  # (ClientWebSocket.receive, inlined: this runs for every frame of every call)
             if self.closed is not None:
-                raise StreamClosed(f"Twilio closed the stream (code {self.closed.code})")
+                raise _stream_closed(self.closed, "Twilio closed the stream")
             await self._read()
         return messages.popleft()
 
@@ -107,8 +107,10 @@ class ServerStream(ClientWebSocket, MessageStream):
             raise _stream_closed(exc) from None
 
 
-def _stream_closed(exc: WebSocketClosed) -> StreamClosed:
-    return StreamClosed(f"the Twilio stream is closed (code {exc.code})")
+def _stream_closed(exc: WebSocketClosed, closed: str = "the Twilio stream is closed") -> StreamClosed:
+    if exc.violation:
+        return StreamClosed(f"the Twilio stream broke the WebSocket protocol ({exc})", violation=True)
+    return StreamClosed(f"{closed} (code {exc.code})")
 
 
 def parse_upgrade(head: bytes) -> tuple[WSConnection, Request] | None:

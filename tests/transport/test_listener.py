@@ -150,7 +150,21 @@ async def test_an_oversize_message_is_refused_with_1009() -> None:
         assert closed.value.code == 1009
         while not rec.ended:
             await trio.sleep(0.01)
-    assert rec.ended == ["Twilio closed the stream (code 1009)"]
+    # we closed it, for Twilio's side breaking the protocol: the call ends with a protocol error, not a hang-up
+    assert rec.ended == [f"the Twilio stream broke the WebSocket protocol (1009 MESSAGE_TOO_BIG message over {MAX} bytes)"]
+
+
+@fail_after(5)
+async def test_a_text_frame_that_is_not_utf8_closes_with_1007_as_a_protocol_violation() -> None:
+    rec = Recorder()
+    frame = bytes([0x81, 0x82, 0, 0, 0, 0, 0xFF, 0xFE])  # FIN text, masked (key 0), 2 bytes that are not UTF-8
+    async with router(rec) as port:
+        answer = await raw_exchange(port, upgrade_head("/media-stream") + frame)
+        while not rec.ended:
+            await trio.sleep(0.01)
+    assert answer.partition(b"\r\n\r\n")[2][:4] == bytes([0x88, 0x02, 0x03, 0xEF])  # close, 1007
+    [ended] = rec.ended
+    assert ended.startswith("the Twilio stream broke the WebSocket protocol (1007 ")
 
 
 @fail_after(5)
