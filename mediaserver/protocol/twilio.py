@@ -112,6 +112,7 @@ __all__ = [
 # JSON); 64 KiB leaves room for a large ``start.customParameters`` while
 # refusing floods.  Same cap as openai-agents-python PR #5110 for this socket.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
+DTMF_KEYS: Final = frozenset("0123456789*#ABCD")  # a telephone keypad (A-D: the fourth column some have)
 
 # Numeric strings longer than this are refused before int() sees them, so
 # that every counter fits the native cursor's 64-bit integers (10**18 < 2**63;
@@ -471,10 +472,14 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         sequence_number = self._sequence(msg)
         self._check_stream_sid(msg)
         dtmf = obj_field(msg, "dtmf", "dtmf")
+        digit = str_field(dtmf, "digit", "dtmf.dtmf")
+        if len(digit) != 1 or digit not in DTMF_KEYS:
+            # (one key per event: anything else is not a keypress, and would reach the log and the model as is)
+            raise RemoteProtocolError(f"dtmf.digit must be one of 0-9, *, #, A-D, got {digit!r:.40}")
         return Dtmf(
             sequence_number=sequence_number,
             track=str_field(dtmf, "track", "dtmf.dtmf"),
-            digit=str_field(dtmf, "digit", "dtmf.dtmf"),
+            digit=digit,
         )
 
     def _parse_mark(self, msg: JsonObject) -> Mark:

@@ -340,6 +340,19 @@ def test_twilio_malformed_message_is_remote_error_and_kills_stream(text: str) ->
     assert_dead(stream)
 
 
+@pytest.mark.parametrize("digit", ["0", "9", "*", "#", "A", "D"])
+def test_twilio_dtmf_takes_one_keypad_key(digit: str) -> None:
+    assert receive(started_stream(), dtmf_msg(2, digit)) == [Dtmf(2, "inbound_track", digit)]
+
+
+@pytest.mark.parametrize("digit", ["", "12", "x", "a", "E", "1\n2026 ERROR forged", "١", "1" * 1500])
+def test_twilio_dtmf_that_is_not_one_key_is_remote_error(digit: str) -> None:
+    stream = started_stream()
+    with pytest.raises(RemoteProtocolError, match="dtmf.digit must be one of|digit. must be a non-empty string"):
+        stream.receive_message(dtmf_msg(2, digit))
+    assert_dead(stream)
+
+
 def test_twilio_binary_frame_is_remote_error() -> None:
     stream = TwilioStream()
     with pytest.raises(RemoteProtocolError, match="binary frame"):
