@@ -33,7 +33,12 @@ from mediaserver.protocol import twilio_events as tw
 from .model import CallRecord
 from .store import RecordsError, RecordStore, SaveCall, SetTwilioStatus, StoreOp, open_store
 
-__all__ = ["Recorder", "end_status", "open_recorder", "utc_now"]
+__all__ = ["Recorder", "RecordsUnavailable", "end_status", "open_recorder", "utc_now"]
+
+
+class RecordsUnavailable(Exception):
+    """The database did not answer a read in time."""
+
 
 log = logging.getLogger("mediaserver.records")
 
@@ -42,6 +47,9 @@ BATCH_SIZE = 100  # writes per transaction
 MAX_EXPECTED = 10_000  # webhook details kept for calls whose stream has not started
 SHUTDOWN_WRITE_S = 10.0  # at shutdown, how long the writer may take to write what is queued ...
 FINAL_WRITE_S = 5.0  # ... and then its last batch (a database that does not answer cannot hold the server up)
+
+READ_THREADS = 4  # reads (GET /calls/SID) at once, on threads of their own
+READ_TIMEOUT_S = 5.0  # a read the database has not answered by then is abandoned: 503
 
 CANCELLED = "cancelled: Twilio disconnected or shutdown"  # as the registry logs a call that never set a reason
 
@@ -84,6 +92,7 @@ class Recorder:
         self._idle = trio.Event()
         self._idle.set()
         self._live: dict[str, tuple[CallRecord, CallStats]] = {}
+        self._readers = trio.CapacityLimiter(READ_THREADS)  # (not trio's default limiter: DNS for new calls uses it)
         self._expected: OrderedDict[str, dict[str, str]] = OrderedDict()
 
     # -- hooks for the call path ------------------------------------------------------
@@ -164,14 +173,23 @@ class Recorder:
         live = self._live.get(call_sid)
         return None if live is None else self._snapshot(live[0], live[1], None, ended=False)
 
-    async def get(self, call_sid: str, *, wait_s: float = 1.0) -> CallRecord | None:
-        """A live call's snapshot, else the stored record (after up to ``wait_s`` for queued writes)."""
+    async def get(self, call_sid: str, *, wait_s: float = 1.0, timeout_s: float = READ_TIMEOUT_S) -> CallRecord | None:
+        """A live call's snapshot, else the stored record (after up to ``wait_s`` for queued writes).
+
+        The read runs on a thread of the records' own few (:data:`READ_THREADS`),
+        never on the threads new model connections need (DNS), and is
+        abandoned after ``timeout_s`` or when cancelled (a shutdown), raising
+        :class:`RecordsUnavailable`: a database that stopped answering holds
+        up neither the server nor its shutdown.
+        """
         record = self.live(call_sid)
         if record is not None:
             return record
         with trio.move_on_after(wait_s):
             await self.flushed()
-        return await trio.to_thread.run_sync(self.store.get, call_sid)
+        with trio.move_on_after(timeout_s):
+            return await trio.to_thread.run_sync(self.store.get, call_sid, abandon_on_cancel=True, limiter=self._readers)
+        raise RecordsUnavailable(f"no answer from the {self.store.description} within {timeout_s:g} s")
 
     async def flushed(self) -> None:
         """Return once everything queued so far has been written (or has failed)."""

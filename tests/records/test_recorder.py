@@ -15,7 +15,7 @@ from mediaserver.bridge.stats import CallStats
 from mediaserver.config import Settings
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.records.model import CallRecord, Turn
-from mediaserver.records.recorder import Recorder, end_status, open_recorder
+from mediaserver.records.recorder import Recorder, RecordsUnavailable, end_status, open_recorder
 from mediaserver.records.store import RecordStore, StoreOp, open_store
 from tests.fakes import fail_after
 
@@ -78,6 +78,45 @@ def store(records_settings: Callable[..., Settings]) -> Iterator[RecordStore]:
     opened = open_store(records_settings())
     yield opened
     opened.close()
+
+
+@fail_after(20)
+async def test_a_read_the_database_does_not_answer_is_abandoned_on_threads_of_its_own(store: RecordStore) -> None:
+    """GET /calls/SID on a stalled database: 503 after the timeout, and trio's default threads (DNS for new
+    model connections) stay free however many such requests come in."""
+    release = threading.Event()
+    real_get = store.get
+
+    def stuck_get(call_sid: str) -> CallRecord | None:
+        release.wait(10)
+        return real_get(call_sid)
+
+    store.get = stuck_get  # type: ignore[method-assign]
+    recorder = Recorder(store, clock=Clock())
+    default = trio.to_thread.current_default_thread_limiter()
+    failures: list[str] = []
+
+    async def read() -> None:
+        try:
+            await recorder.get("CAnone", wait_s=0, timeout_s=0.3)
+        except RecordsUnavailable as exc:
+            failures.append(str(exc))
+
+    try:
+        started_s = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(read)
+            await trio.sleep(0.1)
+            assert default.borrowed_tokens == 0  # the stuck reads hold only the records' own threads
+        assert trio.current_time() - started_s < 1.0
+        assert len(failures) == 10 and "within 0.3 s" in failures[0]
+        with trio.move_on_after(0.1) as cancelled:  # a shutdown cancels a read at once
+            await recorder.get("CAnone", wait_s=0, timeout_s=5)
+        assert cancelled.cancelled_caught
+    finally:
+        release.set()
+    assert await recorder.get("CAnone", wait_s=0) is None  # the database answers again: reads work
 
 
 @fail_after(20)
