@@ -433,6 +433,24 @@ async def test_a_partial_chunk_plays_when_the_model_pauses_without_saying_done()
 
 
 @fail_after(20)
+async def test_deltas_shorter_than_a_chunk_still_go_out_as_whole_chunks() -> None:
+    """30 ms deltas in real time: the part-chunk each leaves waits for the next (one chunk's time), rather than
+    going out alone whenever the handler wakes the pacer -- 40 ms chunks, not 40 + 20 ms ones (more messages)."""
+    reply = to_ulaw(tone(440, 1010, amplitude=0.3))
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(10)
+        await session.respond(reply, chunk_bytes=240, interval_s=0.030, done=False)
+
+    async with fake_openai(script) as model, running(openai_settings(model)) as url:
+        caller = await hear_reply(url, len(reply))
+    assert caller.received_audio == reply
+    sizes = [len(m.payload) for m in caller.received]
+    # 25 chunks of 320 and 80 over (one more if a delta came late); each part-chunk alone would make 34
+    assert len(sizes) <= 27 and sizes.count(320) >= 24, sizes
+
+
+@fail_after(20)
 async def test_messages_read_before_the_handler_was_registered_are_not_left_waiting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1062,7 +1062,8 @@ class CallBridge:
                     # hold the last < 40 ms of every reply until the next).
                     with trio.move_on_at(self._pending_s + self.chunk_s):
                         await self._queued.wait()
-                    if not self._queue and self._pending:
+                    # (Woken early is not the time up: a handler that sent what was due itself wakes this too.)
+                    if not self._queue and self._pending and self._now() >= self._pending_s + self.chunk_s:
                         self._flush_pending(self._pending_item)
                     continue
                 await self._queued.wait()
