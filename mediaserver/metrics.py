@@ -280,7 +280,7 @@ def render(totals: CallTotals, refused: Mapping[str, int], gauges: Gauges) -> st
         ("mediaserver_gaps_filled_total", totals.gaps_filled, "Missing caller frames concealed by the jitter buffer."),
         ("mediaserver_late_frames_total", totals.late_frames, "Caller frames dropped as late or duplicate."),
         ("mediaserver_barge_ins_total", totals.barge_ins, "Times the caller interrupted the agent (Twilio clear)."),
-        ("mediaserver_truncations_total", totals.truncations, "Model replies cut at what the caller heard."),
+        ("mediaserver_truncations_total", totals.truncations, "Model replies cut by a barge-in (the model is told what was heard where its API allows)."),
     ):
         w.metric(name, "counter", help_, [("", value)])
     w.histogram(
