@@ -18,6 +18,7 @@ from typing import TextIO
 from mediaserver.config import ConfigError, Settings, load_dotenv_file
 
 from .model import CallRecord
+from .migrations import MIGRATIONS, read_version
 from .store import RecordsError, RecordStore, open_store, sqlite_path
 
 __all__ = ["configure", "format_call", "format_table", "main"]
@@ -57,11 +58,22 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
         print(f"no call records yet: {sqlite_path(settings)} does not exist (the server creates it)", file=err)
         return 1
     try:
-        store = open_store(settings)
+        store = open_store(settings, migrate=False)  # (reading writes nothing: no schema change, no write lock)
     except RecordsError as exc:
         print(f"mediaserver calls: {exc}", file=err)
         return 2
     try:
+        version, latest = read_version(store), max(m.version for m in MIGRATIONS)
+        if version == 0:  # (no server has used it yet)
+            print(f"no calls recorded yet in the {store.description}", file=err)
+            return 1
+        if version < latest:
+            print(
+                f"mediaserver calls: the {store.description} has schema version {version}, this version of "
+                f"mediaserver reads {latest}: start `mediaserver serve` once to bring it up to date",
+                file=err,
+            )
+            return 2
         return _run(args, store, out, err)
     except Exception as exc:  # the database failed mid-query
         print(f"mediaserver calls: cannot read the {store.description}: {exc}", file=err)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-__all__ = ["MIGRATIONS", "Database", "Migration", "apply_migrations", "current_version"]
+__all__ = ["MIGRATIONS", "Database", "Migration", "apply_migrations", "current_version", "read_version"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +95,15 @@ def current_version(db: Database) -> int:
     with db.transaction():
         db.execute(_CREATE_MIGRATIONS_TABLE)
         rows = db.execute("SELECT MAX(version) FROM schema_migrations")
+    return int(rows[0][0] or 0)
+
+
+def read_version(db: Database) -> int:
+    """As :func:`current_version`, without writing anything (0 when there is no migrations table)."""
+    try:
+        rows = db.execute("SELECT MAX(version) FROM schema_migrations")
+    except Exception:  # no such table (each driver has its own error class)
+        return 0
     return int(rows[0][0] or 0)
 
 

@@ -94,7 +94,7 @@ class RecordStore:
         raise NotImplementedError
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, write: bool = True) -> Iterator[None]:
         raise NotImplementedError
         yield  # pragma: no cover
 
@@ -109,8 +109,9 @@ class RecordStore:
             return self._run(sql, params)
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        with self._lock, self._transaction():
+    def transaction(self, write: bool = True) -> Iterator[None]:
+        """One transaction; ``write=False`` for reads only (SQLite: no write lock, so a writer does not block it)."""
+        with self._lock, self._transaction(write):
             yield
 
     # -- schema and start-up ---------------------------------------------------------
@@ -219,7 +220,7 @@ class RecordStore:
 
     def get(self, call_sid: str) -> CallRecord | None:
         """One call with its transcript, or None."""
-        with self.transaction():
+        with self.transaction(write=False):
             rows = self.execute(f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE call_sid = ?", (call_sid,))
             if not rows:
                 return None
@@ -275,7 +276,7 @@ class SqliteStore(RecordStore):
         return self._conn.execute(sql, tuple(params)).fetchall()
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, write: bool = True) -> Iterator[None]:
         # Nesting is counted, not read from in_transaction: a COMMIT that failed (the database busy past the
         # timeout, a full disk) can leave the connection inside the transaction, and every later batch would
         # then look nested and never be committed.
@@ -286,7 +287,8 @@ class SqliteStore(RecordStore):
             finally:
                 self._depth -= 1
             return
-        self._conn.execute("BEGIN IMMEDIATE")
+        # BEGIN IMMEDIATE takes the write lock up front; a read (WAL mode) sees a snapshot without any lock
+        self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         self._depth = 1
         try:
             yield
@@ -351,7 +353,7 @@ class PostgresStore(RecordStore):
         return list(cursor.fetchall()) if cursor.description is not None else []
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, write: bool = True) -> Iterator[None]:
         if self._conn.closed:  # the server restarted or the network dropped: try once more
             self._conn = self._connect()
         with self._conn.transaction():

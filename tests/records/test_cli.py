@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 from mediaserver.__main__ import main
 from mediaserver.config import Settings
 from mediaserver.records.model import CallRecord, Turn
+from mediaserver.records.migrations import MIGRATIONS
 from mediaserver.records.store import open_store
 
 
@@ -96,6 +99,32 @@ def test_cli_shows_one_call_with_its_transcript(cli: Callable[..., int], capsys:
     assert json.loads(capsys.readouterr().out) == first.to_json()
     assert cli("--json", "show", first.call_sid) == 0  # (the flag before the command, as the README has it)
     assert json.loads(capsys.readouterr().out) == first.to_json()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_cli_reads_while_the_server_writes_and_never_changes_the_schema(
+    cli: Callable[..., int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reading takes no write lock (a server mid-write does not make it wait) and migrates nothing."""
+    settings: Settings = cli.settings  # type: ignore[attr-defined]
+    first = seed(settings)[0]
+    path = Path(settings.data_dir) / "calls.sqlite3"
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # as the server's writer holds it during a batch
+        started = time.monotonic()
+        assert cli("show", first.call_sid) == 0 and cli() == 0
+        assert time.monotonic() - started < 2.0  # (a write lock would have made it wait 10 s and fail)
+        writer.execute("ROLLBACK")
+        # A database an older server made: the CLI says so rather than migrating it under that server.
+        latest = max(m.version for m in MIGRATIONS)
+        writer.execute("DELETE FROM schema_migrations WHERE version = ?", (latest,))
+        capsys.readouterr()
+        assert cli() == 2
+        assert f"reads {latest}: start `mediaserver serve` once" in capsys.readouterr().err
+        assert writer.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] == latest - 1
+    finally:
+        writer.close()
 
 
 def test_cli_unknown_sid_and_empty_database(cli: Callable[..., int], capsys: pytest.CaptureFixture[str]) -> None:
