@@ -29,6 +29,7 @@ from mediaserver.config import ConfigError, Settings
 
 from tests.fakes import band_energy_ratio, dominant_frequency_hz, fail_after, from_ulaw, pcm16, to_ulaw, tone
 from tests.pcm_fake import FakePcmModel, PcmModelSession, Script
+from tests.records.test_server_records import stored
 from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running
 
 RATES = (8000, 16000, 24000)
@@ -266,7 +267,7 @@ async def test_pcm_a_caller_who_hangs_up_while_the_model_loads_closes_it_at_once
         await trio.sleep(4.0)  # loading (docs/pcm-protocol.md: "ready" may take a few seconds)
         await session.send_json({"type": "ready"})
 
-    async with fake_model(script, send_ready=False) as model, running(pcm_settings(model)) as url:
+    async with fake_model(script, send_ready=False) as model, running(settings := pcm_settings(model)) as url:
         async with phone_call(url) as caller:
             await caller.send_silence(1000)
             await caller.stop()
@@ -278,6 +279,9 @@ async def test_pcm_a_caller_who_hangs_up_while_the_model_loads_closes_it_at_once
     assert closed_after_s < 1.0
     assert session.frames_in == 0  # nothing was sent to a model on its way out
     assert any("hung up before the model session was ready" in r.getMessage() for r in call_log(caplog, CALL_A))
+    record = stored(settings, CALL_A)  # the caller's choice, not a failure
+    assert record is not None and record.status == "completed"
+    assert record.end_reason == "caller hung up before the model session was ready"
 
 
 @fail_after(30)

@@ -321,7 +321,8 @@ class CallManager:
                         log.info("call %s: the caller hung up before the model session was ready", start.call_sid)
                         if self.recorder is not None:
                             self.recorder.call_failed(
-                                start, "caller hung up before the model session was ready", self.settings.provider
+                                start, "caller hung up before the model session was ready", self.settings.provider,
+                                status="completed",  # (the caller's choice: nothing broke)
                             )
                         return None
                     stream = waited

@@ -137,10 +137,13 @@ class Recorder:
             return
         self._put(SaveCall(self._snapshot(live[0], stats, end_reason, ended=True)))
 
-    def call_failed(self, start: tw.Start, reason: str, provider: str | None = None) -> None:
-        """The stream came but could not be bridged (no model session, say): a ``failed`` record."""
+    def call_failed(self, start: tw.Start, reason: str, provider: str | None = None, *, status: str = "failed") -> None:
+        """The stream came but could not be bridged (no model session, say): a ``failed`` record.
+
+        ``status="completed"`` when nothing broke (the caller hung up before the model session was ready).
+        """
         record = self._new_record(start, provider)
-        record.status, record.end_reason = "failed", reason
+        record.status, record.end_reason = status, reason
         record.ended_at = record.started_at
         record.duration_s = 0.0
         self._put(SaveCall(record))
