@@ -32,11 +32,10 @@ TLS terminator or tunnel.  :func:`public_url` takes, in order: the configured
 client-controlled unless a proxy sets them, so production should configure
 the public URL.
 
-One-time stream tokens
-----------------------
-:class:`CallTokens` issues a random token per answered call, to be put in the
-TwiML ``<Parameter>`` and checked in the stream's ``start.customParameters``.
-Tokens are single-use, expire, and the table is bounded.
+The one-time stream tokens (a random token per answered call, put in the
+TwiML ``<Parameter>`` and checked in the stream's ``start.customParameters``)
+are issued and checked by the call manager with the pre-opened model
+session they stand for (:mod:`mediaserver.bridge.registry`).
 """
 
 from __future__ import annotations
@@ -46,9 +45,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
-import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
@@ -57,7 +54,6 @@ from mediaserver.protocol.twilio_events import is_sid_like
 __all__ = [
     "MEDIA_STREAM_PATH",
     "SIGNATURE_HEADER",
-    "CallTokens",
     "HeaderSource",
     "body_sha256",
     "compute_signature",
@@ -395,75 +391,3 @@ def _first(headers: HeaderSource, lower_name: str) -> str | None:
             first = value.split(",", 1)[0].strip()
             return first or None
     return None
-
-
-# --------------------------------------------------------------------------
-# One-time stream tokens
-
-
-@dataclass(frozen=True, slots=True)
-class _Issued:
-    call_sid: str
-    expires_at: float
-
-
-class CallTokens:
-    """One-time, expiring tokens binding a Media Stream to the call that was answered.
-
-    The webhook calls :meth:`issue` and puts the token in a ``<Parameter>``;
-    the stream handler calls :meth:`redeem` with the token from
-    ``start.customParameters`` and gets the call SID back exactly once.
-
-    A token issued at ``t`` is valid while ``now < t + ttl_s`` and expired from
-    ``t + ttl_s`` on.  At most ``max_entries`` tokens are kept; issuing beyond
-    that evicts the oldest, so a flood of (replayed) webhooks costs bounded
-    memory and at worst fails the oldest pending streams closed.  ``now`` is
-    supplied by the caller (``trio.current_time()``) and must not decrease.
-    """
-
-    # 32 random bytes -> 43 URL-safe characters: unguessable, and far below
-    # Twilio's 500-character limit on a <Parameter> name + value.
-    TOKEN_BYTES = 32
-
-    def __init__(self, ttl_s: float = 60.0, max_entries: int = 10_000) -> None:
-        if not ttl_s > 0:
-            raise ValueError(f"ttl_s must be positive, not {ttl_s!r}")
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be at least 1, not {max_entries!r}")
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        # Insertion order == issue order == expiry order (constant TTL,
-        # non-decreasing now), so the oldest and the soonest-expired are first.
-        self._tokens: dict[str, _Issued] = {}
-
-    def issue(self, call_sid: str, now: float) -> str:
-        """A fresh token for ``call_sid``, valid until ``now + ttl_s``."""
-        self.prune(now)
-        token = secrets.token_urlsafe(self.TOKEN_BYTES)
-        self._tokens[token] = _Issued(call_sid, now + self.ttl_s)
-        while len(self._tokens) > self.max_entries:
-            del self._tokens[next(iter(self._tokens))]
-        return token
-
-    def redeem(self, token: str, now: float) -> str | None:
-        """The call SID ``token`` was issued for, once; None if unknown, used or expired."""
-        issued = self._tokens.pop(token, None)
-        self.prune(now)
-        if issued is None or now >= issued.expires_at:
-            return None
-        return issued.call_sid
-
-    def prune(self, now: float) -> int:
-        """Drop tokens expired at ``now``; returns how many were dropped."""
-        dropped = 0
-        while self._tokens:
-            oldest = next(iter(self._tokens))
-            if now < self._tokens[oldest].expires_at:
-                break
-            del self._tokens[oldest]
-            dropped += 1
-        return dropped
-
-    def __len__(self) -> int:
-        """Tokens held, including expired ones not yet pruned (see :meth:`prune`)."""
-        return len(self._tokens)

@@ -23,7 +23,6 @@ from werkzeug.datastructures import Headers, MultiDict
 
 from mediaserver.security import (
     MEDIA_STREAM_PATH,
-    CallTokens,
     body_sha256,
     compute_signature,
     public_url,
@@ -496,109 +495,6 @@ def test_stream_url(scheme: str, configured: str | None, expected: str) -> None:
 
 def test_stream_url_custom_path() -> None:
     assert stream_url("/s", configured=None, scheme="https", host="h.example", headers={}) == "wss://h.example/s"
-
-
-# --------------------------------------------------------------------------
-# CallTokens
-
-
-def test_call_tokens_redeem_once() -> None:
-    tokens = CallTokens()
-    token = tokens.issue("CA1", now=10.0)
-    assert len(tokens) == 1
-    assert tokens.redeem(token, now=11.0) == "CA1"
-    assert tokens.redeem(token, now=11.0) is None
-    assert len(tokens) == 0
-
-
-def test_call_tokens_unknown_token() -> None:
-    tokens = CallTokens()
-    tokens.issue("CA1", now=0.0)
-    assert tokens.redeem("not-a-token", now=0.0) is None
-    assert tokens.redeem("", now=0.0) is None
-    assert len(tokens) == 1
-
-
-def test_call_tokens_are_random_and_urlsafe() -> None:
-    tokens = CallTokens()
-    issued = {tokens.issue("CA1", now=0.0) for _ in range(200)}
-    assert len(issued) == 200
-    for token in issued:
-        assert len(token) == 43
-        assert set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-
-
-def test_call_tokens_expire_exactly_at_ttl() -> None:
-    tokens = CallTokens(ttl_s=60.0)
-    before, at, after = (tokens.issue("CA1", now=100.0) for _ in range(3))
-    assert tokens.redeem(before, now=159.999) == "CA1"
-    assert tokens.redeem(at, now=160.0) is None
-    assert tokens.redeem(after, now=1e9) is None
-    assert len(tokens) == 0
-
-
-def test_call_tokens_expired_entries_are_pruned() -> None:
-    tokens = CallTokens(ttl_s=5.0)
-    for i in range(10):
-        tokens.issue(f"CA{i}", now=float(i))
-    assert len(tokens) == 5  # issued at 5..9 are live at now=9
-    assert tokens.prune(now=12.0) == 3
-    assert len(tokens) == 2
-    tokens.issue("CAx", now=100.0)
-    assert len(tokens) == 1
-
-
-def test_call_tokens_evict_oldest_beyond_max_entries() -> None:
-    tokens = CallTokens(ttl_s=60.0, max_entries=3)
-    issued = [tokens.issue(f"CA{i}", now=0.0) for i in range(5)]
-    assert len(tokens) == 3
-    assert [tokens.redeem(t, now=1.0) for t in issued] == [None, None, "CA2", "CA3", "CA4"]
-
-
-def test_call_tokens_flood_is_bounded() -> None:
-    tokens = CallTokens(ttl_s=3600.0, max_entries=100)
-    for i in range(5000):
-        tokens.issue("CA", now=i * 0.001)
-        assert len(tokens) <= 100
-    latest = tokens.issue("CAlast", now=5.0)
-    assert tokens.redeem(latest, now=5.0) == "CAlast"
-
-
-@pytest.mark.parametrize(("ttl_s", "max_entries"), [(0.0, 10), (-1.0, 10), (float("nan"), 10), (60.0, 0)])
-def test_call_tokens_reject_bad_settings(ttl_s: float, max_entries: int) -> None:
-    with pytest.raises(ValueError):
-        CallTokens(ttl_s=ttl_s, max_entries=max_entries)
-
-
-_OPS = st.lists(
-    st.tuples(st.sampled_from(["issue", "redeem"]), st.floats(0.0, 3.0), st.integers(0, 40)),
-    max_size=80,
-)
-
-
-@given(ops=_OPS, max_entries=st.integers(1, 6))
-def test_call_tokens_properties(ops: list[tuple[str, float, int]], max_entries: int) -> None:
-    """Bounded, at most once, never after expiry, and never lost while among the newest."""
-    ttl_s = 2.0
-    tokens = CallTokens(ttl_s=ttl_s, max_entries=max_entries)
-    now = 0.0
-    issued: list[tuple[str, str, float]] = []  # (token, call sid, issued at), oldest first
-    redeemed: set[str] = set()
-    for op, dt, pick in ops:
-        now += dt
-        if op == "issue" or not issued:
-            issued.append((tokens.issue(f"CA{len(issued)}", now), f"CA{len(issued)}", now))
-        else:
-            index = pick % len(issued)
-            token, sid, at = issued[index]
-            got = tokens.redeem(token, now)
-            among_newest = index >= len(issued) - max_entries
-            if token not in redeemed and now < at + ttl_s and among_newest:
-                assert got == sid
-            if got is not None:
-                assert got == sid and token not in redeemed and now < at + ttl_s
-                redeemed.add(token)
-        assert len(tokens) <= max_entries
 
 
 # --------------------------------------------------------------------------

@@ -58,8 +58,6 @@ class CallStats:
     frames_in: int = 0
     frames_to_model: int = 0
     frames_out: int = 0
-    gaps_filled: int = 0
-    late_or_duplicate: int = 0
     barge_ins: int = 0
     truncations: int = 0
     uplink: LatencyHistogram = field(default_factory=LatencyHistogram)
