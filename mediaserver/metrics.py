@@ -57,6 +57,7 @@ _END_KINDS = (
     ("transferred to", "transferred"),
     ("idle:", "idle"),
     ("maximum call length", "max_length"),
+    ("model closed", "model_closed"),  # the model ended the session itself (a normal close)
     ("provider", "provider"),  # "provider ended: ..." and "provider error: ..."
     ("protocol error", "protocol_error"),
     ("failed", "failed"),

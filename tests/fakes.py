@@ -1071,13 +1071,16 @@ class FakeLink:
         self.audio_in = bytearray()
         self._send, self._receive = trio.open_memory_channel[pv.ProviderEvent](math.inf)
         self._closed_reason: str | None = None
+        self._closed_how: dict[str, bool] = {}
 
     def emit(self, *events: pv.ProviderEvent) -> None:
         for event in events:
             self._send.send_nowait(event)
 
-    def close(self, reason: str = "fake provider closed") -> None:
+    def close(self, reason: str = "fake provider closed", *, orderly: bool = False, broken: bool = False) -> None:
+        """The model's side ends: ``send`` and (after the events emitted so far) ``receive`` raise ProviderClosed."""
         self._closed_reason = reason
+        self._closed_how = {"orderly": orderly, "broken": broken}
         self._send.close()
 
     def truncates(self) -> list[pv.Truncate]:
@@ -1085,7 +1088,7 @@ class FakeLink:
 
     async def send(self, command: pv.ProviderCommand) -> None:
         if self._closed_reason is not None:
-            raise ProviderClosed(self._closed_reason)
+            raise ProviderClosed(self._closed_reason, **self._closed_how)
         self.commands.append((trio.current_time(), command))
         if isinstance(command, pv.SendAudio):
             self.audio_in += command.payload
@@ -1095,4 +1098,4 @@ class FakeLink:
         try:
             return await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise ProviderClosed(self._closed_reason or "fake provider closed") from None
+            raise ProviderClosed(self._closed_reason or "fake provider closed", **self._closed_how) from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import logging
 import socket
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import trio
 
 from mediaserver.bridge import call as call_module
 from mediaserver.bridge.call import StreamClosed
+from mediaserver.protocol.errors import LocalProtocolError
 from mediaserver.transport import provider_ws, ws_client
 from mediaserver.transport.reactor import current_reactor
 from mediaserver.transport.tls import TLSStream
@@ -386,14 +388,18 @@ async def test_a_twilio_socket_that_takes_nothing_at_once_gets_every_chunk_in_or
     assert caller.errors == []
 
 
+@pytest.mark.parametrize("bug", [RuntimeError("a bug in the handler"), LocalProtocolError("a bug in the handler")])
 @fail_after(20)
-async def test_a_bug_in_a_handler_ends_that_call_only(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The reactor drops a handler that raises and reports it to the call's task: the call ends, logged, others go on."""
+async def test_a_bug_in_a_handler_ends_that_call_only(
+    bug: Exception, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reactor drops a handler that raises and reports it to the call's task: the call ends, logged, others go on.
+    (Our own misuse of a core, LocalProtocolError, is such a bug too: not a protocol error of Twilio's, 1002.)"""
     real_drain = call_module.CallBridge._drain_polled
 
     def drain(self: call_module.CallBridge, more: bool) -> None:
         if self.call_sid == CALL_A and self.stats.frames_in >= 5:
-            raise RuntimeError("a bug in the handler")
+            raise bug
         real_drain(self, more)
 
     monkeypatch.setattr(call_module.CallBridge, "_drain_polled", drain)
@@ -406,11 +412,8 @@ async def test_a_bug_in_a_handler_ends_that_call_only(monkeypatch: pytest.Monkey
             await good.send_silence(200)
             await good.stop()
             await good.closed.wait()
-    assert bad.close_code == 1011 and bad.close_reason == "failed: RuntimeError('a bug in the handler')"
-    assert any(
-        f"call {CALL_A}: ended (failed: RuntimeError('a bug in the handler'))" in r.getMessage()
-        for r in call_log(caplog, CALL_A)
-    )
+    assert bad.close_code == 1011 and bad.close_reason == f"failed: {bug!r}"
+    assert any(f"call {CALL_A}: ended (failed: {bug!r})" in r.getMessage() for r in call_log(caplog, CALL_A))
     assert any("reactor: the handler for fd" in r.getMessage() for r in caplog.records)
     assert [r.getMessage() for r in call_log(caplog, CALL_B) if " ended (" in r.getMessage()][0].startswith(
         f"call {CALL_B}: ended (twilio sent stop)"
@@ -430,6 +433,36 @@ async def test_a_partial_chunk_plays_when_the_model_pauses_without_saying_done()
         caller = await hear_reply(url, len(reply))
     assert caller.received_audio == reply
     assert [len(m.payload) for m in caller.received][-1] == 80
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+@fail_after(20)
+async def test_a_goodbye_streamed_before_the_model_goes_is_heard_in_full(how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """3 s of goodbye at once, then the model closes (1000: it ended the session) or its connection drops: the
+    caller hears all of it, then the call ends -- completed (1000) or failed (1011)."""
+    reply = to_ulaw(tone(440, 3000, amplitude=0.3))
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(10)
+        await session.respond(reply, chunk_bytes=4000)
+        if how == "close":
+            await session.close(1000, "bye")
+        else:
+            await session.abort()
+
+    async with fake_openai(script) as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            await caller.closed.wait()
+            nursery.cancel_scope.cancel()
+    assert caller.received_audio == reply
+    [ended] = [r for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    if how == "close":
+        assert caller.close_code == 1000 and ended.levelno == logging.INFO
+        assert " ended (model closed: openai connection closed: 1000 NORMAL_CLOSURE bye)" in ended.getMessage()
+    else:
+        assert caller.close_code == 1011 and ended.levelno == logging.WARNING
+        assert " ended (provider ended: openai connection closed" in ended.getMessage()
 
 
 @fail_after(20)

@@ -107,6 +107,7 @@ def test_every_end_reason_of_the_bridge_and_the_manager_has_its_kind() -> None:
         "transferred to +15550001111": "transferred",
         "idle: nothing from Twilio for 30 s": "idle",
         "maximum call length 3600 s": "max_length",
+        "model closed: openai connection closed: 1000 NORMAL_CLOSURE": "model_closed",
         "provider ended: openai closed the connection": "provider",
         "provider error: server_error": "provider",
         "protocol error: Twilio sent 'start' in state STREAMING": "protocol_error",

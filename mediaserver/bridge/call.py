@@ -69,6 +69,8 @@ from .stats import CallStats
 __all__ = ["CallBridge", "MessageStream", "PolledStream", "StreamClosed", "StreamEnd"]
 
 log = logging.getLogger("mediaserver.call")
+PLAY_OUT_READ_S = 1.0  # after the model closed, how long the provider reader may take to read what it sent before
+
 _TOOL_CALL: contextvars.ContextVar[str | None] = contextvars.ContextVar("mediaserver_tool_call", default=None)
 
 MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contractual)
@@ -306,7 +308,8 @@ class CallBridge:
         self._response_open = False
         self._open_response: str | None = None  # the id of the response last started
         self._ending = False
-        self._model_gone = False  # the model closed with audio still to play (see _provider_closed)
+        self._model_gone = False  # the model's side is over (see _provider_closed): nothing more goes to it
+        self._provider_done = trio.Event()  # the provider reader has returned
         self._hang_up_scope: trio.CancelScope | None = None  # an end_call's hang-up, waiting for the goodbye
         self._hang_up_call: str | None = None  # the tool call that asked for it (the model may withdraw it)
         self._digits: _DigitCollector | None = None
@@ -459,6 +462,9 @@ class CallBridge:
             self._up_waiting = True  # (while this waits, Twilio's socket is not read: see the idle watchdog)
             try:
                 await self.link.send(pv.SendAudio(frame))
+            except ProviderClosed as exc:
+                self._provider_closed(exc)
+                return
             finally:
                 self._up_waiting = False
             self.stats.frames_to_model += 1
@@ -566,7 +572,11 @@ class CallBridge:
         if not frame:  # (the resampler filling, or an empty media payload: nothing to send)
             return True
         self.stats.frames_to_model += 1
-        if self._nowait.send_audio_nowait(frame):
+        try:
+            if self._nowait.send_audio_nowait(frame):
+                return True
+        except ProviderClosed as exc:
+            self._provider_closed(exc)
             return True
         if self._flushing:
             return False
@@ -582,12 +592,20 @@ class CallBridge:
         """Write what ``send_nowait`` could not (the provider's socket was full or busy)."""
         try:
             await self._nowait.flush()
+        except ProviderClosed as exc:
+            self._provider_closed(exc)
         finally:
             self._flushing = False
 
     # -- provider events -----------------------------------------------------
 
     async def _provider_reader(self) -> None:
+        try:
+            await self._read_provider()
+        finally:
+            self._provider_done.set()
+
+    async def _read_provider(self) -> None:
         polled = self._polling
         while True:
             if polled:
@@ -611,20 +629,36 @@ class CallBridge:
                 await self._barge_in()
 
     def _provider_closed(self, exc: ProviderClosed) -> None:
-        """The model's side is over: the call ends, once what it said before that has played.
+        """The model's side is over (whichever task found out): the call ends, once what it said has played.
 
         A model may stream a goodbye faster than real time and close at
         once (ElevenLabs' own end_call, a session's maximum length): the
         audio already here is the caller's to hear, for up to
         ``goodbye_timeout_s``.  Meanwhile the caller's audio is dropped.
+        Not after a protocol error (``exc.broken``): the call ends at once.
+        A model that closed normally (``exc.orderly``) ends the call as
+        ``model closed: ...``, not as a failure.
         """
-        # (the call's end line says why, at warning level: one line, as for a Twilio protocol error)
-        reason = f"provider ended: {exc.reason}"
+        # (a failure's end line says why, at warning level: one line, as for a Twilio protocol error)
+        reason = f"model closed: {exc.reason}" if exc.orderly else f"provider ended: {exc.reason}"
         if self._model_gone:
             return
-        if self._nursery is None or self.end_reason != "running" or self.twilio.state is not StreamState.STREAMING:
+        self._model_gone = True
+        if (
+            exc.broken
+            or self._nursery is None
+            or self.end_reason != "running"
+            or self.twilio.state is not StreamState.STREAMING
+        ):
             self._end(reason)
             return
+        self._nursery.start_soon(self._play_out, reason)
+
+    async def _play_out(self, reason: str) -> None:
+        # What the model sent before it closed may still wait to be read (a send found out first): the provider
+        # reader reads to the close, and is given a moment to.
+        with trio.move_on_after(PLAY_OUT_READ_S):
+            await self._provider_done.wait()
         item = self._pending_item
         if item is not None and item not in self._interrupted:
             if self._down_tail:
@@ -632,13 +666,6 @@ class CallBridge:
             self._flush_pending(item)
         self._generating.clear()  # nothing more is coming: no reply is still being said
         self._response_open = False
-        if self._quiet():
-            self._end(reason)
-            return
-        self._model_gone = True
-        self._nursery.start_soon(self._play_out, reason)
-
-    async def _play_out(self, reason: str) -> None:
         if not await self.wait_played(self.goodbye_timeout_s):
             log.warning("call %s: the model's last words still playing after %g s; hanging up", self.call_sid, self.goodbye_timeout_s)
         self._end(reason)
@@ -1134,7 +1161,13 @@ class CallBridge:
         self.stats.barge_ins += 1
         for item, heard_ms in heard:
             self.stats.transcript.cut(item, heard_ms, generated[item] // tw.MULAW_SAMPLES_PER_MS)
-            await self.link.send(pv.Truncate(item, heard_ms))
+            if self._model_gone:
+                break
+            try:
+                await self.link.send(pv.Truncate(item, heard_ms))
+            except ProviderClosed as exc:
+                self._provider_closed(exc)
+                break
             self.stats.truncations += 1
         log.info(
             "call %s: barge-in, cut %s",

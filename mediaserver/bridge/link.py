@@ -44,11 +44,19 @@ class AgentOptions:
 
 
 class ProviderClosed(Exception):
-    """The provider's side of the session has ended (closed, failed or timed out)."""
+    """The provider's side of the session has ended (closed, failed or timed out).
 
-    def __init__(self, reason: str) -> None:
+    ``orderly``: the model ended the session itself, with a normal close
+    (a goodbye, a session limit): not a failure.  ``broken``: it sent
+    something malformed, so nothing more from it is to be trusted (the
+    audio already queued is not played out).
+    """
+
+    def __init__(self, reason: str, *, orderly: bool = False, broken: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.orderly = orderly
+        self.broken = broken
 
 
 class ProviderLink(Protocol):

@@ -34,7 +34,7 @@ from mediaserver.bridge.stats import SecondsHistogram
 from mediaserver.config import Settings
 from mediaserver.metrics import CONNECT_EDGES_S, CallTotals
 from mediaserver.protocol import twilio_events as tw
-from mediaserver.protocol.errors import ProtocolError
+from mediaserver.protocol.errors import LocalProtocolError, ProtocolError
 from mediaserver.protocol.twilio import TwilioStream
 
 from mediaserver.tools import load_toolset
@@ -442,7 +442,10 @@ class CallManager:
             if self.recorder is not None:
                 self.recorder.call_started(start, bridge.stats)
             await bridge.run()
-        except* ProtocolError as group:
+        except* LocalProtocolError as group:  # our own misuse of a core: a bug, not the peer's fault
+            ended(f"failed: {group.exceptions[0]!r}")
+            log.error("call %s: failed", start.call_sid, exc_info=group)
+        except* ProtocolError as group:  # what Twilio sent (the model's are ProviderClosed)
             ended(f"protocol error: {group.exceptions[0]}")
         except* ProviderClosed as group:
             ended(f"provider ended: {group.exceptions[0]}")

@@ -102,8 +102,13 @@ def read_version(db: Database) -> int:
     """As :func:`current_version`, without writing anything (0 when there is no migrations table)."""
     try:
         rows = db.execute("SELECT MAX(version) FROM schema_migrations")
-    except Exception:  # no such table (each driver has its own error class)
-        return 0
+    except Exception as exc:
+        # No such table: SQLite says "no such table: schema_migrations", PostgreSQL 'relation
+        # "schema_migrations" does not exist' (each driver has its own error class).  Anything else is an error.
+        message = str(exc)
+        if "schema_migrations" in message and ("no such table" in message or "does not exist" in message):
+            return 0
+        raise
     return int(rows[0][0] or 0)
 
 

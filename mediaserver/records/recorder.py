@@ -181,9 +181,9 @@ class Recorder:
 
         The read runs on a thread of the records' own few (:data:`READ_THREADS`),
         never on the threads new model connections need (DNS), and is
-        abandoned after ``timeout_s`` or when cancelled (a shutdown), raising
-        :class:`RecordsUnavailable`: a database that stopped answering holds
-        up neither the server nor its shutdown.
+        abandoned after ``timeout_s`` (raising :class:`RecordsUnavailable`)
+        or when cancelled (a shutdown): a database that stopped answering
+        holds up neither the server nor its shutdown.
         """
         record = self.live(call_sid)
         if record is not None:

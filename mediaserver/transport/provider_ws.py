@@ -53,6 +53,7 @@ from mediaserver.protocol.providers.base import (
 from mediaserver.transport.http import open_stream
 from mediaserver.transport.tls import open_tls_stream
 from mediaserver.transport.ws_client import (
+    CLOSED_BY_US,
     ClientWebSocket,
     HandshakeRejected,
     WebSocketClosed,
@@ -67,6 +68,7 @@ log = logging.getLogger("mediaserver.provider")
 # leaves room for session echoes with long instructions and tool schemas.
 MAX_PROVIDER_MESSAGE_BYTES = 8 * 1024 * 1024
 
+ORDERLY_CLOSE_CODES = (1000, 1001)  # the model ended the session (normal closure, going away): not a failure
 MAX_NOWAIT_BACKLOG_BYTES = 256 * 1024  # read_nowait stops reading the model while more than this waits to go to it
 
 
@@ -242,12 +244,14 @@ class WebSocketLink:
             session.receive_message(message)
             replies = session.pending_messages()
         except ProtocolError as exc:
-            raise ProviderClosed(f"{self.name} protocol error: {exc}") from None
+            raise ProviderClosed(f"{self.name} protocol error: {exc}", broken=True) from None
         self._pending.extend(session.events())
         return replies
 
     def _closed(self, exc: WebSocketClosed) -> ProviderClosed:
-        return ProviderClosed(f"{self.name} connection closed: {exc}")
+        # (1000/1001 from the model: it ended the session; a close we made for its protocol violation: broken)
+        orderly = exc.code in ORDERLY_CLOSE_CODES and not exc.violation and exc.reason != CLOSED_BY_US
+        return ProviderClosed(f"{self.name} connection closed: {exc}", orderly=orderly, broken=exc.violation)
 
 
 @dataclass(frozen=True, slots=True)

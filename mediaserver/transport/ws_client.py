@@ -75,6 +75,9 @@ RECEIVE_BYTES = 64 * 1024
 Stream = trio.abc.Stream
 
 
+CLOSED_BY_US = "closed by us"  # the reason of a close our side started (aclose)
+
+
 class WebSocketClosed(Exception):
     """The connection is closed: ``code`` (RFC 6455 status, 1006 without a close frame) and ``reason``.
 
@@ -463,7 +466,7 @@ class ClientWebSocket:
     async def aclose(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str | None = None) -> None:
         """Close handshake: send a close frame (with ``reason``, if any), read until the peer's (bound this with a timeout)."""
         if self._ws.state is ConnectionState.OPEN and not self._broken:
-            self._closed_now(code, "closed by us")
+            self._closed_now(code, CLOSED_BY_US)
             await self._send_quietly(CloseConnection(code, reason))
         while self._ws.state is ConnectionState.LOCAL_CLOSING and not self._broken and await self._read():
             pass

@@ -511,6 +511,49 @@ async def test_call_a_model_that_closes_after_its_goodbye_has_it_played_first(au
 
 
 @fail_after(60)
+@pytest.mark.parametrize("run", range(10))
+async def test_call_the_goodbye_plays_out_whichever_task_finds_the_model_gone(
+    run: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A caller frame in the same step as the close: the uplink's send may find out before the provider reader
+    (Trio's scheduling order varies, hence the runs); the goodbye plays out all the same."""
+    link = FakeLink()
+    async with bridged(link) as call:
+        await call.caller.send_audio(audio(200))
+        goodbye = audio(3000)
+        link.emit(pv.ResponseStarted("resp_1"), pv.AudioDelta("item_1", goodbye))
+        await trio.sleep(0.05)
+        call.caller._transport._outgoing.send_nowait(call.caller.messages.media(audio(20)))  # type: ignore[union-attr]
+        link.close("model went away")
+        await call.done.wait()
+        assert call.caller.received_audio == goodbye
+        assert call.bridge.end_reason == "provider ended: model went away"
+
+
+@fail_after(60)
+@pytest.mark.parametrize("how", ["orderly", "broken"])
+async def test_call_a_model_that_ends_the_session_or_breaks_the_protocol(
+    how: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A normal close is the model ending the call (not a failure; its goodbye plays); after a protocol error
+    nothing more of it plays and the call ends at once."""
+    link = FakeLink()
+    async with bridged(link) as call:
+        await trio.sleep(0.2)
+        link.emit(pv.ResponseStarted("resp_1"), pv.AudioDelta("item_1", audio(3000)))
+        await trio.sleep(0.01)
+        link.close("bye", orderly=how == "orderly", broken=how == "broken")
+        await call.done.wait()
+        if how == "orderly":
+            assert call.bridge.end_reason == "model closed: bye"
+            assert call.caller.received_audio == audio(3000)
+        else:
+            assert call.bridge.end_reason == "provider ended: bye"
+            assert call.ended_s == pytest.approx(call.started_s + 0.21, abs=EXACT)
+            assert len(call.caller.received_audio) < len(audio(3000))
+
+
+@fail_after(60)
 async def test_call_provider_closing_ends_the_call(autojump_clock: trio.testing.MockClock) -> None:
     link = FakeLink()
     async with bridged(link) as call:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mediaserver.config import Settings
-from mediaserver.records.migrations import MIGRATIONS, apply_migrations
+from mediaserver.records.migrations import MIGRATIONS, apply_migrations, read_version
 from mediaserver.records.model import CallRecord, Turn
 from mediaserver.records.store import (
     INTERRUPTED_REASON,
@@ -72,6 +72,27 @@ def test_store_fresh_database_is_migrated_once(records_settings: Callable[..., S
         again.close()
     if not settings.database_url:
         assert sqlite_path(settings).is_file()
+
+
+def test_read_version_reads_without_writing_and_tells_no_table_from_a_failure(
+    records_settings: Callable[..., Settings],
+) -> None:
+    settings = records_settings()
+    store = open_store(settings, migrate=False)  # an empty database: no migrations table
+    try:
+        assert read_version(store) == 0
+        assert read_version(store) == 0  # (and it created nothing: PostgreSQL's failed query left no transaction)
+        store.migrate()
+        assert read_version(store) == len(MIGRATIONS)
+    finally:
+        store.close()
+
+    class Failing:
+        def execute(self, sql: str, params: object = ()) -> list[tuple[object, ...]]:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):  # not "no calls yet"
+        read_version(Failing())  # type: ignore[arg-type]
 
 
 def test_store_v1_database_upgrades_and_keeps_its_calls(records_settings: Callable[..., Settings]) -> None:
