@@ -120,13 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_level=getattr(args, "log_level", None),
             log_format=getattr(args, "log_format", None),
         )
-        from mediaserver.tools import load_toolset
+    except ConfigError as exc:
+        print(f"mediaserver: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logs(settings.log_level, settings.log_format)  # (before the tools load: they may log a warning)
+    from mediaserver.tools import load_toolset
 
+    try:
         load_toolset(settings)  # MEDIASERVER_TOOLS must import before we take calls
     except ConfigError as exc:
         print(f"mediaserver: configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logs(settings.log_level, settings.log_format)
     if settings.development_mode:
         log.warning(
             "DEVELOPMENT MODE: TWILIO_AUTH_TOKEN is not set, so webhooks and media streams are NOT authenticated. "

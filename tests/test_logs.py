@@ -112,6 +112,18 @@ def test_signatures_checked_against_client_headers_are_warned_about_at_start(tmp
     assert "secret" not in message
 
 
+def test_a_warning_from_loading_the_tools_is_a_json_line_and_is_logged_once(tmp_path: Path) -> None:
+    # (The toolset is loaded at start to check it, before the logs were set up, then again by the server.)
+    lines = _first_json_lines(
+        tmp_path, 3, TWILIO_ACCOUNT_SID="AC" + "a" * 32, TWILIO_AUTH_TOKEN="secret",
+        MEDIASERVER_PUBLIC_URL="https://example.com",
+    )
+    assert [line["message"] for line in lines if line["logger"] == "mediaserver.tools"] == [
+        "transfer_call is not offered: set MEDIASERVER_TRANSFER_NUMBERS to the numbers it may dial"
+    ]
+    assert "Running on" in str(lines[-1]["message"])  # (the server is up: the second loading is behind us)
+
+
 def test_in_json_mode_a_port_in_use_is_a_json_line_too(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -45,6 +45,16 @@ __all__ = [
 ]
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` once per process (the toolset is loaded to check it at start, then by the server)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
+
+
 def load_toolset(settings: Settings) -> ToolSet:
     """The tools for every call: ``MEDIASERVER_TOOLS``'s, then the built-ins.
 
@@ -92,7 +102,7 @@ def load_toolset(settings: Settings) -> ToolSet:
                         f"which needs {' and '.join(missing)}"
                     )
                 if has_rest:
-                    log.warning("transfer_call is not offered: set MEDIASERVER_TRANSFER_NUMBERS to the numbers it may dial")
+                    _warn_once("transfer_call is not offered: set MEDIASERVER_TRANSFER_NUMBERS to the numbers it may dial")
                 continue
             assert settings.transfer_numbers is not None
             tools.append(transfer_tool(parse_transfer_numbers(settings.transfer_numbers)))
