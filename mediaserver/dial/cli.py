@@ -29,13 +29,16 @@ from mediaserver.security import configured_base
 
 __all__ = ["DEFAULT_URL", "configure", "main", "run"]
 
-DEFAULT_URL = "http://127.0.0.1:8080/twiml"
+DEFAULT_URL = "http://127.0.0.1:8080/twiml"  # with MEDIASERVER_PORT set (environment or .env), that port
 _LEAD_MS = 500  # silence before the first words, as a caller waits for the line to open
 _PROG = "mediaserver dial"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"the voice webhook (default {DEFAULT_URL})")
+    parser.add_argument(
+        "url", nargs="?", default=None,
+        help="the voice webhook (default http://127.0.0.1:$MEDIASERVER_PORT/twiml: the local server's port, 8080 if unset)",
+    )  # fmt: skip
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--say", metavar="TEXT", help="say this (offline TTS, needs espeakng-loader)")
     what.add_argument("--wav", metavar="FILE", help="say this WAV file (PCM 8-32 bit, mono/stereo, any common rate)")
@@ -112,16 +115,19 @@ def _check(args: argparse.Namespace) -> str | None:
     for name, value in texts.items():
         if value is not None and not _is_utf8(value):
             return f"{name} is not valid UTF-8 text"
-    try:
-        check_url(args.url)
-    except DialError as exc:
-        return str(exc)
+    if args.url is not None:
+        try:
+            check_url(args.url)
+        except DialError as exc:
+            return str(exc)
     if args.calls < 1:
         return "--calls must be at least 1"
     for name in ("duration", "listen", "timeout"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             return f"--{name} must be a non-negative number of seconds"
+    if not args.timeout > 0:
+        return "--timeout must be more than 0 seconds (no connection is made in no time)"
     if args.barge_in_after is not None and not 0 <= args.barge_in_after <= script.MAX_MS:
         return f"--barge-in-after must be 0 to {script.MAX_MS} ms (an hour)"
     return None
@@ -171,22 +177,38 @@ def _record_path(args: argparse.Namespace, call_sid: str) -> Path | None:
 
 
 async def _progress(results: list[CallResult], total: int, stderr: TextIO) -> None:
-    """A text progress bar on stderr, redrawn a few times a second (until cancelled)."""
+    """A text progress bar on stderr, redrawn a few times a second (until cancelled).
 
-    def draw() -> None:
+    Not on a terminal (a CI log, a file) it is a line each time a call ends, not a redrawn one.
+    """
+    tty = stderr.isatty()
+    shown = -1
+
+    def draw(last: bool = False) -> None:
+        nonlocal shown
         width = 30
         done = len(results)
+        if not tty and done == shown and not last:
+            return
+        shown = done
         failed = sum(1 for r in results if r.error)
         bar = "#" * (width * done // total) + "-" * (width - width * done // total)
-        print(f"\r[{bar}] {done}/{total} calls done, {failed} failed", end="", file=stderr, flush=True)
+        line = f"[{bar}] {done}/{total} calls done, {failed} failed"
+        if tty:
+            print("\r" + line, end="", file=stderr, flush=True)
+        else:
+            print(line, file=stderr, flush=True)
 
     try:
         while True:
             draw()
             await trio.sleep(0.25)
     finally:
-        draw()
-        print(file=stderr, flush=True)
+        if tty:
+            draw(last=True)
+            print(file=stderr, flush=True)
+        elif shown != len(results):
+            draw(last=True)
 
 
 async def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
@@ -202,6 +224,11 @@ async def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr:
         load_dotenv_file(args.env_file)
     except ConfigError as exc:
         return _fail(str(exc), err, 2)
+    if args.url is None:  # the local server, on the port it listens on (as `mediaserver call` assumes)
+        port = os.environ.get("MEDIASERVER_PORT", "").strip() or "8080"
+        if not (port.isdigit() and 1 <= int(port) <= 65535):
+            return _fail(f"MEDIASERVER_PORT must be 1-65535, not {port!r} (or give dial the webhook URL)", err, 2)
+        args.url = f"http://127.0.0.1:{int(port)}/twiml"
     account_sid = args.account_sid or os.environ.get("TWILIO_ACCOUNT_SID") or None
     if account_sid is not None and not re.fullmatch(r"AC[0-9a-fA-F]{32}", account_sid):
         return _fail(f"{account_sid!r} is not an account SID (AC followed by 32 hex digits)", err, 2)

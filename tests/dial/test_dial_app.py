@@ -149,6 +149,9 @@ async def test_dial_concurrent_calls_print_percentiles_and_a_progress_bar(tmp_pa
     latency = next(line for line in out.splitlines() if line.startswith("turn latency"))
     assert latency.split()[2] == "3"  # three turns pooled
     assert "[" + "#" * 30 + "] 3/3 calls done, 0 failed" in err
+    # not a terminal: a line per change, not a bar redrawn with carriage returns (a CI log would be one long line)
+    assert "\r" not in err and err.splitlines()[0] == "[" + "-" * 30 + "] 0/3 calls done, 0 failed"
+    assert err.count("3/3 calls done") == 1
     assert list(tmp_path.glob("*.wav")) == []  # many calls record only when asked
 
 
@@ -382,12 +385,26 @@ async def test_dial_refused_websocket(tmp_path: Path) -> None:
         (["--calls", "0"], "--calls must be at least 1"),
         (["--wav", "missing.wav"], "cannot read missing.wav"),
         (["--barge-in-after", "300"], "--barge-in-after needs something to say"),
+        (["--timeout", "0"], "--timeout must be more than 0 seconds"),
     ],
 )
 async def test_dial_bad_options(argv: list[str], message: str) -> None:
     status, _, err = await dial(*argv)
     assert status == 2
     assert message in one_line(err)
+
+
+@fail_after(20)
+async def test_dial_without_a_url_calls_the_local_server_on_its_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the server reads MEDIASERVER_PORT (environment or .env), so does dial's default URL."""
+    async with running(settings(tmp_path)) as url:
+        monkeypatch.setenv("MEDIASERVER_PORT", url.rsplit(":", 1)[1])
+        status, out, err = await dial("--listen", "0.2", "--no-record", "--env-file", "")
+        assert (status, err) == (0, "")
+        assert "ended: caller hung up (stop sent)" in out
+    monkeypatch.setenv("MEDIASERVER_PORT", "80800")
+    status, _, err = await dial("--env-file", "")
+    assert status == 2 and "MEDIASERVER_PORT must be 1-65535, not '80800'" in one_line(err)
 
 
 @pytest.mark.parametrize(
