@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mediaserver import __version__
-from mediaserver.config import PROVIDERS, ConfigError, Settings, load_dotenv_file
+from mediaserver.config import PROVIDERS, ConfigError, Settings, load_dotenv_file, unknown_settings
 from mediaserver.logs import configure as configure_logs
 
 log = logging.getLogger("mediaserver")
@@ -124,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mediaserver: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logs(settings.log_level, settings.log_format)  # (before the tools load: they may log a warning)
+    for name, meant in unknown_settings():
+        log.warning("%s is not a setting: ignored%s", name, f" (did you mean {meant}?)" if meant else "")
     from mediaserver.tools import load_toolset
 
     try:

@@ -251,6 +251,23 @@ class Settings:
         return [(f.metadata["env"], repr(f.default), f.metadata["doc"]) for f in fields(cls)]
 
 
+BUILD_SETTINGS = frozenset({"MEDIASERVER_ANNOTATE", "MEDIASERVER_NATIVE_FLAGS"})  # setup.py's, not the server's
+
+
+def unknown_settings(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """``MEDIASERVER_*`` variables that are no setting (a typo is ignored otherwise), each with the likeliest meant."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = [str(f.metadata["env"]) for f in fields(Settings)]
+    unknown = []
+    for name in sorted(environ):
+        if name.startswith("MEDIASERVER_") and name not in known and name not in BUILD_SETTINGS:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            unknown.append((name, close[0] if close else None))
+    return unknown
+
+
 def _env_name(attr: str) -> str:
     return next(str(f.metadata["env"]) for f in fields(Settings) if f.name == attr)
 
@@ -306,7 +323,8 @@ def load_dotenv_file(path: str | os.PathLike[str] | None = None) -> bool:
         raise ConfigError(f"cannot read {str(path)!r}: {exc} (it must be a UTF-8 text file of KEY=value lines)") from None
     # A line python-dotenv cannot parse would be skipped with a warning naming no file, and the server would
     # start without that setting (on every interface, say, instead of the loopback asked for): refuse it.
-    bad = [binding.original for binding in parse_stream(io.StringIO(text)) if binding.error]
+    # A bare KEY (no "=") parses, as a key without a value, and would be dropped as silently.
+    bad = [b.original for b in parse_stream(io.StringIO(text)) if b.error or (b.key is not None and b.value is None)]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ConfigError(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mediaserver.__main__ import main
-from mediaserver.config import ConfigError, Settings, load_dotenv_file
+from mediaserver.config import ConfigError, Settings, load_dotenv_file, unknown_settings
 
 
 def test_config_defaults_need_no_keys() -> None:
@@ -249,6 +249,7 @@ def test_config_env_file_dev_null_is_an_empty_file() -> None:
         ("MEDIASERVER_PORT = 18126\nMEDIASERVER_HOST: 127.0.0.1\n", 2, "'MEDIASERVER_HOST: 127.0.0.1'"),
         ('MEDIASERVER_PORT="18123\n', 1, "'MEDIASERVER_PORT=\"18123'"),  # a quote never closed
         ("# settings\n=foo\nMEDIASERVER_PORT=1\njunk line\n", 2, "'=foo' (and 1 more)"),
+        ("MEDIASERVER_PORT=1\nOPENAI_API_KEY\n", 2, "'OPENAI_API_KEY'"),  # a bare key, its value forgotten
     ],
 )
 def test_config_env_file_line_that_does_not_parse_is_a_configuration_error(
@@ -306,3 +307,9 @@ def test_config_a_setting_of_only_spaces_counts_as_unset() -> None:
     assert (settings.database_url, settings.twilio_account_sid, settings.twilio_from_number, settings.public_url) == (
         None, None, None, None,
     )
+
+
+def test_config_a_misspelled_setting_is_named_with_the_one_meant() -> None:
+    environ = {"MEDIASERVER_PROVIDR": "openai", "MEDIASERVER_PORT": "1", "MEDIASERVER_WHATEVER": "x",
+               "MEDIASERVER_NATIVE_FLAGS": "-O3", "OTHER": "y"}  # fmt: skip
+    assert unknown_settings(environ) == [("MEDIASERVER_PROVIDR", "MEDIASERVER_PROVIDER"), ("MEDIASERVER_WHATEVER", None)]

@@ -124,6 +124,13 @@ def test_a_warning_from_loading_the_tools_is_a_json_line_and_is_logged_once(tmp_
     assert "Running on" in str(lines[-1]["message"])  # (the server is up: the second loading is behind us)
 
 
+def test_a_misspelled_setting_is_warned_about_at_start(tmp_path: Path) -> None:
+    [first] = _first_json_lines(tmp_path, 1, MEDIASERVER_PROVIDR="openai", TWILIO_AUTH_TOKEN="secret",
+                                MEDIASERVER_PUBLIC_URL="https://example.com")  # fmt: skip
+    assert first["level"] == "WARNING"
+    assert first["message"] == "MEDIASERVER_PROVIDR is not a setting: ignored (did you mean MEDIASERVER_PROVIDER?)"
+
+
 def test_in_json_mode_a_port_in_use_is_a_json_line_too(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
