@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         help="https://host that reaches this instance directly, when several share the public URL (MEDIASERVER_INSTANCE_URL)",
     )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL (MEDIASERVER_LOG_LEVEL, default INFO)")
-    serve.add_argument("--log-format", choices=("text", "json"), help="text or json lines (MEDIASERVER_LOG_FORMAT, default text)")
+    serve.add_argument("--log-format", type=str.lower, choices=("text", "json"), help="text or json lines (MEDIASERVER_LOG_FORMAT, default text)")
     serve.add_argument("--env-file", help="read settings from this file (default: .env, if there is one; '' for none)")
     sub.add_parser("settings", help="list every setting with its environment variable and default")
     for name, (module, summary) in _COMMANDS.items():
