@@ -61,7 +61,8 @@ _END_KINDS = (
     ("provider", "provider"),  # "provider ended: ..." and "provider error: ..."
     ("protocol error", "protocol_error"),
     ("failed", "failed"),
-    ("running", "cancelled"),  # no reason set: the server cancelled it (shutdown) or Quart saw the socket go
+    ("running", "cancelled"),
+    ("cancelled", "cancelled"),  # "cancelled: the server shut down before the call ended"  # no reason set: the server cancelled it (shutdown) or Quart saw the socket go
 )
 END_KINDS = tuple(kind for _, kind in _END_KINDS) + ("other",)
 FAILED_KINDS = frozenset({"provider", "protocol_error", "failed"})  # the ends that mean something broke

@@ -535,7 +535,7 @@ async def test_app_caller_dropping_the_connection_ends_the_call(caplog: pytest.L
 
 
 @fail_after(10)
-async def test_app_shutdown_drains_live_calls_then_closes_them() -> None:
+async def test_app_shutdown_drains_live_calls_then_closes_them(caplog: pytest.LogCaptureFixture) -> None:
     shutdown = trio.Event()
     async with fake_openai() as model, trio.open_nursery() as nursery:
         settings = openai_settings(model, drain_s=3.0)
@@ -567,6 +567,9 @@ async def test_app_shutdown_drains_live_calls_then_closes_them() -> None:
             assert 3.0 <= session.closed_at_s - shutdown_s < 4.0
             assert session.close_code == 1000
             await caller.closed.wait()
+    # the call's end says the shutdown cut it off (not "Twilio disconnected or shutdown")
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    assert " ended (cancelled: the server shut down before the call ended (MEDIASERVER_DRAIN_S))" in ended
 
 
 @pytest.mark.parametrize("how", ["close", "abort", "malformed"])

@@ -113,6 +113,7 @@ def test_every_end_reason_of_the_bridge_and_the_manager_has_its_kind() -> None:
         "protocol error: Twilio sent 'start' in state STREAMING": "protocol_error",
         "failed: RuntimeError('x')": "failed",
         "running": "cancelled",
+        "cancelled: the server shut down before the call ended (MEDIASERVER_DRAIN_S)": "cancelled",
         "something new": "other",
     }
     assert {reason: end_kind(reason) for reason in reasons} == reasons

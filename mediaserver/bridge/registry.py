@@ -455,6 +455,8 @@ class CallManager:
             ended(f"failed: {group.exceptions[0]!r}")
             log.error("call %s: failed", start.call_sid, exc_info=group)
         finally:
+            if bridge.end_reason == "running" and self._closing:
+                bridge.end_reason = SHUTDOWN_END  # (cancelled at the drain deadline: say so, not "Twilio or shutdown")
             self.active -= 1
             self.completed += 1
             del self._live[bridge]
@@ -485,6 +487,8 @@ class CallManager:
             )
         return _stream_end(bridge.end_reason)
 
+
+SHUTDOWN_END = "cancelled: the server shut down before the call ended (MEDIASERVER_DRAIN_S)"
 
 # End reasons that are failures: the call's end line is a warning (and the only line about it).
 _FAILED_ENDS = ("protocol error", "provider ended", "provider error", "idle", "failed")
