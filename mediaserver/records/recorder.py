@@ -342,7 +342,15 @@ async def open_recorder(
     recorder: Recorder | None = None
     try:
         try:
-            stale = await trio.to_thread.run_sync(store.mark_interrupted, clock().isoformat(), settings.instance_url)
+            stale: list[str] = []
+            if await trio.to_thread.run_sync(store.claim_instance, settings.instance_url):
+                stale = await trio.to_thread.run_sync(store.mark_interrupted, clock().isoformat(), settings.instance_url)
+            else:
+                log.warning(
+                    "call records: another server is running on the %s as %s: its live calls are left as they are "
+                    "(give each server its own MEDIASERVER_INSTANCE_URL, or its own MEDIASERVER_DATA_DIR)",
+                    store.description, settings.instance_url or "the same single instance",
+                )
         except Exception as exc:
             log.error("call records are OFF: cannot update the %s: %s", store.description, exc)
             yield None

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mediaserver.config import Settings
@@ -99,6 +99,14 @@ class RecordStore:
         yield  # pragma: no cover
 
     def close(self) -> None:
+        raise NotImplementedError
+
+    def claim_instance(self, instance: str | None) -> bool:
+        """Hold, for as long as the store is open, the claim to be server ``instance`` on this database.
+
+        False if another server that is running holds it (then its live
+        calls are not this start's to mark interrupted).  Released on close.
+        """
         raise NotImplementedError
 
     # -- the Database protocol of migrations.py --------------------------------
@@ -260,6 +268,7 @@ class SqliteStore(RecordStore):
         self.path = Path(path)
         self.description = f"SQLite database {self.path}"
         self._depth = 0  # transactions open (nested ones are part of the outermost)
+        self._claim: IO[str] | None = None  # the open lock file of claim_instance
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # autocommit mode; transactions are explicit (BEGIN IMMEDIATE takes the write lock up front)
@@ -306,9 +315,29 @@ class SqliteStore(RecordStore):
             except sqlite3.Error:  # (the error being raised says what went wrong)
                 pass
 
+    def claim_instance(self, instance: str | None) -> bool:
+        # An exclusive lock on a file beside the database, held by the open file (the process's, so a server
+        # that died has let go of it).
+        import fcntl
+        import hashlib
+
+        digest = hashlib.sha256((instance or "").encode()).hexdigest()[:16]
+        path = self.path.with_name(f"{self.path.name}.{digest}.lock")
+        handle = open(path, "a")  # noqa: SIM115 - held open until close()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._claim = handle
+        return True
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._claim is not None:
+                self._claim.close()
+                self._claim = None
 
 
 # ------------------------------------------------------------------- PostgreSQL
@@ -367,6 +396,13 @@ class PostgresStore(RecordStore):
                 return super().migrate()
             finally:
                 self.execute("SELECT pg_advisory_unlock(727277)")
+
+    def claim_instance(self, instance: str | None) -> bool:
+        # A session-level advisory lock: held while this connection lives (a server that died lost it with its
+        # connection; one whose connection dropped and came back holds it no more, and a later start may then
+        # mark its live calls interrupted).
+        rows = self.execute("SELECT pg_try_advisory_lock(727278, hashtext(?))", (instance or "",))
+        return bool(rows[0][0])
 
     def close(self) -> None:
         with self._lock:

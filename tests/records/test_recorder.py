@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -247,6 +248,30 @@ async def test_open_recorder_marks_calls_of_the_last_run_interrupted(
     assert record is not None and record.status == "interrupted"
     assert record.end_reason == "server stopped during the call" and record.ended_at is not None
     assert any("1 call(s) were live when the server last stopped" in r.getMessage() for r in caplog.records)
+
+
+@fail_after(20)
+async def test_a_second_server_on_the_same_database_leaves_the_live_calls_of_the_first_alone(
+    records_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = records_settings()
+    async with open_recorder(settings) as first:
+        assert first is not None
+        first.call_started(start_event("CAlive"), CallStats(call_sid="CAlive", provider="echo", started_s=0.0))
+        await first.flushed()
+        async with open_recorder(settings) as second:  # another server, started beside the running one
+            assert second is not None
+            record = await second.get("CAlive")
+            assert record is not None and record.status == "in-progress"  # not "interrupted": it is live
+        assert any("another server is running on the" in r.getMessage() for r in caplog.records)
+        # a server with an instance name of its own is another instance: it may claim and look at its own calls
+        async with open_recorder(replace(settings, instance_url="https://b.example.com")) as other:
+            assert other is not None
+            assert (await other.get("CAlive")).status == "in-progress"  # type: ignore[union-attr]
+    async with open_recorder(settings) as restarted:  # the first has stopped: its live call was cut off
+        assert restarted is not None
+        record = await restarted.get("CAlive")
+    assert record is not None and record.status == "interrupted"
 
 
 @fail_after(20)
