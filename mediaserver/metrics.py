@@ -64,7 +64,7 @@ _END_KINDS = (
     ("running", "cancelled"),
     ("cancelled", "cancelled"),  # "cancelled: the server shut down before the call ended"  # no reason set: the server cancelled it (shutdown) or Quart saw the socket go
 )
-END_KINDS = tuple(kind for _, kind in _END_KINDS) + ("other",)
+END_KINDS = tuple(dict.fromkeys(kind for _, kind in _END_KINDS)) + ("other",)  # (each once: two prefixes share one)
 FAILED_KINDS = frozenset({"provider", "protocol_error", "failed"})  # the ends that mean something broke
 
 # Why a Media Stream was not bridged (``CallManager.refused`` keys): the ``reason`` label.
