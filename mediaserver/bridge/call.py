@@ -810,6 +810,7 @@ class CallBridge:
         group = call.response_id  # parallel calls of one response: the last result asks for the answer, for all
         if group is not None:
             self._tool_groups[group] = self._tool_groups.get(group, 0) + 1
+        withdrawn = False
         try:
             if self.tools is None:
                 output, respond = '{"error": "no tools are configured"}', True
@@ -826,15 +827,20 @@ class CallBridge:
                             del self._tool_scopes[call.call_id]
                 if scope.cancelled_caught:
                     log.info("call %s: tool %s withdrawn by the model; cancelled, not answered", self.call_sid, call.name)
-                    return
-                output, respond = outcome.output, outcome.respond
-                log.info("call %s: tool %s -> %s", self.call_sid, call.name, "ok" if outcome.ok else output[:200])
+                    withdrawn = True
+                else:
+                    output, respond = outcome.output, outcome.respond
+                    log.info("call %s: tool %s -> %s", self.call_sid, call.name, "ok" if outcome.ok else output[:200])
         finally:
             if group is not None:
                 if self._tool_groups[group] > 1:
                     self._tool_groups[group] -= 1
                 else:
                     del self._tool_groups[group]
+                    if withdrawn:  # the last of its response owes no answer (the providers that withdraw calls
+                        self._answer_owed.discard(group)  # answer by themselves), and leaves no entry behind
+        if withdrawn:
+            return
         if group is not None:
             if group in self._tool_groups:  # others of its response still run
                 if respond:

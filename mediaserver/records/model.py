@@ -134,6 +134,7 @@ class TranscriptLog:
             turn.offset_s = offset_s
         if final:
             turn.final = text
+            turn.parts.clear()  # (the final text replaces them: an hour of deltas would otherwise stay in memory)
             if item_id is None:
                 self._anonymous += 1  # the next anonymous fragment starts a new turn
         else:

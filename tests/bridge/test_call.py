@@ -714,6 +714,31 @@ async def test_call_an_end_call_the_model_withdraws_while_its_goodbye_plays_does
 
 
 @fail_after(60)
+async def test_call_a_withdrawn_last_call_of_a_response_leaves_no_owed_answer_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    @tool
+    async def slow(seconds: float) -> str:
+        """Takes a while."""
+        await trio.sleep(seconds)
+        return "done"
+
+    link = FakeLink()
+    async with bridged(link, tools=ToolSet([slow])) as call:
+        for n in range(50):  # a fast call answered (its answer owed to the end of the response), the slow one withdrawn
+            link.emit(
+                pv.ToolCall(f"fast_{n}", "slow", '{"seconds": 0.1}', response_id=f"resp_{n}"),
+                pv.ToolCall(f"slow_{n}", "slow", '{"seconds": 5}', response_id=f"resp_{n}"),
+            )
+            await trio.sleep(0.5)
+            link.emit(pv.ToolCallsCancelled((f"slow_{n}",)))
+            await trio.sleep(0.1)
+        assert call.bridge._answer_owed == set() and call.bridge._tool_groups == {}
+        results = [c for _, c in link.commands if isinstance(c, pv.ToolResult)]
+        assert [r.call_id for r in results] == [f"fast_{n}" for n in range(50)]
+
+
+@fail_after(60)
 async def test_call_parallel_tool_calls_ask_for_one_answer_with_the_last_result(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mediaserver.protocol import _wire as wire
 from mediaserver.protocol.errors import CLOSE_MESSAGE_TOO_BIG, LocalProtocolError, RemoteProtocolError
-from mediaserver.protocol.providers._core import AudioLedger, EarlyAudio
+from mediaserver.protocol.providers._core import AudioLedger, EarlyAudio, RecentSet
 
 # ------------------------------------------------------------------ encoding
 
@@ -340,3 +340,16 @@ def test_every_core_s_states_and_inputs_hash_by_identity() -> None:
         for member in enum_type:
             assert hash(member) == object.__hash__(member)
             assert {member: 1}[enum_type(member.value)] == 1  # found again by value
+
+
+def test_recent_set_forgets_the_oldest_beyond_its_size() -> None:
+    recent = RecentSet(3)
+    for key in "abcd":
+        recent.add(key)
+    assert len(recent) == 3 and "a" not in recent and all(k in recent for k in "bcd")
+    recent.add("b")  # seen again: the newest now
+    recent.add("e")
+    assert "c" not in recent and all(k in recent for k in "bde")
+    recent.discard("d")
+    recent.discard("zz")
+    assert len(recent) == 2

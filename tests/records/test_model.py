@@ -52,6 +52,8 @@ def test_transcript_log_orders_turns_and_prefers_final_text() -> None:
         Turn("user", "Hello there.", 1.0),
         Turn("assistant", "Hi! How can I help?", 2.0),
     ]
+    # the fragments a final text replaced are not kept (an hour of deltas would stay in memory otherwise)
+    assert [turn.parts for turn in log._turns.values()] == [[], ["Hi! ", "How can I help?"], []]
 
 
 def test_transcript_log_orders_a_caller_turn_from_when_it_began_not_when_its_text_came() -> None:

@@ -15,7 +15,9 @@ from .._wire import REPLY_HISTORY, SansIOCore, StateT
 from ..errors import LocalProtocolError
 from .base import AudioFormat, ProviderEvent, WireMessage
 
-__all__ = ["AudioLedger", "EarlyAudio", "ProviderCore"]
+__all__ = ["AudioLedger", "EarlyAudio", "ProviderCore", "RecentSet"]
+
+RECENT = 1024  # ids a core remembers of a kind (withdrawn calls, cut replies): an hour-long call stays bounded
 
 K = TypeVar("K", bound=Hashable)
 ConfigT = TypeVar("ConfigT")
@@ -176,3 +178,33 @@ class AudioLedger(Generic[K]):
         end_ms = min(heard_ms, received // bytes_per_ms)
         self._received[reply] = end_ms * bytes_per_ms
         return end_ms
+
+
+class RecentSet:
+    """A set of the last ``size`` ids added (the oldest forgotten first): per-session memory that stays bounded.
+
+    For ids only ever looked up soon after they are added (a withdrawn
+    call's late result, a cut reply's tool result): one forgotten after a
+    thousand newer ones is long past mattering.
+    """
+
+    __slots__ = ("_ids", "_size")
+
+    def __init__(self, size: int = RECENT) -> None:
+        self._ids: dict[str, None] = {}
+        self._size = size
+
+    def add(self, key: str) -> None:
+        self._ids.pop(key, None)
+        self._ids[key] = None
+        if len(self._ids) > self._size:
+            del self._ids[next(iter(self._ids))]
+
+    def discard(self, key: str) -> None:
+        self._ids.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)

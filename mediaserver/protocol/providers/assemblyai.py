@@ -61,7 +61,7 @@ from .._wire import (
     text_field,
 )
 from ..errors import LocalProtocolError, RemoteProtocolError
-from ._core import EarlyAudio, ProviderCore
+from ._core import EarlyAudio, ProviderCore, RecentSet
 from .base import (
     AudioDelta,
     AudioDone,
@@ -163,7 +163,7 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
         self._reply: str | None = None  # reply in progress (reply.started, no reply.done yet)
         self._barged: set[str] = set()  # replies the caller has talked over
         self._calls: dict[str, str | None] = {}  # open call id -> reply that made it
-        self._dropped_replies: set[str] = set()  # interrupted replies: their calls get no result
+        self._dropped_replies = RecentSet()  # interrupted replies: their calls get no result
         self._held: list[tuple[str | None, str]] = []  # (reply, tool.result text) waiting for reply.done
         # Whether a completed reply.done is the latest of reply.started, input.speech.started and reply.done:
         # the only moment a tool.result may go (the docs: earlier or later "breaks turn-taking").

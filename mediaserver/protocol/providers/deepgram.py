@@ -80,7 +80,7 @@ from .._wire import (
     text_field,
 )
 from ..errors import LocalProtocolError, RemoteProtocolError
-from ._core import EarlyAudio, ProviderCore
+from ._core import EarlyAudio, ProviderCore, RecentSet
 from .base import (
     AudioDelta,
     AudioDone,
@@ -218,7 +218,7 @@ class DeepgramAgentSession(ProviderCore[DeepgramState, DeepgramAgentConfig]):
         self._text_reply: str | None = None  # a reply named by its text (ConversationText) before its audio or start
         self._said: tuple[str, str] | None = None  # (reply, the agent's ConversationText of it so far)
         self._calls: dict[str, str] = {}  # open client-side call id -> function name
-        self._cancelled: set[str] = set()
+        self._cancelled = RecentSet()  # withdrawn calls (a late result is dropped)
 
     # ------------------------------------------------------------------ state
 

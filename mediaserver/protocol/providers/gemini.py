@@ -65,7 +65,7 @@ from .._wire import (
     table_transition,
 )
 from ..errors import LocalProtocolError, RemoteProtocolError
-from ._core import ProviderCore
+from ._core import ProviderCore, RecentSet
 from .base import (
     AudioDelta,
     AudioDone,
@@ -240,7 +240,7 @@ class _Shared:
         self.turn_numbers = itertools.count(1)
         self.utterance_numbers = itertools.count(1)  # the caller's, for their transcripts' item ids
         self.tool_names: dict[str, str] = {}  # call id -> function name, until answered or cancelled
-        self.cancelled: set[str] = set()  # call ids the server cancelled (a late result is dropped)
+        self.cancelled = RecentSet()  # call ids the server cancelled (a late result is dropped)
 
 
 # --------------------------------------------------------------------------- session

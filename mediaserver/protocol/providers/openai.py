@@ -58,7 +58,7 @@ from .._wire import (
     text_field,
 )
 from ..errors import LocalProtocolError, RemoteProtocolError
-from ._core import AudioLedger, ProviderCore
+from ._core import RECENT, AudioLedger, ProviderCore
 from .base import (
     AudioDelta,
     AudioDone,
@@ -322,7 +322,10 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
     def _dumps(self, type_: str, body: dict[str, object]) -> str:
         """Serialise a control event, tagging it with our own event_id."""
         event_id = f"{_EVENT_ID_PREFIX}{next(self._event_numbers)}"
-        self._sent_event_types[event_id] = type_
+        types = self._sent_event_types
+        types[event_id] = type_
+        if len(types) > RECENT:  # (an error names the event it is about soon after it: older ones are forgotten)
+            del types[next(iter(types))]
         return dumps({"type": type_, "event_id": event_id, **body})
 
     # -------------------------------------------------------------- outbound
