@@ -301,6 +301,17 @@ def test_config_openai_transcription_of_the_caller_is_on_unless_turned_off() -> 
     assert openai_config(off).transcription_model is None
 
 
+def test_config_openai_key_goes_as_azure_wants_it_on_azure() -> None:
+    from mediaserver.adapters.openai import auth_headers
+
+    assert auth_headers("wss://api.openai.com/v1/realtime", "sk-1") == [("Authorization", "Bearer sk-1")]
+    assert auth_headers("wss://proxy.example/v1/realtime?x=1", "k") == [("Authorization", "Bearer k")]
+    for url in ("wss://my-res.openai.azure.com/openai/v1/realtime?model=rt",
+                "wss://my-res.cognitiveservices.azure.com/openai/realtime?api-version=2025-04-01-preview&deployment=rt"):
+        assert auth_headers(url, "az-key") == [("api-key", "az-key")]
+    assert auth_headers("wss://notazure.com/v1/realtime", "k") == [("Authorization", "Bearer k")]
+
+
 def test_config_a_setting_of_only_spaces_counts_as_unset() -> None:
     blank = {name: "  " for name in ("DATABASE_URL", "TWILIO_ACCOUNT_SID", "TWILIO_FROM_NUMBER", "MEDIASERVER_PUBLIC_URL")}
     settings = Settings.from_env(blank)

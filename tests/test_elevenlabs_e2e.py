@@ -229,6 +229,9 @@ def test_elevenlabs_adapter_urls_and_overrides() -> None:
     assert signed_url_endpoint(settings) == (
         "https://api.eu.residency.elevenlabs.io/v1/convai/conversation/get-signed-url?agent_id=agent%201%2Fx"
     )
+    proxied = Settings(provider="elevenlabs", elevenlabs_agent_id="a", elevenlabs_agent_url="wss://proxy.example/convai?token=t")
+    assert public_url(proxied) == "wss://proxy.example/convai?token=t&agent_id=a"  # the URL's own query is kept
+    assert signed_url_endpoint(proxied) == "https://proxy.example/convai/get-signed-url?token=t&agent_id=a"
     assert elevenlabs_config(settings).prompt is None  # default instructions: the agent keeps its prompt
     custom = elevenlabs_config(Settings(provider="elevenlabs", elevenlabs_agent_id="a", agent_instructions="Sell pizza."))
     assert custom.prompt == "Sell pizza." and custom.first_message is None

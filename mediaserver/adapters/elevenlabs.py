@@ -21,9 +21,10 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import fields
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from mediaserver.bridge.link import AgentOptions, ProviderClosed, ProviderLink
+from mediaserver.protocol._wire import with_query
 from mediaserver.config import Settings
 from mediaserver.protocol.providers.elevenlabs import ElevenLabsConfig, ElevenLabsSession
 from mediaserver.transport.http import HttpError, redact, request
@@ -47,7 +48,7 @@ def elevenlabs_config(settings: Settings, agent: AgentOptions | None = None) -> 
 def public_url(settings: Settings) -> str:
     """The WebSocket URL of a public agent."""
     assert settings.elevenlabs_agent_id is not None  # Settings.validated() requires it
-    return f"{settings.elevenlabs_agent_url}?agent_id={quote(settings.elevenlabs_agent_id, safe='')}"
+    return with_query(settings.elevenlabs_agent_url, "agent_id", settings.elevenlabs_agent_id)
 
 
 def signed_url_endpoint(settings: Settings) -> str:
@@ -56,7 +57,7 @@ def signed_url_endpoint(settings: Settings) -> str:
     parts = urlsplit(settings.elevenlabs_agent_url)
     scheme = "https" if parts.scheme == "wss" else "http"
     path = parts.path.rstrip("/") + "/get-signed-url"
-    return urlunsplit((scheme, parts.netloc, path, f"agent_id={quote(settings.elevenlabs_agent_id, safe='')}", ""))
+    return with_query(urlunsplit((scheme, parts.netloc, path, parts.query, "")), "agent_id", settings.elevenlabs_agent_id)
 
 
 async def fetch_signed_url(settings: Settings) -> str:

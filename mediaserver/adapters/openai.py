@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 from mediaserver.bridge.link import AgentOptions, ProviderLink
 from mediaserver.config import Settings
@@ -35,6 +36,14 @@ def openai_config(settings: Settings, agent: AgentOptions | None = None) -> Open
     )
 
 
+def auth_headers(url: str, api_key: str | None) -> list[tuple[str, str]]:
+    """``Authorization: Bearer KEY``; Azure OpenAI (``*.azure.com``) takes a key as ``api-key: KEY`` instead."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "azure.com" or host.endswith(".azure.com"):
+        return [("api-key", api_key or "")]
+    return [("Authorization", f"Bearer {api_key}")]
+
+
 @asynccontextmanager
 async def open_link(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
     session = OpenAIRealtimeSession(openai_config(settings, agent))
@@ -42,7 +51,7 @@ async def open_link(settings: Settings, agent: AgentOptions) -> AsyncIterator[Pr
         "openai",
         session,
         session.config.url,
-        [("Authorization", f"Bearer {settings.openai_api_key}")],
+        auth_headers(session.config.url, settings.openai_api_key),
         connect_timeout_s=settings.connect_timeout_s,
     ) as link:
         yield link

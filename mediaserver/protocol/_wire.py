@@ -23,6 +23,7 @@ import json
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, Final, Generic, ParamSpec, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from .errors import CLOSE_MESSAGE_TOO_BIG, LocalProtocolError, RemoteProtocolError
 
@@ -46,10 +47,18 @@ __all__ = [
     "str_field",
     "table_transition",
     "text_field",
+    "with_query",
 ]
 
 JsonObject = dict[str, Any]
 """A decoded JSON object (values are whatever ``json.loads`` produced)."""
+
+
+def with_query(url: str, name: str, value: str) -> str:
+    """``url`` with ``name=value`` added after the query it has (an Azure ``api-version``, a proxy's token)."""
+    parts = urlsplit(url)
+    added = f"{name}={quote(value, safe='')}"
+    return urlunsplit(parts._replace(query=f"{parts.query}&{added}" if parts.query else added))
 
 class ProtocolEnum(enum.Enum):
     """A core's states or inputs, hashed by identity.

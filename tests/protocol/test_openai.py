@@ -341,6 +341,9 @@ def test_openai_config_validation() -> None:
         ServerVad(silence_duration_ms=-1)
     assert config().url == "wss://api.openai.com/v1/realtime?model=gpt-realtime"
     assert config(model="a b/c").url == "wss://api.openai.com/v1/realtime?model=a%20b%2Fc"
+    # a URL with a query of its own (Azure's api-version and deployment, a proxy's token) keeps it
+    azure = config(base_url="wss://x.openai.azure.com/openai/realtime?api-version=2025-04-01-preview&deployment=rt")
+    assert azure.url == "wss://x.openai.azure.com/openai/realtime?api-version=2025-04-01-preview&deployment=rt&model=gpt-realtime"
 
 
 def test_openai_formats_exposed_for_the_bridge() -> None:

@@ -39,7 +39,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, Literal
-from urllib.parse import quote
 
 from ..._native._realtime import parse_audio_delta
 from .._wire import (
@@ -56,6 +55,7 @@ from .._wire import (
     str_field,
     table_transition,
     text_field,
+    with_query,
 )
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ._core import RECENT, AudioLedger, ProviderCore
@@ -204,7 +204,7 @@ class OpenAIRealtimeConfig:
     @property
     def url(self) -> str:
         """The WebSocket URL to connect to (authenticate with ``Authorization: Bearer <key>``)."""
-        return f"{self.base_url}?model={quote(self.model, safe='')}"
+        return with_query(self.base_url, "model", self.model)
 
 
 # --------------------------------------------------------------------- state machine
