@@ -301,6 +301,29 @@ async def test_gemini_close_without_a_handle_ends_the_call(caplog: pytest.LogCap
 
 
 @fail_after(20)
+async def test_gemini_a_normal_close_without_a_handle_is_the_model_ending_the_call(caplog: pytest.LogCaptureFixture) -> None:
+    """As for every provider: its reply plays out, and the call is completed (1000), not failed."""
+    reply = tone(440, 1000, 24000, amplitude=0.3).tobytes()
+
+    async def script(session: FakeGeminiSession) -> None:
+        await session.ready.wait()
+        await session.wait_audio_ms(200)
+        await session.model_audio(reply)
+        await session.close(1000, "session over")
+
+    async with fake_gemini(script) as model, running(gemini_settings(model)) as url, phone_call(url) as caller:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            await caller.closed.wait()
+            nursery.cancel_scope.cancel()
+    assert caller.close_code == 1000
+    assert len(caller.received_audio) >= 7900  # the whole second of reply (8000 samples, less the filter's edge)
+    [ended] = [r for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    assert ended.levelno == logging.INFO
+    assert " ended (model closed: gemini connection closed: 1000 NORMAL_CLOSURE session over)" in ended.getMessage()
+
+
+@fail_after(20)
 async def test_gemini_refused_resumption_ends_the_call_and_closes_both_sockets(caplog: pytest.LogCaptureFixture) -> None:
     async def script(session: FakeGeminiSession) -> None:
         await session.ready.wait()

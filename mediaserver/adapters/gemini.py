@@ -104,6 +104,7 @@ class GeminiLink:
         self._backlog: list[ProviderCommand] = []
         self._resume = trio.Event()
         self._ended: str | None = None
+        self._ended_how: dict[str, bool] = {}  # ProviderClosed's orderly/broken for how the link ended
         self.connections = 0
         self.resumptions = 0
 
@@ -123,7 +124,7 @@ class GeminiLink:
         """Send on the active connection, or buffer while no connection is ready."""
         async with self._send_lock:
             if self._ended is not None:
-                raise ProviderClosed(self._ended)
+                raise ProviderClosed(self._ended, **self._ended_how)
             active = self._active
             if self._switching or active is None or active.ws is None:
                 self._backlog.append(command)
@@ -141,7 +142,7 @@ class GeminiLink:
         try:
             return await self._events_out.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise ProviderClosed(self._ended or f"{NAME} session ended") from None
+            raise ProviderClosed(self._ended or f"{NAME} session ended", **self._ended_how) from None
 
     # -- connections -----------------------------------------------------------
 
@@ -200,7 +201,7 @@ class GeminiLink:
                 try:
                     event = await conn.ws.receive()
                 except ProviderClosed as exc:
-                    self._on_closed(conn, exc.reason)
+                    self._on_closed(conn, exc)
                     return
             conn.waiting = None
             if waiting.cancelled_caught:
@@ -220,27 +221,32 @@ class GeminiLink:
             except trio.ClosedResourceError:
                 return  # the link has ended
 
-    def _on_closed(self, conn: _Connection, reason: str) -> None:
+    def _on_closed(self, conn: _Connection, exc: ProviderClosed) -> None:
+        reason = exc.reason
         conn.closed = reason
         if conn is not self._active:
             return  # a retired connection, or a new one not made active yet (_go_live sees conn.closed)
         if self._switching:
             return  # a switch is under way (to this connection: _go_live sees conn.closed)
-        broken = conn.session.state is SessionState.ERROR  # a malformed message would likely recur
+        broken = exc.broken or conn.session.state is SessionState.ERROR  # a malformed message would likely recur
         if conn.session.resumption_handle is not None and not broken:
             log.info("%s: connection %d closed (%s); resuming", NAME, conn.number, reason)
             self._begin_switch()
             return
-        self._end(reason)
+        self._end(reason, orderly=exc.orderly and not broken, broken=broken)
 
     def _begin_switch(self) -> None:
         self._switching = True
         self._resume.set()
 
-    def _end(self, reason: str) -> None:
-        """End the link: the bridge's next ``receive`` (and any ``send``) raises ``ProviderClosed(reason)``."""
+    def _end(self, reason: str, *, orderly: bool = False, broken: bool = False) -> None:
+        """End the link: the bridge's next ``receive`` (and any ``send``) raises ``ProviderClosed(reason)``.
+
+        (``orderly``, ``broken``: as :class:`ProviderClosed` says, for the close that ended it.)
+        """
         if self._ended is None:
             self._ended = reason
+            self._ended_how = {"orderly": orderly, "broken": broken}
         self._events_in.close()
 
     async def _supervise(self) -> None:
