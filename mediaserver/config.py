@@ -251,7 +251,7 @@ class Settings:
         return [(f.metadata["env"], repr(f.default), f.metadata["doc"]) for f in fields(cls)]
 
 
-BUILD_SETTINGS = frozenset({"MEDIASERVER_ANNOTATE", "MEDIASERVER_NATIVE_FLAGS"})  # setup.py's, not the server's
+BUILD_SETTINGS = frozenset({"MEDIASERVER_ANNOTATE", "MEDIASERVER_NATIVE_FLAGS", "MEDIASERVER_ONLY"})  # setup.py's
 
 
 def unknown_settings(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
@@ -323,8 +323,8 @@ def load_dotenv_file(path: str | os.PathLike[str] | None = None) -> bool:
         raise ConfigError(f"cannot read {str(path)!r}: {exc} (it must be a UTF-8 text file of KEY=value lines)") from None
     # A line python-dotenv cannot parse would be skipped with a warning naming no file, and the server would
     # start without that setting (on every interface, say, instead of the loopback asked for): refuse it.
-    # A bare KEY (no "=") parses, as a key without a value, and would be dropped as silently.
-    bad = [b.original for b in parse_stream(io.StringIO(text)) if b.error or (b.key is not None and b.value is None)]
+    # (A bare KEY, no "=", parses: it sets nothing, and takes the environment's value, as in Docker's env files.)
+    bad = [binding.original for binding in parse_stream(io.StringIO(text)) if binding.error]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ConfigError(

@@ -61,8 +61,8 @@ _END_KINDS = (
     ("provider", "provider"),  # "provider ended: ..." and "provider error: ..."
     ("protocol error", "protocol_error"),
     ("failed", "failed"),
-    ("running", "cancelled"),
-    ("cancelled", "cancelled"),  # "cancelled: the server shut down before the call ended"  # no reason set: the server cancelled it (shutdown) or Quart saw the socket go
+    ("running", "cancelled"),  # no reason set: Quart saw the socket go (or the server cancelled it)
+    ("cancelled", "cancelled"),  # "cancelled: the server shut down before the call ended"
 )
 END_KINDS = tuple(dict.fromkeys(kind for _, kind in _END_KINDS)) + ("other",)  # (each once: two prefixes share one)
 FAILED_KINDS = frozenset({"provider", "protocol_error", "failed"})  # the ends that mean something broke

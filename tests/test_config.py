@@ -249,7 +249,6 @@ def test_config_env_file_dev_null_is_an_empty_file() -> None:
         ("MEDIASERVER_PORT = 18126\nMEDIASERVER_HOST: 127.0.0.1\n", 2, "'MEDIASERVER_HOST: 127.0.0.1'"),
         ('MEDIASERVER_PORT="18123\n', 1, "'MEDIASERVER_PORT=\"18123'"),  # a quote never closed
         ("# settings\n=foo\nMEDIASERVER_PORT=1\njunk line\n", 2, "'=foo' (and 1 more)"),
-        ("MEDIASERVER_PORT=1\nOPENAI_API_KEY\n", 2, "'OPENAI_API_KEY'"),  # a bare key, its value forgotten
     ],
 )
 def test_config_env_file_line_that_does_not_parse_is_a_configuration_error(
@@ -322,5 +321,17 @@ def test_config_a_setting_of_only_spaces_counts_as_unset() -> None:
 
 def test_config_a_misspelled_setting_is_named_with_the_one_meant() -> None:
     environ = {"MEDIASERVER_PROVIDR": "openai", "MEDIASERVER_PORT": "1", "MEDIASERVER_WHATEVER": "x",
-               "MEDIASERVER_NATIVE_FLAGS": "-O3", "OTHER": "y"}  # fmt: skip
+               "MEDIASERVER_NATIVE_FLAGS": "-O3", "MEDIASERVER_ONLY": "_g711", "OTHER": "y"}  # setup.py's are known
     assert unknown_settings(environ) == [("MEDIASERVER_PROVIDR", "MEDIASERVER_PROVIDER"), ("MEDIASERVER_WHATEVER", None)]
+
+
+def test_config_a_bare_key_in_env_file_takes_the_environment_s_value(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """As in Docker's env files: ``KEY`` alone passes the environment's value through, it is no error."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("OPENAI_API_KEY\nMEDIASERVER_PORT=18127\n")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    monkeypatch.delenv("MEDIASERVER_PORT", raising=False)
+    assert load_dotenv_file() is True
+    assert os.environ["OPENAI_API_KEY"] == "sk-from-the-environment" and os.environ["MEDIASERVER_PORT"] == "18127"

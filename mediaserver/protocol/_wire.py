@@ -55,8 +55,13 @@ JsonObject = dict[str, Any]
 
 
 def with_query(url: str, name: str, value: str) -> str:
-    """``url`` with ``name=value`` added after the query it has (an Azure ``api-version``, a proxy's token)."""
+    """``url`` with ``name=value`` added after the query it has (an Azure ``api-version``, a proxy's token).
+
+    A URL whose query names ``name`` already is left as it is: the URL given is the more specific.
+    """
     parts = urlsplit(url)
+    if any(pair.partition("=")[0] == name for pair in parts.query.split("&")):
+        return url
     added = f"{name}={quote(value, safe='')}"
     return urlunsplit(parts._replace(query=f"{parts.query}&{added}" if parts.query else added))
 

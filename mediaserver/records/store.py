@@ -323,12 +323,18 @@ class SqliteStore(RecordStore):
 
         digest = hashlib.sha256((instance or "").encode()).hexdigest()[:16]
         path = self.path.with_name(f"{self.path.name}.{digest}.lock")
-        handle = open(path, "a")  # noqa: SIM115 - held open until close()
+        try:
+            handle = open(path, "a")  # noqa: SIM115 - held open until close()
+        except PermissionError:  # made by another user: a lock needs no write access
+            handle = open(path)  # noqa: SIM115
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held: another server runs as this instance
             handle.close()
             return False
+        except OSError:  # no locks on this file system (some network mounts): claim it, as before there were claims
+            handle.close()
+            return True
         self._claim = handle
         return True
 

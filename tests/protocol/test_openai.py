@@ -344,6 +344,9 @@ def test_openai_config_validation() -> None:
     # a URL with a query of its own (Azure's api-version and deployment, a proxy's token) keeps it
     azure = config(base_url="wss://x.openai.azure.com/openai/realtime?api-version=2025-04-01-preview&deployment=rt")
     assert azure.url == "wss://x.openai.azure.com/openai/realtime?api-version=2025-04-01-preview&deployment=rt&model=gpt-realtime"
+    # one that names the model itself (Azure's GA form: the deployment) is left as it is, not given a second model=
+    ga = config(base_url="wss://x.openai.azure.com/openai/v1/realtime?model=my-deployment")
+    assert ga.url == "wss://x.openai.azure.com/openai/v1/realtime?model=my-deployment"
 
 
 def test_openai_formats_exposed_for_the_bridge() -> None:
