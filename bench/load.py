@@ -258,7 +258,10 @@ def server_process(
         env["SSL_CERT_FILE"] = str(cert)
         env.pop("SSL_CERT_DIR", None)
     server.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with server.log_path.open("wb") as out:
+    # The bench's calls are recorded as any call is (that work is part of what is measured), but in a directory
+    # of their own: never in the checkout's data/, among the records `mediaserver calls` shows.
+    with tempfile.TemporaryDirectory(prefix="mediaserver-bench-") as data_dir, server.log_path.open("wb") as out:
+        env["MEDIASERVER_DATA_DIR"] = data_dir
         proc = subprocess.Popen(server.argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         server.proc = proc
         try:

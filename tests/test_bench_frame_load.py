@@ -82,11 +82,21 @@ def quick_load(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str,
     """One tiny load run (2 calls), against the peer too where its packages are installed: (stdout, JSON, plot)."""
     tmp = tmp_path_factory.mktemp("load")
     peer = ["--no-peer"] if _PEER_MISSING else []
+    records = ROOT / "data"  # the checkout's own call records (make run's): the bench's calls must not land there
+    before = _files(records)
     out = _run(
         "load.py", "--quick", "--steps", "2", "--hold", "1.2", "--grace", "0.5", "--json", str(tmp / "load.json"),
         "--plot", str(tmp / "load.png"), *peer,
     )
+    assert _files(records) == before
     return out, json.loads((tmp / "load.json").read_text()), tmp / "load.png"
+
+
+def _files(directory: Path) -> dict[str, tuple[int, int]]:
+    """Name -> (size, mtime) of what ``directory`` holds ({} if it does not exist)."""
+    if not directory.is_dir():
+        return {}
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()}
 
 
 def _assert_clean(row: dict[str, Any]) -> None:
