@@ -98,6 +98,11 @@ class TLSStream(trio.abc.Stream):
         return self._eof
 
     @property
+    def failed(self) -> bool:
+        """True once the stream broke (a TLS error, a failed socket): the next call raises."""
+        return self._broken is not None
+
+    @property
     def unsent_bytes(self) -> int:
         """How much ciphertext waits for the socket."""
         return len(self._unsent) + self._outgoing.pending

@@ -340,10 +340,11 @@ class ClientWebSocket:
             self._stash = b""
             return False
         rest = self._scan_fast(data)
-        if self._tls is not None and self._tls.at_eof:
-            # The peer's close_notify came with this data: the socket may stay
-            # open and quiet, so no readiness will follow; the awaiting path
-            # takes over now and sees the end of the stream.
+        if self._tls is not None and (self._tls.at_eof or self._tls.failed):
+            # The peer's close_notify (or a record that broke the TLS stream)
+            # came with this data: the socket may stay open and quiet, so no
+            # readiness will follow; the awaiting path takes over now and sees
+            # the end of the stream.
             self._stash = rest or b""
             return False
         if rest is None:

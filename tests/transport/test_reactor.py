@@ -354,6 +354,7 @@ class _TLSAtEndOfStream:
     def __init__(self, data: bytes) -> None:
         self._data = data
         self.at_eof = False
+        self.failed = False
         self.unsent = False
 
     def receive_nowait(self) -> bytes:
@@ -374,6 +375,31 @@ async def test_read_nowait_hands_over_when_tls_saw_the_end_of_the_stream_with_da
         with trio.fail_after(5):
             assert not client.read_nowait()  # hand-off, although the frame was whole
             assert list(client.inbox) == ["the last message"]
+            assert await client.receive() == "the last message"
+            with pytest.raises(WebSocketClosed, match="1006"):
+                await client.receive()
+
+
+class _TLSFailedAfterData(_TLSAtEndOfStream):
+    """One read brought a whole frame and then a record that failed its check: the data is given, the stream broke."""
+
+    def receive_nowait(self) -> bytes:
+        data, self._data = self._data, b""
+        self.failed = True
+        return data
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        raise trio.BrokenResourceError("TLS error: bad record mac")
+
+
+async def test_read_nowait_hands_over_when_tls_broke_after_the_data_it_gave() -> None:
+    """The socket may stay quiet after the bad record: no readiness would tell the reader the stream is over."""
+    async with ws_pair() as pair:
+        client = pair.client
+        fake = _TLSFailedAfterData(frame_to("client", "the last message"))
+        client._sock, client._tls, client._stream = None, fake, fake  # type: ignore[assignment]
+        with trio.fail_after(5):
+            assert not client.read_nowait()
             assert await client.receive() == "the last message"
             with pytest.raises(WebSocketClosed, match="1006"):
                 await client.receive()
