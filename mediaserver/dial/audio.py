@@ -213,7 +213,7 @@ def trim(ulaw: bytes, frame_bytes: int = 160) -> bytes:
 
 # ---------------------------------------------------------------- TTS
 
-_INSTALL_HINT = "pip install espeakng-loader numpy (or: pip install -e '.[test]')"
+_INSTALL_HINT = "pip install 'mediaserver[dial]' (or, in a checkout: pip install -e '.[dial]')"
 
 # The child: argv = library path, data path, voice, words per minute; UTF-8
 # text on stdin; 22 050 Hz native-endian int16 samples on stdout.  Constants
