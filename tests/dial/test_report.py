@@ -370,7 +370,7 @@ def test_say_speaks_offline() -> None:
 
 def test_say_without_espeak_tells_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "espeakng_loader", None)
-    with pytest.raises(audio.AudioError, match="pip install espeakng-loader"):
+    with pytest.raises(audio.AudioError, match=re.escape("pip install 'mediaserver[dial]'")):
         audio.synthesize("hello")
 
 
