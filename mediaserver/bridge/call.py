@@ -639,11 +639,11 @@ class CallBridge:
         A model that closed normally (``exc.orderly``) ends the call as
         ``model closed: ...``, not as a failure.
         """
-        # (a failure's end line says why, at warning level: one line, as for a Twilio protocol error)
-        reason = f"model closed: {exc.reason}" if exc.orderly else f"provider ended: {exc.reason}"
         if self._model_gone:
             return
         self._model_gone = True
+        # (a failure's end line says why, at warning level: one line, as for a Twilio protocol error)
+        reason = f"model closed: {exc.reason}" if exc.orderly else f"provider ended: {exc.reason}"
         if (
             exc.broken
             or self._nursery is None
@@ -659,11 +659,8 @@ class CallBridge:
         # reader reads to the close, and is given a moment to.
         with trio.move_on_after(PLAY_OUT_READ_S):
             await self._provider_done.wait()
-        item = self._pending_item
-        if item is not None and item not in self._interrupted:
-            if self._down_tail:
-                self._resampler_tail(item)
-            self._flush_pending(item)
+        if self._pending_item is not None:
+            self._finish_item(self._pending_item)
         self._generating.clear()  # nothing more is coming: no reply is still being said
         self._response_open = False
         if not await self.wait_played(self.goodbye_timeout_s):
@@ -679,10 +676,7 @@ class CallBridge:
                 self._downlink(event.item_id, event.payload)
         elif isinstance(event, pv.AudioDone):
             self._generating.pop(event.item_id, None)
-            if event.item_id not in self._interrupted:
-                if self._down_tail and event.item_id == self._pending_item:
-                    self._resampler_tail(event.item_id)
-                self._flush_pending(event.item_id)
+            self._finish_item(event.item_id)
         elif isinstance(event, pv.SpeechStarted):
             self._speech_stopped_s = None  # the caller goes on: the reply latency counts from their next stop
             if event.item_id is not None:  # (the caller's transcript may come after the reply's: order by this)
@@ -1019,6 +1013,14 @@ class CallBridge:
             if not self._pending:
                 self._pending_s = self._now()
             self._pending += ulaw_encode(tail)
+
+    def _finish_item(self, item: str) -> None:
+        """All of ``item``'s audio is here: what the resampler still holds of it and its part-chunk join the queue."""
+        if item in self._interrupted:
+            return
+        if self._down_tail and item == self._pending_item:
+            self._resampler_tail(item)
+        self._flush_pending(item)
 
     def _flush_pending(self, item: str | None) -> None:
         if item is not None and item == self._pending_item and self._pending:

@@ -65,6 +65,7 @@ def with_query(url: str, name: str, value: str) -> str:
     added = f"{name}={quote(value, safe='')}"
     return urlunsplit(parts._replace(query=f"{parts.query}&{added}" if parts.query else added))
 
+
 class ProtocolEnum(enum.Enum):
     """A core's states or inputs, hashed by identity.
 

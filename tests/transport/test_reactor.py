@@ -366,20 +366,6 @@ class _TLSAtEndOfStream:
         return b""
 
 
-async def test_read_nowait_hands_over_when_tls_saw_the_end_of_the_stream_with_data() -> None:
-    """No readiness follows a close_notify on a connection the peer keeps open: read_nowait must say so at once."""
-    async with ws_pair() as pair:
-        client = pair.client
-        fake = _TLSAtEndOfStream(frame_to("client", "the last message"))
-        client._sock, client._tls, client._stream = None, fake, fake  # type: ignore[assignment]
-        with trio.fail_after(5):
-            assert not client.read_nowait()  # hand-off, although the frame was whole
-            assert list(client.inbox) == ["the last message"]
-            assert await client.receive() == "the last message"
-            with pytest.raises(WebSocketClosed, match="1006"):
-                await client.receive()
-
-
 class _TLSFailedAfterData(_TLSAtEndOfStream):
     """One read brought a whole frame and then a record that failed its check: the data is given, the stream broke."""
 
@@ -392,14 +378,18 @@ class _TLSFailedAfterData(_TLSAtEndOfStream):
         raise trio.BrokenResourceError("TLS error: bad record mac")
 
 
-async def test_read_nowait_hands_over_when_tls_broke_after_the_data_it_gave() -> None:
-    """The socket may stay quiet after the bad record: no readiness would tell the reader the stream is over."""
+@pytest.mark.parametrize("fake_tls", [_TLSAtEndOfStream, _TLSFailedAfterData])
+async def test_read_nowait_hands_over_when_tls_saw_the_end_of_the_stream_with_data(fake_tls: type[_TLSAtEndOfStream]) -> None:
+    """No readiness follows a close_notify, or a record that broke the stream, on a connection the peer keeps
+    open and quiet: read_nowait must say so at once."""
     async with ws_pair() as pair:
         client = pair.client
-        fake = _TLSFailedAfterData(frame_to("client", "the last message"))
+        fake = fake_tls(frame_to("client", "the last message"))
         client._sock, client._tls, client._stream = None, fake, fake  # type: ignore[assignment]
         with trio.fail_after(5):
-            assert not client.read_nowait()
+            assert not client.read_nowait()  # hand-off, although the frame was whole
+            assert list(client.inbox) == ["the last message"]
             assert await client.receive() == "the last message"
             with pytest.raises(WebSocketClosed, match="1006"):
                 await client.receive()
+

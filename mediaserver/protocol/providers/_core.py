@@ -127,7 +127,7 @@ class AudioLedger(Generic[K]):
         self._bytes_per_ms = bytes_per_ms
         self._received: dict[K, int] = {}
         self._complete: set[K] = set()
-        self._forgotten: dict[K, None] = {}  # replies let go of lately (oldest first), told from ones never seen
+        self._forgotten = RecentSet(4 * self.HISTORY)  # replies let go of lately, told from ones never seen
 
     def add(self, reply: K, n_bytes: int) -> None:
         received = self._received
@@ -148,10 +148,7 @@ class AudioLedger(Generic[K]):
             oldest = next(iter(received))
             del received[oldest]
             self._complete.discard(oldest)
-            forgotten = self._forgotten
-            forgotten[oldest] = None
-            if len(forgotten) > 4 * self.HISTORY:
-                del forgotten[next(iter(forgotten))]
+            self._forgotten.add(oldest)
         received[reply] = n_bytes
 
     def received_ms(self, reply: K) -> int:
@@ -191,16 +188,16 @@ class RecentSet:
     __slots__ = ("_ids", "_size")
 
     def __init__(self, size: int = RECENT) -> None:
-        self._ids: dict[str, None] = {}
+        self._ids: dict[Hashable, None] = {}
         self._size = size
 
-    def add(self, key: str) -> None:
+    def add(self, key: Hashable) -> None:
         self._ids.pop(key, None)
         self._ids[key] = None
         if len(self._ids) > self._size:
             del self._ids[next(iter(self._ids))]
 
-    def discard(self, key: str) -> None:
+    def discard(self, key: Hashable) -> None:
         self._ids.pop(key, None)
 
     def __contains__(self, key: object) -> bool:
