@@ -1072,6 +1072,7 @@ class FakeLink:
         self._send, self._receive = trio.open_memory_channel[pv.ProviderEvent](math.inf)
         self._closed_reason: str | None = None
         self._closed_how: dict[str, bool] = {}
+        self._send_failure: str | None = None
 
     def emit(self, *events: pv.ProviderEvent) -> None:
         for event in events:
@@ -1083,10 +1084,16 @@ class FakeLink:
         self._closed_how = {"orderly": orderly, "broken": broken}
         self._send.close()
 
+    def fail_sends(self, reason: str) -> None:
+        """Sends raise ProviderClosed(reason) from now on (a write that met the model's reset); receive goes on."""
+        self._send_failure = reason
+
     def truncates(self) -> list[pv.Truncate]:
         return [c for _, c in self.commands if isinstance(c, pv.Truncate)]
 
     async def send(self, command: pv.ProviderCommand) -> None:
+        if self._send_failure is not None:
+            raise ProviderClosed(self._send_failure)
         if self._closed_reason is not None:
             raise ProviderClosed(self._closed_reason, **self._closed_how)
         self.commands.append((trio.current_time(), command))

@@ -309,6 +309,7 @@ class CallBridge:
         self._open_response: str | None = None  # the id of the response last started
         self._ending = False
         self._model_gone = False  # the model's side is over (see _provider_closed): nothing more goes to it
+        self._gone_reason: str | None = None  # why, while what it said plays out (_play_out)
         self._provider_done = trio.Event()  # the provider reader has returned
         self._hang_up_scope: trio.CancelScope | None = None  # an end_call's hang-up, waiting for the goodbye
         self._hang_up_call: str | None = None  # the tool call that asked for it (the model may withdraw it)
@@ -639,11 +640,14 @@ class CallBridge:
         A model that closed normally (``exc.orderly``) ends the call as
         ``model closed: ...``, not as a failure.
         """
-        if self._model_gone:
-            return
-        self._model_gone = True
         # (a failure's end line says why, at warning level: one line, as for a Twilio protocol error)
         reason = f"model closed: {exc.reason}" if exc.orderly else f"provider ended: {exc.reason}"
+        if self._model_gone:
+            if exc.orderly and self._gone_reason is not None:
+                # The reader found the model's own close behind a send that failed first (a reset): that says why.
+                self._gone_reason = reason
+            return
+        self._model_gone = True
         if (
             exc.broken
             or self._nursery is None
@@ -652,9 +656,10 @@ class CallBridge:
         ):
             self._end(reason)
             return
-        self._nursery.start_soon(self._play_out, reason)
+        self._gone_reason = reason
+        self._nursery.start_soon(self._play_out)
 
-    async def _play_out(self, reason: str) -> None:
+    async def _play_out(self) -> None:
         # What the model sent before it closed may still wait to be read (a send found out first): the provider
         # reader reads to the close, and is given a moment to.
         with trio.move_on_after(PLAY_OUT_READ_S):
@@ -665,7 +670,7 @@ class CallBridge:
         self._response_open = False
         if not await self.wait_played(self.goodbye_timeout_s):
             log.warning("call %s: the model's last words still playing after %g s; hanging up", self.call_sid, self.goodbye_timeout_s)
-        self._end(reason)
+        self._end(self._gone_reason or "provider ended")
 
     def _on_provider_event(self, event: pv.ProviderEvent) -> object:
         """One provider event, handled at once; _BARGE if the caller's task must barge in, _STOP if the call ends."""

@@ -178,11 +178,13 @@ class WebSocketLink:
         messages = ws.inbox
         while messages:
             replies = self._take(messages.popleft())
-            if replies:
+            if replies and not ws.write_failed:
                 try:
                     ws.send_many_nowait(replies)
                 except WebSocketClosed as exc:
-                    raise self._closed(exc) from None
+                    if not ws.write_failed:
+                        raise self._closed(exc) from None
+                    # (the model has gone: what it sent before still counts, so reading goes on to its end)
         return more
 
     @property
@@ -235,7 +237,13 @@ class WebSocketLink:
             message = await self._ws.receive()
         except WebSocketClosed as exc:
             raise self._closed(exc) from None
-        await self._send_all(self._take(message))
+        replies = self._take(message)
+        if replies and not self._ws.write_failed:
+            try:
+                await self._send_all(replies)
+            except ProviderClosed:
+                if not self._ws.write_failed:
+                    raise
 
     def _take(self, message: str | bytes) -> Sequence[str | bytes]:
         """One message through the core: its events queued; the replies it owes the provider returned."""

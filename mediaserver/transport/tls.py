@@ -20,7 +20,9 @@ https_compatible=True)`` as the provider links use it:
 * any other TLS failure, or a peer that resets the connection, raises
   :class:`trio.BrokenResourceError`; after a send was cancelled half-way,
   the stream is broken (the peer saw part of a record) and every later call
-  raises;
+  raises; a write the socket refuses (the peer has gone) makes every later
+  send raise, but reading goes on: what the peer sent before it went is
+  still delivered, then the end of the stream (or the reset);
 * :meth:`TLSStream.aclose` sends ``close_notify`` (best effort) and closes
   the socket.
 
@@ -66,7 +68,8 @@ class TLSStream(trio.abc.Stream):
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname)
         self._lock = trio.StrictFIFOLock()
-        self._broken: str | None = None
+        self._broken: str | None = None  # nothing more can be read or written
+        self._unwritable: str | None = None  # a write failed (the peer reset): what it sent before can still be read
         self._closed = False
         self._unsent = b""  # ciphertext taken from the BIO but not yet on the wire (goes before the BIO's)
         self._eof = False  # receive_nowait saw the end of the stream
@@ -78,6 +81,16 @@ class TLSStream(trio.abc.Stream):
             raise trio.ClosedResourceError("the TLS stream is closed")
         if self._broken is not None:
             raise trio.BrokenResourceError(self._broken)
+
+    def _check_write(self) -> None:
+        self._check()
+        if self._unwritable is not None:
+            raise trio.BrokenResourceError(self._unwritable)
+
+    def _write_failed(self, exc: OSError) -> trio.BrokenResourceError:
+        # (the socket's read side may still hold what the peer sent before it went: reads go on)
+        self._unwritable = f"the connection failed: {exc}"
+        return trio.BrokenResourceError(self._unwritable)
 
     def _encrypt(self, data: bytes | bytearray | memoryview) -> None:
         """Into the TLS session; its records wait in the outgoing BIO."""
@@ -114,7 +127,7 @@ class TLSStream(trio.abc.Stream):
 
     async def flush(self) -> None:
         """Write every ciphertext byte still waiting (see :meth:`send_nowait`)."""
-        self._check()
+        self._check_write()
         await self._write_out()
 
     def send_nowait(self, data: bytes) -> bool:
@@ -124,7 +137,7 @@ class TLSStream(trio.abc.Stream):
         -- also when another task holds the write lock.  Raises as
         :meth:`send_all` does.
         """
-        self._check()
+        self._check_write()
         self._encrypt(data)
         if self._lock.locked():
             return False
@@ -141,8 +154,7 @@ class TLSStream(trio.abc.Stream):
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
-            self._broken = f"the connection failed: {exc}"
-            raise trio.BrokenResourceError(self._broken) from exc
+            raise self._write_failed(exc) from exc
         if sent < len(data):
             self._unsent = data[sent:]
             return False
@@ -188,7 +200,7 @@ class TLSStream(trio.abc.Stream):
                 self._eof = True
                 break
             parts.append(chunk)
-        if self._outgoing.pending and not self._lock.locked() and self._broken is None:
+        if self._outgoing.pending and not self._lock.locked() and self._broken is None and self._unwritable is None:
             try:
                 self._send_now()
             except trio.BrokenResourceError:
@@ -231,8 +243,7 @@ class TLSStream(trio.abc.Stream):
                 if view:
                     await trio.lowlevel.wait_writable(self._sock)
         except OSError as exc:
-            self._broken = f"the connection failed: {exc}"
-            raise trio.BrokenResourceError(self._broken) from exc
+            raise self._write_failed(exc) from exc
         except BaseException:  # cancelled part-way: the peer has part of a record
             if view:
                 self._broken = "a send was cancelled part-way; the TLS stream is unusable"
@@ -271,7 +282,7 @@ class TLSStream(trio.abc.Stream):
             return
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self._check()
+        self._check_write()
         lock = self._lock
         await acquire(lock)
         try:
@@ -293,7 +304,8 @@ class TLSStream(trio.abc.Stream):
             try:
                 return self._tls.read(size)
             except ssl.SSLWantReadError:
-                await self._write_out()  # what reading produced (e.g. a key update's answer)
+                if self._unwritable is None:
+                    await self._write_out()  # what reading produced (e.g. a key update's answer)
                 await self._read_in()
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # close_notify, or a ragged EOF
                 return b""
@@ -306,7 +318,7 @@ class TLSStream(trio.abc.Stream):
             return
         self._closed = True
         try:
-            if self._broken is None:
+            if self._broken is None and self._unwritable is None:
                 with trio.move_on_after(0.5):  # best effort: the peer need not answer
                     try:
                         self._tls.unwrap()

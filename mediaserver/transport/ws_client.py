@@ -28,7 +28,11 @@ The contract is what :mod:`mediaserver.transport.provider_ws` needs:
   closed (a close frame, the TCP connection dropping, a protocol error or a
   message over ``max_message_size``, which is refused with 1009); one task
   at a time may receive;
-* :meth:`~ClientWebSocket.send` may be called from any number of tasks;
+* :meth:`~ClientWebSocket.send` may be called from any number of tasks; a
+  write the socket refuses (the peer reset the connection) raises
+  :class:`WebSocketClosed` (1006) and so does every later send, but
+  receiving goes on: what the peer sent before it went (a goodbye, its
+  close frame) is still read, then the end of the connection;
 * :meth:`~ClientWebSocket.aclose` runs the close handshake (bound it with a
   timeout); the caller owns and closes the stream;
 * on plain TCP or our TLS stream (:meth:`~ClientWebSocket.poll_socket` is
@@ -128,13 +132,16 @@ class ClientWebSocket:
         # cannot complete, the caller just closes the socket.
         self._broken = False
         self.closed: WebSocketClosed | None = None
+        # Set with closed, or alone when a write failed: the peer has gone (a reset), but what it sent before
+        # is still in the socket and is read on, to the end (a goodbye, its close frame).
+        self._unsendable: WebSocketClosed | None = None
 
     # -- sending ---------------------------------------------------------------
 
     async def send(self, message: str | bytes) -> None:
-        """Send one message; raises :class:`WebSocketClosed` when the connection is closed."""
-        if self.closed is not None:
-            raise self.closed
+        """Send one message; raises :class:`WebSocketClosed` when the connection is closed (or a write failed)."""
+        if self._unsendable is not None:
+            raise self._unsendable
         await self._send(message)
 
     async def send_many(self, messages: Sequence[str | bytes]) -> None:
@@ -144,8 +151,8 @@ class ClientWebSocket:
         is taken in call order (FIFO), so messages from concurrent callers
         never interleave and go out in the order the calls were made.
         """
-        if self.closed is not None:
-            raise self.closed
+        if self._unsendable is not None:
+            raise self._unsendable
         if len(messages) == 1:  # the usual case (an audio append): no list, no join, no copy
             await self._send_frames(self._frame(messages[0]))
         elif messages:
@@ -164,15 +171,15 @@ class ClientWebSocket:
         sent this way keep their order among themselves and relative to
         sends made after them; raises :class:`WebSocketClosed` as :meth:`send`.
         """
-        if self.closed is not None:
-            raise self.closed
+        if self._unsendable is not None:
+            raise self._unsendable
         frame = self._frame
         return self._write_nowait(frame(messages[0]) if len(messages) == 1 else b"".join([frame(message) for message in messages]))
 
     def send_b64_nowait(self, prefix: bytes, data: bytes, suffix: bytes) -> bool:
         """``send_many_nowait([(prefix + base64(data) + suffix).decode()])``, framed in one native step; as it."""
-        if self.closed is not None:
-            raise self.closed
+        if self._unsendable is not None:
+            raise self._unsendable
         # masked as a client's frames must be; a server's (ServerStream) are not
         return self._write_nowait(encode_b64_frame(prefix, data, suffix, None if self._masked_in else True))
 
@@ -188,13 +195,13 @@ class ClientWebSocket:
             try:
                 return self._tls.send_nowait(data)  # type: ignore[union-attr]
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise self._closed_now(CloseReason.ABNORMAL_CLOSURE) from None
+                raise self._write_failed() from None
         try:
             sent = sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            raise self._closed_now(CloseReason.ABNORMAL_CLOSURE) from None
+            raise self._write_failed() from None
         if sent == len(data):
             return True
         self._backlog += memoryview(data)[sent:]
@@ -234,6 +241,8 @@ class ClientWebSocket:
         try:
             if self._broken:
                 raise self._closed_now(CloseReason.ABNORMAL_CLOSURE, "broken")
+            if self._unsendable is not None and self.closed is None:  # a write failed (see _unsendable)
+                raise self._unsendable
             if event is not None:
                 self._wsproto_fed = True  # (a close changes its state: the fast path re-checks)
                 try:
@@ -251,7 +260,7 @@ class ClientWebSocket:
                 else:
                     await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                raise self._closed_now(CloseReason.ABNORMAL_CLOSURE) from None
+                raise self._write_failed() from None
         finally:
             lock.release()
 
@@ -274,7 +283,20 @@ class ClientWebSocket:
     def _closed_now(self, code: int, reason: str = "", *, violation: bool = False) -> WebSocketClosed:
         if self.closed is None:
             self.closed = WebSocketClosed(code, reason, violation=violation)
+            if self._unsendable is None:
+                self._unsendable = self.closed
         return self.closed
+
+    def _write_failed(self) -> WebSocketClosed:
+        """A write failed: nothing more can be sent, but reading goes on (see ``_unsendable``)."""
+        if self._unsendable is None:
+            self._unsendable = WebSocketClosed(CloseReason.ABNORMAL_CLOSURE, "the connection failed while sending")
+        return self._unsendable
+
+    @property
+    def write_failed(self) -> bool:
+        """True once a write failed while the connection was not yet closed: only reading is left."""
+        return self._unsendable is not None and self.closed is None
 
     # -- receiving -------------------------------------------------------------
 
@@ -466,6 +488,9 @@ class ClientWebSocket:
 
     async def aclose(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str | None = None) -> None:
         """Close handshake: send a close frame (with ``reason``, if any), read until the peer's (bound this with a timeout)."""
+        if self._unsendable is not None and self.closed is None:  # a write failed: no close frame can go, none will come back
+            self._closed_now(code, CLOSED_BY_US)
+            self._broken = True
         if self._ws.state is ConnectionState.OPEN and not self._broken:
             self._closed_now(code, CLOSED_BY_US)
             await self._send_quietly(CloseConnection(code, reason))

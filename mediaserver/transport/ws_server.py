@@ -92,8 +92,8 @@ class ServerStream(ClientWebSocket, MessageStream):
 
         A downlink chunk and its mark (``TwilioStream.send_chunk``) in one write.
         """
-        if self.closed is not None:
-            raise _stream_closed(self.closed)
+        if self._unsendable is not None:
+            raise _stream_closed(self._unsendable)
         try:
             return self._write_nowait(encode_b64_frame(prefix, payload, suffix, None) + server_frame(then))
         except WebSocketClosed as exc:

@@ -531,6 +531,27 @@ async def test_call_the_goodbye_plays_out_whichever_task_finds_the_model_gone(
 
 
 @fail_after(60)
+async def test_call_a_send_that_meets_the_models_reset_first_still_ends_as_the_model_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The model streams its goodbye, closes (1000) and drops the socket; the uplink's next write fails before
+    the reader gets there: the reader reads on to the close, the goodbye plays, and the call ends as the model's
+    own close (completed), not as the failed write."""
+    link = FakeLink()
+    async with bridged(link) as call:
+        await trio.sleep(0.2)
+        link.emit(pv.ResponseStarted("resp_1"), pv.AudioDelta("item_1", audio(2000)))
+        link.fail_sends("connection failed while sending")
+        await call.caller.send_audio(audio(20))  # this frame's send finds out first
+        await trio.sleep(0.5)  # (the reader is given up to PLAY_OUT_READ_S to get to the close)
+        link.emit(pv.AudioDelta("item_1", audio(1000, 0x55)))  # what came before the close frame
+        link.close("1000 bye", orderly=True)
+        await call.done.wait()
+        assert call.caller.received_audio == audio(2000) + audio(1000, 0x55)
+        assert call.bridge.end_reason == "model closed: 1000 bye"
+
+
+@fail_after(60)
 @pytest.mark.parametrize("how", ["orderly", "broken"])
 async def test_call_a_model_that_ends_the_session_or_breaks_the_protocol(
     how: str, autojump_clock: trio.testing.MockClock

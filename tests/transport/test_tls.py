@@ -145,7 +145,7 @@ async def test_tls_stream_end_of_stream_is_empty_bytes(how: str, certificate: tu
 
 
 @fail_after(10)
-async def test_tls_stream_reset_is_broken_resource(certificate: tuple[Path, Path]) -> None:  # noqa: F811
+async def test_tls_stream_reset_is_broken_resource_for_sends(certificate: tuple[Path, Path]) -> None:  # noqa: F811
     async def reset(stream: trio.SSLStream[trio.SocketStream], tcp: trio.SocketStream) -> None:
         await stream.do_handshake()
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
@@ -157,8 +157,10 @@ async def test_tls_stream_reset_is_broken_resource(certificate: tuple[Path, Path
             for _ in range(100):  # the RST may arrive after a few sends
                 await stream.send_all(b"x" * 1000)
                 await trio.sleep(0.01)
+        # The send reported the reset; reading goes on (what came before it would be delivered) and ends.
+        assert await stream.receive_some() == b""
         with pytest.raises(trio.BrokenResourceError):
-            await stream.receive_some()
+            await stream.send_all(b"x")
         await stream.aclose()
 
 
@@ -298,4 +300,36 @@ async def test_tls_close_notify_on_a_connection_left_open_is_seen_by_receive_now
                     got += chunk
         assert bytes(got) == b"last words"
         assert stream.receive_nowait() == b""
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("read", ["receive_some", "receive_nowait"])
+@fail_after(10)
+async def test_tls_what_the_peer_sent_before_it_went_is_read_after_a_send_failed(
+    read: str, certificate: tuple[Path, Path]  # noqa: F811
+) -> None:
+    """A peer that says goodbye and closes: our next sends fail (the reset), its goodbye is still read."""
+    gone = trio.Event()
+
+    async def goodbye(stream: trio.SSLStream[trio.SocketStream], tcp: trio.SocketStream) -> None:
+        await stream.send_all(b"goodbye")
+        await stream.aclose()  # close_notify, then the socket closes: what we send next is answered with a reset
+        gone.set()
+
+    async with tls_server(certificate, goodbye) as port:
+        stream = await open_tls_stream("127.0.0.1", port, ssl_context=trusting(certificate))
+        await gone.wait()
+        with pytest.raises(trio.BrokenResourceError):
+            for _ in range(100):  # the first send may still be taken; the reset makes a later one fail
+                stream.send_nowait(b"x" * 1000) if read == "receive_nowait" else await stream.send_all(b"x" * 1000)
+                await trio.sleep(0.01)
+        assert not stream.failed  # the read side is intact
+        if read == "receive_some":
+            assert await receive_exactly(stream, 7) == b"goodbye"
+            assert await stream.receive_some() == b""
+        else:
+            assert await receive_nowait_exactly(stream, 7) == b"goodbye"
+            assert stream.receive_nowait() == b""
+        with pytest.raises(trio.BrokenResourceError):  # sending stays refused
+            await stream.send_all(b"late")
         await stream.aclose()

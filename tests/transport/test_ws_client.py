@@ -10,7 +10,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, BytesMessage, Message, Request, TextMessage
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Request, TextMessage
 
 from mediaserver.transport.ws_client import ClientWebSocket, HandshakeRejected, WebSocketClosed, connect, data_frame
 
@@ -224,3 +224,57 @@ def test_data_frames_decode_as_the_same_message_in_wsproto(size: int, kind: str)
     assert isinstance(event, TextMessage if kind == "text" else BytesMessage)
     assert event.data == message
     assert data_frame(message) != frame  # a fresh random mask key each time
+
+
+@pytest.mark.parametrize("read", ["receive", "read_nowait"])
+@fail_after(5)
+async def test_what_the_peer_sent_before_it_went_is_read_after_a_send_failed(read: str) -> None:
+    """A model that streams its goodbye, closes (1000) and drops the socket: our next send fails, the goodbye is read."""
+    gone = trio.Event()
+
+    async def goodbye(stream: trio.SocketStream) -> None:
+        server_ws = WSConnection(ConnectionType.SERVER)
+        while True:
+            server_ws.receive_data(await stream.receive_some(4096))
+            if any(isinstance(e, Request) for e in server_ws.events()):
+                break
+        await stream.send_all(server_ws.send(AcceptConnection()))
+        await trio.sleep(0.05)  # (after the handshake, not read with it)
+        await stream.send_all(
+            server_ws.send(TextMessage("goodbye 1"))
+            + server_ws.send(TextMessage("goodbye 2"))
+            + server_ws.send(CloseConnection(1000, "session over"))
+        )
+        await stream.aclose()  # without waiting for our close reply: what we send next is answered with a reset
+        gone.set()
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, goodbye, 0, host="127.0.0.1"))
+        async with client(listener.socket.getsockname()[1]) as ws:
+            await gone.wait()
+            with pytest.raises(WebSocketClosed) as failed:
+                for _ in range(100):  # the first send may still be taken; the reset makes a later one fail
+                    if read == "read_nowait":
+                        ws.send_many_nowait(["audio"])
+                    else:
+                        await ws.send("audio")
+                    await trio.sleep(0.01)
+            assert failed.value.code == 1006 and ws.closed is None  # not closed for reading
+            assert ws.write_failed
+            if read == "receive":
+                assert [await ws.receive(), await ws.receive()] == ["goodbye 1", "goodbye 2"]
+            else:
+                sock = ws.poll_socket()
+                assert sock is not None
+                await trio.lowlevel.wait_readable(sock)
+                assert ws.read_nowait() is False  # the close frame: receive() takes over for it
+                assert list(ws.inbox) == ["goodbye 1", "goodbye 2"]
+                ws.inbox.clear()
+            with pytest.raises(WebSocketClosed) as closed:
+                await ws.receive()
+            assert (closed.value.code, closed.value.reason) == (1000, "session over")
+            with pytest.raises(WebSocketClosed):  # sending stays refused
+                await ws.send("late")
+            with trio.fail_after(1):
+                await ws.aclose()
+        nursery.cancel_scope.cancel()
