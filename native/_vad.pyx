@@ -45,6 +45,7 @@ cdef double ECHO_ENV_MIN = 1e-12      # -120 dBFS: below, the envelope is 0
 
 cdef enum:
     WINDOW_COUNT = 4                  # sub-windows: floor >= minimum of the last 2 s
+    ECHO_STEPS = 16                   # agent levels held at once (see _raise_agent)
     MAX_BLOCK = 120                   # 2.5 ms at 48 kHz
 
 cdef enum VadState:
@@ -94,7 +95,12 @@ ctypedef struct State:
     double window_min
     int window_count
     double agent                      # agent envelope (energy)
-    int hold                          # frames left before it decays
+    int64_t frame_no                  # frames stepped so far
+    # The agent levels still held, as a staircase: the last frame each is held
+    # to, earliest first, and its level, loudest first (see _raise_agent).
+    int steps
+    double step_level[ECHO_STEPS + 1]
+    int64_t step_until[ECHO_STEPS + 1]
 
 
 cdef double _frame_energy(const uint8_t* p, const Config* c) noexcept nogil:
@@ -129,7 +135,7 @@ cdef double _frame_energy(const uint8_t* p, const Config* c) noexcept nogil:
 
 cdef bint _step(State* s, const Config* c, double e) noexcept nogil:
     """One frame of the detector; returns ``speaking``.  Mirrors the reference's ``step``."""
-    cdef double margin, used, thr, echo, floor, lowest, x
+    cdef double margin, used, thr, echo, floor, lowest, x, held
     cdef int state, k
     cdef bint active
     s.energy = e
@@ -213,19 +219,79 @@ cdef bint _step(State* s, const Config* c, double e) noexcept nogil:
         if x <= margin:
             s.spread = s.spread + c.spread_coef * (fabs(x - 1.0) - s.spread)
 
-    if s.hold > 0:
-        s.hold -= 1
-    else:
+    s.frame_no += 1
+    k = 0
+    while k < s.steps and s.step_until[k] < s.frame_no:
+        k += 1
+    if k:
+        _drop_steps(s, k)
+    held = s.step_level[0] if s.steps else 0.0
+    if s.agent > held:  # past its hold: the envelope decays, down to the next level still held
         s.agent = s.agent * c.release
         if s.agent < ECHO_ENV_MIN:
             s.agent = 0.0
+        if s.agent < held:
+            s.agent = held
     return state >= SPEAKING
 
 
+cdef double _loudest(const uint8_t* p, Py_ssize_t frames, const Config* c) noexcept nogil:
+    cdef double e, loudest = 0.0
+    cdef Py_ssize_t i
+    for i in range(frames):
+        e = _frame_energy(p + i * c.frame_bytes, c)
+        if e > loudest:
+            loudest = e
+    return loudest
+
+
+cdef void _drop_steps(State* s, int k) noexcept nogil:
+    cdef int i
+    for i in range(k, s.steps):
+        s.step_level[i - k] = s.step_level[i]
+        s.step_until[i - k] = s.step_until[i]
+    s.steps -= k
+
+
 cdef void _raise_agent(State* s, double e, int frames, int hold_frames) noexcept nogil:
-    if e >= s.agent:
+    """Agent audio at level ``e`` for ``frames`` frames: held for them and ``hold_frames`` more.
+
+    Every observation is held for its own time: a short loud one does not
+    cut a long quieter one's hold short, and a quieter one still counts once
+    a louder one's hold ends.  The levels held form a staircase (each later
+    end quieter); beyond ECHO_STEPS of them the last two merge into the
+    louder level held to the later end (more guard, never less).
+    """
+    cdef int64_t until = s.frame_no + hold_frames + frames - 1
+    cdef int i, j, at
+    if e > s.agent:
         s.agent = e
-        s.hold = hold_frames + frames - 1
+    if e <= 0.0:
+        return
+    for i in range(s.steps):
+        if s.step_level[i] >= e and s.step_until[i] >= until:
+            return  # held already, as loud and as long
+    j = 0
+    for i in range(s.steps):  # drop what this one holds as loud and as long
+        if not (s.step_level[i] <= e and s.step_until[i] <= until):
+            s.step_level[j] = s.step_level[i]
+            s.step_until[j] = s.step_until[i]
+            j += 1
+    s.steps = j
+    at = 0
+    while at < s.steps and s.step_until[at] < until:
+        at += 1
+    i = s.steps
+    while i > at:
+        s.step_level[i] = s.step_level[i - 1]
+        s.step_until[i] = s.step_until[i - 1]
+        i -= 1
+    s.step_level[at] = e
+    s.step_until[at] = until
+    s.steps += 1
+    if s.steps > ECHO_STEPS:
+        s.step_until[s.steps - 2] = s.step_until[s.steps - 1]
+        s.steps -= 1
 
 
 cdef inline object _dbfs(double e):
@@ -297,6 +363,12 @@ cdef class EnergyVAD:
     cdef readonly int sample_rate
     cdef readonly int frame_ms
 
+    def __cinit__(self):
+        # (made with __new__, __init__ not called: the read-outs say "none yet", as after a reset)
+        self.s.floor = -1.0
+        self.s.energy = -1.0
+        self.s.threshold = -1.0
+
     def __init__(self, sample_rate=8000, frame_ms=20, *, attack_ms=0, hangover_ms=160,
                  margin_db=4.0, min_level_dbfs=-55.0, echo_return_loss_db=20.0, echo_hold_ms=400):
         rate = operator.index(sample_rate)
@@ -359,7 +431,8 @@ cdef class EnergyVAD:
         self.s.window_min = INFINITY
         self.s.window_count = 0
         self.s.agent = 0.0
-        self.s.hold = 0
+        self.s.frame_no = 0
+        self.s.steps = 0
 
     def process(self, frame, /):
         """Take one frame (``frame_bytes`` of PCM16 in any buffer); return ``speaking``."""
@@ -397,8 +470,8 @@ cdef class EnergyVAD:
         plus ``echo_hold_ms``.
         """
         cdef Py_buffer view
-        cdef Py_ssize_t frames, i
-        cdef double e, loudest = 0.0
+        cdef Py_ssize_t frames
+        cdef double loudest = 0.0
         if self.c.frame_bytes == 0:
             self._not_initialised()
         get_audio_buffer(pcm, &view, 2, "agent audio")
@@ -409,16 +482,19 @@ cdef class EnergyVAD:
                     f"agent audio must be a whole number of {self.c.frame_bytes}-byte frames "
                     f"({self.frame_ms} ms of PCM16 at {self.sample_rate} Hz), got {view.len} bytes"
                 )
-            for i in range(frames):
-                e = _frame_energy(<const uint8_t*>view.buf + i * self.c.frame_bytes, &self.c)
-                if e > loudest:
-                    loudest = e
+            if frames < 64:
+                loudest = _loudest(<const uint8_t*>view.buf, frames, &self.c)
+            else:  # a long reply at once: the GIL is released for it
+                with nogil:
+                    loudest = _loudest(<const uint8_t*>view.buf, frames, &self.c)
         finally:
             PyBuffer_Release(&view)
         _raise_agent(&self.s, loudest, <int>min(frames, MAX_MS), self.c.hold_frames)
 
     def observe_agent_level(self, dbfs, /):
         """Like ``observe_agent``, for one frame of agent audio whose level is ``dbfs``."""
+        if self.c.frame_bytes == 0:
+            self._not_initialised()
         v = _number("dbfs", dbfs)
         if math.isnan(v) or v > 20.0:
             raise ValueError(f"dbfs must be a level of at most 20 dBFS (or -inf), got {dbfs!r}")

@@ -392,6 +392,62 @@ def test_vad_observe_agent_holds_for_the_chunks_duration() -> None:
     assert thresholds == pytest.approx([level - 20.0] * 5 + [level - 23.0])
 
 
+@IMPLS
+@pytest.mark.parametrize("order", ["long then short", "short then long"])
+def test_vad_every_agent_chunk_is_held_for_its_own_duration(impl: Impl, order: str) -> None:
+    """A short louder chunk must not cut a long quieter one's hold short (nor hide it): once the loud one's
+    hold ends the threshold decays only down to the long one's level, held to its own end, then decays."""
+    vad = impl(echo_hold_ms=0)
+    native = not isinstance(vad, ref.EnergyVAD)
+    long_chunk = tone_bursts([(0, 5)], 5)  # 100 ms at -20 dBFS
+    steps = [lambda: vad.observe_agent(long_chunk.tobytes() if native else long_chunk), lambda: vad.observe_agent_level(-10.0)]
+    for observe in steps if order == "long then short" else steps[::-1]:
+        observe()
+    level = 10.0 * math.log10(float(ref.EnergyVAD().frame_energies(long_chunk).max()))
+    thresholds = []
+    for _ in range(6):
+        vad.process(bytes(320) if native else np.zeros(160, np.int16))
+        thresholds.append(vad.threshold_dbfs if native else ref.dbfs(vad.threshold))
+    assert thresholds == pytest.approx([-30.0, -33.0, -36.0, -39.0, level - 20.0, level - 23.0])
+
+
+def test_vad_more_agent_levels_than_it_keeps_apart_merge_into_more_guard() -> None:
+    """20 chunks, each longer and quieter than the last: the 16 levels kept are the same in the kernel and the
+    reference, the last two merged into the louder level held to the later end."""
+    native, reference = EnergyVAD(echo_hold_ms=0), ref.EnergyVAD(echo_hold_ms=0)
+    for k in range(1, 21):
+        chunk = to_int16(tone_bursts([(0, k)], k) * (1.0 - k / 25))
+        native.observe_agent(chunk.tobytes())
+        reference.observe_agent(chunk)
+    assert len(reference.steps) == 16 and reference.steps[-1][1] == 19  # (held to the 20-frame chunk's end)
+    for i in range(24):
+        assert native.process(bytes(320)) == reference.process(np.zeros(160, np.int16))
+        assert trace(native) == pytest.approx(trace(reference)), f"frame {i}"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_vad_matches_reference_for_any_agent_observations(seed: int) -> None:
+    """Random levels, lengths and timing of agent chunks (more levels held at once than the kernel keeps
+    apart, so they merge): the kernel and the reference agree on every frame."""
+    rng = np.random.default_rng(seed)
+    hold_ms = int(rng.integers(0, 400))
+    native, reference = EnergyVAD(echo_hold_ms=hold_ms), ref.EnergyVAD(echo_hold_ms=hold_ms)
+    for i in range(400):
+        for _ in range(int(rng.poisson(0.7))):
+            if rng.random() < 0.5:
+                level = float(rng.uniform(-60.0, 0.0))
+                native.observe_agent_level(level)
+                reference.observe_agent_level(level)
+            else:
+                chunk = tone_bursts([(0, int(rng.integers(1, 40)))], 40)[: 160 * int(rng.integers(1, 40))]
+                chunk = to_int16(chunk * float(rng.uniform(0.01, 1.0)))
+                native.observe_agent(chunk.tobytes())
+                reference.observe_agent(chunk)
+        frame = to_int16(rng.normal(0.0, 300.0, 160))
+        assert native.process(frame.tobytes()) == reference.process(frame)
+        assert trace(native) == pytest.approx(trace(reference)), f"frame {i}"
+
+
 # -- API ---------------------------------------------------------------------------
 
 
@@ -511,3 +567,6 @@ def test_vad_made_without_init_raises_instead_of_crashing() -> None:
         vad.observe_agent(b"\0\0")
     with pytest.raises(RuntimeError, match="__init__ was not called"):
         vad.process(b"")
+    with pytest.raises(RuntimeError, match="__init__ was not called"):
+        vad.observe_agent_level(0.0)
+    assert (vad.level_dbfs, vad.threshold_dbfs, vad.noise_floor_dbfs) == (None, None, None)  # none yet, as documented

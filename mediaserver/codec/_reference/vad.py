@@ -39,7 +39,9 @@ Algorithm (the per-frame order matters, it is part of the spec):
    quietest frame of the last 2 s (four 500 ms sub-windows, as in Martin's
    minimum statistics), so a step up in noise is learnt within about 2 s.
 5. Agent envelope: ``observe_agent`` raises it to the agent audio's level and
-   holds it for the audio's duration plus ``echo_hold_ms``; then it decays
+   holds it for the audio's duration plus ``echo_hold_ms`` (every observation
+   for its own time: a quieter one outlasting a louder one holds the envelope
+   at its level once the louder one's hold ends); then it decays
    at 150 dB/s.  Echo of the agent's own voice arriving up to
    ``echo_hold_ms`` late stays under the raised threshold.
 """
@@ -65,6 +67,7 @@ SPREAD_INIT = 0.3  # a fresh detector starts with a 5.3 dB margin
 SPREAD_GAP_MS = 200  # the spread learns only this long after the last active frame
 MARGIN_CAP_DB = 10.0  # the spread never asks for more than this
 ECHO_RELEASE_DB_PER_S = 150.0  # decay of the agent envelope after its hold
+ECHO_STEPS = 16  # agent levels held at once (each with its own end)
 ECHO_ENV_MIN = 1e-12  # below -120 dBFS the agent envelope is dropped to 0
 
 MAX_MS = 60_000  # bound for attack, hangover and echo hold (and agent chunk frames)
@@ -126,7 +129,8 @@ class EnergyVAD:
         self.window_min = math.inf
         self.window_count = 0
         self.agent = 0.0
-        self.hold = 0
+        self.frame_no = 0
+        self.steps: list[tuple[float, int]] = []  # (level, last frame held): later ends quieter
 
     # -- energy ------------------------------------------------------------
 
@@ -227,12 +231,14 @@ class EnergyVAD:
             if x <= margin:
                 self.spread = self.spread + self.spread_coef * (abs(x - 1.0) - self.spread)
 
-        if self.hold > 0:
-            self.hold -= 1
-        else:
+        self.frame_no += 1
+        self.steps = [(level, until) for level, until in self.steps if until >= self.frame_no]
+        held = self.steps[0][0] if self.steps else 0.0
+        if self.agent > held:  # past its hold: decays, down to the next level still held
             self.agent = self.agent * self.release
             if self.agent < ECHO_ENV_MIN:
                 self.agent = 0.0
+            self.agent = max(self.agent, held)
         return state >= SPEAKING
 
     def process(self, frame: npt.ArrayLike) -> bool:
@@ -250,9 +256,17 @@ class EnergyVAD:
         self._raise_agent(10.0 ** (dbfs / 10.0), 1)
 
     def _raise_agent(self, e: float, frames: int) -> None:
-        if e >= self.agent:
-            self.agent = e
-            self.hold = self.hold_frames + frames - 1
+        """Each observation is held for its own time (a staircase of levels; see the kernel's ``_raise_agent``)."""
+        until = self.frame_no + self.hold_frames + frames - 1
+        self.agent = max(self.agent, e)
+        if e <= 0.0 or any(level >= e and end >= until for level, end in self.steps):
+            return
+        steps = [(level, end) for level, end in self.steps if not (level <= e and end <= until)]
+        steps.append((e, until))
+        steps.sort(key=lambda step: step[1])
+        if len(steps) > ECHO_STEPS:  # the last two merge: the louder level, to the later end
+            steps[-2:] = [(steps[-2][0], steps[-1][1])]
+        self.steps = steps
 
     # -- read-outs ---------------------------------------------------------
 
