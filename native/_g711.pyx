@@ -64,7 +64,13 @@ cdef bytes _run_decode(object data, const int16_t* table):
     if PyBytes_CheckExact(data):
         n = PyBytes_GET_SIZE(data)
         out = PyBytes_FromStringAndSize(NULL, 2 * n)
-        _decode(table, <const uint8_t*>PyBytes_AS_STRING(data), <uint8_t*>PyBytes_AS_STRING(out), n)
+        src = <const uint8_t*>PyBytes_AS_STRING(data)
+        dst = <uint8_t*>PyBytes_AS_STRING(out)
+        if n >= NOGIL_SAMPLES:  # (bytes cannot change meanwhile)
+            with nogil:
+                _decode(table, src, dst, n)
+        else:
+            _decode(table, src, dst, n)
         return out
     get_audio_buffer(data, &view, 1, "G.711 input")
     try:
@@ -93,8 +99,13 @@ cdef bytes _run_encode(object data, const uint8_t* table, int shift, int index_m
         if n & 1:
             raise ValueError(f"PCM16 input must have an even number of bytes, got {n}")
         out = PyBytes_FromStringAndSize(NULL, n >> 1)
-        _encode(table, shift, index_mask, <const uint8_t*>PyBytes_AS_STRING(data),
-                <uint8_t*>PyBytes_AS_STRING(out), n >> 1)
+        src = <const uint8_t*>PyBytes_AS_STRING(data)
+        dst = <uint8_t*>PyBytes_AS_STRING(out)
+        if n >= 2 * NOGIL_SAMPLES:
+            with nogil:
+                _encode(table, shift, index_mask, src, dst, n >> 1)
+        else:
+            _encode(table, shift, index_mask, src, dst, n >> 1)
         return out
     get_audio_buffer(data, &view, 2, "PCM16 input")
     try:

@@ -39,7 +39,7 @@ cdef inline int get_audio_buffer(object data, Py_buffer* view, int width, str wh
     """
     try:
         PyObject_GetBuffer(data, view, PyBUF_FORMAT | PyBUF_ND)
-    except BufferError as exc:  # (memoryview's way of refusing a strided view; numpy's is ValueError)
+    except (BufferError, ValueError) as exc:  # (a strided view: memoryview raises BufferError, numpy ValueError)
         raise ValueError(f"{what} must be one contiguous buffer: {exc}") from None
     if view.ndim > 1:
         PyBuffer_Release(view)

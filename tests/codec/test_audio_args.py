@@ -55,7 +55,7 @@ def test_pcm16_kernels_refuse_stereo_and_strided_buffers(take: Callable[[Any], o
     with pytest.raises(ValueError, match="one-dimensional"):
         take(np.stack([PCM[:80], PCM[80:]], axis=1))  # 80 stereo frames: 320 bytes
     for strided in (np.repeat(PCM, 2)[::2], memoryview(np.repeat(PCM, 2).tobytes()).cast("h")[::2]):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="must be one contiguous buffer"):
             take(strided)
 
 

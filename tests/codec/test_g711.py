@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import array
+import sys
+import threading
+import time
+from collections.abc import Callable
 import audioop  # stdlib until 3.12; the audioop-lts package (same C code) from 3.13
 
 import numpy as np
@@ -60,6 +64,49 @@ def test_g711_large_inputs_take_the_nogil_path_with_the_same_result() -> None:
     big = ALL_SAMPLES * 2  # 131072 samples: above the GIL-release threshold
     assert codec.ulaw_encode(bytearray(big)) == audioop.lin2ulaw(big, 2)
     assert codec.alaw_decode(bytearray(ALL_CODES * 100)) == audioop.alaw2lin(ALL_CODES * 100, 2)
+
+
+@pytest.mark.parametrize("fn", [codec.ulaw_decode, codec.ulaw_encode])
+@pytest.mark.parametrize("wrap", [bytes, bytearray])  # (bytes take a path of their own)
+def test_g711_large_inputs_let_other_threads_run(fn: Callable[[bytes], bytes], wrap: type) -> None:
+    """The GIL is released for a large input, whatever its type: another thread runs in the middle of the call.
+
+    (Only the middle counts: around the call the interpreter may hand the GIL over for a switch interval.
+    The input grows until one call lasts long enough to tell, whatever the machine's speed.)
+    """
+    ran: list[float] = []
+    running, stop = threading.Event(), threading.Event()
+
+    def note() -> None:
+        running.set()
+        n = 0
+        while not stop.is_set():
+            n += 1
+            if n % 64 == 0:  # (a note every 64 turns: the list stays small)
+                ran.append(time.perf_counter())
+
+    thread = threading.Thread(target=note)
+    thread.start()
+    running.wait()
+    margin = 4 * sys.getswitchinterval()
+    try:
+        time.sleep(0.1)  # the thread alone: how fast it notes when nothing holds the GIL
+        alone = len(ran) / 0.1
+        size = 4 << 20
+        while True:
+            data = wrap(bytes(range(256)) * (size >> 8))
+            start = time.perf_counter()
+            fn(data)
+            end = time.perf_counter()
+            if end - start > 0.2 + 2 * margin or size >= 1 << 30:
+                break
+            size *= 4
+    finally:
+        stop.set()
+        thread.join()
+    middle = end - start - 2 * margin
+    # Free, it notes at least a tenth of its solo rate on the other core; with the GIL held it barely runs (~1%).
+    assert sum(start + margin < t < end - margin for t in ran) > 0.1 * alone * middle
 
 
 @pytest.mark.parametrize("encode", [codec.ulaw_encode, codec.alaw_encode])
