@@ -218,7 +218,31 @@ async def needs_call(call: CallContext) -> str:
     return call.call_sid
 
 
-TOOLS = ToolSet([add, greet, sleepy, stuck, broken, refuses, not_json, needs_call])
+@tool
+def exits() -> None:
+    """Calls sys.exit (in its worker thread)."""
+    sys.exit(3)
+
+
+@tool
+async def exits_async() -> None:
+    """Calls sys.exit in the server's own thread."""
+    sys.exit(4)
+
+
+@tool
+async def interrupts() -> None:
+    """Raises KeyboardInterrupt itself."""
+    raise KeyboardInterrupt
+
+
+@tool
+def not_a_number() -> object:
+    """Returns NaN, which JSON has no text for."""
+    return {"x": float("nan")}
+
+
+TOOLS = ToolSet([add, greet, sleepy, stuck, broken, refuses, not_json, needs_call, exits, exits_async, interrupts, not_a_number])
 
 
 async def run(name: str, arguments: str, timeout_s: float = 5.0) -> tuple[Any, bool]:
@@ -276,11 +300,20 @@ async def test_tools_runner_stuck_sync_tools_do_not_starve_other_threads() -> No
         ("add", '{"a": "1"}', 'bad arguments for add: a must be an integer, not "1"'),
         ("add", '{"a": true}', "bad arguments for add: a must be an integer, not true"),
         ("greet", '{"name": 5}', "bad arguments for greet: name must be a string, not 5"),
-        ("nope", "{}", "unknown tool 'nope'; available: add, greet, sleepy, stuck, broken, refuses, not_json, needs_call"),
+        (
+            "nope",
+            "{}",
+            "unknown tool 'nope'; available: add, greet, sleepy, stuck, broken, refuses, not_json, needs_call, exits, "
+            "exits_async, interrupts, not_a_number",
+        ),
         ("broken", '{"x": "this"}', "broken failed: ValueError: cannot handle this"),
         ("refuses", "", "the booking system is closed"),
         ("not_json", "", "not_json returned a value that is not JSON: Object of type set is not JSON serializable"),
         ("needs_call", "{}", "needs_call needs a live call"),
+        ("exits", "{}", "exits failed: SystemExit: 3"),  # (not the server's exit)
+        ("exits_async", "{}", "exits_async failed: SystemExit: 4"),
+        ("interrupts", "{}", "interrupts failed: KeyboardInterrupt: "),
+        ("not_a_number", "{}", "not_a_number returned a value that is not JSON: Out of range float values are not JSON compliant"),
     ],
 )
 async def test_tools_runner_turns_every_failure_into_an_error_result(name: str, arguments: str, error: str) -> None:

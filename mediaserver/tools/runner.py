@@ -97,14 +97,16 @@ class ToolSet:
                     )
         except ToolError as exc:
             return _error(str(exc) or f"{name} failed")
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # (SystemExit and KeyboardInterrupt too: a tool's sys.exit() must not stop the server and every call on
+            # it.  A real Ctrl-C never lands here: the server takes SIGINT through a signal receiver.)
             log.warning("tool %s failed", name, exc_info=True)
             return _error(f"{name} failed: {type(exc).__name__}: {exc}")
         if scope.cancelled_caught:
             log.warning("tool %s timed out after %g s", name, timeout_s)
             return _error(f"{name} timed out after {timeout_s:g} s")
         try:
-            output = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
+            output = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             return _error(f"{name} returned a value that is not JSON: {exc}")
         except RecursionError:
