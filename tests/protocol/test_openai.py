@@ -837,6 +837,14 @@ def test_openai_error_caused_by_other_command_is_not_fatal() -> None:
     assert event == ProviderError("no active response", False, None, "response.cancel")
     [event] = receive(session, server(error_event("who knows", event_id="evt_not_ours")))
     assert event == ProviderError("who knows", False, None, None)
+    # An error with no text (the SDK's type allows "") is still a recoverable error, not a broken session.
+    [event] = receive(session, server(error_event("", code="server_error")))
+    assert event == ProviderError("server_error", False, "server_error", None)
+    [event] = receive(session, server(error_event("")))
+    assert event == ProviderError("unknown error", False, None, None)
+    [event] = receive(session, '{"type": "error", "event_id": "e", "error": {"type": "x"}}')  # no message at all
+    assert event == ProviderError("unknown error", False, None, None)
+    assert session.state is SessionState.READY
 
 
 def test_openai_session_id_taken_from_session_created() -> None:
@@ -945,7 +953,6 @@ def test_openai_error_and_unknown_allowed_before_session_created() -> None:
         '{"type": "response.function_call_arguments.done", "call_id": "c", "name": "n", "arguments": {}}',
         '{"type": "response.done", "response": null}',
         '{"type": "response.done", "response": {"id": 5}}',
-        '{"type": "error", "error": {"type": "x"}}',
         '{"type": "conversation.item.truncated", "item_id": "i", "audio_end_ms": 1.5}',
         '{"type": "response.output_audio_transcript.done", "item_id": "i"}',
     ],

@@ -365,8 +365,8 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
     def _tool_response(self, command: ToolResult) -> list[str]:
         name = self._shared.tool_names.pop(command.call_id, None) or self._resendable.pop(command.call_id, None)
         if name is None:
-            if command.call_id in self._shared.cancelled:
-                return []  # toolCallCancellation came first: the model no longer wants it
+            if command.call_id in self._shared.cancelled or command.call_id in self._answered:
+                return []  # toolCallCancellation came first (the model no longer wants it), or answered already
             raise LocalProtocolError(f"no pending function call with id {command.call_id!r}")
         self._answered[command.call_id] = name
         try:
@@ -444,6 +444,8 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
                 args = {}
             if type(args) is not dict:
                 raise RemoteProtocolError(f"toolCall: 'args' must be an object, got {args!r:.40}")
+            if call_id in self._shared.tool_names or call_id in self._answered:
+                continue  # the same call again (in this message, or re-sent): it runs, and is answered, once
             self._shared.tool_names[call_id] = name
             events.append(ToolCall(call_id, name, json.dumps(args, ensure_ascii=False), self._turn))
         return events

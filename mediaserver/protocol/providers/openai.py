@@ -498,8 +498,9 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
 
     def _on_error(self, msg: JsonObject, raw: str) -> ProviderEvent:
         error = obj_field(msg, "error", "error")
-        message = str_field(error, "message", "error.error")
         code = optional_str_field(error, "code", "error.error")
+        # (an error with no text is still an error, not a broken session)
+        message = optional_str_field(error, "message", "error.error") or code or "unknown error"
         caused_by = optional_str_field(error, "event_id", "error.error")
         command = None if caused_by is None else self._sent_event_types.get(caused_by)
         # Most errors are recoverable (SDK RealtimeErrorEvent docstring); a rejected
