@@ -298,3 +298,34 @@ async def test_pcm_caller_audio_while_the_model_loads_reaches_it_in_order() -> N
             await session.wait_for(lambda: len(session.audio_in) >= 2 * len(speech))
             await caller.stop()
     assert bytes(session.audio_in[: 2 * len(speech)]) == ulaw_decode(speech)  # every frame, in order, none twice
+
+
+@pytest.mark.parametrize("order", ["audio, then end_call", "end_call, then audio", "end_call, 0.3 s, then audio"])
+@fail_after(20)
+async def test_pcm_end_call_waits_for_the_goodbye_sent_after_it(order: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A text-to-speech pipeline may send end_call before the goodbye's audio is ready: the caller hears it all."""
+    goodbye = tone(440, 1500, 16000, amplitude=0.3).tobytes()
+    end_call = {"type": "tool_call", "call_id": "c1", "name": "end_call", "arguments": {}}
+
+    async def script(session: PcmModelSession) -> None:
+        await session.wait_for(lambda: session.frames_in >= 3)
+        if order == "audio, then end_call":
+            await session.audio(goodbye)
+            await session.send_json(end_call)
+        else:
+            await session.send_json(end_call)
+            if order == "end_call, 0.3 s, then audio":
+                await trio.sleep(0.3)  # (the speech being synthesized)
+            await session.audio(goodbye)
+        await session.reply_done()
+        await trio.sleep(10)
+
+    async with fake_model(script) as model, running(pcm_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            await caller.closed.wait()
+            nursery.cancel_scope.cancel()
+    down = Resampler(16000, 8000)
+    assert len(caller.received_audio) == len(down.process(goodbye) + down.flush()) // 2  # all of it, tail included
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    assert " ended (agent hung up" in ended

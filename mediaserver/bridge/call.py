@@ -294,6 +294,7 @@ class CallBridge:
         self.goodbye_timeout_s = goodbye_timeout_s  # end_call/transfer wait at most this for the goodbye
         self._changed = trio.Event()  # set (and replaced) whenever playback or response state may have moved
         self._watchers = 0  # tasks waiting on _changed (no one, most of the time)
+        self._responses_framed = False  # the provider says when a response starts (not pcm, ElevenLabs)
         self._last_heard_s = 0.0  # when Twilio last sent anything (the idle watchdog reads it)
         # Reply latency: when the provider last said the caller stopped speaking (None once answered), and the
         # items already under way then (generating, queued, pending), whose audio is not the answer.
@@ -790,6 +791,7 @@ class CallBridge:
         if isinstance(event, pv.ResponseStarted):
             self._response_open = True
             self._open_response = event.response_id
+            self._responses_framed = True
         elif isinstance(event, pv.ResponseDone):
             if event.response_id is not None and self._open_response not in (None, event.response_id):
                 return  # an earlier response's end, after the next one began (a Gemini connection switch)
@@ -876,6 +878,25 @@ class CallBridge:
             and self.twilio.unconfirmed_samples == 0
         )
 
+    async def _goodbye_begun(self, limit_s: float) -> None:
+        """Nothing said yet, from a provider that does not say when a response starts: give the goodbye
+        ``SILENT_ITEM_S`` (at most ``limit_s``) to begin.
+
+        A text-to-speech pipeline (a ``pcm`` model) may send its ``end_call``
+        before the goodbye's audio is ready; hanging up at once would cut it.
+        Providers that frame responses (OpenAI, Gemini, Deepgram, AssemblyAI)
+        say so with the response still open.
+        """
+        if self._responses_framed or not self._quiet():
+            return
+        with trio.move_on_after(min(SILENT_ITEM_S, limit_s)):
+            while self._quiet():
+                self._watchers += 1
+                try:
+                    await self._changed.wait()
+                finally:
+                    self._watchers -= 1
+
     async def wait_played(self, limit_s: float) -> bool:
         """Wait (at most ``limit_s``) until what the agent is saying has played; True if it has."""
         with trio.move_on_after(limit_s):
@@ -901,6 +922,7 @@ class CallBridge:
 
     async def _hang_up(self, reason: str, scope: trio.CancelScope) -> None:
         with scope:  # (cancelled if the model withdraws the end_call while the goodbye plays: _cancel_tools)
+            await self._goodbye_begun(self.goodbye_timeout_s)
             if not await self.wait_played(self.goodbye_timeout_s):
                 log.warning("call %s: goodbye still playing after %g s; hanging up", self.call_sid, self.goodbye_timeout_s)
             # Closing the stream ends the call: the TwiML has <Hangup/> after <Connect>.
@@ -911,6 +933,8 @@ class CallBridge:
         if self.rest is None:
             raise ToolError("transfers need Twilio REST credentials, which are not configured")
         # The goodbye may take the tool's time, but not the part the REST request needs.
+        left_s = trio.current_effective_deadline() - self._now() - TRANSFER_REQUEST_S
+        await self._goodbye_begun(max(0.0, min(self.goodbye_timeout_s, left_s)))
         left_s = trio.current_effective_deadline() - self._now() - TRANSFER_REQUEST_S
         await self.wait_played(max(0.0, min(self.goodbye_timeout_s, left_s)))
         # The request has what is left of the tool's time (at least TRANSFER_REQUEST_S), not the REST client's own
