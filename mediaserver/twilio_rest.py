@@ -47,8 +47,9 @@ STATUS_CALLBACK_EVENTS = ("initiated", "ringing", "answered", "completed")
 class TwilioRestError(Exception):
     """Twilio answered with an error, or could not be reached (``status`` 0).
 
-    ``uncertain``: the request went out and no answer came in time, so Twilio
-    may have acted on it (placed the call, redirected it): not a refusal.
+    ``uncertain``: the request went out and no answer came (in time, or
+    before the connection broke), or the answer was a 5xx, so Twilio may
+    have acted on it (placed the call, redirected it): not a refusal.
     """
 
     def __init__(
@@ -186,6 +187,8 @@ class TwilioRest:
 
 
 def _error_from(status: int, payload: object, raw: bytes) -> TwilioRestError:
+    # A 5xx (Twilio's own failure, or a gateway's) does not say the request was not acted on: uncertain.
+    uncertain = status >= 500
     if isinstance(payload, Mapping):
         code = payload.get("code")
         message = payload.get("message") or payload.get("detail") or payload.get("title")
@@ -195,5 +198,6 @@ def _error_from(status: int, payload: object, raw: bytes) -> TwilioRestError:
             str(message) if message else f"no message in {raw[:80]!r}",
             code if isinstance(code, int) else None,
             str(more_info) if more_info else None,
+            uncertain=uncertain,
         )
-    return TwilioRestError(status, f"unexpected answer {raw[:80]!r}")
+    return TwilioRestError(status, f"unexpected answer {raw[:80]!r}", uncertain=uncertain)

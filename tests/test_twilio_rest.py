@@ -126,13 +126,24 @@ async def test_twilio_rest_error_carries_twilios_code_and_message() -> None:
         with pytest.raises(TwilioRestError) as info:
             await client_for(fake).create_call(to="+15551234567", from_="+15559876543", url="https://x.example/t")
     error = info.value
-    assert (error.status, error.code) == (400, 21211)
+    assert (error.status, error.code, error.uncertain) == (400, 21211, False)  # a refusal: nothing was done
     assert error.message == "The 'To' number +1555 is not a valid phone number."
     assert error.more_info == "https://www.twilio.com/docs/errors/21211"
     assert str(error) == (
         "Twilio error 21211 (HTTP 400): The 'To' number +1555 is not a valid phone number."
         " (see https://www.twilio.com/docs/errors/21211)"
     )
+
+
+@pytest.mark.parametrize("status", [500, 503])
+@fail_after(10)
+async def test_twilio_rest_a_5xx_answer_is_uncertain_not_a_refusal(status: int) -> None:
+    """Twilio (or a gateway) failing may or may not have placed the call: the caller must not be told it failed."""
+    async with fake_twilio() as fake:
+        fake.fail_next = TwilioError(status, 20500, "Internal Server Error")
+        with pytest.raises(TwilioRestError) as info:
+            await client_for(fake).create_call(to="+15551234567", from_="+15559876543", url="https://x.example/t")
+    assert (info.value.status, info.value.uncertain) == (status, True)
 
 
 @fail_after(10)

@@ -66,7 +66,8 @@ class HttpError(Exception):
 
 
 class NoAnswer(HttpError):
-    """The request went out and no whole answer came in time: the server may have acted on it."""
+    """The request went out and no whole answer came (in time, or before the connection broke or closed):
+    the server may have acted on it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,13 +163,14 @@ async def request(
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
     wire = _encode(conn, method, where, headers, body)
     exchange = _Exchange(conn, where.where, max_response_bytes)
-    connected = False
+    connected = sent = False
     try:
         with trio.fail_after(timeout_s):
             stream = await open_stream(where.host, where.port, tls=where.tls, ssl_context=ssl_context)
             connected = True
             try:
                 await stream.send_all(wire)
+                sent = True
                 return await exchange.read(stream)
             finally:
                 await trio.aclose_forcefully(stream)
@@ -177,13 +179,14 @@ async def request(
             raise HttpError(f"cannot reach {where.where}: no connection within {timeout_s:g} s") from None
         raise NoAnswer(f"no answer from {where.where} within {timeout_s:g} s") from None
     except h11.RemoteProtocolError as exc:
-        if exchange.eof:
-            raise HttpError(f"{where.where} closed the connection before the response ended") from None
+        if exchange.eof:  # (after the whole request went out: the server may have acted on it)
+            raise NoAnswer(f"{where.where} closed the connection before the response ended") from None
         raise HttpError(f"malformed HTTP response from {where.where}: {str(exc)[:120]}") from None
     except trio.BrokenResourceError as exc:
         if isinstance(exc.__cause__, ssl.SSLError):
             raise HttpError(f"TLS with {where.where} failed: {_tls_reason(exc.__cause__)}") from None
-        raise HttpError(f"the connection to {where.where} broke: {_os_reason(exc.__cause__ or exc)}") from None
+        broke = f"the connection to {where.where} broke: {_os_reason(exc.__cause__ or exc)}"
+        raise (NoAnswer(f"{broke} (after the request went out)") if sent else HttpError(broke)) from None
     except ssl.SSLError as exc:
         raise HttpError(f"TLS with {where.where} failed: {_tls_reason(exc)}") from None
     except socket.gaierror as exc:
