@@ -192,7 +192,7 @@ cdef class JitterBuffer:
     cdef uint64_t _next             # play-out point; reaches 2**63 at most
     cdef int64_t _max_seen          # highest accepted seq since resync/reset
     cdef Py_ssize_t _cap, _mask, _depth, _count, _frame_bytes, _run
-    cdef bint _started, _floating, _fade
+    cdef bint _started, _floating, _fade, _initialised
     cdef int _codec
     cdef uint8_t _silence_byte
     cdef bytes _fill                # the concealment frame for silence/explicit
@@ -255,6 +255,12 @@ cdef class JitterBuffer:
         memset(self._slots, 0, self._cap * sizeof(PyObject*))
         self._count = 0
         self.reset(first_seq)
+
+    def __init__(self, depth=2, frame_bytes=160, fill="silence", codec="ulaw", *, capacity=None, first_seq=None):
+        # (set up by __cinit__; a second __init__ would silently keep the old settings)
+        if self._initialised:
+            raise TypeError("a JitterBuffer is set up when made: make a new one for other settings")
+        self._initialised = True
 
     def __dealloc__(self):
         cdef Py_ssize_t i

@@ -16,6 +16,7 @@ interpolation phase a single tap).  All outputs of one phase in a chunk are
 computed together by ``fir_lanes.h``, one output per vector lane.
 """
 
+cimport cython
 from cpython.buffer cimport PyBuffer_Release
 
 from audiobuf cimport get_audio_buffer
@@ -43,6 +44,9 @@ cdef extern from "fir_lanes.h":
 # Chunks at least this long (input samples) are processed without the GIL;
 # for a 20 ms frame, releasing it would cost more than the work.
 DEF NOGIL_SAMPLES = 2048
+# Longer inputs are resampled in blocks of this many samples, so the scratch
+# buffers never grow past it, whatever one call is given.
+DEF BLOCK = 4096
 import operator
 
 SUPPORTED_RATES = (8000, 16000, 24000)
@@ -63,6 +67,7 @@ cdef inline int16_t _to_int16(float y) noexcept nogil:
     return <int16_t>lrintf(y)
 
 
+@cython.final
 cdef class Resampler:
     """Streaming PCM16 resampler: ``Resampler(in_rate, out_rate, *, phase="linear")``.
 
@@ -88,10 +93,12 @@ cdef class Resampler:
     cdef int stride
     cdef const float** src    # per-tap lane pointers, scratch
     cdef float* buf           # history + current chunk, as float
-    cdef float* lanes         # M deinterleaved copies of buf (M > 1), rows of buf_cap
+    cdef float* lanes         # M deinterleaved copies of buf (M > 1), rows of lane_cap
     cdef float* acc           # one phase's outputs, scratch
     cdef Py_ssize_t buf_cap
+    cdef Py_ssize_t lane_cap
     cdef bint busy
+    cdef bint initialised
     cdef const ms_filter* filter
 
     def __cinit__(self, object in_rate, object out_rate, *, str phase="linear"):
@@ -104,6 +111,7 @@ cdef class Resampler:
         self.filter = NULL
         self.lanes = NULL
         self.acc = NULL
+        self.initialised = False
         for name, value in (("in_rate", in_rate), ("out_rate", out_rate)):
             if isinstance(value, bool) or not hasattr(type(value), "__index__"):
                 raise TypeError(f"{name} must be an int of Hz, got {type(value).__name__}")
@@ -144,6 +152,12 @@ cdef class Resampler:
         self.flush_samples = (f.numtaps - 1 + 2 * self.L - 1) // (2 * self.L)
         self._ensure(1024)
         self.reset()
+
+    def __init__(self, object in_rate, object out_rate, *, str phase="linear"):
+        # (set up by __cinit__; a second __init__ would silently keep the old settings)
+        if self.initialised:
+            raise TypeError("a Resampler is set up when made: make a new one for other rates")
+        self.initialised = True
 
     cdef _layout(self, const ms_filter* f):
         # Phase p computes sum_k h[p + k*L] * x[j0 - k].  Only its nonzero taps
@@ -189,8 +203,10 @@ cdef class Resampler:
         self.buf = grown
         PyMem_Free(self.lanes)
         PyMem_Free(self.acc)
-        self.lanes = <float*>PyMem_Malloc(need * self.M * sizeof(float))
-        self.acc = <float*>PyMem_Malloc((need * self.L // self.M + 16) * sizeof(float))
+        # each lane holds every M-th input; one phase computes at most need / M + 2 outputs
+        self.lane_cap = need // self.M + 1
+        self.lanes = <float*>PyMem_Malloc(self.lane_cap * self.M * sizeof(float))
+        self.acc = <float*>PyMem_Malloc((need // self.M + 16) * sizeof(float))
         if self.lanes == NULL or self.acc == NULL:
             self.buf_cap = 0  # (so the next call allocates again rather than writing through NULL)
             raise MemoryError()
@@ -236,7 +252,7 @@ cdef class Resampler:
             # lane r holds buf[r], buf[r+M], ...: outputs m and m+1 of one
             # phase read inputs M apart, which must sit side by side
             for r in range(M):
-                row = self.lanes + r * self.buf_cap
+                row = self.lanes + r * self.lane_cap
                 k = 0
                 i = r
                 while i < total:
@@ -258,13 +274,24 @@ cdef class Resampler:
                 if M == 1:
                     self.src[k] = self.buf + pos
                 else:
-                    self.src[k] = self.lanes + (pos % M) * self.buf_cap + pos // M
+                    self.src[k] = self.lanes + (pos % M) * self.lane_cap + pos // M
             ms_fir_lanes(h, K, self.src, <int>count, self.acc)
             for k in range(count):
                 out[first + k * L] = to_le16(_to_int16(self.acc[k]))
         self.t_next += <int64_t>n_out * M - <int64_t>n * L
         # keep the last `history` inputs for the next call
         memmove(self.buf, self.buf + n, H * sizeof(float))
+
+    cdef void _run_blocks(self, const uint8_t* src, Py_ssize_t n, uint8_t* dst) noexcept nogil:
+        # A long input in blocks: the scratch buffers stay BLOCK-sized whatever one call is given (the output
+        # does not depend on how the input is cut).
+        cdef Py_ssize_t done = 0, b, c
+        while done < n:
+            b = n - done if n - done < BLOCK else BLOCK
+            c = self._count(b)
+            self._run(src + 2 * done, b, dst, c)
+            done += b
+            dst += 2 * c
 
     def process(self, pcm, /):
         """Resample a chunk of PCM16; returns ``len(pcm) * out/in`` bytes (±1 sample)."""
@@ -281,7 +308,7 @@ cdef class Resampler:
             if self.busy:
                 raise RuntimeError("Resampler.process called concurrently from two threads")
             n = view.len >> 1
-            self._ensure(n)
+            self._ensure(n if n < BLOCK else BLOCK)
             n_out = self._count(n)
             out = PyBytes_FromStringAndSize(NULL, 2 * n_out)
             dst = <uint8_t*>PyBytes_AS_STRING(out)
@@ -289,9 +316,9 @@ cdef class Resampler:
             try:
                 if n >= NOGIL_SAMPLES:
                     with nogil:
-                        self._run(<const uint8_t*>view.buf, n, dst, n_out)
+                        self._run_blocks(<const uint8_t*>view.buf, n, dst)
                 else:
-                    self._run(<const uint8_t*>view.buf, n, dst, n_out)
+                    self._run_blocks(<const uint8_t*>view.buf, n, dst)
             finally:
                 self.busy = False
             return out

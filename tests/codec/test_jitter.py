@@ -643,3 +643,10 @@ def test_jitter_in_order_with_losses_keeps_one_frame_per_sequence_number(
     assert out == expect
     assert jb.stats.late == 0
 
+
+
+def test_jitter_settings_are_fixed_when_made() -> None:
+    jb = JitterBuffer(2, 160)
+    with pytest.raises(TypeError, match="make a new one"):
+        jb.__init__(5, 320, "fade", "pcm16")  # type: ignore[misc]
+    assert (jb.depth, jb.frame_bytes) == (2, 160)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +286,29 @@ def test_resample_committed_taps_are_what_the_design_script_produces() -> None:
     sys.modules["design_filters"] = design  # dataclasses look their module up
     spec.loader.exec_module(design)
     assert design.render() == (ROOT / "native" / "resample_taps.h").read_text()
+
+
+@pytest.mark.parametrize(("in_rate", "out_rate"), PAIRS)
+def test_resample_a_long_input_at_once_leaves_no_large_buffers_behind(in_rate: int, out_rate: int) -> None:
+    """A minute in one call (a file converted at once) is resampled in blocks: what the resampler keeps
+    afterwards is a few blocks' worth, not the input's size several times over."""
+    x = tone(1000, in_rate, 60.0).tobytes()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        r = Resampler(in_rate, out_rate)
+        out = r.process(x)
+        del out
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 256 * 1024, f"the resampler keeps {kept} bytes after a {len(x)}-byte input"
+
+
+def test_resample_settings_are_fixed_when_made() -> None:
+    r = Resampler(8000, 16000)
+    with pytest.raises(TypeError, match="make a new one"):
+        r.__init__(24000, 8000)  # type: ignore[misc]
+    assert (r.in_rate, r.out_rate, r.ratio) == (8000, 16000, (2, 1))
+    with pytest.raises(TypeError):
+        type("Mine", (Resampler,), {})  # final: a subclass could not be made consistently
