@@ -292,6 +292,23 @@ def test_gemini_plain_text_tool_output_and_cancellation() -> None:
 # ---------------------------------------------------------------------- transcripts
 
 
+def test_gemini_the_models_words_before_its_audio_belong_to_its_turn() -> None:
+    """Transcription is not ordered with modelTurn: words that come first carry the id the turn then gets."""
+    session = ready_session()
+    assert feed(session, content(output_transcription=types.Transcription(text="Hello, "))) == [
+        Transcript("assistant", "Hello, ", False, "gemini-turn-1")
+    ]
+    started, _ = feed(session, audio(b"\x00\x00"))
+    assert started == ResponseStarted("gemini-turn-1")
+    feed(session, content(output_transcription=types.Transcription(text="how can I help?")))
+    events = feed(session, content(turn_complete=True))
+    assert Transcript("assistant", "Hello, how can I help?", True, "gemini-turn-1") in events
+    feed(session, audio(b"\x00\x00"))  # the next turn has the next id
+    assert feed(session, content(output_transcription=types.Transcription(text="Bye"))) == [
+        Transcript("assistant", "Bye", False, "gemini-turn-2")
+    ]
+
+
 def test_gemini_transcripts_fragments_then_final() -> None:
     session = ready_session()
     assert feed(session, content(input_transcription=types.Transcription(text="Hello "))) == [

@@ -268,6 +268,7 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         self._turn_audio_done = False
         self._turn_open = False
         self._turn_interrupted = False
+        self._early_turn: str | None = None  # the id given to the model's words that came before its turn's audio
         self._transcripts: dict[str, list[str]] = {"user": [], "assistant": []}
         # The caller's words have an id of their own, not the model turn's: they may begin during one model
         # turn (a barge-in) and end in the next, and their pieces and final text must be one record turn.
@@ -517,7 +518,8 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         events: list[ProviderEvent] = []
         if not self._turn_open:
             events.extend(self._flush_transcript("user"))  # the caller's turn is over
-            self._turn = f"{TURN_ID_PREFIX}{next(self._shared.turn_numbers)}"
+            self._turn = self._early_turn or f"{TURN_ID_PREFIX}{next(self._shared.turn_numbers)}"
+            self._early_turn = None
             self._turn_open = True
             self._turn_audio_done = False
             self._turn_interrupted = False
@@ -535,6 +537,12 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
 
     def _item_of(self, role: str) -> str | None:
         if role != "user":
+            if self._turn is None:
+                # Words before the turn's first audio (transcription is not ordered with modelTurn): they get
+                # the id the turn will have, so the turn's transcript is one, and a barge-in cut applies to it.
+                if self._early_turn is None:
+                    self._early_turn = f"{TURN_ID_PREFIX}{next(self._shared.turn_numbers)}"
+                return self._early_turn
             return self._turn
         if self._utterance is None:
             self._utterance = f"{UTTERANCE_ID_PREFIX}{next(self._shared.utterance_numbers)}"
