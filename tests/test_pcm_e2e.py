@@ -29,6 +29,7 @@ from mediaserver.config import ConfigError, Settings
 
 from tests.fakes import band_energy_ratio, dominant_frequency_hz, fail_after, from_ulaw, pcm16, to_ulaw, tone
 from tests.pcm_fake import FakePcmModel, PcmModelSession, Script
+from mediaserver.records.model import cut_text
 from tests.records.test_server_records import stored
 from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running
 
@@ -329,3 +330,34 @@ async def test_pcm_end_call_waits_for_the_goodbye_sent_after_it(order: str, capl
     assert len(caller.received_audio) == len(down.process(goodbye) + down.flush()) // 2  # all of it, tail included
     [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
     assert " ended (agent hung up" in ended
+
+
+@fail_after(20)
+async def test_pcm_the_call_record_keeps_what_the_caller_heard_of_a_cut_reply() -> None:
+    """4 s of reply and its transcript, cut by a barge-in after about 1 s: the record keeps the words heard."""
+    reply = tone(440, 4000, 16000, amplitude=0.3).tobytes()
+    words = "one two three four five six seven eight nine ten eleven twelve"
+
+    async def script(session: PcmModelSession) -> None:
+        await session.wait_for(lambda: session.frames_in >= 3)
+        await session.audio(reply)
+        await session.send_json({"type": "transcript", "role": "assistant", "text": words})
+        await session.reply_done()
+        await trio.sleep(1.0)
+        await session.speech_started()
+        await trio.sleep(10)
+
+    async with fake_model(script) as model, running(settings := pcm_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            await caller.wait_for_clear()
+            await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
+            await caller.stop()
+            await caller.closed.wait()
+    [playback] = model.sessions[0].of_type("playback")
+    record = stored(settings, CALL_A)
+    assert record is not None
+    [turn] = [t for t in record.turns if t.role == "assistant"]
+    assert turn.interrupted and 0 < playback["heard_ms"] < 4000
+    assert turn.text == cut_text(words, playback["heard_ms"], 4000) and turn.text != words

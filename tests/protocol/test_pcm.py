@@ -208,11 +208,32 @@ def test_pcm_transcript_tool_call_and_error() -> None:
     )
     assert events == [
         Transcript("user", "where is my order", final=True),
-        Transcript("assistant", "Let me look.", final=True),
+        Transcript("assistant", "Let me look.", final=True, item_id="reply-1"),
         ToolCall("c1", "lookup", '{"id":"42"}'),
         ToolCall("c2", "hang_up", "{}"),
         ProviderError("GPU on fire", fatal=True, code="oom"),
         ProviderError("slow", fatal=False),
+    ]
+
+
+def test_pcm_the_agents_transcripts_belong_to_their_reply() -> None:
+    """To the reply whose audio is arriving, or between replies to the last one (a barge-in's cut applies to
+    them); several texts for one reply are one turn."""
+    session = open_session()
+    events = feed(
+        session,
+        b"\x00\x01" * 80,
+        msg("transcript", role="assistant", text="Your order"),
+        msg("speech_started"),
+        msg("transcript", role="assistant", text="has shipped."),  # (after the barge-in: still reply 1's)
+        b"\x00\x01" * 80,
+        msg("transcript", role="assistant", text="Anything else?"),
+    )
+    transcripts = [e for e in events if isinstance(e, Transcript)]
+    assert transcripts == [
+        Transcript("assistant", "Your order", final=True, item_id="reply-1"),
+        Transcript("assistant", "Your order has shipped.", final=True, item_id="reply-1"),
+        Transcript("assistant", "Anything else?", final=True, item_id="reply-2"),
     ]
 
 

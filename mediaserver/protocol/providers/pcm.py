@@ -106,6 +106,8 @@ class PcmSession(ProviderCore[SessionState, PcmConfig]):
         super().__init__(config, new, SessionState.ERROR, new=new, input_format=input_, output_format=output)
         self._reply = 1  # the number of the reply audio currently belongs to
         self._reply_open = False  # audio of self._reply has arrived
+        self._said_reply = 0  # the reply whose transcript texts _said holds
+        self._said: list[str] = []
         # Per reply number: audio received, and whether the model ended it.
         self._audio: AudioLedger[int] = AudioLedger(output.bytes_per_ms)
 
@@ -228,7 +230,16 @@ class PcmSession(ProviderCore[SessionState, PcmConfig]):
         role, text = msg.get("role"), msg.get("text")
         if role not in ("user", "assistant") or type(text) is not str:
             raise RemoteProtocolError("transcript needs role 'user' or 'assistant' and a string 'text'")
-        return Transcript("user" if role == "user" else "assistant", text, final=True)
+        if role == "user":
+            return Transcript("user", text, final=True)
+        # The agent's words belong to the reply being received, or (between replies) to the last one: a
+        # barge-in's cut of that reply then applies to them too.
+        number = self._reply if self._reply_open or self._reply == 1 else self._reply - 1
+        if number != self._said_reply:
+            self._said_reply, self._said = number, []
+        self._said.append(text.strip())
+        # (a reply's text may come in several messages: each final text is all of it so far, and replaces the last)
+        return Transcript("assistant", " ".join(t for t in self._said if t), final=True, item_id=f"{_ITEM_PREFIX}{number}")
 
     def _on_tool_call(self, msg: JsonObject) -> ProviderEvent:
         call_id, name, arguments = msg.get("call_id"), msg.get("name"), msg.get("arguments", {})
