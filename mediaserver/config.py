@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from mediaserver.logs import FORMATS as LOG_FORMATS
 from mediaserver.logs import LEVELS as LOG_LEVELS
@@ -179,8 +180,8 @@ class Settings:
         for name in ("openai_realtime_url", "gemini_live_url", "assemblyai_agent_url", "deepgram_agent_url",
                      "elevenlabs_agent_url", "pcm_provider_url"):
             url = getattr(self, name)
-            if url is not None and not url.startswith(("ws://", "wss://")):
-                raise ConfigError(f"{_env_name(name)} must be a ws:// or wss:// URL, not {url!r}")
+            if url is not None:
+                _check_ws_url(_env_name(name), url)
         if self.openai_audio not in ("pcmu", "pcm24k"):
             raise ConfigError(f"OPENAI_AUDIO_FORMAT must be pcmu or pcm24k, not {self.openai_audio!r}")
         if self.openai_turn_detection not in ("server_vad", "semantic_vad"):
@@ -267,6 +268,33 @@ def unknown_settings(environ: Mapping[str, str] | None = None) -> list[tuple[str
             unknown.append((name, close[0] if close else None))
     return unknown
 
+
+
+def _redacted(url: str) -> str:
+    """``url`` without user name, password, query or fragment (which may carry keys): safe to show."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def _check_ws_url(env: str, url: str) -> None:
+    """A ``ws://`` or ``wss://`` URL with a host and a valid port; the error never shows its query or userinfo."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # (raises for a port out of range)
+    except ValueError:
+        raise ConfigError(f"{env} has a malformed host or port: {_redacted(url)!r}") from None
+    if parts.scheme not in ("ws", "wss"):
+        raise ConfigError(f"{env} must be a ws:// or wss:// URL, not {_redacted(url)!r}")
+    if not parts.hostname:
+        raise ConfigError(f"{env} has no host: {_redacted(url)!r}")
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"{env} has a user name or password in it ({_redacted(url)!r}): they would not be sent; "
+            "give the provider's key in its own setting"
+        )
 
 def _env_name(attr: str) -> str:
     return next(str(f.metadata["env"]) for f in fields(Settings) if f.name == attr)

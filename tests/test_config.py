@@ -335,3 +335,24 @@ def test_config_a_bare_key_in_env_file_takes_the_environment_s_value(
     monkeypatch.delenv("MEDIASERVER_PORT", raising=False)
     assert load_dotenv_file() is True
     assert os.environ["OPENAI_API_KEY"] == "sk-from-the-environment" and os.environ["MEDIASERVER_PORT"] == "18127"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("https://m.example/talk?token=SECRET123", "must be a ws:// or wss:// URL, not 'https://m.example/talk'"),
+        ("ws://", "has no host: 'ws://'"),
+        ("ws://m.example:99999/talk?token=SECRET123", "has a malformed host or port: 'ws://m.example:99999/talk'"),
+        ("wss://user:SECRET123@m.example/talk", "has a user name or password in it ('wss://m.example/talk')"),
+    ],
+)
+def test_config_model_urls_are_checked_at_start_without_showing_their_secrets(url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"MEDIASERVER_PROVIDER": "pcm", "PCM_PROVIDER_URL": url})
+    assert message in str(info.value) and "PCM_PROVIDER_URL" in str(info.value)
+    assert "SECRET123" not in str(info.value)
+
+
+def test_config_model_url_scheme_is_case_insensitive() -> None:
+    settings = Settings.from_env({"MEDIASERVER_PROVIDER": "pcm", "PCM_PROVIDER_URL": "WSS://m.example/talk"})
+    assert settings.pcm_provider_url == "WSS://m.example/talk"

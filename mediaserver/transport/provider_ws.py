@@ -50,7 +50,7 @@ from mediaserver.protocol.providers.base import (
     SendAudio,
     SessionReady,
 )
-from mediaserver.transport.http import open_stream
+from mediaserver.transport.http import open_stream, redact
 from mediaserver.transport.tls import open_tls_stream
 from mediaserver.transport.ws_client import (
     CLOSED_BY_US,
@@ -343,5 +343,5 @@ async def open_provider_link(
 
 
 def _safe(url: str) -> str:
-    """The URL without its query string (which may carry keys)."""
-    return url.split("?", 1)[0]
+    """The URL without its query string or user name and password (which may carry keys)."""
+    return redact(url)
