@@ -436,9 +436,10 @@ def test_tools_loading_errors_are_config_errors(tools_module: Callable[[str], st
     bad_schema = tools_module("from mediaserver.tools import tool\n@tool\ndef f(x: dict) -> None:\n    '''F.'''\n")
     with pytest.raises(ConfigError, match=r"cannot import it: TypeError: tool f, parameter x: unsupported type"):
         load_module_tools(bad_schema)
-    bad_builtins = tools_module(LIVE_TOOLS + "\nBUILTIN_TOOLS = ['hang_up']\n")
-    with pytest.raises(ConfigError, match="BUILTIN_TOOLS must be a list of end_call, transfer_call, send_digits"):
-        load_toolset(Settings(tools_module=bad_builtins))
+    for bad in ("['hang_up']", "5", "None.__class__", "b'end_call'"):
+        bad_builtins = tools_module(LIVE_TOOLS + f"\nBUILTIN_TOOLS = {bad}\n")
+        with pytest.raises(ConfigError, match="BUILTIN_TOOLS must be a list of end_call, transfer_call, send_digits"):
+            load_toolset(Settings(tools_module=bad_builtins))
     asks_transfer = tools_module(LIVE_TOOLS + "\nBUILTIN_TOOLS = ['transfer_call']\n")
     with pytest.raises(ConfigError, match="asks for transfer_call, which needs Twilio REST credentials .* and MEDIASERVER_TRANSFER_NUMBERS$"):
         load_toolset(Settings(tools_module=asks_transfer))

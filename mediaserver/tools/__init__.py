@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from mediaserver.config import ConfigError, Settings
 
@@ -75,7 +75,11 @@ def load_toolset(settings: Settings) -> ToolSet:
         tools.extend(load_module_tools(settings.tools_module))
         chosen = getattr(importlib.import_module(settings.tools_module), "BUILTIN_TOOLS", None)
         if chosen is not None:
-            if isinstance(chosen, str) or not all(isinstance(n, str) and n in BUILTINS for n in chosen):
+            if (
+                isinstance(chosen, (str, bytes))
+                or not isinstance(chosen, Iterable)
+                or not all(isinstance(n, str) and n in BUILTINS for n in chosen)
+            ):
                 raise ConfigError(
                     f"MEDIASERVER_TOOLS={settings.tools_module}: BUILTIN_TOOLS must be a list of "
                     f"{', '.join(BUILTINS)}, not {chosen!r}"
