@@ -361,3 +361,29 @@ async def test_pcm_the_call_record_keeps_what_the_caller_heard_of_a_cut_reply() 
     [turn] = [t for t in record.turns if t.role == "assistant"]
     assert turn.interrupted and 0 < playback["heard_ms"] < 4000
     assert turn.text == cut_text(words, playback["heard_ms"], 4000) and turn.text != words
+
+
+@fail_after(20)
+async def test_pcm_a_message_of_unknown_type_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A mistyped boundary ("replyDone") would silently lose a reply's end: the log says so, once per type."""
+
+    async def script(session: PcmModelSession) -> None:
+        await session.wait_for(lambda: session.frames_in >= 3)
+        for _ in range(3):
+            await session.send_json({"type": "replyDone"})
+        await session.send_json({"type": "speech-started"})
+        await trio.sleep(10)
+
+    async with fake_model(script) as model, running(pcm_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            await trio.sleep(1.0)
+            nursery.cancel_scope.cancel()
+            await caller.stop()
+            await caller.closed.wait()
+    unknown = [r for r in call_log(caplog, CALL_A) if "unknown type" in r.getMessage()]
+    assert [r.getMessage().split(": ", 1)[1] for r in unknown] == [
+        "pcm sent a message of unknown type 'replyDone'; ignored",
+        "pcm sent a message of unknown type 'speech-started'; ignored",
+    ]
+    assert all(r.levelno == logging.WARNING for r in unknown)

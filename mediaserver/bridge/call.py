@@ -77,6 +77,7 @@ MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contr
 # An item whose audio stopped this long ago counts as finished for wait_played (end_call, transfer), said
 # done or not: not every provider always says so (ElevenLabs' agent_response_complete is optional).
 SILENT_ITEM_S = 1.0
+MAX_UNKNOWN_TYPES = 32  # unknown provider message types logged per call (one line each)
 DIGITS_MARGIN_S = 0.5  # next_digits returns this long before the tool's time limit, with what has arrived
 TRANSFER_REQUEST_S = 5.0  # transfer() keeps this much of the tool's time limit for Twilio's REST request
 
@@ -295,6 +296,7 @@ class CallBridge:
         self._changed = trio.Event()  # set (and replaced) whenever playback or response state may have moved
         self._watchers = 0  # tasks waiting on _changed (no one, most of the time)
         self._responses_framed = False  # the provider says when a response starts (not pcm, ElevenLabs)
+        self._unknown_types: set[str] = set()  # provider message types already logged as unknown
         self._last_heard_s = 0.0  # when Twilio last sent anything (the idle watchdog reads it)
         # Reply latency: when the provider last said the caller stopped speaking (None once answered), and the
         # items already under way then (generating, queued, pending), whose audio is not the answer.
@@ -709,12 +711,28 @@ class CallBridge:
                 self._nursery.start_soon(self._run_tool, event)
         elif isinstance(event, pv.ToolCallsCancelled):
             self._cancel_tools(event.call_ids)
+        elif isinstance(event, pv.Unknown):
+            self._unknown(event)
         elif isinstance(event, pv.Transcript):
             offset_s = self._now() - self.stats.started_s
             self.stats.transcript.add(event.role, event.text, final=event.final, item_id=event.item_id, offset_s=offset_s)
             if event.final:
                 log.debug("call %s: %s: %s", self.stats.call_sid, event.role, event.text)
         return _OTHER
+
+    def _unknown(self, event: pv.Unknown) -> None:
+        """A message type the provider's core does not know: said once per type and call (ignored all the same).
+
+        At warning level for ``pcm``, whose protocol is ours: an unknown type
+        there is a mistake in the model (``"replyDone"``), and a barge-in or a
+        reply's end it meant would otherwise be lost without a word.  Vendors add
+        event types as they go: those are for the debug log.
+        """
+        if event.type in self._unknown_types or len(self._unknown_types) >= MAX_UNKNOWN_TYPES:
+            return
+        self._unknown_types.add(event.type)
+        level = logging.WARNING if self.link.name == "pcm" else logging.DEBUG
+        log.log(level, "call %s: %s sent a message of unknown type %r; ignored", self.call_sid, self.link.name, event.type[:60])
 
     async def _provider_polled(self) -> object:
         """Read the provider on the reactor until an event needs this task: _BARGE, _STOP, or None (hand-off).
