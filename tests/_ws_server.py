@@ -167,6 +167,7 @@ class FakeConnection:
         self.closed = trio.Event()
         self.closed_at_s: float | None = None
         self.close_code: int | None = None
+        self.close_reason: str | None = None
         self._changes = Changes()
         self._send_lock = trio.StrictFIFOLock()
         self._resume_reads: trio.Event | None = None
@@ -199,6 +200,7 @@ class FakeConnection:
         """Note that the client closed the connection (time and close code)."""
         self.closed_at_s = trio.current_time()
         self.close_code = None if exc.reason is None else exc.reason.code
+        self.close_reason = None if exc.reason is None else exc.reason.reason
         self.closed.set()
         self.touch()
 

@@ -387,3 +387,23 @@ async def test_pcm_a_message_of_unknown_type_is_logged_once(caplog: pytest.LogCa
         "pcm sent a message of unknown type 'speech-started'; ignored",
     ]
     assert all(r.levelno == logging.WARNING for r in unknown)
+
+
+@fail_after(20)
+async def test_pcm_a_model_that_breaks_the_protocol_is_told_why_in_the_close(caplog: pytest.LogCaptureFixture) -> None:
+    """An odd-length audio frame ends the call; the model's developer sees 1002 and the reason, not a plain 1000."""
+
+    async def script(session: PcmModelSession) -> None:
+        await session.wait_for(lambda: session.frames_in >= 3)
+        await session.send_message(b"\x00\x01\x02")
+        await trio.sleep(10)
+
+    async with fake_model(script) as model, running(pcm_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            await caller.closed.wait()
+            nursery.cancel_scope.cancel()
+    connection = model.sessions[0]
+    await connection.closed.wait()
+    assert connection.close_code == 1002
+    assert connection.close_reason == "audio frame of 3 bytes is not whole PCM16 samples"

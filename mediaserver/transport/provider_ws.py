@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import trio
+from wsproto.frame_protocol import CloseReason
 
 from mediaserver.bridge.link import ProviderClosed
 from mediaserver.protocol.errors import ProtocolError
@@ -88,6 +89,7 @@ class WebSocketLink:
         # of the link's own.
         self._now = trio.lowlevel.current_clock().current_time  # trio.current_time() without its wrappers (per frame)
         self.last_send_s = self._now()
+        self.violation: str | None = None  # what the model sent that broke the protocol (said in our close frame)
         self._envelope: Callable[[], tuple[bytes, bytes] | None] | None = getattr(session, "audio_envelope", None)
 
     @property
@@ -252,6 +254,7 @@ class WebSocketLink:
             session.receive_message(message)
             replies = session.pending_messages()
         except ProtocolError as exc:
+            self.violation = str(exc)
             raise ProviderClosed(f"{self.name} protocol error: {exc}", broken=True) from None
         self._pending.extend(session.events())
         return replies
@@ -320,6 +323,7 @@ async def open_provider_link(
             raise ProviderClosed(f"{name}: {_safe(url)} rejected the connection with HTTP {exc.status_code}") from None
         except WebSocketClosed as exc:
             raise ProviderClosed(f"{name}: {_safe(url)} closed the connection during the handshake: {exc}") from None
+        link: WebSocketLink | None = None
         async with trio.open_nursery() as nursery:
             try:
                 link = WebSocketLink(name, session, ws)
@@ -333,13 +337,23 @@ async def open_provider_link(
             finally:
                 try:
                     with trio.move_on_after(disconnect_timeout_s, shield=True) as closing:
-                        await ws.aclose()
+                        if link is not None and link.violation is not None:
+                            # Tell the model what was wrong (1002 and the reason):
+                            # a plain 1000 would look like an ordinary hang-up to its developer.
+                            await ws.aclose(CloseReason.PROTOCOL_ERROR, _close_reason(link.violation))
+                        else:
+                            await ws.aclose()
                     if closing.cancelled_caught:
                         log.info("%s: no close handshake within %g s; dropping the connection", name, disconnect_timeout_s)
                 finally:
                     nursery.cancel_scope.cancel()  # the keepalive task
     finally:
         await trio.aclose_forcefully(stream)
+
+
+def _close_reason(text: str) -> str:
+    """``text`` cut to fit a close frame's reason (123 bytes of UTF-8)."""
+    return text.encode()[:120].decode(errors="ignore")
 
 
 def _safe(url: str) -> str:
