@@ -44,7 +44,9 @@ class ConfigError(ValueError):
 
 
 def _env_field(env: str, default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"env": env, "doc": doc})
+    # (keys, tokens and URLs that may hold a password stay out of repr(settings): a log line or a traceback)
+    secret = env.endswith(("_KEY", "_TOKEN", "_SECRET")) or env in ("DATABASE_URL", "PCM_PROVIDER_URL")
+    return field(default=default, repr=not secret, metadata={"env": env, "doc": doc})
 
 
 @dataclass(frozen=True, slots=True)

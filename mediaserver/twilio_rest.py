@@ -21,7 +21,7 @@ import base64
 import json
 import ssl
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
 from xml.sax.saxutils import escape
@@ -75,7 +75,7 @@ class TwilioCredentials:
 
     account_sid: str
     username: str
-    password: str
+    password: str = field(repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TwilioCredentials | None:

@@ -10,6 +10,7 @@ import pytest
 
 from mediaserver.__main__ import main
 from mediaserver.config import ConfigError, Settings, load_dotenv_file, unknown_settings
+from mediaserver.twilio_rest import TwilioCredentials
 
 
 def test_config_defaults_need_no_keys() -> None:
@@ -356,3 +357,15 @@ def test_config_model_urls_are_checked_at_start_without_showing_their_secrets(ur
 def test_config_model_url_scheme_is_case_insensitive() -> None:
     settings = Settings.from_env({"MEDIASERVER_PROVIDER": "pcm", "PCM_PROVIDER_URL": "WSS://m.example/talk"})
     assert settings.pcm_provider_url == "WSS://m.example/talk"
+
+
+def test_config_repr_leaves_out_keys_tokens_and_urls_with_passwords() -> None:
+    """repr(settings) may end up in a log line or a traceback."""
+    settings = Settings(
+        openai_api_key="sk-SECRET1", twilio_auth_token="SECRET2", database_url="postgresql://u:SECRET3@h/db",
+        api_key="SECRET4", twilio_api_key_secret="SECRET5", pcm_provider_url="wss://m/talk?token=SECRET6",
+        gemini_api_key="SECRET7", deepgram_api_key="SECRET8", assemblyai_api_key="SECRET9", elevenlabs_api_key="SECRETA",
+    )
+    assert "SECRET" not in repr(settings) and "provider='echo'" in repr(settings)
+    credentials = TwilioCredentials("AC" + "1" * 32, "AC" + "1" * 32, "SECRETB")
+    assert "SECRET" not in repr(credentials)
