@@ -126,7 +126,9 @@ async def test_pcm_rates_keep_frequency_level_and_continuity(input_rate: int, ou
 
 
 @fail_after(20)
-async def test_pcm_speech_started_barges_in_and_reports_playback(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("cut", ["speech_started", "clear"])
+async def test_pcm_speech_started_barges_in_and_reports_playback(cut: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The caller's barge-in, or the model stopping its own reply (clear): the same cut; only the first counts."""
     reply = tone(440, 3000, 16000, amplitude=AMPLITUDE).tobytes()
     fresh = tone(880, 400, 16000, amplitude=AMPLITUDE).tobytes()
     go = trio.Event()
@@ -135,7 +137,10 @@ async def test_pcm_speech_started_barges_in_and_reports_playback(caplog: pytest.
         await session.wait_for(lambda: session.frames_in >= 5)
         await session.audio(reply, frame_bytes=6400)  # 3 s, still "generating"
         await go.wait()
-        await session.speech_started()
+        if cut == "clear":
+            await session.send_json({"type": "clear"})
+        else:
+            await session.speech_started()
         await session.wait_for(lambda: bool(session.of_type("playback")))
         await session.audio(fresh)
         await session.reply_done()
@@ -171,7 +176,9 @@ async def test_pcm_speech_started_barges_in_and_reports_playback(caplog: pytest.
     assert 0 <= len(after) - 3200 <= 20  # (and the resampler's delay)
     assert dominant_frequency_hz(after[400:2800], 8000) == pytest.approx(880, abs=5)
     [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
-    assert "barge-ins 1;" in ended
+    assert ("barge-ins 0;" if cut == "clear" else "barge-ins 1;") in ended
+    [said] = [r.getMessage() for r in call_log(caplog, CALL_A) if ", cut reply-1 at " in r.getMessage()]
+    assert (": the model stopped its reply, cut" if cut == "clear" else ": barge-in, cut") in said
 
 
 @fail_after(10)

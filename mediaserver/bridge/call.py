@@ -297,6 +297,7 @@ class CallBridge:
         self._watchers = 0  # tasks waiting on _changed (no one, most of the time)
         self._responses_framed = False  # the provider says when a response starts (not pcm, ElevenLabs)
         self._unknown_types: set[str] = set()  # provider message types already logged as unknown
+        self._model_cut = False  # the next _barge_in is the model stopping its own reply (pcm clear)
         self._last_heard_s = 0.0  # when Twilio last sent anything (the idle watchdog reads it)
         # Reply latency: when the provider last said the caller stopped speaking (None once answered), and the
         # items already under way then (generating, queued, pending), whose audio is not the answer.
@@ -686,6 +687,9 @@ class CallBridge:
             self._generating.pop(event.item_id, None)
             self._finish_item(event.item_id)
         elif isinstance(event, pv.SpeechStarted):
+            if not event.by_caller:  # the model stopped its own reply: the same cut, not the caller's barge-in
+                self._model_cut = True
+                return _BARGE
             self._speech_stopped_s = None  # the caller goes on: the reply latency counts from their next stop
             if event.item_id is not None:  # (the caller's transcript may come after the reply's: order by this)
                 self.stats.transcript.began("user", event.item_id, self._now() - self.stats.started_s)
@@ -1178,6 +1182,7 @@ class CallBridge:
 
     async def _barge_in(self) -> None:
         """The caller started talking: stop the agent now, cut its reply at what was heard."""
+        by_model, self._model_cut = self._model_cut, False  # (or the model stopped its own reply)
         async with self._send_lock:
             items: dict[str, None] = {}
             for item in self.twilio.items_in_flight():  # buffered at Twilio
@@ -1213,7 +1218,8 @@ class CallBridge:
             # What the caller heard of each item is final now: echoes that
             # arrive from here on are for cleared marks.
             heard = [(item, self.twilio.playback(item).played_ms) for item in items]
-        self.stats.barge_ins += 1
+        if not by_model:
+            self.stats.barge_ins += 1
         for item, heard_ms in heard:
             self.stats.transcript.cut(item, heard_ms, generated[item] // tw.MULAW_SAMPLES_PER_MS)
             if self._model_gone:
@@ -1225,7 +1231,8 @@ class CallBridge:
                 break
             self.stats.truncations += 1
         log.info(
-            "call %s: barge-in, cut %s",
+            "call %s: %s, cut %s",
             self.stats.call_sid,
+            "the model stopped its reply" if by_model else "barge-in",
             ", ".join(f"{item} at {ms} ms" for item, ms in heard),
         )

@@ -149,9 +149,9 @@ def test_pcm_replies_are_numbered_by_their_boundaries() -> None:
     assert events[5:] == [
         AudioDelta("reply-2", b"\x03\x00" * 10),
         SpeechStarted(None, None),
-        SpeechStarted(None, None),
+        SpeechStarted(None, None, by_caller=False),  # (the model's own clear: not a barge-in)
         AudioDelta("reply-3", b"\x04\x00" * 10),
-        SpeechStarted(None, None),
+        SpeechStarted(None, None, by_caller=False),
         AudioDelta("reply-4", b"\x05\x00"),
     ]
     assert session.audio_received_ms("reply-1") == (200 + 100) // 32

@@ -162,10 +162,13 @@ class SpeechStarted:
 
     ``audio_start_ms`` is measured on the provider's input-audio clock
     (audio we sent since the session began), when the provider reports it.
+    ``by_caller`` False: the model stopped its own reply (the ``pcm``
+    protocol's ``clear``): handled the same, but not counted as a barge-in.
     """
 
     item_id: str | None
     audio_start_ms: int | None
+    by_caller: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -220,7 +220,7 @@ class PcmSession(ProviderCore[SessionState, PcmConfig]):
     def _on_cut(self, type_: str) -> ProviderEvent:
         self._next_reply()
         # Both mean "stop playing now": the bridge's barge-in clears Twilio's buffer.
-        return SpeechStarted(item_id=None, audio_start_ms=None)
+        return SpeechStarted(item_id=None, audio_start_ms=None, by_caller=type_ == "speech_started")
 
     def _on_reply_done(self, raw: str) -> ProviderEvent:
         item = self._next_reply()
