@@ -209,7 +209,9 @@ class ClientWebSocket:
 
     @property
     def backlogged(self) -> bool:
-        """True while frames :meth:`send_many_nowait` queued wait for :meth:`flush`."""
+        """True while frames :meth:`send_many_nowait` queued wait for :meth:`flush` (never once a write failed)."""
+        if self._unsendable is not None and self.closed is None:
+            return False
         return bool(self._backlog) or (self._tls is not None and self._tls.unsent)
 
     @property
@@ -291,6 +293,7 @@ class ClientWebSocket:
         """A write failed: nothing more can be sent, but reading goes on (see ``_unsendable``)."""
         if self._unsendable is None:
             self._unsendable = WebSocketClosed(CloseReason.ABNORMAL_CLOSURE, "the connection failed while sending")
+        self._backlog = bytearray()  # (it can never go: nothing is left to flush)
         return self._unsendable
 
     @property

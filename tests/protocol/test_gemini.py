@@ -269,6 +269,13 @@ def test_gemini_a_call_id_seen_again_runs_and_is_answered_once() -> None:
     assert not [e for e in feed(session, twice) if isinstance(e, ToolCall)]  # re-sent after the answer
     assert session.send(ToolResult("c1", '{"temp_c": 3}')) == []
     assert session.state is SessionState.READY
+    feed(session, types.LiveServerMessage(
+        session_resumption_update=types.LiveServerSessionResumptionUpdate(new_handle="h1", resumable=True)
+    ))
+    resumed = session.resumed()  # ... and on the resumed connection
+    resumed.initial_messages()
+    feed(resumed, types.LiveServerMessage(setup_complete=types.LiveServerSetupComplete()))
+    assert not [e for e in feed(resumed, twice) if isinstance(e, ToolCall)]
 
 
 def test_gemini_plain_text_tool_output_and_cancellation() -> None:
@@ -307,6 +314,16 @@ def test_gemini_the_models_words_before_its_audio_belong_to_its_turn() -> None:
     assert feed(session, content(output_transcription=types.Transcription(text="Bye"))) == [
         Transcript("assistant", "Bye", False, "gemini-turn-2")
     ]
+
+
+def test_gemini_words_of_a_turn_that_never_had_audio_do_not_reach_the_next_turn() -> None:
+    session = ready_session()
+    [early] = feed(session, content(output_transcription=types.Transcription(text="Sure, let me")))
+    assert early.item_id == "gemini-turn-1"
+    feed(session, content(interrupted=True))
+    assert Transcript("assistant", "Sure, let me", True, "gemini-turn-1") in feed(session, content(turn_complete=True))
+    started, _ = feed(session, audio(b"\x00\x00"))
+    assert started == ResponseStarted("gemini-turn-2")  # not turn 1 again: its text would replace those words
 
 
 def test_gemini_transcripts_fragments_then_final() -> None:

@@ -217,24 +217,35 @@ def test_pcm_transcript_tool_call_and_error() -> None:
 
 
 def test_pcm_the_agents_transcripts_belong_to_their_reply() -> None:
-    """To the reply whose audio is arriving, or between replies to the last one (a barge-in's cut applies to
-    them); several texts for one reply are one turn."""
+    """To the reply they name, else to the reply whose audio is arriving, else (between replies) to the next one:
+    a barge-in's cut applies to them; several texts for one reply are one turn."""
     session = open_session()
     events = feed(
         session,
+        msg("transcript", role="assistant", text="Hello,"),  # before its audio (text-to-speech)
         b"\x00\x01" * 80,
-        msg("transcript", role="assistant", text="Your order"),
+        msg("transcript", role="assistant", text="how can I help?"),
+        msg("reply_done"),
+        msg("transcript", role="assistant", text="Your order"),  # the next reply's, before its audio
+        b"\x00\x01" * 80,
         msg("speech_started"),
-        msg("transcript", role="assistant", text="has shipped."),  # (after the barge-in: still reply 1's)
-        b"\x00\x01" * 80,
-        msg("transcript", role="assistant", text="Anything else?"),
+        msg("transcript", role="assistant", text="has shipped.", reply=2),  # late, after the cut: named
     )
     transcripts = [e for e in events if isinstance(e, Transcript)]
     assert transcripts == [
-        Transcript("assistant", "Your order", final=True, item_id="reply-1"),
-        Transcript("assistant", "Your order has shipped.", final=True, item_id="reply-1"),
-        Transcript("assistant", "Anything else?", final=True, item_id="reply-2"),
+        Transcript("assistant", "Hello,", final=True, item_id="reply-1"),
+        Transcript("assistant", "Hello, how can I help?", final=True, item_id="reply-1"),
+        Transcript("assistant", "Your order", final=True, item_id="reply-2"),
+        Transcript("assistant", "Your order has shipped.", final=True, item_id="reply-2"),
     ]
+
+
+@pytest.mark.parametrize("reply", [0, 4, "2", True, 1.0])
+def test_pcm_a_transcript_naming_no_such_reply_is_a_protocol_error(reply: object) -> None:
+    session = open_session()
+    feed(session, b"\x00\x01" * 80, msg("reply_done"))  # reply 1 done; the next is 2
+    with pytest.raises(RemoteProtocolError, match="transcript 'reply' must be a reply number from 1 to 2"):
+        feed(session, msg("transcript", role="assistant", text="x", reply=reply))
 
 
 def test_pcm_unknown_messages_are_ignorable() -> None:

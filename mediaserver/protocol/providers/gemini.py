@@ -241,6 +241,7 @@ class _Shared:
         self.utterance_numbers = itertools.count(1)  # the caller's, for their transcripts' item ids
         self.tool_names: dict[str, str] = {}  # call id -> function name, until answered or cancelled
         self.cancelled = RecentSet()  # call ids the server cancelled (a late result is dropped)
+        self.seen = RecentSet()  # call ids ever dispatched, on any connection: a call re-sent is not run again
 
 
 # --------------------------------------------------------------------------- session
@@ -445,8 +446,9 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
                 args = {}
             if type(args) is not dict:
                 raise RemoteProtocolError(f"toolCall: 'args' must be an object, got {args!r:.40}")
-            if call_id in self._shared.tool_names or call_id in self._answered:
-                continue  # the same call again (in this message, or re-sent): it runs, and is answered, once
+            if call_id in self._shared.seen:
+                continue  # the same call again (in this message, re-sent, or after a resumption): run once
+            self._shared.seen.add(call_id)
             self._shared.tool_names[call_id] = name
             events.append(ToolCall(call_id, name, json.dumps(args, ensure_ascii=False), self._turn))
         return events
@@ -487,6 +489,7 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         return events
 
     def _end_turn(self) -> None:
+        self._early_turn = None  # (words of a turn that never had audio end with it, not in the next)
         self._turn = None
         self._turn_open = False
         self._turn_interrupted = False

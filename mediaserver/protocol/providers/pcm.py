@@ -106,8 +106,7 @@ class PcmSession(ProviderCore[SessionState, PcmConfig]):
         super().__init__(config, new, SessionState.ERROR, new=new, input_format=input_, output_format=output)
         self._reply = 1  # the number of the reply audio currently belongs to
         self._reply_open = False  # audio of self._reply has arrived
-        self._said_reply = 0  # the reply whose transcript texts _said holds
-        self._said: list[str] = []
+        self._said: dict[int, list[str]] = {}  # the agent's transcript texts of the last few replies, by number
         # Per reply number: audio received, and whether the model ended it.
         self._audio: AudioLedger[int] = AudioLedger(output.bytes_per_ms)
 
@@ -232,14 +231,18 @@ class PcmSession(ProviderCore[SessionState, PcmConfig]):
             raise RemoteProtocolError("transcript needs role 'user' or 'assistant' and a string 'text'")
         if role == "user":
             return Transcript("user", text, final=True)
-        # The agent's words belong to the reply being received, or (between replies) to the last one: a
+        # The agent's words belong to the reply it names, else to the reply being received, else (between
+        # replies: a text-to-speech pipeline knows its words before their audio) to the next one.  A
         # barge-in's cut of that reply then applies to them too.
-        number = self._reply if self._reply_open or self._reply == 1 else self._reply - 1
-        if number != self._said_reply:
-            self._said_reply, self._said = number, []
-        self._said.append(text.strip())
+        number = msg.get("reply", self._reply)
+        if type(number) is not int or not 1 <= number <= self._reply:
+            raise RemoteProtocolError(f"transcript 'reply' must be a reply number from 1 to {self._reply}, got {number!r:.20}")
+        said = self._said.setdefault(number, [])
+        said.append(text.strip())
+        while len(self._said) > 4:  # (the last few replies' texts: a late one for an earlier reply still joins it)
+            del self._said[next(iter(self._said))]
         # (a reply's text may come in several messages: each final text is all of it so far, and replaces the last)
-        return Transcript("assistant", " ".join(t for t in self._said if t), final=True, item_id=f"{_ITEM_PREFIX}{number}")
+        return Transcript("assistant", " ".join(t for t in said if t), final=True, item_id=f"{_ITEM_PREFIX}{number}")
 
     def _on_tool_call(self, msg: JsonObject) -> ProviderEvent:
         call_id, name, arguments = msg.get("call_id"), msg.get("name"), msg.get("arguments", {})
