@@ -303,7 +303,7 @@ class CallBridge:
         # items already under way then (generating, queued, pending), whose audio is not the answer.
         self._speech_stopped_s: float | None = None
         self._writing: str | None = None  # the item of the chunk the pacer is writing, until it is counted
-        self._audio_in_s = 0.0  # when the provider last sent audio
+        self._audio_in_s = -math.inf  # when the provider last sent audio
         self._tool_groups: dict[str, int] = {}  # response id -> its tool calls under way
         self._tool_scopes: dict[str, trio.CancelScope] = {}  # call id -> the running tool's scope
         self._answer_owed: set[str] = set()  # responses whose finished tools asked for an answer while others ran
@@ -901,15 +901,21 @@ class CallBridge:
         )
 
     async def _goodbye_begun(self, limit_s: float) -> None:
-        """Nothing said yet, from a provider that does not say when a response starts: give the goodbye
-        ``SILENT_ITEM_S`` (at most ``limit_s``) to begin.
+        """Nothing playing and no audio for a while, from a provider that does not say when a response starts:
+        give the goodbye ``SILENT_ITEM_S`` (at most ``limit_s``) to begin.
 
         A text-to-speech pipeline (a ``pcm`` model) may send its ``end_call``
         before the goodbye's audio is ready; hanging up at once would cut it.
         Providers that frame responses (OpenAI, Gemini, Deepgram, AssemblyAI)
         say so with the response still open.
         """
-        if self._responses_framed or not self._quiet():
+        if (
+            self._responses_framed
+            or self._model_gone
+            or self.twilio.state is not StreamState.STREAMING
+            or self._now() < self._audio_in_s + SILENT_ITEM_S  # audio just came: that was the goodbye
+            or not self._quiet()
+        ):
             return
         with trio.move_on_after(min(SILENT_ITEM_S, limit_s)):
             while self._quiet():

@@ -127,6 +127,26 @@ async def test_call_wait_played_holds_until_the_reply_played_said_done_or_not(
 
 
 @fail_after(60)
+@pytest.mark.parametrize(("after_s", "grace_s"), [(0.6, 0.0), (3.0, SILENT_ITEM_S)])
+async def test_call_end_call_gives_a_goodbye_time_to_begin_only_when_no_audio_came_lately(
+    after_s: float, grace_s: float, autojump_clock: trio.testing.MockClock
+) -> None:
+    """From a provider that does not frame replies (pcm, ElevenLabs): end_call 0.6 s after a goodbye that has
+    played hangs up at once (that was the goodbye); 3 s after the last audio, the goodbye may be yet to come
+    (text-to-speech): it gets SILENT_ITEM_S to begin."""
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.AudioDelta("item_1", audio(400)), pv.AudioDone("item_1"))
+        await trio.sleep(after_s)
+        assert call.bridge._quiet()  # all of it played
+        asked_s = trio.current_time()
+        await call.bridge.end_call("done")
+        await call.done.wait()
+        assert call.ended_s - asked_s == pytest.approx(grace_s, abs=EXACT)
+        assert call.bridge.end_reason == "agent hung up: done"
+
+
+@fail_after(60)
 async def test_call_pacing_sends_each_chunk_lead_before_it_plays(autojump_clock: trio.testing.MockClock) -> None:
     link = FakeLink()
     async with bridged(link) as call:
