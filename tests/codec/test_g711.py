@@ -69,11 +69,13 @@ def test_g711_large_inputs_take_the_nogil_path_with_the_same_result() -> None:
 @pytest.mark.parametrize("fn", [codec.ulaw_decode, codec.ulaw_encode])
 @pytest.mark.parametrize("wrap", [bytes, bytearray])  # (bytes take a path of their own)
 def test_g711_large_inputs_let_other_threads_run(fn: Callable[[bytes], bytes], wrap: type) -> None:
-    """The GIL is released for a large input, whatever its type: another thread runs in the middle of the call.
+    """The GIL is released for a large input, whatever its type: another thread runs in the middle of each call.
 
-    (Only the middle counts: around the call the interpreter may hand the GIL over for a switch interval.
-    The input grows until one call lasts long enough to tell, whatever the machine's speed.)
+    (Only the middle counts: around a call the interpreter may hand the GIL over for a switch interval.  The
+    input grows (to 128 MiB at most) until one call lasts 50 ms, and calls repeat until their middles add up to
+    0.2 s: whatever the machine's speed, in bounded memory.)
     """
+    size = 16 << 20
     ran: list[float] = []
     running, stop = threading.Event(), threading.Event()
 
@@ -88,25 +90,32 @@ def test_g711_large_inputs_let_other_threads_run(fn: Callable[[bytes], bytes], w
     thread = threading.Thread(target=note)
     thread.start()
     running.wait()
-    margin = 4 * sys.getswitchinterval()
+    margin = 2 * sys.getswitchinterval()
+    middles: list[tuple[float, float]] = []
     try:
         time.sleep(0.1)  # the thread alone: how fast it notes when nothing holds the GIL
         alone = len(ran) / 0.1
-        size = 4 << 20
-        while True:
-            data = wrap(bytes(range(256)) * (size >> 8))
+        data = wrap(bytes(range(256)) * (size >> 8))
+        for _ in range(200):
             start = time.perf_counter()
             fn(data)
             end = time.perf_counter()
-            if end - start > 0.2 + 2 * margin or size >= 1 << 30:
+            if end - start < 5 * margin and size < 128 << 20:
+                size *= 2
+                data = wrap(bytes(range(256)) * (size >> 8))
+                continue
+            if end - start > 2 * margin:
+                middles.append((start + margin, end - margin))
+            if sum(b - a for a, b in middles) >= 0.2:
                 break
-            size *= 4
     finally:
         stop.set()
         thread.join()
-    middle = end - start - 2 * margin
+    middle = sum(b - a for a, b in middles)
+    assert middle >= 0.2, "each call too short to tell on this machine"
+    inside = sum(any(a < t < b for a, b in middles) for t in ran)
     # Free, it notes at least a tenth of its solo rate on the other core; with the GIL held it barely runs (~1%).
-    assert sum(start + margin < t < end - margin for t in ran) > 0.1 * alone * middle
+    assert inside > 0.1 * alone * middle
 
 
 @pytest.mark.parametrize("encode", [codec.ulaw_encode, codec.alaw_encode])
