@@ -12,6 +12,7 @@ the machine.
 from __future__ import annotations
 
 import socket
+import struct
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -320,6 +321,20 @@ async def test_broken_answers(wire: bytes, message: str, uncertain: bool) -> Non
     assert isinstance(info.value, NoAnswer) is uncertain
     assert message in str(info.value) and f"127.0.0.1:{server.port}" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@fail_after(10)
+async def test_a_reset_after_the_request_went_out_is_no_answer_not_a_refusal() -> None:
+    """The server read the request and reset the connection: it may have acted on it (placed the call)."""
+
+    async def reset(stream: trio.abc.Stream) -> None:
+        assert isinstance(stream, trio.SocketStream)
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        await stream.aclose()
+
+    async with serving(reset) as server:
+        with pytest.raises(NoAnswer, match=r"the connection to 127\.0\.0\.1:\d+ broke: .*\(after the request went out\)"):
+            await request("POST", server.url, body=b"To=%2B15551234567", timeout_s=5)
 
 
 @fail_after(10)

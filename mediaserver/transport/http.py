@@ -184,11 +184,14 @@ async def request(
         raise HttpError(f"malformed HTTP response from {where.where}: {str(exc)[:120]}") from None
     except trio.BrokenResourceError as exc:
         if isinstance(exc.__cause__, ssl.SSLError):
-            raise HttpError(f"TLS with {where.where} failed: {_tls_reason(exc.__cause__)}") from None
-        broke = f"the connection to {where.where} broke: {_os_reason(exc.__cause__ or exc)}"
+            broke = f"TLS with {where.where} failed: {_tls_reason(exc.__cause__)}"
+        else:
+            broke = f"the connection to {where.where} broke: {_os_reason(exc.__cause__ or exc)}"
+        # (once the whole request went out, the server may have acted on it: no answer, not a refusal)
         raise (NoAnswer(f"{broke} (after the request went out)") if sent else HttpError(broke)) from None
     except ssl.SSLError as exc:
-        raise HttpError(f"TLS with {where.where} failed: {_tls_reason(exc)}") from None
+        broke = f"TLS with {where.where} failed: {_tls_reason(exc)}"
+        raise (NoAnswer(f"{broke} (after the request went out)") if sent else HttpError(broke)) from None
     except socket.gaierror as exc:
         raise HttpError(f"cannot resolve {where.host}: {exc.strerror or exc}") from None
     except OSError as exc:
