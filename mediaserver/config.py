@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from mediaserver._urls import redact
 from mediaserver.logs import FORMATS as LOG_FORMATS
 from mediaserver.logs import LEVELS as LOG_LEVELS
 from mediaserver.security import configured_base, signature_bases
@@ -45,7 +46,9 @@ class ConfigError(ValueError):
 
 def _env_field(env: str, default: Any, doc: str) -> Any:
     # (keys, tokens and URLs that may hold a password stay out of repr(settings): a log line or a traceback)
-    secret = env.endswith(("_KEY", "_TOKEN", "_SECRET")) or env in ("DATABASE_URL", "PCM_PROVIDER_URL")
+    secret = env.endswith(("_KEY", "_TOKEN", "_SECRET")) or (
+        env.endswith(("_URL", "_BASE")) and env not in ("MEDIASERVER_PUBLIC_URL", "MEDIASERVER_INSTANCE_URL")
+    )
     return field(default=default, repr=not secret, metadata={"env": env, "doc": doc})
 
 
@@ -272,29 +275,22 @@ def unknown_settings(environ: Mapping[str, str] | None = None) -> list[tuple[str
 
 
 
-def _redacted(url: str) -> str:
-    """``url`` without user name, password, query or fragment (which may carry keys): safe to show."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
 def _check_ws_url(env: str, url: str) -> None:
     """A ``ws://`` or ``wss://`` URL with a host and a valid port; the error never shows its query or userinfo."""
     try:
         parts = urlsplit(url)
         parts.port  # (raises for a port out of range)
     except ValueError:
-        raise ConfigError(f"{env} has a malformed host or port: {_redacted(url)!r}") from None
+        raise ConfigError(f"{env} has a malformed host or port: {redact(url)!r}") from None
     if parts.scheme not in ("ws", "wss"):
-        raise ConfigError(f"{env} must be a ws:// or wss:// URL, not {_redacted(url)!r}")
+        raise ConfigError(f"{env} must be a ws:// or wss:// URL, not {redact(url)!r}")
     if not parts.hostname:
-        raise ConfigError(f"{env} has no host: {_redacted(url)!r}")
+        raise ConfigError(f"{env} has no host: {redact(url)!r}")
+    if parts.port == 0:
+        raise ConfigError(f"{env} has port 0: {redact(url)!r}")
     if "@" in parts.netloc:
         raise ConfigError(
-            f"{env} has a user name or password in it ({_redacted(url)!r}): they would not be sent; "
+            f"{env} has a user name or password in it ({redact(url)!r}): they would not be sent; "
             "give the provider's key in its own setting"
         )
 

@@ -345,6 +345,7 @@ def test_config_a_bare_key_in_env_file_takes_the_environment_s_value(
         ("ws://", "has no host: 'ws://'"),
         ("ws://m.example:99999/talk?token=SECRET123", "has a malformed host or port: 'ws://m.example:99999/talk'"),
         ("wss://user:SECRET123@m.example/talk", "has a user name or password in it ('wss://m.example/talk')"),
+        ("ws://m.example:0/talk?token=SECRET123", "has port 0: 'ws://m.example:0/talk'"),
     ],
 )
 def test_config_model_urls_are_checked_at_start_without_showing_their_secrets(url: str, message: str) -> None:
@@ -354,9 +355,10 @@ def test_config_model_urls_are_checked_at_start_without_showing_their_secrets(ur
     assert "SECRET123" not in str(info.value)
 
 
-def test_config_model_url_scheme_is_case_insensitive() -> None:
-    settings = Settings.from_env({"MEDIASERVER_PROVIDER": "pcm", "PCM_PROVIDER_URL": "WSS://m.example/talk"})
-    assert settings.pcm_provider_url == "WSS://m.example/talk"
+@pytest.mark.parametrize("url", ["WSS://m.example/talk", "ws://[::1]:9000/x", "ws://m.example:/x", "wss://m.example/a%20b?q=@#f"])
+def test_config_model_urls_that_are_fine(url: str) -> None:
+    settings = Settings.from_env({"MEDIASERVER_PROVIDER": "pcm", "PCM_PROVIDER_URL": url})
+    assert settings.pcm_provider_url == url
 
 
 def test_config_repr_leaves_out_keys_tokens_and_urls_with_passwords() -> None:
@@ -365,6 +367,7 @@ def test_config_repr_leaves_out_keys_tokens_and_urls_with_passwords() -> None:
         openai_api_key="sk-SECRET1", twilio_auth_token="SECRET2", database_url="postgresql://u:SECRET3@h/db",
         api_key="SECRET4", twilio_api_key_secret="SECRET5", pcm_provider_url="wss://m/talk?token=SECRET6",
         gemini_api_key="SECRET7", deepgram_api_key="SECRET8", assemblyai_api_key="SECRET9", elevenlabs_api_key="SECRETA",
+        openai_realtime_url="wss://proxy.example/v1/realtime?key=SECRETC", twilio_api_base="https://u:SECRETD@api.example",
     )
     assert "SECRET" not in repr(settings) and "provider='echo'" in repr(settings)
     credentials = TwilioCredentials("AC" + "1" * 32, "AC" + "1" * 32, "SECRETB")

@@ -27,12 +27,13 @@ import socket
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import h11
 import trio
 
 from mediaserver import __version__
+from mediaserver._urls import redact
 from mediaserver.transport.tls import client_context
 
 __all__ = [
@@ -101,15 +102,6 @@ class Url:
     port: int
     where: str  # host[:port] as written, without credentials: the Host header and error messages
     target: str  # path?query: the request line
-
-
-def redact(url: str) -> str:
-    """``url`` without credentials, query string or fragment: safe to show or log."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def parse_url(url: str) -> Url:
