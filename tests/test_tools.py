@@ -231,8 +231,8 @@ async def exits_async() -> None:
 
 
 @tool
-async def interrupts() -> None:
-    """Raises KeyboardInterrupt itself."""
+def interrupts() -> None:
+    """Raises KeyboardInterrupt itself (in its worker thread: not a signal)."""
     raise KeyboardInterrupt
 
 
@@ -318,6 +318,18 @@ async def test_tools_runner_stuck_sync_tools_do_not_starve_other_threads() -> No
 )
 async def test_tools_runner_turns_every_failure_into_an_error_result(name: str, arguments: str, error: str) -> None:
     assert await run(name, arguments) == ({"error": error}, False)
+
+
+async def test_tools_runner_a_keyboard_interrupt_in_an_async_tool_goes_on() -> None:
+    """In the server's own thread it may be a real Ctrl-C that Trio delivered into the tool: not swallowed."""
+
+    @tool
+    async def interrupted() -> None:
+        """Raises KeyboardInterrupt."""
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        await ToolSet([interrupted]).run("interrupted", "{}")
 
 
 async def test_tools_runner_json_nested_too_deeply_is_an_error_result_not_a_failed_call() -> None:

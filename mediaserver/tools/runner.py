@@ -98,8 +98,11 @@ class ToolSet:
         except ToolError as exc:
             return _error(str(exc) or f"{name} failed")
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
-            # (SystemExit and KeyboardInterrupt too: a tool's sys.exit() must not stop the server and every call on
-            # it.  A real Ctrl-C never lands here: the server takes SIGINT through a signal receiver.)
+            # SystemExit too: a tool's sys.exit() must not stop the server and every call on it.  KeyboardInterrupt
+            # only from a plain-function tool's worker thread (signals go to the main thread: that one is the
+            # tool's own); in an async tool it may be a real Ctrl-C that Trio delivered there, so it goes on.
+            if isinstance(exc, KeyboardInterrupt) and t.is_async:
+                raise
             log.warning("tool %s failed", name, exc_info=True)
             return _error(f"{name} failed: {type(exc).__name__}: {exc}")
         if scope.cancelled_caught:
