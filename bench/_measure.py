@@ -465,3 +465,29 @@ def write_json(path: Path, payload: Mapping[str, object]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(clean(payload), indent=2, default=default, ensure_ascii=False) + "\n")
+
+
+def die_with_parent() -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``: the child gets SIGTERM when the bench dies, however it dies.
+
+    (PR_SET_PDEATHSIG, Linux: a bench killed with SIGKILL, or by ab.py giving up on it, leaves no server
+    running, pinned to a core and costing the next run.)  Elsewhere it does nothing.
+    """
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def check_output_path(path: Path | None, option: str) -> str | None:
+    """Why ``path`` cannot be written (a directory, a folder that does not exist), or None: checked before a run."""
+    if path is None:
+        return None
+    if path.is_dir():
+        return f"{option} {path} is a directory; give a file name"
+    if not path.parent.is_dir():
+        return f"{option} {path}: the folder {path.parent} does not exist"
+    return None

@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _measure import Column, cpu_model, print_header, render_table, utc_now, write_json  # noqa: E402
+from _measure import Column, check_output_path, cpu_model, print_header, render_table, utc_now, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKTREES = ROOT / "bench" / "out" / "ab"
@@ -130,6 +130,17 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def resolve(rev: str) -> str | None:
+    """The commit ``rev`` names (None for ``.``); exits with one line (status 2) if it names none."""
+    if rev == ".":
+        return None
+    try:
+        return _git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    except subprocess.CalledProcessError:
+        print(f"ab.py: {rev!r} is not a revision of this repository", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def prepare(rev: str) -> tuple[str, Path]:
     """(label, directory) for ``rev``: ``.`` is this checkout; a revision gets a built worktree of its own."""
     if rev == ".":
@@ -137,12 +148,21 @@ def prepare(rev: str) -> tuple[str, Path]:
         print("building the native modules of the working tree ...", flush=True)
         _build(ROOT, "the working tree")
         return "working tree", ROOT
-    try:
-        sha = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
-    except subprocess.CalledProcessError:
-        raise SystemExit(f"ab.py: {rev!r} is not a revision of this repository") from None
+    sha = resolve(rev)
+    assert sha is not None
     tree = WORKTREES / sha[:12]
-    if not (tree / "setup.py").exists():
+    if (tree / "setup.py").exists():
+        # A worktree left by an earlier run is used only as that commit, untouched: an interrupted checkout or
+        # an edit there would be measured under the commit's name.
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=tree,
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        if head != sha or dirty:
+            raise SystemExit(
+                f"ab.py: {tree.relative_to(ROOT)} is not {rev} ({sha[:12]}) as committed"
+                f"{' (it has changes)' if dirty else ''}: remove it (git worktree remove --force {tree}) and run again"
+            )
+    else:
         print(f"checking out {rev} ({sha[:12]}) in {tree.relative_to(ROOT)} ...", flush=True)
         WORKTREES.mkdir(parents=True, exist_ok=True)
         try:
@@ -228,13 +248,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tls", action="store_true", help="the fake model on wss://, as real providers are")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every pair and the summary as JSON")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.pairs < 1 or args.hold <= 0:
-        parser.error("--steps and --pairs must be at least 1, --hold positive")
+    if not 1 <= args.steps <= 60000 or args.pairs < 1:
+        parser.error("--steps must be 1 to 60000 calls and --pairs at least 1")
+    if not (math.isfinite(args.hold) and args.hold > 0.5):
+        parser.error("--hold must be a number of seconds over 0.5 (as bench/load.py takes)")
+    problem = check_output_path(args.json, "--json")
+    if problem is not None:
+        parser.error(problem)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    resolve(args.a), resolve(args.b)  # (both known before anything is checked out or built)
     label_a, tree_a = prepare(args.a)
     label_b, tree_b = prepare(args.b)
     print_header("mediaserver A/B: CPU per call, interleaved load runs", [
@@ -245,15 +271,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     trees = {"A": tree_a, "B": tree_b}
     pairs: list[tuple[Run, Run]] = []
     rows: list[dict[str, object]] = []
-    for n in range(args.pairs):
-        first, second = order(n)
-        done: dict[str, Run] = {}
-        for side in (first, second):
-            print(f"pair {n + 1}/{args.pairs}: {side} ...", flush=True)
-            done[side] = load_run(side, trees[side], args)
-        pairs.append((done["A"], done["B"]))
-        rows.append(pair_row(n + 1, first, done["A"], done["B"]))
-        print(f"  A {done['A'].cpu_pct_per_call:.3f}  B {done['B'].cpu_pct_per_call:.3f} %/call", flush=True)
+    interrupted = False
+    try:
+        for n in range(args.pairs):
+            first, second = order(n)
+            done: dict[str, Run] = {}
+            for side in (first, second):
+                print(f"pair {n + 1}/{args.pairs}: {side} ...", flush=True)
+                done[side] = load_run(side, trees[side], args)
+            pairs.append((done["A"], done["B"]))
+            rows.append(pair_row(n + 1, first, done["A"], done["B"]))
+            print(f"  A {done['A'].cpu_pct_per_call:.3f}  B {done['B'].cpu_pct_per_call:.3f} %/call", flush=True)
+    except KeyboardInterrupt:
+        if not pairs:
+            raise
+        interrupted = True
+        print(f"ab.py: interrupted; the {len(pairs)} whole pair(s) so far:", file=sys.stderr)
     summary = summarize(pairs)
     print()
     print(render_table(
@@ -269,9 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ))
     if args.json is not None:
         write_json(args.json, {"a": label_a, "b": label_b, "steps": args.steps, "hold": args.hold, "tls": args.tls,
-                               "pairs": [{"a": asdict(a), "b": asdict(b)} for a, b in pairs], "summary": summary})
+                               "pairs": [{"a": asdict(a), "b": asdict(b)} for a, b in pairs], "summary": summary,
+                               "interrupted": interrupted})
         print(f"wrote {args.json}")
-    return 0
+    worktrees = [tree for tree in (tree_a, tree_b) if tree != ROOT]
+    if worktrees:
+        print("worktrees kept for the next run; remove them with: "
+              + "; ".join(f"git worktree remove {tree.relative_to(ROOT)}" for tree in dict.fromkeys(worktrees)))
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

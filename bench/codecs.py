@@ -45,6 +45,7 @@ from _measure import (  # noqa: E402
     Multitone,
     Timing,
     amplitude_at,
+    check_output_path,
     cpu_model,
     dist_version,
     estimate_delay_s,
@@ -139,7 +140,7 @@ QUICK = Settings(
 
 def header_fields(settings: Settings, quick: bool) -> list[tuple[str, str]]:
     cython = _optional("Cython")
-    import scipy
+    scipy = _optional("scipy")
 
     py = f"{platform.python_implementation()} {platform.python_version()}"
     if audioop is None:
@@ -159,7 +160,7 @@ def header_fields(settings: Settings, quick: bool) -> list[tuple[str, str]]:
         ("Python", py),
         ("Cython", getattr(cython, "__version__", "n/a")),
         ("numpy", np.__version__),
-        ("scipy", scipy.__version__),
+        ("scipy", scipy.__version__ if scipy is not None else "not installed (its resampler row is skipped)"),
         ("soxr", soxr_version),
         ("samplerate", src_version),
         ("webrtcvad", f"webrtcvad-wheels {dist_version('webrtcvad-wheels', 'webrtcvad')}"),
@@ -637,6 +638,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the header and all rows as JSON")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    if not args.sections:
+        parser.error(f"--only: name at least one section of {', '.join(SECTIONS)}")
+    problem = check_output_path(args.json, "--json")
+    if problem is not None:
+        parser.error(problem)
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
@@ -678,4 +684,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # (the tables printed so far stay on the screen)
+        print("codecs bench: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, when
 
 import numpy as np  # noqa: E402
 
-from _measure import Column, cpu_model, print_header, render_table, utc_now, write_json  # noqa: E402
+from _measure import Column, check_output_path, cpu_model, print_header, render_table, utc_now, write_json  # noqa: E402
 from wsproto.connection import Connection, ConnectionType  # noqa: E402
 from wsproto.events import TextMessage  # noqa: E402
 
@@ -469,6 +469,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
     if args.frames < 10 or args.repeats < 1:
         parser.error("--frames must be at least 10 and --repeats at least 1")
+    problem = check_output_path(args.json, "--json")
+    if problem is not None:
+        parser.error(problem)
     args.frames -= args.frames % (CHUNK_MS // FRAME_MS)
     return args
 
@@ -529,4 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("frame-path bench: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -126,7 +126,16 @@ import psutil  # type: ignore[import-untyped]  # noqa: E402
 import trio  # noqa: E402
 
 from _loadgen import CallRecord, FakeModel, Recorder, clock, http_request, monitor_loop_lag, run_call  # noqa: E402
-from _measure import Column, cpu_model, print_header, render_table, utc_now, write_json  # noqa: E402
+from _measure import (  # noqa: E402
+    Column,
+    check_output_path,
+    cpu_model,
+    die_with_parent,
+    print_header,
+    render_table,
+    utc_now,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -262,7 +271,9 @@ def server_process(
     # of their own: never in the checkout's data/, among the records `mediaserver calls` shows.
     with tempfile.TemporaryDirectory(prefix="mediaserver-bench-") as data_dir, server.log_path.open("wb") as out:
         env["MEDIASERVER_DATA_DIR"] = data_dir
-        proc = subprocess.Popen(server.argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            server.argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
         server.proc = proc
         try:
             if cpus is not None:
@@ -283,12 +294,13 @@ async def wait_healthy(server: Server, timeout_s: float = 30) -> None:
         while True:
             if server.proc.poll() is not None:
                 raise RuntimeError(f"the {server.name} server exited with status {server.proc.returncode}; see {server.log_path}")
-            try:
-                status, _ = await http_get(server.port, "/healthz")
-                if status == 200:
-                    return
-            except OSError:
-                pass
+            with trio.move_on_after(1):  # (a port some other program holds may accept and never answer)
+                try:
+                    status, _ = await http_get(server.port, "/healthz")
+                    if status == 200:
+                        return
+                except OSError:
+                    pass
             await trio.sleep(0.1)
 
 
@@ -842,6 +854,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run our server under cProfile, write its stats here and print the top functions"
     )
     args = parser.parse_args(argv)
+    if args.profile is not None:
+        args.profile = args.profile.resolve()  # (the server runs from the checkout's root, not from here)
+    default_plot = ROOT / "bench" / "out" / "load.png"  # (its folder is made when the run starts)
+    plot = args.plot if args.plot != default_plot else None
+    for path, option in ((args.json, "--json"), (plot, "--plot"), (args.profile, "--profile")):
+        problem = check_output_path(path, option)
+        if problem is not None:
+            parser.error(problem)
+    if args.steps is not None and not args.steps.strip():
+        parser.error("--steps: give at least one step")
     try:
         steps = [int(s) for s in args.steps.split(",")] if args.steps else ([2, 4] if args.quick else list(DEFAULT_STEPS))
     except ValueError:
@@ -912,7 +934,7 @@ async def run_all(
     recorder = Recorder()
     context = tls_context(*tls) if tls is not None else None
     model = FakeModel(recorder, reply_every_s=args.reply_every, reply_ms=args.reply_ms, ssl_context=context)
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = args.rows  # (on args: an interrupted run still prints what it measured)
     servers = make_servers(args)
     args.failure = None  # why the bench stopped before its end (a server died), for main to say
     async with trio.open_nursery() as nursery:
@@ -980,7 +1002,9 @@ async def run_all(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM (timeout, a CI cancel) as Ctrl-C, which Trio delivers at a safe point: the servers' finally
-    # blocks stop them, nothing is orphaned.
+    # blocks stop them, nothing is orphaned.  SIGINT's handler first: a shell starts a background job (cmd &)
+    # with SIGINT ignored, and the SIGTERM would then do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     gc.callbacks.append(_GC_PAUSES)
     if args.peer_skipped is not None:
@@ -1007,14 +1031,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     print_header("mediaserver load bench", header)
     info: dict[str, Any] = {}
-    if args.tls:
-        from tls_send import make_certificate  # cryptography, only when asked for
+    args.rows = []
+    args.failure = None
+    interrupted = False
+    try:
+        if args.tls:
+            from tls_send import make_certificate  # cryptography, only when asked for
 
-        with tempfile.TemporaryDirectory() as folder:
-            rows = trio.run(run_all, args, server_cpus, make_certificate(Path(folder)), info)
-        args.tls_negotiated = info.get("tls", "no TLS session was opened")
-    else:
-        rows = trio.run(run_all, args, server_cpus)
+            with tempfile.TemporaryDirectory() as folder:
+                trio.run(run_all, args, server_cpus, make_certificate(Path(folder)), info)
+            args.tls_negotiated = info.get("tls", "no TLS session was opened")
+        else:
+            trio.run(run_all, args, server_cpus)
+    except* KeyboardInterrupt:  # (from inside Trio it comes in a group; the servers were stopped on the way out)
+        interrupted = True
+        args.failure = "interrupted; the servers were stopped"
+    rows = args.rows
+    if interrupted and not rows:
+        log(f"load bench: {args.failure}")
+        return 130
     if not rows and args.failure:
         log(f"load bench: {args.failure}")
         return 1
@@ -1057,6 +1092,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot is not None and rows:
         plot(rows, args.plot, "wss://" if args.tls else "ws://")
         print(f"wrote {args.plot}")
+    if interrupted:
+        return 130
     return 0 if rows and not args.failure else 1
 
 

@@ -25,6 +25,7 @@ import argparse
 import ctypes
 import datetime
 import ipaddress
+import importlib.util
 import os
 import resource
 import signal
@@ -40,12 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
 
 import trio  # noqa: E402
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
 
-from _measure import Column, cpu_model, print_header, render_table, utc_now, write_json  # noqa: E402
+from _measure import Column, check_output_path, cpu_model, print_header, render_table, utc_now, write_json  # noqa: E402
 from mediaserver.transport.tls import TLSStream, open_tls_stream  # noqa: E402
 from mediaserver.transport.ws_client import _send_raw  # noqa: E402
 
@@ -53,6 +50,12 @@ MESSAGE = b"x" * 300  # about one 20 ms µ-law append, base64 in JSON
 
 
 def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, in ``folder`` (needs the cryptography package)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mediaserver bench")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -162,10 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="measured rounds (default 5; plus one warm-up)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the table as JSON")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.sends, args.repeats = 500, 2
     if args.sends <= 0 or args.repeats <= 0:
         parser.error("--sends and --repeats must be positive")
+    if args.quick:
+        args.sends, args.repeats = min(args.sends, 500), min(args.repeats, 2)
+    problem = check_output_path(args.json, "--json")
+    if problem is not None:
+        parser.error(problem)
+    if importlib.util.find_spec("cryptography") is None:
+        parser.error("needs the cryptography package (pip install cryptography) for its certificate")
     with tempfile.TemporaryDirectory() as folder:
         cert, key = make_certificate(Path(folder))
         server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -212,4 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("tls_send: interrupted", file=sys.stderr)
+        sys.exit(130)
