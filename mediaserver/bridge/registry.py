@@ -320,7 +320,7 @@ class CallManager:
                         slot.scope.cancel()
                         log.info("call %s: the caller hung up before the model session was ready", start.call_sid)
                         if self.recorder is not None:
-                            self.recorder.call_failed(
+                            self.recorder.call_not_bridged(
                                 start, "caller hung up before the model session was ready", self.settings.provider,
                                 status="completed",  # (the caller's choice: nothing broke)
                             )
@@ -330,7 +330,7 @@ class CallManager:
                     self._refuse("no_model_session")
                     log.error("call %s: no model session (%s); hanging up", start.call_sid, slot.error)
                     if self.recorder is not None:
-                        self.recorder.call_failed(start, f"no model session: {slot.error}", self.settings.provider)
+                        self.recorder.call_not_bridged(start, f"no model session: {slot.error}", self.settings.provider)
                     return StreamEnd(FAILED, "no model session")
                 return await self._bridge(stream, twilio, start, slot.link)
             finally:
@@ -351,7 +351,7 @@ class CallManager:
                 end = StreamEnd(FAILED, "no model session")
             log.error("call %s: could not open the model session: %s", start.call_sid, _reason(group))
             if self.recorder is not None:
-                self.recorder.call_failed(start, f"no model session: {_reason(group)}", self.settings.provider)
+                self.recorder.call_not_bridged(start, f"no model session: {_reason(group)}", self.settings.provider)
         except* Exception as group:
             if not opened:
                 self._refuse("no_model_session")
@@ -425,7 +425,7 @@ class CallManager:
             self._refuse("cannot_bridge")
             log.error("call %s: cannot bridge to %s: %s", start.call_sid, link.name, exc)
             if self.recorder is not None:
-                self.recorder.call_failed(start, f"cannot bridge to {link.name}: {exc}", link.name)
+                self.recorder.call_not_bridged(start, f"cannot bridge to {link.name}: {exc}", link.name)
             return StreamEnd(FAILED, "cannot bridge")
 
         def ended(reason: str) -> None:

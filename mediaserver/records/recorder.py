@@ -60,7 +60,7 @@ def utc_now() -> datetime:
 def end_status(end_reason: str) -> str:
     """``failed`` when a bridged call ended because something broke, else ``completed`` (kinds as /metrics counts them).
 
-    (A stream that could not be bridged at all is recorded as failed by :meth:`Recorder.call_failed`.)
+    (A stream that could not be bridged at all is recorded as failed by :meth:`Recorder.call_not_bridged`.)
     """
     return "failed" if end_kind(end_reason) in FAILED_KINDS else "completed"
 
@@ -137,11 +137,9 @@ class Recorder:
             return
         self._put(SaveCall(self._snapshot(live[0], stats, end_reason, ended=True)))
 
-    def call_failed(self, start: tw.Start, reason: str, provider: str | None = None, *, status: str = "failed") -> None:
-        """The stream came but could not be bridged (no model session, say): a ``failed`` record.
-
-        ``status="completed"`` when nothing broke (the caller hung up before the model session was ready).
-        """
+    def call_not_bridged(self, start: tw.Start, reason: str, provider: str | None = None, *, status: str = "failed") -> None:
+        """The stream came but was not bridged: a ``failed`` record (no model session, say), or with
+        ``status="completed"`` when nothing broke (the caller hung up before the model session was ready)."""
         record = self._new_record(start, provider)
         record.status, record.end_reason = status, reason
         record.ended_at = record.started_at

@@ -127,7 +127,7 @@ async def test_recorder_hooks_never_block_and_count_what_is_dropped(
     spy = SpyStore(store)
     recorder = Recorder(store, queue_size=3, clock=Clock())
     for i in range(5):  # no writer yet: the queue fills, the rest is dropped at once
-        recorder.call_failed(start_event(f"CA{i}"), "no model session: refused", "openai")
+        recorder.call_not_bridged(start_event(f"CA{i}"), "no model session: refused", "openai")
     assert recorder.dropped == 2
     assert sum("call record dropped" in r.getMessage() for r in caplog.records) == 2
     async with trio.open_nursery() as nursery:
@@ -137,10 +137,10 @@ async def test_recorder_hooks_never_block_and_count_what_is_dropped(
         assert spy.threads and threading.get_ident() not in spy.threads  # in a worker thread
         # While the database is slow, the hooks still return at once.
         spy.gate.clear()
-        recorder.call_failed(start_event("CA5"), "no model session: refused")
+        recorder.call_not_bridged(start_event("CA5"), "no model session: refused")
         await trio.sleep(0.05)
         for i in range(6, 9):  # plain functions: they cannot wait for the writer
-            recorder.call_failed(start_event(f"CA{i}"), "no model session: refused")
+            recorder.call_not_bridged(start_event(f"CA{i}"), "no model session: refused")
         assert len(spy.batches) == 1  # CA5's write is still stuck in the database
         spy.gate.set()
         await recorder.flushed()
@@ -162,11 +162,11 @@ async def test_recorder_survives_a_failing_database(store: RecordStore, caplog: 
     store.apply = broken  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         await nursery.start(recorder.run)
-        recorder.call_failed(start_event("CAx"), "no model session: x")
+        recorder.call_not_bridged(start_event("CAx"), "no model session: x")
         await recorder.flushed()
         assert recorder.failed == 1 and recorder.written == 0
         store.apply = real  # type: ignore[method-assign]
-        recorder.call_failed(start_event("CAy"), "no model session: y")  # the writer still runs
+        recorder.call_not_bridged(start_event("CAy"), "no model session: y")  # the writer still runs
         await recorder.flushed()
         recorder.close()
     assert recorder.written == 1
@@ -334,12 +334,12 @@ async def test_a_database_that_stops_answering_cannot_hang_the_shutdown(
     try:
         async with open_recorder(records_settings()) as recorder:
             assert recorder is not None
-            recorder.call_failed(start_event("CAok"), "no model session: x")
+            recorder.call_not_bridged(start_event("CAok"), "no model session: x")
             await recorder.flushed()
-            recorder.call_failed(start_event("CAstuck"), "no model session: x")
+            recorder.call_not_bridged(start_event("CAstuck"), "no model session: x")
             while not hanging.is_set():  # its write is in the database now, and hangs
                 await trio.sleep(0.01)
-            recorder.call_failed(start_event("CAlater"), "no model session: x")
+            recorder.call_not_bridged(start_event("CAlater"), "no model session: x")
             closing_s = trio.current_time()
         # SHUTDOWN_WRITE_S, then nothing more: CAlater's write and the close would wait behind the stuck one
         assert trio.current_time() - closing_s < 0.3 + 1.0
