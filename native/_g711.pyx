@@ -55,72 +55,49 @@ cdef void _encode(const uint8_t* table, int shift, int index_mask,
         dst[i] = table[(load_le16(src + 2 * i) >> shift) & index_mask]
 
 
+cdef bytes _decoded(const int16_t* table, const uint8_t* src, Py_ssize_t n):
+    # (the source must not change meanwhile: bytes, or a buffer view held by the caller)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 2 * n)
+    cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(out)
+    if n >= NOGIL_SAMPLES:
+        with nogil:
+            _decode(table, src, dst, n)
+    else:
+        _decode(table, src, dst, n)
+    return out
+
+
+cdef bytes _encoded(const uint8_t* table, int shift, int index_mask, const uint8_t* src, Py_ssize_t n):
+    if n & 1:
+        raise ValueError(f"PCM16 input must have an even number of bytes, got {n}")
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n >> 1)
+    cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(out)
+    if n >= 2 * NOGIL_SAMPLES:
+        with nogil:
+            _encode(table, shift, index_mask, src, dst, n >> 1)
+    else:
+        _encode(table, shift, index_mask, src, dst, n >> 1)
+    return out
+
+
 cdef bytes _run_decode(object data, const int16_t* table):
     cdef Py_buffer view
-    cdef bytes out
-    cdef const uint8_t* src
-    cdef uint8_t* dst
-    cdef Py_ssize_t n
     if PyBytes_CheckExact(data):
-        n = PyBytes_GET_SIZE(data)
-        out = PyBytes_FromStringAndSize(NULL, 2 * n)
-        src = <const uint8_t*>PyBytes_AS_STRING(data)
-        dst = <uint8_t*>PyBytes_AS_STRING(out)
-        if n >= NOGIL_SAMPLES:  # (bytes cannot change meanwhile)
-            with nogil:
-                _decode(table, src, dst, n)
-        else:
-            _decode(table, src, dst, n)
-        return out
+        return _decoded(table, <const uint8_t*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
     get_audio_buffer(data, &view, 1, "G.711 input")
     try:
-        n = view.len
-        out = PyBytes_FromStringAndSize(NULL, 2 * n)
-        src = <const uint8_t*>view.buf
-        dst = <uint8_t*>PyBytes_AS_STRING(out)
-        if n >= NOGIL_SAMPLES:
-            with nogil:
-                _decode(table, src, dst, n)
-        else:
-            _decode(table, src, dst, n)
-        return out
+        return _decoded(table, <const uint8_t*>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
 
 
 cdef bytes _run_encode(object data, const uint8_t* table, int shift, int index_mask):
     cdef Py_buffer view
-    cdef bytes out
-    cdef const uint8_t* src
-    cdef uint8_t* dst
-    cdef Py_ssize_t n
     if PyBytes_CheckExact(data):
-        n = PyBytes_GET_SIZE(data)
-        if n & 1:
-            raise ValueError(f"PCM16 input must have an even number of bytes, got {n}")
-        out = PyBytes_FromStringAndSize(NULL, n >> 1)
-        src = <const uint8_t*>PyBytes_AS_STRING(data)
-        dst = <uint8_t*>PyBytes_AS_STRING(out)
-        if n >= 2 * NOGIL_SAMPLES:
-            with nogil:
-                _encode(table, shift, index_mask, src, dst, n >> 1)
-        else:
-            _encode(table, shift, index_mask, src, dst, n >> 1)
-        return out
+        return _encoded(table, shift, index_mask, <const uint8_t*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
     get_audio_buffer(data, &view, 2, "PCM16 input")
     try:
-        n = view.len
-        if n & 1:
-            raise ValueError(f"PCM16 input must have an even number of bytes, got {n}")
-        out = PyBytes_FromStringAndSize(NULL, n >> 1)
-        src = <const uint8_t*>view.buf
-        dst = <uint8_t*>PyBytes_AS_STRING(out)
-        if n >= 2 * NOGIL_SAMPLES:
-            with nogil:
-                _encode(table, shift, index_mask, src, dst, n >> 1)
-        else:
-            _encode(table, shift, index_mask, src, dst, n >> 1)
-        return out
+        return _encoded(table, shift, index_mask, <const uint8_t*>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
 
