@@ -23,6 +23,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.events import Event, Updated
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
@@ -62,6 +63,26 @@ def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
         sock.close()
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (MEDIASERVER_HOST / MEDIASERVER_PORT)") from exc
     return sock
+
+
+class _TCPServer(TCPServer):
+    """Hypercorn's connection, with its idle timer re-armed after every response.
+
+    Hypercorn re-arms the keep-alive timer (``Updated(idle=True)``) from the
+    task that sent the response; Quart-Trio's other task for that request
+    ends at that moment and cancels the request's task group, so the timer
+    was never re-armed: a client that sent one request and then nothing
+    held its connection (and a file descriptor) for ever.  Shielded, the
+    re-arming completes and the connection closes after
+    ``keep_alive_timeout`` as configured.
+    """
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            with trio.CancelScope(shield=True):
+                await super().protocol_send(event)
+        else:
+            await super().protocol_send(event)
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -124,7 +145,7 @@ async def _serve(
     context = WorkerContext(None)
 
     async def hypercorn_connection(stream: ReplayStream) -> None:
-        server = TCPServer(app, config, context, ConnectionState(lifespan_state.copy()), stream)  # type: ignore[arg-type]  # a plain stream works
+        server = _TCPServer(app, config, context, ConnectionState(lifespan_state.copy()), stream)  # type: ignore[arg-type]  # a plain stream works
         await server.run()
 
     router = ConnectionRouter(

@@ -794,3 +794,26 @@ async def test_app_an_answer_twiml_cannot_carry_closes_the_session_opened_for_it
                 await trio.sleep(0.05)
         for session in model.sessions:  # opened (or opening) for it: closed, not left billing until the timeout
             await session.closed.wait()
+
+
+@fail_after(20)
+async def test_app_a_kept_alive_http_connection_is_closed_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request, then nothing: the connection closes after the keep-alive timeout (it used to stay open for
+    ever, so idle clients could use up the server's file descriptors)."""
+    import hypercorn.config
+
+    monkeypatch.setattr(hypercorn.config.Config, "keep_alive_timeout", 1.0)
+    async with running(base_settings()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += await stream.receive_some(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        asked_s = trio.current_time()
+        with trio.fail_after(5):
+            while await stream.receive_some(65536):  # (the rest of the body, then the close)
+                pass
+        assert trio.current_time() - asked_s == pytest.approx(1.0, abs=0.5)
+        await stream.aclose()
