@@ -414,3 +414,29 @@ async def test_pcm_a_model_that_breaks_the_protocol_is_told_why_in_the_close(cap
     await connection.closed.wait()
     assert connection.close_code == 1002
     assert connection.close_reason == "audio frame of 3 bytes is not whole PCM16 samples"
+
+
+@fail_after(30)
+async def test_pcm_what_is_held_while_the_model_loads_is_bounded_and_nothing_is_lost(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past MAX_HELD_BYTES the stream is not read until the session is ready (its socket holds the sender back,
+    not the server's memory); then every frame still reaches the model, in order."""
+    import mediaserver.bridge.registry as registry
+
+    monkeypatch.setattr(registry, "MAX_HELD_BYTES", 4000)  # ~10 media messages
+
+    async def script(session: PcmModelSession) -> None:
+        await trio.sleep(1.0)
+        await session.send_json({"type": "ready"})
+
+    async with fake_model(script, send_ready=False) as model, running(pcm_settings(model, 8000, 8000)) as url:
+        async with phone_call(url) as caller:
+            speech = to_ulaw(tone(1000, 2000, amplitude=0.3))
+            await caller.send_audio(speech)
+            session = await model.session(0)
+            await session.wait_for(lambda: len(session.audio_in) >= 2 * len(speech))
+            await caller.stop()
+    assert bytes(session.audio_in[: 2 * len(speech)]) == ulaw_decode(speech)
+    assert any("over 4000 bytes from Twilio before the model session was ready" in r.getMessage()
+               for r in call_log(caplog, CALL_A))

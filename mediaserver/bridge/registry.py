@@ -54,6 +54,9 @@ TOKEN_PARAMETER = "token"  # name of the TwiML <Parameter> carrying the one-time
 START_TIMEOUT_S = 10.0  # connected + start must arrive this soon after the upgrade
 MAX_PENDING = 1000  # pre-opened sessions at once; more webhooks are refused
 SHUTDOWN_GRACE_S = 2.0  # at shutdown, how long a stream accepted before the listener closed has to send start
+# What is kept of a stream read while its model session opens: ~40 s of a caller's 20 ms media messages (the
+# wait is bounded by the connect timeout, 10 s by default); past it the stream is not read until the session is.
+MAX_HELD_BYTES = 1 << 20
 MAX_WEBHOOKS_PER_CALL = 3  # answers for one call SID (Twilio may retry the webhook); more look like a replay
 SEEN_CALLS = 50_000  # call SIDs remembered for that, the oldest forgotten first ...
 SEEN_TTL_S = 4 * 3600.0  # ... and for at most this long (Twilio's longest call)
@@ -365,7 +368,11 @@ class CallManager:
         Not reading it would leave a hang-up unseen until the session is
         ready (or has failed: up to the connect timeout), with the model
         socket open all that while.  What is read is kept, in order, for the
-        call: the stream that is returned gives it back first.
+        call: the stream that is returned gives it back first.  At most
+        ``MAX_HELD_BYTES`` of it: a stream that sends more than a caller
+        could meanwhile is not read further until the session is ready (its
+        socket fills up and holds the sender back), rather than growing the
+        server's memory.
         """
         held: deque[str | bytes] = deque()
         gone = False
@@ -373,12 +380,20 @@ class CallManager:
 
             async def watch() -> None:
                 nonlocal gone
+                size = 0
                 try:
                     while True:
                         message = await stream.receive()
                         held.append(message)
                         if _is_stop(message):
                             break
+                        size += len(message)
+                        if size > MAX_HELD_BYTES:
+                            log.warning(
+                                "call %s: over %d bytes from Twilio before the model session was ready; "
+                                "not read further until it is", slot.call_sid, MAX_HELD_BYTES,
+                            )  # fmt: skip
+                            return
                 except StreamClosed:
                     pass
                 gone = True
