@@ -450,6 +450,9 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         audio = b64decode(payload, "media.media.payload")
         cursor = self._cursor
         inbound = track == "inbound"
+        if not inbound and track != "outbound":
+            # (Twilio's two tracks: a counter is kept per track, so any other name would be memory a peer grows)
+            raise RemoteProtocolError(f"media.track must be 'inbound' or 'outbound', got {track!r:.40}")
         expected = cursor.next_inbound_chunk if inbound else self._next_chunk.get(track, 1)
         missing = 0
         if chunk != expected:

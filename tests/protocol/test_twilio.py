@@ -676,6 +676,17 @@ def test_twilio_timestamp_is_recorded_not_judged() -> None:
 # ---------------------------------------------------------------- split brain
 
 
+@pytest.mark.parametrize("track", ["inbound_track", "both", "x" * 60_000])
+def test_twilio_media_on_a_track_twilio_has_not_is_remote_error(track: str) -> None:
+    """Only 'inbound' and 'outbound': a counter is kept per track, so new names would be memory a peer grows."""
+    stream = started_stream()
+    msg = json.loads(media_msg(2, 1, 0))
+    msg["media"]["track"] = track
+    with pytest.raises(RemoteProtocolError, match="media.track must be 'inbound' or 'outbound'"):
+        stream.receive_message(json.dumps(msg))
+    assert_dead(stream)
+
+
 def test_twilio_media_for_another_stream_sid_is_remote_error() -> None:
     stream = started_stream()
     with pytest.raises(RemoteProtocolError, match="streamSid 'MZother'"):
