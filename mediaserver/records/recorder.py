@@ -153,7 +153,8 @@ class Recorder:
         if not call_sid or not status:
             return
         duration = first.get("CallDuration", "")
-        seconds = int(duration) if duration.isdigit() else None
+        # (ASCII digits only: "²" is a digit to str.isdigit; and at most 9 of them, which SQLite's INTEGER holds)
+        seconds = int(duration) if duration.isascii() and duration.isdigit() and len(duration) <= 9 else None
         direction = first.get("Direction", "")
         self._put(
             SetTwilioStatus(
