@@ -802,6 +802,30 @@ async def test_tools_dtmf_reaches_the_model_as_text() -> None:
 
 
 @fail_after(15)
+async def test_tools_a_flood_of_dtmf_reaches_the_model_in_bounded_batches(caplog: pytest.LogCaptureFixture) -> None:
+    """A caller (or a forged stream) that never pauses: the model is told MAX_DTMF_BATCH keys at a time, and the
+    log has a line per batch, not per key."""
+    from mediaserver.bridge.call import MAX_DTMF_BATCH
+
+    caplog.set_level(logging.INFO, logger="mediaserver")
+    keys = "0123456789*#" * 11  # 132 keys, no pause
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url, CALL_A) as caller:
+            session = await model.session(0)
+            await session.ready.wait()
+            for digit in keys:
+                await caller.dtmf(digit)
+            await session.wait_for(lambda: len(user_texts(session)) == 3)
+            await caller.stop()
+    batches = [keys[:MAX_DTMF_BATCH], keys[MAX_DTMF_BATCH : 2 * MAX_DTMF_BATCH], keys[2 * MAX_DTMF_BATCH :]]
+    assert [text for text, _ in user_texts(session)] == [
+        f"The caller pressed {', '.join(batch)} on the phone keypad." for batch in batches
+    ]
+    logged = [r.getMessage().split(": ", 1)[1] for r in caplog.records if "keypad" in r.getMessage() and CALL_A in r.getMessage()]
+    assert logged == [f"keypad {batch}" for batch in batches]
+
+
+@fail_after(15)
 async def test_tools_dtmf_goes_to_a_tool_reading_the_keypad(tools_module: Callable[[str], str]) -> None:
     name = tools_module(LIVE_TOOLS)
 

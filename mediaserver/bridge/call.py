@@ -78,6 +78,7 @@ MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contr
 # done or not: not every provider always says so (ElevenLabs' agent_response_complete is optional).
 SILENT_ITEM_S = 1.0
 MAX_UNKNOWN_TYPES = 32  # unknown provider message types logged per call (one line each)
+MAX_DTMF_BATCH = 64  # keypad digits told to the model in one message at most
 DIGITS_MARGIN_S = 0.5  # next_digits returns this long before the tool's time limit, with what has arrived
 TRANSFER_REQUEST_S = 5.0  # transfer() keeps this much of the tool's time limit for Twilio's REST request
 
@@ -321,6 +322,7 @@ class CallBridge:
         self._dtmf_text: list[str] = []
         self._dtmf_flush_s = 0.0
         self._dtmf_flushing = False
+        self._dtmf_full = trio.Event()  # MAX_DTMF_BATCH keys wait: tell the model now, pause or not
         self._flushing = False  # a _flush_link task is running
         self._up_waiting = False  # the reader task waits for the model to take a frame
         self._twilio_flushing = False  # a _flush_twilio task is running
@@ -445,7 +447,7 @@ class CallBridge:
             self._end("twilio sent stop")
             return _STOP
         if isinstance(event, tw.Dtmf):
-            log.info("call %s: DTMF %s", self.stats.call_sid, event.digit)
+            log.debug("call %s: DTMF %s", self.stats.call_sid, event.digit)  # (the batch is logged: see _flush_digits)
             self._on_digit(event.digit)
         elif isinstance(event, tw.Unknown):
             log.debug("call %s: ignored Twilio event %r", self.stats.call_sid, event.event)
@@ -1000,21 +1002,35 @@ class CallBridge:
             return
         self._dtmf_text.append(digit)
         self._dtmf_flush_s = self._now() + self.dtmf_gap_s
+        if len(self._dtmf_text) >= MAX_DTMF_BATCH:  # (a caller who never pauses, or a flood: batches of at most this)
+            self._dtmf_full.set()
         if not self._dtmf_flushing and self._nursery is not None:
             self._dtmf_flushing = True
             self._nursery.start_soon(self._flush_digits)
 
     async def _flush_digits(self) -> None:
-        """Tell the model which keys were pressed, once the caller pauses for ``dtmf_gap_s``."""
-        while self._now() < self._dtmf_flush_s:
-            await trio.sleep_until(self._dtmf_flush_s)
-        digits, self._dtmf_text = self._dtmf_text, []
-        self._dtmf_flushing = False
-        text = f"The caller pressed {', '.join(digits)} on the phone keypad."
-        try:
-            await self.link.send(pv.SendText(text))
-        except ProviderClosed as exc:
-            self._provider_closed(exc)
+        """Tell the model which keys were pressed, once the caller pauses for ``dtmf_gap_s`` (or
+        ``MAX_DTMF_BATCH`` keys wait: then in messages of at most that many)."""
+        while True:
+            while self._now() < self._dtmf_flush_s and not self._dtmf_full.is_set():
+                with trio.move_on_at(self._dtmf_flush_s):
+                    await self._dtmf_full.wait()
+            self._dtmf_full = trio.Event()
+            digits, self._dtmf_text = self._dtmf_text[:MAX_DTMF_BATCH], self._dtmf_text[MAX_DTMF_BATCH:]
+            last = not self._dtmf_text
+            if last:
+                self._dtmf_flushing = False  # (keys pressed while this is sent start the next message)
+            elif len(self._dtmf_text) >= MAX_DTMF_BATCH:
+                self._dtmf_full.set()
+            log.info("call %s: keypad %s", self.stats.call_sid, "".join(digits))
+            text = f"The caller pressed {', '.join(digits)} on the phone keypad."
+            try:
+                await self.link.send(pv.SendText(text))
+            except ProviderClosed as exc:
+                self._provider_closed(exc)
+                return
+            if last:
+                return
 
     # -- downlink --------------------------------------------------------------
 
