@@ -320,6 +320,35 @@ async def test_tools_runner_turns_every_failure_into_an_error_result(name: str, 
     assert await run(name, arguments) == ({"error": error}, False)
 
 
+async def test_tools_runner_the_models_error_text_quotes_no_credentials() -> None:
+    """A library's exception may quote the request it made: the model gets the URL without key or password."""
+
+    @tool
+    def fetches() -> None:
+        """Fails like an HTTP library."""
+        raise RuntimeError("GET https://bob:pw1@api.example.com/v1/orders?api_key=SECRET failed: 500")
+
+    outcome = await ToolSet([fetches]).run("fetches", "{}")
+    assert json.loads(outcome.output) == {
+        "error": "fetches failed: RuntimeError: GET https://api.example.com/v1/orders failed: 500"
+    }
+
+
+async def test_tools_runner_sys_exit_from_a_tools_own_nursery_is_an_error_result() -> None:
+    @tool
+    async def spawns() -> None:
+        """Exits from a task of its own."""
+
+        async def leave() -> None:
+            sys.exit(5)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(leave)
+
+    outcome = await ToolSet([spawns]).run("spawns", "{}")
+    assert not outcome.ok and json.loads(outcome.output)["error"].startswith("spawns failed: BaseExceptionGroup: ")
+
+
 async def test_tools_runner_a_keyboard_interrupt_in_an_async_tool_goes_on() -> None:
     """In the server's own thread it may be a real Ctrl-C that Trio delivered into the tool: not swallowed."""
 

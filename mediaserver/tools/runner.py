@@ -13,12 +13,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
+from mediaserver._urls import redact
 from mediaserver.config import ConfigError
 from mediaserver.protocol.providers.base import FunctionTool
 
@@ -104,7 +106,12 @@ class ToolSet:
             if isinstance(exc, KeyboardInterrupt) and t.is_async:
                 raise
             log.warning("tool %s failed", name, exc_info=True)
-            return _error(f"{name} failed: {type(exc).__name__}: {exc}")
+            return _error(f"{name} failed: {type(exc).__name__}: {_without_secrets(str(exc))}")
+        except BaseExceptionGroup as group:  # (a tool's own nursery: SystemExit among what it raised)
+            if group.split((Exception, SystemExit))[1] is not None:
+                raise  # a cancellation or a real Ctrl-C among them: not the tool's to answer
+            log.warning("tool %s failed", name, exc_info=True)
+            return _error(f"{name} failed: {type(group).__name__}: {_without_secrets(str(group))}")
         if scope.cancelled_caught:
             log.warning("tool %s timed out after %g s", name, timeout_s)
             return _error(f"{name} timed out after {timeout_s:g} s")
@@ -117,6 +124,15 @@ class ToolSet:
         if len(output) > MAX_OUTPUT_CHARS:
             return _error(f"{name} returned {len(output)} characters; the limit is {MAX_OUTPUT_CHARS}")
         return ToolOutcome(output, t.respond, True)
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def _without_secrets(text: str) -> str:
+    """An exception's text for the model: URLs in it lose their user name, password and query (a library's
+    message may quote the request it made, key and all).  The log keeps the whole text."""
+    return _URL.sub(lambda m: redact(m.group()), text)
 
 
 SYNC_TOOL_THREADS = 40  # plain-function tools running at once (each in a worker thread)
