@@ -921,26 +921,26 @@ class CallBridge:
             return
         with trio.move_on_after(min(SILENT_ITEM_S, limit_s)):
             while self._quiet():
-                self._watchers += 1
-                try:
-                    await self._changed.wait()
-                finally:
-                    self._watchers -= 1
+                await self._next_change()
 
     async def wait_played(self, limit_s: float) -> bool:
         """Wait (at most ``limit_s``) until what the agent is saying has played; True if it has."""
         with trio.move_on_after(limit_s):
             while not self._quiet():
-                self._watchers += 1
-                try:
-                    # (and look again once the last audio is SILENT_ITEM_S old: an item may never be said done)
-                    silent_s = self._audio_in_s + SILENT_ITEM_S
-                    with trio.move_on_at(silent_s if self._generating and silent_s > self._now() else math.inf):
-                        await self._changed.wait()
-                finally:
-                    self._watchers -= 1
+                # (and look again once the last audio is SILENT_ITEM_S old: an item may never be said done)
+                silent_s = self._audio_in_s + SILENT_ITEM_S
+                await self._next_change(silent_s if self._generating and silent_s > self._now() else math.inf)
             return True
         return False
+
+    async def _next_change(self, until_s: float = math.inf) -> None:
+        """Wait until playback or response state may have moved (``_notify``), or until ``until_s``."""
+        self._watchers += 1
+        try:
+            with trio.move_on_at(until_s):
+                await self._changed.wait()
+        finally:
+            self._watchers -= 1
 
     async def end_call(self, reason: str) -> None:
         """CallControl: end the call once the goodbye has played (returns at once)."""

@@ -54,8 +54,9 @@ TOKEN_PARAMETER = "token"  # name of the TwiML <Parameter> carrying the one-time
 START_TIMEOUT_S = 10.0  # connected + start must arrive this soon after the upgrade
 MAX_PENDING = 1000  # pre-opened sessions at once; more webhooks are refused
 SHUTDOWN_GRACE_S = 2.0  # at shutdown, how long a stream accepted before the listener closed has to send start
-# What is kept of a stream read while its model session opens: ~40 s of a caller's 20 ms media messages (the
-# wait is bounded by the connect timeout, 10 s by default); past it the stream is not read until the session is.
+# What is kept of a stream read while its model session opens: ~50 s of a caller's 20 ms media messages, ~385
+# bytes each (the wait is bounded by the connect timeout, 10 s by default); past it the stream is not read until
+# the session is.
 MAX_HELD_BYTES = 1 << 20
 MAX_WEBHOOKS_PER_CALL = 3  # answers for one call SID (Twilio may retry the webhook); more look like a replay
 SEEN_CALLS = 50_000  # call SIDs remembered for that, the oldest forgotten first ...
