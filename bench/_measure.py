@@ -467,19 +467,22 @@ def write_json(path: Path, payload: Mapping[str, object]) -> None:
     path.write_text(json.dumps(clean(payload), indent=2, default=default, ensure_ascii=False) + "\n")
 
 
-def die_with_parent() -> None:
-    """For ``subprocess.Popen(preexec_fn=...)``: the child gets SIGTERM when the bench dies, however it dies.
+def die_with_parent(signum: int = 15) -> None:
+    """In a child (``subprocess.Popen(preexec_fn=...)``, or after ``fork``): ``signum`` (SIGTERM) comes when
+    the bench dies, however it dies.
 
     (PR_SET_PDEATHSIG, Linux: a bench killed with SIGKILL, or by ab.py giving up on it, leaves no server
     running, pinned to a core and costing the next run.)  Elsewhere it does nothing.
     """
     import ctypes
-    import signal
+    import os
 
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signum)
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() == 1:  # (the parent died before that)
+        os._exit(0)
 
 
 def check_output_path(path: Path | None, option: str) -> str | None:

@@ -22,7 +22,6 @@ Nothing leaves the machine.  Options: ``--quick``, ``--sends``,
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import ipaddress
 import importlib.util
@@ -42,7 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
 
 import trio  # noqa: E402
 
-from _measure import Column, check_output_path, cpu_model, print_header, render_table, utc_now, write_json  # noqa: E402
+from _measure import (  # noqa: E402
+    Column,
+    check_output_path,
+    cpu_model,
+    die_with_parent,
+    print_header,
+    render_table,
+    utc_now,
+    write_json,
+)
 from mediaserver.transport.tls import TLSStream, open_tls_stream  # noqa: E402
 from mediaserver.transport.ws_client import _send_raw  # noqa: E402
 
@@ -85,13 +93,7 @@ def start_receiver(server_context: ssl.SSLContext) -> tuple[int, int, int]:
         listener.listen()
     pid = os.fork()
     if pid == 0:  # the receiver: one thread per connection, until killed (or its parent dies)
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a parent killed by SIGTERM takes this process along
-            if os.getppid() == 1:  # (the parent died before that)
-                os._exit(0)
-        except (OSError, AttributeError):
-            pass
+        die_with_parent(signal.SIGKILL)  # a parent killed by SIGTERM takes this process along
 
         def drain(conn: socket.socket, wrap: bool) -> None:
             try:
