@@ -41,10 +41,12 @@ test: setup build
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
+# LOAD_ARGS go to the load bench, e.g. make bench LOAD_ARGS="--quick" (or "--steps 100,200 --repeats 1").
+LOAD_ARGS ?=
 bench: setup bench-codecs
 	$(PY) bench/frame_path.py
 	$(PY) bench/tls_send.py
-	$(PY) bench/load.py
+	$(PY) bench/load.py $(LOAD_ARGS)
 
 bench-codecs: setup build
 	$(PY) bench/codecs.py

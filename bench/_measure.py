@@ -454,9 +454,9 @@ def write_json(path: Path, payload: Mapping[str, object]) -> None:
             return dataclasses.asdict(o)
         return str(o)
 
-    def clean(o: object) -> object:  # JSON has no NaN or inf
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
+    def clean(o: object) -> object:  # JSON has no NaN or inf: NaN (nothing measured) is null, inf the string "inf"
+        if isinstance(o, float | np.floating) and not math.isfinite(o):
+            return None if math.isnan(o) else ("inf" if o > 0 else "-inf")
         if isinstance(o, Mapping):
             return {str(k): clean(v) for k, v in o.items()}
         if isinstance(o, list | tuple):

@@ -86,6 +86,8 @@ def run_from_json(side: str, payload: Mapping[str, object], calls: int) -> Run:
 
 
 def _number(value: object) -> float:
+    if value in ("inf", "-inf"):  # (write_json's spelling of an infinity)
+        return float(value)
     return float(value) if isinstance(value, (int, float)) else float("nan")
 
 

@@ -90,3 +90,16 @@ def test_a_revision_that_does_not_exist_is_a_clear_error() -> None:
     )
     assert proc.returncode != 0
     assert "'no-such-revision-xyz' is not a revision of this repository" in proc.stderr
+
+
+def test_bench_json_keeps_infinity_apart_from_nothing_measured(tmp_path: Path) -> None:
+    """A bench's JSON: NaN (no sample) is null, an infinity (an exact match's SNR) the string "inf"; ab.py reads both back."""
+    import numpy as np
+    from _measure import write_json
+
+    path = tmp_path / "out.json"
+    write_json(path, {"rows": [{"snr_db": math.inf, "low": -math.inf, "p99": math.nan, "np": np.float64("inf"), "x": 1.5}]})
+    row = json.loads(path.read_text())["rows"][0]
+    assert row == {"snr_db": "inf", "low": "-inf", "p99": None, "np": "inf", "x": 1.5}
+    assert ab._number(row["snr_db"]) == math.inf and ab._number(row["low"]) == -math.inf
+    assert math.isnan(ab._number(row["p99"])) and ab._number(row["x"]) == 1.5
