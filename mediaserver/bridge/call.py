@@ -44,6 +44,7 @@ a ``MockClock`` (tests/bridge/test_call.py).
 
 from __future__ import annotations
 
+import binascii
 import contextvars
 import logging
 import math
@@ -58,6 +59,7 @@ from mediaserver._locks import acquire
 from mediaserver.codec import JitterBuffer, Resampler, ulaw_decode, ulaw_encode
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.providers import base as pv
+from mediaserver.protocol import twilio as tw_stream
 from mediaserver.protocol.twilio import StreamState, TwilioStream
 from mediaserver.tools import ToolError, ToolSet
 from mediaserver.transport.reactor import current_reactor
@@ -375,9 +377,20 @@ class CallBridge:
         """A downlink chunk and the mark after it, in one write (caller holds _send_lock); False if the stream has stopped."""
         if self.twilio.state is not StreamState.STREAMING:
             return False
-        twilio = self.twilio
-        await self.stream.send_many((twilio.send(tw.SendAudio(chunk.payload, item=chunk.item)), twilio.send(tw.SendMark())))
+        prefix, suffix, mark = self.twilio.send_chunk(chunk.payload, chunk.item)
+        media = prefix.decode() + binascii.b2a_base64(chunk.payload, newline=False).decode() + suffix.decode()
+        if not mark:
+            self._mark_withheld()
+        await self.stream.send_many((media, mark) if mark else (media,))
         return True
+
+    def _mark_withheld(self) -> None:
+        if self.twilio.marks_withheld == 1:
+            log.warning(
+                "call %s: %d marks await Twilio's echo; chunks go without marks until echoes catch up "
+                "(a barge-in meanwhile cuts the reply at the last mark echoed)",
+                self.call_sid, tw_stream.MAX_PENDING_MARKS,
+            )
 
     # -- uplink ----------------------------------------------------------------
 
@@ -1125,6 +1138,8 @@ class CallBridge:
                 if twilio.state is not StreamState.STREAMING:
                     continue
                 prefix, suffix, mark = twilio.send_chunk(chunk.payload, chunk.item)
+                if not mark:
+                    self._mark_withheld()
                 sent = self._polled.send_media_nowait(prefix, chunk.payload, suffix, mark)
                 self._chunk_sent(chunk, slot_s, now)
                 if not sent:

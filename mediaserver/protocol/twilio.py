@@ -48,6 +48,11 @@ already echoed, or a live mark echoed ahead of an older live one) is a
 position.  Cleared echoes may arrive in any order, also interleaved with
 live echoes of marks sent after the ``clear``.
 
+A carrier that never echoes cannot grow this without bound: past
+:data:`MAX_PENDING_MARKS` live marks, :meth:`TwilioStream.send_chunk` sends
+its chunks without a mark, and past as many cleared marks the oldest are
+forgotten (a later echo of one still reads as cleared).
+
 Invariant, globally and per item: ``sent = played + cleared + unconfirmed``.
 ``played`` only ever counts audio that precedes an echo Twilio sent for a
 live mark, so it never exceeds what the caller heard; it lags true playback
@@ -208,6 +213,13 @@ class ItemPlayback:
 
 
 ITEM_HISTORY: Final = REPLY_HISTORY  # items whose playback a stream keeps, the most recently started
+# Marks awaiting their echo that a stream keeps.  Twilio echoes a mark once
+# the audio before it has played, about ``lead`` after it was sent, so this
+# many unechoed marks (minutes of audio at the bridge's 80 ms chunks) means a
+# carrier that does not echo them: ``send_chunk`` then sends its chunks with
+# no mark until echoes catch up, and the oldest cleared marks are forgotten,
+# so such a call's accounting stays bounded instead of growing with the call.
+MAX_PENDING_MARKS: Final = 2048
 
 
 class _PendingMark:
@@ -258,6 +270,8 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         self._tail_total = 0
         self._live_marks: deque[_PendingMark] = deque()
         self._cleared_marks: dict[str, _PendingMark] = {}
+        self._forgotten_through = 0  # cleared marks numbered up to this were forgotten (MAX_PENDING_MARKS)
+        self._marks_withheld = 0
         # Samples per reply item, sent / played / cleared: plain str -> int
         # dicts, which the garbage collector does not track, so a long call's
         # replies add nothing to its full collections (one object per item did).
@@ -506,6 +520,8 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
             return Mark(sequence_number, name, cleared=True)
         live = self._live_marks
         if not live or live[0].name != name:
+            if self._forgotten_through and name.isascii() and name.isdecimal() and len(name) <= _MAX_DIGITS and int(name) <= self._forgotten_through:
+                return Mark(sequence_number, name, cleared=True)  # a cleared mark forgotten for MAX_PENDING_MARKS
             expected = f"mark {live[0].name!r}" if live else "no live mark"
             raise RemoteProtocolError(
                 f"Twilio echoed mark {name!r:.40}, which was never sent, was already echoed, "
@@ -567,7 +583,9 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         Returns the media message as an envelope for a native framer --
         ``prefix + base64(payload) + suffix`` is the text :meth:`send` would
         have returned (``mediaserver._native._wsframe.encode_b64_frame``) --
-        and the mark message.  The state checks and the playback accounting
+        and the mark message, or ``""`` when :data:`MAX_PENDING_MARKS` marks
+        await their echo (the chunk goes without one, and the next mark sent
+        covers it; :attr:`marks_withheld` counts these).  The state checks and the playback accounting
         are those of the two sends; an empty payload is refused as
         ``SendAudio`` refuses it, leaving the stream as it was.
         """
@@ -581,6 +599,9 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
             self._transition(_I.SEND_MARK, inbound=False)
         self._account_audio(payload, item)
         prefix, suffix = self._media_envelope
+        if len(self._live_marks) >= MAX_PENDING_MARKS:  # (the tail keeps the audio for the next mark sent)
+            self._marks_withheld += 1
+            return prefix, suffix, ""
         return prefix, suffix, self._send_mark()
 
     def _send_audio(self, command: SendAudio) -> str:
@@ -625,13 +646,16 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
 
     def _clear_audio(self) -> str:
         cleared = self._item_cleared
+        cleared_marks = self._cleared_marks
         for mark in self._live_marks:
-            self._cleared_marks[mark.name] = mark
+            cleared_marks[mark.name] = mark
             for item, samples in mark.segments:
                 if item is not None:
                     cleared[item] = cleared.get(item, 0) + samples
             self._cleared_samples += mark.samples
         self._live_marks.clear()
+        while len(cleared_marks) > MAX_PENDING_MARKS:  # oldest first (numbered in the order sent)
+            self._forgotten_through = int(cleared_marks.pop(next(iter(cleared_marks))).name)
         for item, samples in zip(self._tail_items, self._tail_samples):
             if item is not None:
                 cleared[item] = cleared.get(item, 0) + samples
@@ -673,6 +697,11 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
     def pending_mark_count(self) -> int:
         """Marks sent whose echo has not arrived yet (live and cleared)."""
         return len(self._live_marks) + len(self._cleared_marks)
+
+    @property
+    def marks_withheld(self) -> int:
+        """Chunks :meth:`send_chunk` sent without a mark: :data:`MAX_PENDING_MARKS` marks were awaiting their echo."""
+        return self._marks_withheld
 
     @property
     def clear_count(self) -> int:

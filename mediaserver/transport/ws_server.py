@@ -90,12 +90,14 @@ class ServerStream(ClientWebSocket, MessageStream):
     def send_media_nowait(self, prefix: bytes, payload: bytes, suffix: bytes, then: str) -> bool:
         """``send_many_nowait([(prefix + base64(payload) + suffix).decode(), then])``, the first framed natively.
 
-        A downlink chunk and its mark (``TwilioStream.send_chunk``) in one write.
+        A downlink chunk and its mark (``TwilioStream.send_chunk``) in one
+        write; an empty ``then`` (a withheld mark) is not sent.
         """
         if self._unsendable is not None:
             raise _stream_closed(self._unsendable)
         try:
-            return self._write_nowait(encode_b64_frame(prefix, payload, suffix, None) + server_frame(then))
+            frame = encode_b64_frame(prefix, payload, suffix, None)
+            return self._write_nowait(frame + server_frame(then) if then else frame)
         except WebSocketClosed as exc:
             raise _stream_closed(exc) from None
 

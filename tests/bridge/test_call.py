@@ -201,6 +201,31 @@ async def test_call_marks_follow_every_chunk_and_confirm_playback(autojump_clock
 
 
 @fail_after(60)
+async def test_call_with_marks_awaiting_their_echo_at_the_cap_chunks_go_without_marks_and_nothing_is_lost(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import mediaserver.protocol.twilio as twilio_core
+
+    monkeypatch.setattr(twilio_core, "MAX_PENDING_MARKS", 2)  # (Twilio holds ~4 chunks' marks at the 160 ms lead)
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.AudioDelta("item_1", audio(400)), pv.AudioDone("item_1"))
+        await call.caller.wait_for(lambda: len(call.caller.received_audio) == 8 * 400)
+        await trio.sleep(1)  # everything played, every mark sent echoed
+        events = call.inbound_events()
+        assert events.count("media") == 10 and 2 <= events.count("mark") < 10  # no more than 2 ever awaited their echo
+        twilio = call.bridge.twilio
+        assert twilio.marks_withheld == 10 - events.count("mark")
+        assert call.caller.received_audio == audio(400)  # every chunk still went out, in order
+        # A mark covers the chunks sent without one before it: played is exactly the audio before the last mark.
+        last_mark = max(i for i, e in enumerate(events) if e == "mark")
+        assert twilio.played_samples == CHUNK_BYTES * events[:last_mark].count("media") == call.caller.played_marked_bytes
+    warnings = [r.getMessage() for r in caplog.records if "await Twilio's echo" in r.getMessage()]
+    assert warnings == [f"call {call.caller.call_sid}: 2 marks await Twilio's echo; chunks go without marks until "
+                        "echoes catch up (a barge-in meanwhile cuts the reply at the last mark echoed)"]
+
+
+@fail_after(60)
 async def test_call_downlink_rechunks_and_flushes_the_tail(autojump_clock: trio.testing.MockClock) -> None:
     link = FakeLink()
     async with bridged(link) as call:

@@ -478,3 +478,67 @@ def test_send_chunk_refuses_empty_audio_as_send_audio_does_and_the_stream_goes_o
     assert stream.state is StreamState.STREAMING and list(stream.items_in_flight()) == []
     prefix, suffix, mark = stream.send_chunk(b"\xff", "item_a")
     assert json.loads(mark)["mark"]["name"] == "1" and list(stream.items_in_flight()) == ["item_a"]
+
+
+# -- a carrier that stops echoing marks: the accounting stays bounded ---------------------------------
+
+
+def _echo(stream: TwilioStream, seq: int, name: str) -> list[object]:
+    stream.receive_message(mark_msg(seq, name))
+    return list(stream.events())
+
+
+def test_send_chunk_withholds_marks_past_the_cap_and_the_next_mark_covers_the_withheld_audio() -> None:
+    from mediaserver.protocol.twilio import MAX_PENDING_MARKS
+
+    stream = _started()
+    names = [json.loads(stream.send_chunk(b"\xff" * 160, "item_a")[2])["mark"]["name"] for _ in range(MAX_PENDING_MARKS)]
+    assert names == [str(n) for n in range(1, MAX_PENDING_MARKS + 1)]
+    for _ in range(3):  # nothing echoed: three chunks go without a mark
+        prefix, suffix, mark = stream.send_chunk(b"\xff" * 80, "item_b")
+        assert mark == "" and prefix and suffix  # (the media message itself is whole)
+    assert (stream.marks_withheld, stream.pending_mark_count) == (3, MAX_PENDING_MARKS)
+
+    (echo,) = _echo(stream, 2, "1")  # one echo: room for one mark, which closes the withheld chunks and this one
+    assert echo.cleared is False and stream.played_samples == 160
+    mark = stream.send_chunk(b"\xff" * 40, "item_b")[2]
+    assert json.loads(mark)["mark"]["name"] == str(MAX_PENDING_MARKS + 1)
+    assert stream.send_chunk(b"\xff" * 8, "item_b")[2] == ""  # full again
+    assert stream.marks_withheld == 4
+
+    seq = 3
+    for name in range(2, MAX_PENDING_MARKS + 2):  # every echo, in order
+        _echo(stream, seq, str(name))
+        seq += 1
+    # Each sample is counted once: the last mark covers the 3 withheld chunks and its own; 8 samples stay unconfirmed.
+    assert stream.playback("item_b").played_samples == 3 * 80 + 40
+    assert stream.playback("item_a").played_samples == MAX_PENDING_MARKS * 160
+    assert (stream.unconfirmed_samples, stream.pending_mark_count) == (8, 0)
+
+
+def test_cleared_marks_past_the_cap_are_forgotten_and_their_late_echoes_still_read_as_cleared() -> None:
+    from mediaserver.protocol.twilio import MAX_PENDING_MARKS
+
+    stream = _started()
+    for _ in range(MAX_PENDING_MARKS):
+        stream.send_chunk(b"\xff" * 160, "item_a")
+    stream.send(ClearAudio())  # marks 1..MAX cleared, none echoed
+    for _ in range(10):
+        stream.send_chunk(b"\xff" * 160, "item_b")
+    stream.send(ClearAudio())  # 10 more: the 10 oldest cleared marks are forgotten
+    assert stream.pending_mark_count == MAX_PENDING_MARKS
+    mark = stream.send_chunk(b"\xff" * 160, "item_c")[2]  # a live mark after both clears
+    live = json.loads(mark)["mark"]["name"]
+
+    [forgotten] = _echo(stream, 2, "5")
+    [kept] = _echo(stream, 3, str(MAX_PENDING_MARKS + 10))
+    assert (forgotten.cleared, kept.cleared) == (True, True)
+    assert stream.played_samples == 0
+    with pytest.raises(RemoteProtocolError, match="never sent"):  # a name never sent is still refused
+        _echo(stream, 4, str(int(live) + 5))
+
+    fresh = _started()  # and with nothing forgotten, an unknown old name is refused as before
+    fresh.send_chunk(b"\xff" * 160, "item_a")
+    fresh.send(ClearAudio())
+    with pytest.raises(RemoteProtocolError, match="never sent"):
+        _echo(fresh, 2, "0")

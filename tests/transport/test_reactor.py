@@ -218,6 +218,10 @@ async def test_send_media_nowait_is_a_chunk_and_its_mark_in_one_write() -> None:
             assert not pair.server._backlog
             assert await pair.client.receive() == '{"media":"' + base64.b64encode(b"\x00\xff\x10\x7f").decode() + '"}}'
             assert await pair.client.receive() == '{"mark":"7"}'
+            # A withheld mark (the stream's MAX_PENDING_MARKS): the chunk alone, no empty frame after it.
+            assert pair.server.send_media_nowait(b"[", b"\x01", b"]", "")
+            assert pair.server.send_media_nowait(b"(", b"\x02", b")", "m")
+            assert [await pair.client.receive() for _ in range(3)] == ["[AQ==]", "(Ag==)", "m"]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pair.client.aclose)
                 with pytest.raises(StreamClosed):
