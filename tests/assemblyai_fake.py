@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from tests._ws_server import FakeWsSession, SessionServer
 
@@ -203,6 +203,11 @@ class AssemblyAIFakeSession(FakeWsSession):
             )
             del self.calls[data["call_id"]]
             self.tool_results.append(data)
+        elif type_ == "session.end":  # the session ends now (and its billing), not after the 30 s resume window
+            try:
+                await self.send({"type": "session.ended", "session_duration_seconds": 1.0})
+            except ConnectionClosed:  # (the client's close frame may have crossed it)
+                pass
 
     # -- what a script can make the agent do -----------------------------------
 

@@ -84,7 +84,8 @@ async def test_assemblyai_call_passes_mulaw_through_both_ways_without_losing_ear
     assert [len(m.payload) for m in caller.received] == [320] * (len(reply) // 320) + [len(reply) % 320]
     assert session.path == "/v1/ws"
     assert session.headers["authorization"] == "Bearer k"
-    assert set(session.types()) == {"session.update", "input.audio"} and session.types()[0] == "session.update"
+    types = session.types()
+    assert (types[0], set(types[1:-1]), types[-1]) == ("session.update", {"input.audio"}, "session.end")
     assert session.session_update is not None
     update = session.session_update["session"]
     assert update["input"] == {"format": {"encoding": "audio/pcmu"}}
@@ -104,8 +105,8 @@ async def test_assemblyai_barge_in_clears_twilio_and_drops_the_rest_of_the_reply
         await session.wait_for(lambda: len(session.audio_chunks) >= 5)
         reply_id = await session.reply(reply, chunk_bytes=4000, done=False)  # still generating
         await go.wait()
-        await session.speech_started()
-        await session.reply_audio(reply_id, late)  # in flight when the caller spoke: must not play
+        await session.speech_started()  # (not yet the barge-in: the server decides whether it interrupts)
+        await session.reply_audio(reply_id, late)  # sent before its decision: queued, then dropped by the clear
         await session.reply_done(reply_id, "interrupted")
         await session.transcript_agent(reply_id, "It is sun", interrupted=True)
         await session.reply(fresh)
@@ -131,9 +132,36 @@ async def test_assemblyai_barge_in_clears_twilio_and_drops_the_rest_of_the_reply
     assert before < len(reply)
     after = b"".join(m.payload for m in caller.received if m.at_s > clear.at_s)
     assert after == fresh  # neither the rest of the reply nor its late audio
-    assert set(session.types()) == {"session.update", "input.audio"}  # no truncate/cancel needed
+    assert set(session.types()) == {"session.update", "input.audio", "session.end"}  # no truncate/cancel needed
     [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
     assert "barge-ins 1;" in ended
+
+
+@fail_after(20)
+async def test_assemblyai_a_back_channel_does_not_cut_the_agent(caplog: pytest.LogCaptureFixture) -> None:
+    """The caller says "uh-huh" mid-reply: input.speech.started, but the server keeps the reply going and completes it."""
+    first = to_ulaw(tone(440, 600, amplitude=0.3))
+    rest = to_ulaw(tone(660, 600, amplitude=0.3))
+
+    async def script(session: AssemblyAIFakeSession) -> None:
+        await session.wait_for(lambda: len(session.audio_chunks) >= 5)
+        reply_id = await session.reply(first, done=False)
+        await trio.sleep(0.2)
+        await session.speech_started()
+        await session.speech_stopped()
+        await session.reply_audio(reply_id, rest)
+        await session.reply_done(reply_id)
+
+    async with fake_assemblyai(script) as model, running(assemblyai_settings(model)) as url, phone_call(url) as caller:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            await caller.wait_for(lambda: len(caller.received_audio) >= len(first + rest))
+            nursery.cancel_scope.cancel()
+        await caller.stop()
+        await caller.closed.wait()
+    assert caller.clears == [] and caller.received_audio == first + rest  # the whole reply, not cut
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    assert "barge-ins 0;" in ended
 
 
 @fail_after(15)
@@ -177,6 +205,7 @@ async def test_assemblyai_stop_closes_the_agent_socket_within_a_second() -> None
             assert caller.stopped_at_s is not None and session.closed_at_s is not None
             assert session.closed_at_s - caller.stopped_at_s < 1.0
             assert session.close_code == 1000
+            assert session.types()[-1] == "session.end"  # ended now, not kept (and billed) for the 30 s resume window
             await caller.closed.wait()
             assert caller.close_code == 1000
 

@@ -734,7 +734,8 @@ class CallBridge:
             self._unknown(event)
         elif isinstance(event, pv.Transcript):
             offset_s = self._now() - self.stats.started_s
-            self.stats.transcript.add(event.role, event.text, final=event.final, item_id=event.item_id, offset_s=offset_s)
+            self.stats.transcript.add(event.role, event.text, final=event.final, item_id=event.item_id, offset_s=offset_s,
+                                      cumulative=event.cumulative, cut=event.cut)
             if event.final:
                 log.debug("call %s: %s: %s", self.stats.call_sid, event.role, event.text)
         return _OTHER

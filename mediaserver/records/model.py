@@ -106,6 +106,7 @@ class _Open:
     final: str | None = None
     heard_ms: int | None = None
     generated_ms: int = 0
+    cut_already: bool = False  # the provider's final text is what was heard (Transcript.cut)
 
 
 class TranscriptLog:
@@ -124,8 +125,16 @@ class TranscriptLog:
         self._turns: dict[tuple[Role, str], _Open] = {}
         self._anonymous = 0
 
-    def add(self, role: Role, text: str, *, final: bool, item_id: str | None, offset_s: float) -> None:
-        """One transcript event, ``offset_s`` seconds into the call."""
+    def add(
+        self, role: Role, text: str, *, final: bool, item_id: str | None, offset_s: float,
+        cumulative: bool = False, cut: bool = False,
+    ) -> None:
+        """One transcript event, ``offset_s`` seconds into the call.
+
+        ``cumulative``: a fragment that is the text so far (it replaces the
+        earlier ones); ``cut``: final text the provider already cut at what
+        the caller heard (no second cut by :meth:`cut`'s proportions).
+        """
         key = (role, item_id if item_id is not None else f"\0{role}{self._anonymous}")
         turn = self._turns.get(key)
         if turn is None:
@@ -134,9 +143,12 @@ class TranscriptLog:
             turn.offset_s = offset_s
         if final:
             turn.final = text
+            turn.cut_already = cut
             turn.parts.clear()  # (the final text replaces them: an hour of deltas would otherwise stay in memory)
             if item_id is None:
                 self._anonymous += 1  # the next anonymous fragment starts a new turn
+        elif cumulative:
+            turn.parts[:] = [text]
         else:
             turn.parts.append(text)
 
@@ -165,7 +177,8 @@ class TranscriptLog:
         for turn in sorted(self._turns.values(), key=lambda t: t.offset_s):
             text = (turn.final if turn.final is not None else "".join(turn.parts)).strip()
             if turn.heard_ms is not None:
-                text = cut_text(text, turn.heard_ms, turn.generated_ms)
+                if not (turn.cut_already and turn.final is not None):
+                    text = cut_text(text, turn.heard_ms, turn.generated_ms)
                 if turn.offset_s == _NOT_YET:
                     continue  # cut before any of its text arrived, and none came
                 result.append(Turn(turn.role, text, turn.offset_s, True, turn.heard_ms))

@@ -112,6 +112,15 @@ class WebSocketLink:
     async def send(self, command: ProviderCommand) -> None:
         await self._send_all(self.session.send(command))
 
+    async def send_closing(self) -> None:
+        """The core's closing messages (AssemblyAI's ``session.end``), just before the close: best effort, the model may be gone."""
+        messages = self.session.closing_messages()
+        if messages and not self._ws.write_failed:
+            try:
+                await self._send_all(messages)
+            except ProviderClosed:
+                pass
+
     # -- without awaiting, for a reactor handler (PolledLink; plain TCP or our TLS) ----
 
     def poll_socket(self) -> socket.socket | None:
@@ -342,6 +351,8 @@ async def open_provider_link(
                             # a plain 1000 would look like an ordinary hang-up to its developer.
                             await ws.aclose(CloseReason.PROTOCOL_ERROR, _close_reason(link.violation))
                         else:
+                            if link is not None:
+                                await link.send_closing()
                             await ws.aclose()
                     if closing.cancelled_caught:
                         log.info("%s: no close handshake within %g s; dropping the connection", name, disconnect_timeout_s)

@@ -172,14 +172,17 @@ def test_assemblyai_reply_maps_to_response_audio_and_done() -> None:
 # -------------------------------------------------------------------- barge-in
 
 
-def test_assemblyai_speech_started_is_barge_in_and_interrupted_reply_is_not_cut_twice() -> None:
+def test_assemblyai_the_barge_in_is_the_interrupted_reply_done_not_the_callers_speech_start() -> None:
     session = ready_session()
-    events = receive(session, started("r1"), audio("r1", b"\x01" * 100), ev("input.speech.started", timestamp=1.5),
-                     done("r1", "interrupted"), ev("input.speech.stopped"))
+    speech = ev("input.speech.started", timestamp=1.5)
+    events = receive(session, started("r1"), audio("r1", b"\x01" * 100), speech,
+                     audio("r1", b"\x02" * 50), done("r1", "interrupted"), ev("input.speech.stopped"))
     assert events == [
         pv.ResponseStarted("r1"),
         pv.AudioDelta("r1", b"\x01" * 100, "r1"),
-        pv.SpeechStarted(None, None),
+        pv.Other("input.speech.started", speech),  # maybe a back-channel: the server decides
+        pv.AudioDelta("r1", b"\x02" * 50, "r1"),
+        pv.SpeechStarted(None, None),  # the server's barge-in
         pv.AudioDone("r1", "r1"),
         pv.ResponseDone("r1", "interrupted", None),
         pv.SpeechStopped(None, None),
@@ -187,10 +190,47 @@ def test_assemblyai_speech_started_is_barge_in_and_interrupted_reply_is_not_cut_
     assert session.send(pv.Truncate("r1", 10)) == [] and session.send(pv.CancelResponse()) == []
 
 
-def test_assemblyai_interrupted_reply_without_speech_started_still_barges_in() -> None:
+def test_assemblyai_a_back_channel_does_not_cut_the_reply() -> None:
+    """The docs: a back-channel ("uh-huh") gets no interruption, the agent keeps speaking and the reply completes."""
     session = ready_session()
-    events = receive(session, started("r1"), audio("r1", b"\x01" * 100), done("r1", "interrupted"))
-    assert events[2:] == [pv.SpeechStarted(None, None), pv.AudioDone("r1", "r1"), pv.ResponseDone("r1", "interrupted", None)]
+    events = receive(session, started("r1"), audio("r1", b"\x01" * 100), ev("input.speech.started"),
+                     ev("input.speech.stopped"), audio("r1", b"\x02" * 100), done("r1"))
+    assert not any(isinstance(e, pv.SpeechStarted) for e in events)
+    assert [e.payload for e in events if isinstance(e, pv.AudioDelta)] == [b"\x01" * 100, b"\x02" * 100]
+    assert events[-1] == pv.ResponseDone("r1", "completed", None)
+
+
+def test_assemblyai_a_bare_reply_done_ends_the_reply_in_progress_as_completed() -> None:
+    session = ready_session()
+    events = receive(session, started("r1"), ev("reply.done"))
+    assert events[1:] == [pv.AudioDone("r1", "r1"), pv.ResponseDone("r1", "completed", None)]
+    events = receive(session, started("r2"), ev("reply.done", status="interrupted"))
+    assert events[1:] == [pv.SpeechStarted(None, None), pv.AudioDone("r2", "r2"), pv.ResponseDone("r2", "interrupted", None)]
+    with pytest.raises(RemoteProtocolError, match="no reply in progress"):
+        receive(session, ev("reply.done"))
+
+
+def test_assemblyai_an_interrupted_reply_withdraws_its_tool_calls_answered_or_not() -> None:
+    """end_call in a goodbye the caller talked over: the bridge must not hang up (ToolCallsCancelled)."""
+    session = ready_session()
+    receive(session, started("r0"), tool_call("call-0"), done("r0"))  # a completed reply's call stays
+    receive(session, started("r1"), tool_call("call-1"), tool_call("call-2"))
+    assert session.send(pv.ToolResult("call-1", "held")) == []  # answered (held), call-2 not yet
+    events = receive(session, ev("input.speech.started"), done("r1", "interrupted"))
+    withdrawn = [e for e in events if isinstance(e, pv.ToolCallsCancelled)]
+    assert [e.call_ids for e in withdrawn] == [("call-1", "call-2")]
+    assert events.index(withdrawn[0]) == events.index(pv.SpeechStarted(None, None)) + 1
+    assert session.send(pv.ToolResult("call-2", "late")) == []  # dropped, as the docs say
+    assert not any(isinstance(e, pv.ToolCallsCancelled) for e in receive(session, started("r2"), done("r2", "interrupted")))
+
+
+def test_assemblyai_closing_sends_session_end_once_ready() -> None:
+    session = new_session()
+    assert session.closing_messages() == []  # nothing to end before the handshake
+    session.initial_messages()
+    assert session.closing_messages() == []  # (nor before session.ready)
+    receive(session, READY)
+    assert sent(session.closing_messages()) == [{"type": "session.end"}]
 
 
 def test_assemblyai_create_response_is_reply_create() -> None:
@@ -264,11 +304,13 @@ def test_assemblyai_transcripts() -> None:
         ev("transcript.agent", reply_id="r1", item_id="i1", text="Sunny.", interrupted=False),
     )
     assert events == [
-        pv.Transcript("user", "What's the", False, "u1"),
+        pv.Transcript("user", "What's the", False, "u1", cumulative=True),  # the text so far, not a fragment
         pv.Transcript("user", "What's the weather?", True, "u1"),
         pv.Transcript("assistant", "Sun", False, "r1"),
         pv.Transcript("assistant", "Sunny.", True, "r1"),
     ]
+    [cut] = receive(session, ev("transcript.agent", reply_id="r2", item_id="i2", text="It is", interrupted=True))
+    assert cut == pv.Transcript("assistant", "It is", True, "r2", cut=True)  # already what the caller heard
 
 
 @pytest.mark.parametrize("code", sorted(NON_FATAL_SESSION_ERRORS))

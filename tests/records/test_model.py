@@ -92,6 +92,22 @@ def test_transcript_log_cuts_an_interrupted_item_even_when_its_text_comes_later(
     ]
 
 
+def test_transcript_log_keeps_a_providers_own_cut_and_the_latest_cumulative_fragment() -> None:
+    """AssemblyAI: an interrupted reply's final text is already what was heard; the caller's deltas are the text so far."""
+    log = TranscriptLog()
+    log.add("user", "What's", final=False, item_id="u1", offset_s=1.0, cumulative=True)
+    log.add("user", "What's the weather", final=False, item_id="u1", offset_s=1.2, cumulative=True)
+    log.cut("a1", 1000, 3000)  # heard a third: our own cut would keep "The forecast" of the full text
+    log.add("assistant", "The forecast for Paris is", final=True, item_id="a1", offset_s=2.0, cut=True)
+    log.add("assistant", "Later words", final=True, item_id="a2", offset_s=3.0)
+    log.cut("a2", 1000, 3000)  # (a text not cut by its provider is cut here, as before)
+    assert log.turns() == [
+        Turn("user", "What's the weather", 1.0),  # not "What'sWhat's the weather"
+        Turn("assistant", "The forecast for Paris is", 2.0, interrupted=True, heard_ms=1000),
+        Turn("assistant", "", 3.0, interrupted=True, heard_ms=1000),
+    ]
+
+
 def test_call_record_json_has_counts() -> None:
     record = CallRecord("CA1", "2026-01-01T00:00:00+00:00", tool_calls=["lookup", "lookup"])
     data = record.to_json()

@@ -71,6 +71,10 @@ class ProviderCore(SansIOCore[StateT, ProviderEvent], Generic[StateT, ConfigT]):
     def keepalive(self) -> Sequence[WireMessage]:
         return []
 
+    def closing_messages(self) -> Sequence[WireMessage]:
+        """Nothing: closing the socket ends this provider's session."""
+        return []
+
 
 class EarlyAudio:
     """Caller audio held until the provider may take it, at most ``max_bytes``.

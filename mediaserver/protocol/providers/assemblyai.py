@@ -18,11 +18,23 @@ oldest dropped first) and released, in order, by whichever comes first after
 
 Replies.  ``reply_id`` is the item id of the reply's audio.  ``reply.done``
 ends it: :class:`AudioDone` then :class:`ResponseDone` (status ``completed``
-or ``interrupted``).  Barge-in is :class:`SpeechStarted` on
-``input.speech.started``; if a reply ends ``interrupted`` without one since
-it started, the core emits a :class:`SpeechStarted` first, so the bridge
-always cuts an interrupted reply.  No truncate message exists
-(:class:`Truncate` -> ``[]``): the server tracks what it produced.
+or ``interrupted``; a bare ``reply.done`` is the reply in progress,
+completed).  Barge-in is the server's call (its "semantic barge-in"): a
+back-channel ("uh-huh") starts ``input.speech.started`` but the agent keeps
+talking, and only a real interruption ends the reply ``interrupted``.  So
+``input.speech.started`` is :class:`Other`, and an ``interrupted``
+``reply.done`` is a :class:`SpeechStarted` (the bridge clears Twilio and
+drops the reply's queued audio), then :class:`ToolCallsCancelled` for the
+calls that reply made, answered or not (an ``end_call`` in a goodbye the
+caller talked over must not hang up), then the two above.  No truncate message exists
+(:class:`Truncate` -> ``[]``): the server tracks what it produced, and its
+``transcript.agent`` of an interrupted reply is already cut at what the
+caller heard (:class:`Transcript` ``cut``).  The caller's
+``transcript.user.delta`` carries the text so far (``cumulative``).
+
+Ending.  :meth:`closing_messages` is ``session.end``: a socket closed
+without it keeps the session (and its billing) for AssemblyAI's 30 s resume
+window.
 :class:`CreateResponse` is ``reply.create``; :class:`SendText` is dropped
 (``[]``): the client events include no text input.
 
@@ -81,6 +93,7 @@ from .base import (
     SpeechStarted,
     SpeechStopped,
     ToolCall,
+    ToolCallsCancelled,
     ToolResult,
     Transcript,
     Truncate,
@@ -107,6 +120,7 @@ NON_FATAL_SESSION_ERRORS: Final = frozenset(
 """``session.error`` codes that reject one message of ours once the session is ready."""
 
 _OTHER_TYPES: Final = frozenset({"session.updated", "session.ended"})
+_SESSION_END: Final = '{"type":"session.end"}'
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +175,8 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
         self._early_audio = EarlyAudio(config.max_buffered_audio_ms * _FORMAT.bytes_per_ms)
         self._session_id: str | None = None
         self._reply: str | None = None  # reply in progress (reply.started, no reply.done yet)
-        self._barged: set[str] = set()  # replies the caller has talked over
         self._calls: dict[str, str | None] = {}  # open call id -> reply that made it
+        self._reply_calls: dict[str, list[str]] = {}  # reply in progress -> the calls it made (answered or not)
         self._dropped_replies = RecentSet()  # interrupted replies: their calls get no result
         self._held: list[tuple[str | None, str]] = []  # (reply, tool.result text) waiting for reply.done
         # Whether a completed reply.done is the latest of reply.started, input.speech.started and reply.done:
@@ -233,6 +247,10 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
             return []
         return [text]
 
+    def closing_messages(self) -> list[WireMessage]:
+        """``session.end`` once the session is ready: ends it (and its billing) now, not 30 s after the socket closes."""
+        return [_SESSION_END] if self._state is AssemblyAIState.READY else []
+
     def pending_messages(self) -> list[WireMessage]:
         """Held tool results after a completed ``reply.done``; early audio after ``session.ready``."""
         self._check_alive()
@@ -275,10 +293,8 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
         return [ProviderError(text_field(msg, "message", "reply.error"), fatal=False, code=code)]
 
     def _on_speech_started(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
-        self._done_is_latest = False
-        if self._reply is not None:
-            self._barged.add(self._reply)
-        return [SpeechStarted(item_id=None, audio_start_ms=None)]
+        self._done_is_latest = False  # (a later event than reply.done: a tool result waits)
+        return [Other("input.speech.started", raw)]  # not a barge-in: maybe a back-channel (module docstring)
 
     def _on_speech_stopped(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         return [SpeechStopped(item_id=None, audio_end_ms=None)]
@@ -294,23 +310,31 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
         return [AudioDelta(reply_id, payload, reply_id)]
 
     def _on_reply_done(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
-        reply_id = str_field(msg, "reply_id", "reply.done")
-        status = msg.get("status")
+        if "reply_id" in msg:
+            reply_id = str_field(msg, "reply_id", "reply.done")
+        elif self._reply is not None:  # a bare reply.done (the API reference's example): the reply in progress
+            reply_id = self._reply
+        else:
+            raise RemoteProtocolError("reply.done without a reply_id, and no reply in progress")
+        status = msg.get("status", "completed")
         if status not in ("completed", "interrupted"):
             raise RemoteProtocolError(f"reply.done: status must be completed or interrupted, got {status!r:.40}")
         if self._reply == reply_id:
             self._reply = None
+        if status == "completed":
+            self._reply_calls.pop(reply_id, None)
         held, self._held = self._held, []
         events: list[ProviderEvent] = []
         self._done_is_latest = status == "completed"
         if status == "interrupted":
             self._dropped_replies.add(reply_id)
-            if reply_id not in self._barged:
-                events.append(SpeechStarted(item_id=None, audio_start_ms=None))
+            events.append(SpeechStarted(item_id=None, audio_start_ms=None))  # the server's barge-in
+            withdrawn = self._reply_calls.pop(reply_id, None)
+            if withdrawn:
+                events.append(ToolCallsCancelled(tuple(withdrawn), raw))
         else:
             # reply.done is now the latest event: the tool results may go.
             self._pending.extend(text for reply, text in held if reply not in self._dropped_replies)
-        self._barged.discard(reply_id)
         events += [AudioDone(reply_id, reply_id), ResponseDone(reply_id, status, None)]
         return events
 
@@ -325,14 +349,20 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
         else:
             raise RemoteProtocolError(f"tool.call: 'arguments' must be an object, got {arguments!r:.40}")
         self._calls[call_id] = self._reply
+        if self._reply is not None:
+            self._reply_calls.setdefault(self._reply, []).append(call_id)
         return [ToolCall(call_id=call_id, name=name, arguments=text, item_id=self._reply)]
 
     def _on_user_transcript(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         final = msg["type"] == "transcript.user"
-        return [Transcript("user", text_field(msg, "text", msg["type"]), final, optional_str_field(msg, "item_id", msg["type"]))]
+        text = text_field(msg, "text", msg["type"])
+        item = optional_str_field(msg, "item_id", msg["type"])
+        return [Transcript("user", text, final, item, cumulative=not final)]  # (a delta is the text so far)
 
     def _on_agent_transcript(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
-        return [Transcript("assistant", text_field(msg, "text", "transcript.agent"), True, optional_str_field(msg, "reply_id", msg["type"]))]
+        text = text_field(msg, "text", "transcript.agent")
+        cut = msg.get("interrupted") is True  # the text is already cut at what the caller heard
+        return [Transcript("assistant", text, True, optional_str_field(msg, "reply_id", msg["type"]), cut=cut)]
 
     def _on_agent_transcript_delta(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         text = text_field(msg, "delta", "transcript.agent.delta")

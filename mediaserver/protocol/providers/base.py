@@ -235,14 +235,19 @@ class ToolCallsCancelled:
 class Transcript:
     """Text of what was said.
 
-    ``final=False`` carries an incremental fragment (to be appended);
-    ``final=True`` carries the complete text of the item.
+    ``final=False`` carries an incremental fragment (to be appended), or,
+    with ``cumulative``, the item's text so far (replacing the fragments);
+    ``final=True`` carries the complete text of the item.  ``cut``: the
+    provider already cut this text at what the caller heard of an
+    interrupted reply (AssemblyAI), so the record does not cut it again.
     """
 
     role: Literal["user", "assistant"]
     text: str
     final: bool
     item_id: str | None = None
+    cumulative: bool = False
+    cut: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,4 +435,8 @@ class ProviderSession(Protocol):
 
     def keepalive(self) -> Sequence[WireMessage]:
         """The keepalive message(s) (empty when the provider has none)."""
+        ...
+
+    def closing_messages(self) -> Sequence[WireMessage]:
+        """What to send before closing the socket, once, when the call ends (AssemblyAI's ``session.end``)."""
         ...
