@@ -83,6 +83,9 @@ MAX_UNKNOWN_TYPES = 32  # unknown provider message types logged per call (one li
 MAX_DTMF_BATCH = 64  # keypad digits told to the model in one message at most
 DIGITS_MARGIN_S = 0.5  # next_digits returns this long before the tool's time limit, with what has arrived
 TRANSFER_REQUEST_S = 5.0  # transfer() keeps this much of the tool's time limit for Twilio's REST request
+# Once the call is ending (Twilio's stop: the transfer itself ends the stream), the transfer's REST request has this
+# long left for its answer: it is on its way or done, and the call's model socket must not wait up to 15 s for it.
+TRANSFER_GRACE_S = 0.25
 
 _MEDIA, _STOP, _OTHER, _BARGE = object(), object(), object(), object()
 
@@ -319,6 +322,7 @@ class CallBridge:
         self._gone_reason: str | None = None  # why, while what it said plays out (_play_out)
         self._provider_done = trio.Event()  # the provider reader has returned
         self._hang_up_scope: trio.CancelScope | None = None  # an end_call's hang-up, waiting for the goodbye
+        self._transfer_scope: trio.CancelScope | None = None  # a transfer's REST request, shielded (_end shortens it)
         self._hang_up_call: str | None = None  # the tool call that asked for it (the model may withdraw it)
         self._digits: _DigitCollector | None = None
         self._dtmf_text: list[str] = []
@@ -346,24 +350,29 @@ class CallBridge:
     async def run(self) -> CallStats:
         """Bridge until the call ends; returns the call's statistics."""
         try:
-            with trio.move_on_after(self.max_call_s) as limit:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._twilio_reader)
-                    nursery.start_soon(self._idle_watchdog)
-                    nursery.start_soon(self._provider_reader)
-                    nursery.start_soon(self._pacer)
-            if limit.cancelled_caught:
-                self._end(f"maximum call length {self.max_call_s:g} s")
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._twilio_reader)
+                nursery.start_soon(self._idle_watchdog)
+                nursery.start_soon(self._provider_reader)
+                nursery.start_soon(self._pacer)
+                nursery.start_soon(self._length_limit)
         finally:
             self._nursery = None
         return self.stats
+
+    async def _length_limit(self) -> None:
+        await trio.sleep(self.max_call_s)
+        self._end(f"maximum call length {self.max_call_s:g} s")
 
     def _end(self, reason: str) -> None:
         if self.end_reason == "running":
             self.end_reason = reason
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+        transfer = self._transfer_scope
+        if transfer is not None:  # (shielded: the call's cancellation does not reach it)
+            transfer.deadline = min(transfer.deadline, trio.current_time() + TRANSFER_GRACE_S)
 
     async def _send_twilio(self, command: tw.TwilioCommand) -> None:
         # caller holds _send_lock.  After ``stop`` the call is being torn down
@@ -985,14 +994,22 @@ class CallBridge:
         # 15 s: the caller hears nothing meanwhile.
         request_s = max(TRANSFER_REQUEST_S, trio.current_effective_deadline() - self._now())
         try:
-            with trio.CancelScope(shield=True):  # (once asked, Twilio transfers: the call must end here too)
+            # Shielded: once asked, Twilio transfers, so the call must end here too -- but when the call is already
+            # ending (Twilio stops the stream for the transfer), _end leaves the answer TRANSFER_GRACE_S.
+            with trio.CancelScope(shield=True) as self._transfer_scope:
                 await self.rest.update_call(self.call_sid, twiml=dial_twiml(to), timeout_s=min(request_s, 15.0))
+            if self._transfer_scope.cancelled_caught:
+                log.info("call %s: transfer to %s: the call ended before Twilio answered (it is likely under way)",
+                         self.call_sid, to)
+                raise ToolError(f"the call ended before Twilio answered: the transfer to {to} is likely under way")
         except TwilioRestError as exc:
             if exc.uncertain:  # asked, and no answer: Twilio may be transferring the call right now
                 log.warning("call %s: transfer to %s: %s; it may be under way", self.call_sid, to, exc)
                 raise ToolError(f"no answer from Twilio in time: the transfer to {to} may be under way") from exc
             log.error("call %s: transfer to %s failed: %s", self.call_sid, to, exc)
             raise ToolError(f"the transfer failed: {exc}") from exc
+        finally:
+            self._transfer_scope = None
         log.info("call %s: transferred to %s", self.call_sid, to)
         self._end(f"transferred to {to}")  # Twilio now runs <Dial>; the stream is over
 

@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 
-from mediaserver.bridge.call import DIGITS_MARGIN_S, SILENT_ITEM_S, TRANSFER_REQUEST_S, CallBridge
+from mediaserver.bridge.call import DIGITS_MARGIN_S, SILENT_ITEM_S, TRANSFER_GRACE_S, TRANSFER_REQUEST_S, CallBridge
 from mediaserver.bridge.stats import CallStats
 from mediaserver.codec import Resampler, ulaw_encode
 from mediaserver.protocol import RemoteProtocolError, TwilioStream
@@ -712,6 +712,40 @@ async def test_call_transfer_keeps_time_for_its_request_when_the_goodbye_is_long
         [result] = [c for _, c in link.commands if isinstance(c, pv.ToolResult)]
         assert result.output == "transferred"
         assert call.bridge.end_reason == "transferred to +15551234567"
+
+
+@fail_after(60)
+@pytest.mark.parametrize("ending", ["stop", "max_call"])
+async def test_call_a_transfer_still_awaiting_twilio_does_not_hold_the_ending_call_open(
+    autojump_clock: trio.testing.MockClock, ending: str,
+) -> None:
+    """The transfer makes Twilio stop the stream; if its REST answer is slow, the call still ends (and its model
+    socket closes) within TRANSFER_GRACE_S, not when the answer comes 10 s later."""
+    asked = trio.Event()
+
+    class Rest:
+        async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
+            asked.set()
+            await trio.sleep(10)  # Twilio slow to answer
+
+    @tool
+    async def transfer_out(call: CallContext) -> str:
+        """Transfer."""
+        await call.transfer("+15551234567")
+        return "transferred"
+
+    link = FakeLink()
+    options: dict[str, Any] = {"max_call_s": 3.0} if ending == "max_call" else {}
+    async with bridged(link, tools=ToolSet([transfer_out]), tool_timeout_s=30.0, rest=Rest(), **options) as call:
+        link.emit(pv.ToolCall("c1", "transfer_out", "{}"))
+        await asked.wait()
+        if ending == "stop":
+            await trio.sleep(0.5)
+            await call.caller.stop()
+        ending_s = trio.current_time() if ending == "stop" else call.started_s + 3.0
+        await call.done.wait()
+        assert call.ended_s is not None and call.ended_s - ending_s == pytest.approx(TRANSFER_GRACE_S, abs=0.01)
+        assert call.bridge.end_reason == ("twilio sent stop" if ending == "stop" else "maximum call length 3 s")
 
 
 @fail_after(60)
