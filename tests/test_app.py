@@ -396,12 +396,13 @@ async def test_app_echo_call_plays_the_burst_back(caplog: pytest.LogCaptureFixtu
 # --------------------------------------------------------------- OpenAI (fake)
 
 
-@pytest.mark.parametrize("wss", [False, True], ids=["ws", "wss"])
+@pytest.mark.parametrize(("wss", "chunk_ms"), [(False, 40), (True, 40), (False, 20)], ids=["ws", "wss", "ws-chunk-20ms"])
 @fail_after(20)
 async def test_app_openai_call_pcmu_passthrough(
-    wss: bool, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    wss: bool, chunk_ms: int, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
-    """Byte-exact both ways; over ``wss://`` too, through the lean TLS stream (mediaserver.transport.tls)."""
+    """Byte-exact both ways; over ``wss://`` too, through the lean TLS stream (mediaserver.transport.tls);
+    in MEDIASERVER_CHUNK_MS chunks (40 ms by default)."""
     tls = None
     if wss:  # the server trusts our self-signed certificate the way a deployment trusts a CA bundle
         monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
@@ -409,7 +410,8 @@ async def test_app_openai_call_pcmu_passthrough(
     reply = to_ulaw(tone(440, 1000, amplitude=0.3)) + to_ulaw(tone(660, 220, amplitude=0.3))  # not a chunk multiple
     script = turn_script(reply, after_appends=25, chunk_bytes=1234)  # answer after 500 ms of caller audio
     speech = to_ulaw(tone(300, 500, amplitude=0.2))
-    async with fake_openai(script, tls=tls) as model, running(openai_settings(model)) as url:
+    changes = {} if chunk_ms == 40 else {"chunk_ms": chunk_ms}  # (the default, unset)
+    async with fake_openai(script, tls=tls) as model, running(openai_settings(model, **changes)) as url:
         assert model.url.startswith("wss://" if wss else "ws://")
         async with phone_call(url) as caller:
             await caller.send_audio(speech)
@@ -425,9 +427,10 @@ async def test_app_openai_call_pcmu_passthrough(
     # Uplink: the caller's µ-law frames, byte for byte and in order.
     assert session.appends == caller.sent_frames
     assert bytes(session.audio_in) == b"".join(caller.sent_frames)
-    # Downlink: the model's µ-law, byte for byte, in 40 ms chunks plus the remainder.
+    # Downlink: the model's µ-law, byte for byte, in chunk_ms chunks plus the remainder, a mark after each.
     assert caller.received_audio == reply
-    assert [len(m.payload) for m in caller.received] == [320] * (len(reply) // 320) + [len(reply) % 320]
+    size = 8 * chunk_ms
+    assert [len(m.payload) for m in caller.received] == [size] * (len(reply) // size) + [len(reply) % size] * (len(reply) % size > 0)
     assert [e.cleared for e in caller.echoes] == [False] * len(caller.received)
     # The session was configured for G.711 µ-law both ways, on the GA endpoint, with our key.
     assert session.path == "/v1/realtime?model=gpt-realtime"

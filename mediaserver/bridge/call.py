@@ -290,6 +290,7 @@ class CallBridge:
         self._pending_s = 0.0
         self._generating: dict[str, None] = {}  # items with audio arriving (no AudioDone yet), oldest first
         self._interrupted: set[str] = set()
+        self._cut_response: str | None = None  # the response open at the last barge-in: its audio is dropped
         self._playing_until_s = 0.0  # when Twilio's buffer runs dry (Trio time)
         self._pacer_wait: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -705,8 +706,11 @@ class CallBridge:
         self._observe(event)
         if isinstance(event, pv.AudioDelta):
             if event.item_id not in self._interrupted:
-                self._generating[event.item_id] = None
-                self._downlink(event.item_id, event.payload)
+                if event.response_id is not None and event.response_id == self._cut_response:
+                    self._interrupted.add(event.item_id)  # the first audio of a response cut before it had any
+                else:
+                    self._generating[event.item_id] = None
+                    self._downlink(event.item_id, event.payload)
         elif isinstance(event, pv.AudioDone):
             self._generating.pop(event.item_id, None)
             self._finish_item(event.item_id)
@@ -1238,6 +1242,8 @@ class CallBridge:
     async def _barge_in(self) -> None:
         """The caller started talking: stop the agent now, cut its reply at what was heard."""
         by_model, self._model_cut = self._model_cut, False  # (or the model stopped its own reply)
+        if self._response_open and self._open_response is not None:
+            self._cut_response = self._open_response  # (audio of it that has not arrived yet is cut too)
         async with self._send_lock:
             items: dict[str, None] = {}
             for item in self.twilio.items_in_flight():  # buffered at Twilio

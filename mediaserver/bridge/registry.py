@@ -435,7 +435,7 @@ class CallManager:
         try:
             bridge = CallBridge(
                 stream, twilio, link, call_sid=start.call_sid, idle_timeout_s=s.idle_timeout_s, max_call_s=s.max_call_s,
-                tools=self.tools, tool_timeout_s=s.tool_timeout_s, rest=self.rest,
+                tools=self.tools, tool_timeout_s=s.tool_timeout_s, rest=self.rest, chunk_ms=s.chunk_ms,
             )
         except ValueError as exc:  # the provider's audio formats cannot be bridged
             self._refuse("cannot_bridge")

@@ -215,7 +215,7 @@ class ItemPlayback:
 ITEM_HISTORY: Final = REPLY_HISTORY  # items whose playback a stream keeps, the most recently started
 # Marks awaiting their echo that a stream keeps.  Twilio echoes a mark once
 # the audio before it has played, about ``lead`` after it was sent, so this
-# many unechoed marks (minutes of audio at the bridge's 80 ms chunks) means a
+# many unechoed marks (80 s of audio at the bridge's 40 ms chunks) means a
 # carrier that does not echo them: ``send_chunk`` then sends its chunks with
 # no mark until echoes catch up, and the oldest cleared marks are forgotten,
 # so such a call's accounting stays bounded instead of growing with the call.

@@ -403,6 +403,24 @@ async def test_call_speech_while_silent_is_not_a_barge_in(autojump_clock: trio.t
 
 
 @fail_after(60)
+async def test_call_a_response_cut_before_its_first_audio_plays_none_of_it(autojump_clock: trio.testing.MockClock) -> None:
+    """The caller speaks while the model prepares its answer: that response is over, its late audio is dropped."""
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.ResponseStarted("resp_1"))
+        await trio.sleep(0.2)
+        link.emit(pv.SpeechStarted("user_1", 100))  # before any audio of resp_1
+        link.emit(pv.AudioDelta("item_1", audio(200), "resp_1"))  # in flight when the model cancelled it
+        link.emit(pv.AudioDone("item_1"), pv.ResponseDone("resp_1", "cancelled", "turn_detected"))
+        link.emit(pv.ResponseStarted("resp_2"), pv.AudioDelta("item_2", audio(120), "resp_2"), pv.AudioDone("item_2"))
+        await trio.sleep(1.0)
+        assert call.caller.received_audio == audio(120)  # only the next response
+        assert call.caller.clears == [] and link.truncates() == []  # nothing was playing: no clear, no truncate
+        assert call.bridge._generating == {}
+        assert call.bridge.stats.barge_ins == 0
+
+
+@fail_after(60)
 async def test_call_reply_latency_runs_from_speech_stopped_to_the_reply_s_first_chunk(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
