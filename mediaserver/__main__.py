@@ -6,7 +6,9 @@ import argparse
 import gc
 import importlib
 import logging
+import os
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,6 +104,17 @@ def freeze_startup_objects() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Whoever read our output went away (`mediaserver calls | head -3`): stop quietly, as other command-line
+        # tools do, with the status of a process SIGPIPE ended; stdout goes nowhere now, so the interpreter's own
+        # flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command in _COMMANDS:
         return int(importlib.import_module(_COMMANDS[args.command][0]).main(args))

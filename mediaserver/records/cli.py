@@ -75,6 +75,8 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
             )
             return 2
         return _run(args, store, out, err)
+    except BrokenPipeError:
+        raise  # (whoever read our output went away, `| head`: not the database's fault; main() ends quietly)
     except Exception as exc:  # the database failed mid-query
         print(f"mediaserver calls: cannot read the {store.description}: {exc}", file=err)
         return 2

@@ -154,3 +154,23 @@ def test_cli_bad_arguments_and_database(
     assert cli() == 2
     err = capsys.readouterr().err
     assert err.startswith("mediaserver calls: cannot connect to the PostgreSQL database") and "hunter2" not in err
+
+
+@pytest.mark.parametrize("args", [["calls"], ["calls", "--json"], ["calls", "show", "CA" + "1" * 32], ["settings"]])
+def test_cli_output_into_a_pipe_its_reader_closed_ends_quietly(
+    cli: Callable[..., int], args: list[str], tmp_path: Path
+) -> None:
+    """`mediaserver calls | head -1`: no traceback, no "cannot read the database", the status of SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    seed(cli.settings)  # type: ignore[attr-defined]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # (the reader went away before we wrote)
+    try:
+        done = subprocess.run([sys.executable, "-m", "mediaserver", *args], stdout=write_end, stderr=subprocess.PIPE,
+                              cwd=tmp_path, timeout=60)  # (no .env there)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr.decode()) == (141, "")
