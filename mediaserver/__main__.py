@@ -103,6 +103,14 @@ def freeze_startup_objects() -> int:
     return gc.get_freeze_count()
 
 
+# serve's flags and the settings they set
+_FLAG_SETTINGS = {
+    "host": "MEDIASERVER_HOST", "port": "MEDIASERVER_PORT", "provider": "MEDIASERVER_PROVIDER",
+    "public_url": "MEDIASERVER_PUBLIC_URL", "instance_url": "MEDIASERVER_INSTANCE_URL",
+    "log_level": "MEDIASERVER_LOG_LEVEL", "log_format": "MEDIASERVER_LOG_FORMAT",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -122,19 +130,17 @@ def _main(argv: Sequence[str] | None) -> int:
         for env, default, doc in Settings.describe():
             print(f"{env:32} {default:42} {doc}")
         return 0
+    flags = {name: getattr(args, name, None) for name in _FLAG_SETTINGS}
     try:
         load_dotenv_file(getattr(args, "env_file", None))
-        settings = Settings.from_env(
-            host=getattr(args, "host", None),
-            port=getattr(args, "port", None),
-            provider=getattr(args, "provider", None),
-            public_url=getattr(args, "public_url", None),
-            instance_url=getattr(args, "instance_url", None),
-            log_level=getattr(args, "log_level", None),
-            log_format=getattr(args, "log_format", None),
-        )
+        settings = Settings.from_env(**flags)
     except ConfigError as exc:
-        print(f"mediaserver: configuration error: {exc}", file=sys.stderr)
+        message = str(exc)
+        for name, value in flags.items():  # a value given as a flag: name the flag, not only the variable
+            env = _FLAG_SETTINGS[name]
+            if value is not None and message.startswith(env + " "):
+                message = f"--{name.replace('_', '-')} ({env}){message[len(env):]}"
+        print(f"mediaserver: configuration error: {message}", file=sys.stderr)
         return 2
     configure_logs(settings.log_level, settings.log_format)  # (before the tools load: they may log a warning)
     for name, meant in unknown_settings():
@@ -146,6 +152,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except ConfigError as exc:
         print(f"mediaserver: configuration error: {exc}", file=sys.stderr)
         return 2
+    _warn_unused(settings)
     if settings.development_mode:
         log.warning(
             "DEVELOPMENT MODE: TWILIO_AUTH_TOKEN is not set, so webhooks and media streams are NOT authenticated. "
@@ -186,6 +193,27 @@ def _main(argv: Sequence[str] | None) -> int:
             raise rest from None
         return 2
     return 0
+
+
+def _warn_unused(settings: Settings) -> None:
+    """Settings that do nothing as configured: a warning at start, not a surprise on a call."""
+    from mediaserver.twilio_rest import TwilioCredentials
+
+    if settings.api_key and TwilioCredentials.from_settings(settings) is None:
+        log.warning(
+            "MEDIASERVER_API_KEY is set, but POST /calls will answer 503 until Twilio REST credentials are: "
+            "TWILIO_ACCOUNT_SID with TWILIO_AUTH_TOKEN or an API key"
+        )
+    if settings.provider == "echo" and settings.agent_greeting:
+        log.warning("the echo agent has no voice of its own: AGENT_GREETING (and outbound greetings) are not spoken")
+    if settings.provider == "deepgram":
+        from mediaserver.protocol.providers.deepgram import THINK_PROVIDERS
+
+        if settings.deepgram_think_provider not in THINK_PROVIDERS:
+            log.warning(
+                "DEEPGRAM_THINK_PROVIDER=%r is not one Deepgram documents (%s): if Deepgram does not know it either, "
+                "every call's session will be refused", settings.deepgram_think_provider, ", ".join(sorted(THINK_PROVIDERS)),
+            )
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

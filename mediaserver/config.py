@@ -190,6 +190,8 @@ class Settings:
             url = getattr(self, name)
             if url is not None:
                 _check_ws_url(_env_name(name), url)
+        if self.elevenlabs_agent_id is not None and not re.fullmatch(r"[\w-]+", self.elevenlabs_agent_id, re.ASCII):
+            raise ConfigError(f"ELEVENLABS_AGENT_ID must be an agent id (letters, digits, _ and -), not {self.elevenlabs_agent_id[:60]!r}")
         if self.openai_audio not in ("pcmu", "pcm24k"):
             raise ConfigError(f"OPENAI_AUDIO_FORMAT must be pcmu or pcm24k, not {self.openai_audio!r}")
         if self.openai_turn_detection not in ("server_vad", "semantic_vad"):
@@ -215,6 +217,11 @@ class Settings:
             sid = getattr(self, name)
             if sid is not None and not re.fullmatch(prefix + "[0-9a-fA-F]{32}", sid):
                 raise ConfigError(f"{_env_name(name)} must be {prefix} followed by 32 hex digits, not {sid[:40]!r}")
+        if bool(self.twilio_api_key_sid) != bool(self.twilio_api_key_secret):  # (half an API key: REST calls would fail)
+            have, need = ("TWILIO_API_KEY_SID", "TWILIO_API_KEY_SECRET")[:: 1 if self.twilio_api_key_sid else -1]
+            raise ConfigError(f"{have} needs {need}: set both for Twilio REST requests (or neither)")
+        if self.twilio_api_key_sid and not self.twilio_account_sid:
+            raise ConfigError("TWILIO_API_KEY_SID needs TWILIO_ACCOUNT_SID, the account the key belongs to")
         if self.twilio_from_number is not None:
             from mediaserver.tools.builtins import E164
 
@@ -296,7 +303,8 @@ def _check_ws_url(env: str, url: str) -> None:
     if "@" in parts.netloc:
         raise ConfigError(
             f"{env} has a user name or password in it ({redact(url)!r}): they would not be sent; "
-            "give the provider's key in its own setting"
+            + ("put a token your model checks in the query instead (?token=...)" if env == "PCM_PROVIDER_URL"
+               else "give the provider's key in its own setting")
         )
 
 def _env_name(attr: str) -> str:

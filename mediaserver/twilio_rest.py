@@ -48,8 +48,9 @@ class TwilioRestError(Exception):
     """Twilio answered with an error, or could not be reached (``status`` 0).
 
     ``uncertain``: the request went out and no answer came (in time, or
-    before the connection broke), or the answer was a 5xx, so Twilio may
-    have acted on it (placed the call, redirected it): not a refusal.
+    before the connection broke), or the answer was a 5xx, or a 2xx whose
+    body is not the JSON object expected, so Twilio may have acted on it
+    (placed the call, redirected it): not a refusal.
     """
 
     def __init__(
@@ -181,8 +182,8 @@ class TwilioRest:
             payload = None
         if not 200 <= status < 300:
             raise _error_from(status, payload, raw)
-        if not isinstance(payload, dict):
-            raise TwilioRestError(status, f"expected a JSON object, got {raw[:80]!r}")
+        if not isinstance(payload, dict):  # a 2xx all the same: Twilio (or what answered for it) may have acted on it
+            raise TwilioRestError(status, f"expected a JSON object, got {raw[:80]!r}", uncertain=True)
         return payload
 
 

@@ -47,6 +47,8 @@ def test_config_reads_environment_and_overrides_win() -> None:
         ({"MEDIASERVER_CHUNK_MS": "0"}, r"MEDIASERVER_CHUNK_MS must be 20, 40, \.\.\. or 200, not 0"),
         ({"MEDIASERVER_CHUNK_MS": "220"}, r"MEDIASERVER_CHUNK_MS must be 20, 40, \.\.\. or 200, not 220"),
         ({"OPENAI_AUDIO_FORMAT": "pcm16"}, "OPENAI_AUDIO_FORMAT must be pcmu or pcm24k"),
+        ({"MEDIASERVER_PROVIDER": "elevenlabs", "ELEVENLABS_AGENT_ID": "bad id"},
+         r"ELEVENLABS_AGENT_ID must be an agent id \(letters, digits, _ and -\), not 'bad id'"),
         ({"MEDIASERVER_PUBLIC_URL": "example.com"}, "MEDIASERVER_PUBLIC_URL must start with https://"),
         ({"MEDIASERVER_PUBLIC_URL": "https://voice.example.com:443x"}, "MEDIASERVER_PUBLIC_URL is malformed"),
         ({"MEDIASERVER_PUBLIC_URL": "https://voice.example.com/?a=1"}, "MEDIASERVER_PUBLIC_URL must not have a query"),
@@ -60,6 +62,11 @@ def test_config_reads_environment_and_overrides_win() -> None:
         ({"TWILIO_ACCOUNT_SID": "garbage"}, "TWILIO_ACCOUNT_SID must be AC followed by 32 hex digits, not 'garbage'"),
         ({"TWILIO_API_KEY_SID": "AC" + "0" * 32}, "TWILIO_API_KEY_SID must be SK followed by 32 hex digits"),
         ({"TWILIO_FROM_NUMBER": "555-1234"}, r"TWILIO_FROM_NUMBER must be an E\.164 number"),
+        ({"TWILIO_API_KEY_SID": "SK" + "0" * 32, "TWILIO_ACCOUNT_SID": "AC" + "0" * 32},
+         "TWILIO_API_KEY_SID needs TWILIO_API_KEY_SECRET: set both"),
+        ({"TWILIO_API_KEY_SECRET": "s", "TWILIO_ACCOUNT_SID": "AC" + "0" * 32}, "TWILIO_API_KEY_SECRET needs TWILIO_API_KEY_SID"),
+        ({"TWILIO_API_KEY_SID": "SK" + "0" * 32, "TWILIO_API_KEY_SECRET": "s"},
+         "TWILIO_API_KEY_SID needs TWILIO_ACCOUNT_SID, the account the key belongs to"),
         ({"TWILIO_API_BASE": "garbage"}, "TWILIO_API_BASE must be an http:// or https:// URL"),
         ({"TWILIO_API_BASE": "ftp://api.twilio.com"}, "TWILIO_API_BASE must be an http:// or https:// URL"),
         ({"TWILIO_API_BASE": "https://api.twilio.com:abc"}, "TWILIO_API_BASE must be an http:// or https:// URL"),
@@ -96,7 +103,7 @@ def test_config_cli_instance_url_is_checked_before_starting(
 ) -> None:
     monkeypatch.delenv("MEDIASERVER_INSTANCE_URL", raising=False)
     assert main(["serve", "--env-file", "", "--instance-url", "a.example.com"]) == 2
-    assert "MEDIASERVER_INSTANCE_URL must be https://host" in capsys.readouterr().err
+    assert "error: --instance-url (MEDIASERVER_INSTANCE_URL) must be https://host" in capsys.readouterr().err  # (the flag given)
 
 
 def test_config_settings_command_lists_every_variable(capsys: pytest.CaptureFixture[str]) -> None:
@@ -111,7 +118,10 @@ def test_config_cli_a_bad_log_level_is_a_configuration_error_not_a_traceback(
 ) -> None:
     monkeypatch.delenv("MEDIASERVER_LOG_LEVEL", raising=False)
     assert main(["serve", "--env-file", "", "--log-level", "verbose"]) == 2
-    assert "MEDIASERVER_LOG_LEVEL must be one of" in capsys.readouterr().err
+    assert "error: --log-level (MEDIASERVER_LOG_LEVEL) must be one of" in capsys.readouterr().err
+    monkeypatch.setenv("MEDIASERVER_LOG_LEVEL", "verbose")  # the variable, no flag: named as before
+    assert main(["serve", "--env-file", ""]) == 2
+    assert "error: MEDIASERVER_LOG_LEVEL must be one of" in capsys.readouterr().err
     assert Settings.from_env({"MEDIASERVER_LOG_LEVEL": "debug", "MEDIASERVER_LOG_FORMAT": "json"}).log_format == "json"
     for level in ("warn", "CRITICAL", "Error"):
         assert Settings.from_env({"MEDIASERVER_LOG_LEVEL": level, "MEDIASERVER_LOG_FORMAT": "JSON"}).log_level == level
@@ -347,7 +357,8 @@ def test_config_a_bare_key_in_env_file_takes_the_environment_s_value(
         ("https://m.example/talk?token=SECRET123", "must be a ws:// or wss:// URL, not 'https://m.example/talk'"),
         ("ws://", "has no host: 'ws://'"),
         ("ws://m.example:99999/talk?token=SECRET123", "has a malformed host or port: 'ws://m.example:99999/talk'"),
-        ("wss://user:SECRET123@m.example/talk", "has a user name or password in it ('wss://m.example/talk')"),
+        ("wss://user:SECRET123@m.example/talk", "has a user name or password in it ('wss://m.example/talk'): they "
+         "would not be sent; put a token your model checks in the query instead (?token=...)"),  # (pcm has no key setting)
         ("ws://m.example:0/talk?token=SECRET123", "has port 0: 'ws://m.example:0/talk'"),
     ],
 )
@@ -375,3 +386,29 @@ def test_config_repr_leaves_out_keys_tokens_and_urls_with_passwords() -> None:
     assert "SECRET" not in repr(settings) and "provider='echo'" in repr(settings)
     credentials = TwilioCredentials("AC" + "1" * 32, "AC" + "1" * 32, "SECRETB")
     assert "SECRET" not in repr(credentials)
+
+
+def test_settings_that_do_nothing_as_configured_are_warned_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    from mediaserver.__main__ import _warn_unused
+
+    caplog.set_level("WARNING", logger="mediaserver")
+    _warn_unused(Settings(api_key="k", agent_greeting="Hello!"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "MEDIASERVER_API_KEY is set, but POST /calls will answer 503 until Twilio REST credentials are: "
+        "TWILIO_ACCOUNT_SID with TWILIO_AUTH_TOKEN or an API key",
+        "the echo agent has no voice of its own: AGENT_GREETING (and outbound greetings) are not spoken",
+    ]
+    caplog.clear()
+    _warn_unused(Settings(provider="deepgram", deepgram_api_key="k", deepgram_think_provider="bogus"))
+    [unknown] = [r.getMessage() for r in caplog.records]
+    assert unknown.startswith("DEEPGRAM_THINK_PROVIDER='bogus' is not one Deepgram documents (anthropic, aws_bedrock, ")
+    caplog.clear()
+    _warn_unused(Settings(api_key="k", twilio_account_sid="AC" + "0" * 32, twilio_auth_token="t", agent_greeting="Hi",
+                          provider="openai", openai_api_key="k"))
+    _warn_unused(Settings(provider="deepgram", deepgram_api_key="k", deepgram_think_provider="anthropic"))
+    assert caplog.records == []
+
+
+def test_config_credentials_in_a_keyed_providers_url_point_at_its_key_setting() -> None:
+    with pytest.raises(ConfigError, match=r"OPENAI_REALTIME_URL has a user name .*give the provider's key in its own setting"):
+        Settings.from_env({"MEDIASERVER_PROVIDER": "openai", "OPENAI_API_KEY": "k", "OPENAI_REALTIME_URL": "wss://u:p@h/x"})

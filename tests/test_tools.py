@@ -463,6 +463,23 @@ def test_tools_load_module_and_builtins(tools_module: Callable[[str], str]) -> N
     assert load_toolset(Settings(tools_module=none)).names == ("add", "slow", "broken", "read_pin")
 
 
+def test_tools_transfer_numbers_without_rest_credentials_say_why_transfer_call_is_off(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mediaserver.tools as tools_package
+
+    monkeypatch.setattr(tools_package, "_WARNED", set())
+    caplog.set_level(logging.WARNING, logger="mediaserver")
+    assert load_toolset(Settings(transfer_numbers="+15557654321")).names == ("end_call",)
+    assert [r.getMessage() for r in caplog.records] == [
+        "transfer_call is not offered: MEDIASERVER_TRANSFER_NUMBERS is set, but transfers need Twilio REST credentials "
+        "(TWILIO_ACCOUNT_SID with TWILIO_AUTH_TOKEN or an API key)"
+    ]
+    caplog.clear()
+    assert load_toolset(Settings()).names == ("end_call",)  # (neither set: nothing to say)
+    assert caplog.records == []
+
+
 def test_tools_loading_errors_are_config_errors(tools_module: Callable[[str], str]) -> None:
     with pytest.raises(ConfigError, match=r"^MEDIASERVER_TOOLS=no_such_module_xyz: cannot import it: ModuleNotFoundError") as e:
         load_module_tools("no_such_module_xyz")

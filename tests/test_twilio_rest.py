@@ -147,6 +147,18 @@ async def test_twilio_rest_a_5xx_answer_is_uncertain_not_a_refusal(status: int) 
 
 
 @fail_after(10)
+async def test_twilio_rest_a_2xx_answer_that_is_not_json_is_uncertain_not_a_refusal() -> None:
+    """A 2xx says the request was taken: whatever its body, the call may have been placed (retrying could call twice)."""
+    async with fake_twilio() as fake:
+        fake.html_next = b"<html>hi</html>"
+        with pytest.raises(TwilioRestError) as info:
+            await client_for(fake).create_call(to="+15551234567", from_="+15559876543", url="https://x.example/t")
+    assert (info.value.status, info.value.uncertain) == (201, True)  # (Twilio's status for a call created)
+    assert "expected a JSON object, got b'<html>hi</html>'" in str(info.value)
+    assert len(fake.requests) == 1
+
+
+@fail_after(10)
 async def test_twilio_rest_wrong_credentials_are_reported() -> None:
     async with fake_twilio() as fake:
         with pytest.raises(TwilioRestError, match=r"^Twilio error 20003 \(HTTP 401\): Authenticate"):

@@ -112,6 +112,7 @@ class FakeTwilioRest:
     fail_next: TwilioError | None = None
     port: int | None = None
     answer_delay_s: float = 0.0  # Twilio acts on a request at once, but its answer may take this long to come
+    html_next: bytes | None = None  # the next request acted on, but answered 200 with this page (a proxy's, say)
 
     def __post_init__(self) -> None:
         self._sids = itertools.count(1)
@@ -157,12 +158,14 @@ class FakeTwilioRest:
         status, answer = self._handle(request, bytes(body))
         if self.answer_delay_s:
             await trio.sleep(self.answer_delay_s)
-        payload = json.dumps(answer).encode()
+        payload, content_type = json.dumps(answer).encode(), "application/json"
+        if self.html_next is not None and 200 <= status < 300:
+            payload, content_type, self.html_next = self.html_next, "text/html", None
         await stream.send_all(
             conn.send(
                 h11.Response(
                     status_code=status,
-                    headers=[("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
+                    headers=[("Content-Type", content_type), ("Content-Length", str(len(payload))),
                              ("Connection", "close")],
                 )
             )

@@ -32,6 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     show = sub.add_parser("show", help="one call with its transcript")
     show.add_argument("sid", help="the call SID (CA...)")
     show.add_argument("--json", dest="show_json", action="store_true", help="print JSON")
+    show.add_argument("--env-file", dest="show_env_file", help="as --env-file before 'show'")
 
 
 def _positive(text: str) -> int:
@@ -48,7 +49,8 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     try:
-        load_dotenv_file(args.env_file)
+        show_env_file = getattr(args, "show_env_file", None)
+        load_dotenv_file(show_env_file if show_env_file is not None else args.env_file)
         # Only the database settings matter here: do not insist on a provider's key.
         settings = Settings.from_env(provider="echo")
     except ConfigError as exc:

@@ -107,6 +107,11 @@ def load_toolset(settings: Settings) -> ToolSet:
                     )
                 if has_rest:
                     _warn_once("transfer_call is not offered: set MEDIASERVER_TRANSFER_NUMBERS to the numbers it may dial")
+                elif settings.transfer_numbers:
+                    _warn_once(
+                        "transfer_call is not offered: MEDIASERVER_TRANSFER_NUMBERS is set, but transfers need Twilio "
+                        "REST credentials (TWILIO_ACCOUNT_SID with TWILIO_AUTH_TOKEN or an API key)"
+                    )
                 continue
             assert settings.transfer_numbers is not None
             tools.append(transfer_tool(parse_transfer_numbers(settings.transfer_numbers)))

@@ -174,3 +174,15 @@ def test_cli_output_into_a_pipe_its_reader_closed_ends_quietly(
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr.decode()) == (141, "")
+
+
+def test_cli_show_takes_env_file_after_the_sid_too(cli: Callable[..., int], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken.env"
+    broken.write_text("NOT A SETTING LINE\n")
+    assert cli("show", "CA" + "1" * 32, "--env-file", str(broken)) == 2  # the file was read (and refused)
+    assert "broken.env' line 1: not KEY=value" in capsys.readouterr().err
+    seed(cli.settings)  # type: ignore[attr-defined]
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    assert cli("show", "CA" + "1" * 32, "--env-file", str(empty)) == 0

@@ -107,9 +107,11 @@ from .base import (
     WireMessage,
 )
 
-__all__ = ["DEFAULT_URL", "DeepgramAgentConfig", "DeepgramAgentSession", "DeepgramState"]
+__all__ = ["DEFAULT_URL", "THINK_PROVIDERS", "DeepgramAgentConfig", "DeepgramAgentSession", "DeepgramState"]
 
 DEFAULT_URL: Final = "wss://agent.deepgram.com/v1/agent/converse"
+# The think provider types the SDK knows (union ThinkSettingsV1Provider): others may come, so not enforced.
+THINK_PROVIDERS: Final = frozenset({"open_ai", "anthropic", "google", "groq", "aws_bedrock", "deepgram"})
 
 _FORMAT: Final = AudioFormat("pcmu", 8000)
 _KEEPALIVE: Final = '{"type":"KeepAlive"}'
