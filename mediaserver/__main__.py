@@ -113,7 +113,9 @@ _FLAG_SETTINGS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _main(argv)
+        status = _main(argv)
+        sys.stdout.flush()  # (here, not at the interpreter's exit: a closed pipe must meet the handler below)
+        return status
     except BrokenPipeError:
         # Whoever read our output went away (`mediaserver calls | head -3`): stop quietly, as other command-line
         # tools do, with the status of a process SIGPIPE ended; stdout goes nowhere now, so the interpreter's own

@@ -83,8 +83,9 @@ MAX_UNKNOWN_TYPES = 32  # unknown provider message types logged per call (one li
 MAX_DTMF_BATCH = 64  # keypad digits told to the model in one message at most
 DIGITS_MARGIN_S = 0.5  # next_digits returns this long before the tool's time limit, with what has arrived
 TRANSFER_REQUEST_S = 5.0  # transfer() keeps this much of the tool's time limit for Twilio's REST request
-# Once the call is ending (Twilio's stop: the transfer itself ends the stream), the transfer's REST request has this
-# long left for its answer: it is on its way or done, and the call's model socket must not wait up to 15 s for it.
+# Once the call is ending (Twilio's stop: the transfer itself ends the stream; or its maximum length), the transfer's
+# REST request has this long left for its answer: it is on its way or done, and the call's model socket must not wait
+# up to 15 s for it.
 TRANSFER_GRACE_S = 0.25
 
 _MEDIA, _STOP, _OTHER, _BARGE = object(), object(), object(), object()
@@ -323,7 +324,8 @@ class CallBridge:
         self._gone_reason: str | None = None  # why, while what it said plays out (_play_out)
         self._provider_done = trio.Event()  # the provider reader has returned
         self._hang_up_scope: trio.CancelScope | None = None  # an end_call's hang-up, waiting for the goodbye
-        self._transfer_scope: trio.CancelScope | None = None  # a transfer's REST request, shielded (_end shortens it)
+        self._transfer_scopes: set[trio.CancelScope] = set()  # transfers' REST requests, shielded (_end shortens them)
+        self._limit_s = math.inf  # when the call reaches its maximum length (trio time; set by run)
         self._hang_up_call: str | None = None  # the tool call that asked for it (the model may withdraw it)
         self._digits: _DigitCollector | None = None
         self._dtmf_text: list[str] = []
@@ -351,28 +353,26 @@ class CallBridge:
     async def run(self) -> CallStats:
         """Bridge until the call ends; returns the call's statistics."""
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._twilio_reader)
-                nursery.start_soon(self._idle_watchdog)
-                nursery.start_soon(self._provider_reader)
-                nursery.start_soon(self._pacer)
-                nursery.start_soon(self._length_limit)
+            with trio.move_on_after(self.max_call_s) as limit:  # (tools see the deadline: a transfer keeps time for it)
+                self._limit_s = limit.deadline
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._twilio_reader)
+                    nursery.start_soon(self._idle_watchdog)
+                    nursery.start_soon(self._provider_reader)
+                    nursery.start_soon(self._pacer)
+            if limit.cancelled_caught:
+                self._end(f"maximum call length {self.max_call_s:g} s")
         finally:
             self._nursery = None
         return self.stats
-
-    async def _length_limit(self) -> None:
-        await trio.sleep(self.max_call_s)
-        self._end(f"maximum call length {self.max_call_s:g} s")
 
     def _end(self, reason: str) -> None:
         if self.end_reason == "running":
             self.end_reason = reason
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
-        transfer = self._transfer_scope
-        if transfer is not None:  # (shielded: the call's cancellation does not reach it)
+        for transfer in self._transfer_scopes:  # (shielded: the call's cancellation does not reach them)
             transfer.deadline = min(transfer.deadline, trio.current_time() + TRANSFER_GRACE_S)
 
     async def _send_twilio(self, command: tw.TwilioCommand) -> None:
@@ -707,7 +707,7 @@ class CallBridge:
         if isinstance(event, pv.AudioDelta):
             if event.item_id not in self._interrupted:
                 if event.response_id is not None and event.response_id == self._cut_response:
-                    self._interrupted.add(event.item_id)  # the first audio of a response cut before it had any
+                    self._cut_unheard(event.item_id, len(event.payload))  # a response cut before it had audio
                 else:
                     self._generating[event.item_id] = None
                     self._downlink(event.item_id, event.payload)
@@ -718,7 +718,8 @@ class CallBridge:
             if not event.by_caller:  # the model stopped its own reply: the same cut, not the caller's barge-in
                 self._model_cut = True
                 return _BARGE
-            self._speech_stopped_s = None  # the caller goes on: the reply latency counts from their next stop
+            if event.speech_began:
+                self._speech_stopped_s = None  # the caller goes on: the reply latency counts from their next stop
             if event.item_id is not None:  # (the caller's transcript may come after the reply's: order by this)
                 self.stats.transcript.began("user", event.item_id, self._now() - self.stats.started_s)
             return _BARGE
@@ -997,12 +998,17 @@ class CallBridge:
         # The request has what is left of the tool's time (at least TRANSFER_REQUEST_S), not the REST client's own
         # 15 s: the caller hears nothing meanwhile.
         request_s = max(TRANSFER_REQUEST_S, trio.current_effective_deadline() - self._now())
+        await trio.lowlevel.checkpoint_if_cancelled()  # (a call already ending asks Twilio for nothing)
+        # Shielded: once asked, Twilio transfers, so the call must end here too -- but when the call ends meanwhile
+        # (Twilio stops the stream for the transfer; its maximum length), the answer gets TRANSFER_GRACE_S more.
+        scope = trio.CancelScope(shield=True, deadline=self._limit_s + TRANSFER_GRACE_S)
+        if self.end_reason != "running":
+            scope.deadline = min(scope.deadline, trio.current_time() + TRANSFER_GRACE_S)
+        self._transfer_scopes.add(scope)
         try:
-            # Shielded: once asked, Twilio transfers, so the call must end here too -- but when the call is already
-            # ending (Twilio stops the stream for the transfer), _end leaves the answer TRANSFER_GRACE_S.
-            with trio.CancelScope(shield=True) as self._transfer_scope:
+            with scope:
                 await self.rest.update_call(self.call_sid, twiml=dial_twiml(to), timeout_s=min(request_s, 15.0))
-            if self._transfer_scope.cancelled_caught:
+            if scope.cancelled_caught:
                 log.info("call %s: transfer to %s: the call ended before Twilio answered (it is likely under way)",
                          self.call_sid, to)
                 raise ToolError(f"the call ended before Twilio answered: the transfer to {to} is likely under way")
@@ -1013,7 +1019,7 @@ class CallBridge:
             log.error("call %s: transfer to %s failed: %s", self.call_sid, to, exc)
             raise ToolError(f"the transfer failed: {exc}") from exc
         finally:
-            self._transfer_scope = None
+            self._transfer_scopes.discard(scope)
         log.info("call %s: transferred to %s", self.call_sid, to)
         self._end(f"transferred to {to}")  # Twilio now runs <Dial>; the stream is over
 
@@ -1238,6 +1244,26 @@ class CallBridge:
             if sent:  # (as _pace_now: a chunk the stopped stream did not take is not counted)
                 self._chunk_sent(chunk, slot_s, now)
             self._writing = None
+
+    def _cut_unheard(self, item: str, n_bytes: int) -> None:
+        """The first audio of ``item``, of a response the caller cut before any of its audio came: none of it plays.
+
+        As for an item cut while playing, the model hears that the caller
+        heard none of it (``Truncate`` at 0 ms) and the record says so.
+        """
+        self._interrupted.add(item)
+        self.stats.transcript.cut(item, 0, n_bytes // self.link.output_format.bytes_per_ms)
+        log.info("call %s: %s arrived after the caller cut its response; cut at 0 ms", self.call_sid, item)
+        if self._nursery is not None and not self._model_gone:
+            self._nursery.start_soon(self._truncate_unheard, item)
+
+    async def _truncate_unheard(self, item: str) -> None:
+        try:
+            await self.link.send(pv.Truncate(item, 0))
+        except ProviderClosed as exc:
+            self._provider_closed(exc)
+            return
+        self.stats.truncations += 1
 
     async def _barge_in(self) -> None:
         """The caller started talking: stop the agent now, cut its reply at what was heard."""

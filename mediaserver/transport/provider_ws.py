@@ -114,7 +114,8 @@ class WebSocketLink:
 
     async def send_closing(self) -> None:
         """The core's closing messages (AssemblyAI's ``session.end``), just before the close: best effort, the model may be gone."""
-        messages = self.session.closing_messages()
+        closing = getattr(self.session, "closing_messages", None)  # (a session written before the hook: none)
+        messages = closing() if closing is not None else ()
         if messages and not self._ws.write_failed:
             try:
                 await self._send_all(messages)

@@ -413,11 +413,15 @@ async def test_call_a_response_cut_before_its_first_audio_plays_none_of_it(autoj
         link.emit(pv.AudioDelta("item_1", audio(200), "resp_1"))  # in flight when the model cancelled it
         link.emit(pv.AudioDone("item_1"), pv.ResponseDone("resp_1", "cancelled", "turn_detected"))
         link.emit(pv.ResponseStarted("resp_2"), pv.AudioDelta("item_2", audio(120), "resp_2"), pv.AudioDone("item_2"))
+        link.emit(pv.Transcript("assistant", "Hello there, how can I help", True, "item_1"))
         await trio.sleep(1.0)
         assert call.caller.received_audio == audio(120)  # only the next response
-        assert call.caller.clears == [] and link.truncates() == []  # nothing was playing: no clear, no truncate
+        assert call.caller.clears == []  # nothing was playing: no clear
+        assert [(t.item_id, t.audio_end_ms) for t in link.truncates()] == [("item_1", 0)]  # the model: nothing heard
         assert call.bridge._generating == {}
         assert call.bridge.stats.barge_ins == 0
+        [turn] = [t for t in call.bridge.stats.transcript.turns() if t.role == "assistant"]
+        assert (turn.text, turn.interrupted, turn.heard_ms) == ("", True, 0)  # the record: nothing heard
 
 
 @fail_after(60)
@@ -450,6 +454,25 @@ async def test_call_reply_latency_runs_from_speech_stopped_to_the_reply_s_first_
         assert reply.count == 2  # one sample per reply, not per chunk
         assert reply.total_s == pytest.approx(0.7 + 1.25, abs=EXACT)
         assert reply.cumulative()[:4] == [0, 0, 1, 1]  # 0.7 s at or below 0.75; 1.25 s above 1.0
+
+
+@fail_after(60)
+async def test_call_reply_latency_counts_on_through_a_cut_decided_after_the_caller_stopped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """AssemblyAI: the caller stops, then the server cuts its reply (speech_began False): the answer is still timed."""
+    link = FakeLink()
+    async with bridged(link) as call:
+        link.emit(pv.ResponseStarted("r1"), pv.AudioDelta("r1", audio(2000), "r1"))
+        await trio.sleep(0.5)
+        link.emit(pv.SpeechStopped(None, None))
+        await trio.sleep(0.1)
+        link.emit(pv.SpeechStarted(None, None, speech_began=False), pv.AudioDone("r1"), pv.ResponseDone("r1", "interrupted", None))
+        await trio.sleep(0.3)
+        link.emit(pv.ResponseStarted("r2"), pv.AudioDelta("r2", audio(200), "r2"), pv.AudioDone("r2"))
+        await trio.sleep(1.0)
+        assert call.bridge.stats.barge_ins == 1 and call.bridge.stats.reply.count == 1
+        assert call.bridge.stats.reply.max_s == pytest.approx(0.4, abs=0.01)  # the stop to r2's first chunk
 
 
 @fail_after(60)
@@ -764,6 +787,37 @@ async def test_call_a_transfer_still_awaiting_twilio_does_not_hold_the_ending_ca
         await call.done.wait()
         assert call.ended_s is not None and call.ended_s - ending_s == pytest.approx(TRANSFER_GRACE_S, abs=0.01)
         assert call.bridge.end_reason == ("twilio sent stop" if ending == "stop" else "maximum call length 3 s")
+
+
+@fail_after(60)
+async def test_call_a_transfer_asked_for_as_the_call_ends_is_not_made(autojump_clock: trio.testing.MockClock) -> None:
+    """The transfer's tool starts as the call ends (a fatal error in the same batch): the call's end is not held up
+    by a request to Twilio."""
+    asked: list[str] = []
+
+    class Rest:
+        async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
+            asked.append(twiml)
+            await trio.sleep(10)
+
+    @tool
+    async def transfer_out(call: CallContext) -> str:
+        """Transfer."""
+        await call.transfer("+15551234567")
+        return "transferred"
+
+    link = FakeLink()
+    async with bridged(link, tools=ToolSet([transfer_out]), tool_timeout_s=30.0, rest=Rest()) as call:
+        link.emit(pv.ResponseStarted("resp_1"), pv.ResponseDone("resp_1", "completed", None))  # (nothing playing)
+        await trio.sleep(0.5)
+        ending_s = trio.current_time()
+        link.emit(pv.ToolCall("c1", "transfer_out", "{}"), pv.ProviderError("boom", fatal=True))
+        await call.done.wait()
+        # (Whether the tool's task reached Twilio before the error was read depends on scheduling: either way the
+        # call ends at once, or TRANSFER_GRACE_S after a request already out.)
+        assert len(asked) <= 1
+        assert call.ended_s is not None and call.ended_s - ending_s <= TRANSFER_GRACE_S + 1e-9
+        assert call.bridge.end_reason == "provider error: boom"
 
 
 @fail_after(60)

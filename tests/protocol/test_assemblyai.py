@@ -182,7 +182,7 @@ def test_assemblyai_the_barge_in_is_the_interrupted_reply_done_not_the_callers_s
         pv.AudioDelta("r1", b"\x01" * 100, "r1"),
         pv.Other("input.speech.started", speech),  # maybe a back-channel: the server decides
         pv.AudioDelta("r1", b"\x02" * 50, "r1"),
-        pv.SpeechStarted(None, None),  # the server's barge-in
+        pv.SpeechStarted(None, None, speech_began=False),  # the server's barge-in
         pv.AudioDone("r1", "r1"),
         pv.ResponseDone("r1", "interrupted", None),
         pv.SpeechStopped(None, None),
@@ -205,7 +205,7 @@ def test_assemblyai_a_bare_reply_done_ends_the_reply_in_progress_as_completed() 
     events = receive(session, started("r1"), ev("reply.done"))
     assert events[1:] == [pv.AudioDone("r1", "r1"), pv.ResponseDone("r1", "completed", None)]
     events = receive(session, started("r2"), ev("reply.done", status="interrupted"))
-    assert events[1:] == [pv.SpeechStarted(None, None), pv.AudioDone("r2", "r2"), pv.ResponseDone("r2", "interrupted", None)]
+    assert events[1:] == [pv.SpeechStarted(None, None, speech_began=False), pv.AudioDone("r2", "r2"), pv.ResponseDone("r2", "interrupted", None)]
     with pytest.raises(RemoteProtocolError, match="no reply in progress"):
         receive(session, ev("reply.done"))
 
@@ -219,7 +219,7 @@ def test_assemblyai_an_interrupted_reply_withdraws_its_tool_calls_answered_or_no
     events = receive(session, ev("input.speech.started"), done("r1", "interrupted"))
     withdrawn = [e for e in events if isinstance(e, pv.ToolCallsCancelled)]
     assert [e.call_ids for e in withdrawn] == [("call-1", "call-2")]
-    assert events.index(withdrawn[0]) == events.index(pv.SpeechStarted(None, None)) + 1
+    assert events.index(withdrawn[0]) == events.index(pv.SpeechStarted(None, None, speech_began=False)) + 1
     assert session.send(pv.ToolResult("call-2", "late")) == []  # dropped, as the docs say
     assert not any(isinstance(e, pv.ToolCallsCancelled) for e in receive(session, started("r2"), done("r2", "interrupted")))
 

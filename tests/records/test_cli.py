@@ -169,8 +169,9 @@ def test_cli_output_into_a_pipe_its_reader_closed_ends_quietly(
     read_end, write_end = os.pipe()
     os.close(read_end)  # (the reader went away before we wrote)
     try:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (buffered, as in a user's shell)
         done = subprocess.run([sys.executable, "-m", "mediaserver", *args], stdout=write_end, stderr=subprocess.PIPE,
-                              cwd=tmp_path, timeout=60)  # (no .env there)
+                              cwd=tmp_path, env=env, timeout=60)  # (no .env there)
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr.decode()) == (141, "")

@@ -328,7 +328,7 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
         self._done_is_latest = status == "completed"
         if status == "interrupted":
             self._dropped_replies.add(reply_id)
-            events.append(SpeechStarted(item_id=None, audio_start_ms=None))  # the server's barge-in
+            events.append(SpeechStarted(None, None, speech_began=False))  # the server's barge-in, maybe after the stop
             withdrawn = self._reply_calls.pop(reply_id, None)
             if withdrawn:
                 events.append(ToolCallsCancelled(tuple(withdrawn), raw))

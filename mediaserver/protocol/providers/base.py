@@ -164,11 +164,16 @@ class SpeechStarted:
     (audio we sent since the session began), when the provider reports it.
     ``by_caller`` False: the model stopped its own reply (the ``pcm``
     protocol's ``clear``): handled the same, but not counted as a barge-in.
+    ``speech_began`` False: the provider decided the cut later than the
+    caller began to speak, maybe after they stopped (AssemblyAI's
+    interrupted ``reply.done``): the reply latency goes on counting from
+    the caller's last stop.
     """
 
     item_id: str | None
     audio_start_ms: int | None
     by_caller: bool = True
+    speech_began: bool = True
 
 
 @dataclass(frozen=True, slots=True)
