@@ -23,7 +23,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
-from hypercorn.events import Event, Updated
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, ASGISendEvent, Scope
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
@@ -65,6 +66,9 @@ def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+CLOSE_LIMIT_S = 2.0  # the shielded steps below (a timer's restart; closing the socket) take microseconds: a bound only
+
+
 class _TCPServer(TCPServer):
     """Hypercorn's connection, with its idle timer re-armed after every response.
 
@@ -74,15 +78,55 @@ class _TCPServer(TCPServer):
     was never re-armed: a client that sent one request and then nothing
     held its connection (and a file descriptor) for ever.  Shielded, the
     re-arming completes and the connection closes after
-    ``keep_alive_timeout`` as configured.
+    ``keep_alive_timeout`` as configured.  The same cancellation stopped
+    the close after an answer that says ``Connection: close`` half-way
+    (before the socket was closed): it is shielded too.
     """
 
     async def protocol_send(self, event: Event) -> None:
-        if isinstance(event, Updated):
-            with trio.CancelScope(shield=True):
+        if isinstance(event, Updated | Closed):  # (Closed: the close that follows a "Connection: close" answer)
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_LIMIT_S):
                 await super().protocol_send(event)
+        elif isinstance(event, RawData):
+            try:
+                await super().protocol_send(event)
+            except trio.BusyResourceError:  # (the connection is closing meanwhile: as a closed one)
+                await self.protocol.handle(Closed())
         else:
             await super().protocol_send(event)
+
+
+def close_after_unread_body(app: ASGIFramework) -> ASGIFramework:
+    """An HTTP answer sent before its request's body was all read says ``Connection: close``.
+
+    Hypercorn would otherwise keep reading the rest of that body to reuse
+    the connection -- a 404 at once, or the 408 of a body that trickles in,
+    and the client's next byte every few seconds holds the connection and
+    its file descriptor for as long as it likes (its declared length may be
+    a megabyte).  Closed after the answer, it cannot.
+    """
+
+    async def guarded(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        unread = [headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers]
+
+        async def receive_counting() -> ASGIReceiveEvent:
+            event = await receive()
+            if event["type"] == "http.disconnect" or (event["type"] == "http.request" and not event.get("more_body")):
+                unread[0] = False
+            return event
+
+        async def send_closing(event: ASGISendEvent) -> None:
+            if event["type"] == "http.response.start" and unread[0]:
+                event = {**event, "headers": [*event.get("headers", ()), (b"connection", b"close")]}
+            await send(event)
+
+        await app(scope, receive_counting, send_closing)
+
+    return guarded
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -138,7 +182,7 @@ async def _serve(
 ) -> None:
     calls = CallManager(settings, recorder=recorder)
     config = hypercorn_config(settings)
-    app = wrap_app(create_app(settings, calls), config.wsgi_max_body_size, "asgi")
+    app = wrap_app(close_after_unread_body(create_app(settings, calls)), config.wsgi_max_body_size, "asgi")
     config.set_statsd_logger_class(StatsdLogger)
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(app, config, lifespan_state)

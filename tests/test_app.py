@@ -766,6 +766,62 @@ async def test_app_a_webhook_body_that_trickles_in_is_cut_off(monkeypatch: pytes
                     response += chunk
             assert response.startswith(b"HTTP/1.1 408"), response[:80]
             assert trio.current_time() - started < 2.0
+            # ... and its connection is closed: trickling on holds nothing (Hypercorn would read the rest to reuse it).
+            assert await _closed_while_trickling(stream)
+
+
+async def _closed_while_trickling(stream: trio.SocketStream) -> bool:
+    """True if the server closes ``stream`` within 2 s while a byte of the body goes every 0.2 s."""
+    with trio.move_on_after(2):
+        async with trio.open_nursery() as nursery:
+            async def trickle() -> None:
+                while True:
+                    await trio.sleep(0.2)
+                    try:
+                        await stream.send_all(b"x")
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+
+            nursery.start_soon(trickle)
+            while True:
+                try:
+                    data = await stream.receive_some(4096)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    nursery.cancel_scope.cancel()
+                    return True
+    return False
+
+
+@fail_after(15)
+@pytest.mark.parametrize("path", ["/nonexistent", "/healthz", "/twiml"])
+async def test_app_an_answer_before_the_body_was_read_closes_the_connection(path: str) -> None:
+    """A 404 (405, 403, ...) sent at once with a megabyte still to come: the connection closes, nothing is held."""
+    async with running(base_settings(twilio_auth_token="tok")) as url:  # (signed: /twiml answers 403 at once)
+        port = int(url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\nx".encode())
+            response = b""
+            with trio.move_on_after(3):
+                while b"\r\n\r\n" not in response:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    response += chunk
+            assert response.startswith(b"HTTP/1.1 4"), response[:80]
+            assert b"connection: close" in response.lower()
+            assert await _closed_while_trickling(stream)
+        # A request whose body was read whole keeps its connection for the next one (keep-alive as before).
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            for _ in range(2):
+                await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                response = b""
+                while b'"status"' not in response:
+                    response += await stream.receive_some(4096)
+                assert response.startswith(b"HTTP/1.1 200") and b"connection: close" not in response.lower()
 
 
 @fail_after(10)
