@@ -75,6 +75,7 @@ class _Slot:
     link: ProviderLink | None = None
     error: str | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancelled to retire an unclaimed slot
+    tokens: list[str] = field(default_factory=list)  # every answer's token for it (the webhook again: one more)
 
     def retire(self, reason: str) -> None:
         """Close this unclaimed slot's session; a stream that still comes for it is hung up with ``reason``."""
@@ -127,7 +128,11 @@ class CallManager:
     @property
     def pending(self) -> int:
         """Pre-opened sessions still waiting for their media stream."""
-        return sum(1 for slot in self._slots.values() if slot.error is None and not slot.claimed.is_set())
+        return sum(1 for slot in self._unique_slots() if slot.error is None and not slot.claimed.is_set())
+
+    def _unique_slots(self) -> list[_Slot]:
+        """Each pending or live session once (a call answered twice has two tokens for one)."""
+        return list({id(slot): slot for slot in self._slots.values()}.values())
 
     def metrics(self) -> CallTotals:
         """The ended calls' totals plus every running call's counts so far (a copy)."""
@@ -181,7 +186,7 @@ class CallManager:
             self._refuse("shutting_down")
             return None
         # (sessions waiting for their stream, failed ones included; a live call's slot is not counted)
-        if sum(1 for slot in self._slots.values() if not slot.claimed.is_set()) >= MAX_PENDING:
+        if sum(1 for slot in self._unique_slots() if not slot.claimed.is_set()) >= MAX_PENDING:
             self._refuse("too_many_pending")
             return None
         seen = self._seen_call(call_sid)
@@ -193,17 +198,24 @@ class CallManager:
             log.warning("call %s: webhook refused: %s (a replayed request?)", call_sid, why)
             return None
         seen.webhooks += 1
-        earlier = self._slots.get(seen.token or "")
-        if earlier is not None and not earlier.claimed.is_set():
-            # The webhook again for a call whose stream has not come (Twilio retried it, or a fallback URL
-            # pointed here): only the newest answer's stream can come, so the earlier session would only bill.
-            log.info("call %s: webhook again before its stream; closing the session opened for the first", call_sid)
-            earlier.retire("replaced by a later webhook for the same call")
         token = secrets.token_urlsafe(24)
-        slot = _Slot(call_sid, agent or self.agent)
+        earlier = self._slots.get(seen.token or "")
+        if earlier is not None and not earlier.claimed.is_set() and earlier.error is None:
+            # The webhook again for a call whose stream has not come (Twilio retried it, a fallback URL pointed
+            # here -- or someone replays a leaked signed webhook): the same session, one more token for it.  The
+            # first stream to come with either token gets it; retiring the first answer's session would let a
+            # replay hang up the real call.
+            log.info("call %s: webhook again before its stream; its session takes either answer's token", call_sid)
+            earlier.tokens.append(token)
+            self._slots[token] = earlier
+            seen.token = token
+            return token
+        if earlier is not None and not earlier.claimed.is_set():
+            earlier.retire("replaced by a later webhook for the same call")  # (it failed: a new session is tried)
+        slot = _Slot(call_sid, agent or self.agent, tokens=[token])
         self._slots[token] = slot
         seen.token = token
-        self._nursery.start_soon(self._preopen, token, slot)
+        self._nursery.start_soon(self._preopen, slot)
         return token
 
     def withdraw(self, token: str, reason: str) -> None:
@@ -240,13 +252,13 @@ class CallManager:
 
     async def _close_pending(self) -> None:
         await trio.sleep(SHUTDOWN_GRACE_S)
-        pending = [slot for slot in self._slots.values() if not slot.claimed.is_set()]
+        pending = [slot for slot in self._unique_slots() if not slot.claimed.is_set()]
         for slot in pending:
             slot.retire("the server is shutting down")
         if pending:
             log.info("shutting down: closed %d model sessions whose streams had not come", len(pending))
 
-    async def _preopen(self, token: str, slot: _Slot) -> None:
+    async def _preopen(self, slot: _Slot) -> None:
         # Runs in the manager's nursery, next to every other pending call: it
         # must never raise, or one bad session would take the server down.
         deadline = trio.current_time() + self.settings.stream_timeout_s
@@ -254,7 +266,8 @@ class CallManager:
             with slot.scope:
                 await self._open_for(slot, deadline)
         finally:
-            self._slots.pop(token, None)
+            for token in slot.tokens:
+                self._slots.pop(token, None)
 
     async def _open_for(self, slot: _Slot, deadline: float) -> None:
         """The session of a pending call: opened, held until its stream is over (or none came), closed."""

@@ -98,10 +98,12 @@ def test_a_stream_arriving_while_a_timed_out_session_closes_is_refused_not_bridg
     assert not any(m.startswith(f"call {CALL}: started") for m in messages)
 
 
-def test_the_webhook_again_for_the_same_call_closes_the_session_opened_for_the_first(
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize("first_wins", [True, False], ids=["first-token", "second-token"])
+def test_the_webhook_again_for_the_same_call_gives_the_same_session_a_second_token(
+    caplog: pytest.LogCaptureFixture, first_wins: bool,
 ) -> None:
-    """A retried webhook (or a fallback URL pointing here) must not leave a second billed session open until the timeout."""
+    """A retried webhook opens no second billed session, and a replayed one cannot hang up the real call: both
+    answers' tokens name the one session, and the first stream to come with either gets it."""
     sessions = Sessions()
 
     async def main() -> None:
@@ -113,20 +115,19 @@ def test_the_webhook_again_for_the_same_call_closes_the_session_opened_for_the_f
             assert calls.prepare(OTHER) is not None  # another call's session is not touched
             second = calls.prepare(CALL)
             await trio.sleep(0.001)
-            assert sessions.closed == [(1.0, None)] and sessions.opened == 3 and calls.model_sessions == 2
-            assert first != second
-            # A stream with the first answer's token is hung up; the second's is bridged.
-            with trio.fail_after(1):
-                end = await calls.handle_stream(await started_stream(CALL, first))
-            assert end == StreamEnd(1008, "refused: no valid token")
-            assert calls.refused == {"no_token": 1}  # (the slot is gone: its token is no longer known)
-            nursery.start_soon(calls.handle_stream, await started_stream(CALL, second))
+            assert first is not None and second is not None and first != second
+            assert sessions.closed == [] and sessions.opened == 2 and calls.model_sessions == 2 and calls.pending == 2
+            winner, loser = (first, second) if first_wins else (second, first)
+            nursery.start_soon(calls.handle_stream, await started_stream(CALL, winner))
             await trio.sleep(0.1)
             assert calls.active == 1
+            with trio.fail_after(1):  # the other token: its session is taken
+                end = await calls.handle_stream(await started_stream(CALL, loser))
+            assert end == StreamEnd(1008, "refused: no valid token") and calls.active == 1
             nursery.cancel_scope.cancel()
 
     messages = run_virtual(main, caplog)
-    assert f"call {CALL}: webhook again before its stream; closing the session opened for the first" in messages
+    assert f"call {CALL}: webhook again before its stream; its session takes either answer's token" in messages
 
 
 def test_stop_accepting_closes_pending_sessions_and_refuses_new_calls_but_keeps_live_ones(
@@ -175,7 +176,7 @@ def test_a_replayed_webhook_gets_no_session_once_the_call_streamed_or_was_answer
             assert calls.prepare(OTHER) is None
             assert calls.refused == {"replayed": 2}
             await trio.sleep(0.1)
-            assert sessions.opened == 4  # the streamed call's, and three for the other (each closing the one before)
+            assert sessions.opened == 2  # the streamed call's, and one for the other (its three answers share it)
             # Much later (past the longest call), the SID is forgotten.
             await trio.sleep(4 * 3600 + 1)
             assert calls.prepare(OTHER) is not None
