@@ -25,6 +25,7 @@ from quart_trio import QuartTrio
 from mediaserver import security, twiml
 from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
 from mediaserver.config import Settings
+from mediaserver.logs import shown
 from mediaserver.metrics import Gauges, process_stats, render
 from mediaserver.outbound import MAX_CALLS_BODY_BYTES
 from mediaserver.outbound import register_routes as register_outbound_routes
@@ -85,7 +86,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             except ValueError as exc:
                 abort(400, str(exc))
             if not ok:
-                log.warning("%s: bad or missing X-Twilio-Signature for %s; 403", request.path, url)
+                log.warning("%s: bad or missing X-Twilio-Signature for %s; 403", shown(request.path), shown(url, 200))
                 abort(403)
         return params
 
@@ -132,9 +133,9 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             )
         except ValueError as exc:
             abort(400, str(exc))
-        if calls.recorder is not None:  # From/To/Direction for the call record
-            calls.recorder.webhook(params)
         token = calls.prepare(call_sid)
+        if token is not None and calls.recorder is not None:  # From/To/Direction for the call record (answered calls)
+            calls.recorder.webhook(params)
         if token is None:
             body = twiml.say_and_hangup("Sorry, all our agents are busy. Please call again later.")
             return Response(body, content_type=twiml.CONTENT_TYPE)
@@ -143,7 +144,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         except ValueError as exc:  # a CallSid TwiML cannot carry: the session opened for it must not wait for a stream
             calls.withdraw(token, "the webhook could not be answered")
             abort(400, str(exc))
-        log.info("call %s: webhook from %s, streaming to %s", call_sid, (params.get("From") or ["?"])[0], stream)
+        log.info("call %s: webhook from %s, streaming to %s", call_sid, shown((params.get("From") or ["?"])[0]), stream)
         return Response(body, content_type=twiml.CONTENT_TYPE)
 
     @app.post("/call-status")
@@ -158,8 +159,8 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         log.info(
             "call %s: status %s (duration %s s)",
             first.get("CallSid", "?"),
-            first.get("CallStatus", "?"),
-            first.get("CallDuration", "-"),
+            shown(first.get("CallStatus", "?"), 40),
+            shown(first.get("CallDuration", "-"), 12),
         )
         return "", 204
 

@@ -15,7 +15,14 @@ import re
 import sys
 from datetime import datetime, timezone
 
-__all__ = ["FORMATS", "LEVELS", "JsonFormatter", "configure"]
+__all__ = ["FORMATS", "LEVELS", "JsonFormatter", "configure", "shown"]
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """A value from a request, fit for a text log line: at most ``limit`` characters, and quoted (``repr``) when it
+    holds anything unprintable -- a newline in a caller's ``From`` must not start a forged log line."""
+    cut = value[:limit] + ("…" if len(value) > limit else "")
+    return cut if cut.isprintable() else repr(cut)
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
 FORMATS = ("text", "json")

@@ -37,6 +37,7 @@ from mediaserver import security, twiml
 from mediaserver.bridge.link import AgentOptions
 from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
 from mediaserver.config import Settings
+from mediaserver.logs import shown
 from mediaserver.tools.builtins import E164
 from mediaserver.twilio_rest import TwilioRest, TwilioRestError
 
@@ -237,7 +238,7 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             except ValueError:
                 return "bad host", 400
             if not ok:
-                log.warning("/outbound-twiml: bad or missing X-Twilio-Signature for %s; 403", url)
+                log.warning("/outbound-twiml: bad or missing X-Twilio-Signature for %s; 403", shown(url, 200))
                 return "forbidden", 403
         call_sid = (params.get("CallSid") or [""])[0]
         why = security.call_sid_error(call_sid, signed=bool(settings.twilio_auth_token))
@@ -259,9 +260,9 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             )
         except ValueError as exc:
             return str(exc), 400
-        if calls.recorder is not None:  # From/To/Direction for the call record, as for /twiml
-            calls.recorder.webhook(params)
         token = calls.prepare(call_sid, agent)
+        if token is not None and calls.recorder is not None:  # From/To/Direction for the call record, as for /twiml
+            calls.recorder.webhook(params)
         if token is None:
             body = twiml.say_and_hangup("Sorry, all our agents are busy. Please try again later.")
             return Response(body, content_type=twiml.CONTENT_TYPE)

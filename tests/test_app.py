@@ -825,6 +825,27 @@ async def test_app_an_answer_before_the_body_was_read_closes_the_connection(path
 
 
 @fail_after(10)
+async def test_app_request_values_cannot_forge_log_lines_or_fill_the_records(caplog: pytest.LogCaptureFixture) -> None:
+    """A From, CallStatus or path with a newline is quoted in the log; a 30 KB From is cut in the call record."""
+    caplog.set_level(logging.INFO, logger="mediaserver")
+    forged = "\n2026-11-22 05:00:00,000 ERROR mediaserver: FORGED"
+    async with running(base_settings()) as url:
+        await http_request(url + "/twiml", "POST", form=[("CallSid", "CA1"), ("From", "+1555" + forged)])
+        await http_request(url + "/call-status", "POST", form=[("CallSid", "CA1"), ("CallStatus", "busy" + forged),
+                                                                ("CallDuration", "1" + forged)])
+        await http_request(url + "/twiml", "POST", form=[("CallSid", "CA2"), ("From", "+1" + "5" * 30_000)])
+        async with running(base_settings(twilio_auth_token="tok")) as signed:
+            await http_request(signed + "/twiml?a=%0aFORGED", "POST", form=[("CallSid", "CA3")])
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("mediaserver")]
+    assert not [m for m in messages if "\n" in m]  # no line of ours spans two
+    assert any(m.startswith("call CA1: webhook from '+1555\\n2026-11-22 ") for m in messages), messages
+    assert any(m.startswith("call CA1: status 'busy\\n2026") and "duration '1\\n2026" in m for m in messages), messages
+    assert any(m.startswith("/twiml: bad or missing X-Twilio-Signature for ") and "FORGED" in m for m in messages)
+    [long_from] = [m for m in messages if m.startswith("call CA2: webhook from ")]
+    assert len(long_from) < 200 and "…" in long_from
+
+
+@fail_after(10)
 async def test_app_a_call_sid_that_is_not_an_identifier_is_refused_before_any_session() -> None:
     async with fake_openai() as model, running(openai_settings(model)) as url:
         for bad in ("CA" + "1" * 600, "CA1\ncall CA2: ended", "<CA1>"):

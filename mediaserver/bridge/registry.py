@@ -111,6 +111,7 @@ class CallManager:
         self.rest = TwilioRest.from_settings(settings)  # transfers; None without credentials
         self.agent = dataclasses.replace(AgentOptions.from_settings(settings), tools=self.tools.specs())
         self._slots: dict[str, _Slot] = {}
+        self._untokened = 0  # development mode: streams bridged without a webhook's token, now
         self._seen: OrderedDict[str, _Seen] = OrderedDict()  # call SIDs answered lately (see prepare)
         self._closing = False  # stop_accepting() was called
         self._nursery: trio.Nursery | None = None
@@ -356,8 +357,13 @@ class CallManager:
             self._refuse("no_token")
             log.error("call %s: stream without a valid one-time token; refused", start.call_sid)
             return StreamEnd(REFUSED, "refused: no valid token")
+        if self._untokened >= MAX_PENDING:  # (development mode: no webhook, no token, but not without bound either)
+            self._refuse("too_many_pending")
+            log.error("call %s: stream without a token, and %d such calls already; refused", start.call_sid, MAX_PENDING)
+            return StreamEnd(REFUSED, "refused: too many calls without a token")
         opened = False  # (an error after the session opened is the call's, not a refusal)
         end: StreamEnd | None = None
+        self._untokened += 1
         try:
             async with self._session(self.agent) as link:
                 opened = True
@@ -374,6 +380,8 @@ class CallManager:
                 self._refuse("no_model_session")
             end = StreamEnd(FAILED, "no model session" if not opened else "the call failed")
             log.error("call %s: model session failed", start.call_sid, exc_info=group)
+        finally:
+            self._untokened -= 1
         return end
 
     async def _wait_for_session(self, stream: MessageStream, slot: _Slot) -> MessageStream | None:

@@ -45,6 +45,7 @@ log = logging.getLogger("mediaserver.records")
 QUEUE_SIZE = 1000  # writes waiting for the database; more are dropped
 BATCH_SIZE = 100  # writes per transaction
 MAX_EXPECTED = 10_000  # webhook details kept for calls whose stream has not started
+MAX_DETAIL_CHARS = 256  # a From/To (a number, client:name or a SIP URI) or AccountSid kept: longer is cut
 SHUTDOWN_WRITE_S = 10.0  # at shutdown, how long the writer may take to write what is queued ...
 FINAL_WRITE_S = 5.0  # ... and then its last batch (a database that does not answer cannot hold the server up)
 
@@ -104,7 +105,7 @@ class Recorder:
         ``to_number``, ``account_sid``; ``None`` values are ignored.
         """
         known = self._expected.pop(call_sid, {})
-        known.update({k: v for k, v in details.items() if v})
+        known.update({k: v[:MAX_DETAIL_CHARS] for k, v in details.items() if v})
         self._expected[call_sid] = known
         while len(self._expected) > MAX_EXPECTED:
             self._expected.popitem(last=False)
@@ -163,8 +164,8 @@ class Recorder:
                 seconds,
                 self.clock().isoformat(),
                 direction="outbound" if direction.startswith("outbound") else "inbound" if direction == "inbound" else None,
-                from_number=first.get("From") or None,
-                to_number=first.get("To") or None,
+                from_number=first.get("From", "")[:MAX_DETAIL_CHARS] or None,
+                to_number=first.get("To", "")[:MAX_DETAIL_CHARS] or None,
             )
         )
 

@@ -50,7 +50,7 @@ class Sessions:
 
 def manager(sessions: Sessions, **settings: object) -> CallManager:
     return CallManager(
-        Settings(provider="echo", twilio_auth_token="t", data_dir=tempfile.mkdtemp(), **settings),  # type: ignore[arg-type]
+        Settings(**{"provider": "echo", "twilio_auth_token": "t", "data_dir": tempfile.mkdtemp(), **settings}),  # type: ignore[arg-type]
         sessions,
     )
 
@@ -207,6 +207,32 @@ def test_the_limit_on_pre_opened_sessions_does_not_count_live_calls(
             nursery.cancel_scope.cancel()
 
     run_virtual(main, caplog)
+
+
+def test_development_mode_streams_without_a_token_are_bounded_too(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No auth token: a stream with no webhook behind it gets a session -- but not without bound (a flood of them
+    would open as many model sessions)."""
+    monkeypatch.setattr(registry, "MAX_PENDING", 2)
+    sessions = Sessions()
+
+    async def main() -> None:
+        calls = manager(sessions, twilio_auth_token=None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            for n in range(2):
+                nursery.start_soon(calls.handle_stream, await started_stream(f"CA{n}", None))
+            await trio.sleep(1)
+            assert calls.active == 2
+            with trio.fail_after(1):
+                end = await calls.handle_stream(await started_stream("CA9", None))
+            assert end == StreamEnd(1008, "refused: too many calls without a token")
+            assert calls.refused == {"too_many_pending": 1} and sessions.opened == 2
+            nursery.cancel_scope.cancel()
+
+    messages = run_virtual(main, caplog)
+    assert "call CA9: stream without a token, and 2 such calls already; refused" in messages
 
 
 class _ALawLink(EchoLink):
