@@ -47,6 +47,7 @@ bench: setup bench-codecs
 	$(PY) bench/frame_path.py
 	$(PY) bench/tls_send.py
 	$(PY) bench/load.py $(LOAD_ARGS)
+	$(PY) bench/soak.py
 
 bench-codecs: setup build
 	$(PY) bench/codecs.py
