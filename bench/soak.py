@@ -86,6 +86,7 @@ async def sample(server: load.Server) -> dict[str, Any]:
     return {
         **process,
         "active_after": health.get("active_calls"),
+        "pending_after": health.get("pending_calls"),
         "server_sessions_open": sessions_open,
     }
 
@@ -114,6 +115,7 @@ async def soak(args: argparse.Namespace, load_args: argparse.Namespace, server_c
                     "calls_so_far": number * args.calls,
                     **after,
                     "model_sessions_open": model.open_sessions,
+                    "model_errors": len(step["model_errors"]),  # (sessions the fake itself ended: none expected)
                     "failed": step["failed"],
                     "lost": step["up_lost"] + step["down_lost"],
                     "leaked": step["leaked"],
@@ -152,7 +154,10 @@ def trend(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "threads_first": first["threads"],
         "threads_last": last["threads"],
         "model_sessions_open_last": last["model_sessions_open"],
+        "server_sessions_open_last": last["server_sessions_open"],
         "failed": sum(r["failed"] for r in rows),
+        "model_errors": sum(r["model_errors"] for r in rows),
+        "undrained_rounds": sum(1 for r in rows if r["active_after"] != 0 or r["pending_after"] != 0),
         "lost": sum(r["lost"] for r in rows),
         "leaked": sum(r["leaked"] for r in rows),
     }
@@ -164,7 +169,9 @@ COLUMNS = [
     Column("rss_mib", "RSS MiB", ".1f"),
     Column("fds", "fds", "d"),
     Column("threads", "threads", "d"),
+    Column("active_after", "calls left", "d"),
     Column("model_sessions_open", "model sessions open", "d"),
+    Column("server_sessions_open", "server's gauge", ".0f"),
     Column("failed", "failed calls", "d"),
     Column("lost", "lost frames", "d"),
     Column("p99_ms", "p99 ms", ".2f"),
@@ -206,8 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" RSS {summary['rss_first_mib']:.1f} -> {summary['rss_last_mib']:.1f} MiB"
             f" ({summary['rss_mib_per_1000_calls']:+.2f} MiB per 1000 calls, least squares);"
             f" fds {summary['fds_first']} -> {summary['fds_last']}; threads {summary['threads_first']} -> {summary['threads_last']};"
-            f" model sessions open at the end {summary['model_sessions_open_last']};"
-            f" failed calls {summary['failed']}, lost frames {summary['lost']}, leaked sessions {summary['leaked']}"
+            f" model sessions open at the end {summary['model_sessions_open_last']}"
+            f" (the server's gauge: {summary['server_sessions_open_last']:.0f});"
+            f" failed calls {summary['failed']}, lost frames {summary['lost']}, leaked sessions {summary['leaked']},"
+            f" model-side errors {summary['model_errors']}, rounds not drained {summary['undrained_rounds']}"
         )
     else:
         print(f"too few rounds after the warm-up for a trend ({len(rows)} ran)")
@@ -218,7 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.json}")
     if interrupted:
         return 130
-    return 0 if not failure else 1
+    unclean = [r["round"] for r in rows if r["failed"] or r["lost"] or r["leaked"] or r["model_errors"]
+               or r["model_sessions_open"] or r["server_sessions_open"] or r["active_after"] or r["pending_after"]]
+    if unclean:
+        print(f"NOT clean: rounds {unclean} failed a call, lost a frame, left a session or a call open, or the model"
+              " saw an error (see --json for the details)")
+    return 0 if not failure and not unclean else 1
 
 
 if __name__ == "__main__":

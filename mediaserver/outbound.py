@@ -25,7 +25,7 @@ import hmac
 import json
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -62,6 +62,7 @@ class _Pending:
     to: str
     agent: AgentOptions
     expires_s: float
+    answered_by: str | None = None  # the call SID whose answer webhook redeemed it
 
 
 class OutboundRequests:
@@ -85,13 +86,17 @@ class OutboundRequests:
         self._entries[key] = _Pending(to, agent, now + self.ttl_s)
         return key
 
-    def take(self, key: str, to: str | None) -> AgentOptions | None:
-        """Redeem ``key`` once; None if unknown, expired, or for another number than ``to``."""
-        entry = self._entries.pop(key, None)
+    def take(self, key: str, to: str | None, call_sid: str) -> AgentOptions | None:
+        """Redeem ``key`` for ``call_sid``; None if unknown, expired, for another number than ``to``, or redeemed by
+        another call.  The same call may redeem it again until it expires: Twilio may retry the answer webhook, and
+        the retry's answer is the one Twilio follows (the call manager gives it the same session)."""
+        entry = self._entries.get(key)
         if entry is None or entry.expires_s <= trio.current_time():
+            self._entries.pop(key, None)
             return None
-        if to is not None and to != entry.to:
+        if (to is not None and to != entry.to) or entry.answered_by not in (None, call_sid):
             return None
+        self._entries[key] = replace(entry, answered_by=call_sid)
         return entry.agent
 
     def discard(self, key: str) -> None:
@@ -245,7 +250,7 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
         if why is not None:
             return why, 400
         to = (params.get("To") or [None])[0]
-        agent = pending.take(request.args.get(OUTBOUND_PARAMETER, ""), to)
+        agent = pending.take(request.args.get(OUTBOUND_PARAMETER, ""), to, call_sid)
         if agent is None:
             log.warning("outbound call %s: unknown, used or expired outbound id; hanging up", call_sid)
             body = twiml.say_and_hangup("Sorry, this call could not be connected. Goodbye.")

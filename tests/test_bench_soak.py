@@ -17,7 +17,8 @@ import soak  # noqa: E402
 
 def _row(number: int, rss: float, *, fds: int = 14, failed: int = 0, open_sessions: int = 0) -> dict[str, object]:
     return {"round": number, "calls_so_far": number * 100, "rss_mib": rss, "fds": fds, "threads": 2,
-            "model_sessions_open": open_sessions, "failed": failed, "lost": 0, "leaked": 0, "p99_ms": 1.0}
+            "model_sessions_open": open_sessions, "server_sessions_open": 0.0, "active_after": 0, "pending_after": 0,
+            "model_errors": 0, "failed": failed, "lost": 0, "leaked": 0, "p99_ms": 1.0}
 
 
 def test_the_trend_leaves_out_the_warm_up_and_fits_rss_per_1000_calls() -> None:
@@ -29,6 +30,7 @@ def test_the_trend_leaves_out_the_warm_up_and_fits_rss_per_1000_calls() -> None:
     assert (summary["rss_first_mib"], summary["rss_last_mib"]) == (60.0, 61.5)
     assert (summary["fds_first"], summary["fds_last"]) == (14, 14)
     assert summary["failed"] == 2  # (every round's failures count, the warm-up's too)
+    assert (summary["model_errors"], summary["undrained_rounds"]) == (0, 0)
     flat = soak.trend([_row(n, 60.0) for n in range(1, 7)])
     assert flat["rss_mib_per_1000_calls"] == pytest.approx(0.0, abs=1e-9)
     assert soak.trend([_row(1, 50.0), _row(2, 51.0), _row(3, 52.0)]) == {}  # one round after the warm-up: no trend
@@ -65,4 +67,5 @@ def test_a_tiny_soak_runs_every_round_and_leaves_nothing_open(tmp_path: Path) ->
         assert (row["failed"], row["lost"], row["leaked"], row["model_sessions_open"]) == (0, 0, 0, 0), row
         assert row["server_sessions_open"] == 0 and row["active_after"] == 0
         assert row["fds"] > 0 and row["rss_mib"] > 0
-    assert result["trend"]["leaked"] == 0 and result["trend"]["rounds"] == 2
+    assert result["trend"]["leaked"] == 0 and result["trend"]["rounds"] == 2 and result["trend"]["undrained_rounds"] == 0
+    assert "NOT clean" not in proc.stdout

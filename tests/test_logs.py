@@ -146,3 +146,12 @@ def test_in_json_mode_a_port_in_use_is_a_json_line_too(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in proc.stderr.splitlines()]  # every line is JSON, the error too
     assert lines[-1]["level"] == "ERROR"
     assert lines[-1]["message"].startswith(f"cannot listen on 127.0.0.1:{port}: Address already in use")
+
+
+def test_shown_keeps_plain_values_and_quotes_anything_that_could_break_a_line() -> None:
+    from mediaserver.logs import shown
+
+    assert shown("+15551234567") == "+15551234567"
+    assert shown("a\nb") == "'a\\nb'" and shown("x\u2028y") == "'x\\u2028y'" and shown("esc\x1b[31m") == "'esc\\x1b[31m'"
+    assert shown("9" * 70) == "9" * 64 + "…" and shown("9" * 70, 80) == "9" * 70
+    assert shown("\n" * 100, 3) == repr("\n\n\n…")

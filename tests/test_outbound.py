@@ -132,8 +132,8 @@ async def test_outbound_call_end_to_end_with_its_greeting() -> None:
             assert webhook.status == 200 and webhook.headers["content-type"].startswith("text/xml")
             twiml = parse_twiml(webhook.text)
             assert twiml.parameters["CallSid"] == call_sid and twiml.hangup_after
-            # The one-time id is spent.
-            again = await twilio_answers(answer_url, call_sid)
+            # The id is this call's now: another call cannot redeem it (a retry of this one can: see below).
+            again = await twilio_answers(answer_url, "CA" + "8" * 32)
             assert "<Say>" in again.text and "<Connect>" not in again.text
 
             session = await model.session(0)  # pre-opened with this call's options
@@ -212,6 +212,24 @@ async def test_outbound_answer_for_another_number_or_unknown_id_hangs_up() -> No
             unknown = await twilio_answers(url + "/outbound-twiml?outbound=not-an-id", answer["call_sid"])
             assert "<Say>" in unknown.text
     assert model.sessions == []  # no model session was opened for either
+
+
+@fail_after(15)
+async def test_outbound_answer_webhook_again_gets_the_same_session_and_another_call_does_not() -> None:
+    """Twilio may retry the answer webhook: the retry (whose TwiML Twilio follows) is answered too, with a token for
+    the same session -- not the apology that would hang the callee up.  Another call SID cannot redeem the id."""
+    async with fake_rest() as rest, fake_openai() as model:
+        async with running(outbound_settings(model, rest)) as url:
+            status, _, answer = await post_calls(url, {"to": TO, "greeting": GREETING})
+            assert status == 201
+            answer_url = rest.requests[0].value("Url")
+            first = parse_twiml((await twilio_answers(answer_url, answer["call_sid"])).text)
+            again = parse_twiml((await twilio_answers(answer_url, answer["call_sid"])).text)
+            other = await twilio_answers(answer_url, "CA" + "9" * 32)
+            assert "<Say>" in other.text and "<Hangup/>" in other.text
+            assert first.parameters["token"] != again.parameters["token"]
+            await trio.sleep(0.3)
+            assert len(model.sessions) == 1  # one session for the call, whichever answer's stream comes
 
 
 @fail_after(15)

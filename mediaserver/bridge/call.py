@@ -56,6 +56,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import trio
 
 from mediaserver._locks import acquire
+from mediaserver.logs import shown
 from mediaserver.codec import JitterBuffer, Resampler, ulaw_decode, ulaw_encode
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.providers import base as pv
@@ -737,7 +738,7 @@ class CallBridge:
             if event.fatal:  # (the call's end line says why)
                 self._end(f"provider error: {event.message}")
                 return _STOP
-            log.warning("call %s: %s error: %s", self.stats.call_sid, self.link.name, event.message)
+            log.warning("call %s: %s error: %s", self.stats.call_sid, self.link.name, shown(event.message, 300))
         elif isinstance(event, pv.ToolCall):
             # Run in the call's nursery: a slow tool must not hold up the provider reader.
             if self._nursery is not None:
@@ -751,7 +752,7 @@ class CallBridge:
             self.stats.transcript.add(event.role, event.text, final=event.final, item_id=event.item_id, offset_s=offset_s,
                                       cumulative=event.cumulative, cut=event.cut)
             if event.final:
-                log.debug("call %s: %s: %s", self.stats.call_sid, event.role, event.text)
+                log.debug("call %s: %s: %s", self.stats.call_sid, event.role, shown(event.text, 2000))
         return _OTHER
 
     def _unknown(self, event: pv.Unknown) -> None:

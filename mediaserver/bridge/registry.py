@@ -32,6 +32,7 @@ import trio
 
 from mediaserver.bridge.stats import SecondsHistogram
 from mediaserver.config import Settings
+from mediaserver.logs import shown
 from mediaserver.metrics import CONNECT_EDGES_S, CallTotals
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.errors import LocalProtocolError, ProtocolError
@@ -186,10 +187,6 @@ class CallManager:
         if self._closing:
             self._refuse("shutting_down")
             return None
-        # (sessions waiting for their stream, failed ones included; a live call's slot is not counted)
-        if sum(1 for slot in self._unique_slots() if not slot.claimed.is_set()) >= MAX_PENDING:
-            self._refuse("too_many_pending")
-            return None
         seen = self._seen_call(call_sid)
         if seen.streamed or seen.webhooks >= MAX_WEBHOOKS_PER_CALL:
             # Twilio signatures carry no timestamp: a captured signed webhook validates forever.  A call whose
@@ -211,6 +208,12 @@ class CallManager:
             self._slots[token] = earlier
             seen.token = token
             return token
+        # (sessions waiting for their stream, failed ones included; a live call's slot is not counted.  After the
+        # branch above: a retry that opens nothing is not refused for a full house -- that would hang up its call.)
+        if sum(1 for slot in self._unique_slots() if not slot.claimed.is_set()) >= MAX_PENDING:
+            seen.webhooks -= 1
+            self._refuse("too_many_pending")
+            return None
         if earlier is not None and not earlier.claimed.is_set():
             earlier.retire("replaced by a later webhook for the same call")  # (it failed: a new session is tried)
         slot = _Slot(call_sid, agent or self.agent, tokens=[token])
@@ -223,6 +226,10 @@ class CallManager:
         """Close the session :meth:`prepare` opened for ``token``: its answer could not be sent (a stream with it is hung up)."""
         slot = self._slots.get(token)
         if slot is not None and not slot.claimed.is_set():
+            if len(slot.tokens) > 1:  # (the call's other answer still names it: only this token goes)
+                slot.tokens.remove(token)
+                del self._slots[token]
+                return
             slot.retire(reason)
 
     def _seen_call(self, call_sid: str) -> _Seen:
@@ -295,9 +302,9 @@ class CallManager:
             reason = _reason(group)
             slot.error = reason
             if slot.link is None:
-                log.error("call %s: could not open the model session: %s", slot.call_sid, reason)
+                log.error("call %s: could not open the model session: %s", slot.call_sid, shown(reason, 300))
             else:
-                log.warning("call %s: model session ended: %s", slot.call_sid, reason)
+                log.warning("call %s: model session ended: %s", slot.call_sid, shown(reason, 300))
         except* Exception as group:  # a bug or an unexpected transport error: this call only
             slot.error = repr(group.exceptions[0])
             log.error("call %s: model session failed", slot.call_sid, exc_info=group)
@@ -346,7 +353,7 @@ class CallManager:
                     stream = waited
                 if slot.link is None:
                     self._refuse("no_model_session")
-                    log.error("call %s: no model session (%s); hanging up", start.call_sid, slot.error)
+                    log.error("call %s: no model session (%s); hanging up", start.call_sid, shown(slot.error or "", 300))
                     if self.recorder is not None:
                         self.recorder.call_not_bridged(start, f"no model session: {slot.error}", self.settings.provider)
                     return StreamEnd(FAILED, "no model session")
@@ -372,7 +379,7 @@ class CallManager:
             if not opened:
                 self._refuse("no_model_session")
                 end = StreamEnd(FAILED, "no model session")
-            log.error("call %s: could not open the model session: %s", start.call_sid, _reason(group))
+            log.error("call %s: could not open the model session: %s", start.call_sid, shown(_reason(group), 300))
             if self.recorder is not None:
                 self.recorder.call_not_bridged(start, f"no model session: {_reason(group)}", self.settings.provider)
         except* Exception as group:
@@ -508,7 +515,7 @@ class CallManager:
                 "call %s: ended (%s) after %.1f s; frames in %d, to model %d, out %d; gaps filled %d, "
                 "late/duplicate %d; barge-ins %d; bridge latency up %s, down %s; %s",
                 st.call_sid,
-                bridge.end_reason if bridge.end_reason != "running" else "cancelled: Twilio disconnected or shutdown",
+                shown(bridge.end_reason, 300) if bridge.end_reason != "running" else "cancelled: Twilio disconnected or shutdown",
                 trio.current_time() - st.started_s,
                 st.frames_in,
                 st.frames_to_model,

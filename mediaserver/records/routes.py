@@ -19,6 +19,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from mediaserver.config import Settings
+from mediaserver.logs import shown
 
 from .recorder import Recorder
 
@@ -60,7 +61,7 @@ def register_routes(app: QuartTrio, settings: Settings, recorder: Recorder | Non
         try:
             record = await recorder.get(sid)
         except Exception as exc:  # the database went away: this request only
-            log.error("GET /calls/%s: cannot read the %s: %s", sid, recorder.store.description, exc)
+            log.error("GET /calls/%s: cannot read the %s: %s", shown(sid), recorder.store.description, exc)
             return _json(503, '{"error": "call records are unavailable"}')
         if record is None:
             return _json(404, '{"error": "no such call"}')

@@ -130,6 +130,37 @@ def test_the_webhook_again_for_the_same_call_gives_the_same_session_a_second_tok
     assert f"call {CALL}: webhook again before its stream; its session takes either answer's token" in messages
 
 
+def test_the_webhook_again_at_full_capacity_still_gets_its_token_and_withdrawing_it_spares_the_first(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry opens nothing, so a full house must not refuse it (its apology would hang up the call); and an answer
+    that could not be sent withdraws only its own token, not the session the call's first answer names."""
+    monkeypatch.setattr(registry, "MAX_PENDING", 1)
+    sessions = Sessions()
+
+    async def main() -> None:
+        calls = manager(sessions, stream_timeout_s=15.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            first = calls.prepare(CALL)
+            await trio.sleep(0.5)
+            assert calls.prepare(OTHER) is None and calls.refused == {"too_many_pending": 1}  # full
+            second = calls.prepare(CALL)
+            assert second is not None and calls.refused == {"too_many_pending": 1}
+            calls.withdraw(second, "the webhook could not be answered")
+            await trio.sleep(0.001)
+            assert sessions.closed == [] and calls.pending == 1
+            with trio.fail_after(1):  # the withdrawn token is no longer known ...
+                end = await calls.handle_stream(await started_stream(CALL, second))
+            assert end == StreamEnd(1008, "refused: no valid token")
+            nursery.start_soon(calls.handle_stream, await started_stream(CALL, first))  # ... the first still works
+            await trio.sleep(0.1)
+            assert calls.active == 1
+            nursery.cancel_scope.cancel()
+
+    run_virtual(main, caplog)
+
+
 def test_stop_accepting_closes_pending_sessions_and_refuses_new_calls_but_keeps_live_ones(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
