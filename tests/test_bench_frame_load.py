@@ -170,7 +170,9 @@ def test_load_quick_run_measures_the_peer_in_the_same_run(quick_load: tuple[str,
     assert peer[0]["sockets_per_wakeup"] is None  # no reactor there
     ours = next(r for r in data["rows"] if r["server"] == "ours")
     [pair] = data["comparison"]
-    assert pair["calls"] == 2 and pair["ours_ok"] and pair["peer_ok"]
+    # ("ok" also needs p99 within --max-p99-ms: a timing on a shared CI machine, which the table shows, not a test's
+    # to assert; what it says must follow from each row.)
+    assert pair["calls"] == 2 and (pair["ours_ok"], pair["peer_ok"]) == (not ours["broken"], not peer[0]["broken"])
     assert pair["ratio"] == pytest.approx(peer[0]["cpu_pct_per_call"] / ours["cpu_pct_per_call"])
     assert pair["peer_up_p99_ms"] == peer[0]["up_p99_ms"] and pair["ours_down_p99_ms"] == ours["down_p99_ms"]
     for text in ["Peer in the same run", "CPU%/call ours", "peer/ours", "leaked o|p"]:
