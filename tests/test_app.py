@@ -757,17 +757,23 @@ async def test_app_a_webhook_body_that_trickles_in_is_cut_off(monkeypatch: pytes
                 b"Content-Length: 1000\r\n\r\nCallSid=CA"
             )
             started = trio.current_time()
-            response = b""
-            with trio.move_on_after(5):
-                while b"\r\n\r\n" not in response:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        break
-                    response += chunk
+            response = await _response_head(stream, 5)
             assert response.startswith(b"HTTP/1.1 408"), response[:80]
             assert trio.current_time() - started < 2.0
             # ... and its connection is closed: trickling on holds nothing (Hypercorn would read the rest to reuse it).
             assert await _closed_while_trickling(stream)
+
+
+async def _response_head(stream: trio.SocketStream, timeout_s: float) -> bytes:
+    """What the server sent until its answer's head was complete (or it closed, or ``timeout_s`` passed)."""
+    response = b""
+    with trio.move_on_after(timeout_s):
+        while b"\r\n\r\n" not in response:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            response += chunk
+    return response
 
 
 async def _closed_while_trickling(stream: trio.SocketStream) -> bool:
@@ -803,13 +809,7 @@ async def test_app_an_answer_before_the_body_was_read_closes_the_connection(path
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             await stream.send_all(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\nx".encode())
-            response = b""
-            with trio.move_on_after(3):
-                while b"\r\n\r\n" not in response:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        break
-                    response += chunk
+            response = await _response_head(stream, 3)
             assert response.startswith(b"HTTP/1.1 4"), response[:80]
             assert b"connection: close" in response.lower()
             assert await _closed_while_trickling(stream)
