@@ -56,6 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
     args = parser.parse_args(argv)
     if not 1 <= args.calls <= 5000:
         parser.error("--calls must be between 1 and 5000")
+    if not args.hold > 0.5 or args.hold == float("inf"):
+        parser.error("--hold must exceed 0.5 s (and be finite)")
     if not WARM_UP_ROUNDS + 2 <= args.rounds <= 1000:
         parser.error(f"--rounds must be between {WARM_UP_ROUNDS + 2} and 1000 (the first {WARM_UP_ROUNDS} are warm-up)")
     problem = check_output_path(args.json, "--json")
@@ -64,11 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
     step = ["--no-peer", "--steps", str(args.calls), "--hold", str(args.hold), "--repeats", "1", "--no-plot", "--keep-going"]
     if not args.pin:
         step.append("--no-pin")
-    try:
-        load_args = load.parse_args(step)
-    except SystemExit:
-        parser.error("--hold must exceed 0.5 s")
-    return args, load_args
+    return args, load.parse_args(step)
 
 
 async def sample(server: load.Server) -> dict[str, Any]:

@@ -48,6 +48,7 @@ log = logging.getLogger("mediaserver.outbound")
 OUTBOUND_PARAMETER = "outbound"  # query parameter of the answer URL carrying the one-time id
 PENDING_TTL_S = 15 * 60.0  # Twilio rings for at most 600 s (Calls.json Timeout); then some slack
 MAX_PENDING = 1000
+RETRY_WINDOW_S = 60.0  # an answered call's id stays redeemable by that call this long (Twilio's retries of its webhook)
 MAX_GREETING_CHARS = 1000
 MAX_INSTRUCTIONS_CHARS = 20_000
 # The largest body POST /calls takes: the instructions and greeting at their limits, in JSON's \uXXXX escapes
@@ -77,10 +78,10 @@ class OutboundRequests:
         return len(self._entries)
 
     def put(self, to: str, agent: AgentOptions) -> str | None:
-        """Keep ``agent`` for a call to ``to``; returns its id (None when full)."""
+        """Keep ``agent`` for a call to ``to``; returns its id (None when full: ``max_entries`` calls not answered yet)."""
         now = trio.current_time()
         self._entries = {k: v for k, v in self._entries.items() if v.expires_s > now}
-        if len(self._entries) >= self.max_entries:
+        if sum(1 for entry in self._entries.values() if entry.answered_by is None) >= self.max_entries:
             return None
         key = secrets.token_urlsafe(18)
         self._entries[key] = _Pending(to, agent, now + self.ttl_s)
@@ -96,7 +97,9 @@ class OutboundRequests:
             return None
         if (to is not None and to != entry.to) or entry.answered_by not in (None, call_sid):
             return None
-        self._entries[key] = replace(entry, answered_by=call_sid)
+        if entry.answered_by is None:  # (answered: kept only for the retry window, and no longer counted as waiting)
+            expires_s = min(entry.expires_s, trio.current_time() + RETRY_WINDOW_S)
+            self._entries[key] = replace(entry, answered_by=call_sid, expires_s=expires_s)
         return entry.agent
 
     def discard(self, key: str) -> None:

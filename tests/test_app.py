@@ -801,16 +801,20 @@ async def _closed_while_trickling(stream: trio.SocketStream) -> bool:
 
 
 @fail_after(15)
-@pytest.mark.parametrize("path", ["/nonexistent", "/healthz", "/twiml"])
-async def test_app_an_answer_before_the_body_was_read_closes_the_connection(path: str) -> None:
-    """A 404 (405, 403, ...) sent at once with a megabyte still to come: the connection closes, nothing is held."""
+@pytest.mark.parametrize(
+    ("path", "length", "status"),
+    [("/nonexistent", 1000, b"404"), ("/healthz", 1000, b"405"), ("/twiml", 1000, b"403"), ("/twiml", 1_000_000, b"413")],
+)
+async def test_app_an_answer_before_the_body_was_read_closes_the_connection(path: str, length: int, status: bytes) -> None:
+    """A 404, 405, 403 (unsigned) or 413 sent at once with the body still to come: the connection closes, nothing is
+    held however slowly the rest trickles in."""
     async with running(base_settings(twilio_auth_token="tok")) as url:  # (signed: /twiml answers 403 at once)
         port = int(url.rsplit(":", 1)[1])
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
-            await stream.send_all(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\nx".encode())
+            await stream.send_all(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n\r\nx".encode())
             response = await _response_head(stream, 3)
-            assert response.startswith(b"HTTP/1.1 4"), response[:80]
+            assert response.startswith(b"HTTP/1.1 " + status), response[:80]
             assert b"connection: close" in response.lower()
             assert await _closed_while_trickling(stream)
         # A request whose body was read whole keeps its connection for the next one (keep-alive as before).
@@ -826,7 +830,8 @@ async def test_app_an_answer_before_the_body_was_read_closes_the_connection(path
 
 @fail_after(10)
 async def test_app_request_values_cannot_forge_log_lines_or_fill_the_records(caplog: pytest.LogCaptureFixture) -> None:
-    """A From, CallStatus or path with a newline is quoted in the log; a 30 KB From is cut in the call record."""
+    """A From, CallStatus or URL with a newline is quoted in the log, and a 30 KB From is cut there (and in the call
+    record: tests/records/test_recorder.py)."""
     caplog.set_level(logging.INFO, logger="mediaserver")
     forged = "\n2026-11-22 05:00:00,000 ERROR mediaserver: FORGED"
     async with running(base_settings()) as url:

@@ -48,7 +48,9 @@ def test_the_trend_leaves_out_the_warm_up_and_fits_rss_per_1000_calls() -> None:
 def test_bad_options_are_one_line_errors_before_anything_starts(args: list[str], message: str) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("soak.py: error: " + message), proc.stderr  # its own, one line
+    assert proc.stderr.count("usage:") == 1  # (not the load bench's usage too)
 
 
 def test_a_tiny_soak_runs_every_round_and_leaves_nothing_open(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import pytest
 import trio
+import trio.testing
 from openai.types.realtime import ResponseCreateEvent, SessionUpdateEvent
 
 from mediaserver.__main__ import _parser
@@ -460,3 +461,24 @@ async def test_outbound_cli_says_a_call_may_have_been_placed_when_the_server_doe
         nursery.cancel_scope.cancel()
     err = capsys.readouterr().err
     assert "within 0.3 s: the call may have been placed" in err and "is `mediaserver serve` running" not in err
+
+
+async def test_outbound_ids_answered_do_not_fill_the_waiting_list_and_stay_the_answering_calls(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Answered calls' ids are kept only for Twilio's retries (RETRY_WINDOW_S), and do not count as waiting."""
+    from mediaserver.bridge.link import AgentOptions
+    from mediaserver.outbound import RETRY_WINDOW_S, OutboundRequests
+
+    pending = OutboundRequests(max_entries=2)
+    agent = AgentOptions("Be brief.")
+    first, second = pending.put(TO, agent), pending.put(TO, agent)
+    assert first is not None and second is not None and pending.put(TO, agent) is None  # two waiting: full
+    assert pending.take(first, TO, "CA1") is agent and pending.take(second, TO, "CA2") is agent
+    third = pending.put(TO, agent)  # both answered: room again
+    assert third is not None
+    assert pending.take(first, TO, "CA1") is agent  # a retry of the answering call's webhook
+    assert pending.take(first, TO, "CA9") is None  # another call: no
+    await trio.sleep(RETRY_WINDOW_S + 1)
+    assert pending.take(first, TO, "CA1") is None  # the retry window is over
+    assert pending.take(third, TO, "CA3") is agent  # (an unanswered id keeps its 15 minutes)

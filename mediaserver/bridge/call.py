@@ -880,11 +880,11 @@ class CallBridge:
                         if self._tool_scopes.get(call.call_id) is scope:
                             del self._tool_scopes[call.call_id]
                 if scope.cancelled_caught:
-                    log.info("call %s: tool %s withdrawn by the model; cancelled, not answered", self.call_sid, call.name)
+                    log.info("call %s: tool %s withdrawn by the model; cancelled, not answered", self.call_sid, shown(call.name))
                     withdrawn = True
                 else:
                     output, respond = outcome.output, outcome.respond
-                    log.info("call %s: tool %s -> %s", self.call_sid, call.name, "ok" if outcome.ok else output[:200])
+                    log.info("call %s: tool %s -> %s", self.call_sid, shown(call.name), "ok" if outcome.ok else shown(output, 200))
         finally:
             if group is not None:
                 if self._tool_groups[group] > 1:

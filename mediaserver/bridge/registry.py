@@ -229,6 +229,9 @@ class CallManager:
             if len(slot.tokens) > 1:  # (the call's other answer still names it: only this token goes)
                 slot.tokens.remove(token)
                 del self._slots[token]
+                seen = self._seen.get(slot.call_sid)
+                if seen is not None and seen.token == token:
+                    seen.token = slot.tokens[-1]  # (a later webhook again still finds the session)
                 return
             slot.retire(reason)
 

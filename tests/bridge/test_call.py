@@ -791,8 +791,34 @@ async def test_call_a_transfer_still_awaiting_twilio_does_not_hold_the_ending_ca
 
 @fail_after(60)
 async def test_call_a_transfer_asked_for_as_the_call_ends_is_not_made(autojump_clock: trio.testing.MockClock) -> None:
-    """The transfer's tool starts as the call ends (a fatal error in the same batch): the call's end is not held up
-    by a request to Twilio."""
+    """A transfer whose tool starts in a call already ending (its nursery cancelled, nothing playing, so the goodbye
+    waits return at once): Twilio is asked nothing."""
+    asked: list[str] = []
+
+    class Rest:
+        async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
+            asked.append(twiml)
+            await trio.sleep(10)
+
+    link = FakeLink()
+    async with bridged(link, rest=Rest()) as call:
+        link.emit(pv.ResponseStarted("resp_1"), pv.ResponseDone("resp_1", "completed", None))  # (framed, quiet)
+        await trio.sleep(0.5)
+        nursery = call.bridge._nursery
+        assert nursery is not None
+        ending_s = trio.current_time()
+        call.bridge._end("provider error: boom")  # the call ends; a tool task of the same batch starts after that
+        nursery.start_soon(call.bridge.transfer, "+15551234567")
+        await call.done.wait()
+        assert asked == []
+        assert call.ended_s == pytest.approx(ending_s)
+
+
+@fail_after(60)
+async def test_call_a_transfer_whose_request_is_out_as_the_call_ends_gets_the_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The tool reached Twilio first, then the call ended (a fatal error read next): TRANSFER_GRACE_S, not 10 s."""
     asked: list[str] = []
 
     class Rest:
@@ -808,15 +834,15 @@ async def test_call_a_transfer_asked_for_as_the_call_ends_is_not_made(autojump_c
 
     link = FakeLink()
     async with bridged(link, tools=ToolSet([transfer_out]), tool_timeout_s=30.0, rest=Rest()) as call:
-        link.emit(pv.ResponseStarted("resp_1"), pv.ResponseDone("resp_1", "completed", None))  # (nothing playing)
+        link.emit(pv.ResponseStarted("resp_1"), pv.ResponseDone("resp_1", "completed", None))
         await trio.sleep(0.5)
+        link.emit(pv.ToolCall("c1", "transfer_out", "{}"))
+        while not asked:
+            await trio.sleep(0.01)
         ending_s = trio.current_time()
-        link.emit(pv.ToolCall("c1", "transfer_out", "{}"), pv.ProviderError("boom", fatal=True))
+        link.emit(pv.ProviderError("boom", fatal=True))
         await call.done.wait()
-        # (Whether the tool's task reached Twilio before the error was read depends on scheduling: either way the
-        # call ends at once, or TRANSFER_GRACE_S after a request already out.)
-        assert len(asked) <= 1
-        assert call.ended_s is not None and call.ended_s - ending_s <= TRANSFER_GRACE_S + 1e-9
+        assert call.ended_s is not None and call.ended_s - ending_s == pytest.approx(TRANSFER_GRACE_S, abs=1e-6)
         assert call.bridge.end_reason == "provider error: boom"
 
 

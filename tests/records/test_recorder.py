@@ -206,9 +206,14 @@ async def test_recorder_records_a_call_from_webhook_to_end(records_settings: Cal
             {"CallSid": ["CAnone"], "CallStatus": ["no-answer"], "Direction": ["outbound-api"],
              "From": ["+15550001111"], "To": ["+15554445555"]}
         )
-        # A From/To of any length is kept to its first 256 characters (a SIP URI fits; a 30 KB flood does not).
+        # A From/To of any length is kept to its first 256 characters (a SIP URI fits; a 30 KB flood does not),
+        # from a status callback and from the webhook alike.
         recorder.twilio_status({"CallSid": ["CAlong"], "CallStatus": ["ringing"], "From": ["sip:" + "a" * 30_000],
                                 "To": ["+1" + "5" * 300]})
+        recorder.webhook({"CallSid": ["CAhook"], "From": ["sip:" + "b" * 30_000], "To": ["+15552223333"]})
+        hooked = CallStats(call_sid="CAhook", provider="fake", started_s=trio.current_time())
+        recorder.call_started(start_event("CAhook"), hooked)
+        recorder.call_ended("CAhook", hooked, "twilio sent stop")
         # Durations that are not a count of seconds SQLite can hold are no duration, not a failed callback.
         for odd in ("²", "1" * 5000, "1" * 23, "-3", "4.5"):
             recorder.twilio_status({"CallSid": [f"CAodd{len(odd)}{odd[:1]}"], "CallStatus": ["completed"],
@@ -218,10 +223,12 @@ async def test_recorder_records_a_call_from_webhook_to_end(records_settings: Cal
     record = store.get("CAin")
     unanswered = store.get("CAnone")
     long = store.get("CAlong")
+    hooked_record = store.get("CAhook")
     odd = [store.get(f"CAodd{len(d)}{d[:1]}") for d in ("²", "1" * 5000, "1" * 23, "-3", "4.5")]
     store.close()
     assert [(r.twilio_status, r.twilio_duration_s) for r in odd if r is not None] == [("completed", None)] * 5
     assert long is not None and (long.from_number, long.to_number) == ("sip:" + "a" * 252, "+1" + "5" * 254)
+    assert hooked_record is not None and hooked_record.from_number == "sip:" + "b" * 252
     assert unanswered is not None
     assert (unanswered.direction, unanswered.from_number, unanswered.to_number, unanswered.status) == (
         "outbound", "+15550001111", "+15554445555", "no-answer")
