@@ -150,6 +150,8 @@ def test_the_webhook_again_at_full_capacity_still_gets_its_token_and_withdrawing
             calls.withdraw(second, "the webhook could not be answered")
             await trio.sleep(0.001)
             assert sessions.closed == [] and calls.pending == 1
+            third = calls.prepare(CALL)  # the webhook once more: still the first answer's session, not a new one
+            assert third is not None and sessions.opened == 1 and calls.refused == {"too_many_pending": 1}
             with trio.fail_after(1):  # the withdrawn token is no longer known ...
                 end = await calls.handle_stream(await started_stream(CALL, second))
             assert end == StreamEnd(1008, "refused: no valid token")
