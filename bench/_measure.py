@@ -467,6 +467,17 @@ def write_json(path: Path, payload: Mapping[str, object]) -> None:
     path.write_text(json.dumps(clean(payload), indent=2, default=default, ensure_ascii=False) + "\n")
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (a timeout, a CI cancel) as Ctrl-C, which Trio delivers at a safe point: a bench's finally blocks
+    stop its servers, nothing is orphaned.  SIGINT's handler first: a shell starts a background job (cmd &)
+    with SIGINT ignored, and the SIGTERM would then do nothing."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+
+
 def die_with_parent(signum: int = 15) -> None:
     """In a child (``subprocess.Popen(preexec_fn=...)``, or after ``fork``): ``signum`` (SIGTERM) comes when
     the bench dies, however it dies.

@@ -107,7 +107,6 @@ import json
 import math
 import os
 import resource
-import signal
 import socket
 import ssl
 import subprocess
@@ -131,6 +130,7 @@ from _measure import (  # noqa: E402
     check_output_path,
     cpu_model,
     die_with_parent,
+    interrupt_on_sigterm,
     print_header,
     render_table,
     utc_now,
@@ -1001,11 +1001,7 @@ async def run_all(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # SIGTERM (timeout, a CI cancel) as Ctrl-C, which Trio delivers at a safe point: the servers' finally
-    # blocks stop them, nothing is orphaned.  SIGINT's handler first: a shell starts a background job (cmd &)
-    # with SIGINT ignored, and the SIGTERM would then do nothing.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    interrupt_on_sigterm()
     gc.callbacks.append(_GC_PAUSES)
     if args.peer_skipped is not None:
         log(f"peer skipped: {args.peer_skipped}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +39,15 @@ import trio  # noqa: E402
 
 import load  # noqa: E402
 from _loadgen import FakeModel, Recorder  # noqa: E402
-from _measure import Column, check_output_path, print_header, render_table, utc_now, write_json  # noqa: E402
+from _measure import (  # noqa: E402
+    Column,
+    check_output_path,
+    interrupt_on_sigterm,
+    print_header,
+    render_table,
+    utc_now,
+    write_json,
+)
 
 WARM_UP_ROUNDS = 2  # left out of the trend: the allocator and the caches settle in these
 
@@ -178,8 +185,7 @@ COLUMNS = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, load_args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # (see bench/load.py: background jobs, SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    interrupt_on_sigterm()
     fd_limit = load.raise_fd_limit()
     server_cpus, our_cpus = load.cpu_split(load_args.pin)
     if our_cpus is not None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mediaserver import __version__
-from mediaserver.config import PROVIDERS, ConfigError, Settings, load_dotenv_file, unknown_settings
+from mediaserver.config import PROVIDERS, ConfigError, Settings, env_name, load_dotenv_file, unknown_settings
 from mediaserver.logs import configure as configure_logs
 
 log = logging.getLogger("mediaserver")
@@ -103,12 +103,8 @@ def freeze_startup_objects() -> int:
     return gc.get_freeze_count()
 
 
-# serve's flags and the settings they set
-_FLAG_SETTINGS = {
-    "host": "MEDIASERVER_HOST", "port": "MEDIASERVER_PORT", "provider": "MEDIASERVER_PROVIDER",
-    "public_url": "MEDIASERVER_PUBLIC_URL", "instance_url": "MEDIASERVER_INSTANCE_URL",
-    "log_level": "MEDIASERVER_LOG_LEVEL", "log_format": "MEDIASERVER_LOG_FORMAT",
-}
+# serve's flags: each sets the Settings field of its name (--public-url: public_url)
+_FLAGS = ("host", "port", "provider", "public_url", "instance_url", "log_level", "log_format")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,14 +128,14 @@ def _main(argv: Sequence[str] | None) -> int:
         for env, default, doc in Settings.describe():
             print(f"{env:32} {default:42} {doc}")
         return 0
-    flags = {name: getattr(args, name, None) for name in _FLAG_SETTINGS}
+    flags = {name: getattr(args, name, None) for name in _FLAGS}
     try:
         load_dotenv_file(getattr(args, "env_file", None))
         settings = Settings.from_env(**flags)
     except ConfigError as exc:
         message = str(exc)
         for name, value in flags.items():  # a value given as a flag: name the flag, not only the variable
-            env = _FLAG_SETTINGS[name]
+            env = env_name(name)
             if value is not None and message.startswith(env + " "):
                 message = f"--{name.replace('_', '-')} ({env}){message[len(env):]}"
         print(f"mediaserver: configuration error: {message}", file=sys.stderr)

@@ -23,7 +23,7 @@ from mediaserver.logs import FORMATS as LOG_FORMATS
 from mediaserver.logs import LEVELS as LOG_LEVELS
 from mediaserver.security import configured_base, signature_bases
 
-__all__ = ["PCM_RATES", "PROVIDERS", "REQUIRED", "ConfigError", "Settings", "is_http_url", "load_dotenv_file"]
+__all__ = ["PCM_RATES", "PROVIDERS", "REQUIRED", "ConfigError", "Settings", "env_name", "is_http_url", "load_dotenv_file"]
 
 # Providers the server can bridge to; "echo" needs no network and no key.
 PROVIDERS = ("echo", "openai", "gemini", "assemblyai", "deepgram", "elevenlabs", "pcm")
@@ -181,15 +181,15 @@ class Settings:
             raise ConfigError(f"MEDIASERVER_PORT must be 1-65535, not {self.port}")
         for needed in REQUIRED.get(self.provider, ()):
             if not getattr(self, needed):
-                raise ConfigError(f"MEDIASERVER_PROVIDER={self.provider} needs {_env_name(needed)}")
+                raise ConfigError(f"MEDIASERVER_PROVIDER={self.provider} needs {env_name(needed)}")
         for name in ("pcm_provider_input_rate", "pcm_provider_output_rate"):
             if getattr(self, name) not in PCM_RATES:
-                raise ConfigError(f"{_env_name(name)} must be 8000, 16000 or 24000, not {getattr(self, name)}")
+                raise ConfigError(f"{env_name(name)} must be 8000, 16000 or 24000, not {getattr(self, name)}")
         for name in ("openai_realtime_url", "gemini_live_url", "assemblyai_agent_url", "deepgram_agent_url",
                      "elevenlabs_agent_url", "pcm_provider_url"):
             url = getattr(self, name)
             if url is not None:
-                _check_ws_url(_env_name(name), url)
+                _check_ws_url(env_name(name), url)
         if self.elevenlabs_agent_id is not None and not re.fullmatch(r"[\w-]+", self.elevenlabs_agent_id, re.ASCII):
             raise ConfigError(f"ELEVENLABS_AGENT_ID must be an agent id (letters, digits, _ and -), not {self.elevenlabs_agent_id[:60]!r}")
         if self.openai_audio not in ("pcmu", "pcm24k"):
@@ -203,7 +203,7 @@ class Settings:
         for name in ("public_url", "instance_url"):
             if getattr(self, name) is not None:
                 try:
-                    configured_base(getattr(self, name), _env_name(name))
+                    configured_base(getattr(self, name), env_name(name))
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
         if self.transfer_numbers is not None:
@@ -216,7 +216,7 @@ class Settings:
         for name, prefix in (("twilio_account_sid", "AC"), ("twilio_api_key_sid", "SK")):
             sid = getattr(self, name)
             if sid is not None and not re.fullmatch(prefix + "[0-9a-fA-F]{32}", sid):
-                raise ConfigError(f"{_env_name(name)} must be {prefix} followed by 32 hex digits, not {sid[:40]!r}")
+                raise ConfigError(f"{env_name(name)} must be {prefix} followed by 32 hex digits, not {sid[:40]!r}")
         if bool(self.twilio_api_key_sid) != bool(self.twilio_api_key_secret):  # (half an API key: REST calls would fail)
             have, need = ("TWILIO_API_KEY_SID", "TWILIO_API_KEY_SECRET")[:: 1 if self.twilio_api_key_sid else -1]
             raise ConfigError(f"{have} needs {need}: set both for Twilio REST requests (or neither)")
@@ -243,7 +243,7 @@ class Settings:
         for name in ("stream_timeout_s", "idle_timeout_s", "max_call_s", "connect_timeout_s", "drain_s", "tool_timeout_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"{_env_name(name)} must be a positive number of seconds, not {value!r}")
+                raise ConfigError(f"{env_name(name)} must be a positive number of seconds, not {value!r}")
         return self
 
     @property
@@ -307,7 +307,8 @@ def _check_ws_url(env: str, url: str) -> None:
                else "give the provider's key in its own setting")
         )
 
-def _env_name(attr: str) -> str:
+def env_name(attr: str) -> str:
+    """The environment variable of the setting ``attr`` (``port``: ``MEDIASERVER_PORT``)."""
     return next(str(f.metadata["env"]) for f in fields(Settings) if f.name == attr)
 
 

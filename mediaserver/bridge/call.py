@@ -389,7 +389,7 @@ class CallBridge:
         if self.twilio.state is not StreamState.STREAMING:
             return False
         prefix, suffix, mark = self.twilio.send_chunk(chunk.payload, chunk.item)
-        media = prefix.decode() + binascii.b2a_base64(chunk.payload, newline=False).decode() + suffix.decode()
+        media = (prefix + binascii.b2a_base64(chunk.payload, newline=False) + suffix).decode()
         if not mark:
             self._mark_withheld()
         await self.stream.send_many((media, mark) if mark else (media,))
