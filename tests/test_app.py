@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -141,6 +142,15 @@ async def keep_talking(caller: FakeTwilioCaller, *, task_status: trio.TaskStatus
     task_status.started()
     while True:
         await caller.send_silence(100)
+
+
+async def talk_until_hung_up(caller: FakeTwilioCaller, limit_s: float = math.inf) -> None:
+    """Talk (paced silence, as a phone line does) until the server ends the call; at most ``limit_s``."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(keep_talking, caller)
+        with trio.fail_after(limit_s):
+            await caller.closed.wait()
+        nursery.cancel_scope.cancel()
 
 
 # ------------------------------------------------------------------ HTTP side
@@ -588,11 +598,8 @@ async def test_app_model_failure_hangs_up_the_call(how: str, caplog: pytest.LogC
             await session.ws.send_message('{"type": "response.output_audio.delta", "delta": 7}')  # deliberately invalid
 
     async with fake_openai(script) as model, running(openai_settings(model)) as url:
-        async with phone_call(url) as caller, trio.open_nursery() as nursery:
-            await nursery.start(keep_talking, caller)
-            with trio.fail_after(2):
-                await caller.closed.wait()
-            nursery.cancel_scope.cancel()
+        async with phone_call(url) as caller:
+            await talk_until_hung_up(caller, 2)
         session = await model.session(0)
         assert caller.closed_at_s is not None and session.closed_at_s is not None
         assert caller.closed_at_s - session.closed_at_s < 1.0

@@ -49,6 +49,7 @@ from tests.test_app import (
     openai_settings,
     phone_call,
     running,
+    talk_until_hung_up,
 )
 from tests.test_http_client import certificate, server_context  # noqa: F401  (certificate: a pytest fixture)
 
@@ -451,10 +452,8 @@ async def test_a_goodbye_streamed_before_the_model_goes_is_heard_in_full(how: st
             await session.abort()
 
     async with fake_openai(script) as model, running(openai_settings(model)) as url:
-        async with phone_call(url) as caller, trio.open_nursery() as nursery:
-            await nursery.start(keep_talking, caller)
-            await caller.closed.wait()
-            nursery.cancel_scope.cancel()
+        async with phone_call(url) as caller:
+            await talk_until_hung_up(caller)
     assert caller.received_audio == reply
     [ended] = [r for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
     if how == "close":

@@ -23,7 +23,7 @@ import trio
 from mediaserver.config import ConfigError, Settings
 from tests.assemblyai_fake import AssemblyAIFakeSession, FakeAssemblyAIServer
 from tests.fakes import fail_after, to_ulaw, tone
-from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running
+from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running, talk_until_hung_up
 
 
 _DATA_DIR = "data"
@@ -217,11 +217,8 @@ async def test_assemblyai_fatal_session_error_ends_the_call_cleanly(caplog: pyte
         await session.session_error("internal_error", "agent crashed")  # and the socket stays open
 
     async with fake_assemblyai(script) as model, running(assemblyai_settings(model)) as url:
-        async with phone_call(url) as caller, trio.open_nursery() as nursery:
-            await nursery.start(keep_talking, caller)
-            with trio.fail_after(2):
-                await caller.closed.wait()
-            nursery.cancel_scope.cancel()
+        async with phone_call(url) as caller:
+            await talk_until_hung_up(caller, 2)
         session = await model.session(0)
         await session.closed.wait()
         # the failed call's stream says so (1011); the model gets a clean close from us

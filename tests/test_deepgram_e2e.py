@@ -27,7 +27,7 @@ from mediaserver.protocol.providers.deepgram import DeepgramAgentConfig, Deepgra
 from mediaserver.transport.provider_ws import open_provider_link
 from tests.deepgram_fake import DeepgramFakeSession, FakeDeepgramServer
 from tests.fakes import fail_after, to_ulaw, tone
-from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running
+from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running, talk_until_hung_up
 from tests.test_tools import LIVE_TOOLS, tools_module  # noqa: F401  (tools_module: a pytest fixture)
 
 
@@ -249,11 +249,8 @@ async def test_deepgram_fatal_error_ends_the_call_cleanly(caplog: pytest.LogCapt
         await session.error("INVALID_SETTINGS", "think provider rejected")  # and the socket stays open
 
     async with fake_deepgram(script) as model, running(deepgram_settings(model)) as url:
-        async with phone_call(url) as caller, trio.open_nursery() as nursery:
-            await nursery.start(keep_talking, caller)
-            with trio.fail_after(2):
-                await caller.closed.wait()
-            nursery.cancel_scope.cancel()
+        async with phone_call(url) as caller:
+            await talk_until_hung_up(caller, 2)
         session = await model.session(0)
         await session.closed.wait()
         # the failed call's stream says so (1011); the model gets a clean close from us

@@ -21,7 +21,7 @@ from mediaserver.config import Settings
 
 from tests.elevenlabs_fake import ElevenLabsConversation, FakeElevenLabsServer, Script
 from tests.fakes import fail_after, to_ulaw, tone
-from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running
+from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running, talk_until_hung_up
 
 
 @pytest.fixture(autouse=True)
@@ -153,11 +153,8 @@ async def test_elevenlabs_client_tool_call_gets_a_client_tool_result() -> None:
 @fail_after(10)
 async def test_elevenlabs_agent_format_mismatch_ends_the_call_with_a_clear_log(caplog: pytest.LogCaptureFixture) -> None:
     async with fake_elevenlabs(output_format="pcm_16000") as server, running(el_settings(server)) as url:
-        async with phone_call(url) as caller, trio.open_nursery() as nursery:
-            await nursery.start(keep_talking, caller)
-            with trio.fail_after(2):
-                await caller.closed.wait()
-            nursery.cancel_scope.cancel()
+        async with phone_call(url) as caller:
+            await talk_until_hung_up(caller, 2)
         conversation = await server.conversation(0)
         await conversation.closed.wait()
     assert caller.close_code == 1011 and caller.received == []  # not served (no model session)

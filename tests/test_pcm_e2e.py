@@ -31,7 +31,7 @@ from tests.fakes import band_energy_ratio, dominant_frequency_hz, fail_after, fr
 from tests.pcm_fake import FakePcmModel, PcmModelSession, Script
 from mediaserver.records.model import cut_text
 from tests.records.test_server_records import stored
-from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running
+from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running, talk_until_hung_up
 
 RATES = (8000, 16000, 24000)
 AMPLITUDE = 0.3
@@ -217,11 +217,8 @@ async def test_pcm_model_error_ends_the_call(caplog: pytest.LogCaptureFixture) -
         await session.send_json({"type": "error", "message": "model weights missing", "fatal": True})
 
     async with fake_model(script) as model, running(pcm_settings(model)) as url:
-        async with phone_call(url) as caller, trio.open_nursery() as nursery:
-            await nursery.start(keep_talking, caller)
-            with trio.fail_after(2):
-                await caller.closed.wait()
-            nursery.cancel_scope.cancel()
+        async with phone_call(url) as caller:
+            await talk_until_hung_up(caller, 2)
     assert any("ended (provider error: model weights missing)" in r.getMessage() for r in call_log(caplog, CALL_A))
 
 
@@ -329,10 +326,8 @@ async def test_pcm_end_call_waits_for_the_goodbye_sent_after_it(order: str, capl
         await trio.sleep(10)
 
     async with fake_model(script) as model, running(pcm_settings(model)) as url:
-        async with phone_call(url) as caller, trio.open_nursery() as nursery:
-            await nursery.start(keep_talking, caller)
-            await caller.closed.wait()
-            nursery.cancel_scope.cancel()
+        async with phone_call(url) as caller:
+            await talk_until_hung_up(caller)
     down = Resampler(16000, 8000)
     assert len(caller.received_audio) == len(down.process(goodbye) + down.flush()) // 2  # all of it, tail included
     [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
@@ -406,10 +401,8 @@ async def test_pcm_a_model_that_breaks_the_protocol_is_told_why_in_the_close(cap
         await trio.sleep(10)
 
     async with fake_model(script) as model, running(pcm_settings(model)) as url:
-        async with phone_call(url) as caller, trio.open_nursery() as nursery:
-            await nursery.start(keep_talking, caller)
-            await caller.closed.wait()
-            nursery.cancel_scope.cancel()
+        async with phone_call(url) as caller:
+            await talk_until_hung_up(caller)
     connection = model.sessions[0]
     await connection.closed.wait()
     assert connection.close_code == 1002
