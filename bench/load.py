@@ -338,6 +338,23 @@ def runqueue_wait_s(pid: int) -> float:
     return total / 1e9
 
 
+def steal_split(cpus: Sequence[int]) -> tuple[float, float]:
+    """(steal, all) CPU seconds so far on ``cpus`` (psutil, /proc/stat): how much the hypervisor took, of how much time.
+
+    On a virtual machine the host may run other guests on our CPUs; that
+    time shows in no process's CPU time or run-queue wait, only as steal.
+    (0, 0) where psutil has no per-CPU steal (not Linux).
+    """
+    times = psutil.cpu_times(percpu=True)
+    steal = total = 0.0
+    for cpu in cpus:
+        if cpu < len(times):
+            t = times[cpu]
+            steal += getattr(t, "steal", 0.0)
+            total += sum(t)
+    return steal, total
+
+
 class _GCPauses:
     """This process's garbage collections, as (start, seconds) on ``time.perf_counter`` (a ``gc.callbacks`` hook)."""
 
@@ -433,10 +450,12 @@ async def run_step(
     async def measure_window() -> None:
         await trio.sleep_until(window_start)
         before = await reactor_counters()
+        server_cpus = server.cpu_affinity() or list(range(psutil.cpu_count() or 1))
         measured.update(
             s_cpu=cpu_seconds(server), g_cpu=cpu_seconds(me), wall=time.perf_counter(),
             s_wait=runqueue_wait_s(server.pid), g_wait=runqueue_wait_s(me.pid),
         )
+        steal_before = steal_split(server_cpus)
         await trio.sleep_until(end_s - 0.1)
         wall = time.perf_counter() - measured["wall"]
         measured["gen_gc_max_ms"] = 1000 * _GC_PAUSES.longest_s(measured["wall"], measured["wall"] + wall)
@@ -447,6 +466,9 @@ async def run_step(
             server_wait=100 * (runqueue_wait_s(server.pid) - measured["s_wait"]) / wall,
             gen_wait=100 * (runqueue_wait_s(me.pid) - measured["g_wait"]) / wall,
         )
+        steal_after = steal_split(server_cpus)
+        if steal_after[1] > steal_before[1]:
+            measured["steal"] = 100 * (steal_after[0] - steal_before[0]) / (steal_after[1] - steal_before[1])
         after = await reactor_counters()
         if before is not None and after is not None and after[0] > before[0]:
             measured["sockets_per_wakeup"] = (after[1] - before[1]) / (after[0] - before[0])
@@ -517,6 +539,7 @@ async def run_step(
         # ours: ready sockets handled per reactor wake-up in the hold window (None for the peer)
         "sockets_per_wakeup": measured.get("sockets_per_wakeup"),
         "gen_wait_pct": measured.get("gen_wait", float("nan")),
+        "steal_pct": measured.get("steal", float("nan")),
         "model_errors": model.errors[errors_before:][:5],
         "stop_s": calls_done_s - end_s,
     }
@@ -565,6 +588,8 @@ def combine(runs: Sequence[dict[str, Any]], args: argparse.Namespace) -> dict[st
     active = [r["server_active_after"] for r in runs if r["server_active_after"] is not None]
     row["server_active_after"] = max(active) if active else None
     row["gen_bound"] = any(r["gen_bound"] for r in runs)
+    steals = [r["steal_pct"] for r in runs if not math.isnan(r.get("steal_pct", math.nan))]
+    row["steal_pct"] = max(steals) if steals else math.nan  # the worst run's: one host hiccup can break a step
     worst_p99 = max(row["up_p99_ms"], row["down_p99_ms"])
     row["broken"] = bool(
         row["failed"] or row["leaked"] or row["up_lost"] or row["down_lost"] or not worst_p99 <= args.max_p99_ms
@@ -618,6 +643,7 @@ COLUMNS = [
     Column("gen_lag_p99_ms", "gen lag99", ".1f"),
     Column("gen_bound", "gen-bound", align="<"),
     Column("wait", "CPU wait% srv/gen", align=">"),
+    Column("steal_pct", "steal%", ".1f"),
 ]
 
 PEER_COLUMNS = [
@@ -676,6 +702,10 @@ def table(rows: Sequence[dict[str, Any]], args: argparse.Namespace, pinned: bool
         " no lost frames, no leaked sessions.",
         "CPU wait%: time runnable but waiting for a CPU (/proc schedstat), server / generator: other processes"
         " on the machine took it; rows with more than a few % measured a shared machine, not the server.",
+        "steal%: on a virtual machine, the share of the server's CPU the host gave to someone else in the window"
+        " (/proc/stat; the worst run's): no process's CPU or wait shows it. A few % makes CPU figures noisy; a run"
+        " with much more may have been frozen for a moment, which a step shows as latency and even lost frames"
+        " (replies still in flight when the callers hang up).",
     ]
     if args.tls:
         notes.append(
@@ -907,6 +937,7 @@ def _progress(row: dict[str, Any]) -> str:
         f"  {row['server']}: up p99 {row['up_p99_ms']:.2f} ms, down p99 {row['down_p99_ms']:.2f} ms,"
         f" lost {row['up_lost']}/{row['down_lost']}, failed {row['failed']}, leaked {row['leaked']},"
         f" server CPU {row['server_cpu_pct']:.0f}%, gen CPU {row['gen_cpu_pct']:.0f}%, gen lag p99 {row['gen_lag_p99_ms']:.1f} ms"
+        + (f", steal {row['steal_pct']:.1f}%" if not math.isnan(row.get("steal_pct", math.nan)) else "")
         + (f"; first failure: {row['first_failure']}" if row["first_failure"] else "")
     )
 
@@ -999,6 +1030,34 @@ async def run_all(
     return rows
 
 
+def calls_held(rows: Sequence[dict[str, Any]]) -> str | None:
+    """Issue 3's "3x the peer's calls per core", as measured here: each server's largest ok step, and the bound the grid gives.
+
+    Both servers ran the same steps on the same CPU in this run, each ramp
+    stopping at its first step that was not ok.  Ours held at least its
+    largest ok step; the peer held less than its first step that was not ok
+    (its ramp stops there), so ours held more than ``ours / that step``
+    times the peer's calls.  None when the peer did not run, or no step of
+    ours was ok.
+    """
+    ours = [r for r in rows if r["server"] == OURS]
+    peer = [r for r in rows if r["server"] == PEER]
+    ours_ok = [r["calls"] for r in ours if not r["broken"]]
+    if not peer or not ours_ok:
+        return None
+    best = max(ours_ok)
+    peer_ok = [r["calls"] for r in peer if not r["broken"]]
+    peer_broke = [r["calls"] for r in peer if r["broken"]]
+    held = f"calls held on one core in this run: ours {best}, the peer {max(peer_ok) if peer_ok else 'none of its steps'}"
+    if not peer_broke:
+        return held + " (the peer broke at no step: run larger steps to compare)"
+    broke = min(peer_broke)
+    return (
+        f"{held}, the peer broke at {broke}: ours held more than {best / broke:.2f}x the peer's calls"
+        f" ({best} / {broke}; the step grid bounds it; target 3x)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     interrupt_on_sigterm()
@@ -1076,6 +1135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"largest clean step: {best['calls']} calls at {best['server_cpu_pct']:.0f}% of a core"
             f" (~{best['calls_per_core']:.0f} calls per core extrapolated; target {TARGET_PER_CORE})"
         )
+    held = calls_held(rows)
+    if held is not None:
+        print(held)
     if args.profile is not None and args.profile.exists():
         print_profile(args.profile)
     if args.json is not None:  # (before the plot: a plot that fails must not lose the figures)

@@ -157,6 +157,7 @@ def test_load_quick_run_bridges_every_frame_and_leaks_nothing(quick_load: tuple[
     assert ours[0]["sockets_per_wakeup"] >= 1  # our server's reactor handled the sockets (from its /healthz)
     assert ours[0]["gen_gc_max_ms"] >= 0  # measured (NaN would fail)
     assert "socks/wake" in out
+    assert 0 <= ours[0]["steal_pct"] <= 100 and "steal%" in out  # (Linux: /proc/stat has steal, 0 on bare metal)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -365,19 +366,21 @@ def test_load_combines_a_steps_runs_into_medians_and_sums() -> None:
 
     import load
 
-    def run(cpu: float, up_p99: float, *, lost: int = 0, failed: str | None = None) -> dict[str, Any]:
+    def run(cpu: float, up_p99: float, *, lost: int = 0, failed: str | None = None, steal: float = 1.0) -> dict[str, Any]:
         row: dict[str, Any] = {key: 1.0 for key in load._MEDIANS}
         row.update({key: 10 for key in load._SUMS})
         row.update(
             calls=100, server="ours", server_cpu_pct=cpu, up_p99_ms=up_p99, down_p99_ms=1.0, up_lost=lost, down_lost=0,
             failed=int(failed is not None), leaked=0, failure_kinds={failed: 1} if failed else {},
             first_failure=failed, model_errors=[], server_active_after=0, gen_bound=False, sockets_per_wakeup=4.0,
+            steal_pct=steal,
         )
         return row
 
     args = argparse.Namespace(max_p99_ms=20.0)
-    runs = [run(30.0, 2.0), run(20.0, 50.0), run(25.0, 3.0)]  # one run's p99 far out: the median is not
+    runs = [run(30.0, 2.0), run(20.0, 50.0, steal=40.0), run(25.0, 3.0)]  # one run's p99 far out: the median is not
     row = load.combine(runs, args)
+    assert row["steal_pct"] == 40.0  # the worst run's: it explains that run
     assert (row["server_cpu_pct"], row["up_p99_ms"], row["repeats"], row["runs"]) == (25.0, 3.0, 3, runs)
     assert row["cpu_pct_per_call"] == 0.25 and row["calls_per_core"] == 400
     assert row["up_sent"] == 30 and row["sessions"] == 30 and not row["broken"]
@@ -386,6 +389,30 @@ def test_load_combines_a_steps_runs_into_medians_and_sums() -> None:
     assert lossy["failure_kinds"] == {"stream: refused": 1} and lossy["first_failure"] == "stream: refused"
     single = load.combine([run(30.0, 2.0)], args)
     assert "runs" not in single and single["server_cpu_pct"] == 30.0
+
+
+@needs_peer
+def test_load_says_how_many_more_calls_ours_held_than_the_peer_bounded_by_the_step_grid() -> None:
+    import load
+
+    def row(server: str, calls: int, broken: bool) -> dict[str, Any]:
+        return {"server": server, "calls": calls, "broken": broken}
+
+    rows = [row("ours", 100, False), row("peer", 100, False), row("ours", 120, False), row("peer", 120, True),
+            row("ours", 300, False), row("ours", 400, False), row("ours", 500, True)]
+    said = load.calls_held(rows)
+    assert said is not None
+    assert "ours 400, the peer 100, the peer broke at 120" in said
+    assert "more than 3.33x the peer's calls (400 / 120" in said
+    # the peer broke at its first step: it held none; ours is still compared with that step
+    said = load.calls_held([row("ours", 50, False), row("peer", 50, True)])
+    assert said is not None and "the peer none of its steps, the peer broke at 50" in said and "1.00x" in said
+    # the peer never broke: no bound
+    said = load.calls_held([row("ours", 50, False), row("peer", 50, False)])
+    assert said is not None and "broke at no step" in said
+    # no peer, or no clean step of ours: nothing to say
+    assert load.calls_held([row("ours", 50, False)]) is None
+    assert load.calls_held([row("ours", 50, True), row("peer", 50, True)]) is None
 
 
 @pytest.mark.parametrize(
