@@ -33,6 +33,7 @@ from openai.types.realtime import (
     ResponseCreateEvent,
     ResponseDoneEvent,
     ResponseFunctionCallArgumentsDoneEvent,
+    ResponseOutputItemDoneEvent,
 )
 from openai.types.realtime.realtime_conversation_item_function_call import RealtimeConversationItemFunctionCall
 from openai.types.realtime.realtime_conversation_item_function_call_output import (
@@ -597,8 +598,8 @@ TRANSFER_TO = "+15557654321"
 async def model_calls(
     session: FakeRealtimeSession, name: str, arguments: str, call_id: str, *, response_id: str | None = None
 ) -> None:
-    """The model calls a function: function_call_arguments.done, inside its own response unless
-    ``response_id`` names one already open (SDK models, as the GA server sends them)."""
+    """The model calls a function: function_call_arguments.done then its item done (completed), inside its own
+    response unless ``response_id`` names one already open (SDK models, as the GA server sends them)."""
     own = response_id is None
     rid = response_id or f"resp_{call_id}"
     item_id = f"item_{call_id}"
@@ -622,10 +623,15 @@ async def model_calls(
             arguments=arguments,
         )
     )
-    if own:
-        item = RealtimeConversationItemFunctionCall(
-            type="function_call", id=item_id, call_id=call_id, name=name, arguments=arguments, status="completed"
+    item = RealtimeConversationItemFunctionCall(
+        type="function_call", id=item_id, call_id=call_id, name=name, arguments=arguments, status="completed"
+    )
+    await session.send(
+        ResponseOutputItemDoneEvent(
+            type="response.output_item.done", event_id=session._event_id(), response_id=rid, output_index=0, item=item
         )
+    )
+    if own:
         await session.send(
             ResponseDoneEvent(
                 type="response.done",

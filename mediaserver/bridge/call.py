@@ -328,6 +328,8 @@ class CallBridge:
         self._transfer_scopes: set[trio.CancelScope] = set()  # transfers' REST requests, shielded (_end shortens them)
         self._limit_s = math.inf  # when the call reaches its maximum length (trio time; set by run)
         self._hang_up_call: str | None = None  # the tool call that asked for it (the model may withdraw it)
+        self._announcing: set[trio.CancelScope] = set()  # transfers waiting for their announcement to play
+        self._spoken_over: set[str] = set()  # tool calls the caller's barge-in called off: answered without a response
         self._digits: _DigitCollector | None = None
         self._dtmf_text: list[str] = []
         self._dtmf_flush_s = 0.0
@@ -851,6 +853,9 @@ class CallBridge:
             self._response_open = False
             if event.status in ("cancelled", "failed"):  # no spoken answer is coming for the last stop
                 self._speech_stopped_s = None
+            if event.status == "failed":  # (quota, rate limit, server error: the caller hears nothing)
+                log.warning("call %s: %s: the model's response failed: %s", self.call_sid, self.link.name,
+                            shown(event.error or "no reason given", 300))
         self._notify()
 
     async def _run_tool(self, call: pv.ToolCall) -> None:
@@ -903,10 +908,32 @@ class CallBridge:
             elif group in self._answer_owed:
                 self._answer_owed.discard(group)
                 respond = True
+        if call.call_id in self._spoken_over:  # the caller is talking: their turn brings the next response
+            self._spoken_over.discard(call.call_id)
+            respond = False
         try:
             await self.link.send(pv.ToolResult(call.call_id, output, respond=respond))
         except ProviderClosed as exc:
             self._provider_closed(exc)
+
+    def _goodbye_spoken_over(self) -> None:
+        """The caller barged in on the agent while an end_call or a transfer waited for its words to play: neither
+        happens (a caller who says "wait, one more thing" over the goodbye stays on the line).
+
+        A model that generates faster than real time (OpenAI) has its response
+        done, tool call and all, long before the caller has heard the goodbye,
+        so no provider withdraws the call: the bridge does.  The model asks
+        again if the call should still end.
+        """
+        if self.end_reason != "running":
+            return
+        for scope in self._announcing:  # (the transfer answers the model itself: see transfer)
+            scope.cancel()
+        if self._hang_up_scope is not None:
+            self._hang_up_scope.cancel()
+            self._hang_up_scope = self._hang_up_call = None
+            self._ending = False
+            log.info("call %s: the caller spoke over the goodbye; not hanging up", self.call_sid)
 
     def _cancel_tools(self, call_ids: Sequence[str]) -> None:
         for call_id in call_ids:
@@ -984,6 +1011,9 @@ class CallBridge:
             await self._goodbye_begun(self.goodbye_timeout_s)
             if not await self.wait_played(self.goodbye_timeout_s):
                 log.warning("call %s: goodbye still playing after %g s; hanging up", self.call_sid, self.goodbye_timeout_s)
+            # (called off while this task was already woken -- a barge-in clears what was playing, which also
+            # makes it look played -- the wait returns without a checkpoint: the cancellation is seen here)
+            await trio.lowlevel.checkpoint_if_cancelled()
             # Closing the stream ends the call: the TwiML has <Hangup/> after <Connect>.
             self._end(f"agent hung up: {reason}")
 
@@ -992,10 +1022,24 @@ class CallBridge:
         if self.rest is None:
             raise ToolError("transfers need Twilio REST credentials, which are not configured")
         # The goodbye may take the tool's time, but not the part the REST request needs.
-        left_s = trio.current_effective_deadline() - self._now() - TRANSFER_REQUEST_S
-        await self._goodbye_begun(max(0.0, min(self.goodbye_timeout_s, left_s)))
-        left_s = trio.current_effective_deadline() - self._now() - TRANSFER_REQUEST_S
-        await self.wait_played(max(0.0, min(self.goodbye_timeout_s, left_s)))
+        with trio.CancelScope() as announcing:  # (cancelled by a barge-in on it: _goodbye_spoken_over)
+            self._announcing.add(announcing)
+            try:
+                left_s = trio.current_effective_deadline() - self._now() - TRANSFER_REQUEST_S
+                await self._goodbye_begun(max(0.0, min(self.goodbye_timeout_s, left_s)))
+                left_s = trio.current_effective_deadline() - self._now() - TRANSFER_REQUEST_S
+                await self.wait_played(max(0.0, min(self.goodbye_timeout_s, left_s)))
+                await trio.lowlevel.checkpoint_if_cancelled()  # (as in _hang_up)
+            finally:
+                self._announcing.discard(announcing)
+        if announcing.cancelled_caught:
+            call_id = _TOOL_CALL.get()
+            if call_id is not None:
+                self._spoken_over.add(call_id)
+            log.info("call %s: the caller spoke over the transfer's announcement; not transferring to %s",
+                     self.call_sid, to)
+            raise ToolError(f"the caller started talking before the transfer to {to}: it was not made and the call"
+                            " goes on (transfer again if they still want it)")
         # The request has what is left of the tool's time (at least TRANSFER_REQUEST_S), not the REST client's own
         # 15 s: the caller hears nothing meanwhile.
         request_s = max(TRANSFER_REQUEST_S, trio.current_effective_deadline() - self._now())
@@ -1283,6 +1327,9 @@ class CallBridge:
                 if item not in self._interrupted:
                     items[item] = None
             talking = bool(items) or self.twilio.unconfirmed_samples > 0
+            if talking and not by_model:
+                # (before anything is cleared: a hang-up waiting for its goodbye would find it played, and hang up)
+                self._goodbye_spoken_over()
             # µ-law samples of each item generated so far (sent, queued, pending): the transcript cut
             generated = {item: self.twilio.playback(item).sent_samples for item in items}
             for chunk in self._queue:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -909,6 +910,89 @@ async def test_call_an_end_call_the_model_withdraws_while_its_goodbye_plays_does
         else:
             await call.done.wait()
             assert call.bridge.end_reason == "agent hung up: bye"
+
+
+@fail_after(60)
+@pytest.mark.parametrize("by_caller", [True, False])
+async def test_call_a_caller_who_speaks_over_the_goodbye_is_not_hung_up_on(
+    by_caller: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    """OpenAI's response (goodbye and end_call) is done long before the goodbye has played, so no provider withdraws
+    the call: a barge-in on the goodbye keeps the caller on the line ("wait, one more thing").  The model cutting
+    its own reply (the pcm protocol's clear) is not the caller speaking: the hang-up goes on."""
+    link = FakeLink()
+    async with bridged(link, tools=ToolSet([BUILTINS["end_call"]])) as call:
+        link.emit(
+            pv.ResponseStarted("resp_1"),
+            pv.AudioDelta("item_1", audio(2000), "resp_1"),  # the goodbye, 2 s of it, all here at once
+            pv.ToolCall("call_end", "end_call", '{"reason": "bye"}', response_id="resp_1"),
+            pv.AudioDone("item_1", "resp_1"),
+            pv.ResponseDone("resp_1", "completed", None),
+        )
+        await trio.sleep(0.5)
+        link.emit(pv.SpeechStarted("user_1", 900, by_caller=by_caller))
+        await call.caller.wait_for_clear()
+        await trio.sleep(5)
+        if not by_caller:
+            await call.done.wait()
+            assert call.bridge.end_reason == "agent hung up: bye"
+            return
+        assert call.bridge.end_reason == "running" and call.bridge.stats.barge_ins == 1
+        # the model can still end the call, and then the goodbye plays out
+        link.emit(pv.AudioDelta("item_2", audio(400)), pv.ToolCall("call_end_2", "end_call", '{"reason": "really"}'))
+        await call.done.wait()
+        assert call.bridge.end_reason == "agent hung up: really"
+        assert call.ended_s is not None and call.ended_s - call.started_s >= 5.5 + 0.4 - EXACT
+
+
+@fail_after(60)
+async def test_call_a_failed_response_says_why_in_the_log(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenAI fails a response (quota, rate limit) with a response.done and no error event: the caller hears
+    nothing, so the log must say why."""
+    link = FakeLink()
+    with caplog.at_level(logging.WARNING, logger="mediaserver"):
+        async with bridged(link) as call:
+            link.emit(pv.ResponseStarted("resp_1"), pv.ResponseDone("resp_1", "failed", None, "You exceeded your quota."))
+            await trio.sleep(0.5)
+            assert call.bridge.end_reason == "running"  # (not fatal: the next turn may work)
+    [line] = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert "the model's response failed: You exceeded your quota." in line and call.caller.call_sid in line
+
+
+@fail_after(60)
+async def test_call_a_caller_who_speaks_over_a_transfers_announcement_is_not_transferred(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class Rest:
+        updates: list[str] = []
+
+        async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
+            self.updates.append(twiml)
+
+    @tool
+    async def transfer_out(call: CallContext) -> str:
+        """Transfer."""
+        await call.transfer("+15551234567")
+        return "transferred"
+
+    rest = Rest()
+    link = FakeLink()
+    async with bridged(link, tools=ToolSet([transfer_out]), tool_timeout_s=30.0, rest=rest) as call:
+        link.emit(pv.AudioDelta("item_1", audio(3000)), pv.ToolCall("call_1", "transfer_out", "{}"))
+        await trio.sleep(1.0)
+        link.emit(pv.SpeechStarted("user_1", 900))
+        await trio.sleep(5)
+        assert rest.updates == [] and call.bridge.end_reason == "running"
+        [result] = [c for _, c in link.commands if isinstance(c, pv.ToolResult)]
+        assert "it was not made" in result.output and "+15551234567" in result.output
+        assert result.respond is False  # the caller is talking: their turn brings the next response
+        assert call.bridge._spoken_over == set()
+        # asked again, once the caller is done, it goes through
+        link.emit(pv.ToolCall("call_2", "transfer_out", "{}"))
+        await call.done.wait()
+        assert len(rest.updates) == 1 and call.bridge.end_reason == "transferred to +15551234567"
 
 
 @fail_after(60)

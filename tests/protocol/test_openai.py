@@ -22,6 +22,7 @@ from openai.types.realtime import (
     ConversationItemCreateEvent,
     ConversationItemInputAudioTranscriptionCompletedEvent,
     ConversationItemInputAudioTranscriptionDeltaEvent,
+    ConversationItemInputAudioTranscriptionFailedEvent,
     ConversationItemTruncatedEvent,
     ConversationItemTruncateEvent,
     InputAudioBufferAppendEvent,
@@ -29,6 +30,8 @@ from openai.types.realtime import (
     InputAudioBufferSpeechStoppedEvent,
     RateLimitsUpdatedEvent,
     RealtimeClientEvent,
+    RealtimeConversationItemAssistantMessage,
+    RealtimeConversationItemFunctionCall,
     RealtimeConversationItemFunctionCallOutput,
     RealtimeError,
     RealtimeErrorEvent,
@@ -45,6 +48,7 @@ from openai.types.realtime import (
     ResponseCreateEvent,
     ResponseDoneEvent,
     ResponseFunctionCallArgumentsDoneEvent,
+    ResponseOutputItemDoneEvent,
     SessionCreatedEvent,
     SessionUpdatedEvent,
     SessionUpdateEvent,
@@ -58,6 +62,8 @@ from openai.types.realtime.realtime_audio_config_output import RealtimeAudioConf
 from openai.types.realtime.realtime_audio_formats import AudioPCM, AudioPCMU
 from openai.types.realtime.realtime_audio_input_turn_detection import SemanticVad as SdkSemanticVad
 from openai.types.realtime.realtime_audio_input_turn_detection import ServerVad as SdkServerVad
+from openai.types.realtime.conversation_item_input_audio_transcription_failed_event import Error as TranscriptionError
+from openai.types.realtime.realtime_response_status import Error as ResponseError
 from openai.types.realtime.realtime_response_status import RealtimeResponseStatus
 
 from mediaserver.protocol import ClearAudio, SendMark, StreamState, TwilioStream
@@ -308,8 +314,14 @@ def test_openai_initial_messages_full_config() -> None:
     greeting = client_event(greeting_text)
     assert isinstance(greeting, ResponseCreateEvent)
     assert greeting.response is not None
-    assert greeting.response.instructions == "Greet the caller and ask how you can help."
+    # A response's instructions replace the session's for that response: the greeting keeps the agent's own.
+    assert greeting.response.instructions == "You are a helpful agent.\n\nGreet the caller and ask how you can help."
     assert greeting.event_id == "mediaserver-2"
+    # Without session instructions, the greeting's alone.
+    [_, alone] = OpenAIRealtimeSession(
+        config(instructions=None, greeting_instructions="Say hello.")
+    ).initial_messages()
+    assert client_event(alone).response.instructions == "Say hello."
 
 
 def test_openai_semantic_vad_and_disabled_turn_detection() -> None:
@@ -441,9 +453,9 @@ def response_created(response_id: str) -> str:
     )
 
 
-def response_done(response_id: str) -> str:
+def response_done(response_id: str, status: str = "completed") -> str:
     return server(
-        ResponseDoneEvent(type="response.done", event_id="ev", response=RealtimeResponse(id=response_id, status="completed"))
+        ResponseDoneEvent(type="response.done", event_id="ev", response=RealtimeResponse(id=response_id, status=status))  # type: ignore[arg-type]
     )
 
 
@@ -477,13 +489,54 @@ def test_openai_an_answer_asked_for_while_a_response_is_active_waits_for_respons
     assert creates(session.pending_messages()) == 1
 
 
-def function_call(call_id: str, response_id: str = "resp_1") -> str:
+def function_call(call_id: str, response_id: str = "resp_1", status: str | None = "completed") -> str:
+    """The model's function call as the GA server ends it: its item done (with its status; None: without one)."""
+    return server(
+        ResponseOutputItemDoneEvent(
+            type="response.output_item.done", event_id="ev", response_id=response_id, output_index=0,
+            item=RealtimeConversationItemFunctionCall(
+                type="function_call", id=f"item_{call_id}", call_id=call_id, name="lookup", arguments="{}",
+                status=status,  # type: ignore[arg-type]
+            ),
+        ),
+        exclude_none=status is None,
+    )  # fmt: skip
+
+
+def arguments_done(call_id: str, arguments: str, response_id: str = "resp_1") -> str:
+    """``response.function_call_arguments.done``: sent before the item is done, and for an interrupted call too."""
     return server(
         ResponseFunctionCallArgumentsDoneEvent(
             type="response.function_call_arguments.done", event_id="ev", response_id=response_id,
-            item_id=f"item_{call_id}", output_index=0, call_id=call_id, name="lookup", arguments="{}",
+            item_id=f"item_{call_id}", output_index=0, call_id=call_id, name="end_call", arguments=arguments,
         )
     )  # fmt: skip
+
+
+def test_openai_a_function_call_runs_only_once_its_item_is_done_and_completed() -> None:
+    """A call the caller cut off mid-arguments is never run: arguments.done comes for it too (SDK docstring)."""
+    session = ready_session()
+    [early] = receive(session, response_created("resp_1"), arguments_done("call_cut", '{"reason": "th'))[1:]
+    assert isinstance(early, Other)  # not a ToolCall: the item may still be cut
+    [cut] = receive(session, function_call("call_cut", status="incomplete"))
+    assert isinstance(cut, Other)
+    [done] = receive(session, response_done("resp_1", status="cancelled"))
+    assert isinstance(done, ResponseDone) and done.status == "cancelled"
+    # the unfinished call owes no answer: the next response's result asks for its own at once
+    receive(session, response_created("resp_2"), arguments_done("call_ok", "{}", "resp_2"))
+    [call] = receive(session, function_call("call_ok", "resp_2"))
+    assert call == ToolCall("call_ok", "lookup", "{}", "item_call_ok", "resp_2")
+    receive(session, response_done("resp_2"))
+    assert creates(session.send(ToolResult(call_id="call_ok", output="1"))) == 1
+    # an item done with no status (older servers) is taken as finished; other item types are not calls
+    assert "status" not in function_call("call_plain", "resp_3", status=None)
+    [call] = receive(session, function_call("call_plain", "resp_3", status=None))
+    assert isinstance(call, ToolCall) and call.call_id == "call_plain"
+    message = ResponseOutputItemDoneEvent(
+        type="response.output_item.done", event_id="ev", response_id="resp_3", output_index=0,
+        item=RealtimeConversationItemAssistantMessage(type="message", role="assistant", content=[]),
+    )  # fmt: skip
+    assert isinstance(receive(session, server(message))[0], Other)
 
 
 def test_openai_an_answer_waits_for_every_call_of_the_response() -> None:
@@ -702,15 +755,19 @@ def test_openai_server_events_map_to_provider_events(exclude_none: bool) -> None
             SpeechStopped("item_u", 4200),
         ),
         (
-            ResponseFunctionCallArgumentsDoneEvent(
-                type="response.function_call_arguments.done",
+            ResponseOutputItemDoneEvent(
+                type="response.output_item.done",
                 event_id="e3",
                 response_id="resp_1",
-                item_id="item_f",
                 output_index=1,
-                call_id="call_7",
-                name="lookup_order",
-                arguments='{"number":"42"}',
+                item=RealtimeConversationItemFunctionCall(
+                    type="function_call",
+                    id="item_f",
+                    call_id="call_7",
+                    name="lookup_order",
+                    arguments='{"number":"42"}',
+                    status="completed",
+                ),
             ),
             ToolCall("call_7", "lookup_order", '{"number":"42"}', "item_f", "resp_1"),
         ),
@@ -776,6 +833,31 @@ def test_openai_server_events_map_to_provider_events(exclude_none: bool) -> None
         (
             ResponseDoneEvent(type="response.done", event_id="e10", response=RealtimeResponse()),
             ResponseDone(None, None, None),
+        ),
+        (  # a failed response says why in its status details, with no error event
+            ResponseDoneEvent(
+                type="response.done",
+                event_id="e11",
+                response=RealtimeResponse(
+                    id="resp_2",
+                    status="failed",
+                    status_details=RealtimeResponseStatus(
+                        type="failed",
+                        error=ResponseError(type="insufficient_quota", code="insufficient_quota", message="You exceeded your quota."),
+                    ),
+                ),
+            ),
+            ResponseDone("resp_2", "failed", None, "You exceeded your quota."),
+        ),
+        (
+            ConversationItemInputAudioTranscriptionFailedEvent(
+                type="conversation.item.input_audio_transcription.failed",
+                event_id="e12",
+                item_id="item_u",
+                content_index=0,
+                error=TranscriptionError(type="transcription_error", code="audio_unintelligible", message="Could not transcribe."),
+            ),
+            ProviderError("the caller's speech (item_u) was not transcribed: Could not transcribe.", False, "audio_unintelligible"),
         ),
         (
             error_event("Cancellation failed", code="response_cancel_not_active"),
@@ -950,7 +1032,8 @@ def test_openai_error_and_unknown_allowed_before_session_created() -> None:
         '{"type": "response.output_audio.delta", "delta": "AAAA"}',
         '{"type": "input_audio_buffer.speech_started", "item_id": "i", "audio_start_ms": "5"}',
         '{"type": "input_audio_buffer.speech_started", "item_id": "i", "audio_start_ms": -5}',
-        '{"type": "response.function_call_arguments.done", "call_id": "c", "name": "n", "arguments": {}}',
+        '{"type": "response.output_item.done", "item": {"type": "function_call", "call_id": "c", "name": "n", "arguments": {}}}',
+        '{"type": "response.output_item.done", "item": {"type": "function_call", "name": "n", "arguments": ""}}',
         '{"type": "response.done", "response": null}',
         '{"type": "response.done", "response": {"id": 5}}',
         '{"type": "conversation.item.truncated", "item_id": "i", "audio_end_ms": 1.5}',
@@ -969,3 +1052,19 @@ def test_openai_binary_frame_is_remote_error() -> None:
     with pytest.raises(RemoteProtocolError, match="binary frame"):
         session.receive_message(b"\x00\x01")
     assert_dead(session)
+
+
+@pytest.mark.parametrize(("rate", "ok"), [(8000, True), (16000, False)])
+def test_openai_pcmu_echoed_with_its_rate_is_still_pcmu(rate: int, ok: bool) -> None:
+    """The SDK's AudioPCMU has no rate; a server that echoes one says 8000 (anything else is not what we asked for)."""
+    session = OpenAIRealtimeSession(config())
+    session.initial_messages()
+    updated = json.loads(server(session_updated(PCMU)))
+    for side in ("input", "output"):
+        updated["session"]["audio"][side]["format"]["rate"] = rate
+    receive(session, server(session_created()))
+    if ok:
+        assert receive(session, json.dumps(updated)) == [SessionReady("sess_1")]
+    else:
+        with pytest.raises(RemoteProtocolError, match="we configured"):
+            receive(session, json.dumps(updated))

@@ -197,12 +197,15 @@ class ResponseDone:
 
     ``status`` is the provider's word for how (OpenAI: ``completed``,
     ``cancelled``, ``failed``, ``incomplete``); ``reason`` refines it
-    (OpenAI: ``turn_detected``, ``client_cancelled``, ...).
+    (OpenAI: ``turn_detected``, ``client_cancelled``, ...).  ``error`` is why
+    a ``failed`` response failed (OpenAI: quota, rate limit, server error),
+    which no separate error event reports.
     """
 
     response_id: str | None
     status: str | None
     reason: str | None
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

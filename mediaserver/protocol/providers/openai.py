@@ -355,8 +355,13 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
             session["tool_choice"] = "auto"
         messages = [self._dumps("session.update", {"session": session})]
         if config.greeting_instructions is not None:
-            greeting = {"instructions": config.greeting_instructions}
-            messages.append(self._dumps("response.create", {"response": greeting}))
+            # A response's instructions *replace* the session's for that response (the SDK's
+            # RealtimeResponseCreateParams.instructions: "the default system instructions"), so the greeting
+            # carries the agent's own too: its persona, language and voice style from the first words.
+            instructions = config.greeting_instructions
+            if config.instructions:
+                instructions = f"{config.instructions}\n\n{instructions}"
+            messages.append(self._dumps("response.create", {"response": {"instructions": instructions}}))
             self._response_busy = self._create_sent = True
         return messages
 
@@ -487,10 +492,9 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
             fmt = side.get("format") if type(side) is dict else None
             if type(fmt) is not dict:
                 continue
-            if fmt.get("type") != self._wire_format["type"] or fmt.get("rate") not in (
-                None,
-                self._wire_format.get("rate"),
-            ):
+            # (pcmu has no rate in the SDK's type; a server that echoes it says 8000)
+            rates = (None, self._wire_format.get("rate", 8000 if self._wire_format["type"] == "audio/pcmu" else None))
+            if fmt.get("type") != self._wire_format["type"] or fmt.get("rate") not in rates:
                 raise RemoteProtocolError(
                     f"session.updated reports {direction} format {fmt!r:.80}, "
                     f"we configured {self._wire_format!r}"
@@ -563,26 +567,53 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         where = "response.done.response"
         response = obj_field(msg, "response", "response.done")
         details = response.get("status_details")
-        reason = optional_str_field(details, "reason", f"{where}.status_details") if type(details) is dict else None
+        reason = error = None
+        if type(details) is dict:
+            reason = optional_str_field(details, "reason", f"{where}.status_details")
+            failure = details.get("error")
+            if type(failure) is dict:  # (status "failed": quota, rate limit, server error -- and no "error" event)
+                text = failure.get("message") or failure.get("code") or failure.get("type")
+                error = text if type(text) is str and text else "no reason given"
         self._response_busy = False
         self._owe_now()
+        status = optional_str_field(response, "status", where)
         return ResponseDone(
             response_id=optional_str_field(response, "id", where),
-            status=optional_str_field(response, "status", where),
+            status=status,
             reason=reason,
+            error=error if error is not None or status != "failed" else "no reason given",
         )
 
-    def _on_function_call(self, msg: JsonObject, raw: str) -> ProviderEvent:
-        where = "response.function_call_arguments.done"
-        call_id = str_field(msg, "call_id", where)
+    def _on_output_item_done(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        """A function call is run once its item is done *and completed*.
+
+        ``response.function_call_arguments.done`` comes first, but the SDK
+        says it is "also emitted when a Response is interrupted, incomplete,
+        or cancelled": a call the caller cut off mid-arguments would run with
+        whatever had arrived (an ``end_call`` with none would hang up).  The
+        item's own ``status`` says whether the model finished it (OpenAI's
+        agents SDK dispatches the same way); an unfinished call is not run
+        and owes no answer.
+        """
+        where = "response.output_item.done"
+        item = obj_field(msg, "item", where)
+        if item.get("type") != "function_call":
+            return Other(msg["type"], raw)
+        where = f"{where}.item"
+        call_id = str_field(item, "call_id", where)
+        name = str_field(item, "name", where)
+        arguments = text_field(item, "arguments", where)
+        status = optional_str_field(item, "status", where)
+        if status not in (None, "completed"):
+            return Other(msg["type"], raw)  # (the bridge logs nothing for it: the response's end says it was cut)
         if len(self._unanswered) < MAX_UNANSWERED_CALLS:
             self._unanswered.add(call_id)
         return ToolCall(
             call_id=call_id,
-            name=str_field(msg, "name", where),
-            arguments=text_field(msg, "arguments", where),
-            item_id=optional_str_field(msg, "item_id", where),
-            response_id=optional_str_field(msg, "response_id", where),
+            name=name,
+            arguments=arguments,
+            item_id=optional_str_field(item, "id", where),
+            response_id=optional_str_field(msg, "response_id", "response.output_item.done"),
         )
 
     def _on_user_transcript_delta(self, msg: JsonObject, raw: str) -> ProviderEvent:
@@ -611,6 +642,21 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
             audio_end_ms=int_field(msg, "audio_end_ms", "conversation.item.truncated"),
         )
 
+    def _on_transcription_failed(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        """The caller's words were not transcribed: the call goes on, the record lacks that turn -- say why."""
+        where = "conversation.item.input_audio_transcription.failed"
+        error = msg.get("error")
+        text = None
+        if type(error) is dict:
+            text = error.get("message") or error.get("code") or error.get("type")
+        item = optional_str_field(msg, "item_id", where)
+        return ProviderError(
+            message=f"the caller's speech{f' ({item})' if item else ''} was not transcribed:"
+            f" {text if type(text) is str and text else 'no reason given'}",
+            fatal=False,
+            code=error.get("code") if type(error) is dict and type(error.get("code")) is str else None,
+        )
+
     def _on_other(self, msg: JsonObject, raw: str) -> ProviderEvent:
         return Other(msg["type"], raw)
 
@@ -632,7 +678,7 @@ _SERVER_EVENTS: Final[Mapping[str, tuple[_Input, _Handler]]] = MappingProxyType(
         "input_audio_buffer.speech_stopped": (_I.SERVER_EVENT, _O._on_speech_stopped),
         "response.created": (_I.SERVER_EVENT, _O._on_response_created),
         "response.done": (_I.SERVER_EVENT, _O._on_response_done),
-        "response.function_call_arguments.done": (_I.SERVER_EVENT, _O._on_function_call),
+        "response.output_item.done": (_I.SERVER_EVENT, _O._on_output_item_done),
         "conversation.item.input_audio_transcription.delta": (
             _I.SERVER_EVENT,
             _O._on_user_transcript_delta,
@@ -644,6 +690,7 @@ _SERVER_EVENTS: Final[Mapping[str, tuple[_Input, _Handler]]] = MappingProxyType(
         "response.output_audio_transcript.delta": (_I.SERVER_EVENT, _O._on_assistant_transcript_delta),
         "response.output_audio_transcript.done": (_I.SERVER_EVENT, _O._on_assistant_transcript_done),
         "conversation.item.truncated": (_I.SERVER_EVENT, _O._on_item_truncated),
+        "conversation.item.input_audio_transcription.failed": (_I.SERVER_EVENT, _O._on_transcription_failed),
         **{
             type_: (_I.SERVER_EVENT, _O._on_other)
             for type_ in (
@@ -653,7 +700,6 @@ _SERVER_EVENTS: Final[Mapping[str, tuple[_Input, _Handler]]] = MappingProxyType(
                 "conversation.item.done",
                 "conversation.item.deleted",
                 "conversation.item.retrieved",
-                "conversation.item.input_audio_transcription.failed",
                 "conversation.item.input_audio_transcription.segment",
                 "input_audio_buffer.cleared",
                 "input_audio_buffer.committed",
@@ -661,7 +707,7 @@ _SERVER_EVENTS: Final[Mapping[str, tuple[_Input, _Handler]]] = MappingProxyType(
                 "input_audio_buffer.dtmf_event_received",
                 "rate_limits.updated",
                 "response.output_item.added",
-                "response.output_item.done",
+                "response.function_call_arguments.done",  # (the call runs from its item: _on_output_item_done)
                 "response.content_part.added",
                 "response.content_part.done",
                 "response.output_text.delta",
