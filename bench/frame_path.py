@@ -59,7 +59,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, when
 
 import numpy as np  # noqa: E402
 
-from _measure import Column, check_output_path, cpu_model, print_header, render_table, utc_now, write_json  # noqa: E402
+from _measure import (  # noqa: E402
+    Column,
+    check_output_path,
+    cpu_model,
+    interrupt_on_sigterm,
+    print_header,
+    render_table,
+    utc_now,
+    write_json,
+)
 from wsproto.connection import Connection, ConnectionType  # noqa: E402
 from wsproto.events import TextMessage  # noqa: E402
 
@@ -478,6 +487,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    interrupt_on_sigterm()  # (SIGTERM stops it as Ctrl-C does)
     header = [
         ("date", utc_now()),
         ("CPU", cpu_model()),

@@ -68,6 +68,7 @@ cdef inline int16_t _to_int16(float y) noexcept nogil:
 
 
 @cython.final
+@cython.auto_pickle(False)
 cdef class Resampler:
     """Streaming PCM16 resampler: ``Resampler(in_rate, out_rate, *, phase="linear")``.
 
@@ -99,6 +100,7 @@ cdef class Resampler:
     cdef Py_ssize_t lane_cap
     cdef bint busy
     cdef bint initialised
+    cdef bint fed             # input since the last reset: flush() has a tail to give
     cdef const ms_filter* filter
 
     def __cinit__(self, object in_rate, object out_rate, *, str phase="linear"):
@@ -227,6 +229,7 @@ cdef class Resampler:
         if self.busy:
             raise RuntimeError("Resampler.reset() called while another thread is in process()")
         self.t_next = 0
+        self.fed = False
         if self.buf != NULL:
             memset(self.buf, 0, self.history * sizeof(float))
 
@@ -308,6 +311,8 @@ cdef class Resampler:
             if self.busy:
                 raise RuntimeError("Resampler.process called concurrently from two threads")
             n = view.len >> 1
+            if n:
+                self.fed = True
             self._ensure(n if n < BLOCK else BLOCK)
             n_out = self._count(n)
             out = PyBytes_FromStringAndSize(NULL, 2 * n_out)
@@ -326,8 +331,15 @@ cdef class Resampler:
             PyBuffer_Release(&view)
 
     def flush(self):
-        """Return the audio still inside the filter (its delay), then reset."""
+        """Return the audio still inside the filter (its delay), then reset.
+
+        Nothing (``b""``) when no audio came in since the last reset or
+        flush: there is no tail to give, only silence.
+        """
         if self.L == self.M:
+            return b""
+        if not self.fed:
+            self.reset()
             return b""
         out = self.process(bytes(2 * self.flush_samples))
         self.reset()

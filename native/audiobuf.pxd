@@ -24,16 +24,18 @@ cdef inline bint _audio_format_ok(const char* f, int width) noexcept:
     kind = f[0]
     if kind == 0 or f[1] != 0:
         return False
-    if kind == b'B' or kind == b'b' or kind == b'c':
+    if kind == b'B' or kind == b'c':
         return True
+    if kind == b'b':  # int8: raw codes, but never PCM16 (8-bit audio read as 16-bit samples is noise)
+        return width == 1
     return width == 2 and kind == b'h' and (order == b'<' or ((order == b'@' or order == b'=') and ms_host_little_endian()))
 
 
 cdef inline int get_audio_buffer(object data, Py_buffer* view, int width, str what) except -1:
     """``PyObject_GetBuffer`` for audio: one contiguous 1-D run of bytes, or (``width`` 2) of little-endian int16.
 
-    ``bytes``, ``bytearray``, ``memoryview``, ``array('b'/'B'/'h')`` and numpy
-    arrays of int8, uint8 or (for PCM16) little-endian int16 pass; anything else raises
+    ``bytes``, ``bytearray``, ``memoryview``, ``array('B'/'h')`` (and ``'b'`` for codes) and numpy
+    arrays of uint8, int8 (codes only) or (for PCM16) little-endian int16 pass; anything else raises
     TypeError (another item type: float, int32, big-endian) or ValueError
     (not contiguous, more than one dimension), with the view released.
     """

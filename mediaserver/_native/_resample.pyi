@@ -1,8 +1,9 @@
 from mediaserver._native._buffer import _Buffer
-from typing import Literal
+from typing import Literal, final
 
 SUPPORTED_RATES: tuple[int, int, int]
 
+@final
 class Resampler:
     """Streaming PCM16 resampler between 8000, 16000 and 24000 Hz."""
 

@@ -43,6 +43,8 @@ def test_pcm16_kernels_take_bytes_and_little_endian_int16_alike(take: Callable[[
         (PCM.astype(">i2"), "'>h'"),
         (PCM.astype(np.int32)[:80], "'i'"),
         (PCM.astype(np.uint16), "'H'"),
+        (PCM.view(np.int8), "'b'"),  # 8-bit signed audio is not PCM16 (raw bytes are uint8)
+        (array.array("b", PCM.tobytes()), "'b'"),
     ],
 )
 def test_pcm16_kernels_refuse_other_sample_types(take: Callable[[Any], object], bad: Any, kind: str) -> None:

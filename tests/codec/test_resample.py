@@ -161,6 +161,11 @@ def test_resample_flush_returns_the_delayed_tail_and_resets(in_rate: int, out_ra
     assert np.abs(both - padded[: len(both)]).max() <= 1
     # after flush the resampler starts from silence again
     assert run(r, x).tobytes() == body.tobytes()
+    # with nothing fed since the last reset or flush there is no tail: no silence is made up
+    r.flush()
+    assert r.flush() == b"" and Resampler(in_rate, out_rate).flush() == b""
+    r.process(b"")  # (an empty input feeds nothing either)
+    assert r.flush() == b""
 
 
 def test_resample_saturates_instead_of_wrapping() -> None:
@@ -312,3 +317,13 @@ def test_resample_settings_are_fixed_when_made() -> None:
     assert (r.in_rate, r.out_rate, r.ratio) == (8000, 16000, (2, 1))
     with pytest.raises(TypeError):
         type("Mine", (Resampler,), {})  # final: a subclass could not be made consistently
+
+
+def test_resample_a_resampler_cannot_be_pickled_or_copied() -> None:
+    import copy
+    import pickle
+
+    r = Resampler(8000, 16000)
+    for duplicate in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match="cannot pickle"):
+            duplicate(r)
