@@ -149,7 +149,8 @@ async def test_outbound_call_end_to_end_with_its_greeting() -> None:
     update, greeting = [m for _, m in session.received if not m.type.startswith("input_audio_buffer")][:2]
     assert isinstance(update, SessionUpdateEvent) and update.session.instructions == INSTRUCTIONS  # type: ignore[union-attr]
     assert isinstance(greeting, ResponseCreateEvent) and greeting.response is not None
-    assert greeting.response.instructions == f'Greet the caller by saying: "{GREETING}"'
+    # (the agent's own instructions first: a response's instructions replace the session's)
+    assert greeting.response.instructions.endswith(f'\n\nGreet the caller by saying: "{GREETING}"')
 
 
 @fail_after(15)
@@ -198,7 +199,7 @@ async def test_outbound_defaults_come_from_the_settings() -> None:
             await session.wait_for(lambda: len(session.received) >= 2)
     update, greeting = (m for _, m in session.received[:2])
     assert update.session.instructions == settings.agent_instructions
-    assert greeting.response.instructions == 'Greet the caller by saying: "Hello from the default."'
+    assert greeting.response.instructions.endswith('\n\nGreet the caller by saying: "Hello from the default."')
 
 
 @fail_after(15)

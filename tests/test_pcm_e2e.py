@@ -257,7 +257,9 @@ async def test_pcm_the_end_of_a_reply_plays_with_it_not_at_the_start_of_the_next
     first = from_ulaw(b"".join(m.payload for m in caller.received[:gap]))
     second = from_ulaw(b"".join(m.payload for m in caller.received[gap:]))
     assert not np.any(second)  # silence, as sent
-    delay = len(Resampler(rate, 8000).flush()) // 2  # the filter's delay: each reply ends that much later
+    fed = Resampler(rate, 8000)
+    fed.process(bytes(2 * (rate // 8000)))  # (whole input periods: the tail is as long as after each reply)
+    delay = len(fed.flush()) // 2  # the filter's delay: each reply ends that much later
     assert (len(first), len(second)) == (4000 + delay, 1600 + delay)  # each reply whole, at 8 kHz
 
 
