@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import typing
 
 import numpy as np
 import pytest
@@ -103,7 +104,11 @@ def test_gemini_setup_is_a_valid_sdk_message_with_everything_configured() -> Non
     assert isinstance(tool, types.Tool) and tool.function_declarations is not None
     [declaration] = tool.function_declarations
     assert declaration.name == "get_weather"
-    assert declaration.parameters_json_schema == dict(WEATHER.parameters)
+    # ``parameters`` (Gemini's Schema), not ``parametersJsonSchema``, which the Live API has been reported to ignore
+    assert declaration.parameters_json_schema is None
+    assert declaration.parameters == types.Schema(
+        type=types.Type.OBJECT, properties={"city": types.Schema(type=types.Type.STRING)}, required=["city"]
+    )
     assert setup.input_audio_transcription == types.AudioTranscriptionConfig()
     assert setup.output_audio_transcription == types.AudioTranscriptionConfig()
     assert setup.session_resumption == types.SessionResumptionConfig()
@@ -486,3 +491,39 @@ def test_gemini_text_turns() -> None:
     [text] = session.send(SendText("note", respond=False))
     turn = validate_client_message(text).client_content
     assert turn is not None and turn.turn_complete is False
+
+
+def test_gemini_tool_schemas_become_gemini_schemas() -> None:
+    """Every shape mediaserver.tools makes, as Gemini's Schema (checked by the SDK's own type)."""
+    from mediaserver.protocol.providers.gemini import _declaration
+    from mediaserver.tools import tool
+
+    @tool
+    def book(day: typing.Literal["mon", "tue"], seats: typing.Literal[1, 2], names: list[str], note: str | None = None) -> str:
+        """Book a table.
+
+        Args:
+            day: which day
+            seats: how many
+            names: who comes
+            note: anything else
+        """
+        return "ok"
+
+    @tool
+    def ping() -> str:
+        """No arguments."""
+        return "pong"
+
+    declaration = types.FunctionDeclaration.model_validate(_declaration(book.spec))
+    assert declaration.parameters == types.Schema(
+        type=types.Type.OBJECT,
+        properties={
+            "day": types.Schema(type=types.Type.STRING, enum=["mon", "tue"], format="enum", description="which day"),
+            "seats": types.Schema(type=types.Type.INTEGER, description="how many (one of 1, 2)"),
+            "names": types.Schema(type=types.Type.ARRAY, items=types.Schema(type=types.Type.STRING), description="who comes"),
+            "note": types.Schema(type=types.Type.STRING, description="anything else"),
+        },
+        required=["day", "seats", "names"],
+    )
+    assert _declaration(ping.spec) == {"name": "ping", "description": "No arguments."}

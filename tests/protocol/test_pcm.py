@@ -240,6 +240,24 @@ def test_pcm_the_agents_transcripts_belong_to_their_reply() -> None:
     ]
 
 
+def test_pcm_the_next_replys_words_may_come_while_this_reply_still_plays() -> None:
+    """As the protocol says: ``reply`` from 1 to the next reply's, also while the current one's audio arrives."""
+    session = open_session()
+    events = feed(
+        session,
+        b"\x00\x01" * 80,  # reply 1 arriving
+        msg("transcript", role="assistant", text="Next: the weather.", reply=2),
+        msg("reply_done"),
+        b"\x00\x01" * 80,  # reply 2's audio
+    )
+    assert [e for e in events if isinstance(e, Transcript)] == [
+        Transcript("assistant", "Next: the weather.", final=True, item_id="reply-2")
+    ]
+    assert session.state is SessionState.OPEN
+    with pytest.raises(RemoteProtocolError, match="from 1 to 3, got 4"):  # (reply 2 arriving: 3 is the next)
+        feed(session, msg("transcript", role="assistant", text="x", reply=4))
+
+
 @pytest.mark.parametrize("reply", [0, 4, "2", True, 1.0])
 def test_pcm_a_transcript_naming_no_such_reply_is_a_protocol_error(reply: object) -> None:
     session = open_session()

@@ -48,7 +48,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 from .._wire import (
     JsonObject,
@@ -163,9 +163,49 @@ class GeminiLiveConfig:
 
 
 def _declaration(tool: FunctionTool) -> dict[str, object]:
-    # parametersJsonSchema takes plain JSON Schema (FunctionDeclaration docs);
-    # ``parameters`` would need Gemini's OpenAPI-subset Schema instead.
-    return {"name": tool.name, "description": tool.description, "parametersJsonSchema": dict(tool.parameters)}
+    """A ``functionDeclarations`` entry, its arguments in ``parameters`` (Gemini's OpenAPI-subset Schema).
+
+    Not ``parametersJsonSchema``: the Live API has been reported to ignore it
+    (livekit/agents#2940, fixed in #3135 by sending ``parameters``), so the
+    model saw only names and descriptions and called every tool with no
+    arguments.  A tool without arguments declares none.
+    """
+    declaration: dict[str, object] = {"name": tool.name, "description": tool.description}
+    if tool.parameters.get("properties"):
+        declaration["parameters"] = _gemini_schema(tool.parameters)
+    return declaration
+
+
+_GEMINI_TYPES: Final[Mapping[str, str]] = MappingProxyType(
+    {"string": "STRING", "integer": "INTEGER", "number": "NUMBER", "boolean": "BOOLEAN", "array": "ARRAY", "object": "OBJECT"}
+)
+
+
+def _gemini_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A tool's JSON Schema (mediaserver.tools: type, properties, required, items, enum, description) as
+    Gemini's Schema: upper-case types; an ``enum`` only of strings (Gemini's enums are strings: an ``enum`` of
+    numbers becomes words in the description, and the runner still checks the value)."""
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "type":
+            out["type"] = _GEMINI_TYPES[value]
+        elif key == "properties":
+            out["properties"] = {name: _gemini_schema(sub) for name, sub in value.items()}
+        elif key == "items":
+            out["items"] = _gemini_schema(value)
+        elif key == "required":
+            out["required"] = list(value)
+        elif key == "description":
+            out["description"] = value
+        elif key == "enum" and all(type(v) is str for v in value):
+            out["enum"] = list(value)
+            out["format"] = "enum"
+        # (anything else -- additionalProperties, $schema -- is not in Gemini's Schema)
+    enum = schema.get("enum")
+    if enum is not None and "enum" not in out:
+        one_of = "one of " + ", ".join(json.dumps(v) for v in enum)
+        out["description"] = f"{out['description']} ({one_of})" if out.get("description") else one_of
+    return out
 
 
 # ------------------------------------------------------------- Gemini-only events

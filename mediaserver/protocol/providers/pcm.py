@@ -235,8 +235,9 @@ class PcmSession(ProviderCore[SessionState, PcmConfig]):
         # replies: a text-to-speech pipeline knows its words before their audio) to the next one.  A
         # barge-in's cut of that reply then applies to them too.
         number = msg.get("reply", self._reply)
-        if type(number) is not int or not 1 <= number <= self._reply:
-            raise RemoteProtocolError(f"transcript 'reply' must be a reply number from 1 to {self._reply}, got {number!r:.20}")
+        upcoming = self._reply + 1 if self._reply_open else self._reply  # (the next reply's: its words may come first)
+        if type(number) is not int or not 1 <= number <= upcoming:
+            raise RemoteProtocolError(f"transcript 'reply' must be a reply number from 1 to {upcoming}, got {number!r:.20}")
         said = self._said.setdefault(number, [])
         said.append(text.strip())
         while len(self._said) > 4:  # (the last few replies' texts: a late one for an earlier reply still joins it)
