@@ -13,6 +13,7 @@ bridge drives it, without a call around it, so that no caller audio wakes it
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -22,10 +23,10 @@ from typing import Any
 import trio
 from google.genai import types
 
-from mediaserver.adapters.gemini import GeminiLink, open_link
+from mediaserver.adapters.gemini import GOAWAY_MARGIN_S, GeminiLink, open_link
 from mediaserver.bridge.link import AgentOptions, ProviderClosed
 from mediaserver.config import Settings
-from mediaserver.protocol.providers.base import ProviderEvent, SendAudio, ToolCall, ToolResult
+from mediaserver.protocol.providers.base import AudioDelta, ProviderEvent, ResponseDone, SendAudio, ToolCall, ToolResult
 
 from tests.fakes import fail_after
 from tests.gemini_fake import OUTPUT_MIME, FakeGeminiServer, FakeGeminiSession
@@ -206,3 +207,74 @@ async def test_gemini_link_retiring_the_old_connection_delivers_what_it_had_read
         "ToolCall",
     ]
     assert len(model.sessions) == 2 and model.sessions[0].closed.is_set()
+
+
+async def _collect(link: GeminiLink, within_s: float) -> list[ProviderEvent]:
+    seen: list[ProviderEvent] = []
+    with trio.move_on_after(within_s):
+        while True:
+            seen.append(await link.receive())
+    return seen
+
+
+@fail_after(20)
+async def test_gemini_link_go_away_during_a_reply_switches_once_the_reply_is_over() -> None:
+    """A goAway with time to spare, half a second into a 3 s reply: the reply plays whole on the old connection, and
+    the switch waits for the turn's end and a fresh resumable handle (resuming mid-turn loses what was said)."""
+    reply = b"\x01\x00" * (24000 * 3)
+    switch_began_at: list[float] = []
+
+    async def script(session: FakeGeminiSession) -> None:
+        await session.ready.wait()
+        if session.number == 1:
+            await session.resumption_update()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(session.model_audio, reply, chunk_bytes=4800, interval_s=0.1))
+                await trio.sleep(0.5)
+                await session.go_away("50s")
+            await session.finish_turn()
+            await trio.sleep(0.3)
+            assert len(session.server.sessions) == 1  # not yet: the handle predates the turn
+            await session.resumption_update()
+        else:
+            switch_began_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        model: FakeGeminiServer = await nursery.start(FakeGeminiServer(script).run)
+        settings: Settings = base_settings(provider="gemini", gemini_api_key="test", gemini_live_url=model.url)
+        async with open_link(settings, AgentOptions.from_settings(settings)) as link:
+            seen = await _collect(link, 4.5)
+        nursery.cancel_scope.cancel()
+    audio = b"".join(e.payload for e in seen if isinstance(e, AudioDelta))
+    assert audio == reply  # all of it: nothing cut by the switch
+    names = [type(e).__name__ for e in seen]
+    assert names.count("ResponseDone") == 1 and "GoAway" in names
+    done = next(e for e in seen if isinstance(e, ResponseDone))
+    assert done.status == "completed"  # (not "cancelled, reconnected")
+    assert len(model.sessions) == 2 and model.sessions[1].resumed_with == "handle-1-2" and switch_began_at
+
+
+@fail_after(20)
+async def test_gemini_link_a_turn_that_outlasts_go_aways_time_switches_before_the_server_cuts() -> None:
+    """No fresh handle comes: the switch starts GOAWAY_MARGIN_S before timeLeft runs out, turn or no turn."""
+    async def script(session: FakeGeminiSession) -> None:
+        await session.ready.wait()
+        if session.number == 1:
+            await session.resumption_update()
+            await session.model_audio(b"\x01\x00" * 2400)  # a turn begins, and never ends
+            await session.go_away("6s")
+
+    async with trio.open_nursery() as nursery:
+        model: FakeGeminiServer = await nursery.start(FakeGeminiServer(script).run)
+        settings: Settings = base_settings(provider="gemini", gemini_api_key="test", gemini_live_url=model.url)
+        async with open_link(settings, AgentOptions.from_settings(settings)) as link:
+            started = trio.current_time()
+            seen = await _collect(link, 0.6)
+            assert len(model.sessions) == 1  # waiting for the turn to end
+            await model.wait_for(lambda: len(model.sessions) == 2)
+            waited = trio.current_time() - started
+            seen += await _collect(link, 0.5)
+        nursery.cancel_scope.cancel()
+    assert 6 - GOAWAY_MARGIN_S - 0.3 <= waited <= 6 - GOAWAY_MARGIN_S + 0.5
+    # the old connection's turn is over for the bridge: cancelled by the reconnection
+    assert any(isinstance(e, ResponseDone) and e.reason == "reconnected" for e in seen)

@@ -9,8 +9,14 @@ and go:
 * The first connection is open and has answered ``setupComplete`` before
   :func:`open_link` yields, so a refused or unreachable endpoint fails the
   open (``ProviderClosed``).
-* When the active connection says ``goAway``, or closes unexpectedly after
-  the server gave us a resumable handle, the link *switches*: it opens a new
+* When the active connection closes unexpectedly after the server gave us
+  a resumable handle, or says ``goAway``, the link *switches*.  After a
+  ``goAway`` it first waits, going on as before on the old connection,
+  until resuming would lose nothing (:attr:`GeminiLiveSession.resumable_now`:
+  no turn under way, no function call awaiting its result, a fresh
+  resumable handle) or until ``timeLeft`` less ``GOAWAY_MARGIN_S`` -- so a
+  reply the caller is hearing is not cut off, and the resumed session
+  knows all of it.  A switch opens a new
   connection whose ``setup`` carries ``sessionResumption.handle``, waits for
   its ``setupComplete`` (within the connect timeout), makes it the active
   one, and then retires the old one: what its reader has already read still
@@ -57,6 +63,7 @@ __all__ = ["GeminiLink", "gemini_config", "open_link"]
 log = logging.getLogger("mediaserver.provider")
 
 NAME = "gemini"
+GOAWAY_MARGIN_S = 5.0  # after goAway, switch this long before the server's timeLeft at the latest
 
 
 def gemini_config(settings: Settings, agent: AgentOptions | None = None) -> GeminiLiveConfig:
@@ -103,6 +110,7 @@ class GeminiLink:
         self._switching = True  # until the first setupComplete
         self._backlog: list[ProviderCommand] = []
         self._resume = trio.Event()
+        self._event_read = trio.Event()  # set after each event of the active connection (a goAway waits on them)
         self._ended: str | None = None
         self._ended_how: dict[str, bool] = {}  # ProviderClosed's orderly/broken for how the link ended
         self.connections = 0
@@ -202,6 +210,7 @@ class GeminiLink:
                     event = await conn.ws.receive()
                 except ProviderClosed as exc:
                     self._on_closed(conn, exc)
+                    self._event_read.set()  # (a switch waiting for this connection's turn to end sees it closed)
                     return
             conn.waiting = None
             if waiting.cancelled_caught:
@@ -213,13 +222,34 @@ class GeminiLink:
                     log.warning(
                         "%s: goAway on connection %d before any resumable handle; cannot resume", NAME, conn.number
                     )
-                else:
+                elif conn.session.resumable_now:
                     log.info("%s: goAway (time left %s) on connection %d; resuming", NAME, event.time_left, conn.number)
                     self._begin_switch()
+                else:
+                    self._nursery.start_soon(self._switch_when_resumable, conn, event.time_left)
+            self._event_read.set()
+            self._event_read = trio.Event()
             try:
                 await self._events_in.send(event)
             except trio.ClosedResourceError:
                 return  # the link has ended
+
+    async def _switch_when_resumable(self, conn: _Connection, time_left: str | None) -> None:
+        """After a ``goAway`` in the middle of a turn (or a function call): switch once resuming loses nothing,
+        or ``GOAWAY_MARGIN_S`` before the server's ``timeLeft`` at the latest."""
+        left_s = _seconds(time_left)
+        deadline = trio.current_time() + max(0.0, (left_s if left_s is not None else 0.0) - GOAWAY_MARGIN_S)
+        log.info("%s: goAway (time left %s) on connection %d during a turn; resuming once it is over",
+                 NAME, time_left, conn.number)
+        with trio.move_on_at(deadline) as waited:
+            while not conn.session.resumable_now and conn.closed is None:
+                await self._event_read.wait()
+        if conn is not self._active or self._switching or self._ended is not None or conn.closed is not None:
+            return  # (closed meanwhile: its reader resumes, or ends the link)
+        if waited.cancelled_caught:
+            log.warning("%s: connection %d still busy %g s before goAway's deadline; resuming now",
+                        NAME, conn.number, GOAWAY_MARGIN_S)
+        self._begin_switch()
 
     def _on_closed(self, conn: _Connection, exc: ProviderClosed) -> None:
         reason = exc.reason
@@ -307,6 +337,17 @@ class GeminiLink:
                     log.info("%s: goAway on connection %d while it was being made live; resuming", NAME, conn.number)
                     self._begin_switch()
             return True
+
+
+def _seconds(duration: str | None) -> float | None:
+    """A protobuf JSON Duration ("50s", "1.5s") in seconds; None if absent or not one."""
+    if duration is None or not duration.endswith("s"):
+        return None
+    try:
+        value = float(duration[:-1])
+    except ValueError:
+        return None
+    return value if value >= 0 and value == value and value != float("inf") else None
 
 
 def _first_reason(group: BaseExceptionGroup[ProviderClosed]) -> str:

@@ -303,6 +303,7 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         self._session_id: str | None = None
         self._handle: str | None = config.resumption_handle
         self._going_away = False
+        self._handle_current = False  # the newest handle was resumable and nothing was generated since
         # The model turn in progress: its item id, whether its audio is done,
         # and whether audio may still be added (False after interrupted).
         self._turn: str | None = None
@@ -335,6 +336,14 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
     def going_away(self) -> bool:
         """``goAway`` was received: the server will close this connection soon."""
         return self._going_away
+
+    @property
+    def resumable_now(self) -> bool:
+        """Resuming now would lose nothing the model said or did: no turn under way, no function call awaiting
+        its result, and the newest handle came after the last of the model's output (Gemini marks a handle not
+        resumable while it generates or runs a function call: resuming then "will result in some data loss",
+        the SDK's ``LiveServerSessionResumptionUpdate.resumable``)."""
+        return self._handle_current and self._turn is None and not self._shared.tool_names
 
     def resumed(self) -> GeminiLiveSession:
         """A core for the next connection, resuming this session with the newest handle.
@@ -470,6 +479,7 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         usable = handle if resumable and handle else None
         if usable is not None:
             self._handle = usable
+        self._handle_current = usable is not None
         return [ResumptionUpdate("sessionResumptionUpdate", raw, usable)]
 
     def _on_go_away(self, body: JsonObject, raw: str) -> list[ProviderEvent]:
@@ -490,6 +500,7 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
                 continue  # the same call again (in this message, re-sent, or after a resumption): run once
             self._shared.seen.add(call_id)
             self._shared.tool_names[call_id] = name
+            self._handle_current = False
             events.append(ToolCall(call_id, name, json.dumps(args, ensure_ascii=False), self._turn))
         return events
 
@@ -508,6 +519,7 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
             if key in body:
                 events.extend(self._transcription(role, obj_field(body, key, "serverContent")))
         if "modelTurn" in body:
+            self._handle_current = False  # (the model said something the last handle does not hold)
             events.extend(self._model_turn(obj_field(body, "modelTurn", "serverContent")))
         if flag_field(body, "interrupted", "serverContent"):
             events.append(SpeechStarted(item_id=None, audio_start_ms=None))
