@@ -79,6 +79,10 @@ class SetTwilioStatus:
 
 StoreOp = SaveCall | SetTwilioStatus
 
+# Twilio's final call statuses (a call's status callbacks end with one of these)
+TWILIO_FINAL_STATUSES: frozenset[str] = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
+_FINAL_SQL = ", ".join(f"'{status}'" for status in sorted(TWILIO_FINAL_STATUSES))
+
 
 class RecordStore:
     """The common store: schema, writes and reads in plain SQL (see the module docstring)."""
@@ -210,16 +214,24 @@ class RecordStore:
                 if op.direction is not None
                 else ""
             )
+            # Twilio's callbacks may arrive out of order (it says so, and numbers them): a late "ringing" or
+            # "in-progress" never replaces a final status, which would leave a finished call in progress for ever.
+            # A call known only from callbacks ends when its final status comes.
+            final = op.status in TWILIO_FINAL_STATUSES
+            stale = f"calls.twilio_status IN ({_FINAL_SQL}) AND excluded.twilio_status NOT IN ({_FINAL_SQL})"
             self.execute(
-                "INSERT INTO calls (call_sid, started_at, status, twilio_status, twilio_duration_s, direction, "
-                "from_number, to_number) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_sid) DO UPDATE SET "
-                "twilio_status = excluded.twilio_status, "
+                "INSERT INTO calls (call_sid, started_at, ended_at, status, twilio_status, twilio_duration_s, "
+                "direction, from_number, to_number) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_sid) DO UPDATE SET "
+                f"twilio_status = CASE WHEN {stale} THEN calls.twilio_status ELSE excluded.twilio_status END, "
                 "twilio_duration_s = COALESCE(excluded.twilio_duration_s, calls.twilio_duration_s), "
                 "from_number = COALESCE(calls.from_number, excluded.from_number), "
                 "to_number = COALESCE(calls.to_number, excluded.to_number), "
-                "status = CASE WHEN calls.stream_sid IS NULL THEN excluded.status ELSE calls.status END" + direction,
+                "ended_at = CASE WHEN calls.stream_sid IS NULL THEN COALESCE(calls.ended_at, excluded.ended_at) "
+                "ELSE calls.ended_at END, "
+                f"status = CASE WHEN calls.stream_sid IS NULL AND NOT ({stale}) THEN excluded.status ELSE calls.status END"
+                + direction,
                 (
-                    op.call_sid, op.at, op.status, op.status, op.duration_s,
+                    op.call_sid, op.at, op.at if final else None, op.status, op.status, op.duration_s,
                     op.direction or "inbound", op.from_number, op.to_number,
                 ),
             )

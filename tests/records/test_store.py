@@ -214,6 +214,32 @@ def test_store_keeps_twilio_status_callbacks(records_settings: Callable[..., Set
         store.close()
 
 
+T1 = "2026-11-22T10:00:05+00:00"
+
+
+def test_store_a_late_status_callback_never_replaces_a_final_one(records_settings: Callable[..., Settings]) -> None:
+    """Twilio's callbacks may arrive out of order: a late in-progress after completed must not reopen the call."""
+    store = open_store(records_settings())
+    try:
+        store.apply([SetTwilioStatus("CAb", "ringing", None, T0), SetTwilioStatus("CAb", "completed", 30, T1),
+                     SetTwilioStatus("CAb", "in-progress", None, T0)])  # fmt: skip
+        b = store.get("CAb")
+        assert b is not None and (b.status, b.twilio_status, b.twilio_duration_s) == ("completed", "completed", 30)
+        assert b.ended_at == T1  # a call known from callbacks alone ends with its final status
+        assert store.mark_interrupted(T1) == []
+        # a streamed call keeps its own status and end; only Twilio's status is guarded
+        store.save(full_record("CAa"))
+        store.apply([SetTwilioStatus("CAa", "completed", 5, T1), SetTwilioStatus("CAa", "in-progress", None, T0)])
+        a = store.get("CAa")
+        assert a is not None and (a.status, a.twilio_status) == ("completed", "completed")
+        assert a.ended_at == full_record("CAa").ended_at
+        # one final status after another (Twilio would not send it; nothing to guard): the newer one stands
+        store.apply([SetTwilioStatus("CAb", "failed", None, T1)])
+        assert store.get("CAb").twilio_status == "failed"  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
 def test_store_an_unanswered_outbound_call_keeps_its_direction_and_numbers(
     records_settings: Callable[..., Settings],
 ) -> None:
