@@ -91,14 +91,15 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         return params
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, object]:
+    async def healthz() -> tuple[dict[str, object], int]:
+        # 503 while draining: a load balancer's check takes this instance out before its calls end
         return {
-            "status": "ok",
+            "status": "ok" if calls.accepting else "draining",
             "active_calls": calls.active,
             "pending_calls": calls.pending,
             "instance": settings.instance_url,  # which of several instances answered (None: the only one)
             "reactor": reactor_stats(),
-        }
+        }, 200 if calls.accepting else 503
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -105,6 +105,11 @@ class OutboundRequests:
     def discard(self, key: str) -> None:
         self._entries.pop(key, None)
 
+    def waiting(self) -> int:
+        """Calls placed and not answered yet (and not expired): a draining server waits for them."""
+        now = trio.current_time()
+        return sum(1 for entry in self._entries.values() if entry.answered_by is None and entry.expires_s > now)
+
 
 # (its answer URL is this instance's, and this instance is going away)
 SHUTTING_DOWN = "the server is shutting down; place the call on another instance"
@@ -128,6 +133,7 @@ def _text(body: dict[str, Any], key: str, limit: int) -> str | None:
 def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> OutboundRequests:
     """Add ``POST /calls`` and ``POST /outbound-twiml`` to ``app``; returns the pending map."""
     pending = OutboundRequests()
+    calls.outbound_waiting = pending.waiting  # (a draining server still answers the calls it placed)
     rest = TwilioRest.from_settings(settings)
 
     def public(path: str, query: str | bytes = b"", configured: str | None = settings.call_url) -> str:
@@ -268,7 +274,7 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             )
         except ValueError as exc:
             return str(exc), 400
-        token = calls.prepare(call_sid, agent)
+        token = calls.prepare(call_sid, agent, placed_here=True)
         if token is not None and calls.recorder is not None:  # From/To/Direction for the call record, as for /twiml
             calls.recorder.webhook(params)
         if token is None:

@@ -66,6 +66,8 @@ def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+DRAIN_POLL_S = 0.1  # while draining: how often to look whether the calls have all ended
+DRAIN_LAST_S = 0.5  # after the drain: what is left (calls past the deadline, a request in flight) gets this, then is cancelled
 CLOSE_LIMIT_S = 2.0  # the shielded steps below (a timer's restart; closing the socket) take microseconds: a bound only
 
 
@@ -156,8 +158,11 @@ async def serve(
 ) -> None:
     """Serve until ``shutdown_trigger`` returns (default: SIGINT/SIGTERM); reports the bound URLs.
 
-    Shutdown as Hypercorn's: stop accepting, give live calls ``drain_s`` to
-    finish, cancel the rest; then the pre-opened model sessions are closed.
+    Shutdown: refuse new calls, give live calls ``drain_s`` to finish while
+    the listener stays open for their status callbacks, the streams of
+    calls answered just before and the answers of outbound calls placed
+    here (``/healthz`` says ``draining``, 503); then stop listening and
+    cancel the rest; then the pre-opened model sessions are closed.
     Cancelling the caller's scope stops everything at once.  Call records
     (mediaserver.records) are opened first and closed last, after the
     records of the calls that were drained have been written.
@@ -218,10 +223,20 @@ async def _serve(
                         functools.partial(trio.serve_listeners, router, listeners, handler_nursery=connections)
                     )
                     await shutdown_trigger()
+                    # Draining: no new call, but the listener stays open while the calls end (up to drain_s), so
+                    # Twilio's status callbacks for them are recorded, streams of calls answered just before still
+                    # come, outbound calls placed here can still be answered, and /healthz says "draining".
+                    calls.stop_accepting(listening=True)
+                    log.info("draining: %d live calls, %d waiting for their stream (at most %g s)",
+                             calls.active, calls.pending, settings.drain_s)
+                    with trio.move_on_after(settings.drain_s):
+                        while not calls.drained:
+                            await trio.sleep(DRAIN_POLL_S)
                     accepting.cancel_scope.cancel()  # stop accepting: the listeners close
-                    calls.stop_accepting()  # and no stream can come for a pending session now
             finally:
                 await context.terminated.set()  # kept-alive HTTP connections close when idle
-                connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+                # What is left -- calls past the drain deadline, a request in flight -- gets a moment, then is
+                # cancelled (a call's record then says the shutdown cut it off).
+                connections.cancel_scope.deadline = trio.current_time() + DRAIN_LAST_S
         await lifespan.wait_for_shutdown()
         nursery.cancel_scope.cancel()  # hypercorn's lifespan task and the pre-opened sessions

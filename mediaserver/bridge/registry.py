@@ -115,6 +115,7 @@ class CallManager:
         self._untokened = 0  # development mode: streams bridged without a webhook's token, now
         self._seen: OrderedDict[str, _Seen] = OrderedDict()  # call SIDs answered lately (see prepare)
         self._closing = False  # stop_accepting() was called
+        self.outbound_waiting: Callable[[], int] = lambda: 0  # outbound calls placed here not answered yet (outbound.py)
         self._nursery: trio.Nursery | None = None
         self.active = 0
         self.completed = 0
@@ -177,14 +178,16 @@ class CallManager:
             task_status.started()
             await trio.sleep_forever()
 
-    def prepare(self, call_sid: str, agent: AgentOptions | None = None) -> str | None:
+    def prepare(self, call_sid: str, agent: AgentOptions | None = None, *, placed_here: bool = False) -> str | None:
         """Start opening a session for ``call_sid``; returns its one-time token (None when full).
 
         ``agent`` overrides :attr:`agent` for this call (an outbound call's greeting, say).
+        ``placed_here``: an outbound call this server placed, answered now: it is taken while the server drains
+        (its callee has picked up; refusing would play them an error).
         """
         if self._nursery is None:
             return None
-        if self._closing:
+        if self._closing and not placed_here:
             self._refuse("shutting_down")
             return None
         seen = self._seen_call(call_sid)
@@ -250,16 +253,27 @@ class CallManager:
         """False once the server is shutting down (:meth:`stop_accepting`): no new call can be answered here."""
         return not self._closing
 
-    def stop_accepting(self) -> None:
-        """The server is shutting down: refuse new calls, and soon close the sessions of calls whose stream has not come.
+    def stop_accepting(self, *, listening: bool = False) -> None:
+        """The server is shutting down: refuse new calls; live calls go on until the drain deadline.
 
-        (It cannot come now: the listener is closed.  A stream accepted just
-        before has ``SHUTDOWN_GRACE_S`` to send its ``start``.)  Live calls go
-        on until the drain deadline.
+        ``listening``: the listener stays open while calls drain, so the
+        streams of calls answered just before (pending sessions) still come
+        and are bridged (each session's stream timeout bounds its wait), and
+        outbound calls placed here can still be answered
+        (``prepare(placed_here=True)``).  Otherwise the listener is closed:
+        a pending session's stream cannot come, and the session is closed
+        soon (a stream accepted just before has ``SHUTDOWN_GRACE_S`` to send
+        its ``start``).
         """
         self._closing = True
-        if self._nursery is not None:
+        if self._nursery is not None and not listening:
             self._nursery.start_soon(self._close_pending)
+
+    @property
+    def drained(self) -> bool:
+        """Shutting down, and nothing of a call is left: none live, no session waiting for its stream, and no
+        outbound call placed here still ringing (``outbound_waiting``)."""
+        return self._closing and self.active == 0 and self.pending == 0 and self.outbound_waiting() == 0
 
     async def _close_pending(self) -> None:
         await trio.sleep(SHUTDOWN_GRACE_S)

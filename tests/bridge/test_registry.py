@@ -189,6 +189,36 @@ def test_stop_accepting_closes_pending_sessions_and_refuses_new_calls_but_keeps_
     run_virtual(main, caplog)
 
 
+def test_a_draining_manager_still_answers_outbound_calls_it_placed_and_is_drained_when_nothing_is_left(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the listener stays open for the drain, a callee picking up an outbound call placed here is bridged
+    (refusing would play them an error), and the drain waits for such calls still ringing."""
+    sessions = Sessions()
+    ringing = [1]
+
+    async def main() -> None:
+        calls = manager(sessions)
+        calls.outbound_waiting = lambda: ringing[0]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            assert not calls.drained  # (not shutting down)
+            calls.stop_accepting(listening=True)
+            assert calls.prepare("CA" + "4" * 32) is None  # a new inbound call: refused
+            assert not calls.drained  # an outbound call still rings
+            ringing[0] = 0
+            token = calls.prepare(OTHER, AgentOptions("i", greeting="outbound"), placed_here=True)
+            assert token is not None and calls.pending == 1 and not calls.drained
+            await trio.sleep(SHUTDOWN_GRACE_S + 1)
+            assert sessions.closed == []  # its stream can still come: the listener is open
+            nursery.start_soon(calls.handle_stream, await started_stream(OTHER, token))
+            await trio.sleep(1)
+            assert calls.active == 1 and not calls.drained
+            nursery.cancel_scope.cancel()
+
+    run_virtual(main, caplog)
+
+
 def test_a_replayed_webhook_gets_no_session_once_the_call_streamed_or_was_answered_three_times(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
