@@ -270,7 +270,8 @@ class Recorder:
                 # (abandon_on_cancel: at the deadline the thread is left waiting for the database)
                 failed = await trio.to_thread.run_sync(self.store.apply, batch, abandon_on_cancel=True)
             except Exception as exc:
-                log.error("call records: could not write %d record(s) to the %s: %s", failed, self.store.description, exc)
+                log.error("call records: could not write %d record(s) to the %s (%s): %s", failed, self.store.description,
+                          _calls_of(batch), exc)
             else:
                 if failed:
                     log.error("call records: %d of %d record(s) could not be written", failed, len(batch))
@@ -372,3 +373,10 @@ async def open_recorder(
         if recorder is None or not recorder.stuck:  # (else the store is held by the abandoned write: leave it)
             with trio.move_on_after(FINAL_WRITE_S, shield=True):
                 await trio.to_thread.run_sync(store.close, abandon_on_cancel=True)
+
+
+def _calls_of(batch: Sequence[StoreOp], most: int = 5) -> str:
+    """The calls a batch is about, for the line saying it was not written (which records to look at)."""
+    sids = sorted({op.record.call_sid if isinstance(op, SaveCall) else op.call_sid for op in batch})
+    shown_sids = ", ".join(sids[:most]) + (f" and {len(sids) - most} more" if len(sids) > most else "")
+    return f"call{'s' if len(sids) > 1 else ''} {shown_sids}"

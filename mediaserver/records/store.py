@@ -12,6 +12,7 @@ extra ``mediaserver[postgres]``.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,8 @@ __all__ = [
     "open_store",
     "sqlite_path",
 ]
+
+log = logging.getLogger("mediaserver.records")
 
 SQLITE_FILE = "calls.sqlite3"
 INTERRUPTED_REASON = "server stopped during the call"
@@ -105,6 +108,11 @@ class RecordStore:
     def close(self) -> None:
         raise NotImplementedError
 
+    def _reconnected(self, exc: Exception) -> bool:
+        """``exc`` lost the connection to the database, and a new one is open now: the failed write may be tried
+        again (the writes are idempotent upserts).  A file database never loses one: False."""
+        return False
+
     def claim_instance(self, instance: str | None) -> bool:
         """Hold, for as long as the store is open, the claim to be server ``instance`` on this database.
 
@@ -158,6 +166,20 @@ class RecordStore:
 
     # -- writes ----------------------------------------------------------------------
 
+    def _apply_all(self, ops: Sequence[StoreOp]) -> None:
+        """``ops`` in one transaction; once more on a new connection if the database dropped the old one (a
+        PostgreSQL restart or failover: the first write after it fails, and was lost before)."""
+        try:
+            with self.transaction():
+                for op in ops:
+                    self._apply(op)
+        except Exception as exc:
+            if not self._reconnected(exc):
+                raise
+            with self.transaction():
+                for op in ops:
+                    self._apply(op)
+
     def apply(self, ops: Sequence[StoreOp]) -> int:
         """Write a batch in one transaction; if that fails, each op on its own.
 
@@ -165,9 +187,7 @@ class RecordStore:
         only when every op of the batch failed).
         """
         try:
-            with self.transaction():
-                for op in ops:
-                    self._apply(op)
+            self._apply_all(ops)
             return 0
         except Exception:
             if len(ops) == 1:
@@ -175,8 +195,7 @@ class RecordStore:
         failed: list[Exception] = []
         for op in ops:
             try:
-                with self.transaction():
-                    self._apply(op)
+                self._apply_all([op])
             except Exception as exc:
                 failed.append(exc)
         if len(failed) == len(ops):
@@ -405,6 +424,24 @@ class PostgresStore(RecordStore):
             self._conn = self._connect()
         with self._conn.transaction():
             yield
+
+    def _reconnected(self, exc: Exception) -> bool:
+        # OperationalError: the connection went (AdminShutdown on a restart, a reset); a closed or broken
+        # connection whatever the error.  Anything else (a constraint, a bad value) would fail again.
+        if not isinstance(exc, self._psycopg.OperationalError) and not self._conn.closed and not self._conn.broken:
+            return False
+        with self._lock:
+            try:
+                self._conn.close()
+            except self._psycopg.Error:
+                pass
+            try:
+                self._conn = self._connect()
+            except RecordsError:
+                return False
+        log.warning("call records: the connection to the %s was lost (%s); reconnected, writing again",
+                    self.description, " ".join(str(exc).split())[:200])
+        return True
 
     def migrate(self) -> list[int]:
         # Two servers starting at once must not both run a migration.

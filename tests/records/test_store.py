@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -258,6 +259,30 @@ def test_store_an_unanswered_outbound_call_keeps_its_direction_and_numbers(
         after = store.get("CAa")
         assert before is not None and after is not None
         assert (after.direction, after.from_number, after.to_number) == (before.direction, before.from_number, before.to_number)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("backend", ["postgres"])  # (a file database has no connection to lose)
+def test_store_postgres_writes_again_on_a_new_connection_after_losing_its_own(
+    records_settings: Callable[..., Settings], backend: str, request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A PostgreSQL restart or failover ends the store's connection: the next write fails on it, and was lost
+    (a call's final save, leaving it in progress for ever).  Now it is written again on a new connection."""
+    server = request.getfixturevalue("postgres_server")
+    store = open_store(records_settings())
+    try:
+        store.save(full_record("CAa", status="in-progress"))
+        pid = store._conn.info.backend_pid  # type: ignore[attr-defined]
+        server.admin(f"SELECT pg_terminate_backend({pid})")  # what a restart does to it (AdminShutdown)
+        with caplog.at_level(logging.WARNING, logger="mediaserver.records"):
+            assert store.apply([SaveCall(full_record("CAa")), SetTwilioStatus("CAb", "completed", 3, T0)]) == 0
+        a, b = store.get("CAa"), store.get("CAb")
+        assert a is not None and a.status == "completed" and b is not None and b.twilio_status == "completed"
+        assert any("was lost" in r.getMessage() and "reconnected" in r.getMessage() for r in caplog.records)
+        # an error that is not the connection's is not retried (it would fail again)
+        assert store._reconnected(ValueError("no")) is False  # type: ignore[attr-defined]
     finally:
         store.close()
 
