@@ -26,7 +26,7 @@ from mediaserver import security, twiml
 from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
 from mediaserver.config import Settings
 from mediaserver.logs import shown
-from mediaserver.metrics import Gauges, process_stats, render
+from mediaserver.metrics import Gauges, RecordsStats, process_stats, render
 from mediaserver.outbound import MAX_CALLS_BODY_BYTES
 from mediaserver.outbound import register_routes as register_outbound_routes
 from mediaserver.records.routes import register_routes as register_record_routes
@@ -98,6 +98,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             "active_calls": calls.active,
             "pending_calls": calls.pending,
             "instance": settings.instance_url,  # which of several instances answered (None: the only one)
+            "records": "off" if calls.recorder is None else calls.recorder.health,  # (calls go on either way)
             "reactor": reactor_stats(),
         }, 200 if calls.accepting else 503
 
@@ -113,6 +114,13 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             process=process_stats(started_s),
             model_connect=calls.model_connect,
             model_connect_failures=calls.model_connect_failures,
+            records=None if calls.recorder is None else RecordsStats(
+                healthy=calls.recorder.health == "ok",
+                written=calls.recorder.written,
+                failed=calls.recorder.failed,
+                dropped=calls.recorder.dropped,
+                queued=calls.recorder.queued,
+            ),
         )
         text = render(calls.metrics(), calls.refused, gauges)
         return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")

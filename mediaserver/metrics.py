@@ -36,6 +36,7 @@ __all__ = [
     "CallTotals",
     "Gauges",
     "ProcessStats",
+    "RecordsStats",
     "end_kind",
     "process_stats",
     "render",
@@ -190,6 +191,18 @@ class Gauges:
     process: ProcessStats | None = None
     model_connect: SecondsHistogram | None = None  # time to open each model session so far
     model_connect_failures: int = 0
+    records: RecordsStats | None = None  # None: call records are off
+
+
+@dataclass(frozen=True)
+class RecordsStats:
+    """The call-records writer (mediaserver.records.Recorder): how its writes went."""
+
+    healthy: bool  # the last write went through, and the database answers
+    written: int
+    failed: int  # refused by the database
+    dropped: int  # not queued: the queue was full
+    queued: int
 
 
 def _escape(value: str) -> str:
@@ -306,6 +319,24 @@ def render(totals: CallTotals, refused: Mapping[str, int], gauges: Gauges) -> st
         "counter",
         "Model sessions that could not be opened.",
         [("", gauges.model_connect_failures)],
+    )
+    records = gauges.records
+    w.metric(
+        "mediaserver_records_up",
+        "gauge",
+        "1 while call records are written; 0 when they are off (no database at start) or failing.",
+        [("", 1 if records is not None and records.healthy else 0)],
+    )
+    w.metric(
+        "mediaserver_records_writes_total",
+        "counter",
+        "Call-record writes, by result: written, failed (the database refused), dropped (the queue was full).",
+        [(f'{{result="{result}"}}', getattr(records, result) if records is not None else 0)
+         for result in ("written", "failed", "dropped")],
+    )
+    w.metric(
+        "mediaserver_records_queued", "gauge", "Call-record writes waiting for the database.",
+        [("", records.queued if records is not None else 0)],
     )
     reactor = gauges.reactor
     w.metric(

@@ -167,6 +167,7 @@ async def test_app_healthz() -> None:
         "pending_calls": 0,
         "instance": None,
         "status": "ok",
+        "records": "ok",  # (the test's own SQLite database)
         "reactor": {"sockets": 0, "wakeups": 0, "handler_calls": 0},  # no call has used it yet
     }
 

@@ -29,6 +29,7 @@ from mediaserver.metrics import (
     CallTotals,
     Gauges,
     ProcessStats,
+    RecordsStats,
     end_kind,
     process_stats,
     render,
@@ -132,6 +133,20 @@ def test_an_idle_server_renders_every_series_at_zero() -> None:
         assert value(samples, "mediaserver_bridge_latency_seconds_bucket", direction=direction, le="+Inf") == 0
     assert value(samples, "mediaserver_calls_active") == 0
     assert value(samples, "mediaserver_model_sessions_open") == 0
+
+
+def test_call_records_render_up_or_down_with_their_writes() -> None:
+    """Monitoring sees whether call records work: off (no database at start) and failing are both 0."""
+    off = parse(render(CallTotals(), {}, GAUGES))
+    assert value(off, "mediaserver_records_up") == 0
+    assert value(off, "mediaserver_records_writes_total", result="written") == 0
+    records = RecordsStats(healthy=True, written=7, failed=2, dropped=1, queued=3)
+    on = parse(render(CallTotals(), {}, dataclasses.replace(GAUGES, records=records)))
+    assert value(on, "mediaserver_records_up") == 1 and value(on, "mediaserver_records_queued") == 3
+    for result, count in (("written", 7), ("failed", 2), ("dropped", 1)):
+        assert value(on, "mediaserver_records_writes_total", result=result) == count
+    failing = parse(render(CallTotals(), {}, dataclasses.replace(GAUGES, records=dataclasses.replace(records, healthy=False))))
+    assert value(failing, "mediaserver_records_up") == 0
 
 
 def test_totals_render_as_counted() -> None:

@@ -88,6 +88,7 @@ class Recorder:
         self.failed = 0  # writes the database refused
         self._unwritten = 0  # queued or being written
         self.stuck = False  # a write was abandoned at shutdown, the database not answering
+        self.last_failed = False  # the last batch's write failed (whole or in part): the database is in trouble
         self._deadline = math.inf  # see stop_by
         self._write_scope: trio.CancelScope | None = None
         self._idle = trio.Event()
@@ -282,9 +283,20 @@ class Recorder:
             return
         self.failed += failed
         self.written += len(batch) - failed
+        self.last_failed = failed > 0
         self._unwritten -= len(batch)
         if self._unwritten == 0:
             self._idle.set()
+
+    @property
+    def queued(self) -> int:
+        """Writes queued or being written now."""
+        return self._unwritten
+
+    @property
+    def health(self) -> str:
+        """``ok``, or ``failing`` (the last write failed), or ``stuck`` (the database stopped answering)."""
+        return "stuck" if self.stuck else "failing" if self.last_failed else "ok"
 
     def _new_record(self, start: tw.Start, provider: str | None) -> CallRecord:
         known = self._expected.pop(start.call_sid, {})

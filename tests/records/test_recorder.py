@@ -165,9 +165,11 @@ async def test_recorder_survives_a_failing_database(store: RecordStore, caplog: 
         recorder.call_not_bridged(start_event("CAx"), "no model session: x")
         await recorder.flushed()
         assert recorder.failed == 1 and recorder.written == 0
+        assert recorder.health == "failing"  # (/healthz and /metrics say so)
         store.apply = real  # type: ignore[method-assign]
         recorder.call_not_bridged(start_event("CAy"), "no model session: y")  # the writer still runs
         await recorder.flushed()
+        assert recorder.health == "ok"
         recorder.close()
     assert recorder.written == 1
     # the line names the call whose record is missing: which one to look at
