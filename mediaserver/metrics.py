@@ -66,7 +66,9 @@ _END_KINDS = (
     ("cancelled", "cancelled"),  # "cancelled: the server shut down before the call ended"
 )
 END_KINDS = tuple(dict.fromkeys(kind for _, kind in _END_KINDS)) + ("other",)  # (each once: two prefixes share one)
-FAILED_KINDS = frozenset({"provider", "protocol_error", "failed"})  # the ends that mean something broke
+# The ends that mean something broke: in the log (a warning), the stream's close code, records and metrics alike.
+# (An idle timeout: the model stopped reading, or Twilio, which streams even silence, stopped sending.)
+FAILED_KINDS = frozenset({"provider", "protocol_error", "failed", "idle"})
 
 # Why a Media Stream was not bridged (``CallManager.refused`` keys): the ``reason`` label.
 REFUSALS = (

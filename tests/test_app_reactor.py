@@ -478,8 +478,9 @@ async def test_deltas_shorter_than_a_chunk_still_go_out_as_whole_chunks() -> Non
         caller = await hear_reply(url, len(reply))
     assert caller.received_audio == reply
     sizes = [len(m.payload) for m in caller.received]
-    # 25 chunks of 320 and 80 over (one more if a delta came late); each part-chunk alone would make 34
-    assert len(sizes) <= 27 and sizes.count(320) >= 24, sizes
+    # 25 chunks of 320 and 80 over (a few more if deltas came late: this is wall-clock time, on a virtual machine
+    # a scheduling hiccup of 10 ms makes one); each part-chunk alone would make 34, only a third of them whole
+    assert len(sizes) <= 29 and sizes.count(320) >= 21, sizes
 
 
 @fail_after(20)

@@ -33,7 +33,7 @@ import trio
 from mediaserver.bridge.stats import SecondsHistogram
 from mediaserver.config import Settings
 from mediaserver.logs import shown
-from mediaserver.metrics import CONNECT_EDGES_S, CallTotals
+from mediaserver.metrics import CONNECT_EDGES_S, FAILED_KINDS, CallTotals, end_kind
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.protocol.errors import LocalProtocolError, ProtocolError
 from mediaserver.protocol.twilio import TwilioStream
@@ -528,7 +528,7 @@ class CallManager:
             st = bridge.stats
             jit = bridge.jitter.stats
             log.log(
-                logging.WARNING if bridge.end_reason.startswith(_FAILED_ENDS) else logging.INFO,
+                logging.WARNING if _failed(bridge.end_reason) else logging.INFO,
                 "call %s: ended (%s) after %.1f s; frames in %d, to model %d, out %d; gaps filled %d, "
                 "late/duplicate %d; barge-ins %d; bridge latency up %s, down %s; %s",
                 st.call_sid,
@@ -552,7 +552,11 @@ class CallManager:
 SHUTDOWN_END = "cancelled: the server shut down before the call ended (MEDIASERVER_DRAIN_S)"
 
 # End reasons that are failures: the call's end line is a warning (and the only line about it).
-_FAILED_ENDS = ("protocol error", "provider ended", "provider error", "idle", "failed")
+def _failed(reason: str) -> bool:
+    """The call ended because something broke (one rule for the log, the stream's close, records and metrics)."""
+    return end_kind(reason) in FAILED_KINDS
+
+
 PROTOCOL_ERROR = 1002
 MAX_CLOSE_REASON_BYTES = 123  # RFC 6455: a close frame's payload is at most 125 bytes, the code included
 
@@ -564,7 +568,7 @@ def _stream_end(reason: str) -> StreamEnd | None:
     1011 and the end reason, so that tools that watch the close code
     (``mediaserver dial``) see the failure; Twilio ignores both.
     """
-    if not reason.startswith(_FAILED_ENDS):
+    if not _failed(reason):
         return None
     code = PROTOCOL_ERROR if reason.startswith("protocol error") else FAILED
     return StreamEnd(code, reason.encode()[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore"))

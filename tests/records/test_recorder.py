@@ -66,11 +66,12 @@ class SpyStore:
 
 
 def test_end_status_maps_end_reasons() -> None:
-    for reason in ("twilio sent stop", "twilio hung up", "idle: nothing from Twilio for 30 s",
-                   "maximum call length 3600 s", "cancelled: Twilio disconnected or shutdown"):
+    for reason in ("twilio sent stop", "twilio hung up", "agent hung up: bye", "transferred to +15551234567",
+                   "maximum call length 3600 s", "cancelled: Twilio disconnected or shutdown", "model closed: bye"):
         assert end_status(reason) == "completed", reason
     for reason in ("provider ended: openai connection closed (1011)", "provider error: boom",
-                   "protocol error: bad JSON", "failed: RuntimeError()"):
+                   "protocol error: bad JSON", "failed: RuntimeError()",
+                   "idle: the model took no audio for 30 s (it is not reading)", "idle: nothing from Twilio for 30 s"):
         assert end_status(reason) == "failed", reason
 
 
