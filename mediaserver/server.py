@@ -146,7 +146,17 @@ async def wait_for_signal() -> None:
     """Return on the first SIGINT or SIGTERM: the default shutdown trigger."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            log.info("%s: draining calls (up to the drain limit), then stopping", signal.Signals(signum).name)
+            log.info("%s: draining calls (up to the drain limit; again to stop now), then stopping",
+                     signal.Signals(signum).name)
+            return
+
+
+async def _stop_draining_on_signal(drain: trio.CancelScope) -> None:
+    """While the server drains: a second SIGINT or SIGTERM ends the drain at once (what is left is cancelled)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.warning("%s again: stopping now, without waiting for the calls to end", signal.Signals(signum).name)
+            drain.cancel()
             return
 
 
@@ -229,9 +239,13 @@ async def _serve(
                     calls.stop_accepting(listening=True)
                     log.info("draining: %d live calls, %d waiting for their stream (at most %g s)",
                              calls.active, calls.pending, settings.drain_s)
-                    with trio.move_on_after(settings.drain_s):
-                        while not calls.drained:
-                            await trio.sleep(DRAIN_POLL_S)
+                    with trio.move_on_after(settings.drain_s) as drain:
+                        async with trio.open_nursery() as watching:
+                            if shutdown_trigger is wait_for_signal:
+                                watching.start_soon(_stop_draining_on_signal, drain)
+                            while not calls.drained:
+                                await trio.sleep(DRAIN_POLL_S)
+                            watching.cancel_scope.cancel()
                     accepting.cancel_scope.cancel()  # stop accepting: the listeners close
             finally:
                 await context.terminated.set()  # kept-alive HTTP connections close when idle

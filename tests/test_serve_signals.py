@@ -1,0 +1,67 @@
+"""``mediaserver serve`` under SIGINT: it drains the calls it has (the listener open, /healthz 503), and a second
+SIGINT stops it at once.  A real process, a real signal, a real call to the built-in echo agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from tests.fakes import fail_after, http_request
+from tests.test_app import phone_call
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:  # (the server refuses port 0)
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@fail_after(40)
+async def test_serve_drains_on_sigint_and_a_second_sigint_stops_it_now(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIASERVER_", "TWILIO_"))}
+    env.update(MEDIASERVER_DATA_DIR=str(tmp_path), MEDIASERVER_DRAIN_S="30")
+    url = f"http://127.0.0.1:{port}"
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mediaserver", "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        with trio.fail_after(20):
+            while True:
+                try:
+                    if (await http_request(url + "/healthz")).status == 200:
+                        break
+                except OSError:
+                    pass
+                await trio.sleep(0.1)
+        async with phone_call(url) as caller:
+            await caller.send_silence(200)
+            proc.send_signal(signal.SIGINT)
+            await trio.sleep(0.5)
+            assert proc.poll() is None  # draining: the call goes on (for up to 30 s)
+            health = await http_request(url + "/healthz")
+            assert health.status == 503 and json.loads(health.body)["status"] == "draining"
+            await caller.send_silence(100)
+            assert not caller.closed.is_set()
+            proc.send_signal(signal.SIGINT)
+            with trio.fail_after(5):  # not the 30 s drain
+                await proc.wait()
+                await caller.closed.wait()
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await proc.wait()
+    assert proc.stderr is not None
+    err = (await proc.stderr.receive_some(1 << 20)).decode()
+    assert "SIGINT: draining calls" in err and "SIGINT again: stopping now" in err
+    assert "Traceback" not in err
