@@ -146,6 +146,11 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         if token is not None and calls.recorder is not None:  # From/To/Direction for the call record (answered calls)
             calls.recorder.webhook(params)
         if token is None:
+            if not calls.accepting and settings.instance_url is not None:
+                # One of several instances, draining: an error, so that Twilio tries the number's fallback URL
+                # (another instance, through the load balancer) rather than the caller hearing a refusal.
+                log.info("call %s: webhook refused with 503: this instance is draining", call_sid)
+                return Response("this instance is shutting down", 503, {"Retry-After": "1"})
             body = twiml.say_and_hangup("Sorry, all our agents are busy. Please call again later.")
             return Response(body, content_type=twiml.CONTENT_TYPE)
         try:

@@ -47,6 +47,7 @@ log = logging.getLogger("mediaserver.outbound")
 
 OUTBOUND_PARAMETER = "outbound"  # query parameter of the answer URL carrying the one-time id
 PENDING_TTL_S = 15 * 60.0  # Twilio rings for at most 600 s (Calls.json Timeout); then some slack
+RINGING_S = 75.0  # how long a draining server waits for a call it placed to be answered: Twilio's 60 s default ring
 MAX_PENDING = 1000
 RETRY_WINDOW_S = 60.0  # an answered call's id stays redeemable by that call this long (Twilio's retries of its webhook)
 MAX_GREETING_CHARS = 1000
@@ -64,6 +65,7 @@ class _Pending:
     agent: AgentOptions
     expires_s: float
     answered_by: str | None = None  # the call SID whose answer webhook redeemed it
+    placed_s: float = 0.0
 
 
 class OutboundRequests:
@@ -84,7 +86,7 @@ class OutboundRequests:
         if sum(1 for entry in self._entries.values() if entry.answered_by is None) >= self.max_entries:
             return None
         key = secrets.token_urlsafe(18)
-        self._entries[key] = _Pending(to, agent, now + self.ttl_s)
+        self._entries[key] = _Pending(to, agent, now + self.ttl_s, placed_s=now)
         return key
 
     def take(self, key: str, to: str | None, call_sid: str) -> AgentOptions | None:
@@ -106,9 +108,13 @@ class OutboundRequests:
         self._entries.pop(key, None)
 
     def waiting(self) -> int:
-        """Calls placed and not answered yet (and not expired): a draining server waits for them."""
+        """Calls placed in the last ``RINGING_S`` and not answered yet: a draining server waits for them (an older
+        one has stopped ringing -- no answer, busy, failed -- or rings longer than a drain should wait)."""
         now = trio.current_time()
-        return sum(1 for entry in self._entries.values() if entry.answered_by is None and entry.expires_s > now)
+        return sum(
+            1 for entry in self._entries.values()
+            if entry.answered_by is None and entry.expires_s > now and now - entry.placed_s < RINGING_S
+        )  # fmt: skip
 
 
 # (its answer URL is this instance's, and this instance is going away)

@@ -17,7 +17,7 @@ import functools
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 from hypercorn.config import Config
@@ -143,21 +143,23 @@ def hypercorn_config(settings: Settings) -> Config:
 
 
 async def wait_for_signal() -> None:
-    """Return on the first SIGINT or SIGTERM: the default shutdown trigger."""
+    """Return on the first SIGINT or SIGTERM (a shutdown trigger for :func:`serve`; its default does more)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s: draining calls (up to the drain limit; again to stop now), then stopping",
-                     signal.Signals(signum).name)
-            return
+        await _first_signal(signals)
 
 
-async def _stop_draining_on_signal(drain: trio.CancelScope) -> None:
+async def _first_signal(signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        log.info("%s: draining calls (up to the drain limit; again to stop now), then stopping", signal.Signals(signum).name)
+        return
+
+
+async def _second_signal(signals: AsyncIterator[int], drain: trio.CancelScope) -> None:
     """While the server drains: a second SIGINT or SIGTERM ends the drain at once (what is left is cancelled)."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.warning("%s again: stopping now, without waiting for the calls to end", signal.Signals(signum).name)
-            drain.cancel()
-            return
+    async for signum in signals:
+        log.warning("%s again: stopping now, without waiting for the calls to end", signal.Signals(signum).name)
+        drain.cancel()
+        return
 
 
 async def serve(
@@ -177,13 +179,18 @@ async def serve(
     (mediaserver.records) are opened first and closed last, after the
     records of the calls that were drained have been written.
     """
-    if shutdown_trigger is None:
-        shutdown_trigger = wait_for_signal
     # The port first: a server that cannot listen (in use, no such address) stops before it creates anything.
     sock = listen_socket(settings.host, settings.port, hypercorn_config(settings).backlog)
     try:
         async with open_recorder(settings) as recorder:
-            await _serve(settings, shutdown_trigger, recorder, sock, task_status)
+            if shutdown_trigger is not None:
+                await _serve(settings, shutdown_trigger, None, recorder, sock, task_status)
+                return
+            # One receiver for the whole run: a second signal during the drain is never left to the default action
+            # (SIGTERM's would kill the process before the records are written).
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                await _serve(settings, functools.partial(_first_signal, signals),
+                             functools.partial(_second_signal, signals), recorder, sock, task_status)
     finally:
         sock.close()
 
@@ -191,6 +198,7 @@ async def serve(
 async def _serve(
     settings: Settings,
     shutdown_trigger: Callable[[], Awaitable[object]],
+    stop_now: Callable[[trio.CancelScope], Awaitable[object]] | None,
     recorder: Recorder | None,
     sock: socket.socket,
     task_status: trio.TaskStatus[list[str]],
@@ -241,8 +249,8 @@ async def _serve(
                              calls.active, calls.pending, settings.drain_s)
                     with trio.move_on_after(settings.drain_s) as drain:
                         async with trio.open_nursery() as watching:
-                            if shutdown_trigger is wait_for_signal:
-                                watching.start_soon(_stop_draining_on_signal, drain)
+                            if stop_now is not None:
+                                watching.start_soon(stop_now, drain)
                             while not calls.drained:
                                 await trio.sleep(DRAIN_POLL_S)
                             watching.cancel_scope.cancel()

@@ -275,6 +275,6 @@ async def test_gemini_link_a_turn_that_outlasts_go_aways_time_switches_before_th
             waited = trio.current_time() - started
             seen += await _collect(link, 0.5)
         nursery.cancel_scope.cancel()
-    assert 6 - GOAWAY_MARGIN_S - 0.3 <= waited <= 6 - GOAWAY_MARGIN_S + 0.5
+    assert 6 - GOAWAY_MARGIN_S - 0.3 <= waited <= 6 - GOAWAY_MARGIN_S + 2.0  # (not at once, not at timeLeft)
     # the old connection's turn is over for the bridge: cancelled by the reconnection
     assert any(isinstance(e, ResponseDone) and e.reason == "reconnected" for e in seen)

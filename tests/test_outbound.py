@@ -483,3 +483,24 @@ async def test_outbound_ids_answered_do_not_fill_the_waiting_list_and_stay_the_a
     await trio.sleep(RETRY_WINDOW_S + 1)
     assert pending.take(first, TO, "CA1") is None  # the retry window is over
     assert pending.take(third, TO, "CA3") is agent  # (an unanswered id keeps its 15 minutes)
+
+
+async def test_outbound_calls_still_ringing_are_waited_for_by_a_drain_only_while_they_can_ring(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A draining server answers the calls it placed; it waits for those placed in the last RINGING_S (Twilio's
+    60 s ring and a margin), not for the 15 minutes an unanswered id is kept (no answer, busy: never redeemed)."""
+    from mediaserver.bridge.link import AgentOptions
+    from mediaserver.outbound import RINGING_S, OutboundRequests
+
+    pending = OutboundRequests()
+    agent = AgentOptions("Be brief.")
+    first = pending.put(TO, agent)
+    await trio.sleep(RINGING_S / 2)
+    second = pending.put(TO, agent)
+    assert first is not None and second is not None and pending.waiting() == 2
+    assert pending.take(second, TO, "CA2") is agent
+    assert pending.waiting() == 1  # answered: not waited for
+    await trio.sleep(RINGING_S / 2 + 1)
+    assert pending.waiting() == 0  # the first has rung out (its id is still kept, for a late answer)
+    assert pending.take(first, TO, "CA1") is agent

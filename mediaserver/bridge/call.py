@@ -899,6 +899,7 @@ class CallBridge:
                     if withdrawn:  # the last of its response owes no answer (the providers that withdraw calls
                         self._answer_owed.discard(group)  # answer by themselves), and leaves no entry behind
         if withdrawn:
+            self._spoken_over.discard(call.call_id)  # (a transfer the caller talked over, withdrawn by the model too)
             return
         if group is not None:
             if group in self._tool_groups:  # others of its response still run

@@ -116,6 +116,7 @@ class CallManager:
         self._seen: OrderedDict[str, _Seen] = OrderedDict()  # call SIDs answered lately (see prepare)
         self._closing = False  # stop_accepting() was called
         self.outbound_waiting: Callable[[], int] = lambda: 0  # outbound calls placed here not answered yet (outbound.py)
+        self._streams = 0  # Media Streams being served: bridged, waiting for their session, or reading their start
         self._nursery: trio.Nursery | None = None
         self.active = 0
         self.completed = 0
@@ -271,9 +272,10 @@ class CallManager:
 
     @property
     def drained(self) -> bool:
-        """Shutting down, and nothing of a call is left: none live, no session waiting for its stream, and no
-        outbound call placed here still ringing (``outbound_waiting``)."""
-        return self._closing and self.active == 0 and self.pending == 0 and self.outbound_waiting() == 0
+        """Shutting down, and nothing of a call is left: no Media Stream being served (a live call, or one whose
+        stream came before its model session was ready), no session waiting for its stream, and no outbound call
+        placed here still ringing (``outbound_waiting``)."""
+        return self._closing and self._streams == 0 and self.pending == 0 and self.outbound_waiting() == 0
 
     async def _close_pending(self) -> None:
         await trio.sleep(SHUTDOWN_GRACE_S)
@@ -341,6 +343,13 @@ class CallManager:
         Returns how to close the stream when it was refused or could not be
         served (None: the call ran, close normally).
         """
+        self._streams += 1  # (a draining server waits for it: it may be a call whose session is still opening)
+        try:
+            return await self._handle_stream(stream)
+        finally:
+            self._streams -= 1
+
+    async def _handle_stream(self, stream: MessageStream) -> StreamEnd | None:
         twilio = TwilioStream()
         start = await self._read_start(stream, twilio)
         if start is None:

@@ -189,6 +189,8 @@ class RecordStore:
         try:
             self._apply_all(ops)
             return 0
+        except RecordsError:
+            raise  # the database cannot be reached: each op alone would wait for it again
         except Exception:
             if len(ops) == 1:
                 raise
@@ -406,6 +408,7 @@ class PostgresStore(RecordStore):
         self.url = url
         self.description = f"PostgreSQL database {redact(url)}"
         self._conn = self._connect()
+        self._instance: str | None = None  # the instance claimed (claim_instance), if any
 
     def _connect(self) -> Any:
         try:
@@ -426,22 +429,32 @@ class PostgresStore(RecordStore):
             yield
 
     def _reconnected(self, exc: Exception) -> bool:
-        # OperationalError: the connection went (AdminShutdown on a restart, a reset); a closed or broken
-        # connection whatever the error.  Anything else (a constraint, a bad value) would fail again.
-        if not isinstance(exc, self._psycopg.OperationalError) and not self._conn.closed and not self._conn.broken:
+        # Only a lost connection: closed or broken, or the server's "connection exception" (SQLSTATE class 08) and
+        # shutdown errors (57P01-57P03: AdminShutdown on a restart, a crash, cannot connect now).  A statement or lock
+        # timeout, a full disk, a constraint is the same on a new connection -- and closing a good one would let go
+        # of this instance's claim (an advisory lock of the session).  Nor a failed reconnect (RecordsError).
+        if isinstance(exc, RecordsError):
+            return False
+        state = getattr(exc, "sqlstate", None) or ""
+        lost = self._conn.closed or self._conn.broken or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+        if not lost:
             return False
         with self._lock:
             try:
                 self._conn.close()
             except self._psycopg.Error:
                 pass
-            try:
-                self._conn = self._connect()
-            except RecordsError:
-                return False
+            self._conn = self._connect()  # (RecordsError if the database is still away: no write is tried op by op)
+            if self._instance is not None and not self._reclaim():
+                log.warning("call records: after reconnecting, another server holds this instance's claim (%s)",
+                            self._instance or "the only instance")
         log.warning("call records: the connection to the %s was lost (%s); reconnected, writing again",
                     self.description, " ".join(str(exc).split())[:200])
         return True
+
+    def _reclaim(self) -> bool:
+        rows = self._run("SELECT pg_try_advisory_lock(727278, hashtext(?))", (self._instance or "",))
+        return bool(rows[0][0])
 
     def migrate(self) -> list[int]:
         # Two servers starting at once must not both run a migration.
@@ -457,7 +470,10 @@ class PostgresStore(RecordStore):
         # connection; one whose connection dropped and came back holds it no more, and a later start may then
         # mark its live calls interrupted).
         rows = self.execute("SELECT pg_try_advisory_lock(727278, hashtext(?))", (instance or "",))
-        return bool(rows[0][0])
+        claimed = bool(rows[0][0])
+        if claimed:
+            self._instance = instance or ""  # (taken again on a new connection: _reconnected)
+        return claimed
 
     def close(self) -> None:
         with self._lock:

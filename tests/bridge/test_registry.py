@@ -28,14 +28,17 @@ STREAM = "MZ" + "2" * 32
 class Sessions:
     """Opens echo sessions for a CallManager, noting when each closed (and whose greeting it had)."""
 
-    def __init__(self, close_s: float = 0.0, link: Callable[[], EchoLink] = EchoLink) -> None:
+    def __init__(self, close_s: float = 0.0, link: Callable[[], EchoLink] = EchoLink, open_s: float = 0.0) -> None:
         self.close_s = close_s  # how long closing takes (a WebSocketLink's close handshake: at most 1 s)
+        self.open_s = open_s  # how long opening takes (connect, TLS, the session's handshake)
         self.link = link
         self.opened = 0
         self.closed: list[tuple[float, str | None]] = []
 
     @contextlib.asynccontextmanager
     async def __call__(self, settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
+        if self.open_s:
+            await trio.sleep(self.open_s)
         link = self.link()
         self.opened += 1
         try:
@@ -213,6 +216,30 @@ def test_a_draining_manager_still_answers_outbound_calls_it_placed_and_is_draine
             assert sessions.closed == []  # its stream can still come: the listener is open
             nursery.start_soon(calls.handle_stream, await started_stream(OTHER, token))
             await trio.sleep(1)
+            assert calls.active == 1 and not calls.drained
+            nursery.cancel_scope.cancel()
+
+    run_virtual(main, caplog)
+
+
+def test_a_draining_manager_is_not_drained_while_a_stream_waits_for_its_session(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stream that came before its model session was ready is neither pending (claimed) nor live yet: the drain
+    must wait for it all the same, or the call is cut off as it starts."""
+    sessions = Sessions(open_s=2.0)
+
+    async def main() -> None:
+        calls = manager(sessions)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            token = calls.prepare(CALL)
+            calls.stop_accepting(listening=True)
+            nursery.start_soon(calls.handle_stream, await started_stream(CALL, token))
+            await trio.sleep(0.5)
+            assert calls.pending == 0 and calls.active == 0  # claimed, its session still opening
+            assert not calls.drained
+            await trio.sleep(2)
             assert calls.active == 1 and not calls.drained
             nursery.cancel_scope.cancel()
 

@@ -281,8 +281,23 @@ def test_store_postgres_writes_again_on_a_new_connection_after_losing_its_own(
         a, b = store.get("CAa"), store.get("CAb")
         assert a is not None and a.status == "completed" and b is not None and b.twilio_status == "completed"
         assert any("was lost" in r.getMessage() and "reconnected" in r.getMessage() for r in caplog.records)
-        # an error that is not the connection's is not retried (it would fail again)
-        assert store._reconnected(ValueError("no")) is False  # type: ignore[attr-defined]
+        # an error that is not the connection's is not retried (it would fail again), and the good connection --
+        # which holds this instance's claim -- is kept: a statement timeout, say
+        import psycopg
+
+        conn = store._conn  # type: ignore[attr-defined]
+        for error in (ValueError("no"), psycopg.errors.QueryCanceled("timeout"), psycopg.errors.DiskFull("full")):
+            assert store._reconnected(error) is False  # type: ignore[attr-defined]
+        assert store._conn is conn  # type: ignore[attr-defined]
+        # the claim is taken again on the new connection
+        assert store.claim_instance("node1")
+        server.admin(f"SELECT pg_terminate_backend({store._conn.info.backend_pid})")  # type: ignore[attr-defined]
+        assert store.apply([SetTwilioStatus("CAc", "completed", 1, T0)]) == 0
+        other = open_store(records_settings())
+        try:
+            assert not other.claim_instance("node1")  # still this store's
+        finally:
+            other.close()
     finally:
         store.close()
 
