@@ -86,6 +86,8 @@ async def place(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(f"unexpected answer from {server}/calls: HTTP {status} {raw[:120]!r}")
     if status == 201:
         print(f"call {answer.get('call_sid')} to {answer.get('to')} from {answer.get('from')}: {answer.get('status')}")
+        if answer.get("warning"):
+            print(f"mediaserver call: warning: {answer['warning']}", file=sys.stderr)
         return 0
     error = answer.get("error", f"HTTP {status}")
     if status == 401:

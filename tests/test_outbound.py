@@ -10,6 +10,7 @@ The CLI's error paths run against the same server.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -504,3 +505,15 @@ async def test_outbound_calls_still_ringing_are_waited_for_by_a_drain_only_while
     await trio.sleep(RINGING_S / 2 + 1)
     assert pending.waiting() == 0  # the first has rung out (its id is still kept, for a late answer)
     assert pending.take(first, TO, "CA1") is agent
+
+
+async def test_outbound_a_greeting_for_the_echo_agent_is_answered_with_a_warning() -> None:
+    """The echo agent has no voice: a call placed with a greeting is placed, and the answer says it goes unspoken."""
+    async with fake_rest() as rest, fake_openai() as model:
+        settings = dataclasses.replace(outbound_settings(model, rest), provider="echo")
+        async with running(settings) as url:
+            status, _, answer = await post_calls(url, {"to": TO, "greeting": GREETING})
+            assert status == 201 and len(rest.requests) == 1
+            assert answer["warning"] == "the built-in echo agent has no voice: the greeting will not be spoken"
+            status, _, answer = await post_calls(url, {"to": TO})  # no greeting asked for: no warning
+            assert status == 201 and "warning" not in answer

@@ -137,7 +137,8 @@ def format_call(r: CallRecord) -> str:
         f"ended      {r.ended_at or '-'}",
         f"status     {r.status}" + (f" (Twilio: {r.twilio_status})" if r.twilio_status else ""),
         f"reason     {r.end_reason or '-'}",
-        f"duration   {'-' if r.duration_s is None else f'{r.duration_s:.1f} s'}",
+        f"duration   {'-' if r.duration_s is None else f'{r.duration_s:.1f} s'}"
+        + (f" (Twilio: {r.twilio_duration_s} s)" if r.twilio_duration_s is not None else ""),
         f"barge-ins  {r.barge_ins}",
         f"tool calls {len(r.tool_calls)}" + (f": {', '.join(r.tool_calls)}" if r.tool_calls else ""),
         "latency    " + (", ".join(f"{k} {v:.2f} ms" for k, v in r.latency_ms.items()) or "-"),

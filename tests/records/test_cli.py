@@ -14,7 +14,7 @@ from mediaserver.__main__ import main
 from mediaserver.config import Settings
 from mediaserver.records.model import CallRecord, Turn
 from mediaserver.records.migrations import MIGRATIONS
-from mediaserver.records.store import open_store
+from mediaserver.records.store import SetTwilioStatus, open_store
 
 
 @pytest.fixture
@@ -90,15 +90,26 @@ def test_cli_shows_one_call_with_its_transcript(cli: Callable[..., int], capsys:
     assert "from/to    +15550001111 -> +15552223333" in out
     assert "status     completed" in out and "reason     twilio sent stop" in out
     assert "barge-ins  1" in out and "tool calls 1: weather" in out and "uplink_p50 0.02 ms" in out
+    assert "duration   65.0 s\n" in out  # no Twilio duration known yet
     transcript = out.split("transcript:\n", 1)[1].splitlines()
     assert [line.split(None, 3) for line in transcript] == [
         ["1.2", "s", "user", "Weather in Paris?"],
         ["2.5", "s", "assistant", "It will be  [cut at 480 ms]"],
     ]
+    store = open_store(cli.settings)  # type: ignore[attr-defined]
+    try:
+        store.apply([SetTwilioStatus(first.call_sid, "completed", 66, "2026-11-21T08:01:06+00:00")])
+    finally:
+        store.close()
+    assert cli("show", first.call_sid) == 0
+    out = capsys.readouterr().out
+    assert "status     completed (Twilio: completed)" in out
+    assert "duration   65.0 s (Twilio: 66 s)" in out  # Twilio's billed duration too, not only in --json
+    expected = {**first.to_json(), "twilio_status": "completed", "twilio_duration_s": 66}
     assert cli("show", first.call_sid, "--json") == 0
-    assert json.loads(capsys.readouterr().out) == first.to_json()
+    assert json.loads(capsys.readouterr().out) == expected
     assert cli("--json", "show", first.call_sid) == 0  # (the flag before the command, as the README has it)
-    assert json.loads(capsys.readouterr().out) == first.to_json()
+    assert json.loads(capsys.readouterr().out) == expected
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
