@@ -240,10 +240,10 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             return _json_error(502, str(exc), **{k: v for k, v in exc.to_json().items() if k != "error"})
         call_sid = str(call.get("sid", ""))
         log.info("outbound call %s: dialling %s from %s", call_sid or "?", to, from_)
-        answer: dict[str, Any] = {"call_sid": call_sid, "status": call.get("status"), "to": to, "from": from_}
+        placed: dict[str, Any] = {"call_sid": call_sid, "status": call.get("status"), "to": to, "from": from_}
         if body.get("greeting") is not None and settings.provider == "echo":
-            answer["warning"] = "the built-in echo agent has no voice: the greeting will not be spoken"
-        return answer, 201
+            placed["warning"] = "the built-in echo agent has no voice: the greeting will not be spoken"
+        return placed, 201
 
     @app.post("/outbound-twiml")
     async def outbound_answered() -> Response | tuple[str, int]:
