@@ -73,8 +73,23 @@ def test_g711_large_inputs_let_other_threads_run(fn: Callable[[bytes], bytes], w
 
     (Only the middle counts: around a call the interpreter may hand the GIL over for a switch interval.  The
     input grows (to 128 MiB at most) until one call lasts 50 ms, and calls repeat until their middles add up to
-    0.2 s: whatever the machine's speed, in bounded memory.)
+    0.2 s: whatever the machine's speed, in bounded memory.  On a virtual machine the host may take the other
+    core away for a while, starving the thread whatever the GIL does: up to three measurements, one must show
+    it running.  A call holding the GIL never lets it run, so no measurement would.)
     """
+    seen = []
+    for _ in range(3):
+        inside, alone, middle = _thread_progress_during(fn, wrap)
+        assert middle >= 0.2, "each call too short to tell on this machine"
+        # Free, it notes at least a tenth of its solo rate on the other core; with the GIL held it barely runs (~1%).
+        if inside > 0.1 * alone * middle:
+            return
+        seen.append(inside / (alone * middle))
+    raise AssertionError(f"the other thread ran at {', '.join(f'{r:.1%}' for r in seen)} of its solo rate")
+
+
+def _thread_progress_during(fn: Callable[[bytes], bytes], wrap: type) -> tuple[int, float, float]:
+    """(notes the other thread made in the calls' middles, its solo rate per second, the middles' total seconds)."""
     size = 16 << 20
     ran: list[float] = []
     running, stop = threading.Event(), threading.Event()
@@ -112,10 +127,8 @@ def test_g711_large_inputs_let_other_threads_run(fn: Callable[[bytes], bytes], w
         stop.set()
         thread.join()
     middle = sum(b - a for a, b in middles)
-    assert middle >= 0.2, "each call too short to tell on this machine"
     inside = sum(any(a < t < b for a, b in middles) for t in ran)
-    # Free, it notes at least a tenth of its solo rate on the other core; with the GIL held it barely runs (~1%).
-    assert inside > 0.1 * alone * middle
+    return inside, alone, middle
 
 
 @pytest.mark.parametrize("encode", [codec.ulaw_encode, codec.alaw_encode])
