@@ -1068,3 +1068,33 @@ def test_openai_pcmu_echoed_with_its_rate_is_still_pcmu(rate: int, ok: bool) -> 
     else:
         with pytest.raises(RemoteProtocolError, match="we configured"):
             receive(session, json.dumps(updated))
+
+
+def _speech_stopped() -> str:
+    return server(
+        InputAudioBufferSpeechStoppedEvent(
+            type="input_audio_buffer.speech_stopped", event_id="e", item_id="item_user", audio_end_ms=2000
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("turn_detection", "waits"),
+    [(ServerVad(), True), (SemanticVad(), True), (ServerVad(create_response=False), False), (None, False)],
+    ids=["server_vad", "semantic_vad", "no_auto_response", "no_vad"],
+)
+def test_openai_an_answer_asked_for_while_the_caller_talks_is_left_to_the_vad(turn_detection: Any, waits: bool) -> None:
+    """A tool result (or keypad text) that comes while the caller is talking asks for no response: one now would
+    talk over them, and the server's VAD answers when they stop anyway (with the result in the conversation).
+    Without a VAD that answers, nothing else would: then it asks, as always."""
+    session = ready_session(turn_detection=turn_detection)
+    receive(session, server(speech_started()))
+    [item, *create] = session.send(ToolResult(call_id="call_1", output="1"))
+    assert isinstance(client_event(item), ConversationItemCreateEvent)
+    assert creates(create) == (0 if waits else 1)
+    # (talking: left to the VAD; without one, a response is now active and this answer waits for its end)
+    assert creates(session.send(SendText("The caller pressed 4."))) == 0
+    receive(session, _speech_stopped())
+    assert session.pending_messages() == []  # (nothing owed: the VAD's response covers it)
+    if waits:
+        assert creates(session.send(ToolResult(call_id="call_2", output="2"))) == 1  # the caller is done: asks now

@@ -294,6 +294,12 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         self._response_busy = False  # a response is active, or asked for and not yet created
         self._create_sent = False  # a response.create of ours that no response.created has answered yet
         self._create_owed = False  # an answer was asked for while busy
+        # The caller is talking (speech_started, not yet stopped) and the server's VAD answers when they stop
+        # (create_response, its default): an answer asked for now would start talking over them, then the
+        # VAD's own response would answer again.  The VAD's response sees the result or text all the same.
+        self._caller_talking = False
+        detection = config.turn_detection
+        self._vad_answers = detection is not None and detection.create_response is not False
         # Function calls the model made and no result has answered yet.  At response.done an answer owed is
         # dropped while any is left: a result that came before another call of the same response was even
         # made would otherwise have the model answer without that call's result (and then again with it).
@@ -371,8 +377,11 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         return replies
 
     def _answer(self) -> list[str]:
-        """``response.create`` now, or once the active response is done."""
+        """``response.create`` now, or once the active response is done; none while the caller talks and the
+        server's VAD will answer when they stop."""
         self._answer_held = False
+        if self._caller_talking and self._vad_answers:
+            return []
         if self._response_busy:
             self._create_owed = True
             return []
@@ -536,12 +545,14 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         return AudioDone(item_id, optional_str_field(msg, "response_id", where))
 
     def _on_speech_started(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        self._caller_talking = True
         return SpeechStarted(
             item_id=str_field(msg, "item_id", "input_audio_buffer.speech_started"),
             audio_start_ms=int_field(msg, "audio_start_ms", "input_audio_buffer.speech_started"),
         )
 
     def _on_speech_stopped(self, msg: JsonObject, raw: str) -> ProviderEvent:
+        self._caller_talking = False
         return SpeechStopped(
             item_id=str_field(msg, "item_id", "input_audio_buffer.speech_stopped"),
             audio_end_ms=int_field(msg, "audio_end_ms", "input_audio_buffer.speech_stopped"),
