@@ -464,23 +464,31 @@ async def test_a_goodbye_streamed_before_the_model_goes_is_heard_in_full(how: st
         assert " ended (provider ended: openai connection closed" in ended.getMessage()
 
 
-@fail_after(20)
+@fail_after(40)
 async def test_deltas_shorter_than_a_chunk_still_go_out_as_whole_chunks() -> None:
     """30 ms deltas in real time: the part-chunk each leaves waits for the next (one chunk's time), rather than
-    going out alone whenever the handler wakes the pacer -- 40 ms chunks, not 40 + 20 ms ones (more messages)."""
+    going out alone whenever the handler wakes the pacer -- 40 ms chunks, not 40 + 20 ms ones (more messages).
+
+    Wall-clock time: a delta late by a scheduling hiccup (a virtual machine's host taking the CPU away) has its
+    part-chunk played alone, by design.  So up to three calls, one of which must show the coalescing; without
+    it every call would make about 34 messages, only a third of them whole chunks."""
     reply = to_ulaw(tone(440, 1010, amplitude=0.3))
 
     async def script(session: FakeRealtimeSession) -> None:
         await session.wait_appends(10)
         await session.respond(reply, chunk_bytes=240, interval_s=0.030, done=False)
 
-    async with fake_openai(script) as model, running(openai_settings(model)) as url:
-        caller = await hear_reply(url, len(reply))
-    assert caller.received_audio == reply
-    sizes = [len(m.payload) for m in caller.received]
-    # 25 chunks of 320 and 80 over (a few more if deltas came late: this is wall-clock time, on a virtual machine
-    # a scheduling hiccup of 10 ms makes one); each part-chunk alone would make 34, only a third of them whole
-    assert len(sizes) <= 29 and sizes.count(320) >= 21, sizes
+    seen: list[list[int]] = []
+    for _ in range(3):
+        async with fake_openai(script) as model, running(openai_settings(model)) as url:
+            caller = await hear_reply(url, len(reply))
+        assert caller.received_audio == reply
+        sizes = [len(m.payload) for m in caller.received]
+        # 25 chunks of 320 and 80 over (a couple more if a delta came late)
+        if len(sizes) <= 27 and sizes.count(320) >= 23:
+            return
+        seen.append(sizes)
+    raise AssertionError(f"no call coalesced its part-chunks: {seen}")
 
 
 @fail_after(20)
