@@ -37,7 +37,7 @@ from mediaserver.protocol.twilio import DEFAULT_MAX_MESSAGE_BYTES
 from mediaserver.records.recorder import Recorder, open_recorder
 from mediaserver.transport.listener import ConnectionRouter, ReplayStream
 
-__all__ = ["ListenError", "hypercorn_config", "serve", "wait_for_signal"]
+__all__ = ["ListenError", "hypercorn_config", "serve"]
 
 log = logging.getLogger("mediaserver")
 
@@ -142,12 +142,6 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
-async def wait_for_signal() -> None:
-    """Return on the first SIGINT or SIGTERM (a shutdown trigger for :func:`serve`; its default does more)."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        await _first_signal(signals)
-
-
 async def _first_signal(signals: AsyncIterator[int]) -> None:
     async for signum in signals:
         log.info("%s: draining calls (up to the drain limit; again to stop now), then stopping", signal.Signals(signum).name)
@@ -244,7 +238,7 @@ async def _serve(
                     # Draining: no new call, but the listener stays open while the calls end (up to drain_s), so
                     # Twilio's status callbacks for them are recorded, streams of calls answered just before still
                     # come, outbound calls placed here can still be answered, and /healthz says "draining".
-                    calls.stop_accepting(listening=True)
+                    calls.stop_accepting()
                     log.info("draining: %d live calls, %d waiting for their stream (at most %g s)",
                              calls.active, calls.pending, settings.drain_s)
                     with trio.move_on_after(settings.drain_s) as drain:

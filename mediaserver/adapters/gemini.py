@@ -41,6 +41,7 @@ resumption protocol, so it lives here rather than in ``mediaserver.transport``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -347,7 +348,7 @@ def _seconds(duration: str | None) -> float | None:
         value = float(duration[:-1])
     except ValueError:
         return None
-    return value if value >= 0 and value == value and value != float("inf") else None
+    return value if value >= 0 and math.isfinite(value) else None
 
 
 def _first_reason(group: BaseExceptionGroup[ProviderClosed]) -> str:

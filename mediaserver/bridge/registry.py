@@ -54,7 +54,6 @@ log = logging.getLogger("mediaserver.calls")
 TOKEN_PARAMETER = "token"  # name of the TwiML <Parameter> carrying the one-time token
 START_TIMEOUT_S = 10.0  # connected + start must arrive this soon after the upgrade
 MAX_PENDING = 1000  # pre-opened sessions at once; more webhooks are refused
-SHUTDOWN_GRACE_S = 2.0  # at shutdown, how long a stream accepted before the listener closed has to send start
 # What is kept of a stream read while its model session opens: ~50 s of a caller's 20 ms media messages, ~385
 # bytes each (the wait is bounded by the connect timeout, 10 s by default); past it the stream is not read until
 # the session is.
@@ -254,21 +253,15 @@ class CallManager:
         """False once the server is shutting down (:meth:`stop_accepting`): no new call can be answered here."""
         return not self._closing
 
-    def stop_accepting(self, *, listening: bool = False) -> None:
-        """The server is shutting down: refuse new calls; live calls go on until the drain deadline.
+    def stop_accepting(self) -> None:
+        """The server is shutting down: refuse new calls; the calls it has go on until the drain deadline.
 
-        ``listening``: the listener stays open while calls drain, so the
-        streams of calls answered just before (pending sessions) still come
-        and are bridged (each session's stream timeout bounds its wait), and
-        outbound calls placed here can still be answered
-        (``prepare(placed_here=True)``).  Otherwise the listener is closed:
-        a pending session's stream cannot come, and the session is closed
-        soon (a stream accepted just before has ``SHUTDOWN_GRACE_S`` to send
-        its ``start``).
+        The listener stays open while calls drain, so the streams of calls
+        answered just before (pending sessions) still come and are bridged
+        (each session's stream timeout bounds its wait), and outbound calls
+        placed here can still be answered (``prepare(placed_here=True)``).
         """
         self._closing = True
-        if self._nursery is not None and not listening:
-            self._nursery.start_soon(self._close_pending)
 
     @property
     def drained(self) -> bool:
@@ -276,14 +269,6 @@ class CallManager:
         stream came before its model session was ready), no session waiting for its stream, and no outbound call
         placed here still ringing (``outbound_waiting``)."""
         return self._closing and self._streams == 0 and self.pending == 0 and self.outbound_waiting() == 0
-
-    async def _close_pending(self) -> None:
-        await trio.sleep(SHUTDOWN_GRACE_S)
-        pending = [slot for slot in self._unique_slots() if not slot.claimed.is_set()]
-        for slot in pending:
-            slot.retire("the server is shutting down")
-        if pending:
-            log.info("shutting down: closed %d model sessions whose streams had not come", len(pending))
 
     async def _preopen(self, slot: _Slot) -> None:
         # Runs in the manager's nursery, next to every other pending call: it

@@ -453,8 +453,7 @@ class PostgresStore(RecordStore):
         return True
 
     def _reclaim(self) -> bool:
-        rows = self._run("SELECT pg_try_advisory_lock(727278, hashtext(?))", (self._instance or "",))
-        return bool(rows[0][0])
+        return self.claim_instance(self._instance)
 
     def migrate(self) -> list[int]:
         # Two servers starting at once must not both run a migration.

@@ -100,6 +100,13 @@ async def bridged(link: FakeLink, *, expect_error: bool = False, **options: Any)
         raise call.error
 
 
+@tool
+async def transfer_out(call: CallContext) -> str:
+    """Transfer."""
+    await call.transfer("+15551234567")
+    return "transferred"
+
+
 # -------------------------------------------------------------------- pacing
 
 
@@ -737,12 +744,6 @@ async def test_call_transfer_keeps_time_for_its_request_when_the_goodbye_is_long
             await trio.sleep(0.3)  # Twilio's answer
             self.updates.append((trio.current_time(), call_sid, twiml))
 
-    @tool
-    async def transfer_out(call: CallContext) -> str:
-        """Transfer."""
-        await call.transfer("+15551234567")
-        return "transferred"
-
     rest = Rest()
     link = FakeLink()
     async with bridged(link, tools=ToolSet([transfer_out]), tool_timeout_s=10.0, rest=rest) as call:
@@ -771,12 +772,6 @@ async def test_call_a_transfer_still_awaiting_twilio_does_not_hold_the_ending_ca
         async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
             asked.set()
             await trio.sleep(10)  # Twilio slow to answer
-
-    @tool
-    async def transfer_out(call: CallContext) -> str:
-        """Transfer."""
-        await call.transfer("+15551234567")
-        return "transferred"
 
     link = FakeLink()
     options: dict[str, Any] = {"max_call_s": 3.0} if ending == "max_call" else {}
@@ -829,12 +824,6 @@ async def test_call_a_transfer_whose_request_is_out_as_the_call_ends_gets_the_gr
             asked.append(twiml)
             await trio.sleep(10)
 
-    @tool
-    async def transfer_out(call: CallContext) -> str:
-        """Transfer."""
-        await call.transfer("+15551234567")
-        return "transferred"
-
     link = FakeLink()
     async with bridged(link, tools=ToolSet([transfer_out]), tool_timeout_s=30.0, rest=Rest()) as call:
         link.emit(pv.ResponseStarted("resp_1"), pv.ResponseDone("resp_1", "completed", None))
@@ -867,12 +856,6 @@ async def test_call_a_tool_call_the_model_withdraws_is_stopped_and_never_acted_o
         """Takes a while."""
         await trio.sleep(5)
         return "done"
-
-    @tool
-    async def transfer_out(call: CallContext) -> str:
-        """Transfer."""
-        await call.transfer("+15551234567")
-        return "transferred"
 
     rest = Rest()
     link = FakeLink()
@@ -968,16 +951,11 @@ async def test_call_a_caller_who_speaks_over_a_transfers_announcement_is_not_tra
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     class Rest:
-        updates: list[str] = []
+        def __init__(self) -> None:
+            self.updates: list[str] = []
 
         async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
             self.updates.append(twiml)
-
-    @tool
-    async def transfer_out(call: CallContext) -> str:
-        """Transfer."""
-        await call.transfer("+15551234567")
-        return "transferred"
 
     rest = Rest()
     link = FakeLink()
