@@ -150,8 +150,14 @@ cdef class Resampler:
         self.delay_ms = f.delay_ms
         self.filter = f
         self._layout(f)
-        # enough zeros to push the linear-phase group delay out of the filter
-        self.flush_samples = (f.numtaps - 1 + 2 * self.L - 1) // (2 * self.L)
+        # Enough zeros to push the linear-phase group delay, D = (numtaps - 1) / (2L)
+        # input samples, out of the filter, and then to reach the first output
+        # at or after the last input's delayed time: n + z zeros give
+        # ceil((n + z) L / M) outputs, and the last must be at index
+        # >= (n - 1 + D) L / M, so z >= D - 1 + M / L (a downsampler's outputs
+        # are M / L inputs apart: pushing only D could stop one output short).
+        self.flush_samples = max((f.numtaps - 1 + 2 * self.L - 1) // (2 * self.L),
+                                 (f.numtaps + 2 * self.M - 2) // (2 * self.L))
         self._ensure(1024)
         self.reset()
 

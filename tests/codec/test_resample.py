@@ -145,6 +145,26 @@ def test_resample_20ms_frames_equal_one_shot(in_rate: int, out_rate: int) -> Non
     assert framed == Resampler(in_rate, out_rate).process(x)
 
 
+@pytest.mark.parametrize("phase", ["linear", "minimum"])
+@pytest.mark.parametrize(("in_rate", "out_rate"), PAIRS)
+def test_resample_flush_reaches_the_last_input_sample_whatever_the_length(in_rate: int, out_rate: int, phase: str) -> None:
+    """After flush there is an output at or after the last input sample's delayed time.
+
+    A downsampler's outputs are several inputs apart: pushing only the filter's delay
+    through it stopped one output short for most lengths (24 -> 8 kHz: every length).
+    """
+    for n in range(1, 61):
+        r = Resampler(in_rate, out_rate, phase=phase)
+        outputs = (len(r.process(np.full(n, 1000, np.int16))) + len(r.flush())) // 2
+        last_out_s = (outputs - 1) / out_rate - r.delay_ms / 1000
+        assert last_out_s >= (n - 1) / in_rate - 1e-9, n
+        # ... and the tail is no longer than that needs: the linear-phase delay (which flush
+        # pushes out whatever the phase, in whole input samples) and less than two outputs' steps
+        up, _ = ratio(in_rate, out_rate)
+        linear_delay_s = (len(r.taps) - 1) / (2 * up * in_rate)
+        assert outputs / out_rate < (n + 1) / in_rate + linear_delay_s + 2 / out_rate, n
+
+
 @pytest.mark.parametrize(("in_rate", "out_rate"), PAIRS)
 def test_resample_flush_returns_the_delayed_tail_and_resets(in_rate: int, out_rate: int) -> None:
     r = Resampler(in_rate, out_rate)
