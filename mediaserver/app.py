@@ -97,6 +97,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             "status": "ok" if calls.accepting else "draining",
             "active_calls": calls.active,
             "pending_calls": calls.pending,
+            "max_calls": settings.max_calls or None,  # (MEDIASERVER_MAX_CALLS; None: no limit)
             "instance": settings.instance_url,  # which of several instances answered (None: the only one)
             "records": "off" if calls.recorder is None else calls.recorder.health,  # (calls go on either way)
             "reactor": reactor_stats(),
@@ -146,11 +147,12 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         if token is not None and calls.recorder is not None:  # From/To/Direction for the call record (answered calls)
             calls.recorder.webhook(params)
         if token is None:
-            if not calls.accepting and settings.instance_url is not None:
-                # One of several instances, draining: an error, so that Twilio tries the number's fallback URL
-                # (another instance, through the load balancer) rather than the caller hearing a refusal.
-                log.info("call %s: webhook refused with 503: this instance is draining", call_sid)
-                return Response("this instance is shutting down", 503, {"Retry-After": "1"})
+            if settings.instance_url is not None and (not calls.accepting or calls.at_capacity):
+                # One of several instances, draining or full: an error, so that Twilio tries the number's fallback
+                # URL (another instance, through the load balancer) rather than the caller hearing a refusal.
+                why = "this instance is shutting down" if not calls.accepting else "this instance is at its call limit"
+                log.info("call %s: webhook refused with 503: %s", call_sid, why)
+                return Response(why, 503, {"Retry-After": "1"})
             body = twiml.say_and_hangup("Sorry, all our agents are busy. Please call again later.")
             return Response(body, content_type=twiml.CONTENT_TYPE)
         try:

@@ -148,6 +148,9 @@ class Settings:
         "MEDIASERVER_IDLE_TIMEOUT_S", 30.0, "end a call when Twilio sends nothing, or the model takes no audio"
     )
     max_call_s: float = _env_field("MEDIASERVER_MAX_CALL_S", 3600.0, "hard limit on a call's length")
+    max_calls: int = _env_field(
+        "MEDIASERVER_MAX_CALLS", 0, "calls at once (live, answered, or placed and ringing); more are turned away; 0 = no limit"
+    )
     chunk_ms: int = _env_field(
         "MEDIASERVER_CHUNK_MS", 40, "model audio to Twilio in chunks of this many ms, a mark after each (20-200, step 20)"
     )
@@ -238,6 +241,8 @@ class Settings:
             raise ConfigError(f"MEDIASERVER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if self.log_format.lower() not in LOG_FORMATS:
             raise ConfigError(f"MEDIASERVER_LOG_FORMAT must be text or json, not {self.log_format!r}")
+        if self.max_calls < 0:
+            raise ConfigError(f"MEDIASERVER_MAX_CALLS must be 0 (no limit) or a number of calls, not {self.max_calls}")
         if not (20 <= self.chunk_ms <= 200 and self.chunk_ms % 20 == 0):
             raise ConfigError(f"MEDIASERVER_CHUNK_MS must be 20, 40, ... or 200, not {self.chunk_ms!r}")
         for name in ("stream_timeout_s", "idle_timeout_s", "max_call_s", "connect_timeout_s", "drain_s", "tool_timeout_s"):

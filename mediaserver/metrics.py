@@ -80,6 +80,7 @@ REFUSALS = (
     "too_many_pending",
     "shutting_down",
     "replayed",
+    "at_capacity",
 )
 
 

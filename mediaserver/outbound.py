@@ -204,6 +204,10 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             greeting=greeting if greeting is not None else calls.agent.greeting,
             instructions=instructions if instructions is not None else calls.agent.instructions,
         )
+        if calls.at_capacity:  # (checked here: no await between it and put(), which counts this call as ringing)
+            return _json_error(
+                503, f"this server is at its limit of {settings.max_calls} calls (MEDIASERVER_MAX_CALLS); try again later"
+            )
         key = pending.put(to, agent)
         if key is None:
             return _json_error(503, "too many outbound calls waiting to be answered; try again later")

@@ -165,6 +165,7 @@ async def test_app_healthz() -> None:
     assert json.loads(response.body) == {
         "active_calls": 0,
         "pending_calls": 0,
+        "max_calls": None,
         "instance": None,
         "status": "ok",
         "records": "ok",  # (the test's own SQLite database)
@@ -615,6 +616,29 @@ async def test_app_one_of_several_instances_draining_refuses_webhooks_with_503_f
         refused = await http_request(url + "/twiml", "POST", form=form)
         assert refused.status == 503 and refused.headers["retry-after"] == "1"
         nursery.cancel_scope.cancel()
+
+
+@fail_after(10)
+async def test_app_max_calls_turns_new_calls_away_busy_or_with_503_for_another_instance() -> None:
+    """MEDIASERVER_MAX_CALLS: a webhook past the limit gets a spoken "busy" and no session (one of several
+    instances: a 503, so that Twilio tries the fallback URL); /healthz shows the limit, /metrics the refusals."""
+    for instance_url in (None, "https://n1.voice.example.com"):
+        async with running(base_settings(max_calls=1, instance_url=instance_url)) as url:
+            await answer_call(url, CALL_A)  # answered: it holds the only place until its stream has come and gone
+            form = [("CallSid", CALL_B), ("AccountSid", ACCOUNT_SID), ("From", "+15550001111")]
+            refused = await http_request(url + "/twiml", "POST", form=form)
+            if instance_url is None:
+                assert refused.status == 200 and "busy" in refused.text and "<Stream" not in refused.text
+            else:
+                assert refused.status == 503 and refused.headers["retry-after"] == "1"
+                assert refused.body == b"this instance is at its call limit"
+            health = json.loads((await http_request(url + "/healthz")).body)
+            assert (health["status"], health["pending_calls"], health["max_calls"]) == ("ok", 1, 1)
+            metrics = (await http_request(url + "/metrics")).text
+            assert 'mediaserver_streams_refused_total{reason="at_capacity"} 1' in metrics.splitlines()
+            # Twilio retrying the webhook of the call answered: the same session, not a refusal (that would hang up)
+            again = await http_request(url + "/twiml", "POST", form=[("CallSid", CALL_A), *form[1:]])
+            assert parse_twiml(again.text).stream_url is not None
 
 
 @fail_after(10)

@@ -46,6 +46,8 @@ def test_config_reads_environment_and_overrides_win() -> None:
         ({"MEDIASERVER_CHUNK_MS": "30"}, r"MEDIASERVER_CHUNK_MS must be 20, 40, \.\.\. or 200, not 30"),
         ({"MEDIASERVER_CHUNK_MS": "0"}, r"MEDIASERVER_CHUNK_MS must be 20, 40, \.\.\. or 200, not 0"),
         ({"MEDIASERVER_CHUNK_MS": "220"}, r"MEDIASERVER_CHUNK_MS must be 20, 40, \.\.\. or 200, not 220"),
+        ({"MEDIASERVER_MAX_CALLS": "-1"}, r"MEDIASERVER_MAX_CALLS must be 0 \(no limit\) or a number of calls, not -1"),
+        ({"MEDIASERVER_MAX_CALLS": "many"}, r"MEDIASERVER_MAX_CALLS"),
         ({"OPENAI_AUDIO_FORMAT": "pcm16"}, "OPENAI_AUDIO_FORMAT must be pcmu or pcm24k"),
         ({"MEDIASERVER_PROVIDER": "elevenlabs", "ELEVENLABS_AGENT_ID": "bad id"},
          r"ELEVENLABS_AGENT_ID must be an agent id \(letters, digits, _ and -\), not 'bad id'"),

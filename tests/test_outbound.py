@@ -185,6 +185,22 @@ async def test_outbound_call_comes_back_to_the_instance_that_placed_it() -> None
 
 
 @fail_after(15)
+async def test_outbound_post_calls_at_max_calls_is_refused_and_a_ringing_call_holds_its_place() -> None:
+    async with fake_rest() as rest, fake_openai() as model:
+        async with running(outbound_settings(model, rest, max_calls=1)) as url:
+            status, _, answer = await post_calls(url, {"to": TO})
+            assert status == 201, answer  # placed: it rings, and holds the only place
+            full = (503, {"error": "this server is at its limit of 1 calls (MEDIASERVER_MAX_CALLS); try again later"})
+            assert (await post_calls(url, {"to": TO}))[::2] == full
+            assert len(rest.requests) == 1
+            # The callee picks up: answered all the same (it was counted while it rang), and it keeps the place.
+            webhook = await twilio_answers(rest.requests[0].value("Url"), answer["call_sid"])
+            assert parse_twiml(webhook.text).parameters["CallSid"] == answer["call_sid"]
+            assert (await post_calls(url, {"to": TO}))[::2] == full
+            assert len(rest.requests) == 1
+
+
+@fail_after(15)
 async def test_outbound_defaults_come_from_the_settings() -> None:
     async with fake_rest() as rest, fake_openai() as model:
         settings = outbound_settings(model, rest, agent_greeting="Hello from the default.")

@@ -133,6 +133,20 @@ class CallManager:
         """Pre-opened sessions still waiting for their media stream."""
         return sum(1 for slot in self._unique_slots() if slot.error is None and not slot.claimed.is_set())
 
+    @property
+    def calls_now(self) -> int:
+        """Calls this server holds now, as ``MEDIASERVER_MAX_CALLS`` counts them: answered and waiting for their
+        stream, live (their session still open), streaming without a webhook (development mode), and outbound
+        calls placed here still ringing.  (A session that failed to open, kept only to tell its stream why, is
+        not counted.)"""
+        held = sum(1 for slot in self._unique_slots() if slot.claimed.is_set() or slot.error is None)
+        return held + self._untokened + self.outbound_waiting()
+
+    @property
+    def at_capacity(self) -> bool:
+        """``MEDIASERVER_MAX_CALLS`` is set and reached: a new call is turned away."""
+        return 0 < self.settings.max_calls <= self.calls_now
+
     def _unique_slots(self) -> list[_Slot]:
         """Each pending or live session once (a call answered twice has two tokens for one)."""
         return list({id(slot): slot for slot in self._slots.values()}.values())
@@ -216,6 +230,11 @@ class CallManager:
         if sum(1 for slot in self._unique_slots() if not slot.claimed.is_set()) >= MAX_PENDING:
             seen.webhooks -= 1
             self._refuse("too_many_pending")
+            return None
+        if not placed_here and self.at_capacity:  # (an outbound call placed here was counted while it rang)
+            seen.webhooks -= 1
+            self._refuse("at_capacity")
+            log.warning("call %s: refused: at the limit of %d calls (MEDIASERVER_MAX_CALLS)", call_sid, self.settings.max_calls)
             return None
         if earlier is not None and not earlier.claimed.is_set():
             earlier.retire("replaced by a later webhook for the same call")  # (it failed: a new session is tried)
@@ -379,6 +398,11 @@ class CallManager:
             self._refuse("too_many_pending")
             log.error("call %s: stream without a token, and %d such calls already; refused", start.call_sid, MAX_PENDING)
             return StreamEnd(REFUSED, "refused: too many calls without a token")
+        if self.at_capacity:
+            self._refuse("at_capacity")
+            log.warning("call %s: stream refused: at the limit of %d calls (MEDIASERVER_MAX_CALLS)", start.call_sid,
+                        self.settings.max_calls)  # fmt: skip
+            return StreamEnd(REFUSED, "refused: at the call limit")
         opened = False  # (an error after the session opened is the call's, not a refusal)
         end: StreamEnd | None = None
         self._untokened += 1

@@ -246,6 +246,65 @@ def test_a_draining_manager_is_not_drained_while_a_stream_waits_for_its_session(
     run_virtual(main, caplog)
 
 
+def test_max_calls_turns_away_new_calls_counting_answered_live_and_ringing_ones(caplog: pytest.LogCaptureFixture) -> None:
+    """MEDIASERVER_MAX_CALLS: answered (pending) and live calls and outbound calls ringing count; the webhook again
+    for a call already answered is not turned away (that would hang it up); a call's end frees its place."""
+    sessions = Sessions()
+    ringing = [0]
+    third, fourth = "CA" + "4" * 32, "CA" + "5" * 32
+
+    async def main() -> None:
+        calls = manager(sessions, max_calls=2, stream_timeout_s=5.0)
+        calls.outbound_waiting = lambda: ringing[0]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            live = calls.prepare(CALL)
+            assert live is not None and calls.prepare(OTHER) is not None
+            await trio.sleep(0.1)
+            stream, caller = memory_twilio_pair()
+            messages = TwilioMessages(stream_sid=STREAM, call_sid=CALL)
+            await caller.send_message(messages.connected())
+            await caller.send_message(messages.start({"token": live}))
+            nursery.start_soon(calls.handle_stream, stream)
+            await trio.sleep(0.1)
+            assert (calls.active, calls.pending, calls.calls_now) == (1, 1, 2) and calls.at_capacity
+            assert calls.prepare(third) is None
+            assert calls.refused == {"at_capacity": 1} and sessions.opened == 2
+            assert calls.prepare(OTHER) is not None  # Twilio retried a webhook: the same session, not a refusal
+            assert sessions.opened == 2
+            await trio.sleep(5)  # OTHER's stream never came: its session is closed, and its place freed
+            assert (calls.calls_now, calls.at_capacity) == (1, False)
+            ringing[0] = 1  # an outbound call placed here rings: it holds a place
+            assert calls.at_capacity and calls.prepare(third) is None
+            ringing[0] = 0  # ... and when it is answered, it takes the place it held
+            assert calls.prepare(fourth, placed_here=True) is not None and calls.at_capacity
+            await caller.send_message(messages.stop())
+            await trio.sleep(1)  # the live call ended: its session closed, its place freed
+            assert (calls.active, calls.calls_now) == (0, 1)
+            assert calls.prepare(third) is not None
+            assert calls.refused == {"at_capacity": 2}
+            nursery.cancel_scope.cancel()
+
+    lines = run_virtual(main, caplog)
+    assert f"call {third}: refused: at the limit of 2 calls (MEDIASERVER_MAX_CALLS)" in lines
+
+
+def test_max_calls_refuses_a_development_mode_stream_without_a_webhook_at_the_limit(caplog: pytest.LogCaptureFixture) -> None:
+    sessions = Sessions()
+
+    async def main() -> None:
+        calls = CallManager(Settings(provider="echo", data_dir=tempfile.mkdtemp(), max_calls=1), sessions)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            assert calls.prepare(CALL) is not None  # answered: holds the only place
+            end = await calls.handle_stream(await started_stream(OTHER, None))
+            assert end == StreamEnd(1008, "refused: at the call limit")
+            assert calls.refused == {"at_capacity": 1} and sessions.opened == 1
+            nursery.cancel_scope.cancel()
+
+    run_virtual(main, caplog)
+
+
 def test_a_replayed_webhook_gets_no_session_once_the_call_streamed_or_was_answered_three_times(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
