@@ -1,6 +1,6 @@
 """Outbound calls: ``POST /calls`` places one, ``POST /outbound-twiml`` connects it.
 
-1. ``POST /calls`` (JSON ``{"to", "from"?, "greeting"?, "instructions"?}``,
+1. ``POST /calls`` (JSON ``{"to", "from"?, "greeting"?, "instructions"?, "ring_timeout_s"?, "machine_detection"?, "voicemail"?}``,
    ``Authorization: Bearer $MEDIASERVER_API_KEY``) keeps the call's greeting
    and instructions here under a random one-time id and asks Twilio's REST
    API to dial ``to`` with ``Url=<public>/outbound-twiml?outbound=<id>`` and
@@ -41,16 +41,23 @@ from mediaserver.logs import shown
 from mediaserver.tools.builtins import E164
 from mediaserver.twilio_rest import TwilioRest, TwilioRestError
 
-__all__ = ["OUTBOUND_PARAMETER", "OutboundRequests", "register_routes"]
+__all__ = ["OUTBOUND_PARAMETER", "Machine", "OutboundRequests", "register_routes"]
 
 log = logging.getLogger("mediaserver.outbound")
 
 OUTBOUND_PARAMETER = "outbound"  # query parameter of the answer URL carrying the one-time id
 PENDING_TTL_S = 15 * 60.0  # Twilio rings for at most 600 s (Calls.json Timeout); then some slack
-RINGING_S = 75.0  # how long a draining server waits for a call it placed to be answered: Twilio's 60 s default ring
+# How long a call placed here may still be answered, so that a draining server waits for it (and it holds its
+# place under MEDIASERVER_MAX_CALLS): Twilio's 60 s default ring (or the call's ring_timeout_s), 30 s more for
+# answering-machine detection (Twilio's MachineDetectionTimeout) when asked, and some slack.
+DEFAULT_RING_S = 60.0
+AMD_S = 30.0
+RING_SLACK_S = 15.0
+RINGING_S = DEFAULT_RING_S + RING_SLACK_S  # a call placed with neither
 MAX_PENDING = 1000
 RETRY_WINDOW_S = 60.0  # an answered call's id stays redeemable by that call this long (Twilio's retries of its webhook)
-MAX_GREETING_CHARS = 1000
+MAX_GREETING_CHARS = 1000  # (and a voicemail's)
+MIN_RING_S, MAX_RING_S = 5, 600  # Twilio's Timeout: how long an outbound call rings
 MAX_INSTRUCTIONS_CHARS = 20_000
 # The largest body POST /calls takes: the instructions and greeting at their limits, in JSON's \uXXXX escapes
 # (6 bytes a character; 12 for one outside the BMP, which counts as one character), with room for the rest.
@@ -66,6 +73,32 @@ class _Pending:
     expires_s: float
     answered_by: str | None = None  # the call SID whose answer webhook redeemed it
     placed_s: float = 0.0
+    machine: Machine | None = None  # what to do when a machine answers (None: no answering-machine detection)
+    ringing_s: float = RINGING_S  # how long after placed_s it may still be answered
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """Answering-machine detection for one outbound call: hang up on a machine, or leave ``voicemail`` after its
+    beep (Twilio's ``<Say>``: no model session is opened for a machine either way)."""
+
+    voicemail: str | None = None
+
+    @property
+    def twilio_mode(self) -> str:
+        """``MachineDetection``: ``DetectMessageEnd`` waits for the greeting's end (the beep) to leave a message;
+        ``Enable`` answers as soon as it knows (a person waits less)."""
+        return "DetectMessageEnd" if self.voicemail is not None else "Enable"
+
+    def answer(self, answered_by: str) -> str | None:
+        """The TwiML for a call Twilio says ``answered_by`` (its ``AnsweredBy``); None: a person (or ``unknown``),
+        who gets the agent."""
+        if answered_by == "fax" or (answered_by.startswith("machine_") and self.voicemail is None):
+            return twiml.hangup()
+        if answered_by.startswith("machine_"):
+            assert self.voicemail is not None
+            return twiml.say_and_hangup(self.voicemail)
+        return None
 
 
 class OutboundRequests:
@@ -79,15 +112,26 @@ class OutboundRequests:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, to: str, agent: AgentOptions) -> str | None:
-        """Keep ``agent`` for a call to ``to``; returns its id (None when full: ``max_entries`` calls not answered yet)."""
+    def put(
+        self, to: str, agent: AgentOptions, machine: Machine | None = None, ring_s: float | None = None
+    ) -> str | None:
+        """Keep ``agent`` for a call to ``to``; returns its id (None when full: ``max_entries`` calls not answered yet).
+
+        ``ring_s``: the call's ring timeout (None: Twilio's default).
+        """
         now = trio.current_time()
         self._entries = {k: v for k, v in self._entries.items() if v.expires_s > now}
         if sum(1 for entry in self._entries.values() if entry.answered_by is None) >= self.max_entries:
             return None
         key = secrets.token_urlsafe(18)
-        self._entries[key] = _Pending(to, agent, now + self.ttl_s, placed_s=now)
+        ringing_s = (DEFAULT_RING_S if ring_s is None else ring_s) + (AMD_S if machine is not None else 0.0) + RING_SLACK_S
+        self._entries[key] = _Pending(to, agent, now + self.ttl_s, placed_s=now, machine=machine, ringing_s=ringing_s)
         return key
+
+    def machine(self, key: str) -> Machine | None:
+        """The answering-machine handling ``key``'s call was placed with (None: none, or no such id)."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry.machine
 
     def take(self, key: str, to: str | None, call_sid: str) -> AgentOptions | None:
         """Redeem ``key`` for ``call_sid``; None if unknown, expired, for another number than ``to``, or redeemed by
@@ -108,12 +152,14 @@ class OutboundRequests:
         self._entries.pop(key, None)
 
     def waiting(self) -> int:
-        """Calls placed in the last ``RINGING_S`` and not answered yet: a draining server waits for them (an older
-        one has stopped ringing -- no answer, busy, failed -- or rings longer than a drain should wait)."""
+        """Calls placed here that may still be answered (within their ring timeout, and answering-machine detection,
+        and some slack: ``RINGING_S`` for a call placed with neither) and are not yet: a draining server waits for
+        them, and they hold their place under ``MEDIASERVER_MAX_CALLS`` (an older one has stopped ringing -- no
+        answer, busy, failed)."""
         now = trio.current_time()
         return sum(
             1 for entry in self._entries.values()
-            if entry.answered_by is None and entry.expires_s > now and now - entry.placed_s < RINGING_S
+            if entry.answered_by is None and entry.expires_s > now and now - entry.placed_s < entry.ringing_s
         )  # fmt: skip
 
 
@@ -177,7 +223,8 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             body = None
         if not isinstance(body, dict):
             return _json_error(400, "the body must be a JSON object: {\"to\": \"+15551234567\", ...}")
-        unknown = sorted(set(body) - {"to", "from", "greeting", "instructions"})
+        unknown = sorted(set(body) - {"to", "from", "greeting", "instructions", "ring_timeout_s", "machine_detection",
+                                      "voicemail"})  # fmt: skip
         if unknown:
             return _json_error(400, f"unknown field(s): {', '.join(unknown)}")
         to = body.get("to")
@@ -191,8 +238,20 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
         try:
             greeting = _text(body, "greeting", MAX_GREETING_CHARS)
             instructions = _text(body, "instructions", MAX_INSTRUCTIONS_CHARS)
+            voicemail = _text(body, "voicemail", MAX_GREETING_CHARS)
         except ValueError as exc:
             return _json_error(400, str(exc))
+        ring_timeout_s = body.get("ring_timeout_s")
+        if ring_timeout_s is not None and (
+            type(ring_timeout_s) is not int or not MIN_RING_S <= ring_timeout_s <= MAX_RING_S
+        ):
+            return _json_error(400, f"'ring_timeout_s' must be a whole number of seconds, {MIN_RING_S}-{MAX_RING_S}")
+        detect = body.get("machine_detection")
+        if detect is not None and type(detect) is not bool:
+            return _json_error(400, "'machine_detection' must be true or false")
+        if voicemail is not None and detect is False:
+            return _json_error(400, "'voicemail' needs answering-machine detection: leave out 'machine_detection'")
+        machine = Machine(voicemail) if detect or voicemail is not None else None
         if rest is None:
             return _json_error(
                 503,
@@ -208,7 +267,7 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             return _json_error(
                 503, f"this server is at its limit of {settings.max_calls} calls (MEDIASERVER_MAX_CALLS); try again later"
             )
-        key = pending.put(to, agent)
+        key = pending.put(to, agent, machine, ring_timeout_s)
         if key is None:
             return _json_error(503, "too many outbound calls waiting to be answered; try again later")
         try:
@@ -228,7 +287,10 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             pending.discard(key)
             return _json_error(503, SHUTTING_DOWN)
         try:
-            call = await rest.create_call(to=to, from_=from_, url=answer_url, status_callback=status_url)
+            call = await rest.create_call(
+                to=to, from_=from_, url=answer_url, status_callback=status_url, timeout_s=ring_timeout_s,
+                machine_detection=None if machine is None else machine.twilio_mode,
+            )  # fmt: skip
         except TwilioRestError as exc:
             if exc.uncertain:
                 # Twilio got the request and did not answer in time: the call may be ringing.  Its outbound id
@@ -272,11 +334,22 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
         if why is not None:
             return why, 400
         to = (params.get("To") or [None])[0]
-        agent = pending.take(request.args.get(OUTBOUND_PARAMETER, ""), to, call_sid)
+        key = request.args.get(OUTBOUND_PARAMETER, "")
+        machine = pending.machine(key)
+        agent = pending.take(key, to, call_sid)
         if agent is None:
             log.warning("outbound call %s: unknown, used or expired outbound id; hanging up", call_sid)
             body = twiml.say_and_hangup("Sorry, this call could not be connected. Goodbye.")
             return Response(body, content_type=twiml.CONTENT_TYPE)
+        answered_by = (params.get("AnsweredBy") or [""])[0]
+        if machine is not None and answered_by:
+            body_for_machine = machine.answer(answered_by)
+            if body_for_machine is not None:  # no model session: a machine gets a message or nothing
+                left = "leaving the voicemail" if "<Say" in body_for_machine else "hanging up"
+                log.info("outbound call %s: answered by %s (AnsweredBy=%s); %s", call_sid, to or "?", answered_by, left)
+                return Response(body_for_machine, content_type=twiml.CONTENT_TYPE)
+        elif machine is not None:
+            log.warning("outbound call %s: answering-machine detection asked, but Twilio sent no AnsweredBy", call_sid)
         try:
             stream = security.stream_url(
                 _MEDIA_STREAM_PATH,

@@ -32,6 +32,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_", help="caller id, E.164 (default: the server's TWILIO_FROM_NUMBER)")
     parser.add_argument("--greeting", help="what the agent says first when the callee answers")
     parser.add_argument("--instructions", help="instructions for the agent on this call")
+    parser.add_argument("--ring-timeout", type=int, metavar="S", help="seconds to let it ring, 5-600 (default: Twilio's 60)")
+    parser.add_argument(
+        "--machine-detection", action="store_true",
+        help="answering-machine detection: hang up on a machine or fax (no model session is opened for it)",
+    )  # fmt: skip
+    parser.add_argument("--voicemail", metavar="TEXT", help="on a machine, leave this message after the beep (implies --machine-detection)")
     parser.add_argument("--server", help="the running server's base URL (default http://127.0.0.1:$MEDIASERVER_PORT)")
     parser.add_argument("--env-file", help="read settings from this file (default: .env, if there is one; '' for none)")
 
@@ -63,10 +69,13 @@ async def place(args: argparse.Namespace, settings: Settings) -> int:
     """POST /calls on the server; print the call SID (exit 0) or why it failed (exit 1)."""
     assert settings.api_key is not None
     server = (args.server or f"http://127.0.0.1:{settings.port}").rstrip("/")
-    body: dict[str, str] = {"to": args.to}
-    for key, value in (("from", args.from_), ("greeting", args.greeting), ("instructions", args.instructions)):
+    body: dict[str, str | int | bool] = {"to": args.to}
+    for key, value in (("from", args.from_), ("greeting", args.greeting), ("instructions", args.instructions),
+                       ("voicemail", args.voicemail), ("ring_timeout_s", args.ring_timeout)):  # fmt: skip
         if value is not None:
             body[key] = value
+    if args.machine_detection:
+        body["machine_detection"] = True
     headers = [("Authorization", f"Bearer {settings.api_key}"), ("Content-Type", "application/json")]
     try:
         response = await request(

@@ -138,8 +138,13 @@ class TwilioRest:
         status_callback: str | None = None,
         status_callback_events: Sequence[str] = STATUS_CALLBACK_EVENTS,
         timeout_s: int | None = None,
+        machine_detection: str | None = None,
     ) -> dict[str, Any]:
-        """Place a call; Twilio POSTs to ``url`` for its TwiML once answered.  Returns the Call resource."""
+        """Place a call; Twilio POSTs to ``url`` for its TwiML once answered.  Returns the Call resource.
+
+        ``timeout_s``: how long it rings (Twilio's ``Timeout``); ``machine_detection``: ``Enable`` or
+        ``DetectMessageEnd`` (answering-machine detection: the answer webhook then carries ``AnsweredBy``).
+        """
         form: list[tuple[str, str]] = [("To", to), ("From", from_), ("Url", url), ("Method", "POST")]
         if status_callback is not None:
             form.append(("StatusCallback", status_callback))
@@ -147,6 +152,8 @@ class TwilioRest:
             form.append(("StatusCallbackMethod", "POST"))
         if timeout_s is not None:
             form.append(("Timeout", str(timeout_s)))
+        if machine_detection is not None:
+            form.append(("MachineDetection", machine_detection))
         return await self._post(self._calls_url(), form)
 
     async def update_call(

@@ -90,6 +90,11 @@ def say_and_hangup(text: str, *, voice: str | None = None, language: str | None 
     return _response(_element("Say", attrs, _text(text)) + "<Hangup/>")
 
 
+def hangup() -> str:
+    """``<Hangup/>`` alone: end the call at once, saying nothing."""
+    return _response("<Hangup/>")
+
+
 def _check_stream_url(url: str) -> None:
     _check_chars(url)
     try:

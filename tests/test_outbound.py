@@ -10,6 +10,8 @@ The CLI's error paths run against the same server.
 
 from __future__ import annotations
 
+from unittest.mock import ANY
+
 import dataclasses
 import functools
 import json
@@ -91,10 +93,15 @@ async def post_calls(url: str, body: object, *, key: str | None = API_KEY) -> tu
     return status, response_headers, json.loads(answer)
 
 
-async def twilio_answers(answer_url: str, call_sid: str, *, to: str = TO, sign: bool = True) -> Any:
-    """What Twilio does when the callee picks up: POST the call's Url (signed)."""
+async def twilio_answers(
+    answer_url: str, call_sid: str, *, to: str = TO, sign: bool = True, answered_by: str | None = None
+) -> Any:
+    """What Twilio does when the callee picks up: POST the call's Url (signed); ``answered_by`` with
+    answering-machine detection (Twilio's ``AnsweredBy``)."""
     form = [("CallSid", call_sid), ("AccountSid", ACCOUNT_SID), ("From", FROM), ("To", to),
             ("CallStatus", "in-progress"), ("Direction", "outbound-api"), ("ApiVersion", "2010-04-01")]
+    if answered_by is not None:
+        form.append(("AnsweredBy", answered_by))
     headers = [("X-Twilio-Signature", twilio_signature(AUTH_TOKEN, answer_url, form))] if sign else []
     return await http_request(answer_url, "POST", form=form, headers=headers)
 
@@ -152,6 +159,79 @@ async def test_outbound_call_end_to_end_with_its_greeting() -> None:
     assert isinstance(greeting, ResponseCreateEvent) and greeting.response is not None
     # (the agent's own instructions first: a response's instructions replace the session's)
     assert greeting.response.instructions.endswith(f'\n\nGreet the caller by saying: "{GREETING}"')
+
+
+@fail_after(15)
+@pytest.mark.parametrize(
+    ("body", "mode", "answers"),
+    [
+        # Detection alone: a machine or a fax is hung up on at once; a person (or Twilio's "unknown") gets the agent.
+        ({"machine_detection": True, "ring_timeout_s": 25}, "Enable",
+         {"machine_start": "hangup", "fax": "hangup", "human": "agent", "unknown": "agent"}),
+        # With a voicemail: Twilio waits for the greeting's end, and the message is left with <Say>.
+        ({"voicemail": "Hi, this is the clinic: please call us back."}, "DetectMessageEnd",
+         {"machine_end_beep": "voicemail", "machine_end_silence": "voicemail", "machine_end_other": "voicemail",
+          "fax": "hangup", "human": "agent"}),
+    ],
+)  # fmt: skip
+async def test_outbound_answering_machine_detection_opens_no_model_session_for_a_machine(
+    body: dict[str, Any], mode: str, answers: dict[str, str]
+) -> None:
+    async with fake_rest() as rest, fake_openai() as model:
+        async with running(outbound_settings(model, rest)) as url:
+            agents = 0
+            for n, (answered_by, expected) in enumerate(answers.items()):
+                status, _, answer = await post_calls(url, {"to": TO, **body})
+                assert status == 201, answer
+                req = rest.requests[n]
+                assert req.value("MachineDetection") == mode
+                assert dict(req.form).get("Timeout") == (str(body["ring_timeout_s"]) if "ring_timeout_s" in body else None)
+                webhook = await twilio_answers(req.value("Url"), answer["call_sid"], answered_by=answered_by)
+                assert webhook.status == 200 and webhook.headers["content-type"].startswith("text/xml")
+                if expected == "agent":
+                    assert parse_twiml(webhook.text).parameters["CallSid"] == answer["call_sid"]
+                    await (await model.session(agents)).ready.wait()  # pre-opened for this call
+                    agents += 1
+                elif expected == "hangup":
+                    assert webhook.text == '<?xml version="1.0" encoding="UTF-8"?><Response><Hangup/></Response>'
+                else:
+                    assert webhook.text == (
+                        '<?xml version="1.0" encoding="UTF-8"?><Response>'
+                        f"<Say>{body['voicemail']}</Say><Hangup/></Response>"
+                    )
+            await trio.sleep(0.2)
+            assert len(model.sessions) == agents == list(answers.values()).count("agent")  # none for a machine
+
+
+@fail_after(15)
+async def test_outbound_ring_timeout_and_machine_detection_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    async with fake_rest() as rest, fake_openai() as model:
+        async with running(outbound_settings(model, rest)) as url:
+            ring = "'ring_timeout_s' must be a whole number of seconds, 5-600"
+            for extra, error in [
+                ({"ring_timeout_s": 4}, ring), ({"ring_timeout_s": 601}, ring), ({"ring_timeout_s": "30"}, ring),
+                ({"ring_timeout_s": 30.5}, ring), ({"ring_timeout_s": True}, ring),
+                ({"machine_detection": "yes"}, "'machine_detection' must be true or false"),
+                ({"voicemail": "Call us back.", "machine_detection": False},
+                 "'voicemail' needs answering-machine detection: leave out 'machine_detection'"),
+                ({"voicemail": " "}, "'voicemail' must be a non-empty string"),
+                ({"voicemail": "x" * 1001}, "'voicemail' is 1001 characters; the limit is 1000"),
+            ]:  # fmt: skip
+                assert await post_calls(url, {"to": TO, **extra}) == (400, ANY, {"error": error}), extra
+            assert rest.requests == []
+            # Without either, nothing is asked of Twilio's detection, and the call rings Twilio's default time.
+            assert (await post_calls(url, {"to": TO, "ring_timeout_s": 600, "machine_detection": False}))[0] == 201
+            assert [k for k, _ in rest.requests[0].form if k in ("Timeout", "MachineDetection")] == ["Timeout"]
+            # The CLI's flags, and the server's 400 through it.
+            ok = cli_args(TO, "--ring-timeout", "30", "--machine-detection", "--server", url)
+            assert await outbound_cli.place(ok, Settings(api_key=API_KEY)) == 0
+            assert (rest.requests[1].value("Timeout"), rest.requests[1].value("MachineDetection")) == ("30", "Enable")
+            ok = cli_args(TO, "--voicemail", "Call us back.", "--server", url)
+            assert await outbound_cli.place(ok, Settings(api_key=API_KEY)) == 0
+            assert rest.requests[2].value("MachineDetection") == "DetectMessageEnd"
+            assert await outbound_cli.place(cli_args(TO, "--ring-timeout", "3", "--server", url), Settings(api_key=API_KEY)) == 1
+            assert capsys.readouterr().err == f"mediaserver call: {ring}\n"
+            assert len(rest.requests) == 3
 
 
 @fail_after(15)
@@ -521,6 +601,29 @@ async def test_outbound_calls_still_ringing_are_waited_for_by_a_drain_only_while
     await trio.sleep(RINGING_S / 2 + 1)
     assert pending.waiting() == 0  # the first has rung out (its id is still kept, for a late answer)
     assert pending.take(first, TO, "CA1") is agent
+
+
+async def test_outbound_a_call_s_ring_timeout_and_machine_detection_lengthen_its_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A call placed to ring longer than Twilio's default, or with answering-machine detection (up to 30 s more before
+    the answer webhook), is waited for (and holds its place under MEDIASERVER_MAX_CALLS) that much longer."""
+    from mediaserver.bridge.link import AgentOptions
+    from mediaserver.outbound import Machine, OutboundRequests
+
+    pending = OutboundRequests()
+    agent = AgentOptions("Be brief.")
+    pending.put(TO, agent, ring_s=300)
+    pending.put(TO, agent, Machine())
+    pending.put(TO, agent, ring_s=10)
+    await trio.sleep(24)
+    assert pending.waiting() == 3
+    await trio.sleep(2)  # 10 s of ringing and 15 s of slack are over
+    assert pending.waiting() == 2
+    await trio.sleep(60 + 30 + 15 - 26 + 1)  # Twilio's 60 s, 30 s of detection, the slack
+    assert pending.waiting() == 1
+    await trio.sleep(300 + 15 - 106 + 1)
+    assert pending.waiting() == 0
 
 
 async def test_outbound_a_greeting_for_the_echo_agent_is_answered_with_a_warning() -> None:

@@ -244,7 +244,7 @@ class FakeTwilioRest:
             if call_sid is None:
                 names = {"To": "to", "From": "from_", "Url": "url", "Method": "method",
                          "StatusCallback": "status_callback", "StatusCallbackMethod": "status_callback_method",
-                         "Timeout": "timeout"}  # fmt: skip
+                         "Timeout": "timeout", "MachineDetection": "machine_detection"}  # fmt: skip
                 kwargs: dict[str, Any] = {names[k]: v for k, v in one.items() if k in names}
                 if "StatusCallbackEvent" in fields:
                     kwargs["status_callback_event"] = fields["StatusCallbackEvent"]
