@@ -97,6 +97,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             "status": "ok" if calls.accepting else "draining",
             "active_calls": calls.active,
             "pending_calls": calls.pending,
+            "calls": calls.calls_now,  # as MEDIASERVER_MAX_CALLS counts them
             "max_calls": settings.max_calls or None,  # (MEDIASERVER_MAX_CALLS; None: no limit)
             "instance": settings.instance_url,  # which of several instances answered (None: the only one)
             "records": "off" if calls.recorder is None else calls.recorder.health,  # (calls go on either way)
@@ -147,10 +148,10 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         if token is not None and calls.recorder is not None:  # From/To/Direction for the call record (answered calls)
             calls.recorder.webhook(params)
         if token is None:
-            if settings.instance_url is not None and (not calls.accepting or calls.at_capacity):
+            if settings.instance_url is not None and calls.refusal in ("shutting_down", "at_capacity"):
                 # One of several instances, draining or full: an error, so that Twilio tries the number's fallback
                 # URL (another instance, through the load balancer) rather than the caller hearing a refusal.
-                why = "this instance is shutting down" if not calls.accepting else "this instance is at its call limit"
+                why = "this instance is shutting down" if calls.refusal == "shutting_down" else "this instance is at its call limit"
                 log.info("call %s: webhook refused with 503: %s", call_sid, why)
                 return Response(why, 503, {"Retry-After": "1"})
             body = twiml.say_and_hangup("Sorry, all our agents are busy. Please call again later.")
@@ -172,6 +173,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             abort(400, why)
         if calls.recorder is not None:
             calls.recorder.twilio_status(params)
+        outbound.status(first.get("CallSid", ""), first.get("CallStatus", ""))  # (an outbound call's ringing)
         log.info(
             "call %s: status %s (duration %s s)",
             first.get("CallSid", "?"),
@@ -181,7 +183,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         return "", 204
 
     register_record_routes(app, settings, calls.recorder)  # GET /calls/<sid>
-    register_outbound_routes(app, settings, calls)  # POST /calls, POST /outbound-twiml
+    outbound = register_outbound_routes(app, settings, calls)  # POST /calls, POST /outbound-twiml
     # WS /media-stream: served on ASGI directly, ahead of Quart (mediaserver/transport/twilio_ws.py)
     app.asgi_app = MediaStreamRoute(  # type: ignore[method-assign,assignment]  # Quart's middleware hook
         app.asgi_app,

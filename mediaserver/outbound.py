@@ -72,7 +72,8 @@ class _Pending:
     agent: AgentOptions
     expires_s: float
     answered_by: str | None = None  # the call SID whose answer webhook redeemed it
-    placed_s: float = 0.0
+    placed_s: float = 0.0  # when it was placed, or when Twilio last said it started ringing (see status())
+    call_sid: str | None = None  # Twilio's SID for it, once the REST request has answered
     machine: Machine | None = None  # what to do when a machine answers (None: no answering-machine detection)
     ringing_s: float = RINGING_S  # how long after placed_s it may still be answered
 
@@ -150,6 +151,28 @@ class OutboundRequests:
 
     def discard(self, key: str) -> None:
         self._entries.pop(key, None)
+
+    def placed(self, key: str, call_sid: str) -> None:
+        """Twilio placed ``key``'s call as ``call_sid`` (its status callbacks name it)."""
+        entry = self._entries.get(key)
+        if entry is not None and call_sid:
+            self._entries[key] = replace(entry, call_sid=call_sid)
+
+    def status(self, call_sid: str, status: str) -> None:
+        """Twilio's status callback for a call placed here and not answered yet.
+
+        ``initiated`` / ``ringing``: it starts to ring only now (Twilio queues outbound calls at the account's
+        calls per second), so its ring time counts from now.  ``busy``, ``no-answer``, ``failed``, ``canceled``,
+        ``completed``: it will not be answered, and stops holding a place (drain, ``MEDIASERVER_MAX_CALLS``).
+        """
+        for key, entry in self._entries.items():
+            if entry.call_sid != call_sid or entry.answered_by is not None:
+                continue
+            if status in ("initiated", "ringing"):
+                self._entries[key] = replace(entry, placed_s=max(entry.placed_s, trio.current_time()))
+            elif status in ("busy", "no-answer", "failed", "canceled", "completed"):
+                del self._entries[key]
+            return
 
     def waiting(self) -> int:
         """Calls placed here that may still be answered (within their ring timeout, and answering-machine detection,
@@ -251,6 +274,11 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             return _json_error(400, "'machine_detection' must be true or false")
         if voicemail is not None and detect is False:
             return _json_error(400, "'voicemail' needs answering-machine detection: leave out 'machine_detection'")
+        if voicemail is not None:
+            try:
+                twiml.say_and_hangup(voicemail)  # (what a machine will get: a character XML cannot carry is a 400 now)
+            except ValueError as exc:
+                return _json_error(400, f"'voicemail': {exc}")
         machine = Machine(voicemail) if detect or voicemail is not None else None
         if rest is None:
             return _json_error(
@@ -305,6 +333,7 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             log.error("outbound call to %s: %s", to, exc)
             return _json_error(502, str(exc), **{k: v for k, v in exc.to_json().items() if k != "error"})
         call_sid = str(call.get("sid", ""))
+        pending.placed(key, call_sid)
         log.info("outbound call %s: dialling %s from %s", call_sid or "?", to, from_)
         placed: dict[str, Any] = {"call_sid": call_sid, "status": call.get("status"), "to": to, "from": from_}
         if body.get("greeting") is not None and settings.provider == "echo":
@@ -343,7 +372,10 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             return Response(body, content_type=twiml.CONTENT_TYPE)
         answered_by = (params.get("AnsweredBy") or [""])[0]
         if machine is not None and answered_by:
-            body_for_machine = machine.answer(answered_by)
+            try:
+                body_for_machine = machine.answer(answered_by)
+            except ValueError:  # (a voicemail TwiML cannot carry: refused at POST /calls, so never; hang up all the same)
+                body_for_machine = twiml.hangup()
             if body_for_machine is not None:  # no model session: a machine gets a message or nothing
                 left = "leaving the voicemail" if "<Say" in body_for_machine else "hanging up"
                 log.info("outbound call %s: answered by %s (AnsweredBy=%s); %s", call_sid, to or "?", answered_by, left)

@@ -165,6 +165,7 @@ async def test_app_healthz() -> None:
     assert json.loads(response.body) == {
         "active_calls": 0,
         "pending_calls": 0,
+        "calls": 0,
         "max_calls": None,
         "instance": None,
         "status": "ok",
@@ -633,7 +634,7 @@ async def test_app_max_calls_turns_new_calls_away_busy_or_with_503_for_another_i
                 assert refused.status == 503 and refused.headers["retry-after"] == "1"
                 assert refused.body == b"this instance is at its call limit"
             health = json.loads((await http_request(url + "/healthz")).body)
-            assert (health["status"], health["pending_calls"], health["max_calls"]) == ("ok", 1, 1)
+            assert (health["status"], health["pending_calls"], health["calls"], health["max_calls"]) == ("ok", 1, 1, 1)
             metrics = (await http_request(url + "/metrics")).text
             assert 'mediaserver_streams_refused_total{reason="at_capacity"} 1' in metrics.splitlines()
             # Twilio retrying the webhook of the call answered: the same session, not a refusal (that would hang up)

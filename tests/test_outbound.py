@@ -216,6 +216,7 @@ async def test_outbound_ring_timeout_and_machine_detection_are_checked(capsys: p
                  "'voicemail' needs answering-machine detection: leave out 'machine_detection'"),
                 ({"voicemail": " "}, "'voicemail' must be a non-empty string"),
                 ({"voicemail": "x" * 1001}, "'voicemail' is 1001 characters; the limit is 1000"),
+                ({"voicemail": "Call us\u0001 back."}, "'voicemail': character U+0001 cannot be written in XML"),
             ]:  # fmt: skip
                 assert await post_calls(url, {"to": TO, **extra}) == (400, ANY, {"error": error}), extra
             assert rest.requests == []
@@ -278,6 +279,27 @@ async def test_outbound_post_calls_at_max_calls_is_refused_and_a_ringing_call_ho
             assert parse_twiml(webhook.text).parameters["CallSid"] == answer["call_sid"]
             assert (await post_calls(url, {"to": TO}))[::2] == full
             assert len(rest.requests) == 1
+
+
+@fail_after(15)
+async def test_outbound_a_call_that_will_not_be_answered_gives_its_place_back_at_its_status_callback() -> None:
+    """Busy, no answer, failed: Twilio's status callback says so within seconds, and the place the call held while
+    it rang is free again (not only when its ring time is over)."""
+    async with fake_rest() as rest, fake_openai() as model:
+        async with running(outbound_settings(model, rest, max_calls=1)) as url:
+            for n, final in enumerate(("busy", "no-answer", "failed", "canceled")):
+                status, _, answer = await post_calls(url, {"to": TO})
+                assert status == 201, answer
+                assert (await post_calls(url, {"to": TO}))[0] == 503
+                callback = [("CallSid", answer["call_sid"]), ("AccountSid", ACCOUNT_SID), ("CallStatus", "ringing")]
+                for state in ("initiated", "ringing", final):
+                    callback[-1] = ("CallStatus", state)
+                    signature = twilio_signature(AUTH_TOKEN, url + "/call-status", callback)
+                    sent = await http_request(url + "/call-status", "POST", form=callback, headers=[("X-Twilio-Signature", signature)])
+                    assert sent.status == 204
+                    health = json.loads((await http_request(url + "/healthz")).body)
+                    assert health["calls"] == (0 if state == final else 1), state
+            assert len(rest.requests) == 4
 
 
 @fail_after(15)
@@ -624,6 +646,17 @@ async def test_outbound_a_call_s_ring_timeout_and_machine_detection_lengthen_its
     assert pending.waiting() == 1
     await trio.sleep(300 + 15 - 106 + 1)
     assert pending.waiting() == 0
+
+    # Twilio queues outbound calls (calls per second): the ring time counts from its "ringing" callback.
+    queued = pending.put(TO, agent, ring_s=10)
+    assert queued is not None
+    pending.placed(queued, "CA" + "7" * 32)
+    await trio.sleep(20)
+    pending.status("CA" + "7" * 32, "ringing")
+    await trio.sleep(20)
+    assert pending.waiting() == 1  # 40 s after it was placed, 20 s after it began to ring
+    pending.status("CA" + "7" * 32, "completed")  # (rung out: Twilio's final status for it)
+    assert pending.waiting() == 0 and pending.take(queued, TO, "CA" + "7" * 32) is None
 
 
 async def test_outbound_a_greeting_for_the_echo_agent_is_answered_with_a_warning() -> None:

@@ -127,6 +127,7 @@ class CallManager:
         self.model_connect = SecondsHistogram(CONNECT_EDGES_S)  # time to open each model session
         self.model_connect_failures = 0
         self.refused: dict[str, int] = {}
+        self.refusal: str | None = None  # why the last prepare() returned None (a REFUSALS reason)
 
     @property
     def pending(self) -> int:
@@ -161,6 +162,7 @@ class CallManager:
 
     def _refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
+        self.refusal = reason
 
     @contextlib.asynccontextmanager
     async def _session(self, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
@@ -199,6 +201,7 @@ class CallManager:
         ``placed_here``: an outbound call this server placed, answered now: it is taken while the server drains
         (its callee has picked up; refusing would play them an error).
         """
+        self.refusal = None
         if self._nursery is None:
             return None
         if self._closing and not placed_here:
@@ -231,7 +234,9 @@ class CallManager:
             seen.webhooks -= 1
             self._refuse("too_many_pending")
             return None
-        if not placed_here and self.at_capacity:  # (an outbound call placed here was counted while it rang)
+        # Not for a call answered before (its first session failed to open: a new one is tried), nor for an
+        # outbound call placed here (it was counted while it rang).
+        if not placed_here and earlier is None and self.at_capacity:
             seen.webhooks -= 1
             self._refuse("at_capacity")
             log.warning("call %s: refused: at the limit of %d calls (MEDIASERVER_MAX_CALLS)", call_sid, self.settings.max_calls)

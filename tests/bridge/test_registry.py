@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from mediaserver.agents.echo import EchoLink
-from mediaserver.bridge.link import AgentOptions, ProviderLink
+from mediaserver.bridge.link import AgentOptions, ProviderClosed, ProviderLink
 from mediaserver.bridge import registry
 from mediaserver.bridge.call import StreamEnd
 from mediaserver.bridge.registry import CallManager
@@ -287,6 +287,41 @@ def test_max_calls_turns_away_new_calls_counting_answered_live_and_ringing_ones(
 
     lines = run_virtual(main, caplog)
     assert f"call {third}: refused: at the limit of 2 calls (MEDIASERVER_MAX_CALLS)" in lines
+
+
+def test_max_calls_does_not_turn_away_the_webhook_again_for_a_call_whose_session_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The call was let in; its session failed to open (a failed one holds no place), another call took the place:
+    Twilio retrying the first call's webhook gets a new session, not a busy (which would hang it up)."""
+    opened: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def opener(settings: Settings, agent: AgentOptions) -> AsyncIterator[ProviderLink]:
+        opened.append(agent.instructions)
+        if len(opened) == 1:
+            raise ProviderClosed("401 from the model")
+        yield EchoLink()
+
+    async def main() -> None:
+        calls = CallManager(Settings(provider="echo", twilio_auth_token="t", data_dir=tempfile.mkdtemp(), max_calls=1), opener)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            assert calls.prepare(CALL) is not None
+            await trio.sleep(0.1)
+            assert (calls.calls_now, len(opened)) == (0, 1)  # failed: it holds no place
+            assert calls.prepare(OTHER) is not None and calls.at_capacity
+            assert calls.prepare("CA" + "4" * 32) is None and calls.refusal == "at_capacity"
+            assert calls.prepare(CALL) is not None and calls.refusal is None  # the retry: a new session
+            await trio.sleep(0.1)
+            assert len(opened) == 3
+            # A webhook refused for another reason says so, full or not (the app's 503 is for at_capacity only).
+            for _ in range(3):
+                calls.prepare(OTHER)
+            assert calls.prepare(OTHER) is None and calls.refusal == "replayed" and calls.at_capacity
+            nursery.cancel_scope.cancel()
+
+    run_virtual(main, caplog)
 
 
 def test_max_calls_refuses_a_development_mode_stream_without_a_webhook_at_the_limit(caplog: pytest.LogCaptureFixture) -> None:

@@ -151,7 +151,7 @@ def test_resample_flush_reaches_the_last_input_sample_whatever_the_length(in_rat
     """After flush there is an output at or after the last input sample's delayed time.
 
     A downsampler's outputs are several inputs apart: pushing only the filter's delay
-    through it stopped one output short for most lengths (24 -> 8 kHz: every length).
+    through it stopped one output short for many lengths (16 -> 8 and 24 -> 8 kHz).
     """
     for n in range(1, 61):
         r = Resampler(in_rate, out_rate, phase=phase)

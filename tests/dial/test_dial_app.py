@@ -96,8 +96,10 @@ async def test_dial_records_the_echo_of_the_utterance_after_the_caller_stopped(t
         [call] = json.loads(out)["calls"]
         assert call["error"] is None and call["recording"] == "call.wav"
         figures = call["figures"]
+        timings.append([(t["speech_start_ms"], t["speech_end_ms"]) for t in figures["turns"]])
+        if len(figures["turns"]) != 1:  # (the script has one utterance: any other count is reported below)
+            continue
         [turn] = figures["turns"]
-        timings.append((turn["speech_start_ms"], turn["speech_end_ms"]))
         if abs(turn["speech_start_ms"] - 300) <= 20 and abs(turn["speech_end_ms"] - 800) <= 20:
             break
     else:
