@@ -180,9 +180,11 @@ async def test_outbound_answering_machine_detection_opens_no_model_session_for_a
     async with fake_rest() as rest, fake_openai() as model:
         async with running(outbound_settings(model, rest)) as url:
             agents = 0
+            placed: list[str] = []
             for n, (answered_by, expected) in enumerate(answers.items()):
                 status, _, answer = await post_calls(url, {"to": TO, **body})
                 assert status == 201, answer
+                placed.append(answer["call_sid"])
                 req = rest.requests[n]
                 assert req.value("MachineDetection") == mode
                 assert dict(req.form).get("Timeout") == (str(body["ring_timeout_s"]) if "ring_timeout_s" in body else None)
@@ -201,6 +203,12 @@ async def test_outbound_answering_machine_detection_opens_no_model_session_for_a
                     )
             await trio.sleep(0.2)
             assert len(model.sessions) == agents == list(answers.values()).count("agent")  # none for a machine
+            # Who answered is in each call's record (GET /calls/<sid>), a machine's as a person's.
+            records = []
+            for sid in placed:
+                got = await request("GET", f"{url}/calls/{sid}", headers=[("Authorization", f"Bearer {API_KEY}")], timeout_s=5.0)
+                records.append(json.loads(got.body)["answered_by"])
+            assert records == list(answers)
 
 
 @fail_after(15)

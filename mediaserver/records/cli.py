@@ -136,6 +136,7 @@ def format_call(r: CallRecord) -> str:
         f"started    {r.started_at}",
         f"ended      {r.ended_at or '-'}",
         f"status     {r.status}" + (f" (Twilio: {r.twilio_status})" if r.twilio_status else ""),
+        *([f"answered   by {r.answered_by} (answering-machine detection)"] if r.answered_by else []),
         f"reason     {r.end_reason or '-'}",
         f"duration   {'-' if r.duration_s is None else f'{r.duration_s:.1f} s'}"
         + (f" (Twilio: {r.twilio_duration_s} s)" if r.twilio_duration_s is not None else ""),

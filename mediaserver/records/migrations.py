@@ -74,6 +74,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "the instance that bridged each call (MEDIASERVER_INSTANCE_URL)",
         ("ALTER TABLE calls ADD COLUMN instance TEXT",),
     ),
+    Migration(
+        4,
+        "who answered an outbound call placed with answering-machine detection (Twilio's AnsweredBy)",
+        ("ALTER TABLE calls ADD COLUMN answered_by TEXT",),
+    ),
 )
 
 

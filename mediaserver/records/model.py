@@ -62,6 +62,7 @@ class CallRecord:
     latency_ms: dict[str, float] = field(default_factory=dict)
     twilio_status: str | None = None
     twilio_duration_s: int | None = None
+    answered_by: str | None = None  # Twilio's AnsweredBy (human, machine_start, fax, ...): detection was asked
     instance: str | None = None  # MEDIASERVER_INSTANCE_URL of the instance that bridged it (None: the only one)
     turns: list[Turn] = field(default_factory=list)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -103,7 +104,7 @@ class Recorder:
         """Details of a call known before its stream starts (webhook or outbound dial).
 
         Keys: ``direction`` (``inbound``/``outbound``), ``from_number``,
-        ``to_number``, ``account_sid``; ``None`` values are ignored.
+        ``to_number``, ``account_sid``, ``answered_by``; ``None`` values are ignored.
         """
         known = self._expected.pop(call_sid, {})
         known.update({k: v[:MAX_DETAIL_CHARS] for k, v in details.items() if v})
@@ -124,6 +125,7 @@ class Recorder:
             from_number=first.get("From"),
             to_number=first.get("To"),
             account_sid=first.get("AccountSid"),
+            answered_by=_answered_by(first),
         )
 
     def call_started(self, start: tw.Start, stats: CallStats) -> None:
@@ -149,7 +151,8 @@ class Recorder:
         self._put(SaveCall(record))
 
     def twilio_status(self, form: Mapping[str, Sequence[str]]) -> None:
-        """A status callback's form (``CallSid``, ``CallStatus``, ``CallDuration``; ``Direction``, ``From``, ``To``)."""
+        """A status callback's form (``CallSid``, ``CallStatus``, ``CallDuration``; ``Direction``, ``From``, ``To``;
+        ``AnsweredBy`` with answering-machine detection), or an outbound call's answer webhook (``in-progress``)."""
         first = {key: values[0] for key, values in form.items() if values}
         call_sid, status = first.get("CallSid"), first.get("CallStatus")
         if not call_sid or not status:
@@ -167,6 +170,7 @@ class Recorder:
                 direction="outbound" if direction.startswith("outbound") else "inbound" if direction == "inbound" else None,
                 from_number=first.get("From", "")[:MAX_DETAIL_CHARS] or None,
                 to_number=first.get("To", "")[:MAX_DETAIL_CHARS] or None,
+                answered_by=_answered_by(first),
             )
         )
 
@@ -310,6 +314,7 @@ class Recorder:
             to_number=known.get("to_number"),
             provider=provider,
             instance=self.instance,
+            answered_by=known.get("answered_by"),
         )
 
     def _snapshot(self, record: CallRecord, stats: CallStats, end_reason: str | None, *, ended: bool) -> CallRecord:
@@ -392,3 +397,9 @@ def _calls_of(batch: Sequence[StoreOp], most: int = 5) -> str:
     sids = sorted({op.record.call_sid if isinstance(op, SaveCall) else op.call_sid for op in batch})
     shown_sids = ", ".join(sids[:most]) + (f" and {len(sids) - most} more" if len(sids) > most else "")
     return f"call{'s' if len(sids) > 1 else ''} {shown_sids}"
+
+
+def _answered_by(form: Mapping[str, str]) -> str | None:
+    """Twilio's ``AnsweredBy`` (answering-machine detection): a few lower-case words, or None (absent, or not that)."""
+    value = form.get("AnsweredBy", "")
+    return value if re.fullmatch(r"[a-z_]{1,40}", value) else None

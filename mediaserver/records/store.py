@@ -51,7 +51,7 @@ _SAVED = (
     "started_at", "ended_at", "status", "end_reason", "duration_s", "barge_ins", "tool_calls", "latency_ms",
     "instance",
 )  # fmt: skip
-_COLUMNS = (*_SAVED, "twilio_status", "twilio_duration_s")
+_COLUMNS = (*_SAVED, "twilio_status", "twilio_duration_s", "answered_by")
 
 
 class RecordsError(Exception):
@@ -78,6 +78,7 @@ class SetTwilioStatus:
     direction: str | None = None
     from_number: str | None = None
     to_number: str | None = None
+    answered_by: str | None = None  # Twilio's AnsweredBy, with answering-machine detection
 
 
 StoreOp = SaveCall | SetTwilioStatus
@@ -242,9 +243,11 @@ class RecordStore:
             stale = f"calls.twilio_status IN ({_FINAL_SQL}) AND excluded.twilio_status NOT IN ({_FINAL_SQL})"
             self.execute(
                 "INSERT INTO calls (call_sid, started_at, ended_at, status, twilio_status, twilio_duration_s, "
-                "direction, from_number, to_number) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_sid) DO UPDATE SET "
+                "direction, from_number, to_number, answered_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (call_sid) DO UPDATE SET "
                 f"twilio_status = CASE WHEN {stale} THEN calls.twilio_status ELSE excluded.twilio_status END, "
                 "twilio_duration_s = COALESCE(excluded.twilio_duration_s, calls.twilio_duration_s), "
+                "answered_by = COALESCE(excluded.answered_by, calls.answered_by), "
                 "from_number = COALESCE(calls.from_number, excluded.from_number), "
                 "to_number = COALESCE(calls.to_number, excluded.to_number), "
                 "ended_at = CASE WHEN calls.stream_sid IS NULL THEN COALESCE(calls.ended_at, excluded.ended_at) "
@@ -253,7 +256,7 @@ class RecordStore:
                 + direction,
                 (
                     op.call_sid, op.at, op.at if final else None, op.status, op.status, op.duration_s,
-                    op.direction or "inbound", op.from_number, op.to_number,
+                    op.direction or "inbound", op.from_number, op.to_number, op.answered_by,
                 ),
             )
 

@@ -91,6 +91,7 @@ def test_cli_shows_one_call_with_its_transcript(cli: Callable[..., int], capsys:
     assert "status     completed" in out and "reason     twilio sent stop" in out
     assert "barge-ins  1" in out and "tool calls 1: weather" in out and "uplink_p50 0.02 ms" in out
     assert "duration   65.0 s\n" in out  # no Twilio duration known yet
+    assert "answered" not in out  # (no answering-machine detection on this call)
     transcript = out.split("transcript:\n", 1)[1].splitlines()
     assert [line.split(None, 3) for line in transcript] == [
         ["1.2", "s", "user", "Weather in Paris?"],
@@ -98,14 +99,14 @@ def test_cli_shows_one_call_with_its_transcript(cli: Callable[..., int], capsys:
     ]
     store = open_store(cli.settings)  # type: ignore[attr-defined]
     try:
-        store.apply([SetTwilioStatus(first.call_sid, "completed", 66, "2026-11-21T08:01:06+00:00")])
+        store.apply([SetTwilioStatus(first.call_sid, "completed", 66, "2026-11-21T08:01:06+00:00", answered_by="human")])
     finally:
         store.close()
     assert cli("show", first.call_sid) == 0
     out = capsys.readouterr().out
-    assert "status     completed (Twilio: completed)" in out
+    assert "status     completed (Twilio: completed)\nanswered   by human (answering-machine detection)\n" in out
     assert "duration   65.0 s (Twilio: 66 s)" in out  # Twilio's billed duration too, not only in --json
-    expected = {**first.to_json(), "twilio_status": "completed", "twilio_duration_s": 66}
+    expected = {**first.to_json(), "twilio_status": "completed", "twilio_duration_s": 66, "answered_by": "human"}
     assert cli("show", first.call_sid, "--json") == 0
     assert json.loads(capsys.readouterr().out) == expected
     assert cli("--json", "show", first.call_sid) == 0  # (the flag before the command, as the README has it)

@@ -180,6 +180,29 @@ async def test_recorder_survives_a_failing_database(store: RecordStore, caplog: 
 
 
 @fail_after(20)
+async def test_recorder_keeps_who_answered_from_the_answer_webhook(records_settings: Callable[..., Settings]) -> None:
+    """An outbound call placed with answering-machine detection: Twilio's AnsweredBy, live and stored; a value
+    that is not one of Twilio's few words is not kept."""
+    async with open_recorder(records_settings(), clock=Clock()) as recorder:
+        assert recorder is not None
+        answer = {"CallSid": ["CAamd"], "CallStatus": ["in-progress"], "Direction": ["outbound-api"],
+                  "AnsweredBy": ["human"]}  # fmt: skip
+        recorder.twilio_status(answer)
+        recorder.webhook(answer)
+        stats = CallStats(call_sid="CAamd", provider="fake", started_s=trio.current_time())
+        recorder.call_started(start_event("CAamd"), stats)
+        live = recorder.live("CAamd")
+        assert live is not None and live.answered_by == "human"
+        recorder.call_ended("CAamd", stats, "twilio sent stop")
+        recorder.twilio_status({"CallSid": ["CAodd"], "CallStatus": ["completed"], "AnsweredBy": ["<machine>"]})
+        await recorder.flushed()
+        stored = await trio.to_thread.run_sync(recorder.store.get, "CAamd")
+        odd = await trio.to_thread.run_sync(recorder.store.get, "CAodd")
+        assert stored is not None and (stored.answered_by, stored.status) == ("human", "completed")
+        assert odd is not None and odd.answered_by is None
+
+
+@fail_after(20)
 async def test_recorder_records_a_call_from_webhook_to_end(records_settings: Callable[..., Settings]) -> None:
     settings = records_settings()
     async with open_recorder(settings, clock=Clock()) as recorder:

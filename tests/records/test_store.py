@@ -59,16 +59,16 @@ def test_store_fresh_database_is_migrated_once(records_settings: Callable[..., S
     settings = records_settings()
     store = open_store(settings)
     try:
-        assert store.version() == len(MIGRATIONS) == 3
+        assert store.version() == len(MIGRATIONS) == 4
         rows = store.execute("SELECT version, applied_at FROM schema_migrations ORDER BY version")
-        assert [r[0] for r in rows] == [1, 2, 3] and all(r[1].startswith("20") for r in rows)
+        assert [r[0] for r in rows] == [1, 2, 3, 4] and all(r[1].startswith("20") for r in rows)
         assert store.migrate() == []  # idempotent
     finally:
         store.close()
     again = open_store(settings)  # and again at the next start
     try:
-        assert again.migrate() == [] and again.version() == 3
-        assert len(again.execute("SELECT * FROM schema_migrations")) == 3
+        assert again.migrate() == [] and again.version() == 4
+        assert len(again.execute("SELECT * FROM schema_migrations")) == 4
     finally:
         again.close()
     if not settings.database_url:
@@ -113,10 +113,12 @@ def test_store_v1_database_upgrades_and_keeps_its_calls(records_settings: Callab
         store.close()
     upgraded = open_store(settings)
     try:
-        assert upgraded.version() == 3
+        assert upgraded.version() == len(MIGRATIONS)
         old = upgraded.get("CAold")
         assert old is not None
-        assert (old.status, old.provider, old.duration_s, old.twilio_status, old.instance) == ("completed", "echo", 12.5, None, None)
+        assert (old.status, old.provider, old.duration_s, old.twilio_status, old.instance, old.answered_by) == (
+            "completed", "echo", 12.5, None, None, None
+        )
         upgraded.apply([SetTwilioStatus("CAold", "completed", 13, T0)])
         assert (upgraded.get("CAold") or old).twilio_duration_s == 13
     finally:
@@ -237,6 +239,25 @@ def test_store_a_late_status_callback_never_replaces_a_final_one(records_setting
         # one final status after another (Twilio would not send it; nothing to guard): the newer one stands
         store.apply([SetTwilioStatus("CAb", "failed", None, T1)])
         assert store.get("CAb").twilio_status == "failed"  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def test_store_keeps_who_answered_an_outbound_call_with_machine_detection(records_settings: Callable[..., Settings]) -> None:
+    """Twilio's AnsweredBy (the answer webhook's, then the callbacks'): kept once known, and a save keeps it."""
+    store = open_store(records_settings())
+    try:
+        store.apply([SetTwilioStatus("CAm", "ringing", None, T0, direction="outbound"),
+                     SetTwilioStatus("CAm", "in-progress", None, T0, answered_by="machine_end_beep"),
+                     SetTwilioStatus("CAm", "completed", 9, T1)])  # fmt: skip
+        m = store.get("CAm")
+        assert m is not None and (m.answered_by, m.status, m.twilio_duration_s) == ("machine_end_beep", "completed", 9)
+        assert m.to_json()["answered_by"] == "machine_end_beep"
+        store.apply([SetTwilioStatus("CAh", "in-progress", None, T0, answered_by="human")])
+        store.save(full_record("CAh"))  # the bridged call's own record does not lose it
+        h = store.get("CAh")
+        assert h is not None and (h.answered_by, h.status) == ("human", "completed")
+        assert store.get("CAa") is None or store.get("CAa").answered_by is None  # type: ignore[union-attr]
     finally:
         store.close()
 
