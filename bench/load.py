@@ -320,6 +320,11 @@ def cpu_seconds(proc: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
+def kernel_seconds(proc: psutil.Process) -> float:
+    """The part of :func:`cpu_seconds` spent in the kernel on the process's behalf (its system calls: socket I/O)."""
+    return float(proc.cpu_times().system)
+
+
 def runqueue_wait_s(pid: int) -> float:
     """Seconds the process's threads spent runnable but waiting for a CPU (/proc/PID/task/*/schedstat).
 
@@ -452,14 +457,16 @@ async def run_step(
         before = await reactor_counters()
         server_cpus = server.cpu_affinity() or list(range(psutil.cpu_count() or 1))
         measured.update(
-            s_cpu=cpu_seconds(server), g_cpu=cpu_seconds(me), wall=time.perf_counter(),
+            s_cpu=cpu_seconds(server), s_sys=kernel_seconds(server), g_cpu=cpu_seconds(me), wall=time.perf_counter(),
             s_wait=runqueue_wait_s(server.pid), g_wait=runqueue_wait_s(me.pid),
         )
         steal_before = steal_split(server_cpus)
         await trio.sleep_until(end_s - 0.1)
         wall = time.perf_counter() - measured["wall"]
         measured["gen_gc_max_ms"] = 1000 * _GC_PAUSES.longest_s(measured["wall"], measured["wall"] + wall)
+        server_used = cpu_seconds(server) - measured["s_cpu"]
         measured.update(
+            server_sys=100 * (kernel_seconds(server) - measured["s_sys"]) / server_used if server_used > 0 else float("nan"),
             server_cpu=100 * (cpu_seconds(server) - measured["s_cpu"]) / wall,
             gen_cpu=100 * (cpu_seconds(me) - measured["g_cpu"]) / wall,
             rss=server.memory_info().rss / 2**20,
@@ -526,6 +533,8 @@ async def run_step(
         "server_active_after": health.get("active_calls"),
         "drain_s": drained_s,
         "server_cpu_pct": server_cpu,
+        # the share of that CPU spent in the kernel (system calls: the sockets' TCP work), not in the interpreter
+        "server_sys_pct": measured.get("server_sys", float("nan")),
         "server_rss_mib": measured.get("rss", float("nan")),
         "cpu_pct_per_call": server_cpu / n_calls,
         "calls_per_core": per_core,
@@ -552,7 +561,7 @@ async def run_step(
 
 # Per-run figures the combined row takes the median of; the counts are summed over the runs.
 _MEDIANS = (
-    "up_p50_ms", "up_p99_ms", "down_p50_ms", "down_p99_ms", "drain_s", "server_cpu_pct", "server_rss_mib",
+    "up_p50_ms", "up_p99_ms", "down_p50_ms", "down_p99_ms", "drain_s", "server_cpu_pct", "server_sys_pct", "server_rss_mib",
     "gen_cpu_pct", "gen_lag_p99_ms", "gen_send_late_p99_ms", "gen_gc_max_ms", "server_wait_pct", "gen_wait_pct",
     "stop_s",
 )
@@ -635,6 +644,7 @@ COLUMNS = [
     Column("failed", "failed"),
     Column("leaked", "leaked"),
     Column("server_cpu_pct", "srv CPU%", ".0f"),
+    Column("server_sys_pct", "sys%", ".0f"),
     Column("server_rss_mib", "RSS MiB", ".0f"),
     Column("cpu_pct_per_call", "CPU%/call", ".3f"),
     Column("calls_per_core", "calls/core", ".0f"),
@@ -696,6 +706,8 @@ def table(rows: Sequence[dict[str, Any]], args: argparse.Namespace, pinned: bool
         "lost: frames sent but never received, up (caller -> model) / down (model -> caller).",
         f"srv CPU%: server process, % of one core{' (pinned to one CPU)' if pinned else ' (not pinned)'};"
         " calls/core = calls / (CPU% / 100), an extrapolation, shown for ok rows only.",
+        "sys%: the share of the server's CPU spent in the kernel (its system calls: the sockets' TCP work on loopback,"
+        " where the kernel also delivers what a send carries to the receiving process); the rest is the interpreter.",
         "socks/wake: ready sockets our reactor handled per wake-up in the hold window (its /healthz counters).",
         f"gen-bound: generator CPU > {args.gen_cpu:g}% or its loop lag p99 > {args.gen_lag_ms:g} ms.",
         f"targets (issue 3): p99 <= {TARGET_P99_MS:g} ms at {TARGET_CALLS} calls; >= {TARGET_PER_CORE} calls per core,"
