@@ -320,9 +320,11 @@ def cpu_seconds(proc: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
-def kernel_seconds(proc: psutil.Process) -> float:
-    """The part of :func:`cpu_seconds` spent in the kernel on the process's behalf (its system calls: socket I/O)."""
-    return float(proc.cpu_times().system)
+def cpu_and_kernel_seconds(proc: psutil.Process) -> tuple[float, float]:
+    """(:func:`cpu_seconds`, the part of it spent in the kernel on the process's behalf: its system calls), from one
+    reading, so that the share is of the same total."""
+    t = proc.cpu_times()
+    return float(t.user + t.system), float(t.system)
 
 
 def runqueue_wait_s(pid: int) -> float:
@@ -456,18 +458,20 @@ async def run_step(
         await trio.sleep_until(window_start)
         before = await reactor_counters()
         server_cpus = server.cpu_affinity() or list(range(psutil.cpu_count() or 1))
+        s_cpu, s_sys = cpu_and_kernel_seconds(server)
         measured.update(
-            s_cpu=cpu_seconds(server), s_sys=kernel_seconds(server), g_cpu=cpu_seconds(me), wall=time.perf_counter(),
+            s_cpu=s_cpu, s_sys=s_sys, g_cpu=cpu_seconds(me), wall=time.perf_counter(),
             s_wait=runqueue_wait_s(server.pid), g_wait=runqueue_wait_s(me.pid),
         )
         steal_before = steal_split(server_cpus)
         await trio.sleep_until(end_s - 0.1)
         wall = time.perf_counter() - measured["wall"]
         measured["gen_gc_max_ms"] = 1000 * _GC_PAUSES.longest_s(measured["wall"], measured["wall"] + wall)
-        server_used = cpu_seconds(server) - measured["s_cpu"]
+        cpu_after, sys_after = cpu_and_kernel_seconds(server)
+        server_used = cpu_after - measured["s_cpu"]
         measured.update(
-            server_sys=100 * (kernel_seconds(server) - measured["s_sys"]) / server_used if server_used > 0 else float("nan"),
-            server_cpu=100 * (cpu_seconds(server) - measured["s_cpu"]) / wall,
+            server_sys=100 * (sys_after - measured["s_sys"]) / server_used if server_used > 0 else float("nan"),
+            server_cpu=100 * server_used / wall,
             gen_cpu=100 * (cpu_seconds(me) - measured["g_cpu"]) / wall,
             rss=server.memory_info().rss / 2**20,
             server_wait=100 * (runqueue_wait_s(server.pid) - measured["s_wait"]) / wall,

@@ -120,7 +120,8 @@ def format_table(records: Sequence[CallRecord]) -> str:
             r.from_number or "-",
             r.to_number or "-",
             r.provider or "-",
-            r.status if not r.twilio_status or r.twilio_status == r.status else f"{r.status} ({r.twilio_status})",
+            (r.status if not r.twilio_status or r.twilio_status == r.status else f"{r.status} ({r.twilio_status})")
+            + (f", {r.answered_by}" if r.answered_by not in (None, "human") else ""),  # (a machine, a fax: unknown)
             "-" if r.duration_s is None else f"{r.duration_s:.1f} s",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import trio
 
@@ -32,7 +32,7 @@ from mediaserver.metrics import FAILED_KINDS, end_kind
 from mediaserver.protocol import twilio_events as tw
 
 from .model import CallRecord
-from .store import RecordsError, RecordStore, SaveCall, SetTwilioStatus, StoreOp, open_store
+from .store import TWILIO_LONGEST_CALL_S, RecordsError, RecordStore, SaveCall, SetTwilioStatus, StoreOp, open_store
 
 __all__ = ["Recorder", "RecordsUnavailable", "end_status", "open_recorder", "utc_now"]
 
@@ -361,18 +361,25 @@ async def open_recorder(
     try:
         try:
             stale: list[str] = []
+            now = clock()
             if await trio.to_thread.run_sync(store.claim_instance, settings.instance_url):
-                stale = await trio.to_thread.run_sync(store.mark_interrupted, clock().isoformat(), settings.instance_url)
+                stale = await trio.to_thread.run_sync(store.mark_interrupted, now.isoformat(), settings.instance_url)
             else:
                 log.warning(
                     "call records: another server is running on the %s as %s: its live calls are left as they are "
                     "(give each server its own MEDIASERVER_INSTANCE_URL, or its own MEDIASERVER_DATA_DIR)",
                     store.description, settings.instance_url or "the same single instance",
                 )
+            # (any instance's: a row that old is no call under way anywhere)
+            over = (now - timedelta(seconds=TWILIO_LONGEST_CALL_S)).isoformat()
+            unfinished = await trio.to_thread.run_sync(store.close_unfinished_callbacks, over)
         except Exception as exc:
             log.error("call records are OFF: cannot update the %s: %s", store.description, exc)
             yield None
             return
+        if unfinished:
+            log.info("call records: %d call(s) known only from Twilio's callbacks never got a final status; now "
+                     "unknown: %s", len(unfinished), ", ".join(unfinished[:10]) + (" ..." if len(unfinished) > 10 else ""))
         if stale:
             shown = ", ".join(stale[:10]) + (" ..." if len(stale) > 10 else "")
             log.warning("call records: %d call(s) were live when the server last stopped, now interrupted: %s",

@@ -43,6 +43,8 @@ log = logging.getLogger("mediaserver.records")
 
 SQLITE_FILE = "calls.sqlite3"
 INTERRUPTED_REASON = "server stopped during the call"
+NO_FINAL_STATUS_REASON = "no final status from Twilio (its status callback never came)"
+TWILIO_LONGEST_CALL_S = 4 * 3600.0  # Twilio's largest TimeLimit: a call it has not ended by then is over
 
 # calls columns written by a SaveCall, in CallRecord order (the Twilio columns
 # belong to the status callbacks and are never overwritten by a save)
@@ -165,6 +167,22 @@ class RecordStore:
             )
         return sids
 
+    def close_unfinished_callbacks(self, before: str) -> list[str]:
+        """Calls known only from Twilio's callbacks (no stream here), first heard of before ``before``, whose final
+        status never came (a callback Twilio did not retry, a server that was down): status ``unknown``.
+
+        Twilio ends every call within 4 hours (its longest ``TimeLimit``), so a row older than that still
+        ``ringing`` or ``in-progress`` (an outbound call a machine answered, say) is not a call that goes on.
+        """
+        stuck = f"stream_sid IS NULL AND status NOT IN ({_FINAL_SQL}, 'unknown') AND started_at < ?"
+        with self.transaction():
+            sids = [row[0] for row in self.execute(f"SELECT call_sid FROM calls WHERE {stuck}", (before,))]
+            self.execute(
+                f"UPDATE calls SET status = 'unknown', end_reason = COALESCE(end_reason, ?) WHERE {stuck}",
+                (NO_FINAL_STATUS_REASON, before),
+            )
+        return sids
+
     # -- writes ----------------------------------------------------------------------
 
     def _apply_all(self, ops: Sequence[StoreOp]) -> None:
@@ -214,11 +232,14 @@ class RecordStore:
             values = (
                 r.call_sid, r.stream_sid, r.account_sid, r.direction, r.from_number, r.to_number, r.provider,
                 r.started_at, r.ended_at, r.status, r.end_reason, r.duration_s, r.barge_ins,
-                json.dumps(r.tool_calls), json.dumps(r.latency_ms), r.instance,
+                json.dumps(r.tool_calls), json.dumps(r.latency_ms), r.instance, r.answered_by,
             )  # fmt: skip
+            # (answered_by is Twilio's, like the status columns, but the call's own record may know it first:
+            # written, never erased)
             updates = ", ".join(f"{c} = excluded.{c}" for c in _SAVED[1:])
+            updates += ", answered_by = COALESCE(excluded.answered_by, calls.answered_by)"
             self.execute(
-                f"INSERT INTO calls ({', '.join(_SAVED)}) VALUES ({', '.join('?' * len(_SAVED))}) "
+                f"INSERT INTO calls ({', '.join(_SAVED)}, answered_by) VALUES ({', '.join('?' * (len(_SAVED) + 1))}) "
                 f"ON CONFLICT (call_sid) DO UPDATE SET {updates}",
                 values,
             )

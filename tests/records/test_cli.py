@@ -51,10 +51,13 @@ def seed(settings: Settings) -> list[CallRecord]:
                    end_reason="no model session: refused", duration_s=0.0),
         CallRecord("CA" + "3" * 32, "2026-11-21T08:10:00+00:00", provider="echo"),  # in progress
     ]
+    machine = [SetTwilioStatus("CA" + "4" * 32, "completed", 9, "2026-11-21T07:55:00+00:00", direction="outbound",
+                               to_number="+15553334444", answered_by="machine_end_beep")]  # fmt: skip
     store = open_store(settings)
     try:
         for record in records:
             store.save(record)
+        store.apply(machine)  # an outbound call a machine answered: known from Twilio alone
     finally:
         store.close()
     return records
@@ -70,7 +73,9 @@ def test_cli_lists_recent_calls(cli: Callable[..., int], capsys: pytest.CaptureF
                                 "gemini", "failed", "0.0", "s"]
     assert lines[3].split()[2:] == ["CA" + "1" * 32, "inbound", "+15550001111", "+15552223333", "openai",
                                     "completed", "65.0", "s"]
-    assert len(lines) == 4
+    # A machine's call says so (a person's does not: "human" is what a call is expected to be).
+    assert lines[4].split()[2:] == ["CA" + "4" * 32, "outbound", "-", "+15553334444", "-", "completed,", "machine_end_beep", "-"]
+    assert len(lines) == 5
     assert len({line.index("SID") if i == 0 else line.index("CA") for i, line in enumerate(lines)}) == 1  # aligned
 
     assert cli("--limit", "1") == 0

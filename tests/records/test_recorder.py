@@ -17,7 +17,7 @@ from mediaserver.config import Settings
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.records.model import CallRecord, Turn
 from mediaserver.records.recorder import Recorder, RecordsUnavailable, end_status, open_recorder
-from mediaserver.records.store import RecordStore, StoreOp, open_store
+from mediaserver.records.store import RecordStore, SetTwilioStatus, StoreOp, open_store
 from tests.fakes import fail_after
 
 ACCOUNT = "AC" + "0" * 32
@@ -177,6 +177,27 @@ async def test_recorder_survives_a_failing_database(store: RecordStore, caplog: 
     assert any("could not write 1 record(s)" in r.getMessage() and "(call CAx)" in r.getMessage()
                and "disk full" in r.getMessage() for r in caplog.records)
     assert store.get("CAy") is not None and store.get("CAx") is None
+
+
+@fail_after(20)
+async def test_recorder_start_closes_callback_only_calls_older_than_twilio_s_longest_call(
+    records_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = records_settings()
+    store = open_store(settings)
+    try:  # a machine answered at 03:59 and the completed callback never came; another call answered at 04:01
+        store.apply([SetTwilioStatus("CAold", "in-progress", None, "2026-11-21T03:59:00+00:00", answered_by="machine_start"),
+                     SetTwilioStatus("CAnew", "in-progress", None, "2026-11-21T04:01:00+00:00")])  # fmt: skip
+    finally:
+        store.close()
+    caplog.set_level(logging.INFO, logger="mediaserver.records")
+    async with open_recorder(settings, clock=Clock()) as recorder:  # starts at 08:00:01
+        assert recorder is not None
+        old = await trio.to_thread.run_sync(recorder.store.get, "CAold")
+        new = await trio.to_thread.run_sync(recorder.store.get, "CAnew")
+        assert old is not None and new is not None and (old.status, new.status) == ("unknown", "in-progress")
+    assert any("1 call(s) known only from Twilio's callbacks never got a final status; now unknown: CAold"
+               in r.getMessage() for r in caplog.records)
 
 
 @fail_after(20)

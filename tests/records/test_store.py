@@ -258,6 +258,42 @@ def test_store_keeps_who_answered_an_outbound_call_with_machine_detection(record
         h = store.get("CAh")
         assert h is not None and (h.answered_by, h.status) == ("human", "completed")
         assert store.get("CAa") is None or store.get("CAa").answered_by is None  # type: ignore[union-attr]
+        # The call's own record may know it first (its callback write was lost): a save writes it, never erases it.
+        store.save(full_record("CAs", answered_by="human"))
+        store.save(full_record("CAs"))
+        assert store.get("CAs").answered_by == "human"  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def test_store_closes_calls_known_only_from_callbacks_whose_final_status_never_came(
+    records_settings: Callable[..., Settings],
+) -> None:
+    """Twilio ends every call within 4 h: a callback-only row older than that and not final becomes ``unknown``
+    (a machine's call whose completed callback was lost would say in-progress for ever); nothing else changes."""
+    old, recent = "2026-11-21T03:00:00+00:00", "2026-11-21T07:30:00+00:00"
+    store = open_store(records_settings())
+    try:
+        store.apply([
+            SetTwilioStatus("CAmachine", "in-progress", None, old, answered_by="machine_start"),
+            SetTwilioStatus("CAringing", "ringing", None, old),
+            SetTwilioStatus("CArecent", "in-progress", None, recent),
+            SetTwilioStatus("CAdone", "no-answer", None, old),
+        ])  # fmt: skip
+        store.save(full_record("CAstreamed", status="in-progress", started_at=old, ended_at=None, end_reason=None))
+        before = "2026-11-21T04:00:00+00:00"  # (4 h before a start at 08:00)
+        assert sorted(store.close_unfinished_callbacks(before)) == ["CAmachine", "CAringing"]
+        statuses = {sid: (r.status, r.end_reason) for sid in ("CAmachine", "CAringing", "CArecent", "CAdone", "CAstreamed")
+                    if (r := store.get(sid)) is not None}  # fmt: skip
+        reason = "no final status from Twilio (its status callback never came)"
+        assert statuses == {
+            "CAmachine": ("unknown", reason), "CAringing": ("unknown", reason), "CArecent": ("in-progress", None),
+            "CAdone": ("no-answer", None), "CAstreamed": ("in-progress", None),  # (mark_interrupted's, not this)
+        }  # fmt: skip
+        assert store.close_unfinished_callbacks(before) == []  # once
+        # A late final callback still tells the truth.
+        store.apply([SetTwilioStatus("CAmachine", "completed", 12, T0)])
+        assert store.get("CAmachine").status == "completed"  # type: ignore[union-attr]
     finally:
         store.close()
 
