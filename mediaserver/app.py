@@ -153,7 +153,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
                 # URL (another instance, through the load balancer) rather than the caller hearing a refusal.
                 why = "this instance is shutting down" if calls.refusal == "shutting_down" else "this instance is at its call limit"
                 log.info("call %s: webhook refused with 503: %s", call_sid, why)
-                return Response(why, 503, {"Retry-After": "1"})
+                return Response(why, 503, {"Retry-After": "1"}, content_type="text/plain")
             body = twiml.say_and_hangup("Sorry, all our agents are busy. Please call again later.")
             return Response(body, content_type=twiml.CONTENT_TYPE)
         try:

@@ -39,7 +39,7 @@ from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
 from mediaserver.config import Settings
 from mediaserver.logs import shown
 from mediaserver.tools.builtins import E164
-from mediaserver.twilio_rest import TwilioRest, TwilioRestError
+from mediaserver.twilio_rest import MAX_RING_S, MIN_RING_S, TwilioRest, TwilioRestError
 
 __all__ = ["OUTBOUND_PARAMETER", "Machine", "OutboundRequests", "register_routes"]
 
@@ -57,7 +57,6 @@ RINGING_S = DEFAULT_RING_S + RING_SLACK_S  # a call placed with neither
 MAX_PENDING = 1000
 RETRY_WINDOW_S = 60.0  # an answered call's id stays redeemable by that call this long (Twilio's retries of its webhook)
 MAX_GREETING_CHARS = 1000  # (and a voicemail's)
-MIN_RING_S, MAX_RING_S = 5, 600  # Twilio's Timeout: how long an outbound call rings
 MAX_INSTRUCTIONS_CHARS = 20_000
 # The largest body POST /calls takes: the instructions and greeting at their limits, in JSON's \uXXXX escapes
 # (6 bytes a character; 12 for one outside the BMP, which counts as one character), with room for the rest.
@@ -293,7 +292,7 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
         )
         if calls.at_capacity:  # (checked here: no await between it and put(), which counts this call as ringing)
             return _json_error(
-                503, f"this server is at its limit of {settings.max_calls} calls (MEDIASERVER_MAX_CALLS); try again later"
+                503, f"this server is at its call limit (MEDIASERVER_MAX_CALLS={settings.max_calls}); try again later"
             )
         key = pending.put(to, agent, machine, ring_timeout_s)
         if key is None:

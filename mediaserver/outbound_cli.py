@@ -16,6 +16,7 @@ import sys
 import trio
 
 from mediaserver.config import ConfigError, Settings, is_http_url, load_dotenv_file
+from mediaserver.twilio_rest import MAX_RING_S, MIN_RING_S
 from mediaserver.tools.builtins import E164
 from mediaserver.transport.http import HttpError, NoAnswer, request
 
@@ -29,7 +30,7 @@ ANSWER_TIMEOUT_S = 30.0
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("to", help="number to call, E.164 (+15551234567)")
-    parser.add_argument("--from", dest="from_", help="caller id, E.164 (default: the server's TWILIO_FROM_NUMBER)")
+    parser.add_argument("--from", dest="from_", metavar="NUMBER", help="caller id, E.164 (default: the server's TWILIO_FROM_NUMBER)")
     parser.add_argument("--greeting", help="what the agent says first when the callee answers")
     parser.add_argument("--instructions", help="instructions for the agent on this call")
     parser.add_argument("--ring-timeout", type=int, metavar="S", help="seconds to let it ring, 5-600 (default: Twilio's 60)")
@@ -62,6 +63,10 @@ def main(args: argparse.Namespace) -> int:
         return _fail(f"{args.to!r} is not an E.164 number such as +15551234567", 2)
     if args.from_ is not None and not E164.match(args.from_):
         return _fail(f"--from {args.from_!r} is not an E.164 number", 2)
+    if args.ring_timeout is not None and not MIN_RING_S <= args.ring_timeout <= MAX_RING_S:
+        return _fail(f"--ring-timeout must be {MIN_RING_S}-{MAX_RING_S} seconds, not {args.ring_timeout}", 2)
+    if args.voicemail is not None and not args.voicemail.strip():
+        return _fail("--voicemail must not be empty", 2)
     return trio.run(place, args, settings)
 
 

@@ -42,6 +42,7 @@ __all__ = [
 API_VERSION = "2010-04-01"
 # Call progress events to subscribe to (Call resource docs; reference/twilio-side.md §4.3).
 STATUS_CALLBACK_EVENTS = ("initiated", "ringing", "answered", "completed")
+MIN_RING_S, MAX_RING_S = 5, 600  # Timeout on Calls.json: how long an outbound call rings (Twilio's own limit is 600)
 
 
 class TwilioRestError(Exception):

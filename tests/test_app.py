@@ -633,6 +633,7 @@ async def test_app_max_calls_turns_new_calls_away_busy_or_with_503_for_another_i
             else:
                 assert refused.status == 503 and refused.headers["retry-after"] == "1"
                 assert refused.body == b"this instance is at its call limit"
+                assert refused.headers["content-type"].startswith("text/plain")
             health = json.loads((await http_request(url + "/healthz")).body)
             assert (health["status"], health["pending_calls"], health["calls"], health["max_calls"]) == ("ok", 1, 1, 1)
             metrics = (await http_request(url + "/metrics")).text

@@ -279,7 +279,7 @@ async def test_outbound_post_calls_at_max_calls_is_refused_and_a_ringing_call_ho
         async with running(outbound_settings(model, rest, max_calls=1)) as url:
             status, _, answer = await post_calls(url, {"to": TO})
             assert status == 201, answer  # placed: it rings, and holds the only place
-            full = (503, {"error": "this server is at its limit of 1 calls (MEDIASERVER_MAX_CALLS); try again later"})
+            full = (503, {"error": "this server is at its call limit (MEDIASERVER_MAX_CALLS=1); try again later"})
             assert (await post_calls(url, {"to": TO}))[::2] == full
             assert len(rest.requests) == 1
             # The callee picks up: answered all the same (it was counted while it rang), and it keeps the place.
@@ -528,6 +528,11 @@ def test_outbound_cli_usage_errors(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     assert "'5551234567' is not an E.164 number" in capsys.readouterr().err
     assert outbound_cli.main(cli_args(TO, "--from", "me")) == 2
     assert "--from 'me' is not an E.164 number" in capsys.readouterr().err
+    for argv, message in [(("--ring-timeout", "3"), "--ring-timeout must be 5-600 seconds, not 3"),
+                          (("--ring-timeout", "601"), "--ring-timeout must be 5-600 seconds, not 601"),
+                          (("--voicemail", " "), "--voicemail must not be empty")]:  # fmt: skip
+        assert outbound_cli.main(cli_args(TO, *argv)) == 2
+        assert capsys.readouterr().err == f"mediaserver call: {message}\n"
     for server in ("ftp://x", "http://[::1", "127.0.0.1:8080"):
         assert outbound_cli.main(cli_args(TO, "--server", server)) == 2
         assert f"--server must be the server's http:// or https:// URL, not {server!r}" in capsys.readouterr().err

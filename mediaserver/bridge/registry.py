@@ -239,7 +239,7 @@ class CallManager:
         if not placed_here and earlier is None and self.at_capacity:
             seen.webhooks -= 1
             self._refuse("at_capacity")
-            log.warning("call %s: refused: at the limit of %d calls (MEDIASERVER_MAX_CALLS)", call_sid, self.settings.max_calls)
+            log.warning("call %s: refused: at the call limit, MEDIASERVER_MAX_CALLS=%d", call_sid, self.settings.max_calls)
             return None
         if earlier is not None and not earlier.claimed.is_set():
             earlier.retire("replaced by a later webhook for the same call")  # (it failed: a new session is tried)
@@ -405,7 +405,7 @@ class CallManager:
             return StreamEnd(REFUSED, "refused: too many calls without a token")
         if self.at_capacity:
             self._refuse("at_capacity")
-            log.warning("call %s: stream refused: at the limit of %d calls (MEDIASERVER_MAX_CALLS)", start.call_sid,
+            log.warning("call %s: stream refused: at the call limit, MEDIASERVER_MAX_CALLS=%d", start.call_sid,
                         self.settings.max_calls)  # fmt: skip
             return StreamEnd(REFUSED, "refused: at the call limit")
         opened = False  # (an error after the session opened is the call's, not a refusal)

@@ -286,7 +286,7 @@ def test_max_calls_turns_away_new_calls_counting_answered_live_and_ringing_ones(
             nursery.cancel_scope.cancel()
 
     lines = run_virtual(main, caplog)
-    assert f"call {third}: refused: at the limit of 2 calls (MEDIASERVER_MAX_CALLS)" in lines
+    assert f"call {third}: refused: at the call limit, MEDIASERVER_MAX_CALLS=2" in lines
 
 
 def test_max_calls_does_not_turn_away_the_webhook_again_for_a_call_whose_session_failed(
