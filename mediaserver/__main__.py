@@ -72,7 +72,8 @@ def _command() -> str:
 def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
     port = settings.port
     lines = [
-        f"mediaserver {__version__}: provider {settings.provider}, listening on {', '.join(binds)}",
+        f"mediaserver {__version__}: provider {settings.provider}, listening on {', '.join(binds)}"
+        + (f", at most {settings.max_calls} calls at once (MEDIASERVER_MAX_CALLS)" if settings.max_calls else ""),
         "Next steps:",
         f"  * expose the port publicly (for example: ngrok http {port}) and set MEDIASERVER_PUBLIC_URL",
         "  * in the Twilio console, set your number's voice webhook (HTTP POST) to "

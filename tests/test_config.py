@@ -166,6 +166,9 @@ def test_the_start_banner_names_the_instance_url_when_there_is_one(capsys: pytes
     out = capsys.readouterr().out
     assert "https://voice.example.com/twiml" in out  # the console webhook stays the shared URL
     assert "come back to https://voice.example.com/n1 (MEDIASERVER_INSTANCE_URL)" in out
+    assert "MEDIASERVER_MAX_CALLS" not in single + out
+    _print_next_steps(Settings.from_env({"MEDIASERVER_MAX_CALLS": "300"}), ["http://0.0.0.0:8080"])
+    assert "listening on http://0.0.0.0:8080, at most 300 calls at once (MEDIASERVER_MAX_CALLS)\n" in capsys.readouterr().out
 
 
 def test_serve_on_a_port_in_use_says_so_and_exits_2(
