@@ -171,6 +171,7 @@ class Recorder:
                 from_number=first.get("From", "")[:MAX_DETAIL_CHARS] or None,
                 to_number=first.get("To", "")[:MAX_DETAIL_CHARS] or None,
                 answered_by=_answered_by(first),
+                account_sid=_account_sid(first),
             )
         )
 
@@ -410,3 +411,9 @@ def _answered_by(form: Mapping[str, str]) -> str | None:
     """Twilio's ``AnsweredBy`` (answering-machine detection): a few lower-case words, or None (absent, or not that)."""
     value = form.get("AnsweredBy", "")
     return value if re.fullmatch(r"[a-z_]{1,40}", value) else None
+
+
+def _account_sid(form: Mapping[str, str]) -> str | None:
+    """Twilio's ``AccountSid``: AC and 32 hex digits, or None."""
+    value = form.get("AccountSid", "")
+    return value if re.fullmatch(r"AC[0-9a-fA-F]{32}", value) else None

@@ -81,6 +81,7 @@ class SetTwilioStatus:
     from_number: str | None = None
     to_number: str | None = None
     answered_by: str | None = None  # Twilio's AnsweredBy, with answering-machine detection
+    account_sid: str | None = None  # the callback's AccountSid (for a call known only from callbacks)
 
 
 StoreOp = SaveCall | SetTwilioStatus
@@ -264,20 +265,21 @@ class RecordStore:
             stale = f"calls.twilio_status IN ({_FINAL_SQL}) AND excluded.twilio_status NOT IN ({_FINAL_SQL})"
             self.execute(
                 "INSERT INTO calls (call_sid, started_at, ended_at, status, twilio_status, twilio_duration_s, "
-                "direction, from_number, to_number, answered_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "direction, from_number, to_number, answered_by, account_sid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (call_sid) DO UPDATE SET "
                 f"twilio_status = CASE WHEN {stale} THEN calls.twilio_status ELSE excluded.twilio_status END, "
                 "twilio_duration_s = COALESCE(excluded.twilio_duration_s, calls.twilio_duration_s), "
                 "answered_by = COALESCE(excluded.answered_by, calls.answered_by), "
                 "from_number = COALESCE(calls.from_number, excluded.from_number), "
                 "to_number = COALESCE(calls.to_number, excluded.to_number), "
+                "account_sid = COALESCE(calls.account_sid, excluded.account_sid), "
                 "ended_at = CASE WHEN calls.stream_sid IS NULL THEN COALESCE(calls.ended_at, excluded.ended_at) "
                 "ELSE calls.ended_at END, "
                 f"status = CASE WHEN calls.stream_sid IS NULL AND NOT ({stale}) THEN excluded.status ELSE calls.status END"
                 + direction,
                 (
                     op.call_sid, op.at, op.at if final else None, op.status, op.status, op.duration_s,
-                    op.direction or "inbound", op.from_number, op.to_number, op.answered_by,
+                    op.direction or "inbound", op.from_number, op.to_number, op.answered_by, op.account_sid,
                 ),
             )
 

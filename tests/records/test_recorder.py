@@ -207,7 +207,7 @@ async def test_recorder_keeps_who_answered_from_the_answer_webhook(records_setti
     async with open_recorder(records_settings(), clock=Clock()) as recorder:
         assert recorder is not None
         answer = {"CallSid": ["CAamd"], "CallStatus": ["in-progress"], "Direction": ["outbound-api"],
-                  "AnsweredBy": ["human"]}  # fmt: skip
+                  "AnsweredBy": ["human"], "AccountSid": ["AC" + "b" * 32]}  # fmt: skip
         recorder.twilio_status(answer)
         recorder.webhook(answer)
         stats = CallStats(call_sid="CAamd", provider="fake", started_s=trio.current_time())
@@ -215,12 +215,16 @@ async def test_recorder_keeps_who_answered_from_the_answer_webhook(records_setti
         live = recorder.live("CAamd")
         assert live is not None and live.answered_by == "human"
         recorder.call_ended("CAamd", stats, "twilio sent stop")
-        recorder.twilio_status({"CallSid": ["CAodd"], "CallStatus": ["completed"], "AnsweredBy": ["<machine>"]})
+        recorder.twilio_status({"CallSid": ["CAodd"], "CallStatus": ["completed"], "AnsweredBy": ["<machine>"],
+                                "AccountSid": ["not-an-account"]})  # fmt: skip
+        recorder.twilio_status({"CallSid": ["CAcb"], "CallStatus": ["busy"], "AccountSid": ["AC" + "c" * 32]})
         await recorder.flushed()
         stored = await trio.to_thread.run_sync(recorder.store.get, "CAamd")
         odd = await trio.to_thread.run_sync(recorder.store.get, "CAodd")
         assert stored is not None and (stored.answered_by, stored.status) == ("human", "completed")
-        assert odd is not None and odd.answered_by is None
+        assert odd is not None and (odd.answered_by, odd.account_sid) == (None, None)
+        busy = await trio.to_thread.run_sync(recorder.store.get, "CAcb")  # known only from a callback: its account
+        assert busy is not None and busy.account_sid == "AC" + "c" * 32
 
 
 @fail_after(20)

@@ -304,11 +304,13 @@ def test_store_an_unanswered_outbound_call_keeps_its_direction_and_numbers(
     """Known only from callbacks (nobody answered): outbound, from and to, as the callbacks say."""
     store = open_store(records_settings())
     try:
-        ring = SetTwilioStatus("CAout", "ringing", None, T0, direction="outbound", from_number="+1555", to_number="+1666")
+        ring = SetTwilioStatus("CAout", "ringing", None, T0, direction="outbound", from_number="+1555", to_number="+1666",
+                               account_sid="AC" + "a" * 32)  # fmt: skip
         store.apply([ring, SetTwilioStatus("CAout", "no-answer", 0, T0)])  # (a callback without the fields)
         out = store.get("CAout")
         assert out is not None
         assert (out.direction, out.from_number, out.to_number, out.status) == ("outbound", "+1555", "+1666", "no-answer")
+        assert out.account_sid == "AC" + "a" * 32
         # A call that streamed keeps what its own record says.
         store.save(full_record("CAa"))
         before = store.get("CAa")
