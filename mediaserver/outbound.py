@@ -46,7 +46,7 @@ __all__ = ["OUTBOUND_PARAMETER", "Machine", "OutboundRequests", "register_routes
 log = logging.getLogger("mediaserver.outbound")
 
 OUTBOUND_PARAMETER = "outbound"  # query parameter of the answer URL carrying the one-time id
-PENDING_TTL_S = 15 * 60.0  # Twilio rings for at most 600 s (Calls.json Timeout); then some slack
+PENDING_TTL_S = 15 * 60.0  # Twilio rings for at most 600 s (Calls.json Timeout); then some slack (queued: see status())
 # How long a call placed here may still be answered, so that a draining server waits for it (and it holds its
 # place under MEDIASERVER_MAX_CALLS): Twilio's 60 s default ring (or the call's ring_timeout_s), 30 s more for
 # answering-machine detection (Twilio's MachineDetectionTimeout) when asked, and some slack.
@@ -108,6 +108,7 @@ class OutboundRequests:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._entries: dict[str, _Pending] = {}
+        self._ended: dict[str, None] = {}  # call SIDs whose final status came lately, oldest first
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -152,9 +153,17 @@ class OutboundRequests:
         self._entries.pop(key, None)
 
     def placed(self, key: str, call_sid: str) -> None:
-        """Twilio placed ``key``'s call as ``call_sid`` (its status callbacks name it)."""
+        """Twilio placed ``key``'s call as ``call_sid`` (its status callbacks name it).
+
+        A final status callback may come before the REST request's answer (a number that fails at once): then
+        the call is over already, and its entry goes.
+        """
         entry = self._entries.get(key)
-        if entry is not None and call_sid:
+        if entry is None or not call_sid:
+            return
+        if call_sid in self._ended:
+            del self._entries[key]
+        else:
             self._entries[key] = replace(entry, call_sid=call_sid)
 
     def status(self, call_sid: str, status: str) -> None:
@@ -164,12 +173,20 @@ class OutboundRequests:
         calls per second), so its ring time counts from now.  ``busy``, ``no-answer``, ``failed``, ``canceled``,
         ``completed``: it will not be answered, and stops holding a place (drain, ``MEDIASERVER_MAX_CALLS``).
         """
+        final = status in ("busy", "no-answer", "failed", "canceled", "completed")
+        if final and call_sid:
+            self._ended[call_sid] = None  # (for placed(), if the REST answer has not come yet)
+            while len(self._ended) > self.max_entries:
+                del self._ended[next(iter(self._ended))]
         for key, entry in self._entries.items():
             if entry.call_sid != call_sid or entry.answered_by is not None:
                 continue
             if status in ("initiated", "ringing"):
-                self._entries[key] = replace(entry, placed_s=max(entry.placed_s, trio.current_time()))
-            elif status in ("busy", "no-answer", "failed", "canceled", "completed"):
+                now = trio.current_time()
+                # (its id stays redeemable for as long as it may ring from now, queued however long first)
+                expires_s = max(entry.expires_s, now + entry.ringing_s + RETRY_WINDOW_S)
+                self._entries[key] = replace(entry, placed_s=max(entry.placed_s, now), expires_s=expires_s)
+            elif final:
                 del self._entries[key]
             return
 

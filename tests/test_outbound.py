@@ -671,6 +671,23 @@ async def test_outbound_a_call_s_ring_timeout_and_machine_detection_lengthen_its
     pending.status("CA" + "7" * 32, "completed")  # (rung out: Twilio's final status for it)
     assert pending.waiting() == 0 and pending.take(queued, TO, "CA" + "7" * 32) is None
 
+    # Queued long (Twilio dials an account's calls at its calls per second), then a long ring: it may still be
+    # answered past the 15 minutes an id is kept from placing, and it holds its place until then.
+    late = pending.put(TO, agent, ring_s=600)
+    assert late is not None
+    pending.placed(late, "CA" + "8" * 32)
+    await trio.sleep(500)
+    pending.status("CA" + "8" * 32, "ringing")
+    await trio.sleep(550)  # 1050 s after it was placed
+    assert pending.waiting() == 1 and pending.take(late, TO, "CA" + "8" * 32) is agent
+
+    # A number that fails at once: its final callback may come before the REST request's answer.
+    pending.status("CA" + "9" * 32, "failed")
+    failed = pending.put(TO, agent)
+    assert failed is not None and pending.waiting() == 1
+    pending.placed(failed, "CA" + "9" * 32)
+    assert pending.waiting() == 0 and pending.take(failed, TO, "CA" + "9" * 32) is None
+
 
 async def test_outbound_a_greeting_for_the_echo_agent_is_answered_with_a_warning() -> None:
     """The echo agent has no voice: a call placed with a greeting is placed, and the answer says it goes unspoken."""

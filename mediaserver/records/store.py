@@ -44,7 +44,9 @@ log = logging.getLogger("mediaserver.records")
 SQLITE_FILE = "calls.sqlite3"
 INTERRUPTED_REASON = "server stopped during the call"
 NO_FINAL_STATUS_REASON = "no final status from Twilio (its status callback never came)"
-TWILIO_LONGEST_CALL_S = 4 * 3600.0  # Twilio's largest TimeLimit: a call it has not ended by then is over
+# A call Twilio has not ended this long after its first callback is over: 24 h calls (an account setting; 4 h by
+# default), and 10 minutes of ringing.
+TWILIO_LONGEST_CALL_S = 24 * 3600.0 + 600.0
 
 # calls columns written by a SaveCall, in CallRecord order (the Twilio columns
 # belong to the status callbacks and are never overwritten by a save)
@@ -172,8 +174,9 @@ class RecordStore:
         """Calls known only from Twilio's callbacks (no stream here), first heard of before ``before``, whose final
         status never came (a callback Twilio did not retry, a server that was down): status ``unknown``.
 
-        Twilio ends every call within 4 hours (its longest ``TimeLimit``), so a row older than that still
-        ``ringing`` or ``in-progress`` (an outbound call a machine answered, say) is not a call that goes on.
+        Twilio ends every call within 24 hours (4 by default: ``TWILIO_LONGEST_CALL_S``), so a row older than that
+        still ``ringing`` or ``in-progress`` (an outbound call a machine answered, say) is not a call that goes on.
+        A final callback that still comes replaces ``unknown`` (and its ``end_reason``).
         """
         stuck = f"stream_sid IS NULL AND status NOT IN ({_FINAL_SQL}, 'unknown') AND started_at < ?"
         with self.transaction():
@@ -275,6 +278,9 @@ class RecordStore:
                 "account_sid = COALESCE(calls.account_sid, excluded.account_sid), "
                 "ended_at = CASE WHEN calls.stream_sid IS NULL THEN COALESCE(calls.ended_at, excluded.ended_at) "
                 "ELSE calls.ended_at END, "
+                # (a callback-only row the start-up sweep closed as unknown: its final status came after all)
+                "end_reason = CASE WHEN calls.stream_sid IS NULL AND calls.status = 'unknown' "
+                f"AND excluded.twilio_status IN ({_FINAL_SQL}) THEN NULL ELSE calls.end_reason END, "
                 f"status = CASE WHEN calls.stream_sid IS NULL AND NOT ({stale}) THEN excluded.status ELSE calls.status END"
                 + direction,
                 (

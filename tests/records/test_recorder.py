@@ -185,13 +185,15 @@ async def test_recorder_start_closes_callback_only_calls_older_than_twilio_s_lon
 ) -> None:
     settings = records_settings()
     store = open_store(settings)
-    try:  # a machine answered at 03:59 and the completed callback never came; another call answered at 04:01
-        store.apply([SetTwilioStatus("CAold", "in-progress", None, "2026-11-21T03:59:00+00:00", answered_by="machine_start"),
-                     SetTwilioStatus("CAnew", "in-progress", None, "2026-11-21T04:01:00+00:00")])  # fmt: skip
+    # A machine answered the day before, 24 h 11 min before this start, and the completed callback never came;
+    # another call was answered 24 h 9 min before (Twilio allows 24-hour calls, and 10 minutes of ringing).
+    try:
+        store.apply([SetTwilioStatus("CAold", "in-progress", None, "2026-11-20T07:50:00+00:00", answered_by="machine_start"),
+                     SetTwilioStatus("CAnew", "in-progress", None, "2026-11-20T07:52:00+00:00")])  # fmt: skip
     finally:
         store.close()
     caplog.set_level(logging.INFO, logger="mediaserver.records")
-    async with open_recorder(settings, clock=Clock()) as recorder:  # starts at 08:00:01
+    async with open_recorder(settings, clock=Clock()) as recorder:  # starts at 2026-11-21 08:00:01
         assert recorder is not None
         old = await trio.to_thread.run_sync(recorder.store.get, "CAold")
         new = await trio.to_thread.run_sync(recorder.store.get, "CAnew")

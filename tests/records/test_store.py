@@ -292,8 +292,10 @@ def test_store_closes_calls_known_only_from_callbacks_whose_final_status_never_c
         }  # fmt: skip
         assert store.close_unfinished_callbacks(before) == []  # once
         # A late final callback still tells the truth.
-        store.apply([SetTwilioStatus("CAmachine", "completed", 12, T0)])
-        assert store.get("CAmachine").status == "completed"  # type: ignore[union-attr]
+        store.apply([SetTwilioStatus("CAmachine", "completed", 12, T0), SetTwilioStatus("CAringing", "ringing", None, T0)])
+        machine, ringing = store.get("CAmachine"), store.get("CAringing")
+        assert machine is not None and (machine.status, machine.end_reason) == ("completed", None)
+        assert ringing is not None and (ringing.status, ringing.end_reason) == ("ringing", reason)  # (not final)
     finally:
         store.close()
 
