@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from mediaserver._urls import redact
 from mediaserver.logs import FORMATS as LOG_FORMATS
 from mediaserver.logs import LEVELS as LOG_LEVELS
+from mediaserver.protocol.twilio_events import is_twilio_sid
 from mediaserver.security import configured_base, signature_bases
 
 __all__ = ["PCM_RATES", "PROVIDERS", "REQUIRED", "ConfigError", "Settings", "env_name", "is_http_url", "load_dotenv_file"]
@@ -218,7 +219,7 @@ class Settings:
                 raise ConfigError(f"MEDIASERVER_TRANSFER_NUMBERS: {exc}") from None
         for name, prefix in (("twilio_account_sid", "AC"), ("twilio_api_key_sid", "SK")):
             sid = getattr(self, name)
-            if sid is not None and not re.fullmatch(prefix + "[0-9a-fA-F]{32}", sid):
+            if sid is not None and not is_twilio_sid(sid, prefix):
                 raise ConfigError(f"{env_name(name)} must be {prefix} followed by 32 hex digits, not {sid[:40]!r}")
         if bool(self.twilio_api_key_sid) != bool(self.twilio_api_key_secret):  # (half an API key: REST calls would fail)
             have, need = ("TWILIO_API_KEY_SID", "TWILIO_API_KEY_SECRET")[:: 1 if self.twilio_api_key_sid else -1]

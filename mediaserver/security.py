@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, cast
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
-from mediaserver.protocol.twilio_events import is_sid_like
+from mediaserver.protocol.twilio_events import is_sid_like, is_twilio_sid
 
 __all__ = [
     "MEDIA_STREAM_PATH",
@@ -170,9 +170,6 @@ def validate_body_signature(auth_token: str, url: str, body: bytes | str, signat
     return validate_signature(auth_token, url, {}, signature) and body_ok
 
 
-_TWILIO_CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
-
-
 def call_sid_error(call_sid: str, *, signed: bool) -> str | None:
     """Why ``call_sid`` (a webhook's ``CallSid``) is refused, or None.
 
@@ -190,7 +187,7 @@ def call_sid_error(call_sid: str, *, signed: bool) -> str | None:
     if not call_sid:
         return "CallSid missing"
     if signed:
-        if _TWILIO_CALL_SID.fullmatch(call_sid) is None:
+        if not is_twilio_sid(call_sid, "CA"):
             return "CallSid is not a Twilio call SID (CA and 32 hex digits)"
     elif not is_sid_like(call_sid):
         return "CallSid must be 1-64 letters, digits, '_' or '-'"

@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import trio
 from mediaserver.dial import audio, report, script
 from mediaserver.dial.call import CallResult, DialError, DialOptions, check_url, place_call
 from mediaserver.dial.script import BargeIn, Pause, Say, Step
+from mediaserver.protocol.twilio_events import is_twilio_sid
 from mediaserver.security import configured_base
 
 __all__ = ["DEFAULT_URL", "configure", "main", "run"]
@@ -230,7 +230,7 @@ async def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr:
             return _fail(f"MEDIASERVER_PORT must be 1-65535, not {port!r} (or give dial the webhook URL)", err, 2)
         args.url = f"http://127.0.0.1:{int(port)}/twiml"
     account_sid = args.account_sid or os.environ.get("TWILIO_ACCOUNT_SID") or None
-    if account_sid is not None and not re.fullmatch(r"AC[0-9a-fA-F]{32}", account_sid):
+    if account_sid is not None and not is_twilio_sid(account_sid, "AC"):
         return _fail(f"{account_sid!r} is not an account SID (AC followed by 32 hex digits)", err, 2)
     auth_token = args.auth_token or os.environ.get("TWILIO_AUTH_TOKEN") or None
     public_url = (os.environ.get("MEDIASERVER_PUBLIC_URL") if args.public_url is None else args.public_url) or None

@@ -43,6 +43,7 @@ __all__ = [
     "TwilioEvent",
     "Unknown",
     "is_sid_like",
+    "is_twilio_sid",
 ]
 
 # Media Streams audio is "audio/x-mulaw" at 8000 Hz, mono, in both directions
@@ -64,6 +65,14 @@ def is_sid_like(value: str) -> bool:
     break, markup) gets through.
     """
     return _SID_LIKE.fullmatch(value) is not None
+
+
+_HEX32 = re.compile(r"[0-9a-fA-F]{32}")
+
+
+def is_twilio_sid(value: str, prefix: str) -> bool:
+    """Whether ``value`` is a SID in Twilio's exact format: ``prefix`` (``CA``, ``AC``, ``SK``...) and 32 hex digits."""
+    return value.startswith(prefix) and _HEX32.fullmatch(value, len(prefix)) is not None
 
 
 # --------------------------------------------------------------------------- inbound

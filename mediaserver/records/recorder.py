@@ -416,4 +416,4 @@ def _answered_by(form: Mapping[str, str]) -> str | None:
 def _account_sid(form: Mapping[str, str]) -> str | None:
     """Twilio's ``AccountSid``: AC and 32 hex digits, or None."""
     value = form.get("AccountSid", "")
-    return value if re.fullmatch(r"AC[0-9a-fA-F]{32}", value) else None
+    return value if tw.is_twilio_sid(value, "AC") else None

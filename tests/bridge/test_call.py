@@ -107,6 +107,19 @@ async def transfer_out(call: CallContext) -> str:
     return "transferred"
 
 
+class RecordingRest:
+    """Stands in for TwilioRest in transfers: records each redirect's TwiML; Twilio answers after ``delay_s``."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.updates: list[str] = []
+        self.delay_s = delay_s
+
+    async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
+        self.updates.append(twiml)
+        if self.delay_s:
+            await trio.sleep(self.delay_s)
+
+
 # -------------------------------------------------------------------- pacing
 
 
@@ -791,15 +804,9 @@ async def test_call_a_transfer_still_awaiting_twilio_does_not_hold_the_ending_ca
 async def test_call_a_transfer_asked_for_as_the_call_ends_is_not_made(autojump_clock: trio.testing.MockClock) -> None:
     """A transfer whose tool starts in a call already ending (its nursery cancelled, nothing playing, so the goodbye
     waits return at once): Twilio is asked nothing."""
-    asked: list[str] = []
-
-    class Rest:
-        async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
-            asked.append(twiml)
-            await trio.sleep(10)
-
+    rest = RecordingRest(delay_s=10)
     link = FakeLink()
-    async with bridged(link, rest=Rest()) as call:
+    async with bridged(link, rest=rest) as call:
         link.emit(pv.ResponseStarted("resp_1"), pv.ResponseDone("resp_1", "completed", None))  # (framed, quiet)
         await trio.sleep(0.5)
         nursery = call.bridge._nursery
@@ -808,7 +815,7 @@ async def test_call_a_transfer_asked_for_as_the_call_ends_is_not_made(autojump_c
         call.bridge._end("provider error: boom")  # the call ends; a tool task of the same batch starts after that
         nursery.start_soon(call.bridge.transfer, "+15551234567")
         await call.done.wait()
-        assert asked == []
+        assert rest.updates == []
         assert call.ended_s == pytest.approx(ending_s)
 
 
@@ -817,19 +824,13 @@ async def test_call_a_transfer_whose_request_is_out_as_the_call_ends_gets_the_gr
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """The tool reached Twilio first, then the call ended (a fatal error read next): TRANSFER_GRACE_S, not 10 s."""
-    asked: list[str] = []
-
-    class Rest:
-        async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
-            asked.append(twiml)
-            await trio.sleep(10)
-
+    rest = RecordingRest(delay_s=10)
     link = FakeLink()
-    async with bridged(link, tools=ToolSet([transfer_out]), tool_timeout_s=30.0, rest=Rest()) as call:
+    async with bridged(link, tools=ToolSet([transfer_out]), tool_timeout_s=30.0, rest=rest) as call:
         link.emit(pv.ResponseStarted("resp_1"), pv.ResponseDone("resp_1", "completed", None))
         await trio.sleep(0.5)
         link.emit(pv.ToolCall("c1", "transfer_out", "{}"))
-        while not asked:
+        while not rest.updates:
             await trio.sleep(0.01)
         ending_s = trio.current_time()
         link.emit(pv.ProviderError("boom", fatal=True))
@@ -844,20 +845,13 @@ async def test_call_a_tool_call_the_model_withdraws_is_stopped_and_never_acted_o
 ) -> None:
     """Gemini's toolCallCancellation, Deepgram's FunctionCallCancelled: the tool stops, no answer, no transfer."""
 
-    class Rest:
-        def __init__(self) -> None:
-            self.updates: list[str] = []
-
-        async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
-            self.updates.append(twiml)
-
     @tool
     async def slow() -> str:
         """Takes a while."""
         await trio.sleep(5)
         return "done"
 
-    rest = Rest()
+    rest = RecordingRest()
     link = FakeLink()
     async with bridged(link, tools=ToolSet([slow, transfer_out]), rest=rest) as call:
         link.emit(pv.AudioDelta("item_1", audio(2000)))  # the agent still talking: the transfer waits for it
@@ -950,14 +944,7 @@ async def test_call_a_failed_response_says_why_in_the_log(
 async def test_call_a_caller_who_speaks_over_a_transfers_announcement_is_not_transferred(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    class Rest:
-        def __init__(self) -> None:
-            self.updates: list[str] = []
-
-        async def update_call(self, call_sid: str, *, twiml: str, timeout_s: float | None = None) -> None:
-            self.updates.append(twiml)
-
-    rest = Rest()
+    rest = RecordingRest()
     link = FakeLink()
     async with bridged(link, tools=ToolSet([transfer_out]), tool_timeout_s=30.0, rest=rest) as call:
         link.emit(pv.AudioDelta("item_1", audio(3000)), pv.ToolCall("call_1", "transfer_out", "{}"))
