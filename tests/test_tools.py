@@ -45,7 +45,7 @@ from mediaserver.config import ConfigError, Settings
 from mediaserver.protocol.providers.base import SendText
 from mediaserver.protocol.providers.openai import OpenAIRealtimeConfig, OpenAIRealtimeSession
 from mediaserver.tools import CallContext, ToolError, ToolSet, load_module_tools, load_toolset, tool
-from mediaserver.tools.builtins import BUILTINS, parse_transfer_numbers, transfer_tool
+from mediaserver.tools.builtins import BUILTINS, END_CALL_STATUS, parse_transfer_numbers, transfer_tool
 
 from tests.fakes import FakeRealtimeSession, fail_after, to_ulaw, tone, validate_client_event
 from tests.test_app import fake_openai, openai_settings, phone_call, running
@@ -752,7 +752,8 @@ async def test_tools_end_call_hangs_up_after_the_goodbye_has_played(caplog: pyte
     assert caller.echoes[-1].at_s <= caller.closed_at_s  # ...before the stream was closed
     assert caller.closed_at_s is not None and caller.closed_at_s >= caller.playback.buffer_end_s
     assert caller.closed_at_s >= finished_at[0]
-    assert outputs(session)["call_end"] == ('{"status": "hanging up after your goodbye has played"}', False)
+    assert outputs(session)["call_end"] == (json.dumps({"status": END_CALL_STATUS}), False)
+    assert "speaks over it, the call goes on" in END_CALL_STATUS
     ended = [r.getMessage() for r in caplog.records if "ended (" in r.getMessage()]
     assert any("agent hung up: caller said bye" in m for m in ended), ended
 

@@ -17,10 +17,14 @@ import re
 from .context import CallContext, ToolError
 from .registry import Tool
 
-__all__ = ["BUILTINS", "DEFAULT_BUILTINS", "DTMF_DIGITS", "E164", "parse_transfer_numbers", "transfer_tool"]
+__all__ = ["BUILTINS", "DEFAULT_BUILTINS", "DTMF_DIGITS", "END_CALL_STATUS", "E164", "parse_transfer_numbers", "transfer_tool"]
 
 E164 = re.compile(r"\+[1-9][0-9]{6,14}\Z")  # ITU-T E.164: up to 15 digits after '+'
 _E164_PREFIX = re.compile(r"\+[1-9][0-9]{0,13}\*\Z")  # "+44*", "+1555*": every number that starts so
+END_CALL_STATUS = (
+    "hanging up after your goodbye has played; if the caller speaks over it, the call goes on "
+    "(call end_call again when it should end)"
+)  # (the model is told in advance: a hang-up called off by a barge-in is not announced to it)
 DTMF_DIGITS = re.compile(r"^[0-9*#wW]{1,32}$")  # Twilio SendDigits / <Play digits> alphabet, 32 max
 
 
@@ -28,14 +32,15 @@ async def end_call(call: CallContext, reason: str | None = None) -> dict[str, st
     """Hang up the phone call.
 
     Say goodbye first, in the same turn: the call ends once your goodbye has
-    played to the caller.  Use it when the conversation is over or the
-    caller asks to hang up.
+    played to the caller.  If the caller speaks over the goodbye, the call
+    goes on; call this again when it should end.  Use it when the
+    conversation is over or the caller asks to hang up.
 
     Args:
         reason: Why the call is ending, for the call log.
     """
     await call.end_call(reason or "the agent ended the call")
-    return {"status": "hanging up after your goodbye has played"}
+    return {"status": END_CALL_STATUS}
 
 
 def parse_transfer_numbers(spec: str) -> tuple[str, ...]:
