@@ -8,6 +8,7 @@
 * ``POST /call-status`` -- call status callbacks, logged and kept on the call record;
 * ``GET /calls/<sid>`` -- a call record, for the API key (mediaserver/records/routes.py);
 * ``GET /healthz`` -- liveness, call counts and the reactor's counters;
+* ``GET /readyz`` -- readiness: 503 while a new call would be turned away (draining, or at the call limit);
 * ``GET /metrics`` -- the same and more in Prometheus' text format (:mod:`mediaserver.metrics`).
 
 With ``TWILIO_AUTH_TOKEN`` set, every webhook and the WebSocket upgrade must
@@ -103,6 +104,19 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
             "records": "off" if calls.recorder is None else calls.recorder.health,  # (calls go on either way)
             "reactor": reactor_stats(),
         }, 200 if calls.accepting else 503
+
+    @app.get("/readyz")
+    async def readyz() -> tuple[dict[str, object], int]:
+        # For a load balancer's active check: 503 while this instance would turn a new call away, so that
+        # new calls go to the others (/healthz stays 200 when full: the instance is healthy, its calls go on).
+        reason = "draining" if not calls.accepting else "at_capacity" if calls.at_capacity else None
+        return {
+            "ready": reason is None,
+            "reason": reason,
+            "calls": calls.calls_now,
+            "max_calls": settings.max_calls or None,
+            "instance": settings.instance_url,
+        }, 200 if reason is None else 503
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -175,6 +175,14 @@ async def test_app_healthz() -> None:
 
 
 @fail_after(10)
+async def test_app_readyz_is_ready_with_no_limit() -> None:
+    async with running(base_settings()) as url:
+        response = await http_request(url + "/readyz")
+    assert response.status == 200
+    assert json.loads(response.body) == {"ready": True, "reason": None, "calls": 0, "max_calls": None, "instance": None}
+
+
+@fail_after(10)
 async def test_app_twiml_connects_the_stream_with_a_token() -> None:
     async with running(base_settings()) as url:
         port = url.rsplit(":", 1)[1]
@@ -574,6 +582,8 @@ async def test_app_shutdown_keeps_serving_its_calls_while_they_drain(caplog: pyt
             health = await http_request(url + "/healthz")
             assert health.status == 503 and json.loads(health.body)["status"] == "draining"
             assert json.loads(health.body)["active_calls"] == 1
+            ready = await http_request(url + "/readyz")
+            assert ready.status == 503 and json.loads(ready.body)["reason"] == "draining"
             form = [("CallSid", "CA" + "9" * 32), ("AccountSid", ACCOUNT_SID), ("From", "+15550001111")]
             refused = await http_request(url + "/twiml", "POST", form=form)  # a new call: refused, with a spoken reason
             assert refused.status == 200 and "busy" in refused.text and "<Stream" not in refused.text
@@ -636,6 +646,11 @@ async def test_app_max_calls_turns_new_calls_away_busy_or_with_503_for_another_i
                 assert refused.headers["content-type"].startswith("text/plain")
             health = json.loads((await http_request(url + "/healthz")).body)
             assert (health["status"], health["pending_calls"], health["calls"], health["max_calls"]) == ("ok", 1, 1, 1)
+            ready = await http_request(url + "/readyz")  # (a load balancer's active check: send new calls elsewhere)
+            assert ready.status == 503
+            assert json.loads(ready.body) == {
+                "ready": False, "reason": "at_capacity", "calls": 1, "max_calls": 1, "instance": instance_url
+            }
             metrics = (await http_request(url + "/metrics")).text
             assert 'mediaserver_streams_refused_total{reason="at_capacity"} 1' in metrics.splitlines()
             # Twilio retrying the webhook of the call answered: the same session, not a refusal (that would hang up)
