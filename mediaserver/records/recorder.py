@@ -50,6 +50,7 @@ MAX_DETAIL_CHARS = 256  # a From/To (a number, client:name or a SIP URI) or Acco
 SHUTDOWN_WRITE_S = 10.0  # at shutdown, how long the writer may take to write what is queued ...
 FINAL_WRITE_S = 5.0  # ... and then its last batch (a database that does not answer cannot hold the server up)
 
+SWEEP_EVERY_S = 3600.0  # how often a running server closes callback-only calls whose final status never came
 READ_THREADS = 4  # reads (GET /calls/SID) at once, on threads of their own
 READ_TIMEOUT_S = 5.0  # a read the database has not answered by then is abandoned: 503
 
@@ -371,16 +372,12 @@ async def open_recorder(
                     "(give each server its own MEDIASERVER_INSTANCE_URL, or its own MEDIASERVER_DATA_DIR)",
                     store.description, settings.instance_url or "the same single instance",
                 )
-            # (any instance's: a row that old is no call under way anywhere)
-            over = (now - timedelta(seconds=TWILIO_LONGEST_CALL_S)).isoformat()
-            unfinished = await trio.to_thread.run_sync(store.close_unfinished_callbacks, over)
+            unfinished = await trio.to_thread.run_sync(store.close_unfinished_callbacks, _longest_call_ago(now))
         except Exception as exc:
             log.error("call records are OFF: cannot update the %s: %s", store.description, exc)
             yield None
             return
-        if unfinished:
-            log.info("call records: %d call(s) known only from Twilio's callbacks never got a final status; now "
-                     "unknown: %s", len(unfinished), ", ".join(unfinished[:10]) + (" ..." if len(unfinished) > 10 else ""))
+        _log_unfinished(unfinished)
         if stale:
             shown = ", ".join(stale[:10]) + (" ..." if len(stale) > 10 else "")
             log.warning("call records: %d call(s) were live when the server last stopped, now interrupted: %s",
@@ -389,15 +386,50 @@ async def open_recorder(
         recorder = Recorder(store, clock=clock, instance=settings.instance_url)
         async with trio.open_nursery() as nursery:
             await nursery.start(recorder.run)
+            sweeping = trio.CancelScope()
+            nursery.start_soon(_sweep_unfinished, recorder, sweeping)
             try:
                 yield recorder
             finally:
+                sweeping.cancel()
                 recorder.close()
                 recorder.stop_by(trio.current_time() + SHUTDOWN_WRITE_S)
     finally:
         if recorder is None or not recorder.stuck:  # (else the store is held by the abandoned write: leave it)
             with trio.move_on_after(FINAL_WRITE_S, shield=True):
                 await trio.to_thread.run_sync(store.close, abandon_on_cancel=True)
+
+
+def _longest_call_ago(now: datetime) -> str:
+    # (any instance's rows: one first heard of that long ago is no call under way anywhere)
+    return (now - timedelta(seconds=TWILIO_LONGEST_CALL_S)).isoformat()
+
+
+def _log_unfinished(sids: Sequence[str]) -> None:
+    if sids:
+        log.info("call records: %d call(s) known only from Twilio's callbacks never got a final status; now "
+                 "unknown: %s", len(sids), ", ".join(sids[:10]) + (" ..." if len(sids) > 10 else ""))
+
+
+async def _sweep_unfinished(recorder: Recorder, scope: trio.CancelScope) -> None:
+    """Every ``SWEEP_EVERY_S`` while the server runs, what the start does once: callback-only calls first heard of
+    more than ``TWILIO_LONGEST_CALL_S`` ago whose final status never came become ``unknown`` (a server that runs
+    for weeks would otherwise show them ringing or in progress until its next start)."""
+    with scope:
+        while True:
+            await trio.sleep(SWEEP_EVERY_S)
+            if recorder.stuck:  # (the database stopped answering a write: nothing more goes to it)
+                return
+            try:
+                # (the store's lock serialises this with the writer's batches)
+                sids = await trio.to_thread.run_sync(
+                    recorder.store.close_unfinished_callbacks, _longest_call_ago(recorder.clock()),
+                    abandon_on_cancel=True, limiter=recorder._readers,
+                )
+            except Exception as exc:  # (the next sweep tries again; calls go on either way)
+                log.warning("call records: could not close calls without a final status: %s", exc)
+            else:
+                _log_unfinished(sids)
 
 
 def _calls_of(batch: Sequence[StoreOp], most: int = 5) -> str:

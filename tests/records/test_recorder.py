@@ -16,6 +16,7 @@ from mediaserver.bridge.stats import CallStats
 from mediaserver.config import Settings
 from mediaserver.protocol import twilio_events as tw
 from mediaserver.records.model import CallRecord, Turn
+from mediaserver.records import recorder as recorder_module
 from mediaserver.records.recorder import Recorder, RecordsUnavailable, end_status, open_recorder
 from mediaserver.records.store import RecordStore, SetTwilioStatus, StoreOp, open_store
 from tests.fakes import fail_after
@@ -200,6 +201,36 @@ async def test_recorder_start_closes_callback_only_calls_older_than_twilio_s_lon
         assert old is not None and new is not None and (old.status, new.status) == ("unknown", "in-progress")
     assert any("1 call(s) known only from Twilio's callbacks never got a final status; now unknown: CAold"
                in r.getMessage() for r in caplog.records)
+
+
+@fail_after(20)
+async def test_a_running_recorder_closes_callback_only_calls_once_they_are_old_enough(
+    records_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only at start: a server that runs for weeks sweeps every SWEEP_EVERY_S."""
+    monkeypatch.setattr(recorder_module, "SWEEP_EVERY_S", 0.05)
+    caplog.set_level(logging.INFO, logger="mediaserver.records")
+    settings = records_settings()
+    clock = Clock()
+    async with open_recorder(settings, clock=clock) as recorder:  # starts at 2026-11-21 08:00:01
+        assert recorder is not None
+        # first heard of 24 h 9 min before the start: not closed by it, nor by a sweep a minute later
+        recorder.store.apply([SetTwilioStatus("CAlate", "ringing", None, "2026-11-20T07:51:01+00:00")])
+        await trio.sleep(0.2)
+        row = await trio.to_thread.run_sync(recorder.store.get, "CAlate")
+        assert row is not None and row.status == "ringing"
+        clock.now += timedelta(minutes=2)  # now 24 h 11 min: the next sweep closes it
+        with trio.fail_after(5):
+            while True:
+                row = await trio.to_thread.run_sync(recorder.store.get, "CAlate")
+                assert row is not None
+                if row.status != "ringing":
+                    break
+                await trio.sleep(0.05)
+        assert (row.status, row.end_reason) == ("unknown", "no final status from Twilio (its status callback never came)")
+    assert [r.getMessage() for r in caplog.records if "never got a final status" in r.getMessage()] == [
+        "call records: 1 call(s) known only from Twilio's callbacks never got a final status; now unknown: CAlate"
+    ]
 
 
 @fail_after(20)
