@@ -68,7 +68,8 @@ duplicates: frames dropped because that sequence number was already waiting,
 late:       frames dropped because the play-out point had passed them
 concealed:  concealment frames returned in place of missing ones
 reordered:  accepted frames that arrived after a higher sequence number
-resyncs:    jumps of ``capacity`` or more ahead of the play-out point
+resyncs:    jumps of ``capacity`` or more ahead of the play-out point that skipped
+            the gap (nothing waiting before the frame, or too much: see ``capacity``)
 dropped:    accepted frames discarded unplayed by a resync or ``reset()``
 
 ``received == played + duplicates + late + dropped + len(buffer)`` always.
@@ -173,10 +174,14 @@ cdef class JitterBuffer:
       the silence byte and how ``"fade"`` decodes and re-encodes.
     * ``capacity``: ring size, a power of two >= ``depth + 2`` (default: 64,
       or ``2 * (depth + 1)`` rounded up to a power of two if larger).  Frames
-      must lie within ``capacity`` sequence numbers of the play-out point: a
-      frame further ahead triggers a *resync* (waiting frames are dropped and
-      play-out restarts at that frame) instead of a burst of concealment.
-      So a gap shorter than ``capacity`` is concealed, a longer one skipped.
+      must lie within ``capacity`` sequence numbers of the play-out point.  A
+      frame further ahead moves the play-out point up to make room when it
+      and the frames waiting fit in the ring together: the missing numbers
+      passed still come out as concealment frames, first.  Otherwise (nothing
+      waits before it, or a waiting frame would fall out) it is a *resync*:
+      waiting frames are dropped and play-out restarts at that frame, with no
+      burst of concealment.  So a gap shorter than ``capacity`` is concealed,
+      a longer one skipped.
     * ``first_seq``: the sequence number play-out starts at (Twilio: 1).  If
       omitted, the first pushed frame sets it, and until the first frame is
       played out an earlier one may still move it back (within capacity).
@@ -192,6 +197,7 @@ cdef class JitterBuffer:
     cdef uint64_t _next             # play-out point; reaches 2**63 at most
     cdef int64_t _max_seen          # highest accepted seq since resync/reset
     cdef Py_ssize_t _cap, _mask, _depth, _count, _frame_bytes, _run
+    cdef Py_ssize_t _owed           # concealment frames due before _next (see _catch_up)
     cdef bint _started, _floating, _fade, _initialised
     cdef int _codec
     cdef uint8_t _silence_byte
@@ -282,6 +288,7 @@ cdef class JitterBuffer:
                     Py_XDECREF(p)
             self._dropped += <uint64_t>self._count
             self._count = 0
+        self._owed = 0
 
     def reset(self, first_seq=None):
         """Forget the stream: drop waiting frames (counted as ``dropped``),
@@ -296,6 +303,7 @@ cdef class JitterBuffer:
         self._max_seen = -1
         self._last = None
         self._run = 0
+        self._owed = 0
 
     def push(self, seq, frame):
         """Add one frame.  ``frame`` is any bytes-like object; ``bytes`` is kept
@@ -325,10 +333,11 @@ cdef class JitterBuffer:
                     self._late += 1
                 return
         elif d >= self._cap:
-            self._resyncs += 1
-            self._clear()
-            self._next = <uint64_t>s
-            self._max_seen = -1
+            if not self._catch_up(s):
+                self._resyncs += 1
+                self._clear()
+                self._next = <uint64_t>s
+                self._max_seen = -1
         elif self._slots[slot] != NULL:
             self._duplicates += 1
             return
@@ -340,12 +349,38 @@ cdef class JitterBuffer:
         self._slots[slot] = <PyObject*>frame
         self._count += 1
 
+    cdef bint _catch_up(self, int64_t s) noexcept:
+        # ``s`` is ``capacity`` or more ahead of the play-out point.  If the frames waiting and ``s`` fit in the
+        # ring together, the gap before the first of them is shorter than ``capacity``: move the play-out point
+        # up so that ``s`` fits, and owe a concealment frame for each missing number it passed (they are all
+        # missing: the first waiting frame is at or after the new point).  False: a resync it is.
+        cdef uint64_t seq = self._next
+        cdef uint64_t start
+        if self._count == 0:
+            return False
+        while self._slots[<Py_ssize_t>(seq & <uint64_t>self._mask)] == NULL:
+            seq += 1
+        start = <uint64_t>s - <uint64_t>self._cap + 1
+        if seq < start:
+            return False   # a waiting frame would fall out of the ring
+        self._owed += <Py_ssize_t>(start - self._next)
+        self._next = start
+        return True
+
     cdef inline object _pop(self, Py_ssize_t depth):
         cdef Py_ssize_t slot
         cdef PyObject* p
         cdef bytes frame
         if self._count == 0:
             return None
+        if self._owed:     # numbers the play-out point was moved past (_catch_up): all missing
+            self._owed -= 1
+            self._concealed += 1
+            self._floating = False
+            self._run += 1
+            if self._run == 1 and self._last is not None:
+                return self._faded()
+            return self._fill
         slot = <Py_ssize_t>(self._next & <uint64_t>self._mask)
         p = self._slots[slot]
         if p != NULL:
@@ -403,7 +438,7 @@ cdef class JitterBuffer:
         first frame (unless ``first_seq`` was given)."""
         if not self._started:
             return None
-        return self._next
+        return self._next - <uint64_t>self._owed
 
     @property
     def depth(self):

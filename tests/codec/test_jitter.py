@@ -200,6 +200,45 @@ def test_jitter_gap_shorter_than_capacity_is_concealed(impl: Impl) -> None:
 
 
 @IMPLS
+@pytest.mark.parametrize("depth", [0, 2, 5])
+def test_jitter_every_gap_shorter_than_capacity_is_concealed_when_frames_follow_it(impl: Impl, depth: int) -> None:
+    # The frames after the gap: once depth + 1 of them wait, the last is capacity or more ahead of the play-out
+    # point for the longest gaps; they were dropped by a resync (a 62-frame gap at depth 2 lost 2 real frames).
+    cap = 64
+    for gap in range(1, cap):
+        jb = impl(depth=depth, capacity=cap, first_seq=1)
+        after = list(range(2 + gap, 2 + gap + depth + 3))
+        out = feed(jb, [1, *after]) + jb.drain()
+        assert out == [frame(1)] + [b"\xff" * 160] * gap + [frame(seq) for seq in after], gap
+        s = jb.stats
+        assert (s.played, s.concealed, s.resyncs, s.dropped, s.late) == (1 + len(after), gap, 0, 0, 0), gap
+    for gap in (cap, cap + 1, 1000):  # a gap of capacity or more is skipped
+        jb = impl(depth=depth, capacity=cap, first_seq=1)
+        feed(jb, [1])
+        assert feed(jb, [2 + gap]) == [frame(2 + gap)] and jb.stats.resyncs == 1
+
+
+@IMPLS
+def test_jitter_concealment_owed_for_a_passed_gap_comes_first_and_late_frames_from_it_are_late(impl: Impl) -> None:
+    jb = impl(depth=2, capacity=8, first_seq=1)
+    assert feed(jb, [1, 8, 9]) == [frame(1)]  # 2-7 missing, 8 and 9 wait
+    assert jb.next_seq == 2
+    # 10 - 2 >= capacity, but 8, 9 and 10 fit in the ring: the point moves to 3, and 2 is owed
+    assert feed(jb, [10]) == [b"\xff" * 160] * 6 + [frame(8), frame(9), frame(10)]
+    assert jb.next_seq == 11 and jb.stats.resyncs == 0
+    jb = impl(depth=2, capacity=8, first_seq=1)
+    feed(jb, [1])
+    for seq in (8, 9, 10, 11):  # no pops: the point moves to 3, then to 4
+        jb.push(seq, frame(seq))
+    assert jb.next_seq == 2 and len(jb) == 4
+    jb.push(2, frame(2))  # owed: its turn has passed
+    jb.push(3, frame(3))
+    assert jb.stats.late == 2
+    assert jb.drain() == [b"\xff" * 160] * 6 + [frame(8), frame(9), frame(10), frame(11)]
+    assert jb.next_seq == 12 and accounted(jb)
+
+
+@IMPLS
 def test_jitter_holds_at_most_capacity_frames_without_pops(impl: Impl) -> None:
     jb = impl(capacity=8)
     for seq in range(100, 108):

@@ -148,6 +148,7 @@ class JitterBuffer:
         self._floating = self._first_seq is None
         self._last: bytes | None = None
         self._run = 0  # concealment frames since the last real frame
+        self._owed = 0  # concealment frames due before _next (a gap the play-out point was moved past)
 
     def push(self, seq: int, frame: Buffer) -> None:
         seq = _check_seq(seq)
@@ -165,10 +166,17 @@ class JitterBuffer:
                 self._late += 1
                 return
         elif seq - self._next >= self.capacity:
-            self._resyncs += 1
-            self._dropped += len(self._waiting)
-            self._waiting.clear()
-            self._next = self._max_seen = seq
+            start = seq - self.capacity + 1  # the play-out point that lets seq into the ring
+            if self._waiting and min(self._waiting) >= start:
+                # the gap before the waiting frames is shorter than capacity: conceal it, frame by frame
+                self._owed += start - self._next
+                self._next = start
+            else:
+                self._resyncs += 1
+                self._dropped += len(self._waiting)
+                self._waiting.clear()
+                self._owed = 0
+                self._next = self._max_seen = seq
         elif seq in self._waiting:
             self._duplicates += 1
             return
@@ -193,6 +201,9 @@ class JitterBuffer:
         if not self._waiting:
             return None
         assert self._next is not None
+        if self._owed:  # numbers the play-out point was moved past: all missing
+            self._owed -= 1
+            return self._conceal()
         seq = self._next
         frame = self._waiting.pop(seq, None)
         if frame is not None:
@@ -206,22 +217,25 @@ class JitterBuffer:
             return frame
         if len(self._waiting) > depth:
             self._next = seq + 1
-            self._concealed += 1
-            self._floating = False
-            if self._fade and self._run == 0 and self._last is not None:
-                frame = fade_frame(self._last, self.frame_bytes, self.codec)
-            else:
-                frame = self._fill
-            self._run += 1
-            return frame
+            return self._conceal()
         return None
+
+    def _conceal(self) -> bytes:
+        self._concealed += 1
+        self._floating = False
+        if self._fade and self._run == 0 and self._last is not None:
+            frame = fade_frame(self._last, self.frame_bytes, self.codec)
+        else:
+            frame = self._fill
+        self._run += 1
+        return frame
 
     def __len__(self) -> int:
         return len(self._waiting)
 
     @property
     def next_seq(self) -> int | None:
-        return self._next
+        return None if self._next is None else self._next - self._owed
 
     @property
     def stats(self) -> JitterStats:
