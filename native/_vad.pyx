@@ -349,7 +349,10 @@ cdef class EnergyVAD:
       (0: on the first one) and turns False after ``hangover_ms`` of inactive
       frames; both are rounded up to whole frames.
     * The noise floor adapts by itself: fast down, slowly up under speech,
-      never below the quietest frame of the last 2 s.
+      never below the quietest frame of the last 2 s.  It is unset until a
+      frame reaches ``min_level_dbfs``, and that frame sets it (a line's room
+      tone): a steady tone that starts loud after digital silence is taken as
+      noise, never as speech.
     * Echo guard: call ``observe_agent(pcm)`` with each chunk of agent audio as
       it is sent to the caller (or ``observe_agent_level(dbfs)``).  For that
       audio's duration plus ``echo_hold_ms``, quieter input is not speech.

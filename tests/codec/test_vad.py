@@ -570,3 +570,18 @@ def test_vad_made_without_init_raises_instead_of_crashing() -> None:
     with pytest.raises(RuntimeError, match="__init__ was not called"):
         vad.observe_agent_level(0.0)
     assert (vad.level_dbfs, vad.threshold_dbfs, vad.noise_floor_dbfs) == (None, None, None)  # none yet, as documented
+
+
+@IMPLS
+def test_vad_first_audible_frame_sets_the_floor_so_a_steady_tone_after_silence_is_noise(impl: Any) -> None:
+    """Documented: the floor is unset until a frame reaches min_level_dbfs, and that frame sets it (a line's room
+    tone).  A steady tone straight after digital silence is the line's noise; after room tone, it is speech."""
+    t = np.arange(8000 * 2) / 8000
+    tone = (8000 * np.sin(2 * np.pi * 1000 * t)).astype(np.int16)  # -15 dBFS, 2 s
+    silence = np.zeros(4000, dtype=np.int16)
+    vad = impl()
+    assert not run(vad, np.concatenate([silence, tone])).any()
+    room = (noise("white", 4000, seed=3) * 10 ** (-45 / 20) * FULL_SCALE).astype(np.int16)  # 0.5 s at -45 dBFS
+    vad = impl()
+    speaking = run(vad, np.concatenate([silence, room, tone]))
+    assert not speaking[: (4000 + 4000) // 160].any() and speaking[(4000 + 4000) // 160 :].all()
