@@ -30,6 +30,7 @@ DIRECTIVES = {
     "cdivision": True,
     "initializedcheck": False,
     "embedsignature": True,
+    "embedsignature.format": "python",
 }
 
 only = {name for name in os.environ.get("MEDIASERVER_ONLY", "").split(",") if name}

@@ -463,8 +463,12 @@ def write_json(path: Path, payload: Mapping[str, object]) -> None:
             return [clean(v) for v in o]
         return o
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(payload), indent=2, default=default, ensure_ascii=False) + "\n")
+    text = json.dumps(clean(payload), indent=2, default=default, ensure_ascii=False) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:  # (checked before the run; something changed since: one line, not a traceback)
+        raise SystemExit(f"bench: could not write {path}: {exc.strerror or exc}") from None
 
 
 def interrupt_on_sigterm() -> None:
@@ -504,4 +508,12 @@ def check_output_path(path: Path | None, option: str) -> str | None:
         return f"{option} {path} is a directory; give a file name"
     if not path.parent.is_dir():
         return f"{option} {path}: the folder {path.parent} does not exist"
+    existed = path.exists()
+    try:  # (really: permissions, a read-only or special file system; a file there already is left as it is)
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        return f"{option} {path} cannot be written: {exc.strerror or exc}"
+    if not existed:
+        path.unlink(missing_ok=True)
     return None

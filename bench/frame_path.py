@@ -519,9 +519,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append({})
         rows += path_rows
     notes = [
+        *(["QUICK smoke run, not for comparison (few frames and repeats: the first path also pays the warm-up)."]
+          if args.quick else []),
         f"each stage minus an identity stage ({bare:.0f} ns: two clock reads and the call); median / p99 over frames,",
         "median over repeats.  'total' sums the bridge stages per frame; VAD, 'of which' and wsproto rows are not in it.",
         f"downlink: per {CHUNK_MS} ms delta -> one Twilio media + mark + its echo, divided by {CHUNK_MS // FRAME_MS}.",
+        "A stage of a few hundred ns or less is within the noise of that subtraction: bench/codecs.py times the",
+        "kernels alone, in batches, and is the figure to compare them by.",
     ]
     print(render_table("Table 1. Bridge stages, ns per 20 ms frame", COLUMNS, rows, notes))
     print(

@@ -75,3 +75,24 @@ def test_bench_sigterm_stops_it_as_ctrl_c_does(bench: str) -> None:
         proc.kill()
     assert proc.returncode == 130, err
     assert "interrupted" in err
+
+
+def test_bench_output_path_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path) -> None:
+    """Not after a long run, with a traceback: one argparse line, exit 2, nothing measured."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "codecs", "--json", "/proc/mediaserver-bench.json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "codecs.py: error: --json /proc/mediaserver-bench.json cannot be written: No such file or directory"
+    )
+    assert proc.stdout == ""
+    # a writable path is checked without leaving a file behind, and one there already is kept as it is
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _measure import check_output_path
+
+    assert check_output_path(tmp_path / "new.json", "--json") is None and not (tmp_path / "new.json").exists()
+    (tmp_path / "old.json").write_text("kept")
+    assert check_output_path(tmp_path / "old.json", "--json") is None
+    assert (tmp_path / "old.json").read_text() == "kept"

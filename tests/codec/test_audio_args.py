@@ -93,3 +93,17 @@ def test_kernel_numeric_parameters_take_numpy_scalars() -> None:
     vad.observe_agent_level(-10**400)  # very quiet: no echo threshold worth the name
     vad.observe_agent_level(np.float32(-20.0))
     assert vad.agent_level_dbfs == pytest.approx(-20.0)
+
+
+def test_help_shows_each_class_s_real_signature_not_a_garbled_one() -> None:
+    """help() starts with the class docstring: no signature Cython got wrong (``str phase='linear', *``, or
+    keyword-only arguments shown as positional), only the hand-written one."""
+    from mediaserver.codec import EnergyVAD, JitterBuffer, Resampler
+
+    for cls in (Resampler, JitterBuffer, EnergyVAD):
+        doc = cls.__doc__ or ""
+        assert "str phase" not in doc and "capacity=None, *" not in doc and "attack_ms=0, *" not in doc, doc[:200]
+    assert (JitterBuffer.__doc__ or "").splitlines()[0] == (
+        'JitterBuffer(depth=2, frame_bytes=160, fill="silence", codec="ulaw", *, capacity=None, first_seq=None)'
+    )
+    assert 'Resampler(in_rate, out_rate, *, phase="linear")' in (Resampler.__doc__ or "").splitlines()[0]
