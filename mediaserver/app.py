@@ -188,6 +188,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         if calls.recorder is not None:
             calls.recorder.twilio_status(params)
         outbound.status(first.get("CallSid", ""), first.get("CallStatus", ""))  # (an outbound call's ringing)
+        calls.call_ended(first.get("CallSid", ""), first.get("CallStatus", ""))  # (a session its stream never claims)
         log.info(
             "call %s: status %s (duration %s s)",
             first.get("CallSid", "?"),

@@ -38,6 +38,7 @@ from mediaserver.bridge.link import AgentOptions
 from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
 from mediaserver.config import Settings
 from mediaserver.logs import shown
+from mediaserver.protocol import twilio_events as tw
 from mediaserver.tools.builtins import E164
 from mediaserver.twilio_rest import MAX_RING_S, MIN_RING_S, TwilioRest, TwilioRestError
 
@@ -173,7 +174,7 @@ class OutboundRequests:
         calls per second), so its ring time counts from now.  ``busy``, ``no-answer``, ``failed``, ``canceled``,
         ``completed``: it will not be answered, and stops holding a place (drain, ``MEDIASERVER_MAX_CALLS``).
         """
-        final = status in ("busy", "no-answer", "failed", "canceled", "completed")
+        final = status in tw.CALL_FINAL_STATUSES
         if final and call_sid:
             self._ended[call_sid] = None  # (for placed(), if the REST answer has not come yet)
             while len(self._ended) > self.max_entries:

@@ -659,6 +659,32 @@ async def test_app_max_calls_turns_new_calls_away_busy_or_with_503_for_another_i
 
 
 @fail_after(10)
+async def test_app_a_final_status_callback_closes_the_model_session_of_a_call_that_never_streamed() -> None:
+    """The caller hangs up while the webhook is answered: Twilio's completed callback (signed) closes the
+    pre-opened model session at once, not at MEDIASERVER_STREAM_TIMEOUT_S, and frees its place."""
+    async with fake_openai() as model:
+        settings = openai_settings(model, twilio_auth_token=AUTH_TOKEN, max_calls=1, stream_timeout_s=60.0)
+        async with running(settings) as url:
+            await answer_call(url, CALL_B, auth_token=AUTH_TOKEN)
+            session = await model.session(0)
+            await session.ready.wait()
+            assert json.loads((await http_request(url + "/readyz")).body)["reason"] == "at_capacity"
+            status = [("CallSid", CALL_B), ("AccountSid", ACCOUNT_SID), ("CallStatus", "completed"), ("CallDuration", "0")]
+            sig = twilio_signature(AUTH_TOKEN, url + "/call-status", status)
+            sent_s = trio.current_time()
+            response = await http_request(url + "/call-status", "POST", form=status, headers=[("X-Twilio-Signature", sig)])
+            assert response.status == 204
+            with trio.fail_after(2):
+                await session.closed.wait()
+            assert session.closed_at_s is not None and session.closed_at_s - sent_s < 1.5
+            health = json.loads((await http_request(url + "/healthz")).body)
+            assert (health["pending_calls"], health["calls"]) == (0, 0)
+            assert (await http_request(url + "/readyz")).status == 200
+            metrics = (await http_request(url + "/metrics")).text.splitlines()
+            assert "mediaserver_model_sessions_open 0" in metrics
+
+
+@fail_after(10)
 async def test_app_shutdown_cancels_what_is_left_at_the_drain_deadline(caplog: pytest.LogCaptureFixture) -> None:
     shutdown = trio.Event()
     async with fake_openai() as model, trio.open_nursery() as nursery:

@@ -262,6 +262,24 @@ class CallManager:
                 return
             slot.retire(reason)
 
+    def call_ended(self, call_sid: str, status: str) -> bool:
+        """Twilio's status callback: a final ``status`` for a call whose stream has not come closes its pre-opened
+        session now, not at the stream timeout (the caller hung up while it was answered, the callee at once).
+
+        True if a session was closed.  A live call is left alone: its stream
+        ends it.  Only as trustworthy as the callback (signed, with an auth token).
+        """
+        if status not in tw.CALL_FINAL_STATUSES:
+            return False
+        seen = self._seen.get(call_sid)
+        slot = None if seen is None or seen.token is None else self._slots.get(seen.token)
+        if slot is None or slot.claimed.is_set() or slot.error is not None:
+            return False
+        slot.retire(f"the call ended before its stream came (Twilio: {status})")
+        log.info("call %s: Twilio says it ended (%s) before its stream came; closed its %s session",
+                 call_sid, status, self.settings.provider)
+        return True
+
     def _seen_call(self, call_sid: str) -> _Seen:
         now = trio.current_time()
         seen = self._seen.get(call_sid)
@@ -399,6 +417,10 @@ class CallManager:
             self._refuse("no_token")
             log.error("call %s: stream without a valid one-time token; refused", start.call_sid)
             return StreamEnd(REFUSED, "refused: no valid token")
+        if self._closing:  # (development mode: a new call, as its webhook would be, refused while the server drains)
+            self._refuse("shutting_down")
+            log.warning("call %s: stream without a token refused: the server is shutting down", start.call_sid)
+            return StreamEnd(REFUSED, "refused: shutting down")
         if self._untokened >= MAX_PENDING:  # (development mode: no webhook, no token, but not without bound either)
             self._refuse("too_many_pending")
             log.error("call %s: stream without a token, and %d such calls already; refused", start.call_sid, MAX_PENDING)

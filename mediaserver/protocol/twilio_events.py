@@ -26,6 +26,7 @@ from typing import TypeAlias
 from .errors import LocalProtocolError
 
 __all__ = [
+    "CALL_FINAL_STATUSES",
     "MULAW_BYTES_PER_SAMPLE",
     "MULAW_SAMPLES_PER_MS",
     "MULAW_SAMPLE_RATE_HZ",
@@ -73,6 +74,10 @@ _HEX32 = re.compile(r"[0-9a-fA-F]{32}")
 def is_twilio_sid(value: str, prefix: str) -> bool:
     """Whether ``value`` is a SID in Twilio's exact format: ``prefix`` (``CA``, ``AC``, ``SK``...) and 32 hex digits."""
     return value.startswith(prefix) and _HEX32.fullmatch(value, len(prefix)) is not None
+
+
+# Twilio's final call statuses: a call's status callbacks end with one of these.
+CALL_FINAL_STATUSES: frozenset[str] = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
 
 
 # --------------------------------------------------------------------------- inbound

@@ -23,6 +23,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mediaserver.config import Settings
+from mediaserver.protocol import twilio_events as tw
 
 from .migrations import apply_migrations, current_version
 from .model import CallRecord, Turn
@@ -88,8 +89,7 @@ class SetTwilioStatus:
 
 StoreOp = SaveCall | SetTwilioStatus
 
-# Twilio's final call statuses (a call's status callbacks end with one of these)
-TWILIO_FINAL_STATUSES: frozenset[str] = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
+TWILIO_FINAL_STATUSES = tw.CALL_FINAL_STATUSES  # (a call's status callbacks end with one of these)
 _FINAL_SQL = ", ".join(f"'{status}'" for status in sorted(TWILIO_FINAL_STATUSES))
 
 

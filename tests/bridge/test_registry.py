@@ -419,6 +419,80 @@ def test_development_mode_streams_without_a_token_are_bounded_too(
     assert "call CA9: stream without a token, and 2 such calls already; refused" in messages
 
 
+def test_a_final_status_callback_closes_the_session_of_a_call_whose_stream_never_came(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The caller hung up while the webhook was answered (a callee at once): Twilio's final callback closes the
+    pre-opened session now, not at the stream timeout 15 s later, and gives its MEDIASERVER_MAX_CALLS place back.
+    A live call is left to its stream."""
+    sessions = Sessions()
+
+    async def main() -> None:
+        calls = manager(sessions, max_calls=2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            token = calls.prepare(CALL)
+            nursery.start_soon(calls.handle_stream, await started_stream(OTHER, calls.prepare(OTHER)))
+            await trio.sleep(1)
+            assert (calls.pending, calls.active, calls.calls_now, calls.at_capacity) == (1, 1, 2, True)
+            for status in ("initiated", "ringing", "in-progress", "queued", "nonsense"):
+                assert not calls.call_ended(CALL, status)
+            assert not calls.call_ended("CA" + "5" * 32, "completed")  # a call this server never answered
+            assert not calls.call_ended(OTHER, "completed")  # live: its stream ends it
+            closed_s = trio.current_time()
+            assert calls.call_ended(CALL, "completed")
+            assert not calls.call_ended(CALL, "completed")  # (once)
+            await trio.sleep(0.1)
+            assert [at for at, _ in sessions.closed] == [closed_s]  # at once, not at the stream timeout
+            assert (calls.pending, calls.active, calls.calls_now, calls.at_capacity) == (0, 1, 1, False)
+            with trio.fail_after(1):  # a stream that still came with its token finds no session
+                end = await calls.handle_stream(await started_stream(CALL, token))
+            assert end.code == 1008 and sessions.opened == 2
+            nursery.cancel_scope.cancel()
+
+    messages = run_virtual(main, caplog)
+    assert f"call {CALL}: Twilio says it ended (completed) before its stream came; closed its echo session" in messages
+
+
+@pytest.mark.parametrize("status", ["busy", "no-answer", "failed", "canceled"])
+def test_every_final_status_closes_a_waiting_session(status: str, caplog: pytest.LogCaptureFixture) -> None:
+    sessions = Sessions()
+
+    async def main() -> None:
+        calls = manager(sessions)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            calls.prepare(CALL)
+            await trio.sleep(1)
+            assert calls.call_ended(CALL, status)
+            await trio.sleep(0.1)
+            assert (calls.pending, len(sessions.closed)) == (0, 1)
+            nursery.cancel_scope.cancel()
+
+    run_virtual(main, caplog)
+
+
+def test_development_mode_refuses_a_stream_without_a_token_while_the_server_drains(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As its webhook would be: a new call opens no model session during the drain."""
+    sessions = Sessions()
+
+    async def main() -> None:
+        calls = manager(sessions, twilio_auth_token=None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            calls.stop_accepting()
+            with trio.fail_after(1):
+                end = await calls.handle_stream(await started_stream("CA9", None))
+            assert end == StreamEnd(1008, "refused: shutting down")
+            assert calls.refused == {"shutting_down": 1} and sessions.opened == 0
+            nursery.cancel_scope.cancel()
+
+    messages = run_virtual(main, caplog)
+    assert "call CA9: stream without a token refused: the server is shutting down" in messages
+
+
 class _ALawLink(EchoLink):
     input_format = pv.AudioFormat("pcma", 8000)
 
