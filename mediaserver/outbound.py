@@ -219,6 +219,10 @@ def _text(body: dict[str, Any], key: str, limit: int) -> str | None:
         raise ValueError(f"'{key}' must be a non-empty string")
     if len(value) > limit:
         raise ValueError(f"'{key}' is {len(value)} characters; the limit is {limit}")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:  # (a lone surrogate: "\ud83d" without its pair, which JSON lets through)
+        raise ValueError(f"'{key}' is not valid Unicode text (character {exc.start}: a lone surrogate)") from None
     return value.strip()
 
 

@@ -20,6 +20,8 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
@@ -35,7 +37,7 @@ from mediaserver.bridge.registry import CallManager
 from mediaserver.config import Settings
 from mediaserver.protocol.twilio import DEFAULT_MAX_MESSAGE_BYTES
 from mediaserver.records.recorder import Recorder, open_recorder
-from mediaserver.transport.listener import ConnectionRouter, ReplayStream
+from mediaserver.transport.listener import ConnectionRouter, ReplayStream, watch_connection
 
 __all__ = ["ListenError", "hypercorn_config", "serve"]
 
@@ -68,6 +70,8 @@ def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
 
 DRAIN_POLL_S = 0.1  # while draining: how often to look whether the calls have all ended
 DRAIN_LAST_S = 0.5  # after the drain: what is left (calls past the deadline, a request in flight) gets this, then is cancelled
+HTTP_SEND_LIMIT_S = 20.0  # an HTTP connection whose client reads nothing for this long is closed ...
+HTTP_IDLE_LIMIT_S = 60.0  # ... and one that sends and receives nothing for this long (see watch_connection)
 CLOSE_LIMIT_S = 2.0  # the shielded steps below (a timer's restart; closing the socket) take microseconds: a bound only
 
 
@@ -98,6 +102,21 @@ class _TCPServer(TCPServer):
             await super().protocol_send(event)
 
 
+_HOSTS = Map()  # (only to bind hosts to, as Quart does for every request)
+BAD_HOST = b"malformed Host header\n"
+
+
+def _host_ok(host: bytes | None) -> bool:
+    """Whether werkzeug takes ``host`` (a Host header; None: there is none) as Quart will bind it."""
+    if host is None:
+        return True
+    try:
+        _HOSTS.bind(host.decode("latin-1"))
+    except (HTTPException, UnicodeError, ValueError):
+        return False
+    return True
+
+
 def close_after_unread_body(app: ASGIFramework) -> ASGIFramework:
     """An HTTP answer sent before its request's body was all read says ``Connection: close``.
 
@@ -106,6 +125,9 @@ def close_after_unread_body(app: ASGIFramework) -> ASGIFramework:
     and the client's next byte every few seconds holds the connection and
     its file descriptor for as long as it likes (its declared length may be
     a megabyte).  Closed after the answer, it cannot.
+
+    Also, ahead of Quart: a Host header werkzeug cannot bind (an empty or
+    over-long label) is a 400 here, not a 500 with a traceback.
     """
 
     async def guarded(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -113,6 +135,14 @@ def close_after_unread_body(app: ASGIFramework) -> ASGIFramework:
             await app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        if not _host_ok(headers.get(b"host")):
+            # (Quart builds the request's URL adapter outside its error handling: werkzeug's BadHost was a 500
+            # and a traceback in the log, for any request, from anyone)
+            await send({"type": "http.response.start", "status": 400, "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(BAD_HOST)),
+                (b"connection", b"close")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": BAD_HOST, "more_body": False})
+            return
         unread = [headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers]
 
         async def receive_counting() -> ASGIReceiveEvent:
@@ -205,9 +235,18 @@ async def _serve(
     lifespan = Lifespan(app, config, lifespan_state)
     context = WorkerContext(None)
 
+    # (a Media Stream on a kept-alive connection is served here too: Twilio sends media every 20 ms, and a call
+    # silent for idle_timeout_s ends anyway)
+    idle_s = max(HTTP_IDLE_LIMIT_S, settings.idle_timeout_s + HTTP_IDLE_LIMIT_S / 2)
+
     async def hypercorn_connection(stream: ReplayStream) -> None:
         server = _TCPServer(app, config, context, ConnectionState(lifespan_state.copy()), stream)  # type: ignore[arg-type]  # a plain stream works
-        await server.run()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(
+                watch_connection, stream, nursery.cancel_scope, idle_s=idle_s, send_s=HTTP_SEND_LIMIT_S
+            ))  # fmt: skip
+            await server.run()
+            nursery.cancel_scope.cancel()  # (over: the watch with it)
 
     router = ConnectionRouter(
         hypercorn_connection,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import socket
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -30,6 +32,7 @@ from openai.types.realtime import AudioTranscription, InputAudioBufferAppendEven
 from openai.types.realtime.realtime_audio_formats import AudioPCM, AudioPCMU
 
 import mediaserver.app as app_module
+import mediaserver.server as server_module
 from mediaserver.config import Settings
 from mediaserver.protocol.twilio import DEFAULT_MAX_MESSAGE_BYTES
 from mediaserver.server import serve
@@ -963,6 +966,84 @@ async def test_app_an_answer_before_the_body_was_read_closes_the_connection(path
                 while b'"status"' not in response:
                     response += await stream.receive_some(4096)
                 assert response.startswith(b"HTTP/1.1 200") and b"connection: close" not in response.lower()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _fds_settle_at(count: int, within_s: float) -> bool:
+    with trio.move_on_after(within_s):
+        while _open_fds() != count:
+            await trio.sleep(0.05)
+        return True
+    return False
+
+
+async def _pipelined_client(port: int, requests: int) -> trio.socket.SocketType:
+    """A client with a tiny receive buffer that pipelines ``requests`` GETs and reads none of the answers."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    data = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * requests
+    while data:
+        data = data[await sock.send(data):]
+    return sock
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts file descriptors in /proc")
+@pytest.mark.parametrize("client", ["stops_reading", "leaves"])
+@fail_after(15)
+async def test_app_a_client_that_stops_reading_or_leaves_mid_pipeline_does_not_hold_its_connection(
+    client: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pipelined requests whose answers the client does not read: Hypercorn's send waits (shielded, no timeout),
+    and a client that then leaves left the connection and its file descriptor open for ever (a few hundred such
+    and the server was out of descriptors).  Now: closed HTTP_SEND_LIMIT_S after the client stopped reading, or
+    GONE_GRACE_S after it was found gone."""
+    caplog.set_level(logging.INFO, logger="mediaserver.http")
+    monkeypatch.setattr(server_module, "HTTP_SEND_LIMIT_S", 1.0)
+    async with running(base_settings()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        await http_request(url + "/healthz")  # (whatever a first request opens, open before counting)
+        await trio.sleep(0.2)
+        before = _open_fds()
+        sock = await _pipelined_client(port, 500)
+        await trio.sleep(0.5)
+        assert _open_fds() == before + 2  # the client's socket, and the server's
+        if client == "leaves":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+            sock.close()
+            assert await _fds_settle_at(before, 5)
+        else:
+            assert await _fds_settle_at(before + 1, 5)  # the server's side is closed; the client still holds its own
+            sock.close()
+        # the server still serves
+        assert (await http_request(url + "/healthz")).status == 200
+    closed = [r.getMessage() for r in caplog.records if "HTTP connection from" in r.getMessage()]
+    assert closed and closed[0].endswith("the client read nothing for 1 s" if client == "stops_reading"
+                                         else ("the client read nothing for 1 s", "the client is gone")), closed
+
+
+@pytest.mark.parametrize("host", ["a..b", ".", "a" * 64, "x." + "b" * 70 + ".example"])
+@fail_after(10)
+async def test_app_a_malformed_host_header_is_a_400_not_a_500_with_a_traceback(
+    host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(base_settings(twilio_auth_token="tok")) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for request in (f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n",
+                        f"POST /twiml HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n"):  # fmt: skip
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(request.encode())
+                answer = b""
+                with trio.fail_after(3):
+                    while chunk := await stream.receive_some(4096):
+                        answer += chunk
+            assert answer.startswith(b"HTTP/1.1 400") and answer.endswith(b"\r\n\r\nmalformed Host header\n"), answer
+        assert (await http_request(url + "/healthz")).status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
 @fail_after(10)

@@ -430,6 +430,10 @@ async def test_outbound_post_calls_errors_are_json() -> None:
                 ('{"to": ' + "[" * 5000 + "]" * 5000 + "}", 'the body must be a JSON object: {"to": "+15551234567", ...}'),
                 ({"to": TO, "greeting": 5}, "'greeting' must be a non-empty string"),
                 ({"to": TO, "greeting": "x" * 1001}, "'greeting' is 1001 characters; the limit is 1000"),
+                # JSON lets a lone surrogate through; UTF-8 cannot carry it (the call was placed, its session failed)
+                ({"to": TO, "greeting": "hi \ud83d"}, "'greeting' is not valid Unicode text (character 3: a lone surrogate)"),
+                ({"to": TO, "instructions": "\udc00x"},
+                 "'instructions' is not valid Unicode text (character 0: a lone surrogate)"),
                 ({"to": TO, "voice": "alloy"}, "unknown field(s): voice"),
             ]:
                 status, _, answer = await post_calls(url, body)

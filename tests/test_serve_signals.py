@@ -65,3 +65,43 @@ async def test_serve_drains_on_sigint_and_a_second_sigint_stops_it_now(tmp_path:
     err = (await proc.stderr.receive_some(1 << 20)).decode()
     assert "SIGINT: draining calls" in err and "SIGINT again: stopping now" in err
     assert "Traceback" not in err
+
+
+@fail_after(40)
+async def test_serve_stops_on_sigint_with_a_client_that_reads_nothing(tmp_path: Path) -> None:
+    """A client that pipelines requests and never reads their answers: Hypercorn's send waits on it, shielded from
+    cancellation, and held the process's exit for ever; the connection's watch closes its socket at shutdown."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIASERVER_", "TWILIO_"))}
+    env.update(MEDIASERVER_DATA_DIR=str(tmp_path), MEDIASERVER_DRAIN_S="1")
+    url = f"http://127.0.0.1:{port}"
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mediaserver", "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    client = socket.socket()
+    try:
+        with trio.fail_after(20):
+            while True:
+                try:
+                    if (await http_request(url + "/healthz")).status == 200:
+                        break
+                except OSError:
+                    pass
+                await trio.sleep(0.1)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", port))
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 500)
+        await trio.sleep(1)  # the server's send to it is stuck now (its limit, 20 s, far away)
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(8):  # drain 1 s, then what is left is closed
+            await proc.wait()
+        assert proc.returncode == 0
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+        await proc.wait()
+    assert proc.stderr is not None
+    err = (await proc.stderr.receive_some(1 << 20)).decode()
+    assert "Traceback" not in err, err

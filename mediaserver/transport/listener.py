@@ -24,7 +24,7 @@ from wsproto import WSConnection
 
 from mediaserver.transport.ws_server import StreamHandler, parse_upgrade, refusal, serve_media_stream
 
-__all__ = ["HEAD_LIMIT", "ConnectionRouter", "ReplayStream", "read_head"]
+__all__ = ["HEAD_LIMIT", "ConnectionRouter", "ReplayStream", "read_head", "watch_connection"]
 
 log = logging.getLogger("mediaserver.http")
 
@@ -45,6 +45,11 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         self.transport = stream
         self.socket = stream.socket
         self._buffered = buffered
+        # For watch_connection: when bytes last moved either way, since when a send waits, and whether a send
+        # found the client gone.
+        self.active_s = trio.current_time()
+        self.sending_since_s: float | None = None
+        self.broken = trio.Event()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._buffered:
@@ -53,10 +58,19 @@ class ReplayStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
             return data
         data = await self.transport.receive_some(max_bytes)
+        self.active_s = trio.current_time()
         return bytes(data)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport.send_all(data)
+        self.sending_since_s = trio.current_time()
+        try:
+            await self.transport.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.broken.set()
+            raise
+        finally:
+            self.sending_since_s = None
+        self.active_s = trio.current_time()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
@@ -66,6 +80,49 @@ class ReplayStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.transport.aclose()
+
+
+WATCH_EVERY_S = 1.0  # how often watch_connection looks
+GONE_GRACE_S = 1.0  # a connection whose client is gone gets this long to end by itself
+
+
+async def watch_connection(stream: ReplayStream, scope: trio.CancelScope, *, idle_s: float, send_s: float) -> None:
+    """Close a Hypercorn connection that makes no progress: run it next to the connection, in ``scope``.
+
+    Hypercorn bounds a connection's head, body and keep-alive idle time, but
+    not its sends (they are shielded), and a connection whose client stopped
+    reading or went away in the middle of pipelined requests waited for ever,
+    its file descriptor with it.  So: a send that has waited ``send_s`` (the
+    client reads nothing), nothing received or sent for ``idle_s`` while no
+    send waits, or a client found gone and the connection not over
+    ``GONE_GRACE_S`` later: the socket is closed (which ends a waiting send)
+    and ``scope`` cancelled (which ends what waits for anything else).
+    """
+    try:
+        why = None
+        while why is None:
+            with trio.move_on_after(WATCH_EVERY_S):
+                await stream.broken.wait()
+            if stream.broken.is_set():
+                await trio.sleep(GONE_GRACE_S)  # (a connection that ends meanwhile cancels this watch)
+                why = "the client is gone"
+                break
+            now = trio.current_time()
+            if stream.sending_since_s is not None:
+                if now - stream.sending_since_s >= send_s:
+                    why = f"the client read nothing for {send_s:g} s"
+            elif now - stream.active_s >= idle_s:
+                why = f"nothing sent or received for {idle_s:g} s"
+        try:
+            peer = "%s:%s" % stream.socket.getpeername()[:2]
+        except OSError:
+            peer = "a client"
+        log.info("HTTP connection from %s closed: %s", peer, why)
+        scope.cancel()
+    finally:
+        # Also when the watch is cancelled: the connection ended (closing again is a no-op), or the server is
+        # shutting down, and a send stuck on a client that reads nothing (shielded) would hold its exit for ever.
+        await trio.aclose_forcefully(stream.transport)
 
 
 async def read_head(stream: trio.abc.ReceiveStream, timeout_s: float) -> tuple[bytes, h11.Request | None, bytes]:
@@ -96,9 +153,22 @@ async def read_head(stream: trio.abc.ReceiveStream, timeout_s: float) -> tuple[b
 
 
 def _is_media_upgrade(request: h11.Request, path: bytes) -> bool:
-    if request.method != b"GET" or request.target.partition(b"?")[0] != path or request.http_version != b"1.1":
-        return False  # (an HTTP/1.0 upgrade goes to Hypercorn, which refuses it: RFC 6455 needs HTTP/1.1)
+    """A WebSocket upgrade of the Media Streams path (of any HTTP version: an HTTP/1.0 one is refused here)."""
+    if request.method != b"GET" or request.target.partition(b"?")[0] != path:
+        return False
     return any(name == b"upgrade" and value.lower() == b"websocket" for name, value in request.headers)
+
+
+_BAD_UPGRADE_BODY = (
+    b"not a WebSocket handshake this server takes (RFC 6455: HTTP/1.1, a Sec-WebSocket-Key and "
+    b"Sec-WebSocket-Version: 13)\n"
+)
+BAD_UPGRADE = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n" % len(_BAD_UPGRADE_BODY)
+) + _BAD_UPGRADE_BODY
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
+ANSWER_LIMIT_S = 5.0  # a refusal that the client does not read in this time is not waited for
 
 
 class ConnectionRouter:
@@ -130,13 +200,16 @@ class ConnectionRouter:
         try:
             head, request, early = await read_head(stream, self.head_timeout_s)
             if request is not None and _is_media_upgrade(request, self._path):
-                parsed = parse_upgrade(head)
-                if parsed is not None:
-                    async with stream:
+                parsed = parse_upgrade(head) if request.http_version == b"1.1" else None
+                async with stream:
+                    if parsed is not None:
                         await self._serve_upgrade(stream, request, parsed[0], early)
-                    return
-            if not head:  # closed (or silent) before sending anything
-                await stream.aclose()
+                    else:  # (Hypercorn answered these 400 too, and then kept the connection open)
+                        with trio.move_on_after(ANSWER_LIMIT_S):
+                            await stream.send_all(BAD_UPGRADE)
+                return
+            if not head or head.startswith(HTTP2_PREFACE):  # closed (or silent) at once; or HTTP/2, which we do
+                await stream.aclose()                         # not speak (Hypercorn's h2 never timed out)
                 return
             await self.other(ReplayStream(stream, head))
         except Exception:  # one connection's failure never takes the listener down

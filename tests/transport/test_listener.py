@@ -21,7 +21,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, TextMessage
 
 from mediaserver.bridge.call import MessageStream, StreamClosed
-from mediaserver.transport.listener import HEAD_LIMIT, ConnectionRouter, ReplayStream
+from mediaserver.transport.listener import BAD_UPGRADE, HEAD_LIMIT, ConnectionRouter, ReplayStream
 from mediaserver.transport.ws_client import ClientWebSocket, WebSocketClosed, connect
 from tests.fakes import fail_after, twilio_signature
 from tests.test_app import AUTH_TOKEN, base_settings, running
@@ -202,7 +202,6 @@ async def test_frames_sent_with_the_upgrade_request_are_the_streams_first_messag
         b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
         b"POST /twiml HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
         upgrade_head("/media-stream/other"),  # another WebSocket path: the app's
-        upgrade_head("/media-stream", key=False),  # an invalid handshake: Hypercorn answers it as before
         b"GET /media-stream HTTP/1.1\r\nHost: x\r\n\r\n",  # no upgrade
         b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * HEAD_LIMIT + b"\r\n\r\n",  # over our head limit
         b"NOT HTTP AT ALL\r\n\r\n",
@@ -215,6 +214,18 @@ async def test_everything_else_goes_to_hypercorn_with_every_byte_replayed(head: 
         answer = await raw_exchange(port, head)
     assert answer.startswith(b"HTTP/1.1 204")
     assert rec.other == [head] and rec.streams == 0
+
+
+@fail_after(5)
+async def test_an_invalid_media_stream_handshake_is_answered_400_here_and_closed() -> None:
+    """(Hypercorn answered it 400 too, then kept the connection open for as long as the client liked.)"""
+    rec = Recorder()
+    async with router(rec) as port:
+        for head in (upgrade_head("/media-stream", key=False),
+                     upgrade_head("/media-stream").replace(b"HTTP/1.1", b"HTTP/1.0", 1)):  # fmt: skip
+            assert await raw_exchange(port, head) == BAD_UPGRADE
+        assert await raw_exchange(port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") == b""  # HTTP/2: closed
+    assert rec.other == [] and rec.streams == 0
 
 
 @fail_after(5)

@@ -143,11 +143,35 @@ async def test_an_upgrade_offering_compression_on_hypercorn_s_path_is_refused() 
             assert head.startswith(b"HTTP/1.1 101 ") and b"extensions" not in head.lower()
 
 
+@pytest.mark.parametrize("bad", ["HTTP/1.0", "version 8", "no key"])
 @fail_after(10)
-async def test_an_http_1_0_upgrade_is_refused() -> None:
+async def test_a_media_stream_upgrade_that_is_not_a_websocket_handshake_is_refused_and_closed(bad: str) -> None:
+    """400, and the connection closed (Hypercorn answered these 400 too, then held the connection open for as long
+    as the client liked)."""
+    async with running(base_settings()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        request = _upgrade(port, version="HTTP/1.0") if bad == "HTTP/1.0" else _upgrade(port)  # (RFC 6455: 1.1)
+        if bad == "version 8":
+            request = request.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8")
+        elif bad == "no key":
+            request = request.replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b"")
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(request)
+            head, rest = await _head(stream)
+            assert head.split(b" ", 2)[1] == b"400", head
+            assert b"connection: close" in head.lower()
+            with trio.fail_after(2):  # closed at once
+                while chunk := await stream.receive_some(65536):
+                    rest += chunk
+            assert rest.startswith(b"not a WebSocket handshake this server takes")
+
+
+@fail_after(10)
+async def test_an_http_2_connection_is_closed_at_once() -> None:
+    """HTTP/2 with prior knowledge: nothing here speaks it (Hypercorn's h2 connection never timed out)."""
     async with running(base_settings()) as url:
         port = int(url.rsplit(":", 1)[1])
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-            await stream.send_all(_upgrade(port, version="HTTP/1.0"))  # RFC 6455 needs HTTP/1.1
-            head, _ = await _head(stream)
-    assert head.split(b" ", 2)[1] == b"400", head
+            await stream.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            with trio.fail_after(2):
+                assert await stream.receive_some(65536) == b""

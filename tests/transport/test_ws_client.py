@@ -278,3 +278,19 @@ async def test_what_the_peer_sent_before_it_went_is_read_after_a_send_failed(rea
             with trio.fail_after(1):
                 await ws.aclose()
         nursery.cancel_scope.cancel()
+
+
+def test_a_lone_surrogate_in_a_text_message_is_sent_as_a_replacement_not_an_exception() -> None:
+    """UTF-8 cannot carry "\\ud83d" alone (a JSON escape decodes to it): sent as "?" rather than ending the call."""
+    from mediaserver.transport.ws_server import server_frame
+
+    text = '{"text": "hi \ud83d"}'
+    peer = WSConnection(ConnectionType.SERVER)  # the client's masked frame, as a server reads it
+    peer.initiate_upgrade_connection([(b"host", b"x"), (b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
+                                      (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+                                      (b"sec-websocket-version", b"13")], "/")  # fmt: skip
+    peer.send(AcceptConnection())
+    peer.receive_data(data_frame(text))
+    assert [e.data for e in peer.events() if isinstance(e, TextMessage)] == ['{"text": "hi ?"}']
+    frame = server_frame(text)  # unmasked, short: two header bytes, then the payload
+    assert frame[:2] == bytes([0x81, len(frame) - 2]) and frame[2:].decode() == '{"text": "hi ?"}'
