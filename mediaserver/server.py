@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import trio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map
+from werkzeug.sansio.utils import get_host
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
@@ -106,12 +107,13 @@ _HOSTS = Map()  # (only to bind hosts to, as Quart does for every request)
 BAD_HOST = b"malformed Host header\n"
 
 
-def _host_ok(host: bytes | None) -> bool:
-    """Whether werkzeug takes ``host`` (a Host header; None: there is none) as Quart will bind it."""
+def _host_ok(scheme: str, host: bytes | None) -> bool:
+    """Whether werkzeug takes ``host`` (a Host header; None: there is none) as Quart will bind it: the host
+    werkzeug makes of the header (``get_host``, which drops one of characters a host cannot have), bound."""
     if host is None:
         return True
     try:
-        _HOSTS.bind(host.decode("latin-1"))
+        _HOSTS.bind(get_host(scheme, host.decode("latin-1")))
     except (HTTPException, UnicodeError, ValueError):
         return False
     return True
@@ -135,7 +137,7 @@ def close_after_unread_body(app: ASGIFramework) -> ASGIFramework:
             await app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if not _host_ok(headers.get(b"host")):
+        if not _host_ok(scope.get("scheme", "http"), headers.get(b"host")):
             # (Quart builds the request's URL adapter outside its error handling: werkzeug's BadHost was a 500
             # and a traceback in the log, for any request, from anyone)
             await send({"type": "http.response.start", "status": 400, "headers": [

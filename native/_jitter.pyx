@@ -65,7 +65,8 @@ received:   frames passed to ``push()`` (with a valid sequence number)
 played:     real frames returned by ``pop()``/``drain()``
 duplicates: frames dropped because that sequence number was already waiting,
             or was played at most ``capacity`` sequence numbers ago
-late:       frames dropped because the play-out point had passed them
+late:       frames dropped because the play-out point had passed them (or had been
+            moved past them to make room: their concealment is owed)
 concealed:  concealment frames returned in place of missing ones
 reordered:  accepted frames that arrived after a higher sequence number
 resyncs:    jumps of ``capacity`` or more ahead of the play-out point that skipped
@@ -415,7 +416,8 @@ cdef class JitterBuffer:
     def pop(self):
         """Return the next frame in order (the object that was pushed), a
         concealment frame if the next one is missing and more than ``depth``
-        later frames are waiting, or ``None``: nothing to play yet."""
+        later frames are waiting (or the play-out point was moved past it:
+        see ``capacity``), or ``None``: nothing to play yet."""
         return self._pop(self._depth)
 
     def drain(self):
@@ -434,8 +436,10 @@ cdef class JitterBuffer:
 
     @property
     def next_seq(self):
-        """The sequence number ``pop()`` will return next; None before the
-        first frame (unless ``first_seq`` was given)."""
+        """The sequence number whose turn is next in ``pop()``; None before the
+        first frame (unless ``first_seq`` was given).  Numbers from it up to
+        a point the buffer moved past (see ``capacity``) are concealed: a frame
+        for one of them that still comes is late."""
         if not self._started:
             return None
         return self._next - <uint64_t>self._owed

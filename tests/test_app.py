@@ -1025,6 +1025,34 @@ async def test_app_a_client_that_stops_reading_or_leaves_mid_pipeline_does_not_h
                                          else ("the client read nothing for 1 s", "the client is gone")), closed
 
 
+@fail_after(10)
+async def test_app_http_2_with_prior_knowledge_is_served() -> None:
+    """(An h2c upstream: Envoy, a sidecar, a load balancer speaking HTTP/2 to its backends.)"""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    async with running(base_settings()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"),
+                              (":authority", f"127.0.0.1:{port}")], end_stream=True)  # fmt: skip
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(conn.data_to_send())
+            status, body, ended = None, b"", False
+            while not ended:
+                for event in conn.receive_data(await stream.receive_some(65536)):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = dict(event.headers)[b":status"]
+                    elif isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended = True
+                await stream.send_all(conn.data_to_send())
+    assert status == b"200" and json.loads(body)["status"] == "ok"
+
+
 @pytest.mark.parametrize("host", ["a..b", ".", "a" * 64, "x." + "b" * 70 + ".example"])
 @fail_after(10)
 async def test_app_a_malformed_host_header_is_a_400_not_a_500_with_a_traceback(
@@ -1043,6 +1071,15 @@ async def test_app_a_malformed_host_header_is_a_400_not_a_500_with_a_traceback(
                         answer += chunk
             assert answer.startswith(b"HTTP/1.1 400") and answer.endswith(b"\r\n\r\nmalformed Host header\n"), answer
         assert (await http_request(url + "/healthz")).status == 200
+        for good in ("例え.jp", "example.com.", "[::1]:8080", "xn--bcher-kva.example:443"):  # as Quart took them
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(f"GET /healthz HTTP/1.1\r\nHost: {good}\r\nConnection: close\r\n\r\n".encode())
+                answer = b""
+                with trio.fail_after(3):
+                    while chunk := await stream.receive_some(4096):
+                        answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), (good, answer[:100])
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 

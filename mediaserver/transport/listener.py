@@ -30,6 +30,7 @@ log = logging.getLogger("mediaserver.http")
 
 HEAD_LIMIT = 16 * 1024  # Hypercorn's own h11 limit is 16 KiB too (h11_max_incomplete_size)
 RECEIVE_BYTES = 64 * 1024
+SEND_PIECE = 64 * 1024  # an HTTP connection's sends, as the watch times them
 
 OtherHandler = Callable[["ReplayStream"], Awaitable[None]]
 
@@ -62,15 +63,19 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         return bytes(data)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self.sending_since_s = trio.current_time()
+        view = memoryview(data)
         try:
-            await self.transport.send_all(data)
+            # In pieces: a client that reads, however slowly, makes progress on each, and only one that reads
+            # nothing for the watch's send limit is cut off (a long answer is not timed as a whole).
+            for start in range(0, max(len(view), 1), SEND_PIECE):
+                self.sending_since_s = trio.current_time()
+                await self.transport.send_all(view[start : start + SEND_PIECE])
+                self.active_s = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.broken.set()
             raise
         finally:
             self.sending_since_s = None
-        self.active_s = trio.current_time()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
@@ -167,7 +172,6 @@ BAD_UPGRADE = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(_BAD_UPGRADE_BODY)
 ) + _BAD_UPGRADE_BODY
-HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
 ANSWER_LIMIT_S = 5.0  # a refusal that the client does not read in this time is not waited for
 
 
@@ -208,8 +212,8 @@ class ConnectionRouter:
                         with trio.move_on_after(ANSWER_LIMIT_S):
                             await stream.send_all(BAD_UPGRADE)
                 return
-            if not head or head.startswith(HTTP2_PREFACE):  # closed (or silent) at once; or HTTP/2, which we do
-                await stream.aclose()                         # not speak (Hypercorn's h2 never timed out)
+            if not head:  # closed (or silent) before sending anything
+                await stream.aclose()
                 return
             await self.other(ReplayStream(stream, head))
         except Exception:  # one connection's failure never takes the listener down

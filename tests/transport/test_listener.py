@@ -10,6 +10,7 @@ route (mediaserver.transport.twilio_ws) and is still signature-checked.
 from __future__ import annotations
 
 import base64
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -224,7 +225,6 @@ async def test_an_invalid_media_stream_handshake_is_answered_400_here_and_closed
         for head in (upgrade_head("/media-stream", key=False),
                      upgrade_head("/media-stream").replace(b"HTTP/1.1", b"HTTP/1.0", 1)):  # fmt: skip
             assert await raw_exchange(port, head) == BAD_UPGRADE
-        assert await raw_exchange(port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") == b""  # HTTP/2: closed
     assert rec.other == [] and rec.streams == 0
 
 
@@ -342,3 +342,39 @@ async def test_a_replay_stream_returns_the_buffered_bytes_first_within_max_bytes
         assert await peer.receive_some(10) == b"back"
         await replay.send_eof()
         assert await peer.receive_some(10) == b""
+
+
+@fail_after(20)
+async def test_a_long_answer_to_a_slow_but_reading_client_is_timed_by_its_pieces() -> None:
+    """The watch's send limit is for a client that reads nothing: one that reads slowly makes progress on each
+    piece (SEND_PIECE), so how long a send has waited never grows with the answer's length."""
+    a, b = trio.socket.socketpair()
+    for sock in (a, b):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    server, client = ReplayStream(trio.SocketStream(a), b""), trio.SocketStream(b)
+    waited: list[float] = []
+    answer = bytes(range(256)) * 2048  # 512 KiB: 8 pieces
+
+    async def read_slowly() -> None:
+        received = b""
+        while len(received) < len(answer):
+            received += await client.receive_some(32 * 1024)
+            await trio.sleep(0.02)
+        assert received == answer
+
+    async def watch() -> None:
+        while True:
+            if server.sending_since_s is not None:
+                waited.append(trio.current_time() - server.sending_since_s)
+            await trio.sleep(0.01)
+
+    async with server, client, trio.open_nursery() as nursery:
+        nursery.start_soon(read_slowly)
+        nursery.start_soon(watch)
+        started = trio.current_time()
+        await server.send_all(answer)
+        took = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    assert server.sending_since_s is None and server.active_s >= started + took - 0.05
+    assert took > 0.5 and max(waited) < took / 3, (took, max(waited))

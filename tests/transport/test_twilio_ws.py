@@ -166,12 +166,3 @@ async def test_a_media_stream_upgrade_that_is_not_a_websocket_handshake_is_refus
             assert rest.startswith(b"not a WebSocket handshake this server takes")
 
 
-@fail_after(10)
-async def test_an_http_2_connection_is_closed_at_once() -> None:
-    """HTTP/2 with prior knowledge: nothing here speaks it (Hypercorn's h2 connection never timed out)."""
-    async with running(base_settings()) as url:
-        port = int(url.rsplit(":", 1)[1])
-        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-            await stream.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-            with trio.fail_after(2):
-                assert await stream.receive_some(65536) == b""

@@ -15,14 +15,19 @@ The rules, for one ``push(seq, frame)``, with ``next`` the play-out point:
   sequence numbers, ``next`` moves back to ``seq`` and the frame is kept.
   Otherwise it is a *duplicate* if it was played and ``next - seq <=
   capacity``, else *late*; either way it is dropped;
-* ``seq >= next + capacity``: *resync*: the waiting frames are *dropped* and
-  ``next = seq``;
+* ``seq >= next + capacity``: with ``start = seq - capacity + 1``, if frames
+  wait and the first of them is at or after ``start``, ``next`` moves up to
+  ``start`` and the numbers it passes (all missing) are *owed* as
+  concealment frames; otherwise *resync*: the waiting frames are *dropped*
+  and ``next = seq``;
 * ``seq`` already waiting: *duplicate*;
 * otherwise the frame waits; it counts as *reordered* if a higher sequence
   number was accepted before it (since the last resync or reset).
 
-``pop()`` returns the frame at ``next`` if it is waiting; else, if more than
+``pop()`` returns a concealment frame while any are owed (whatever
+``depth``); else the frame at ``next`` if it is waiting; else, if more than
 ``depth`` frames are waiting, a concealment frame; else ``None``.
+``next_seq`` is ``next`` less what is owed: the number whose turn is next.
 """
 
 from __future__ import annotations
