@@ -19,6 +19,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import h11
 import trio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map
@@ -36,6 +37,7 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from mediaserver.app import MEDIA_STREAM_PATH, create_app
 from mediaserver.bridge.registry import CallManager
 from mediaserver.config import Settings
+from mediaserver.logs import shown
 from mediaserver.protocol.twilio import DEFAULT_MAX_MESSAGE_BYTES
 from mediaserver.records.recorder import Recorder, open_recorder
 from mediaserver.transport.listener import ConnectionRouter, ReplayStream, watch_connection
@@ -243,12 +245,18 @@ async def _serve(
 
     async def hypercorn_connection(stream: ReplayStream) -> None:
         server = _TCPServer(app, config, context, ConnectionState(lifespan_state.copy()), stream)  # type: ignore[arg-type]  # a plain stream works
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(functools.partial(
-                watch_connection, stream, nursery.cancel_scope, idle_s=idle_s, send_s=HTTP_SEND_LIMIT_S
-            ))  # fmt: skip
-            await server.run()
-            nursery.cancel_scope.cancel()  # (over: the watch with it)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(
+                    watch_connection, stream, nursery.cancel_scope, idle_s=idle_s, send_s=HTTP_SEND_LIMIT_S
+                ))  # fmt: skip
+                await server.run()
+                nursery.cancel_scope.cancel()  # (over: the watch with it)
+        except* (h11.LocalProtocolError, h11.RemoteProtocolError) as group:
+            # Hypercorn's h11 connection in its ERROR state fed more bytes (a client that sent data after an
+            # upgrade Hypercorn refused, say): one line, not a traceback any client can repeat.
+            log.info("HTTP connection ended on a protocol error: %s", shown(str(group.exceptions[0]), 200))
+            await trio.aclose_forcefully(stream)
 
     router = ConnectionRouter(
         hypercorn_connection,

@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from mediaserver import security
+from mediaserver.logs import shown
 from mediaserver.bridge.call import FAILED, MessageStream, StreamClosed, StreamEnd
 from mediaserver.transport.ws_server import refusal
 
@@ -134,7 +135,12 @@ class MediaStreamRoute:
         if status is not None:
             await _refuse(scope, send, status)
             return
-        await send({"type": "websocket.accept"})
+        try:
+            await send({"type": "websocket.accept"})
+        except Exception as exc:  # (Hypercorn already refused the upgrade -- bytes sent after it in the same write,
+            # say -- and its protocol state refuses our accept: one line, not a traceback a client can repeat)
+            log.info("media stream: upgrade on a kept-alive connection not accepted: %s", shown(str(exc) or repr(exc), 200))
+            return
         stream = ASGIStream(receive, send)
         end: StreamEnd | None = None
         try:

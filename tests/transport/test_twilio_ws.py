@@ -166,3 +166,26 @@ async def test_a_media_stream_upgrade_that_is_not_a_websocket_handshake_is_refus
             assert rest.startswith(b"not a WebSocket handshake this server takes")
 
 
+
+
+@fail_after(10)
+async def test_bytes_sent_with_an_upgrade_on_a_kept_alive_connection_get_a_400_and_no_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Hypercorn refuses the upgrade (400) when bytes follow it in the same write, and then refused our accept:
+    two ERROR tracebacks per connection, at any client's will."""
+    caplog.set_level(logging.INFO)
+    async with running(base_settings()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            head, rest = await _head(stream)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            while len(rest) < length:
+                rest += await stream.receive_some(65536)
+            await stream.send_all(_upgrade(port) + b"x")
+            head, _ = await _head(stream, rest[length:])
+            assert head.startswith(b"HTTP/1.1 400 "), head
+        assert (await http_request(url + "/healthz")).status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records
+                                                                           if r.levelno >= logging.ERROR]
