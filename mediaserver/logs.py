@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 __all__ = ["FORMATS", "LEVELS", "JsonFormatter", "configure", "shown"]
@@ -52,6 +55,40 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return json.dumps(line, ensure_ascii=False)
+
+
+class OncePer(logging.Filter):
+    """Let one record through every ``interval_s`` (the first at once), without its traceback, counting the rest.
+
+    For Trio's ``accept returned EMFILE ...; retrying in 0.1 seconds``, which
+    a server out of file descriptors logs with a traceback ten times a second.
+    """
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.clock = clock
+        self._next_s = -math.inf
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self.clock()
+        if now < self._next_s:
+            self._held += 1
+            return False
+        self._next_s = now + self.interval_s
+        record.exc_info = record.exc_text = None
+        if self._held:
+            record.msg = f"{record.msg} ({self._held} more like it in the last {self.interval_s:g} s)"
+            self._held = 0
+        return True
+
+
+def quiet_accept_errors(interval_s: float = 10.0) -> None:
+    """Rate-limit Trio's accept-error lines (logger ``trio.serve_listeners``); idempotent."""
+    logger = logging.getLogger("trio.serve_listeners")
+    if not any(isinstance(f, OncePer) for f in logger.filters):
+        logger.addFilter(OncePer(interval_s))
 
 
 def configure(level: str, fmt: str) -> None:

@@ -37,7 +37,7 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from mediaserver.app import MEDIA_STREAM_PATH, create_app
 from mediaserver.bridge.registry import CallManager
 from mediaserver.config import Settings
-from mediaserver.logs import shown
+from mediaserver.logs import quiet_accept_errors, shown
 from mediaserver.protocol.twilio import DEFAULT_MAX_MESSAGE_BYTES
 from mediaserver.records.recorder import Recorder, open_recorder
 from mediaserver.transport.listener import ConnectionRouter, ReplayStream, watch_connection
@@ -207,6 +207,7 @@ async def serve(
     (mediaserver.records) are opened first and closed last, after the
     records of the calls that were drained have been written.
     """
+    quiet_accept_errors()  # (out of file descriptors, Trio's accept would log a traceback ten times a second)
     # The port first: a server that cannot listen (in use, no such address) stops before it creates anything.
     sock = listen_socket(settings.host, settings.port, hypercorn_config(settings).backlog)
     try:

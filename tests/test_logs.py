@@ -15,7 +15,7 @@ from typing import IO
 
 import pytest
 
-from mediaserver.logs import JsonFormatter, configure
+from mediaserver.logs import JsonFormatter, OncePer, configure, quiet_accept_errors
 
 SID = "CA" + "0123456789abcdef" * 2
 
@@ -155,3 +155,36 @@ def test_shown_keeps_plain_values_and_quotes_anything_that_could_break_a_line() 
     assert shown("a\nb") == "'a\\nb'" and shown("x\u2028y") == "'x\\u2028y'" and shown("esc\x1b[31m") == "'esc\\x1b[31m'"
     assert shown("9" * 70) == "9" * 64 + "…" and shown("9" * 70, 80) == "9" * 70
     assert shown("\n" * 100, 3) == repr("\n\n\n…")
+
+
+def test_trio_s_accept_errors_are_logged_once_per_interval_without_their_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Out of file descriptors, Trio logs "accept returned EMFILE ...; retrying in 0.1 seconds" with a traceback
+    ten times a second: one line every 10 s, saying how many it held back."""
+    now = [0.0]
+    logger = logging.getLogger("test.accept_errors")
+    limiter = OncePer(10.0, clock=lambda: now[0])
+    logger.addFilter(limiter)
+    caplog.set_level(logging.ERROR, logger="test.accept_errors")
+    try:
+        for _ in range(100):  # 10 s of it
+            try:
+                raise OSError(24, "Too many open files")
+            except OSError:
+                logger.error("accept returned %s (%s); retrying in %s seconds", "EMFILE", "Too many open files", 0.1,
+                             exc_info=True)  # fmt: skip
+            now[0] += 0.1
+        now[0] = 10.0  # (exactly: a hundred float steps of 0.1 fall short of it)
+        logger.error("accept returned %s (%s); retrying in %s seconds", "EMFILE", "Too many open files", 0.1)
+    finally:
+        logger.removeFilter(limiter)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "accept returned EMFILE (Too many open files); retrying in 0.1 seconds",
+        "accept returned EMFILE (Too many open files); retrying in 0.1 seconds (99 more like it in the last 10 s)",
+    ]
+    assert all(r.exc_info is None for r in caplog.records)
+    quiet_accept_errors()
+    quiet_accept_errors()  # (idempotent: the server calls it at every start)
+    assert sum(isinstance(f, OncePer) for f in logging.getLogger("trio.serve_listeners").filters) == 1
