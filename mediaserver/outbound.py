@@ -392,9 +392,9 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
             body = twiml.say_and_hangup("Sorry, this call could not be connected. Goodbye.")
             return Response(body, content_type=twiml.CONTENT_TYPE)
         answered_by = (params.get("AnsweredBy") or [""])[0]
-        if machine is not None and answered_by and calls.recorder is not None:
-            calls.recorder.twilio_status(params)  # (who answered, in the call's record: in-progress, AnsweredBy)
         if machine is not None and answered_by:
+            if calls.recorder is not None:
+                calls.recorder.twilio_status(params)  # (who answered, in the call's record: in-progress, AnsweredBy)
             try:
                 body_for_machine = machine.answer(answered_by)
             except ValueError:  # (a voicemail TwiML cannot carry: refused at POST /calls, so never; hang up all the same)

@@ -110,8 +110,8 @@ BAD_HOST = b"malformed Host header\n"
 
 
 def _host_ok(scheme: str, host: bytes | None) -> bool:
-    """Whether werkzeug takes ``host`` (a Host header; None: there is none) as Quart will bind it: the host
-    werkzeug makes of the header (``get_host``, which drops one of characters a host cannot have), bound."""
+    """Whether werkzeug takes ``host`` (a Host header; None: there is none) as Quart will: the host werkzeug makes
+    of the header (``get_host``: "" for one with characters no host has), bound to a URL map."""
     if host is None:
         return True
     try:
@@ -256,8 +256,8 @@ async def _serve(
         except* (h11.LocalProtocolError, h11.RemoteProtocolError) as group:
             # Hypercorn's h11 connection in its ERROR state fed more bytes (a client that sent data after an
             # upgrade Hypercorn refused, say): one line, not a traceback any client can repeat.
+            # (the socket is closed already: by the watch, on its way out)
             log.info("HTTP connection ended on a protocol error: %s", shown(str(group.exceptions[0]), 200))
-            await trio.aclose_forcefully(stream)
 
     router = ConnectionRouter(
         hypercorn_connection,

@@ -376,12 +376,7 @@ cdef class JitterBuffer:
             return None
         if self._owed:     # numbers the play-out point was moved past (_catch_up): all missing
             self._owed -= 1
-            self._concealed += 1
-            self._floating = False
-            self._run += 1
-            if self._run == 1 and self._last is not None:
-                return self._faded()
-            return self._fill
+            return self._conceal()
         slot = <Py_ssize_t>(self._next & <uint64_t>self._mask)
         p = self._slots[slot]
         if p != NULL:
@@ -399,13 +394,17 @@ cdef class JitterBuffer:
             return frame
         if self._count > depth:
             self._next += 1
-            self._concealed += 1
-            self._floating = False
-            self._run += 1
-            if self._run == 1 and self._last is not None:
-                return self._faded()
-            return self._fill
+            return self._conceal()
         return None
+
+    cdef inline bytes _conceal(self):
+        # One concealment frame: the last real frame faded ("fade", first of a run), else the fill frame.
+        self._concealed += 1
+        self._floating = False
+        self._run += 1
+        if self._run == 1 and self._last is not None:
+            return self._faded()
+        return self._fill
 
     cdef bytes _faded(self):
         cdef bytes out = PyBytes_FromStringAndSize(NULL, self._frame_bytes)

@@ -24,25 +24,34 @@ def _free_port() -> int:
         return port
 
 
-@fail_after(40)
-async def test_serve_drains_on_sigint_and_a_second_sigint_stops_it_now(tmp_path: Path) -> None:
-    port = _free_port()
+async def _start_serve(port: int, data_dir: Path, *, drain_s: str) -> trio.Process:
+    """``mediaserver serve`` in a process of its own, on ``port``, with the built-in defaults (no keys)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIASERVER_", "TWILIO_"))}
-    env.update(MEDIASERVER_DATA_DIR=str(tmp_path), MEDIASERVER_DRAIN_S="30")
-    url = f"http://127.0.0.1:{port}"
-    proc = await trio.lowlevel.open_process(
+    env.update(MEDIASERVER_DATA_DIR=str(data_dir), MEDIASERVER_DRAIN_S=drain_s)
+    return await trio.lowlevel.open_process(
         [sys.executable, "-m", "mediaserver", "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", ""],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
+
+
+async def _wait_healthy(url: str) -> None:
+    with trio.fail_after(20):
+        while True:
+            try:
+                if (await http_request(url + "/healthz")).status == 200:
+                    return
+            except OSError:
+                pass
+            await trio.sleep(0.1)
+
+
+@fail_after(40)
+async def test_serve_drains_on_sigint_and_a_second_sigint_stops_it_now(tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = await _start_serve(port, tmp_path, drain_s="30")
     try:
-        with trio.fail_after(20):
-            while True:
-                try:
-                    if (await http_request(url + "/healthz")).status == 200:
-                        break
-                except OSError:
-                    pass
-                await trio.sleep(0.1)
+        await _wait_healthy(url)
         async with phone_call(url) as caller:
             await caller.send_silence(200)
             proc.send_signal(signal.SIGINT)
@@ -72,23 +81,11 @@ async def test_serve_stops_on_sigint_with_a_client_that_reads_nothing(tmp_path: 
     """A client that pipelines requests and never reads their answers: Hypercorn's send waits on it, shielded from
     cancellation, and held the process's exit for ever; the connection's watch closes its socket at shutdown."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIASERVER_", "TWILIO_"))}
-    env.update(MEDIASERVER_DATA_DIR=str(tmp_path), MEDIASERVER_DRAIN_S="1")
     url = f"http://127.0.0.1:{port}"
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "mediaserver", "serve", "--host", "127.0.0.1", "--port", str(port), "--env-file", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-    )  # fmt: skip
+    proc = await _start_serve(port, tmp_path, drain_s="1")
     client = socket.socket()
     try:
-        with trio.fail_after(20):
-            while True:
-                try:
-                    if (await http_request(url + "/healthz")).status == 200:
-                        break
-                except OSError:
-                    pass
-                await trio.sleep(0.1)
+        await _wait_healthy(url)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.connect(("127.0.0.1", port))
         client.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 500)

@@ -111,7 +111,7 @@ async def watch_connection(stream: ReplayStream, scope: trio.CancelScope, *, idl
             if stream.broken.is_set():
                 await trio.sleep(GONE_GRACE_S)  # (a connection that ends meanwhile cancels this watch)
                 why = "the client is gone"
-                break
+                continue
             now = trio.current_time()
             if stream.sending_since_s is not None:
                 if now - stream.sending_since_s >= send_s:
@@ -210,7 +210,10 @@ class ConnectionRouter:
                         await self._serve_upgrade(stream, request, parsed[0], early)
                     else:  # (Hypercorn answered these 400 too, and then kept the connection open)
                         with trio.move_on_after(ANSWER_LIMIT_S):
-                            await stream.send_all(BAD_UPGRADE)
+                            try:
+                                await stream.send_all(BAD_UPGRADE)
+                            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                pass  # (gone already: nothing to tell it)
                 return
             if not head:  # closed (or silent) before sending anything
                 await stream.aclose()

@@ -35,8 +35,8 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from mediaserver import security
-from mediaserver.logs import shown
 from mediaserver.bridge.call import FAILED, MessageStream, StreamClosed, StreamEnd
+from mediaserver.logs import shown
 from mediaserver.transport.ws_server import refusal
 
 __all__ = ["ASGIStream", "MediaStreamRoute"]

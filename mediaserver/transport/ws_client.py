@@ -584,15 +584,6 @@ async def _send_raw(sock: socket.socket, data: bytes, unsent: Callable[[memoryvi
                 raise
 
 
-def utf8(text: str) -> bytes:
-    """``text`` as UTF-8; a lone surrogate (which UTF-8 cannot carry: JSON's ``\\ud83d`` decoded, say) becomes ``?``
-    rather than an exception that would end the call."""
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace")
-
-
 def data_frame(message: str | bytes) -> bytes:
     """One whole client message as a masked RFC 6455 frame (FIN, text or binary opcode).
 
@@ -602,7 +593,10 @@ def data_frame(message: str | bytes) -> bytes:
     """
     # key=True: a fresh masking key from the native pool of OS randomness (_wsframe.MaskKeys)
     if isinstance(message, str):
-        return encode_frame(True, utf8(message), True)
+        try:
+            return encode_frame(True, message.encode(), True)
+        except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud83d" decoded): "?", not an end to the call
+            return encode_frame(True, message.encode("utf-8", "replace"), True)
     return encode_frame(False, bytes(message), True)
 
 

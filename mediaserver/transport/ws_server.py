@@ -32,7 +32,7 @@ from wsproto.frame_protocol import CloseReason
 from mediaserver import security
 from mediaserver._native._wsframe import encode_b64_frame, encode_frame
 from mediaserver.bridge.call import FAILED, MessageStream, StreamClosed, StreamEnd
-from mediaserver.transport.ws_client import ClientWebSocket, WebSocketClosed, utf8
+from mediaserver.transport.ws_client import ClientWebSocket, WebSocketClosed
 
 __all__ = ["ServerStream", "parse_upgrade", "refusal", "serve_media_stream", "server_frame"]
 
@@ -47,7 +47,10 @@ _REASONS = {400: b"Bad Request", 403: b"Forbidden"}
 def server_frame(message: str | bytes) -> bytes:
     """One whole server message as an unmasked RFC 6455 frame (FIN, text or binary opcode)."""
     if isinstance(message, str):
-        return encode_frame(True, utf8(message))
+        try:
+            return encode_frame(True, message.encode())
+        except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud83d" decoded): "?", not an end to the call
+            return encode_frame(True, message.encode("utf-8", "replace"))
     return encode_frame(False, bytes(message))
 
 
