@@ -464,6 +464,15 @@ def test_tools_load_module_and_builtins(tools_module: Callable[[str], str]) -> N
     assert load_toolset(Settings(tools_module=none)).names == ("add", "slow", "broken", "read_pin")
 
 
+def test_tools_end_call_tells_the_model_to_say_goodbye_first() -> None:
+    # The model reads only the description: a docstring's later paragraphs never reach it.
+    [end] = load_toolset(Settings()).specs()
+    assert end.name == "end_call"
+    assert "Say goodbye first, in the same turn" in end.description
+    assert "If the caller speaks over the goodbye, the call goes on; call this again" in end.description
+    assert end.parameters["properties"]["reason"]["description"] == "Why the call is ending, for the call log."
+
+
 def test_tools_transfer_numbers_without_rest_credentials_say_why_transfer_call_is_off(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

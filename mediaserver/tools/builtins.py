@@ -17,7 +17,7 @@ import re
 from .context import CallContext, ToolError
 from .registry import Tool
 
-__all__ = ["BUILTINS", "DEFAULT_BUILTINS", "DTMF_DIGITS", "END_CALL_STATUS", "E164", "parse_transfer_numbers", "transfer_tool"]
+__all__ = ["BUILTINS", "DEFAULT_BUILTINS", "DTMF_DIGITS", "END_CALL_DESCRIPTION", "END_CALL_STATUS", "E164", "parse_transfer_numbers", "transfer_tool"]
 
 E164 = re.compile(r"\+[1-9][0-9]{6,14}\Z")  # ITU-T E.164: up to 15 digits after '+'
 _E164_PREFIX = re.compile(r"\+[1-9][0-9]{0,13}\*\Z")  # "+44*", "+1555*": every number that starts so
@@ -28,13 +28,15 @@ END_CALL_STATUS = (
 DTMF_DIGITS = re.compile(r"^[0-9*#wW]{1,32}$")  # Twilio SendDigits / <Play digits> alphabet, 32 max
 
 
-async def end_call(call: CallContext, reason: str | None = None) -> dict[str, str]:
-    """Hang up the phone call.
+END_CALL_DESCRIPTION = (
+    "Hang up the phone call. Say goodbye first, in the same turn: the call ends once your goodbye has played "
+    "to the caller. If the caller speaks over the goodbye, the call goes on; call this again when it should "
+    "end. Use it when the conversation is over or the caller asks to hang up."
+)  # (given whole: a docstring gives the model only its first paragraph)
 
-    Say goodbye first, in the same turn: the call ends once your goodbye has
-    played to the caller.  If the caller speaks over the goodbye, the call
-    goes on; call this again when it should end.  Use it when the
-    conversation is over or the caller asks to hang up.
+
+async def end_call(call: CallContext, reason: str | None = None) -> dict[str, str]:
+    """Hang up the phone call (the model reads ``END_CALL_DESCRIPTION``).
 
     Args:
         reason: Why the call is ending, for the call log.
@@ -107,7 +109,7 @@ async def send_digits(digits: str) -> dict[str, str]:
 
 
 BUILTINS: dict[str, Tool] = {
-    "end_call": Tool(end_call, respond=False, irreversible=True),
+    "end_call": Tool(end_call, description=END_CALL_DESCRIPTION, respond=False, irreversible=True),
     "transfer_call": transfer_tool(()),  # load_toolset substitutes the configured list
     "send_digits": Tool(send_digits),
 }
