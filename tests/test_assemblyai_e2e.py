@@ -164,6 +164,43 @@ async def test_assemblyai_a_back_channel_does_not_cut_the_agent(caplog: pytest.L
     assert "barge-ins 0;" in ended
 
 
+@fail_after(20)
+async def test_assemblyai_a_reply_sent_faster_than_real_time_is_cut_by_the_next_reply(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """3 s of reply at once, done ``completed``: the caller then talks over it, and AssemblyAI (nothing of its
+    own to interrupt) answers with a new reply.  The rest of the first one must not play before it."""
+    reply = to_ulaw(tone(440, 3000, amplitude=0.3))
+    fresh = to_ulaw(tone(880, 400, amplitude=0.3))
+    go = trio.Event()
+
+    async def script(session: AssemblyAIFakeSession) -> None:
+        await session.wait_for(lambda: len(session.audio_chunks) >= 5)
+        await session.reply(reply, chunk_bytes=8000)  # all of it, then reply.done completed
+        await go.wait()
+        await session.speech_started()
+        await session.speech_stopped()
+        await session.reply(fresh)
+
+    async with fake_assemblyai(script) as model, running(assemblyai_settings(model)) as url, phone_call(url) as caller:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            await caller.wait_for(lambda: sum(not e.cleared for e in caller.echoes) >= 10)  # ~400 ms played
+            go.set()
+            clear = await caller.wait_for_clear()
+            await caller.wait_for(lambda: caller.received_audio.endswith(fresh))
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        await caller.stop()
+        await caller.closed.wait()
+
+    assert caller.errors == [] and len(caller.clears) == 1
+    assert sum(len(m.payload) for m in caller.received if m.at_s <= clear.at_s) < len(reply) / 2
+    assert b"".join(m.payload for m in caller.received if m.at_s > clear.at_s) == fresh
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    assert "barge-ins 1;" in ended
+
+
 @fail_after(15)
 async def test_assemblyai_tool_result_waits_for_reply_done_and_answers_the_right_call() -> None:
     answered_early: list[bool] = []

@@ -200,6 +200,34 @@ def test_assemblyai_a_back_channel_does_not_cut_the_reply() -> None:
     assert events[-1] == pv.ResponseDone("r1", "completed", None)
 
 
+def test_assemblyai_a_reply_to_speech_after_a_finished_reply_cuts_what_still_plays_of_it() -> None:
+    """The server cannot interrupt a reply it has finished (sent faster than real time, still playing here):
+    the reply that answers the caller's speech after it is the cut (a no-op for the bridge if all has played)."""
+    session = ready_session()
+    speech = ev("input.speech.started")
+    events = receive(session, started("r1"), audio("r1", b"\x01" * 100), done("r1"), speech, ev("input.speech.stopped"),
+                     started("r2"), audio("r2", b"\x02" * 10))
+    assert events[4:] == [
+        pv.Other("input.speech.started", speech),
+        pv.SpeechStopped(None, None),
+        pv.SpeechStarted(None, None, speech_began=False),  # before r2: the rest of r1 is stale
+        pv.ResponseStarted("r2"),
+        pv.AudioDelta("r2", b"\x02" * 10, "r2"),
+    ]
+    # Once only; and not for a reply that follows no speech (a tool's result), nor for speech during a reply.
+    events = receive(session, done("r2"), started("r3"), speech, done("r3"), started("r4"))
+    assert not any(isinstance(e, pv.SpeechStarted) for e in events)
+
+
+def test_assemblyai_reply_audio_without_a_reply_id_is_the_reply_in_progress() -> None:
+    """The API reference's example of reply.audio has only ``data``."""
+    session = ready_session()
+    events = receive(session, started("r1"), ev("reply.audio", data=base64.b64encode(b"\x05" * 8).decode()), done("r1"))
+    assert events[1] == pv.AudioDelta("r1", b"\x05" * 8, "r1")
+    with pytest.raises(RemoteProtocolError, match="no reply in progress"):
+        receive(session, ev("reply.audio", data="AAAA"))
+
+
 def test_assemblyai_a_bare_reply_done_ends_the_reply_in_progress_as_completed() -> None:
     session = ready_session()
     events = receive(session, started("r1"), ev("reply.done"))

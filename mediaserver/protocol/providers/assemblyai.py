@@ -26,7 +26,13 @@ talking, and only a real interruption ends the reply ``interrupted``.  So
 ``reply.done`` is a :class:`SpeechStarted` (the bridge clears Twilio and
 drops the reply's queued audio), then :class:`ToolCallsCancelled` for the
 calls that reply made, answered or not (an ``end_call`` in a goodbye the
-caller talked over must not hang up), then the two above.  No truncate message exists
+caller talked over must not hang up), then the two above.  The server
+cannot interrupt a reply it has finished, whose audio (sent faster than
+real time) may still be playing: after ``input.speech.started`` with no
+reply in progress, the next ``reply.started`` -- the answer to that speech --
+comes with a :class:`SpeechStarted` first, so the stale rest is cleared (a
+no-op for the bridge once it has all played).  A ``reply.audio`` without a
+``reply_id`` (the API reference's example) is the reply in progress.  No truncate message exists
 (:class:`Truncate` -> ``[]``): the server tracks what it produced, and its
 ``transcript.agent`` of an interrupted reply is already cut at what the
 caller heard (:class:`Transcript` ``cut``).  The caller's
@@ -182,6 +188,9 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
         # Whether a completed reply.done is the latest of reply.started, input.speech.started and reply.done:
         # the only moment a tool.result may go (the docs: earlier or later "breaks turn-taking").
         self._done_is_latest = False
+        # The caller spoke when no reply was in progress (the server cannot interrupt a reply it finished): the next
+        # reply.started answers them, and what is still playing of an earlier reply is stale by then.
+        self._spoke_between_replies = False
 
     # ------------------------------------------------------------------ state
 
@@ -294,6 +303,8 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
 
     def _on_speech_started(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         self._done_is_latest = False  # (a later event than reply.done: a tool result waits)
+        if self._reply is None:
+            self._spoke_between_replies = True
         return [Other("input.speech.started", raw)]  # not a barge-in: maybe a back-channel (module docstring)
 
     def _on_speech_stopped(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
@@ -302,10 +313,22 @@ class AssemblyAIAgentSession(ProviderCore[AssemblyAIState, AssemblyAIAgentConfig
     def _on_reply_started(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
         self._reply = str_field(msg, "reply_id", "reply.started")
         self._done_is_latest = False
-        return [ResponseStarted(self._reply)]
+        events: list[ProviderEvent] = []
+        if self._spoke_between_replies:
+            # A reply to what the caller said after the last one was done: if the server sent that one faster
+            # than real time, its rest is still playing and would come first (no-op when it has all played).
+            self._spoke_between_replies = False
+            events.append(SpeechStarted(None, None, speech_began=False))
+        events.append(ResponseStarted(self._reply))
+        return events
 
     def _on_reply_audio(self, msg: JsonObject, raw: str) -> list[ProviderEvent]:
-        reply_id = str_field(msg, "reply_id", "reply.audio")
+        if "reply_id" in msg:
+            reply_id = str_field(msg, "reply_id", "reply.audio")
+        elif self._reply is not None:  # (the API reference's example has none: the reply in progress)
+            reply_id = self._reply
+        else:
+            raise RemoteProtocolError("reply.audio without a reply_id, and no reply in progress")
         payload = b64_field(msg, "data", "reply.audio")
         return [AudioDelta(reply_id, payload, reply_id)]
 
