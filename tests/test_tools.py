@@ -490,10 +490,25 @@ def test_tools_transfer_numbers_without_rest_credentials_say_why_transfer_call_i
     assert caplog.records == []
 
 
+def test_tools_module_in_the_working_directory_is_found_without_pythonpath(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``MEDIASERVER_TOOLS=my_tools mediaserver serve`` beside my_tools.py: the console script's path lacks the cwd."""
+    name = f"mediaserver_test_cwd_tools_{next(_counter)}"
+    (tmp_path / f"{name}.py").write_text(LIVE_TOOLS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path), ".")])
+    try:
+        assert [t.name for t in load_module_tools(name)] == ["add", "slow", "broken", "read_pin"]
+        assert sys.path[-1] == str(tmp_path)  # searched last: it shadows nothing installed
+    finally:
+        sys.modules.pop(name, None)
+
+
 def test_tools_loading_errors_are_config_errors(tools_module: Callable[[str], str]) -> None:
     with pytest.raises(ConfigError, match=r"^MEDIASERVER_TOOLS=no_such_module_xyz: cannot import it: ModuleNotFoundError") as e:
         load_module_tools("no_such_module_xyz")
-    assert str(e.value).endswith("(the module must be importable: installed, or its directory on PYTHONPATH, e.g. PYTHONPATH=.)")
+    assert str(e.value).endswith("(the module must be importable: in the working directory, installed, or on PYTHONPATH)")
     broken = tools_module("import definitely_missing_dependency\n")
     with pytest.raises(ConfigError, match=rf"^MEDIASERVER_TOOLS={broken}: cannot import it: .*definitely_missing") as e:
         load_toolset(Settings(tools_module=broken))

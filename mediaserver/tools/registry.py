@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
+import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any, overload
 
 from mediaserver.config import ConfigError
@@ -104,6 +107,23 @@ def tool(
     return decorate
 
 
+def _import_here_too(module_name: str) -> ModuleType:
+    """Import ``module_name``; one not on the import path is looked for in the working directory as well.
+
+    (As ``python -m`` and uvicorn do: the console script's path holds only
+    its own directory.  Searched last, so it shadows nothing installed.)
+    """
+    top = module_name.partition(".")[0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != top or here in sys.path or "" in sys.path:
+            raise
+    sys.path.append(here)
+    return importlib.import_module(module_name)
+
+
 def load_module_tools(module_name: str) -> tuple[Tool, ...]:
     """Every :class:`Tool` at the top level of ``module_name``, in definition order.
 
@@ -111,11 +131,11 @@ def load_module_tools(module_name: str) -> tuple[Tool, ...]:
     when the module cannot be imported or defines no tool.
     """
     try:
-        module = importlib.import_module(module_name)
+        module = _import_here_too(module_name)
     except Exception as exc:
         hint = ""
         if isinstance(exc, ModuleNotFoundError) and exc.name == module_name.partition(".")[0]:
-            hint = " (the module must be importable: installed, or its directory on PYTHONPATH, e.g. PYTHONPATH=.)"
+            hint = " (the module must be importable: in the working directory, installed, or on PYTHONPATH)"
         raise ConfigError(f"MEDIASERVER_TOOLS={module_name}: cannot import it: {type(exc).__name__}: {exc}{hint}") from exc
     found = tuple(value for value in vars(module).values() if isinstance(value, Tool))
     if not found:
