@@ -6,14 +6,16 @@ lock serialises them).  They share every SQL statement; only connecting,
 placeholders (``?`` here, ``%s`` for psycopg) and transactions differ.
 
 ``psycopg`` is imported only when ``DATABASE_URL`` is set; it is the optional
-extra ``mediaserver[postgres]``.
+extra ``postgres`` (psycopg 3).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -433,8 +435,8 @@ class PostgresStore(RecordStore):
             import psycopg
         except ImportError:
             raise RecordsError(
-                "DATABASE_URL is set but PostgreSQL support is not installed; "
-                "install it with: pip install 'mediaserver[postgres]'"
+                "DATABASE_URL is set but PostgreSQL support (psycopg 3) is not installed; install it with: "
+                f"{shlex.quote(sys.executable)} -m pip install 'psycopg[binary]>=3.2'"
             ) from None
         self._psycopg = psycopg
         self.url = url
