@@ -75,7 +75,16 @@ def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
         f"mediaserver {__version__}: provider {settings.provider}, listening on {', '.join(binds)}"
         + (f", at most {settings.max_calls} calls at once (MEDIASERVER_MAX_CALLS)" if settings.max_calls else ""),
         "Next steps:",
-        f"  * expose the port publicly (for example: ngrok http {port}) and set MEDIASERVER_PUBLIC_URL",
+        *(
+            []
+            if settings.public_url
+            else [f"  * expose the port publicly (for example: ngrok http {port}) and set MEDIASERVER_PUBLIC_URL"]
+        ),
+        *(
+            ["  * set TWILIO_AUTH_TOKEN (in the environment or .env) so that only Twilio's signed requests are served"]
+            if settings.development_mode
+            else []
+        ),
         "  * in the Twilio console, set your number's voice webhook (HTTP POST) to "
         f"{(settings.public_url or 'https://<your-public-host>').rstrip('/')}/twiml",
         f"  * health check: curl http://127.0.0.1:{port}/healthz (Prometheus: /metrics)",
@@ -85,6 +94,7 @@ def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
             else []
         ),
         f'  * try a call without a phone: {_command()} dial http://127.0.0.1:{port}/twiml --say "hello there"',
+        f"  * every setting: {_command()} settings (another port, say: MEDIASERVER_PORT=8081, in the environment or .env)",
     ]
     if settings.provider == "echo":
         lines.append("  * the echo agent repeats what the caller says; set MEDIASERVER_PROVIDER (openai, gemini, ...) for a model")
@@ -122,7 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0].startswith("-") and words[0] not in ("-h", "--help", "--version"):
+        words.insert(0, "serve")  # `mediaserver --port 8081`: serve is the default command, flags and all
+    args = _parser().parse_args(words)
     if args.command in _COMMANDS:
         return int(importlib.import_module(_COMMANDS[args.command][0]).main(args))
     if args.command == "settings":

@@ -171,6 +171,33 @@ def test_the_start_banner_names_the_instance_url_when_there_is_one(capsys: pytes
     assert "listening on http://0.0.0.0:8080, at most 300 calls at once (MEDIASERVER_MAX_CALLS)\n" in capsys.readouterr().out
 
 
+def test_the_start_banner_asks_only_for_what_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    from mediaserver.__main__ import _print_next_steps
+
+    _print_next_steps(Settings.from_env({}), ["http://0.0.0.0:8080"])
+    bare = capsys.readouterr().out
+    assert "ngrok http 8080) and set MEDIASERVER_PUBLIC_URL" in bare
+    assert "set TWILIO_AUTH_TOKEN (in the environment or .env)" in bare
+    assert "settings (another port, say: MEDIASERVER_PORT=8081" in bare
+    done = Settings.from_env({"MEDIASERVER_PUBLIC_URL": "https://voice.example.com", "TWILIO_AUTH_TOKEN": "t" * 32})
+    _print_next_steps(done, ["http://0.0.0.0:8080"])
+    out = capsys.readouterr().out
+    assert "MEDIASERVER_PUBLIC_URL" not in out and "TWILIO_AUTH_TOKEN" not in out
+    assert "https://voice.example.com/twiml" in out
+
+
+def test_flags_without_a_command_are_serves(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mediaserver --port 8081` is `mediaserver serve --port 8081` (argparse took the value for a command)."""
+    from mediaserver.__main__ import main
+
+    monkeypatch.delenv("MEDIASERVER_PORT", raising=False)
+    assert main(["--port", "0", "--env-file", ""]) == 2  # as serve's own flag: the port is checked
+    assert "mediaserver: configuration error: --port (MEDIASERVER_PORT)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("mediaserver ")
+
+
 def test_serve_on_a_port_in_use_says_so_and_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
