@@ -780,6 +780,8 @@ async def test_app_unreachable_model_hangs_up_the_call(
     }[failure]
     assert any("could not open the model session: openai: " in m and expected in m for m in messages), messages
     assert any("no model session" in m and "hanging up" in m for m in messages), messages
+    errors = [r.getMessage() for r in call_log(caplog, CALL_A) if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "could not open the model session" in errors[0], errors  # one error line, not two
     assert not any(API_KEY in r.getMessage() for r in caplog.records)  # the key is never logged
 
 

@@ -406,7 +406,8 @@ class CallManager:
                     stream = waited
                 if slot.link is None:
                     self._refuse("no_model_session")
-                    log.error("call %s: no model session (%s); hanging up", start.call_sid, shown(slot.error or "", 300))
+                    # (a warning: why the session failed was logged, as an error, when it failed)
+                    log.warning("call %s: no model session (%s); hanging up", start.call_sid, shown(slot.error or "", 300))
                     if self.recorder is not None:
                         self.recorder.call_not_bridged(start, f"no model session: {slot.error}", self.settings.provider)
                     return StreamEnd(FAILED, "no model session")

@@ -48,11 +48,11 @@ __all__ = [
 _WARNED: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
+def _warn_once(message: str, level: int = logging.WARNING) -> None:
     """Log ``message`` once per process (the toolset is loaded to check it at start, then by the server)."""
     if message not in _WARNED:
         _WARNED.add(message)
-        log.warning("%s", message)
+        log.log(level, "%s", message)
 
 
 def load_toolset(settings: Settings) -> ToolSet:
@@ -105,8 +105,11 @@ def load_toolset(settings: Settings) -> ToolSet:
                         f"MEDIASERVER_TOOLS={settings.tools_module}: BUILTIN_TOOLS asks for transfer_call, "
                         f"which needs {' and '.join(missing)}"
                     )
-                if has_rest:
-                    _warn_once("transfer_call is not offered: set MEDIASERVER_TRANSFER_NUMBERS to the numbers it may dial")
+                if has_rest:  # (information: the credentials sign webhooks and place calls; transfers are a choice)
+                    _warn_once(
+                        "transfer_call is not offered: set MEDIASERVER_TRANSFER_NUMBERS to the numbers it may dial",
+                        logging.INFO,
+                    )
                 elif settings.transfer_numbers:
                     _warn_once(
                         "transfer_call is not offered: MEDIASERVER_TRANSFER_NUMBERS is set, but transfers need Twilio "
