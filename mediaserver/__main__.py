@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server (the default command)")
     serve.add_argument("--host", help="address to listen on (MEDIASERVER_HOST, default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (MEDIASERVER_PORT, default 8080)")
-    serve.add_argument("--provider", choices=PROVIDERS, help="model provider (MEDIASERVER_PROVIDER, default echo)")
+    serve.add_argument("--provider", type=str.lower, choices=PROVIDERS, help="model provider (MEDIASERVER_PROVIDER, default echo)")
     serve.add_argument("--public-url", help="https://host Twilio reaches us at (MEDIASERVER_PUBLIC_URL)")
     serve.add_argument(
         "--instance-url",

@@ -338,6 +338,8 @@ def _parse(name: str, env: str, raw: str, default: Any) -> Any:
             return float(raw)
     except ValueError:
         raise ConfigError(f"{env} must be a {'whole ' if kind is int else ''}number, not {raw!r}") from None
+    if name == "provider":
+        return raw.strip().lower()  # (OpenAI: as the log level and format, any case)
     return raw.strip()
 
 

@@ -441,6 +441,13 @@ def test_settings_that_do_nothing_as_configured_are_warned_at_start(caplog: pyte
     assert caplog.records == []
 
 
+def test_config_provider_names_are_taken_in_any_case(capsys: pytest.CaptureFixture[str]) -> None:
+    assert Settings.from_env({"MEDIASERVER_PROVIDER": " OpenAI ", "OPENAI_API_KEY": "k"}).provider == "openai"
+    from mediaserver.__main__ import _parser
+
+    assert _parser().parse_args(["serve", "--provider", "Gemini"]).provider == "gemini"
+
+
 def test_config_credentials_in_a_keyed_providers_url_point_at_its_key_setting() -> None:
     with pytest.raises(ConfigError, match=r"OPENAI_REALTIME_URL has a user name .*give the provider's key in its own setting"):
         Settings.from_env({"MEDIASERVER_PROVIDER": "openai", "OPENAI_API_KEY": "k", "OPENAI_REALTIME_URL": "wss://u:p@h/x"})

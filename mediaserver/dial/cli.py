@@ -64,7 +64,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env-file",
                         help="read TWILIO_AUTH_TOKEN, TWILIO_ACCOUNT_SID and MEDIASERVER_PUBLIC_URL from this file "
                         "(default: .env, if there is one; '' for none)")  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="connect timeout (default 10)")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="how long to wait for the webhook's answer and for each connection (default 10)")
 
 
 def main(args: argparse.Namespace) -> int:
