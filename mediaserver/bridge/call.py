@@ -80,6 +80,9 @@ MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contr
 # An item whose audio stopped this long ago counts as finished for wait_played (end_call, transfer), said
 # done or not: not every provider always says so (ElevenLabs' agent_response_complete is optional).
 SILENT_ITEM_S = 1.0
+# The model's audio queued here ahead of its playback, at most (a model sends faster than real time; one that sent
+# hours of it at once grew the server by 80 MB a second and stalled every call).  Audio past it is dropped.
+MAX_QUEUED_S = 300.0
 MAX_UNKNOWN_TYPES = 32  # unknown provider message types logged per call (one line each)
 MAX_DTMF_BATCH = 64  # keypad digits told to the model in one message at most
 DIGITS_MARGIN_S = 0.5  # next_digits returns this long before the tool's time limit, with what has arrived
@@ -243,6 +246,7 @@ class CallBridge:
         rest: TwilioRest | None = None,
         dtmf_gap_s: float = 1.0,
         goodbye_timeout_s: float = 15.0,
+        max_queued_s: float = MAX_QUEUED_S,
     ) -> None:
         if twilio.start is None:
             raise ValueError("the Twilio stream must have started before bridging")
@@ -256,6 +260,8 @@ class CallBridge:
         self.chunk_bytes = chunk_ms * tw.MULAW_SAMPLES_PER_MS
         self.chunk_s = chunk_ms / 1000
         self.lead_s = lead_ms / 1000
+        self._max_chunks = max(1, int(max_queued_s * 1000 // chunk_ms))  # chunks queued at most (MAX_QUEUED_S)
+        self._overflowed = False  # audio past the cap was dropped (logged once)
         self.stats = CallStats(call_sid=call_sid, provider=link.name, started_s=trio.current_time())
         self.end_reason = "running"
 
@@ -1123,6 +1129,9 @@ class CallBridge:
 
     def _downlink(self, item: str, payload: bytes) -> None:
         now = self._audio_in_s = self._now()  # (also when audio last came: see _quiet)
+        if len(self._queue) >= self._max_chunks:
+            self._drop_overflow(item, payload)
+            return
         if self._down_tail and self._pending_item != item:
             self._resampler_tail(self._pending_item)  # another reply without an "audio done" for the last one
         if self._down_pcm:
@@ -1143,6 +1152,12 @@ class CallBridge:
             self._pending_item = item
         if not payload:
             return
+        room = (self._max_chunks - len(self._queue)) * self.chunk_bytes - len(self._pending)
+        if len(payload) > room:  # (one message can hold minutes of audio)
+            self._drop_overflow(item, b"")
+            payload = payload[: max(room, 0)]
+            if not payload:
+                return
         started = not self._pending
         if started:
             self._pending_s = now
@@ -1159,6 +1174,20 @@ class CallBridge:
             # it too: an idle pacer plays it after one chunk's time if nothing joins it (a reply whose last
             # delta is short and that never gets "audio done" would otherwise keep its tail until the next).
             self._queued.set()
+
+    def _drop_overflow(self, item: str, payload: bytes) -> None:
+        """The queue holds ``MAX_QUEUED_S`` of audio already: drop ``payload``, keeping PCM16's sample alignment."""
+        if self._down_pcm and payload:
+            half = self._half_sample
+            held = 1 if half is not None and half[0] == item else 0
+            # (an even number of bytes is dropped: the byte left over, if any, begins the next sample)
+            self._half_sample = (item, payload[-1:]) if (held + len(payload)) & 1 else None
+        if not self._overflowed:
+            self._overflowed = True
+            log.warning(
+                "call %s: the model's audio is more than %g s ahead of its playback; audio past that is dropped",
+                self.call_sid, self._max_chunks * self.chunk_s,
+            )  # fmt: skip
 
     def _resampler_tail(self, item: str | None) -> None:
         """The end of ``item``'s audio still inside the resampler's filter (a few ms), to play with it now.

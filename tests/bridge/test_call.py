@@ -330,6 +330,54 @@ async def test_call_downlink_joins_pcm16_samples_split_across_deltas(autojump_cl
     assert call.error is None
 
 
+@fail_after(60)
+async def test_call_audio_queued_past_max_queued_s_is_dropped_and_later_audio_plays(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A model that sends far faster than real time (hours of audio in seconds) must not grow the server without bound.
+    link = FakeLink()
+    async with bridged(link, max_queued_s=0.2) as call:
+        await trio.sleep(1.0)
+        async with call.bridge._send_lock:  # (the pacer sends nothing meanwhile: the queue stays full)
+            link.emit(pv.AudioDelta("item_1", audio(1000, 0x11)), pv.AudioDelta("item_1", audio(500, 0x12)))
+            link.emit(pv.AudioDone("item_1"))
+            await trio.testing.wait_all_tasks_blocked()
+        await call.caller.wait_for_audio(1)
+        await call.caller.wait_quiet(0.5)
+        link.emit(pv.AudioDelta("item_2", audio(100, 0x22)), pv.AudioDone("item_2"))
+        await call.caller.wait_for_audio(8 * 300)
+        await call.caller.wait_quiet(0.5)
+        # 200 ms of the first reply (what the queue holds), none of the rest; the next reply whole
+        assert call.caller.received_audio == audio(200, 0x11) + audio(100, 0x22)
+    warnings = [r.getMessage() for r in caplog.records if "ahead of its playback" in r.getMessage()]
+    assert len(warnings) == 1 and "more than 0.2 s ahead" in warnings[0]  # once per call
+
+
+@fail_after(60)
+async def test_call_pcm16_dropped_past_max_queued_s_keeps_its_samples_whole(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Odd-length deltas dropped while the queue is full: what follows must still start on a sample's first byte.
+    link = FakeLink(output_format=pv.AudioFormat("pcm16", 8000))
+    async with bridged(link, max_queued_s=0.2) as call:
+        sig = tone(440, 1500, 8000, amplitude=0.3).tobytes()
+        await trio.sleep(1.0)
+        async with call.bridge._send_lock:  # (the pacer sends nothing meanwhile: the queue stays full)
+            link.emit(pv.AudioDelta("item_1", sig[:3200]), pv.AudioDelta("item_1", sig[3200:3203]),
+                      pv.AudioDelta("item_1", sig[3203:3206]), pv.AudioDelta("item_1", sig[3206:3211]))
+            await trio.testing.wait_all_tasks_blocked()
+        await call.caller.wait_for_audio(1600)
+        await call.caller.wait_quiet(0.5)
+        for at in range(3211, 3211 + 1600 * 5, 1600):  # then in real time, from an odd byte on
+            link.emit(pv.AudioDelta("item_1", sig[at : at + 1600]))
+            await trio.sleep(0.1)
+        link.emit(pv.AudioDone("item_1"))
+        await call.caller.wait_quiet(0.5)
+        # the 11 bytes dropped leave the stream at sig[3210]: samples resume there, whole (not noise)
+        assert call.caller.received_audio == ulaw_encode(sig[:3200]) + ulaw_encode(sig[3210:11210])
+    assert call.error is None
+
+
 # ------------------------------------------------------------------- barge-in
 
 
