@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, Request
-from wsproto.frame_protocol import FrameProtocol
+from wsproto.frame_protocol import CloseReason, FrameProtocol
 
 from mediaserver._native._wsframe import OTHER
 from mediaserver.transport import ws_client
@@ -313,3 +313,54 @@ def test_empty_fragments_keep_nothing(server_side: bool) -> None:
 
     assert trio.run(main) == "abcd"
     assert max(parts_seen) <= 2  # "ab" and one empty piece at most, not 10 000
+
+
+@pytest.mark.parametrize("server_side", [False, True])
+def test_a_reads_pings_get_one_pong_the_last_ones_and_before_what_follows(server_side: bool) -> None:
+    """RFC 6455 5.5.3: only the latest ping needs its pong.  A flood of them costs one send, not one each."""
+    rng = random.Random(5)
+    pings = b"".join(_frame(0x89, b"p%d" % i, server_side, rng) for i in range(1000))
+    after = _frame(0x81, b"after", server_side, rng)
+    more = _frame(0x89, b"again", server_side, rng)
+    close = _frame(0x88, struct.pack("!H", 1000), server_side, rng)
+    got, code, replies = _run([pings + after + more + close], server_side)
+    # One pong for the 1000 (the last one's payload), sent before the message is taken; none for a ping the
+    # peer's close follows (wsproto refused that pong, and the close's code was lost: 1006 instead of 1000).
+    assert got == ["after"] and code == 1000
+    assert replies == [(10, repr(b"p999")), (8, repr((CloseReason.NORMAL_CLOSURE, "")))]
+    got, code, replies = _run([pings + after + more], server_side)
+    assert got == ["after"] and code == 1006 and replies == [(10, repr(b"p999")), (10, repr(b"again"))]
+
+
+@pytest.mark.parametrize("server_side", [False, True])
+def test_a_read_of_thousands_of_frames_lets_other_tasks_run_while_it_is_handled(server_side: bool) -> None:
+    """One peer's 64 KiB of tiny fragments or pings (a reviewer: 380 ms of work) must not stall every other call."""
+    peer = FrameProtocol(client=server_side, extensions=[])
+    fragments = [peer.send_data("a", False), *(peer.send_data("", False) for _ in range(10_000)), peer.send_data("b", True)]
+    rng = random.Random(6)
+    pings = [_frame(0x89, b"", server_side, rng) for _ in range(10_000)]
+    stream = ScriptedStream([b"".join(fragments) + b"".join(pings) + _frame(0x81, b"c", server_side, rng)])
+    conn = ClientWebSocket(stream, _open_pair(server_side), LIMIT)
+    turns = 0
+
+    async def main() -> list[str | bytes]:
+        nonlocal turns
+        got: list[str | bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def other_call() -> None:
+                nonlocal turns
+                while True:
+                    await trio.sleep(0)
+                    turns += 1
+
+            nursery.start_soon(other_call)
+            with trio.fail_after(20):
+                got.append(await conn.receive())
+                got.append(await conn.receive())
+            nursery.cancel_scope.cancel()
+        return got
+
+    assert trio.run(main) == ["ab", "c"]
+    assert turns >= 20_000 // ws_client.SLOW_EVENTS_PER_TURN - 5  # a turn for the others every 64 events
+    assert stream.sent.count(b"\x8a") <= 2  # (10 000 pings: one pong)
