@@ -754,6 +754,82 @@ async def test_app_model_failure_hangs_up_the_call(how: str, caplog: pytest.LogC
         assert "1011" in ended.getMessage()
 
 
+class Relay:
+    """A loopback TCP relay to ``port``; :meth:`freeze` makes it a dead network path (nothing read or written)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port: int | None = None
+        self.frozen = False
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listener.socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._relay, [listener])
+
+    async def _relay(self, near: trio.SocketStream) -> None:
+        far = await trio.open_tcp_stream("127.0.0.1", self.target)
+
+        async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+            while data := await source.receive_some(65536):
+                if self.frozen:
+                    await trio.sleep_forever()  # (nor reads any more: the sender's buffers fill)
+                await sink.send_all(data)
+            await sink.send_eof()
+
+        async with far, near, trio.open_nursery() as nursery:
+            nursery.start_soon(pump, near, far)
+            nursery.start_soon(pump, far, near)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+@fail_after(15)
+async def test_app_a_model_that_stops_answering_is_found_by_a_ping_and_the_call_ends(
+    frozen: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen model (or a dead network path) was found only once the socket's send buffer filled: minutes of
+    silence for the caller, billed.  A quiet model that answers pings is left alone."""
+    import mediaserver.transport.provider_ws as provider_ws
+
+    monkeypatch.setattr(provider_ws, "MODEL_QUIET_S", 0.3)
+    monkeypatch.setattr(provider_ws, "MODEL_ANSWER_S", 0.3)
+    async with fake_openai() as model, trio.open_nursery() as nursery:
+        relay = Relay(model.port or 0)
+        await nursery.start(relay.run)
+        model.port = relay.port  # the server reaches the model through the relay
+        async with running(openai_settings(model)) as url:
+            async with phone_call(url) as caller:
+                session = await model.session(0)
+                await session.ready.wait()
+                async with trio.open_nursery() as talking:
+                    await talking.start(keep_talking, caller)
+                    if frozen:
+                        relay.freeze()
+                        frozen_s = trio.current_time()
+                        await caller.closed.wait()
+                        # a quiet window (0.3 s, maybe begun before), the ping's wait (0.3 s); margin for CI
+                        assert trio.current_time() - frozen_s < 0.3 * 3 + 2.0
+                    else:
+                        await trio.sleep(3.0)  # a quiet model, ten windows: it answers each ping
+                        assert not caller.closed.is_set()
+                    talking.cancel_scope.cancel()
+                if not frozen:
+                    await caller.stop()
+            metrics = (await http_request(url + "/metrics")).text.splitlines()
+            assert "mediaserver_model_sessions_open 0" in metrics
+        nursery.cancel_scope.cancel()
+    [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    if frozen:
+        assert caller.close_code == 1011
+        assert "provider ended: " in ended and "the model sent nothing for 0.6 s, nor answered a ping" in ended, ended
+    else:
+        assert "nor answered" not in ended and "provider ended" not in ended, ended
+
+
 @pytest.mark.parametrize("failure", ["refused", "http-401", "untrusted-certificate"])
 @fail_after(10)
 async def test_app_unreachable_model_hangs_up_the_call(

@@ -69,6 +69,10 @@ log = logging.getLogger("mediaserver.provider")
 # leaves room for session echoes with long instructions and tool schemas.
 MAX_PROVIDER_MESSAGE_BYTES = 8 * 1024 * 1024
 
+# A model that sends nothing for MODEL_QUIET_S is pinged; with nothing back MODEL_ANSWER_S later, its link is cut
+# (a frozen model, or a dead network path, is found within 30 s: WebSocketLink.watch_alive).
+MODEL_QUIET_S = 10.0
+MODEL_ANSWER_S = 10.0
 ORDERLY_CLOSE_CODES = (1000, 1001)  # the model ended the session (normal closure, going away): not a failure
 MAX_NOWAIT_BACKLOG_BYTES = 256 * 1024  # read_nowait stops reading the model while more than this waits to go to it
 
@@ -219,6 +223,33 @@ class WebSocketLink:
                 # also when the core had nothing to send yet (before its handshake)
                 self.last_send_s = self._now()
 
+    async def watch_alive(self, quiet_s: float | None = None, answer_s: float | None = None) -> None:
+        """Ping a model that has sent nothing for ``quiet_s``; cut the link if nothing comes within ``answer_s``.
+
+        A model that froze (no reads, no writes; or a network path that
+        died) is otherwise found only when the socket's send buffer fills,
+        which took minutes: the caller heard silence and the session stayed
+        billed.  Cut, the link ends as any broken connection does (the call
+        ends, ``provider ended: ...``).  Runs until cancelled.
+        """
+        quiet_s = MODEL_QUIET_S if quiet_s is None else quiet_s
+        answer_s = MODEL_ANSWER_S if answer_s is None else answer_s
+        ws = self._ws
+        while ws.closed is None:
+            seen = ws.received_bytes
+            await trio.sleep(quiet_s)
+            if ws.received_bytes != seen:
+                continue
+            with trio.move_on_after(answer_s):  # (a send a frozen model never takes must not hold the watch)
+                try:
+                    await ws.ping(b"mediaserver")
+                except WebSocketClosed:
+                    return  # the reader reports it
+                await trio.sleep_until(trio.current_time() + answer_s)  # (the scope ends it)
+            if ws.received_bytes == seen and ws.closed is None:
+                ws.abort(f"the model sent nothing for {quiet_s + answer_s:g} s, nor answered a ping")
+                return
+
     async def wait_ready(self) -> None:
         """Read until the core reports :class:`SessionReady`, keeping every event for :meth:`receive`.
 
@@ -343,6 +374,7 @@ async def open_provider_link(
                     await link.wait_ready()
                 if handshake.cancelled_caught:
                     raise ProviderClosed(f"{name}: the session was not ready within {connect_timeout_s:g} s")
+                nursery.start_soon(link.watch_alive)
                 yield link
             finally:
                 try:

@@ -136,8 +136,31 @@ class ClientWebSocket:
         # Set with closed, or alone when a write failed: the peer has gone (a reset), but what it sent before
         # is still in the socket and is read on, to the end (a goodbye, its close frame).
         self._unsendable: WebSocketClosed | None = None
+        self.received_bytes = 0  # read from the peer so far (a liveness watch compares it)
+        self._abort_reason: str | None = None  # why abort() cut the connection (the end's reason)
 
     # -- sending ---------------------------------------------------------------
+
+    async def ping(self, payload: bytes = b"") -> None:
+        """Send a ping (the peer's pong, like anything it sends, adds to :attr:`received_bytes`)."""
+        await self._send(Ping(payload))
+
+    def abort(self, reason: str) -> None:
+        """Cut the connection (both ways) without closing the socket: a reader sees its end, with ``reason``.
+
+        For a peer that has stopped answering: no close frame is sent (it
+        would not be read), and the socket stays open for its owner to
+        unregister and close as usual.
+        """
+        if self._abort_reason is not None or self.closed is not None:
+            return
+        self._abort_reason = reason
+        sock = self._sock if self._sock is not None else self._tls.raw_socket if self._tls is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     async def send(self, message: str | bytes) -> None:
         """Send one message; raises :class:`WebSocketClosed` when the connection is closed (or a write failed)."""
@@ -293,7 +316,9 @@ class ClientWebSocket:
     def _write_failed(self) -> WebSocketClosed:
         """A write failed: nothing more can be sent, but reading goes on (see ``_unsendable``)."""
         if self._unsendable is None:
-            self._unsendable = WebSocketClosed(CloseReason.ABNORMAL_CLOSURE, "the connection failed while sending")
+            self._unsendable = WebSocketClosed(
+                CloseReason.ABNORMAL_CLOSURE, self._abort_reason or "the connection failed while sending"
+            )
         self._backlog = bytearray()  # (it can never go: nothing is left to flush)
         return self._unsendable
 
@@ -365,6 +390,7 @@ class ClientWebSocket:
         if not data:
             self._stash = b""
             return False
+        self.received_bytes += len(data)
         rest = self._scan_fast(data)
         if self._tls is not None and (self._tls.at_eof or self._tls.failed):
             # The peer's close_notify (or a record that broke the TLS stream)
@@ -400,7 +426,7 @@ class ClientWebSocket:
         if self._stash is not None:  # left by read_nowait: past the fast path already (or b"": closed)
             data, self._stash = self._stash, None
             if not data:
-                self._closed_now(CloseReason.ABNORMAL_CLOSURE)
+                self._closed_now(CloseReason.ABNORMAL_CLOSURE, self._abort_reason or "")
                 return False
             return await self._read_slow(data)
         try:
@@ -411,10 +437,11 @@ class ClientWebSocket:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
         if not data:
-            self._closed_now(CloseReason.ABNORMAL_CLOSURE)
+            self._closed_now(CloseReason.ABNORMAL_CLOSURE, self._abort_reason or "")
             return False
         if not isinstance(data, bytes):
             data = bytes(data)
+        self.received_bytes += len(data)
         rest = self._scan_fast(data)
         if rest is None:
             return True
