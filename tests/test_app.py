@@ -786,6 +786,28 @@ class Relay:
             nursery.start_soon(pump, far, near)
 
 
+@fail_after(15)
+async def test_app_a_pre_opened_session_is_not_taken_for_dead_while_no_one_reads_it(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until its stream comes, nothing reads a pre-opened session: a pong to a ping would go unread."""
+    import mediaserver.transport.provider_ws as provider_ws
+
+    monkeypatch.setattr(provider_ws, "MODEL_QUIET_S", 0.3)
+    monkeypatch.setattr(provider_ws, "MODEL_ANSWER_S", 0.3)
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        twiml = await answer_call(url, CALL_A)
+        await trio.sleep(2.0)  # more than three quiet windows and their pings
+        caller = FakeTwilioCaller(call_sid=CALL_A, custom_parameters=dict(twiml.parameters))
+        async with open_ws_client(twiml.stream_url, []) as ws, caller.attached(ws):
+            await caller.send_silence(1000)
+            session = await model.session(0)
+            await session.wait_appends(40)
+            assert not caller.closed.is_set()
+            await caller.stop()
+    assert not any("nor answered" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 @fail_after(15)
 async def test_app_a_model_that_stops_answering_is_found_by_a_ping_and_the_call_ends(

@@ -95,6 +95,9 @@ class WebSocketLink:
         self.last_send_s = self._now()
         self.violation: str | None = None  # what the model sent that broke the protocol (said in our close frame)
         self._envelope: Callable[[], tuple[bytes, bytes] | None] | None = getattr(session, "audio_envelope", None)
+        # A bridge reads the link (receive() or the reactor, which asks for poll_socket() first): until then (a
+        # session pre-opened at the webhook) nothing it sends is read, and its silence proves nothing.
+        self._read_by_bridge = trio.Event()
 
     @property
     def input_format(self) -> AudioFormat:
@@ -130,6 +133,7 @@ class WebSocketLink:
 
     def poll_socket(self) -> socket.socket | None:
         """The socket to watch for :meth:`read_nowait` (under TLS for ``wss://``); None when only the awaiting calls may be used."""
+        self._read_by_bridge.set()
         return self._ws.poll_socket()
 
     def send_nowait(self, command: ProviderCommand) -> bool:
@@ -230,11 +234,13 @@ class WebSocketLink:
         died) is otherwise found only when the socket's send buffer fills,
         which took minutes: the caller heard silence and the session stayed
         billed.  Cut, the link ends as any broken connection does (the call
-        ends, ``provider ended: ...``).  Runs until cancelled.
+        ends, ``provider ended: ...``).  It watches from when a bridge first
+        reads the link.  Runs until cancelled.
         """
         quiet_s = MODEL_QUIET_S if quiet_s is None else quiet_s
         answer_s = MODEL_ANSWER_S if answer_s is None else answer_s
         ws = self._ws
+        await self._read_by_bridge.wait()
         while ws.closed is None:
             seen = ws.received_bytes
             await trio.sleep(quiet_s)
@@ -270,6 +276,7 @@ class WebSocketLink:
             await self._read_one()
 
     async def receive(self) -> ProviderEvent:
+        self._read_by_bridge.set()
         while not self._pending:
             await self._read_one()
         return self._pending.popleft()
