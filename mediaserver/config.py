@@ -156,6 +156,10 @@ class Settings:
         "MEDIASERVER_CHUNK_MS", 40, "model audio to Twilio in chunks of this many ms, a mark after each (20-200, step 20)"
     )
     connect_timeout_s: float = _env_field("MEDIASERVER_CONNECT_TIMEOUT_S", 10.0, "model WebSocket connect limit")
+    model_ping_s: float = _env_field(
+        "MEDIASERVER_MODEL_PING_S", 10.0,
+        "ping a model silent this long; end the call if nothing comes back within as long again (0 = never)",
+    )  # fmt: skip
     drain_s: float = _env_field("MEDIASERVER_DRAIN_S", 10.0, "graceful shutdown: how long live calls may finish")
     log_level: str = _env_field("MEDIASERVER_LOG_LEVEL", "INFO", "DEBUG | INFO | WARNING | ERROR | CRITICAL")
     log_format: str = _env_field("MEDIASERVER_LOG_FORMAT", "text", "text | json (one JSON object per line)")
@@ -246,6 +250,8 @@ class Settings:
             raise ConfigError(f"MEDIASERVER_MAX_CALLS must be 0 (no limit) or a number of calls, not {self.max_calls}")
         if not (20 <= self.chunk_ms <= 200 and self.chunk_ms % 20 == 0):
             raise ConfigError(f"MEDIASERVER_CHUNK_MS must be 20, 40, ... or 200, not {self.chunk_ms!r}")
+        if not math.isfinite(self.model_ping_s) or self.model_ping_s < 0:
+            raise ConfigError(f"MEDIASERVER_MODEL_PING_S must be 0 (never) or a number of seconds, not {self.model_ping_s!r}")
         for name in ("stream_timeout_s", "idle_timeout_s", "max_call_s", "connect_timeout_s", "drain_s", "tool_timeout_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:

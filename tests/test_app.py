@@ -788,14 +788,10 @@ class Relay:
 
 @fail_after(15)
 async def test_app_a_pre_opened_session_is_not_taken_for_dead_while_no_one_reads_it(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Until its stream comes, nothing reads a pre-opened session: a pong to a ping would go unread."""
-    import mediaserver.transport.provider_ws as provider_ws
-
-    monkeypatch.setattr(provider_ws, "MODEL_QUIET_S", 0.3)
-    monkeypatch.setattr(provider_ws, "MODEL_ANSWER_S", 0.3)
-    async with fake_openai() as model, running(openai_settings(model)) as url:
+    async with fake_openai() as model, running(openai_settings(model, model_ping_s=0.3)) as url:
         twiml = await answer_call(url, CALL_A)
         await trio.sleep(2.0)  # more than three quiet windows and their pings
         caller = FakeTwilioCaller(call_sid=CALL_A, custom_parameters=dict(twiml.parameters))
@@ -808,44 +804,45 @@ async def test_app_a_pre_opened_session_is_not_taken_for_dead_while_no_one_reads
     assert not any("nor answered" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("frozen", [True, False, "off"])
 @fail_after(15)
 async def test_app_a_model_that_stops_answering_is_found_by_a_ping_and_the_call_ends(
-    frozen: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    frozen: bool | str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A frozen model (or a dead network path) was found only once the socket's send buffer filled: minutes of
-    silence for the caller, billed.  A quiet model that answers pings is left alone."""
-    import mediaserver.transport.provider_ws as provider_ws
-
-    monkeypatch.setattr(provider_ws, "MODEL_QUIET_S", 0.3)
-    monkeypatch.setattr(provider_ws, "MODEL_ANSWER_S", 0.3)
+    silence for the caller, billed.  A quiet model that answers pings is left alone; with the ping off, a frozen
+    one is not found (MEDIASERVER_MODEL_PING_S=0)."""
     async with fake_openai() as model, trio.open_nursery() as nursery:
         relay = Relay(model.port or 0)
         await nursery.start(relay.run)
         model.port = relay.port  # the server reaches the model through the relay
-        async with running(openai_settings(model)) as url:
+        async with running(openai_settings(model, model_ping_s=0.0 if frozen == "off" else 0.3)) as url:
             async with phone_call(url) as caller:
                 session = await model.session(0)
                 await session.ready.wait()
                 async with trio.open_nursery() as talking:
                     await talking.start(keep_talking, caller)
-                    if frozen:
+                    if frozen is True:
                         relay.freeze()
                         frozen_s = trio.current_time()
                         await caller.closed.wait()
                         # a quiet window (0.3 s, maybe begun before), the ping's wait (0.3 s); margin for CI
                         assert trio.current_time() - frozen_s < 0.3 * 3 + 2.0
                     else:
+                        if frozen == "off":
+                            relay.freeze()
                         await trio.sleep(3.0)  # a quiet model, ten windows: it answers each ping
                         assert not caller.closed.is_set()
                     talking.cancel_scope.cancel()
-                if not frozen:
+                if frozen is not True:
                     await caller.stop()
+            if frozen == "off":
+                await trio.sleep(1.5)  # (the close handshake with a frozen model: 1 s, then the socket is dropped)
             metrics = (await http_request(url + "/metrics")).text.splitlines()
             assert "mediaserver_model_sessions_open 0" in metrics
         nursery.cancel_scope.cancel()
     [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
-    if frozen:
+    if frozen is True:
         assert caller.close_code == 1011
         assert "provider ended: " in ended and "the model sent nothing for 0.6 s, nor answered a ping" in ended, ended
     else:

@@ -41,6 +41,8 @@ def test_config_reads_environment_and_overrides_win() -> None:
         ({"MEDIASERVER_PORT": "eighty"}, "MEDIASERVER_PORT must be a whole number"),
         ({"MEDIASERVER_PORT": "70000"}, "MEDIASERVER_PORT must be 1-65535"),
         ({"MEDIASERVER_IDLE_TIMEOUT_S": "0"}, "MEDIASERVER_IDLE_TIMEOUT_S must be a positive number of seconds"),
+        ({"MEDIASERVER_MODEL_PING_S": "-1"}, r"MEDIASERVER_MODEL_PING_S must be 0 \(never\) or a number of seconds, not -1.0"),
+        ({"MEDIASERVER_MODEL_PING_S": "inf"}, r"MEDIASERVER_MODEL_PING_S must be 0 \(never\) or a number of seconds, not inf"),
         ({"MEDIASERVER_MAX_CALL_S": "nan"}, r"MEDIASERVER_MAX_CALL_S must be a positive number of seconds, not nan"),
         ({"MEDIASERVER_TOOL_TIMEOUT_S": "inf"}, r"MEDIASERVER_TOOL_TIMEOUT_S must be a positive number of seconds, not inf"),
         ({"MEDIASERVER_CHUNK_MS": "30"}, r"MEDIASERVER_CHUNK_MS must be 20, 40, \.\.\. or 200, not 30"),

@@ -421,3 +421,41 @@ def test_gemini_needs_its_api_key() -> None:
         Settings.from_env({"MEDIASERVER_PROVIDER": "gemini"})
     settings = Settings.from_env({"MEDIASERVER_PROVIDER": "gemini", "GEMINI_API_KEY": "k"})
     assert settings.gemini_api_key == "k"
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@fail_after(15)
+async def test_gemini_liveness_pings_watch_a_bridged_connection_not_a_pre_opened_one(
+    frozen: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Gemini's own reader reads each connection as soon as it opens, and waits for the bridge with an event in
+    hand: until the stream comes, a pong would go unread.  Once bridged, a frozen connection is found."""
+    from tests.fakes import answer_call, open_ws_client
+    from tests.test_app import Relay
+
+    async with fake_gemini() as model, trio.open_nursery() as nursery:
+        relay = Relay(model.port or 0)
+        await nursery.start(relay.run)
+        model.port = relay.port
+        async with running(gemini_settings(model, model_ping_s=0.3)) as url:
+            twiml = await answer_call(url, CALL_A)
+            await trio.sleep(2.0)  # the stream comes late: three quiet windows and their pings, unread
+            caller = FakeTwilioCaller(call_sid=CALL_A, custom_parameters=dict(twiml.parameters))
+            async with open_ws_client(twiml.stream_url, []) as ws, caller.attached(ws):
+                async with trio.open_nursery() as talking:
+                    await talking.start(keep_talking, caller)
+                    await trio.sleep(1.0)
+                    assert not caller.closed.is_set()
+                    if frozen:
+                        relay.freeze()
+                        with trio.fail_after(0.3 * 3 + 3.0):
+                            await caller.closed.wait()
+                    talking.cancel_scope.cancel()
+                if not frozen:
+                    await caller.stop()
+        nursery.cancel_scope.cancel()
+    ended = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
+    if frozen:
+        assert "nor answered a ping" in ended[0], ended
+    else:
+        assert not any("nor answered" in r.getMessage() for r in caplog.records)

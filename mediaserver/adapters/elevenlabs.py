@@ -91,6 +91,6 @@ async def open_link(settings: Settings, agent: AgentOptions) -> AsyncIterator[Pr
     session = ElevenLabsSession(elevenlabs_config(settings, agent))
     url = await fetch_signed_url(settings) if settings.elevenlabs_api_key else public_url(settings)
     async with open_provider_link(
-        "elevenlabs", session, url, connect_timeout_s=settings.connect_timeout_s
+        "elevenlabs", session, url, connect_timeout_s=settings.connect_timeout_s, ping_after_s=settings.model_ping_s
     ) as link:
         yield link

@@ -116,6 +116,7 @@ class GeminiLink:
         self._ended_how: dict[str, bool] = {}  # ProviderClosed's orderly/broken for how the link ended
         self.connections = 0
         self.resumptions = 0
+        self._bridge_reads = False  # the bridge reads this link: each connection's liveness is watched (WebSocketLink.reading)
 
     # -- ProviderLink --------------------------------------------------------
 
@@ -148,6 +149,10 @@ class GeminiLink:
                 self._begin_switch()
 
     async def receive(self) -> ProviderEvent:
+        if not self._bridge_reads:
+            self._bridge_reads = True
+            if self._active is not None and self._active.ws is not None:
+                self._active.ws.reading()
         try:
             return await self._events_out.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -187,6 +192,7 @@ class GeminiLink:
             self._settings.gemini_live_url,
             self._headers,
             connect_timeout_s=self._settings.connect_timeout_s,
+            ping_after_s=self._settings.model_ping_s,
         ) as ws:
             conn.ws = ws
             try:
@@ -208,7 +214,7 @@ class GeminiLink:
                 if conn.retired:
                     waiting.cancel()
                 try:
-                    event = await conn.ws.receive()
+                    event = await conn.ws.next_event()  # (not receive(): the bridge may not be reading yet)
                 except ProviderClosed as exc:
                     self._on_closed(conn, exc)
                     self._event_read.set()  # (a switch waiting for this connection's turn to end sees it closed)
@@ -296,6 +302,8 @@ class GeminiLink:
                 return
             self.resumptions += 1
             self._active = new
+            if self._bridge_reads and new.ws is not None:
+                new.ws.reading()  # (its events go to the bridge as they come: it is watched from the start)
             if not await self._go_live(new):
                 return
             log.info("%s: resumed the session on connection %d", NAME, new.number)

@@ -53,5 +53,6 @@ async def open_link(settings: Settings, agent: AgentOptions) -> AsyncIterator[Pr
         session.config.url,
         auth_headers(session.config.url, settings.openai_api_key),
         connect_timeout_s=settings.connect_timeout_s,
+        ping_after_s=settings.model_ping_s,
     ) as link:
         yield link

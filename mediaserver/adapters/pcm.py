@@ -37,6 +37,7 @@ async def open_link(settings: Settings, agent: AgentOptions) -> AsyncIterator[Pr
     assert settings.pcm_provider_url is not None  # Settings.validated() requires it
     session = PcmSession(pcm_config(settings, agent))
     async with open_provider_link(
-        "pcm", session, settings.pcm_provider_url, connect_timeout_s=settings.connect_timeout_s
+        "pcm", session, settings.pcm_provider_url,
+        connect_timeout_s=settings.connect_timeout_s, ping_after_s=settings.model_ping_s,
     ) as link:
         yield link

@@ -69,10 +69,9 @@ log = logging.getLogger("mediaserver.provider")
 # leaves room for session echoes with long instructions and tool schemas.
 MAX_PROVIDER_MESSAGE_BYTES = 8 * 1024 * 1024
 
-# A model that sends nothing for MODEL_QUIET_S is pinged; with nothing back MODEL_ANSWER_S later, its link is cut
-# (a frozen model, or a dead network path, is found within 30 s: WebSocketLink.watch_alive).
-MODEL_QUIET_S = 10.0
-MODEL_ANSWER_S = 10.0
+# A model that sends nothing for this long is pinged; with nothing back as long again, its link is cut (a frozen
+# model, or a dead network path, is found within three times this: WebSocketLink.watch_alive).  MEDIASERVER_MODEL_PING_S.
+MODEL_PING_S = 10.0
 ORDERLY_CLOSE_CODES = (1000, 1001)  # the model ended the session (normal closure, going away): not a failure
 MAX_NOWAIT_BACKLOG_BYTES = 256 * 1024  # read_nowait stops reading the model while more than this waits to go to it
 
@@ -227,7 +226,7 @@ class WebSocketLink:
                 # also when the core had nothing to send yet (before its handshake)
                 self.last_send_s = self._now()
 
-    async def watch_alive(self, quiet_s: float | None = None, answer_s: float | None = None) -> None:
+    async def watch_alive(self, quiet_s: float = MODEL_PING_S, answer_s: float = MODEL_PING_S) -> None:
         """Ping a model that has sent nothing for ``quiet_s``; cut the link if nothing comes within ``answer_s``.
 
         A model that froze (no reads, no writes; or a network path that
@@ -237,8 +236,6 @@ class WebSocketLink:
         ends, ``provider ended: ...``).  It watches from when a bridge first
         reads the link.  Runs until cancelled.
         """
-        quiet_s = MODEL_QUIET_S if quiet_s is None else quiet_s
-        answer_s = MODEL_ANSWER_S if answer_s is None else answer_s
         ws = self._ws
         await self._read_by_bridge.wait()
         while ws.closed is None:
@@ -275,8 +272,16 @@ class WebSocketLink:
                     raise ProviderClosed(f"{self.name} refused the session: {event.message}")
             await self._read_one()
 
+    def reading(self) -> None:
+        """From now on the link's events are read as they come (by a bridge): its liveness is watched."""
+        self._read_by_bridge.set()
+
     async def receive(self) -> ProviderEvent:
         self._read_by_bridge.set()
+        return await self.next_event()
+
+    async def next_event(self) -> ProviderEvent:
+        """:meth:`receive` for a reader that is not the bridge (Gemini's, which hands the events on)."""
         while not self._pending:
             await self._read_one()
         return self._pending.popleft()
@@ -341,8 +346,14 @@ async def open_provider_link(
     *,
     connect_timeout_s: float = 10.0,
     disconnect_timeout_s: float = 1.0,
+    ping_after_s: float = MODEL_PING_S,
 ) -> AsyncIterator[WebSocketLink]:
-    """Connect to ``url``, send the session's configuration, yield the link."""
+    """Connect to ``url``, send the session's configuration, yield the link.
+
+    A model that sends nothing for ``ping_after_s`` is pinged, and the link
+    cut if nothing comes back as long again (:meth:`WebSocketLink.watch_alive`;
+    0: never).
+    """
     try:
         target = _Target.parse(url)
     except ValueError as exc:
@@ -381,7 +392,8 @@ async def open_provider_link(
                     await link.wait_ready()
                 if handshake.cancelled_caught:
                     raise ProviderClosed(f"{name}: the session was not ready within {connect_timeout_s:g} s")
-                nursery.start_soon(link.watch_alive)
+                if ping_after_s > 0:
+                    nursery.start_soon(link.watch_alive, ping_after_s, ping_after_s)
                 yield link
             finally:
                 try:

@@ -477,7 +477,8 @@ class ClientWebSocket:
                         pong = None
                     await self._handle(event)
                 if count % SLOW_EVENTS_PER_TURN == 0:
-                    await trio.lowlevel.checkpoint()
+                    # (a turn for the others, not a new place to be cancelled: what is parsed is never lost)
+                    await trio.lowlevel.cancel_shielded_checkpoint()
         except RemoteProtocolError as exc:
             self._closed_now(CloseReason.PROTOCOL_ERROR, str(exc), violation=True)
             if isinstance(exc.event_hint, CloseConnection):  # (a handshake's hint is an HTTP answer: not ours to send)
