@@ -1130,7 +1130,7 @@ class CallBridge:
     def _downlink(self, item: str, payload: bytes) -> None:
         now = self._audio_in_s = self._now()  # (also when audio last came: see _quiet)
         if len(self._queue) >= self._max_chunks:
-            self._drop_overflow(item, payload)
+            self._drop_overflow(item)
             return
         if self._down_tail and self._pending_item != item:
             self._resampler_tail(self._pending_item)  # another reply without an "audio done" for the last one
@@ -1154,7 +1154,7 @@ class CallBridge:
             return
         room = (self._max_chunks - len(self._queue)) * self.chunk_bytes - len(self._pending)
         if len(payload) > room:  # (one message can hold minutes of audio)
-            self._drop_overflow(item, b"")
+            self._drop_overflow(item)
             payload = payload[: max(room, 0)]
             if not payload:
                 return
@@ -1175,18 +1175,18 @@ class CallBridge:
             # delta is short and that never gets "audio done" would otherwise keep its tail until the next).
             self._queued.set()
 
-    def _drop_overflow(self, item: str, payload: bytes) -> None:
-        """The queue holds ``MAX_QUEUED_S`` of audio already: drop ``payload``, keeping PCM16's sample alignment."""
-        if self._down_pcm and payload:
-            half = self._half_sample
-            held = 1 if half is not None and half[0] == item else 0
-            # (an even number of bytes is dropped: the byte left over, if any, begins the next sample)
-            self._half_sample = (item, payload[-1:]) if (held + len(payload)) & 1 else None
+    def _drop_overflow(self, item: str) -> None:
+        """The queue holds ``MAX_QUEUED_S`` of audio already: the rest of ``item`` is dropped, as if it were cut.
+
+        (The rest of the reply, not only this piece: resumed later, the
+        caller would hear it jump from minute 5 to minute N.)
+        """
+        self._interrupted.add(item)  # (its later audio is dropped on arrival)
         if not self._overflowed:
             self._overflowed = True
             log.warning(
-                "call %s: the model's audio is more than %g s ahead of its playback; audio past that is dropped",
-                self.call_sid, self._max_chunks * self.chunk_s,
+                "call %s: the model's audio is more than %g s ahead of its playback; the rest of %s is dropped",
+                self.call_sid, self._max_chunks * self.chunk_s, item,
             )  # fmt: skip
 
     def _resampler_tail(self, item: str | None) -> None:

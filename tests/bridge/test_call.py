@@ -354,27 +354,29 @@ async def test_call_audio_queued_past_max_queued_s_is_dropped_and_later_audio_pl
 
 
 @fail_after(60)
-async def test_call_pcm16_dropped_past_max_queued_s_keeps_its_samples_whole(
+async def test_call_a_reply_past_max_queued_s_loses_its_rest_and_the_next_reply_plays_whole(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # Odd-length deltas dropped while the queue is full: what follows must still start on a sample's first byte.
+    # Once a reply overflows, the rest of it is dropped (resumed when there is room, the caller would hear it jump
+    # minutes ahead); its odd-length pieces leave no stray byte in the next reply's samples.
     link = FakeLink(output_format=pv.AudioFormat("pcm16", 8000))
     async with bridged(link, max_queued_s=0.2) as call:
         sig = tone(440, 1500, 8000, amplitude=0.3).tobytes()
         await trio.sleep(1.0)
         async with call.bridge._send_lock:  # (the pacer sends nothing meanwhile: the queue stays full)
-            link.emit(pv.AudioDelta("item_1", sig[:3200]), pv.AudioDelta("item_1", sig[3200:3203]),
-                      pv.AudioDelta("item_1", sig[3203:3206]), pv.AudioDelta("item_1", sig[3206:3211]))
+            link.emit(pv.AudioDelta("item_1", sig[:3203]), pv.AudioDelta("item_1", sig[3203:3206]))
             await trio.testing.wait_all_tasks_blocked()
         await call.caller.wait_for_audio(1600)
-        await call.caller.wait_quiet(0.5)
-        for at in range(3211, 3211 + 1600 * 5, 1600):  # then in real time, from an odd byte on
+        for at in range(3206, 3206 + 1600 * 3, 1600):  # in real time, with room again: still dropped
             link.emit(pv.AudioDelta("item_1", sig[at : at + 1600]))
             await trio.sleep(0.1)
         link.emit(pv.AudioDone("item_1"))
         await call.caller.wait_quiet(0.5)
-        # the 11 bytes dropped leave the stream at sig[3210]: samples resume there, whole (not noise)
-        assert call.caller.received_audio == ulaw_encode(sig[:3200]) + ulaw_encode(sig[3210:11210])
+        second = tone(660, 150, 8000, amplitude=0.3).tobytes()  # (less than the cap: one message is cut too)
+        link.emit(pv.AudioDelta("item_2", second), pv.AudioDone("item_2"))
+        await call.caller.wait_for_audio(1600 + len(second) // 2)
+        await call.caller.wait_quiet(0.5)
+        assert call.caller.received_audio == ulaw_encode(sig[:3200]) + ulaw_encode(second)
     assert call.error is None
 
 
