@@ -133,7 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    if words and words[0].startswith("-") and words[0] not in ("-h", "--help", "--version"):
+    first = words[0] if words else ""
+    if (
+        first.startswith("-")
+        and first not in ("-h", "--help")
+        and not (len(first) > 2 and "--version".startswith(first))  # (argparse takes --vers for --version)
+        and not any(word in ("serve", "settings", *_COMMANDS) for word in words)
+    ):
         words.insert(0, "serve")  # `mediaserver --port 8081`: serve is the default command, flags and all
     args = _parser().parse_args(words)
     if args.command in _COMMANDS:

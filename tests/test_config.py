@@ -195,9 +195,10 @@ def test_flags_without_a_command_are_serves(capsys: pytest.CaptureFixture[str], 
     monkeypatch.delenv("MEDIASERVER_PORT", raising=False)
     assert main(["--port", "0", "--env-file", ""]) == 2  # as serve's own flag: the port is checked
     assert "mediaserver: configuration error: --port (MEDIASERVER_PORT)" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exited:
-        main(["--version"])
-    assert exited.value.code == 0 and capsys.readouterr().out.startswith("mediaserver ")
+    for version in ("--version", "--vers"):  # (argparse's abbreviation, as before)
+        with pytest.raises(SystemExit) as exited:
+            main([version])
+        assert exited.value.code == 0 and capsys.readouterr().out.startswith("mediaserver ")
 
 
 def test_serve_on_a_port_in_use_says_so_and_exits_2(
