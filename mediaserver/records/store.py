@@ -435,7 +435,8 @@ class PostgresStore(RecordStore):
             import psycopg
         except ImportError:
             raise RecordsError(
-                "DATABASE_URL is set but PostgreSQL support (psycopg 3) is not installed; install it with: "
+                "DATABASE_URL is set but PostgreSQL support (psycopg 3) is not installed in the server's Python "
+                f"environment; install it with (or with that environment's installer, e.g. uv pip): "
                 f"{shlex.quote(sys.executable)} -m pip install 'psycopg[binary]>=3.2'"
             ) from None
         self._psycopg = psycopg

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import re
 import sys
@@ -22,6 +23,8 @@ from mediaserver.protocol.providers.base import FunctionTool
 
 from ._schema import describe
 from .context import CallContext
+
+log = logging.getLogger("mediaserver.tools")
 
 __all__ = ["Tool", "load_module_tools", "tool"]
 
@@ -111,7 +114,9 @@ def _import_here_too(module_name: str) -> ModuleType:
     """Import ``module_name``; one not on the import path is looked for in the working directory as well.
 
     (As ``python -m`` and uvicorn do: the console script's path holds only
-    its own directory.  Searched last, so it shadows nothing installed.)
+    its own directory.)  The directory is on the path for this import only,
+    and last, so it shadows nothing installed, and a later import elsewhere
+    in the server (an optional driver) never picks up a file from it.
     """
     top = module_name.partition(".")[0]
     try:
@@ -121,7 +126,12 @@ def _import_here_too(module_name: str) -> ModuleType:
         if exc.name != top or here in sys.path or "" in sys.path:
             raise
     sys.path.append(here)
-    return importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    finally:
+        sys.path.remove(here)
+    log.info("MEDIASERVER_TOOLS=%s: loaded %s", module_name, getattr(module, "__file__", None) or here)
+    return module
 
 
 def load_module_tools(module_name: str) -> tuple[Tool, ...]:
