@@ -409,7 +409,7 @@ def test_store_postgres_needs_psycopg(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RecordsError) as e:
         open_store(settings)
     # The pip of the server's own environment, and a package the registry has (mediaserver itself is not there).
-    assert str(e.value).endswith(f"install it with: {shlex.quote(sys.executable)} -m pip install 'psycopg[binary]>=3.2'")
+    assert str(e.value).endswith(f"e.g. uv pip): {shlex.quote(sys.executable)} -m pip install 'psycopg[binary]>=3.2'")
 
 
 def test_store_bad_database_urls_give_one_line_errors() -> None:
