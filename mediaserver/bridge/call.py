@@ -314,6 +314,7 @@ class CallBridge:
         self._unknown_types: set[str] = set()  # provider message types already logged as unknown
         self._model_cut = False  # the next _barge_in is the model stopping its own reply (pcm clear)
         self._last_heard_s = 0.0  # when Twilio last sent anything (the idle watchdog reads it)
+        self._twilio_stuck_s: float | None = None  # since when a write to Twilio has been waiting (the watchdog reads it)
         # Reply latency: when the provider last said the caller stopped speaking (None once answered), and the
         # items already under way then (generating, queued, pending), whose audio is not the answer.
         self._speech_stopped_s: float | None = None
@@ -390,7 +391,11 @@ class CallBridge:
         # must not feed the core a command it would refuse.
         if self.twilio.state is not StreamState.STREAMING:
             return
-        await self.stream.send(self.twilio.send(command))
+        self._twilio_stuck_s = self._now()
+        try:
+            await self.stream.send(self.twilio.send(command))
+        finally:
+            self._twilio_stuck_s = None
 
     async def _send_chunk(self, chunk: _Chunk) -> bool:
         """A downlink chunk and the mark after it, in one write (caller holds _send_lock); False if the stream has stopped."""
@@ -400,7 +405,11 @@ class CallBridge:
         media = (prefix + binascii.b2a_base64(chunk.payload, newline=False) + suffix).decode()
         if not mark:
             self._mark_withheld()
-        await self.stream.send_many((media, mark) if mark else (media,))
+        self._twilio_stuck_s = self._now()
+        try:
+            await self.stream.send_many((media, mark) if mark else (media,))
+        finally:
+            self._twilio_stuck_s = None
         return True
 
     def _mark_withheld(self) -> None:
@@ -414,14 +423,21 @@ class CallBridge:
     # -- uplink ----------------------------------------------------------------
 
     async def _idle_watchdog(self) -> None:
-        """End the call after ``idle_timeout_s`` without a message from Twilio.
+        """End the call after ``idle_timeout_s`` without a message from Twilio, or with a write to it stuck as long.
 
         A task of its own that wakes about once per timeout, rather than a
         deadline the reader moves on every message (a heap update each time).
         """
         self._last_heard_s = self._now()
         while True:
-            await trio.sleep_until(self._last_heard_s + self.idle_timeout_s)
+            stuck_s = self._twilio_stuck_s
+            await trio.sleep_until(min(self._last_heard_s, math.inf if stuck_s is None else stuck_s) + self.idle_timeout_s)
+            stuck_s = self._twilio_stuck_s
+            if stuck_s is not None and self._now() >= stuck_s + self.idle_timeout_s:
+                # Twilio sends but does not read (or its path is half dead): the audio, clears and marks we
+                # write wait for ever, and the model session with them.
+                self._end(f"idle: Twilio took none of our audio for {self.idle_timeout_s:g} s (it is not reading)")
+                return
             if self._now() >= self._last_heard_s + self.idle_timeout_s:
                 if self._flushing or self._up_waiting:  # Twilio's socket is not read: we wait for the model
                     self._end(f"idle: the model took no audio for {self.idle_timeout_s:g} s (it is not reading)")
@@ -1272,8 +1288,10 @@ class CallBridge:
         """Write what ``_pace_now`` could not (Twilio's socket was full), under the send lock."""
         try:
             async with self._send_lock:
+                self._twilio_stuck_s = self._now()
                 await self._polled.flush()
         finally:
+            self._twilio_stuck_s = None
             self._twilio_flushing = False
 
     async def _pacer(self) -> None:

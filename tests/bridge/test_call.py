@@ -31,6 +31,7 @@ from mediaserver.tools import CallContext, ToolSet, tool
 from mediaserver.tools.builtins import BUILTINS
 from tests.fakes import (
     FakeLink,
+    MemoryMessageStream,
     FakeTwilioCaller,
     dominant_frequency_hz,
     fail_after,
@@ -617,6 +618,53 @@ async def test_call_idle_timeout_ends_the_call(autojump_clock: trio.testing.Mock
         assert call.ended_s == pytest.approx(last_frame_s + 5.0, abs=EXACT)
         assert call.bridge.end_reason == "idle: nothing from Twilio for 5 s"
         await call.caller.closed.wait()
+
+
+@fail_after(60)
+async def test_call_a_caller_that_sends_but_reads_nothing_is_ended_by_the_idle_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Its frames keep coming, so "nothing from Twilio" never fires; our writes wait for ever, the model session
+    with them.  A write stuck for the idle timeout ends the call."""
+    stuck = trio.Event()
+
+    class Stalled(MemoryMessageStream):
+        async def send(self, text: str) -> None:
+            if stuck.is_set():
+                await trio.sleep_forever()
+            await super().send(text)
+
+    stream, transport = memory_twilio_pair()
+    stream = Stalled(stream._incoming, stream._outgoing)
+    caller = FakeTwilioCaller()
+    link = FakeLink()
+    async with trio.open_nursery() as nursery, caller.attached(transport):
+        twilio = TwilioStream()
+        while twilio.start is None:
+            twilio.receive_message(await stream.receive())
+            list(twilio.events())
+        bridge = CallBridge(stream, twilio, link, call_sid=caller.call_sid, idle_timeout_s=5.0)
+        ended = trio.Event()
+
+        async def run() -> None:
+            await bridge.run()
+            ended.set()
+
+        async def talk() -> None:
+            while True:
+                await caller.send_silence(100)
+
+        nursery.start_soon(run)
+        nursery.start_soon(talk)
+        await trio.sleep(1.0)
+        stuck.set()
+        stuck_s = trio.current_time()
+        link.emit(pv.AudioDelta("item_1", audio(400)))
+        with trio.fail_after(30):
+            await ended.wait()
+        assert bridge.end_reason == "idle: Twilio took none of our audio for 5 s (it is not reading)"
+        assert stuck_s + 5.0 <= trio.current_time() <= stuck_s + 2 * 5.0 + EXACT
+        nursery.cancel_scope.cancel()
 
 
 @fail_after(120)
