@@ -131,6 +131,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGPIPE
 
 
+def _first_word(words: Sequence[str]) -> str | None:
+    """The first word that is not a flag or a flag's value (serve's flags all take one), if any."""
+    at = 0
+    while at < len(words):
+        if not words[at].startswith("-"):
+            return words[at]
+        at += 1 if "=" in words[at] else 2
+    return None
+
+
 def _main(argv: Sequence[str] | None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     first = words[0] if words else ""
@@ -138,7 +148,7 @@ def _main(argv: Sequence[str] | None) -> int:
         first.startswith("-")
         and first not in ("-h", "--help")
         and not (len(first) > 2 and "--version".startswith(first))  # (argparse takes --vers for --version)
-        and not any(word in ("serve", "settings", *_COMMANDS) for word in words)
+        and _first_word(words) is None
     ):
         words.insert(0, "serve")  # `mediaserver --port 8081`: serve is the default command, flags and all
     args = _parser().parse_args(words)

@@ -250,8 +250,10 @@ class Settings:
             raise ConfigError(f"MEDIASERVER_MAX_CALLS must be 0 (no limit) or a number of calls, not {self.max_calls}")
         if not (20 <= self.chunk_ms <= 200 and self.chunk_ms % 20 == 0):
             raise ConfigError(f"MEDIASERVER_CHUNK_MS must be 20, 40, ... or 200, not {self.chunk_ms!r}")
-        if not math.isfinite(self.model_ping_s) or self.model_ping_s < 0:
-            raise ConfigError(f"MEDIASERVER_MODEL_PING_S must be 0 (never) or a number of seconds, not {self.model_ping_s!r}")
+        if not math.isfinite(self.model_ping_s) or not (self.model_ping_s == 0 or self.model_ping_s >= 1):
+            raise ConfigError(
+                f"MEDIASERVER_MODEL_PING_S must be 0 (never) or at least 1 (seconds), not {self.model_ping_s!r}"
+            )
         for name in ("stream_timeout_s", "idle_timeout_s", "max_call_s", "connect_timeout_s", "drain_s", "tool_timeout_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:

@@ -41,8 +41,9 @@ def test_config_reads_environment_and_overrides_win() -> None:
         ({"MEDIASERVER_PORT": "eighty"}, "MEDIASERVER_PORT must be a whole number"),
         ({"MEDIASERVER_PORT": "70000"}, "MEDIASERVER_PORT must be 1-65535"),
         ({"MEDIASERVER_IDLE_TIMEOUT_S": "0"}, "MEDIASERVER_IDLE_TIMEOUT_S must be a positive number of seconds"),
-        ({"MEDIASERVER_MODEL_PING_S": "-1"}, r"MEDIASERVER_MODEL_PING_S must be 0 \(never\) or a number of seconds, not -1.0"),
-        ({"MEDIASERVER_MODEL_PING_S": "inf"}, r"MEDIASERVER_MODEL_PING_S must be 0 \(never\) or a number of seconds, not inf"),
+        ({"MEDIASERVER_MODEL_PING_S": "-1"}, r"MEDIASERVER_MODEL_PING_S must be 0 \(never\) or at least 1 \(seconds\), not -1.0"),
+        ({"MEDIASERVER_MODEL_PING_S": "inf"}, r"MEDIASERVER_MODEL_PING_S must be 0 \(never\) or at least 1 \(seconds\), not inf"),
+        ({"MEDIASERVER_MODEL_PING_S": "0.001"}, r"MEDIASERVER_MODEL_PING_S must be 0 \(never\) or at least 1"),
         ({"MEDIASERVER_MAX_CALL_S": "nan"}, r"MEDIASERVER_MAX_CALL_S must be a positive number of seconds, not nan"),
         ({"MEDIASERVER_TOOL_TIMEOUT_S": "inf"}, r"MEDIASERVER_TOOL_TIMEOUT_S must be a positive number of seconds, not inf"),
         ({"MEDIASERVER_CHUNK_MS": "30"}, r"MEDIASERVER_CHUNK_MS must be 20, 40, \.\.\. or 200, not 30"),
@@ -195,6 +196,8 @@ def test_flags_without_a_command_are_serves(capsys: pytest.CaptureFixture[str], 
     monkeypatch.delenv("MEDIASERVER_PORT", raising=False)
     assert main(["--port", "0", "--env-file", ""]) == 2  # as serve's own flag: the port is checked
     assert "mediaserver: configuration error: --port (MEDIASERVER_PORT)" in capsys.readouterr().err
+    assert main(["--env-file", "settings", "--port=0"]) == 2  # (a value that is a command's name is a value)
+    assert "--env-file" in capsys.readouterr().err
     for version in ("--version", "--vers"):  # (argparse's abbreviation, as before)
         with pytest.raises(SystemExit) as exited:
             main([version])

@@ -261,7 +261,7 @@ class CallBridge:
         self.chunk_s = chunk_ms / 1000
         self.lead_s = lead_ms / 1000
         self._max_chunks = max(1, int(max_queued_s * 1000 // chunk_ms))  # chunks queued at most (MAX_QUEUED_S)
-        self._overflowed = False  # audio past the cap was dropped (logged once)
+        self._overflowed = 0  # replies that lost audio to the cap (each logged, up to MAX_UNKNOWN_TYPES)
         self.stats = CallStats(call_sid=call_sid, provider=link.name, started_s=trio.current_time())
         self.end_reason = "running"
 
@@ -1195,11 +1195,14 @@ class CallBridge:
         """The queue holds ``MAX_QUEUED_S`` of audio already: the rest of ``item`` is dropped, as if it were cut.
 
         (The rest of the reply, not only this piece: resumed later, the
-        caller would hear it jump from minute 5 to minute N.)
+        caller would hear it jump from minute 5 to minute N.  A reply that
+        begins while the queue is full is dropped whole.)
         """
+        if item in self._interrupted:
+            return
         self._interrupted.add(item)  # (its later audio is dropped on arrival)
-        if not self._overflowed:
-            self._overflowed = True
+        self._overflowed += 1
+        if self._overflowed <= MAX_UNKNOWN_TYPES:
             log.warning(
                 "call %s: the model's audio is more than %g s ahead of its playback; the rest of %s is dropped",
                 self.call_sid, self._max_chunks * self.chunk_s, item,

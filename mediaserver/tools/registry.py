@@ -114,9 +114,9 @@ def _import_here_too(module_name: str) -> ModuleType:
     """Import ``module_name``; one not on the import path is looked for in the working directory as well.
 
     (As ``python -m`` and uvicorn do: the console script's path holds only
-    its own directory.)  The directory is on the path for this import only,
-    and last, so it shadows nothing installed, and a later import elsewhere
-    in the server (an optional driver) never picks up a file from it.
+    its own directory.)  It is searched last, so it shadows nothing
+    installed, and it stays on the path: a tool that imports a module beside
+    it when it runs, mid-call, must find it too.
     """
     top = module_name.partition(".")[0]
     try:
@@ -126,10 +126,7 @@ def _import_here_too(module_name: str) -> ModuleType:
         if exc.name != top or here in sys.path or "" in sys.path:
             raise
     sys.path.append(here)
-    try:
-        module = importlib.import_module(module_name)
-    finally:
-        sys.path.remove(here)
+    module = importlib.import_module(module_name)
     log.info("MEDIASERVER_TOOLS=%s: loaded %s", module_name, getattr(module, "__file__", None) or here)
     return module
 

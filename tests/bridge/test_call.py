@@ -351,7 +351,27 @@ async def test_call_audio_queued_past_max_queued_s_is_dropped_and_later_audio_pl
         # 200 ms of the first reply (what the queue holds), none of the rest; the next reply whole
         assert call.caller.received_audio == audio(200, 0x11) + audio(100, 0x22)
     warnings = [r.getMessage() for r in caplog.records if "ahead of its playback" in r.getMessage()]
-    assert len(warnings) == 1 and "more than 0.2 s ahead" in warnings[0]  # once per call
+    assert len(warnings) == 1 and "more than 0.2 s ahead" in warnings[0] and "the rest of item_1" in warnings[0]
+
+
+@fail_after(60)
+async def test_call_a_reply_that_begins_while_the_queue_is_full_is_dropped_whole_and_said_so(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    link = FakeLink()
+    async with bridged(link, max_queued_s=0.2) as call:
+        await trio.sleep(1.0)
+        async with call.bridge._send_lock:  # (the pacer sends nothing meanwhile: the queue stays full)
+            link.emit(pv.AudioDelta("item_1", audio(200, 0x11)), pv.AudioDelta("item_2", audio(40, 0x22)))
+            await trio.testing.wait_all_tasks_blocked()
+        await call.caller.wait_for_audio(1600)
+        link.emit(pv.AudioDelta("item_2", audio(160, 0x23)), pv.AudioDone("item_2"))  # room again: still dropped
+        link.emit(pv.AudioDelta("item_3", audio(100, 0x33)), pv.AudioDone("item_3"))
+        await call.caller.wait_for_audio(1600 + 800)
+        await call.caller.wait_quiet(0.5)
+        assert call.caller.received_audio == audio(200, 0x11) + audio(100, 0x33)
+    warnings = [r.getMessage() for r in caplog.records if "ahead of its playback" in r.getMessage()]
+    assert len(warnings) == 1 and "the rest of item_2 is dropped" in warnings[0]
 
 
 @fail_after(60)
