@@ -81,8 +81,9 @@ MULAW_FRAME_BYTES = 160  # 20 ms at 8 kHz, Twilio's usual media frame (not contr
 # done or not: not every provider always says so (ElevenLabs' agent_response_complete is optional).
 SILENT_ITEM_S = 1.0
 # The model's audio queued here ahead of its playback, at most (a model sends faster than real time; one that sent
-# hours of it at once grew the server by 80 MB a second and stalled every call).  Audio past it is dropped.
+# hours of it at once would grow the server without bound and stall every call).  Audio past it is dropped.
 MAX_QUEUED_S = 300.0
+MAX_OVERFLOW_LOGS = 32  # replies cut short by MAX_QUEUED_S logged per call (one line each)
 MAX_UNKNOWN_TYPES = 32  # unknown provider message types logged per call (one line each)
 MAX_DTMF_BATCH = 64  # keypad digits told to the model in one message at most
 DIGITS_MARGIN_S = 0.5  # next_digits returns this long before the tool's time limit, with what has arrived
@@ -261,7 +262,7 @@ class CallBridge:
         self.chunk_s = chunk_ms / 1000
         self.lead_s = lead_ms / 1000
         self._max_chunks = max(1, int(max_queued_s * 1000 // chunk_ms))  # chunks queued at most (MAX_QUEUED_S)
-        self._overflowed = 0  # replies that lost audio to the cap (each logged, up to MAX_UNKNOWN_TYPES)
+        self._overflowed = 0  # replies that lost audio to the cap (each logged, up to MAX_OVERFLOW_LOGS)
         self.stats = CallStats(call_sid=call_sid, provider=link.name, started_s=trio.current_time())
         self.end_reason = "running"
 
@@ -1202,7 +1203,7 @@ class CallBridge:
             return
         self._interrupted.add(item)  # (its later audio is dropped on arrival)
         self._overflowed += 1
-        if self._overflowed <= MAX_UNKNOWN_TYPES:
+        if self._overflowed <= MAX_OVERFLOW_LOGS:
             log.warning(
                 "call %s: the model's audio is more than %g s ahead of its playback; the rest of %s is dropped",
                 self.call_sid, self._max_chunks * self.chunk_s, item,

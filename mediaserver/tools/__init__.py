@@ -48,7 +48,7 @@ __all__ = [
 _WARNED: set[str] = set()
 
 
-def _warn_once(message: str, level: int = logging.WARNING) -> None:
+def _log_once(message: str, level: int = logging.WARNING) -> None:
     """Log ``message`` once per process (the toolset is loaded to check it at start, then by the server)."""
     if message not in _WARNED:
         _WARNED.add(message)
@@ -106,12 +106,12 @@ def load_toolset(settings: Settings) -> ToolSet:
                         f"which needs {' and '.join(missing)}"
                     )
                 if has_rest:  # (information: the credentials sign webhooks and place calls; transfers are a choice)
-                    _warn_once(
+                    _log_once(
                         "transfer_call is not offered: set MEDIASERVER_TRANSFER_NUMBERS to the numbers it may dial",
                         logging.INFO,
                     )
                 elif settings.transfer_numbers:
-                    _warn_once(
+                    _log_once(
                         "transfer_call is not offered: MEDIASERVER_TRANSFER_NUMBERS is set, but transfers need Twilio "
                         "REST credentials (TWILIO_ACCOUNT_SID with TWILIO_AUTH_TOKEN or an API key)"
                     )

@@ -132,7 +132,7 @@ class WebSocketLink:
 
     def poll_socket(self) -> socket.socket | None:
         """The socket to watch for :meth:`read_nowait` (under TLS for ``wss://``); None when only the awaiting calls may be used."""
-        self._read_by_bridge.set()
+        self.reading()
         return self._ws.poll_socket()
 
     def send_nowait(self, command: ProviderCommand) -> bool:
@@ -226,8 +226,8 @@ class WebSocketLink:
                 # also when the core had nothing to send yet (before its handshake)
                 self.last_send_s = self._now()
 
-    async def watch_alive(self, quiet_s: float = MODEL_PING_S, answer_s: float = MODEL_PING_S) -> None:
-        """Ping a model that has sent nothing for ``quiet_s``; cut the link if nothing comes within ``answer_s``.
+    async def watch_alive(self, after_s: float = MODEL_PING_S) -> None:
+        """Ping a model that has sent nothing for ``after_s``; cut the link if nothing comes within as long again.
 
         A model that froze (no reads, no writes; or a network path that
         died) is otherwise found only when the socket's send buffer fills,
@@ -240,17 +240,17 @@ class WebSocketLink:
         await self._read_by_bridge.wait()
         while ws.closed is None:
             seen = ws.received_bytes
-            await trio.sleep(quiet_s)
+            await trio.sleep(after_s)
             if ws.received_bytes != seen:
                 continue
-            with trio.move_on_after(answer_s):  # (a send a frozen model never takes must not hold the watch)
+            with trio.move_on_after(after_s):  # (also bounds a send that a frozen model never takes)
                 try:
                     await ws.ping(b"mediaserver")
                 except WebSocketClosed:
                     return  # the reader reports it
-                await trio.sleep_until(trio.current_time() + answer_s)  # (the scope ends it)
+                await trio.sleep_forever()  # (the scope ends it)
             if ws.received_bytes == seen and ws.closed is None:
-                ws.abort(f"the model sent nothing for {quiet_s + answer_s:g} s, nor answered a ping")
+                ws.abort(f"the model sent nothing for {2 * after_s:g} s, nor answered a ping")
                 return
 
     async def wait_ready(self) -> None:
@@ -277,7 +277,7 @@ class WebSocketLink:
         self._read_by_bridge.set()
 
     async def receive(self) -> ProviderEvent:
-        self._read_by_bridge.set()
+        self.reading()
         return await self.next_event()
 
     async def next_event(self) -> ProviderEvent:
@@ -393,7 +393,7 @@ async def open_provider_link(
                 if handshake.cancelled_caught:
                     raise ProviderClosed(f"{name}: the session was not ready within {connect_timeout_s:g} s")
                 if ping_after_s > 0:
-                    nursery.start_soon(link.watch_alive, ping_after_s, ping_after_s)
+                    nursery.start_soon(link.watch_alive, ping_after_s)
                 yield link
             finally:
                 try:

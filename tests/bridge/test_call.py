@@ -331,6 +331,14 @@ async def test_call_downlink_joins_pcm16_samples_split_across_deltas(autojump_cl
     assert call.error is None
 
 
+async def emit_with_the_pacer_held(call: Call, *events: pv.ProviderEvent) -> None:
+    """The provider sends ``events`` while the pacer cannot send (it waits for the send lock): what the queue holds
+    when they have been handled does not depend on how the scheduler interleaved the pacer with them."""
+    async with call.bridge._send_lock:
+        call.link.emit(*events)
+        await trio.testing.wait_all_tasks_blocked()
+
+
 @fail_after(60)
 async def test_call_audio_queued_past_max_queued_s_is_dropped_and_later_audio_plays(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
@@ -339,10 +347,8 @@ async def test_call_audio_queued_past_max_queued_s_is_dropped_and_later_audio_pl
     link = FakeLink()
     async with bridged(link, max_queued_s=0.2) as call:
         await trio.sleep(1.0)
-        async with call.bridge._send_lock:  # (the pacer sends nothing meanwhile: the queue stays full)
-            link.emit(pv.AudioDelta("item_1", audio(1000, 0x11)), pv.AudioDelta("item_1", audio(500, 0x12)))
-            link.emit(pv.AudioDone("item_1"))
-            await trio.testing.wait_all_tasks_blocked()
+        await emit_with_the_pacer_held(call, pv.AudioDelta("item_1", audio(1000, 0x11)),
+                                       pv.AudioDelta("item_1", audio(500, 0x12)), pv.AudioDone("item_1"))
         await call.caller.wait_for_audio(1)
         await call.caller.wait_quiet(0.5)
         link.emit(pv.AudioDelta("item_2", audio(100, 0x22)), pv.AudioDone("item_2"))
@@ -361,9 +367,7 @@ async def test_call_a_reply_that_begins_while_the_queue_is_full_is_dropped_whole
     link = FakeLink()
     async with bridged(link, max_queued_s=0.2) as call:
         await trio.sleep(1.0)
-        async with call.bridge._send_lock:  # (the pacer sends nothing meanwhile: the queue stays full)
-            link.emit(pv.AudioDelta("item_1", audio(200, 0x11)), pv.AudioDelta("item_2", audio(40, 0x22)))
-            await trio.testing.wait_all_tasks_blocked()
+        await emit_with_the_pacer_held(call, pv.AudioDelta("item_1", audio(200, 0x11)), pv.AudioDelta("item_2", audio(40, 0x22)))
         await call.caller.wait_for_audio(1600)
         link.emit(pv.AudioDelta("item_2", audio(160, 0x23)), pv.AudioDone("item_2"))  # room again: still dropped
         link.emit(pv.AudioDelta("item_3", audio(100, 0x33)), pv.AudioDone("item_3"))
@@ -384,9 +388,7 @@ async def test_call_a_reply_past_max_queued_s_loses_its_rest_and_the_next_reply_
     async with bridged(link, max_queued_s=0.2) as call:
         sig = tone(440, 1500, 8000, amplitude=0.3).tobytes()
         await trio.sleep(1.0)
-        async with call.bridge._send_lock:  # (the pacer sends nothing meanwhile: the queue stays full)
-            link.emit(pv.AudioDelta("item_1", sig[:3203]), pv.AudioDelta("item_1", sig[3203:3206]))
-            await trio.testing.wait_all_tasks_blocked()
+        await emit_with_the_pacer_held(call, pv.AudioDelta("item_1", sig[:3203]), pv.AudioDelta("item_1", sig[3203:3206]))
         await call.caller.wait_for_audio(1600)
         for at in range(3206, 3206 + 1600 * 3, 1600):  # in real time, with room again: still dropped
             link.emit(pv.AudioDelta("item_1", sig[at : at + 1600]))
