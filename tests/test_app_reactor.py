@@ -27,12 +27,14 @@ from mediaserver.bridge import call as call_module
 from mediaserver.bridge.call import StreamClosed
 from mediaserver.protocol.errors import LocalProtocolError
 from mediaserver.transport import provider_ws, ws_client
+from mediaserver.transport import reactor as reactor_module
 from mediaserver.transport.reactor import current_reactor
 from mediaserver.transport.tls import TLSStream
 from mediaserver.transport.ws_server import ServerStream, server_frame
 from tests.fakes import (
     FakeRealtimeSession,
     FakeTwilioCaller,
+    WsClient,
     Script,
     fail_after,
     to_ulaw,
@@ -522,3 +524,90 @@ async def test_messages_read_before_the_handler_was_registered_are_not_left_wait
             await caller.stop()
             await caller.closed.wait()
     assert caller.received_audio == greeting
+
+
+class PerCall:
+    """What each call of a wrapped reactor handler took (see :func:`taken_per_handler_call`)."""
+
+    def __init__(self) -> None:
+        self.counted = 0  # bumped by the wrapped counter
+        self.taken: list[int] = []  # per handler call
+
+
+def taken_per_handler_call(monkeypatch: pytest.MonkeyPatch, handler: str, count: Any) -> PerCall:
+    """Record, for every call of the ``CallBridge`` reactor handler ``handler``, how much of ``count()`` it took."""
+    per = PerCall()
+    real = getattr(call_module.CallBridge, handler)
+
+    def recorded(self: call_module.CallBridge) -> None:
+        before = count(self)
+        real(self)
+        per.taken.append(count(self) - before)
+
+    monkeypatch.setattr(call_module.CallBridge, handler, recorded)
+    return per
+
+
+@fail_after(30)
+async def test_a_flood_of_small_model_messages_is_taken_a_turn_at_a_time_and_the_call_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """20 000 tiny messages in one burst: a 64 KiB read holds thousands, and a handler taking them all at once
+    held every other call up for the whole read (50-90 ms a read).  It takes MESSAGES_PER_TURN per call now,
+    and the reactor calls it again in its next batch for the rest, after everything else that is ready."""
+    taken = 0
+    real_take = provider_ws.WebSocketLink._take
+
+    def counted_take(self: provider_ws.WebSocketLink, message: str | bytes) -> Any:
+        nonlocal taken
+        taken += 1
+        return real_take(self, message)
+
+    monkeypatch.setattr(provider_ws.WebSocketLink, "_take", counted_take)
+    per = taken_per_handler_call(monkeypatch, "_on_provider_readable", lambda bridge: taken)
+    flood = server_frame('{"type":"x.flood"}') * 20_000  # (an unknown type: logged, ignored)
+    reply = to_ulaw(tone(440, 400, amplitude=0.3))
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            session = await model.session(0)
+            await session.wait_appends(5)
+            async with session._send_lock:  # (nothing else of the fake's between these frames)
+                await session._stream.send_all(flood)
+            await session.respond(reply)
+            await caller.wait_for_audio(len(reply))
+            nursery.cancel_scope.cancel()
+    assert sum(per.taken) >= 20_000  # all on the reactor (none handed to the awaiting path)
+    assert max(per.taken) <= reactor_module.MESSAGES_PER_TURN
+    assert caller.received_audio == reply
+    assert caller.errors == []
+
+
+@fail_after(30)
+async def test_a_burst_of_caller_frames_is_taken_a_turn_at_a_time_and_every_frame_reaches_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Twilio side as the model's: 1000 frames in one write (20 s of audio at once) are taken at most
+    MESSAGES_PER_TURN per handler call, in order, none lost."""
+    per = taken_per_handler_call(monkeypatch, "_on_twilio_readable", lambda bridge: bridge.stats.frames_in)
+    audio = to_ulaw(tone(300, 20_000, amplitude=0.2))
+    frames = [audio[at : at + 160] for at in range(0, len(audio), 160)]
+    async with fake_openai() as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller:
+            await caller.send_silence(100)
+            session = await model.session(0)
+            await session.wait_appends(len(caller.sent_frames))
+            transport = caller._transport
+            assert isinstance(transport, WsClient)
+            async with caller._send_lock:
+                burst = b"".join(ws_client.data_frame(caller.messages.media(frame)) for frame in frames)
+                await transport.stream.send_all(burst)
+                caller.sent_frames.extend(frames)
+            await session.wait_appends(len(caller.sent_frames))
+            await caller.stop()
+            await caller.closed.wait()
+    assert session.appends == caller.sent_frames
+    # A 64 KiB read holds ~190 of these frames: a handler call stopped at MESSAGES_PER_TURN, never past it.  (How
+    # much of the burst the reactor takes varies: the awaiting path takes over while the model's socket is full.)
+    assert max(per.taken) == reactor_module.MESSAGES_PER_TURN, per.taken
+    assert caller.errors == []

@@ -63,7 +63,7 @@ from mediaserver.protocol.providers import base as pv
 from mediaserver.protocol import twilio as tw_stream
 from mediaserver.protocol.twilio import StreamState, TwilioStream
 from mediaserver.tools import ToolError, ToolSet
-from mediaserver.transport.reactor import current_reactor
+from mediaserver.transport.reactor import MESSAGES_PER_TURN, current_reactor
 from mediaserver.twilio_rest import TwilioRest, TwilioRestError, dial_twiml
 
 from .link import PolledLink, ProviderClosed, ProviderLink
@@ -177,12 +177,17 @@ class PolledStream(MessageStream, Protocol):
 class _Watch:
     """One stretch of a socket on the reactor: its task waits for ``done``; the handler says why in ``error``/``result``."""
 
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("done", "error", "fd", "result")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.error: Exception | None = None
         self.result: object = None
+        self.fd = -1  # the socket the reactor watches for it
+
+    def again(self) -> None:
+        """Have the handler called again in the reactor's next batch (it left messages for later)."""
+        current_reactor().again(self.fd)
 
     def fail(self, exc: Exception) -> None:
         self.error = exc
@@ -555,7 +560,7 @@ class CallBridge:
         handler that raises fails the watch (:meth:`Reactor.add`'s ``on_error``).
         """
         assert sock is not None
-        fd = sock.fileno()
+        watch.fd = fd = sock.fileno()
         reactor = current_reactor()
         reactor.add(fd, on_readable, watch.fail)
         try:
@@ -583,9 +588,15 @@ class CallBridge:
         now = self._now
         take = self.twilio.take_media
         jitter = self.jitter
+        budget = MESSAGES_PER_TURN  # (a flood is taken in turns with the other calls: see the reactor)
         try:
             received_s = self._last_heard_s = now()
             while messages:
+                if not budget:
+                    if more:
+                        self._tw.again()
+                    break
+                budget -= 1
                 message = messages.popleft()
                 taken = take(message)
                 if taken is not None:
@@ -853,6 +864,8 @@ class CallBridge:
             return
         if not more:
             self._pv.end()
+        elif link.unread:  # (a flood of small messages: the rest in the next batch, after the other calls)
+            self._pv.again()
 
     # -- tools, keypad, hanging up and transfer ---------------------------------
 

@@ -104,6 +104,11 @@ class PolledLink(ProviderLink, Protocol):
         """The events read and not yet received, oldest first (pop them from the left)."""
         ...
 
+    @property
+    def unread(self) -> bool:
+        """Messages read from the socket wait for another :meth:`read_nowait` (it takes a bounded number per call)."""
+        ...
+
     def send_nowait(self, command: ProviderCommand) -> bool:
         """Send without waiting: True if sent, False if queued (then :meth:`flush` must run)."""
         ...

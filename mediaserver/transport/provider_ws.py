@@ -52,6 +52,7 @@ from mediaserver.protocol.providers.base import (
     SessionReady,
 )
 from mediaserver.transport.http import open_stream, redact
+from mediaserver.transport.reactor import MESSAGES_PER_TURN
 from mediaserver.transport.tls import open_tls_stream
 from mediaserver.transport.ws_client import (
     CLOSED_BY_US,
@@ -195,7 +196,9 @@ class WebSocketLink:
             return False
         more = ws.read_nowait()
         messages = ws.inbox
-        while messages:
+        for _ in range(MESSAGES_PER_TURN):  # (the rest wait in the socket's inbox: unread)
+            if not messages:
+                break
             replies = self._take(messages.popleft())
             if replies and not ws.write_failed:
                 try:
@@ -205,6 +208,12 @@ class WebSocketLink:
                         raise self._closed(exc) from None
                     # (the model has gone: what it sent before still counts, so reading goes on to its end)
         return more
+
+    @property
+    def unread(self) -> bool:
+        """Messages were read from the socket that :meth:`read_nowait` has not taken yet (it takes
+        ``MESSAGES_PER_TURN`` per call): call it again, whether or not the socket is readable."""
+        return bool(self._ws.inbox)
 
     @property
     def inbox(self) -> deque[ProviderEvent]:

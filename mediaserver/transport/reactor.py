@@ -13,7 +13,11 @@ registered socket stays registered for its whole call, and one Trio task
 become readable.  When it does, one non-blocking ``poll`` returns every
 ready socket and the reactor calls each socket's handler, a plain function,
 in turn; then it waits again, which is a Trio checkpoint, so other tasks run
-between batches exactly as they do between task steps.
+between batches exactly as they do between task steps.  A handler takes at
+most ``MESSAGES_PER_TURN`` messages per call and asks for another call in
+the next batch (:meth:`Reactor.again`) for the rest: one read of 64 KiB can
+hold thousands of small messages, and a peer that floods them would
+otherwise hold every other call up for the whole read.
 
 Handlers run in the reactor's task: they must not block and should not
 raise.  One that does is dropped (one broken call cannot stop the loop); the
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 from collections.abc import Callable
 
 import trio
@@ -37,6 +42,7 @@ __all__ = ["Reactor", "current_reactor", "reactor_stats"]
 log = logging.getLogger("mediaserver.reactor")
 
 MAX_EVENTS = 1024  # sockets handled per batch; the rest wait for the next one
+MESSAGES_PER_TURN = 128  # messages a handler takes per call; it asks for the next batch (Reactor.again) for the rest
 
 
 class Reactor:
@@ -46,6 +52,14 @@ class Reactor:
         self._epoll = select.epoll()
         self._handlers: dict[int, Callable[[], None]] = {}
         self._on_error: dict[int, Callable[[Exception], None]] = {}
+        self._again: set[int] = set()  # handlers to call in the next batch, readable or not
+        # again() from outside the loop (a task's own first call of its handler) while the loop waits: a byte
+        # on this pair wakes it.  (Its read end is in the epoll set, not in the handlers.)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._waiting = False  # the loop is blocked in its wait
         self.batches = 0  # how many times the loop woke (tests and benches read these)
         self.calls = 0
 
@@ -61,9 +75,26 @@ class Reactor:
         if on_error is not None:
             self._on_error[fd] = on_error
 
+    def again(self, fd: int) -> None:
+        """Call ``fd``'s handler in the next batch even if no new data arrives (it left messages for later).
+
+        A handler that stops after ``MESSAGES_PER_TURN`` messages, with more
+        already read, asks for this: one peer's flood of small messages is
+        then taken in turns with every other socket, rather than in one step
+        that delays them all.
+        """
+        self._again.add(fd)
+        if self._waiting:
+            self._waiting = False
+            try:
+                self._wake_w.send(b"\0")
+            except BlockingIOError:  # pragma: no cover - bytes already wait there: it wakes anyway
+                pass
+
     def remove(self, fd: int) -> None:
         """Stop watching ``fd`` (idempotent); call it before the socket is closed."""
         self._on_error.pop(fd, None)
+        self._again.discard(fd)
         if self._handlers.pop(fd, None) is not None:
             try:
                 self._epoll.unregister(fd)
@@ -75,16 +106,26 @@ class Reactor:
 
     async def run(self) -> None:
         """Dispatch readiness until cancelled."""
-        epoll, handlers = self._epoll, self._handlers
+        epoll, handlers, wake = self._epoll, self._handlers, self._wake_r.fileno()
         try:
             while True:
-                await trio.lowlevel.wait_readable(epoll)
-                ready = epoll.poll(0, MAX_EVENTS)
+                if self._again:  # (a checkpoint: every other task, and every readable socket, gets its turn first)
+                    await trio.lowlevel.checkpoint()
+                    again, self._again = self._again, set()
+                    ready = epoll.poll(0, MAX_EVENTS)
+                    ready += [(fd, select.EPOLLIN) for fd in again.difference(fd for fd, _ in ready)]
+                else:
+                    self._waiting = True
+                    await trio.lowlevel.wait_readable(epoll)
+                    self._waiting = False
+                    ready = epoll.poll(0, MAX_EVENTS)
                 self.batches += 1
                 self.calls += len(ready)
                 for fd, _ in ready:
                     handler = handlers.get(fd)  # None: removed by an earlier handler of this batch
                     if handler is None:
+                        if fd == wake:
+                            self._drain_wake()
                         continue
                     try:
                         handler()
@@ -98,7 +139,17 @@ class Reactor:
                             except Exception:  # pragma: no cover - a broken error callback
                                 log.exception("reactor: the error callback for fd %d failed", fd)
         finally:
+            self._waiting = False
             epoll.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
 
 
 _REACTOR: trio.lowlevel.RunVar[Reactor] = trio.lowlevel.RunVar("mediaserver_reactor")

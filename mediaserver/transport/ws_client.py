@@ -370,6 +370,8 @@ class ClientWebSocket:
         sock = self._sock
         if self._stash is not None or self.closed is not None:
             return False
+        if self._messages:  # what was read is taken first (a handler takes a few at a time): the socket can wait
+            return True
         data: bytes | None
         if sock is not None:
             try:

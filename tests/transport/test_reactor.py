@@ -122,6 +122,49 @@ async def test_the_reactor_yields_between_batches() -> None:
         reactor.remove(b.fileno())
 
 
+async def test_again_calls_a_handler_in_the_next_batch_without_new_data_with_other_tasks_between() -> None:
+    """A handler that left messages for later (MESSAGES_PER_TURN) asks to be called again; nothing makes its
+    socket readable, yet it is called in the next batch, and other tasks run between its calls.  Asked from
+    outside the loop (a task's own first call of its handler), it wakes the waiting loop."""
+    reactor = Reactor()
+    a, b = _socketpair()
+    ticks_at_call: list[int] = []
+    ticks = 0
+    wanted = 5
+
+    def handler() -> None:
+        ticks_at_call.append(ticks)
+        if len(ticks_at_call) < wanted:
+            reactor.again(b.fileno())
+
+    async def tick_until(n: int) -> None:
+        nonlocal ticks
+        while len(ticks_at_call) < n:
+            await trio.lowlevel.checkpoint()
+            ticks += 1
+
+    with a, b:
+        reactor.add(b.fileno(), handler)  # never readable: a never sends
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reactor.run)
+            await trio.sleep(0.01)  # the loop waits now
+            assert ticks_at_call == []
+            reactor.again(b.fileno())
+            with trio.fail_after(1):
+                await tick_until(wanted)
+            await trio.sleep(0.05)
+            assert len(ticks_at_call) == wanted  # no more than it asked for
+            # The other task ran between the calls: once per batch (Trio may run it before or after the reactor
+            # within a batch, so a pair of calls can see the same count, but not all of them).
+            assert ticks_at_call == sorted(ticks_at_call) and ticks_at_call[-1] - ticks_at_call[0] >= wanted - 2
+            reactor.again(b.fileno())
+            reactor.remove(b.fileno())  # removing drops a pending again
+            await trio.sleep(0.05)
+            assert len(ticks_at_call) == wanted
+            nursery.cancel_scope.cancel()
+    assert reactor.batches <= 10  # (the loop waited between: no spinning on the wake-up socket)
+
+
 # -- ClientWebSocket / ServerStream: read_nowait, inbox, send_many_nowait, flush ------
 
 
