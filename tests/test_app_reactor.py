@@ -493,12 +493,18 @@ async def test_deltas_shorter_than_a_chunk_still_go_out_as_whole_chunks() -> Non
     raise AssertionError(f"no call coalesced its part-chunks: {seen}")
 
 
+@pytest.mark.parametrize("wss", [False, True], ids=["ws", "wss"])
 @fail_after(20)
 async def test_messages_read_before_the_handler_was_registered_are_not_left_waiting(
-    monkeypatch: pytest.MonkeyPatch,
+    wss: bool, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     """A pre-opened session whose greeting was already read into the WebSocket (with session.updated):
-    the reactor would never report the socket readable for it, so the bridge takes it at registration."""
+    the reactor would never report the socket readable for it, so the bridge takes it at registration.
+    Over TLS the awaiting read decrypted one record and left the others in our TLS stream: taken too."""
+    tls = None
+    if wss:
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+        tls = server_context(certificate)
     greeting = to_ulaw(tone(500, 400, amplitude=0.3))
     greeted = trio.Event()
 
@@ -513,17 +519,59 @@ async def test_messages_read_before_the_handler_was_registered_are_not_left_wait
         await real_wait_ready(self)
         await greeted.wait()
         await trio.sleep(0.1)  # the greeting is in our socket's receive buffer
-        await self._ws._read()  # one read takes it all into the WebSocket's inbox
-        assert len(self._ws.inbox) >= 3  # response.created, the delta, audio done, response.done
+        await self._ws._read()  # one read: it all (plain TCP), or all into our TLS stream and one record decrypted
+        stream = self._ws._stream
+        if wss:
+            assert isinstance(stream, TLSStream) and stream.buffered_in  # records wait that readiness won't report
+            assert self._ws.inbox  # and the first record's messages wait in the WebSocket
+        else:
+            assert len(self._ws.inbox) >= 3  # response.created, the delta, audio done, response.done
 
     monkeypatch.setattr(provider_ws.WebSocketLink, "wait_ready", wait_ready_then_read_ahead)
-    async with fake_openai(script) as model, running(openai_settings(model)) as url:
+    async with fake_openai(script, tls=tls) as model, running(openai_settings(model)) as url:
         async with phone_call(url) as caller:
             with trio.fail_after(3):
                 await caller.wait_for_audio(len(greeting))
             await caller.stop()
             await caller.closed.wait()
     assert caller.received_audio == greeting
+
+
+@pytest.mark.parametrize("wss", [False, True], ids=["ws", "wss"])
+@fail_after(20)
+async def test_a_reply_in_one_write_after_a_ping_is_heard_whole_without_waiting_for_more(
+    wss: bool, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """The model pings (the call's task answers and waits for the next message), then sends a whole reply in one
+    write (over TLS, many WebSocket frames per record, as a TLS-terminating proxy sends them) and says nothing
+    more.  The task takes one message and hands back to the reactor: the rest must be taken without new data.
+    (Found in review: over TLS the records after the first stayed in our TLS stream: 0.4 of the 1 s unheard.)"""
+    tls = None
+    if wss:
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+        tls = server_context(certificate)
+    reply = to_ulaw(tone(440, 1000, amplitude=0.3))
+    async with fake_openai(tls=tls) as model, running(openai_settings(model)) as url:
+        async with phone_call(url) as caller, trio.open_nursery() as nursery:
+            await nursery.start(keep_talking, caller)
+            session = await model.session(0)
+            await session.wait_appends(5)
+            built: list[str | bytes] = []
+
+            async def keep(message: str | bytes) -> None:
+                built.append(message)
+
+            session.send_message = keep  # type: ignore[method-assign]
+            await session.respond(reply, chunk_bytes=80)  # 100 deltas (built, not sent)
+            del session.send_message  # (the method again)
+            with trio.fail_after(2):
+                await session.ws.ping(b"still there?")  # returns when the pong has arrived
+            async with session._send_lock, session.ws._stream_lock:  # (nothing else of the fake's in between)
+                await session.ws._stream.send_all(b"".join(server_frame(m) for m in built))
+            with trio.fail_after(3):
+                await caller.wait_for_audio(len(reply))
+            nursery.cancel_scope.cancel()
+    assert caller.received_audio == reply
 
 
 class PerCall:

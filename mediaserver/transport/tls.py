@@ -106,6 +106,12 @@ class TLSStream(trio.abc.Stream):
         return self._sock
 
     @property
+    def buffered_in(self) -> bool:
+        """Input read from the socket and not yet taken: ciphertext (:meth:`receive_some` decrypts one record
+        per call) or plaintext.  The socket's readiness does not report it."""
+        return self._incoming.pending > 0 or self._tls.pending() > 0
+
+    @property
     def at_eof(self) -> bool:
         """True once :meth:`receive_nowait` has seen the end of the stream (the socket may stay open and quiet)."""
         return self._eof

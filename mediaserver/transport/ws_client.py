@@ -362,7 +362,9 @@ class ClientWebSocket:
         """Read once without blocking, parse with the fast path only; False when :meth:`receive` must take over.
 
         For a reader driven by socket readiness (:mod:`mediaserver.transport.reactor`):
-        the messages land in :attr:`inbox`.  False
+        the messages land in :attr:`inbox`.  While the inbox holds messages
+        it reads nothing from the socket (True: go on taking them), so a
+        flood waits in the socket, not in memory.  False
         means the peer closed, or the bytes need wsproto (a control frame, a
         fragment, anything unusual): they are kept, and the next
         :meth:`receive` handles them before reading again.
@@ -370,7 +372,10 @@ class ClientWebSocket:
         sock = self._sock
         if self._stash is not None or self.closed is not None:
             return False
-        if self._messages:  # what was read is taken first (a handler takes a few at a time): the socket can wait
+        if self._messages and (self._tls is None or not self._tls.buffered_in):
+            # What was read is taken first (a handler takes MESSAGES_PER_TURN at a time); the socket's readiness
+            # will report the rest.  Not what our TLS stream holds already (the awaiting path decrypts one record
+            # per read and leaves the others there): readiness never reports that, so it is decrypted now.
             return True
         data: bytes | None
         if sock is not None:
