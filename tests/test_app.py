@@ -19,6 +19,7 @@ import math
 import os
 import socket
 import logging
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -844,7 +845,9 @@ async def test_app_a_model_that_stops_answering_is_found_by_a_ping_and_the_call_
     [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
     if frozen is True:
         assert caller.close_code == 1011
-        assert "provider ended: " in ended and "the model sent nothing for 0.6 s, nor answered a ping" in ended, ended
+        assert "provider ended: " in ended, ended
+        [quiet] = re.findall(r"the model sent nothing for ([0-9.]+) s, nor answered a ping", ended)
+        assert 0.6 <= float(quiet) <= 0.3 * 3 + 2.0  # a quiet interval and the ping's wait, at the least
     else:
         assert "nor answered" not in ended and "provider ended" not in ended, ended
 

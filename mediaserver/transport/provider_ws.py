@@ -247,10 +247,15 @@ class WebSocketLink:
         """
         ws = self._ws
         await self._read_by_bridge.wait()
+        # Checked every quarter of the interval, so the ping goes out within a quarter of it after the silence began
+        # (whole intervals cut a model as much as an interval late).
+        seen, heard_s = ws.received_bytes, self._now()
         while ws.closed is None:
-            seen = ws.received_bytes
-            await trio.sleep(after_s)
+            await trio.sleep(after_s / 4)
             if ws.received_bytes != seen:
+                seen, heard_s = ws.received_bytes, self._now()
+                continue
+            if self._now() - heard_s < after_s:
                 continue
             with trio.move_on_after(after_s):  # (also bounds a send that a frozen model never takes)
                 try:
@@ -258,9 +263,22 @@ class WebSocketLink:
                 except WebSocketClosed:
                     return  # the reader reports it
                 await trio.sleep_forever()  # (the scope ends it)
-            if ws.received_bytes == seen and ws.closed is None:
-                ws.abort(f"the model sent nothing for {2 * after_s:g} s, nor answered a ping")
+            if ws.received_bytes == seen and ws.closed is None and not self._input_waiting():
+                quiet_s = self._now() - heard_s
+                ws.abort(f"the model sent nothing for {quiet_s:.0f} s, nor answered a ping" if quiet_s >= 10
+                         else f"the model sent nothing for {quiet_s:.1f} s, nor answered a ping")
                 return
+
+    def _input_waiting(self) -> bool:
+        """Bytes from the model wait in our socket, not read yet: this process was busy (or stalled) when they came,
+        so its silence was ours, not the model's."""
+        sock = self._ws.poll_socket()
+        if sock is None:
+            return False
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # (BlockingIOError: nothing there)
+            return False
 
     async def wait_ready(self) -> None:
         """Read until the core reports :class:`SessionReady`, keeping every event for :meth:`receive`.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from functools import partial
 
 import pytest
@@ -123,3 +124,43 @@ def test_a_link_whose_replies_wait_for_the_socket_reads_no_more_on_the_reactor()
             assert len(ws._backlog) == backlog and not link.inbox  # ... without reading (no 100 pongs queued)
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("answers", [True, False], ids=["answer-waits-unread", "no-answer"])
+@fail_after(10)
+async def test_liveness_cuts_a_silent_model_but_not_one_whose_answer_waits_unread_in_our_socket(answers: bool) -> None:
+    """The ping's answer can reach our socket while this process is busy or stalled (CI's loaded machines): it is
+    then unread when the wait ends, and the silence was ours, not the model's.  A model that sent nothing is cut."""
+    import socket as socket_module
+
+    from wsproto.frame_protocol import Opcode
+
+    from mediaserver.transport.provider_ws import WebSocketLink
+    from mediaserver.transport.ws_client import ClientWebSocket
+    from tests.protocol.test_elevenlabs import ready_session
+    from tests.transport.test_ws_fastpath import LIMIT, _open_pair
+
+    ours, theirs = socket_module.socketpair()
+    theirs.setblocking(False)
+    with ours, theirs:
+        ws = ClientWebSocket(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), _open_pair(False), LIMIT)
+        link = WebSocketLink("elevenlabs", ready_session(), ws)
+        link.reading()  # a bridge reads the link (here: nobody does, as if this process were stalled)
+        pong = bytes([0x80 | Opcode.PONG, 0])  # (FIN, an empty payload, unmasked: from a server)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.watch_alive, 0.1)
+            with trio.fail_after(2):
+                while True:  # the ping arrives at the model
+                    await trio.lowlevel.wait_readable(theirs)
+                    if theirs.recv(100):
+                        break
+            if answers:
+                theirs.send(pong)
+            await trio.sleep(0.8)  # windows of 0.1 s: four pings at least
+            nursery.cancel_scope.cancel()
+        if answers:
+            assert ws._abort_reason is None
+        else:
+            assert ws._abort_reason is not None
+            [quiet] = re.findall(r"^the model sent nothing for ([0-9.]+) s, nor answered a ping$", ws._abort_reason)
+            assert 0.2 <= float(quiet) <= 0.8
