@@ -597,6 +597,8 @@ class FakeTwilioCaller:
         self._send_lock = trio.StrictFIFOLock()  # message numbering == wire order
         self._next_frame_s: float | None = None
         self._arrived = trio.Event()
+        self._echoes_held = False  # hold_echoes(): marks fall due but are not echoed as played
+        self._waiting: trio.CancelScope | None = None  # the receive loop's wait (release_echoes wakes it)
 
     @property
     def stream_sid(self) -> str:
@@ -681,6 +683,17 @@ class FakeTwilioCaller:
         """Wait until at least ``n_bytes`` of agent audio have arrived."""
         await self.wait_for(lambda: sum(len(m.payload) for m in self.received) >= n_bytes)
 
+    def hold_echoes(self) -> None:
+        """Echo no mark as played until :meth:`release_echoes` (as over a slow network); a ``clear`` still echoes
+        every pending mark at once.  A test that barges in while they are held knows exactly which marks the
+        server saw before its clear, however late the clear comes."""
+        self._echoes_held = True
+
+    def release_echoes(self) -> None:
+        self._echoes_held = False
+        if self._waiting is not None:
+            self._waiting.cancel()  # (the loop echoes what fell due meanwhile)
+
     async def wait_for_clear(self) -> ClearSeen:
         await self.wait_for(lambda: bool(self.clears))
         return self.clears[0]
@@ -718,8 +731,8 @@ class FakeTwilioCaller:
         assert self._transport is not None
         while True:
             message: str | bytes | None = None
-            due = self.playback.next_due_s()
-            with trio.move_on_at(math.inf if due is None else due):
+            due = None if self._echoes_held else self.playback.next_due_s()
+            with trio.move_on_at(math.inf if due is None else due) as self._waiting:
                 try:
                     message = await self._transport.get_message()
                 except (ConnectionClosed, TransportClosed) as exc:
@@ -730,8 +743,9 @@ class FakeTwilioCaller:
                     self.closed.set()
                     self._notify()
                     return
+            self._waiting = None
             now = trio.current_time()
-            for mark in self.playback.due(now):  # audio that finished playing before this message
+            for mark in [] if self._echoes_held else self.playback.due(now):  # audio that played before this message
                 await self._echo(mark, now, cleared=False)
             if message is not None:
                 await self._handle(message, now)
@@ -765,7 +779,7 @@ class FakeTwilioCaller:
             if set(msg) != {"event", "streamSid", "mark"} or set(msg["mark"]) != {"name"}:
                 self.errors.append(f"bad mark message {message[:80]}")
             self.playback.mark(msg["mark"]["name"], now)
-            for mark in self.playback.due(now):  # nothing buffered: echo at once
+            for mark in [] if self._echoes_held else self.playback.due(now):  # nothing buffered: echo at once
                 await self._echo(mark, now, cleared=False)
         elif event == "clear":
             if set(msg) != {"event", "streamSid"}:

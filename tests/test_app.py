@@ -484,15 +484,15 @@ async def test_app_openai_barge_in_clears_and_truncates_at_what_was_heard(caplog
     async with fake_openai(script) as model, running(openai_settings(model)) as url, phone_call(url) as caller:
         async with trio.open_nursery() as nursery:
             await nursery.start(keep_talking, caller)
-            # Let about 600 ms play, then barge in 10 ms after a mark echo, so
-            # no echo can cross our clear on the wire (the next is 40 ms away).
+            # Let about 600 ms play, then barge in with the caller's echoes held, so that no echo crosses our
+            # clear on the wire, however long the clear takes (a stalled machine): which marks the server had
+            # before it is then exact.
             await caller.wait_for(lambda: sum(not e.cleared for e in caller.echoes) >= 15)
-            count = len(caller.echoes)
-            await caller.wait_for(lambda: len(caller.echoes) > count)
-            await trio.sleep(0.01)
+            caller.hold_echoes()
             barge_in_s = trio.current_time()
             go.set()
             clear = await caller.wait_for_clear()
+            caller.release_echoes()
             session = await model.session(0)
             await session.wait_for(lambda: bool(session.truncates))
             [record] = response
@@ -508,7 +508,7 @@ async def test_app_openai_barge_in_clears_and_truncates_at_what_was_heard(caplog
         await caller.closed.wait()
 
     assert caller.errors == []
-    assert clear.at_s - barge_in_s < 0.1  # promptly
+    assert clear.at_s - barge_in_s < 1.0  # at once, not after the 2.4 s of reply buffered at Twilio (and a margin for CI)
     assert len(caller.clears) == 1
     [(_, truncate)] = session.truncates
     assert truncate.item_id == record.item_id
@@ -963,9 +963,10 @@ async def test_app_openai_pcm24k_resamples_both_ways() -> None:
             await caller.send_silence(100, paced=False)
             await caller.send_audio(to_ulaw(tone(1000, 1000, amplitude=0.3)), paced=False)
             await caller.send_silence(100, paced=False)
-            await caller.wait_for_audio(7000)
-            await caller.wait_quiet(0.2)
+            await caller.wait_for_audio(8000)  # the whole reply (a stall could end a quiet wait early) ...
+            await caller.wait_quiet(0.2)  # ... and whatever else would come
             await caller.stop()
+            await caller.closed.wait()
         session = await model.session(0)
     update = session.received[0][1]
     assert update.session.audio.input.format == AudioPCM(type="audio/pcm", rate=24000)

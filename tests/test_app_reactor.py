@@ -430,7 +430,9 @@ async def test_a_partial_chunk_plays_when_the_model_pauses_without_saying_done()
 
     async def script(session: FakeRealtimeSession) -> None:
         await session.wait_appends(10)
-        await session.respond(reply, chunk_bytes=400, interval_s=0.050, done=False)  # 50 ms deltas in real time
+        record = await session.respond(reply[:-80], chunk_bytes=400, interval_s=0.050, done=False)  # in real time
+        await trio.sleep(0.2)  # (the tail comes alone: a late delta before it cannot join it to a chunk)
+        await session.audio_delta(record, reply[-80:])
 
     async with fake_openai(script) as model, running(openai_settings(model)) as url:
         caller = await hear_reply(url, len(reply))

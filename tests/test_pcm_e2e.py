@@ -149,15 +149,14 @@ async def test_pcm_speech_started_barges_in_and_reports_playback(cut: str, caplo
         async with phone_call(url) as caller:
             async with trio.open_nursery() as nursery:
                 await nursery.start(keep_talking, caller)
-                # Barge in 10 ms after a mark echo, so no echo crosses the clear.
+                # Barge in with the caller's echoes held, so no echo crosses the clear however late it comes.
                 await caller.wait_for(lambda: sum(not e.cleared for e in caller.echoes) >= 12)
-                count = len(caller.echoes)
-                await caller.wait_for(lambda: len(caller.echoes) > count)
-                await trio.sleep(0.01)
+                caller.hold_echoes()
                 go.set()
                 clear = await caller.wait_for_clear()
-                await caller.wait_for(lambda: len(caller.received_audio) - clear.played_marked_bytes > 3000)
-                await caller.wait_quiet(0.2)
+                caller.release_echoes()
+                await caller.wait_for(lambda: sum(len(m.payload) for m in caller.received if m.at_s > clear.at_s) >= 3200)
+                await caller.wait_quiet(0.2)  # (and whatever else would come)
                 nursery.cancel_scope.cancel()
             await caller.stop()
             await caller.closed.wait()
