@@ -22,7 +22,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, TextMessage
 
 from mediaserver.bridge.call import MessageStream, StreamClosed
-from mediaserver.transport.listener import BAD_UPGRADE, HEAD_LIMIT, ConnectionRouter, ReplayStream
+from mediaserver.transport.listener import BAD_UPGRADE, HEAD_LIMIT, SEND_PIECE, ConnectionRouter, ReplayStream
 from mediaserver.transport.ws_client import ClientWebSocket, WebSocketClosed, connect
 from tests.fakes import fail_after, twilio_signature
 from tests.test_app import AUTH_TOKEN, base_settings, running
@@ -353,7 +353,7 @@ async def test_a_long_answer_to_a_slow_but_reading_client_is_timed_by_its_pieces
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     server, client = ReplayStream(trio.SocketStream(a), b""), trio.SocketStream(b)
-    waited: list[float] = []
+    since: list[float] = []  # every sending_since_s seen while the send is under way
     answer = bytes(range(256)) * 2048  # 512 KiB: 8 pieces
 
     async def read_slowly() -> None:
@@ -366,7 +366,7 @@ async def test_a_long_answer_to_a_slow_but_reading_client_is_timed_by_its_pieces
     async def watch() -> None:
         while True:
             if server.sending_since_s is not None:
-                waited.append(trio.current_time() - server.sending_since_s)
+                since.append(server.sending_since_s)
             await trio.sleep(0.01)
 
     async with server, client, trio.open_nursery() as nursery:
@@ -377,4 +377,6 @@ async def test_a_long_answer_to_a_slow_but_reading_client_is_timed_by_its_pieces
         took = trio.current_time() - started
         nursery.cancel_scope.cancel()
     assert server.sending_since_s is None and server.active_s >= started + took - 0.05
-    assert took > 0.5 and max(waited) < took / 3, (took, max(waited))
+    # The clock restarted with each piece (not once for the whole answer).  Counted, not timed: a stalled machine
+    # stretches every wait alike, and a sample may miss a piece, but one start for the whole send is one value.
+    assert took > 0.5 and len(set(since)) >= len(answer) // SEND_PIECE // 2, (took, sorted(set(since)))
