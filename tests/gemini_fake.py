@@ -207,6 +207,8 @@ class FakeGeminiSession(FakeConnection):
                 return
             if handle is not None and self.server.resume_delay_s:
                 await trio.sleep(self.server.resume_delay_s)  # restoring a session takes a while
+            if handle is not None and self.server.resume_gate is not None:
+                await self.server.resume_gate.wait()  # (as long as the test wants)
             burst = self.server.after_setup(self) if self.server.after_setup is not None else []
             if burst:
                 await self._send_together([types.LiveServerMessage(setup_complete=types.LiveServerSetupComplete()), *burst])
@@ -248,6 +250,7 @@ class FakeGeminiServer(LoopbackWsServer):
         self.script = script
         self.refuse_setup = refuse_setup  # close every connection with (code, reason) instead of setupComplete
         self.resume_delay_s = resume_delay_s  # before answering a resuming setup
+        self.resume_gate: trio.Event | None = None  # set: a resuming setup is answered only once it is set
         # what to send in the same TCP write as a connection's setupComplete (a close: (code, reason)), e.g. the
         # service failing right after it accepted a resumed setup; [] for the usual setupComplete alone
         self.after_setup = after_setup
