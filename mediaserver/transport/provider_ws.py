@@ -243,7 +243,10 @@ class WebSocketLink:
         which took minutes: the caller heard silence and the session stayed
         billed.  Cut, the link ends as any broken connection does (the call
         ends, ``provider ended: ...``).  It watches from when a bridge first
-        reads the link.  Runs until cancelled.
+        reads the link.  Our own stalls are not the model's: an answer that
+        waits unread in the socket counts, and a wait this process overran
+        by a quarter of the interval (it could not run) starts again.  Runs
+        until cancelled.
         """
         ws = self._ws
         await self._read_by_bridge.wait()
@@ -257,12 +260,15 @@ class WebSocketLink:
                 continue
             if self._now() - heard_s < after_s:
                 continue
-            with trio.move_on_after(after_s):  # (also bounds a send that a frozen model never takes)
+            deadline = self._now() + after_s
+            with trio.move_on_at(deadline):  # (also bounds a send that a frozen model never takes)
                 try:
                     await ws.ping(b"mediaserver")
                 except WebSocketClosed:
                     return  # the reader reports it
                 await trio.sleep_forever()  # (the scope ends it)
+            if self._now() - deadline > after_s / 4:
+                continue  # this process stalled over the wait (the model had no fair chance to answer): again
             if ws.received_bytes == seen and ws.closed is None and not self._input_waiting():
                 quiet_s = self._now() - heard_s
                 ws.abort(f"the model sent nothing for {quiet_s:.0f} s, nor answered a ping" if quiet_s >= 10

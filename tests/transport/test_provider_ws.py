@@ -164,3 +164,43 @@ async def test_liveness_cuts_a_silent_model_but_not_one_whose_answer_waits_unrea
             assert ws._abort_reason is not None
             [quiet] = re.findall(r"^the model sent nothing for ([0-9.]+) s, nor answered a ping$", ws._abort_reason)
             assert 0.2 <= float(quiet) <= 0.8
+
+
+@fail_after(10)
+async def test_liveness_gives_a_model_another_window_when_this_process_stalled_past_the_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stall of this whole process (a loaded machine) that runs past the ping's wait leaves the model no fair
+    chance to answer: the wait starts again (here a model that never answers is then cut, one ping later)."""
+    import socket as socket_module
+    import time
+
+    from mediaserver.transport import ws_client
+    from mediaserver.transport.provider_ws import WebSocketLink
+    from mediaserver.transport.ws_client import ClientWebSocket
+    from tests.protocol.test_elevenlabs import ready_session
+    from tests.transport.test_ws_fastpath import LIMIT, _open_pair
+
+    real_ping = ws_client.ClientWebSocket.ping
+    pings = 0
+
+    async def ping_then_stall_once(self: ClientWebSocket, payload: bytes = b"") -> None:
+        nonlocal pings
+        await real_ping(self, payload)
+        pings += 1
+        if pings == 1:
+            time.sleep(0.2)  # (blocks the whole process: every task, as a stalled machine does) past the 0.1 s wait
+
+    monkeypatch.setattr(ws_client.ClientWebSocket, "ping", ping_then_stall_once)
+    ours, theirs = socket_module.socketpair()
+    with ours, theirs:
+        ws = ClientWebSocket(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), _open_pair(False), LIMIT)
+        link = WebSocketLink("elevenlabs", ready_session(), ws)
+        link.reading()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.watch_alive, 0.1)
+            while ws._abort_reason is None:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert pings == 2  # the stalled wait did not count
+    assert ws._abort_reason is not None and ws._abort_reason.endswith("nor answered a ping")
