@@ -15,12 +15,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import hashlib
 import os
 import socket
 import struct
 
 import trio
+
+from _loadgen import ZERO_KEY, apply_mask, http_header, ws_accept_key, ws_frame
 
 __all__ = [
     "OP_BINARY",
@@ -37,8 +38,6 @@ __all__ = [
 ]
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA  # RFC 6455 5.2
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
-_ZERO_KEY = b"\x00\x00\x00\x00"
 _RECV_BYTES = 1 << 20
 _MAX_HEAD_BYTES = 65536
 _TCP_ESTABLISHED = 1  # linux/tcp_states.h; tcpi_state is the first byte of struct tcp_info
@@ -47,24 +46,7 @@ _NO_STATUS = 1005  # RFC 6455 7.4.1: a close frame without a code
 
 def frame(opcode: int, payload: bytes, *, masked: bool, fin: bool = True) -> bytes:
     """One frame; ``masked`` (a client's) with the all-zero key, so the payload goes out as is."""
-    n = len(payload)
-    first = (0x80 if fin else 0) | opcode
-    mask = 0x80 if masked else 0
-    if n < 126:
-        head = bytes((first, mask | n))
-    elif n < 65536:
-        head = bytes((first, mask | 126)) + struct.pack(">H", n)
-    else:
-        head = bytes((first, mask | 127)) + struct.pack(">Q", n)
-    return head + _ZERO_KEY + payload if masked else head + payload
-
-
-def _unmask(data: bytes, key: bytes) -> bytes:
-    if key == _ZERO_KEY or not data:
-        return data
-    n = len(data)
-    stream = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
+    return ws_frame(opcode, payload, masked, fin=fin)
 
 
 class Closed(Exception):
@@ -189,7 +171,7 @@ class WebSocket:
             if len(b) < i + 8:
                 return None
             n, i = struct.unpack_from(">Q", b, i)[0], i + 8
-        key = _ZERO_KEY
+        key = ZERO_KEY
         if second & 0x80:
             if len(b) < i + 4:
                 return None
@@ -197,7 +179,7 @@ class WebSocket:
         if len(b) < i + n:
             return None
         self._pos = i + n
-        return _Frame(bool(first & 0x80), first & 0x0F, _unmask(bytes(b[i:i + n]), key))
+        return _Frame(bool(first & 0x80), first & 0x0F, bytes(b[i:i + n]) if key == ZERO_KEY else apply_mask(b[i:i + n], key))
 
 
 async def _read_head(stream: trio.SocketStream) -> tuple[list[bytes], bytes]:
@@ -214,22 +196,10 @@ async def _read_head(stream: trio.SocketStream) -> tuple[list[bytes], bytes]:
     return head.split(b"\r\n"), rest
 
 
-def _header(lines: list[bytes], name: bytes) -> bytes:
-    for line in lines[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == name:
-            return value.strip()
-    return b""
-
-
-def _accept_key(key: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
-
-
 async def accept(stream: trio.SocketStream) -> WebSocket:
     """The server side of the upgrade on an accepted connection."""
     lines, rest = await _read_head(stream)
-    accept_key = _accept_key(_header(lines, b"sec-websocket-key"))
+    accept_key = ws_accept_key(http_header(lines, b"sec-websocket-key") or b"")
     await stream.send_all(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: " + accept_key + b"\r\n\r\n"
@@ -250,7 +220,7 @@ async def connect(host: str, port: int, target: str) -> WebSocket:
         status = lines[0].split()
         if len(status) < 2 or status[1] != b"101":
             raise Closed(None, f"WebSocket upgrade refused: {lines[0][:80]!r}")
-        if _header(lines, b"sec-websocket-accept") != _accept_key(key):
+        if http_header(lines, b"sec-websocket-accept") != ws_accept_key(key):
             raise Closed(None, "WebSocket upgrade: wrong Sec-WebSocket-Accept")
     except BaseException:
         await trio.aclose_forcefully(stream)

@@ -98,10 +98,10 @@ from urllib.parse import urlencode, urlsplit
 import trio
 
 try:
-    from websockets.speedups import apply_mask as _apply_mask
+    from websockets.speedups import apply_mask as apply_mask
 except ImportError:  # pragma: no cover - websockets is a bench dependency (the peer uses it)
 
-    def _apply_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
+    def apply_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
         n = len(data)
         key = int.from_bytes(mask * (n // 4 + 1), "big") >> (8 * (4 - n % 4) if n % 4 else 32)
         return (int.from_bytes(data, "big") ^ key).to_bytes(n, "big")
@@ -302,7 +302,7 @@ def item_truncated(event_id: str, item_id: str, content_index: int, audio_end_ms
 # --- WebSocket wire: frames, handshakes, the shared loop -------------------------------
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_ZERO_KEY = b"\x00\x00\x00\x00"
+ZERO_KEY = b"\x00\x00\x00\x00"
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _MAX_MESSAGE = 1 << 22  # a bigger message is a broken peer, not a load
 _RECV_BYTES = 65536  # below glibc's mmap threshold: recv's buffer stays a cheap heap allocation
@@ -311,20 +311,22 @@ _TIMESPEC = struct.Struct("@qq")  # struct timespec on 64-bit Linux
 _ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size)
 
 
-def _frame(opcode: int, payload: bytes, masked: bool) -> bytes:
-    """One final frame; a client's is masked with the all-zero key, so its payload goes out as is."""
+def ws_frame(opcode: int, payload: bytes, masked: bool, *, fin: bool = True) -> bytes:
+    """One frame (final unless ``fin`` is False); a client's is masked with the all-zero key, so its payload goes
+    out as is.  (bench/_isolation_ws.py builds its frames with it too.)"""
     n = len(payload)
+    first = (0x80 if fin else 0) | opcode
     mask = 0x80 if masked else 0
     if n < 126:
-        head = bytes((0x80 | opcode, mask | n))
+        head = bytes((first, mask | n))
     elif n < 65536:
-        head = bytes((0x80 | opcode, mask | 126)) + n.to_bytes(2, "big")
+        head = bytes((first, mask | 126)) + n.to_bytes(2, "big")
     else:
-        head = bytes((0x80 | opcode, mask | 127)) + n.to_bytes(8, "big")
-    return head + _ZERO_KEY + payload if masked else head + payload
+        head = bytes((first, mask | 127)) + n.to_bytes(8, "big")
+    return head + ZERO_KEY + payload if masked else head + payload
 
 
-def _accept_key(key: bytes) -> bytes:
+def ws_accept_key(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
 
 
@@ -370,7 +372,7 @@ async def _read_head(sock: socket.socket, what: str, tls: _TLS | None = None) ->
     return head.split(b"\r\n"), rest
 
 
-def _header(lines: list[bytes], name: bytes) -> bytes | None:
+def http_header(lines: list[bytes], name: bytes) -> bytes | None:
     for line in lines[1:]:
         key, _, value = line.partition(b":")
         if key.strip().lower() == name:
@@ -406,7 +408,7 @@ async def _ws_connect(host: str, port: int, target: str) -> tuple[socket.socket,
         status = lines[0].split()
         if len(status) < 2 or status[1] != b"101":
             raise ValueError(f"WebSocket upgrade refused: {lines[0][:80]!r}")
-        if _header(lines, b"sec-websocket-accept") != _accept_key(key):
+        if http_header(lines, b"sec-websocket-accept") != ws_accept_key(key):
             raise ValueError("WebSocket upgrade: wrong Sec-WebSocket-Accept")
         return sock, rest
     except BaseException:
@@ -421,14 +423,14 @@ async def _ws_accept(sock: socket.socket, tls: _TLS | None = None) -> bytes:
     the answer encrypted, and the bytes returned are plaintext.
     """
     lines, rest = await _read_head(sock, "model session", tls)
-    key = _header(lines, b"sec-websocket-key")
+    key = http_header(lines, b"sec-websocket-key")
     if not lines[0].startswith(b"GET ") or key is None:
         await _send_all(sock, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", tls)
         raise ValueError(f"not a WebSocket upgrade: {lines[0][:80]!r}")
     await _send_all(
         sock,
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + _accept_key(key) + b"\r\n\r\n",
+        b"Sec-WebSocket-Accept: " + ws_accept_key(key) + b"\r\n\r\n",
         tls,
     )
     return rest
@@ -531,7 +533,7 @@ class _Conn:
         self._parts: list[bytes] | None = None  # a fragmented message so far
 
     def send_text(self, text: bytes) -> None:
-        self._write(_frame(_OP_TEXT, text, self.masked))
+        self._write(ws_frame(_OP_TEXT, text, self.masked))
 
     def _write(self, data: bytes) -> None:
         if not self.open:
@@ -613,8 +615,8 @@ class _Conn:
             if end > size:
                 break
             payload = data[p:end]
-            if key is not None and key != _ZERO_KEY:
-                payload = _apply_mask(payload, key)
+            if key is not None and key != ZERO_KEY:
+                payload = apply_mask(payload, key)
             pos = end
             self._frame_in(b0, payload, now)
         self._in = data[pos:] if self.open else b""
@@ -632,9 +634,9 @@ class _Conn:
                 message, self._parts = b"".join(self._parts), None
                 self.on_message(message, now)
         elif opcode == _OP_PING:
-            self._write(_frame(_OP_PONG, payload, self.masked))
+            self._write(ws_frame(_OP_PONG, payload, self.masked))
         elif opcode == _OP_CLOSE:
-            self._write(_frame(_OP_CLOSE, payload[:2], self.masked))  # echo the code, as RFC 6455 asks
+            self._write(ws_frame(_OP_CLOSE, payload[:2], self.masked))  # echo the code, as RFC 6455 asks
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
             self.end(f"close frame {code}", clean=True)
         elif opcode != _OP_PONG:
@@ -1250,7 +1252,7 @@ class _Caller(_Conn):
         text = b'%s%d","media":{"track":"inbound","chunk":"%d","timestamp":"%d","payload":"%s%s"}}' % (
             self._media_head, next(self._sequence), k + 1, k * FRAME_MS, payload, _FRAME_TAIL_B64
         )
-        frame = _frame(_OP_TEXT, text, True)
+        frame = ws_frame(_OP_TEXT, text, True)
         t = clock()
         self.call.up_sent_s.append(t)  # before the send: the model may have the frame before send() returns
         self._write(frame)

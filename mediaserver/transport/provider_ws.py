@@ -71,7 +71,7 @@ log = logging.getLogger("mediaserver.provider")
 MAX_PROVIDER_MESSAGE_BYTES = 8 * 1024 * 1024
 
 # A model that sends nothing for this long is pinged; with nothing back as long again, its link is cut (a frozen
-# model, or a dead network path, is found within three times this: WebSocketLink.watch_alive).  MEDIASERVER_MODEL_PING_S.
+# model, or a dead network path, is found within 2.25 times this: WebSocketLink.watch_alive).  MEDIASERVER_MODEL_PING_S.
 MODEL_PING_S = 10.0
 ORDERLY_CLOSE_CODES = (1000, 1001)  # the model ended the session (normal closure, going away): not a failure
 MAX_NOWAIT_BACKLOG_BYTES = 256 * 1024  # read_nowait stops reading the model while more than this waits to go to it
@@ -269,22 +269,11 @@ class WebSocketLink:
                 await trio.sleep_forever()  # (the scope ends it)
             if self._now() - deadline > after_s / 4:
                 continue  # this process stalled over the wait (the model had no fair chance to answer): again
-            if ws.received_bytes == seen and ws.closed is None and not self._input_waiting():
+            # (Bytes waiting unread came while this process was busy or stalled: the silence was ours.)
+            if ws.received_bytes == seen and ws.closed is None and not ws.input_waiting():
                 quiet_s = self._now() - heard_s
-                ws.abort(f"the model sent nothing for {quiet_s:.0f} s, nor answered a ping" if quiet_s >= 10
-                         else f"the model sent nothing for {quiet_s:.1f} s, nor answered a ping")
+                ws.abort(f"the model sent nothing for {quiet_s:.{0 if quiet_s >= 10 else 1}f} s, nor answered a ping")
                 return
-
-    def _input_waiting(self) -> bool:
-        """Bytes from the model wait in our socket, not read yet: this process was busy (or stalled) when they came,
-        so its silence was ours, not the model's."""
-        sock = self._ws.poll_socket()
-        if sock is None:
-            return False
-        try:
-            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except OSError:  # (BlockingIOError: nothing there)
-            return False
 
     async def wait_ready(self) -> None:
         """Read until the core reports :class:`SessionReady`, keeping every event for :meth:`receive`.

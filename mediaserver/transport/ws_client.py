@@ -155,7 +155,7 @@ class ClientWebSocket:
         if self._abort_reason is not None or self.closed is not None:
             return
         self._abort_reason = reason
-        sock = self._sock if self._sock is not None else self._tls.raw_socket if self._tls is not None else None
+        sock = self.poll_socket()
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -342,6 +342,18 @@ class ClientWebSocket:
         if self._sock is not None:
             return self._sock
         return self._tls.raw_socket if self._tls is not None else None
+
+    def input_waiting(self) -> bool:
+        """Bytes from the peer wait, not read yet: in the socket, or (ciphertext) in our TLS stream."""
+        if self._tls is not None and self._tls.buffered_in:
+            return True
+        sock = self.poll_socket()
+        if sock is None:
+            return False
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # (BlockingIOError: nothing there)
+            return False
 
     @property
     def inbox(self) -> deque[str | bytes]:
