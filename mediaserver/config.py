@@ -91,7 +91,7 @@ class Settings:
         "wss://generativelanguage.googleapis.com/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent",
         "Gemini Live WebSocket endpoint; override for proxies and tests",
     )
-    gemini_model: str = _env_field("GEMINI_MODEL", "gemini-2.5-flash-native-audio-preview-12-2025", "Live model id")
+    gemini_model: str = _env_field("GEMINI_MODEL", "gemini-3.8-live", "Live model id")
     gemini_voice: str = _env_field("GEMINI_VOICE", "Puck", "prebuilt voice name")
     assemblyai_api_key: str | None = _env_field("ASSEMBLYAI_API_KEY", None, "required for provider assemblyai")
     assemblyai_agent_url: str = _env_field(

@@ -141,7 +141,7 @@ async def test_gemini_sample_rates_levels_and_no_clicks_both_ways() -> None:
     assert caller.errors == []
     assert session.api_key == API_KEY
     assert session.path is not None and session.path.endswith("GenerativeService.BidiGenerateContent")
-    assert session.setup is not None and session.setup.model == "models/gemini-2.5-flash-native-audio-preview-12-2025"
+    assert session.setup is not None and session.setup.model == "models/gemini-3.8-live"
     [greeting] = session.client_contents  # the greeting turn, after setupComplete
     assert greeting.turns is not None and "Hello!" in str(greeting.turns[0].parts)
 

@@ -51,7 +51,7 @@ from mediaserver.records.model import TranscriptLog
 
 from tests.gemini_fake import validate_client_message, wire
 
-MODEL = "gemini-2.5-flash-native-audio-preview-12-2025"
+MODEL = "gemini-3.8-live"
 WEATHER = FunctionTool(
     "get_weather",
     "Current weather for a city",
@@ -104,6 +104,8 @@ def test_gemini_setup_is_a_valid_sdk_message_with_everything_configured() -> Non
     assert isinstance(tool, types.Tool) and tool.function_declarations is not None
     [declaration] = tool.function_declarations
     assert declaration.name == "get_weather"
+    # the model waits for a tool's result (3.8 Live would otherwise talk on while it runs: NON_BLOCKING is its default)
+    assert declaration.behavior is types.Behavior.BLOCKING
     # ``parameters`` (Gemini's Schema), not ``parametersJsonSchema``, which the Live API has been reported to ignore
     assert declaration.parameters_json_schema is None
     assert declaration.parameters == types.Schema(
@@ -493,6 +495,32 @@ def test_gemini_text_turns() -> None:
     assert turn is not None and turn.turn_complete is False
 
 
+@pytest.mark.parametrize("model", ["gemini-3.1-flash-live-preview", "models/gemini-3.1-flash-live-preview"])
+def test_gemini_31_flash_live_gets_text_as_realtime_input(model: str) -> None:
+    """Gemini 3.1 Flash Live takes ``clientContent`` only as history seeded at the start: the greeting, keypad
+    digits and a response request go as ``realtimeInput.text`` (a ``clientContent`` would close the connection)."""
+    session = ready_session(GeminiLiveConfig(model=model, greeting="Greet the caller."))
+    assert [validate_client_message(m).realtime_input for m in session.pending_messages()] == [
+        types.LiveClientRealtimeInput(text="Greet the caller.")
+    ]
+    sent = [*session.send(SendText("The caller pressed 1.")), *session.send(CreateResponse("Say something"))]
+    assert [validate_client_message(m).realtime_input for m in sent] == [
+        types.LiveClientRealtimeInput(text="The caller pressed 1."),
+        types.LiveClientRealtimeInput(text="Say something"),
+    ]
+    assert all(validate_client_message(m).client_content is None for m in sent)
+
+
+@pytest.mark.parametrize("model", ["gemini-3.8-live", "gemini-2.5-flash-native-audio-preview-12-2025", "gemini-3.1-pro"])
+def test_gemini_other_models_get_text_as_client_content(model: str) -> None:
+    session = ready_session(GeminiLiveConfig(model=model, greeting="Greet the caller."))
+    [greeting] = session.pending_messages()
+    [digits] = session.send(SendText("The caller pressed 1."))
+    for message in (greeting, digits):
+        turn = validate_client_message(message).client_content
+        assert turn is not None and turn.turn_complete is True
+
+
 def test_gemini_tool_schemas_become_gemini_schemas() -> None:
     """Every shape mediaserver.tools makes, as Gemini's Schema (checked by the SDK's own type)."""
     from mediaserver.protocol.providers.gemini import _declaration
@@ -526,4 +554,4 @@ def test_gemini_tool_schemas_become_gemini_schemas() -> None:
         },
         required=["day", "seats", "names"],
     )
-    assert _declaration(ping.spec) == {"name": "ping", "description": "No arguments."}
+    assert _declaration(ping.spec) == {"name": "ping", "description": "No arguments.", "behavior": "BLOCKING"}

@@ -6,7 +6,7 @@ Wire facts come from the ``google-genai`` SDK's types (``LiveClientMessage``,
 
 Use::
 
-    session = GeminiLiveSession(GeminiLiveConfig(model="gemini-2.5-flash-native-audio-preview-12-2025"))
+    session = GeminiLiveSession(GeminiLiveConfig(model="gemini-3.8-live"))
     for message in session.initial_messages():   # the setup message
         await ws.send(message)
     ...
@@ -104,6 +104,8 @@ INPUT_FORMAT: Final = AudioFormat("pcm16", 16000)
 OUTPUT_FORMAT: Final = AudioFormat("pcm16", 24000)
 _INPUT_MIME: Final = "audio/pcm;rate=16000"
 TURN_ID_PREFIX: Final = "gemini-turn-"
+# Models that refuse ``clientContent`` after the start of the session (see GeminiLiveConfig.text_as_realtime_input)
+_REALTIME_TEXT_MODELS: Final = ("gemini-3.1-flash-live",)
 UTTERANCE_ID_PREFIX: Final = "gemini-user-"
 
 
@@ -143,6 +145,13 @@ class GeminiLiveConfig:
         """``models/<id>``, the form the SDK sends (``_transformers.t_model``)."""
         return self.model if self.model.startswith("models/") else f"models/{self.model}"
 
+    @property
+    def text_as_realtime_input(self) -> bool:
+        """True for a model that takes ``clientContent`` only as history seeded at the start (Gemini 3.1 Flash
+        Live): text turns then go as ``realtimeInput.text``, as Google's guide for it says, not as a
+        ``clientContent`` the server would refuse by closing the connection (1007)."""
+        return self.model_name.removeprefix("models/").startswith(_REALTIME_TEXT_MODELS)
+
     def setup(self) -> dict[str, object]:
         """The body of the ``setup`` client message, camelCase as on the wire."""
         generation: dict[str, object] = {"responseModalities": ["AUDIO"]}
@@ -170,7 +179,7 @@ def _declaration(tool: FunctionTool) -> dict[str, object]:
     model saw only names and descriptions and called every tool with no
     arguments.  A tool without arguments declares none.
     """
-    declaration: dict[str, object] = {"name": tool.name, "description": tool.description}
+    declaration: dict[str, object] = {"name": tool.name, "description": tool.description, "behavior": "BLOCKING"}
     if tool.parameters.get("properties"):
         declaration["parameters"] = _gemini_schema(tool.parameters)
     return declaration
@@ -405,12 +414,12 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
             return []  # no cancel message; the model stops when the caller speaks
         if type(command) is CreateResponse:
             text = command.instructions or "Please respond."
-            return [dumps({"clientContent": _user_turn(text)})]
+            return [self._text_turn(text)]
         if type(command) is ToolResult:
             return self._tool_response(command)
         if type(command) is SendText:
             # A user turn in text; turnComplete makes the model answer it now.
-            return [dumps({"clientContent": _user_turn(command.text, complete=command.respond)})]
+            return [self._text_turn(command.text, complete=command.respond)]
         raise LocalProtocolError(f"not a provider command: {command!r:.80}")
 
     def _tool_response(self, command: ToolResult) -> list[str]:
@@ -437,6 +446,9 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
         """The greeting turn, once, after ``setupComplete``."""
         pending, self._pending = self._pending, []
         return pending
+
+    def _text_turn(self, text: str, *, complete: bool = True) -> str:
+        return _text_turn_message(text, complete=complete, realtime=self._config.text_as_realtime_input)
 
     # --------------------------------------------------------------- inbound
 
@@ -470,7 +482,7 @@ class GeminiLiveSession(ProviderCore[SessionState, GeminiLiveConfig]):
     def _on_setup_complete(self, body: JsonObject, raw: str) -> list[ProviderEvent]:
         self._session_id = optional_str_field(body, "sessionId", "setupComplete")
         if self._config.greeting:
-            self._pending.append(dumps({"clientContent": _user_turn(self._config.greeting)}))
+            self._pending.append(self._text_turn(self._config.greeting))
         return [SessionReady(self._session_id)]
 
     def _on_resumption_update(self, body: JsonObject, raw: str) -> list[ProviderEvent]:
@@ -642,6 +654,14 @@ _HANDLERS: Final[Mapping[str, _Handler]] = MappingProxyType(
 
 
 # ------------------------------------------------------------------- helpers
+
+
+def _text_turn_message(text: str, *, complete: bool, realtime: bool) -> str:
+    """A user text turn: ``clientContent`` (``turnComplete`` asks for an answer now), or ``realtimeInput.text``
+    for a model that refuses ``clientContent`` mid-session (it then answers when its turn detection decides)."""
+    if realtime:
+        return dumps({"realtimeInput": {"text": text}})
+    return dumps({"clientContent": _user_turn(text, complete=complete)})
 
 
 def _user_turn(text: str, *, complete: bool = True) -> dict[str, object]:
