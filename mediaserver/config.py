@@ -74,7 +74,7 @@ class Settings:
     openai_realtime_url: str = _env_field(
         "OPENAI_REALTIME_URL", "wss://api.openai.com/v1/realtime", "override for Azure, proxies and tests"
     )
-    openai_realtime_model: str = _env_field("OPENAI_REALTIME_MODEL", "gpt-realtime", "model query parameter")
+    openai_realtime_model: str = _env_field("OPENAI_REALTIME_MODEL", "gpt-realtime-2.1", "model query parameter")
     openai_voice: str = _env_field("OPENAI_VOICE", "marin", "output voice")
     openai_audio: str = _env_field(
         "OPENAI_AUDIO_FORMAT", "pcmu", "pcmu (µ-law passthrough) | pcm24k (24 kHz PCM16 through the resampler)"
@@ -82,7 +82,7 @@ class Settings:
     openai_turn_detection: str = _env_field("OPENAI_TURN_DETECTION", "server_vad", "server_vad | semantic_vad")
     openai_transcription_model: str = _env_field(
         "OPENAI_TRANSCRIPTION_MODEL",
-        "gpt-4o-mini-transcribe",
+        "gpt-live-transcribe",
         "transcribes the caller's words for the call records (billed by OpenAI); off = no caller transcript",
     )
     gemini_api_key: str | None = _env_field("GEMINI_API_KEY", None, "required for provider gemini")

@@ -458,13 +458,13 @@ async def test_app_openai_call_pcmu_passthrough(
     assert [len(m.payload) for m in caller.received] == [size] * (len(reply) // size) + [len(reply) % size] * (len(reply) % size > 0)
     assert [e.cleared for e in caller.echoes] == [False] * len(caller.received)
     # The session was configured for G.711 µ-law both ways, on the GA endpoint, with our key.
-    assert session.path == "/v1/realtime?model=gpt-realtime"
+    assert session.path == "/v1/realtime?model=gpt-realtime-2.1"
     update = session.received[0][1]
     assert isinstance(update, SessionUpdateEvent)
     assert update.session.audio.input.format == AudioPCMU(type="audio/pcmu")
     assert update.session.audio.output.format == AudioPCMU(type="audio/pcmu")
     # The caller's words are transcribed (for the call record): the API does not unless asked.
-    assert update.session.audio.input.transcription == AudioTranscription(model="gpt-4o-mini-transcribe")
+    assert update.session.audio.input.transcription == AudioTranscription(model="gpt-live-transcribe")
     assert set(session.types()) == {"session.update", "input_audio_buffer.append"}
     assert all(isinstance(m, InputAudioBufferAppendEvent) for _, m in session.received[1:])
 

@@ -347,7 +347,7 @@ def test_config_openai_transcription_of_the_caller_is_on_unless_turned_off() -> 
     from mediaserver.adapters.openai import openai_config
 
     on = Settings.from_env({"MEDIASERVER_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test"})
-    assert openai_config(on).transcription_model == "gpt-4o-mini-transcribe"
+    assert openai_config(on).transcription_model == "gpt-live-transcribe"
     off = on.with_(openai_transcription_model="off")
     assert openai_config(off).transcription_model is None
 

@@ -7,7 +7,7 @@ realtime=v1``, ``response.audio.delta``) are not supported.
 
 Use::
 
-    session = OpenAIRealtimeSession(OpenAIRealtimeConfig(model="gpt-realtime"))
+    session = OpenAIRealtimeSession(OpenAIRealtimeConfig(model="gpt-realtime-2.1"))
     for message in session.initial_messages():   # session.update (+ greeting)
         await ws.send(message)
     ...
