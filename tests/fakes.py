@@ -1059,7 +1059,11 @@ class FakeOpenAIServer(LoopbackWsServer):
         if self.reject_with is not None:
             self.rejected += 1
             self.touch()
-            await request.reject(self.reject_with, body=b'{"error": {"type": "invalid_request_error"}}')
+            # (the shape of OpenAI's 401: the key in it masked but for its last characters)
+            await request.reject(self.reject_with, body=json.dumps({"error": {
+                "message": "Incorrect API key provided: sk-***ey. You can find your API key at https://platform.openai.com/account/api-keys.",
+                "type": "invalid_request_error", "code": "invalid_api_key", "param": None,
+            }}).encode())  # fmt: skip
             return
         ws = await request.accept()
         session = FakeRealtimeSession(self, ws, stream, len(self.sessions) + 1)

@@ -873,7 +873,7 @@ async def test_app_unreachable_model_hangs_up_the_call(
     messages = [r.getMessage() for r in call_log(caplog, CALL_A)]
     expected = {
         "refused": "cannot connect to ws://127.0.0.1",
-        "http-401": "rejected the connection with HTTP 401",
+        "http-401": "rejected the connection with HTTP 401: Incorrect API key provided: sk-***ey. You can find",
         "untrusted-certificate": "certificate verify failed",
     }[failure]
     assert any("could not open the model session: openai: " in m and expected in m for m in messages), messages

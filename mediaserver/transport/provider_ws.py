@@ -401,7 +401,8 @@ async def open_provider_link(
         except trio.TooSlowError:
             raise ProviderClosed(too_slow) from None
         except HandshakeRejected as exc:
-            raise ProviderClosed(f"{name}: {_safe(url)} rejected the connection with HTTP {exc.status_code}") from None
+            why = f": {exc.reason}" if exc.reason else ""
+            raise ProviderClosed(f"{name}: {_safe(url)} rejected the connection with HTTP {exc.status_code}{why}") from None
         except WebSocketClosed as exc:
             raise ProviderClosed(f"{name}: {_safe(url)} closed the connection during the handshake: {exc}") from None
         link: WebSocketLink | None = None

@@ -48,6 +48,7 @@ The contract is what :mod:`mediaserver.transport.provider_ws` needs:
 
 from __future__ import annotations
 
+import json
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -62,6 +63,7 @@ from wsproto.events import (
     Message,
     Ping,
     RejectConnection,
+    RejectData,
     Request,
     TextMessage,
 )
@@ -101,12 +103,36 @@ class WebSocketClosed(Exception):
         super().__init__(" ".join(part for part in (str(code), name, reason) if part))
 
 
-class HandshakeRejected(Exception):
-    """The server answered the upgrade with an HTTP status instead of 101."""
+# How much of a refusal's body is kept (its start says why: "Incorrect API key provided", "model not found")
+REJECT_BODY_BYTES = 1024
+REJECT_BODY_WAIT_S = 1.0  # the body is waited for this long at most
 
-    def __init__(self, status_code: int) -> None:
+
+class HandshakeRejected(Exception):
+    """The server answered the upgrade with an HTTP status instead of 101; ``body``: the start of its body."""
+
+    def __init__(self, status_code: int, body: bytes = b"") -> None:
         self.status_code = status_code
+        self.body = body
         super().__init__(f"the server refused the WebSocket upgrade with HTTP {status_code}")
+
+    @property
+    def reason(self) -> str:
+        """Why, from the body, on one line: a JSON error's message (``{"error": {"message": …}}``, ``{"message":
+        …}``, ``{"error": "…"}``, ``{"detail": …}``) or else the text itself; "" when there was none."""
+        text = self.body.decode("utf-8", "replace")
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            for found in (doc.get("error"), doc):
+                if isinstance(found, dict):
+                    found = found.get("message") or found.get("detail")
+                if isinstance(found, str) and found.strip():
+                    text = found
+                    break
+        return " ".join(text.split())[:300]
 
 
 class ClientWebSocket:
@@ -122,6 +148,8 @@ class ClientWebSocket:
         self._size = 0
         self._accepted = False
         self._rejected: int | None = None
+        self._reject_body = bytearray()
+        self._reject_done = False  # the whole body of a refusal is here (or there is none)
         self._masked_in = not ws.client  # a server receives masked frames, a client unmasked ones
         self._tail = b""  # the start of a plain frame cut off by the last read (fast path only)
         self._sock = raw_socket(stream)  # plain TCP: read and write the socket directly
@@ -542,6 +570,10 @@ class ClientWebSocket:
             self._accepted = True
         elif isinstance(event, RejectConnection):
             self._rejected = event.status_code
+            self._reject_done = not event.has_body
+        elif isinstance(event, RejectData):
+            self._reject_body += event.data[: REJECT_BODY_BYTES - len(self._reject_body)]
+            self._reject_done = event.body_finished or len(self._reject_body) >= REJECT_BODY_BYTES
         # Ping (answered by _read_slow), Pong, RejectData: nothing to do
 
     async def _send_quietly(self, event: Event) -> None:
@@ -682,7 +714,10 @@ async def connect(
         raise WebSocketClosed(CloseReason.ABNORMAL_CLOSURE, "closed during the handshake") from None
     while not conn._accepted:
         if conn._rejected is not None:
-            raise HandshakeRejected(conn._rejected)
+            with trio.move_on_after(REJECT_BODY_WAIT_S):  # its body says why; a server slow to send it is not waited for
+                while not conn._reject_done and conn.closed is None:
+                    await conn._read()
+            raise HandshakeRejected(conn._rejected, bytes(conn._reject_body))
         if conn.closed is not None:
             raise WebSocketClosed(conn.closed.code, "closed during the handshake")
         await conn._read()

@@ -188,6 +188,34 @@ async def test_a_refused_upgrade_reports_the_http_status() -> None:
             async with client(port):
                 pass
         assert info.value.status_code == 401
+        assert info.value.body == b"no key" and info.value.reason == "no key"
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"error": {"message": "Incorrect API key provided: sk-ab***cd.", "type": "invalid_request_error"}}',
+         "Incorrect API key provided: sk-ab***cd."),
+        (b'{"message": "model not found"}', "model not found"),
+        (b'{"error": "Unauthorized"}', "Unauthorized"),
+        (b'{"detail": "bad token"}', "bad token"),
+        (b"<html>\n<body>Forbidden</body>\n</html>", "<html> <body>Forbidden</body> </html>"),
+        (b"", ""),
+        (b"x" * 5000, "x" * 300),
+    ],
+)
+@fail_after(5)
+async def test_a_refused_upgrade_keeps_why_from_its_body(body: bytes, reason: str) -> None:
+    async def refuse(request: WebSocketRequest) -> None:
+        await request.reject(403, body=body)
+
+    async with server(refuse) as port:
+        with pytest.raises(HandshakeRejected) as info:
+            async with client(port):
+                pass
+    assert info.value.status_code == 403
+    assert info.value.body == body[:1024]
+    assert info.value.reason == reason
 
 
 @fail_after(5)
@@ -203,6 +231,25 @@ async def test_a_peer_that_is_not_websocket_is_a_closed_connection() -> None:
         with pytest.raises(WebSocketClosed) as info:
             await connect(stream, "h", "/", max_message_size=1024)
         assert info.value.code == 1006
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@fail_after(5)
+async def test_a_refusal_whose_body_never_comes_is_reported_after_a_second() -> None:
+    async def refuse_slowly(stream: trio.SocketStream) -> None:
+        await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 100\r\n\r\nslow down")
+        await trio.sleep_forever()  # the other 91 bytes never come
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, refuse_slowly, 0, host="127.0.0.1"))
+        stream = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+        start = trio.current_time()
+        with pytest.raises(HandshakeRejected) as info:
+            await connect(stream, "h", "/", max_message_size=1024)
+        assert 0.9 <= trio.current_time() - start < 3.0  # REJECT_BODY_WAIT_S, not the caller's whole deadline
+        assert (info.value.status_code, info.value.reason) == (429, "slow down")
         await stream.aclose()
         nursery.cancel_scope.cancel()
 
