@@ -62,7 +62,7 @@ of the step has started):
   ok because it saturated its core, its CPU %/call is capped and the ratio
   understates the difference.
 
-With two or more CPUs ``--pin`` (the default) puts the server on the first
+With two or more CPUs the bench (unless ``--no-pin``) puts the server on the first
 CPU and this process on the others, so server CPU % is "% of one core" and
 calls per core is calls / (CPU % / 100).  The generator and the fake model
 share one process on purpose: per call they do about as much WebSocket work

@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mediaserver import __version__
 from mediaserver.config import PROVIDERS, ConfigError, Settings, env_name, load_dotenv_file, unknown_settings
@@ -69,8 +70,20 @@ def _command() -> str:
     return f"{sys.executable} -m mediaserver"
 
 
+def _local_base(settings: Settings) -> str:
+    """``http://host:port`` where this machine reaches the server: 127.0.0.1 when it listens on every address,
+    else the address it listens on (``MEDIASERVER_HOST``; an IPv6 one in brackets)."""
+    host = settings.host.strip()
+    if host in ("", "0.0.0.0", "::", "*", "[::]"):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
 def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
     port = settings.port
+    local = _local_base(settings)
     lines = [
         f"mediaserver {__version__}: provider {settings.provider}, listening on {', '.join(binds)}"
         + (f", at most {settings.max_calls} calls at once (MEDIASERVER_MAX_CALLS)" if settings.max_calls else ""),
@@ -87,13 +100,13 @@ def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
         ),
         "  * in the Twilio console, set your number's voice webhook (HTTP POST) to "
         f"{(settings.public_url or 'https://<your-public-host>').rstrip('/')}/twiml",
-        f"  * health check: curl http://127.0.0.1:{port}/healthz (Prometheus: /metrics)",
+        f"  * health check: curl {local}/healthz (Prometheus: /metrics)",
         *(
             [f"  * calls this instance answers come back to {settings.instance_url} (MEDIASERVER_INSTANCE_URL): route it here"]
             if settings.instance_url
             else []
         ),
-        f'  * try a call without a phone: {_command()} dial http://127.0.0.1:{port}/twiml --say "hello there"',
+        f'  * try a call without a phone: {_command()} dial {local}/twiml --say "hello there"',
         f"  * every setting: {_command()} settings (another port, say: MEDIASERVER_PORT=8081, in the environment or .env)",
     ]
     if settings.provider == "echo":
@@ -166,8 +179,12 @@ def _main(argv: Sequence[str] | None) -> int:
         message = str(exc)
         for name, value in flags.items():  # a value given as a flag: name the flag, not only the variable
             env = env_name(name)
+            flag = f"--{name.replace('_', '-')}"
             if value is not None and message.startswith(env + " "):
-                message = f"--{name.replace('_', '-')} ({env}){message[len(env):]}"
+                message = f"{flag} ({env}){message[len(env):]}"
+            elif value is not None and message.startswith(env + "="):  # "MEDIASERVER_PROVIDER=openai needs ..."
+                setting, _, rest = message.partition(" ")
+                message = f"{flag} {setting[len(env) + 1:]} ({env}) {rest}"
         print(f"mediaserver: configuration error: {message}", file=sys.stderr)
         return 2
     configure_logs(settings.log_level, settings.log_format)  # (before the tools load: they may log a warning)
@@ -232,6 +249,8 @@ def _warn_unused(settings: Settings) -> None:
             "MEDIASERVER_API_KEY is set, but POST /calls will answer 503 until Twilio REST credentials are: "
             "TWILIO_ACCOUNT_SID with TWILIO_AUTH_TOKEN or an API key"
         )
+    if settings.public_url is not None:
+        _warn_public_url(settings.public_url)
     if settings.provider == "echo" and settings.agent_greeting:
         log.warning("the echo agent has no voice of its own: AGENT_GREETING (and outbound greetings) are not spoken")
     if settings.provider == "deepgram":
@@ -242,6 +261,30 @@ def _warn_unused(settings: Settings) -> None:
                 "DEEPGRAM_THINK_PROVIDER=%r is not one Deepgram documents (%s): if Deepgram does not know it either, "
                 "every call's session will be refused", settings.deepgram_think_provider, ", ".join(sorted(THINK_PROVIDERS)),
             )
+
+
+# The server's own routes: a public URL that ends in one is a webhook URL given where the base is wanted
+_ROUTES = ("/twiml", "/media-stream", "/outbound-twiml", "/call-status", "/calls")
+
+
+def _warn_public_url(public_url: str) -> None:
+    """A ``MEDIASERVER_PUBLIC_URL`` the server takes but real calls would not work with: a warning at start."""
+    base = urlsplit(public_url)
+    if base.scheme == "http":
+        log.warning(
+            "MEDIASERVER_PUBLIC_URL is http://: the TwiML then points Twilio at ws://%s%s, and Twilio takes only "
+            "wss:// Media Streams (its error 31922), so real calls fail; use https:// (http:// suits local tests "
+            "with mediaserver dial)", base.netloc, f"{base.path.rstrip('/')}/media-stream",
+        )  # fmt: skip
+    path = base.path.rstrip("/")
+    for route in _ROUTES:
+        if path.endswith(route):
+            log.warning(
+                "MEDIASERVER_PUBLIC_URL ends in %s: it is this server's base URL, and the routes are added to it "
+                "(the voice webhook would be %s%s); did you mean %s?",
+                route, public_url.rstrip("/"), "/twiml", public_url.rstrip("/")[: -len(route)] or public_url,
+            )  # fmt: skip
+            break
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

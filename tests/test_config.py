@@ -189,6 +189,40 @@ def test_the_start_banner_asks_only_for_what_is_missing(capsys: pytest.CaptureFi
     assert "https://voice.example.com/twiml" in out
 
 
+@pytest.mark.parametrize(
+    ("host", "base"),
+    [("0.0.0.0", "http://127.0.0.1:8081"), ("::", "http://127.0.0.1:8081"), ("::1", "http://[::1]:8081"),
+     ("10.0.0.5", "http://10.0.0.5:8081"), ("localhost", "http://localhost:8081")],
+)
+def test_next_steps_reach_the_server_where_it_listens(host: str, base: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from mediaserver.__main__ import _print_next_steps
+
+    _print_next_steps(Settings(host=host, port=8081), [f"http://{host}:8081"])
+    out = capsys.readouterr().out
+    assert f"curl {base}/healthz" in out and f"dial {base}/twiml" in out
+
+
+def test_a_public_url_real_calls_would_not_work_with_is_warned_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    from mediaserver.__main__ import _warn_unused
+
+    caplog.set_level("WARNING", logger="mediaserver")
+    _warn_unused(Settings(public_url="http://voice.example.com/app/"))
+    [scheme] = [r.getMessage() for r in caplog.records]
+    assert scheme.startswith("MEDIASERVER_PUBLIC_URL is http://: the TwiML then points Twilio at "
+                             "ws://voice.example.com/app/media-stream, and Twilio takes only wss:// Media Streams")
+    caplog.clear()
+    _warn_unused(Settings(public_url="https://voice.example.com/app/twiml"))
+    [route] = [r.getMessage() for r in caplog.records]
+    assert route == (
+        "MEDIASERVER_PUBLIC_URL ends in /twiml: it is this server's base URL, and the routes are added to it "
+        "(the voice webhook would be https://voice.example.com/app/twiml/twiml); did you mean https://voice.example.com/app?"
+    )
+    caplog.clear()
+    for fine in ("https://voice.example.com", "https://voice.example.com/app/", "https://voice.example.com/twimlets"):
+        _warn_unused(Settings(public_url=fine))
+    assert caplog.records == []
+
+
 def test_flags_without_a_command_are_serves(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """`mediaserver --port 8081` is `mediaserver serve --port 8081` (argparse took the value for a command)."""
     from mediaserver.__main__ import main
@@ -198,6 +232,11 @@ def test_flags_without_a_command_are_serves(capsys: pytest.CaptureFixture[str], 
     assert "mediaserver: configuration error: --port (MEDIASERVER_PORT)" in capsys.readouterr().err
     assert main(["--env-file", "settings", "--port=0"]) == 2  # (a value that is a command's name is a value)
     assert "--env-file" in capsys.readouterr().err
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert main(["--provider", "openai", "--env-file", ""]) == 2  # a setting's value in the message: the flag named too
+    assert capsys.readouterr().err == (
+        "mediaserver: configuration error: --provider openai (MEDIASERVER_PROVIDER) needs OPENAI_API_KEY\n"
+    )
     for version in ("--version", "--vers"):  # (argparse's abbreviation, as before)
         with pytest.raises(SystemExit) as exited:
             main([version])
@@ -348,8 +387,8 @@ def test_config_openai_transcription_of_the_caller_is_on_unless_turned_off() -> 
 
     on = Settings.from_env({"MEDIASERVER_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test"})
     assert openai_config(on).transcription_model == "gpt-live-transcribe"
-    off = on.with_(openai_transcription_model="off")
-    assert openai_config(off).transcription_model is None
+    for word in ("off", "OFF", "Off"):  # (as the other settings' words: any case)
+        assert openai_config(on.with_(openai_transcription_model=word)).transcription_model is None
 
 
 def test_config_openai_key_goes_as_azure_wants_it_on_azure() -> None:

@@ -32,7 +32,9 @@ def openai_config(settings: Settings, agent: AgentOptions | None = None) -> Open
         greeting_instructions=f'Greet the caller by saying: "{greeting}"' if greeting else None,
         base_url=settings.openai_realtime_url,
         # (the Realtime API transcribes nothing of the caller unless asked: the call record would be one-sided)
-        transcription_model=None if settings.openai_transcription_model == "off" else settings.openai_transcription_model,
+        transcription_model=(
+            None if settings.openai_transcription_model.lower() == "off" else settings.openai_transcription_model
+        ),
     )
 
 
