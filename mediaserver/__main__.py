@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mediaserver import __version__
+from mediaserver._urls import local_base
 from mediaserver.config import PROVIDERS, ConfigError, Settings, env_name, load_dotenv_file, unknown_settings
 from mediaserver.logs import configure as configure_logs
 
@@ -70,20 +71,9 @@ def _command() -> str:
     return f"{sys.executable} -m mediaserver"
 
 
-def _local_base(settings: Settings) -> str:
-    """``http://host:port`` where this machine reaches the server: 127.0.0.1 when it listens on every address,
-    else the address it listens on (``MEDIASERVER_HOST``; an IPv6 one in brackets)."""
-    host = settings.host.strip()
-    if host in ("", "0.0.0.0", "::", "*", "[::]"):
-        host = "127.0.0.1"
-    elif ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
-
-
 def _print_next_steps(settings: Settings, binds: Sequence[str]) -> None:
     port = settings.port
-    local = _local_base(settings)
+    local = local_base(settings.host, settings.port)
     lines = [
         f"mediaserver {__version__}: provider {settings.provider}, listening on {', '.join(binds)}"
         + (f", at most {settings.max_calls} calls at once (MEDIASERVER_MAX_CALLS)" if settings.max_calls else ""),
@@ -183,8 +173,8 @@ def _main(argv: Sequence[str] | None) -> int:
             if value is not None and message.startswith(env + " "):
                 message = f"{flag} ({env}){message[len(env):]}"
             elif value is not None and message.startswith(env + "="):  # "MEDIASERVER_PROVIDER=openai needs ..."
-                setting, _, rest = message.partition(" ")
-                message = f"{flag} {setting[len(env) + 1:]} ({env}) {rest}"
+                setting, _, why = message.partition(" ")
+                message = f"{flag} {setting[len(env) + 1:]} ({env}) {why}"
         print(f"mediaserver: configuration error: {message}", file=sys.stderr)
         return 2
     configure_logs(settings.log_level, settings.log_format)  # (before the tools load: they may log a warning)

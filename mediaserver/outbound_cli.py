@@ -15,6 +15,7 @@ import sys
 
 import trio
 
+from mediaserver._urls import local_base
 from mediaserver.config import ConfigError, Settings, is_http_url, load_dotenv_file
 from mediaserver.twilio_rest import MAX_RING_S, MIN_RING_S
 from mediaserver.tools.builtins import E164
@@ -73,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
 async def place(args: argparse.Namespace, settings: Settings) -> int:
     """POST /calls on the server; print the call SID (exit 0) or why it failed (exit 1)."""
     assert settings.api_key is not None
-    server = (args.server or f"http://127.0.0.1:{settings.port}").rstrip("/")
+    server = (args.server or local_base(settings.host, settings.port)).rstrip("/")
     body: dict[str, str | int | bool] = {"to": args.to}
     for key, value in (("from", args.from_), ("greeting", args.greeting), ("instructions", args.instructions),
                        ("voicemail", args.voicemail), ("ring_timeout_s", args.ring_timeout)):  # fmt: skip

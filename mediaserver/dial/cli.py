@@ -224,11 +224,13 @@ async def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr:
         load_dotenv_file(args.env_file)
     except ConfigError as exc:
         return _fail(str(exc), err, 2)
-    if args.url is None:  # the local server, on the port it listens on (as `mediaserver call` assumes)
+    if args.url is None:  # the local server, where it listens (as `mediaserver call` assumes)
+        from mediaserver._urls import local_base
+
         port = os.environ.get("MEDIASERVER_PORT", "").strip() or "8080"
         if not (port.isdigit() and 1 <= int(port) <= 65535):
             return _fail(f"MEDIASERVER_PORT must be 1-65535, not {port!r} (or give dial the webhook URL)", err, 2)
-        args.url = f"http://127.0.0.1:{int(port)}/twiml"
+        args.url = f"{local_base(os.environ.get('MEDIASERVER_HOST', ''), int(port))}/twiml"
     account_sid = args.account_sid or os.environ.get("TWILIO_ACCOUNT_SID") or None
     if account_sid is not None and not is_twilio_sid(account_sid, "AC"):
         return _fail(f"{account_sid!r} is not an account SID (AC followed by 32 hex digits)", err, 2)

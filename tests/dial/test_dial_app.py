@@ -413,6 +413,11 @@ async def test_dial_without_a_url_calls_the_local_server_on_its_port(tmp_path: P
         status, out, err = await dial("--listen", "0.2", "--no-record", "--env-file", "")
         assert (status, err) == (0, "")
         assert "ended: caller hung up (stop sent)" in out
+        # MEDIASERVER_HOST too, where the server listens on one address (this one listens on 127.0.0.1 only)
+        monkeypatch.setenv("MEDIASERVER_HOST", "127.0.0.2")
+        status, out, err = await dial("--listen", "0.2", "--no-record", "--env-file", "")
+        assert status == 1 and f"cannot reach 127.0.0.2:{url.rsplit(':', 1)[1]}" in one_line(err)
+        monkeypatch.delenv("MEDIASERVER_HOST")
     monkeypatch.setenv("MEDIASERVER_PORT", "80800")
     status, _, err = await dial("--env-file", "")
     assert status == 2 and "MEDIASERVER_PORT must be 1-65535, not '80800'" in one_line(err)
