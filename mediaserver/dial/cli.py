@@ -53,6 +53,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="stereo WAV of the call, caller left, agent right (default dial-<CallSid>.wav "
                         "for a single call; with --calls the CallSid is added to the name)")  # fmt: skip
     parser.add_argument("--no-record", action="store_true", help="do not write a recording")
+    parser.add_argument("--require-answer", action="store_true",
+                        help="exit 1 if the agent left a caller turn unanswered (for smoke tests)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     parser.add_argument("--from", dest="from_number", default="+15550001111", help="caller number (From)")
     parser.add_argument("--to", dest="to_number", default="+15552223333", help="called number (To)")
@@ -287,6 +289,12 @@ def _report(args: argparse.Namespace, results: Sequence[CallResult], out: TextIO
             else:
                 recordings[r.call_sid] = str(path)
     failed = [r for r in results if r.error or (r.call_sid in figures and figures[r.call_sid].error)]
+    unanswered = {  # --require-answer: a call that connected and ended well, but left a turn unanswered
+        r.call_sid: n
+        for r in results
+        if args.require_answer and r not in failed and r.call_sid in figures
+        and (n := sum(1 for t in figures[r.call_sid].turns if t.latency_ms is None))
+    }  # fmt: skip
     never = sum(1 for r in results if not r.events)
     if args.json:
         document: dict[str, Any] = {
@@ -310,8 +318,9 @@ def _report(args: argparse.Namespace, results: Sequence[CallResult], out: TextIO
     elif len(results) > 1:
         print(report.format_summary(report.summarize(list(figures.values()), never)), file=out)
     errors = list(dict.fromkeys(r.error or figures[r.call_sid].ended for r in failed))
-    if len(results) == 1 and failed:
+    errors += [f"call {sid}: the agent left {n} turn(s) unanswered (--require-answer)" for sid, n in unanswered.items()]
+    if len(results) == 1 and errors:
         return _fail(errors[0], err, 1)
     for error in errors[:5]:
         print(f"{_PROG}: {error}", file=err)
-    return 1 if failed or unwritten else 0
+    return 1 if failed or unanswered or unwritten else 0

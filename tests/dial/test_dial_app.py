@@ -81,6 +81,23 @@ def settings(tmp_path: Path, **changes: Any) -> Any:
 # ---------------------------------------------------------------- echo agent
 
 
+@fail_after(30)
+async def test_dial_require_answer_fails_a_call_that_left_a_turn_unanswered(tmp_path: Path) -> None:
+    """For smoke tests: exit 0 only if the agent answered every caller turn (without the flag, 0 either way)."""
+    (tmp_path / "answered.txt").write_text("pause 300\ntone 1000 500\nwait 2500\n")
+    (tmp_path / "cut.txt").write_text("pause 300\ntone 1000 500\n")  # hung up as soon as it is said: the echo comes too late
+    async with running(settings(tmp_path)) as url:
+        status, out, err = await dial(url + "/twiml", "--script", "answered.txt", "--listen", "0.2", "--no-record",
+                                      "--require-answer")  # fmt: skip
+        assert (status, err) == (0, ""), out
+        status, out, err = await dial(url + "/twiml", "--script", "cut.txt", "--listen", "0", "--no-record")
+        assert (status, err) == (0, "") and "no answer" in out
+        status, out, err = await dial(url + "/twiml", "--script", "cut.txt", "--listen", "0", "--no-record",
+                                      "--require-answer")  # fmt: skip
+    assert status == 1 and "no answer" in out
+    assert one_line(err).startswith("mediaserver dial: call CA") and "left 1 turn(s) unanswered (--require-answer)" in err
+
+
 @fail_after(60)
 async def test_dial_records_the_echo_of_the_utterance_after_the_caller_stopped(tmp_path: Path) -> None:
     (tmp_path / "call.txt").write_text("pause 300\ntone 1000 500\nwait 3000\n")
