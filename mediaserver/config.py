@@ -316,7 +316,8 @@ def _check_ws_url(env: str, url: str) -> None:
         raise ConfigError(f"{env} has port 0: {redact(url)!r}")
     if "@" in parts.netloc:
         raise ConfigError(
-            f"{env} has a user name or password in it ({redact(url)!r}): they would not be sent; "
+            f"{env} has a user name or password in it (user:password@ before the host; the URL without them: "
+            f"{redact(url)!r}): they would not be sent; "
             + ("put a token your model checks in the query instead (?token=...)" if env == "PCM_PROVIDER_URL"
                else "give the provider's key in its own setting")
         )

@@ -434,8 +434,9 @@ def test_config_a_bare_key_in_env_file_takes_the_environment_s_value(
         ("https://m.example/talk?token=SECRET123", "must be a ws:// or wss:// URL, not 'https://m.example/talk'"),
         ("ws://", "has no host: 'ws://'"),
         ("ws://m.example:99999/talk?token=SECRET123", "has a malformed host or port: 'ws://m.example:99999/talk'"),
-        ("wss://user:SECRET123@m.example/talk", "has a user name or password in it ('wss://m.example/talk'): they "
-         "would not be sent; put a token your model checks in the query instead (?token=...)"),  # (pcm has no key setting)
+        ("wss://user:SECRET123@m.example/talk", "has a user name or password in it (user:password@ before the host; "
+         "the URL without them: 'wss://m.example/talk'): they would not be sent; put a token your model checks in the "
+         "query instead (?token=...)"),  # (pcm has no key setting)
         ("ws://m.example:0/talk?token=SECRET123", "has port 0: 'ws://m.example:0/talk'"),
     ],
 )

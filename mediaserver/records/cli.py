@@ -57,6 +57,10 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
         print(f"mediaserver calls: configuration error: {exc}", file=err)
         return 2
     if not settings.database_url and not sqlite_path(settings).is_file():
+        folder = sqlite_path(settings).parent
+        if folder.exists() and not folder.is_dir():  # (the server cannot create it there either: it logs that at start)
+            print(f"mediaserver calls: MEDIASERVER_DATA_DIR {str(folder)!r} is not a folder", file=err)
+            return 2
         print(f"no call records yet: {sqlite_path(settings)} does not exist (the server creates it)", file=err)
         return 1
     try:

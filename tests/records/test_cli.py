@@ -144,6 +144,15 @@ def test_cli_reads_while_the_server_writes_and_never_changes_the_schema(
         writer.close()
 
 
+def test_cli_data_dir_that_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("MEDIASERVER_DATA_DIR", str(tmp_path / "afile"))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert main(["calls", "--env-file", ""]) == 2
+    assert capsys.readouterr().err == f"mediaserver calls: MEDIASERVER_DATA_DIR {str(tmp_path / 'afile')!r} is not a folder\n"
+
+
 def test_cli_unknown_sid_and_empty_database(cli: Callable[..., int], capsys: pytest.CaptureFixture[str]) -> None:
     settings: Settings = cli.settings  # type: ignore[attr-defined]
     assert cli() == 1
