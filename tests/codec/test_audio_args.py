@@ -107,3 +107,20 @@ def test_help_shows_each_class_s_real_signature_not_a_garbled_one() -> None:
         'JitterBuffer(depth=2, frame_bytes=160, fill="silence", codec="ulaw", *, capacity=None, first_seq=None)'
     )
     assert 'Resampler(in_rate, out_rate, *, phase="linear")' in (Resampler.__doc__ or "").splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [PCM.view(np.int8), array.array("b", PCM.tobytes()), PCM.astype(">i2"), (PCM / 32768).astype(np.float32)[:80]],
+)
+def test_the_numpy_reference_refuses_what_the_kernels_refuse(data: Any) -> None:
+    """The reference (mediaserver.codec._reference) takes audio by the kernels' rule: int8 only as codes."""
+    from mediaserver.codec._reference.audiobuf import audio_bytes
+
+    with pytest.raises(TypeError) as reference:
+        audio_bytes(data, 2, "PCM16 input")
+    with pytest.raises(TypeError) as kernel:
+        codec.ulaw_encode(data)
+    assert str(reference.value) == str(kernel.value)
+    if np.asarray(data).dtype == np.int8:
+        assert audio_bytes(data, 1, "codes") == bytes(memoryview(data).cast("B"))  # as codes, it is fine

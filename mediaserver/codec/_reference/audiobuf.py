@@ -28,7 +28,8 @@ def audio_bytes(data: Any, width: int, what: str) -> bytes:
         fmt = view.format
         order, kind = (fmt[0], fmt[1:]) if fmt[:1] and fmt[0] in _ORDERS else ("@", fmt)
         little = order == "<" or (order in "@=" and sys.byteorder == "little")
-        if not (kind in ("B", "b", "c") or (width == 2 and kind == "h" and little)):
+        # (int8 'b': codes, never PCM16 -- 8-bit audio read as 16-bit samples is noise -- as the kernels rule)
+        if not (kind in ("B", "c") or (width == 1 and kind == "b") or (width == 2 and kind == "h" and little)):
             if width == 2:
                 raise TypeError(f"{what} must be bytes or an array of little-endian int16 (PCM16), not of items {fmt!r}")
             raise TypeError(f"{what} must be bytes (one code per byte), not an array of items {fmt!r}")
