@@ -142,6 +142,11 @@ class Settings:
         "system instructions for the agent",
     )
     agent_greeting: str | None = _env_field("AGENT_GREETING", None, "what the agent says first (optional)")
+    failure_message: str = _env_field(
+        "MEDIASERVER_FAILURE_MESSAGE", "Sorry, the assistant is not available right now. Please call again later.",
+        "what Twilio says to a caller whose model failed (needs Twilio REST credentials); TwiML verbs if it starts "
+        "with <; off = nothing, the call just ends",
+    )  # fmt: skip
     stream_timeout_s: float = _env_field(
         "MEDIASERVER_STREAM_TIMEOUT_S", 15.0, "close a pre-opened model session if no stream arrives"
     )
@@ -200,6 +205,13 @@ class Settings:
                 _check_ws_url(env_name(name), url)
         if self.elevenlabs_agent_id is not None and not re.fullmatch(r"[\w-]+", self.elevenlabs_agent_id, re.ASCII):
             raise ConfigError(f"ELEVENLABS_AGENT_ID must be an agent id (letters, digits, _ and -), not {self.elevenlabs_agent_id[:60]!r}")
+        if self.failure_message.lstrip().startswith("<"):
+            from mediaserver.twilio_rest import failure_twiml
+
+            try:
+                failure_twiml(self.failure_message)
+            except ValueError as exc:
+                raise ConfigError(f"MEDIASERVER_FAILURE_MESSAGE: {exc}") from None
         if self.openai_audio not in ("pcmu", "pcm24k"):
             raise ConfigError(f"OPENAI_AUDIO_FORMAT must be pcmu or pcm24k, not {self.openai_audio!r}")
         if self.openai_turn_detection not in ("server_vad", "semantic_vad"):

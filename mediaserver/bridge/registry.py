@@ -39,7 +39,7 @@ from mediaserver.protocol.errors import LocalProtocolError, ProtocolError
 from mediaserver.protocol.twilio import TwilioStream
 
 from mediaserver.tools import load_toolset
-from mediaserver.twilio_rest import TwilioRest
+from mediaserver.twilio_rest import TwilioRest, TwilioRestError, failure_twiml
 
 from .call import FAILED, REFUSED, CallBridge, MessageStream, PolledStream, StreamClosed, StreamEnd, stream_closed_reason
 from .link import AgentOptions, ProviderClosed, ProviderLink
@@ -410,6 +410,7 @@ class CallManager:
                     log.warning("call %s: no model session (%s); hanging up", start.call_sid, shown(slot.error or "", 300))
                     if self.recorder is not None:
                         self.recorder.call_not_bridged(start, f"no model session: {slot.error}", self.settings.provider)
+                    await self._tell_caller(start.call_sid)
                     return StreamEnd(FAILED, "no model session")
                 return await self._bridge(stream, twilio, start, slot.link)
             finally:
@@ -452,7 +453,33 @@ class CallManager:
             log.error("call %s: model session failed", start.call_sid, exc_info=group)
         finally:
             self._untokened -= 1
+        if not opened:
+            await self._tell_caller(start.call_sid)
         return end
+
+    async def _tell_caller(self, call_sid: str) -> None:
+        """The model failed this call: have Twilio say so (``MEDIASERVER_FAILURE_MESSAGE``), then hang up.
+
+        Without this the caller hears silence, then the line goes dead.  A
+        REST update replaces the call's TwiML, which ends the stream; so it
+        is asked before the stream is closed (closed first, Twilio would
+        run ``<Hangup/>`` at once).  Needs REST credentials; bounded by
+        ``FAILURE_REST_S``: the caller is hearing silence meanwhile.
+        """
+        message = self.settings.failure_message
+        if self.rest is None or message.strip().lower() in ("", "off"):
+            return
+        with trio.move_on_after(FAILURE_REST_S) as waited:
+            try:
+                await self.rest.update_call(call_sid, twiml=failure_twiml(message), timeout_s=FAILURE_REST_S)
+            except TwilioRestError as exc:  # (the caller may have hung up meanwhile: the call is over then)
+                log.warning("call %s: could not have Twilio tell the caller the call failed: %s", call_sid, exc)
+                return
+        if waited.cancelled_caught:
+            log.warning("call %s: Twilio did not answer within %g s; the caller may not hear the failure message",
+                        call_sid, FAILURE_REST_S)  # fmt: skip
+        else:
+            log.info("call %s: Twilio says the failure message to the caller, then hangs up", call_sid)
 
     async def _wait_for_session(self, stream: MessageStream, slot: _Slot) -> MessageStream | None:
         """Wait for the call's session, reading the stream meanwhile; None if the caller hung up first.
@@ -592,8 +619,13 @@ class CallManager:
                 if st.reply.count
                 else "no timed replies",
             )
+        if bridge.end_reason.startswith("provider ended") and _failed(bridge.end_reason):
+            await self._tell_caller(start.call_sid)  # (not "model closed: ...": a model that ended the call in order)
         return _stream_end(bridge.end_reason)
 
+
+# How long the REST request that has Twilio say MEDIASERVER_FAILURE_MESSAGE may take
+FAILURE_REST_S = 5.0
 
 SHUTDOWN_END = "cancelled: the server shut down before the call ended (MEDIASERVER_DRAIN_S)"
 

@@ -1,0 +1,129 @@
+"""A caller whose model fails hears MEDIASERVER_FAILURE_MESSAGE (Twilio's <Say>, asked through REST), not dead air.
+
+Real loopback sockets: the fake Twilio caller, the fake OpenAI server and
+the fake Twilio REST API (every request checked against the ``twilio``
+SDK by :class:`tests.twilio_rest_fake.FakeTwilioRest`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from xml.etree import ElementTree
+
+import pytest
+import trio
+
+from mediaserver.config import ConfigError, Settings
+from mediaserver.twilio_rest import failure_twiml
+from tests.fakes import FakeRealtimeSession, fail_after, to_ulaw, tone
+from tests.test_app import CALL_A, call_log, fake_openai, openai_settings, phone_call, running
+from tests.twilio_rest_fake import ACCOUNT_SID, AUTH_TOKEN, FakeTwilioRest, TwilioError
+
+DEFAULT = Settings().failure_message
+
+
+@asynccontextmanager
+async def fake_rest() -> AsyncIterator[FakeTwilioRest]:
+    async with trio.open_nursery() as nursery:
+        fake: FakeTwilioRest = await nursery.start(FakeTwilioRest().run)
+        yield fake
+        nursery.cancel_scope.cancel()
+    assert fake.sdk_failures == []
+
+
+def with_rest(model: Any, rest: FakeTwilioRest, **changes: Any) -> Settings:
+    return openai_settings(
+        model, twilio_account_sid=ACCOUNT_SID, twilio_auth_token=AUTH_TOKEN, twilio_api_base=rest.base_url, **changes
+    )
+
+
+def said(twiml: str) -> list[tuple[str, str]]:
+    return [(verb.tag, verb.text or "") for verb in ElementTree.fromstring(twiml)]
+
+
+# ------------------------------------------------------------------- the TwiML
+
+
+def test_failure_twiml_says_text_or_runs_verbs_then_hangs_up() -> None:
+    assert said(failure_twiml("Sorry <now> & later")) == [("Say", "Sorry <now> & later"), ("Hangup", "")]
+    verbs = '<Say language="fr-FR">Désolé.</Say><Play>https://example.com/sorry.mp3</Play>'
+    root = ElementTree.fromstring(failure_twiml(verbs))
+    assert [v.tag for v in root] == ["Say", "Play", "Hangup"] and root[0].get("language") == "fr-FR"
+    with pytest.raises(ValueError, match="not well-formed TwiML verbs"):
+        failure_twiml("<Say>unclosed")
+
+
+def test_a_failure_message_that_is_not_twiml_is_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match="MEDIASERVER_FAILURE_MESSAGE: not well-formed TwiML verbs"):
+        Settings.from_env({"MEDIASERVER_FAILURE_MESSAGE": "<Say>unclosed"})
+    assert Settings.from_env({"MEDIASERVER_FAILURE_MESSAGE": "Back soon."}).failure_message == "Back soon."
+
+
+# ---------------------------------------------------------------- on a call
+
+
+@pytest.mark.parametrize("message", [DEFAULT, "<Play>https://example.com/sorry.mp3</Play>", "off"])
+@fail_after(15)
+async def test_a_model_that_cannot_be_reached_has_twilio_tell_the_caller(
+    message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mediaserver")
+    async with fake_rest() as rest, fake_openai(reject_with=401) as model:
+        async with running(with_rest(model, rest, failure_message=message)) as url:
+            async with phone_call(url, CALL_A, auth_token=AUTH_TOKEN) as caller:
+                await caller.send_silence(100)
+                await caller.closed.wait()
+            assert caller.received == [] and caller.close_code == 1011
+    if message == "off":
+        assert rest.requests == []
+        return
+    [update] = rest.requests
+    assert update.path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{CALL_A}.json"
+    assert update.form == [("Twiml", failure_twiml(message))]
+    expected = [("Say", DEFAULT)] if message == DEFAULT else [("Play", "https://example.com/sorry.mp3")]
+    assert said(update.value("Twiml")) == [*expected, ("Hangup", "")]
+    assert any("Twilio says the failure message to the caller" in r.getMessage() for r in call_log(caplog, CALL_A))
+
+
+@pytest.mark.parametrize("ending", ["crash", "orderly"])
+@fail_after(15)
+async def test_a_model_that_breaks_mid_call_has_twilio_tell_the_caller(ending: str) -> None:
+    """A crash mid-call gets the message; a model that closed its session in order ended the call itself: none."""
+    go = trio.Event()
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.ready.wait()
+        await go.wait()
+        if ending == "crash":
+            await session.abort()  # the TCP connection dropped, no close handshake
+        else:
+            await session.close()
+
+    async with fake_rest() as rest, fake_openai(script) as model:
+        async with running(with_rest(model, rest, model_ping_s=0)) as url:
+            async with phone_call(url, CALL_A, auth_token=AUTH_TOKEN) as caller:
+                await caller.send_audio(to_ulaw(tone(300, 200, amplitude=0.1)))  # the call runs
+                await (await model.session(0)).wait_appends(5)
+                go.set()
+                await caller.closed.wait()
+    if ending == "orderly":
+        assert rest.requests == []
+        return
+    [update] = rest.requests
+    assert update.path.endswith(f"/Calls/{CALL_A}.json") and said(update.value("Twiml")) == [("Say", DEFAULT), ("Hangup", "")]
+
+
+@fail_after(15)
+async def test_without_rest_credentials_or_when_twilio_refuses_the_call_just_ends(caplog: pytest.LogCaptureFixture) -> None:
+    async with fake_rest() as rest, fake_openai(reject_with=401) as model:
+        rest.fail_next = TwilioError(400, 21220, "Call is not in-progress. Cannot redirect.")  # (the caller hung up)
+        async with running(with_rest(model, rest)) as url:
+            async with phone_call(url, CALL_A, auth_token=AUTH_TOKEN) as caller:
+                await caller.closed.wait()
+            assert caller.close_code == 1011
+        assert len(rest.requests) == 1
+    assert any("could not have Twilio tell the caller the call failed: " in r.getMessage() and "21220" in r.getMessage()
+               for r in call_log(caplog, CALL_A))  # fmt: skip
