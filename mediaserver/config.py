@@ -80,6 +80,11 @@ class Settings:
         "OPENAI_AUDIO_FORMAT", "pcmu", "pcmu (µ-law passthrough) | pcm24k (24 kHz PCM16 through the resampler)"
     )
     openai_turn_detection: str = _env_field("OPENAI_TURN_DETECTION", "server_vad", "server_vad | semantic_vad")
+    openai_reasoning_effort: str | None = _env_field(
+        "OPENAI_REASONING_EFFORT", None,
+        "minimal | low | medium | high | xhigh: how much a reasoning model (gpt-realtime-2 and later) thinks before "
+        "it answers; unset = the model's default",
+    )  # fmt: skip
     openai_transcription_model: str = _env_field(
         "OPENAI_TRANSCRIPTION_MODEL",
         "gpt-live-transcribe",
@@ -212,6 +217,13 @@ class Settings:
                 failure_twiml(self.failure_message)
             except ValueError as exc:
                 raise ConfigError(f"MEDIASERVER_FAILURE_MESSAGE: {exc}") from None
+        if self.openai_reasoning_effort is not None and self.openai_reasoning_effort not in (
+            "minimal", "low", "medium", "high", "xhigh"
+        ):
+            raise ConfigError(
+                "OPENAI_REASONING_EFFORT must be minimal, low, medium, high or xhigh, "
+                f"not {self.openai_reasoning_effort!r}"
+            )
         if self.openai_audio not in ("pcmu", "pcm24k"):
             raise ConfigError(f"OPENAI_AUDIO_FORMAT must be pcmu or pcm24k, not {self.openai_audio!r}")
         if self.openai_turn_detection not in ("server_vad", "semantic_vad"):

@@ -391,6 +391,16 @@ def test_config_openai_transcription_of_the_caller_is_on_unless_turned_off() -> 
         assert openai_config(on.with_(openai_transcription_model=word)).transcription_model is None
 
 
+def test_config_openai_reasoning_effort() -> None:
+    from mediaserver.adapters.openai import openai_config
+
+    base = {"MEDIASERVER_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test"}
+    assert openai_config(Settings.from_env(base)).reasoning_effort is None  # the model's default: nothing sent
+    assert openai_config(Settings.from_env({**base, "OPENAI_REASONING_EFFORT": "low"})).reasoning_effort == "low"
+    with pytest.raises(ConfigError, match="OPENAI_REASONING_EFFORT must be minimal, low, medium, high or xhigh, not 'max'"):
+        Settings.from_env({**base, "OPENAI_REASONING_EFFORT": "max"})
+
+
 def test_config_openai_key_goes_as_azure_wants_it_on_azure() -> None:
     from mediaserver.adapters.openai import auth_headers
 

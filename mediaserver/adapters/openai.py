@@ -31,6 +31,7 @@ def openai_config(settings: Settings, agent: AgentOptions | None = None) -> Open
         turn_detection=SemanticVad() if settings.openai_turn_detection == "semantic_vad" else ServerVad(),
         greeting_instructions=f'Greet the caller by saying: "{greeting}"' if greeting else None,
         base_url=settings.openai_realtime_url,
+        reasoning_effort=settings.openai_reasoning_effort,
         # (the Realtime API transcribes nothing of the caller unless asked: the call record would be one-sided)
         transcription_model=(
             None if settings.openai_transcription_model.lower() == "off" else settings.openai_transcription_model

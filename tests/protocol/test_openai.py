@@ -249,6 +249,16 @@ def test_openai_initial_messages_default_config_is_valid_session_update() -> Non
     assert session.state is SessionState.AWAITING_CREATED
 
 
+@pytest.mark.parametrize("effort", ["minimal", "low", "xhigh"])
+def test_openai_reasoning_effort_goes_in_session_update(effort: str) -> None:
+    [text] = OpenAIRealtimeSession(config(reasoning_effort=effort)).initial_messages()
+    event = client_event(text)
+    assert isinstance(event, SessionUpdateEvent) and isinstance(event.session, RealtimeSessionCreateRequest)
+    assert event.session.reasoning is not None and event.session.reasoning.effort == effort  # (the SDK's own type)
+    with pytest.raises(LocalProtocolError, match="reasoning_effort must be one of minimal, low, medium, high, xhigh"):
+        config(reasoning_effort="max")
+
+
 def test_openai_initial_messages_full_config() -> None:
     tool = FunctionTool(
         name="lookup_order",

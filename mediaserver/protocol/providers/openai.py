@@ -97,6 +97,8 @@ __all__ = [
 
 # GA endpoint; the model goes in the query string (SDK resources/realtime/realtime.py).
 DEFAULT_URL: Final = "wss://api.openai.com/v1/realtime"
+# session.reasoning.effort (the SDK's RealtimeReasoningEffort)
+REASONING_EFFORTS: Final = ("minimal", "low", "medium", "high", "xhigh")
 
 # Session audio formats (SDK realtime_audio_formats.py): {"type": "audio/pcmu"}
 # is G.711 µ-law at 8 kHz; {"type": "audio/pcm", "rate": 24000} is PCM16 LE mono
@@ -183,6 +185,9 @@ class OpenAIRealtimeConfig:
     the model speak first, with these instructions for that one response.
     ``model`` is not sent in ``session.update`` (the SDK docstring says the
     model cannot be updated); it goes in the URL (:attr:`url`).
+    ``reasoning_effort`` (``minimal`` … ``xhigh``) goes as
+    ``session.reasoning.effort``, for reasoning models (``gpt-realtime-2``
+    and later); None sends nothing: the model's own default.
     """
 
     model: str
@@ -194,10 +199,13 @@ class OpenAIRealtimeConfig:
     greeting_instructions: str | None = None
     tools: tuple[FunctionTool, ...] = ()
     base_url: str = DEFAULT_URL
+    reasoning_effort: str | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
             raise LocalProtocolError("model must be non-empty")
+        if self.reasoning_effort is not None and self.reasoning_effort not in REASONING_EFFORTS:
+            raise LocalProtocolError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}")
         if self.audio_format not in _FORMATS:
             raise LocalProtocolError(f"audio_format must be 'pcmu' or 'pcm24k', got {self.audio_format!r}")
 
@@ -356,6 +364,8 @@ class OpenAIRealtimeSession(ProviderCore[SessionState, OpenAIRealtimeConfig]):
         if config.voice is not None:
             audio_output["voice"] = config.voice
         session["audio"] = {"input": audio_input, "output": audio_output}
+        if config.reasoning_effort is not None:
+            session["reasoning"] = {"effort": config.reasoning_effort}
         if config.tools:
             session["tools"] = [{"type": "function", **tool.to_json()} for tool in config.tools]
             session["tool_choice"] = "auto"
