@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 from openai.types.realtime import AudioTranscription, InputAudioBufferAppendEvent, SessionUpdateEvent
 from openai.types.realtime.realtime_audio_formats import AudioPCM, AudioPCMU
 
@@ -937,6 +938,24 @@ async def test_app_a_stream_that_breaks_the_websocket_protocol_ends_with_a_proto
     [ended] = [r for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
     assert ended.levelno == logging.WARNING
     assert " ended (protocol error: the Twilio stream broke the WebSocket protocol (1009 " in ended.getMessage()
+
+
+@fail_after(10)
+async def test_app_a_stream_that_breaks_the_websocket_protocol_before_start_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before ``start`` too, a violation is logged as one (with why), not as a caller who hung up."""
+    async with running(base_settings()) as url:
+        twiml = await answer_call(url, CALL_A)
+        async with open_ws_client(twiml.stream_url) as ws:
+            await ws.send_message("x" * (DEFAULT_MAX_MESSAGE_BYTES + 1))
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.get_message()
+            assert info.value.reason.code == 1009
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stream closed before it started")]
+    assert line.startswith(
+        "stream closed before it started: protocol error: the Twilio stream broke the WebSocket protocol (1009 "
+    ), line
 
 
 @fail_after(10)

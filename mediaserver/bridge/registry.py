@@ -536,8 +536,11 @@ class CallManager:
                     for event in twilio.events():
                         if isinstance(event, tw.Start):
                             return event
-            except StreamClosed:
-                log.warning("stream closed before it started")
+            except StreamClosed as exc:
+                if exc.violation:  # (its bytes broke the WebSocket protocol: not an ordinary hang-up)
+                    log.warning("stream closed before it started: %s", stream_closed_reason(exc))
+                else:
+                    log.warning("stream closed before it started")
                 return None
             except ProtocolError as exc:
                 log.error("stream refused before start: %s", exc)

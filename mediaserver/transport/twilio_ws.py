@@ -51,6 +51,8 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]  # Quart's asgi_app, typed 
 StreamHandler = Callable[[MessageStream], Awaitable[StreamEnd | None]]  # see CallManager.handle_stream
 
 _REASONS = {400: b"Bad Request", 403: b"Forbidden"}
+# Close codes that say a WebSocket's bytes broke the protocol: framing (1002), not UTF-8 (1007), too big (1009)
+VIOLATION_CODES = frozenset({1002, 1007, 1009})
 
 
 class ASGIStream(MessageStream):
@@ -83,7 +85,10 @@ class ASGIStream(MessageStream):
                     return data
             elif kind == "websocket.disconnect":
                 self.closed = True
-                raise StreamClosed(f"Twilio closed the stream (code {message.get('code', 1005)})")
+                code = message.get("code", 1005)
+                if code in VIOLATION_CODES:  # (the server's verdict on the peer's bytes -- or the peer's on ours)
+                    raise StreamClosed(f"the Twilio stream broke the WebSocket protocol (code {code})", violation=True)
+                raise StreamClosed(f"Twilio closed the stream (code {code})")
 
     async def send(self, text: str) -> None:
         if self.closed:
@@ -116,7 +121,9 @@ class MediaStreamRoute:
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"] == self.path:
+        # The path as sent, not decoded: /media%2Dstream is not the Media Stream (our own listener, which serves
+        # every Twilio stream, matches the bytes too), so it cannot be used to pick this route over that one.
+        if scope["type"] == "websocket" and scope.get("raw_path", scope["path"].encode()) == self.path.encode():
             await self._serve(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -126,6 +133,12 @@ class MediaStreamRoute:
         if first["type"] != "websocket.connect":
             return  # disconnected before the handshake
         status = self._check_signature(scope)
+        if status is None and scope.get("http_version", "1.1") not in ("1.0", "1.1"):
+            # An HTTP/2 WebSocket (RFC 8441, cleartext h2 on the plain port): Twilio's streams are HTTP/1.1, and
+            # Hypercorn's h2 stream lets writes to a peer that opens no flow-control window pile up without
+            # blocking, so a stuck caller would never be seen (calls and memory that never end).
+            log.warning("media stream: upgrade over HTTP/%s refused (Twilio's streams are HTTP/1.1)", scope["http_version"])
+            status = 400
         if status is None and any(name.lower() == b"sec-websocket-extensions" for name, _ in scope.get("headers", ())):
             # Hypercorn would negotiate permessage-deflate, and inflate each message before its size check: one
             # small frame could become hundreds of MB.  Our own listener (which serves every Twilio stream) never

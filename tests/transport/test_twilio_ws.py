@@ -95,6 +95,68 @@ async def test_the_route_closes_with_the_handler_s_stream_end(end: object, close
     assert sent == [{"type": "websocket.accept"}, closed]
 
 
+async def _route_once(scope: dict[str, object], incoming: list[dict[str, object]]) -> tuple[list[dict[str, object]], list[str]]:
+    """``scope`` through a MediaStreamRoute: what it sent, and who took it (``app`` or the handler's ``stream``)."""
+    taken: list[str] = []
+    sent: list[dict[str, object]] = []
+
+    async def handle(stream: MessageStream) -> StreamEnd | None:
+        taken.append("stream")
+        await stream.receive()
+        return None
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        taken.append("app")
+
+    async def receive() -> dict[str, object]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(dict(message))
+
+    await MediaStreamRoute(app, handle, auth_token=None, public_url=None)(scope, receive, send)
+    return sent, taken
+
+
+def _scope(**changes: object) -> dict[str, object]:
+    return {"type": "websocket", "path": "/media-stream", "raw_path": b"/media-stream", "headers": [], "scheme": "ws",
+            "query_string": b"", "http_version": "1.1", "extensions": {"websocket.http.response": {}}, **changes}  # fmt: skip
+
+
+async def test_the_route_matches_the_path_as_sent_not_decoded() -> None:
+    """/media%2Dstream is not the Media Stream here either (our own listener, which serves Twilio, matches the bytes):
+    it could otherwise pick this route over that one."""
+    _, taken = await _route_once(_scope(raw_path=b"/media%2Dstream"), [])
+    assert taken == ["app"]
+    _, taken = await _route_once(_scope(), [{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}])
+    assert taken == ["stream"]
+
+
+async def test_an_http2_websocket_is_refused() -> None:
+    """RFC 8441 over cleartext h2: Twilio never does it, and Hypercorn's h2 writes never block on a stuck peer."""
+    sent, taken = await _route_once(_scope(http_version="2"), [{"type": "websocket.connect"}])
+    assert taken == [] and sent[0] == {"type": "websocket.http.response.start", "status": 400, "headers": sent[0]["headers"]}
+
+
+@pytest.mark.parametrize(("code", "violation"), [(1002, True), (1007, True), (1009, True), (1000, False), (1006, False)])
+async def test_a_disconnect_for_broken_websocket_bytes_is_a_protocol_error(code: int, violation: bool) -> None:
+    from mediaserver.bridge.call import StreamClosed, stream_closed_reason
+    from mediaserver.transport.twilio_ws import ASGIStream
+
+    async def receive() -> dict[str, object]:
+        return {"type": "websocket.disconnect", "code": code}
+
+    async def send(message: object) -> None:
+        raise AssertionError("nothing is sent")
+
+    with pytest.raises(StreamClosed) as info:
+        await ASGIStream(receive, send).receive()
+    assert info.value.violation is violation
+    assert stream_closed_reason(info.value) == (
+        f"protocol error: the Twilio stream broke the WebSocket protocol (code {code})" if violation else "twilio hung up"
+    )
+
+
 def _upgrade(port: int, *extra: str, version: str = "HTTP/1.1") -> bytes:
     lines = [
         f"GET /media-stream {version}", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
@@ -143,7 +205,7 @@ async def test_an_upgrade_offering_compression_on_hypercorn_s_path_is_refused() 
             assert head.startswith(b"HTTP/1.1 101 ") and b"extensions" not in head.lower()
 
 
-@pytest.mark.parametrize("bad", ["HTTP/1.0", "version 8", "no key"])
+@pytest.mark.parametrize("bad", ["HTTP/1.0", "version 8", "no key", "short key", "not base64", "two keys"])
 @fail_after(10)
 async def test_a_media_stream_upgrade_that_is_not_a_websocket_handshake_is_refused_and_closed(bad: str) -> None:
     """400, and the connection closed (Hypercorn answered these 400 too, then held the connection open for as long
@@ -155,6 +217,13 @@ async def test_a_media_stream_upgrade_that_is_not_a_websocket_handshake_is_refus
             request = request.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8")
         elif bad == "no key":
             request = request.replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b"")
+        elif bad == "short key":  # (RFC 6455 4.2.1: the base64 of 16 bytes; wsproto takes any value)
+            request = request.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"abc")
+        elif bad == "not base64":
+            request = request.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"!!!!!!!!!!!!!!!!!!!!!!==")
+        elif bad == "two keys":
+            request = request.replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+                                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" * 2)  # fmt: skip
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
             await stream.send_all(request)
             head, rest = await _head(stream)
@@ -189,3 +258,34 @@ async def test_bytes_sent_with_an_upgrade_on_a_kept_alive_connection_get_a_400_a
         assert (await http_request(url + "/healthz")).status == 200
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records
                                                                            if r.levelno >= logging.ERROR]
+
+
+@fail_after(10)
+async def test_a_media_stream_over_http2_is_refused_by_the_running_server(caplog: pytest.LogCaptureFixture) -> None:
+    """Cleartext h2 with prior knowledge, RFC 8441's extended CONNECT: refused, no call is started."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    async with running(base_settings()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(conn.data_to_send())
+            status = None
+            sent_connect = False
+            while status is None:
+                for event in conn.receive_data(await stream.receive_some(65536)):
+                    if isinstance(event, h2.events.RemoteSettingsChanged) and not sent_connect:
+                        sent_connect = True  # (extended CONNECT needs the server's SETTINGS_ENABLE_CONNECT_PROTOCOL)
+                        conn.send_headers(1, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"),
+                                              (":path", "/media-stream"), (":authority", f"127.0.0.1:{port}"),
+                                              ("sec-websocket-version", "13")])  # fmt: skip
+                    elif isinstance(event, h2.events.ResponseReceived):
+                        status = dict(event.headers)[b":status"]
+                await stream.send_all(conn.data_to_send())
+        assert status == b"400"
+        health = json.loads((await http_request(url + "/healthz")).body)
+        assert (health["active_calls"], health["pending_calls"]) == (0, 0)
+    assert any("upgrade over HTTP/2 refused" in r.getMessage() for r in caplog.records)
