@@ -49,7 +49,7 @@ import contextvars
 import logging
 import math
 import socket
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -83,6 +83,7 @@ SILENT_ITEM_S = 1.0
 # The model's audio queued here ahead of its playback, at most (a model sends faster than real time; one that sent
 # hours of it at once would grow the server without bound and stall every call).  Audio past it is dropped.
 MAX_QUEUED_S = 300.0
+MAX_CUT_ITEMS = 16  # cut replies whose late audio is still counted for the record (the newest)
 MAX_OVERFLOW_LOGS = 32  # replies cut short by MAX_QUEUED_S logged per call (one line each)
 MAX_UNKNOWN_TYPES = 32  # unknown provider message types logged per call (one line each)
 MAX_DTMF_BATCH = 64  # keypad digits told to the model in one message at most
@@ -291,6 +292,12 @@ class CallBridge:
         if not self._down_pcm and fmt_out.sample_rate_hz != 8000:
             raise ValueError(f"µ-law output at {fmt_out.sample_rate_hz} Hz is not supported")
         self._down_tail = False  # the resampler holds the end of the last item's audio (see _resampler_tail)
+        # The resampler's filter delay, in 8 kHz samples (rounded up): the first that many samples of each item's
+        # µ-law are the filter filling, not the model's audio, so a cut takes them off what the caller heard.
+        self._down_delay = math.ceil(self._down_resampler.delay_ms * 8) if self._down_resampler is not None else 0
+        # Items cut by a barge-in whose audio may still arrive (dropped): heard ms and ms generated so far, so the
+        # record's cut text keeps the heard share of the whole reply, not of what had come when it was cut.
+        self._cut_items: OrderedDict[str, list[float]] = OrderedDict()
         # PCM16 split inside a sample (a delta of odd length): its first byte waits for the rest, per item
         self._half_sample: tuple[str, bytes] | None = None
 
@@ -748,6 +755,9 @@ class CallBridge:
                 else:
                     self._generating[event.item_id] = None
                     self._downlink(event.item_id, event.payload)
+            elif (cut := self._cut_items.get(event.item_id)) is not None:  # the rest of a cut reply: dropped, counted
+                cut[1] += len(event.payload) / self.link.output_format.bytes_per_ms
+                self.stats.transcript.cut(event.item_id, int(cut[0]), round(cut[1]))
         elif isinstance(event, pv.AudioDone):
             self._generating.pop(event.item_id, None)
             self._finish_item(event.item_id)
@@ -1416,12 +1426,21 @@ class CallBridge:
             await self._send_twilio(tw.ClearAudio())
             self._playing_until_s = self._now()
             # What the caller heard of each item is final now: echoes that
-            # arrive from here on are for cleared marks.
-            heard = [(item, self.twilio.playback(item).played_ms) for item in items]
+            # arrive from here on are for cleared marks.  (Less the downlink
+            # resampler's delay: that much of what played was its filter filling.)
+            heard = [
+                (item, max(0, self.twilio.playback(item).played_samples - self._down_delay) // tw.MULAW_SAMPLES_PER_MS)
+                for item in items
+            ]
         if not by_model:
             self.stats.barge_ins += 1
+        for item, heard_ms in heard:  # (all of them in the record, even if the model goes away below)
+            generated_ms = generated[item] // tw.MULAW_SAMPLES_PER_MS
+            self.stats.transcript.cut(item, heard_ms, generated_ms)
+            self._cut_items[item] = [heard_ms, generated_ms]
+            if len(self._cut_items) > MAX_CUT_ITEMS:
+                self._cut_items.popitem(last=False)
         for item, heard_ms in heard:
-            self.stats.transcript.cut(item, heard_ms, generated[item] // tw.MULAW_SAMPLES_PER_MS)
             if self._model_gone:
                 break
             try:

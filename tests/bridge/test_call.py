@@ -11,6 +11,7 @@ playback and timeouts happen at exact Trio times and take no real time.
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -432,6 +433,28 @@ async def test_call_barge_in_clears_at_once_and_truncates_at_the_played_marks(
         assert call.inbound_events()[-1] == "clear"
         assert call.bridge.twilio.playback("item_1").cleared_samples == 5 * CHUNK_BYTES
         assert call.bridge.stats.barge_ins == 1
+
+
+@pytest.mark.parametrize("rate", [16000, 24000])
+@fail_after(60)
+async def test_call_barge_in_on_resampled_audio_truncates_at_the_model_audio_heard(
+    rate: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """PCM from the model goes through the downlink resampler, whose filter delay is the first ~2.3 ms of every
+    reply: that much of what played was not the model's audio, so it is not counted as heard."""
+    link = FakeLink(output_format=pv.AudioFormat("pcm16", rate))
+    async with bridged(link) as call:
+        link.emit(pv.AudioDelta("item_1", b"\x10\x27" * (rate * 2)), pv.AudioDone("item_1"))  # 2 s of PCM16
+        await trio.sleep(0.5)
+        link.emit(pv.SpeechStarted(item_id="user_1", audio_start_ms=480))
+        await call.caller.wait_for_clear()
+        await trio.testing.wait_all_tasks_blocked()
+        played = call.bridge.twilio.playback("item_1").played_samples  # 8 kHz µ-law samples the caller heard
+        [truncate] = link.truncates()
+    delay_ms = Resampler(rate, 8000).delay_ms
+    assert played == 480 * 8  # (12 chunks echoed by 0.5 s, as without a resampler)
+    assert truncate.audio_end_ms == math.floor(played / 8 - math.ceil(delay_ms * 8) / 8) == 477
+    assert truncate.audio_end_ms <= played / 8 - delay_ms
 
 
 @fail_after(60)

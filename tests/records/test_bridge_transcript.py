@@ -53,11 +53,12 @@ async def test_bridge_transcript_of_an_interrupted_reply_is_what_was_heard(
 
 
 @fail_after(60)
-async def test_bridge_transcript_cut_uses_the_audio_generated_so_far(
+async def test_bridge_transcript_cut_uses_all_the_audio_of_the_reply(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # The model is still generating: 400 ms of audio have arrived when the
-    # caller barges in after 280 ms were heard, so 70 % of the text stays.
+    # The model is still generating: 400 ms of audio have arrived when the caller barges in after 280 ms were heard.
+    # The text is the whole reply's, and the rest of its audio (600 ms) still arrives, dropped: 280 of 1000 ms were
+    # heard, so 28 % of the text stays (counting only the 400 ms that had come kept 70 %: words never heard).
     link = FakeLink()
     async with bridged(link) as call:
         link.emit(pv.Transcript("assistant", "Let me check that for you right away.", True, "item_1"))
@@ -67,12 +68,14 @@ async def test_bridge_transcript_cut_uses_the_audio_generated_so_far(
         await call.caller.wait_for_clear()
         await trio.testing.wait_all_tasks_blocked()
         assert link.truncates() == [pv.Truncate("item_1", 280)]
-        link.emit(pv.AudioDelta("item_1", audio_ms(600)), pv.AudioDone("item_1"))  # late audio: dropped
+        first = [(t.text, t.heard_ms) for t in call.bridge.stats.transcript.turns()]
+        link.emit(pv.AudioDelta("item_1", audio_ms(600)), pv.AudioDone("item_1"))  # late audio: dropped, counted
         link.emit(pv.Transcript("assistant", "Sure.", True, "item_2"), pv.AudioDelta("item_2", audio_ms(80, 0x33)))
         await call.caller.wait_for(lambda: call.caller.received_audio.endswith(audio_ms(80, 0x33)))
         stats = call.bridge.stats
+    assert first == [("Let me check that for you", 280)]  # (at the cut: 280 of the 400 ms that had come)
     assert [(t.text, t.interrupted, t.heard_ms) for t in stats.transcript.turns()] == [
-        ("Let me check that for you", True, 280),  # 25 of 37 characters
+        ("Let me", True, 280),  # 10 of 37 characters, to a word's end
         ("Sure.", False, None),
     ]
     assert stats.barge_ins == 1
