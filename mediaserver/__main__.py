@@ -260,19 +260,19 @@ _ROUTES = ("/twiml", "/media-stream", "/outbound-twiml", "/call-status", "/calls
 def _warn_public_url(public_url: str) -> None:
     """A ``MEDIASERVER_PUBLIC_URL`` the server takes but real calls would not work with: a warning at start."""
     base = urlsplit(public_url)
+    host = base.netloc.rpartition("@")[2]  # (a user name and password in it are not for the log)
+    shown = f"{base.scheme}://{host}{base.path.rstrip('/')}"
     if base.scheme == "http":
         log.warning(
             "MEDIASERVER_PUBLIC_URL is http://: the TwiML then points Twilio at ws://%s%s, and Twilio takes only "
             "wss:// Media Streams (its error 31922), so real calls fail; use https:// (http:// suits local tests "
-            "with mediaserver dial)", base.netloc, f"{base.path.rstrip('/')}/media-stream",
+            "with mediaserver dial)", host, f"{base.path.rstrip('/')}/media-stream",
         )  # fmt: skip
-    path = base.path.rstrip("/")
     for route in _ROUTES:
-        if path.endswith(route):
+        if shown.endswith(route):
             log.warning(
                 "MEDIASERVER_PUBLIC_URL ends in %s: it is this server's base URL, and the routes are added to it "
-                "(the voice webhook would be %s%s); did you mean %s?",
-                route, public_url.rstrip("/"), "/twiml", public_url.rstrip("/")[: -len(route)] or public_url,
+                "(the voice webhook would be %s/twiml); did you mean %s?", route, shown, shown[: -len(route)],
             )  # fmt: skip
             break
 

@@ -210,7 +210,7 @@ class Settings:
                 _check_ws_url(env_name(name), url)
         if self.elevenlabs_agent_id is not None and not re.fullmatch(r"[\w-]+", self.elevenlabs_agent_id, re.ASCII):
             raise ConfigError(f"ELEVENLABS_AGENT_ID must be an agent id (letters, digits, _ and -), not {self.elevenlabs_agent_id[:60]!r}")
-        if self.failure_message.lstrip().startswith("<"):
+        if self.failure_message.strip().lower() not in ("", "off"):
             from mediaserver.twilio_rest import failure_twiml
 
             try:

@@ -112,7 +112,8 @@ def failure_twiml(message: str) -> str:
     try:
         ElementTree.fromstring(twiml)
     except ElementTree.ParseError as exc:
-        raise ValueError(f"not well-formed TwiML verbs ({exc}): {message[:80]!r}") from None
+        what = "not well-formed TwiML verbs" if message.startswith("<") else "text XML cannot carry (a control character?)"
+        raise ValueError(f"{what} ({exc}): {message[:80]!r}") from None
     return twiml
 
 

@@ -218,6 +218,10 @@ def test_a_public_url_real_calls_would_not_work_with_is_warned_at_start(caplog: 
         "(the voice webhook would be https://voice.example.com/app/twiml/twiml); did you mean https://voice.example.com/app?"
     )
     caplog.clear()
+    _warn_unused(Settings(public_url="http://user:hunter2@voice.example.com/twiml"))  # (credentials: not logged)
+    assert len(caplog.records) == 2 and not any("hunter2" in r.getMessage() for r in caplog.records)
+    assert "did you mean http://voice.example.com?" in caplog.records[1].getMessage()
+    caplog.clear()
     for fine in ("https://voice.example.com", "https://voice.example.com/app/", "https://voice.example.com/twimlets"):
         _warn_unused(Settings(public_url=fine))
     assert caplog.records == []

@@ -127,3 +127,61 @@ async def test_without_rest_credentials_or_when_twilio_refuses_the_call_just_end
         assert len(rest.requests) == 1
     assert any("could not have Twilio tell the caller the call failed: " in r.getMessage() and "21220" in r.getMessage()
                for r in call_log(caplog, CALL_A))  # fmt: skip
+
+
+def test_a_text_failure_message_xml_cannot_carry_is_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match="MEDIASERVER_FAILURE_MESSAGE: text XML cannot carry"):
+        Settings.from_env({"MEDIASERVER_FAILURE_MESSAGE": "Sorry\x0b later"})  # (a stray control character)
+    assert Settings.from_env({"MEDIASERVER_FAILURE_MESSAGE": "OFF"}).failure_message == "OFF"  # off: never sent
+
+
+@fail_after(15)
+async def test_a_fatal_model_error_mid_call_has_twilio_tell_the_caller() -> None:
+    from tests.pcm_fake import PcmModelSession
+    from tests.test_pcm_e2e import fake_model, pcm_settings
+
+    async def script(session: PcmModelSession) -> None:
+        await session.wait_for(lambda: session.frames_in >= 3)
+        await session.send_json({"type": "error", "message": "model weights missing", "fatal": True})
+
+    async with fake_rest() as rest, fake_model(script) as model:
+        settings = pcm_settings(model, twilio_account_sid=ACCOUNT_SID, twilio_auth_token=AUTH_TOKEN,
+                                twilio_api_base=rest.base_url)  # fmt: skip
+        async with running(settings) as url, phone_call(url, CALL_A, auth_token=AUTH_TOKEN) as caller:
+            await caller.send_audio(to_ulaw(tone(300, 200, amplitude=0.1)))
+            await caller.closed.wait()
+    [update] = rest.requests
+    assert said(update.value("Twiml")) == [("Say", DEFAULT), ("Hangup", "")]
+
+
+@fail_after(20)
+async def test_a_transfer_under_way_is_not_replaced_by_the_failure_message(caplog: pytest.LogCaptureFixture) -> None:
+    """The model asked for a transfer and its connection dropped before the stream ended: the caller is being put
+    through (Twilio runs the <Dial>), so no <Say> may replace it."""
+    from tests.test_tools import TRANSFER_TO, model_calls
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.ready.wait()
+        await model_calls(session, "transfer_call", f'{{"to": "{TRANSFER_TO}"}}', "call_transfer")
+        await rest.wait_requests(1)  # the <Dial> went out
+        await session.abort()  # and the model's connection drops before the stream ends
+
+    async with fake_rest() as rest, fake_openai(script) as model:
+        rest.answer_delay_s = 0.5  # (Twilio's answer comes after the drop)
+        settings = with_rest(model, rest, transfer_numbers=TRANSFER_TO, model_ping_s=0)
+        async with running(settings) as url, phone_call(url, CALL_A, auth_token=AUTH_TOKEN) as caller:
+            await caller.closed.wait()
+        await trio.sleep(0.2)
+    assert [r.value("Twiml") for r in rest.requests] == [f'<?xml version="1.0" encoding="UTF-8"?><Response><Dial>{TRANSFER_TO}</Dial></Response>']
+    assert not any("failure message" in r.getMessage() for r in caplog.records)
+
+
+@fail_after(15)
+async def test_without_rest_credentials_the_call_just_ends(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mediaserver")
+    async with fake_openai(reject_with=401) as model:
+        async with running(openai_settings(model)) as url:  # (no Twilio credentials: development mode)
+            async with phone_call(url, CALL_A) as caller:
+                await caller.closed.wait()
+            assert caller.close_code == 1011
+    assert not any("failure message" in r.getMessage() for r in caplog.records)

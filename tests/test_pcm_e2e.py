@@ -13,6 +13,7 @@ almost all energy stays in the tone's band).
 from __future__ import annotations
 
 import logging
+from functools import partial
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -222,6 +223,30 @@ async def test_pcm_model_error_ends_the_call(caplog: pytest.LogCaptureFixture) -
         async with phone_call(url) as caller:
             await talk_until_hung_up(caller, 2)
     assert any("ended (provider error: model weights missing)" in r.getMessage() for r in call_log(caplog, CALL_A))
+
+
+@fail_after(10)
+async def test_pcm_a_refusal_that_echoes_our_token_does_not_put_it_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """The token in PCM_PROVIDER_URL's query is ours to keep: a refusal whose body echoes the request has it taken out."""
+    async def refuse(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(4096)
+        target = request.split(b" ", 2)[1]
+        body = b"invalid token for " + target
+        await stream.send_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, refuse, 0, host="127.0.0.1"))
+        url = f"ws://127.0.0.1:{listener.socket.getsockname()[1]}/model?token=s3cr3t-T0KEN&v=1"
+        async with running(base_settings(provider="pcm", pcm_provider_url=url)) as server:
+            async with phone_call(server) as caller:
+                await caller.closed.wait()
+        nursery.cancel_scope.cancel()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("rejected the connection with HTTP 403: invalid token for /model?token=…&v=1" in m for m in messages)
+    assert not any("s3cr3t-T0KEN" in m for m in messages)
 
 
 def test_pcm_settings_need_the_url_and_valid_rates() -> None:

@@ -341,6 +341,7 @@ class CallBridge:
         self._response_open = False
         self._open_response: str | None = None  # the id of the response last started
         self._ending = False
+        self._transfer_asked = False  # a transfer's REST request went out (whatever its answer)
         self._model_gone = False  # the model's side is over (see _provider_closed): nothing more goes to it
         self._gone_reason: str | None = None  # why, while what it said plays out (_play_out)
         self._provider_done = trio.Event()  # the provider reader has returned
@@ -1045,6 +1046,12 @@ class CallBridge:
         finally:
             self._watchers -= 1
 
+    @property
+    def handed_off(self) -> bool:
+        """The agent was ending the call (``end_call``) or had asked Twilio to transfer it: a model failure from
+        then on is no news for the caller (and a failure message would replace the transfer's ``<Dial>``)."""
+        return self._ending or self._transfer_asked
+
     async def end_call(self, reason: str) -> None:
         """CallControl: end the call once the goodbye has played (returns at once)."""
         if self._nursery is not None and not self._ending:
@@ -1099,6 +1106,7 @@ class CallBridge:
         self._transfer_scopes.add(scope)
         try:
             with scope:
+                self._transfer_asked = True
                 await self.rest.update_call(self.call_sid, twiml=dial_twiml(to), timeout_s=min(request_s, 15.0))
             if scope.cancelled_caught:
                 log.info("call %s: transfer to %s: the call ended before Twilio answered (it is likely under way)",

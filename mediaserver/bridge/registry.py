@@ -453,8 +453,7 @@ class CallManager:
             log.error("call %s: model session failed", start.call_sid, exc_info=group)
         finally:
             self._untokened -= 1
-        if not opened:
-            await self._tell_caller(start.call_sid)
+        # (no failure message here: without a token the stream's CallSid is not known to be a call of ours)
         return end
 
     async def _tell_caller(self, call_sid: str) -> None:
@@ -472,7 +471,7 @@ class CallManager:
         with trio.move_on_after(FAILURE_REST_S) as waited:
             try:
                 await self.rest.update_call(call_sid, twiml=failure_twiml(message), timeout_s=FAILURE_REST_S)
-            except TwilioRestError as exc:  # (the caller may have hung up meanwhile: the call is over then)
+            except (TwilioRestError, ValueError) as exc:  # (the caller may have hung up meanwhile: the call is over)
                 log.warning("call %s: could not have Twilio tell the caller the call failed: %s", call_sid, exc)
                 return
         if waited.cancelled_caught:
@@ -622,17 +621,26 @@ class CallManager:
                 if st.reply.count
                 else "no timed replies",
             )
-        if bridge.end_reason.startswith("provider ended") and _failed(bridge.end_reason):
-            await self._tell_caller(start.call_sid)  # (not "model closed: ...": a model that ended the call in order)
+        if _model_failed(bridge.end_reason) and not bridge.handed_off:
+            await self._tell_caller(start.call_sid)
         return _stream_end(bridge.end_reason)
 
 
 # How long the REST request that has Twilio say MEDIASERVER_FAILURE_MESSAGE may take
 FAILURE_REST_S = 5.0
+MODEL_IDLE = "idle: the model"  # the start of the end reason of a call whose model stopped taking its audio
 
 SHUTDOWN_END = "cancelled: the server shut down before the call ended (MEDIASERVER_DRAIN_S)"
 
 # End reasons that are failures: the call's end line is a warning (and the only line about it).
+def _model_failed(reason: str) -> bool:
+    """The call ended because its model failed: its connection broke, a fatal error, or it stopped reading.
+
+    Not ``model closed: ...`` (a model that ended the session in order: it
+    ended the call), nor what Twilio's side did."""
+    return end_kind(reason) == "provider" or reason.startswith(MODEL_IDLE)
+
+
 def _failed(reason: str) -> bool:
     """The call ended because something broke (one rule for the log, the stream's close, records and metrics)."""
     return end_kind(reason) in FAILED_KINDS

@@ -15,8 +15,6 @@ later upgrade on a kept-alive HTTP connection still reaches the ASGI route
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -24,7 +22,13 @@ import h11
 import trio
 from wsproto import WSConnection
 
-from mediaserver.transport.ws_server import StreamHandler, parse_upgrade, refusal, serve_media_stream
+from mediaserver.transport.ws_server import (
+    StreamHandler,
+    parse_upgrade,
+    refusal,
+    serve_media_stream,
+    valid_websocket_key,
+)
 
 __all__ = ["HEAD_LIMIT", "ConnectionRouter", "ReplayStream", "read_head", "watch_connection"]
 
@@ -166,17 +170,6 @@ def _is_media_upgrade(request: h11.Request, path: bytes) -> bool:
     return any(name == b"upgrade" and value.lower() == b"websocket" for name, value in request.headers)
 
 
-def _valid_key(request: h11.Request) -> bool:
-    """One ``Sec-WebSocket-Key``, the base64 of 16 bytes (RFC 6455 4.2.1; wsproto takes any value)."""
-    keys = [value for name, value in request.headers if name == b"sec-websocket-key"]
-    if len(keys) != 1 or len(keys[0]) != 24:
-        return False
-    try:
-        return len(base64.b64decode(keys[0], validate=True)) == 16
-    except binascii.Error:
-        return False
-
-
 _BAD_UPGRADE_BODY = (
     b"not a WebSocket handshake this server takes (RFC 6455: HTTP/1.1, a Sec-WebSocket-Key and "
     b"Sec-WebSocket-Version: 13)\n"
@@ -217,7 +210,7 @@ class ConnectionRouter:
         try:
             head, request, early = await read_head(stream, self.head_timeout_s)
             if request is not None and _is_media_upgrade(request, self._path):
-                parsed = parse_upgrade(head) if request.http_version == b"1.1" and _valid_key(request) else None
+                parsed = parse_upgrade(head) if request.http_version == b"1.1" and valid_websocket_key(request.headers) else None
                 async with stream:
                     if parsed is not None:
                         await self._serve_upgrade(stream, request, parsed[0], early)

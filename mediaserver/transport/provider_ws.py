@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import trio
 from wsproto.frame_protocol import CloseReason
@@ -401,7 +401,7 @@ async def open_provider_link(
         except trio.TooSlowError:
             raise ProviderClosed(too_slow) from None
         except HandshakeRejected as exc:
-            why = f": {exc.reason}" if exc.reason else ""
+            why = f": {_scrubbed(exc.reason, url, headers)}" if exc.reason else ""
             raise ProviderClosed(f"{name}: {_safe(url)} rejected the connection with HTTP {exc.status_code}{why}") from None
         except WebSocketClosed as exc:
             raise ProviderClosed(f"{name}: {_safe(url)} closed the connection during the handshake: {exc}") from None
@@ -445,3 +445,18 @@ def _close_reason(text: str) -> str:
 def _safe(url: str) -> str:
     """The URL without its query string or user name and password (which may carry keys)."""
     return redact(url)
+
+
+def _scrubbed(text: str, url: str, headers: Sequence[tuple[str, str]]) -> str:
+    """``text`` (a peer's words, for our log) without any secret we sent: the URL's query values, user name and
+    password, and our credential headers' values (``Bearer KEY``: KEY too) -- a server may echo the request."""
+    parts = urlsplit(url)
+    secrets = [value for _, value in parse_qsl(parts.query, keep_blank_values=False)]
+    secrets += [parts.username or "", parts.password or ""]
+    for name, value in headers:
+        if any(word in name.lower() for word in ("auth", "key", "token", "secret", "cookie")):
+            secrets += [value, value.rpartition(" ")[2]]
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= 4:  # (a short value -- "1", "true" -- is not a secret, and would garble the text)
+            text = text.replace(secret, "…")
+    return text

@@ -37,7 +37,7 @@ from typing import Any
 from mediaserver import security
 from mediaserver.bridge.call import FAILED, MessageStream, StreamClosed, StreamEnd
 from mediaserver.logs import shown
-from mediaserver.transport.ws_server import refusal
+from mediaserver.transport.ws_server import refusal, valid_websocket_key
 
 __all__ = ["ASGIStream", "MediaStreamRoute"]
 
@@ -133,6 +133,9 @@ class MediaStreamRoute:
         if first["type"] != "websocket.connect":
             return  # disconnected before the handshake
         status = self._check_signature(scope)
+        if status is None and scope.get("http_version", "1.1") == "1.1" and not valid_websocket_key(scope["headers"]):
+            log.warning("media stream: upgrade with a Sec-WebSocket-Key that is not the base64 of 16 bytes refused")
+            status = 400  # (as on our own listener)
         if status is None and scope.get("http_version", "1.1") not in ("1.0", "1.1"):
             # An HTTP/2 WebSocket (RFC 8441, cleartext h2 on the plain port): Twilio's streams are HTTP/1.1, and
             # Hypercorn's h2 stream lets writes to a peer that opens no flow-control window pile up without

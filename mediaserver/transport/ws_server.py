@@ -21,6 +21,8 @@ away makes :meth:`ServerStream.receive` raise
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
@@ -132,6 +134,17 @@ def parse_upgrade(head: bytes) -> tuple[WSConnection, Request] | None:
     except Exception:  # wsproto's RemoteProtocolError, or h11's on a malformed head
         return None
     return None
+
+
+def valid_websocket_key(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """One ``Sec-WebSocket-Key``, the base64 of 16 bytes (RFC 6455 4.2.1; wsproto takes any value)."""
+    keys = [value for name, value in headers if name.lower() == b"sec-websocket-key"]
+    if len(keys) != 1 or len(keys[0]) != 24:
+        return False
+    try:
+        return len(base64.b64decode(keys[0], validate=True)) == 16
+    except binascii.Error:
+        return False
 
 
 class _Headers:

@@ -90,7 +90,7 @@ async def test_the_route_closes_with_the_handler_s_stream_end(end: object, close
         sent.append(dict(message))
 
     route = MediaStreamRoute(not_quart, handle, auth_token=None, public_url=None)
-    scope = {"type": "websocket", "path": "/media-stream", "headers": [], "scheme": "ws", "query_string": b""}
+    scope = {"type": "websocket", "path": "/media-stream", "headers": [KEY], "scheme": "ws", "query_string": b""}
     await route(scope, receive, send)
     assert sent == [{"type": "websocket.accept"}, closed]
 
@@ -118,8 +118,11 @@ async def _route_once(scope: dict[str, object], incoming: list[dict[str, object]
     return sent, taken
 
 
+KEY = (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ==")
+
+
 def _scope(**changes: object) -> dict[str, object]:
-    return {"type": "websocket", "path": "/media-stream", "raw_path": b"/media-stream", "headers": [], "scheme": "ws",
+    return {"type": "websocket", "path": "/media-stream", "raw_path": b"/media-stream", "headers": [KEY], "scheme": "ws",
             "query_string": b"", "http_version": "1.1", "extensions": {"websocket.http.response": {}}, **changes}  # fmt: skip
 
 
@@ -130,6 +133,13 @@ async def test_the_route_matches_the_path_as_sent_not_decoded() -> None:
     assert taken == ["app"]
     _, taken = await _route_once(_scope(), [{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}])
     assert taken == ["stream"]
+
+
+@pytest.mark.parametrize("key", [b"abc", b"!!!!!!!!!!!!!!!!!!!!!!==", None])
+async def test_a_bad_websocket_key_is_refused_on_this_route_too(key: bytes | None) -> None:
+    headers = [] if key is None else [(b"sec-websocket-key", key)]
+    sent, taken = await _route_once(_scope(headers=headers), [{"type": "websocket.connect"}])
+    assert taken == [] and sent[0]["status"] == 400
 
 
 async def test_an_http2_websocket_is_refused() -> None:
