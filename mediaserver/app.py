@@ -74,6 +74,9 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
     async def signed_form() -> dict[str, list[str]]:
         form = await request.form
         params = {key: form.getlist(key) for key in form.keys()}
+        repeated = security.repeated_field(params)
+        if repeated is not None:
+            abort(400, repeated)
         if settings.twilio_auth_token:
             # Signed for the public URL (a load balancer's) or this instance's own (see MEDIASERVER_INSTANCE_URL).
             try:

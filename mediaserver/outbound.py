@@ -365,6 +365,9 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
     async def outbound_answered() -> Response | tuple[str, int]:
         form = await request.form
         params = {key: form.getlist(key) for key in form.keys()}
+        repeated = security.repeated_field(params)
+        if repeated is not None:
+            return repeated, 400
         if settings.twilio_auth_token:
             try:
                 ok, url = security.signed_by_any(
@@ -401,7 +404,8 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
                 body_for_machine = twiml.hangup()
             if body_for_machine is not None:  # no model session: a machine gets a message or nothing
                 left = "leaving the voicemail" if "<Say" in body_for_machine else "hanging up"
-                log.info("outbound call %s: answered by %s (AnsweredBy=%s); %s", call_sid, to or "?", answered_by, left)
+                log.info("outbound call %s: answered by %s (AnsweredBy=%s); %s", call_sid, shown(to or "?", 40),
+                         shown(answered_by, 40), left)  # fmt: skip
                 return Response(body_for_machine, content_type=twiml.CONTENT_TYPE)
         elif machine is not None:
             log.warning("outbound call %s: answering-machine detection asked, but Twilio sent no AnsweredBy", call_sid)

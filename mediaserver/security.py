@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, cast
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
+from mediaserver.logs import shown
 from mediaserver.protocol.twilio_events import is_sid_like, is_twilio_sid
 
 __all__ = [
@@ -331,6 +332,21 @@ def on_this_network(url: str) -> bool:
     except ValueError:
         return False  # a name: it may well resolve publicly
     return address.is_loopback or address.is_private or address.is_link_local or address.is_unspecified
+
+
+def repeated_field(params: Mapping[str, Sequence[str]]) -> str | None:
+    """Why a webhook's form is refused when a field comes more than once (else None).
+
+    Twilio sends each field of its webhooks once.  A repeat is someone
+    else's: the signature covers every value of a name, sorted, as
+    name+value, so a captured request can be re-cut with a second
+    ``CallSid`` (the end of ``ParentCallSid`` giving it its name) that the
+    signature still covers while the server would read the other one.
+    """
+    for name, values in params.items():
+        if len(values) > 1:
+            return f"{shown(name, 40)} more than once: Twilio sends each field of a webhook once"
+    return None
 
 
 def configured_base(configured: str, name: str = "MEDIASERVER_PUBLIC_URL") -> SplitResult:

@@ -417,11 +417,10 @@ def twilio_signature(auth_token: str, url: str, form: Sequence[tuple[str, str]] 
     """``X-Twilio-Signature`` as Twilio computes it (the official helper library)."""
     from twilio.request_validator import RequestValidator
 
-    params: dict[str, Any] = {}
-    for name, value in form:
-        params.setdefault(name, []).append(value)
-    flat = {k: v[0] if len(v) == 1 else v for k, v in params.items()}
-    return str(RequestValidator(auth_token).compute_signature(url, flat))
+    from werkzeug.datastructures import MultiDict
+
+    # (a MultiDict: the library reads every value of a repeated name through its getlist)
+    return str(RequestValidator(auth_token).compute_signature(url, MultiDict(list(form))))
 
 
 # ------------------------------------------------------------ Twilio's side

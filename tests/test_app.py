@@ -265,6 +265,24 @@ async def test_app_a_signed_webhook_cannot_be_refolded_into_new_calls() -> None:
 
 
 @fail_after(10)
+async def test_app_a_signed_webhook_cannot_be_recut_with_a_second_call_sid() -> None:
+    """The signature covers every value of a name, sorted: a captured webhook of a child leg (with ParentCallSid) can
+    be re-cut so that "CallSid" appears twice, the end of "ParentCallSid" lending it the name, under the same
+    signature -- with the parent's SID first.  Twilio sends each field once: a repeat is refused, on every webhook."""
+    child, parent = "CA" + "1" * 32, "CA" + "2" * 32  # (the trick needs the child's SID to sort first)
+    form = [("CallSid", child), ("CallStatus", "ringing"), ("From", "+15550001111"), ("ParentCallSid", parent)]
+    recut = [("CallSid", parent), ("CallSid", child + "CallStatusringingFrom+15550001111Parent")]
+    async with running(base_settings(twilio_auth_token=AUTH_TOKEN)) as url:
+        for path in ("/twiml", "/call-status", "/outbound-twiml"):
+            signature = [("X-Twilio-Signature", twilio_signature(AUTH_TOKEN, url + path, form))]
+            # (the attack is real: Twilio's own validator takes the re-cut form under the same signature)
+            assert twilio_signature(AUTH_TOKEN, url + path, recut) == signature[0][1]
+            refused = await http_request(url + path, "POST", form=recut, headers=signature)
+            assert refused.status == 400 and b"CallSid more than once" in refused.body, (path, refused.body)
+        assert json.loads((await http_request(url + "/healthz")).body)["pending_calls"] == 0
+
+
+@fail_after(10)
 async def test_app_media_stream_upgrade_requires_signature() -> None:
     async with running(base_settings(twilio_auth_token=AUTH_TOKEN)) as url:
         stream_url = url.replace("http://", "ws://") + "/media-stream"

@@ -34,6 +34,7 @@ from wsproto.frame_protocol import CloseReason
 from mediaserver import security
 from mediaserver._native._wsframe import encode_b64_frame, encode_frame
 from mediaserver.bridge.call import FAILED, MessageStream, StreamClosed, StreamEnd
+from mediaserver.logs import shown
 from mediaserver.transport.ws_client import ClientWebSocket, WebSocketClosed
 
 __all__ = ["ServerStream", "parse_upgrade", "refusal", "serve_media_stream", "server_frame"]
@@ -200,7 +201,7 @@ def refusal(
     except ValueError:
         return 400
     if not ok:
-        log.warning("media stream: bad or missing X-Twilio-Signature for %s; 403", url)
+        log.warning("media stream: bad or missing X-Twilio-Signature for %s; 403", shown(url, 200))
         return 403
     return None
 
