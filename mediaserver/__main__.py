@@ -241,6 +241,27 @@ def _warn_unused(settings: Settings) -> None:
         )
     if settings.public_url is not None:
         _warn_public_url(settings.public_url)
+    if settings.api_key and len(settings.api_key) < MIN_API_KEY_CHARS:
+        log.warning(
+            "MEDIASERVER_API_KEY is %d characters: it guards POST /calls (calls billed to your account) and the "
+            "call records; use a random one of %d or more (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')",
+            len(settings.api_key), MIN_API_KEY_CHARS,
+        )  # fmt: skip
+    if settings.development_mode and TwilioCredentials.from_settings(settings) is not None:
+        log.warning(
+            "Twilio REST credentials are set but TWILIO_AUTH_TOKEN is not: development mode, where anyone can start "
+            "a session, while transfers and failure messages act on real calls through REST; set TWILIO_AUTH_TOKEN"
+        )
+    if settings.transfer_numbers:
+        from mediaserver.tools.builtins import parse_transfer_numbers
+
+        for entry in parse_transfer_numbers(settings.transfer_numbers):
+            if entry.endswith("*") and len(entry) - 2 < MIN_PREFIX_DIGITS:
+                log.warning(
+                    "MEDIASERVER_TRANSFER_NUMBERS has %s: the model may transfer a caller to any number that starts "
+                    "so, premium-rate ones included; list numbers, or prefixes of %d digits or more",
+                    entry, MIN_PREFIX_DIGITS,
+                )  # fmt: skip
     if settings.provider == "echo" and settings.agent_greeting:
         log.warning("the echo agent has no voice of its own: AGENT_GREETING (and outbound greetings) are not spoken")
     if settings.provider == "deepgram":
@@ -252,6 +273,9 @@ def _warn_unused(settings: Settings) -> None:
                 "every call's session will be refused", settings.deepgram_think_provider, ", ".join(sorted(THINK_PROVIDERS)),
             )
 
+
+MIN_API_KEY_CHARS = 16  # a shorter MEDIASERVER_API_KEY is warned about at start
+MIN_PREFIX_DIGITS = 4  # a transfer prefix with fewer digits (+1*, +44*, +449*) is warned about at start
 
 # The server's own routes: a public URL that ends in one is a webhook URL given where the base is wanted
 _ROUTES = ("/twiml", "/media-stream", "/outbound-twiml", "/call-status", "/calls")

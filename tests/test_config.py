@@ -484,7 +484,8 @@ def test_settings_that_do_nothing_as_configured_are_warned_at_start(caplog: pyte
     from mediaserver.__main__ import _warn_unused
 
     caplog.set_level("WARNING", logger="mediaserver")
-    _warn_unused(Settings(api_key="k", agent_greeting="Hello!"))
+    key = "k" * 16
+    _warn_unused(Settings(api_key=key, agent_greeting="Hello!"))
     assert [r.getMessage() for r in caplog.records] == [
         "MEDIASERVER_API_KEY is set, but POST /calls will answer 503 until Twilio REST credentials are: "
         "TWILIO_ACCOUNT_SID with TWILIO_AUTH_TOKEN or an API key",
@@ -495,9 +496,28 @@ def test_settings_that_do_nothing_as_configured_are_warned_at_start(caplog: pyte
     [unknown] = [r.getMessage() for r in caplog.records]
     assert unknown.startswith("DEEPGRAM_THINK_PROVIDER='bogus' is not one Deepgram documents (anthropic, aws_bedrock, ")
     caplog.clear()
-    _warn_unused(Settings(api_key="k", twilio_account_sid="AC" + "0" * 32, twilio_auth_token="t", agent_greeting="Hi",
+    _warn_unused(Settings(api_key=key, twilio_account_sid="AC" + "0" * 32, twilio_auth_token="t", agent_greeting="Hi",
                           provider="openai", openai_api_key="k"))
     _warn_unused(Settings(provider="deepgram", deepgram_api_key="k", deepgram_think_provider="anthropic"))
+    assert caplog.records == []
+
+
+def test_risky_security_settings_are_warned_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    from mediaserver.__main__ import _warn_unused
+
+    caplog.set_level("WARNING", logger="mediaserver")
+    sid = "AC" + "0" * 32
+    _warn_unused(Settings(api_key="short", twilio_account_sid=sid, twilio_auth_token="t",
+                          transfer_numbers="+1*,+4420*,+15551234567"))  # fmt: skip
+    short, broad = [r.getMessage() for r in caplog.records]
+    assert short.startswith("MEDIASERVER_API_KEY is 5 characters: it guards POST /calls")
+    assert broad.startswith("MEDIASERVER_TRANSFER_NUMBERS has +1*: the model may transfer a caller to any number")
+    caplog.clear()
+    _warn_unused(Settings(twilio_account_sid=sid, twilio_api_key_sid="SK" + "0" * 32, twilio_api_key_secret="s"))
+    [dev] = [r.getMessage() for r in caplog.records]  # (REST credentials, no auth token: development mode)
+    assert dev.startswith("Twilio REST credentials are set but TWILIO_AUTH_TOKEN is not: development mode")
+    caplog.clear()
+    _warn_unused(Settings(api_key="k" * 16, twilio_account_sid=sid, twilio_auth_token="t", transfer_numbers="+15551*"))
     assert caplog.records == []
 
 
