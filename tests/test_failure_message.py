@@ -8,8 +8,6 @@ SDK by :class:`tests.twilio_rest_fake.FakeTwilioRest`).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 from xml.etree import ElementTree
 
@@ -20,18 +18,9 @@ from mediaserver.config import ConfigError, Settings
 from mediaserver.twilio_rest import failure_twiml
 from tests.fakes import FakeRealtimeSession, fail_after, to_ulaw, tone
 from tests.test_app import CALL_A, call_log, fake_openai, openai_settings, phone_call, running
-from tests.twilio_rest_fake import ACCOUNT_SID, AUTH_TOKEN, FakeTwilioRest, TwilioError
+from tests.twilio_rest_fake import ACCOUNT_SID, AUTH_TOKEN, FakeTwilioRest, TwilioError, fake_rest
 
 DEFAULT = Settings().failure_message
-
-
-@asynccontextmanager
-async def fake_rest() -> AsyncIterator[FakeTwilioRest]:
-    async with trio.open_nursery() as nursery:
-        fake: FakeTwilioRest = await nursery.start(FakeTwilioRest().run)
-        yield fake
-        nursery.cancel_scope.cancel()
-    assert fake.sdk_failures == []
 
 
 def with_rest(model: Any, rest: FakeTwilioRest, **changes: Any) -> Settings:

@@ -16,8 +16,6 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -47,7 +45,7 @@ from tests.fakes import (
     twilio_signature,
 )
 from tests.test_app import fake_openai, openai_settings, running
-from tests.twilio_rest_fake import ACCOUNT_SID, AUTH_TOKEN, FakeTwilioRest, TwilioError
+from tests.twilio_rest_fake import ACCOUNT_SID, AUTH_TOKEN, FakeTwilioRest, TwilioError, fake_rest
 
 API_KEY = "ms-api-key-0123456789abcdef"
 TO, FROM = "+15551234567", "+15559876543"
@@ -59,15 +57,6 @@ INSTRUCTIONS = "You are Robin. Confirm the appointment on Tuesday at 3 pm."
 def _setup(tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.INFO, logger="mediaserver")
     monkeypatch.chdir(tmp_path)  # call records (./data) and .env lookups stay in tmp_path
-
-
-@asynccontextmanager
-async def fake_rest() -> AsyncIterator[FakeTwilioRest]:
-    async with trio.open_nursery() as nursery:
-        fake: FakeTwilioRest = await nursery.start(FakeTwilioRest().run)
-        yield fake
-        nursery.cancel_scope.cancel()
-    assert fake.sdk_failures == []
 
 
 def outbound_settings(model: FakeOpenAIServer, rest: FakeTwilioRest | None, **changes: Any) -> Settings:

@@ -18,8 +18,7 @@ import logging
 import json
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, Optional
@@ -49,7 +48,7 @@ from mediaserver.tools.builtins import BUILTINS, END_CALL_STATUS, parse_transfer
 
 from tests.fakes import FakeRealtimeSession, fail_after, to_ulaw, tone, validate_client_event
 from tests.test_app import fake_openai, openai_settings, phone_call, running
-from tests.twilio_rest_fake import ACCOUNT_SID, AUTH_TOKEN, FakeTwilioRest, TwilioError
+from tests.twilio_rest_fake import ACCOUNT_SID, AUTH_TOKEN, TwilioError, fake_rest
 
 # ------------------------------------------------------------------ schema
 
@@ -696,15 +695,6 @@ def user_texts(session: FakeRealtimeSession) -> list[tuple[str, bool]]:
 async def wait_output(session: FakeRealtimeSession, call_id: str) -> tuple[str, bool]:
     await session.wait_for(lambda: call_id in outputs(session))
     return outputs(session)[call_id]
-
-
-@asynccontextmanager
-async def fake_rest() -> AsyncIterator[FakeTwilioRest]:
-    async with trio.open_nursery() as nursery:
-        fake: FakeTwilioRest = await nursery.start(FakeTwilioRest().run)
-        yield fake
-        nursery.cancel_scope.cancel()
-    assert fake.sdk_failures == []
 
 
 @fail_after(15)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -276,3 +278,12 @@ class FakeTwilioRest:
         if tuple(sent["auth"]) != (req.username, req.password):
             self.sdk_failures.append(f"SDK would authenticate as {sent['auth'][0]}, we used {req.username}")
 
+
+@asynccontextmanager
+async def fake_rest() -> AsyncIterator[FakeTwilioRest]:
+    """A running :class:`FakeTwilioRest` for the block; afterwards, that every request passed the SDK's checks."""
+    async with trio.open_nursery() as nursery:
+        fake: FakeTwilioRest = await nursery.start(FakeTwilioRest().run)
+        yield fake
+        nursery.cancel_scope.cancel()
+    assert fake.sdk_failures == []
