@@ -210,18 +210,16 @@ class Settings:
                 _check_ws_url(env_name(name), url)
         if self.elevenlabs_agent_id is not None and not re.fullmatch(r"[\w-]+", self.elevenlabs_agent_id, re.ASCII):
             raise ConfigError(f"ELEVENLABS_AGENT_ID must be an agent id (letters, digits, _ and -), not {self.elevenlabs_agent_id[:60]!r}")
-        if self.failure_message.strip().lower() not in ("", "off"):
-            from mediaserver.twilio_rest import failure_twiml
+        from mediaserver import twiml
+        from mediaserver.protocol.providers.openai import REASONING_EFFORTS
 
-            try:
-                failure_twiml(self.failure_message)
-            except ValueError as exc:
-                raise ConfigError(f"MEDIASERVER_FAILURE_MESSAGE: {exc}") from None
-        if self.openai_reasoning_effort is not None and self.openai_reasoning_effort not in (
-            "minimal", "low", "medium", "high", "xhigh"
-        ):
+        try:
+            twiml.failure(self.failure_message)
+        except ValueError as exc:
+            raise ConfigError(f"MEDIASERVER_FAILURE_MESSAGE: {exc}") from None
+        if self.openai_reasoning_effort is not None and self.openai_reasoning_effort not in REASONING_EFFORTS:
             raise ConfigError(
-                "OPENAI_REASONING_EFFORT must be minimal, low, medium, high or xhigh, "
+                f"OPENAI_REASONING_EFFORT must be {', '.join(REASONING_EFFORTS[:-1])} or {REASONING_EFFORTS[-1]}, "
                 f"not {self.openai_reasoning_effort!r}"
             )
         if self.openai_audio not in ("pcmu", "pcm24k"):

@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
-from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 from mediaserver.config import Settings
@@ -100,21 +99,6 @@ class TwilioCredentials:
 def dial_twiml(to: str) -> str:
     """``<Response><Dial>to</Dial></Response>``: a cold transfer."""
     return f'<?xml version="1.0" encoding="UTF-8"?><Response><Dial>{escape(to)}</Dial></Response>'
-
-
-def failure_twiml(message: str) -> str:
-    """What a caller whose model failed hears, then the call ends: ``<Say>message</Say>``, or ``message`` itself
-    when it is TwiML verbs (it starts with ``<``: ``<Say language="fr-FR">…</Say>``, ``<Play>URL</Play>``).
-    ValueError when those verbs are not well-formed XML."""
-    message = message.strip()
-    verbs = message if message.startswith("<") else f"<Say>{escape(message)}</Say>"
-    twiml = f'<?xml version="1.0" encoding="UTF-8"?><Response>{verbs}<Hangup/></Response>'
-    try:
-        ElementTree.fromstring(twiml)
-    except ElementTree.ParseError as exc:
-        what = "not well-formed TwiML verbs" if message.startswith("<") else "text XML cannot carry (a control character?)"
-        raise ValueError(f"{what} ({exc}): {message[:80]!r}") from None
-    return twiml
 
 
 class TwilioRest:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
+from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
-__all__ = ["CONTENT_TYPE", "MAX_PARAMETER_CHARS", "connect_stream", "say_and_hangup"]
+__all__ = ["CONTENT_TYPE", "MAX_PARAMETER_CHARS", "connect_stream", "failure", "say_and_hangup"]
 
 CONTENT_TYPE = "text/xml; charset=utf-8"
 
@@ -88,6 +89,27 @@ def say_and_hangup(text: str, *, voice: str | None = None, language: str | None 
     if language is not None:
         attrs["language"] = language
     return _response(_element("Say", attrs, _text(text)) + "<Hangup/>")
+
+
+def failure(message: str) -> str | None:
+    """``MEDIASERVER_FAILURE_MESSAGE`` as TwiML, then ``<Hangup/>``; None when it is ``off`` (or empty).
+
+    Text is said (``<Say>``); a message that starts with ``<`` is TwiML verbs
+    (``<Say language="fr-FR">…</Say>``, ``<Play>URL</Play>``), taken as they
+    are.  ValueError for verbs that are not well-formed XML, or text XML
+    cannot carry.
+    """
+    message = message.strip()
+    if message.lower() in ("", "off"):
+        return None
+    if not message.startswith("<"):
+        return say_and_hangup(message)
+    twiml = _response(message + "<Hangup/>")
+    try:
+        ElementTree.fromstring(twiml)
+    except ElementTree.ParseError as exc:
+        raise ValueError(f"not well-formed TwiML verbs ({exc}): {message[:80]!r}") from None
+    return twiml
 
 
 def hangup() -> str:

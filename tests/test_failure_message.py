@@ -15,12 +15,18 @@ import pytest
 import trio
 
 from mediaserver.config import ConfigError, Settings
-from mediaserver.twilio_rest import failure_twiml
+from mediaserver.twiml import failure
 from tests.fakes import FakeRealtimeSession, fail_after, to_ulaw, tone
 from tests.test_app import CALL_A, call_log, fake_openai, openai_settings, phone_call, running
 from tests.twilio_rest_fake import ACCOUNT_SID, AUTH_TOKEN, FakeTwilioRest, TwilioError, fake_rest
 
 DEFAULT = Settings().failure_message
+
+
+def failure_twiml_of(message: str) -> str:
+    answer = failure(message)
+    assert answer is not None
+    return answer
 
 
 def with_rest(model: Any, rest: FakeTwilioRest, **changes: Any) -> Settings:
@@ -37,12 +43,13 @@ def said(twiml: str) -> list[tuple[str, str]]:
 
 
 def test_failure_twiml_says_text_or_runs_verbs_then_hangs_up() -> None:
-    assert said(failure_twiml("Sorry <now> & later")) == [("Say", "Sorry <now> & later"), ("Hangup", "")]
+    assert said(failure_twiml_of("Sorry <now> & later")) == [("Say", "Sorry <now> & later"), ("Hangup", "")]
     verbs = '<Say language="fr-FR">Désolé.</Say><Play>https://example.com/sorry.mp3</Play>'
-    root = ElementTree.fromstring(failure_twiml(verbs))
+    root = ElementTree.fromstring(failure_twiml_of(verbs))
     assert [v.tag for v in root] == ["Say", "Play", "Hangup"] and root[0].get("language") == "fr-FR"
     with pytest.raises(ValueError, match="not well-formed TwiML verbs"):
-        failure_twiml("<Say>unclosed")
+        failure_twiml_of("<Say>unclosed")
+    assert [failure(off) for off in ("off", " OFF ", "")] == [None, None, None]  # nothing said: the call just ends
 
 
 def test_a_failure_message_that_is_not_twiml_is_refused_at_start() -> None:
@@ -71,7 +78,7 @@ async def test_a_model_that_cannot_be_reached_has_twilio_tell_the_caller(
         return
     [update] = rest.requests
     assert update.path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{CALL_A}.json"
-    assert update.form == [("Twiml", failure_twiml(message))]
+    assert update.form == [("Twiml", failure_twiml_of(message))]
     expected = [("Say", DEFAULT)] if message == DEFAULT else [("Play", "https://example.com/sorry.mp3")]
     assert said(update.value("Twiml")) == [*expected, ("Hangup", "")]
     assert any("Twilio says the failure message to the caller" in r.getMessage() for r in call_log(caplog, CALL_A))
@@ -119,7 +126,7 @@ async def test_without_rest_credentials_or_when_twilio_refuses_the_call_just_end
 
 
 def test_a_text_failure_message_xml_cannot_carry_is_refused_at_start() -> None:
-    with pytest.raises(ConfigError, match="MEDIASERVER_FAILURE_MESSAGE: text XML cannot carry"):
+    with pytest.raises(ConfigError, match="MEDIASERVER_FAILURE_MESSAGE: character U\\+000B cannot be written in XML"):
         Settings.from_env({"MEDIASERVER_FAILURE_MESSAGE": "Sorry\x0b later"})  # (a stray control character)
     assert Settings.from_env({"MEDIASERVER_FAILURE_MESSAGE": "OFF"}).failure_message == "OFF"  # off: never sent
 

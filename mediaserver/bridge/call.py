@@ -83,6 +83,7 @@ SILENT_ITEM_S = 1.0
 # The model's audio queued here ahead of its playback, at most (a model sends faster than real time; one that sent
 # hours of it at once would grow the server without bound and stall every call).  Audio past it is dropped.
 MAX_QUEUED_S = 300.0
+MODEL_IDLE = "idle: the model took no audio"  # the start of the end reason of a call whose model stopped reading
 MAX_CUT_ITEMS = 16  # cut replies whose late audio is still counted for the record (the newest)
 MAX_OVERFLOW_LOGS = 32  # replies cut short by MAX_QUEUED_S logged per call (one line each)
 MAX_UNKNOWN_TYPES = 32  # unknown provider message types logged per call (one line each)
@@ -454,7 +455,7 @@ class CallBridge:
                 return
             if self._now() >= self._last_heard_s + self.idle_timeout_s:
                 if self._flushing or self._up_waiting:  # Twilio's socket is not read: we wait for the model
-                    self._end(f"idle: the model took no audio for {self.idle_timeout_s:g} s (it is not reading)")
+                    self._end(f"{MODEL_IDLE} for {self.idle_timeout_s:g} s (it is not reading)")
                 else:
                     self._end(f"idle: nothing from Twilio for {self.idle_timeout_s:g} s")
                 return

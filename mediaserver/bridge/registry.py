@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from mediaserver import twiml
 from mediaserver.bridge.stats import SecondsHistogram
 from mediaserver.config import Settings
 from mediaserver.logs import shown
@@ -39,9 +40,19 @@ from mediaserver.protocol.errors import LocalProtocolError, ProtocolError
 from mediaserver.protocol.twilio import TwilioStream
 
 from mediaserver.tools import load_toolset
-from mediaserver.twilio_rest import TwilioRest, TwilioRestError, failure_twiml
+from mediaserver.twilio_rest import TwilioRest, TwilioRestError
 
-from .call import FAILED, REFUSED, CallBridge, MessageStream, PolledStream, StreamClosed, StreamEnd, stream_closed_reason
+from .call import (
+    FAILED,
+    MODEL_IDLE,
+    REFUSED,
+    CallBridge,
+    MessageStream,
+    PolledStream,
+    StreamClosed,
+    StreamEnd,
+    stream_closed_reason,
+)
 from .link import AgentOptions, ProviderClosed, ProviderLink
 
 if TYPE_CHECKING:
@@ -465,13 +476,16 @@ class CallManager:
         run ``<Hangup/>`` at once).  Needs REST credentials; bounded by
         ``FAILURE_REST_S``: the caller is hearing silence meanwhile.
         """
-        message = self.settings.failure_message
-        if self.rest is None or message.strip().lower() in ("", "off"):
+        try:
+            answer = twiml.failure(self.settings.failure_message)  # (checked at start: never raises here)
+        except ValueError:
+            answer = None
+        if self.rest is None or answer is None:
             return
         with trio.move_on_after(FAILURE_REST_S) as waited:
             try:
-                await self.rest.update_call(call_sid, twiml=failure_twiml(message), timeout_s=FAILURE_REST_S)
-            except (TwilioRestError, ValueError) as exc:  # (the caller may have hung up meanwhile: the call is over)
+                await self.rest.update_call(call_sid, twiml=answer, timeout_s=FAILURE_REST_S)
+            except TwilioRestError as exc:  # (the caller may have hung up meanwhile: the call is over)
                 log.warning("call %s: could not have Twilio tell the caller the call failed: %s", call_sid, exc)
                 return
         if waited.cancelled_caught:
@@ -628,11 +642,10 @@ class CallManager:
 
 # How long the REST request that has Twilio say MEDIASERVER_FAILURE_MESSAGE may take
 FAILURE_REST_S = 5.0
-MODEL_IDLE = "idle: the model"  # the start of the end reason of a call whose model stopped taking its audio
 
 SHUTDOWN_END = "cancelled: the server shut down before the call ended (MEDIASERVER_DRAIN_S)"
 
-# End reasons that are failures: the call's end line is a warning (and the only line about it).
+
 def _model_failed(reason: str) -> bool:
     """The call ended because its model failed: its connection broke, a fatal error, or it stopped reading.
 
@@ -641,6 +654,7 @@ def _model_failed(reason: str) -> bool:
     return end_kind(reason) == "provider" or reason.startswith(MODEL_IDLE)
 
 
+# End reasons that are failures: the call's end line is a warning (and the only line about it).
 def _failed(reason: str) -> bool:
     """The call ended because something broke (one rule for the log, the stream's close, records and metrics)."""
     return end_kind(reason) in FAILED_KINDS

@@ -574,7 +574,7 @@ class ClientWebSocket:
         elif isinstance(event, RejectData):
             self._reject_body += event.data[: REJECT_BODY_BYTES - len(self._reject_body)]
             self._reject_done = event.body_finished or len(self._reject_body) >= REJECT_BODY_BYTES
-        # Ping (answered by _read_slow), Pong, RejectData: nothing to do
+        # Ping (answered by _read_slow), Pong: nothing to do
 
     async def _send_quietly(self, event: Event) -> None:
         """A control reply; a connection already gone is not an error here."""
