@@ -201,7 +201,7 @@ def create_app(settings: Settings, calls: CallManager) -> QuartTrio:
         return "", 204
 
     register_record_routes(app, settings, calls.recorder)  # GET /calls/<sid>
-    outbound = register_outbound_routes(app, settings, calls)  # POST /calls, POST /outbound-twiml
+    outbound = register_outbound_routes(app, settings, calls, signed_form)  # POST /calls, POST /outbound-twiml
     # WS /media-stream: served on ASGI directly, ahead of Quart (mediaserver/transport/twilio_ws.py)
     app.asgi_app = MediaStreamRoute(  # type: ignore[method-assign,assignment]  # Quart's middleware hook
         app.asgi_app,

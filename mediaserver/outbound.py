@@ -25,6 +25,7 @@ import hmac
 import json
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -226,8 +227,15 @@ def _text(body: dict[str, Any], key: str, limit: int) -> str | None:
     return value.strip()
 
 
-def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> OutboundRequests:
-    """Add ``POST /calls`` and ``POST /outbound-twiml`` to ``app``; returns the pending map."""
+def register_routes(
+    app: QuartTrio, settings: Settings, calls: CallManager, signed_form: Callable[[], Awaitable[dict[str, list[str]]]]
+) -> OutboundRequests:
+    """Add ``POST /calls`` and ``POST /outbound-twiml`` to ``app``; returns the pending map.
+
+    ``signed_form()`` is the app's for every Twilio webhook: the request's
+    form, each field's values, once its signature is checked (if
+    ``TWILIO_AUTH_TOKEN`` is set; it aborts with 400 or 403 otherwise).
+    """
     pending = OutboundRequests()
     calls.outbound_waiting = pending.waiting  # (a draining server still answers the calls it placed)
     rest = TwilioRest.from_settings(settings)
@@ -363,30 +371,12 @@ def register_routes(app: QuartTrio, settings: Settings, calls: CallManager) -> O
 
     @app.post("/outbound-twiml")
     async def outbound_answered() -> Response | tuple[str, int]:
-        form = await request.form
-        params = {key: form.getlist(key) for key in form.keys()}
-        repeated = security.repeated_field(params)
-        if repeated is not None:
-            return repeated, 400
-        if settings.twilio_auth_token:
-            try:
-                ok, url = security.signed_by_any(
-                    settings.twilio_auth_token,
-                    settings.signed_url_bases,
-                    lambda base: public(request.path, request.query_string, base),
-                    params,
-                    request.headers.get("X-Twilio-Signature"),
-                )
-            except ValueError:
-                return "bad host", 400
-            if not ok:
-                log.warning("/outbound-twiml: bad or missing X-Twilio-Signature for %s; 403", shown(url, 200))
-                return "forbidden", 403
+        params = await signed_form()
         call_sid = (params.get("CallSid") or [""])[0]
         why = security.call_sid_error(call_sid, signed=bool(settings.twilio_auth_token))
         if why is not None:
             return why, 400
-        to = (params.get("To") or [None])[0]
+        to = params["To"][0] if params.get("To") else None
         key = request.args.get(OUTBOUND_PARAMETER, "")
         machine = pending.machine(key)
         agent = pending.take(key, to, call_sid)
