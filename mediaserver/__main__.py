@@ -277,7 +277,9 @@ def _warn_unused(settings: Settings) -> None:
 MIN_API_KEY_CHARS = 16  # a shorter MEDIASERVER_API_KEY is warned about at start
 MIN_PREFIX_DIGITS = 4  # a transfer prefix with fewer digits (+1*, +44*, +449*) is warned about at start
 
-# The server's own routes: a public URL that ends in one is a webhook URL given where the base is wanted
+# The routes Twilio or a client is pointed at (every POST route, and the Media Stream): a public URL that ends in one
+# is a webhook URL given where the base is wanted.  (Kept here, not read from the app, so that the check costs no
+# import of Quart; tests/test_config.py checks it against the app's routes.)
 _ROUTES = ("/twiml", "/media-stream", "/outbound-twiml", "/call-status", "/calls")
 
 

@@ -27,6 +27,7 @@ from mediaserver import security, twiml
 from mediaserver.bridge.registry import TOKEN_PARAMETER, CallManager
 from mediaserver.config import Settings
 from mediaserver.logs import shown
+from mediaserver.security import MEDIA_STREAM_PATH
 from mediaserver.metrics import Gauges, RecordsStats, process_stats, render
 from mediaserver.outbound import MAX_CALLS_BODY_BYTES
 from mediaserver.outbound import register_routes as register_outbound_routes
@@ -38,7 +39,6 @@ __all__ = ["MEDIA_STREAM_PATH", "create_app"]
 
 log = logging.getLogger("mediaserver.http")
 
-MEDIA_STREAM_PATH = "/media-stream"
 MAX_FORM_BYTES = 64 * 1024  # a voice webhook is ~1 KiB of form fields; POST /calls may send MAX_CALLS_BODY_BYTES
 BODY_TIMEOUT_S = 10.0  # for a request's whole body (Quart's default, 60 s, lets slow clients hold connections)
 

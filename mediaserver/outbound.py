@@ -64,7 +64,6 @@ MAX_INSTRUCTIONS_CHARS = 20_000
 # (6 bytes a character; 12 for one outside the BMP, which counts as one character), with room for the rest.
 MAX_CALLS_BODY_BYTES = 256 * 1024
 TWILIO_API_BASE = "https://api.twilio.com"  # TWILIO_API_BASE's default: the real Twilio, which calls back over the Internet
-_MEDIA_STREAM_PATH = "/media-stream"  # app.MEDIA_STREAM_PATH (not imported: app imports this module)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,7 +400,7 @@ def register_routes(
             log.warning("outbound call %s: answering-machine detection asked, but Twilio sent no AnsweredBy", call_sid)
         try:
             stream = security.stream_url(
-                _MEDIA_STREAM_PATH,
+                security.MEDIA_STREAM_PATH,
                 configured=settings.call_url,
                 scheme=request.scheme,
                 host=request.host,

@@ -227,6 +227,17 @@ def test_a_public_url_real_calls_would_not_work_with_is_warned_at_start(caplog: 
     assert caplog.records == []
 
 
+def test_the_routes_a_public_url_must_not_end_in_are_the_apps() -> None:
+    """Every POST route of the app and the Media Stream: a route added or renamed there must be added here too."""
+    from mediaserver.__main__ import _ROUTES
+    from mediaserver.app import MEDIA_STREAM_PATH, create_app
+    from mediaserver.bridge.registry import CallManager
+
+    app = create_app(Settings(), CallManager(Settings()))
+    posted = {rule.rule for rule in app.url_map.iter_rules() if "POST" in (rule.methods or ())}
+    assert set(_ROUTES) == posted | {MEDIA_STREAM_PATH}
+
+
 def test_flags_without_a_command_are_serves(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """`mediaserver --port 8081` is `mediaserver serve --port 8081` (argparse took the value for a command)."""
     from mediaserver.__main__ import main
