@@ -262,6 +262,18 @@ def _warn_unused(settings: Settings) -> None:
                     "so, premium-rate ones included; list numbers, or prefixes of %d digits or more",
                     entry, MIN_PREFIX_DIGITS,
                 )  # fmt: skip
+    if settings.provider != "echo" and TwilioCredentials.from_settings(settings) is None:
+        from mediaserver import twiml
+
+        try:
+            spoken = twiml.failure(settings.failure_message) is not None
+        except ValueError:  # (refused by the settings' own check before this runs)
+            spoken = False
+        if spoken:
+            log.info(
+                "MEDIASERVER_FAILURE_MESSAGE is not spoken without Twilio REST credentials (TWILIO_ACCOUNT_SID with "
+                "TWILIO_AUTH_TOKEN or an API key): a caller whose model fails hears silence, then the line ends"
+            )
     if settings.provider == "echo" and settings.agent_greeting:
         log.warning("the echo agent has no voice of its own: AGENT_GREETING (and outbound greetings) are not spoken")
     if settings.provider == "deepgram":

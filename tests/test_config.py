@@ -227,6 +227,22 @@ def test_a_public_url_real_calls_would_not_work_with_is_warned_at_start(caplog: 
     assert caplog.records == []
 
 
+def test_a_failure_message_that_cannot_be_spoken_is_said_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    """Without Twilio REST credentials the failure message is not spoken: the start says so, once a model may fail."""
+    from mediaserver.__main__ import _warn_unused
+
+    caplog.set_level("INFO", logger="mediaserver")
+    model = {"provider": "openai", "openai_api_key": "sk-" + "x" * 40}
+    _warn_unused(Settings(**model))
+    [said] = [r for r in caplog.records if "FAILURE_MESSAGE" in r.getMessage()]
+    assert said.levelname == "INFO" and "hears silence, then the line ends" in said.getMessage()
+    caplog.clear()
+    rest = {"twilio_account_sid": "AC" + "0" * 32, "twilio_auth_token": "t" * 32}
+    for quiet in (Settings(**model, **rest), Settings(**model, failure_message="off"), Settings(provider="echo")):
+        _warn_unused(quiet)  # (spoken; not wanted; the echo agent never fails)
+        assert not any("FAILURE_MESSAGE" in r.getMessage() for r in caplog.records), quiet
+
+
 def test_the_routes_a_public_url_must_not_end_in_are_the_apps() -> None:
     """Every POST route of the app and the Media Stream: a route added or renamed there must be added here too."""
     from mediaserver.__main__ import _ROUTES
