@@ -296,8 +296,9 @@ class CallBridge:
         # The resampler's filter delay, in 8 kHz samples (rounded up): the first that many samples of each item's
         # µ-law are the filter filling, not the model's audio, so a cut takes them off what the caller heard.
         self._down_delay = math.ceil(self._down_resampler.delay_ms * 8) if self._down_resampler is not None else 0
-        # Items cut by a barge-in whose audio may still arrive (dropped): heard ms and ms generated so far, so the
-        # record's cut text keeps the heard share of the whole reply, not of what had come when it was cut.
+        # Items cut (by a barge-in, or at the queue's cap) whose audio may still arrive, dropped: heard ms and ms
+        # generated so far, so the record's cut text keeps the heard share of the whole reply, not of what had come
+        # when it was cut.
         self._cut_items: OrderedDict[str, list[float]] = OrderedDict()
         # PCM16 split inside a sample (a delta of odd length): its first byte waits for the rest, per item
         self._half_sample: tuple[str, bytes] | None = None
@@ -312,6 +313,7 @@ class CallBridge:
         self._pending_s = 0.0
         self._generating: dict[str, None] = {}  # items with audio arriving (no AudioDone yet), oldest first
         self._interrupted: set[str] = set()
+        self._cuts = 0  # barge-ins so far (a truncate for an overflow sent after one would undo its cut)
         self._cut_response: str | None = None  # the response open at the last barge-in: its audio is dropped
         self._playing_until_s = 0.0  # when Twilio's buffer runs dry (Trio time)
         self._pacer_wait: trio.CancelScope | None = None
@@ -1179,7 +1181,7 @@ class CallBridge:
     def _downlink(self, item: str, payload: bytes) -> None:
         now = self._audio_in_s = self._now()  # (also when audio last came: see _quiet)
         if len(self._queue) >= self._max_chunks:
-            self._drop_overflow(item)
+            self._drop_overflow(item, 0, len(payload) / self.link.output_format.bytes_per_ms)
             return
         if self._down_tail and self._pending_item != item:
             self._resampler_tail(self._pending_item)  # another reply without an "audio done" for the last one
@@ -1203,8 +1205,9 @@ class CallBridge:
             return
         room = (self._max_chunks - len(self._queue)) * self.chunk_bytes - len(self._pending)
         if len(payload) > room:  # (one message can hold minutes of audio)
-            self._drop_overflow(item)
-            payload = payload[: max(room, 0)]
+            kept = max(room, 0)
+            self._drop_overflow(item, kept, (len(payload) - kept) / tw.MULAW_SAMPLES_PER_MS)
+            payload = payload[:kept]
             if not payload:
                 return
         started = not self._pending
@@ -1224,22 +1227,47 @@ class CallBridge:
             # delta is short and that never gets "audio done" would otherwise keep its tail until the next).
             self._queued.set()
 
-    def _drop_overflow(self, item: str) -> None:
+    def _drop_overflow(self, item: str, kept: int, dropped_ms: float) -> None:
         """The queue holds ``MAX_QUEUED_S`` of audio already: the rest of ``item`` is dropped, as if it were cut.
 
         (The rest of the reply, not only this piece: resumed later, the
         caller would hear it jump from minute 5 to minute N.  A reply that
-        begins while the queue is full is dropped whole.)
+        begins while the queue is full is dropped whole.)  ``kept``: µ-law
+        samples of this piece that still join the queue; ``dropped_ms``: the
+        audio of it that does not.  As for a barge-in, the model is told
+        where its reply ends for the caller (``Truncate`` at the end of what
+        was sent or queued: a barge-in later cuts it again, at what was
+        heard), and the record keeps the share of the reply's text that
+        plays.
         """
         if item in self._interrupted:
             return
         self._interrupted.add(item)  # (its later audio is dropped on arrival)
         self._overflowed += 1
+        kept += self.twilio.playback(item).sent_samples + sum(len(c.payload) for c in self._queue if c.item == item)
+        if self._pending_item == item:
+            kept += len(self._pending)
+        kept_ms = max(0, kept - self._down_delay) // tw.MULAW_SAMPLES_PER_MS
+        self._cut_items[item] = [kept_ms, kept_ms + dropped_ms]  # (the rest of it, when it comes, counts as dropped)
+        if len(self._cut_items) > MAX_CUT_ITEMS:
+            self._cut_items.popitem(last=False)
+        self.stats.transcript.cut(item, kept_ms, round(kept_ms + dropped_ms))
         if self._overflowed <= MAX_OVERFLOW_LOGS:
             log.warning(
-                "call %s: the model's audio is more than %g s ahead of its playback; the rest of %s is dropped",
-                self.call_sid, self._max_chunks * self.chunk_s, item,
+                "call %s: the model's audio is more than %g s ahead of its playback; the rest of %s is dropped "
+                "(the model is told its reply ends at %d ms)",
+                self.call_sid, self._max_chunks * self.chunk_s, item, kept_ms,
             )  # fmt: skip
+        if self._nursery is not None and not self._model_gone:
+            self._nursery.start_soon(self._truncate_overflow, item, kept_ms, self._cuts)
+
+    async def _truncate_overflow(self, item: str, kept_ms: int, cuts: int) -> None:
+        if self._cuts != cuts or self._model_gone:  # a barge-in came first: it cut the reply at what was heard
+            return
+        try:
+            await self.link.send(pv.Truncate(item, kept_ms))
+        except ProviderClosed as exc:
+            self._provider_closed(exc)
 
     def _resampler_tail(self, item: str | None) -> None:
         """The end of ``item``'s audio still inside the resampler's filter (a few ms), to play with it now.
@@ -1397,6 +1425,7 @@ class CallBridge:
     async def _barge_in(self) -> None:
         """The caller started talking: stop the agent now, cut its reply at what was heard."""
         by_model, self._model_cut = self._model_cut, False  # (or the model stopped its own reply)
+        self._cuts += 1
         if self._response_open and self._open_response is not None:
             self._cut_response = self._open_response  # (audio of it that has not arrived yet is cut too)
         async with self._send_lock:
@@ -1445,6 +1474,8 @@ class CallBridge:
             self.stats.barge_ins += 1
         for item, heard_ms in heard:  # (all of them in the record, even if the model goes away below)
             generated_ms = generated[item] // tw.MULAW_SAMPLES_PER_MS
+            if (overflowed := self._cut_items.get(item)) is not None:  # (its audio dropped at the cap counts too)
+                generated_ms = max(generated_ms, round(overflowed[1]))
             self.stats.transcript.cut(item, heard_ms, generated_ms)
             self._cut_items[item] = [heard_ms, generated_ms]
             if len(self._cut_items) > MAX_CUT_ITEMS:

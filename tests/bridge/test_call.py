@@ -357,8 +357,40 @@ async def test_call_audio_queued_past_max_queued_s_is_dropped_and_later_audio_pl
         await call.caller.wait_quiet(0.5)
         # 200 ms of the first reply (what the queue holds), none of the rest; the next reply whole
         assert call.caller.received_audio == audio(200, 0x11) + audio(100, 0x22)
+        # The model hears where its reply ended for the caller, as for a barge-in; the next reply is not cut.
+        assert link.truncates() == [pv.Truncate("item_1", 200)]
+        link.emit(pv.Transcript("assistant", "one two three four five six seven eight nine ten", True, "item_1"))
+        await trio.sleep(0.1)
+        [turn] = [t for t in call.bridge.stats.transcript.turns() if t.role == "assistant"]
+        # the record: the share of the text that played, 200 of the 1500 ms the model made (the rest dropped):
+        # 49 characters * 200 / 1500 = 6, back to the last whole word
+        assert (turn.text, turn.interrupted, turn.heard_ms) == ("one", True, 200)
+        assert call.bridge.stats.barge_ins == call.bridge.stats.truncations == 0  # (not a barge-in)
     warnings = [r.getMessage() for r in caplog.records if "ahead of its playback" in r.getMessage()]
     assert len(warnings) == 1 and "more than 0.2 s ahead" in warnings[0] and "the rest of item_1" in warnings[0]
+    assert "the model is told its reply ends at 200 ms" in warnings[0]
+
+
+@fail_after(60)
+async def test_call_a_barge_in_after_an_overflow_cuts_at_what_was_heard(autojump_clock: trio.testing.MockClock) -> None:
+    """The overflow's truncate (at the end of what was queued) comes first; the barge-in's, at what played, last."""
+    link = FakeLink()
+    async with bridged(link, max_queued_s=0.2) as call:
+        await trio.sleep(1.0)
+        await emit_with_the_pacer_held(call, pv.AudioDelta("item_1", audio(1000, 0x11)))
+        await trio.sleep(0.1)  # (the caller hears 100 ms of it; Twilio echoes its marks as it plays)
+        link.emit(pv.SpeechStarted(item_id="user_1", audio_start_ms=1100))
+        await call.caller.wait_for_clear()
+        await trio.sleep(0.1)
+        truncates = link.truncates()
+        assert [t.item_id for t in truncates] == ["item_1", "item_1"] and truncates[0].audio_end_ms == 200
+        assert truncates[1].audio_end_ms < 200  # what had played by the barge-in, at the last mark Twilio echoed
+        link.emit(pv.Transcript("assistant", "one two three four five six seven eight nine ten", True, "item_1"))
+        await trio.sleep(0.1)
+        [turn] = [t for t in call.bridge.stats.transcript.turns() if t.role == "assistant"]
+        assert turn.heard_ms == truncates[1].audio_end_ms
+        # (the share of the whole reply the model made, dropped audio included: less than a fifth of it)
+        assert len(turn.text) <= len("one two three four five six seven eight nine ten") * turn.heard_ms // 1000
 
 
 @fail_after(60)
