@@ -152,6 +152,10 @@ def encode_b64_frame(bytes prefix not None, bytes data not None, bytes suffix no
     be UTF-8 (the frame is a text frame); base64 is ASCII.  ``key`` as
     for :func:`encode_frame`.
     """
+    return _b64_frame(prefix, data, suffix, key)
+
+
+cdef bytes _b64_frame(bytes prefix, bytes data, bytes suffix, object key):
     cdef Py_ssize_t np = PyBytes_GET_SIZE(prefix), nd = PyBytes_GET_SIZE(data), ns = PyBytes_GET_SIZE(suffix)
     cdef Py_ssize_t nb = (nd + 2) // 3 * 4
     cdef unsigned char* body
@@ -248,3 +252,127 @@ def scan(bytes data not None, Py_ssize_t limit, bint masked):
     finally:
         free(scratch)
     return messages, pos, why
+
+
+# -- the uplink's read, in one step ------------------------------------------------------------------------------
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t c_recv "recv"(int sockfd, void* buf, size_t n, int flags)
+    ssize_t c_send "send"(int sockfd, const void* buf, size_t n, int flags)
+    int MSG_DONTWAIT
+    int MSG_NOSIGNAL
+
+from libc.errno cimport EAGAIN, EINTR, errno
+
+READ_BYTES = 65536  # what uplink_pass reads at most (ClientWebSocket's RECEIVE_BYTES)
+cdef unsigned char _read_buf[65536]
+cdef unsigned char _unmasked[65536]
+
+
+def uplink_pass(int fd, Py_ssize_t limit, bint masked, object take, Py_ssize_t max_bytes, object push, object pop,
+                bytes prefix not None, bytes suffix not None, object key, int out_fd, Py_ssize_t budget):
+    """One read of a caller's socket, its plain ``media`` messages sent up to the model, in one native step.
+
+    The bridge's per-frame path for µ-law passthrough on plain sockets
+    (``CallBridge._on_twilio_readable``), doing what ``read_nowait``,
+    :func:`scan`, the Twilio core's ``take_media``, the jitter buffer and
+    :func:`encode_b64_frame` do one Python call at a time: read once from
+    ``fd`` (non-blocking, at most :data:`READ_BYTES`); for each whole frame
+    from the start that :func:`scan` would take (``limit``, ``masked``) and
+    that is text, ``take(text, max_bytes)`` (a ``MediaCursor``'s) gives
+    ``(chunk, payload)``, ``push(chunk, payload)`` hands it to the jitter
+    buffer, and every non-empty frame ``pop()`` then returns is framed as
+    ``encode_b64_frame(prefix, frame, suffix, key)``.  It stops at the
+    first frame that is anything else, or that ``take`` declines, or after
+    ``budget`` messages.  The frames are written to ``out_fd`` at once
+    (``out_fd`` < 0: not written).
+
+    Returns ``(read, rest, taken, framed, unsent, error)``: ``read`` is the
+    number of bytes read, -1 when there was nothing to read, 0 when the
+    peer closed or the read failed; ``rest`` the bytes read from the first
+    frame not taken on (None when all were taken), for the ordinary path;
+    ``taken`` the messages taken, ``framed`` the frames made; ``unsent``
+    what of them was not written (all of them when ``out_fd`` < 0 or the
+    write failed or would block; the rest of a partial write; ``b""``)
+    for the ordinary send path, which queues it or raises the failure;
+    ``error`` the exception ``take``, ``push`` or ``pop`` raised (then the
+    run ended there and ``rest`` is None).
+    """
+    cdef ssize_t n = c_recv(fd, _read_buf, 65536, MSG_DONTWAIT)
+    if n < 0:
+        if errno == EAGAIN or errno == EINTR:  # (EWOULDBLOCK is EAGAIN on Linux)
+            return -1, None, 0, 0, b"", None
+        return 0, None, 0, 0, b"", None
+    if n == 0:
+        return 0, None, 0, 0, b"", None
+    cdef Py_ssize_t size = n, pos = 0, at, length_n, taken = 0, framed = 0, sent
+    cdef uint64_t length
+    cdef unsigned char b0, b1
+    cdef int i
+    cdef const unsigned char* payload
+    cdef list out = []
+    cdef object fields, text, error = None, rest = None
+    cdef bytes frame, frames
+    while pos < size:
+        if taken >= budget or size - pos < 2:
+            break
+        b0 = _read_buf[pos]
+        b1 = _read_buf[pos + 1]
+        if b0 != 0x81 or ((b1 & 0x80) != 0) != masked:
+            break
+        at = pos + 2
+        length = b1 & 0x7F
+        if length == 126:
+            if size - at < 2:
+                break
+            length = (<uint64_t>_read_buf[at] << 8) | _read_buf[at + 1]
+            at += 2
+            if length < 126:
+                break
+        elif length == 127:
+            break  # (a frame of 64 KiB or more is never whole in one read: the ordinary path)
+        if limit < 0 or length > <uint64_t>limit:
+            break
+        length_n = <Py_ssize_t>length
+        if masked:
+            at += 4
+        if size - at < length_n:
+            break
+        if masked:
+            _xor(_read_buf + at, _unmasked, length_n, _read_buf + at - 4)
+            payload = _unmasked
+        else:
+            payload = _read_buf + at
+        try:
+            text = PyUnicode_DecodeUTF8(<const char*>payload, length_n, NULL)
+        except UnicodeDecodeError:
+            break  # (the ordinary path refuses it with 1007)
+        try:
+            fields = take(text, max_bytes)
+            if fields is None:
+                break
+            pos = at + length_n
+            taken += 1
+            push(fields[0], fields[1])
+            frame = pop()
+            while frame is not None:
+                if PyBytes_GET_SIZE(frame):
+                    out.append(_b64_frame(prefix, frame, suffix, key))
+                    framed += 1
+                frame = pop()
+        except Exception as exc:
+            error = exc
+            break
+    if error is None and pos < size:
+        rest = PyBytes_FromStringAndSize(<const char*>_read_buf + pos, size - pos)
+    if framed == 0:
+        return n, rest, taken, 0, b"", error
+    frames = out[0] if framed == 1 else b"".join(out)
+    if out_fd < 0:
+        return n, rest, taken, framed, frames, error
+    sent = c_send(out_fd, PyBytes_AS_STRING(frames), PyBytes_GET_SIZE(frames), MSG_DONTWAIT | MSG_NOSIGNAL)
+    if sent == PyBytes_GET_SIZE(frames):
+        return n, rest, taken, framed, b"", error
+    if sent <= 0:
+        return n, rest, taken, framed, frames, error
+    return n, rest, taken, framed, frames[sent:], error

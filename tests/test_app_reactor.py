@@ -262,7 +262,16 @@ async def test_a_slow_model_keeps_what_is_read_from_the_caller_bounded(monkeypat
         most = max(most, len(self.inbox))
         return more
 
+    real_after_native_read = ServerStream.after_native_read
+
+    def after_native_read(self: ServerStream, read: int, rest: bytes | None) -> bool:  # (uplink_pass's reads)
+        nonlocal most
+        more = real_after_native_read(self, read, rest)
+        most = max(most, len(self.inbox))
+        return more
+
     monkeypatch.setattr(ServerStream, "read_nowait", read_nowait)
+    monkeypatch.setattr(ServerStream, "after_native_read", after_native_read)
     async with fake_openai() as model, running(openai_settings(model)) as url:
         async with phone_call(url) as caller:
             await caller.send_silence(100)
@@ -399,13 +408,20 @@ async def test_a_bug_in_a_handler_ends_that_call_only(
     """The reactor drops a handler that raises and reports it to the call's task: the call ends, logged, others go on.
     (Our own misuse of a core, LocalProtocolError, is such a bug too: not a protocol error of Twilio's, 1002.)"""
     real_drain = call_module.CallBridge._drain_polled
+    real_native = call_module.CallBridge._uplink_native
 
-    def drain(self: call_module.CallBridge, more: bool) -> None:
+    def drain(self: call_module.CallBridge, *args: Any) -> None:
         if self.call_sid == CALL_A and self.stats.frames_in >= 5:
             raise bug
-        real_drain(self, more)
+        real_drain(self, *args)
+
+    def native(self: call_module.CallBridge, *args: Any) -> None:  # (the per-frame path of µ-law passthrough)
+        if self.call_sid == CALL_A and self.stats.frames_in >= 5:
+            raise bug
+        real_native(self, *args)
 
     monkeypatch.setattr(call_module.CallBridge, "_drain_polled", drain)
+    monkeypatch.setattr(call_module.CallBridge, "_uplink_native", native)
     async with fake_openai() as model, running(openai_settings(model)) as url:
         async with phone_call(url, CALL_A) as bad, phone_call(url, CALL_B) as good:
             async with trio.open_nursery() as nursery:

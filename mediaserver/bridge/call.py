@@ -51,11 +51,12 @@ import math
 import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import trio
 
 from mediaserver._locks import acquire
+from mediaserver._native._wsframe import uplink_pass
 from mediaserver.logs import shown
 from mediaserver.codec import JitterBuffer, Resampler, ulaw_decode, ulaw_encode
 from mediaserver.protocol import twilio_events as tw
@@ -169,6 +170,14 @@ class PolledStream(MessageStream, Protocol):
 
     def send_media_nowait(self, prefix: bytes, payload: bytes, suffix: bytes, then: str) -> bool:
         """``send_many_nowait([(prefix + base64(payload) + suffix).decode(), then])``; as it."""
+        ...
+
+    def native_read(self) -> tuple[int, int, bool] | None:
+        """``(fd, limit, masked)`` when the next read may be made by ``_wsframe.uplink_pass``; else None."""
+        ...
+
+    def after_native_read(self, read: int, rest: bytes | None) -> bool:
+        """Account for what ``uplink_pass`` read, and parse the ``rest`` it left into :attr:`inbox`; as :meth:`read_nowait`."""
         ...
 
     async def flush(self) -> None:
@@ -374,6 +383,8 @@ class CallBridge:
             self._polling = True
             self._polled: PolledStream = stream  # self.stream and self.link, typed for the handlers
             self._nowait: PolledLink = link
+        # µ-law passthrough, both sockets read by the reactor: a read of plain media goes up in one native call
+        self._native_up = self._polling and not self._up_pcm
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -584,6 +595,14 @@ class CallBridge:
         watch = self._tw
         if watch.done.is_set():
             return
+        if self._native_up and not self._model_gone:
+            spec = self._polled.native_read()
+            if spec is not None:
+                taker = self.twilio.media_taker()
+                framing = self._nowait.audio_framing()
+                if taker is not None and framing is not None:
+                    self._uplink_native(spec, taker, framing)
+                    return
         try:
             more = self._polled.read_nowait()
         except Exception as exc:
@@ -591,7 +610,53 @@ class CallBridge:
             return
         self._drain_polled(more)
 
-    def _drain_polled(self, more: bool) -> None:
+    def _uplink_native(
+        self,
+        spec: tuple[int, int, bool],
+        taker: tuple[Callable[[str | bytes, int], tuple[int, bytes] | None], int],
+        framing: tuple[bytes, bytes, Literal[True] | None],
+    ) -> None:
+        """The per-frame path of µ-law passthrough in one native call: read, parse, jitter, frame, send (``uplink_pass``).
+
+        What it leaves -- a message that is not plain media (a mark echo,
+        ``stop``), an unusual frame, a part of one -- goes the ordinary way
+        (:meth:`_drain_polled`), as does what the model's socket did not take.
+        """
+        link = self._nowait
+        jitter = self.jitter
+        try:
+            start = self._now()
+            read, rest, taken, framed, unsent, error = uplink_pass(
+                spec[0], spec[1], spec[2], taker[0], taker[1], jitter.push, jitter.pop,
+                framing[0], framing[1], framing[2], link.native_send_fd(), MESSAGES_PER_TURN,
+            )  # fmt: skip
+            if read < 0:  # (nothing there after all)
+                return
+            self._last_heard_s = start
+            more = self._polled.after_native_read(read, rest)
+            keep = True
+            if taken:
+                stats = self.stats
+                stats.frames_in += taken
+                if framed:
+                    stats.frames_to_model += framed
+                    link.last_send_s = start
+                    if unsent:  # (the model's socket was busy or full: the ordinary send queues it, or raises)
+                        keep = self._uplink_frames_nowait(unsent)
+                elapsed = self._now() - start
+                for _ in range(taken):
+                    stats.uplink.add(elapsed)
+            if error is not None:
+                raise error
+        except Exception as exc:
+            self._tw.fail(exc)
+            return
+        if not keep:  # the model is not keeping up: the reader task takes over and waits for it
+            self._tw.end()
+        elif rest is not None or not more:
+            self._drain_polled(more, MESSAGES_PER_TURN - taken)
+
+    def _drain_polled(self, more: bool, budget: int = MESSAGES_PER_TURN) -> None:
         # The per-frame path, flattened (this runs 50 times a second per call):
         # what _on_twilio does for a plain media message, inline.
         messages = self._polled.inbox
@@ -599,7 +664,7 @@ class CallBridge:
         now = self._now
         take = self.twilio.take_media
         jitter = self.jitter
-        budget = MESSAGES_PER_TURN  # (a flood is taken in turns with the other calls: see the reactor)
+        # (budget: a flood is taken in turns with the other calls, MESSAGES_PER_TURN per handler call: see the reactor)
         try:
             received_s = self._last_heard_s = now()
             while messages:
@@ -656,6 +721,20 @@ class CallBridge:
         except ProviderClosed as exc:
             self._provider_closed(exc)
             return True
+        return self._queued_up()
+
+    def _uplink_frames_nowait(self, frames: bytes) -> bool:
+        """Send audio messages ``uplink_pass`` framed and could not write; as :meth:`_uplink_nowait`."""
+        try:
+            if self._nowait.send_frames_nowait(frames):
+                return True
+        except ProviderClosed as exc:
+            self._provider_closed(exc)
+            return True
+        return self._queued_up()
+
+    def _queued_up(self) -> bool:
+        """Audio went into the link's backlog: a flush writes it; False if one was already under way (hand over)."""
         if self._flushing:
             return False
         self._start_flush()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import socket
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from mediaserver.protocol.providers.base import AudioFormat, FunctionTool, ProviderCommand, ProviderEvent
 
@@ -115,6 +115,20 @@ class PolledLink(ProviderLink, Protocol):
 
     def send_audio_nowait(self, audio: bytes) -> bool:
         """``send_nowait(SendAudio(audio))``, possibly faster (the uplink's per-frame call)."""
+        ...
+
+    last_send_s: float  # (Trio time) when something was last sent: a native send sets it too
+
+    def audio_framing(self) -> tuple[bytes, bytes, Literal[True] | None] | None:
+        """``(prefix, suffix, key)`` to frame audio natively now (``_wsframe.uplink_pass``), or None: use :meth:`send_audio_nowait`."""
+        ...
+
+    def native_send_fd(self) -> int:
+        """The socket's fd when framed audio may be written to it natively now; else -1."""
+        ...
+
+    def send_frames_nowait(self, frames: bytes) -> bool:
+        """Send audio messages framed as :meth:`audio_framing` said; as :meth:`send_audio_nowait`."""
         ...
 
     @property

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
@@ -355,6 +355,18 @@ class TwilioStream(SansIOCore[StreamState, TwilioEvent]):
         """
         if self._state is StreamState.STREAMING:
             return self._cursor.take(message, self._max_message_bytes)
+        return None
+
+    def media_taker(self) -> tuple[Callable[[str | bytes, int], tuple[int, bytes] | None], int] | None:
+        """``(take, max_bytes)``: :meth:`take_media` is ``take(message, max_bytes)`` now; None when it is None for all.
+
+        For a loop that takes a run of media messages in one native call
+        (:func:`mediaserver._native._wsframe.uplink_pass`).  Ask again after
+        any message that ``take`` declined went through :meth:`receive_event`:
+        it can change the stream's state.
+        """
+        if self._state is StreamState.STREAMING:
+            return self._cursor.take, self._max_message_bytes
         return None
 
     def _parse(self, message: str | bytes) -> TwilioEvent:

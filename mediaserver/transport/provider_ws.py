@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
 
 import trio
@@ -161,6 +162,32 @@ class WebSocketLink:
             return self.send_nowait(SendAudio(audio))
         try:
             sent = self._ws.send_b64_nowait(envelope[0], audio, envelope[1])
+        except WebSocketClosed as exc:
+            raise self._closed(exc) from None
+        self.last_send_s = self._now()
+        return sent
+
+    def audio_framing(self) -> tuple[bytes, bytes, Literal[True] | None] | None:
+        """``(prefix, suffix, key)``: how to frame a SendAudio natively now, or None (use :meth:`send_audio_nowait`).
+
+        For the bridge's uplink, which frames a read's audio in one native
+        step (:func:`~mediaserver._native._wsframe.uplink_pass`): the core's
+        ``audio_envelope()`` (ask again for each read: the core's state
+        decides it) and this end's masking.
+        """
+        envelope = self._envelope() if self._envelope is not None else None
+        if envelope is None:
+            return None
+        return envelope[0], envelope[1], self._ws.frame_key
+
+    def native_send_fd(self) -> int:
+        """The socket's fd when framed audio may be written to it natively now (see ClientWebSocket.native_send_fd); else -1."""
+        return self._ws.native_send_fd()
+
+    def send_frames_nowait(self, frames: bytes) -> bool:
+        """Send audio messages framed as :meth:`audio_framing` says, without waiting; as :meth:`send_audio_nowait`."""
+        try:
+            sent = self._ws.write_frames_nowait(frames)
         except WebSocketClosed as exc:
             raise self._closed(exc) from None
         self.last_send_s = self._now()

@@ -52,6 +52,7 @@ import json
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -232,8 +233,7 @@ class ClientWebSocket:
         """``send_many_nowait([(prefix + base64(data) + suffix).decode()])``, framed in one native step; as it."""
         if self._unsendable is not None:
             raise self._unsendable
-        # masked as a client's frames must be; a server's (ServerStream) are not
-        return self._write_nowait(encode_b64_frame(prefix, data, suffix, None if self._masked_in else True))
+        return self._write_nowait(encode_b64_frame(prefix, data, suffix, self.frame_key))
 
     def _write_nowait(self, data: bytes) -> bool:
         """Whole frames ``data`` out at once, or into the backlog (see :meth:`send_many_nowait`)."""
@@ -450,6 +450,75 @@ class ClientWebSocket:
             return True
         self._stash = rest
         return False
+
+    def native_read(self) -> tuple[int, int, bool] | None:
+        """``(fd, limit, masked)`` when the socket's next read may be parsed natively, else None (use :meth:`read_nowait`).
+
+        For :func:`~mediaserver._native._wsframe.uplink_pass`, which reads
+        the socket itself and parses whole plain frames from the start of
+        what it read: so only on plain TCP, with nothing read and kept
+        (a part-frame, a fragmented message, what wsproto holds, messages
+        not yet taken) and the connection open.  Give its result to
+        :meth:`after_native_read`.
+        """
+        if (
+            self._sock is None
+            or self._stash is not None
+            or self.closed is not None
+            or self._messages
+            or self._tail
+            or self._parts
+            or self._wsproto_fed
+        ):
+            return None
+        fd = self._sock.fileno()  # (-1 once the socket is closed: never a number the fd may have been given again)
+        return (fd, self._max, self._masked_in) if fd >= 0 else None
+
+    def after_native_read(self, read: int, rest: bytes | None) -> bool:
+        """What :meth:`read_nowait` does after its read, for one ``uplink_pass`` made (its ``read`` and ``rest``); as it returns.
+
+        The frames it took are gone; ``rest`` (the bytes from the first
+        frame it did not take) is parsed as any read is, its messages into
+        :attr:`inbox`.
+        """
+        if read < 0:  # (nothing was there)
+            return True
+        if read == 0:  # the peer closed (or the read failed): the awaiting path sees it
+            self._stash = b""
+            return False
+        self.received_bytes += read
+        if rest is None:
+            return True
+        rest = self._scan_fast(rest)
+        if rest is None:
+            return True
+        self._stash = rest
+        return False
+
+    def native_send_fd(self) -> int:
+        """The socket's fd when whole frames may be written to it natively now (plain TCP, nothing queued or being sent); else -1.
+
+        What such a write does not take must go to :meth:`write_frames_nowait`
+        at once (it queues it, or raises the failure), before anything else is sent.
+        """
+        if self._sock is None or self._backlog or self._unsendable is not None or self._lock.locked():
+            return -1
+        return self._sock.fileno()
+
+    def write_frames_nowait(self, frames: bytes) -> bool:
+        """Send whole frames already built (masked as :attr:`frame_key` says); as :meth:`send_many_nowait`."""
+        if self._unsendable is not None:
+            raise self._unsendable
+        return self._write_nowait(frames)
+
+    @property
+    def frame_key(self) -> Literal[True] | None:
+        """The ``key`` the native framers (:mod:`mediaserver._native._wsframe`) take for this end's frames.
+
+        True for a client's (masked, with a fresh key each, as RFC 6455
+        requires), None for a server's (:class:`ServerStream`: unmasked).
+        """
+        return None if self._masked_in else True
 
     def _scan_fast(self, data: bytes) -> bytes | None:
         """Parse ``data`` with the native scanner where it may; None if it took it all, else the bytes for wsproto."""

@@ -13,7 +13,10 @@ counters as one fed through ``receive_message``/``events``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +24,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mediaserver._native._twilio import parse_mark, parse_media
+from mediaserver._native._wsframe import DONE, encode_b64_frame, scan, uplink_pass
+from mediaserver.codec import JitterBuffer
+from mediaserver.transport.ws_client import data_frame
 from mediaserver.protocol import ClearAudio, LocalProtocolError, RemoteProtocolError, SendAudio, SendMark, StreamState, TwilioStream
 from mediaserver.protocol.twilio_events import Media, Stop
 
@@ -542,3 +548,172 @@ def test_cleared_marks_past_the_cap_are_forgotten_and_their_late_echoes_still_re
     fresh.send(ClearAudio())
     with pytest.raises(RemoteProtocolError, match="never sent"):
         _echo(fresh, 2, "0")
+
+
+# -- uplink_pass: one read of a caller's socket, its plain media messages framed for the model, natively ----------
+
+_ENVELOPE = (b'{"type":"input_audio_buffer.append","audio":"', b'"}')
+_KEY = b"\x01\x02\x03\x04"  # (a fixed masking key for the model's frames: the output can be compared byte for byte)
+
+
+def _frame_length(data: bytes, pos: int) -> int | None:
+    """The length of the WebSocket frame at ``pos`` (header, key and payload), or None if its header is not all there."""
+    if len(data) - pos < 2:
+        return None
+    n, at = data[pos + 1] & 0x7F, pos + 2
+    if n == 126:
+        if len(data) - at < 2:
+            return None
+        n, at = int.from_bytes(data[at : at + 2], "big"), at + 2
+    elif n == 127:
+        if len(data) - at < 8:
+            return None
+        n, at = int.from_bytes(data[at : at + 8], "big"), at + 8
+    return at - pos + (4 if data[pos + 1] & 0x80 else 0) + n
+
+
+def _uplink_by_message(
+    data: bytes, limit: int, stream: TwilioStream, jitter: JitterBuffer, budget: int
+) -> tuple[bytes | None, int, int, bytes, str | None]:
+    """What uplink_pass must do with ``data``, one frame at a time through the ordinary calls (scan, take_media,
+    the jitter buffer, encode_b64_frame): ``(rest, taken, framed, frames, error)``."""
+    pos, taken, frames = 0, 0, []
+    try:
+        while pos < len(data) and taken < budget:
+            size = _frame_length(data, pos)
+            if size is None or pos + size > len(data) or data[pos] != 0x81 or data[pos + 1] & 0x7F == 127:
+                break
+            messages, used, why = scan(data[pos : pos + size], limit, True)
+            if why != DONE or len(messages) != 1 or stream.take_media(messages[0]) is None:
+                break
+            fields = stream.take_media_last  # (set below: take_media is called once per message)
+            pos += size
+            taken += 1
+            jitter.push(*fields)
+            frame = jitter.pop()
+            while frame is not None:
+                if frame:
+                    frames.append(encode_b64_frame(_ENVELOPE[0], frame, _ENVELOPE[1], _KEY))
+                frame = jitter.pop()
+    except Exception as exc:  # noqa: BLE001 - compared with what uplink_pass returns
+        return None, taken, len(frames), b"".join(frames), repr(exc)
+    return (data[pos:] or None), taken, len(frames), b"".join(frames), None
+
+
+class _Remembering(TwilioStream):
+    """take_media, remembering its last result (the reference path needs it after the check that called it)."""
+
+    take_media_last: tuple[int, bytes] | None = None
+
+    def take_media(self, message: str | bytes) -> tuple[int, bytes] | None:
+        self.take_media_last = super().take_media(message)
+        return self.take_media_last
+
+
+def _remembering_started() -> _Remembering:
+    stream = _Remembering()
+    stream.receive_message(connected_msg())
+    stream.receive_message(start_msg())
+    list(stream.events())
+    return stream
+
+
+@contextlib.contextmanager
+def _socketpairs() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socket.socket]]:
+    """(caller, ours) and (model's end, ours to the model), non-blocking on our side."""
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    for s in (b, d):
+        s.setblocking(False)
+    c.setblocking(False)
+    try:
+        yield a, b, c, d
+    finally:
+        for s in (a, b, c, d):
+            s.close()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        if not data:
+            return out
+        out += data
+
+
+@st.composite
+def caller_bytes(draw: st.DrawFn) -> bytes:
+    """A caller's socket as the server reads it: media (mostly in order), marks, other frames, maybe a part-frame."""
+    parts = []
+    seq = 2
+    for _ in range(draw(st.integers(0, 14))):
+        kind = draw(st.sampled_from(["media"] * 12 + ["odd", "mark", "binary", "ping", "long"]))
+        if kind == "media":
+            parts.append(data_frame(media_msg(seq, seq - 1, 20 * (seq - 2), bytes([seq % 256]) * 160)))
+        elif kind == "odd":
+            parts.append(data_frame(draw(media_texts())))
+        elif kind == "mark":
+            parts.append(data_frame(draw(mark_texts())))
+        elif kind == "binary":
+            parts.append(data_frame(b"\x00\x01"))
+        elif kind == "ping":
+            parts.append(b"\x89\x80" + b"\x00\x00\x00\x00")  # (a masked, empty ping)
+        else:
+            parts.append(data_frame(media_msg(seq, seq - 1, 20 * (seq - 2), b"\x7f" * 2000)))  # over the limit below
+        seq += draw(st.sampled_from([1] * 12 + [0, 2, -1]))
+    data = b"".join(parts)
+    return data[: draw(st.integers(0, len(data)))] if draw(st.booleans()) else data
+
+
+@settings(max_examples=600, deadline=None)
+@given(caller_bytes(), st.integers(1, 12), st.booleans())
+def test_uplink_pass_does_what_the_ordinary_path_does(data: bytes, budget: int, send: bool) -> None:
+    """The same messages taken, frames made and written, bytes left, stream and jitter state: byte for byte."""
+    limit = 1500
+    native, ordinary = _remembering_started(), _remembering_started()
+    jitters = [JitterBuffer(depth=2, frame_bytes=160, fill="fade") for _ in range(2)]
+    with _socketpairs() as (caller, ours, model, to_model):
+        if data:
+            caller.sendall(data)
+        taker = native.media_taker()
+        assert taker is not None
+        read, rest, taken, framed, unsent, error = uplink_pass(
+            ours.fileno(), limit, True, *taker, jitters[0].push, jitters[0].pop, *_ENVELOPE, _KEY,
+            to_model.fileno() if send else -1, budget,
+        )  # fmt: skip
+        written = _read_all(model)
+    if not data:
+        assert (read, rest, taken, framed, unsent, error) == (-1, None, 0, 0, b"", None)  # nothing to read
+        return
+    expected = _uplink_by_message(data, limit, ordinary, jitters[1], budget)
+    assert read == len(data)
+    assert (rest, taken, framed, None if error is None else repr(error)) == (*expected[:3], expected[4])
+    assert written + unsent == expected[3] and (written if send else unsent) == expected[3]
+    assert (native.state, native.sequence_numbers_missing, native.chunks_missing) == (
+        ordinary.state, ordinary.sequence_numbers_missing, ordinary.chunks_missing)  # fmt: skip
+    assert (jitters[0].stats, jitters[0].pop()) == (jitters[1].stats, jitters[1].pop())
+
+
+def test_uplink_pass_says_when_the_peer_closed_and_leaves_a_full_socket_s_rest_to_the_ordinary_send() -> None:
+    with _socketpairs() as (caller, ours, model, to_model):
+        to_model.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stream, jitter = _started(), JitterBuffer(depth=1, frame_bytes=160, fill="silence")
+        taker = stream.media_taker()
+        assert taker is not None
+        frames = [media_msg(2 + n, 1 + n, 20 * n, bytes([n]) * 160) for n in range(150)]
+        caller.sendall(b"".join(data_frame(f) for f in frames))
+        read, rest, taken, framed, unsent, error = uplink_pass(
+            ours.fileno(), 1500, True, *taker, jitter.push, jitter.pop, *_ENVELOPE, _KEY, to_model.fileno(), 1000
+        )
+        assert (rest, taken, framed, error) == (None, 150, 150, None)
+        expected = b"".join(encode_b64_frame(_ENVELOPE[0], bytes([n]) * 160, _ENVELOPE[1], _KEY) for n in range(150))
+        assert 0 < len(unsent) < len(expected) and expected.endswith(unsent)  # (a partial write: the rest is ours)
+        assert _read_all(model) + unsent == expected
+        caller.close()
+        assert uplink_pass(
+            ours.fileno(), 1500, True, *taker, jitter.push, jitter.pop, *_ENVELOPE, _KEY, -1, 10
+        ) == (0, None, 0, 0, b"", None)
