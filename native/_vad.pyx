@@ -253,7 +253,7 @@ cdef void _drop_steps(State* s, int k) noexcept nogil:
     s.steps -= k
 
 
-cdef void _raise_agent(State* s, double e, int frames, int hold_frames) noexcept nogil:
+cdef void _raise_agent(State* s, double e, int64_t frames, int hold_frames) noexcept nogil:
     """Agent audio at level ``e`` for ``frames`` frames: held for them and ``hold_frames`` more.
 
     Every observation is held for its own time: a short loud one does not
@@ -312,10 +312,18 @@ def _number(name, value):
         return math.inf if value > 0 else -math.inf
 
 
-def _ms(name, value):
+def _int(name, value, unit):
+    """``value`` as an int (not a bool, a float or a string): a TypeError that names the setting otherwise."""
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int of ms, got bool")
-    v = operator.index(value)
+        raise TypeError(f"{name} must be an int of {unit}, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int of {unit}, got {type(value).__name__}") from None
+
+
+def _ms(name, value):
+    v = _int(name, value, "ms")
     if not 0 <= v <= MAX_MS:
         raise ValueError(f"{name} must be between 0 and {MAX_MS} ms, got {v}")
     return v
@@ -324,7 +332,8 @@ def _ms(name, value):
 def _db(name, value, low, high):
     v = _number(name, value)
     if not (math.isfinite(v) and low <= v <= high):
-        raise ValueError(f"{name} must be a finite number from {low:g} to {high:g} dB, got {value!r}")
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{name} must be a finite number from {low:g} to {high:g} dB, got {shown}")
     return v
 
 
@@ -374,10 +383,12 @@ cdef class EnergyVAD:
 
     def __init__(self, sample_rate=8000, frame_ms=20, *, attack_ms=0, hangover_ms=160,
                  margin_db=4.0, min_level_dbfs=-55.0, echo_return_loss_db=20.0, echo_hold_ms=400):
-        rate = operator.index(sample_rate)
+        if self.c.frame_bytes != 0:  # (what a running observe_agent reads without the GIL must not change under it)
+            raise TypeError("an EnergyVAD is set up when made: make a new one for other settings")
+        rate = _int("sample_rate", sample_rate, "Hz")
         if rate not in SAMPLE_RATES_HZ:
             raise ValueError(f"sample_rate must be one of {', '.join(map(str, SAMPLE_RATES_HZ))} Hz, got {rate}")
-        fms = operator.index(frame_ms)
+        fms = _int("frame_ms", frame_ms, "ms")
         if not (5 <= fms <= 100 and fms % 5 == 0):
             raise ValueError(f"frame_ms must be a multiple of 5 from 5 to 100, got {fms}")
         attack = _ms("attack_ms", attack_ms)
@@ -492,7 +503,7 @@ cdef class EnergyVAD:
                     loudest = _loudest(<const uint8_t*>view.buf, frames, &self.c)
         finally:
             PyBuffer_Release(&view)
-        _raise_agent(&self.s, loudest, <int>min(frames, MAX_MS), self.c.hold_frames)
+        _raise_agent(&self.s, loudest, frames, self.c.hold_frames)
 
     def observe_agent_level(self, dbfs, /):
         """Like ``observe_agent``, for one frame of agent audio whose level is ``dbfs``."""

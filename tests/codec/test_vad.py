@@ -561,6 +561,49 @@ def test_speech_synthesis_is_deterministic_whatever_was_spoken_before() -> None:
     assert 2.0 < len(pcm) / 8000 < 4.0
 
 
+def test_vad_settings_are_fixed_when_made_and_type_errors_name_the_setting() -> None:
+    """As Resampler and JitterBuffer: a second __init__ is refused (observe_agent reads the settings without the
+    GIL: changed under it, the agent level came out at +14 dBFS).  Wrong types say which setting."""
+    vad = EnergyVAD(8000, 20)
+    with pytest.raises(TypeError, match="^an EnergyVAD is set up when made: make a new one for other settings$"):
+        vad.__init__(16000, 10)  # type: ignore[misc]
+    assert (vad.sample_rate, vad.frame_ms, vad.frame_bytes) == (8000, 20, 320)
+    for kwargs, message in (
+        ({"sample_rate": True}, "sample_rate must be an int of Hz, got bool"),
+        ({"sample_rate": 8000.0}, "sample_rate must be an int of Hz, got float"),
+        ({"frame_ms": 20.0}, "frame_ms must be an int of ms, got float"),
+        ({"attack_ms": 1.5}, "attack_ms must be an int of ms, got float"),
+        ({"hangover_ms": "160"}, "hangover_ms must be an int of ms, got str"),
+    ):
+        with pytest.raises(TypeError, match=f"^{message}$"):
+            EnergyVAD(**kwargs)
+    with pytest.raises(ValueError, match=r"got 1000000000000000000000000000000000000\.\.\.$"):
+        EnergyVAD(margin_db=10**2000)
+
+
+@IMPLS
+def test_vad_a_long_agent_chunk_is_held_for_all_of_its_duration(impl: Impl) -> None:
+    """Documented: for that audio's duration plus echo_hold_ms.  (A chunk of more than 60 000 frames -- 300 s of
+    5 ms frames -- was held for 60 000 only: frames were bounded as if they were milliseconds.)"""
+    vad = impl(8000, 5, echo_hold_ms=0)
+    native = not isinstance(vad, ref.EnergyVAD)
+    frames = 61_000
+    long_chunk = np.tile(tone_bursts([(0, 1)], 1)[:40], frames)  # 305 s of a -20 dBFS tone, 5 ms frames
+    vad.observe_agent(long_chunk.tobytes() if native else long_chunk)
+    silence = bytes(80) if native else np.zeros(40, np.int16)
+
+    def threshold() -> float:
+        return float(vad.threshold_dbfs if native else ref.dbfs(vad.threshold))
+
+    vad.process(silence)
+    held = threshold()
+    for _ in range(frames - 1):
+        vad.process(silence)
+    assert threshold() == held  # still held for the chunk's last frame (as for a short one: its frames, then decay)
+    vad.process(silence)
+    assert threshold() < held  # and released after it
+
+
 def test_vad_made_without_init_raises_instead_of_crashing() -> None:
     vad = EnergyVAD.__new__(EnergyVAD)  # (its frame length is 0: a division by it would kill the process)
     with pytest.raises(RuntimeError, match="__init__ was not called"):

@@ -70,7 +70,7 @@ ECHO_RELEASE_DB_PER_S = 150.0  # decay of the agent envelope after its hold
 ECHO_STEPS = 16  # agent levels held at once (each with its own end)
 ECHO_ENV_MIN = 1e-12  # below -120 dBFS the agent envelope is dropped to 0
 
-MAX_MS = 60_000  # bound for attack, hangover and echo hold (and agent chunk frames)
+MAX_MS = 60_000  # bound for attack, hangover and echo hold
 
 QUIET, STARTING, SPEAKING, STOPPING = 0, 1, 2, 3
 
@@ -250,7 +250,7 @@ class EnergyVAD:
 
     def observe_agent(self, pcm: npt.ArrayLike) -> None:
         energies = self.frame_energies(pcm)
-        self._raise_agent(float(energies.max()), min(len(energies), MAX_MS))
+        self._raise_agent(float(energies.max()), len(energies))  # (held for the whole of a long chunk)
 
     def observe_agent_level(self, dbfs: float) -> None:
         self._raise_agent(10.0 ** (dbfs / 10.0), 1)
