@@ -45,6 +45,8 @@ from mediaserver.protocol.providers.base import SendText
 from mediaserver.protocol.providers.openai import OpenAIRealtimeConfig, OpenAIRealtimeSession
 from mediaserver.tools import CallContext, ToolError, ToolSet, load_module_tools, load_toolset, tool
 from mediaserver.tools.builtins import BUILTINS, END_CALL_STATUS, parse_transfer_numbers, transfer_tool
+from mediaserver.tools import runner as runner_module
+from mediaserver.tools.runner import MAX_ERROR_CHARS
 
 from tests.fakes import FakeRealtimeSession, fail_after, to_ulaw, tone, validate_client_event
 from tests.test_app import fake_openai, openai_settings, phone_call, running
@@ -334,6 +336,51 @@ async def test_tools_runner_the_models_error_text_quotes_no_credentials() -> Non
     }
 
 
+@fail_after(10)
+async def test_tools_runner_a_long_error_is_cut_and_costs_the_event_loop_linear_time() -> None:
+    """A library's message can quote a whole response: the model gets its first MAX_ERROR_CHARS, URLs still
+    without credentials; finding them takes linear time (it runs in the event loop, with every call's audio)."""
+
+    @tool
+    async def long_error() -> None:
+        """Fails with a huge message."""
+        raise RuntimeError("bad payload " + "0123456789abcdef" * 20_000 + " https://u:pw@host/x?k=1")
+
+    @tool
+    async def long_refusal() -> None:
+        """Refuses at length."""
+        raise ToolError("e" * 100_000)
+
+    tools = ToolSet([long_error, long_refusal])
+    error = json.loads((await tools.run("long_error", "{}")).output)["error"]
+    whole = "long_error failed: RuntimeError: bad payload " + "0123456789abcdef" * 20_000 + " https://host/x"
+    assert error == whole[:MAX_ERROR_CHARS] + f"... (cut: {len(whole)} characters)"
+    refusal = json.loads((await tools.run("long_refusal", "{}")).output)["error"]
+    assert refusal == "e" * MAX_ERROR_CHARS + "... (cut: 100000 characters)"
+    # (the URL at the end of a long message is still found: the linear pattern finds what the old one did)
+    assert runner_module._without_secrets("x" * 50_000 + " https://u:pw@host/x?k=1") == "x" * 50_000 + " https://host/x"
+
+
+async def test_tools_runner_numbers_are_taken_as_json_schema_takes_them() -> None:
+    """1.0 is the integer 1 (JSON has one number type); NaN, Infinity and 1e400 (past a double) are refused."""
+
+    @tool
+    async def count(n: int, share: float = 1.0) -> dict[str, object]:
+        """Counts."""
+        return {"n": n, "type": type(n).__name__, "share": share}
+
+    tools = ToolSet([count])
+    assert json.loads((await tools.run("count", '{"n": 3.0}')).output) == {"n": 3, "type": "int", "share": 1.0}
+    for arguments, error in (
+        ('{"n": 3.5}', "bad arguments for count: n must be an integer, not 3.5"),
+        ('{"n": 1, "share": NaN}', "bad arguments for count: not valid JSON (NaN is not a JSON number)"),
+        ('{"n": 1, "share": -Infinity}', "bad arguments for count: not valid JSON (-Infinity is not a JSON number)"),
+        ('{"n": 1, "share": 1e400}', "bad arguments for count: share must be a number, not out of range"),
+        ('{"n": 1e400}', "bad arguments for count: n must be an integer, not out of range"),
+    ):
+        assert json.loads((await tools.run("count", arguments)).output) == {"error": error}, arguments
+
+
 async def test_tools_runner_sys_exit_from_a_tools_own_nursery_is_an_error_result() -> None:
     @tool
     async def spawns() -> None:
@@ -530,6 +577,50 @@ def test_tools_loading_errors_are_config_errors(tools_module: Callable[[str], st
     with pytest.raises(ConfigError, match="which needs MEDIASERVER_TRANSFER_NUMBERS$"):
         load_toolset(rest_only)
     assert load_toolset(rest_only.with_(transfer_numbers="+15557654321")).names[-1] == "transfer_call"
+
+
+def test_tools_module_mistakes_get_clear_errors(tools_module: Callable[[str], str]) -> None:
+    with pytest.raises(TypeError, match=r"^@tool takes a function, not 'lookup'; to name the tool: @tool\(name=...\)$"):
+        tool("lookup")  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"^tool add: @tool is applied twice$"):
+        tool(add)  # type: ignore[call-overload]
+    exits = tools_module("import sys\nsys.exit(3)\n")
+    with pytest.raises(ConfigError, match=rf"^MEDIASERVER_TOOLS={exits}: cannot import it: SystemExit: 3"):
+        load_module_tools(exits)
+    for path in ("my_tools.py", "./my_tools", "tools/my_tools"):
+        with pytest.raises(ConfigError, match=rf"^MEDIASERVER_TOOLS={re.escape(path)}: give the module's name, not a file's"):
+            load_module_tools(path)
+    aliased = tools_module(LIVE_TOOLS + "\nplus = add\n")  # (a second name for a tool is not a second tool)
+    assert [t.name for t in load_module_tools(aliased)] == ["add", "slow", "broken", "read_pin"]
+    generated = tools_module(LIVE_TOOLS + '\nBUILTIN_TOOLS = (n for n in ["send_digits"])\n')
+    assert load_toolset(Settings(tools_module=generated)).names[-1] == "send_digits"
+
+
+def test_tools_a_modules_own_tool_with_a_builtins_name_replaces_it_and_says_so(
+    tools_module: Callable[[str], str], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mediaserver.tools as tools_package
+
+    monkeypatch.setattr(tools_package, "_WARNED", set())
+    caplog.set_level(logging.WARNING, logger="mediaserver")
+    own = tools_module(LIVE_TOOLS + '''
+@tool
+async def transfer_call(to: str, call: CallContext) -> str:
+    """Transfers anywhere."""
+    await call.transfer(to)
+    return "ok"
+''')
+    settings = Settings(
+        tools_module=own, twilio_account_sid=ACCOUNT_SID, twilio_auth_token=AUTH_TOKEN, transfer_numbers="+15557654321"
+    )
+    toolset = load_toolset(settings)
+    assert toolset.names.count("transfer_call") == 1
+    [spec] = [spec for spec in toolset.specs() if spec.name == "transfer_call"]
+    assert spec.description == "Transfers anywhere."  # the module's, not the built-in's
+    assert [r.getMessage() for r in caplog.records] == [
+        f"MEDIASERVER_TOOLS={own}: its own transfer_call replaces the built-in one "
+        "(MEDIASERVER_TRANSFER_NUMBERS does not limit it)"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -771,6 +862,31 @@ async def test_tools_end_call_hangs_up_after_the_goodbye_has_played(caplog: pyte
     assert "speaks over it, the call goes on" in END_CALL_STATUS
     ended = [r.getMessage() for r in caplog.records if "ended (" in r.getMessage()]
     assert any("agent hung up: caller said bye" in m for m in ended), ended
+
+
+@fail_after(15)
+async def test_tools_a_modules_own_tool_that_ends_the_call_asks_the_model_for_nothing_more(
+    tools_module: Callable[[str], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the built-in end_call: the goodbye was said before the tool was called; another reply would follow it."""
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.ready.wait()
+        await model_calls(session, "wrap_up", "{}", "call_wrap")
+
+    name = tools_module(LIVE_TOOLS + '''
+@tool
+async def wrap_up(call: CallContext) -> str:
+    """Ends the call."""
+    await call.end_call("wrapped up")
+    return "done"
+''')
+    async with fake_openai(script) as model, running(openai_settings(model, tools_module=name)) as url:
+        async with phone_call(url, CALL_A) as caller:
+            await caller.closed.wait()
+        session = await model.session(0)
+    assert outputs(session)["call_wrap"] == ("done", False)
+    assert any("agent hung up: wrapped up" in r.getMessage() for r in caplog.records)
 
 
 @fail_after(15)

@@ -1041,6 +1041,8 @@ class CallBridge:
         if call.call_id in self._spoken_over:  # the caller is talking: their turn brings the next response
             self._spoken_over.discard(call.call_id)
             respond = False
+        if self._ending and self._hang_up_call == call.call_id:  # (a tool of the module's own that ended the call,
+            respond = False  # as the built-in end_call: the goodbye was said before it; nothing more is asked for)
         try:
             await self.link.send(pv.ToolResult(call.call_id, output, respond=respond))
         except ProviderClosed as exc:

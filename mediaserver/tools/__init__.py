@@ -74,6 +74,8 @@ def load_toolset(settings: Settings) -> ToolSet:
     if settings.tools_module:
         tools.extend(load_module_tools(settings.tools_module))
         chosen = getattr(importlib.import_module(settings.tools_module), "BUILTIN_TOOLS", None)
+        if chosen is not None and not isinstance(chosen, (str, bytes)) and isinstance(chosen, Iterable):
+            chosen = tuple(chosen)  # (a generator is used up by one look: the check below, not the loop after it)
         if chosen is not None:
             if (
                 isinstance(chosen, (str, bytes))
@@ -88,7 +90,9 @@ def load_toolset(settings: Settings) -> ToolSet:
     has_rest = TwilioCredentials.from_settings(settings) is not None
     own = {t.name for t in tools}
     for name in wanted:
-        if name in own:  # a module's own tool of the same name wins
+        if name in own:  # a module's own tool of the same name wins; said, as the built-in's guards go with it
+            guard = " (MEDIASERVER_TRANSFER_NUMBERS does not limit it)" if name == "transfer_call" else ""
+            _log_once(f"MEDIASERVER_TOOLS={settings.tools_module}: its own {name} replaces the built-in one{guard}")
             continue
         if name == "transfer_call":
             missing = [

@@ -102,6 +102,10 @@ def tool(
     to be confirmed first (docs/tools.md).
     """
     if fn is not None:
+        if isinstance(fn, Tool):
+            raise TypeError(f"tool {fn.name}: @tool is applied twice")
+        if not callable(fn):  # @tool("lookup"): the name is a keyword, name="lookup"
+            raise TypeError(f"@tool takes a function, not {fn!r}; to name the tool: @tool(name=...)")
         return Tool(fn)
 
     def decorate(f: Callable[..., Any]) -> Tool:
@@ -137,14 +141,20 @@ def load_module_tools(module_name: str) -> tuple[Tool, ...]:
     Raises :class:`~mediaserver.config.ConfigError` (naming ``MEDIASERVER_TOOLS``)
     when the module cannot be imported or defines no tool.
     """
+    if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+        raise ConfigError(
+            f"MEDIASERVER_TOOLS={module_name}: give the module's name, not a file's "
+            f"(my_tools for my_tools.py, in the directory the server starts in or on PYTHONPATH)"
+        )
     try:
         module = _import_here_too(module_name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # (SystemExit: a module that calls sys.exit() as it is imported)
         hint = ""
         if isinstance(exc, ModuleNotFoundError) and exc.name == module_name.partition(".")[0]:
             hint = " (the module must be importable: in the working directory, installed, or on PYTHONPATH)"
         raise ConfigError(f"MEDIASERVER_TOOLS={module_name}: cannot import it: {type(exc).__name__}: {exc}{hint}") from exc
-    found = tuple(value for value in vars(module).values() if isinstance(value, Tool))
+    # (once each: a second name for a tool, lookup = order_status, is not a second tool)
+    found = tuple(dict.fromkeys(value for value in vars(module).values() if isinstance(value, Tool)))
     if not found:
         raise ConfigError(f"MEDIASERVER_TOOLS={module_name}: the module defines no @tool functions")
     return found

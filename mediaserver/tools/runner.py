@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = ["ToolOutcome", "ToolSet"]
 log = logging.getLogger("mediaserver.tools")
 
 MAX_OUTPUT_CHARS = 16_000  # keep a runaway result from flooding the model's context
+MAX_ERROR_CHARS = 2_000  # an error's text for the model (a library's message can quote a whole response)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,8 @@ class ToolOutcome:
 
 
 def _error(message: str) -> ToolOutcome:
+    if len(message) > MAX_ERROR_CHARS:
+        message = f"{message[:MAX_ERROR_CHARS]}... (cut: {len(message)} characters)"
     return ToolOutcome(json.dumps({"error": message}), True, False)
 
 
@@ -126,7 +130,9 @@ class ToolSet:
         return ToolOutcome(output, t.respond, True)
 
 
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# (A scheme starts where no scheme character precedes it: each run of them is tried once, so a long message costs
+# linear time, not quadratic -- this runs in the server's event loop.)
+_URL = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
 def _without_secrets(text: str) -> str:
@@ -161,7 +167,7 @@ def _arguments(t: Tool, text: str) -> dict[str, Any]:
         values: Any = {}
     else:
         try:
-            values = json.loads(text)
+            values = json.loads(text, parse_constant=_not_json)
         except json.JSONDecodeError as exc:
             raise ValueError(f"not valid JSON ({exc.msg})") from None
     if not isinstance(values, dict):
@@ -179,7 +185,7 @@ def _arguments(t: Tool, text: str) -> dict[str, Any]:
         if value is None and key not in t.required:
             del values[key]  # null for an argument with a default: the default (models send null for "not given")
             continue
-        _check(value, properties[key], key)
+        values[key] = _checked(value, properties[key], key)
     for key in t.optional_none:
         values.setdefault(key, None)
     return values
@@ -194,13 +200,24 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _check(value: Any, schema: Mapping[str, Any], where: str) -> None:
+def _not_json(name: str) -> None:
+    """json.loads' hook for NaN, Infinity and -Infinity: Python's extensions, not JSON."""
+    raise ValueError(f"not valid JSON ({name} is not a JSON number)")
+
+
+def _checked(value: Any, schema: Mapping[str, Any], where: str) -> Any:
+    """``value`` if it fits ``schema``, as the tool's type takes it (an integral number for an integer: 1.0 is 1)."""
     kind = schema["type"]
+    if kind == "integer" and type(value) is float and value.is_integer():
+        value = int(value)  # (JSON has one number type: 1.0 is the integer 1, as JSON Schema says)
     ok = isinstance(value, _JSON_TYPES[kind]) and (kind == "boolean" or not isinstance(value, bool))
+    if ok and type(value) is float and not math.isfinite(value):  # (1e400: past a double)
+        ok = False
     if not ok:
-        raise ValueError(f"{where} must be {'an' if kind[0] in 'aei' else 'a'} {kind}, not {json.dumps(value)[:40]}")
+        shown = json.dumps(value)[:40] if not isinstance(value, float) or math.isfinite(value) else "out of range"
+        raise ValueError(f"{where} must be {'an' if kind[0] in 'aei' else 'a'} {kind}, not {shown}")
     if "enum" in schema and value not in schema["enum"]:
         raise ValueError(f"{where} must be one of {', '.join(map(json.dumps, schema['enum']))}")
     if kind == "array":
-        for index, element in enumerate(value):
-            _check(element, schema["items"], f"{where}[{index}]")
+        return [_checked(element, schema["items"], f"{where}[{index}]") for index, element in enumerate(value)]
+    return value
