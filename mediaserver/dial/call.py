@@ -79,6 +79,9 @@ class DialOptions:
     # directly, behind its tunnel or proxy): requests are signed as Twilio signs them, for the public URL,
     # and the stream is opened on the server dialled, as the proxy would forward it.
     public_url: str | None = None
+    # The server's MEDIASERVER_INSTANCE_URL (one of several instances behind a proxy that strips its path): a
+    # stream URL under it is opened on the server dialled, without that path, as the proxy would forward it.
+    instance_url: str | None = None
 
 
 @dataclass
@@ -376,16 +379,20 @@ def _as_public(url: str, public_url: str | None) -> str:
     return base + (parts.path or "/") + ("?" + parts.query if parts.query else "")
 
 
-def _as_dialled(stream_url: str, url: str, public_url: str | None) -> str:
-    """Where to open the TwiML's stream: on the server dialled when the TwiML points at the public base."""
-    base = _public_base(public_url, url)
-    if base is None:
-        return stream_url
-    ws_base = to_ws(base)
-    if not stream_url.startswith(ws_base + "/"):
-        return stream_url
-    dialled = urlsplit(url)
-    return to_ws(f"{dialled.scheme}://{dialled.netloc}") + stream_url[len(ws_base) :]
+def _as_dialled(stream_url: str, url: str, public_url: str | None, instance_url: str | None = None) -> str:
+    """Where to open the TwiML's stream: on the server dialled when the TwiML points at its instance or public base.
+
+    (The instance URL first: it is the public one and a path, which its proxy strips.)
+    """
+    for configured in (instance_url, public_url):
+        base = _public_base(configured, url)
+        if base is None:
+            continue
+        ws_base = to_ws(base)
+        if stream_url.startswith(ws_base + "/"):
+            dialled = urlsplit(url)
+            return to_ws(f"{dialled.scheme}://{dialled.netloc}") + stream_url[len(ws_base) :]
+    return stream_url
 
 
 async def place_call(options: DialOptions, *, call_sid: str | None = None) -> CallResult:
@@ -424,7 +431,8 @@ async def place_call(options: DialOptions, *, call_sid: str | None = None) -> Ca
             session = CallSession(stream_caller, ws)
             await session.run(options.actions, duration_s=options.duration_s, listen_s=options.listen_s)
 
-        await _open_and_run(_as_dialled(twiml.url, options.url, options.public_url), ws_headers, options.timeout_s, run)
+        stream_url = _as_dialled(twiml.url, options.url, options.public_url, options.instance_url)
+        await _open_and_run(stream_url, ws_headers, options.timeout_s, run)
     except DialError as exc:
         return CallResult(call_sid, caller.events if caller else [], str(exc))
     return CallResult(call_sid, caller.events)

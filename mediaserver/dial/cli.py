@@ -255,6 +255,7 @@ async def run(args: argparse.Namespace, *, stdout: TextIO | None = None, stderr:
         to_number=args.to_number,
         timeout_s=args.timeout,
         public_url=public_url,
+        instance_url=os.environ.get("MEDIASERVER_INSTANCE_URL") or None,
         **({"account_sid": account_sid} if account_sid else {}),
     )
     results: list[CallResult] = []

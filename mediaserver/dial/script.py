@@ -119,8 +119,9 @@ def _ms(value: Any, where: str) -> int:
     elif isinstance(value, str):
         with contextlib.suppress(ValueError):
             ms = int(value)
-    if ms is None:
-        raise ScriptError(f"{where}: {value!r} is not a whole number of milliseconds")
+    if ms is None:  # (a JSON script's value as JSON writes it: true, not Python's True)
+        shown = repr(value) if isinstance(value, str) else json.dumps(value)
+        raise ScriptError(f"{where}: {shown} is not a whole number of milliseconds")
     if ms < 0:
         raise ScriptError(f"{where}: milliseconds must not be negative")
     if ms > MAX_MS:

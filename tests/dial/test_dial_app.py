@@ -235,6 +235,25 @@ async def test_dial_signs_for_the_public_url_and_streams_to_the_server_dialled(
     )
 
 
+@fail_after(20)
+async def test_dial_reaches_one_of_several_instances_dialled_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MEDIASERVER_INSTANCE_URL (docs/several-instances.md): the TwiML's stream URL is the instance's, whose path the
+    proxy strips; dialled directly, as the server's start-up hint says, the stream is opened on the server dialled."""
+    public, instance = "https://voice.example.com", "https://voice.example.com/n1"
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+    monkeypatch.setenv("MEDIASERVER_PUBLIC_URL", public)
+    monkeypatch.setenv("MEDIASERVER_INSTANCE_URL", instance)
+    configured = settings(tmp_path, twilio_auth_token=AUTH_TOKEN, public_url=public, instance_url=instance)
+    async with running(configured) as url:
+        status, out, err = await dial(url + "/twiml", "--listen", "0.2", "--no-record")
+        assert (status, err) == (0, "") and "ended: caller hung up (stop sent)" in out
+    assert _as_dialled("wss://voice.example.com/n1/media-stream", "http://10.0.0.5:8080/twiml", public, instance) == (
+        "ws://10.0.0.5:8080/media-stream"
+    )
+
+
 # ------------------------------------------------------------- Twilio's peers
 
 
@@ -449,7 +468,7 @@ async def test_dial_without_a_url_calls_the_local_server_on_its_port(tmp_path: P
         (["--wav", "1hz.wav"], "1hz.wav: a sample rate of 1 Hz is not supported (4000 to 192000 Hz)"),
         (["--wav", "quiet.wav"], "the WAV file quiet.wav is silent: nothing to say"),
         (["--script", "long.json"], "long.json: entry 1: a step may last at most 3600000 ms (an hour)"),
-        (["--script", "inf.json"], "inf.json: entry 1: inf is not a whole number of milliseconds"),
+        (["--script", "inf.json"], "inf.json: entry 1: Infinity is not a whole number of milliseconds"),
         # Arguments that are not UTF-8 (Python keeps the bytes as lone surrogates).
         (["--say", os.fsdecode(b"\xff\xfe")], "--say is not valid UTF-8 text"),
         (["--from", os.fsdecode(b"\xff")], "--from is not valid UTF-8 text"),

@@ -198,9 +198,9 @@ def test_text_and_json_scripts_parse_to_the_same_steps(tmp_path: Path) -> None:
         ("[1,", "invalid JSON"),
         # JSON numbers are read as strictly as the text format's: whole milliseconds, and no more than an hour.
         ('[{"pause": 1.5}]', "entry 1: 1.5 is not a whole number of milliseconds"),
-        ('[{"wait": true}]', "entry 1: True is not a whole number of milliseconds"),
-        ('[{"pause": 1e400}]', "entry 1: inf is not a whole number of milliseconds"),
-        ('[{"pause": NaN}]', "entry 1: nan is not a whole number of milliseconds"),
+        ('[{"wait": true}]', "entry 1: true is not a whole number of milliseconds"),
+        ('[{"pause": 1e400}]', "entry 1: Infinity is not a whole number of milliseconds"),
+        ('[{"pause": NaN}]', "entry 1: NaN is not a whole number of milliseconds"),
         ('[{"barge-in": [500, [1]]}]', r"entry 1: \[1\] is not a whole number of milliseconds"),
         ('[{"tone": [true, 500]}]', "entry 1: True is not a frequency"),
         ('[{"tone": [1000, 1e9]}]', "entry 1: a step may last at most 3600000 ms (an hour)"),
