@@ -109,4 +109,6 @@ async def place(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(f"the server refused the API key: {error}")
     if status == 404:
         return _fail(f"{server} does not place outbound calls: {error}")
+    if status == 400:  # (what the server checks of the request and this command cannot: bad usage, as its own checks)
+        return _fail(str(error), 2)
     return _fail(str(error))

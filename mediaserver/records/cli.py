@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace, store: RecordStore, out: TextIO, err: TextIO)
     if args.calls_command == "show":
         record = store.get(args.sid)
         if record is None:
-            print(f"no call {args.sid} in the {store.description}", file=err)
+            print(f"mediaserver calls: no call {args.sid} in the {store.description}", file=err)
             return 1
         print(json.dumps(record.to_json(), indent=2, ensure_ascii=False) if args.show_json or args.json else format_call(record),
               file=out)

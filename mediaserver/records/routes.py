@@ -53,7 +53,11 @@ def register_routes(app: QuartTrio, settings: Settings, recorder: Recorder | Non
             return _json(404, '{"error": "not found"}')
         if not bearer_ok(request.headers.get("Authorization"), settings.api_key):
             log.warning("GET /calls/...: missing or wrong API key; 401")
-            return _json(401, '{"error": "unauthorized"}', **{"WWW-Authenticate": "Bearer"})
+            return _json(
+                401,
+                '{"error": "missing or wrong API key (Authorization: Bearer $MEDIASERVER_API_KEY)"}',
+                **{"WWW-Authenticate": "Bearer"},
+            )  # (as POST /calls says it)
         if recorder is None:
             return _json(503, '{"error": "call records are unavailable"}')
         if len(sid) > MAX_SID_LENGTH:

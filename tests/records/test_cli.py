@@ -166,7 +166,7 @@ def test_cli_unknown_sid_and_empty_database(cli: Callable[..., int], capsys: pyt
     assert cli() == 1
     assert "no calls recorded yet" in capsys.readouterr().err
     assert cli("show", "CAnope") == 1
-    assert "no call CAnope in the" in capsys.readouterr().err
+    assert "mediaserver calls: no call CAnope in the" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

@@ -130,6 +130,7 @@ async def test_records_route_needs_the_api_key(records_settings: Callable[..., S
                 f"{url}/calls/{CALL_A}", headers=[("Authorization", f"{scheme} {key}".strip())] if key is not None else []
             )
             assert response.status == 401, (key, scheme)
+            assert json.loads(response.body) == {"error": "missing or wrong API key (Authorization: Bearer $MEDIASERVER_API_KEY)"}
             assert response.headers["www-authenticate"] == "Bearer"
             assert CALL_A not in response.text
         assert (await get_call(url, CALL_A, scheme="bearer"))[0] == 200  # the scheme is case-insensitive
