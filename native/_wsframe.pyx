@@ -265,8 +265,6 @@ cdef extern from "<sys/socket.h>" nogil:
 from libc.errno cimport EAGAIN, EINTR, errno
 
 READ_BYTES = 65536  # what uplink_pass reads at most (ClientWebSocket's RECEIVE_BYTES)
-cdef unsigned char _read_buf[65536]
-cdef unsigned char _unmasked[65536]
 
 
 def uplink_pass(int fd, Py_ssize_t limit, bint masked, object take, Py_ssize_t max_bytes, object push, object pop,
@@ -298,6 +296,10 @@ def uplink_pass(int fd, Py_ssize_t limit, bint masked, object take, Py_ssize_t m
     ``error`` the exception ``take``, ``push`` or ``pop`` raised (then the
     run ended there and ``rest`` is None).
     """
+    # (a buffer of this call's own, not a static one: take, push and pop run Python code, and a masking key's
+    # refill releases the GIL, so another thread's call could otherwise overwrite what this one is reading)
+    cdef bytes data = PyBytes_FromStringAndSize(NULL, 65536)
+    cdef unsigned char* _read_buf = <unsigned char*>PyBytes_AS_STRING(data)
     cdef ssize_t n = c_recv(fd, _read_buf, 65536, MSG_DONTWAIT)
     if n < 0:
         if errno == EAGAIN or errno == EINTR:  # (EWOULDBLOCK is EAGAIN on Linux)
@@ -338,18 +340,20 @@ def uplink_pass(int fd, Py_ssize_t limit, bint masked, object take, Py_ssize_t m
             at += 4
         if size - at < length_n:
             break
-        if masked:
-            _xor(_read_buf + at, _unmasked, length_n, _read_buf + at - 4)
-            payload = _unmasked
-        else:
-            payload = _read_buf + at
+        payload = _read_buf + at
+        if masked:  # (unmasked in place; a frame left to the ordinary path is masked again, as it came)
+            _xor(payload, <unsigned char*>payload, length_n, payload - 4)
         try:
             text = PyUnicode_DecodeUTF8(<const char*>payload, length_n, NULL)
-        except UnicodeDecodeError:
-            break  # (the ordinary path refuses it with 1007)
+        except UnicodeDecodeError:  # (the ordinary path refuses it with 1007)
+            if masked:
+                _xor(payload, <unsigned char*>payload, length_n, payload - 4)
+            break
         try:
             fields = take(text, max_bytes)
             if fields is None:
+                if masked:
+                    _xor(payload, <unsigned char*>payload, length_n, payload - 4)
                 break
             pos = at + length_n
             taken += 1

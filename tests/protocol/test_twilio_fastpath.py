@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mediaserver._native._twilio import parse_mark, parse_media
-from mediaserver._native._wsframe import DONE, encode_b64_frame, scan, uplink_pass
+from mediaserver._native._wsframe import DONE, encode_b64_frame, encode_frame, scan, uplink_pass
 from mediaserver.codec import JitterBuffer
 from mediaserver.transport.ws_client import data_frame
 from mediaserver.protocol import ClearAudio, LocalProtocolError, RemoteProtocolError, SendAudio, SendMark, StreamState, TwilioStream
@@ -651,7 +651,7 @@ def caller_bytes(draw: st.DrawFn) -> bytes:
     parts = []
     seq = 2
     for _ in range(draw(st.integers(0, 14))):
-        kind = draw(st.sampled_from(["media"] * 12 + ["odd", "mark", "binary", "ping", "long"]))
+        kind = draw(st.sampled_from(["media"] * 12 + ["odd", "mark", "binary", "ping", "long", "not utf-8"]))
         if kind == "media":
             parts.append(data_frame(media_msg(seq, seq - 1, 20 * (seq - 2), bytes([seq % 256]) * 160)))
         elif kind == "odd":
@@ -660,6 +660,8 @@ def caller_bytes(draw: st.DrawFn) -> bytes:
             parts.append(data_frame(draw(mark_texts())))
         elif kind == "binary":
             parts.append(data_frame(b"\x00\x01"))
+        elif kind == "not utf-8":
+            parts.append(encode_frame(True, b'{"event":"\xff"}', True))  # (the ordinary path closes with 1007)
         elif kind == "ping":
             parts.append(b"\x89\x80" + b"\x00\x00\x00\x00")  # (a masked, empty ping)
         else:
