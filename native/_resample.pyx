@@ -303,7 +303,7 @@ cdef class Resampler:
             dst += 2 * c
 
     def process(self, pcm, /):
-        """Resample a chunk of PCM16; returns ``len(pcm) * out/in`` bytes (±1 sample)."""
+        """Resample a chunk of PCM16 (any buffer of 16-bit samples); returns its byte length times out/in, in whole samples (±1)."""
         cdef Py_buffer view
         cdef Py_ssize_t n, n_out
         cdef bytes out
