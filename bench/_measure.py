@@ -22,6 +22,7 @@ import importlib.metadata
 import itertools
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -498,6 +499,21 @@ def die_with_parent(signum: int = 15) -> None:
         return
     if os.getppid() == 1:  # (the parent died before that)
         os._exit(0)
+
+
+def check_log_folder(folder: Path) -> str | None:
+    """Why the servers' logs cannot go to ``folder`` (bench/out/, made if need be), or None: checked before a run."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"the servers' logs go to {folder}, which cannot be made: {exc.strerror or exc}"
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        return f"the servers' logs go to {folder}, which cannot be written: {exc.strerror or exc}"
+    return None
 
 
 def check_output_path(path: Path | None, option: str) -> str | None:

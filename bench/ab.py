@@ -19,8 +19,8 @@ Usage::
 
 Each revision other than ``.`` is checked out in its own git worktree under
 ``bench/out/ab/`` and its native modules are built there with this Python
-(the same packages for both); ``.`` is this checkout as it is, built
-already (``make build``).  The load runs use ``--no-peer``: the peer does
+(the same packages for both); ``.`` is this checkout as it is, its native
+modules built in place first.  The load runs use ``--no-peer``: the peer does
 not change between revisions.  ``--json PATH`` writes every pair.
 """
 
@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This checkout's mediaserver, not whichever one is installed (the venv's may be another checkout's, editable)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from _measure import Column, check_output_path, cpu_model, print_header, render_table, utc_now, write_json  # noqa: E402
 
@@ -315,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background job, cmd &, starts with SIGINT ignored)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # (no Trio here: a plain KeyboardInterrupt is safe)
     try:
         sys.exit(main())

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, when imported from elsewhere
+# This checkout's mediaserver, not whichever one is installed (the venv's may be another checkout's, editable)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from _measure import (  # noqa: E402
     FRAME_MS,

@@ -121,6 +121,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, when imported from elsewhere
+# This checkout's mediaserver, not whichever one is installed (the venv's may be another checkout's, editable)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import psutil  # type: ignore[import-untyped]  # noqa: E402
@@ -130,6 +132,7 @@ import load  # noqa: E402
 from _isolation_peers import HOST, QUICK, SCENARIOS, Caller, CallLog, FakeModel, Recorder, Scenario, Timeline  # noqa: E402
 from _measure import (  # noqa: E402
     Column,
+    check_log_folder,
     check_output_path,
     cpu_model,
     interrupt_on_sigterm,
@@ -528,6 +531,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0, help="the server's port; the fake model's is the next (default: free)")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the server and this process to CPUs")
     args = parser.parse_args(argv)
+    if args.scenarios is not None and not args.scenarios.strip(", "):
+        parser.error("--scenarios: name at least one (leave the option out for the default set)")
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()] if args.scenarios else list(
         QUICK_SCENARIOS if args.quick else DEFAULT_SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
@@ -541,7 +546,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--repeats must be between 1 and 20")
     if args.port and not 1024 <= args.port <= 65534:
         parser.error("--port must be between 1024 and 65534")
-    problem = check_output_path(args.json, "--json")
+    problem = check_output_path(args.json, "--json") or check_log_folder(ROOT / "bench" / "out")
     if problem is not None:
         parser.error(problem)
     args.timeline = QUICK if args.quick else Timeline()
@@ -605,10 +610,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_header("mediaserver isolation bench", header)
     runs: list[dict[str, Any]] = []
     failure: str | None = None
+    interrupted = False
     try:
         failure = trio.run(run_all, args, server_cpus, runs)
     except* KeyboardInterrupt:
         failure = "interrupted; the server was stopped"
+        interrupted = True
     rows = [combine([r for r in runs if r["scenario"] == name]) for name in args.names if any(
         r["scenario"] == name for r in runs)]
     add_ratios(rows)
@@ -627,6 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(args.json, {"header": dict(header), "quick": args.quick, "rows": rows, "runs": runs, "findings": found,
                                "failure": failure})
         print(f"wrote {args.json}")
+    if interrupted:
+        return 130  # (as the other benches: Ctrl-C, or SIGTERM)
     return 1 if failure is not None or found else 0
 
 

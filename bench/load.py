@@ -119,6 +119,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, when imported from elsewhere
+# This checkout's mediaserver, not whichever one is installed (the venv's may be another checkout's, editable)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import psutil  # type: ignore[import-untyped]  # noqa: E402
@@ -127,6 +129,7 @@ import trio  # noqa: E402
 from _loadgen import CallRecord, FakeModel, Recorder, clock, http_request, monitor_loop_lag, run_call  # noqa: E402
 from _measure import (  # noqa: E402
     Column,
+    check_log_folder,
     check_output_path,
     cpu_model,
     die_with_parent,
@@ -937,6 +940,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--hold must exceed 0.5 s, --ramp-rate and --reply-every be positive, --reply-ms at least 40")
     if args.settle < 0.2:
         parser.error("--settle must be at least 0.2 s: the generator collects its garbage then, out of the measured window")
+    if args.max_p99_ms <= 0 or args.gen_lag_ms <= 0 or not 0 < args.gen_cpu <= 100:
+        parser.error("--max-p99-ms and --gen-lag-ms must be positive, --gen-cpu a % of a core above 0, at most 100")
+    problem = check_log_folder(ROOT / "bench" / "out")
+    if problem is not None:
+        parser.error(problem)
     if args.tls and importlib.util.find_spec("cryptography") is None:
         parser.error("--tls needs the cryptography package (pip install cryptography) for its certificate")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:

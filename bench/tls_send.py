@@ -38,6 +38,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
+# This checkout's mediaserver, not whichever one is installed (the venv's may be another checkout's, editable)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 import trio  # noqa: E402
 
@@ -46,6 +48,7 @@ from _measure import (  # noqa: E402
     check_output_path,
     cpu_model,
     die_with_parent,
+    interrupt_on_sigterm,
     print_header,
     render_table,
     utc_now,
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="measured rounds (default 5; plus one warm-up)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the table as JSON")
     args = parser.parse_args(argv)
+    interrupt_on_sigterm()  # (SIGTERM, and SIGINT in a background job, as Ctrl-C: the receiver and its files go)
     if args.sends <= 0 or args.repeats <= 0:
         parser.error("--sends and --repeats must be positive")
     if args.quick:

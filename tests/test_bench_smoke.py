@@ -62,7 +62,7 @@ def test_bench_codecs_says_a_missing_comparison_package_is_not_installed(tmp_pat
     assert "not built yet" not in proc.stdout
 
 
-@pytest.mark.parametrize("bench", ["codecs.py", "frame_path.py"])
+@pytest.mark.parametrize("bench", ["codecs.py", "frame_path.py", "tls_send.py"])
 def test_bench_sigterm_stops_it_as_ctrl_c_does(bench: str) -> None:
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / bench)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -93,6 +93,14 @@ def test_bench_output_path_that_cannot_be_written_is_refused_before_the_run(tmp_
     from _measure import check_output_path
 
     assert check_output_path(tmp_path / "new.json", "--json") is None and not (tmp_path / "new.json").exists()
+    from _measure import check_log_folder  # (the servers' logs: bench/out/, made if need be)
+
+    assert check_log_folder(tmp_path / "out") is None and (tmp_path / "out").is_dir()
+    assert list((tmp_path / "out").iterdir()) == []  # (the probe is gone)
+    (tmp_path / "file").write_text("")
+    assert check_log_folder(tmp_path / "file") == (
+        f"the servers' logs go to {tmp_path / 'file'}, which cannot be made: File exists"
+    )
     (tmp_path / "old.json").write_text("kept")
     assert check_output_path(tmp_path / "old.json", "--json") is None
     assert (tmp_path / "old.json").read_text() == "kept"
