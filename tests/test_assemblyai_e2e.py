@@ -261,7 +261,7 @@ async def test_assemblyai_fatal_session_error_ends_the_call_cleanly(caplog: pyte
         # the failed call's stream says so (1011); the model gets a clean close from us
         assert caller.close_code == 1011 and session.close_code == 1000
     [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
-    assert "ended (provider error: agent crashed)" in ended
+    assert "ended (provider error: agent crashed (code internal_error))" in ended
 
 
 def test_assemblyai_without_api_key_is_a_config_error() -> None:

@@ -256,7 +256,7 @@ async def test_deepgram_fatal_error_ends_the_call_cleanly(caplog: pytest.LogCapt
         # the failed call's stream says so (1011); the model gets a clean close from us
         assert caller.close_code == 1011 and session.close_code == 1000
     [ended] = [r.getMessage() for r in call_log(caplog, CALL_A) if " ended (" in r.getMessage()]
-    assert "ended (provider error: think provider rejected)" in ended
+    assert "ended (provider error: think provider rejected (code INVALID_SETTINGS))" in ended
 
 
 def test_deepgram_without_api_key_is_a_config_error() -> None:

@@ -217,12 +217,15 @@ async def test_pcm_model_that_never_sends_ready_is_hung_up(caplog: pytest.LogCap
 async def test_pcm_model_error_ends_the_call(caplog: pytest.LogCaptureFixture) -> None:
     async def script(session: PcmModelSession) -> None:
         await session.wait_for(lambda: session.frames_in >= 3)
-        await session.send_json({"type": "error", "message": "model weights missing", "fatal": True})
+        await session.send_json({"type": "error", "message": "GPU busy", "code": "busy"})  # (not fatal: logged)
+        await session.send_json({"type": "error", "message": "model weights missing", "fatal": True, "code": "oom"})
 
     async with fake_model(script) as model, running(pcm_settings(model)) as url:
         async with phone_call(url) as caller:
             await talk_until_hung_up(caller, 2)
-    assert any("ended (provider error: model weights missing)" in r.getMessage() for r in call_log(caplog, CALL_A))
+    messages = [r.getMessage() for r in call_log(caplog, CALL_A)]
+    assert any("pcm error: GPU busy (code busy)" in m for m in messages), messages
+    assert any("ended (provider error: model weights missing (code oom))" in m for m in messages), messages
 
 
 @fail_after(10)

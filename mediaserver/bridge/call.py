@@ -864,10 +864,11 @@ class CallBridge:
                 ]
             )
         elif isinstance(event, pv.ProviderError):
+            what = event.message if event.code is None else f"{event.message} (code {shown(event.code, 80)})"
             if event.fatal:  # (the call's end line says why)
-                self._end(f"provider error: {event.message}")
+                self._end(f"provider error: {what}")
                 return _STOP
-            log.warning("call %s: %s error: %s", self.stats.call_sid, self.link.name, shown(event.message, 300))
+            log.warning("call %s: %s error: %s", self.stats.call_sid, self.link.name, shown(what, 300))
         elif isinstance(event, pv.ToolCall):
             # Run in the call's nursery: a slow tool must not hold up the provider reader.
             if self._nursery is not None:
