@@ -33,8 +33,8 @@ from mediaserver.protocol.twilio_events import Media, Stop
 from .test_twilio import STREAM_SID, connected_msg, media_msg, mark_msg, start_msg, stop_msg
 
 
-def _started() -> TwilioStream:
-    stream = TwilioStream()
+def _started(kind: type[TwilioStream] = TwilioStream) -> TwilioStream:
+    stream = kind()
     stream.receive_message(connected_msg())
     stream.receive_message(start_msg())
     list(stream.events())
@@ -611,10 +611,8 @@ class _Remembering(TwilioStream):
 
 
 def _remembering_started() -> _Remembering:
-    stream = _Remembering()
-    stream.receive_message(connected_msg())
-    stream.receive_message(start_msg())
-    list(stream.events())
+    stream = _started(_Remembering)
+    assert isinstance(stream, _Remembering)
     return stream
 
 
