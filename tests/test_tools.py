@@ -369,8 +369,17 @@ async def test_tools_runner_numbers_are_taken_as_json_schema_takes_them() -> Non
         """Counts."""
         return {"n": n, "type": type(n).__name__, "share": share}
 
-    tools = ToolSet([count])
+    @tool
+    async def weigh(w: Literal[0.5, 1.0]) -> str:
+        """Weighs."""
+        return repr(w)
+
+    tools = ToolSet([count, weigh])
     assert json.loads((await tools.run("count", '{"n": 3.0}')).output) == {"n": 3, "type": "int", "share": 1.0}
+    assert (await tools.run("weigh", '{"w": 1}')).output == "1.0"  # (a float parameter gets a float)
+    assert json.loads((await tools.run("count", '{"n": 1, "share": 1%s}' % ("0" * 400))).output) == {
+        "error": "bad arguments for count: share must be a number, not out of range"
+    }
     for arguments, error in (
         ('{"n": 3.5}', "bad arguments for count: n must be an integer, not 3.5"),
         ('{"n": 1, "share": NaN}', "bad arguments for count: not valid JSON (NaN is not a JSON number)"),

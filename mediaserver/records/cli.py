@@ -126,10 +126,17 @@ def format_table(records: Sequence[CallRecord]) -> str:
             r.provider or "-",
             (r.status if not r.twilio_status or r.twilio_status == r.status else f"{r.status} ({r.twilio_status})")
             + (f", {r.answered_by}" if r.answered_by not in (None, "human") else ""),  # (a machine, a fax: unknown)
-            "-" if r.duration_s is None else f"{r.duration_s:.1f} s",
+            _duration(r),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _duration(r: CallRecord) -> str:
+    """The bridge's duration; for a call known from Twilio's status callbacks alone, Twilio's (a machine answered)."""
+    if r.duration_s is not None:
+        return f"{r.duration_s:.1f} s"
+    return "-" if r.twilio_duration_s is None else f"{r.twilio_duration_s} s (Twilio)"
 
 
 def format_call(r: CallRecord) -> str:

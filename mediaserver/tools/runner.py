@@ -210,6 +210,11 @@ def _checked(value: Any, schema: Mapping[str, Any], where: str) -> Any:
     kind = schema["type"]
     if kind == "integer" and type(value) is float and value.is_integer():
         value = int(value)  # (JSON has one number type: 1.0 is the integer 1, as JSON Schema says)
+    elif kind == "number" and type(value) is int:
+        try:
+            value = float(value)  # (a float parameter gets a float: Literal[0.5, 1.0] given 1 is 1.0)
+        except OverflowError:
+            value = math.inf  # (refused below: past a double)
     ok = isinstance(value, _JSON_TYPES[kind]) and (kind == "boolean" or not isinstance(value, bool))
     if ok and type(value) is float and not math.isfinite(value):  # (1e400: past a double)
         ok = False
