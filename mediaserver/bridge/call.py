@@ -384,7 +384,7 @@ class CallBridge:
             self._polled: PolledStream = stream  # self.stream and self.link, typed for the handlers
             self._nowait: PolledLink = link
         # µ-law passthrough, both sockets read by the reactor: a read of plain media goes up in one native call
-        self._native_up = self._polling and not self._up_pcm
+        self._native_up = self._polling and not self._up_pcm and self._nowait.frames_audio
 
     # -- lifecycle -----------------------------------------------------------
 

@@ -118,6 +118,7 @@ class PolledLink(ProviderLink, Protocol):
         ...
 
     last_send_s: float  # (Trio time) when something was last sent: a native send sets it too
+    frames_audio: bool  # audio_framing() can ever be other than None (the core has an audio envelope: OpenAI's)
 
     def audio_framing(self) -> tuple[bytes, bytes, Literal[True] | None] | None:
         """``(prefix, suffix, key)`` to frame audio natively now (``_wsframe.uplink_pass``), or None: use :meth:`send_audio_nowait`."""

@@ -96,6 +96,7 @@ class WebSocketLink:
         self.last_send_s = self._now()
         self.violation: str | None = None  # what the model sent that broke the protocol (said in our close frame)
         self._envelope: Callable[[], tuple[bytes, bytes] | None] | None = getattr(session, "audio_envelope", None)
+        self.frames_audio = self._envelope is not None  # (its core may: audio_framing() says when)
         # A bridge reads the link (receive() or the reactor, which asks for poll_socket() first): until then (a
         # session pre-opened at the webhook) nothing it sends is read, and its silence proves nothing.
         self._read_by_bridge = trio.Event()
