@@ -264,7 +264,9 @@ cdef extern from "<sys/socket.h>" nogil:
 
 from libc.errno cimport EAGAIN, EINTR, errno
 
-READ_BYTES = 65536  # what uplink_pass reads at most (ClientWebSocket's RECEIVE_BYTES)
+cdef enum:
+    READ_SIZE = 65536
+READ_BYTES = READ_SIZE  # what uplink_pass reads at most (ClientWebSocket's RECEIVE_BYTES; a test checks they agree)
 
 
 def uplink_pass(int fd, Py_ssize_t limit, bint masked, object take, Py_ssize_t max_bytes, object push, object pop,
@@ -296,11 +298,10 @@ def uplink_pass(int fd, Py_ssize_t limit, bint masked, object take, Py_ssize_t m
     ``error`` the exception ``take``, ``push`` or ``pop`` raised (then the
     run ended there and ``rest`` is None).
     """
-    # (a buffer of this call's own, not a static one: take, push and pop run Python code, and a masking key's
-    # refill releases the GIL, so another thread's call could otherwise overwrite what this one is reading)
-    cdef bytes data = PyBytes_FromStringAndSize(NULL, 65536)
-    cdef unsigned char* _read_buf = <unsigned char*>PyBytes_AS_STRING(data)
-    cdef ssize_t n = c_recv(fd, _read_buf, 65536, MSG_DONTWAIT)
+    # (on this call's stack: no allocation per read, and not a static buffer -- take, push and pop run Python
+    # code, and a masking key's refill releases the GIL, so another thread's call could overwrite a shared one)
+    cdef unsigned char _read_buf[READ_SIZE]
+    cdef ssize_t n = c_recv(fd, _read_buf, READ_SIZE, MSG_DONTWAIT)
     if n < 0:
         if errno == EAGAIN or errno == EINTR:  # (EWOULDBLOCK is EAGAIN on Linux)
             return -1, None, 0, 0, b"", None

@@ -24,8 +24,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mediaserver._native._twilio import parse_mark, parse_media
-from mediaserver._native._wsframe import DONE, encode_b64_frame, encode_frame, scan, uplink_pass
+from mediaserver._native._wsframe import DONE, READ_BYTES, encode_b64_frame, encode_frame, scan, uplink_pass
 from mediaserver.codec import JitterBuffer
+from mediaserver.transport import ws_client
 from mediaserver.transport.ws_client import data_frame
 from mediaserver.protocol import ClearAudio, LocalProtocolError, RemoteProtocolError, SendAudio, SendMark, StreamState, TwilioStream
 from mediaserver.protocol.twilio_events import Media, Stop
@@ -699,6 +700,7 @@ def test_uplink_pass_does_what_the_ordinary_path_does(data: bytes, budget: int, 
 
 
 def test_uplink_pass_says_when_the_peer_closed_and_leaves_a_full_socket_s_rest_to_the_ordinary_send() -> None:
+    assert READ_BYTES == ws_client.RECEIVE_BYTES  # (a read is the size the ordinary path reads)
     with _socketpairs() as (caller, ours, model, to_model):
         to_model.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         stream, jitter = _started(), JitterBuffer(depth=1, frame_bytes=160, fill="silence")
