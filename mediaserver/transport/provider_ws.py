@@ -41,6 +41,7 @@ from urllib.parse import parse_qsl, urlsplit
 import trio
 from wsproto.frame_protocol import CloseReason
 
+from mediaserver._native._wsframe import encode_b64_frame
 from mediaserver.bridge.link import ProviderClosed
 from mediaserver.protocol.errors import ProtocolError
 from mediaserver.protocol.providers.base import (
@@ -161,12 +162,7 @@ class WebSocketLink:
         envelope = self._envelope() if self._envelope is not None and audio else None
         if envelope is None:  # (empty audio too: the core refuses it, as for send_nowait)
             return self.send_nowait(SendAudio(audio))
-        try:
-            sent = self._ws.send_b64_nowait(envelope[0], audio, envelope[1])
-        except WebSocketClosed as exc:
-            raise self._closed(exc) from None
-        self.last_send_s = self._now()
-        return sent
+        return self.send_frames_nowait(encode_b64_frame(envelope[0], audio, envelope[1], self._ws.frame_key))
 
     def audio_framing(self) -> tuple[bytes, bytes, Literal[True] | None] | None:
         """``(prefix, suffix, key)``: how to frame a SendAudio natively now, or None (use :meth:`send_audio_nowait`).

@@ -72,7 +72,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from mediaserver._locks import acquire
-from mediaserver._native._wsframe import DONE, INCOMPLETE, encode_b64_frame, encode_frame, scan
+from mediaserver._native._wsframe import DONE, INCOMPLETE, encode_frame, scan
 from mediaserver.transport.tls import TLSStream
 
 __all__ = ["ClientWebSocket", "HandshakeRejected", "WebSocketClosed", "connect", "data_frame"]
@@ -228,12 +228,6 @@ class ClientWebSocket:
             raise self._unsendable
         frame = self._frame
         return self._write_nowait(frame(messages[0]) if len(messages) == 1 else b"".join([frame(message) for message in messages]))
-
-    def send_b64_nowait(self, prefix: bytes, data: bytes, suffix: bytes) -> bool:
-        """``send_many_nowait([(prefix + base64(data) + suffix).decode()])``, framed in one native step; as it."""
-        if self._unsendable is not None:
-            raise self._unsendable
-        return self._write_nowait(encode_b64_frame(prefix, data, suffix, self.frame_key))
 
     def _write_nowait(self, data: bytes) -> bool:
         """Whole frames ``data`` out at once, or into the backlog (see :meth:`send_many_nowait`)."""

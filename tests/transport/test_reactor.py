@@ -13,6 +13,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from mediaserver._native._wsframe import encode_b64_frame
 from mediaserver.bridge.call import StreamClosed
 from mediaserver.transport.reactor import Reactor, current_reactor
 from mediaserver.transport.ws_client import WebSocketClosed
@@ -242,15 +243,17 @@ async def test_send_many_nowait_goes_out_at_once_when_the_socket_takes_it() -> N
             assert await pair.server.receive() == b"b"
 
 
-async def test_send_b64_nowait_frames_as_each_side_must() -> None:
+async def test_frames_built_with_each_sides_frame_key_are_as_each_side_must_send() -> None:
     """A client's frames are masked and a server's are not (RFC 6455); each side reads the other's text."""
     import base64
 
     async with ws_pair() as pair:
         with trio.fail_after(5):
-            assert pair.client.send_b64_nowait(b'{"audio":"', b"\x00\xff\x10", b'"}')
+            assert (pair.client.frame_key, pair.server.frame_key) == (True, None)
+            frame = encode_b64_frame(b'{"audio":"', b"\x00\xff\x10", b'"}', pair.client.frame_key)
+            assert pair.client.write_frames_nowait(frame)
             assert await pair.server.receive() == '{"audio":"' + base64.b64encode(b"\x00\xff\x10").decode() + '"}'
-            assert pair.server.send_b64_nowait(b"[", b"abcd", b"]")
+            assert pair.server.write_frames_nowait(encode_b64_frame(b"[", b"abcd", b"]", pair.server.frame_key))
             assert await pair.client.receive() == "[" + base64.b64encode(b"abcd").decode() + "]"
 
 
