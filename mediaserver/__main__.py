@@ -234,7 +234,8 @@ def _warn_unused(settings: Settings) -> None:
     """Settings that do nothing as configured: a warning at start, not a surprise on a call."""
     from mediaserver.twilio_rest import TwilioCredentials
 
-    if settings.api_key and TwilioCredentials.from_settings(settings) is None:
+    has_rest = TwilioCredentials.from_settings(settings) is not None
+    if settings.api_key and not has_rest:
         log.warning(
             "MEDIASERVER_API_KEY is set, but POST /calls will answer 503 until Twilio REST credentials are: "
             "TWILIO_ACCOUNT_SID with TWILIO_AUTH_TOKEN or an API key"
@@ -247,7 +248,7 @@ def _warn_unused(settings: Settings) -> None:
             "call records; use a random one of %d or more (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')",
             len(settings.api_key), MIN_API_KEY_CHARS,
         )  # fmt: skip
-    if settings.development_mode and TwilioCredentials.from_settings(settings) is not None:
+    if settings.development_mode and has_rest:
         log.warning(
             "Twilio REST credentials are set but TWILIO_AUTH_TOKEN is not: development mode, where anyone can start "
             "a session, while transfers and failure messages act on real calls through REST; set TWILIO_AUTH_TOKEN"
@@ -262,7 +263,7 @@ def _warn_unused(settings: Settings) -> None:
                     "so, premium-rate ones included; list numbers, or prefixes of %d digits or more",
                     entry, MIN_PREFIX_DIGITS,
                 )  # fmt: skip
-    if settings.provider != "echo" and TwilioCredentials.from_settings(settings) is None:
+    if settings.provider != "echo" and not has_rest:
         from mediaserver import twiml
 
         try:
