@@ -490,8 +490,9 @@ async def test_deltas_shorter_than_a_chunk_still_go_out_as_whole_chunks() -> Non
     going out alone whenever the handler wakes the pacer -- 40 ms chunks, not 40 + 20 ms ones (more messages).
 
     Wall-clock time: a delta late by a scheduling hiccup (a virtual machine's host taking the CPU away) has its
-    part-chunk played alone, by design.  So up to three calls, one of which must show the coalescing; without
-    it every call would make about 34 messages, only a third of them whole chunks."""
+    part-chunk played alone, by design.  So up to four calls, one of which must show the coalescing; without
+    it every call would make about 34 messages, only a third of them whole chunks (with it 26, a few more if
+    deltas came late: 28-29 once on a stalled CI machine)."""
     reply = to_ulaw(tone(440, 1010, amplitude=0.3))
 
     async def script(session: FakeRealtimeSession) -> None:
@@ -499,13 +500,13 @@ async def test_deltas_shorter_than_a_chunk_still_go_out_as_whole_chunks() -> Non
         await session.respond(reply, chunk_bytes=240, interval_s=0.030, done=False)
 
     seen: list[list[int]] = []
-    for _ in range(3):
+    for _ in range(4):
         async with fake_openai(script) as model, running(openai_settings(model)) as url:
             caller = await hear_reply(url, len(reply))
         assert caller.received_audio == reply
         sizes = [len(m.payload) for m in caller.received]
-        # 25 chunks of 320 and 80 over (a couple more if a delta came late)
-        if len(sizes) <= 27 and sizes.count(320) >= 23:
+        # 25 chunks of 320 and 80 over (a few more if a delta came late)
+        if len(sizes) <= 30 and sizes.count(320) >= 21:
             return
         seen.append(sizes)
     raise AssertionError(f"no call coalesced its part-chunks: {seen}")
