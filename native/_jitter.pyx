@@ -28,7 +28,7 @@ from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from libc.stdint cimport int16_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memset
 
-from common cimport alaw_to_linear, linear13_to_alaw, linear14_to_ulaw, load_le16, store_le16, ulaw_to_linear
+from common cimport bind_args, alaw_to_linear, linear13_to_alaw, linear14_to_ulaw, load_le16, store_le16, ulaw_to_linear
 
 from collections import namedtuple
 from operator import index as _index
@@ -134,11 +134,16 @@ cdef void _fade(int codec, const uint8_t* src, Py_ssize_t src_bytes,
     memset(dst + have * width, silence, frame_bytes - have * width)
 
 
+def _bind(depth=2, frame_bytes=160, fill="silence", codec="ulaw", *, capacity=None, first_seq=None):
+    return depth, frame_bytes, fill, codec, capacity, first_seq
+
+
 @cython.final
 @cython.no_gc
 @cython.auto_pickle(False)
 cdef class JitterBuffer:
     """JitterBuffer(depth=2, frame_bytes=160, fill="silence", codec="ulaw", *, capacity=None, first_seq=None)
+--
 
     Put media frames back in sequence order and conceal the missing ones.
 
@@ -206,8 +211,8 @@ cdef class JitterBuffer:
     cdef bytes _last                # last real frame played ("fade" only)
     cdef uint64_t _received, _played, _duplicates, _late, _concealed, _reordered, _resyncs, _dropped
 
-    def __cinit__(self, depth=2, frame_bytes=160, fill="silence", codec="ulaw", *,
-                  capacity=None, first_seq=None):
+    def __cinit__(self, *args, **kwargs):
+        depth, frame_bytes, fill, codec, capacity, first_seq = bind_args(_bind, "JitterBuffer", args, kwargs)
         if not isinstance(codec, str) or codec not in _CODECS:
             raise ValueError(f"codec must be 'ulaw', 'alaw' or 'pcm16', got {codec!r}")
         depth = _int_arg("depth", depth)
@@ -263,7 +268,7 @@ cdef class JitterBuffer:
         self._count = 0
         self.reset(first_seq)
 
-    def __init__(self, depth=2, frame_bytes=160, fill="silence", codec="ulaw", *, capacity=None, first_seq=None):
+    def __init__(self, *args, **kwargs):
         # (set up by __cinit__; a second __init__ would silently keep the old settings)
         if self._initialised:
             raise TypeError("a JitterBuffer is set up when made: make a new one for other settings")

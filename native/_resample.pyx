@@ -26,7 +26,7 @@ from libc.math cimport lrintf
 from libc.stdint cimport int16_t, int64_t, uint8_t
 from libc.string cimport memmove, memset
 
-from common cimport load_le16, to_le16
+from common cimport bind_args, load_le16, to_le16
 
 cdef extern from "resample_taps.h":
     ctypedef struct ms_filter:
@@ -52,6 +52,10 @@ import operator
 SUPPORTED_RATES = (8000, 16000, 24000)
 
 
+def _bind(in_rate, out_rate, *, phase="linear"):
+    return in_rate, out_rate, phase
+
+
 cdef int _gcd(int a, int b) noexcept nogil:
     while b:
         a, b = b, a % b
@@ -70,7 +74,10 @@ cdef inline int16_t _to_int16(float y) noexcept nogil:
 @cython.final
 @cython.auto_pickle(False)
 cdef class Resampler:
-    """Streaming PCM16 resampler: ``Resampler(in_rate, out_rate, *, phase="linear")``.
+    """Resampler(in_rate, out_rate, *, phase="linear")
+--
+
+    Streaming PCM16 resampler.
 
     ``process(pcm)`` returns the resampled audio for ``pcm`` at once (20 ms
     in, 20 ms out); ``flush()`` returns the tail still inside the filter and
@@ -103,8 +110,9 @@ cdef class Resampler:
     cdef bint fed             # input since the last reset: flush() has a tail to give
     cdef const ms_filter* filter
 
-    def __cinit__(self, object in_rate, object out_rate, *, str phase="linear"):
+    def __cinit__(self, *args, **kwargs):
         cdef int in_hz, out_hz
+        in_rate, out_rate, phase = bind_args(_bind, "Resampler", args, kwargs)
         self.taps = NULL
         self.phase_len = NULL
         self.offsets = NULL
@@ -125,6 +133,8 @@ cdef class Resampler:
             )
         in_hz = in_rate
         out_hz = out_rate
+        if not isinstance(phase, str):
+            raise TypeError(f"phase must be 'linear' or 'minimum', got {type(phase).__name__}")
         if phase not in ("linear", "minimum"):
             raise ValueError(f"phase must be 'linear' or 'minimum', not {phase!r}")
         self.in_rate = in_hz
@@ -161,7 +171,7 @@ cdef class Resampler:
         self._ensure(1024)
         self.reset()
 
-    def __init__(self, object in_rate, object out_rate, *, str phase="linear"):
+    def __init__(self, *args, **kwargs):
         # (set up by __cinit__; a second __init__ would silently keep the old settings)
         if self.initialised:
             raise TypeError("a Resampler is set up when made: make a new one for other rates")

@@ -20,7 +20,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SI
 from libc.math cimport INFINITY, fabs, log10
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
-from common cimport load_le16
+from common cimport bind_args, load_le16
 
 import math
 import numbers
@@ -341,14 +341,18 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
+def _bind(sample_rate=8000, frame_ms=20, *, attack_ms=0, hangover_ms=160, margin_db=4.0, min_level_dbfs=-55.0,
+          echo_return_loss_db=20.0, echo_hold_ms=400):
+    return sample_rate, frame_ms, attack_ms, hangover_ms, margin_db, min_level_dbfs, echo_return_loss_db, echo_hold_ms
+
+
 @cython.auto_pickle(False)
 @cython.final
 cdef class EnergyVAD:
-    """Energy voice activity detector for PCM16 frames (signed 16-bit little-endian, mono).
+    """EnergyVAD(sample_rate=8000, frame_ms=20, *, attack_ms=0, hangover_ms=160, margin_db=4.0, min_level_dbfs=-55.0, echo_return_loss_db=20.0, echo_hold_ms=400)
+--
 
-    ``EnergyVAD(sample_rate=8000, frame_ms=20, *, attack_ms=0, hangover_ms=160,
-    margin_db=4.0, min_level_dbfs=-55.0, echo_return_loss_db=20.0,
-    echo_hold_ms=400)``
+    Energy voice activity detector for PCM16 frames (signed 16-bit little-endian, mono).
 
     * A frame is *active* when its level (after a 350 Hz high-pass) exceeds
       the noise floor by ``margin_db`` (more in noise whose level swings, up
@@ -381,8 +385,9 @@ cdef class EnergyVAD:
         self.s.energy = -1.0
         self.s.threshold = -1.0
 
-    def __init__(self, sample_rate=8000, frame_ms=20, *, attack_ms=0, hangover_ms=160,
-                 margin_db=4.0, min_level_dbfs=-55.0, echo_return_loss_db=20.0, echo_hold_ms=400):
+    def __init__(self, *args, **kwargs):
+        sample_rate, frame_ms, attack_ms, hangover_ms, margin_db, min_level_dbfs, echo_return_loss_db, echo_hold_ms = (
+            bind_args(_bind, "EnergyVAD", args, kwargs))
         if self.c.frame_bytes != 0:  # (what a running observe_agent reads without the GIL must not change under it)
             raise TypeError("an EnergyVAD is set up when made: make a new one for other settings")
         rate = _int("sample_rate", sample_rate, "Hz")

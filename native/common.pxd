@@ -102,3 +102,14 @@ cdef inline int16_t saturate16(double v) noexcept nogil:
     if v >= 0.0:
         return <int16_t>(v + 0.5)
     return <int16_t>(v - 0.5)
+
+
+# Constructor arguments.  A cdef class's __cinit__/__init__ take (*args, **kwargs) and bind them with a plain
+# function of the class's signature, so a wrong call says "Resampler() takes ..." rather than naming
+# __cinit__ or __init__ (and inspect.signature reads the signature from the class docstring's first line).
+cdef inline tuple bind_args(object bind, str cls, tuple args, dict kwargs):
+    try:
+        return bind(*args, **kwargs)
+    except TypeError as e:
+        # (bind only binds: a TypeError is about the call, and its message starts "<bind's name>()")
+        raise TypeError(cls + "()" + str(e).partition("()")[2]) from None

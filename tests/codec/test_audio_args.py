@@ -7,6 +7,8 @@ come back as noise with no error; a 2-D (stereo) array was read as mono.
 from __future__ import annotations
 
 import array
+import inspect
+import pydoc
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from mediaserver import codec
-from mediaserver.codec import EnergyVAD, Resampler
+from mediaserver.codec import EnergyVAD, JitterBuffer, Resampler
 
 PCM = np.round(8000 * np.sin(np.arange(160) / 5)).astype("<i2")  # one 20 ms frame at 8 kHz
 
@@ -95,18 +97,44 @@ def test_kernel_numeric_parameters_take_numpy_scalars() -> None:
     assert vad.agent_level_dbfs == pytest.approx(-20.0)
 
 
-def test_help_shows_each_class_s_real_signature_not_a_garbled_one() -> None:
-    """help() starts with the class docstring: no signature Cython got wrong (``str phase='linear', *``, or
-    keyword-only arguments shown as positional), only the hand-written one."""
-    from mediaserver.codec import EnergyVAD, JitterBuffer, Resampler
+def test_help_and_inspect_show_each_class_s_real_signature() -> None:
+    """The constructors' signatures as Python would show them (from the first line of the class docstring):
+    none that Cython got wrong (``str phase='linear', *``, keyword-only arguments shown as positional)."""
 
+    signatures = {cls.__name__: str(inspect.signature(cls)) for cls in (Resampler, JitterBuffer, EnergyVAD)}
+    assert signatures == {
+        "Resampler": "(in_rate, out_rate, *, phase='linear')",
+        "JitterBuffer": "(depth=2, frame_bytes=160, fill='silence', codec='ulaw', *, capacity=None, first_seq=None)",
+        "EnergyVAD": (
+            "(sample_rate=8000, frame_ms=20, *, attack_ms=0, hangover_ms=160, margin_db=4.0, min_level_dbfs=-55.0, "
+            "echo_return_loss_db=20.0, echo_hold_ms=400)"
+        ),
+    }
     for cls in (Resampler, JitterBuffer, EnergyVAD):
         doc = cls.__doc__ or ""
-        assert "str phase" not in doc and "capacity=None, *" not in doc and "attack_ms=0, *" not in doc, doc[:200]
-    assert (JitterBuffer.__doc__ or "").splitlines()[0] == (
-        'JitterBuffer(depth=2, frame_bytes=160, fill="silence", codec="ulaw", *, capacity=None, first_seq=None)'
-    )
-    assert 'Resampler(in_rate, out_rate, *, phase="linear")' in (Resampler.__doc__ or "").splitlines()[0]
+        assert doc.strip() and not doc.lstrip().startswith(("--", cls.__name__ + "(")), doc[:100]  # (only the prose)
+        shown = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+        assert f"{cls.__name__}{signatures[cls.__name__]}" in shown
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Resampler(8000), "Resampler() takes exactly 2 positional arguments (1 given)"),
+        (lambda: Resampler(8000, 16000, "minimum"), "Resampler() takes exactly 2 positional arguments (3 given)"),
+        (lambda: Resampler(8000, 16000, phse="minimum"), "Resampler() got an unexpected keyword argument 'phse'"),
+        (lambda: JitterBuffer(2, 160, "silence", "ulaw", 64), "JitterBuffer() takes at most 4 positional arguments (5 given)"),
+        (lambda: JitterBuffer(dpth=2), "JitterBuffer() got an unexpected keyword argument 'dpth'"),
+        (lambda: EnergyVAD(8000, 20, 40), "EnergyVAD() takes at most 2 positional arguments (3 given)"),
+        (lambda: EnergyVAD(hangover=400), "EnergyVAD() got an unexpected keyword argument 'hangover'"),
+        (lambda: Resampler(8000, 16000, phase=1), "phase must be 'linear' or 'minimum', got int"),
+    ],
+)
+def test_a_wrong_constructor_call_names_the_class(make: Callable[[], object], message: str) -> None:
+    """Not ``__cinit__()`` or ``__init__()``, which a user of the codec module never wrote."""
+    with pytest.raises(TypeError) as error:
+        make()
+    assert str(error.value) == message
 
 
 @pytest.mark.parametrize(
