@@ -18,7 +18,7 @@ The plain-Python reference with the same rules is
 """
 
 cimport cython
-from cpython.buffer cimport PyBuffer_Release
+from cpython.buffer cimport PyBuffer_Release, PyObject_CheckBuffer
 
 from audiobuf cimport get_audio_buffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -194,7 +194,9 @@ cdef class JitterBuffer:
 
     The buffer is not a queue: pop after every push.  It holds at most
     ``capacity`` consecutive sequence numbers.  Sequence numbers that restart
-    from a lower value (a new stream) are late until you call ``reset()``.
+    from a lower value (a new stream) are dropped until you call ``reset()``
+    (counted as ``duplicates`` where a frame of that number was played at most
+    ``capacity`` numbers ago, else as ``late``).
     At the end of a stream, ``drain()`` returns what is still waiting.
     """
 
@@ -254,6 +256,8 @@ cdef class JitterBuffer:
             else:
                 raise ValueError(f"fill must be 'silence', 'fade' or a frame of bytes, got {fill!r}")
         else:
+            if not PyObject_CheckBuffer(fill):
+                raise TypeError(f"fill must be 'silence', 'fade' or a frame of bytes, got {type(fill).__name__}")
             self._fill = fill if PyBytes_CheckExact(fill) else _copy_buffer(fill, _CODECS[codec], "fill")
             if PyBytes_GET_SIZE(self._fill) != frame_bytes:
                 raise ValueError(

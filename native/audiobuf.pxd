@@ -36,11 +36,14 @@ cdef inline int get_audio_buffer(object data, Py_buffer* view, int width, str wh
 
     ``bytes``, ``bytearray``, ``memoryview``, ``array('B'/'h')`` (and ``'b'`` for codes) and numpy
     arrays of uint8, int8 (codes only) or (for PCM16) little-endian int16 pass; anything else raises
-    TypeError (another item type: float, int32, big-endian) or ValueError
+    TypeError (not a buffer: None, str, a list; another item type: float, int32, big-endian) or ValueError
     (not contiguous, more than one dimension), with the view released.
     """
     try:
         PyObject_GetBuffer(data, view, PyBUF_FORMAT | PyBUF_ND)
+    except TypeError:
+        raise TypeError(f"{what} must be a bytes-like object (bytes, bytearray, memoryview, array), "
+                        f"not {type(data).__name__}") from None
     except (BufferError, ValueError) as exc:  # (a strided view: memoryview raises BufferError, numpy ValueError)
         raise ValueError(f"{what} must be one contiguous buffer: {exc}") from None
     if view.ndim > 1:

@@ -55,6 +55,22 @@ def test_pcm16_kernels_refuse_other_sample_types(take: Callable[[Any], object], 
 
 
 @pytest.mark.parametrize("take", PCM_TAKERS.values(), ids=PCM_TAKERS.keys())
+@pytest.mark.parametrize("bad", [None, "text", [1, 2], 3])
+def test_pcm16_kernels_refuse_what_is_not_a_buffer_naming_its_type(take: Callable[[Any], object], bad: Any) -> None:
+    with pytest.raises(TypeError) as error:
+        take(bad)
+    assert str(error.value).endswith(f" must be a bytes-like object (bytes, bytearray, memoryview, array), not {type(bad).__name__}")
+
+
+def test_the_jitter_buffer_names_what_is_not_a_frame() -> None:
+    with pytest.raises(TypeError, match=r"^frame must be a bytes-like object \(bytes, bytearray, memoryview, array\), not NoneType$"):
+        JitterBuffer().push(1, None)
+    for fill in (None, 0, ["silence"]):  # (capacity=None and first_seq=None are the defaults; fill=None is not)
+        with pytest.raises(TypeError, match=f"^fill must be 'silence', 'fade' or a frame of bytes, got {type(fill).__name__}$"):
+            JitterBuffer(fill=fill)
+
+
+@pytest.mark.parametrize("take", PCM_TAKERS.values(), ids=PCM_TAKERS.keys())
 def test_pcm16_kernels_refuse_stereo_and_strided_buffers(take: Callable[[Any], object]) -> None:
     with pytest.raises(ValueError, match="one-dimensional"):
         take(np.stack([PCM[:80], PCM[80:]], axis=1))  # 80 stereo frames: 320 bytes
@@ -139,7 +155,7 @@ def test_a_wrong_constructor_call_names_the_class(make: Callable[[], object], me
 
 @pytest.mark.parametrize(
     "data",
-    [PCM.view(np.int8), array.array("b", PCM.tobytes()), PCM.astype(">i2"), (PCM / 32768).astype(np.float32)[:80]],
+    [PCM.view(np.int8), array.array("b", PCM.tobytes()), PCM.astype(">i2"), (PCM / 32768).astype(np.float32)[:80], None, "text"],
 )
 def test_the_numpy_reference_refuses_what_the_kernels_refuse(data: Any) -> None:
     """The reference (mediaserver.codec._reference) takes audio by the kernels' rule: int8 only as codes."""

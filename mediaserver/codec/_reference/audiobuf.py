@@ -19,7 +19,12 @@ def audio_bytes(data: Any, width: int, what: str) -> bytes:
     """``data`` as bytes, by the kernels' rule; ``width`` is 2 for PCM16, 1 for G.711 codes."""
     if type(data) is bytes:
         return data
-    view = memoryview(data)  # (TypeError for what is not bytes-like, as the kernels raise)
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(
+            f"{what} must be a bytes-like object (bytes, bytearray, memoryview, array), not {type(data).__name__}"
+        ) from None
     with view:
         if not view.c_contiguous:
             raise ValueError(f"{what} must be one contiguous buffer")
