@@ -579,7 +579,8 @@ async def run_all(args: argparse.Namespace, server_cpus: set[int] | None, runs: 
             except* (RuntimeError, OSError, trio.TooSlowError) as group:  # the server did not start, or went away
                 failure = group.exceptions[0]
             if failure is not None:
-                return f"{name}: {failure or 'the run took too long'}; see bench/out/isolation-{name}.log"
+                why = str(failure) or "the run took too long"
+                return f"{name}: {why}" + ("" if f"isolation-{name}.log" in why else f"; see bench/out/isolation-{name}.log")
             row["repeat"] = repeat + 1
             runs.append(row)
             log(progress(row))
@@ -625,9 +626,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in rows:
             print(f"  {row['scenario']}: {row['bad_end'][:200]}")
     found = findings(rows)
-    print("findings: " + ("none" if not found else ""))
-    for line in found:
-        print(f"  {line}")
+    if rows:  # (no findings line for a run that measured nothing)
+        print("findings: " + ("none" if not found else ""))
+        for line in found:
+            print(f"  {line}")
     if failure is not None:
         log(f"isolation bench stopped early: {failure}")
     if args.json is not None:

@@ -174,6 +174,18 @@ class Server:
         assert self.proc is not None
         return psutil.Process(self.proc.pid)
 
+    def exited(self) -> str:
+        """Why the server is gone, for one line: its exit status and its log's last line (the cause, usually)."""
+        assert self.proc is not None
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        except OSError:
+            lines = []
+        last = f" (its log ends: {lines[-1][-200:]!r})" if lines else ""
+        return f"the {self.name} server exited with status {self.proc.returncode}{last}; see {self.log_path}"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -296,7 +308,7 @@ async def wait_healthy(server: Server, timeout_s: float = 30) -> None:
     with trio.fail_after(timeout_s):
         while True:
             if server.proc.poll() is not None:
-                raise RuntimeError(f"the {server.name} server exited with status {server.proc.returncode}; see {server.log_path}")
+                raise RuntimeError(server.exited())
             with trio.move_on_after(1):  # (a port some other program holds may accept and never answer)
                 try:
                     status, _ = await http_get(server.port, "/healthz")
@@ -950,6 +962,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         log("no plot: matplotlib is not importable (pip install matplotlib, or pass --no-plot)")
         args.plot = None
+    if args.plot is not None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        kinds = FigureCanvasAgg.get_supported_filetypes()
+        if args.plot.suffix[1:].lower() not in kinds:
+            parser.error(f"--plot: {args.plot.name!r} is not an image file matplotlib writes: name it .png, .svg or .pdf"
+                         f" ({', '.join(sorted(kinds))})")
     args.peer_skipped = peer_missing() if args.peer else None
     if args.peer_skipped is not None:
         args.peer = False
@@ -1022,9 +1041,8 @@ async def run_all(
                             failure = group.exceptions[0]
                         if failure is not None:
                             assert server.proc is not None
-                            why = (f"the {server.name} server exited with status {server.proc.returncode}"
-                                   if server.proc.poll() is not None else f"step {n} on {server.name} failed: {failure!r}")
-                            args.failure = f"{why}; see {server.log_path}"
+                            args.failure = (server.exited() if server.proc.poll() is not None
+                                            else f"step {n} on {server.name} failed: {failure!r}; see {server.log_path}")
                             log(f"  {args.failure}")
                             server.done = True
                             continue
@@ -1032,7 +1050,7 @@ async def run_all(
                         log(_progress(row))
                         assert server.proc is not None
                         if server.proc.poll() is not None:
-                            log(f"  the {server.name} server exited with status {server.proc.returncode}; see {server.log_path}")
+                            log(f"  {server.exited()}")
                             server.done = True
                     turn += 1
                 for server in servers:

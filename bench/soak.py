@@ -136,7 +136,7 @@ async def soak(args: argparse.Namespace, load_args: argparse.Namespace, server_c
                 assert server.proc is not None
                 if server.proc.poll() is not None:
                     nursery.cancel_scope.cancel()
-                    return f"the server exited with status {server.proc.returncode}; see {server.log_path}"
+                    return server.exited()
         nursery.cancel_scope.cancel()
     return None
 

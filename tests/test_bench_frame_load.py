@@ -17,6 +17,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -423,6 +424,8 @@ def test_load_says_how_many_more_calls_ours_held_than_the_peer_bounded_by_the_st
         (["--steps", "2", "--hold", "nan"], "--hold must be a finite number"),
         (["--steps", "2", "--grace", "-1"], "--grace and --drain-timeout must not be negative"),
         (["--steps", "2", "--repeats", "0"], "--repeats must be between 1 and 50"),
+        (["--steps", "2", "--plot", str(Path(tempfile.gettempdir()) / "load.txt")],
+         "--plot: 'load.txt' is not an image file matplotlib writes: name it .png, .svg or .pdf"),
     ],
 )
 def test_load_bad_options_are_one_line_errors_before_anything_starts(args: list[str], message: str) -> None:
@@ -430,6 +433,20 @@ def test_load_bad_options_are_one_line_errors_before_anything_starts(args: list[
         [sys.executable, str(ROOT / "bench" / "load.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_server_that_exits_is_reported_with_its_status_and_its_log_s_last_line(tmp_path: Path) -> None:
+    import load
+
+    log_path = tmp_path / "server.log"
+    server = load.Server("ours", [sys.executable, "-c", "raise SystemExit(2)"], "/twiml", log_path)
+    server.proc = subprocess.Popen(server.argv)
+    server.proc.wait()
+    assert server.exited() == f"the ours server exited with status 2; see {log_path}"  # (no log: nothing to quote)
+    log_path.write_text("INFO starting\n" + "x" * 5000 + "\nERROR [Errno 98] Address already in use\n\n")
+    assert server.exited() == (
+        f"the ours server exited with status 2 (its log ends: 'ERROR [Errno 98] Address already in use'); see {log_path}"
+    )
 
 
 def test_load_servers_get_no_proxy_for_the_loopback_model(monkeypatch: pytest.MonkeyPatch) -> None:
