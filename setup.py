@@ -29,8 +29,8 @@ DIRECTIVES = {
     "wraparound": False,
     "cdivision": True,
     "initializedcheck": False,
-    "embedsignature": True,
-    "embedsignature.format": "python",
+    # (no embedsignature: Cython 3's functions give inspect.signature() and help() their signatures themselves,
+    # and an embedded copy made help() print each one twice)
 }
 
 only = {name for name in os.environ.get("MEDIASERVER_ONLY", "").split(",") if name}

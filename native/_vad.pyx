@@ -519,6 +519,14 @@ cdef class EnergyVAD:
             raise ValueError(f"dbfs must be a level of at most 20 dBFS (or -inf), got {dbfs!r}")
         _raise_agent(&self.s, 10.0 ** (v / 10.0), 1, self.c.hold_frames)
 
+    def __repr__(self):
+        if self.c.frame_bytes == 0:
+            return "EnergyVAD(<not set up: made without __init__>)"
+        floor = _dbfs(self.s.floor)
+        return (f"EnergyVAD(sample_rate={self.sample_rate}, frame_ms={self.frame_ms}, "
+                f"attack_frames={self.c.attack_frames}, hangover_frames={self.c.hangover_frames}, "
+                f"speaking={self.s.state >= SPEAKING}, noise_floor_dbfs={'None' if floor is None else f'{floor:.1f}'})")
+
     @property
     def speaking(self):
         """True while speech is detected, after attack and hangover."""
@@ -546,10 +554,12 @@ cdef class EnergyVAD:
 
     @property
     def frame_samples(self):
+        """Samples in each frame ``process`` takes (``sample_rate * frame_ms / 1000``)."""
         return self.c.frame_samples
 
     @property
     def frame_bytes(self):
+        """Bytes in each frame ``process`` takes: two per sample."""
         return self.c.frame_bytes
 
     @property

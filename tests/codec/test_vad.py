@@ -613,6 +613,18 @@ def test_vad_made_without_init_raises_instead_of_crashing() -> None:
     with pytest.raises(RuntimeError, match="__init__ was not called"):
         vad.observe_agent_level(0.0)
     assert (vad.level_dbfs, vad.threshold_dbfs, vad.noise_floor_dbfs) == (None, None, None)  # none yet, as documented
+    assert repr(vad) == "EnergyVAD(<not set up: made without __init__>)"
+
+
+def test_vad_repr_shows_its_settings_and_state() -> None:
+    vad = EnergyVAD(16000, 10, attack_ms=40, hangover_ms=400)
+    assert repr(vad) == (
+        "EnergyVAD(sample_rate=16000, frame_ms=10, attack_frames=4, hangover_frames=40, speaking=False, noise_floor_dbfs=None)"
+    )
+    t = np.arange(160) / 16000
+    vad.process((3000 * np.sin(2 * np.pi * 1000 * t)).astype("<i2"))  # the first audible frame sets the floor
+    assert repr(vad).endswith(f"speaking=False, noise_floor_dbfs={vad.noise_floor_dbfs:.1f})")
+    assert vad.noise_floor_dbfs is not None
 
 
 @IMPLS
