@@ -28,7 +28,7 @@ from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from libc.stdint cimport int16_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memset
 
-from common cimport bind_args, alaw_to_linear, linear13_to_alaw, linear14_to_ulaw, load_le16, store_le16, ulaw_to_linear
+from common cimport bind_args, same_args, alaw_to_linear, linear13_to_alaw, linear14_to_ulaw, load_le16, store_le16, ulaw_to_linear
 
 from collections import namedtuple
 from operator import index as _index
@@ -207,6 +207,7 @@ cdef class JitterBuffer:
     cdef Py_ssize_t _cap, _mask, _depth, _count, _frame_bytes, _run
     cdef Py_ssize_t _owed           # concealment frames due before _next (see _catch_up)
     cdef bint _started, _floating, _fade, _initialised
+    cdef tuple _made                # the settings __cinit__ took, until __init__ has checked it got the same
     cdef int _codec
     cdef uint8_t _silence_byte
     cdef bytes _fill                # the concealment frame for silence/explicit
@@ -214,7 +215,8 @@ cdef class JitterBuffer:
     cdef uint64_t _received, _played, _duplicates, _late, _concealed, _reordered, _resyncs, _dropped
 
     def __cinit__(self, *args, **kwargs):
-        depth, frame_bytes, fill, codec, capacity, first_seq = bind_args(_bind, "JitterBuffer", args, kwargs)
+        self._made = bind_args(_bind, "JitterBuffer", args, kwargs)
+        depth, frame_bytes, fill, codec, capacity, first_seq = self._made
         if not isinstance(codec, str) or codec not in _CODECS:
             raise ValueError(f"codec must be 'ulaw', 'alaw' or 'pcm16', got {codec!r}")
         depth = _int_arg("depth", depth)
@@ -274,9 +276,10 @@ cdef class JitterBuffer:
 
     def __init__(self, *args, **kwargs):
         # (set up by __cinit__; a second __init__ would silently keep the old settings)
-        if self._initialised:
+        if self._initialised or not same_args(self._made, _bind, "JitterBuffer", args, kwargs):
             raise TypeError("a JitterBuffer is set up when made: make a new one for other settings")
         self._initialised = True
+        self._made = None
 
     def __dealloc__(self):
         cdef Py_ssize_t i

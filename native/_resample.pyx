@@ -26,7 +26,7 @@ from libc.math cimport lrintf
 from libc.stdint cimport int16_t, int64_t, uint8_t
 from libc.string cimport memmove, memset
 
-from common cimport bind_args, load_le16, to_le16
+from common cimport bind_args, load_le16, same_args, to_le16
 
 cdef extern from "resample_taps.h":
     ctypedef struct ms_filter:
@@ -107,12 +107,14 @@ cdef class Resampler:
     cdef Py_ssize_t lane_cap
     cdef bint busy
     cdef bint initialised
+    cdef tuple made           # the settings __cinit__ took, until __init__ has checked it got the same
     cdef bint fed             # input since the last reset: flush() has a tail to give
     cdef const ms_filter* filter
 
     def __cinit__(self, *args, **kwargs):
         cdef int in_hz, out_hz
-        in_rate, out_rate, phase = bind_args(_bind, "Resampler", args, kwargs)
+        self.made = bind_args(_bind, "Resampler", args, kwargs)
+        in_rate, out_rate, phase = self.made
         self.taps = NULL
         self.phase_len = NULL
         self.offsets = NULL
@@ -173,9 +175,10 @@ cdef class Resampler:
 
     def __init__(self, *args, **kwargs):
         # (set up by __cinit__; a second __init__ would silently keep the old settings)
-        if self.initialised:
+        if self.initialised or not same_args(self.made, _bind, "Resampler", args, kwargs):
             raise TypeError("a Resampler is set up when made: make a new one for other rates")
         self.initialised = True
+        self.made = None
 
     cdef _layout(self, const ms_filter* f):
         # Phase p computes sum_k h[p + k*L] * x[j0 - k].  Only its nonzero taps

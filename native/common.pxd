@@ -113,3 +113,16 @@ cdef inline tuple bind_args(object bind, str cls, tuple args, dict kwargs):
     except TypeError as e:
         # (bind only binds: a TypeError is about the call, and its message starts "<bind's name>()")
         raise TypeError(cls + "()" + str(e).partition("()")[2]) from None
+
+
+cdef inline bint same_args(tuple made, object bind, str cls, tuple args, dict kwargs) except -1:
+    """Whether ``__init__`` got what ``__cinit__`` was made with (the same objects: ``Cls(...)`` passes both
+    the same); not so when ``Cls.__new__(Cls, ...)`` was followed by ``__init__`` with other settings."""
+    cdef tuple bound = bind_args(bind, cls, args, kwargs)
+    cdef Py_ssize_t i
+    if made is None or len(bound) != len(made):
+        return False
+    for i in range(len(bound)):  # (a loop: a generator expression in this header breaks modules without one)
+        if bound[i] is not made[i]:
+            return False
+    return True

@@ -689,3 +689,13 @@ def test_jitter_settings_are_fixed_when_made() -> None:
     with pytest.raises(TypeError, match="make a new one"):
         jb.__init__(5, 320, "fade", "pcm16")  # type: ignore[misc]
     assert (jb.depth, jb.frame_bytes) == (2, 160)
+    # made with __new__, its first __init__ must not bring other settings either (they would be ignored)
+    fill = b"\x7f" * 160
+    jb = JitterBuffer.__new__(JitterBuffer, 2, 160, fill)
+    with pytest.raises(TypeError, match="make a new one"):
+        jb.__init__(5, 320)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="make a new one"):
+        jb.__init__(2, 160, bytes(bytearray(fill)))  # type: ignore[misc]  # (an equal frame, not the one it was made with)
+    jb = JitterBuffer.__new__(JitterBuffer, 2, 160, fill)
+    jb.__init__(2, 160, fill)  # type: ignore[misc]  # (what JitterBuffer(2, 160, fill) does)
+    assert (jb.depth, jb.frame_bytes) == (2, 160)

@@ -335,6 +335,14 @@ def test_resample_settings_are_fixed_when_made() -> None:
     with pytest.raises(TypeError, match="make a new one"):
         r.__init__(24000, 8000)  # type: ignore[misc]
     assert (r.in_rate, r.out_rate, r.ratio) == (8000, 16000, (2, 1))
+    r = Resampler.__new__(Resampler, 8000, 16000)  # its first __init__ must not bring other rates either
+    with pytest.raises(TypeError, match="make a new one"):
+        r.__init__(24000, 8000)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="make a new one"):
+        r.__init__(8000, 16000, phase="minimum")  # type: ignore[misc]
+    r = Resampler.__new__(Resampler, 8000, 16000)
+    r.__init__(8000, 16000)  # type: ignore[misc]  # (what Resampler(8000, 16000) does)
+    assert (r.in_rate, r.out_rate, r.phase) == (8000, 16000, "linear")
     with pytest.raises(TypeError):
         type("Mine", (Resampler,), {})  # final: a subclass could not be made consistently
 
