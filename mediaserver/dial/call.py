@@ -244,9 +244,11 @@ class CallSession:
     # -- talker ------------------------------------------------------------------
 
     async def _frame(self, payload: bytes, *, speech: bool) -> None:
-        await trio.sleep_until(self._next_frame_s)
+        due = self._next_frame_s
+        await trio.sleep_until(due)
+        late = trio.current_time() - due  # behind schedule: a stalled process, or a send the server did not take
         self._next_frame_s += len(payload) / 8000
-        if not await self._send(lambda: self.caller.media(payload, trio.current_time(), speech=speech)):
+        if not await self._send(lambda: self.caller.media(payload, trio.current_time(), speech=speech, late_s=late)):
             self._talking.cancel()
             await trio.lowlevel.checkpoint()
 

@@ -97,8 +97,8 @@ class MediaStreamCaller:
         }
         return self._message("start", start)
 
-    def media(self, frame: bytes, now: float, *, speech: bool) -> str:
-        """One inbound frame (any length; Twilio's are :data:`FRAME_BYTES`)."""
+    def media(self, frame: bytes, now: float, *, speech: bool, late_s: float = 0.0) -> str:
+        """One inbound frame (any length; Twilio's are :data:`FRAME_BYTES`), ``late_s`` behind its schedule."""
         self._expect("streaming", "media")
         if not frame:
             raise LocalProtocolError("an empty media frame")
@@ -110,7 +110,7 @@ class MediaStreamCaller:
             "payload": base64.b64encode(frame).decode("ascii"),
         }
         self._timestamp_ms += len(frame) * 1000 // 8000
-        self.events.append(FrameSent(now, bytes(frame), speech))
+        self.events.append(FrameSent(now, bytes(frame), speech, late_s))
         return self._message("media", media)
 
     def echo(self, name: str, now: float, *, cleared: bool) -> str:

@@ -16,7 +16,11 @@ milliseconds, times relative to the ``start`` message):
   playback buffer ran dry and more agent audio followed within
   ``gap_limit_ms`` with no ``clear`` and no caller speech in between
   (count and total ms);
-* marks received from the server, echoed as played, echoed by a clear.
+* marks received from the server, echoed as played, echoed by a clear;
+* the caller's own delay -- frames that left :data:`CALLER_LATE_MS` or more
+  after their place in the real-time schedule, and the worst delay. A
+  simulated caller that falls behind (an overloaded machine) shifts every
+  figure with it: they measure this machine as well as the server.
 
 A frame sent at ``t`` is taken to carry the caller's audio from ``t`` to
 ``t + 20 ms`` (the simulated phone has no capture delay).
@@ -48,6 +52,7 @@ from mediaserver.dial.timeline import (
 )
 
 __all__ = [
+    "CALLER_LATE_MS",
     "DEFAULT_GAP_LIMIT_MS",
     "BargeIn",
     "CallFigures",
@@ -65,6 +70,7 @@ __all__ = [
 ]
 
 DEFAULT_GAP_LIMIT_MS = 2000.0  # a longer silence between agent audio is a pause, not an underrun
+CALLER_LATE_MS = 20.0  # a caller frame that left a whole frame or more after its time
 _EPS_S = 1e-9  # float slack when comparing times computed by different sums
 
 
@@ -102,6 +108,8 @@ class CallFigures:
     marks_received: int
     marks_played: int
     marks_cleared: int
+    caller_late_frames: int  # frames that left CALLER_LATE_MS or more behind the caller's schedule
+    caller_late_max_ms: float
     warnings: tuple[str, ...]
     ended: str
     error: bool
@@ -190,6 +198,7 @@ def call_figures(events: Sequence[Event], *, gap_limit_ms: float = DEFAULT_GAP_L
 
     echoes = [e for e in events if isinstance(e, MarkEchoed)]
     speech_bytes = sum(len(e.payload) for e in events if isinstance(e, FrameSent) and e.speech)
+    lateness = [e.late_s for e in events if isinstance(e, FrameSent)]
     return CallFigures(
         duration_ms=_ms(end_s - t0),
         first_audio_ms=_ms(runs[0][0] - t0) if runs else None,
@@ -204,6 +213,8 @@ def call_figures(events: Sequence[Event], *, gap_limit_ms: float = DEFAULT_GAP_L
         marks_received=sum(1 for e in events if isinstance(e, MarkReceived)),
         marks_played=sum(1 for e in echoes if not e.cleared),
         marks_cleared=sum(1 for e in echoes if e.cleared),
+        caller_late_frames=sum(1 for late in lateness if late * 1000 >= CALLER_LATE_MS - 1e-6),
+        caller_late_max_ms=_ms(max(lateness, default=0.0)),
         warnings=tuple(e.text for e in events if isinstance(e, ProtocolWarning)),
         ended=ends[0].reason if ends else "not ended",
         error=ends[0].error if ends else False,
@@ -247,6 +258,7 @@ class Summary:
     barge_in_reaction_ms: Stats | None
     underruns_per_call: Stats | None
     underrun_ms_per_call: Stats | None
+    calls_caller_late: int  # calls with a caller frame CALLER_LATE_MS or more behind schedule
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -264,6 +276,7 @@ def summarize(figures: Sequence[CallFigures], failed: int = 0) -> Summary:
         barge_in_reaction_ms=_stats([b.reaction_ms for f in figures for b in f.barge_ins]),
         underruns_per_call=_stats([float(f.underruns) for f in figures]),
         underrun_ms_per_call=_stats([f.underrun_ms for f in figures]),
+        calls_caller_late=sum(1 for f in figures if f.caller_late_frames),
     )
 
 
@@ -293,6 +306,11 @@ def format_call(call_sid: str, f: CallFigures) -> str:
         f"{f.marks_cleared} echoed by {f.clears} clear(s)"
         + (f", {pending} still pending at hang-up" if (pending := f.marks_received - f.marks_played - f.marks_cleared) else ""),
     ]
+    if f.caller_late_frames:
+        lines.append(
+            f"  caller behind         {f.caller_late_frames} frame(s) sent {CALLER_LATE_MS:.0f}+ ms late, up to "
+            f"{_fmt(f.caller_late_max_ms)}: this machine was overloaded, and the figures include its delays"
+        )
     lines += [f"  warning: {w}" for w in f.warnings]
     return "\n".join(lines)
 
@@ -315,6 +333,11 @@ def format_summary(s: Summary) -> str:
             lines.append(f"{label:24}{stats.n:>6}{values}")
     if s.unanswered_turns:
         lines.append(f"{s.unanswered_turns} turn(s) got no answer")
+    if s.calls_caller_late:
+        lines.append(
+            f"{s.calls_caller_late} call(s) fell behind the caller's schedule by {CALLER_LATE_MS:.0f}+ ms: this machine "
+            "was overloaded, and the figures include its delays (place fewer --calls, or dial from another machine)"
+        )
     return "\n".join(lines)
 
 

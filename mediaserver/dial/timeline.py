@@ -47,11 +47,16 @@ class StreamStarted:
 
 @dataclass(frozen=True, slots=True)
 class FrameSent:
-    """One ``media`` frame of caller audio (µ-law) sent at ``at_s``; ``speech`` unless silence."""
+    """One ``media`` frame of caller audio (µ-law) sent at ``at_s``; ``speech`` unless silence.
+
+    ``late_s``: how long after its place in the caller's real-time schedule the frame left (the
+    caller itself fell behind: an overloaded machine).
+    """
 
     at_s: float
     payload: bytes
     speech: bool
+    late_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -329,6 +329,31 @@ async def test_figures_of_a_scripted_server_with_known_delays(autojump_clock: tr
     assert "first agent audio     550 ms" in text
     assert "agent stopped 60 ms after the caller spoke (clear received)" in text
     assert "underruns (gaps)      1 (100 ms)" in text
+    assert (f.caller_late_frames, f.caller_late_max_ms) == (0, 0.0) and "caller behind" not in text
+
+
+async def test_a_caller_that_falls_behind_its_schedule_says_so(autojump_clock: trio.testing.MockClock) -> None:
+    """A stall of the caller's own process (an overloaded machine) is in its figures and its report."""
+
+    async def script(server: FakeServer) -> None:
+        await server.until("start")
+        for _ in range(5):
+            await server.until("media")
+        autojump_clock.jump(0.1)  # 100 ms pass with no task running: the caller wakes 80 ms after frame 6 was due
+        await server.drain()
+
+    caller, server, t0 = await run_call(script, [Pause(100)], listen_s=0.2)
+    times = [round((at - t0) * 1000, 6) for at, m in server.received if m["event"] == "media"]
+    # The frames due at 100, 120, 140 and 160 ms leave at 180 ms, then the schedule goes on.
+    assert times == [0.0, 20.0, 40.0, 60.0, 80.0, 180.0, 180.0, 180.0, 180.0, 180.0, 200.0, 220.0, 240.0, 260.0, 280.0]
+    f = report.call_figures(caller.events)
+    assert (f.caller_late_frames, f.caller_late_max_ms) == (4, 80.0)  # 80, 60, 40 and 20 ms late; the 5th on time
+    assert "caller behind         4 frame(s) sent 20+ ms late, up to 80 ms: this machine was overloaded" in (
+        report.format_call(CALL_SID, f)
+    )
+    summary = report.summarize([f, report.call_figures(caller.events[:3])])
+    assert summary.calls_caller_late == 1
+    assert "1 call(s) fell behind the caller's schedule by 20+ ms" in report.format_summary(summary)
 
 
 async def test_duration_hangs_up_in_the_middle_of_the_script(autojump_clock: trio.testing.MockClock) -> None:
