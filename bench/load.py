@@ -75,12 +75,13 @@ only one of them carries calls at a time.  Issue 3's targets: bridge-added
 p99 <= 2 ms at 100 calls; >= 600 calls per core with no lost frames and no
 leaked sessions.
 
-Options: ``--steps 10,25,...``, ``--hold S``, ``--repeats R`` (runs of
+Options: ``--steps 10,25,...`` (increasing), ``--hold S``, ``--repeats R`` (runs of
 each step per server, default 3: every figure in the tables is the median
 over the runs, which alternate which server goes first; lost frames,
 failed calls and leaked sessions are summed, so a step is ok only if no run
 lost anything; the JSON keeps every run), ``--quick`` (2 and 4 calls
-for a few seconds, one run each, at most 10 s to drain), ``--no-peer``, ``--json PATH``,
+for a few seconds, one run each, at most 10 s to drain; an option given
+with it keeps its value), ``--no-peer``, ``--json PATH``,
 ``--plot PATH`` (PNG of both servers' p99 and CPU; default
 ``bench/out/load.png``, git-ignored), ``--no-pin``, ``--keep-going``,
 ``--tls`` (serve the fake model on ``wss://``, as real providers are: a
@@ -883,14 +884,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--ramp-rate", type=float, default=100.0, help="new calls per second while ramping (default 100)")
     parser.add_argument(
-        "--settle", type=float, default=1.0, help="seconds after the ramp before measuring (default 1, at least 0.2)"
+        "--settle", type=float, help="seconds after the ramp before measuring (default 1, 0.5 with --quick; at least 0.2)"
     )
-    parser.add_argument("--grace", type=float, default=2.0, help="seconds after the calls end before counting leaks (default 2)")
+    parser.add_argument("--grace", type=float, help="seconds after the calls end before counting leaks (default 2, 1 with --quick)")
     parser.add_argument(
-        "--drain-timeout", type=float, default=60.0, help="max seconds to wait for the server to finish the step's calls (default 60)"
+        "--drain-timeout", type=float,
+        help="max seconds to wait for the server to finish the step's calls (default 60, 10 with --quick)",
     )
-    parser.add_argument("--reply-every", type=float, default=2.0, help="model reply period per call, s (default 2)")
-    parser.add_argument("--reply-ms", type=int, default=1000, help="model reply length, ms (default 1000)")
+    parser.add_argument("--reply-every", type=float, help="model reply period per call, s (default 2, 0.6 with --quick)")
+    parser.add_argument("--reply-ms", type=int, help="model reply length, ms (default 1000, 400 with --quick)")
     parser.add_argument("--gen-cpu", type=float, default=85.0, help="gen-bound above this generator CPU %% (default 85)")
     parser.add_argument("--gen-lag-ms", type=float, default=2.0, help="gen-bound above this loop-lag p99 (default 2 ms)")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the servers and the generator to CPUs")
@@ -936,12 +938,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not 1 <= args.repeats <= 50:
         parser.error("--repeats must be between 1 and 50")
     args.hold = args.hold if args.hold is not None else (1.5 if args.quick else 15.0)
-    if args.quick:
-        args.settle, args.grace = min(args.settle, 0.5), min(args.grace, 1.0)
-        args.reply_every, args.reply_ms = min(args.reply_every, 0.6), min(args.reply_ms, 400)
-        args.drain_timeout = min(args.drain_timeout, 10.0)  # a smoke run reports a stuck server, not waits on it
+    # What --quick shortens, unless given (a smoke run reports a stuck server rather than wait on it).
+    for name, usual, quick in (("settle", 1.0, 0.5), ("grace", 2.0, 1.0), ("reply_every", 2.0, 0.6),
+                               ("reply_ms", 1000, 400), ("drain_timeout", 60.0, 10.0)):  # fmt: skip
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else usual)
     if len(set(steps)) != len(steps):
         parser.error("--steps: each step once (to repeat a measurement use --repeats; to compare revisions, bench/ab.py)")
+    if steps != sorted(steps):
+        parser.error(f"--steps must increase ({args.steps}): each server's ramp stops at its first step that is not ok")
     for name in ("hold", "ramp_rate", "reply_every", "settle", "grace", "drain_timeout", "max_p99_ms", "gen_cpu", "gen_lag_ms"):
         value = getattr(args, name, None)
         if isinstance(value, float) and not math.isfinite(value):

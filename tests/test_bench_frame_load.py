@@ -421,6 +421,7 @@ def test_load_says_how_many_more_calls_ours_held_than_the_peer_bounded_by_the_st
     ("args", "message"),
     [
         (["--steps", "2,2"], "--steps: each step once"),
+        (["--steps", "4,2"], "--steps must increase (4,2): each server's ramp stops at its first step that is not ok"),
         (["--steps", "2", "--hold", "nan"], "--hold must be a finite number"),
         (["--steps", "2", "--grace", "-1"], "--grace and --drain-timeout must not be negative"),
         (["--steps", "2", "--repeats", "0"], "--repeats must be between 1 and 50"),
@@ -433,6 +434,19 @@ def test_load_bad_options_are_one_line_errors_before_anything_starts(args: list[
         [sys.executable, str(ROOT / "bench" / "load.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_load_quick_shortens_only_what_was_not_given() -> None:
+    import load
+
+    quick = load.parse_args(["--quick", "--no-plot"])
+    assert (quick.step_list, quick.hold, quick.repeats) == ([2, 4], 1.5, 1)
+    assert (quick.settle, quick.grace, quick.reply_every, quick.reply_ms, quick.drain_timeout) == (0.5, 1.0, 0.6, 400, 10.0)
+    given = load.parse_args(["--quick", "--no-plot", "--settle", "3", "--grace", "4", "--reply-every", "5",
+                             "--reply-ms", "2000", "--drain-timeout", "30"])  # fmt: skip
+    assert (given.settle, given.grace, given.reply_every, given.reply_ms, given.drain_timeout) == (3.0, 4.0, 5.0, 2000, 30.0)
+    usual = load.parse_args(["--steps", "2", "--no-plot"])
+    assert (usual.settle, usual.grace, usual.reply_every, usual.reply_ms, usual.drain_timeout) == (1.0, 2.0, 2.0, 1000, 60.0)
 
 
 def test_a_server_that_exits_is_reported_with_its_status_and_its_log_s_last_line(tmp_path: Path) -> None:
