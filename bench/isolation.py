@@ -39,7 +39,9 @@ Measured, for the good calls inside the bad window (by send time):
   window: latencies near it measured this process, not the server; and
   steal: the share of both CPUs' time the hypervisor gave to other guests
   in the window (``/proc/stat``; on a virtual machine it shows as lag and
-  latency in no process's CPU time).
+  latency in no process's CPU time). A scenario whose window had 10% steal
+  or more gets a ``caveat:`` line after the findings (not a finding: the
+  exit status does not change): its figures may be the host's.
 
 Scenarios (``--scenarios a,b,...``; the default set is the first nine):
 
@@ -448,6 +450,19 @@ def findings(rows: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+STEAL_CAVEAT_PCT = 10.0  # the hypervisor took this share of the CPUs or more (a few % is usual): say so
+
+
+def caveats(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """What may be the machine's rather than the server's: scenarios run while the hypervisor took much of the CPUs."""
+    return [
+        f"{r['scenario']}: the hypervisor took {r['steal_pct']:.0f}% of the CPUs in the window: its latencies (and any"
+        " lost frames) may be the host's, not the server's; run it again"
+        for r in rows
+        if not math.isnan(r.get("steal_pct", math.nan)) and r["steal_pct"] >= STEAL_CAVEAT_PCT
+    ]
+
+
 # --- output -------------------------------------------------------------------------------
 
 
@@ -630,11 +645,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("findings: " + ("none" if not found else ""))
         for line in found:
             print(f"  {line}")
+    noted = caveats(rows)
+    for line in noted:
+        print(f"caveat: {line}")
     if failure is not None:
         log(f"isolation bench stopped early: {failure}")
     if args.json is not None:
         write_json(args.json, {"header": dict(header), "quick": args.quick, "rows": rows, "runs": runs, "findings": found,
-                               "failure": failure})
+                               "caveats": noted, "failure": failure})
         print(f"wrote {args.json}")
     if interrupted:
         return 130  # (as the other benches: Ctrl-C, or SIGTERM)

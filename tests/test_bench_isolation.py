@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -230,6 +231,15 @@ def test_repeats_combine_into_medians_sums_and_the_worst_end_state() -> None:
     assert (rows[1]["up_p99_x"], rows[1]["down_p99_x"]) == (1.5, 0.5)
     found = isolation.findings(rows)
     assert any("lost 1 uplink" in f for f in found) and any("still open" in f for f in found)
+
+
+def test_a_scenario_run_under_heavy_steal_gets_a_caveat_not_a_finding() -> None:
+    rows = [{"scenario": "none", "steal_pct": 2.0}, {"scenario": "m_slow", "steal_pct": 35.4},
+            {"scenario": "c_flood", "steal_pct": math.nan}, {"scenario": "m_badjson", "steal_pct": 10.0}]  # fmt: skip
+    said = isolation.caveats(rows)
+    assert [line.split(":")[0] for line in said] == ["m_slow", "m_badjson"]
+    assert said[0] == ("m_slow: the hypervisor took 35% of the CPUs in the window: its latencies (and any lost frames)"
+                       " may be the host's, not the server's; run it again")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
