@@ -718,6 +718,8 @@ def table(rows: Sequence[dict[str, Any]], args: argparse.Namespace, pinned: bool
     )
     notes = [
         f"server: {OURS} = mediaserver{peer_note}.",
+        *(f"{r['server']} at {r['calls']} calls: interrupted; {r['repeats']} of {args.repeats} run(s) finished, and the"
+          " row is theirs." for r in rows if r.get("partial")),
         f"ok: no failed call, lost frame or leaked session (in any run), and p99 <= {args.max_p99_ms:g} ms"
         " (else that server's ramp stops).",
         "Each figure is the median over the runs of a step (runs alternate which server goes first);"
@@ -747,6 +749,17 @@ def table(rows: Sequence[dict[str, Any]], args: argparse.Namespace, pinned: bool
     return render_table(
         f"Load: concurrent calls, {args.hold:g} s hold each, {_runs(args)}, model over {model_link(args)}", COLUMNS, shown, notes
     )
+
+
+def interrupted_rows(
+    step_runs: dict[str, list[dict[str, Any]]], rows: Sequence[dict[str, Any]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Rows for the runs an interrupted step finished, per server that has no row for that step yet (marked ``partial``)."""
+    out = []
+    for runs in step_runs.values():
+        if runs and not any(r["calls"] == runs[0]["calls"] and r["server"] == runs[0]["server"] for r in rows):
+            out.append(combine(runs, args) | {"partial": True})
+    return out
 
 
 def _runs(args: argparse.Namespace) -> str:
@@ -1031,6 +1044,7 @@ async def run_all(
             turn = 0
             for n in args.step_list:
                 runs: dict[str, list[dict[str, Any]]] = {server.name: [] for server in servers}
+                args.step_runs = runs  # (an interrupted step: main() still shows the runs it finished)
                 for repeat in range(args.repeats):
                     # Alternate who goes first, so neither always runs on a machine the other has just warmed up.
                     for server in servers if turn % 2 == 0 else servers[::-1]:
@@ -1149,6 +1163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupted = True
         args.failure = "interrupted; the servers were stopped"
     rows = args.rows
+    if interrupted:
+        rows += interrupted_rows(getattr(args, "step_runs", {}), rows, args)
     if interrupted and not rows:
         log(f"load bench: {args.failure}")
         return 130

@@ -363,22 +363,28 @@ def test_load_bench_finds_the_generator_s_longest_collection_in_a_window() -> No
     assert pauses.longest_s(before - 10, before - 5) == 0.0  # none began then
 
 
+def load_run(cpu: float, up_p99: float, *, lost: int = 0, failed: str | None = None, steal: float = 1.0,
+             calls: int = 100, server: str = "ours") -> dict[str, Any]:  # fmt: skip
+    """One run's figures of a load step, as run_step returns them."""
+    import load
+
+    row: dict[str, Any] = {key: 1.0 for key in load._MEDIANS}
+    row.update({key: 10 for key in load._SUMS})
+    row.update(
+        calls=calls, server=server, server_cpu_pct=cpu, up_p99_ms=up_p99, down_p99_ms=1.0, up_lost=lost, down_lost=0,
+        failed=int(failed is not None), leaked=0, failure_kinds={failed: 1} if failed else {},
+        first_failure=failed, model_errors=[], server_active_after=0, gen_bound=False, sockets_per_wakeup=4.0,
+        steal_pct=steal,
+    )
+    return row
+
+
 def test_load_combines_a_steps_runs_into_medians_and_sums() -> None:
     import argparse
 
     import load
 
-    def run(cpu: float, up_p99: float, *, lost: int = 0, failed: str | None = None, steal: float = 1.0) -> dict[str, Any]:
-        row: dict[str, Any] = {key: 1.0 for key in load._MEDIANS}
-        row.update({key: 10 for key in load._SUMS})
-        row.update(
-            calls=100, server="ours", server_cpu_pct=cpu, up_p99_ms=up_p99, down_p99_ms=1.0, up_lost=lost, down_lost=0,
-            failed=int(failed is not None), leaked=0, failure_kinds={failed: 1} if failed else {},
-            first_failure=failed, model_errors=[], server_active_after=0, gen_bound=False, sockets_per_wakeup=4.0,
-            steal_pct=steal,
-        )
-        return row
-
+    run = load_run
     args = argparse.Namespace(max_p99_ms=20.0)
     runs = [run(30.0, 2.0), run(20.0, 50.0, steal=40.0), run(25.0, 3.0)]  # one run's p99 far out: the median is not
     row = load.combine(runs, args)
@@ -391,6 +397,23 @@ def test_load_combines_a_steps_runs_into_medians_and_sums() -> None:
     assert lossy["failure_kinds"] == {"stream: refused": 1} and lossy["first_failure"] == "stream: refused"
     single = load.combine([run(30.0, 2.0)], args)
     assert "runs" not in single and single["server_cpu_pct"] == 30.0
+
+
+def test_an_interrupted_step_keeps_the_runs_it_finished() -> None:
+    import load
+
+    args = load.parse_args(["--steps", "100,200", "--repeats", "3", "--no-plot"])
+    done = [load.combine([load_run(30.0, 2.0)] * 3, args), load.combine([load_run(60.0, 2.0, server="peer")] * 3, args)]
+    # Interrupted in the step of 200 calls: ours finished two runs, the peer none.
+    step = {"ours": [load_run(50.0, 3.0, calls=200), load_run(54.0, 5.0, calls=200)], "peer": []}
+    [partial] = load.interrupted_rows(step, done, args)
+    assert (partial["calls"], partial["server"], partial["repeats"], partial["partial"]) == (200, "ours", 2, True)
+    assert partial["server_cpu_pct"] == 52.0 and partial["up_p99_ms"] == 4.0  # the median of the two
+    # A step whose row was already made (the interrupt came after it) is not added twice.
+    assert load.interrupted_rows({"ours": [load_run(30.0, 2.0)] * 3}, done, args) == []
+    table = load.table([*done, partial], args, pinned=True)
+    assert "ours at 200 calls: interrupted; 2 of 3 run(s) finished, and the row is theirs." in table
+    assert "interrupted" not in load.table(done, args, pinned=True)
 
 
 @needs_peer
