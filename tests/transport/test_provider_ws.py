@@ -202,5 +202,7 @@ async def test_liveness_gives_a_model_another_window_when_this_process_stalled_p
             while ws._abort_reason is None:
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
-    assert pings == 2  # the stalled wait did not count
+    # The stalled wait did not count: the model was cut after a later ping (the second, unless this machine
+    # stalled past that wait too -- on CI it can -- which gives it another window in the same way).
+    assert pings >= 2
     assert ws._abort_reason is not None and ws._abort_reason.endswith("nor answered a ping")
