@@ -53,13 +53,29 @@ def test_bad_options_are_one_line_errors_before_anything_starts(args: list[str],
     assert proc.stderr.count("usage:") == 1  # (not the load bench's usage too)
 
 
+def _stalled_only(out_json: Path) -> bool:
+    """The run was not clean only because the machine stalled: frames lost in rounds whose p99 was far out
+    (CI once: 676 ms in a 0.6 s hold, 2 reply frames still in flight when the callers hung up), nothing else."""
+    if not out_json.exists():
+        return False
+    rows = json.loads(out_json.read_text())["rows"]
+    unclean = [r for r in rows if r["lost"] or r["failed"] or r["leaked"] or r["model_sessions_open"] or r["model_errors"]]
+    return bool(unclean) and all(
+        not (r["failed"] or r["leaked"] or r["model_sessions_open"] or r["model_errors"]) and r["p99_ms"] > 100
+        for r in unclean
+    )
+
+
 def test_a_tiny_soak_runs_every_round_and_leaves_nothing_open(tmp_path: Path) -> None:
     out_json = tmp_path / "soak.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "soak.py"), "--calls", "2", "--rounds", "4", "--hold", "0.6",
-         "--no-pin", "--json", str(out_json)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
-    )
+    for _ in range(2):  # a second run only when a stall of the machine is all that spoiled the first
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "soak.py"), "--calls", "2", "--rounds", "4", "--hold", "0.6",
+             "--no-pin", "--json", str(out_json)],
+            cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+        )
+        if proc.returncode == 0 or not _stalled_only(out_json):
+            break
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "after the warm-up (2 rounds, 2 calls)" in proc.stdout
     result = json.loads(out_json.read_text())
