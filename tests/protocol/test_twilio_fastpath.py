@@ -392,6 +392,32 @@ def test_mark_scanner_takes_the_usual_shape_and_declines_others() -> None:
         assert parse_mark(text) is None, text
 
 
+_PLAIN_STOPS = [" ", "!", "#", "[", "]", "~", "\x7f", "/"]
+_ENDING_STOPS = ['"', "\\", '\\"', "\\n", "\\u0041", *map(chr, range(0x20))]
+
+
+@pytest.mark.parametrize("at", range(26))
+def test_the_string_scan_finds_every_quote_backslash_and_control_character_at_every_offset(at: int) -> None:
+    """Strings are scanned eight bytes at a time: a byte that ends or escapes one is seen wherever it falls in a word.
+
+    A mark name with ``at`` plain characters, then one character under test,
+    then more plain ones, written raw into the message (not through
+    ``json.dumps``): a plain character is taken as part of the name; a quote
+    ends the string early (the message is then not one the scanner knows), a
+    backslash starts an escape, and a raw control character is not JSON --
+    all three are declined, as ``json.loads`` reads them differently or not
+    at all.  The offsets cover every position in a word.
+    """
+    for stop in _PLAIN_STOPS + _ENDING_STOPS:
+        name = "n" * at + stop + "x" * 19
+        text = '{"event": "mark", "sequenceNumber": "4", "streamSid": "%s", "mark": {"name": "%s"}}' % (STREAM_SID, name)
+        fields = parse_mark(text)
+        if stop in _PLAIN_STOPS:
+            assert fields == (4, STREAM_SID, name) == (4, STREAM_SID, json.loads(text)["mark"]["name"]), repr(stop)
+        else:
+            assert fields is None, (at, repr(stop))
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.one_of(media_texts(), mark_texts()))
 def test_every_cut_of_a_message_is_declined(text: str) -> None:
