@@ -597,6 +597,8 @@ class FakeTwilioCaller:
         self._next_frame_s: float | None = None
         self._arrived = trio.Event()
         self._echoes_held = False  # hold_echoes(): marks fall due but are not echoed as played
+        self._withheld: list[_BufferedMark] = []  # played marks not echoed because of the hold (echoed on release)
+        self._echoes_sending = 0  # echoes counted as played whose message is not on the wire yet
         self._waiting: trio.CancelScope | None = None  # the receive loop's wait (release_echoes wakes it)
 
     @property
@@ -682,11 +684,17 @@ class FakeTwilioCaller:
         """Wait until at least ``n_bytes`` of agent audio have arrived."""
         await self.wait_for(lambda: sum(len(m.payload) for m in self.received) >= n_bytes)
 
-    def hold_echoes(self) -> None:
+    async def hold_echoes(self) -> None:
         """Echo no mark as played until :meth:`release_echoes` (as over a slow network); a ``clear`` still echoes
         every pending mark at once.  A test that barges in while they are held knows exactly which marks the
-        server saw before its clear, however late the clear comes."""
+        server saw before its clear, however late the clear comes.
+
+        Returns once every echo counted as played before the hold is on the wire (one may be waiting for the
+        send lock behind a media frame, on a stalled machine): from then on ``played_marked_bytes`` is what the
+        server has been sent, and no echo is on its way.
+        """
         self._echoes_held = True
+        await self.wait_for(lambda: self._echoes_sending == 0)
 
     def release_echoes(self) -> None:
         self._echoes_held = False
@@ -744,17 +752,26 @@ class FakeTwilioCaller:
                     return
             self._waiting = None
             now = trio.current_time()
-            for mark in [] if self._echoes_held else self.playback.due(now):  # audio that played before this message
-                await self._echo(mark, now, cleared=False)
+            if not self._echoes_held:
+                withheld, self._withheld = self._withheld, []
+                for mark in withheld + self.playback.due(now):  # audio that played before this message
+                    await self._echo(mark, now, cleared=False)
             if message is not None:
                 await self._handle(message, now)
                 self._notify()
 
     async def _echo(self, mark: _BufferedMark, now: float, *, cleared: bool) -> None:
         if not cleared:
+            if self._echoes_held:  # (held while this loop echoed a run of marks: the rest wait for the release)
+                self._withheld.append(mark)
+                return
             self.played_marked_bytes += mark.audio_bytes
         self.echoes.append(MarkEcho(mark.name, now, cleared, mark.audio_bytes))
-        await self._send_built(functools.partial(self.messages.mark, mark.name))
+        self._echoes_sending += 1
+        try:
+            await self._send_built(functools.partial(self.messages.mark, mark.name))
+        finally:
+            self._echoes_sending -= 1
         self._notify()
 
     async def _handle(self, message: str | bytes, now: float) -> None:

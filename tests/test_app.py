@@ -507,7 +507,7 @@ async def test_app_openai_barge_in_clears_and_truncates_at_what_was_heard(caplog
             # clear on the wire, however long the clear takes (a stalled machine): which marks the server had
             # before it is then exact.
             await caller.wait_for(lambda: sum(not e.cleared for e in caller.echoes) >= 15)
-            caller.hold_echoes()
+            await caller.hold_echoes()
             barge_in_s = trio.current_time()
             go.set()
             clear = await caller.wait_for_clear()

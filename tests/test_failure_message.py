@@ -156,6 +156,8 @@ async def test_a_transfer_under_way_is_not_replaced_by_the_failure_message(caplo
     through (Twilio runs the <Dial>), so no <Say> may replace it."""
     from tests.test_tools import TRANSFER_TO, model_calls
 
+    caplog.set_level(logging.INFO, logger="mediaserver")
+
     async def script(session: FakeRealtimeSession) -> None:
         await session.ready.wait()
         await model_calls(session, "transfer_call", f'{{"to": "{TRANSFER_TO}"}}', "call_transfer")
@@ -163,13 +165,19 @@ async def test_a_transfer_under_way_is_not_replaced_by_the_failure_message(caplo
         await session.abort()  # and the model's connection drops before the stream ends
 
     async with fake_rest() as rest, fake_openai(script) as model:
-        rest.answer_delay_s = 0.5  # (Twilio's answer comes after the drop)
+        # Twilio's answer comes after the drop, and after the call's grace for it (TRANSFER_GRACE_S, 0.25 s)
+        rest.answer_delay_s = 1.5
         settings = with_rest(model, rest, transfer_numbers=TRANSFER_TO, model_ping_s=0)
         async with running(settings) as url, phone_call(url, CALL_A, auth_token=AUTH_TOKEN) as caller:
             await caller.closed.wait()
+        while not rest.unanswered:  # (the fake's answer, to a client that no longer waits for it)
+            await trio.sleep(0.05)
         await trio.sleep(0.2)
     assert [r.value("Twiml") for r in rest.requests] == [f'<?xml version="1.0" encoding="UTF-8"?><Response><Dial>{TRANSFER_TO}</Dial></Response>']
     assert not any("failure message" in r.getMessage() for r in caplog.records)
+    # The ended call did not wait the REST client's 15 s for Twilio's answer: it hung up on it.
+    assert rest.unanswered == 1
+    assert any("the call ended before Twilio answered" in r.getMessage() for r in caplog.records)
 
 
 @fail_after(15)

@@ -152,7 +152,7 @@ async def test_pcm_speech_started_barges_in_and_reports_playback(cut: str, caplo
                 await nursery.start(keep_talking, caller)
                 # Barge in with the caller's echoes held, so no echo crosses the clear however late it comes.
                 await caller.wait_for(lambda: sum(not e.cleared for e in caller.echoes) >= 12)
-                caller.hold_echoes()
+                await caller.hold_echoes()
                 go.set()
                 clear = await caller.wait_for_clear()
                 caller.release_echoes()

@@ -115,6 +115,7 @@ class FakeTwilioRest:
     port: int | None = None
     answer_delay_s: float = 0.0  # Twilio acts on a request at once, but its answer may take this long to come
     html_next: bytes | None = None  # the next request acted on, but answered 200 with this page (a proxy's, say)
+    unanswered: int = 0  # requests acted on whose client hung up before the answer was sent
 
     def __post_init__(self) -> None:
         self._sids = itertools.count(1)
@@ -160,20 +161,23 @@ class FakeTwilioRest:
         status, answer = self._handle(request, bytes(body))
         if self.answer_delay_s:
             await trio.sleep(self.answer_delay_s)
+            with trio.move_on_after(0.01):
+                if not await stream.receive_some(1):  # (end of stream: the client hung up while the answer took its time)
+                    self.unanswered += 1
+                    return
         payload, content_type = json.dumps(answer).encode(), "application/json"
         if self.html_next is not None and 200 <= status < 300:
             payload, content_type, self.html_next = self.html_next, "text/html", None
-        await stream.send_all(
-            conn.send(
-                h11.Response(
-                    status_code=status,
-                    headers=[("Content-Type", content_type), ("Content-Length", str(len(payload))),
-                             ("Connection", "close")],
-                )
-            )
+        head = h11.Response(
+            status_code=status,
+            headers=[("Content-Type", content_type), ("Content-Length", str(len(payload))), ("Connection", "close")],
         )
-        await stream.send_all(conn.send(h11.Data(data=payload)))
-        await stream.send_all(conn.send(h11.EndOfMessage()))
+        try:
+            await stream.send_all(conn.send(head) + conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage()))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The client hung up before the answer (its call ended meanwhile, and it stopped waiting): Twilio acted
+            # on the request all the same, and nothing is wrong with this server.
+            self.unanswered += 1
 
     def _handle(self, request: h11.Request, body: bytes) -> tuple[int, dict[str, Any]]:
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
