@@ -181,6 +181,13 @@ def prepare(rev: str) -> tuple[str, Path]:
     return f"{rev} ({sha[:12]})", tree
 
 
+def prepare_both(a: str, b: str) -> tuple[tuple[str, Path], tuple[str, Path]]:
+    """:func:`prepare` for A and B, both revisions known before anything is checked out or built (once if the same)."""
+    resolve(a), resolve(b)
+    first = prepare(a)
+    return first, first if b == a else prepare(b)
+
+
 def _build(tree: Path, what: str) -> None:
     proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=tree,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -242,10 +249,15 @@ def pair_row(n: int, first: str, a: Run, b: Run) -> dict[str, object]:
     }
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_revision_args(parser: argparse.ArgumentParser) -> None:
+    """The two revisions an A/B bench compares (this one and ``scan_ab.py``)."""
     parser.add_argument("a", help="revision A (a commit, branch or tag; '.' for this checkout as it is)")
     parser.add_argument("b", help="revision B (likewise)")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_revision_args(parser)
     parser.add_argument("--steps", type=int, default=300, help="concurrent calls in every run (default 300)")
     parser.add_argument("--pairs", type=int, default=6, help="A/B pairs, order alternating (default 6)")
     parser.add_argument("--hold", type=float, default=12.0, help="seconds each run holds its calls (default 12)")
@@ -264,9 +276,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    resolve(args.a), resolve(args.b)  # (both known before anything is checked out or built)
-    label_a, tree_a = prepare(args.a)
-    label_b, tree_b = prepare(args.b)
+    (label_a, tree_a), (label_b, tree_b) = prepare_both(args.a, args.b)
     print_header("mediaserver A/B: CPU per call, interleaved load runs", [
         ("date", utc_now()), ("CPU", cpu_model()), ("A", label_a), ("B", label_b),
         ("runs", f"{args.pairs} pairs of bench/load.py --steps {args.steps} --hold {args.hold:g}"

@@ -194,8 +194,7 @@ def table(rows: list[dict[str, object]], label_a: str, label_b: str) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("a", help="revision A (a commit, branch or tag; '.' for this checkout as it is)")
-    parser.add_argument("b", help="revision B (likewise)")
+    ab.add_revision_args(parser)
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds, order alternating (default 30)")
     parser.add_argument("--messages", type=int, default=2000, help="messages per set (default 2000)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON")
@@ -210,9 +209,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    ab.resolve(args.a), ab.resolve(args.b)  # (both known before anything is checked out or built)
-    label_a, tree_a = ab.prepare(args.a)
-    label_b, tree_b = ab.prepare(args.b) if args.b != args.a else (label_a, tree_a)
+    (label_a, tree_a), (label_b, tree_b) = ab.prepare_both(args.a, args.b)
     sets = messages(args.messages)
     side_a = timers(load(tree_a, "_twilio"), load(tree_a, "_realtime"), sets)
     side_b = timers(load(tree_b, "_twilio"), load(tree_b, "_realtime"), sets)
