@@ -738,7 +738,7 @@ class FakeTwilioCaller:
         assert self._transport is not None
         while True:
             message: str | bytes | None = None
-            due = None if self._echoes_held else self.playback.next_due_s()
+            due = None if self._echoes_held else -math.inf if self._withheld else self.playback.next_due_s()
             with trio.move_on_at(math.inf if due is None else due) as self._waiting:
                 try:
                     message = await self._transport.get_message()

@@ -161,10 +161,14 @@ class FakeTwilioRest:
         status, answer = self._handle(request, bytes(body))
         if self.answer_delay_s:
             await trio.sleep(self.answer_delay_s)
-            with trio.move_on_after(0.01):
-                if not await stream.receive_some(1):  # (end of stream: the client hung up while the answer took its time)
-                    self.unanswered += 1
-                    return
+            try:
+                with trio.move_on_after(0.01):
+                    if not await stream.receive_some(1):  # (end of stream: the client hung up while the answer took)
+                        self.unanswered += 1
+                        return
+            except trio.BrokenResourceError:  # (or reset the connection)
+                self.unanswered += 1
+                return
         payload, content_type = json.dumps(answer).encode(), "application/json"
         if self.html_next is not None and 200 <= status < 300:
             payload, content_type, self.html_next = self.html_next, "text/html", None
