@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from openai.types.realtime import ResponseAudioDeltaEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -25,6 +26,9 @@ def test_every_message_set_is_plain_and_means_what_the_ordinary_parser_reads() -
     assert len(json.loads(sets["delta 200 ms"][0])["delta"]) == 1600 // 3 * 4 + 4
     assert _twilio.parse_mark(sets["mark"][0]) == (2, scan_ab.STREAM_SID, "1")
     assert scan_ab.messages(5) == scan_ab.messages(5)  # (seeded: both revisions, and every run, time the same text)
+    for text in sets["delta 40 ms"][:3] + sets["delta 200 ms"][:3]:  # OpenAI's own event, as its SDK reads and writes it
+        event = ResponseAudioDeltaEvent.model_validate_json(text, strict=True)
+        assert json.loads(event.model_dump_json()) == json.loads(text)
 
 
 def test_the_timers_take_every_message_and_refuse_a_scanner_that_declines() -> None:
