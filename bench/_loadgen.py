@@ -23,6 +23,10 @@ every message builder here against ``openai.types.realtime``.  Replies are
 sent in real time (one ``CHUNK_MS`` delta every ``CHUNK_MS``), so the
 server's pacer, which keeps ``lead_ms`` of audio buffered at Twilio, never
 has to hold a chunk back: the downlink latency measured is the bridge's own.
+With ``speed`` above 1 (``bench/load.py --model-speed``) each reply comes
+that many times faster than real time, as real models send them; the
+server's pacer then sends most of it, and only each reply's first delta is
+timed (the others are held back on purpose).
 
 The caller speaks Twilio's side: the voice webhook (a form POST), the
 TwiML's ``<Stream url>`` and ``<Parameter>``s, then ``connected``,
@@ -843,9 +847,18 @@ class FakeModel:
     """
 
     def __init__(
-        self, recorder: Recorder, *, reply_every_s: float = 2.0, reply_ms: int = 1000, ssl_context: ssl.SSLContext | None = None
+        self,
+        recorder: Recorder,
+        *,
+        reply_every_s: float = 2.0,
+        reply_ms: int = 1000,
+        speed: float = 1.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        if not speed >= 1.0:
+            raise ValueError(f"speed must be at least 1 (real time), not {speed!r}")
         self.recorder = recorder
+        self.speed = speed  # the replies' deltas come this many times faster than real time
         self.ssl_context = ssl_context  # serve wss:// (the server side of TLS) instead of ws://
         self.tls_version: str | None = None  # as negotiated by the first TLS session
         self.tls_cipher: str | None = None
@@ -984,7 +997,7 @@ class _ModelSession(_Conn):
 
     def _start_reply(self, due: float) -> None:
         self._next_reply_s = due + self.model.reply_every_s
-        if clock() + self.model.reply_chunks * CHUNK_MS / 1000 + 0.3 > self.model.recorder.replies_until_s:
+        if clock() + self.model.reply_chunks * CHUNK_MS / 1000 + 0.3 > self.model.recorder.replies_until_s:  # (played in real time)
             self.loop.at(self._next_reply_s, self, self._start_reply)
             return
         n = next(self._replies)
@@ -999,11 +1012,13 @@ class _ModelSession(_Conn):
         text = audio_delta(
             self.event_id(), self._response_id, self._item_id, tag_audio(call.call_no, len(call.down_sent_s), CHUNK_BYTES)
         ).encode()
-        call.down_sent_s.append(clock())
+        # Faster than real time, only a reply's first delta is timed: the server holds the others back on purpose
+        # (it keeps a lead of audio at Twilio, not the whole reply), so their wait is not the bridge's latency.
+        call.down_sent_s.append(clock() if self._k == 0 or self.model.speed == 1.0 else math.nan)
         self.send_text(text)
         self._k += 1
         if self._k < self.model.reply_chunks:
-            self.loop.at(self._t0 + self._k * CHUNK_MS / 1000, self, self._delta)
+            self.loop.at(self._t0 + self._k * CHUNK_MS / 1000 / self.model.speed, self, self._delta)
             return
         self.send_json(audio_done(self.event_id(), self._response_id, self._item_id))
         self.send_json(response_done(self.event_id(), self._response_id))

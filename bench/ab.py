@@ -202,8 +202,9 @@ def load_run(side: str, tree: Path, args: argparse.Namespace) -> Run:
         load = tree / "bench" / "load.py"
         # One run per step on both sides, so the pairs compare like with like (load.py runs 3 since 4ff29d3).
         once = ["--repeats", "1"] if "--repeats" in load.read_text(encoding="utf-8") else []
+        speed = ["--model-speed", f"{args.model_speed:g}"] if args.model_speed != 1.0 else []
         cmd = [sys.executable, str(load), "--steps", str(args.steps), "--hold", str(args.hold),
-               "--no-peer", "--no-plot", "--json", str(out), *once, *(["--tls"] if args.tls else [])]
+               "--no-peer", "--no-plot", "--json", str(out), *once, *(["--tls"] if args.tls else []), *speed]
         proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             stdout, stderr = proc.communicate()
@@ -262,10 +263,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=6, help="A/B pairs, order alternating (default 6)")
     parser.add_argument("--hold", type=float, default=12.0, help="seconds each run holds its calls (default 12)")
     parser.add_argument("--tls", action="store_true", help="the fake model on wss://, as real providers are")
+    parser.add_argument(
+        "--model-speed", type=float, default=1.0,
+        help="the fake model sends replies this many times faster than real time (bench/load.py --model-speed; default 1)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every pair and the summary as JSON")
     args = parser.parse_args(argv)
     if not 1 <= args.steps <= 60000 or args.pairs < 1:
         parser.error("--steps must be 1 to 60000 calls and --pairs at least 1")
+    if not 1.0 <= args.model_speed <= 100.0:
+        parser.error("--model-speed must be between 1 (real time) and 100 (as bench/load.py takes)")
     if not (math.isfinite(args.hold) and args.hold > 0.5):
         parser.error("--hold must be a number of seconds over 0.5 (as bench/load.py takes)")
     problem = check_output_path(args.json, "--json")
@@ -277,10 +284,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     (label_a, tree_a), (label_b, tree_b) = prepare_both(args.a, args.b)
+    for side, tree in (("A", tree_a), ("B", tree_b)):  # (each runs its own load.py: one without the option cannot)
+        if args.model_speed != 1.0 and "--model-speed" not in (tree / "bench" / "load.py").read_text(encoding="utf-8"):
+            raise SystemExit(f"ab.py: {side}'s bench/load.py has no --model-speed; compare revisions that have it")
     print_header("mediaserver A/B: CPU per call, interleaved load runs", [
         ("date", utc_now()), ("CPU", cpu_model()), ("A", label_a), ("B", label_b),
         ("runs", f"{args.pairs} pairs of bench/load.py --steps {args.steps} --hold {args.hold:g}"
-                 f"{' --tls' if args.tls else ''} --no-peer, order AB, BA, ..."),
+                 f"{' --tls' if args.tls else ''}{f' --model-speed {args.model_speed:g}' if args.model_speed != 1.0 else ''}"
+                 " --no-peer, order AB, BA, ..."),
     ])
     trees = {"A": tree_a, "B": tree_b}
     pairs: list[tuple[Run, Run]] = []

@@ -724,7 +724,9 @@ def table(rows: Sequence[dict[str, Any]], args: argparse.Namespace, pinned: bool
         " (else that server's ramp stops).",
         "Each figure is the median over the runs of a step (runs alternate which server goes first);"
         " lost, failed and leaked are summed over them.",
-        "up/dn p50/p99: bridge-added latency in ms (caller frame -> model; model delta -> caller), hold window only.",
+        "up/dn p50/p99: bridge-added latency in ms (caller frame -> model; model delta -> caller), hold window only"
+        + ("." if args.model_speed == 1.0 else f"; dn: each reply's first delta only (at {args.model_speed:g}x real time"
+           " the server holds the rest back on purpose, to keep its lead at Twilio)."),
         "lost: frames sent but never received, up (caller -> model) / down (model -> caller).",
         f"srv CPU%: server process, % of one core{' (pinned to one CPU)' if pinned else ' (not pinned)'};"
         " calls/core = calls / (CPU% / 100), an extrapolation, shown for ok rows only.",
@@ -906,6 +908,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--reply-every", type=float, help="model reply period per call, s (default 2, 0.6 with --quick)")
     parser.add_argument("--reply-ms", type=int, help="model reply length, ms (default 1000, 400 with --quick)")
+    parser.add_argument(
+        "--model-speed", type=float, default=1.0,
+        help="the model sends each reply this many times faster than real time, as real models do (default 1: real time)",
+    )
     parser.add_argument("--gen-cpu", type=float, default=85.0, help="gen-bound above this generator CPU %% (default 85)")
     parser.add_argument("--gen-lag-ms", type=float, default=2.0, help="gen-bound above this loop-lag p99 (default 2 ms)")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the servers and the generator to CPUs")
@@ -966,6 +972,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be a finite number")
     if args.grace < 0 or args.drain_timeout < 0:
         parser.error("--grace and --drain-timeout must not be negative")
+    if not 1.0 <= args.model_speed <= 100.0:
+        parser.error("--model-speed must be between 1 (real time) and 100")
     if args.hold <= 0.5 or args.ramp_rate <= 0 or args.reply_ms < 40 or args.reply_every <= 0:
         parser.error("--hold must exceed 0.5 s, --ramp-rate and --reply-every be positive, --reply-ms at least 40")
     if args.settle < 0.2:
@@ -1025,7 +1033,7 @@ async def run_all(
     """
     recorder = Recorder()
     context = tls_context(*tls) if tls is not None else None
-    model = FakeModel(recorder, reply_every_s=args.reply_every, reply_ms=args.reply_ms, ssl_context=context)
+    model = FakeModel(recorder, reply_every_s=args.reply_every, reply_ms=args.reply_ms, speed=args.model_speed, ssl_context=context)
     rows: list[dict[str, Any]] = args.rows  # (on args: an interrupted run still prints what it measured)
     servers = make_servers(args)
     args.failure = None  # why the bench stopped before its end (a server died), for main to say
@@ -1137,7 +1145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("path", "OpenAI Realtime GA, audio/pcmu both ways (µ-law passthrough)"),
         ("model link", f"{model_link(args)}"
          + (": self-signed certificate for 127.0.0.1, trusted by both servers through SSL_CERT_FILE" if args.tls else "")),
-        ("calls", f"webhook + media stream, 20 ms frames; model replies {args.reply_ms} ms every {args.reply_every:g} s"),
+        ("calls", f"webhook + media stream, 20 ms frames; model replies {args.reply_ms} ms every {args.reply_every:g} s"
+                  + ("" if args.model_speed == 1.0 else f", each sent at {args.model_speed:g}x real time")),
         ("steps", f"{','.join(map(str, args.step_list))}; ramp {args.ramp_rate:g} calls/s, settle {args.settle:g} s,"
          f" hold {args.hold:g} s; {args.repeats} run(s) of each step per server"),
         ("peer", f"bench/_peer_sample.py (Twilio's Python sample design): {peer_versions()}" if args.peer

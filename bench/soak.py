@@ -102,7 +102,7 @@ async def soak(args: argparse.Namespace, load_args: argparse.Namespace, server_c
                rows: list[dict[str, Any]]) -> str | None:
     """Run the rounds, appending a row per round to ``rows``; returns why it stopped early (None: it did not)."""
     recorder = Recorder()
-    model = FakeModel(recorder, reply_every_s=load_args.reply_every, reply_ms=load_args.reply_ms)
+    model = FakeModel(recorder, reply_every_s=load_args.reply_every, reply_ms=load_args.reply_ms, speed=load_args.model_speed)
     [server] = load.make_servers(load_args)
     async with trio.open_nursery() as nursery:
         model_port = await nursery.start(model.run)

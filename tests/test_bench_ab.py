@@ -83,6 +83,34 @@ def test_a_tiny_run_of_this_checkout_against_itself(tmp_path: Path) -> None:
     assert data["summary"]["ratio_median"] == pytest.approx(pair["b"]["cpu_pct_per_call"] / pair["a"]["cpu_pct_per_call"])
 
 
+@pytest.mark.parametrize("speed", ["0.5", "101", "nan"])
+def test_a_model_speed_below_real_time_or_past_load_py_s_range_is_a_usage_error(speed: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        ab.parse_args([".", ".", "--model-speed", speed])
+    assert exc.value.code == 2
+
+
+def test_the_model_speed_is_passed_to_both_sides_load_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    commands: list[list[str]] = []
+
+    class Done(Exception):
+        pass
+
+    def popen(cmd: list[str], **_: object) -> None:
+        commands.append(cmd)
+        raise Done
+
+    monkeypatch.setattr(ab.subprocess, "Popen", popen)
+    for speed, expected in (("4", ["--model-speed", "4"]), ("1", [])):
+        args = ab.parse_args([".", ".", "--model-speed", speed])
+        with pytest.raises(Done):
+            ab.load_run("A", ROOT, args)
+        if expected:
+            assert commands[-1][-2:] == expected
+        else:  # (real time: the option is left out, so a revision whose load.py lacks it can still be measured)
+            assert "--model-speed" not in commands[-1]
+
+
 def test_a_revision_that_does_not_exist_is_a_clear_error() -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "ab.py"), "no-such-revision-xyz", "."],

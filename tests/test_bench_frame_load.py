@@ -290,6 +290,22 @@ def test_load_quick_run_over_tls_bridges_every_frame_on_both_servers(tmp_path: P
         _assert_clean(row)
 
 
+def test_load_quick_run_with_a_model_faster_than_real_time_bridges_every_frame(tmp_path: Path) -> None:
+    """``load.py --model-speed 5``: replies come at 5x real time; the server paces them, every delta still arrives,
+    and only each reply's first delta is timed (the server holds the rest back on purpose)."""
+    out = _run(
+        "load.py", "--quick", "--no-peer", "--model-speed", "5", "--steps", "2", "--hold", "1.5", "--grace", "0.5",
+        "--json", str(tmp_path / "load.json"), "--no-plot",
+    )
+    data = json.loads((tmp_path / "load.json").read_text())
+    assert data["header"]["calls"].endswith("each sent at 5x real time")
+    assert "dn: each reply's first delta only" in out
+    [row] = data["rows"]
+    _assert_clean(row)
+    # --quick replies are 400 ms: ten 40 ms deltas each, one of them timed (if it was sent in the window)
+    assert row["down_samples"] * 10 <= row["down_sent"]
+
+
 def test_fake_model_tls_layer_decrypts_whole_and_split_records(tmp_path: Path) -> None:
     """The model's server-side TLS on memory BIOs, against a client SSLObject: a handshake, then records
     arriving whole, several at once, and split byte by byte, both ways, and close_notify."""
@@ -448,6 +464,8 @@ def test_load_says_how_many_more_calls_ours_held_than_the_peer_bounded_by_the_st
         (["--steps", "2", "--hold", "nan"], "--hold must be a finite number"),
         (["--steps", "2", "--grace", "-1"], "--grace and --drain-timeout must not be negative"),
         (["--steps", "2", "--repeats", "0"], "--repeats must be between 1 and 50"),
+        (["--steps", "2", "--model-speed", "0.5"], "--model-speed must be between 1 (real time) and 100"),
+        (["--steps", "2", "--model-speed", "nan"], "--model-speed must be between 1 (real time) and 100"),
         (["--steps", "2", "--plot", str(Path(tempfile.gettempdir()) / "load.txt")],
          "--plot: 'load.txt' is not an image file matplotlib writes: name it .png, .svg or .pdf"),
     ],
