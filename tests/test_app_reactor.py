@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -365,7 +366,7 @@ def _real_time_reply(reply: bytes) -> Script:
 @fail_after(20)
 async def test_audio_that_is_due_on_arrival_goes_out_from_the_handler(monkeypatch: pytest.MonkeyPatch) -> None:
     """A model streaming in real time: every chunk is due when it arrives and the pacer sends none of them."""
-    pacer_sends = count_calls(monkeypatch, "_send_chunk")
+    pacer_sends = count_calls(monkeypatch, "_send_due")
     reply = to_ulaw(tone(440, 1000, amplitude=0.3))
     async with fake_openai(_real_time_reply(reply)) as model, running(openai_settings(model)) as url:
         caller = await hear_reply(url, len(reply))
@@ -373,6 +374,36 @@ async def test_audio_that_is_due_on_arrival_goes_out_from_the_handler(monkeypatc
     assert [len(m.payload) for m in caller.received] == [320] * (len(reply) // 320)
     assert len(caller.echoes) == len(caller.received) and not any(e.cleared for e in caller.echoes)
     assert pacer_sends.n == 0
+    assert caller.errors == []
+
+
+@fail_after(20)
+async def test_a_reply_sent_faster_than_real_time_goes_out_a_top_up_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that sends a whole 1 s reply at once, as models do: the handler sends what is due on arrival; the
+    pacer then wakes once per TOP_UP_S + a chunk and writes that many chunks, each with its mark, in one write."""
+    batches: list[int] = []
+    real = ServerStream.send_media_batch_nowait
+
+    def counted(self: ServerStream, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
+        batches.append(len(parts))
+        return real(self, parts)
+
+    monkeypatch.setattr(ServerStream, "send_media_batch_nowait", counted)
+    reply = to_ulaw(tone(440, 1000, amplitude=0.3))  # 25 chunks
+
+    async def at_once(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(10)
+        await session.respond(reply, chunk_bytes=320)
+
+    async with fake_openai(at_once) as model, running(openai_settings(model)) as url:
+        caller = await hear_reply(url, len(reply))
+    assert caller.received_audio == reply
+    assert [len(m.payload) for m in caller.received] == [320] * 25
+    assert len(caller.echoes) == 25 and not any(e.cleared for e in caller.echoes)
+    # The chunk due when the pacer wakes and those of the next 80 ms: 3 a write (more if it woke late), the last
+    # write what is left.  (With one chunk a write, as before, this reply took 20 wake-ups and writes.)
+    assert batches and sum(batches) < 25 and all(n >= 3 for n in batches[:-1]), batches
+    assert len(batches) <= 7
     assert caller.errors == []
 
 

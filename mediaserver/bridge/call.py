@@ -8,8 +8,9 @@ Tasks of a call, all children of :meth:`CallBridge.run`'s nursery:
 * ``_provider_reader`` -- provider events: audio to the playout queue,
   speech-started to barge-in, fatal errors end the call;
 * ``_pacer`` -- the downlink: queued audio to Twilio in ``chunk_ms`` chunks,
-  each followed by a mark, in real time with ``lead_ms`` of audio buffered at
-  Twilio.
+  each followed by a mark, in real time with ``lead_ms`` (to ``lead_ms`` +
+  ``TOP_UP_S`` + a chunk) of audio buffered at Twilio: it wakes when a chunk
+  is due and sends the chunks of the next ``TOP_UP_S`` with it, in one write.
 
 When both sockets can be polled (the Media Stream on the server's own
 listener, a ``ws://`` model or a ``wss://`` one over our TLS stream), the
@@ -84,6 +85,11 @@ SILENT_ITEM_S = 1.0
 # The model's audio queued here ahead of its playback, at most (a model sends faster than real time; one that sent
 # hours of it at once would grow the server without bound and stall every call).  Audio past it is dropped.
 MAX_QUEUED_S = 300.0
+# When the pacer wakes for a chunk that is due, it also sends those due within this long after it, in one write:
+# a reply that comes faster than real time (as models send them) costs a wake-up and a system call per
+# TOP_UP_S + one chunk of audio instead of per chunk.  Twilio then holds lead_ms to lead_ms + TOP_UP_S + one
+# chunk of it (160-280 ms at the defaults); a barge-in's clear drops all of it, and the cut is by marks.
+TOP_UP_S = 0.080
 MODEL_IDLE = "idle: the model took no audio"  # the start of the end reason of a call whose model stopped reading
 MAX_CUT_ITEMS = 16  # cut replies whose late audio is still counted for the record (the newest)
 MAX_OVERFLOW_LOGS = 32  # replies cut short by MAX_QUEUED_S logged per call (one line each)
@@ -172,6 +178,10 @@ class PolledStream(MessageStream, Protocol):
         """``send_many_nowait([(prefix + base64(payload) + suffix).decode(), then])``; as it."""
         ...
 
+    def send_media_batch_nowait(self, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
+        """Each ``(prefix, payload, suffix, then)`` as :meth:`send_media_nowait` would send it, all in one write."""
+        ...
+
     def native_read(self) -> tuple[int, int, bool] | None:
         """``(fd, limit, masked)`` when the next read may be made by ``_wsframe.uplink_pass``; else None."""
         ...
@@ -242,7 +252,8 @@ class CallBridge:
     """Bridge one started Twilio stream to one provider link (see the module docstring).
 
     ``chunk_ms`` is the downlink chunk (a mark follows each), ``lead_ms`` how
-    far ahead of its playback a chunk is sent, ``jitter_depth`` how many later
+    far ahead of its playback a chunk is sent at least (at most ``lead_ms`` +
+    ``TOP_UP_S``: see :meth:`_pacer`), ``jitter_depth`` how many later
     frames wait before a missing uplink frame is concealed.
     """
 
@@ -343,7 +354,7 @@ class CallBridge:
         # Reply latency: when the provider last said the caller stopped speaking (None once answered), and the
         # items already under way then (generating, queued, pending), whose audio is not the answer.
         self._speech_stopped_s: float | None = None
-        self._writing: str | None = None  # the item of the chunk the pacer is writing, until it is counted
+        self._writing: list[str] = []  # the items of the chunks the pacer is writing, until they are counted
         self._audio_in_s = -math.inf  # when the provider last sent audio
         self._tool_groups: dict[str, int] = {}  # response id -> its tool calls under way
         self._tool_scopes: dict[str, trio.CancelScope] = {}  # call id -> the running tool's scope
@@ -424,21 +435,6 @@ class CallBridge:
             await self.stream.send(self.twilio.send(command))
         finally:
             self._twilio_stuck_s = None
-
-    async def _send_chunk(self, chunk: _Chunk) -> bool:
-        """A downlink chunk and the mark after it, in one write (caller holds _send_lock); False if the stream has stopped."""
-        if self.twilio.state is not StreamState.STREAMING:
-            return False
-        prefix, suffix, mark = self.twilio.send_chunk(chunk.payload, chunk.item)
-        media = (prefix + binascii.b2a_base64(chunk.payload, newline=False) + suffix).decode()
-        if not mark:
-            self._mark_withheld()
-        self._twilio_stuck_s = self._now()
-        try:
-            await self.stream.send_many((media, mark) if mark else (media,))
-        finally:
-            self._twilio_stuck_s = None
-        return True
 
     def _mark_withheld(self) -> None:
         if self.twilio.marks_withheld == 1:
@@ -860,7 +856,7 @@ class CallBridge:
                     *self._generating,
                     *(chunk.item for chunk in self._queue),
                     self._pending_item if self._pending else None,
-                    self._writing,  # the chunk the pacer is writing now
+                    *self._writing,  # the chunks the pacer is writing now
                 ]
             )
         elif isinstance(event, pv.ProviderError):
@@ -1441,7 +1437,13 @@ class CallBridge:
             self._twilio_flushing = False
 
     async def _pacer(self) -> None:
-        """Send queued chunks, each ``lead_s`` before Twilio will start playing it."""
+        """Send queued chunks, each at least ``lead_s`` before Twilio will start playing it.
+
+        It wakes when the next chunk is due and sends it with those due in
+        the next ``TOP_UP_S`` (:meth:`_send_due`): a reply that comes faster
+        than real time, as models send them, then costs a wake-up and a
+        write per ``TOP_UP_S`` + one chunk of audio, not per chunk.
+        """
         while True:
             if not self._queue:
                 self._queued = trio.Event()
@@ -1470,19 +1472,71 @@ class CallBridge:
             lock = self._send_lock
             await acquire(lock)
             try:
-                # Take the chunk only once the lock is held: a barge-in that
+                # Take chunks only once the lock is held: a barge-in that
                 # held the lock meanwhile has emptied the queue, and a chunk
                 # popped before it would otherwise slip out after its clear.
-                if not self._queue:
-                    continue
-                chunk = self._queue.popleft()
-                self._writing = chunk.item  # (out of the queue, not yet counted: still under way for SpeechStopped)
-                sent = await self._send_chunk(chunk)
+                if self._queue:
+                    await self._send_due()
             finally:
                 lock.release()
-            if sent:  # (as _pace_now: a chunk the stopped stream did not take is not counted)
+
+    async def _send_due(self) -> None:
+        """The pacer's write (under the send lock): the next chunk, and those due within ``TOP_UP_S`` after it.
+
+        All of them, each with its mark, go in one write.  A chunk is
+        counted (:meth:`_chunk_sent`) once the write is done; until then
+        its item is in :attr:`_writing` (under way, for SpeechStopped).  A
+        stream that has stopped takes none of them: they are dropped
+        uncounted, as the call is ending.
+        """
+        queue, twilio = self._queue, self.twilio
+        now = self._now()
+        horizon_s = now + TOP_UP_S + 1e-6  # (to a microsecond: float sums of chunk lengths land either side)
+        until_s = max(self._playing_until_s, now)
+        batch: list[tuple[_Chunk, float]] = []  # each chunk, and when the lead let it out
+        while queue:
+            slot_s = until_s - self.lead_s
+            if batch and slot_s > horizon_s:
+                break
+            chunk = queue.popleft()
+            batch.append((chunk, min(slot_s, now)))  # (one sent ahead of its slot was let out now)
+            until_s += len(chunk.payload) / (tw.MULAW_SAMPLES_PER_MS * 1000)
+        if twilio.state is not StreamState.STREAMING:
+            return
+        self._writing = [chunk.item for chunk, _ in batch]
+        try:
+            if self._polling:  # (framed natively, as _pace_now does)
+                polled = self._polled
+                parts = []
+                for chunk, _ in batch:
+                    prefix, suffix, mark = twilio.send_chunk(chunk.payload, chunk.item)
+                    if not mark:
+                        self._mark_withheld()
+                    parts.append((prefix, chunk.payload, suffix, mark))
+                if not polled.send_media_batch_nowait(parts):
+                    self._twilio_stuck_s = self._now()
+                    try:
+                        await polled.flush()
+                    finally:
+                        self._twilio_stuck_s = None
+            else:
+                texts = []
+                for chunk, _ in batch:
+                    prefix, suffix, mark = twilio.send_chunk(chunk.payload, chunk.item)
+                    if not mark:
+                        self._mark_withheld()
+                    texts.append((prefix + binascii.b2a_base64(chunk.payload, newline=False) + suffix).decode())
+                    if mark:
+                        texts.append(mark)
+                self._twilio_stuck_s = self._now()
+                try:
+                    await self.stream.send_many(texts)
+                finally:
+                    self._twilio_stuck_s = None
+            for chunk, slot_s in batch:
                 self._chunk_sent(chunk, slot_s, now)
-            self._writing = None
+        finally:
+            self._writing = []
 
     def _cut_unheard(self, item: str, n_bytes: int) -> None:
         """The first audio of ``item``, of a response the caller cut before any of its audio came: none of it plays.

@@ -107,6 +107,20 @@ class ServerStream(ClientWebSocket, MessageStream):
         except WebSocketClosed as exc:
             raise _stream_closed(exc) from None
 
+    def send_media_batch_nowait(self, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
+        """Several chunks and their marks (as :meth:`send_media_nowait` sends one) in one write: the pacer's top-up."""
+        if self._unsendable is not None:
+            raise _stream_closed(self._unsendable)
+        frames = []
+        for prefix, payload, suffix, then in parts:
+            frames.append(encode_b64_frame(prefix, payload, suffix, None))
+            if then:
+                frames.append(server_frame(then))
+        try:
+            return self._write_nowait(b"".join(frames))
+        except WebSocketClosed as exc:
+            raise _stream_closed(exc) from None
+
     async def flush(self) -> None:
         """As ClientWebSocket.flush, raising :class:`StreamClosed`."""
         try:

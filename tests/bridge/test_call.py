@@ -23,7 +23,14 @@ import pytest
 import trio
 import trio.testing
 
-from mediaserver.bridge.call import DIGITS_MARGIN_S, SILENT_ITEM_S, TRANSFER_GRACE_S, TRANSFER_REQUEST_S, CallBridge
+from mediaserver.bridge.call import (
+    DIGITS_MARGIN_S,
+    SILENT_ITEM_S,
+    TOP_UP_S,
+    TRANSFER_GRACE_S,
+    TRANSFER_REQUEST_S,
+    CallBridge,
+)
 from mediaserver.bridge.stats import CallStats
 from mediaserver.codec import Resampler, ulaw_encode
 from mediaserver.protocol import RemoteProtocolError, TwilioStream
@@ -176,10 +183,18 @@ async def test_call_pacing_sends_each_chunk_lead_before_it_plays(autojump_clock:
         await trio.sleep(1.0)  # the call is up; the model starts talking at t = 1 s
         link.emit(pv.AudioDelta("item_1", audio(400)), pv.AudioDone("item_1"))
         await call.caller.wait_for(lambda: len(call.caller.echoes) == 10)
-        # Ten 40 ms chunks: the first 160 ms (+ the chunk due at the lead) leave
-        # at once, then each leaves exactly 160 ms before it starts to play.
-        expected = [1.0 + max(0.0, k * CHUNK_S - LEAD_S) for k in range(10)]
+        # Ten 40 ms chunks: the first 160 ms (+ the chunk due at the lead) leave at
+        # once with the TOP_UP_S (80 ms) after them; the pacer wakes again when
+        # the next chunk is due, 160 ms before it plays, and sends it with the
+        # two after it: one wake-up and one write for 120 ms of audio.
+        assert TOP_UP_S == 0.08
+        expected = [1.0] * 7 + [1.0 + 7 * CHUNK_S - LEAD_S] * 3
         assert call.media_times() == pytest.approx(expected, abs=EXACT)
+        # No chunk left more than the lead + TOP_UP_S before it plays; after the
+        # reply's start, none less than the lead.
+        ahead = [1.0 + k * CHUNK_S - sent_s for k, sent_s in enumerate(call.media_times())]
+        assert max(ahead) == pytest.approx(LEAD_S + TOP_UP_S, abs=EXACT)
+        assert min(ahead[7:]) == pytest.approx(LEAD_S, abs=EXACT)
         assert [len(m.payload) for m in call.caller.received] == [CHUNK_BYTES] * 10
         assert call.caller.received_audio == audio(400)
         # Twilio's buffer never ran dry: each chunk arrived before the previous one finished.
@@ -456,14 +471,15 @@ async def test_call_barge_in_clears_at_once_and_truncates_at_the_played_marks(
         assert link.truncates() == [pv.Truncate("item_1", 480)]
         truncated_s = next(t for t, c in link.commands if isinstance(c, pv.Truncate))
         assert truncated_s - call.started_s == pytest.approx(0.5, abs=EXACT)
-        # 17 chunks had been sent (the last at 0.48 s for its 0.64 s slot); the 5
-        # unplayed ones' marks come back as cleared, and nothing more is sent.
+        # 19 chunks had been sent (7 at once, then 3 at a time from 0.12 s: the last three at
+        # 0.48 s for their 0.64-0.72 s slots); the 7 unplayed ones' marks come back as cleared,
+        # and nothing more is sent.
         await trio.sleep(2.0)
-        assert len(call.caller.received) == 17
+        assert len(call.caller.received) == 19
         assert all(m.at_s <= clear.at_s for m in call.caller.received)
-        assert [e.name for e in call.caller.echoes if e.cleared] == ["13", "14", "15", "16", "17"]
+        assert [e.name for e in call.caller.echoes if e.cleared] == [str(n) for n in range(13, 20)]
         assert call.inbound_events()[-1] == "clear"
-        assert call.bridge.twilio.playback("item_1").cleared_samples == 5 * CHUNK_BYTES
+        assert call.bridge.twilio.playback("item_1").cleared_samples == 7 * CHUNK_BYTES
         assert call.bridge.stats.barge_ins == 1
 
 
@@ -643,6 +659,7 @@ async def test_call_reply_latency_skips_a_reply_already_under_way_and_a_cancelle
         await trio.sleep(0.6)
         link.emit(pv.AudioDelta("reply", audio(80)), pv.AudioDone("reply"))
         await call.caller.wait_for_audio(len(audio(880)))
+        await trio.testing.wait_all_tasks_blocked()  # (a chunk is counted once its write, marks and all, is done)
         assert call.bridge.stats.reply.count == 1
         assert call.bridge.stats.reply.total_s == pytest.approx(0.8, abs=EXACT)  # from the stop to "reply"
         # A stop whose response is cancelled leaves nothing to time: later audio is not its reply.
@@ -651,6 +668,7 @@ async def test_call_reply_latency_skips_a_reply_already_under_way_and_a_cancelle
         await trio.sleep(2.0)
         link.emit(pv.AudioDelta("later", audio(80)), pv.AudioDone("later"))
         await call.caller.wait_for_audio(len(audio(960)))
+        await trio.testing.wait_all_tasks_blocked()
         assert call.bridge.stats.reply.count == 1
 
 

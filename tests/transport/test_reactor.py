@@ -279,6 +279,55 @@ async def test_send_media_nowait_is_a_chunk_and_its_mark_in_one_write() -> None:
                 pair.server.send_media_nowait(b"[", b"a", b"]", "late")
 
 
+async def test_send_media_batch_nowait_is_several_chunks_and_their_marks_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pacer's top-up: chunks and marks as send_media_nowait frames them, in order, in one socket write;
+    a withheld mark adds no frame; a full socket queues the rest; a closed stream refuses."""
+    import base64
+
+    async with ws_pair(small_buffers=True) as pair:
+        server, client = pair.server, pair.client
+        writes: list[int] = []
+        real_write = server._write_nowait
+
+        def counting_write(data: bytes) -> bool:
+            writes.append(len(data))
+            return real_write(data)
+
+        monkeypatch.setattr(server, "_write_nowait", counting_write)
+        with trio.fail_after(5):
+            parts = [(b"[", b"\x00\xff", b"]", "m1"), (b"(", b"\x02", b")", ""), (b"<", b"\x7f\x10\x20", b">", "m3")]
+            assert server.send_media_batch_nowait(parts)
+            assert len(writes) == 1
+            expected = ["[" + base64.b64encode(b"\x00\xff").decode() + "]", "m1", "(Ag==)",
+                        "<" + base64.b64encode(b"\x7f\x10\x20").decode() + ">", "m3"]
+            assert [await client.receive() for _ in range(5)] == expected
+            # More than the socket buffers take: the rest queued whole, then written in order.
+            audio = bytes(range(256)) * 4
+            batches = [[(f"{i}.{j}:".encode(), audio, b"", f"mark {i}.{j}") for j in range(3)] for i in range(500)]
+            results = [server.send_media_batch_nowait(batch) for batch in batches]
+            assert True in results and False in results and server._backlog
+            got: list[str | bytes] = []
+
+            async def read_all() -> None:
+                while len(got) < 3001:
+                    got.append(await client.receive())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_all)
+                await server.send("after the backlog")
+            media = base64.b64encode(audio).decode()
+            assert got[:3000] == [m for i in range(500) for j in range(3) for m in (f"{i}.{j}:{media}", f"mark {i}.{j}")]
+            assert got[3000] == "after the backlog"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.aclose)
+                with pytest.raises(StreamClosed):
+                    await server.receive()
+            with pytest.raises(StreamClosed):
+                server.send_media_batch_nowait(parts)
+
+
 async def test_send_many_nowait_queues_on_a_full_socket_and_flush_keeps_the_order() -> None:
     async with ws_pair(small_buffers=True) as pair:
         client, server = pair.client, pair.server
