@@ -1465,8 +1465,10 @@ class CallBridge:
                 self._playing_until_s = now  # Twilio's buffer ran dry
             slot_s = self._playing_until_s - self.lead_s
             if slot_s > now:
-                with trio.CancelScope() as self._pacer_wait:
-                    await trio.sleep_until(slot_s)
+                # (one scope for both ends of the wait -- its deadline, and a barge-in's cancel -- where
+                # sleep_until would open a second: this runs every TOP_UP_S + a chunk per call while a reply plays)
+                with trio.CancelScope(deadline=slot_s) as self._pacer_wait:
+                    await trio.sleep_forever()
                 self._pacer_wait = None
                 continue  # re-check: a barge-in may have emptied the queue
             lock = self._send_lock
