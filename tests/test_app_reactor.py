@@ -408,6 +408,39 @@ async def test_a_reply_sent_faster_than_real_time_goes_out_a_top_up_at_a_time(mo
 
 
 @fail_after(20)
+async def test_chunks_due_together_on_arrival_go_out_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deltas of 200 ms in real time (five chunks each): the start of the reply, 200 ms, is due at once and goes
+    out from the handler in one write, and so does most of each later delta, not a write per chunk."""
+    writes: list[int] = []
+    one, batch = ServerStream.send_media_nowait, ServerStream.send_media_batch_nowait
+
+    def counted_one(self: ServerStream, prefix: bytes, payload: bytes, suffix: bytes, then: str) -> bool:
+        writes.append(1)
+        return one(self, prefix, payload, suffix, then)
+
+    def counted_batch(self: ServerStream, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
+        writes.append(len(parts))
+        return batch(self, parts)
+
+    monkeypatch.setattr(ServerStream, "send_media_nowait", counted_one)
+    monkeypatch.setattr(ServerStream, "send_media_batch_nowait", counted_batch)
+    reply = to_ulaw(tone(440, 1000, amplitude=0.3))  # 25 chunks in five deltas
+
+    async def large_deltas(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(10)
+        await session.respond(reply, chunk_bytes=1600, interval_s=0.200)
+
+    async with fake_openai(large_deltas) as model, running(openai_settings(model)) as url:
+        caller = await hear_reply(url, len(reply))
+    assert caller.received_audio == reply
+    assert [len(m.payload) for m in caller.received] == [320] * 25
+    assert len(caller.echoes) == 25 and not any(e.cleared for e in caller.echoes)
+    assert sum(writes) == 25 and writes[0] == 5, writes  # (nothing was playing: 160 ms + the chunk due then)
+    assert len(writes) <= 10, writes  # (a write per chunk before: 25)
+    assert caller.errors == []
+
+
+@fail_after(20)
 async def test_a_twilio_socket_that_takes_nothing_at_once_gets_every_chunk_in_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -90,6 +90,7 @@ MAX_QUEUED_S = 300.0
 # TOP_UP_S + one chunk of audio instead of per chunk.  Twilio then holds lead_ms to lead_ms + TOP_UP_S + one
 # chunk of it (160-280 ms at the defaults); a barge-in's clear drops all of it, and the cut is by marks.
 TOP_UP_S = 0.080
+DUE_SLACK_S = 1e-6  # a chunk's slot this close after now counts as now (see _take_due)
 MODEL_IDLE = "idle: the model took no audio"  # the start of the end reason of a call whose model stopped reading
 MAX_CUT_ITEMS = 16  # cut replies whose late audio is still counted for the record (the newest)
 MAX_OVERFLOW_LOGS = 32  # replies cut short by MAX_QUEUED_S logged per call (one line each)
@@ -1387,27 +1388,51 @@ class CallBridge:
         """
         queue = self._queue
         if queue and not self._send_lock.locked():
-            twilio = self.twilio
             now = self._now()
-            while queue:
-                if self._playing_until_s < now:
-                    self._playing_until_s = now  # Twilio's buffer ran dry
-                slot_s = self._playing_until_s - self.lead_s
-                if slot_s > now:
-                    break
-                chunk = queue.popleft()
-                if twilio.state is not StreamState.STREAMING:
-                    continue
-                prefix, suffix, mark = twilio.send_chunk(chunk.payload, chunk.item)
-                if not mark:
-                    self._mark_withheld()
-                sent = self._polled.send_media_nowait(prefix, chunk.payload, suffix, mark)
-                self._chunk_sent(chunk, slot_s, now)
+            due = self._take_due(now, now)
+            if due and self.twilio.state is StreamState.STREAMING:
+                # (all in one write: a large delta, or the start of a reply, has several chunks due at once)
+                parts = self._chunk_parts(due)
+                polled = self._polled
+                sent = polled.send_media_nowait(*parts[0]) if len(parts) == 1 else polled.send_media_batch_nowait(parts)
+                for chunk, slot_s in due:
+                    self._chunk_sent(chunk, slot_s, now)
                 if not sent:
                     self._start_twilio_flush()
-                    break
         if queue or self._pending:  # (a partial chunk: the pacer plays it if nothing joins it in time)
             self._queued.set()
+
+    def _take_due(self, now: float, horizon_s: float, *, first: bool = False) -> list[tuple[_Chunk, float]]:
+        """Take the queued chunks whose slot (``lead_s`` before Twilio plays them) is at ``horizon_s`` or before,
+        with the first one in any case if ``first``: each chunk, and when the lead let it out (now, at the latest).
+
+        (To a microsecond: the slots are float sums of chunk lengths, which land either side of a time they
+        meet exactly -- four 40 ms chunks are not quite 160 ms, and the fifth would miss its turn.)
+        """
+        horizon_s += DUE_SLACK_S
+        queue = self._queue
+        until_s = max(self._playing_until_s, now)  # (Twilio's buffer may have run dry)
+        due: list[tuple[_Chunk, float]] = []
+        while queue:
+            slot_s = until_s - self.lead_s
+            if slot_s > horizon_s and (due or not first):
+                break
+            chunk = queue.popleft()
+            due.append((chunk, min(slot_s, now)))
+            until_s += len(chunk.payload) / (tw.MULAW_SAMPLES_PER_MS * 1000)
+        return due
+
+    def _chunk_parts(self, chunks: Sequence[tuple[_Chunk, float]]) -> list[tuple[bytes, bytes, bytes, str]]:
+        """The Twilio core's step for each chunk about to be written (the stream is streaming): ``(prefix, payload,
+        suffix, mark)``, the media message as an envelope for the native framer and its mark (``""``: withheld)."""
+        send_chunk = self.twilio.send_chunk
+        parts = []
+        for chunk, _ in chunks:
+            prefix, suffix, mark = send_chunk(chunk.payload, chunk.item)
+            if not mark:
+                self._mark_withheld()
+            parts.append((prefix, chunk.payload, suffix, mark))
+        return parts
 
     def _chunk_sent(self, chunk: _Chunk, slot_s: float, now: float) -> None:
         stats = self.stats
@@ -1464,7 +1489,7 @@ class CallBridge:
             if self._playing_until_s < now:
                 self._playing_until_s = now  # Twilio's buffer ran dry
             slot_s = self._playing_until_s - self.lead_s
-            if slot_s > now:
+            if slot_s > now + DUE_SLACK_S:
                 # (one scope for both ends of the wait -- its deadline, and a barge-in's cancel -- where
                 # sleep_until would open a second: this runs every TOP_UP_S + a chunk per call while a reply plays)
                 with trio.CancelScope(deadline=slot_s) as self._pacer_wait:
@@ -1491,31 +1516,16 @@ class CallBridge:
         stream that has stopped takes none of them: they are dropped
         uncounted, as the call is ending.
         """
-        queue, twilio = self._queue, self.twilio
         now = self._now()
-        horizon_s = now + TOP_UP_S + 1e-6  # (to a microsecond: float sums of chunk lengths land either side)
-        until_s = max(self._playing_until_s, now)
-        batch: list[tuple[_Chunk, float]] = []  # each chunk, and when the lead let it out
-        while queue:
-            slot_s = until_s - self.lead_s
-            if batch and slot_s > horizon_s:
-                break
-            chunk = queue.popleft()
-            batch.append((chunk, min(slot_s, now)))  # (one sent ahead of its slot was let out now)
-            until_s += len(chunk.payload) / (tw.MULAW_SAMPLES_PER_MS * 1000)
-        if twilio.state is not StreamState.STREAMING:
+        # (the first chunk even if it is not due: it was when the pacer took the lock, see _pacer)
+        batch = self._take_due(now, now + TOP_UP_S, first=True)
+        if self.twilio.state is not StreamState.STREAMING:
             return
         self._writing = [chunk.item for chunk, _ in batch]
         try:
             if self._polling:  # (framed natively, as _pace_now does)
                 polled = self._polled
-                parts = []
-                for chunk, _ in batch:
-                    prefix, suffix, mark = twilio.send_chunk(chunk.payload, chunk.item)
-                    if not mark:
-                        self._mark_withheld()
-                    parts.append((prefix, chunk.payload, suffix, mark))
-                if not polled.send_media_batch_nowait(parts):
+                if not polled.send_media_batch_nowait(self._chunk_parts(batch)):
                     self._twilio_stuck_s = self._now()
                     try:
                         await polled.flush()
@@ -1523,11 +1533,8 @@ class CallBridge:
                         self._twilio_stuck_s = None
             else:
                 texts = []
-                for chunk, _ in batch:
-                    prefix, suffix, mark = twilio.send_chunk(chunk.payload, chunk.item)
-                    if not mark:
-                        self._mark_withheld()
-                    texts.append((prefix + binascii.b2a_base64(chunk.payload, newline=False) + suffix).decode())
+                for prefix, payload, suffix, mark in self._chunk_parts(batch):
+                    texts.append((prefix + binascii.b2a_base64(payload, newline=False) + suffix).decode())
                     if mark:
                         texts.append(mark)
                 self._twilio_stuck_s = self._now()
