@@ -612,11 +612,13 @@ async def test_call_reply_latency_runs_from_speech_stopped_to_the_reply_s_first_
         await trio.sleep(1.25)
         link.emit(pv.AudioDelta("reply_2", audio(80)), pv.AudioDone("reply_2"))
         await call.caller.wait_for_audio(len(audio(80)) + len(audio(200)) + len(audio(80)))
+        await trio.testing.wait_all_tasks_blocked()  # (reply_2's chunks are counted once their write is done)
         # A stop followed by more speech, and audio before the next stop: no reply to time.
         link.emit(pv.SpeechStopped(None, None), pv.SpeechStarted(None, None))
         await trio.sleep(0.4)
         link.emit(pv.AudioDelta("reply_3", audio(40)), pv.AudioDone("reply_3"))
         await call.caller.wait_for_audio(len(audio(80)) + len(audio(200)) + len(audio(80)) + len(audio(40)))
+        await trio.testing.wait_all_tasks_blocked()
         reply = call.bridge.stats.reply
         assert reply.count == 2  # one sample per reply, not per chunk
         assert reply.total_s == pytest.approx(0.7 + 1.25, abs=EXACT)
