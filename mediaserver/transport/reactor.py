@@ -19,6 +19,16 @@ the next batch (:meth:`Reactor.again`) for the rest: one read of 64 KiB can
 hold thousands of small messages, and a peer that floods them would
 otherwise hold every other call up for the whole read.
 
+Timers (:meth:`Reactor.call_at`) run in the same task: a callback at a
+Trio time, called after the handlers of the first batch at or after it; a
+Linux timerfd in the epoll set wakes the loop for the earliest when no
+socket does.  A Trio sleep costs a cancel scope and a task wake-up per
+wait; the bridge's pacer, which writes a reply's audio a few chunks at a
+time while it plays, waits on these instead (it is a function call per
+write, not a task switch).  Where timerfd is missing, or under a test's
+virtual clock, :attr:`Reactor.has_timers` is False and callers sleep as
+usual.
+
 Handlers run in the reactor's task: they must not block and should not
 raise.  One that does is dropped (one broken call cannot stop the loop); the
 exception is logged and passed to the registration's ``on_error``, so the
