@@ -363,6 +363,26 @@ def _real_time_reply(reply: bytes) -> Script:
     return script
 
 
+def _reply_at_once(reply: bytes) -> Script:
+    """After the caller's first 10 frames, the model sends all of ``reply`` in 40 ms deltas at once (faster than
+    real time, as models do): the server's pacer sends most of it."""
+
+    async def script(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(10)
+        await session.respond(reply, chunk_bytes=320)
+
+    return script
+
+
+def assert_heard_whole(caller: FakeTwilioCaller, reply: bytes) -> None:
+    """The caller heard ``reply`` whole, in order, in 40 ms chunks, each mark echoed as played."""
+    chunks = len(reply) // 320
+    assert caller.received_audio == reply
+    assert [len(m.payload) for m in caller.received] == [320] * chunks
+    assert len(caller.echoes) == chunks and not any(e.cleared for e in caller.echoes)
+    assert caller.errors == []
+
+
 @fail_after(20)
 async def test_audio_that_is_due_on_arrival_goes_out_from_the_handler(monkeypatch: pytest.MonkeyPatch) -> None:
     """A model streaming in real time: every chunk is due when it arrives and the pacer sends none of them."""
@@ -391,22 +411,14 @@ async def test_a_reply_sent_faster_than_real_time_goes_out_a_top_up_at_a_time(mo
     monkeypatch.setattr(ServerStream, "send_media_batch_nowait", counted)
     task_writes = count_calls(monkeypatch, "_send_due")
     reply = to_ulaw(tone(440, 1000, amplitude=0.3))  # 25 chunks
-
-    async def at_once(session: FakeRealtimeSession) -> None:
-        await session.wait_appends(10)
-        await session.respond(reply, chunk_bytes=320)
-
-    async with fake_openai(at_once) as model, running(openai_settings(model)) as url:
+    async with fake_openai(_reply_at_once(reply)) as model, running(openai_settings(model)) as url:
         caller = await hear_reply(url, len(reply))
-    assert caller.received_audio == reply
-    assert [len(m.payload) for m in caller.received] == [320] * 25
-    assert len(caller.echoes) == 25 and not any(e.cleared for e in caller.echoes)
+    assert_heard_whole(caller, reply)
     # The chunk due when the pacer wakes and those of the next 80 ms: 3 a write (more if it woke late), the last
     # write what is left.  (With one chunk a write, as before, this reply took 20 wake-ups and writes.)
     assert batches and sum(batches) < 25 and all(n >= 3 for n in batches[:-1]), batches
     assert len(batches) <= 7
     assert task_writes.n == 0  # every one of them from a reactor timer: the pacer's task never woke to write
-    assert caller.errors == []
 
 
 @fail_after(20)
@@ -494,19 +506,11 @@ async def test_a_full_twilio_socket_hands_the_timers_writes_back_to_the_pacer_in
     flushes = count_calls(monkeypatch, "_flush_twilio")
     task_writes = count_calls(monkeypatch, "_send_due")
     reply = to_ulaw(tone(440, 1000, amplitude=0.3)) + to_ulaw(tone(660, 200, amplitude=0.3))
-
-    async def at_once(session: FakeRealtimeSession) -> None:
-        await session.wait_appends(10)
-        await session.respond(reply, chunk_bytes=320)
-
-    async with fake_openai(at_once) as model, running(openai_settings(model)) as url:
+    async with fake_openai(_reply_at_once(reply)) as model, running(openai_settings(model)) as url:
         caller = await hear_reply(url, len(reply))
-    assert caller.received_audio == reply
-    assert [len(m.payload) for m in caller.received] == [320] * 30
-    assert len(caller.echoes) == 30 and not any(e.cleared for e in caller.echoes)
+    assert_heard_whole(caller, reply)
     assert flushes.n >= 1  # (the timers' writes queued, and a flush wrote them)
     assert task_writes.n >= 1  # (a timer found the lock taken and handed over to the task)
-    assert caller.errors == []
 
 
 @pytest.mark.parametrize("bug", [RuntimeError("a bug in the handler"), LocalProtocolError("a bug in the handler")])
