@@ -202,6 +202,8 @@ class Reactor:
         timerfd = self._timerfd
         if timerfd is None:
             raise RuntimeError("this reactor has no timers (see has_timers)")
+        if not math.isfinite(deadline):
+            raise ValueError(f"a timer needs a finite deadline, not {deadline!r}")
         timer = Timer(deadline, fn)
         heapq.heappush(self._timers, (deadline, next(self._timer_numbers), timer))
         if deadline < self._armed_s:  # (if the loop waits now, the timerfd wakes it)

@@ -6,6 +6,7 @@ Real loopback sockets throughout (the pairs of tests/transport/test_raw_socket.p
 from __future__ import annotations
 
 import logging
+import math
 import socket
 
 import pytest
@@ -74,6 +75,9 @@ async def test_timers_run_in_deadline_order_at_their_time_even_with_no_socket_re
     wakes an idle loop); a cancelled one never runs; one that raises is logged and the others run."""
     reactor = current_reactor()
     assert reactor.has_timers
+    for never in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="a timer needs a finite deadline"):
+            reactor.call_at(never, lambda: None)
     ran: list[tuple[str, float]] = []
     t0 = trio.current_time()
 
