@@ -363,26 +363,6 @@ def _real_time_reply(reply: bytes) -> Script:
     return script
 
 
-def _reply_at_once(reply: bytes) -> Script:
-    """After the caller's first 10 frames, the model sends all of ``reply`` in 40 ms deltas at once (faster than
-    real time, as models do): the server's pacer sends most of it."""
-
-    async def script(session: FakeRealtimeSession) -> None:
-        await session.wait_appends(10)
-        await session.respond(reply, chunk_bytes=320)
-
-    return script
-
-
-def assert_heard_whole(caller: FakeTwilioCaller, reply: bytes) -> None:
-    """The caller heard ``reply`` whole, in order, in 40 ms chunks, each mark echoed as played."""
-    chunks = len(reply) // 320
-    assert caller.received_audio == reply
-    assert [len(m.payload) for m in caller.received] == [320] * chunks
-    assert len(caller.echoes) == chunks and not any(e.cleared for e in caller.echoes)
-    assert caller.errors == []
-
-
 @fail_after(20)
 async def test_audio_that_is_due_on_arrival_goes_out_from_the_handler(monkeypatch: pytest.MonkeyPatch) -> None:
     """A model streaming in real time: every chunk is due when it arrives and the pacer sends none of them."""
@@ -399,8 +379,8 @@ async def test_audio_that_is_due_on_arrival_goes_out_from_the_handler(monkeypatc
 
 @fail_after(20)
 async def test_a_reply_sent_faster_than_real_time_goes_out_a_top_up_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model that sends a whole 1 s reply at once, as models do: the handler sends what is due on arrival; then
-    a reactor timer, once per TOP_UP_S + a chunk, writes that many chunks, each with its mark, in one write."""
+    """A model that sends a whole 1 s reply at once, as models do: the handler sends what is due on arrival; the
+    pacer then wakes once per TOP_UP_S + a chunk and writes that many chunks, each with its mark, in one write."""
     batches: list[int] = []
     real = ServerStream.send_media_batch_nowait
 
@@ -409,16 +389,22 @@ async def test_a_reply_sent_faster_than_real_time_goes_out_a_top_up_at_a_time(mo
         return real(self, parts)
 
     monkeypatch.setattr(ServerStream, "send_media_batch_nowait", counted)
-    task_writes = count_calls(monkeypatch, "_send_due")
     reply = to_ulaw(tone(440, 1000, amplitude=0.3))  # 25 chunks
-    async with fake_openai(_reply_at_once(reply)) as model, running(openai_settings(model)) as url:
+
+    async def at_once(session: FakeRealtimeSession) -> None:
+        await session.wait_appends(10)
+        await session.respond(reply, chunk_bytes=320)
+
+    async with fake_openai(at_once) as model, running(openai_settings(model)) as url:
         caller = await hear_reply(url, len(reply))
-    assert_heard_whole(caller, reply)
+    assert caller.received_audio == reply
+    assert [len(m.payload) for m in caller.received] == [320] * 25
+    assert len(caller.echoes) == 25 and not any(e.cleared for e in caller.echoes)
     # The chunk due when the pacer wakes and those of the next 80 ms: 3 a write (more if it woke late), the last
     # write what is left.  (With one chunk a write, as before, this reply took 20 wake-ups and writes.)
     assert batches and sum(batches) < 25 and all(n >= 3 for n in batches[:-1]), batches
     assert len(batches) <= 7
-    assert task_writes.n == 0  # every one of them from a reactor timer: the pacer's task never woke to write
+    assert caller.errors == []
 
 
 @fail_after(20)
@@ -476,41 +462,6 @@ async def test_a_twilio_socket_that_takes_nothing_at_once_gets_every_chunk_in_or
     assert caller.received_audio == reply
     assert len(caller.echoes) == len(caller.received)
     assert caller.errors == []
-
-
-@fail_after(20)
-async def test_a_full_twilio_socket_hands_the_timers_writes_back_to_the_pacer_in_order(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A reply sent at once while Twilio's socket "takes nothing": every write queues, a flush task writes the
-    backlog under the send lock, a timer that finds the lock taken hands over to the pacer task -- in order."""
-
-    def always_queue(self: ServerStream, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
-        if self.closed is not None:
-            raise StreamClosed("closed")
-        for prefix, payload, suffix, then in parts:
-            self._backlog += server_frame((prefix + base64.b64encode(payload) + suffix).decode())
-            if then:
-                self._backlog += server_frame(then)
-        return False
-
-    monkeypatch.setattr(ServerStream, "send_media_batch_nowait", always_queue)
-    real_flush = call_module.CallBridge._flush_twilio
-
-    async def slow_flush(self: call_module.CallBridge) -> None:  # a slow socket: the send lock is held a while
-        async with self._send_lock:
-            await trio.sleep(0.15)
-        await real_flush(self)
-
-    monkeypatch.setattr(call_module.CallBridge, "_flush_twilio", slow_flush)
-    flushes = count_calls(monkeypatch, "_flush_twilio")
-    task_writes = count_calls(monkeypatch, "_send_due")
-    reply = to_ulaw(tone(440, 1000, amplitude=0.3)) + to_ulaw(tone(660, 200, amplitude=0.3))
-    async with fake_openai(_reply_at_once(reply)) as model, running(openai_settings(model)) as url:
-        caller = await hear_reply(url, len(reply))
-    assert_heard_whole(caller, reply)
-    assert flushes.n >= 1  # (the timers' writes queued, and a flush wrote them)
-    assert task_writes.n >= 1  # (a timer found the lock taken and handed over to the task)
 
 
 @pytest.mark.parametrize("bug", [RuntimeError("a bug in the handler"), LocalProtocolError("a bug in the handler")])

@@ -65,7 +65,7 @@ from mediaserver.protocol.providers import base as pv
 from mediaserver.protocol import twilio as tw_stream
 from mediaserver.protocol.twilio import StreamState, TwilioStream
 from mediaserver.tools import ToolError, ToolSet
-from mediaserver.transport.reactor import MESSAGES_PER_TURN, Timer, current_reactor
+from mediaserver.transport.reactor import MESSAGES_PER_TURN, current_reactor
 from mediaserver.twilio_rest import TwilioRest, TwilioRestError, dial_twiml
 
 from .link import PolledLink, ProviderClosed, ProviderLink
@@ -338,12 +338,6 @@ class CallBridge:
         self._cut_response: str | None = None  # the response open at the last barge-in: its audio is dropped
         self._playing_until_s = 0.0  # when Twilio's buffer runs dry (Trio time)
         self._pacer_wait: trio.CancelScope | None = None
-        # Polled, with the reactor's timers: the pacer's waits for a slot are a reactor timer that sends what is
-        # due itself (_on_pace_timer), re-armed for the next slot; the task waits for a kick (the reply played out,
-        # the send lock was taken, a write failed) instead of waking for every write.
-        self._pace_timer: Timer | None = None
-        self._pacer_kick = trio.Event()
-        self._pacer_error: Exception | None = None
         self._nursery: trio.Nursery | None = None
         # Tools and keypad (see _run_tool, _on_digit, end_call, transfer).
         self.tools = tools
@@ -1496,22 +1490,6 @@ class CallBridge:
                 self._playing_until_s = now  # Twilio's buffer ran dry
             slot_s = self._playing_until_s - self.lead_s
             if slot_s > now + DUE_SLACK_S:
-                if self._polling and (reactor := current_reactor()).has_timers:
-                    # The reactor sends from now on, a write per timer (_on_pace_timer), until it kicks this task.
-                    self._pacer_kick = trio.Event()
-                    self._pace_timer = reactor.call_at(slot_s, self._on_pace_timer)
-                    try:
-                        with trio.CancelScope() as self._pacer_wait:  # (a barge-in cancels the wait)
-                            await self._pacer_kick.wait()
-                    finally:
-                        self._pacer_wait = None
-                        if self._pace_timer is not None:
-                            self._pace_timer.cancel()
-                            self._pace_timer = None
-                    if self._pacer_error is not None:
-                        error, self._pacer_error = self._pacer_error, None
-                        raise error
-                    continue
                 # (one scope for both ends of the wait -- its deadline, and a barge-in's cancel -- where
                 # sleep_until would open a second: this runs every TOP_UP_S + a chunk per call while a reply plays)
                 with trio.CancelScope(deadline=slot_s) as self._pacer_wait:
@@ -1528,38 +1506,6 @@ class CallBridge:
                     await self._send_due()
             finally:
                 lock.release()
-
-    def _on_pace_timer(self) -> None:
-        """The pacer's wait, done (in the reactor's task): send what is due now and the ``TOP_UP_S`` after it, as
-        :meth:`_send_due` does but without awaiting, and wait for the next slot the same way.
-
-        Whatever needs awaiting goes back to the pacer task: the send lock
-        is taken (a barge-in, a flush, a tool's message), the stream has
-        stopped, the queue is empty (a part-chunk waits there for more), or
-        a write failed (the task raises it).
-        """
-        self._pace_timer = None
-        queue = self._queue
-        if not queue or self._send_lock.locked() or self.twilio.state is not StreamState.STREAMING:
-            self._pacer_kick.set()
-            return
-        now = self._now()
-        try:
-            if self._playing_until_s - self.lead_s <= now + DUE_SLACK_S:  # (a handler may have sent it already)
-                batch = self._take_due(now, now + TOP_UP_S)
-                sent = self._polled.send_media_batch_nowait(self._chunk_parts(batch))
-                for chunk, slot_s in batch:
-                    self._chunk_sent(chunk, slot_s, now)
-                if not sent:
-                    self._start_twilio_flush()
-        except Exception as exc:  # (StreamClosed: the task raises it, and the call ends as from its own write)
-            self._pacer_error = exc
-            self._pacer_kick.set()
-            return
-        if not queue:
-            self._pacer_kick.set()
-            return
-        self._pace_timer = current_reactor().call_at(self._playing_until_s - self.lead_s, self._on_pace_timer)
 
     async def _send_due(self) -> None:
         """The pacer's write (under the send lock): the next chunk, and those due within ``TOP_UP_S`` after it.

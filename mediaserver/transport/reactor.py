@@ -19,16 +19,6 @@ the next batch (:meth:`Reactor.again`) for the rest: one read of 64 KiB can
 hold thousands of small messages, and a peer that floods them would
 otherwise hold every other call up for the whole read.
 
-Timers (:meth:`Reactor.call_at`) run in the same task: a callback at a
-Trio time, called after the handlers of the first batch at or after it; a
-Linux timerfd in the epoll set wakes the loop for the earliest when no
-socket does.  A Trio sleep costs a cancel scope and a task wake-up per
-wait; the bridge's pacer, which writes a reply's audio a few chunks at a
-time while it plays, waits on these instead (it is a function call per
-write, not a task switch).  Where timerfd is missing, or under a test's
-virtual clock, :attr:`Reactor.has_timers` is False and callers sleep as
-usual.
-
 Handlers run in the reactor's task: they must not block and should not
 raise.  One that does is dropped (one broken call cannot stop the loop); the
 exception is logged and passed to the registration's ``on_error``, so the
@@ -40,20 +30,14 @@ socket is closed (a ``finally``).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import heapq
-import itertools
 import logging
-import math
-import os
 import select
 import socket
 from collections.abc import Callable
 
 import trio
 
-__all__ = ["Reactor", "Timer", "current_reactor", "reactor_stats"]
+__all__ = ["Reactor", "current_reactor", "reactor_stats"]
 
 log = logging.getLogger("mediaserver.reactor")
 
@@ -64,65 +48,8 @@ MAX_EVENTS = 1024  # sockets handled per batch; the rest wait for the next one
 MESSAGES_PER_TURN = 128
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-class _Itimerspec(ctypes.Structure):
-    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
-
-
-class _TimerFd:
-    """A Linux timerfd (through libc: Python 3.11 has no ``os.timerfd_*``): readable once its delay is up."""
-
-    _CLOCK_MONOTONIC = 1
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._settime = libc.timerfd_settime
-        self.fd = libc.timerfd_create(self._CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "timerfd_create failed")
-        self._spec = _Itimerspec()
-
-    def set(self, delay_s: float) -> None:
-        """Become readable in ``delay_s`` (at least a microsecond), replacing any earlier setting."""
-        spec = self._spec
-        spec.it_value.tv_sec, spec.it_value.tv_nsec = divmod(max(int(delay_s * 1e9), 1000), 1_000_000_000)
-        if self._settime(self.fd, 0, ctypes.byref(spec), None) != 0:
-            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
-
-    def clear(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self.fd, 8)  # the expiry count: reading it ends the readiness
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class Timer:
-    """A callback the reactor calls at a Trio time (:meth:`Reactor.call_at`); :meth:`cancel` it if it is no longer wanted."""
-
-    __slots__ = ("deadline", "fn", "done")
-
-    def __init__(self, deadline: float, fn: Callable[[], None]) -> None:
-        self.deadline = deadline
-        self.fn = fn
-        self.done = False  # called or cancelled
-
-    def cancel(self) -> None:
-        self.done = True
-
-
-def _make_timerfd() -> _TimerFd | None:
-    try:
-        return _TimerFd()
-    except (OSError, AttributeError):  # not Linux, or no timerfd: no timers (callers keep to Trio's sleeps)
-        return None
-
-
 class Reactor:
-    """A level-triggered epoll set of sockets whose handlers run in one Trio task, and timers that run there too."""
+    """A level-triggered epoll set of sockets whose handlers run in one Trio task."""
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
@@ -136,14 +63,6 @@ class Reactor:
         self._wake_w.setblocking(False)
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
         self._waiting = False  # the loop is blocked in its wait
-        # Timers (call_at): a heap of (deadline, number, timer), run after each batch's handlers; a timerfd in the
-        # epoll set wakes the loop for the earliest when nothing else does.  None: no timerfd here, no timers.
-        self._timers: list[tuple[float, int, Timer]] = []
-        self._timer_numbers = itertools.count()
-        self._timerfd = _make_timerfd()
-        self._armed_s = math.inf  # the deadline the timerfd is set for
-        if self._timerfd is not None:
-            self._epoll.register(self._timerfd.fd, select.EPOLLIN)
         self.batches = 0  # how many times the loop woke (tests and benches read these)
         self.calls = 0
 
@@ -188,55 +107,9 @@ class Reactor:
     def __len__(self) -> int:
         return len(self._handlers)
 
-    @property
-    def has_timers(self) -> bool:
-        """True if :meth:`call_at` works here (Linux's timerfd, and Trio's own clock rather than a test's)."""
-        return self._timerfd is not None and type(trio.lowlevel.current_clock()).__name__ == "SystemClock"
-
-    def call_at(self, deadline: float, fn: Callable[[], None]) -> Timer:
-        """Call ``fn()`` in the reactor's task at Trio time ``deadline`` or soon after (with the batch running
-        then, or the first after it), unless the returned timer is cancelled first.  Needs :attr:`has_timers`.
-
-        Like a handler, ``fn`` must not block; an exception from it is logged and dropped.
-        """
-        timerfd = self._timerfd
-        if timerfd is None:
-            raise RuntimeError("this reactor has no timers (see has_timers)")
-        if not math.isfinite(deadline):
-            raise ValueError(f"a timer needs a finite deadline, not {deadline!r}")
-        timer = Timer(deadline, fn)
-        heapq.heappush(self._timers, (deadline, next(self._timer_numbers), timer))
-        if deadline < self._armed_s:  # (if the loop waits now, the timerfd wakes it)
-            self._armed_s = deadline
-            timerfd.set(deadline - trio.current_time())
-        return timer
-
-    def _run_timers(self) -> None:
-        """Call the timers that are due; set the timerfd for the next one."""
-        timers = self._timers
-        now = trio.current_time()
-        while timers and timers[0][0] <= now:
-            timer = heapq.heappop(timers)[2]
-            if timer.done:
-                continue
-            timer.done = True
-            try:
-                timer.fn()
-            except Exception:
-                log.exception("reactor: a timer's callback failed")
-        while timers and timers[0][2].done:  # (cancelled ones at the top would only wake the loop for nothing)
-            heapq.heappop(timers)
-        next_s = timers[0][0] if timers else math.inf
-        if next_s != self._armed_s:
-            self._armed_s = next_s
-            if next_s != math.inf:
-                assert self._timerfd is not None
-                self._timerfd.set(next_s - trio.current_time())
-
     async def run(self) -> None:
         """Dispatch readiness until cancelled."""
         epoll, handlers, wake = self._epoll, self._handlers, self._wake_r.fileno()
-        timer_fd = self._timerfd.fd if self._timerfd is not None else -1
         try:
             while True:
                 if self._again:  # (a checkpoint: every other task, and every readable socket, gets its turn first)
@@ -256,9 +129,6 @@ class Reactor:
                     if handler is None:
                         if fd == wake:
                             self._drain_wake()
-                        elif fd == timer_fd:  # (it fired: set again below, for the next timer, even if not due yet)
-                            self._timerfd.clear()  # type: ignore[union-attr]
-                            self._armed_s = math.inf
                         continue
                     try:
                         handler()
@@ -271,16 +141,11 @@ class Reactor:
                                 on_error(exc)
                             except Exception:  # pragma: no cover - a broken error callback
                                 log.exception("reactor: the error callback for fd %d failed", fd)
-                if self._timers and (self._timers[0][0] <= trio.current_time() or self._armed_s == math.inf):
-                    self._run_timers()
         finally:
             self._waiting = False
             epoll.close()
             self._wake_r.close()
             self._wake_w.close()
-            self._timers.clear()
-            if self._timerfd is not None:
-                self._timerfd.close()
 
     def _drain_wake(self) -> None:
         try:

@@ -6,7 +6,6 @@ Real loopback sockets throughout (the pairs of tests/transport/test_raw_socket.p
 from __future__ import annotations
 
 import logging
-import math
 import socket
 
 import pytest
@@ -66,64 +65,6 @@ async def test_level_triggered_a_handler_that_leaves_data_is_called_again() -> N
             await trio.sleep(0.001)
         reactor.remove(b.fileno())
     assert bytes(got) == b"abcdefgh"
-
-
-async def test_timers_run_in_deadline_order_at_their_time_even_with_no_socket_ready(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """call_at: each callback once, in deadline order, not before its deadline and soon after it (the timerfd
-    wakes an idle loop); a cancelled one never runs; one that raises is logged and the others run."""
-    reactor = current_reactor()
-    assert reactor.has_timers
-    for never in (math.inf, math.nan):
-        with pytest.raises(ValueError, match="a timer needs a finite deadline"):
-            reactor.call_at(never, lambda: None)
-    ran: list[tuple[str, float]] = []
-    t0 = trio.current_time()
-
-    def note(name: str) -> None:
-        ran.append((name, trio.current_time()))
-
-    def broken() -> None:
-        raise RuntimeError("a broken timer")
-
-    reactor.call_at(t0 + 0.060, lambda: note("c"))
-    reactor.call_at(t0 + 0.020, lambda: note("a"))
-    cancelled = reactor.call_at(t0 + 0.030, lambda: note("never"))
-    reactor.call_at(t0 + 0.035, broken)
-    reactor.call_at(t0 + 0.040, lambda: note("b"))
-    cancelled.cancel()
-    # a timer set from a timer's callback, for a time already past: the next batch runs it
-    reactor.call_at(t0 + 0.045, lambda: reactor.call_at(t0, lambda: note("from a timer")))
-    with trio.fail_after(5):
-        while len(ran) < 4:
-            await trio.sleep(0.005)
-    await trio.sleep(0.05)
-    assert [name for name, _ in ran] == ["a", "b", "from a timer", "c"]
-    assert "reactor: a timer's callback failed" in caplog.text and "a broken timer" in caplog.text
-    for (name, at), due in zip(ran, (0.020, 0.040, 0.045, 0.060), strict=True):
-        assert due <= at - t0 < due + 0.5, name  # (on time, give or take a loaded machine's scheduling)
-
-
-async def test_a_timer_wakes_the_loop_while_it_waits_on_sockets_alone() -> None:
-    """Nothing else to do: the loop blocks in its wait; a timer set meanwhile for later still wakes it."""
-    reactor = current_reactor()
-    await trio.sleep(0.02)  # (the loop is waiting now)
-    fired = trio.Event()
-    t0 = trio.current_time()
-    reactor.call_at(t0 + 0.03, fired.set)
-    with trio.fail_after(5):
-        await fired.wait()
-    assert trio.current_time() - t0 >= 0.03
-
-
-def test_no_timers_under_a_test_clock(autojump_clock: trio.testing.MockClock) -> None:
-    """A virtual clock (MockClock) is not the timerfd's: has_timers says so, and callers use Trio's own sleeps."""
-
-    async def main() -> bool:
-        return current_reactor().has_timers
-
-    assert trio.run(main, clock=autojump_clock) is False
 
 
 async def test_registering_twice_is_refused() -> None:
