@@ -381,14 +381,24 @@ async def test_audio_that_is_due_on_arrival_goes_out_from_the_handler(monkeypatc
 async def test_a_reply_sent_faster_than_real_time_goes_out_a_top_up_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """A model that sends a whole 1 s reply at once, as models do: the handler sends what is due on arrival; the
     pacer then wakes once per TOP_UP_S + a chunk and writes that many chunks, each with its mark, in one write."""
-    batches: list[int] = []
-    real = ServerStream.send_media_batch_nowait
+    batches: list[int] = []  # the chunks of each of the pacer's writes (not the handler's)
+    real_send, real_due = ServerStream.send_media_nowait, call_module.CallBridge._send_due
+    in_pacer = [False]
 
     def counted(self: ServerStream, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
-        batches.append(len(parts))
-        return real(self, parts)
+        if in_pacer[0]:
+            batches.append(len(parts))
+        return real_send(self, parts)
 
-    monkeypatch.setattr(ServerStream, "send_media_batch_nowait", counted)
+    async def pacer_write(self: call_module.CallBridge) -> None:
+        in_pacer[0] = True
+        try:
+            await real_due(self)
+        finally:
+            in_pacer[0] = False
+
+    monkeypatch.setattr(ServerStream, "send_media_nowait", counted)
+    monkeypatch.setattr(call_module.CallBridge, "_send_due", pacer_write)
     reply = to_ulaw(tone(440, 1000, amplitude=0.3))  # 25 chunks
 
     async def at_once(session: FakeRealtimeSession) -> None:
@@ -412,18 +422,13 @@ async def test_chunks_due_together_on_arrival_go_out_in_one_write(monkeypatch: p
     """Deltas of 200 ms in real time (five chunks each): the start of the reply, 200 ms, is due at once and goes
     out from the handler in one write, and so does most of each later delta, not a write per chunk."""
     writes: list[int] = []
-    one, batch = ServerStream.send_media_nowait, ServerStream.send_media_batch_nowait
+    real = ServerStream.send_media_nowait
 
-    def counted_one(self: ServerStream, prefix: bytes, payload: bytes, suffix: bytes, then: str) -> bool:
-        writes.append(1)
-        return one(self, prefix, payload, suffix, then)
-
-    def counted_batch(self: ServerStream, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
+    def counted(self: ServerStream, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
         writes.append(len(parts))
-        return batch(self, parts)
+        return real(self, parts)
 
-    monkeypatch.setattr(ServerStream, "send_media_nowait", counted_one)
-    monkeypatch.setattr(ServerStream, "send_media_batch_nowait", counted_batch)
+    monkeypatch.setattr(ServerStream, "send_media_nowait", counted)
     reply = to_ulaw(tone(440, 1000, amplitude=0.3))  # 25 chunks in five deltas
 
     async def large_deltas(session: FakeRealtimeSession) -> None:
@@ -446,11 +451,11 @@ async def test_a_twilio_socket_that_takes_nothing_at_once_gets_every_chunk_in_or
 ) -> None:
     """Every handler send finds Twilio's socket "full": a flush task writes the backlog, in order, under the send lock."""
 
-    def always_queue(self: ServerStream, prefix: bytes, payload: bytes, suffix: bytes, then: str) -> bool:
+    def always_queue(self: ServerStream, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
         if self.closed is not None:
             raise StreamClosed("closed")
-        media = (prefix + base64.b64encode(payload) + suffix).decode()
-        self._backlog += server_frame(media) + server_frame(then)
+        for prefix, payload, suffix, then in parts:
+            self._backlog += server_frame((prefix + base64.b64encode(payload) + suffix).decode()) + server_frame(then)
         return False
 
     monkeypatch.setattr(ServerStream, "send_media_nowait", always_queue)

@@ -175,12 +175,9 @@ class PolledStream(MessageStream, Protocol):
         """Send without waiting: True if on the socket, False if queued (then :meth:`flush` must run)."""
         ...
 
-    def send_media_nowait(self, prefix: bytes, payload: bytes, suffix: bytes, then: str) -> bool:
-        """``send_many_nowait([(prefix + base64(payload) + suffix).decode(), then])``; as it."""
-        ...
-
-    def send_media_batch_nowait(self, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
-        """Each ``(prefix, payload, suffix, then)`` as :meth:`send_media_nowait` would send it, all in one write."""
+    def send_media_nowait(self, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
+        """``send_many_nowait`` of ``(prefix + base64(payload) + suffix).decode()`` and ``then`` for each of
+        ``parts`` (an empty ``then`` is not sent), in one write; as it."""
         ...
 
     def native_read(self) -> tuple[int, int, bool] | None:
@@ -1392,9 +1389,7 @@ class CallBridge:
             due = self._take_due(now, now)
             if due and self.twilio.state is StreamState.STREAMING:
                 # (all in one write: a large delta, or the start of a reply, has several chunks due at once)
-                parts = self._chunk_parts(due)
-                polled = self._polled
-                sent = polled.send_media_nowait(*parts[0]) if len(parts) == 1 else polled.send_media_batch_nowait(parts)
+                sent = self._polled.send_media_nowait(self._chunk_parts(due))
                 for chunk, slot_s in due:
                     self._chunk_sent(chunk, slot_s, now)
                 if not sent:
@@ -1525,7 +1520,7 @@ class CallBridge:
         try:
             if self._polling:  # (framed natively, as _pace_now does)
                 polled = self._polled
-                if not polled.send_media_batch_nowait(self._chunk_parts(batch)):
+                if not polled.send_media_nowait(self._chunk_parts(batch)):
                     self._twilio_stuck_s = self._now()
                     try:
                         await polled.flush()

@@ -93,22 +93,10 @@ class ServerStream(ClientWebSocket, MessageStream):
         except WebSocketClosed as exc:
             raise _stream_closed(exc) from None
 
-    def send_media_nowait(self, prefix: bytes, payload: bytes, suffix: bytes, then: str) -> bool:
-        """``send_many_nowait([(prefix + base64(payload) + suffix).decode(), then])``, the first framed natively.
-
-        A downlink chunk and its mark (``TwilioStream.send_chunk``) in one
-        write; an empty ``then`` (a withheld mark) is not sent.
-        """
-        if self._unsendable is not None:
-            raise _stream_closed(self._unsendable)
-        try:
-            frame = encode_b64_frame(prefix, payload, suffix, None)
-            return self._write_nowait(frame + server_frame(then) if then else frame)
-        except WebSocketClosed as exc:
-            raise _stream_closed(exc) from None
-
-    def send_media_batch_nowait(self, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
-        """Several chunks and their marks (as :meth:`send_media_nowait` sends one) in one write: the pacer's top-up."""
+    def send_media_nowait(self, parts: Sequence[tuple[bytes, bytes, bytes, str]]) -> bool:
+        """Downlink chunks and their marks (``TwilioStream.send_chunk``), all in one write, as ``send_many_nowait``
+        would send ``(prefix + base64(payload) + suffix).decode()`` and ``then`` for each ``(prefix, payload,
+        suffix, then)``, the media framed natively; an empty ``then`` (a withheld mark) is not sent."""
         if self._unsendable is not None:
             raise _stream_closed(self._unsendable)
         frames = []

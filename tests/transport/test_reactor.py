@@ -257,36 +257,36 @@ async def test_frames_built_with_each_sides_frame_key_are_as_each_side_must_send
             assert await pair.client.receive() == "[" + base64.b64encode(b"abcd").decode() + "]"
 
 
-async def test_send_media_nowait_is_a_chunk_and_its_mark_in_one_write() -> None:
+async def test_send_media_nowait_is_a_chunk_and_its_mark_as_their_own_frames() -> None:
     """A server's downlink chunk (native base64 framing) and the mark after it, each its own unmasked text frame."""
     import base64
 
     async with ws_pair() as pair:
         with trio.fail_after(5):
-            assert pair.server.send_media_nowait(b'{"media":"', b"\x00\xff\x10\x7f", b'"}}', '{"mark":"7"}')
+            assert pair.server.send_media_nowait([(b'{"media":"', b"\x00\xff\x10\x7f", b'"}}', '{"mark":"7"}')])
             assert not pair.server._backlog
             assert await pair.client.receive() == '{"media":"' + base64.b64encode(b"\x00\xff\x10\x7f").decode() + '"}}'
             assert await pair.client.receive() == '{"mark":"7"}'
             # A withheld mark (the stream's MAX_PENDING_MARKS): the chunk alone, no empty frame after it.
-            assert pair.server.send_media_nowait(b"[", b"\x01", b"]", "")
-            assert pair.server.send_media_nowait(b"(", b"\x02", b")", "m")
+            assert pair.server.send_media_nowait([(b"[", b"\x01", b"]", "")])
+            assert pair.server.send_media_nowait([(b"(", b"\x02", b")", "m")])
             assert [await pair.client.receive() for _ in range(3)] == ["[AQ==]", "(Ag==)", "m"]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pair.client.aclose)
                 with pytest.raises(StreamClosed):
                     await pair.server.receive()  # answers the close
             with pytest.raises(StreamClosed):
-                pair.server.send_media_nowait(b"[", b"a", b"]", "late")
+                pair.server.send_media_nowait([(b"[", b"a", b"]", "late")])
 
 
-async def test_send_media_batch_nowait_is_several_chunks_and_their_marks_in_one_write(
+async def test_send_media_nowait_takes_several_chunks_and_their_marks_in_one_write(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The pacer's top-up: chunks and marks as send_media_nowait frames them, in order, in one socket write;
-    a withheld mark adds no frame; a full socket queues the rest; a closed stream refuses."""
+    """The pacer's top-up: several chunks and their marks, in order, in one socket write; a withheld mark adds
+    no frame."""
     import base64
 
-    async with ws_pair(small_buffers=True) as pair:
+    async with ws_pair() as pair:
         server, client = pair.server, pair.client
         writes: list[int] = []
         real_write = server._write_nowait
@@ -298,34 +298,11 @@ async def test_send_media_batch_nowait_is_several_chunks_and_their_marks_in_one_
         monkeypatch.setattr(server, "_write_nowait", counting_write)
         with trio.fail_after(5):
             parts = [(b"[", b"\x00\xff", b"]", "m1"), (b"(", b"\x02", b")", ""), (b"<", b"\x7f\x10\x20", b">", "m3")]
-            assert server.send_media_batch_nowait(parts)
+            assert server.send_media_nowait(parts)
             assert len(writes) == 1
             expected = ["[" + base64.b64encode(b"\x00\xff").decode() + "]", "m1", "(Ag==)",
                         "<" + base64.b64encode(b"\x7f\x10\x20").decode() + ">", "m3"]
             assert [await client.receive() for _ in range(5)] == expected
-            # More than the socket buffers take: the rest queued whole, then written in order.
-            audio = bytes(range(256)) * 4
-            batches = [[(f"{i}.{j}:".encode(), audio, b"", f"mark {i}.{j}") for j in range(3)] for i in range(500)]
-            results = [server.send_media_batch_nowait(batch) for batch in batches]
-            assert True in results and False in results and server._backlog
-            got: list[str | bytes] = []
-
-            async def read_all() -> None:
-                while len(got) < 3001:
-                    got.append(await client.receive())
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(read_all)
-                await server.send("after the backlog")
-            media = base64.b64encode(audio).decode()
-            assert got[:3000] == [m for i in range(500) for j in range(3) for m in (f"{i}.{j}:{media}", f"mark {i}.{j}")]
-            assert got[3000] == "after the backlog"
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client.aclose)
-                with pytest.raises(StreamClosed):
-                    await server.receive()
-            with pytest.raises(StreamClosed):
-                server.send_media_batch_nowait(parts)
 
 
 async def test_send_many_nowait_queues_on_a_full_socket_and_flush_keeps_the_order() -> None:
@@ -364,8 +341,8 @@ async def test_send_media_nowait_queues_on_a_full_socket_behind_the_backlog_in_o
         audio = bytes(range(256)) * 4
         sent_now = queued = 0
         with trio.fail_after(10):
-            for i in range(1500):  # ~2 MB of base64: far more than the socket buffers hold
-                if server.send_media_nowait(f"{i}:".encode(), audio, b"", f"mark {i}"):
+            for i in range(500):  # ~2 MB of base64: far more than the socket buffers hold
+                if server.send_media_nowait([(f"{i * 3 + j}:".encode(), audio, b"", f"mark {i * 3 + j}") for j in range(3)]):
                     sent_now += 1
                 else:
                     queued += 1
