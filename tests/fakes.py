@@ -127,6 +127,20 @@ def fail_after(seconds: float) -> Callable[[_F], _F]:
 # ----------------------------------------------------------------------- audio
 
 
+class LoopLag:
+    """How late this process's event loop ran (a stalled machine: CI): a gap in playback as long as a stall is the
+    machine's, not the server's.  ``run`` it in a nursery for the time to watch."""
+
+    def __init__(self) -> None:
+        self.longest_s = 0.0
+
+    async def run(self) -> None:
+        while True:
+            asked = trio.current_time() + 0.01
+            await trio.sleep_until(asked)
+            self.longest_s = max(self.longest_s, trio.current_time() - asked)
+
+
 def tone(freq_hz: float, ms: int, rate_hz: int = 8000, *, amplitude: float = 0.5) -> npt.NDArray[np.int16]:
     """A sine of ``ms`` milliseconds, int16, starting at phase 0."""
     n = rate_hz * ms // 1000

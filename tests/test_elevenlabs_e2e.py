@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import numpy as np
 import pytest
 import trio
 
 from mediaserver.config import Settings
 
 from tests.elevenlabs_fake import ElevenLabsConversation, FakeElevenLabsServer, Script
-from tests.fakes import fail_after, to_ulaw, tone
+from tests.fakes import LoopLag, fail_after, to_ulaw, tone
 from tests.test_app import CALL_A, base_settings, call_log, keep_talking, phone_call, running, talk_until_hung_up
 
 
@@ -56,8 +57,10 @@ async def test_elevenlabs_call_passes_ulaw_through_and_answers_pings() -> None:
         await conversation.response_complete()  # flushes the reply's last partial 40 ms chunk
         await conversation.ping(4242, ping_ms=35)
 
+    lag = LoopLag()
     async with fake_elevenlabs(script) as server, running(el_settings(server, agent_greeting="Hi there")) as url:
-        async with phone_call(url) as caller:
+        async with phone_call(url) as caller, trio.open_nursery() as watching:
+            watching.start_soon(lag.run)
             await caller.send_audio(speech)
             await caller.wait_for_audio(len(reply))
             await caller.send_silence(200)
@@ -66,6 +69,7 @@ async def test_elevenlabs_call_passes_ulaw_through_and_answers_pings() -> None:
             await conversation.wait_for(lambda: bool(conversation.of_type("pong")))
             await caller.stop()
             await caller.closed.wait()
+            watching.cancel_scope.cancel()
         await conversation.closed.wait()
 
     assert caller.errors == []
@@ -73,7 +77,15 @@ async def test_elevenlabs_call_passes_ulaw_through_and_answers_pings() -> None:
     assert conversation.chunks == caller.sent_frames
     # Downlink: the agent's µ-law, byte for byte, in 40 ms chunks plus the remainder.
     assert caller.received_audio == reply
-    assert [len(m.payload) for m in caller.received] == [320] * (len(reply) // 320) + [len(reply) % 320]
+    sizes = [len(m.payload) for m in caller.received]
+    if lag.longest_s < 0.02:
+        assert sizes == [320] * (len(reply) // 320) + [len(reply) % 320]
+    else:
+        # The loop stalled (a loaded CI machine) for longer than the pacer waits for a late delta, so a part-chunk
+        # may have been played where one delta ended and the next had not come: only there, never mid-delta.
+        ends = np.cumsum(sizes)
+        assert all(size == 320 or end % 1234 == 0 or end == len(reply) for size, end in zip(sizes, ends))
+        assert max(sizes) == 320
     # The pong answered the ping's event_id, exactly as the SDK does.
     assert conversation.of_type("pong") == [{"type": "pong", "event_id": 4242}]
     # The conversation: public agent URL, initiation with the greeting and no prompt override

@@ -22,6 +22,7 @@ from mediaserver.config import ConfigError, Settings
 
 from tests.fakes import (
     FakeTwilioCaller,
+    LoopLag,
     band_energy_ratio,
     dominant_frequency_hz,
     fail_after,
@@ -94,20 +95,6 @@ def playback_gaps_s(caller: FakeTwilioCaller) -> list[float]:
             gaps.append(media.at_s - end)
         end = max(end if end is not None else media.at_s, media.at_s) + len(media.payload) / 8000
     return gaps
-
-
-class LoopLag:
-    """How late this process's event loop ran (a stalled machine: CI): a gap in playback as long as a stall is the
-    machine's, not the server's.  ``run`` it in a nursery for the time to watch."""
-
-    def __init__(self) -> None:
-        self.longest_s = 0.0
-
-    async def run(self) -> None:
-        while True:
-            asked = trio.current_time() + 0.01
-            await trio.sleep_until(asked)
-            self.longest_s = max(self.longest_s, trio.current_time() - asked)
 
 
 # ------------------------------------------------------------------ audio path
