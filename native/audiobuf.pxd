@@ -37,7 +37,7 @@ cdef inline int get_audio_buffer(object data, Py_buffer* view, int width, str wh
     ``bytes``, ``bytearray``, ``memoryview``, ``array('B'/'h')`` (and ``'b'`` for codes) and numpy
     arrays of uint8, int8 (codes only) or (for PCM16) little-endian int16 pass; anything else raises
     TypeError (not a buffer: None, str, a list; another item type: float, int32, big-endian) or ValueError
-    (not contiguous, more than one dimension), with the view released.
+    (not contiguous, a scalar or more than one dimension), with the view released.
     """
     try:
         PyObject_GetBuffer(data, view, PyBUF_FORMAT | PyBUF_ND)
@@ -46,9 +46,13 @@ cdef inline int get_audio_buffer(object data, Py_buffer* view, int width, str wh
                         f"not {type(data).__name__}") from None
     except (BufferError, ValueError) as exc:  # (a strided view: memoryview raises BufferError, numpy ValueError)
         raise ValueError(f"{what} must be one contiguous buffer: {exc}") from None
-    if view.ndim > 1:
+    if view.ndim != 1:
+        ndim = view.ndim
         PyBuffer_Release(view)
-        raise ValueError(f"{what} must be one-dimensional (mono), got a buffer of {view.ndim} dimensions")
+        if ndim == 0:  # (a numpy scalar, a ctypes number: one item, most likely a[i] where a[i:i+1] was meant)
+            raise ValueError(f"{what} must be one-dimensional (mono), got a scalar (a 0-dimensional buffer): "
+                             f"pass a 1-D array or slice")
+        raise ValueError(f"{what} must be one-dimensional (mono), got a buffer of {ndim} dimensions")
     if not _audio_format_ok(view.format, width):
         fmt = (<bytes>view.format).decode("ascii", "replace")
         PyBuffer_Release(view)

@@ -79,6 +79,15 @@ def test_pcm16_kernels_refuse_stereo_and_strided_buffers(take: Callable[[Any], o
             take(strided)
 
 
+@pytest.mark.parametrize("take", [*PCM_TAKERS.values(), codec.ulaw_decode, codec.alaw_decode,
+                                  lambda frame: JitterBuffer().push(0, frame)],
+                         ids=[*PCM_TAKERS.keys(), "ulaw_decode", "alaw_decode", "JitterBuffer.push"])
+def test_kernels_refuse_a_scalar_rather_than_take_it_for_one_sample(take: Callable[[Any], object]) -> None:
+    for scalar in (PCM[3], np.array(PCM[3]), np.uint8(255), memoryview(np.array(PCM[3]))):  # a[i] for a[i:i+1]
+        with pytest.raises(ValueError, match=r"must be one-dimensional \(mono\), got a scalar"):
+            take(scalar)
+
+
 @pytest.mark.parametrize("decode", [codec.ulaw_decode, codec.alaw_decode])
 def test_g711_decode_takes_codes_and_refuses_wider_items(decode: Callable[[Any], bytes]) -> None:
     codes = bytes(range(256))
